@@ -1,0 +1,3 @@
+from flm.cli import main
+
+raise SystemExit(main())

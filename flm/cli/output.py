@@ -1,0 +1,115 @@
+"""Rendering results: JSON ``{"version": "1.0", "data": …}`` by default, tables for people."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from flm.core.errors import FlmError
+
+ENVELOPE_VERSION = "1.0"
+
+
+@dataclass
+class Result:
+    """What a command returns: data for JSON, and optionally how to show it to a person."""
+
+    data: Any
+    text: Callable[[Any], str] | None = None
+    exit_code: int = 0
+    #: Extra lines for people (text mode only), e.g. "store this key now".
+    notes: list[str] = field(default_factory=list)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_cell(v) for v in value) or "-"
+    if isinstance(value, dict):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
+
+
+def table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+    if not rows:
+        return "(none)"
+    cols = list(columns or rows[0].keys())
+    cells = [[_cell(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    head = "  ".join(c.upper().ljust(w) for c, w in zip(cols, widths, strict=True))
+    lines = [head, "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def pairs(data: dict[str, Any]) -> str:
+    width = max((len(k) for k in data), default=0)
+    return "\n".join(f"{k.ljust(width)}  {_cell(v)}" for k, v in data.items())
+
+
+def emit(result: Result, fmt: str, out: TextIO | None = None) -> None:
+    out = out or sys.stdout
+    if fmt == "text":
+        body = result.text(result.data) if result.text else _default_text(result.data)
+        out.write(body.rstrip("\n") + "\n")
+        for note in result.notes:
+            out.write(note + "\n")
+    else:
+        out.write(
+            json.dumps(
+                {"version": ENVELOPE_VERSION, "data": result.data}, ensure_ascii=False, default=str
+            )
+            + "\n"
+        )
+    out.flush()
+
+
+def _default_text(data: Any) -> str:
+    if isinstance(data, list) and all(isinstance(r, dict) for r in data):
+        return table(data)
+    if isinstance(data, dict):
+        return pairs(data)
+    return _cell(data)
+
+
+def emit_error(error: FlmError, fmt: str, out: TextIO | None = None) -> None:
+    out = out or sys.stdout
+    if fmt == "text":
+        out.write(f"error [{error.code}]: {error.message}\n")
+        details = error.details
+        if isinstance(details, list):
+            for item in details:
+                out.write(f"  - {_cell(item)}\n")
+    else:
+        out.write(json.dumps({"error": error.to_dict()}, ensure_ascii=False, default=str) + "\n")
+    out.flush()
+
+
+class Progress:
+    """A spinner on stderr, only when stderr is a terminal (silent in pipes, tests and CI)."""
+
+    FRAMES = "|/-\\"
+
+    def __init__(self, enabled: bool | None = None) -> None:
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self._n = 0
+
+    def update(self, message: str) -> None:
+        if not self.enabled:
+            return
+        frame = self.FRAMES[self._n % len(self.FRAMES)]
+        self._n += 1
+        sys.stderr.write(f"\r{frame} {message}\033[K")
+        sys.stderr.flush()
+
+    def done(self, message: str | None = None) -> None:
+        if not self.enabled:
+            return
+        sys.stderr.write("\r\033[K" + (message + "\n" if message else ""))
+        sys.stderr.flush()

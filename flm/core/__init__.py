@@ -1,0 +1,1 @@
+"""Plain data, errors and pure functions. Imports nothing else of flm."""

@@ -1,0 +1,145 @@
+"""FLM's one error tree.
+
+Every failure that crosses a layer boundary is one of these. Third-party exceptions (sqlite3,
+aiohttp, ssl, OSError) are translated into them at the boundary where they happen and nowhere
+else. The CLI renders them as ``{"error": {"code", "message"}}`` with ``exit_code``; the proxy
+renders the HTTP ones through ``flm.openai.errors``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class FlmError(Exception):
+    """Base of every FLM error. ``code`` is the stable, documented identifier."""
+
+    code: str = "INTERNAL_ERROR"
+    #: 1 = the user can fix it; 2 = FLM (or the machine) is at fault.
+    exit_code: int = 1
+
+    def __init__(self, message: str, *, details: Any = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+        if code is not None:
+            self.code = code
+
+    def to_dict(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.details is not None:
+            body["details"] = self.details
+        return body
+
+
+class InternalError(FlmError):
+    code = "INTERNAL_ERROR"
+    exit_code = 2
+
+
+class UsageError(FlmError):
+    """Bad command-line usage or a bad value given by the user."""
+
+    code = "INVALID_ARGUMENT"
+
+
+class NotFoundError(FlmError):
+    code = "NOT_FOUND"
+
+
+class ConfigNotSetError(FlmError):
+    code = "CONFIG_NOT_SET"
+
+
+class IoError(FlmError):
+    code = "IO_ERROR"
+    exit_code = 2
+
+
+# --- storage -----------------------------------------------------------------------------------
+
+
+class RepoError(FlmError):
+    """Database failure."""
+
+    code = "DB_ERROR"
+    exit_code = 2
+
+
+class MigrationFailedError(RepoError):
+    """A write was attempted while a database is in read-only safe mode."""
+
+    code = "MIGRATION_FAILED"
+    exit_code = 1
+
+
+# --- policy --------------------------------------------------------------------------------------
+
+
+class PolicyInvalidError(FlmError):
+    code = "POLICY_INVALID"
+
+
+# --- engines -------------------------------------------------------------------------------------
+
+
+class EngineError(FlmError):
+    code = "ENGINE_API_ERROR"
+    #: HTTP status the proxy answers with, and the OpenAI-style error code.
+    http_status: int = 502
+    http_code: str = "engine_error"
+
+
+class EngineNotFoundError(EngineError):
+    code = "ENGINE_NOT_FOUND"
+    http_status = 404
+    http_code = "not_found"
+
+
+class EngineNetworkError(EngineError):
+    code = "ENGINE_NETWORK_ERROR"
+    http_status = 503
+    http_code = "engine_unavailable"
+
+
+class EngineApiError(EngineError):
+    code = "ENGINE_API_ERROR"
+    http_status = 502
+    http_code = "engine_error"
+
+
+class EngineTimeoutError(EngineError):
+    code = "ENGINE_TIMEOUT"
+    http_status = 504
+    http_code = "engine_timeout"
+
+
+class EngineInstallError(EngineError):
+    code = "ENGINE_INSTALL_ERROR"
+
+
+# --- proxy ---------------------------------------------------------------------------------------
+
+
+class ProxyError(FlmError):
+    code = "PROXY_INVALID_CONFIG"
+
+
+class ProxyAlreadyRunningError(ProxyError):
+    code = "PROXY_ALREADY_RUNNING"
+
+
+class ProxyPortInUseError(ProxyError):
+    code = "PROXY_PORT_IN_USE"
+
+
+class ProxyCertError(ProxyError):
+    code = "PROXY_CERT_FAILED"
+
+
+class ProxyAcmeError(ProxyError):
+    code = "PROXY_ACME_ERROR"
+
+
+class ProxyNotRunningError(ProxyError):
+    code = "PROXY_NOT_RUNNING"

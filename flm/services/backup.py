@@ -1,0 +1,120 @@
+"""Backups of security.db with SQLite's online backup API (3 generations kept)."""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from flm.core.errors import IoError, ProxyAlreadyRunningError, RepoError, UsageError
+from flm.core.paths import ensure_private_dir, touch_private_file
+from flm.core.timeutil import utc_now
+from flm.services.runstate import running_daemon
+from flm.storage import Storage
+from flm.storage.db import Database
+
+GENERATIONS = 3
+_BACKUP_NAME = re.compile(r"^security\.db\.bak\.(\d{8}T\d{6}\d{3}Z)$")
+
+
+def _stamp() -> str:
+    now = utc_now()
+    return now.strftime("%Y%m%dT%H%M%S") + f"{now.microsecond // 1000:03d}Z"
+
+
+class BackupService:
+    def __init__(self, storage: Storage) -> None:
+        self._storage = storage
+
+    def create(self, output_dir: Path | None = None) -> dict[str, Any]:
+        folder = ensure_private_dir(output_dir or self._storage.paths.backups_dir)
+        db = self._storage.security  # opens + migrates, so the file exists
+        target = folder / f"security.db.bak.{_stamp()}"
+        while target.exists():  # two backups in the same millisecond
+            target = folder / f"security.db.bak.{_stamp()}"
+        touch_private_file(target)
+        try:
+            src = sqlite3.connect(db.path)
+            dst = sqlite3.connect(target)
+            try:
+                src.backup(dst)
+            finally:
+                dst.close()
+                src.close()
+        except sqlite3.Error as exc:
+            target.unlink(missing_ok=True)
+            raise RepoError(f"backup failed: {exc}") from exc
+        except OSError as exc:
+            raise IoError(f"cannot write {target}: {exc}") from exc
+        removed = self._prune(folder)
+        return {
+            "file": str(target),
+            "size_bytes": target.stat().st_size,
+            "pruned": [str(p) for p in removed],
+            "generations": GENERATIONS,
+        }
+
+    @staticmethod
+    def _prune(folder: Path) -> list[Path]:
+        backups = sorted(
+            (p for p in folder.iterdir() if _BACKUP_NAME.match(p.name)), key=lambda p: p.name
+        )
+        old = backups[:-GENERATIONS] if len(backups) > GENERATIONS else []
+        for path in old:
+            path.unlink(missing_ok=True)
+        return old
+
+    def list(self, folder: Path | None = None) -> list[str]:
+        folder = folder or self._storage.paths.backups_dir
+        if not folder.is_dir():
+            return []
+        return sorted(str(p) for p in folder.iterdir() if _BACKUP_NAME.match(p.name))
+
+    def restore(self, file: Path) -> dict[str, Any]:
+        daemon = running_daemon(self._storage.paths)
+        if daemon is not None:
+            raise ProxyAlreadyRunningError(
+                f"a proxy daemon is running (pid {daemon.pid}); stop it with "
+                "`flm proxy stop --all` before restoring a backup"
+            )
+        if not file.is_file():
+            raise UsageError(f"backup file {file} does not exist")
+        try:
+            src = sqlite3.connect(f"file:{file}?mode=ro", uri=True)
+            try:
+                ok = src.execute("PRAGMA integrity_check").fetchone()[0]
+                tables = {r[0] for r in src.execute("SELECT name FROM sqlite_master")}
+            finally:
+                src.close()
+        except sqlite3.Error as exc:
+            raise UsageError(f"{file} is not a readable SQLite database: {exc}") from exc
+        if ok != "ok" or "api_keys" not in tables:
+            raise UsageError(f"{file} is not a healthy FLM security.db backup")
+        self._storage.close()
+        target = self._storage.paths.security_db
+        touch_private_file(target)
+        try:
+            src = sqlite3.connect(f"file:{file}?mode=ro", uri=True)
+            dst = sqlite3.connect(target, timeout=30)
+            try:
+                src.backup(dst)
+            finally:
+                dst.close()
+                src.close()
+        except sqlite3.Error as exc:
+            raise RepoError(f"restore failed: {exc}") from exc
+        db = Database(target, "security").open()
+        try:
+            problems = db.integrity_problems()
+            version = db.schema_version
+            safe = db.safe_mode.message() if db.safe_mode else None
+        finally:
+            db.close()
+        return {
+            "restored_from": str(file),
+            "security_db": str(target),
+            "schema_version": version,
+            "safe_mode": safe,
+            "problems": problems,
+        }

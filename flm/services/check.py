@@ -1,0 +1,82 @@
+"""``flm check``: schema version, integrity, policy validity and orphaned handles."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from flm.core.errors import FlmError, PolicyInvalidError
+from flm.core.policy import validate_policy
+from flm.services.runstate import pid_alive
+from flm.storage import Storage
+from flm.storage.config import ProxyHandlesRepo
+from flm.storage.db import Database
+from flm.storage.security import PolicyRepo
+
+
+def _db_report(db: Database, verbose: bool) -> dict[str, Any]:
+    report: dict[str, Any] = {
+        "path": str(db.path),
+        "schema_version": db.schema_version,
+        "expected_version": db.expected_version,
+        "safe_mode": db.safe_mode.message() if db.safe_mode else None,
+        "problems": [],
+    }
+    if db.safe_mode is not None:
+        report["problems"].append(db.safe_mode.message())
+    elif db.schema_version != db.expected_version:
+        report["problems"].append(
+            f"schema version {db.schema_version}, expected {db.expected_version}"
+        )
+    report["problems"].extend(db.integrity_problems())
+    if verbose:
+        tables = [
+            r[0]
+            for r in db.query(
+                "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%' "
+                "ORDER BY name"
+            )
+        ]
+        report["tables"] = {
+            t: int(db.query_one(f'SELECT COUNT(*) FROM "{t}"')[0])  # type: ignore[index]
+            for t in tables
+        }
+    return report
+
+
+def run_check(storage: Storage, *, verbose: bool = False) -> dict[str, Any]:
+    databases: dict[str, Any] = {}
+    warnings: list[str] = []
+    for name in ("config", "security"):
+        try:
+            db = storage.config if name == "config" else storage.security
+            databases[name] = _db_report(db, verbose)
+        except FlmError as exc:
+            databases[name] = {"problems": [exc.message]}
+
+    if "safe_mode" in databases["security"]:
+        try:
+            stored = PolicyRepo(storage.security).get()
+            if stored is not None:
+                validate_policy(json.loads(stored[0]))
+            databases["security"]["policy"] = "valid" if stored else "default (none stored)"
+        except (PolicyInvalidError, ValueError) as exc:
+            databases["security"]["problems"].append(f"stored policy is invalid: {exc}")
+
+    if "safe_mode" in databases["config"]:
+        orphaned = [
+            {"id": h.id, "pid": h.pid, "port": h.port}
+            for h in ProxyHandlesRepo(storage.config).all()
+            if not pid_alive(h.pid)
+        ]
+        databases["config"]["orphaned_handles"] = orphaned
+        # A handle left by a killed daemon is stale bookkeeping, not damage: it is reported and
+        # cleaned by the next `flm proxy status`/`start`, and does not fail the check.
+        for h in orphaned:
+            warnings.append(
+                f"config: orphaned proxy handle {h['id']} (pid {h['pid']} is gone, "
+                f"port {h['port']})"
+            )
+
+    problems = [f"{name}: {p}" for name, rep in databases.items() for p in rep["problems"]]
+    return {"ok": not problems, "databases": databases, "problems": problems, "warnings": warnings}

@@ -1,0 +1,41 @@
+"""The composition root: one object that knows the paths and opens what a command needs."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import TYPE_CHECKING
+
+from flm.core.paths import Paths
+from flm.storage import Storage
+
+if TYPE_CHECKING:
+    from flm.services.config import ConfigService
+    from flm.services.keys import KeyService
+    from flm.services.policy import PolicyService
+
+
+class Context:
+    def __init__(self, paths: Paths) -> None:
+        self.paths = paths
+        self.storage = Storage(paths)
+
+    @cached_property
+    def config(self) -> ConfigService:
+        from flm.services.config import ConfigService
+
+        return ConfigService(self.storage)
+
+    @cached_property
+    def keys(self) -> KeyService:
+        from flm.services.keys import KeyService
+
+        return KeyService(self.storage)
+
+    @cached_property
+    def policy(self) -> PolicyService:
+        from flm.services.policy import PolicyService
+
+        return PolicyService(self.storage)
+
+    def close(self) -> None:
+        self.storage.close()
