@@ -38,7 +38,8 @@ class SettingsRepo:
         def run(conn: sqlite3.Connection) -> None:
             conn.execute(
                 "INSERT INTO settings(key, value, updated_at) VALUES (?, ?, ?) "
-                "ON CONFLICT(key) DO UPDATE SET value=excluded.value, updated_at=excluded.updated_at",
+                "ON CONFLICT(key) DO UPDATE SET value=excluded.value, "
+                "updated_at=excluded.updated_at",
                 (key, value, stamp),
             )
 

@@ -1,0 +1,97 @@
+"""Backups (3 generations, restore refused while a daemon runs) and `flm check`."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import time
+from pathlib import Path
+from typing import Any
+
+
+def test_backup_keeps_three_generations(cli: Any, flm_home: Path) -> None:
+    made = [cli("security", "backup", "create").data["file"] for _ in range(4)]
+    left = sorted(p.name for p in (flm_home / "backups").iterdir())
+    assert len(left) == 3 and Path(made[0]).name not in left
+    assert all(Path(f).name in left for f in made[1:])
+    for name in left:
+        assert stat.S_IMODE((flm_home / "backups" / name).stat().st_mode) == 0o600
+
+
+def test_restore_brings_back_keys(cli: Any, tmp_path: Path) -> None:
+    kept = cli("api-keys", "create", "--label", "kept").data
+    backup = cli("security", "backup", "create", "--output", str(tmp_path / "b")).data["file"]
+    cli("api-keys", "create", "--label", "later")
+    cli("api-keys", "revoke", kept["id"])
+    restored = cli("security", "backup", "restore", "--file", backup)
+    assert restored.code == 0, restored.out
+    assert restored.data["problems"] == [] and restored.data["schema_version"] >= 1
+    rows = cli("api-keys", "list").data
+    assert [(r["label"], r["status"]) for r in rows] == [("kept", "active")]
+
+
+def test_restore_refused_while_daemon_runs(cli: Any, flm_home: Path) -> None:
+    backup = cli("security", "backup", "create").data["file"]
+    run = flm_home / "run"
+    run.mkdir(mode=0o700)
+    (run / "proxy-daemon.json").write_text(json.dumps(
+        {"port": 1, "token": "t", "pid": os.getpid(), "started_at": "now"}))
+    refused = cli("security", "backup", "restore", "--file", backup)
+    assert refused.code == 1 and refused.error["code"] == "PROXY_ALREADY_RUNNING"
+    # a stale run file (dead pid) does not block
+    (run / "proxy-daemon.json").write_text(json.dumps(
+        {"port": 1, "token": "t", "pid": 2**22 + 12345, "started_at": "now"}))
+    assert cli("security", "backup", "restore", "--file", backup).code == 0
+
+
+def test_restore_rejects_garbage(cli: Any, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.bak"
+    bad.write_bytes(b"garbage" * 1000)
+    result = cli("security", "backup", "restore", "--file", str(bad))
+    assert result.code == 1 and result.error["code"] == "INVALID_ARGUMENT"
+
+
+def test_check_healthy_and_verbose(cli: Any) -> None:
+    cli("api-keys", "create", "--label", "c")
+    ok = cli("check", "--verbose")
+    assert ok.code == 0 and ok.data["ok"] is True
+    assert ok.data["databases"]["security"]["tables"]["api_keys"] == 1
+
+
+def test_check_reports_invalid_stored_policy_and_orphans(cli: Any, flm_home: Path) -> None:
+    import sqlite3
+
+    cli("check")
+    conn = sqlite3.connect(flm_home / "security.db")
+    conn.execute("INSERT INTO security_policies(id, policy_json, updated_at) "
+                 "VALUES ('default', '{\"ip_whitelist\": [\"999.0.0.1\"]}', 'x')")
+    conn.commit()
+    conn.close()
+    conn = sqlite3.connect(flm_home / "config.db")
+    conn.execute("INSERT INTO proxy_handles VALUES ('h1', ?, 8080, NULL, '127.0.0.1', "
+                 "'local-http', '{}', 'x')", (2**22 + 4242,))
+    conn.commit()
+    conn.close()
+    bad = cli("check")
+    assert bad.code == 1
+    err = bad.error
+    assert err["code"] == "DB_ERROR" and "stored policy is invalid" in err["message"]
+    assert any("orphaned proxy handle h1" in w for w in err["details"]["warnings"])
+
+
+def test_check_detects_corruption(cli: Any, flm_home: Path) -> None:
+    for i in range(300):
+        cli("config", "set", "proxy.port", str(1000 + i)) if i % 100 == 0 else None
+    cli("check")
+    path = flm_home / "config.db"
+    blob = bytearray(path.read_bytes())
+    # Overwrite the middle of the first table page; the header stays valid.
+    for i in range(len(blob) // 2, len(blob) // 2 + 2000):
+        blob[i] = 0xFF
+    path.write_bytes(bytes(blob))
+    started = time.monotonic()
+    result = cli("check")
+    assert result.code in (1, 2)
+    assert result.json["error"]["code"] in ("DB_ERROR", "MIGRATION_FAILED")
+    assert time.monotonic() - started < 10

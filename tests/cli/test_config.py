@@ -1,0 +1,56 @@
+"""`flm config`, the output contract and user errors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.conftest import flm_subprocess
+
+
+def test_get_default_set_and_list(cli: Any) -> None:
+    assert cli("config", "get", "proxy.port").data == {
+        "key": "proxy.port", "value": 8080, "source": "default", "updated_at": None}
+    assert cli("config", "set", "proxy.port", "9090").data["value"] == 9090
+    assert cli("config", "get", "proxy.port").data["value"] == 9090
+    listed = {r["key"]: r for r in cli("config", "list").data}
+    assert listed["proxy.port"]["source"] == "stored"
+    assert listed["engine.health_latency_threshold_ms"]["value"] == 1500
+    assert cli("config", "get", "proxy.port", "--format", "text").out.strip() == "9090"
+
+
+def test_bad_values_are_user_errors(cli: Any) -> None:
+    for key, value in [("proxy.port", "70000"), ("proxy.port", "abc"),
+                       ("preferred_language", "fr"), ("proxy.bind", "not-an-ip")]:
+        result = cli("config", "set", key, value)
+        assert result.code == 1, (key, value)
+        assert result.error["code"] == "INVALID_ARGUMENT"
+        assert key in result.error["message"]
+    unknown = cli("config", "get", "no.such.key")
+    assert unknown.code == 1 and "known settings" in unknown.error["message"]
+
+
+def test_usage_errors_follow_the_contract_without_traceback() -> None:
+    for args in (["config"], ["nope"], ["config", "get"], [], ["api-keys", "create"]):
+        proc = flm_subprocess(*args)
+        assert proc.returncode == 1, (args, proc.stdout, proc.stderr)
+        import json
+
+        body = json.loads(proc.stdout)
+        assert set(body) == {"error"} and body["error"]["code"] == "INVALID_ARGUMENT"
+        assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_text_errors_and_db_path_overrides(cli: Any, tmp_path: Any) -> None:
+    other = tmp_path / "elsewhere" / "cfg.db"
+    assert cli("config", "set", "proxy.port", "1234", "--db-path-config", str(other)).code == 0
+    assert other.exists()
+    assert cli("config", "get", "proxy.port").data["value"] == 8080
+    assert cli("--db-path-config", str(other), "config", "get", "proxy.port").data["value"] == 1234
+    text = cli("config", "set", "proxy.port", "0", "--format", "text")
+    assert text.code == 1 and text.out.startswith("error [INVALID_ARGUMENT]")
+
+
+def test_help_and_version() -> None:
+    proc = flm_subprocess("--help")
+    assert proc.returncode == 0 and "api-keys" in proc.stdout
+    assert flm_subprocess("--version").stdout.startswith("flm ")

@@ -1,0 +1,72 @@
+"""`flm security policy`: validated against the shipped schema; refusals keep the old policy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+VALID = {
+    "ip_whitelist": ["127.0.0.1", "192.168.0.0/16", "::1", "fd00::/8"],
+    "trusted_proxies": ["10.0.0.1"],
+    "cors": {"allowed_origins": ["https://example.com"]},
+    "rate_limit": {"rpm": 60, "burst": 10},
+    "ip_rate_limit": {"enabled": True, "rpm": 1000, "burst": 100},
+    "ip_blocklist": {"enabled": True, "max_failures": 5, "block_duration_minutes": 30,
+                     "permanent_block_threshold": 20},
+    "intrusion_detection": {"enabled": True, "warning_threshold": 50, "score_threshold": 100},
+    "anomaly_detection": {"enabled": True, "request_rate_threshold": 100, "auto_block": True},
+    "resource_protection": {"enabled": True, "cpu_threshold": 90, "memory_threshold": 90,
+                            "max_connections": 100},
+}
+
+
+def test_default_policy_is_empty(cli: Any) -> None:
+    data = cli("security", "policy", "show").data
+    assert data["policy"] == {} and data["source"] == "default"
+
+
+def test_valid_policy_round_trips_from_file_and_stdin(cli: Any, tmp_path: Path) -> None:
+    f = tmp_path / "policy.json"
+    f.write_text(json.dumps(VALID))
+    assert cli("security", "policy", "set", "--file", str(f)).code == 0
+    assert cli("security", "policy", "show").data["policy"] == VALID
+    smaller = {"rate_limit": {"rpm": 5}}
+    assert cli("security", "policy", "set", stdin=json.dumps(smaller)).code == 0
+    assert cli("security", "policy", "show").data["policy"] == smaller
+
+
+@pytest.mark.parametrize(
+    ("document", "path_fragment"),
+    [
+        ({"ip_whitelist": ["300.1.1.1/8"]}, "$.ip_whitelist[0]"),
+        ([1, 2, 3], "$"),
+        ("just a string", "$"),
+        ({"rate_limit": {"rpm": "sixty"}}, "$.rate_limit.rpm"),
+        ({"rate_limit": {"rpm": -1}}, "$.rate_limit.rpm"),
+        ({"cors": {"allowed_origins": ["not a url"]}}, "$.cors.allowed_origins[0]"),
+        ({"ip_whitlist": []}, "ip_whitlist"),
+        ({"trusted_proxies": ["::zz"]}, "$.trusted_proxies[0]"),
+    ],
+)
+def test_invalid_policies_refused_and_old_kept(
+    cli: Any, document: object, path_fragment: str
+) -> None:
+    cli("security", "policy", "set", stdin=json.dumps(VALID))
+    result = cli("security", "policy", "set", stdin=json.dumps(document))
+    assert result.code == 1
+    assert result.error["code"] == "POLICY_INVALID"
+    assert path_fragment in result.error["message"]
+    assert cli("security", "policy", "show").data["policy"] == VALID
+
+
+def test_not_json_is_refused(cli: Any) -> None:
+    result = cli("security", "policy", "set", stdin="{not json")
+    assert result.code == 1 and result.error["code"] == "POLICY_INVALID"
+
+
+def test_missing_file_is_a_user_error(cli: Any, tmp_path: Path) -> None:
+    result = cli("security", "policy", "set", "--file", str(tmp_path / "nope.json"))
+    assert result.code == 1 and "not found" in result.error["message"]

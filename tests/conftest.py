@@ -1,0 +1,82 @@
+"""Shared fixtures: every test gets its own FLM home and a clean environment."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flm.cli import main as cli_main
+
+_ENGINE_ENV = ("OLLAMA_HOST", "VLLM_HOST", "VLLM_PORT", "LMSTUDIO_API_HOST", "LLAMA_CPP_HOST",
+               "LLAMA_CPP_PORT", "FLM_ACME_DIRECTORY", "FLM_ACME_USE_PROD", "FLM_ACME_CA_BUNDLE")
+
+
+@pytest.fixture(autouse=True)
+def flm_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """An isolated data directory (mode 0700) per test; engine env overrides cleared."""
+    home = tmp_path / "flm-home"
+    home.mkdir(mode=0o700)
+    monkeypatch.setenv("FLM_HOME", str(home))
+    for name in _ENGINE_ENV:
+        monkeypatch.delenv(name, raising=False)
+    yield home
+
+
+class CliResult:
+    def __init__(self, code: int, out: str, err: str) -> None:
+        self.code = code
+        self.out = out
+        self.err = err
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+    @property
+    def data(self) -> Any:
+        body = self.json
+        assert "data" in body, body
+        return body["data"]
+
+    @property
+    def error(self) -> dict[str, Any]:
+        body = self.json
+        assert "error" in body, body
+        return body["error"]  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]) -> Any:
+    """Run ``flm`` in-process: ``cli("api-keys", "list")`` -> CliResult."""
+
+    def run(*args: str, stdin: str | None = None) -> CliResult:
+        import io
+
+        old_stdin = sys.stdin
+        if stdin is not None:
+            sys.stdin = io.StringIO(stdin)
+        try:
+            code = cli_main(list(args))
+        finally:
+            sys.stdin = old_stdin
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run
+
+
+def flm_subprocess(*args: str, env: dict[str, str] | None = None, timeout: float = 60,
+                   input: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real ``flm`` console entry point in a child process."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "flm", *args],
+        capture_output=True, text=True, env=full_env, timeout=timeout, input=input, check=False,
+    )
