@@ -1,10 +1,33 @@
-"""`flm models` (registered here; implemented with its issue)."""
+"""``flm models list``: every model of every usable engine, as ``flm://engine/model``."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
+from flm.cli.output import Result, run_async, table
+from flm.services.context import Context
+
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
-    return None
+    group = sub.add_parser("models", help="list models", parents=[common])
+    cmds = group.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
+    p = cmds.add_parser("list", help="models of all usable engines", parents=[common])
+    p.add_argument("--engine", metavar="ID", help="only this engine")
+    p.add_argument("--fresh", action="store_true", help="probe engines again first")
+    p.set_defaults(handler=list_)
+
+
+def _text(data: dict[str, Any]) -> str:
+    rows = [{"id": m["id"], "context": m["context_length"],
+             "vision": m["capabilities"]["vision_inputs"],
+             "embeddings_only": m["capabilities"]["embeddings_only"]} for m in data["models"]]
+    lines = [table(rows)]
+    lines += [f"{engine}: {err}" for engine, err in data["errors"].items()]
+    return "\n".join(lines)
+
+
+def list_(ctx: Context, args: argparse.Namespace) -> Result:
+    models, errors = run_async(ctx.engines.alist_models(args.engine, fresh=args.fresh),
+                               "listing models")
+    return Result({"models": [m.to_dict() for m in models], "errors": errors}, text=_text)

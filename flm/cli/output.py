@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 from flm.core.errors import FlmError
 
 ENVELOPE_VERSION = "1.0"
+T = TypeVar("T")
 
 
 @dataclass
@@ -113,3 +114,22 @@ class Progress:
             return
         sys.stderr.write("\r\033[K" + (message + "\n" if message else ""))
         sys.stderr.flush()
+
+
+def run_async(coro: Coroutine[Any, Any, T], message: str) -> T:
+    """Run ``coro`` to completion, with a spinner on a terminal while it works."""
+    import asyncio
+
+    progress = Progress()
+    if not progress.enabled:
+        return asyncio.run(coro)
+
+    async def with_spinner() -> T:
+        task = asyncio.ensure_future(coro)
+        while not task.done():
+            progress.update(message)
+            await asyncio.wait([task], timeout=0.1)
+        progress.done()
+        return task.result()
+
+    return asyncio.run(with_spinner())

@@ -10,6 +10,7 @@ from flm.storage import Storage
 
 if TYPE_CHECKING:
     from flm.services.config import ConfigService
+    from flm.services.engines import EngineService
     from flm.services.keys import KeyService
     from flm.services.policy import PolicyService
 
@@ -36,6 +37,12 @@ class Context:
         from flm.services.policy import PolicyService
 
         return PolicyService(self.storage)
+
+    @cached_property
+    def engines(self) -> EngineService:
+        from flm.services.engines import EngineService
+
+        return EngineService(self.storage, self.config)
 
     def close(self) -> None:
         self.storage.close()

@@ -1,0 +1,160 @@
+"""Plain data shared by every layer: engines, statuses, capabilities, models."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class EngineKind(StrEnum):
+    OLLAMA = "ollama"
+    VLLM = "vllm"
+    LMSTUDIO = "lmstudio"
+    LLAMACPP = "llamacpp"
+
+
+class EngineStatus(StrEnum):
+    INSTALLED_ONLY = "InstalledOnly"
+    RUNNING_HEALTHY = "RunningHealthy"
+    RUNNING_DEGRADED = "RunningDegraded"
+    ERROR_NETWORK = "ErrorNetwork"
+    ERROR_API = "ErrorApi"
+
+    @property
+    def usable(self) -> bool:
+        """Whether requests may be sent to an engine in this state."""
+        return self in (EngineStatus.RUNNING_HEALTHY, EngineStatus.RUNNING_DEGRADED)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    chat: bool = True
+    chat_stream: bool = True
+    embeddings: bool = True
+    tools: bool = False
+    vision_inputs: bool = False
+    audio_inputs: bool = False
+    audio_outputs: bool = False
+    image_generation: bool = False
+    #: The engine accepts ``n > 1`` (several choices per request).
+    multiple_choices: bool = False
+    max_image_bytes: int = 8 * 1024 * 1024
+    max_audio_bytes: int = 25 * 1024 * 1024
+    #: OpenAI sampling parameters the engine understands (others are dropped with a warning).
+    sampling_params: frozenset[str] = frozenset(
+        {"temperature", "top_p", "max_tokens", "stop", "seed", "presence_penalty",
+         "frequency_penalty", "logit_bias", "max_completion_tokens"}
+    )
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["sampling_params"] = sorted(self.sampling_params)
+        return data
+
+    def merged(self, **changes: Any) -> Capabilities:
+        data = {**asdict(self), **changes}
+        return Capabilities(**data)
+
+
+@dataclass(frozen=True)
+class EngineEndpoint:
+    """Where an engine lives: the only hosts FLM ever forwards to."""
+
+    id: str
+    kind: EngineKind
+    base_url: str
+    #: "default" (the kind's conventional endpoint), "registered" (flm engines add) or "managed".
+    source: str = "default"
+
+
+@dataclass
+class EngineState:
+    id: str
+    kind: EngineKind
+    base_url: str
+    status: EngineStatus
+    source: str = "default"
+    latency_ms: float | None = None
+    version: str | None = None
+    binary_path: str | None = None
+    error: str | None = None
+    checked_at: float = 0.0
+    capabilities: Capabilities = field(default_factory=Capabilities)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "kind": self.kind.value,
+            "base_url": self.base_url,
+            "status": self.status.value,
+            "source": self.source,
+            "latency_ms": self.latency_ms,
+            "version": self.version,
+            "binary_path": self.binary_path,
+            "error": self.error,
+            "checked_at": self.checked_at,
+            "capabilities": self.capabilities.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EngineState:
+        caps = dict(data.get("capabilities") or {})
+        if "sampling_params" in caps:
+            caps["sampling_params"] = frozenset(caps["sampling_params"])
+        return cls(
+            id=data["id"],
+            kind=EngineKind(data["kind"]),
+            base_url=data["base_url"],
+            status=EngineStatus(data["status"]),
+            source=data.get("source", "default"),
+            latency_ms=data.get("latency_ms"),
+            version=data.get("version"),
+            binary_path=data.get("binary_path"),
+            error=data.get("error"),
+            checked_at=float(data.get("checked_at") or 0.0),
+            capabilities=Capabilities(**caps),
+        )
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    engine_id: str
+    name: str
+    context_length: int | None = None
+    vision: bool = False
+    embeddings_only: bool = False
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def flm_id(self) -> str:
+        return make_model_id(self.engine_id, self.name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.flm_id,
+            "engine_id": self.engine_id,
+            "name": self.name,
+            "context_length": self.context_length,
+            "capabilities": {"vision_inputs": self.vision,
+                             "embeddings_only": self.embeddings_only},
+            "details": self.details,
+        }
+
+
+MODEL_SCHEME = "flm://"
+
+
+def make_model_id(engine_id: str, name: str) -> str:
+    return f"{MODEL_SCHEME}{engine_id}/{name}"
+
+
+def split_model_id(model_id: str) -> tuple[str, str] | None:
+    """``flm://engine/model`` → ``(engine, model)``; ``None`` when not in that form."""
+    if not model_id.startswith(MODEL_SCHEME):
+        return None
+    rest = model_id[len(MODEL_SCHEME):]
+    engine_id, sep, name = rest.partition("/")
+    if not sep or not engine_id or not name:
+        return None
+    return engine_id, name

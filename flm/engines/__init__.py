@@ -1,0 +1,1 @@
+"""Engine adapters: one interface, four kinds. Nothing above this package branches on kind."""

@@ -1,0 +1,94 @@
+"""The client shared by the OpenAI-compatible engines (vLLM, LM Studio, llama.cpp)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from flm.core.errors import EngineApiError, EngineNetworkError
+from flm.core.models import ModelInfo
+from flm.engines.base import EngineAdapter, Health, require_dict, shape_embeddings
+from flm.openai.sse import DONE, encode_event, iter_sse_data
+
+
+class OpenAICompatAdapter(EngineAdapter):
+    """Speaks ``/v1/models``, ``/v1/chat/completions`` (JSON and SSE) and ``/v1/embeddings``.
+    Subclasses override only what their engine does differently."""
+
+    async def health_check(self, timeout_s: float) -> Health:
+        data, latency = await self._timed("/v1/models", timeout_s)
+        models = require_dict(data, "GET /v1/models", "data")["data"]
+        if not isinstance(models, list):
+            raise EngineApiError("GET /v1/models: 'data' is not a list")
+        return Health(latency)
+
+    async def _openai_models(self) -> list[dict[str, Any]]:
+        data = await self.client.get_json("/v1/models", limit=8 * 1024 * 1024)
+        models = require_dict(data, "GET /v1/models", "data")["data"]
+        if not isinstance(models, list):
+            raise EngineApiError("GET /v1/models: 'data' is not a list")
+        return [m for m in models if isinstance(m, dict) and isinstance(m.get("id"), str)]
+
+    async def list_models(self) -> list[ModelInfo]:
+        return [
+            ModelInfo(self.id, m["id"], context_length=_int_or_none(m.get("max_model_len")),
+                      details={k: v for k, v in m.items() if k in ("owned_by", "created")})
+            for m in await self._openai_models()
+        ]
+
+    async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
+        payload = {**body, "stream": False}
+        data = await self.client.post_json("/v1/chat/completions", payload)
+        return require_dict(data, "chat completion", "choices")
+
+    async def chat_stream(self, body: dict[str, Any], public_model: str) -> AsyncIterator[bytes]:
+        payload = {**body, "stream": True}
+        resp = await self.client.request("POST", "/v1/chat/completions", json_body=payload)
+        finished = False
+        try:
+            async for data in iter_sse_data(resp.iter_chunks()):
+                if data == b"[DONE]":
+                    finished = True
+                    yield DONE
+                    return
+                try:
+                    chunk = json.loads(data)
+                except ValueError as exc:
+                    raise EngineApiError(f"engine sent an invalid stream event: {exc}") from exc
+                if not isinstance(chunk, dict):
+                    raise EngineApiError("engine sent a stream event that is not an object")
+                if "error" in chunk:
+                    err = chunk["error"]
+                    message = err.get("message") if isinstance(err, dict) else err
+                    raise EngineApiError(f"engine reported an error mid-stream: {message}")
+                chunk["model"] = public_model
+                yield encode_event(json.dumps(chunk, separators=(",", ":")).encode())
+            raise EngineNetworkError("engine stream ended without [DONE]")
+        finally:
+            if finished:
+                resp.release()
+            else:
+                resp.close()
+
+    async def embeddings(self, body: dict[str, Any]) -> dict[str, Any]:
+        wanted = body.get("encoding_format")
+        payload = {k: v for k, v in body.items() if k != "encoding_format"}
+        data = require_dict(await self.client.post_json("/v1/embeddings", payload),
+                            "embeddings", "data")
+        items = sorted((d for d in data["data"] if isinstance(d, dict)),
+                       key=lambda d: int(d.get("index", 0)))
+        vectors = [d.get("embedding") for d in items]
+        if not all(isinstance(v, list) for v in vectors):
+            raise EngineApiError("embeddings: an item has no float vector")
+        usage = data.get("usage") or {}
+        prompt_tokens = int(usage.get("prompt_tokens") or usage.get("total_tokens") or 0)
+        return shape_embeddings(vectors, str(data.get("model") or body.get("model")),  # type: ignore[arg-type]
+                                prompt_tokens, wanted)
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None

@@ -1,0 +1,1 @@
+"""The OpenAI wire format: SSE framing, error bodies, request translation (pure functions)."""
