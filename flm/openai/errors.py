@@ -1,0 +1,53 @@
+"""OpenAI-style error bodies (SPEC §4.3)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from flm.core.errors import EngineError, FlmError
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    501: "not_implemented_error",
+}
+
+
+class HttpError(Exception):
+    """An error answered to an API client: status, stable code, message."""
+
+    def __init__(self, status: int, code: str, message: str,
+                 headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or []
+
+    @classmethod
+    def from_flm(cls, error: FlmError) -> HttpError:
+        if isinstance(error, EngineError):
+            return cls(error.http_status, error.http_code, error.message)
+        return cls(500, "internal_error", "internal error")
+
+
+def error_type(status: int) -> str:
+    if status in _TYPES:
+        return _TYPES[status]
+    return "engine_error" if status in (502, 503, 504) else "server_error"
+
+
+def error_body(status: int, code: str, message: str, request_id: str) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, "type": error_type(status),
+                      "request_id": request_id}}
+
+
+def error_bytes(status: int, code: str, message: str, request_id: str) -> bytes:
+    return json.dumps(error_body(status, code, message, request_id),
+                      separators=(",", ":")).encode()

@@ -1,0 +1,234 @@
+"""Request translation rules (SPEC §4.2), pure functions driven by engine capabilities."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from flm.core.models import Capabilities, split_model_id
+from flm.openai.errors import HttpError
+
+_IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp")
+_DATA_URI = re.compile(r"^data:([a-z0-9.+/-]+);base64,(.*)$", re.IGNORECASE | re.DOTALL)
+_KNOWN_FORMATS = {"text", "json_object", "json_schema"}
+#: Parameters every adapter understands (structure, not sampling).
+_STRUCTURAL = {"model", "messages", "stream", "stream_options", "n", "response_format", "tools",
+               "tool_choice", "user", "parallel_tool_calls", "modalities", "audio", "metadata",
+               "store", "logprobs", "top_logprobs", "reasoning_effort", "service_tier"}
+MAX_INLINE_IMAGE = 8 * 1024 * 1024
+
+
+@dataclass
+class ChatPlan:
+    """A validated chat request: where it goes and what the engine receives."""
+
+    engine_id: str
+    model: str
+    body: dict[str, Any]
+    stream: bool
+    has_images: bool = False
+    has_audio: bool = False
+    image_urls: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def parse_model(value: Any) -> tuple[str, str]:
+    if not isinstance(value, str) or not value:
+        raise HttpError(400, "invalid_model", "'model' is required and must be a string")
+    parts = split_model_id(value)
+    if parts is None:
+        raise HttpError(400, "invalid_model",
+                        f"model must look like flm://<engine>/<model>, got {value[:200]!r}")
+    return parts
+
+
+def _inline_image_size(url: str) -> int:
+    match = _DATA_URI.match(url)
+    if match is None:
+        raise HttpError(400, "invalid_request", "image data URI must be base64-encoded")
+    mime = match[1].lower()
+    if mime not in _IMAGE_TYPES:
+        raise HttpError(422, "unsupported_modalities",
+                        f"image type {mime} not accepted (PNG, JPEG or WebP)")
+    payload = match[2]
+    try:
+        raw = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise HttpError(400, "invalid_request", "image data URI is not valid base64") from None
+    return len(raw)
+
+
+def _normalise_parts(content: list[Any], plan: ChatPlan, max_image: int) -> list[dict[str, Any]]:
+    parts: list[dict[str, Any]] = []
+    for part in content:
+        if not isinstance(part, dict):
+            raise HttpError(400, "invalid_request", "message content parts must be objects")
+        kind = part.get("type")
+        if kind in ("text", "input_text"):
+            parts.append({"type": "text", "text": str(part.get("text", ""))})
+        elif kind in ("image_url", "input_image"):
+            ref = part.get("image_url")
+            url = ref.get("url") if isinstance(ref, dict) else ref
+            if not isinstance(url, str) or not url:
+                raise HttpError(400, "invalid_request", "image part without a url")
+            plan.has_images = True
+            if url.startswith("data:"):
+                size = _inline_image_size(url)
+                if size > max_image:
+                    raise HttpError(413, "payload_too_large",
+                                    f"inline image of {size} bytes exceeds {max_image}")
+            elif url.startswith("https://"):
+                plan.image_urls.append(url)
+            else:
+                raise HttpError(400, "invalid_request",
+                                "image_url must be a data: URI or an https:// URL")
+            detail = ref.get("detail") if isinstance(ref, dict) else None
+            image: dict[str, Any] = {"url": url}
+            if detail:
+                image["detail"] = detail
+            parts.append({"type": "image_url", "image_url": image})
+        elif kind == "input_audio":
+            plan.has_audio = True
+            parts.append(part)
+        else:
+            raise HttpError(400, "invalid_request", f"unknown content part type {kind!r}")
+    return parts
+
+
+def chat_target(body: Any) -> tuple[str, str]:
+    """The ``(engine_id, model)`` a chat request names, after the cheap shape checks."""
+    if not isinstance(body, dict):
+        raise HttpError(400, "invalid_request", "request body must be a JSON object")
+    target = parse_model(body.get("model"))
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise HttpError(400, "invalid_request", "'messages' must be a non-empty array")
+    return target
+
+
+def plan_chat(body: dict[str, Any], engine_id: str, model: str,
+              caps: Capabilities) -> ChatPlan:
+    """Validate and translate an OpenAI chat request for an engine with ``caps``."""
+    messages: list[Any] = body["messages"]
+    stream = bool(body.get("stream", False))
+    plan = ChatPlan(engine_id, model, {}, stream)
+    out_messages = []
+    for message in messages:
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise HttpError(400, "invalid_request", "each message needs a string 'role'")
+        content = message.get("content")
+        if isinstance(content, list):
+            message = {**message,
+                       "content": _normalise_parts(content, plan, min(caps.max_image_bytes,
+                                                                      MAX_INLINE_IMAGE))}
+        elif content is not None and not isinstance(content, str):
+            raise HttpError(400, "invalid_request", "message content must be text or parts")
+        out_messages.append(message)
+    if plan.has_images and not caps.vision_inputs:
+        raise HttpError(422, "unsupported_modalities",
+                        f"{engine_id}/{model} does not accept image inputs")
+    if plan.has_audio and not caps.audio_inputs:
+        raise HttpError(422, "unsupported_modalities",
+                        f"{engine_id}/{model} does not accept audio inputs")
+    modalities = body.get("modalities")
+    if isinstance(modalities, list) and "audio" in modalities and not caps.audio_outputs:
+        raise HttpError(422, "unsupported_modalities",
+                        f"{engine_id}/{model} cannot produce audio")
+
+    out: dict[str, Any] = {}
+    for key, value in body.items():
+        if key == "messages":
+            continue
+        if key in ("temperature",) and value is not None:
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
+                raise HttpError(400, "invalid_request", "'temperature' must be a number")
+            clamped = min(max(float(value), 0.0), 2.0)
+            if clamped != value:
+                plan.warnings.append(f"temperature clamped to {clamped:g}")
+            value = clamped
+        if key == "n":
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise HttpError(400, "invalid_request", "'n' must be a positive integer")
+            if value > 1 and not caps.multiple_choices:
+                plan.warnings.append("n forced to 1: this engine returns one choice")
+                continue
+        if key == "response_format" and value is not None:
+            kind = value.get("type") if isinstance(value, dict) else None
+            if kind not in _KNOWN_FORMATS:
+                raise HttpError(400, "unsupported_parameter",
+                                f"response_format type {kind!r} is not supported")
+        if key in caps.sampling_params or key in _STRUCTURAL or key == "stream":
+            out[key] = value
+        elif key in ("logit_bias", "presence_penalty", "frequency_penalty", "stop", "seed",
+                     "top_p", "max_tokens", "max_completion_tokens"):
+            plan.warnings.append(f"{key} dropped: not supported by this engine")
+        else:
+            out[key] = value  # engine-specific extras (e.g. llama.cpp's top_k) pass through
+    out["messages"] = out_messages
+    out["model"] = model
+    plan.body = out
+    return plan
+
+
+def plan_embeddings(body: Any) -> tuple[str, str, dict[str, Any]]:
+    if not isinstance(body, dict):
+        raise HttpError(400, "invalid_request", "request body must be a JSON object")
+    engine_id, model = parse_model(body.get("model"))
+    data = body.get("input")
+    ok = isinstance(data, str) or (
+        isinstance(data, list) and data and all(isinstance(x, (str, int, list)) for x in data))
+    if not ok:
+        raise HttpError(400, "invalid_request",
+                        "'input' must be a string or a non-empty array")
+    fmt = body.get("encoding_format")
+    if fmt not in (None, "float", "base64"):
+        raise HttpError(400, "unsupported_parameter", f"encoding_format {fmt!r}")
+    return engine_id, model, {**body, "model": model}
+
+
+def responses_to_chat(body: Any) -> dict[str, Any]:
+    """Map an OpenAI Responses API request onto a chat request (text and images)."""
+    if not isinstance(body, dict):
+        raise HttpError(400, "invalid_request", "request body must be a JSON object")
+    messages: list[dict[str, Any]] = []
+    if isinstance(body.get("instructions"), str):
+        messages.append({"role": "system", "content": body["instructions"]})
+    items = body.get("input")
+    if isinstance(items, str):
+        messages.append({"role": "user", "content": items})
+    elif isinstance(items, list):
+        for item in items:
+            if not isinstance(item, dict):
+                raise HttpError(400, "invalid_request", "input items must be objects")
+            role = item.get("role", "user")
+            content = item.get("content")
+            if isinstance(content, list):
+                parts = []
+                for part in content:
+                    if not isinstance(part, dict):
+                        continue
+                    kind = part.get("type")
+                    if kind in ("input_text", "output_text", "text"):
+                        parts.append({"type": "text", "text": part.get("text", "")})
+                    elif kind == "input_image":
+                        parts.append({"type": "image_url",
+                                      "image_url": {"url": part.get("image_url", "")}})
+                    else:
+                        raise HttpError(400, "unsupported_parameter",
+                                        f"input part type {kind!r} is not supported")
+                messages.append({"role": role, "content": parts})
+            else:
+                messages.append({"role": role, "content": content})
+    else:
+        raise HttpError(400, "invalid_request", "'input' must be a string or an array")
+    chat: dict[str, Any] = {"model": body.get("model"), "messages": messages,
+                            "stream": bool(body.get("stream", False))}
+    for src, dst in (("temperature", "temperature"), ("top_p", "top_p"),
+                     ("max_output_tokens", "max_tokens")):
+        if body.get(src) is not None:
+            chat[dst] = body[src]
+    return chat

@@ -1,0 +1,1 @@
+"""The ASGI gateway: pure ASGI middleware, routes, and the runtime they share."""

@@ -1,0 +1,128 @@
+"""Small pure-ASGI helpers: the request view, body reading with limits, responses."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from flm.openai.errors import HttpError
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+class RequestState:
+    """Per-request facts the layers share (and the audit layer records)."""
+
+    __slots__ = (
+        "api_key_id",
+        "client_ip",
+        "completion_tokens",
+        "engine_id",
+        "error_code",
+        "first_byte_at",
+        "model",
+        "overhead_s",
+        "prompt_tokens",
+        "request_id",
+        "route",
+        "started",
+        "status",
+        "streaming",
+        "warnings",
+    )
+
+    def __init__(self, request_id: str, client_ip: str, started: float) -> None:
+        self.request_id = request_id
+        self.client_ip = client_ip
+        self.started = started
+        self.api_key_id: str | None = None
+        self.route = "unmatched"
+        self.engine_id: str | None = None
+        self.model: str | None = None
+        self.status = 0
+        self.error_code: str | None = None
+        self.prompt_tokens: int | None = None
+        self.completion_tokens: int | None = None
+        self.streaming = False
+        self.warnings: list[str] = []
+        self.first_byte_at: float | None = None
+        self.overhead_s: float | None = None
+
+
+def state_of(scope: Scope) -> RequestState:
+    state: RequestState = scope["flm"]
+    return state
+
+
+def header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return bytes(value)
+    return None
+
+
+def header_values(scope: Scope, name: bytes) -> list[bytes]:
+    return [bytes(v) for k, v in scope["headers"] if k == name]
+
+
+async def read_body(receive: Receive, scope: Scope, limit: int, timeout_s: float) -> bytes:
+    """The whole request body, refusing (413) before reading past ``limit`` and cutting a
+    client that sends too slowly (408)."""
+    declared = header(scope, b"content-length")
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                raise HttpError(413, "payload_too_large",
+                                f"request body exceeds {limit} bytes")
+        except ValueError:
+            raise HttpError(400, "invalid_request", "bad Content-Length") from None
+    parts: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise asyncio.CancelledError("client disconnected")
+                chunk = message.get("body", b"")
+                if chunk:
+                    size += len(chunk)
+                    if size > limit:
+                        raise HttpError(413, "payload_too_large",
+                                        f"request body exceeds {limit} bytes")
+                    parts.append(chunk)
+                if not message.get("more_body", False):
+                    break
+    except TimeoutError:
+        raise HttpError(408, "request_timeout", "request body not received in time") from None
+    return b"".join(parts)
+
+
+async def read_json(receive: Receive, scope: Scope, limit: int, timeout_s: float) -> Any:
+    body = await read_body(receive, scope, limit, timeout_s)
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise HttpError(400, "invalid_request", "request body is not valid JSON") from None
+
+
+async def send_bytes(send: Send, status: int, body: bytes,
+                     headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [*(headers or JSON_HEADERS),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def send_json(send: Send, status: int, data: Any,
+                    headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    body = json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
+    await send_bytes(send, status, body, [*JSON_HEADERS, *(headers or [])])

@@ -1,0 +1,103 @@
+"""The engines one proxy forwards to: pooled adapters and a short-lived model cache.
+
+Only endpoints handed in at build/reload time exist here; nothing a request says can add a
+host, so the proxy never forwards to a URL taken from a request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable
+
+from flm.core.errors import EngineError
+from flm.core.models import Capabilities, EngineEndpoint, ModelInfo
+from flm.engines.base import EngineAdapter, make_adapter
+from flm.engines.http import Timeouts
+from flm.openai.errors import HttpError
+
+MODELS_TTL_S = 30.0
+
+
+class EngineRegistry:
+    def __init__(self, endpoints: Iterable[EngineEndpoint], timeouts: Timeouts) -> None:
+        self._timeouts = timeouts
+        self._adapters: dict[str, EngineAdapter] = {}
+        self._models: dict[str, tuple[float, dict[str, ModelInfo]]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self.replace(endpoints)
+
+    def replace(self, endpoints: Iterable[EngineEndpoint]) -> list[EngineAdapter]:
+        """Swap the endpoint set; returns adapters that went away (the caller closes them)."""
+        fresh = {e.id: e for e in endpoints}
+        gone = [a for i, a in self._adapters.items()
+                if i not in fresh or a.endpoint != fresh[i]]
+        kept = {i: a for i, a in self._adapters.items() if a not in gone}
+        for engine_id, endpoint in fresh.items():
+            if engine_id not in kept:
+                kept[engine_id] = make_adapter(endpoint, self._timeouts)
+        self._adapters = kept
+        self._models = {k: v for k, v in self._models.items() if k in kept}
+        return gone
+
+    def ids(self) -> list[str]:
+        return list(self._adapters)
+
+    def adapter(self, engine_id: str) -> EngineAdapter:
+        adapter = self._adapters.get(engine_id)
+        if adapter is None:
+            raise HttpError(404, "not_found", f"no engine {engine_id!r}")
+        return adapter
+
+    async def models_of(self, engine_id: str, *, refresh: bool = False) -> dict[str, ModelInfo]:
+        adapter = self.adapter(engine_id)
+        cached = self._models.get(engine_id)
+        now = time.monotonic()
+        if cached is not None and not refresh and now - cached[0] < MODELS_TTL_S:
+            return cached[1]
+        lock = self._locks.setdefault(engine_id, asyncio.Lock())
+        async with lock:
+            cached = self._models.get(engine_id)
+            if cached is not None and cached[0] >= now and not refresh:
+                return cached[1]
+            models = {m.name: m for m in await adapter.list_models()}
+            self._models[engine_id] = (time.monotonic(), models)
+            return models
+
+    async def resolve(self, engine_id: str, model: str) -> tuple[EngineAdapter, ModelInfo]:
+        adapter = self.adapter(engine_id)
+        try:
+            models = await self.models_of(engine_id)
+            if model not in models:
+                models = await self.models_of(engine_id, refresh=True)
+        except EngineError as exc:
+            raise HttpError(exc.http_status if exc.http_status != 404 else 503,
+                            exc.http_code if exc.http_status != 404 else "engine_unavailable",
+                            f"engine {engine_id} is unavailable: {exc.message}") from exc
+        info = models.get(model)
+        if info is None:
+            raise HttpError(404, "not_found", f"engine {engine_id} has no model {model!r}")
+        return adapter, info
+
+    def capabilities(self, engine_id: str, info: ModelInfo | None) -> Capabilities:
+        caps = self.adapter(engine_id).capabilities()
+        if info is not None and info.vision and not caps.vision_inputs:
+            caps = caps.merged(vision_inputs=True)
+        if info is not None and info.details.get("type") == "llm" and caps.vision_inputs:
+            caps = caps.merged(vision_inputs=False)  # LM Studio says exactly which models see
+        return caps
+
+    async def all_models(self) -> list[ModelInfo]:
+        results = await asyncio.gather(*(self.models_of(i) for i in self._adapters),
+                                       return_exceptions=True)
+        out: list[ModelInfo] = []
+        for result in results:
+            if isinstance(result, dict):
+                out.extend(result.values())
+            elif not isinstance(result, EngineError | HttpError):
+                raise result
+        return out
+
+    async def close(self) -> None:
+        await asyncio.gather(*(a.close() for a in self._adapters.values()),
+                             return_exceptions=True)

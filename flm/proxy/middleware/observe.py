@@ -1,0 +1,30 @@
+"""Records the outcome of every request (metrics now; the audit trail joins here)."""
+
+from __future__ import annotations
+
+import time
+
+from flm.proxy.asgi import ASGIApp, Receive, Scope, Send, state_of
+from flm.proxy.runtime import ProxyRuntime
+
+
+class ObserveMiddleware:
+    def __init__(self, app: ASGIApp, runtime: ProxyRuntime) -> None:
+        self.app = app
+        self.runtime = runtime
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            state = state_of(scope)
+            metrics = self.runtime.metrics
+            elapsed = time.perf_counter() - state.started
+            status = state.status or 500
+            metrics.requests.labels(state.route, str(status), state.engine_id or "").inc()
+            metrics.latency.labels(state.route).observe(elapsed)
+            if state.overhead_s is not None:
+                metrics.overhead.labels(state.route).observe(max(state.overhead_s, 0.0))

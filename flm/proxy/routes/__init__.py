@@ -1,0 +1,51 @@
+"""Route handlers and the router that dispatches to them."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from flm.openai.errors import HttpError
+from flm.proxy.asgi import Receive, Scope, Send, state_of
+from flm.proxy.runtime import ProxyRuntime
+
+Handler = Callable[[Scope, Receive, Send, ProxyRuntime], Awaitable[None]]
+
+
+class Router:
+    """Exact paths plus the ``/engine/`` pass-through prefix."""
+
+    def __init__(self, runtime: ProxyRuntime) -> None:
+        from flm.proxy.routes import chat, misc, passthrough
+
+        self.runtime = runtime
+        self.routes: dict[str, dict[str, Handler]] = {
+            "/v1/chat/completions": {"POST": chat.chat_completions},
+            "/v1/embeddings": {"POST": chat.embeddings},
+            "/v1/responses": {"POST": chat.responses},
+            "/v1/models": {"GET": misc.models},
+            "/v1/audio/transcriptions": {"POST": misc.transcriptions},
+            "/v1/images/generations": {"POST": misc.images},
+            "/v1/audio/speech": {"POST": misc.speech},
+            "/health": {"GET": misc.health, "HEAD": misc.health},
+            "/metrics": {"GET": misc.metrics},
+        }
+        self.passthrough = passthrough.engine_passthrough
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        path: str = scope["path"]
+        methods = self.routes.get(path)
+        state = state_of(scope)
+        if methods is None:
+            if path.startswith("/engine/"):
+                state.route = "/engine/{id}/{path}"
+                await self.passthrough(scope, receive, send, self.runtime)
+                return
+            raise HttpError(404, "not_found", "no such route")
+        handler = methods.get(scope["method"])
+        state.route = path
+        if handler is None:
+            raise HttpError(405, "method_not_allowed", f"{scope['method']} not allowed here",
+                            [(b"allow", ", ".join(methods).encode())])
+        await handler(scope, receive, send, self.runtime)

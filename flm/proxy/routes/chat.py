@@ -1,0 +1,238 @@
+"""``/v1/chat/completions``, ``/v1/embeddings`` and ``/v1/responses``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from flm.core.errors import EngineError
+from flm.core.models import make_model_id
+from flm.openai.errors import HttpError, error_body
+from flm.openai.sse import DONE, encode_event
+from flm.openai.translate import (
+    ChatPlan,
+    chat_target,
+    plan_chat,
+    plan_embeddings,
+    responses_to_chat,
+)
+from flm.proxy.asgi import Receive, RequestState, Scope, Send, read_json, send_json, state_of
+from flm.proxy.runtime import ProxyRuntime
+
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+async def _body(scope: Scope, receive: Receive, rt: ProxyRuntime) -> Any:
+    return await read_json(receive, scope, rt.settings.max_body_bytes, rt.settings.body_timeout_s)
+
+
+def _record_usage(state: RequestState, usage: Any, rt: ProxyRuntime) -> None:
+    if not isinstance(usage, dict):
+        return
+    prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+    completion = usage.get("completion_tokens", usage.get("output_tokens"))
+    if isinstance(prompt, int):
+        state.prompt_tokens = prompt
+        rt.metrics.tokens.labels(state.engine_id or "", "in").inc(prompt)
+    if isinstance(completion, int):
+        state.completion_tokens = completion
+        rt.metrics.tokens.labels(state.engine_id or "", "out").inc(completion)
+
+
+async def _prepare_chat(scope: Scope, receive: Receive, rt: ProxyRuntime,
+                        body: Any) -> tuple[ChatPlan, Any]:
+    state = state_of(scope)
+    engine_id, model = chat_target(body)
+    state.engine_id, state.model = engine_id, make_model_id(engine_id, model)
+    adapter, info = await rt.engines.resolve(engine_id, model)
+    plan = plan_chat(body, engine_id, model, rt.engines.capabilities(engine_id, info))
+    if plan.image_urls:
+        from flm.proxy.images import inline_remote_images
+
+        await inline_remote_images(plan, rt)
+    state.warnings.extend(plan.warnings)
+    return plan, adapter
+
+
+async def chat_completions(scope: Scope, receive: Receive, send: Send,
+                           rt: ProxyRuntime) -> None:
+    body = await _body(scope, receive, rt)
+    plan, adapter = await _prepare_chat(scope, receive, rt, body)
+    state = state_of(scope)
+    public = make_model_id(plan.engine_id, plan.model)
+    if plan.stream:
+        await stream_events(scope, receive, send, rt, adapter.chat_stream(plan.body, public))
+        return
+    reply = await _engine_call(adapter.chat(plan.body), state)
+    reply["model"] = public
+    _record_usage(state, reply.get("usage"), rt)
+    await send_json(send, 200, reply)
+
+
+async def _engine_call(coro: Any, state: RequestState) -> Any:
+    started = time.perf_counter()
+    try:
+        return await coro
+    except EngineError as exc:
+        raise HttpError.from_flm(exc) from exc
+    finally:
+        engine_time = time.perf_counter() - started
+        state.overhead_s = (time.perf_counter() - state.started) - engine_time
+
+
+async def stream_events(scope: Scope, receive: Receive, send: Send, rt: ProxyRuntime,
+                        events: AsyncIterator[bytes]) -> None:
+    """Forward SSE events as they arrive. Failures before the first event are ordinary HTTP
+    errors; after it, one error event and ``[DONE]``. A client that goes away cancels the
+    upstream request at once."""
+    state = state_of(scope)
+    state.streaming = True
+    metrics = rt.metrics
+    tap = _UsageTap(events, state, rt)
+
+    async def first_event() -> bytes:
+        try:
+            return await tap.__anext__()
+        except StopAsyncIteration:
+            raise HttpError(502, "engine_error", "engine sent an empty stream") from None
+        except EngineError as exc:
+            raise HttpError.from_flm(exc) from exc
+
+    async def pump() -> None:
+        first = await first_event()
+        now = time.perf_counter()
+        state.first_byte_at = now
+        metrics.ttft.labels(state.engine_id or "").observe(now - state.started)
+        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+        await send({"type": "http.response.body", "body": first, "more_body": True})
+        try:
+            async for event in tap:
+                await send({"type": "http.response.body", "body": event, "more_body": True})
+        except EngineError as exc:
+            state.error_code = exc.http_code
+            failure = error_body(exc.http_status, exc.http_code, exc.message, state.request_id)
+            await send({"type": "http.response.body",
+                        "body": encode_event(json.dumps(failure).encode()) + DONE,
+                        "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    metrics.active_streams.inc()
+    pump_task = asyncio.ensure_future(pump())
+    watcher = asyncio.ensure_future(_wait_disconnect(receive))
+    try:
+        done, _ = await asyncio.wait({pump_task, watcher},
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if pump_task in done:
+            watcher.cancel()
+            pump_task.result()
+        else:
+            pump_task.cancel()
+            state.error_code = "client_disconnected"
+            await asyncio.gather(pump_task, return_exceptions=True)
+    finally:
+        metrics.active_streams.dec()
+        await tap.aclose()
+
+
+def _note_stream_usage(event: bytes, state: RequestState, rt: ProxyRuntime) -> None:
+    try:
+        data = json.loads(event[6:])
+    except ValueError:
+        return
+    if isinstance(data, dict):
+        _record_usage(state, data.get("usage"), rt)
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class _UsageTap:
+    """Wraps an event iterator to remember the usage of the stream (the event carrying it
+    is the last data event for every engine FLM supports)."""
+
+    def __init__(self, events: AsyncIterator[bytes], state: RequestState,
+                 rt: ProxyRuntime) -> None:
+        self._events = events
+        self._state = state
+        self._rt = rt
+
+    def __aiter__(self) -> _UsageTap:
+        return self
+
+    async def __anext__(self) -> bytes:
+        event = await self._events.__anext__()
+        if b'"usage":{' in event:
+            _note_stream_usage(event, self._state, self._rt)
+        return event
+
+    async def aclose(self) -> None:
+        aclose = getattr(self._events, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+async def embeddings(scope: Scope, receive: Receive, send: Send, rt: ProxyRuntime) -> None:
+    state = state_of(scope)
+    body = await _body(scope, receive, rt)
+    engine_id, model, payload = plan_embeddings(body)
+    state.engine_id, state.model = engine_id, make_model_id(engine_id, model)
+    adapter, _info = await rt.engines.resolve(engine_id, model)
+    if not adapter.capabilities().embeddings:
+        raise HttpError(422, "unsupported_modalities", f"{engine_id} does not embed")
+    reply = await _engine_call(adapter.embeddings(payload), state)
+    reply["model"] = state.model
+    _record_usage(state, reply.get("usage"), rt)
+    await send_json(send, 200, reply)
+
+
+def _response_object(reply: dict[str, Any], public: str) -> dict[str, Any]:
+    choice = (reply.get("choices") or [{}])[0]
+    message = choice.get("message") or {}
+    text = message.get("content") or ""
+    usage = reply.get("usage") or {}
+    prompt = int(usage.get("prompt_tokens") or 0)
+    completion = int(usage.get("completion_tokens") or 0)
+    incomplete = choice.get("finish_reason") == "length"
+    return {
+        "id": f"resp_{secrets.token_hex(12)}",
+        "object": "response",
+        "created_at": int(time.time()),
+        "model": public,
+        "status": "incomplete" if incomplete else "completed",
+        "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+        "error": None,
+        "output": [{
+            "type": "message", "id": f"msg_{secrets.token_hex(12)}", "status": "completed",
+            "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": []}],
+        }],
+        "usage": {"input_tokens": prompt, "output_tokens": completion,
+                  "total_tokens": prompt + completion},
+    }
+
+
+async def responses(scope: Scope, receive: Receive, send: Send, rt: ProxyRuntime) -> None:
+    body = await _body(scope, receive, rt)
+    chat = responses_to_chat(body)
+    if chat["stream"]:
+        raise HttpError(400, "unsupported_parameter",
+                        "streaming is not supported on /v1/responses yet; use "
+                        "/v1/chat/completions with stream=true")
+    plan, adapter = await _prepare_chat(scope, receive, rt, chat)
+    state = state_of(scope)
+    public = make_model_id(plan.engine_id, plan.model)
+    reply = await _engine_call(adapter.chat(plan.body), state)
+    _record_usage(state, reply.get("usage"), rt)
+    await send_json(send, 200, _response_object(reply, public))
