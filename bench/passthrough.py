@@ -65,9 +65,7 @@ class PassThrough:
         if scope["query_string"]:
             url += "?" + scope["query_string"].decode("latin-1")
         headers = {
-            k.decode("latin-1"): v.decode("latin-1")
-            for k, v in scope["headers"]
-            if k in _FORWARD
+            k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"] if k in _FORWARD
         }
         assert self.session is not None
         async with self.session.request(

@@ -24,7 +24,7 @@ class Gateway:
 
     def call(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` on the gateway's loop thread and return its result."""
-        done: asyncio.Future[Any] = asyncio.run_coroutine_threadsafe(_call(fn), self.loop)
+        done = asyncio.run_coroutine_threadsafe(_call(fn), self.loop)
         return done.result(timeout=30)
 
     def stop(self) -> None:
