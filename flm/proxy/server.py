@@ -45,17 +45,29 @@ def bind_socket(host: str, port: int) -> socket.socket:
 class HttpServer:
     """One uvicorn server on a pre-bound socket, started and stopped from a running loop."""
 
-    def __init__(self, app: ASGIApp, sock: socket.socket,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self, app: ASGIApp, sock: socket.socket, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
         self.sock = sock
         kwargs: dict[str, Any] = {}
         if ssl_context is not None:
             kwargs["ssl_context_factory"] = lambda _config, _default: ssl_context
         config = uvicorn.Config(
-            app, http="httptools", loop="none", lifespan="off", access_log=False,
-            log_config=None, server_header=False, date_header=True, proxy_headers=False,
-            timeout_keep_alive=15, timeout_graceful_shutdown=5, backlog=2048,
-            h11_max_incomplete_event_size=MAX_HEADER_BYTES, **kwargs,
+            app,
+            http="httptools",
+            loop="none",
+            lifespan="off",
+            access_log=False,
+            interface="asgi3",
+            log_config=None,
+            server_header=False,
+            date_header=True,
+            proxy_headers=False,
+            timeout_keep_alive=15,
+            timeout_graceful_shutdown=5,
+            backlog=2048,
+            h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+            **kwargs,
         )
         config.load()
         self.server = uvicorn.Server(config)

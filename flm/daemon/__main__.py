@@ -1,0 +1,3 @@
+from flm.daemon.main import run
+
+raise SystemExit(run())

@@ -1,0 +1,293 @@
+"""``python -m flm.daemon``: hosts proxies in one event loop and answers the admin API.
+
+The run file ``run/proxy-daemon.json`` ({port, token, pid, started_at}, mode 0600) tells the
+CLI where the admin API listens and the bearer token it needs. The daemon exits when its last
+proxy stops (or when the first start fails), so nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from flm.core.errors import FlmError, ProxyAlreadyRunningError, ProxyError
+from flm.core.paths import Paths, ensure_private_dir, write_private_file
+from flm.core.timeutil import now_iso
+from flm.proxy.app import build_app
+from flm.proxy.asgi import Receive, Scope, Send, header, read_json, send_json
+from flm.proxy.runtime import ProxyRuntime, ProxySettings, build_runtime
+from flm.proxy.server import HttpServer, bind_socket
+from flm.services.context import Context
+from flm.storage.config import ProxyHandleRow, ProxyHandlesRepo
+
+log = logging.getLogger("flm.daemon")
+
+RELOAD_INTERVAL_S = 30.0
+MAX_ADMIN_FAILURES = 5
+ADMIN_BLOCK_S = 300.0
+MODES = ("local-http",)
+
+
+@dataclass
+class Instance:
+    settings: ProxySettings
+    runtime: ProxyRuntime
+    server: HttpServer
+    started_at: float = field(default_factory=time.time)
+    last_error: str | None = None
+
+    def describe(self) -> dict[str, Any]:
+        s = self.settings
+        endpoints = _user_endpoints(s)
+        return {
+            "id": s.handle_id, "mode": s.mode, "port": s.port, "https_port": s.https_port,
+            "listen": s.bind, "endpoints": endpoints, "egress": {"mode": "direct"},
+            "uptime_s": round(time.time() - self.started_at, 1), "pid": os.getpid(),
+            "started_at": self.started_at, "certificate_expiry": None,
+            "last_error": self.last_error, "engines": self.runtime.engines.ids(),
+        }
+
+
+def _lan_addresses() -> list[str]:
+    import socket
+
+    found: set[str] = set()
+    with contextlib.suppress(OSError):
+        for info in socket.getaddrinfo(socket.gethostname(), None):
+            addr = str(info[4][0])
+            if not addr.startswith(("127.", "::1", "fe80")):
+                found.add(addr)
+    return sorted(found)
+
+
+def _user_endpoints(s: ProxySettings) -> list[str]:
+    scheme = "http"
+    hosts = ["localhost"] if s.loopback_only else ["localhost", *_lan_addresses()]
+    if not s.loopback_only and s.bind not in ("0.0.0.0", "::"):  # noqa: S104
+        hosts = [s.bind]
+    return [f"{scheme}://{h if ':' not in h else '[' + h + ']'}:{s.port}" for h in hosts]
+
+
+class Daemon:
+    def __init__(self, paths: Paths) -> None:
+        self.paths = paths
+        self.ctx = Context(paths)
+        self.token = secrets.token_hex(32)
+        self.instances: dict[str, Instance] = {}
+        self.stop_event = asyncio.Event()
+        self.failures: dict[str, list[float]] = {}
+        self.started_at = time.time()
+        self._lock = asyncio.Lock()
+
+    # --- proxies ---------------------------------------------------------------------------------
+
+    async def start_proxy(self, config: dict[str, Any]) -> dict[str, Any]:
+        async with self._lock:
+            mode = str(config.get("mode") or "local-http")
+            if mode not in MODES:
+                raise ProxyError(f"mode {mode!r} is not available yet (supported: "
+                                 f"{', '.join(MODES)})")
+            port = int(config.get("port") or 8080)
+            bind = str(config.get("bind") or "127.0.0.1")
+            for inst in self.instances.values():
+                if inst.settings.port == port:
+                    raise ProxyAlreadyRunningError(
+                        f"a proxy ({inst.settings.handle_id}) already runs on port {port}")
+            sock = bind_socket(bind, port)
+            try:
+                handle_id = f"proxy-{port}"
+                settings = ProxySettings(port=port, bind=bind, mode=mode, handle_id=handle_id,
+                                         max_body_bytes=int(
+                                             self.ctx.config.value("proxy.max_body_bytes")))
+                runtime = build_runtime(settings, self.ctx)
+                server = HttpServer(build_app(runtime), sock)
+                await server.start()
+            except BaseException:
+                sock.close()
+                raise
+            inst = Instance(settings, runtime, server)
+            self.instances[handle_id] = inst
+            await asyncio.to_thread(ProxyHandlesRepo(self.ctx.storage.config).add, ProxyHandleRow(
+                handle_id, os.getpid(), port, None, bind, mode, json.dumps(config), now_iso()))
+            log.info("proxy started", extra={"handle": handle_id, "port": port})
+            return inst.describe()
+
+    async def stop_proxies(self, *, port: int | None = None, handle_id: str | None = None,
+                           all_: bool = False) -> list[str]:
+        async with self._lock:
+            chosen = [i for i in self.instances.values()
+                      if all_ or i.settings.port == port or i.settings.handle_id == handle_id]
+            for inst in chosen:
+                await inst.server.stop()
+                await inst.runtime.close()
+                del self.instances[inst.settings.handle_id]
+            ids = [i.settings.handle_id for i in chosen]
+            if ids:
+                await asyncio.to_thread(ProxyHandlesRepo(self.ctx.storage.config).remove, ids)
+            if not self.instances:
+                self.stop_event.set()
+            return ids
+
+    async def reload(self, *, port: int | None = None) -> list[str]:
+        """Apply the current policy, keys and engines to running proxies."""
+        from flm.services.keys import KeyService
+
+        policy = await asyncio.to_thread(lambda: self.ctx.policy.show()["policy"])
+        active = {k.id for k in await asyncio.to_thread(KeyService(self.ctx.storage).list)
+                  if k.revoked_at is None}
+        endpoints = await asyncio.to_thread(self.ctx.engines.endpoints)
+        reloaded = []
+        for inst in list(self.instances.values()):
+            if port is not None and inst.settings.port != port:
+                continue
+            from flm.proxy.runtime import _is_self
+
+            rt = inst.runtime
+            rt.policy = policy
+            rt.keys.retain_only(active)
+            gone = rt.engines.replace(e for e in endpoints if not _is_self(e, inst.settings))
+            for adapter in gone:
+                await adapter.close()
+            reloaded.append(inst.settings.handle_id)
+        return reloaded
+
+    async def periodic_reload(self) -> None:
+        while not self.stop_event.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop_event.wait(), RELOAD_INTERVAL_S)
+            if not self.stop_event.is_set():
+                try:
+                    await self.reload()
+                except FlmError as exc:
+                    log.warning("periodic reload failed: %s", exc.message)
+
+    def status(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "started_at": self.started_at,
+                "proxies": [i.describe() for i in self.instances.values()]}
+
+    # --- admin API -------------------------------------------------------------------------------
+
+    def _authorised(self, scope: Scope) -> bool:
+        client = scope.get("client")
+        ip = client[0] if client else ""
+        now = time.monotonic()
+        recent = [t for t in self.failures.get(ip, []) if now - t < ADMIN_BLOCK_S]
+        if len(recent) >= MAX_ADMIN_FAILURES:
+            return False
+        value = header(scope, b"authorization") or b""
+        ok = hmac.compare_digest(value, b"Bearer " + self.token.encode())
+        if not ok:
+            recent.append(now)
+            self.failures[ip] = recent
+            if len(recent) >= MAX_ADMIN_FAILURES:
+                log.warning("admin API: blocking %s after %d bad tokens", ip, len(recent))
+        return ok
+
+    async def admin_app(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        path, method = scope["path"], scope["method"]
+        if not self._authorised(scope):
+            await send_json(send, 401, {"error": {"code": "UNAUTHORIZED",
+                                                  "message": "bad or missing admin token"}})
+            return
+        try:
+            body: dict[str, Any] = {}
+            if method == "POST":
+                parsed = await read_json(receive, scope, 1024 * 1024, 10)
+                body = parsed if isinstance(parsed, dict) else {}
+            if path == "/admin/health" and method == "GET":
+                result: Any = {"ok": True}
+            elif path == "/admin/status" and method == "GET":
+                result = self.status()
+            elif path == "/admin/start" and method == "POST":
+                result = await self.start_proxy(body)
+            elif path == "/admin/stop" and method == "POST":
+                result = {"stopped": await self.stop_proxies(
+                    port=body.get("port"), handle_id=body.get("handle_id"),
+                    all_=bool(body.get("all")))}
+            elif path == "/admin/reload" and method == "POST":
+                result = {"reloaded": await self.reload(port=body.get("port"))}
+            else:
+                await send_json(send, 404, {"error": {"code": "NOT_FOUND",
+                                                      "message": "no such admin route"}})
+                return
+        except FlmError as exc:
+            await send_json(send, 400, {"error": exc.to_dict()})
+            if not self.instances:
+                self.stop_event.set()  # a daemon started for a failed start leaves nothing
+            return
+        await send_json(send, 200, {"data": result})
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    async def _exit_if_idle(self, grace_s: float = 60.0) -> None:
+        """A daemon nobody asked to start a proxy within ``grace_s`` goes away."""
+        await asyncio.sleep(grace_s)
+        if not self.instances:
+            self.stop_event.set()
+
+    async def serve(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop_event.set)
+        admin_sock = bind_socket("127.0.0.1", 0)
+        admin = HttpServer(self.admin_app, admin_sock)
+        await admin.start()
+        info = {"port": admin.port, "token": self.token, "pid": os.getpid(),
+                "started_at": now_iso()}
+        ensure_private_dir(self.paths.run_dir)
+        write_private_file(self.paths.daemon_file, json.dumps(info).encode())
+        reloader = asyncio.ensure_future(self.periodic_reload())
+        idle = asyncio.ensure_future(self._exit_if_idle())
+        try:
+            await self.stop_event.wait()
+        finally:
+            reloader.cancel()
+            idle.cancel()
+            await self.stop_proxies(all_=True)
+            await admin.stop()
+            with contextlib.suppress(OSError):
+                current = json.loads(self.paths.daemon_file.read_text())
+                if current.get("pid") == os.getpid():
+                    self.paths.daemon_file.unlink()
+            self.ctx.close()
+        return 0
+
+
+def run() -> int:
+    from flm.core.jsonlog import setup_logging
+
+    setup_logging(os.environ.get("FLM_LOG_LEVEL") or "INFO")
+    paths = Paths.resolve(
+        config_db=os.environ.get("FLM_DB_PATH_CONFIG") or None,
+        security_db=os.environ.get("FLM_DB_PATH_SECURITY") or None,
+    )
+    ensure_private_dir(paths.run_dir)
+    lock_path = paths.run_dir / "daemon.lock"
+    import fcntl
+
+    fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        log.error("another FLM daemon holds %s", lock_path)
+        return 3
+    try:
+        try:
+            import uvloop
+
+            return uvloop.run(Daemon(paths).serve())
+        except ImportError:  # pragma: no cover - Windows
+            return asyncio.run(Daemon(paths).serve())
+    finally:
+        os.close(fd)

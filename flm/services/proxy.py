@@ -1,0 +1,169 @@
+"""Talking to the proxy daemon: start it detached, call its admin API, clean stale state."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+from flm.core.errors import FlmError, InternalError, ProxyError
+from flm.core.paths import Paths, ensure_private_dir
+from flm.services.runstate import DaemonInfo, pid_alive, read_daemon_file, running_daemon
+from flm.storage import Storage
+from flm.storage.config import ProxyHandlesRepo
+
+START_TIMEOUT_S = 15.0
+
+
+class ProxyService:
+    def __init__(self, storage: Storage) -> None:
+        self._storage = storage
+        self.paths: Paths = storage.paths
+
+    # --- state -----------------------------------------------------------------------------------
+
+    def cleanup_stale(self) -> dict[str, Any]:
+        """Remove a run file whose daemon is dead and handles whose process is gone."""
+        removed_file = False
+        info = read_daemon_file(self.paths.daemon_file)
+        if self.paths.daemon_file.exists() and (info is None or not pid_alive(info.pid)):
+            self.paths.daemon_file.unlink(missing_ok=True)
+            removed_file = True
+        repo = ProxyHandlesRepo(self._storage.config)
+        stale = [h.id for h in repo.all() if not pid_alive(h.pid)]
+        if stale:
+            repo.remove(stale)
+        return {"removed_daemon_file": removed_file, "removed_handles": stale}
+
+    def daemon(self) -> DaemonInfo | None:
+        return running_daemon(self.paths)
+
+    # --- admin API -------------------------------------------------------------------------------
+
+    def call(self, info: DaemonInfo, method: str, path: str, body: Any = None,
+             timeout: float = 30.0) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(  # noqa: S310 - loopback admin API only
+            f"http://127.0.0.1:{info.port}{path}", data=data, method=method,
+            headers={"Authorization": f"Bearer {info.token}",
+                     "Content-Type": "application/json"},
+        )
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            with opener.open(request, timeout=timeout) as resp:
+                payload = json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            try:
+                payload = json.loads(exc.read())
+            except ValueError:
+                raise InternalError(f"daemon answered HTTP {exc.code}") from None
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            raise ProxyError(f"cannot reach the proxy daemon: {exc}",
+                             code="PROXY_NOT_RUNNING") from None
+        if "error" in payload:
+            err = payload["error"]
+            raise FlmError(str(err.get("message")), code=str(err.get("code")))
+        return payload.get("data")
+
+    def ensure_daemon(self) -> DaemonInfo:
+        info = self.daemon()
+        if info is not None:
+            return info
+        self.cleanup_stale()
+        ensure_private_dir(self.paths.logs_dir)
+        env = {**os.environ, "FLM_HOME": str(self.paths.home),
+               "FLM_DB_PATH_CONFIG": str(self.paths.config_db),
+               "FLM_DB_PATH_SECURITY": str(self.paths.security_db)}
+        log_path = self.paths.logs_dir / "daemon.log"
+        fd = os.open(log_path, os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o600)
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "flm.daemon"], env=env, stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=fd, start_new_session=True, close_fds=True,
+            )
+        finally:
+            os.close(fd)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        delay = 0.01
+        while time.monotonic() < deadline:
+            info = read_daemon_file(self.paths.daemon_file)
+            if info is not None and info.pid == proc.pid:
+                try:
+                    self.call(info, "GET", "/admin/health", timeout=2)
+                    return info
+                except FlmError:
+                    pass
+            code = proc.poll()
+            if code is not None:
+                other = self.daemon()
+                if other is not None:  # another CLI started one at the same moment
+                    return other
+                raise ProxyError(f"the proxy daemon exited at start (code {code}); "
+                                 f"see {log_path}")
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.1)
+        proc.kill()
+        raise ProxyError(f"the proxy daemon did not start within {START_TIMEOUT_S:.0f} s; "
+                         f"see {log_path}")
+
+    # --- commands ----------------------------------------------------------------------------------
+
+    def start(self, config: dict[str, Any]) -> dict[str, Any]:
+        info = self.ensure_daemon()
+        result: dict[str, Any] = self.call(info, "POST", "/admin/start", config)
+        return result
+
+    def status(self) -> dict[str, Any]:
+        info = self.daemon()
+        if info is None:
+            cleaned = self.cleanup_stale()
+            return {"daemon": None, "proxies": [], "cleaned": cleaned}
+        data: dict[str, Any] = self.call(info, "GET", "/admin/status")
+        return {"daemon": {"pid": info.pid, "admin_port": info.port,
+                           "started_at": info.started_at},
+                "proxies": data["proxies"]}
+
+    def stop(self, *, port: int | None = None, handle_id: str | None = None,
+             all_: bool = False) -> dict[str, Any]:
+        info = self.daemon()
+        if info is None:
+            cleaned = self.cleanup_stale()
+            return {"stopped": [], "cleaned": cleaned}
+        result: dict[str, Any] = self.call(info, "POST", "/admin/stop",
+                                           {"port": port, "handle_id": handle_id, "all": all_})
+        if all_ or not self.call_safe_status(info):
+            self._wait_exit(info)
+        return result
+
+    def call_safe_status(self, info: DaemonInfo) -> list[Any]:
+        try:
+            proxies: list[Any] = self.call(info, "GET", "/admin/status", timeout=5)["proxies"]
+            return proxies
+        except FlmError:
+            return []
+
+    def _wait_exit(self, info: DaemonInfo, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while pid_alive(info.pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def reload(self, port: int | None = None) -> dict[str, Any]:
+        info = self.daemon()
+        if info is None:
+            return {"reloaded": []}
+        result: dict[str, Any] = self.call(info, "POST", "/admin/reload", {"port": port})
+        return result
+
+    def notify_reload(self) -> None:
+        """Best effort: tell a running daemon that keys/policy/engines changed."""
+        info = self.daemon()
+        if info is not None:
+            try:
+                self.call(info, "POST", "/admin/reload", {}, timeout=5)
+            except FlmError:
+                pass
