@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -48,7 +49,7 @@ class ProxyService:
     def call(self, info: DaemonInfo, method: str, path: str, body: Any = None,
              timeout: float = 30.0) -> Any:
         data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(  # noqa: S310 - loopback admin API only
+        request = urllib.request.Request(
             f"http://127.0.0.1:{info.port}{path}", data=data, method=method,
             headers={"Authorization": f"Bearer {info.token}",
                      "Content-Type": "application/json"},
@@ -111,7 +112,7 @@ class ProxyService:
         raise ProxyError(f"the proxy daemon did not start within {START_TIMEOUT_S:.0f} s; "
                          f"see {log_path}")
 
-    # --- commands ----------------------------------------------------------------------------------
+    # --- commands -----------------------------------------------------------------------------
 
     def start(self, config: dict[str, Any]) -> dict[str, Any]:
         info = self.ensure_daemon()
@@ -134,8 +135,8 @@ class ProxyService:
         if info is None:
             cleaned = self.cleanup_stale()
             return {"stopped": [], "cleaned": cleaned}
-        result: dict[str, Any] = self.call(info, "POST", "/admin/stop",
-                                           {"port": port, "handle_id": handle_id, "all": all_})
+        body = {"port": port, "handle_id": handle_id, "all": all_}
+        result: dict[str, Any] = self.call(info, "POST", "/admin/stop", body)
         if all_ or not self.call_safe_status(info):
             self._wait_exit(info)
         return result
@@ -163,7 +164,5 @@ class ProxyService:
         """Best effort: tell a running daemon that keys/policy/engines changed."""
         info = self.daemon()
         if info is not None:
-            try:
+            with contextlib.suppress(FlmError):
                 self.call(info, "POST", "/admin/reload", {}, timeout=5)
-            except FlmError:
-                pass

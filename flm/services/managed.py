@@ -1,0 +1,102 @@
+"""The managed engine: a llama-server FLM starts itself (SPEC §3.3)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from flm.core.errors import EngineInstallError, EngineNotFoundError, UsageError
+from flm.core.paths import ensure_private_dir
+from flm.services.engines import EngineService
+from flm.services.runstate import pid_alive
+from flm.storage import Storage
+from flm.storage.config import EnginesRepo
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+class ManagedEngines:
+    def __init__(self, storage: Storage, engines: EngineService) -> None:
+        self._storage = storage
+        self._engines = engines
+
+    def start(self, model: str, port: int | None = None, *, embeddings: bool = False,
+              progress: Callable[[str], None] | None = None,
+              timeout_s: float = 180.0) -> dict[str, Any]:
+        from flm.engines import runtime
+
+        say = progress or (lambda _msg: None)
+        binary = runtime.find_llama_server()
+        if binary is None:
+            raise EngineInstallError(
+                "llama-server is not installed; run `bash scripts/install-engine` or "
+                "`flm engines install llamacpp` first")
+        if model == "demo":
+            say("preparing the demo model (SmolLM2-135M-Instruct)")
+            model_path = runtime.demo_model_path()
+        else:
+            model_path = Path(model).expanduser()
+            if not model_path.is_file():
+                raise UsageError(f"model file {model} does not exist")
+        chosen = port if port is not None else free_port()
+        logs = ensure_private_dir(self._storage.paths.logs_dir)
+        log_path = logs / f"llama-server-{chosen}.log"
+        fd = os.open(log_path, os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o600)
+        with os.fdopen(fd, "ab") as log:
+            extra = ["--embeddings"] if embeddings else []
+            proc = runtime.spawn_llama_server(binary, model_path, "127.0.0.1", chosen, extra,
+                                              log=log)
+        say(f"starting llama-server on 127.0.0.1:{chosen} (loading {model_path.name})")
+        try:
+            seconds = runtime.wait_until_healthy(proc, "127.0.0.1", chosen, timeout=timeout_s)
+        except BaseException:
+            runtime.stop_process(proc)
+            raise EngineInstallError(
+                f"llama-server did not become healthy; see {log_path}") from None
+        row = self._engines.add("llamacpp", f"http://127.0.0.1:{chosen}", None, managed=True,
+                                pid=proc.pid, model_path=str(model_path))
+        return {"id": row.id, "base_url": row.base_url, "pid": proc.pid,
+                "model": model_path.stem, "model_id": f"flm://{row.id}/{model_path.stem}",
+                "model_path": str(model_path), "ready_after_s": round(seconds, 2),
+                "log": str(log_path)}
+
+    def stop(self, engine_id: str) -> dict[str, Any]:
+        row = EnginesRepo(self._storage.config).get(engine_id)
+        if row is None or not row.managed:
+            raise EngineNotFoundError(f"no managed engine with id {engine_id!r}")
+        stopped = False
+        if row.pid and pid_alive(row.pid):
+            _signal_group(row.pid, signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while pid_alive(row.pid) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if pid_alive(row.pid):
+                _signal_group(row.pid, signal.SIGKILL)
+            stopped = True
+        self._engines.remove(engine_id)
+        return {"id": engine_id, "pid": row.pid, "stopped": stopped}
+
+    def running(self) -> list[dict[str, Any]]:
+        return [{"id": r.id, "base_url": r.base_url, "pid": r.pid, "model_path": r.model_path,
+                 "alive": bool(r.pid and pid_alive(r.pid))}
+                for r in EnginesRepo(self._storage.config).all() if r.managed]
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    """llama-server runs in its own session (process group = its pid); signal the group."""
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
