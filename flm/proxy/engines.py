@@ -75,6 +75,8 @@ class EngineRegistry:
                             exc.http_code if exc.http_status != 404 else "engine_unavailable",
                             f"engine {engine_id} is unavailable: {exc.message}") from exc
         info = models.get(model)
+        if info is None and ":" not in model:
+            info = models.get(f"{model}:latest")  # Ollama's implicit tag
         if info is None:
             raise HttpError(404, "not_found", f"engine {engine_id} has no model {model!r}")
         return adapter, info

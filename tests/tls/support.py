@@ -1,0 +1,191 @@
+"""Helpers for the TLS tests: tools from Debian packages, free ports, polling, Pebble."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trustme
+
+from flm.tls.challenge import ChallengeStore
+
+
+def require_tool(binary: str, package: str) -> str:
+    """The tool's path; skip the test when it is missing (fail instead when CI=true)."""
+    path = shutil.which(binary)
+    if path is None:
+        message = f"install Debian package {package} (`{binary}` not found)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(check: Callable[[], bool], *, timeout: float, what: str) -> None:
+    """Poll ``check`` until it returns True; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+def https_get(url: str, context: ssl.SSLContext, timeout: float = 5) -> bytes:
+    assert url.startswith("https://")
+    with urllib.request.urlopen(url, context=context, timeout=timeout) as resp:  # noqa: S310
+        return bytes(resp.read())
+
+
+# --- the HTTP-01 responder (what FLM's HTTP port will do) ----------------------------------------
+
+
+@contextmanager
+def challenge_server(store: ChallengeStore) -> Iterator[int]:
+    """A loopback HTTP server answering ``/.well-known/acme-challenge/*`` from ``store``."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = store.response_for_path(self.path)
+            if body is None:
+                self.send_error(404)
+                return
+            data = body.encode("ascii")
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield int(server.server_address[1])
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+# --- Pebble --------------------------------------------------------------------------------
+
+
+@dataclass
+class Pebble:
+    process: subprocess.Popen[bytes]
+    directory_url: str
+    management_url: str
+    ca_bundle: Path  # trusts Pebble's own HTTPS listener
+    log_path: Path
+
+    def ssl_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.ca_bundle))
+
+    def root_pem(self) -> bytes:
+        """The root that issued (through an intermediate) every certificate of this run."""
+        return https_get(f"{self.management_url}/roots/0", self.ssl_context())
+
+    def stop(self) -> None:
+        stop_process(self.process)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+
+@contextmanager
+def run_pebble(
+    workdir: Path, *, http_port: int, env: dict[str, str] | None = None
+) -> Iterator[Pebble]:
+    """Start Pebble on loopback ports; HTTP-01 validation goes to ``http_port``."""
+    binary = require_tool("pebble", "pebble")
+    workdir.mkdir(parents=True, exist_ok=True)
+    ca = trustme.CA()
+    server_cert = ca.issue_cert("localhost", "127.0.0.1")
+    cert_file, key_file, ca_file = workdir / "cert.pem", workdir / "key.pem", workdir / "ca.pem"
+    server_cert.cert_chain_pems[0].write_to_path(str(cert_file))
+    server_cert.private_key_pem.write_to_path(str(key_file))
+    ca.cert_pem.write_to_path(str(ca_file))
+    acme_port, mgmt_port, tls_port = free_port(), free_port(), free_port()
+    config = {
+        "pebble": {
+            "listenAddress": f"127.0.0.1:{acme_port}",
+            "managementListenAddress": f"127.0.0.1:{mgmt_port}",
+            "certificate": str(cert_file),
+            "privateKey": str(key_file),
+            "httpPort": http_port,
+            "tlsPort": tls_port,
+            "ocspResponderURL": "",
+            "externalAccountBindingRequired": False,
+        }
+    }
+    config_file = workdir / "pebble-config.json"
+    config_file.write_text(json.dumps(config))
+    log_path = workdir / "pebble.log"
+    full_env = {**os.environ, "PEBBLE_VA_NOSLEEP": "1", **(env or {})}
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [binary, "-config", str(config_file), "-strict=false"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            cwd=workdir,
+        )
+    pebble = Pebble(
+        process=proc,
+        directory_url=f"https://localhost:{acme_port}/dir",
+        management_url=f"https://localhost:{mgmt_port}",
+        ca_bundle=ca_file,
+        log_path=log_path,
+    )
+    try:
+        context = pebble.ssl_context()
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                pytest.fail(f"pebble exited with {proc.returncode}:\n{pebble.log()}")
+            try:
+                https_get(pebble.directory_url, context)
+                https_get(f"{pebble.management_url}/roots/0", context)
+            except OSError:
+                return False
+            return True
+
+        wait_until(ready, timeout=20, what="pebble to listen")
+        yield pebble
+    finally:
+        pebble.stop()
