@@ -170,12 +170,15 @@ class OllamaAdapter(EngineAdapter):
                 context = next((int(v) for k, v in info.items()
                                 if k.endswith(".context_length") and isinstance(v, int)), None)
             caps = show.get("capabilities") or []
-            details = entry.get("details") if isinstance(entry.get("details"), dict) else {}
+            details = dict(entry.get("details") or {}) if isinstance(
+                entry.get("details"), dict) else {}
+            if caps:
+                details["capabilities"] = list(caps)
             models.append(ModelInfo(
                 self.id, name, context_length=context,
                 vision="vision" in caps,
                 embeddings_only="embedding" in caps and "completion" not in caps,
-                details=dict(details or {}),
+                details=details,
             ))
         return models
 

@@ -85,8 +85,11 @@ class EngineRegistry:
         caps = self.adapter(engine_id).capabilities()
         if info is not None and info.vision and not caps.vision_inputs:
             caps = caps.merged(vision_inputs=True)
-        if info is not None and info.details.get("type") == "llm" and caps.vision_inputs:
-            caps = caps.merged(vision_inputs=False)  # LM Studio says exactly which models see
+        if info is not None and caps.vision_inputs and (
+                info.details.get("type") == "llm"
+                or ("capabilities" in info.details and not info.vision)):
+            # LM Studio's type and Ollama's capabilities say exactly which models see
+            caps = caps.merged(vision_inputs=False)
         return caps
 
     async def all_models(self) -> list[ModelInfo]:
