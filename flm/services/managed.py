@@ -52,7 +52,7 @@ class ManagedEngines:
         log_path = logs / f"llama-server-{chosen}.log"
         fd = os.open(log_path, os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o600)
         with os.fdopen(fd, "ab") as log:
-            extra = ["--embeddings"] if embeddings else []
+            extra = ["--embeddings", "--pooling", "mean"] if embeddings else []
             proc = runtime.spawn_llama_server(binary, model_path, "127.0.0.1", chosen, extra,
                                               log=log)
         say(f"starting llama-server on 127.0.0.1:{chosen} (loading {model_path.name})")

@@ -27,7 +27,7 @@ sys.stderr.write(json.dumps({"ok": ok}) + "\\n")
 def test_eight_processes_create_200_keys_without_lock_errors(flm_home: Path) -> None:
     flm_subprocess("check")  # create both databases once
     procs = [
-        subprocess.Popen(  # noqa: SIM115 - closed by communicate()
+        subprocess.Popen(
             [sys.executable, "-c", _CREATE_MANY, "25", str(n)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for n in range(8)

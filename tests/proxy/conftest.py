@@ -37,8 +37,8 @@ def make_stack(cli: Any, kind: str, models: list[Any]) -> Iterator[Stack]:
 
 @pytest.fixture(params=["ollama", "vllm", "lmstudio"])
 def stack(request: pytest.FixtureRequest, cli: Any) -> Iterator[Stack]:
-    yield from make_stack(cli, request.param,
-                          ["chat-model:1b", "nomic-embed-text:v1", ModelSpec("see:v1", vision=True)])
+    models = ["chat-model:1b", "nomic-embed-text:v1", ModelSpec("see:v1", vision=True)]
+    yield from make_stack(cli, request.param, models)
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import itertools
 import json
 import socket
 import time
@@ -29,29 +30,30 @@ def _request(url: str, method: str, path: str, body: bytes | None = None,
 
 
 def test_openai_client_models_chat_stream_embeddings(stack: Stack) -> None:
-    client = openai.OpenAI(base_url=stack.url + "/v1", api_key=stack.key, max_retries=0)
-    ids = {m.id for m in client.models.list()}
-    assert stack.model("chat-model:1b") in ids and stack.model("nomic-embed-text:v1") in ids
-    reply = client.chat.completions.create(
-        model=stack.model("chat-model:1b"), messages=[{"role": "user", "content": "hello there"}])
-    assert reply.choices[0].message.content == expected_reply("hello there")
-    assert reply.model == stack.model("chat-model:1b")
-    assert reply.usage is not None and reply.usage.completion_tokens > 0
-    text = ""
-    models = set()
-    for chunk in client.chat.completions.create(
-            model=stack.model("chat-model:1b"), stream=True,
-            messages=[{"role": "user", "content": "stream me"}]):
-        models.add(chunk.model)
-        if chunk.choices:
-            text += chunk.choices[0].delta.content or ""
-    assert text == expected_reply("stream me")
-    assert models == {stack.model("chat-model:1b")}
-    emb = client.embeddings.create(model=stack.model("nomic-embed-text:v1"), input=["a b", "c"])
-    assert len(emb.data) == 2 and len(emb.data[0].embedding) == 32
-    assert emb.model == stack.model("nomic-embed-text:v1")
-    resp = client.responses.create(model=stack.model("chat-model:1b"), input="respond")
-    assert resp.output_text == expected_reply("respond")
+    with openai.OpenAI(base_url=stack.url + "/v1", api_key=stack.key, max_retries=0) as client:
+        ids = {m.id for m in client.models.list()}
+        assert stack.model("chat-model:1b") in ids and stack.model("nomic-embed-text:v1") in ids
+        reply = client.chat.completions.create(
+            model=stack.model("chat-model:1b"),
+            messages=[{"role": "user", "content": "hello there"}])
+        assert reply.choices[0].message.content == expected_reply("hello there")
+        assert reply.model == stack.model("chat-model:1b")
+        assert reply.usage is not None and reply.usage.completion_tokens > 0
+        text = ""
+        models = set()
+        for chunk in client.chat.completions.create(
+                model=stack.model("chat-model:1b"), stream=True,
+                messages=[{"role": "user", "content": "stream me"}]):
+            models.add(chunk.model)
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+        assert text == expected_reply("stream me")
+        assert models == {stack.model("chat-model:1b")}
+        emb = client.embeddings.create(model=stack.model("nomic-embed-text:v1"), input=["a b", "c"])
+        assert len(emb.data) == 2 and len(emb.data[0].embedding) == 32
+        assert emb.model == stack.model("nomic-embed-text:v1")
+        resp = client.responses.create(model=stack.model("chat-model:1b"), input="respond")
+        assert resp.output_text == expected_reply("respond")
 
 
 def _stream_events(url: str, headers: dict[str, str], body: dict[str, Any],
@@ -91,7 +93,7 @@ def test_stream_arrives_chunk_by_chunk(vllm_stack: Stack) -> None:
     content_times = [t for t, e in events
                      if b'"content"' in e and b'"content":""' not in e]
     assert len(content_times) >= 5
-    gaps = [b - a for a, b in zip(content_times, content_times[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(content_times)]
     assert all(g > 0.12 for g in gaps), gaps  # each chunk forwarded when it came, not buffered
 
 
@@ -178,7 +180,7 @@ def test_error_contract(stack: Stack) -> None:
     assert status == 404 and body["error"]["code"] == "route_disabled"
     status, hdrs, _ = _request(stack.url, "GET", "/health")
     assert status == 200 and hdrs["x-request-id"]
-    status, hdrs, raw = _request(stack.url, "GET", "/nope", headers=stack.auth)
+    status, hdrs, _raw = _request(stack.url, "GET", "/nope", headers=stack.auth)
     assert status == 404 and hdrs["x-request-id"]
     assert not any(path == "/v1/chat/completions" and False for _m, path in stack.emu.requests)
 
@@ -246,7 +248,7 @@ def test_auth_and_passthrough(cli: Any, stack: Stack) -> None:
     before = len(emu.requests)
     for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": stack.key},
                     {"Authorization": f"Basic {stack.key}"}):
-        status, hdrs, raw = _request(stack.url, "GET", "/v1/models", headers=headers)
+        status, _hdrs, raw = _request(stack.url, "GET", "/v1/models", headers=headers)
         assert status == 401 and json.loads(raw)["error"]["code"] == "invalid_api_key"
     status, _, _ = _request(stack.url, "GET", f"/v1/models?api_key={stack.key}")
     assert status == 401

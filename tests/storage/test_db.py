@@ -139,5 +139,5 @@ def test_concurrent_threads_share_one_writer(tmp_path: Path) -> None:
 def test_not_a_database_is_a_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "config.db"
     path.write_bytes(b"this is not sqlite" * 100)
-    with pytest.raises(RepoError, match="not a usable SQLite database|cannot"):
+    with pytest.raises(RepoError, match=r"not a usable SQLite database|cannot"):
         Database(path, "config").open()

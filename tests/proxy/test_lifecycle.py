@@ -1,0 +1,94 @@
+"""The proxy daemon through the real CLI: start, status, stop, busy port, kill -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+from flm.services.runstate import pid_alive
+from tests.conftest import flm_subprocess
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _data(proc: object) -> dict:  # type: ignore[type-arg]
+    out = proc.stdout  # type: ignore[attr-defined]
+    body = json.loads(out)
+    assert "data" in body, body
+    return body["data"]  # type: ignore[no-any-return]
+
+
+def test_start_status_stop(flm_home: Path) -> None:
+    port = _free_port()
+    started = time.monotonic()
+    start = flm_subprocess("proxy", "start", "--port", str(port))
+    assert start.returncode == 0, start.stdout + start.stderr
+    assert time.monotonic() - started < 5  # includes two interpreter start-ups
+    described = _data(start)
+    assert described["port"] == port and described["mode"] == "local-http"
+    assert described["endpoints"] == [f"http://localhost:{port}"]
+    info = json.loads((flm_home / "run" / "proxy-daemon.json").read_text())
+    assert (flm_home / "run" / "proxy-daemon.json").stat().st_mode & 0o777 == 0o600
+    assert len(info["token"]) == 64 and pid_alive(info["pid"])
+    with socket.create_connection(("127.0.0.1", port), timeout=5):
+        pass
+    status = _data(flm_subprocess("proxy", "status"))
+    assert [p["port"] for p in status["proxies"]] == [port]
+    assert status["proxies"][0]["uptime_s"] >= 0
+    stop = flm_subprocess("proxy", "stop", "--port", str(port))
+    assert _data(stop)["stopped"] == [f"proxy-{port}"]
+    assert _data(flm_subprocess("proxy", "status"))["proxies"] == []
+    deadline = time.monotonic() + 10
+    while pid_alive(info["pid"]):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert not (flm_home / "run" / "proxy-daemon.json").exists()
+
+
+def test_busy_port_leaves_nothing_behind(flm_home: Path) -> None:
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen(1)
+        port = blocker.getsockname()[1]
+        result = flm_subprocess("proxy", "start", "--port", str(port))
+        assert result.returncode == 1
+        assert json.loads(result.stdout)["error"]["code"] == "PROXY_PORT_IN_USE"
+    deadline = time.monotonic() + 10
+    daemon_file = flm_home / "run" / "proxy-daemon.json"
+    while daemon_file.exists():  # the daemon started for this call exits on its own
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    status = _data(flm_subprocess("proxy", "status"))
+    assert status["daemon"] is None and status["proxies"] == []
+
+
+def test_kill_9_of_daemon_is_cleaned_up(flm_home: Path) -> None:
+    port = _free_port()
+    assert flm_subprocess("proxy", "start", "--port", str(port)).returncode == 0
+    info = json.loads((flm_home / "run" / "proxy-daemon.json").read_text())
+    os.kill(info["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while pid_alive(info["pid"]):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    status = _data(flm_subprocess("proxy", "status"))
+    assert status["proxies"] == [] and status["cleaned"]["removed_daemon_file"] is True
+    assert status["cleaned"]["removed_handles"] == [f"proxy-{port}"]
+    check = flm_subprocess("check")
+    assert check.returncode == 0, check.stdout
+    again = flm_subprocess("proxy", "start", "--port", str(port))
+    assert again.returncode == 0, again.stdout
+    assert flm_subprocess("proxy", "stop", "--all").returncode == 0
+
+
+def test_stop_needs_a_target() -> None:
+    result = flm_subprocess("proxy", "stop")
+    assert result.returncode == 1 and "--all" in json.loads(result.stdout)["error"]["message"]
