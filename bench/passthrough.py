@@ -45,7 +45,10 @@ class PassThrough:
             if msg["type"] == "lifespan.startup":
                 connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
                 self.session = aiohttp.ClientSession(
-                    connector=connector, auto_decompress=False, timeout=aiohttp.ClientTimeout()
+                    connector=connector,
+                    auto_decompress=False,
+                    timeout=aiohttp.ClientTimeout(),
+                    cookie_jar=aiohttp.DummyCookieJar(),
                 )
                 await send({"type": "lifespan.startup.complete"})
             elif msg["type"] == "lifespan.shutdown":
