@@ -42,14 +42,24 @@ def list_(ctx: Context, args: argparse.Namespace) -> Result:
     return Result(rows, text=lambda d: table(d, ["id", "label", "created_at", "status"]))
 
 
+def _notify(ctx: Context) -> None:
+    """Running proxies drop a revoked key at once, not at the next periodic reload."""
+    from flm.services.proxy import ProxyService
+
+    ProxyService(ctx.storage).notify_reload()
+
+
 def revoke(ctx: Context, args: argparse.Namespace) -> Result:
     from flm.services.keys import key_view
 
-    return Result(key_view(ctx.keys.revoke(args.id)), text=pairs)
+    view = key_view(ctx.keys.revoke(args.id))
+    _notify(ctx)
+    return Result(view, text=pairs)
 
 
 def rotate(ctx: Context, args: argparse.Namespace) -> Result:
     old, new, plaintext = ctx.keys.rotate(args.id)
+    _notify(ctx)
     data = {
         **asdict(new),
         "key": plaintext,

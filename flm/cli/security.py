@@ -45,6 +45,9 @@ def policy_show(ctx: Context, args: argparse.Namespace) -> Result:
 def policy_set(ctx: Context, args: argparse.Namespace) -> Result:
     text = read_text_arg(args.file)
     data = ctx.policy.set_text(text)
+    from flm.services.proxy import ProxyService
+
+    ProxyService(ctx.storage).notify_reload()
     return Result(data, text=lambda d: "policy saved\n" + json.dumps(d["policy"], indent=2))
 
 
