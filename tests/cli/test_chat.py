@@ -1,0 +1,47 @@
+"""`flm chat` through a real gateway in front of an emulator."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from flm.testing.emulators import ModelSpec, expected_reply, start_emulator
+from flm.testing.gateway import start_gateway
+
+
+def test_chat_plain_stream_responses_and_refusals(cli: Any, tmp_path: Path) -> None:
+    with start_emulator("ollama", models=["m:1", ModelSpec("eye:1", vision=True)]) as emu:
+        cli("engines", "add", "--kind", "ollama", "--url", emu.url, "--id", "o")
+        key = cli("api-keys", "create", "--label", "c").data["key"]
+        with start_gateway() as gw:
+            common = ["--url", gw.url, "--api-key", key]
+            plain = cli("chat", "--model", "flm://o/m:1", "--prompt", "hi you", *common)
+            assert plain.code == 0, plain.out
+            assert plain.data["text"] == expected_reply("hi you") and plain.data["request_id"]
+            streamed = cli("chat", "--model", "flm://o/m:1", "--prompt", "go on", "--stream",
+                           *common, "--format", "text")
+            assert streamed.out.strip() == expected_reply("go on")
+            prompt = tmp_path / "p.txt"
+            prompt.write_text("from a file")
+            via_responses = cli("chat", "--model", "flm://o/m:1", "--prompt-file", str(prompt),
+                                "--responses", *common)
+            assert via_responses.data["text"] == expected_reply("from a file")
+            image = tmp_path / "x.png"
+            image.write_bytes(b"\x89PNG\r\n\x1a\n" + b"0" * 64)
+            seen = cli("chat", "--model", "flm://o/eye:1", "--prompt", "look", "--image",
+                       str(image), *common)
+            assert "[images: 1]" in seen.data["text"]
+            refused = cli("chat", "--model", "flm://o/m:1", "--prompt", "look", "--image",
+                          str(image), *common)
+            assert refused.code == 1 and refused.error["code"] == "UNSUPPORTED_MODALITIES"
+            before = len(emu.requests)
+            bad = [("--image", str(tmp_path / "x.gif")), ("--image-url", "http://x/y.png"),
+                   ("--modalities", "text,audio"), ("--audio", str(tmp_path / "a.xyz"))]
+            for flag, value in bad:
+                result = cli("chat", "--model", "flm://o/m:1", "--prompt", "x", flag, value,
+                             *common)
+                assert result.code == 1 and result.error["code"] == "INVALID_ARGUMENT", flag
+            assert len(emu.requests) == before  # refused before anything was sent
+            wrong = cli("chat", "--model", "flm://o/m:1", "--prompt", "x", "--url", gw.url,
+                        "--api-key", "flm_0000000000000000_" + "a" * 43)
+            assert wrong.code == 1 and wrong.error["code"] == "INVALID_API_KEY"
