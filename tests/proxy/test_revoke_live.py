@@ -13,7 +13,7 @@ from tests.conftest import flm_subprocess
 
 
 def _get(url: str, key: str) -> int:
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"})
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"})  # noqa: S310
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
         with opener.open(request, timeout=10) as resp:
