@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -67,3 +68,94 @@ def parse_policy_text(text: str) -> dict[str, Any]:
             details=[{"path": "$", "message": "not valid JSON"}],
         ) from exc
     return validate_policy(document)
+
+
+# --- the policy in force -----------------------------------------------------------------------
+
+_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _networks(items: Any) -> tuple[_Network, ...]:
+    return tuple(ipaddress.ip_network(str(i), strict=False) for i in (items or []))
+
+
+def _switch(section: dict[str, Any], exposed: bool) -> bool:
+    """Botnet protection parts: on by default when the proxy is reachable from the network,
+    off by default on loopback; an explicit ``enabled`` always wins (SPEC §5.3)."""
+    value = section.get("enabled")
+    return exposed if value is None else bool(value)
+
+
+@dataclass(frozen=True)
+class EffectivePolicy:
+    """The validated policy with defaults filled in, for one proxy (loopback or exposed)."""
+
+    whitelist: tuple[_Network, ...] = ()
+    trusted_proxies: tuple[_Network, ...] = ()
+    allowed_origins: tuple[str, ...] = ()
+    key_rpm: int = 0
+    key_burst: int = 0
+    ip_rate_enabled: bool = False
+    ip_rpm: int = 1000
+    ip_burst: int = 100
+    blocklist_enabled: bool = False
+    max_failures: int = 5
+    block_minutes: int = 30
+    permanent_threshold: int = 20
+    intrusion_enabled: bool = False
+    honeypot_enabled: bool = False
+    warning_threshold: int = 50
+    score_threshold: int = 100
+    anomaly_enabled: bool = False
+    request_rate_threshold: int = 100
+    max_body_bytes: int = 10 * 1024 * 1024
+    max_duration_s: float = 300.0
+    anomaly_auto_block: bool = True
+    resource_enabled: bool = False
+    cpu_threshold: float = 90.0
+    memory_threshold: float = 90.0
+    max_connections: int = 100
+    security_headers: bool = True
+
+    @classmethod
+    def build(cls, document: dict[str, Any], *, exposed: bool) -> EffectivePolicy:
+        doc = validate_policy(document)
+        rate = doc.get("rate_limit") or {}
+        ip_rate = doc.get("ip_rate_limit") or {}
+        block = doc.get("ip_blocklist") or {}
+        intrusion = doc.get("intrusion_detection") or {}
+        honeypot = doc.get("honeypot") or {}
+        anomaly = doc.get("anomaly_detection") or {}
+        resource = doc.get("resource_protection") or {}
+        headers = doc.get("security_headers") or {}
+        key_rpm = int(rate.get("rpm") or 0)
+        ip_rpm = int(ip_rate.get("rpm", 1000))
+        intrusion_on = _switch(intrusion, exposed)
+        return cls(
+            whitelist=_networks(doc.get("ip_whitelist")),
+            trusted_proxies=_networks(doc.get("trusted_proxies")),
+            allowed_origins=tuple((doc.get("cors") or {}).get("allowed_origins") or ()),
+            key_rpm=key_rpm,
+            key_burst=int(rate.get("burst") or key_rpm),
+            ip_rate_enabled=_switch(ip_rate, exposed) and ip_rpm > 0,
+            ip_rpm=ip_rpm,
+            ip_burst=int(ip_rate.get("burst") or ip_rpm),
+            blocklist_enabled=_switch(block, exposed),
+            max_failures=int(block.get("max_failures", 5)),
+            block_minutes=int(block.get("block_duration_minutes", 30)),
+            permanent_threshold=int(block.get("permanent_block_threshold", 20)),
+            intrusion_enabled=intrusion_on,
+            honeypot_enabled=bool(honeypot.get("enabled", intrusion_on)),
+            warning_threshold=int(intrusion.get("warning_threshold", 50)),
+            score_threshold=int(intrusion.get("score_threshold", 100)),
+            anomaly_enabled=_switch(anomaly, exposed),
+            request_rate_threshold=int(anomaly.get("request_rate_threshold", 100)),
+            max_body_bytes=int(anomaly.get("max_body_bytes", 10 * 1024 * 1024)),
+            max_duration_s=float(anomaly.get("max_duration_seconds", 300.0)),
+            anomaly_auto_block=bool(anomaly.get("auto_block", True)),
+            resource_enabled=_switch(resource, exposed),
+            cpu_threshold=float(resource.get("cpu_threshold", 90)),
+            memory_threshold=float(resource.get("memory_threshold", 90)),
+            max_connections=int(resource.get("max_connections", 100)),
+            security_headers=bool(headers.get("enabled", True)),
+        )

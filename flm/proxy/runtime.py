@@ -8,8 +8,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flm.core.models import EngineEndpoint
+from flm.core.policy import EffectivePolicy
 from flm.engines.http import Timeouts
+from flm.proxy.audit import AuditSink
 from flm.proxy.engines import EngineRegistry
+from flm.proxy.guard import GuardState
 from flm.proxy.keys import KeyVerifier
 from flm.proxy.metrics import Metrics
 
@@ -39,9 +42,23 @@ class ProxyRuntime:
     keys: KeyVerifier
     metrics: Metrics = field(default_factory=Metrics)
     policy: dict[str, Any] = field(default_factory=dict)
+    effective: EffectivePolicy = field(default_factory=EffectivePolicy)
+    guard: GuardState = field(default_factory=GuardState)
+    audit: AuditSink | None = None
+
+    def apply_policy(self, document: dict[str, Any]) -> None:
+        """Swap in a new policy (validated: an invalid one raises and the old one stays)."""
+        effective = EffectivePolicy.build(document, exposed=not self.settings.loopback_only)
+        self.policy = document
+        self.effective = effective
+
+    def load_blocks(self, rows: list[tuple[str, str, float | None, float, int]]) -> None:
+        self.guard.load_blocks(rows)
 
     async def close(self) -> None:
         await self.engines.close()
+        if self.audit is not None:
+            self.audit.close()
 
 
 def _is_self(endpoint: EngineEndpoint, settings: ProxySettings) -> bool:
@@ -72,6 +89,23 @@ def build_runtime(settings: ProxySettings, ctx: Any) -> ProxyRuntime:
         settings=settings,
         engines=EngineRegistry(endpoints, timeouts),
         keys=KeyVerifier(keys_repo.hash_of, verify_key_hash),
-        policy=json.loads(json.dumps(ctx.policy.show()["policy"])),
+        audit=AuditSink(ctx.storage.security, ctx.paths.logs_dir / "audit.jsonl"),
     )
+    runtime.apply_policy(json.loads(json.dumps(ctx.policy.show()["policy"])))
+    runtime.load_blocks(load_block_rows(ctx))
     return runtime
+
+
+def load_block_rows(ctx: Any) -> list[tuple[str, str, float | None, float, int]]:
+    """Persisted blocks and failure counts from security.db."""
+    from flm.core.timeutil import parse_iso
+
+    rows = ctx.storage.security.query(
+        "SELECT ip, reason, failure_count, blocked_at, expires_at, permanent FROM ip_blocklist")
+    out: list[tuple[str, str, float | None, float, int]] = []
+    for r in rows:
+        until = None if r["permanent"] else (
+            parse_iso(r["expires_at"]).timestamp() if r["expires_at"] else 0.0)
+        out.append((r["ip"], r["reason"], until, parse_iso(r["blocked_at"]).timestamp(),
+                    int(r["failure_count"])))
+    return out

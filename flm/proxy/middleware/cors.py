@@ -15,8 +15,7 @@ class CorsMiddleware:
         self.runtime = runtime
 
     def _allowed(self, origin: bytes) -> bytes | None:
-        cors = self.runtime.policy.get("cors") or {}
-        origins = cors.get("allowed_origins") or []
+        origins = self.runtime.effective.allowed_origins
         if not origins or "*" in origins:
             return b"*"
         text = origin.decode("latin-1")

@@ -1,4 +1,4 @@
-"""Records the outcome of every request (metrics now; the audit trail joins here)."""
+"""Records the outcome of every request: metrics and one audit record (JSON Lines + row)."""
 
 from __future__ import annotations
 
@@ -28,3 +28,9 @@ class ObserveMiddleware:
             metrics.latency.labels(state.route).observe(elapsed)
             if state.overhead_s is not None:
                 metrics.overhead.labels(state.route).observe(max(state.overhead_s, 0.0))
+            audit = self.runtime.audit
+            if audit is not None:
+                audit.request(time.time(), state.request_id, state.client_ip, state.api_key_id,
+                              scope["path"], scope["method"], state.engine_id, state.model,
+                              status, elapsed * 1000, state.prompt_tokens,
+                              state.completion_tokens, state.error_code)

@@ -1,0 +1,185 @@
+"""The audit trail: one JSON Lines record and one ``audit_logs`` row per request and per
+security event, written in batches by a background thread (never on the request path).
+
+The request path only appends a tuple to a deque. The flusher turns them into rows and lines
+every ``interval`` seconds (or sooner when a batch fills) and hands the rows to the database's
+single writer in one transaction; a crash loses at most the batch in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from flm.core.jsonlog import scrub
+from flm.storage.db import Database
+
+log = logging.getLogger("flm.audit")
+
+MAX_BATCH = 1024
+_AUDIT_COLUMNS = ("ts", "request_id", "client_ip", "api_key_id", "endpoint", "method",
+                  "engine_id", "model", "status", "latency_ms", "prompt_tokens",
+                  "completion_tokens", "error_type", "event_type", "severity", "details_json")
+_INSERT_AUDIT = (f"INSERT INTO audit_logs({', '.join(_AUDIT_COLUMNS)}) "
+                 f"VALUES ({', '.join('?' for _ in _AUDIT_COLUMNS)})")
+
+
+def iso_ts(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
+
+
+class AuditSink:
+    def __init__(self, db: Database | None, jsonl_path: Path | None,
+                 interval: float = 0.2) -> None:
+        self._db = db
+        self._path = jsonl_path
+        self._interval = interval
+        self._items: deque[tuple[str, tuple[Any, ...]]] = deque()
+        self._wake = threading.Event()
+        self._stop = False
+        self._lock = threading.Lock()
+        self._file: Any = None
+        self._thread = threading.Thread(target=self._run, name="flm-audit", daemon=True)
+        self._thread.start()
+
+    # --- producers (request path: O(1), no I/O) --------------------------------------------
+
+    def request(self, ts: float, request_id: str, client_ip: str, api_key_id: str | None,
+                endpoint: str, method: str, engine_id: str | None, model: str | None,
+                status: int, latency_ms: float, prompt_tokens: int | None,
+                completion_tokens: int | None, error_type: str | None) -> None:
+        self._items.append(("request", (ts, request_id, client_ip, api_key_id, endpoint, method,
+                                        engine_id, model, status, latency_ms, prompt_tokens,
+                                        completion_tokens, error_type)))
+        if len(self._items) >= MAX_BATCH:
+            self._wake.set()
+
+    def event(self, event_type: str, severity: str, client_ip: str,
+              details: dict[str, Any] | None = None, request_id: str | None = None,
+              endpoint: str | None = None) -> None:
+        self._items.append(("event", (time.time(), event_type, severity, client_ip,
+                                      details or {}, request_id, endpoint)))
+
+    def block(self, ip: str, reason: str, since: float, until: float | None,
+              failures: int) -> None:
+        self._items.append(("block", (ip, reason, since, until, failures)))
+
+    def intrusion(self, ip: str, points: int, total: int, reasons: tuple[str, ...],
+                  path: str, user_agent: str, request_id: str) -> None:
+        self._items.append(("intrusion", (time.time(), ip, points, total, reasons, path,
+                                          user_agent, request_id)))
+
+    def anomaly(self, ip: str, kind: str, value: float, threshold: float,
+                request_id: str | None) -> None:
+        self._items.append(("anomaly", (time.time(), ip, kind, value, threshold, request_id)))
+
+    # --- the flusher -------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop:
+            self._wake.wait(self._interval)
+            self._wake.clear()
+            try:
+                self.flush()
+            except Exception:  # pragma: no cover - logged, never fatal for the proxy
+                log.exception("audit flush failed")
+
+    def flush(self) -> int:
+        """Write everything queued so far; returns the number of items written."""
+        with self._lock:
+            batch: list[tuple[str, tuple[Any, ...]]] = []
+            while self._items:
+                batch.append(self._items.popleft())
+            if not batch:
+                return 0
+            audit_rows: list[tuple[Any, ...]] = []
+            lines: list[str] = []
+            blocks: list[tuple[Any, ...]] = []
+            intrusions: list[tuple[Any, ...]] = []
+            anomalies: list[tuple[Any, ...]] = []
+            for kind, item in batch:
+                row: tuple[Any, ...]
+                if kind == "request":
+                    (ts, rid, ip, key_id, endpoint, method, engine, model, status, latency,
+                     p_tok, c_tok, err) = item
+                    row = (iso_ts(ts), rid, ip, key_id, scrub(endpoint)[:512], method, engine,
+                           model, status, round(latency, 3), p_tok, c_tok, err, "request",
+                           "info", None)
+                elif kind == "event":
+                    ts, event_type, severity, ip, details, rid, endpoint = item
+                    row = (iso_ts(ts), rid, ip, None, scrub(endpoint or "")[:512] or None, None,
+                           None, None, None, None, None, None, None, event_type, severity,
+                           scrub(json.dumps(details, default=str)))
+                elif kind == "block":
+                    ip, reason, since, until, failures = item
+                    blocks.append((ip, reason, failures, iso_ts(since),
+                                   None if until is None else iso_ts(until),
+                                   1 if until is None else 0))
+                    continue
+                elif kind == "intrusion":
+                    ts, ip, points, total, reasons, path, agent, rid = item
+                    intrusions.append((iso_ts(ts), ip, points, total, json.dumps(list(reasons)),
+                                       scrub(path)[:512], scrub(agent)[:256], rid))
+                    continue
+                else:
+                    ts, ip, kind_name, value, threshold, rid = item
+                    anomalies.append((iso_ts(ts), ip, kind_name, value, threshold, None, rid))
+                    continue
+                audit_rows.append(row)
+                lines.append(json.dumps(dict(zip(_AUDIT_COLUMNS, row, strict=True)),
+                                        ensure_ascii=False))
+            self._write_lines(lines)
+            if self._db is not None:
+                self._write_db(audit_rows, blocks, intrusions, anomalies)
+            return len(batch)
+
+    def _write_lines(self, lines: list[str]) -> None:
+        if self._path is None or not lines:
+            return
+        if self._file is None:
+            self._path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(self._path, os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o600)
+            self._file = os.fdopen(fd, "a", encoding="utf-8")
+        self._file.write("\n".join(lines) + "\n")
+        self._file.flush()
+
+    def _write_db(self, audit_rows: list[tuple[Any, ...]], blocks: list[tuple[Any, ...]],
+                  intrusions: list[tuple[Any, ...]], anomalies: list[tuple[Any, ...]]) -> None:
+        assert self._db is not None
+
+        def run(conn: sqlite3.Connection) -> None:
+            if audit_rows:
+                conn.executemany(_INSERT_AUDIT, audit_rows)
+            if blocks:
+                conn.executemany(
+                    "INSERT INTO ip_blocklist(ip, reason, failure_count, blocked_at, expires_at,"
+                    " permanent) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(ip) DO UPDATE SET "
+                    "reason=excluded.reason, failure_count=excluded.failure_count, "
+                    "blocked_at=excluded.blocked_at, expires_at=excluded.expires_at, "
+                    "permanent=excluded.permanent", blocks)
+            if intrusions:
+                conn.executemany(
+                    "INSERT INTO intrusion_attempts(ts, ip, score, total_score, reasons_json, "
+                    "path, user_agent, request_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", intrusions)
+            if anomalies:
+                conn.executemany(
+                    "INSERT INTO anomaly_detections(ts, ip, anomaly_type, value, threshold, "
+                    "details_json, request_id) VALUES (?, ?, ?, ?, ?, ?, ?)", anomalies)
+
+        self._db.write(run)
+
+    def close(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+        self.flush()
+        if self._file is not None:
+            self._file.close()
+            self._file = None

@@ -1,0 +1,223 @@
+"""In-memory protection state of one proxy: blocks, auth failures, intrusion scores, token
+buckets and request-rate windows. Everything here is O(1) per request and never touches the
+database on the request path; changes are handed to the audit sink, which persists them in
+batches. The clock is injectable so tests can move time.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote_plus
+
+from flm.core.policy import EffectivePolicy
+
+Clock = Callable[[], float]
+
+#: Auto-block stages after auth failures: the first stage uses the policy's duration.
+SECOND_STAGE_S = 24 * 3600.0
+INTRUSION_BLOCK_S = 3600.0
+INTRUSION_LONG_BLOCK_S = 24 * 3600.0
+ANOMALY_BLOCK_S = 30 * 60.0
+#: Intrusion scores fade: a score older than this window starts again from zero.
+SCORE_WINDOW_S = 3600.0
+#: Failure counts fade after a day without failures.
+FAILURE_WINDOW_S = 24 * 3600.0
+MAX_TRACKED = 100_000
+
+HONEYPOTS = frozenset({"/admin", "/wp-admin", "/wp-login.php", "/phpmyadmin", "/.env",
+                       "/api/v1/users"})
+HONEYPOT_SCORE = 75
+NOT_FOUND_SCORE = 10
+
+_SQLI = re.compile(
+    r"(\bunion\b[\s/*+]+(all[\s/*+]+)?select\b|\bselect\b.+\bfrom\b|\bor\b\s*'?\d+'?\s*=\s*'?\d+"
+    r"|'\s*or\s*'|\bdrop\s+table\b|\binsert\s+into\b|;\s*(shutdown|drop|delete)\b|--\s*$"
+    r"|\bsleep\s*\(\s*\d+|\bbenchmark\s*\(|\bwaitfor\s+delay\b|/\*.*\*/|\bxp_cmdshell\b"
+    r"|\binformation_schema\b|\bload_file\s*\()",
+    re.IGNORECASE,
+)
+_TRAVERSAL_RAW = re.compile(
+    r"(\.\./|\.\.\\|%2e%2e|%252e|\.%2e|%2e\.|%c0%ae|%c0%af|%5c\.\.|/etc/passwd|/proc/self"
+    r"|boot\.ini|win\.ini|%00)",
+    re.IGNORECASE,
+)
+_SCANNERS = re.compile(
+    r"(sqlmap|nikto|nmap|masscan|zgrab|gobuster|dirbuster|dirb/|wpscan|nuclei|acunetix|nessus"
+    r"|openvas|w3af|havij|fimap|hydra|zmeu|morfeus|jorgee|netsparker|whatweb|feroxbuster|ffuf)",
+    re.IGNORECASE,
+)
+
+
+@dataclass
+class Block:
+    reason: str
+    until: float | None  # None = permanent
+    since: float
+
+    @property
+    def permanent(self) -> bool:
+        return self.until is None
+
+    def retry_after(self, now: float) -> int | None:
+        return None if self.until is None else max(1, math.ceil(self.until - now))
+
+
+@dataclass(frozen=True)
+class Score:
+    points: int
+    reasons: tuple[str, ...]
+
+
+def score_request(raw_path: bytes, query: bytes, user_agent: bytes) -> Score:
+    """Intrusion points for what a request looks like: path, query string and user agent.
+    Bodies are never scored: a prompt that *mentions* SQL or ``../`` is not an attack."""
+    points = 0
+    reasons: list[str] = []
+    target = raw_path.decode("latin-1")
+    q = query.decode("latin-1")
+    decoded = unquote_plus(unquote_plus(target + "?" + q))
+    if _TRAVERSAL_RAW.search(target) or _TRAVERSAL_RAW.search(q) or "../" in decoded:
+        points += 60
+        reasons.append("path_traversal")
+    if _SQLI.search(decoded):
+        points += 60
+        reasons.append("sql_injection")
+    if user_agent and _SCANNERS.search(user_agent.decode("latin-1")):
+        points += 50
+        reasons.append("scanner_user_agent")
+    return Score(points, tuple(reasons))
+
+
+class TokenBucket:
+    __slots__ = ("capacity", "rate", "tokens", "updated")
+
+    def __init__(self, capacity: float, rate: float, now: float) -> None:
+        self.capacity = capacity
+        self.rate = rate
+        self.tokens = capacity
+        self.updated = now
+
+    def take(self, now: float) -> float:
+        """0 when a token was taken, else seconds until one is available."""
+        elapsed = now - self.updated
+        if elapsed > 0:
+            self.tokens = min(self.capacity, self.tokens + elapsed * self.rate)
+            self.updated = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) / self.rate if self.rate > 0 else 60.0
+
+
+class GuardState:
+    def __init__(self, clock: Clock = time.time) -> None:
+        self.clock = clock
+        self.blocks: dict[str, Block] = {}
+        self.failures: dict[str, tuple[int, float]] = {}
+        self.scores: dict[str, tuple[int, float]] = {}
+        self.buckets: dict[str, TokenBucket] = {}
+        self.windows: dict[str, tuple[float, int]] = {}
+        self.connections = 0
+        self.overloaded = False
+
+    # --- blocks ------------------------------------------------------------------------------
+
+    def blocked(self, ip: str) -> Block | None:
+        block = self.blocks.get(ip)
+        if block is None:
+            return None
+        if block.until is not None and self.clock() >= block.until:
+            del self.blocks[ip]
+            return None
+        return block
+
+    def block(self, ip: str, reason: str, seconds: float | None) -> Block:
+        now = self.clock()
+        current = self.blocks.get(ip)
+        until = None if seconds is None else now + seconds
+        if current is not None and (current.until is None or (
+                until is not None and current.until >= until)):
+            return current  # never shorten an existing block
+        block = Block(reason, until, now)
+        self.blocks[ip] = block
+        return block
+
+    def unblock(self, ip: str) -> None:
+        self.blocks.pop(ip, None)
+        self.failures.pop(ip, None)
+        self.scores.pop(ip, None)
+
+    def load_blocks(self, rows: list[tuple[str, str, float | None, float, int]]) -> None:
+        """Replace the in-memory blocks with persisted ones: (ip, reason, until, since,
+        failure_count)."""
+        now = self.clock()
+        self.blocks = {ip: Block(reason, until, since) for ip, reason, until, since, _ in rows
+                       if until is None or until > now}
+        self.failures = {ip: (count, since) for ip, _r, _u, since, count in rows if count}
+
+    # --- auth failures -----------------------------------------------------------------------
+
+    def auth_failure(self, ip: str, policy: EffectivePolicy) -> tuple[int, Block | None]:
+        """Count a failure; the block it triggers (5 → policy minutes, 10 → 24 h, 20 →
+        permanent), if any."""
+        now = self.clock()
+        count, last = self.failures.get(ip, (0, now))
+        if now - last > FAILURE_WINDOW_S:
+            count = 0
+        count += 1
+        self._track(self.failures, ip, (count, now))
+        if not policy.blocklist_enabled:
+            return count, None
+        if count >= policy.permanent_threshold:
+            return count, self.block(ip, "auth_failures", None)
+        if count >= 2 * policy.max_failures:
+            return count, self.block(ip, "auth_failures", SECOND_STAGE_S)
+        if count >= policy.max_failures:
+            return count, self.block(ip, "auth_failures", policy.block_minutes * 60.0)
+        return count, None
+
+    # --- intrusion ---------------------------------------------------------------------------
+
+    def add_score(self, ip: str, points: int, policy: EffectivePolicy) -> tuple[int, Block | None]:
+        now = self.clock()
+        total, last = self.scores.get(ip, (0, now))
+        if now - last > SCORE_WINDOW_S:
+            total = 0
+        total += points
+        self._track(self.scores, ip, (total, now))
+        if total >= 2 * policy.score_threshold:
+            return total, self.block(ip, "intrusion", INTRUSION_LONG_BLOCK_S)
+        if total >= policy.score_threshold:
+            return total, self.block(ip, "intrusion", INTRUSION_BLOCK_S)
+        return total, None
+
+    # --- rates -------------------------------------------------------------------------------
+
+    def take(self, bucket: str, rpm: int, burst: int) -> float:
+        now = self.clock()
+        tb = self.buckets.get(bucket)
+        if tb is None or tb.capacity != burst or tb.rate != rpm / 60.0:
+            tb = TokenBucket(float(burst), rpm / 60.0, now)
+            self._track(self.buckets, bucket, tb)
+        return tb.take(now)
+
+    def count_rate(self, ip: str) -> int:
+        """Requests from ``ip`` in the current one-minute window."""
+        now = self.clock()
+        start, count = self.windows.get(ip, (now, 0))
+        if now - start >= 60:
+            start, count = now, 0
+        count += 1
+        self._track(self.windows, ip, (start, count))
+        return count
+
+    @staticmethod
+    def _track(table: dict[str, Any], key: str, value: Any) -> None:
+        if key not in table and len(table) >= MAX_TRACKED:
+            table.pop(next(iter(table)))  # bounded memory under a flood of addresses
+        table[key] = value
