@@ -37,6 +37,10 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--file", metavar="F", required=True)
     p.set_defaults(handler=backup_restore)
 
+    from flm.cli import security_events
+
+    security_events.register(cmds, common)
+
 
 def policy_show(ctx: Context, args: argparse.Namespace) -> Result:
     return Result(ctx.policy.show(), text=lambda d: json.dumps(d["policy"], indent=2))

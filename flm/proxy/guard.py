@@ -25,8 +25,8 @@ INTRUSION_LONG_BLOCK_S = 24 * 3600.0
 ANOMALY_BLOCK_S = 30 * 60.0
 #: Intrusion scores fade: a score older than this window starts again from zero.
 SCORE_WINDOW_S = 3600.0
-#: Failure counts fade after a day without failures.
-FAILURE_WINDOW_S = 24 * 3600.0
+#: Failure counts fade after a week without failures (longer than any temporary block).
+FAILURE_WINDOW_S = 7 * 24 * 3600.0
 MAX_TRACKED = 100_000
 
 HONEYPOTS = frozenset({"/admin", "/wp-admin", "/wp-login.php", "/phpmyadmin", "/.env",
@@ -153,12 +153,19 @@ class GuardState:
         self.scores.pop(ip, None)
 
     def load_blocks(self, rows: list[tuple[str, str, float | None, float, int]]) -> None:
-        """Replace the in-memory blocks with persisted ones: (ip, reason, until, since,
-        failure_count)."""
+        """Make the persisted blocks authoritative: rows are (ip, reason, until, since,
+        failure_count). An address blocked here but absent from the rows was unblocked by the
+        owner: its block, failure count and score go."""
         now = self.clock()
+        persisted = {ip for ip, *_ in rows}
+        for ip in [ip for ip in self.blocks if ip not in persisted]:
+            self.unblock(ip)
         self.blocks = {ip: Block(reason, until, since) for ip, reason, until, since, _ in rows
                        if until is None or until > now}
-        self.failures = {ip: (count, since) for ip, _r, _u, since, count in rows if count}
+        for ip, _r, _u, since, count in rows:
+            current = self.failures.get(ip, (0, since))
+            if count > current[0]:
+                self.failures[ip] = (count, since)
 
     # --- auth failures -----------------------------------------------------------------------
 
@@ -173,11 +180,13 @@ class GuardState:
         self._track(self.failures, ip, (count, now))
         if not policy.blocklist_enabled:
             return count, None
+        # Each stage triggers once, on exactly its count (failures in between, after a block
+        # has run out, are counted without a new block until the next stage).
         if count >= policy.permanent_threshold:
             return count, self.block(ip, "auth_failures", None)
-        if count >= 2 * policy.max_failures:
+        if count == 2 * policy.max_failures:
             return count, self.block(ip, "auth_failures", SECOND_STAGE_S)
-        if count >= policy.max_failures:
+        if count == policy.max_failures:
             return count, self.block(ip, "auth_failures", policy.block_minutes * 60.0)
         return count, None
 

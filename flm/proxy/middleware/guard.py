@@ -115,6 +115,7 @@ class ResourceMiddleware:
             return
         if self._monitor is None:
             self._monitor = asyncio.ensure_future(self._watch())
+            rt.tasks.append(self._monitor)
         guard = rt.guard
         if guard.overloaded or guard.connections >= policy.max_connections:
             raise HttpError(503, "overloaded", "the gateway is at capacity; retry shortly",

@@ -1,0 +1,163 @@
+"""Blocklist, audit trail, intrusion and anomaly records: what ``flm security …`` reads and
+changes. Changes reach running proxies through the daemon's reload."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from flm.core.errors import NotFoundError, UsageError
+from flm.core.paths import ensure_private_dir, write_private_file
+from flm.core.timeutil import iso, now_iso, parse_iso
+from flm.storage import Storage
+
+SEVERITIES = ("info", "low", "medium", "high", "critical")
+
+
+def _iso_arg(text: str, name: str) -> str:
+    try:
+        return iso(parse_iso(text))
+    except ValueError:
+        raise UsageError(f"{name} must be a date or ISO 8601 time, got {text!r}") from None
+
+
+class SecurityEvents:
+    def __init__(self, storage: Storage) -> None:
+        self._storage = storage
+
+    @property
+    def _db(self) -> Any:
+        return self._storage.security
+
+    # --- blocklist -------------------------------------------------------------------------------
+
+    def blocklist(self) -> list[dict[str, Any]]:
+        now = now_iso()
+        rows = self._db.query(
+            "SELECT ip, reason, failure_count, blocked_at, expires_at, permanent "
+            "FROM ip_blocklist ORDER BY blocked_at DESC")
+        return [{**dict(r), "permanent": bool(r["permanent"]),
+                 "active": bool(r["permanent"]) or (r["expires_at"] or "") > now}
+                for r in rows]
+
+    def unblock(self, ip: str) -> dict[str, Any]:
+        def run(conn: sqlite3.Connection) -> int:
+            return conn.execute("DELETE FROM ip_blocklist WHERE ip=?", (ip,)).rowcount
+
+        if not self._db.write(run):
+            raise NotFoundError(f"{ip} is not in the blocklist", code="IP_NOT_BLOCKED")
+        return {"ip": ip, "unblocked": True}
+
+    def clear_temporary(self) -> dict[str, Any]:
+        def run(conn: sqlite3.Connection) -> int:
+            return conn.execute("DELETE FROM ip_blocklist WHERE permanent = 0").rowcount
+
+        return {"cleared": self._db.write(run), "kept_permanent": True}
+
+    # --- audit -----------------------------------------------------------------------------------
+
+    def audit_logs(self, *, event_type: str | None = None, severity: str | None = None,
+                   ip: str | None = None, since: str | None = None, limit: int = 100,
+                   offset: int = 0) -> list[dict[str, Any]]:
+        where, params = [], []
+        if event_type:
+            where.append("event_type = ?")
+            params.append(event_type)
+        if severity:
+            if severity not in SEVERITIES:
+                raise UsageError(f"--severity must be one of {', '.join(SEVERITIES)}")
+            where.append("severity = ?")
+            params.append(severity)
+        if ip:
+            where.append("client_ip = ?")
+            params.append(ip)
+        if since:
+            where.append("ts >= ?")
+            params.append(_iso_arg(since, "--since"))
+        if limit < 1 or limit > 100_000 or offset < 0:
+            raise UsageError("--limit must be 1-100000 and --offset >= 0")
+        sql = "SELECT * FROM audit_logs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY id DESC LIMIT ? OFFSET ?"
+        rows = self._db.query(sql, [*params, limit, offset])
+        out = []
+        for r in rows:
+            item = dict(r)
+            item["details"] = json.loads(item.pop("details_json") or "null")
+            out.append(item)
+        return out
+
+    def export(self, fmt: str, output: Path, **filters: Any) -> dict[str, Any]:
+        rows = self.audit_logs(limit=100_000, **filters)
+        if fmt == "json":
+            data = json.dumps(rows, ensure_ascii=False, indent=1).encode()
+        elif fmt == "csv":
+            buf = io.StringIO()
+            columns = list(rows[0]) if rows else ["id", "ts"]
+            writer = csv.DictWriter(buf, fieldnames=columns)
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: json.dumps(v) if isinstance(v, (dict, list)) else v
+                                 for k, v in row.items()})
+            data = buf.getvalue().encode()
+        else:
+            raise UsageError("--format must be json or csv")
+        write_private_file(output, data)
+        return {"file": str(output), "rows": len(rows), "format": fmt}
+
+    def archive(self, before: str) -> dict[str, Any]:
+        """Move rows older than ``before`` to a JSON Lines file, then out of the table — the
+        only way rows ever leave ``audit_logs``."""
+        cutoff = _iso_arg(before, "--before")
+        folder = ensure_private_dir(self._storage.paths.logs_dir / "archive")
+        stamp = now_iso().replace(":", "").replace("-", "")
+        target = folder / f"audit-before-{cutoff[:10]}-{stamp}.jsonl"
+
+        def run(conn: sqlite3.Connection) -> dict[str, Any]:
+            rows = conn.execute("SELECT * FROM audit_logs WHERE ts < ? ORDER BY id",
+                                (cutoff,)).fetchall()
+            lines = "".join(json.dumps(dict(r), ensure_ascii=False) + "\n" for r in rows)
+            write_private_file(target, lines.encode())
+            digest = hashlib.sha256(lines.encode()).hexdigest()
+            conn.execute("UPDATE audit_archive_gate SET open = 1 WHERE id = 1")
+            deleted = conn.execute("DELETE FROM audit_logs WHERE ts < ?", (cutoff,)).rowcount
+            conn.execute("UPDATE audit_archive_gate SET open = 0 WHERE id = 1")
+            conn.execute("INSERT INTO audit_archives(archived_at, before, row_count, file_path,"
+                         " sha256) VALUES (?, ?, ?, ?, ?)",
+                         (now_iso(), cutoff, deleted, str(target), digest))
+            return {"archived": deleted, "file": str(target), "sha256": digest,
+                    "before": cutoff}
+
+        result: dict[str, Any] = self._db.write(run)
+        return result
+
+    # --- intrusion / anomaly ---------------------------------------------------------------------
+
+    def intrusions(self, *, ip: str | None = None, min_score: int = 0,
+                   limit: int = 100) -> list[dict[str, Any]]:
+        sql = "SELECT * FROM intrusion_attempts WHERE total_score >= ?"
+        params: list[Any] = [min_score]
+        if ip:
+            sql += " AND ip = ?"
+            params.append(ip)
+        rows = self._db.query(sql + " ORDER BY id DESC LIMIT ?", [*params, limit])
+        return [{**dict(r), "reasons": json.loads(r["reasons_json"])} for r in rows]
+
+    def anomalies(self, *, ip: str | None = None, anomaly_type: str | None = None,
+                  limit: int = 100) -> list[dict[str, Any]]:
+        sql = "SELECT * FROM anomaly_detections WHERE 1=1"
+        params: list[Any] = []
+        if ip:
+            sql += " AND ip = ?"
+            params.append(ip)
+        if anomaly_type:
+            sql += " AND anomaly_type = ?"
+            params.append(anomaly_type)
+        rows = self._db.query(sql + " ORDER BY id DESC LIMIT ?", [*params, limit])
+        return [dict(r) for r in rows]

@@ -1,0 +1,160 @@
+"""The audit trail: one row per request, nothing secret in it; blocklist and audit commands;
+changes reach a running daemon without a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flm.testing.emulators import start_emulator
+from tests.conftest import flm_subprocess
+from tests.security.conftest import Env
+
+SECRET_PROMPT = "the-secret-prompt-text-7f3a9"
+
+
+def test_burst_of_1000_has_exactly_one_row_each(env: Env, flm_home: Path) -> None:
+    async def burst() -> list[str]:
+        import aiohttp
+
+        body = {"model": "flm://eng/m:1",
+                "messages": [{"role": "user", "content": SECRET_PROMPT}]}
+        sem = asyncio.Semaphore(32)
+        async with aiohttp.ClientSession() as session:
+            async def one(i: int) -> str:
+                async with sem:
+                    if i % 10 == 0:
+                        req = session.get(env.gw.url + "/v1/models",
+                                          headers={"Authorization": "Bearer wrong"})
+                    else:
+                        req = session.post(env.gw.url + "/v1/chat/completions", json=body,
+                                           headers={"Authorization": f"Bearer {env.key}"})
+                    async with req as r:
+                        await r.read()
+                        return r.headers["X-Request-Id"]
+
+            return await asyncio.gather(*(one(i) for i in range(1000)))
+
+    ids = asyncio.run(burst())
+    assert len(set(ids)) == 1000
+    env.rt.audit.flush()  # type: ignore[union-attr]
+    conn = sqlite3.connect(flm_home / "security.db")
+    conn.row_factory = sqlite3.Row
+    rows = conn.execute("SELECT * FROM audit_logs WHERE event_type = 'request'").fetchall()
+    by_id: dict[str, list[Any]] = {}
+    for row in rows:
+        by_id.setdefault(row["request_id"], []).append(row)
+    assert set(by_id) == set(ids)
+    assert all(len(v) == 1 for v in by_id.values())
+    chat = next(r[0] for r in by_id.values() if r[0]["endpoint"] == "/v1/chat/completions")
+    for field in ("ts", "request_id", "client_ip", "api_key_id", "endpoint", "engine_id",
+                  "model", "status", "latency_ms", "prompt_tokens", "completion_tokens"):
+        assert chat[field] is not None, field
+    assert chat["status"] == 200 and chat["engine_id"] == "eng"
+    assert chat["model"] == "flm://eng/m:1" and chat["client_ip"] == "127.0.0.1"
+    refused = [r[0] for r in by_id.values() if r[0]["status"] == 401]
+    assert len(refused) == 100 and all(r["error_type"] == "invalid_api_key" for r in refused)
+    events = conn.execute(
+        "SELECT COUNT(*) FROM audit_logs WHERE event_type = 'auth_failure'").fetchone()[0]
+    assert events == 100
+    with pytest.raises(sqlite3.DatabaseError):
+        conn.execute("UPDATE audit_logs SET status = 0")
+    with pytest.raises(sqlite3.DatabaseError):
+        conn.execute("DELETE FROM audit_logs")
+    conn.close()
+    # neither the key nor the prompt is stored anywhere: database, WAL, JSON Lines logs
+    secret = env.key.split("_", 2)[2].encode()
+    files = [p for p in flm_home.rglob("*") if p.is_file()]
+    assert any(p.name == "audit.jsonl" for p in files)
+    assert any(p.name == "security.db-wal" for p in files)
+    for path in files:
+        blob = path.read_bytes()
+        assert secret not in blob, path
+        assert SECRET_PROMPT.encode() not in blob, path
+    lines = (flm_home / "logs" / "audit.jsonl").read_text().splitlines()
+    assert sum(1 for line in lines if json.loads(line)["event_type"] == "request") == 1000
+
+
+def test_export_and_archive(env: Env, tmp_path: Path) -> None:
+    for _ in range(3):
+        env.chat()
+    env.rt.audit.flush()  # type: ignore[union-attr]
+    cli = env.cli
+    listed = cli("security", "audit-logs", "--event-type", "request", "--limit", "2").data
+    assert len(listed) == 2
+    out = tmp_path / "audit.csv"
+    exported = cli("security", "audit-logs", "export", "--format", "csv", "--output", str(out))
+    assert exported.data["rows"] >= 3 and out.read_text().startswith("id,")
+    assert (out.stat().st_mode & 0o777) == 0o600
+    js = tmp_path / "audit.json"
+    cli("security", "audit-logs", "export", "--format", "json", "--output", str(js))
+    assert len(json.loads(js.read_text())) >= 3
+    archived = cli("security", "audit-logs", "archive", "--before", "2999-01-01").data
+    assert archived["archived"] >= 3
+    assert len(Path(archived["file"]).read_text().splitlines()) == archived["archived"]
+    assert cli("security", "audit-logs").data == []
+
+
+def _get(url: str, key: str, source: str = "127.0.0.1") -> int:
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10,
+                                      source_address=(source, 0))
+    try:
+        conn.request("GET", parts.path, headers={"Authorization": f"Bearer {key}"})
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+def test_blocklist_commands_reach_the_daemon(flm_home: Path, tmp_path: Path) -> None:
+    with socket_free_port() as port, start_emulator("vllm", models=["m"]) as emu:
+        flm_subprocess("engines", "add", "--kind", "vllm", "--url", emu.url, "--id", "v")
+        key = json.loads(flm_subprocess("api-keys", "create", "--label", "k").stdout)["data"]
+        policy = tmp_path / "p.json"
+        policy.write_text(json.dumps({"ip_blocklist": {"enabled": True, "max_failures": 2}}))
+        assert flm_subprocess("security", "policy", "set", "--file", str(policy)).returncode == 0
+        assert flm_subprocess("proxy", "start", "--port", str(port)).returncode == 0
+        try:
+            url = f"http://127.0.0.1:{port}/v1/models"
+            assert _get(url, "bad", "127.0.0.20") == 401
+            assert _get(url, "bad", "127.0.0.20") == 401  # 2nd failure blocks
+            assert _get(url, key["key"], "127.0.0.20") == 403
+            flm_subprocess("proxy", "reload")  # flushes the block to the table
+            listed = json.loads(flm_subprocess("security", "ip-blocklist", "list").stdout)
+            assert [b["ip"] for b in listed["data"]] == ["127.0.0.20"]
+            unblocked = flm_subprocess("security", "ip-blocklist", "unblock", "127.0.0.20")
+            assert unblocked.returncode == 0
+            assert _get(url, key["key"], "127.0.0.20") == 200  # no restart, no wait
+            assert _get(url, "bad", "127.0.0.21") == 401
+            assert _get(url, "bad", "127.0.0.21") == 401
+            flm_subprocess("proxy", "reload")
+            cleared = json.loads(flm_subprocess("security", "ip-blocklist", "clear").stdout)
+            assert cleared["data"]["cleared"] == 1
+            assert _get(url, key["key"], "127.0.0.21") == 200
+            # a policy change applies at once too
+            policy.write_text(json.dumps({"ip_whitelist": ["10.0.0.0/8"]}))
+            flm_subprocess("security", "policy", "set", "--file", str(policy))
+            assert _get(url, key["key"]) == 403
+            missing = flm_subprocess("security", "ip-blocklist", "unblock", "1.2.3.4")
+            assert missing.returncode == 1
+        finally:
+            flm_subprocess("proxy", "stop", "--all")
+
+
+class socket_free_port:
+    def __enter__(self) -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+
+    def __exit__(self, *exc: object) -> None:
+        return None

@@ -1,0 +1,258 @@
+"""Allow-list, trusted proxies, rate limits, auto-block, intrusion, honeypots, anomalies,
+resource protection, CORS — each against the running gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from typing import Any
+
+import pytest
+
+from tests.security.conftest import Env, Fake
+
+
+def test_allow_list_and_spoofed_forwarded_for(env: Env) -> None:
+    env.policy({"ip_whitelist": ["127.0.0.1/32", "10.0.0.0/8"]})
+    before = len(env.emu.requests)
+    status, _, body = env.chat(source="127.0.0.9")
+    assert status == 403 and json.loads(body)["error"]["code"] == "ip_not_allowed"
+    # claiming to be an allowed address from an untrusted peer changes nothing
+    status, _, _ = env.chat(source="127.0.0.9", headers={"X-Forwarded-For": "10.1.2.3",
+                                                          "X-Real-IP": "10.1.2.3"})
+    assert status == 403
+    assert len(env.emu.requests) == before  # the engine saw nothing
+    assert env.chat(source="127.0.0.1")[0] == 200
+
+    # a spoofed header neither moves the rate-limit bucket ...
+    env.policy({"ip_rate_limit": {"enabled": True, "rpm": 60, "burst": 3}})
+    fake = Fake()
+    env.rt.guard.clock = fake
+    codes = [env.request("GET", "/v1/models", source="127.0.0.5",
+                         headers={"X-Forwarded-For": f"10.0.0.{i}"})[0] for i in range(5)]
+    assert codes == [200, 200, 200, 429, 429]
+    # ... nor anyone's block status
+    env.rt.guard.block("10.9.9.9", "test", 3600)
+    assert env.request("GET", "/v1/models", source="127.0.0.6",
+                       headers={"X-Forwarded-For": "10.9.9.9"})[0] == 200
+    # from a trusted proxy the forwarded client is honoured
+    env.policy({"trusted_proxies": ["127.0.0.7"]})
+    status, _, body = env.request("GET", "/v1/models", source="127.0.0.7",
+                                  headers={"X-Forwarded-For": "10.9.9.9"})
+    assert status == 403 and json.loads(body)["error"]["code"] == "ip_blocked"
+
+
+def test_key_rate_limit_under_concurrency(env: Env) -> None:
+    fake = Fake()
+    env.rt.guard.clock = fake
+    env.policy({"rate_limit": {"rpm": 60, "burst": 10}})
+
+    async def burst(n: int) -> list[tuple[int, str | None]]:
+        import aiohttp
+
+        async with aiohttp.ClientSession() as session:
+            async def one() -> tuple[int, str | None]:
+                async with session.get(env.gw.url + "/v1/models",
+                                       headers={"Authorization": f"Bearer {env.key}"}) as r:
+                    await r.read()
+                    return r.status, r.headers.get("Retry-After")
+
+            return await asyncio.gather(*(one() for _ in range(n)))
+
+    first = asyncio.run(burst(50))
+    allowed = sum(1 for s, _ in first if s == 200)
+    assert allowed == 10  # the burst, exactly, with the clock frozen
+    retry = {r for s, r in first if s == 429}
+    assert retry == {"1"}  # one token per second at 60 rpm: an honest Retry-After
+    fake.now += 60  # a minute later: 60 more tokens (capped at the burst), so ≤ rpm + burst
+    second = asyncio.run(burst(50))
+    assert sum(1 for s, _ in second if s == 200) == 10
+    # over a whole window at real pace, the total stays within rpm + burst ± 1
+    total = 0
+    for _ in range(60):
+        fake.now += 1
+        total += sum(1 for s, _ in asyncio.run(burst(3)) if s == 200)
+    assert abs(total - 60) <= 1
+
+
+def test_auto_block_escalation_and_cost(env: Env) -> None:
+    fake = Fake()
+    env.rt.guard.clock = fake
+    env.policy({"ip_blocklist": {"enabled": True}})
+    lookups: list[str] = []
+    original = env.rt.keys._lookup
+
+    def counting(key_id: str) -> Any:
+        lookups.append(key_id)
+        return original(key_id)
+
+    env.rt.keys._lookup = counting
+    bad = "flm_00000000000000{:02d}_" + "Z" * 43
+
+    def attempt(i: int) -> int:
+        return env.request("GET", "/v1/models", key=bad.format(i), source="127.0.0.3")[0]
+
+    assert [attempt(i) for i in range(4)] == [401] * 4
+    assert attempt(4) == 401  # the 5th failure is answered, and blocks
+    status, headers, _ = env.request("GET", "/v1/models", source="127.0.0.3")
+    assert status == 403 and int(headers["retry-after"]) == 30 * 60
+    # a blocked client costs no key lookup (no DB read, no Argon2)
+    n = len(lookups)
+    for i in range(20):
+        assert attempt(50 + i) == 403
+    assert len(lookups) == n
+    fake.now += 30 * 60 + 1  # block over
+    assert env.request("GET", "/v1/models", source="127.0.0.3")[0] == 200
+    for i in range(5):
+        attempt(10 + i)  # failures 6..10
+    status, headers, _ = env.request("GET", "/v1/models", source="127.0.0.3")
+    assert status == 403 and int(headers["retry-after"]) == 24 * 3600
+    fake.now += 24 * 3600 + 1
+    for i in range(10):
+        attempt(20 + i)  # failures 11..20: permanent
+    status, headers, _ = env.request("GET", "/v1/models", source="127.0.0.3")
+    assert status == 403 and "retry-after" not in headers
+    fake.now += 365 * 24 * 3600
+    assert env.request("GET", "/v1/models", source="127.0.0.3")[0] == 403
+    # other addresses are unaffected
+    assert env.request("GET", "/v1/models", source="127.0.0.4")[0] == 200
+
+
+ATTACKS = [
+    ("/v1/models?id=1%27%20OR%20%271%27=%271", "sql_injection"),
+    ("/v1/models?q=1+UNION+SELECT+password+FROM+users", "sql_injection"),
+    ("/v1/models?file=../../etc/passwd", "path_traversal"),
+    ("/v1/%2e%2e/%2e%2e/etc/passwd", "path_traversal"),
+    ("/v1/models?x=%252e%252e%252f", "path_traversal"),
+    ("/v1/models?sleep=1;SELECT%20SLEEP(5)", "sql_injection"),
+]
+
+
+@pytest.mark.parametrize(("path", "reason"), ATTACKS)
+def test_intrusion_scoring_blocks(env: Env, path: str, reason: str) -> None:
+    env.policy({"intrusion_detection": {"enabled": True, "score_threshold": 100}})
+    status, _, _ = env.request("GET", path, source="127.0.0.8")
+    assert status in (401, 404, 200)
+    total, _ = env.rt.guard.scores["127.0.0.8"]
+    assert total >= 50
+    env.request("GET", path, source="127.0.0.8")  # a second attempt crosses 100
+    assert env.rt.guard.blocked("127.0.0.8") is not None
+    assert env.request("GET", "/v1/models", source="127.0.0.8")[0] == 403
+    env.rt.audit.flush()  # type: ignore[union-attr]
+    rows = env.cli("security", "intrusion", "--ip", "127.0.0.8").data
+    assert rows and reason in rows[-1]["reasons"]
+
+
+def test_scanner_user_agent_and_honeypots(env: Env) -> None:
+    env.policy({"intrusion_detection": {"enabled": True}, "honeypot": {"enabled": True}})
+    status, _, _ = env.request("GET", "/v1/models", headers={"User-Agent": "sqlmap/1.7"},
+                               source="127.0.0.10")
+    assert env.rt.guard.scores["127.0.0.10"][0] == 50
+    for path in ("/wp-admin", "/.env", "/phpmyadmin", "/wp-login.php", "/admin",
+                 "/api/v1/users"):
+        status, _, body = env.request("GET", path, source="127.0.0.11", key=None)
+        if status == 403:
+            break
+        assert status == 404 and json.loads(body)["error"]["code"] == "not_found"
+    assert env.rt.guard.blocked("127.0.0.11") is not None
+
+
+BENIGN = [
+    "How do I write SELECT * FROM users WHERE id = 1 OR 1=1 safely?",
+    "Explain why ../../etc/passwd is dangerous in a path",
+    "'; DROP TABLE students; -- is a famous joke",
+    "UNION SELECT explained for beginners",
+]
+
+
+def test_benign_requests_are_never_blocked(env: Env) -> None:
+    env.policy({"intrusion_detection": {"enabled": True}, "honeypot": {"enabled": True},
+                "anomaly_detection": {"enabled": True}, "ip_blocklist": {"enabled": True}})
+    for _ in range(5):
+        for prompt in BENIGN:
+            status, _, body = env.chat(prompt, source="127.0.0.12")
+            assert status == 200, body
+    assert "127.0.0.12" not in env.rt.guard.scores
+    status, _, _ = env.request("POST", "/v1/embeddings", source="127.0.0.12",
+                               body={"model": "flm://eng/m:1", "input": BENIGN})
+    assert status != 403 and ("POST", "/v1/embeddings") in env.emu.requests
+
+
+def test_anomaly_rate_and_body_size(env: Env) -> None:
+    fake = Fake()
+    env.rt.guard.clock = fake
+    env.policy({"anomaly_detection": {"enabled": True, "request_rate_threshold": 5,
+                                      "max_body_bytes": 1000, "auto_block": True}})
+    codes = [env.request("GET", "/v1/models", source="127.0.0.13")[0] for _ in range(7)]
+    assert codes[:5] == [200] * 5 and codes[5] == 403
+    env.request("POST", "/v1/chat/completions", source="127.0.0.14",
+                body={"model": "flm://eng/m:1", "messages": [{"role": "user",
+                                                              "content": "x" * 5000}]})
+    env.rt.audit.flush()  # type: ignore[union-attr]
+    kinds = {r["anomaly_type"] for r in env.cli("security", "anomaly").data}
+    assert {"request_rate", "body_size"} <= kinds
+
+
+def test_overload_refuses_new_requests_only(env: Env) -> None:
+    env.policy({"resource_protection": {"enabled": True, "max_connections": 1}})
+    env.emu.behaviour.chunk_interval_s = 0.2
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(env.gw.url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    conn.request("POST", "/v1/chat/completions", body=json.dumps(
+        {"model": "flm://eng/m:1", "stream": True,
+         "messages": [{"role": "user", "content": "long story"}]}),
+        headers={"Authorization": f"Bearer {env.key}", "Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    first = resp.read1(65536)
+    status, headers, body = env.request("GET", "/v1/models")
+    assert status == 503 and json.loads(body)["error"]["code"] == "overloaded"
+    assert headers["retry-after"]
+    rest = first + resp.read()  # the stream already running finishes normally
+    conn.close()
+    assert rest.rstrip().endswith(b"data: [DONE]")
+    assert env.request("GET", "/health", key=None)[0] == 200
+    env.rt.guard.overloaded = True  # CPU or memory above threshold
+    assert env.request("GET", "/v1/models")[0] == 503
+    env.rt.guard.overloaded = False
+
+
+def test_cors_preflight_without_key_and_headers(env: Env) -> None:
+    env.policy({"cors": {"allowed_origins": ["https://app.example"]}})
+    pre = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
+    status, headers, _ = env.request("OPTIONS", "/v1/chat/completions", headers=pre, key=None)
+    assert status == 204 and headers["access-control-allow-origin"] == "https://app.example"
+    status, _, _ = env.request("OPTIONS", "/v1/chat/completions", key=None, headers={
+        "Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
+    assert status == 403
+    status, headers, _ = env.request("GET", "/v1/models",
+                                     headers={"Origin": "https://app.example"})
+    assert status == 200 and headers["access-control-allow-origin"] == "https://app.example"
+    assert headers["x-content-type-options"] == "nosniff" and headers["x-frame-options"]
+    env.policy({})
+    _, headers, _ = env.request("GET", "/v1/models", headers={"Origin": "https://any.example"})
+    assert headers["access-control-allow-origin"] == "*"
+
+
+def test_invalid_policy_keeps_the_old_one(env: Env) -> None:
+    from flm.core.errors import PolicyInvalidError
+
+    env.policy({"rate_limit": {"rpm": 5}})
+    with pytest.raises(PolicyInvalidError):
+        env.policy({"ip_whitelist": ["300.1.1.1/8"]})
+    assert env.rt.effective.key_rpm == 5
+
+
+def test_retry_after_matches_refill(env: Env) -> None:
+    fake = Fake()
+    env.rt.guard.clock = fake
+    env.policy({"rate_limit": {"rpm": 6, "burst": 1}})
+    assert env.request("GET", "/v1/models")[0] == 200
+    status, headers, _ = env.request("GET", "/v1/models")
+    assert status == 429 and int(headers["retry-after"]) == math.ceil(60 / 6)
+    fake.now += 10
+    assert env.request("GET", "/v1/models")[0] == 200
