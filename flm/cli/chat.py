@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import base64
 import json
-import mimetypes
 import os
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +47,9 @@ def _proxy_url(ctx: Context, explicit: str | None) -> str:
 
 
 def _content(args: argparse.Namespace) -> str | list[dict[str, Any]]:
+    import base64
+    import mimetypes
+
     if args.prompt_file:
         try:
             text = Path(args.prompt_file).read_text(encoding="utf-8")
@@ -99,6 +98,9 @@ def _content(args: argparse.Namespace) -> str | list[dict[str, Any]]:
 
 
 def _post(url: str, key: str, body: dict[str, Any]) -> Any:
+    import urllib.error
+    import urllib.request
+
     request = urllib.request.Request(  # noqa: S310 - the URL is the user's proxy
         url, data=json.dumps(body).encode(), method="POST",
         headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
