@@ -126,5 +126,8 @@ def adapter_class(kind: EngineKind) -> type[EngineAdapter]:
     return classes[kind]
 
 
-def make_adapter(endpoint: EngineEndpoint, timeouts: Timeouts | None = None) -> EngineAdapter:
-    return adapter_class(endpoint.kind)(endpoint, timeouts)
+def make_adapter(endpoint: EngineEndpoint, timeouts: Timeouts | None = None,
+                 client: EngineClient | None = None) -> EngineAdapter:
+    """An adapter for ``endpoint``; ``client`` replaces the default direct HTTP client (the
+    proxy passes one that honours the egress in force)."""
+    return adapter_class(endpoint.kind)(endpoint, timeouts, client)

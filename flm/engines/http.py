@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,7 +138,12 @@ class UpstreamResponse:
 
 
 class EngineClient:
-    """One pooled aiohttp session per engine base URL."""
+    """One pooled aiohttp session per engine base URL.
+
+    ``connector`` is used as is (once: the session owns it); ``connector_factory`` is called each
+    time a session is created, inside the running loop (the egress layer's SOCKS connectors must be
+    made there) and may return ``None`` for the ordinary direct connector.
+    """
 
     def __init__(
         self,
@@ -146,16 +151,19 @@ class EngineClient:
         timeouts: Timeouts | None = None,
         connector: aiohttp.BaseConnector | None = None,
         limit: int = 256,
+        connector_factory: Callable[[], aiohttp.BaseConnector | None] | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeouts = timeouts or Timeouts()
         self._connector = connector
+        self._connector_factory = connector_factory
         self._limit = limit
         self._session: aiohttp.ClientSession | None = None
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            connector = self._connector or aiohttp.TCPConnector(
+            made = self._connector_factory() if self._connector_factory is not None else None
+            connector = made or self._connector or aiohttp.TCPConnector(
                 limit=self._limit,
                 keepalive_timeout=30,
                 enable_cleanup_closed=False,
@@ -217,6 +225,14 @@ class EngineClient:
             ) from exc
         except aiohttp.ClientError as exc:
             raise EngineNetworkError(f"engine request failed: {exc}") from exc
+        except Exception as exc:
+            from flm.egress.connector import PROXY_EXCEPTIONS
+
+            if isinstance(exc, PROXY_EXCEPTIONS):
+                raise EngineNetworkError(
+                    f"cannot reach engine at {self.base_url} through the egress proxy: {exc}"
+                ) from exc
+            raise
         if FLM_PROXY_HEADER in resp.headers:
             resp.release()
             raise FlmListenerError(f"{self.base_url} is an FLM proxy, not an engine")

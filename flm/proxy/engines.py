@@ -9,19 +9,28 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from flm.core.errors import EngineError
 from flm.core.models import Capabilities, EngineEndpoint, ModelInfo
 from flm.engines.base import EngineAdapter, make_adapter
-from flm.engines.http import Timeouts
+from flm.engines.http import EngineClient, Timeouts
 from flm.openai.errors import HttpError
+
+if TYPE_CHECKING:
+    from flm.egress.config import EgressConfig
 
 MODELS_TTL_S = 30.0
 
 
 class EngineRegistry:
-    def __init__(self, endpoints: Iterable[EngineEndpoint], timeouts: Timeouts) -> None:
+    """``egress``: the egress in force (SPEC §7). Remote engines get an HTTP client whose
+    connections go through it; loopback engines always connect directly."""
+
+    def __init__(self, endpoints: Iterable[EngineEndpoint], timeouts: Timeouts,
+                 egress: EgressConfig | None = None) -> None:
         self._timeouts = timeouts
+        self._egress = egress
         self._adapters: dict[str, EngineAdapter] = {}
         self._models: dict[str, tuple[float, dict[str, ModelInfo]]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -35,10 +44,27 @@ class EngineRegistry:
         kept = {i: a for i, a in self._adapters.items() if a not in gone}
         for engine_id, endpoint in fresh.items():
             if engine_id not in kept:
-                kept[engine_id] = make_adapter(endpoint, self._timeouts)
+                kept[engine_id] = make_adapter(endpoint, self._timeouts,
+                                               self._client_for(endpoint))
         self._adapters = kept
         self._models = {k: v for k, v in self._models.items() if k in kept}
         return gone
+
+    def _client_for(self, endpoint: EngineEndpoint) -> EngineClient | None:
+        """``None`` (the adapter's own direct client) unless the engine is remote and egress goes
+        through a SOCKS proxy."""
+        egress = self._egress
+        if egress is None or not egress.uses_proxy:
+            return None
+        from flm.egress.config import is_loopback_target
+
+        if is_loopback_target(endpoint.base_url):
+            return None
+        from flm.egress.connector import connector_for
+
+        url = endpoint.base_url
+        return EngineClient(url, self._timeouts,
+                            connector_factory=lambda: connector_for(egress, url))
 
     def ids(self) -> list[str]:
         return list(self._adapters)

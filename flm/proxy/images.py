@@ -8,6 +8,7 @@ from typing import Any
 
 import aiohttp
 
+from flm.core.errors import FlmError
 from flm.openai.errors import HttpError
 from flm.openai.translate import ChatPlan
 from flm.proxy.runtime import ProxyRuntime
@@ -38,12 +39,34 @@ async def fetch_image(url: str, connector: aiohttp.BaseConnector | None = None) 
                                     f"image URL body exceeds {MAX_FETCHED_IMAGE} bytes")
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise HttpError(400, "invalid_request", f"cannot fetch image URL: {exc}") from None
+    except HttpError:
+        raise
+    except Exception as exc:
+        from flm.egress.connector import PROXY_EXCEPTIONS
+
+        if isinstance(exc, PROXY_EXCEPTIONS):
+            raise HttpError(400, "invalid_request",
+                            f"cannot fetch image URL through the egress proxy: {exc}") from None
+        raise
     return f"data:{mime};base64," + base64.b64encode(bytes(data)).decode("ascii")
+
+
+def _egress_connector(rt: ProxyRuntime, url: str) -> aiohttp.BaseConnector | None:
+    """Image fetches leave the machine through the egress in force (SPEC §7)."""
+    if not rt.egress.uses_proxy:
+        return None
+    from flm.egress.connector import connector_for
+
+    try:
+        return connector_for(rt.egress, url)
+    except FlmError as exc:
+        raise HttpError(400, "invalid_request", f"bad image URL: {exc.message}") from None
 
 
 async def inline_remote_images(plan: ChatPlan, rt: ProxyRuntime) -> None:
     fetched = dict(zip(plan.image_urls,
-                       await asyncio.gather(*(fetch_image(u) for u in plan.image_urls)),
+                       await asyncio.gather(*(fetch_image(u, _egress_connector(rt, u))
+                                              for u in plan.image_urls)),
                        strict=True))
     for message in plan.body["messages"]:
         content: Any = message.get("content")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 from dataclasses import dataclass, field
@@ -9,6 +10,7 @@ from typing import Any
 
 from flm.core.models import EngineEndpoint
 from flm.core.policy import EffectivePolicy
+from flm.egress.config import EgressConfig
 from flm.engines.http import Timeouts
 from flm.proxy.audit import AuditSink
 from flm.proxy.engines import EngineRegistry
@@ -45,6 +47,10 @@ class ProxyRuntime:
     effective: EffectivePolicy = field(default_factory=EffectivePolicy)
     guard: GuardState = field(default_factory=GuardState)
     audit: AuditSink | None = None
+    #: Background tasks started lazily by layers (e.g. the resource monitor); cancelled on close.
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    #: The egress in force (after the start-up probe: direct when fail-open fell back).
+    egress: EgressConfig = field(default_factory=EgressConfig)
 
     def apply_policy(self, document: dict[str, Any]) -> None:
         """Swap in a new policy (validated: an invalid one raises and the old one stays)."""
@@ -56,6 +62,9 @@ class ProxyRuntime:
         self.guard.load_blocks(rows)
 
     async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
         await self.engines.close()
         if self.audit is not None:
             self.audit.close()
@@ -77,8 +86,10 @@ def _is_self(endpoint: EngineEndpoint, settings: ProxySettings) -> bool:
         return False
 
 
-def build_runtime(settings: ProxySettings, ctx: Any) -> ProxyRuntime:
-    """Build a runtime from a ``flm.services.context.Context``."""
+def build_runtime(settings: ProxySettings, ctx: Any,
+                  egress: EgressConfig | None = None) -> ProxyRuntime:
+    """Build a runtime from a ``flm.services.context.Context``; ``egress`` is the egress in
+    force (default direct)."""
     from flm.services.keys import verify_key_hash
     from flm.storage.security import ApiKeysRepo
 
@@ -87,8 +98,9 @@ def build_runtime(settings: ProxySettings, ctx: Any) -> ProxyRuntime:
     keys_repo = ApiKeysRepo(ctx.storage.security)
     runtime = ProxyRuntime(
         settings=settings,
-        engines=EngineRegistry(endpoints, timeouts),
+        engines=EngineRegistry(endpoints, timeouts, egress),
         keys=KeyVerifier(keys_repo.hash_of, verify_key_hash),
+        egress=egress or EgressConfig(),
         audit=AuditSink(ctx.storage.security, ctx.paths.logs_dir / "audit.jsonl"),
     )
     runtime.apply_policy(json.loads(json.dumps(ctx.policy.show()["policy"])))
