@@ -11,6 +11,7 @@ import ssl
 from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from flm.core.errors import ProxyError, ProxyPortInUseError
 from flm.proxy.asgi import ASGIApp
@@ -19,6 +20,76 @@ log = logging.getLogger("flm.proxy")
 
 #: Largest request head (request line + headers) accepted.
 MAX_HEADER_BYTES = 64 * 1024
+#: A client must finish sending a request head within this many seconds of starting it.
+HEADER_TIMEOUT_S = 10.0
+
+
+def _plain_response(status: bytes, message: bytes) -> bytes:
+    return (b"HTTP/1.1 " + status + b"\r\ncontent-type: text/plain\r\ncontent-length: "
+            + str(len(message)).encode() + b"\r\nconnection: close\r\n\r\n" + message)
+
+
+class GuardedHttpProtocol(HttpToolsProtocol):
+    """httptools with the two limits it lacks: request-head size (431) and a deadline for
+    finishing the head (408), so slow or oversized heads cannot pin connections or memory."""
+
+    max_head_bytes = MAX_HEADER_BYTES
+    head_timeout_s = HEADER_TIMEOUT_S
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._head_bytes = 0
+        self._in_head = True
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def _arm(self) -> None:
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_later(self.head_timeout_s, self._too_slow)
+
+    def _disarm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _too_slow(self) -> None:
+        self._head_timer = None
+        if self._in_head and not self.transport.is_closing():
+            self.transport.write(_plain_response(b"408 Request Timeout",
+                                                 b"request head not received in time"))
+            self.transport.close()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_head = True
+        self._head_bytes = 0
+        self._arm()
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._disarm()
+        size = len(self.url) + sum(len(k) + len(v) + 4 for k, v in self.headers)
+        if size > self.max_head_bytes:
+            # A head that arrived in one piece: the app answers 431 before doing anything.
+            self.scope["flm_head_too_large"] = True  # type: ignore[typeddict-unknown-key]
+        super().on_headers_complete()
+
+    def data_received(self, data: bytes) -> None:
+        head = self._in_head
+        super().data_received(data)
+        if head and self._in_head:
+            self._head_bytes += len(data)
+            if self._head_bytes > self.max_head_bytes and not self.transport.is_closing():
+                self.transport.write(_plain_response(b"431 Request Header Fields Too Large",
+                                                     b"request head too large"))
+                self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -54,7 +125,7 @@ class HttpServer:
             kwargs["ssl_context_factory"] = lambda _config, _default: ssl_context
         config = uvicorn.Config(
             app,
-            http="httptools",
+            http=GuardedHttpProtocol,
             loop="none",
             lifespan="off",
             access_log=False,

@@ -35,6 +35,10 @@ class ErrorMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if scope.get("flm_head_too_large"):
+            await self._send_error(scope, send, HttpError(431, "headers_too_large",
+                                                          "request headers too large"))
+            return
         started = False
 
         async def tracking_send(message: Message) -> None:
