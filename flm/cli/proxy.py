@@ -20,12 +20,16 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=MODES, default="local-http")
     p.add_argument("--port", type=int, help="listen port (default: config proxy.port, 8080)")
     p.add_argument("--bind", help="listen address (default: config proxy.bind, 127.0.0.1)")
-    p.add_argument("--acme-email")
-    p.add_argument("--acme-domain")
-    p.add_argument("--challenge", choices=("http-01", "dns-01"), default="http-01")
-    p.add_argument("--egress-mode", choices=("direct", "tor", "socks5"), default="direct")
-    p.add_argument("--socks5-endpoint", metavar="HOST:PORT")
-    p.add_argument("--egress-fail-open", action="store_true")
+    p.add_argument("--acme-email", help="https-acme: contact address for the ACME account")
+    p.add_argument("--acme-domain", help="https-acme: the DNS name whose port 80 reaches --port")
+    p.add_argument("--challenge", choices=("http-01", "dns-01"), default="http-01",
+                   help="https-acme challenge (only http-01 for now)")
+    p.add_argument("--egress-mode", choices=("direct", "tor", "socks5"), default="direct",
+                   help="how remote engines, image URLs and ACME are reached (default direct)")
+    p.add_argument("--socks5-endpoint", metavar="HOST:PORT",
+                   help="SOCKS5 proxy (tor defaults to 127.0.0.1:9050)")
+    p.add_argument("--egress-fail-open", action="store_true",
+                   help="fall back to direct connections when the SOCKS proxy is down")
     p.add_argument("--no-daemon", action="store_true", help="run in the foreground")
     p.set_defaults(handler=start)
     p = cmds.add_parser("stop", help="stop proxies", parents=[common])
@@ -35,6 +39,12 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(handler=stop)
     p = cmds.add_parser("status", help="running proxies and their endpoints", parents=[common])
     p.set_defaults(handler=status)
+    p = cmds.add_parser("renew", help="renew TLS certificates now, without restart",
+                        parents=[common])
+    p.add_argument("--port", type=int, help="only the proxy on this port (default: all)")
+    p.add_argument("--if-due", action="store_true",
+                   help="renew only certificates within 30 days of their end")
+    p.set_defaults(handler=renew)
     p = cmds.add_parser("reload", help="apply policy/key/engine changes now", parents=[common])
     p.add_argument("--port", type=int)
     p.add_argument("--all", action="store_true", dest="all_")
@@ -42,12 +52,10 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _config(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
-    if args.mode != "local-http":
-        raise UsageError(f"--mode {args.mode} is not available yet; use --mode local-http",
-                         code="PROXY_INVALID_CONFIG")
-    if args.egress_mode != "direct":
-        raise UsageError("--egress-mode other than direct is not available yet",
-                         code="PROXY_INVALID_CONFIG")
+    import os
+
+    from flm.services.proxy_config import ACME_MODE, StartConfig, acme_env_from
+
     port = args.port if args.port is not None else int(ctx.config.value("proxy.port"))
     if not 0 < port < 65536:
         raise UsageError(f"--port must be 1-65535, got {port}")
@@ -55,14 +63,76 @@ def _config(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
     from flm.services.config import KNOWN
 
     KNOWN["proxy.bind"].parse(bind)
-    return {"mode": args.mode, "port": port, "bind": bind, "egress_mode": args.egress_mode}
+    config: dict[str, Any] = {
+        "mode": args.mode, "port": port, "bind": bind, "egress_mode": args.egress_mode,
+        "socks5_endpoint": args.socks5_endpoint, "egress_fail_open": args.egress_fail_open,
+        "acme_domain": args.acme_domain, "acme_email": args.acme_email,
+        "challenge": args.challenge}
+    if args.mode == ACME_MODE:
+        config["acme_env"] = acme_env_from(os.environ)
+    StartConfig.from_dict(config)  # refuse bad combinations before the daemon starts
+    return config
 
 
 def _status_text(data: dict[str, Any]) -> str:
-    rows = [{"id": p["id"], "mode": p["mode"], "port": p["port"], "listen": p["listen"],
-             "endpoints": p["endpoints"], "uptime_s": p["uptime_s"], "pid": p["pid"]}
-            for p in data.get("proxies", [])]
+    rows = []
+    for p in data.get("proxies", []):
+        egress = p.get("egress") or {}
+        rows.append({"id": p["id"], "mode": p["mode"], "port": p["port"],
+                     "https_port": p.get("https_port") or "", "listen": p["listen"],
+                     "endpoints": " ".join(p["endpoints"]),
+                     "egress": egress.get("mode", "direct") + (
+                         " (fell back)" if egress.get("fell_back") else ""),
+                     "cert_expiry": p.get("certificate_expiry") or "",
+                     "uptime_s": p["uptime_s"], "pid": p["pid"],
+                     "last_error": p.get("last_error") or ""})
     return table(rows) if rows else "no proxy running"
+
+
+def _start_text(d: dict[str, Any]) -> str:
+    lines = [_status_text({"proxies": [d]})]
+    if d.get("https_port"):
+        lines.append(f"port {d['port']} answers only with a redirect to HTTPS "
+                     f"(port {d['https_port']})")
+    trust = d.get("trust")
+    if trust:
+        lines.append(f"trust FLM's root ({trust['fingerprint_sha256_root']}):\n"
+                     f"  {trust['trust']}\nremove it later:\n  {trust['untrust']}\n"
+                     f"or per client:\n  {trust['curl']}")
+    lines.extend(f"note: {n}" for n in d.get("notes") or [])
+    return "\n".join(lines)
+
+
+class _Progress:
+    """A spinner with the elapsed time on stderr while the daemon works (terminals only)."""
+
+    def __init__(self, what: str) -> None:
+        import threading
+
+        from flm.cli.output import Progress
+
+        self.what = what
+        self.progress = Progress()
+        self.finished = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> _Progress:
+        if self.progress.enabled:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress.enabled:
+            self.finished.set()
+            self.thread.join(timeout=2)
+            self.progress.done()
+
+    def _run(self) -> None:
+        import time
+
+        started = time.monotonic()
+        while not self.finished.wait(0.2):
+            self.progress.update(f"{self.what} ({time.monotonic() - started:.0f} s)")
 
 
 def start(ctx: Context, args: argparse.Namespace) -> Result:
@@ -74,8 +144,14 @@ def start(ctx: Context, args: argparse.Namespace) -> Result:
 
         run_foreground(ctx, config)
         return Result({"stopped": True}, text=lambda d: "proxy stopped")
-    described = ProxyService(ctx.storage).start(config)
-    return Result(described, text=lambda d: _status_text({"proxies": [d]}))
+    what = "starting the proxy"
+    if config["mode"] == "https-acme":
+        what = f"obtaining a certificate for {config['acme_domain']} (ACME HTTP-01, up to 90 s)"
+    elif config["egress_mode"] != "direct":
+        what = f"checking the {config['egress_mode']} egress"
+    with _Progress(what):
+        described = ProxyService(ctx.storage).start(config)
+    return Result(described, text=_start_text)
 
 
 def stop(ctx: Context, args: argparse.Namespace) -> Result:
@@ -92,6 +168,20 @@ def status(ctx: Context, args: argparse.Namespace) -> Result:
     from flm.services.proxy import ProxyService
 
     return Result(ProxyService(ctx.storage).status(), text=_status_text)
+
+
+def renew(ctx: Context, args: argparse.Namespace) -> Result:
+    from flm.services.proxy import ProxyService
+
+    with _Progress("renewing certificates"):
+        result = ProxyService(ctx.storage).renew(args.port, force=not args.if_due)
+
+    def text(d: dict[str, Any]) -> str:
+        return "\n".join(
+            f"{r['id']}: {'renewed' if r['renewed'] else 'not due'}, {r['fingerprint_sha256']} "
+            f"valid until {r['not_after']}" for r in d["renewed"]) or "nothing to renew"
+
+    return Result(result, text=text)
 
 
 def reload(ctx: Context, args: argparse.Namespace) -> Result:

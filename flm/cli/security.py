@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from flm.cli import read_text_arg
+from flm.cli import read_text_arg, trust
 from flm.cli.output import Result, pairs
 from flm.services.context import Context
 
@@ -17,6 +17,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         "security", help="security policy, backups, blocklist, audit", parents=[common]
     )
     cmds = group.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
+    trust.register(cmds, common)  # install-ca, uninstall-ca
 
     policy = cmds.add_parser("policy", help="show or replace the security policy", parents=[common])
     pcmds = policy.add_subparsers(dest="action", metavar="ACTION")

@@ -22,9 +22,9 @@ from typing import Any
 from flm.core.errors import FlmError, ProxyAlreadyRunningError, ProxyError
 from flm.core.paths import Paths, ensure_private_dir, write_private_file
 from flm.core.timeutil import now_iso
-from flm.proxy.app import build_app
 from flm.proxy.asgi import Receive, Scope, Send, header, read_json, send_json
-from flm.proxy.runtime import ProxyRuntime, ProxySettings, build_runtime
+from flm.proxy.instance import ProxyInstance, start_instance
+from flm.proxy.runtime import ProxyRuntime, ProxySettings
 from flm.proxy.server import HttpServer, bind_socket
 from flm.services.context import Context
 from flm.storage.config import ProxyHandleRow, ProxyHandlesRepo
@@ -34,7 +34,7 @@ log = logging.getLogger("flm.daemon")
 RELOAD_INTERVAL_S = 30.0
 MAX_ADMIN_FAILURES = 5
 ADMIN_BLOCK_S = 300.0
-MODES = ("local-http",)
+MODES = ("local-http", "dev-selfsigned", "packaged-ca", "https-acme")
 
 
 @dataclass
@@ -44,17 +44,30 @@ class Instance:
     server: HttpServer
     started_at: float = field(default_factory=time.time)
     last_error: str | None = None
+    #: The proxy as started by flm.proxy.instance (TLS, egress, certificate renewal).
+    proxy: ProxyInstance | None = None
 
     def describe(self) -> dict[str, Any]:
         s = self.settings
         endpoints = _user_endpoints(s)
-        return {
+        described = {
             "id": s.handle_id, "mode": s.mode, "port": s.port, "https_port": s.https_port,
             "listen": s.bind, "endpoints": endpoints, "egress": {"mode": "direct"},
             "uptime_s": round(time.time() - self.started_at, 1), "pid": os.getpid(),
             "started_at": self.started_at, "certificate_expiry": None,
             "last_error": self.last_error, "engines": self.runtime.engines.ids(),
         }
+        if self.proxy is not None:
+            described.update(self.proxy.describe())
+            described["last_error"] = self.last_error or self.proxy.last_error
+        return described
+
+    async def close(self) -> None:
+        if self.proxy is not None:
+            await self.proxy.close()
+            return
+        await self.server.stop()
+        await self.runtime.close()
 
 
 def _lan_addresses() -> list[str]:
@@ -99,25 +112,18 @@ class Daemon:
             port = int(config.get("port") or 8080)
             bind = str(config.get("bind") or "127.0.0.1")
             for inst in self.instances.values():
-                if inst.settings.port == port:
+                taken = {inst.settings.port, inst.settings.https_port}
+                if port in taken or (mode != "local-http" and port + 1 in taken):
                     raise ProxyAlreadyRunningError(
                         f"a proxy ({inst.settings.handle_id}) already runs on port {port}")
-            sock = bind_socket(bind, port)
-            try:
-                handle_id = f"proxy-{port}"
-                settings = ProxySettings(port=port, bind=bind, mode=mode, handle_id=handle_id,
-                                         max_body_bytes=int(
-                                             self.ctx.config.value("proxy.max_body_bytes")))
-                runtime = build_runtime(settings, self.ctx)
-                server = HttpServer(build_app(runtime), sock)
-                await server.start()
-            except BaseException:
-                sock.close()
-                raise
-            inst = Instance(settings, runtime, server)
+            handle_id = f"proxy-{port}"
+            proxy = await start_instance(self.ctx, config, handle_id=handle_id)
+            inst = Instance(proxy.settings, proxy.runtime, proxy.servers[-1],
+                            started_at=proxy.started_at, proxy=proxy)
             self.instances[handle_id] = inst
             await asyncio.to_thread(ProxyHandlesRepo(self.ctx.storage.config).add, ProxyHandleRow(
-                handle_id, os.getpid(), port, None, bind, mode, json.dumps(config), now_iso()))
+                handle_id, os.getpid(), port, proxy.settings.https_port, bind, mode,
+                json.dumps(config), now_iso()))
             log.info("proxy started", extra={"handle": handle_id, "port": port})
             return inst.describe()
 
@@ -127,8 +133,7 @@ class Daemon:
             chosen = [i for i in self.instances.values()
                       if all_ or i.settings.port == port or i.settings.handle_id == handle_id]
             for inst in chosen:
-                await inst.server.stop()
-                await inst.runtime.close()
+                await inst.close()
                 del self.instances[inst.settings.handle_id]
             ids = [i.settings.handle_id for i in chosen]
             if ids:
@@ -169,6 +174,15 @@ class Daemon:
                     await self.reload()
                 except FlmError as exc:
                     log.warning("periodic reload failed: %s", exc.message)
+
+    async def renew(self, *, port: int | None = None, force: bool = True) -> list[dict[str, Any]]:
+        """Renew the certificates of TLS proxies now (``force``) or when due, without restart."""
+        chosen = [i for i in self.instances.values()
+                  if i.proxy is not None and i.proxy.tls is not None
+                  and (port is None or i.settings.port == port)]
+        if not chosen:
+            raise ProxyError("no running TLS proxy" + (f" on port {port}" if port else ""))
+        return [await i.proxy.renew(force=force) for i in chosen if i.proxy is not None]
 
     def status(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "started_at": self.started_at,
@@ -215,6 +229,9 @@ class Daemon:
                 result = {"stopped": await self.stop_proxies(
                     port=body.get("port"), handle_id=body.get("handle_id"),
                     all_=bool(body.get("all")))}
+            elif path == "/admin/renew" and method == "POST":
+                result = {"renewed": await self.renew(port=body.get("port"),
+                                                      force=bool(body.get("force", True)))}
             elif path == "/admin/reload" and method == "POST":
                 result = {"reloaded": await self.reload(port=body.get("port"))}
             else:
@@ -233,8 +250,9 @@ class Daemon:
     async def _exit_if_idle(self, grace_s: float = 60.0) -> None:
         """A daemon nobody asked to start a proxy within ``grace_s`` goes away."""
         await asyncio.sleep(grace_s)
-        if not self.instances:
-            self.stop_event.set()
+        async with self._lock:  # a start under way (an ACME order may take 90 s) ends first
+            if not self.instances:
+                self.stop_event.set()
 
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()

@@ -10,19 +10,31 @@ import sys
 from typing import Any
 
 from flm.core.timeutil import now_iso
-from flm.proxy.app import build_app
-from flm.proxy.runtime import ProxySettings, build_runtime
-from flm.proxy.server import HttpServer, bind_socket
+from flm.proxy.instance import ProxyInstance, start_instance
 from flm.storage.config import ProxyHandleRow, ProxyHandlesRepo
 
 
+def _banner(described: dict[str, Any]) -> str:
+    lines = [f"FLM proxy ({described['mode']}) listening on "
+             f"{', '.join(described['endpoints'])} (Ctrl-C to stop)"]
+    if described.get("https_port"):
+        lines.append(f"  port {described['port']} answers only with a redirect to HTTPS")
+    cert = described.get("certificate")
+    if cert:
+        lines.append(f"  certificate {cert['fingerprint_sha256']} valid until "
+                     f"{cert['not_after']} ({cert['source']})")
+    trust = described.get("trust")
+    if trust:
+        lines.append(f"  trust FLM's root:   {trust['trust']}")
+        lines.append(f"  remove it later:    {trust['untrust']}")
+    egress = described.get("egress") or {}
+    if egress.get("requested_mode", "direct") != "direct":
+        lines.append(f"  egress: {egress.get('mode')} (requested {egress.get('requested_mode')})")
+    lines.extend(f"  note: {note}" for note in described.get("notes") or [])
+    return "\n".join(lines) + "\n"
+
+
 def run_foreground(ctx: Any, config: dict[str, Any]) -> None:
-    sock = bind_socket(config["bind"], config["port"])
-    port = int(sock.getsockname()[1])
-    settings = ProxySettings(port=port, bind=config["bind"], mode=config["mode"],
-                             handle_id=f"proxy-{port}",
-                             max_body_bytes=int(ctx.config.value("proxy.max_body_bytes")))
-    runtime = build_runtime(settings, ctx)
     repo = ProxyHandlesRepo(ctx.storage.config)
 
     async def main() -> None:
@@ -30,18 +42,17 @@ def run_foreground(ctx: Any, config: dict[str, Any]) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        server = HttpServer(build_app(runtime), sock)
-        await server.start()
-        repo.add(ProxyHandleRow(settings.handle_id, os.getpid(), port, None, settings.bind,
-                                settings.mode, json.dumps(config), now_iso()))
-        sys.stderr.write(f"FLM proxy listening on http://{settings.bind}:{port} "
-                         "(Ctrl-C to stop)\n")
+        proxy: ProxyInstance = await start_instance(ctx, config)
+        settings = proxy.settings
+        repo.add(ProxyHandleRow(settings.handle_id, os.getpid(), settings.port,
+                                settings.https_port, settings.bind, settings.mode,
+                                json.dumps(config), now_iso()))
+        sys.stderr.write(_banner(proxy.describe()))
         sys.stderr.flush()
         try:
             await stop.wait()
         finally:
-            await server.stop()
-            await runtime.close()
+            await proxy.close()
             repo.remove([settings.handle_id])
 
     try:

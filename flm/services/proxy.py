@@ -19,6 +19,9 @@ from flm.storage import Storage
 from flm.storage.config import ProxyHandlesRepo
 
 START_TIMEOUT_S = 15.0
+#: How long ``proxy start`` and ``proxy renew`` wait for the daemon: an ACME order may take 90 s
+#: (plus the egress probe and the server start).
+LONG_CALL_TIMEOUT_S = 150.0
 
 
 class ProxyService:
@@ -68,7 +71,8 @@ class ProxyService:
                              code="PROXY_NOT_RUNNING") from None
         if "error" in payload:
             err = payload["error"]
-            raise FlmError(str(err.get("message")), code=str(err.get("code")))
+            raise FlmError(str(err.get("message")), code=str(err.get("code")),
+                           details=err.get("details"))
         return payload.get("data")
 
     def ensure_daemon(self) -> DaemonInfo:
@@ -116,7 +120,18 @@ class ProxyService:
 
     def start(self, config: dict[str, Any]) -> dict[str, Any]:
         info = self.ensure_daemon()
-        result: dict[str, Any] = self.call(info, "POST", "/admin/start", config)
+        result: dict[str, Any] = self.call(info, "POST", "/admin/start", config,
+                                           timeout=LONG_CALL_TIMEOUT_S)
+        return result
+
+    def renew(self, port: int | None = None, *, force: bool = True) -> dict[str, Any]:
+        """Renew TLS certificates in running proxies (without restarting them)."""
+        info = self.daemon()
+        if info is None:
+            raise ProxyError("no proxy is running", code="PROXY_NOT_RUNNING")
+        result: dict[str, Any] = self.call(info, "POST", "/admin/renew",
+                                           {"port": port, "force": force},
+                                           timeout=LONG_CALL_TIMEOUT_S)
         return result
 
     def status(self) -> dict[str, Any]:

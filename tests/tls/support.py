@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import http.server
 import json
 import os
@@ -189,3 +190,86 @@ def run_pebble(
         yield pebble
     finally:
         pebble.stop()
+
+
+# --- FLM proxies over TLS (tests/tls/test_proxy_tls.py, tests/egress/test_proxy_egress.py) -------
+
+
+def free_port_pair() -> int:
+    """A port P such that P and P + 1 are both free on loopback (a TLS proxy uses both)."""
+    for _ in range(50):
+        port = free_port()
+        if port >= 65535:
+            continue
+        try:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", port + 1))
+        except OSError:
+            continue
+        return port
+    pytest.fail("no two adjacent free ports on loopback")
+
+
+def peer_fingerprint(sock: ssl.SSLSocket | ssl.SSLObject) -> str:
+    """SHA-256 of the certificate the server presented, as ``AB:CD:…``."""
+    import hashlib
+
+    der = sock.getpeercert(binary_form=True)
+    assert der is not None
+    return ":".join(f"{b:02X}" for b in hashlib.sha256(der).digest())
+
+
+class TlsConnection(http.client.HTTPSConnection):
+    """HTTPS to ``127.0.0.1:port`` presenting ``server_name`` (SNI and host-name check)."""
+
+    def __init__(self, port: int, context: ssl.SSLContext, server_name: str = "localhost",
+                 timeout: float = 15) -> None:
+        super().__init__(server_name, port, context=context, timeout=timeout)
+        self._ctx = context
+
+    def connect(self) -> None:
+        raw = socket.create_connection(("127.0.0.1", self.port), self.timeout)
+        self.sock = self._ctx.wrap_socket(raw, server_hostname=self.host)
+
+    @property
+    def tls(self) -> ssl.SSLSocket:
+        assert isinstance(self.sock, ssl.SSLSocket)
+        return self.sock
+
+
+def https_call(port: int, context: ssl.SSLContext, method: str, path: str, *,
+               key: str | None = None, body: object = None,
+               server_name: str = "localhost") -> tuple[int, dict[str, str], bytes, str]:
+    """One request over a fresh TLS connection: (status, headers, body, peer fingerprint)."""
+    conn = TlsConnection(port, context, server_name)
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    try:
+        data = json.dumps(body).encode() if body is not None else None
+        conn.request(method, path, body=data, headers=headers)
+        resp = conn.getresponse()
+        payload = resp.read()
+        return (resp.status, {k.lower(): v for k, v in resp.getheaders()}, payload,
+                peer_fingerprint(conn.tls))
+    finally:
+        conn.close()
+
+
+def http_get(port: int, path: str, host: str | None = None) -> tuple[int, dict[str, str], bytes]:
+    """A plain-HTTP GET to ``127.0.0.1:port`` (no redirect following)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path, headers={"Host": host} if host else {})
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+def port_is_closed(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return False
+    except OSError:
+        return True

@@ -104,8 +104,9 @@ class ResourceMiddleware:
             policy = self.runtime.effective
             cpu = psutil.cpu_percent(None)
             memory = psutil.virtual_memory().percent
+            # strictly above: a threshold of 100 never trips, whatever the load
             self.runtime.guard.overloaded = policy.resource_enabled and (
-                cpu >= policy.cpu_threshold or memory >= policy.memory_threshold)
+                cpu > policy.cpu_threshold or memory > policy.memory_threshold)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         rt = self.runtime

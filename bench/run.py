@@ -1,0 +1,1164 @@
+"""FLM benchmark harness: one run, side by side, on the same machine and mock engine.
+
+Targets (each started and stopped here, one at a time, while the mock engine keeps running):
+
+- ``direct``: the mock engine itself (the reference every "added" figure subtracts);
+- ``passthrough``: a bare uvicorn + aiohttp ASGI pass-through, the floor (bench/passthrough.py);
+- ``flm``: the FLM gateway (``flm proxy start --no-daemon``) with every security layer on
+  (bench/policy-all-on.json);
+- ``litellm``: LiteLLM's proxy, one worker (bench/.venv-litellm, made by setup_litellm.sh).
+
+Per target: requests/s and latency at concurrency 1, 8 and 64 (wrk), streams/s, chunks/s and
+TTFT at concurrency 16 (20-chunk streams), TTFT at concurrency 1 with paced chunks, and the
+server's RSS idle and while 100 slow streams are open. Then a table, the bars of SPEC §12, and
+a JSON file. See bench/README.md.
+
+Usage: .venv/bin/python bench/run.py [--targets direct,passthrough,flm,litellm]
+       [--duration 10] [--out bench/results/]
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import contextlib
+import http.client
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path.insert(0, str(BENCH))
+
+import loadclient  # noqa: E402
+
+HOST = "127.0.0.1"
+ALL_TARGETS = ["direct", "passthrough", "flm", "litellm"]
+LITELLM_MASTER_KEY = "sk-bench-master-key"
+CHUNKS = 20
+HOLD_STREAMS = 100
+
+# SPEC §12 reference figures (2-core machine), used when LiteLLM itself is not measured.
+REF_LITELLM_RPS = 200.0
+REF_LITELLM_STREAMS = 66.0
+
+
+class Skip(Exception):
+    """A target that cannot be run here; the message says why."""
+
+
+# ---------------------------------------------------------------------------------------
+# processes
+
+
+class Managed:
+    """A child process in its own session, logs to a file, stopped gently then firmly."""
+
+    registry: list[Managed] = []  # noqa: RUF012 - process-wide on purpose
+
+    def __init__(
+        self,
+        name: str,
+        cmd: list[str],
+        logdir: Path,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+        cpus: set[int] | None = None,
+    ) -> None:
+        self.name = name
+        self.log_path = logdir / f"{name}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        preexec: Callable[[], None] | None = None
+        if cpus:
+            wanted = set(cpus)
+
+            def preexec() -> None:
+                os.sched_setaffinity(0, wanted)
+
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
+            preexec_fn=preexec,
+        )
+        self.pid = self.proc.pid
+        Managed.registry.append(self)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def tail(self, n: int = 15) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(lines[-n:])
+
+    def stop(self) -> None:
+        if self.alive():
+            for sig, wait in ((signal.SIGINT, 10.0), (signal.SIGTERM, 5.0)):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, sig)
+                try:
+                    self.proc.wait(wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        # Whatever it left behind in its session (workers, helpers).
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(5)
+        self._log.close()
+        if self in Managed.registry:
+            Managed.registry.remove(self)
+
+    @classmethod
+    def stop_all(cls) -> None:
+        for m in list(reversed(cls.registry)):
+            m.stop()
+
+
+def _on_signal(signum: int, _frame: Any) -> None:
+    print(f"interrupted (signal {signum}): stopping everything", file=sys.stderr, flush=True)
+    Managed.stop_all()
+    raise SystemExit(128 + signum)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        r = conn.getresponse()
+        return r.status, r.read()
+    finally:
+        conn.close()
+
+
+def http_post(
+    port: int, path: str, body: bytes, headers: dict[str, str], timeout: float = 10.0
+) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    try:
+        conn.request(
+            "POST", path, body=body, headers={"Content-Type": "application/json", **headers}
+        )
+        r = conn.getresponse()
+        return r.status, r.read()
+    finally:
+        conn.close()
+
+
+def wait_ready(port: int, path: str, proc: Managed | None, timeout: float) -> float:
+    """Poll GET path until 200; returns seconds waited. Raises Skip on exit or timeout."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if proc is not None and not proc.alive():
+            raise Skip(
+                f"{proc.name} exited (code {proc.proc.returncode}) before it was ready:\n"
+                f"{proc.tail()}"
+            )
+        try:
+            status, _ = http_get(port, path, timeout=1.0)
+            if status == 200:
+                return time.monotonic() - t0
+        except OSError:
+            pass
+        time.sleep(0.05)
+    tail = proc.tail() if proc is not None else ""
+    raise Skip(f"not ready on port {port} ({path}) after {timeout:.0f} s\n{tail}")
+
+
+def tree_rss_mb(pid: int) -> float:
+    try:
+        p = psutil.Process(pid)
+        procs = [p, *p.children(recursive=True)]
+    except psutil.Error:
+        return 0.0
+    total = 0
+    for q in procs:
+        with contextlib.suppress(psutil.Error):
+            total += q.memory_info().rss
+    return total / (1024 * 1024)
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    try:
+        p = psutil.Process(pid)
+        procs = [p, *p.children(recursive=True)]
+    except psutil.Error:
+        return 0.0
+    total = 0.0
+    for q in procs:
+        with contextlib.suppress(psutil.Error):
+            t = q.cpu_times()
+            total += t.user + t.system
+    return total
+
+
+# ---------------------------------------------------------------------------------------
+# targets
+
+
+@dataclass
+class Target:
+    name: str
+    port: int
+    model: str
+    headers: dict[str, str]
+    pid: int  # the server process whose tree's RSS and CPU are measured
+    proc: Managed | None = None
+    version: str | None = None
+    startup_s: float | None = None
+    notes: list[str] = field(default_factory=list)
+    # Checks before the load (is the gateway really configured as claimed?) and after it
+    # stopped (what did it record?); each returns figures for the JSON.
+    pre_check: Callable[[Target], dict[str, Any]] | None = None
+    post_check: Callable[[], dict[str, Any]] | None = None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+
+
+@dataclass
+class Ctx:
+    mock: Managed
+    mock_port: int
+    logdir: Path
+    workdir: Path
+    target_cpus: set[int] | None
+    flm_exe: Path
+    litellm_exe: Path
+    policy: Path
+
+
+def start_direct(ctx: Ctx) -> Target:
+    return Target("direct", ctx.mock_port, "bench-model", {}, ctx.mock.pid, version="mock")
+
+
+def start_passthrough(ctx: Ctx) -> Target:
+    port = free_port()
+    cmd = [
+        sys.executable,
+        str(BENCH / "passthrough.py"),
+        "--port",
+        str(port),
+        "--upstream",
+        f"http://{HOST}:{ctx.mock_port}",
+    ]
+    proc = Managed("passthrough", cmd, ctx.logdir, cpus=ctx.target_cpus)
+    t = Target("passthrough", port, "bench-model", {}, proc.pid, proc=proc)
+    try:
+        t.startup_s = wait_ready(port, "/health", proc, 30)
+    except Skip:
+        proc.stop()
+        raise
+    import aiohttp
+    import uvicorn
+
+    t.version = f"uvicorn {uvicorn.__version__}, aiohttp {aiohttp.__version__}"
+    return t
+
+
+def start_litellm(ctx: Ctx) -> Target:
+    exe = ctx.litellm_exe
+    if not exe.exists():
+        raise Skip(f"LiteLLM is not installed ({exe} missing): run `bash bench/setup_litellm.sh`")
+    d = ctx.workdir / "litellm"
+    d.mkdir(exist_ok=True)
+    cfg = d / "config.yaml"
+    cfg.write_text(
+        "model_list:\n"
+        "  - model_name: bench-model\n"
+        "    litellm_params:\n"
+        "      model: openai/bench-model\n"
+        f"      api_base: http://{HOST}:{ctx.mock_port}/v1\n"
+        "      api_key: sk-engine-not-checked\n"
+        "general_settings:\n"
+        f"  master_key: {LITELLM_MASTER_KEY}\n"
+        "litellm_settings:\n"
+        "  telemetry: false\n"
+    )
+    port = free_port()
+    env = dict(os.environ)
+    env.update({"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_TELEMETRY": "False"})
+    cmd = [
+        str(exe),
+        "--config",
+        str(cfg),
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        "--num_workers",
+        "1",
+        "--telemetry",
+        "False",
+    ]
+    proc = Managed("litellm", cmd, ctx.logdir, env=env, cwd=d, cpus=ctx.target_cpus)
+    t = Target(
+        "litellm",
+        port,
+        "bench-model",
+        {"Authorization": f"Bearer {LITELLM_MASTER_KEY}"},
+        proc.pid,
+        proc=proc,
+    )
+    try:
+        t.startup_s = wait_ready(port, "/health/liveliness", proc, 120)
+    except Skip:
+        proc.stop()
+        raise
+    py = exe.parent / "python"
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(
+            [str(py), "-c", "import importlib.metadata as m; print(m.version('litellm'))"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        t.version = f"litellm {out.stdout.strip()}"
+    t.notes.append("one uvicorn worker, master key auth, no database, default logging")
+    return t
+
+
+def _flm(ctx: Ctx, env: dict[str, str], *args: str, timeout: float = 60) -> str:
+    try:
+        out = subprocess.run(
+            [str(ctx.flm_exe), *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise Skip(f"`flm {' '.join(args)}` failed: {exc}") from exc
+    if out.returncode != 0:
+        raise Skip(
+            f"`flm {' '.join(args)}` exited {out.returncode}:\n"
+            f"{(out.stdout + out.stderr).strip()[-1500:]}"
+        )
+    return out.stdout
+
+
+def start_flm(ctx: Ctx) -> Target:
+    if not ctx.flm_exe.exists():
+        raise Skip(f"{ctx.flm_exe} missing: install the project (`pip install -e .`) first")
+    home = ctx.workdir / "flm-home"
+    home.mkdir(exist_ok=True)
+    env = dict(os.environ)
+    env["FLM_HOME"] = str(home)
+    probe = subprocess.run(
+        [str(ctx.flm_exe), "proxy", "start", "--help"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+    if probe.returncode != 0 or "--no-daemon" not in probe.stdout:
+        raise Skip("FLM's gateway is not available yet (`flm proxy start --no-daemon` missing)")
+    _flm(
+        ctx,
+        env,
+        "engines",
+        "add",
+        "--kind",
+        "vllm",
+        "--url",
+        f"http://{HOST}:{ctx.mock_port}",
+        "--id",
+        "mock",
+    )
+    out = _flm(ctx, env, "api-keys", "create", "--label", "bench")
+    key = None
+    with contextlib.suppress(ValueError, KeyError, TypeError):
+        key = json.loads(out)["data"]["key"]
+    if not key:
+        m = re.search(r"flm_[A-Za-z0-9_\-]+", out)
+        key = m.group(0) if m else None
+    if not key:
+        raise Skip(f"could not read the key from `flm api-keys create`: {out[:300]!r}")
+    _flm(ctx, env, "security", "policy", "set", "--file", str(ctx.policy))
+    port = free_port()
+    proc = Managed(
+        "flm",
+        [str(ctx.flm_exe), "proxy", "start", "--no-daemon", "--port", str(port)],
+        ctx.logdir,
+        env=env,
+        cpus=ctx.target_cpus,
+    )
+    t = Target(
+        "flm",
+        port,
+        "flm://mock/bench-model",
+        {"Authorization": f"Bearer {key}"},
+        proc.pid,
+        proc=proc,
+    )
+    try:
+        t.startup_s = wait_ready(port, "/health", proc, 30)
+    except Skip:
+        proc.stop()
+        raise
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        v = subprocess.run(
+            [str(ctx.flm_exe), "--version"], capture_output=True, text=True, timeout=30, check=False
+        )
+        t.version = v.stdout.strip() or None
+    t.notes.append("policy: bench/policy-all-on.json (every section enabled, limits not hit)")
+    t.pre_check = flm_layers_check
+    t.post_check = lambda: flm_audit_count(home)
+    return t
+
+
+def flm_layers_check(t: Target) -> dict[str, Any]:
+    """Cheap evidence that the security layers are on: a request without a key is refused,
+    and a normal reply carries the request id and the security headers. (No honeypot probe:
+    it would raise the bench client's own intrusion score.)"""
+    out: dict[str, Any] = {}
+    conn = http.client.HTTPConnection(HOST, t.port, timeout=10)
+    try:
+        conn.request(
+            "POST",
+            "/v1/chat/completions",
+            body=chat_body(t.model, False),
+            headers={"Content-Type": "application/json"},
+        )
+        r = conn.getresponse()
+        r.read()
+        out["no_key_status"] = r.status
+        conn.request(
+            "POST",
+            "/v1/chat/completions",
+            body=chat_body(t.model, False),
+            headers={"Content-Type": "application/json", **t.headers},
+        )
+        r = conn.getresponse()
+        r.read()
+        names = {k.lower() for k in r.headers}
+        out["request_id_header"] = "x-request-id" in names
+        out["security_headers"] = sorted(
+            n
+            for n in names
+            if n in {"x-content-type-options", "x-frame-options", "referrer-policy"}
+        )
+    finally:
+        conn.close()
+    return out
+
+
+def flm_audit_count(home: Path) -> dict[str, Any]:
+    """Rows in FLM's audit trail after the run (read-only; the gateway has stopped)."""
+    import sqlite3
+
+    db = home / "security.db"
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as c:
+            n = c.execute("SELECT count(*) FROM audit_logs").fetchone()[0]
+    except sqlite3.Error as exc:
+        return {"audit_rows": None, "audit_error": str(exc)}
+    return {"audit_rows": n}
+
+
+STARTERS: dict[str, Callable[[Ctx], Target]] = {
+    "direct": start_direct,
+    "passthrough": start_passthrough,
+    "flm": start_flm,
+    "litellm": start_litellm,
+}
+
+
+# ---------------------------------------------------------------------------------------
+# request bodies
+
+
+def chat_body(model: str, stream: bool, pace_ms: float | None = None) -> bytes:
+    content = "Say hello."
+    if pace_ms:
+        content += f" mock-pace-ms={pace_ms:g}"
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": 32,
+    }
+    if stream:
+        body["stream"] = True
+    return json.dumps(body).encode()
+
+
+def smoke_check(t: Target, patience: float = 15.0) -> None:
+    """One plain and one streamed request, checked, before anything is measured. Retried
+    for ``patience`` s: a gateway may still be discovering the engine's models."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            _smoke_once(t)
+            return
+        except (Skip, OSError) as exc:
+            if time.monotonic() > deadline:
+                raise Skip(f"smoke check failed: {exc}") from exc
+            time.sleep(0.5)
+
+
+def _smoke_once(t: Target) -> None:
+    status, data = http_post(t.port, "/v1/chat/completions", chat_body(t.model, False), t.headers)
+    if status != 200:
+        raise Skip(f"plain chat request answered {status}: {data[:300]!r}")
+    try:
+        doc = json.loads(data)
+        doc["choices"][0]["message"]["content"]
+    except (ValueError, KeyError, IndexError, TypeError) as exc:
+        raise Skip(f"plain chat reply is not a chat.completion: {data[:300]!r}") from exc
+    status, data = http_post(t.port, "/v1/chat/completions", chat_body(t.model, True), t.headers)
+    events = data.count(b"data:")
+    done = data.count(b"[DONE]")
+    if status != 200 or done != 1 or not CHUNKS <= events - done <= CHUNKS + 2:
+        raise Skip(
+            f"streamed chat request: status {status}, {events - done} chunks, {done} [DONE] "
+            f"(expected {CHUNKS}, or up to 2 more, and 1): {data[:300]!r}"
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# load
+
+
+WRK_LUA = """
+wrk.method = "POST"
+wrk.body = [==[{body}]==]
+wrk.headers["Content-Type"] = "application/json"
+{headers}
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'WRKJSON {{"requests":%d,"duration_us":%d,"connect":%d,"read":%d,"write":%d,' ..
+    '"status":%d,"timeout":%d,"p50":%d,"p90":%d,"p99":%d,"mean":%.2f,"max":%d}}\\n',
+    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99),
+    latency.mean, latency.max))
+end
+"""
+
+
+def run_wrk(wrk: str, t: Target, workdir: Path, conc: int, duration: float) -> dict[str, Any]:
+    script = workdir / f"wrk-{t.name}.lua"
+    hdrs = "\n".join(f"wrk.headers[ [==[{k}]==] ] = [==[{v}]==]" for k, v in t.headers.items())
+    script.write_text(WRK_LUA.format(body=chat_body(t.model, False).decode(), headers=hdrs))
+    secs = max(1, round(duration))
+    cmd = [
+        wrk,
+        "-t1",
+        f"-c{conc}",
+        f"-d{secs}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(script),
+        f"http://{HOST}:{t.port}/v1/chat/completions",
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=secs + 60, check=False)
+    m = re.search(r"^WRKJSON (\{.*\})$", out.stdout, re.MULTILINE)
+    if not m:
+        raise RuntimeError(f"wrk gave no result (exit {out.returncode}): {out.stderr[-500:]}")
+    r = json.loads(m.group(1))
+    errors = r["connect"] + r["read"] + r["write"] + r["status"] + r["timeout"]
+    dur = r["duration_us"] / 1e6
+    return {
+        "tool": "wrk",
+        "concurrency": conc,
+        "requests": r["requests"],
+        "errors": errors,
+        "non_2xx": r["status"],
+        "elapsed_s": round(dur, 3),
+        # Successful responses only: a fast 503 is not throughput.
+        "rps": round((r["requests"] - r["status"]) / dur, 1) if dur else None,
+        "rps_all_responses": round(r["requests"] / dur, 1) if dur else None,
+        "latency_ms": {
+            "p50": r["p50"] / 1000,
+            "p90": r["p90"] / 1000,
+            "p99": r["p99"] / 1000,
+            "mean": round(r["mean"] / 1000, 4),
+            "max": r["max"] / 1000,
+        },
+    }
+
+
+def run_builtin_plain(t: Target, conc: int, duration: float) -> dict[str, Any]:
+    raw = loadclient.build_request(
+        HOST, t.port, "/v1/chat/completions", chat_body(t.model, False), t.headers
+    )
+    res = aio(loadclient.run_load(HOST, t.port, raw, conc, duration, stream=False))
+    s = loadclient.summarize(res, stream=False)
+    return {
+        "tool": "builtin",
+        "concurrency": conc,
+        "requests": s["completed"],
+        "errors": s["errors"],
+        "elapsed_s": s["elapsed_s"],
+        "rps": s["per_s"],
+        "latency_ms": s["latency_ms"],
+    }
+
+
+def aio(coro: Any) -> Any:
+    try:
+        import uvloop
+    except ImportError:
+        import asyncio
+
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+class CpuMeter:
+    """CPU used by the mock engine and by the target during one measurement, in % of a core."""
+
+    def __init__(self, mock_pid: int, target_pid: int) -> None:
+        self.mock_pid, self.target_pid = mock_pid, target_pid
+
+    def __enter__(self) -> CpuMeter:
+        self.t0 = time.perf_counter()
+        self.m0 = tree_cpu_seconds(self.mock_pid)
+        self.x0 = tree_cpu_seconds(self.target_pid)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall = time.perf_counter() - self.t0
+        self.mock_pct = round(100 * (tree_cpu_seconds(self.mock_pid) - self.m0) / wall, 1)
+        self.target_pct = round(100 * (tree_cpu_seconds(self.target_pid) - self.x0) / wall, 1)
+
+    def annotate(self, d: dict[str, Any], same: bool) -> dict[str, Any]:
+        d["mock_cpu_pct"] = self.mock_pct
+        if not same:
+            d["target_cpu_pct"] = self.target_pct
+        # Work done per CPU-second of the server under test: steadier than req/s when the
+        # machine is shared, since it does not depend on how much CPU the server was given.
+        cpu = self.mock_pct if same else self.target_pct
+        rate = d.get("rps", d.get("per_s"))
+        if rate and cpu > 0:
+            d["per_cpu_second"] = round(rate / (cpu / 100.0), 1)
+        return d
+
+
+def measure(t: Target, ctx: Ctx, args: argparse.Namespace, wrk: str | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    same = t.pid == ctx.mock.pid
+    time.sleep(1.0)
+    out["rss_idle_mb"] = round(tree_rss_mb(t.pid), 1)
+    smoke_check(t)
+    if t.pre_check is not None:
+        out["pre_check"] = t.pre_check(t)
+        log(f"  pre-check: {json.dumps(out['pre_check'])}")
+
+    def plain(conc: int, duration: float) -> dict[str, Any]:
+        if wrk:
+            return run_wrk(wrk, t, ctx.workdir, conc, duration)
+        return run_builtin_plain(t, conc, duration)
+
+    log(f"  warm-up ({args.warmup:g} s)")
+    plain(8, args.warmup)
+    out["plain"] = {}
+    for conc in (1, 8, 64):
+        with CpuMeter(ctx.mock.pid, t.pid) as cpu:
+            r = plain(conc, args.duration)
+        out["plain"][f"c{conc}"] = cpu.annotate(r, same)
+        lat = r["latency_ms"]
+        log(
+            f"  c={conc:<3} {r['rps']:>9.1f} req/s  p50 {lat['p50']:.3f} ms  "
+            f"p99 {lat['p99']:.3f} ms  errors {r['errors']}  "
+            f"(mock CPU {cpu.mock_pct:.0f}%{'' if same else f', target CPU {cpu.target_pct:.0f}%'})"
+        )
+
+    # Streams at concurrency 16, whole 20-chunk replies as fast as they come.
+    raw = loadclient.build_request(
+        HOST, t.port, "/v1/chat/completions", chat_body(t.model, True), t.headers
+    )
+    aio(loadclient.run_load(HOST, t.port, raw, 16, min(1.0, args.warmup), True, CHUNKS))
+    with CpuMeter(ctx.mock.pid, t.pid) as cpu:
+        res = aio(loadclient.run_load(HOST, t.port, raw, 16, args.duration, True, CHUNKS))
+    s = cpu.annotate(loadclient.summarize(res, stream=True), same)
+    out["stream_c16"] = s
+    log(
+        f"  streams c=16: {s['per_s']} streams/s, {s['chunks_per_s']} chunks/s, "
+        f"TTFT p50 {s['ttft_ms']['p50']} ms, errors {s['errors']}"
+    )
+
+    # TTFT at concurrency 1 with chunks paced by the engine: a gateway that buffers shows up.
+    raw = loadclient.build_request(
+        HOST, t.port, "/v1/chat/completions", chat_body(t.model, True, args.ttft_pace_ms), t.headers
+    )
+    res = aio(loadclient.run_load(HOST, t.port, raw, 1, args.duration, True, CHUNKS))
+    s = loadclient.summarize(res, stream=True)
+    s["pace_ms"] = args.ttft_pace_ms
+    out["ttft_c1"] = s
+    log(
+        f"  TTFT c=1 (chunks {args.ttft_pace_ms:g} ms apart): p50 {s['ttft_ms']['p50']} ms, "
+        f"p99 {s['ttft_ms']['p99']} ms over {s['completed']} streams"
+    )
+
+    # RSS with 100 slow streams open at once.
+    raw = loadclient.build_request(
+        HOST, t.port, "/v1/chat/completions", chat_body(t.model, True, args.hold_pace_ms), t.headers
+    )
+    h = aio(
+        loadclient.hold_streams(
+            HOST, t.port, raw, HOLD_STREAMS, lambda: tree_rss_mb(t.pid), max_seconds=90
+        )
+    )
+    h["pace_ms"] = args.hold_pace_ms
+    out["hold_streams"] = h
+    log(
+        f"  {HOLD_STREAMS} streams open: RSS peak {h['rss_peak_mb']} MB "
+        f"(all open: {h['rss_peak_all_open_mb']} MB), max open {h['max_open']}, "
+        f"ok {h['finished_ok']}"
+    )
+    time.sleep(1.0)
+    out["rss_idle_after_mb"] = round(tree_rss_mb(t.pid), 1)
+    out["requests_measured"] = (
+        sum(r["requests"] for r in out["plain"].values())
+        + out["stream_c16"]["completed"]
+        + out["ttft_c1"]["completed"]
+        + h["finished_ok"]
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# report
+
+
+def added(results: dict[str, Any], name: str) -> None:
+    """Fill in the latency a target adds over the engine called directly."""
+    direct = results.get("direct", {}).get("data")
+    mine = results.get(name, {}).get("data")
+    if not direct or not mine or name == "direct":
+        return
+    for key, r in mine["plain"].items():
+        d = direct["plain"].get(key)
+        if d:
+            r["added_ms"] = {
+                p: round(r["latency_ms"][p] - d["latency_ms"][p], 4) for p in ("p50", "p99")
+            }
+    for key in ("ttft_c1", "stream_c16"):
+        a, b = mine[key]["ttft_ms"], direct[key]["ttft_ms"]
+        if a["p50"] is not None and b["p50"] is not None:
+            mine[key]["ttft_added_ms"] = {
+                p: round(a[p] - b[p], 4) for p in ("p50", "p99") if a[p] is not None
+            }
+
+
+def get(d: Any, *path: str) -> Any:
+    for p in path:
+        if not isinstance(d, dict) or p not in d:
+            return None
+        d = d[p]
+    return d
+
+
+def harness_checks(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Is the mock engine (or the load client) the bottleneck anywhere? It is not when, for
+    every proxied target, the engine called directly does far more than through the target
+    and the mock engine's own CPU stays well below one core."""
+    out: list[dict[str, Any]] = []
+    direct = get(results, "direct", "data")
+    for name in ALL_TARGETS:
+        data = get(results, name, "data")
+        if name == "direct" or data is None:
+            continue
+        mock_cpu = get(data, "plain", "c64", "mock_cpu_pct")
+        rps, d_rps = get(data, "plain", "c64", "rps"), get(direct, "plain", "c64", "rps")
+        sps, d_sps = get(data, "stream_c16", "per_s"), get(direct, "stream_c16", "per_s")
+        ok = mock_cpu is not None and mock_cpu < 50
+        detail = f"mock CPU {mock_cpu}% of a core at c=64"
+        if rps and d_rps:
+            ok = ok and d_rps >= 2 * rps
+            detail += f"; direct c=64 {d_rps / rps:.1f}× this target's req/s"
+        if sps and d_sps:
+            ok = ok and d_sps >= 2 * sps
+            detail += f"; direct streams/s {d_sps / sps:.1f}× this target's"
+        out.append({"target": name, "engine_and_client_not_bottleneck": ok, "detail": detail})
+    return out
+
+
+def bars(results: dict[str, Any]) -> list[dict[str, Any]]:
+    flm = get(results, "flm", "data")
+    lite = get(results, "litellm", "data")
+    floor = get(results, "passthrough", "data")
+    out: list[dict[str, Any]] = []
+
+    def bar(name: str, rule: str, value: Any, ok: bool | None, note: str = "") -> None:
+        out.append({"bar": name, "rule": rule, "value": value, "pass": ok, "note": note})
+
+    if flm is None:
+        out.append(
+            {
+                "bar": "all",
+                "rule": "SPEC §12",
+                "value": None,
+                "pass": None,
+                "note": "FLM not measured in this run",
+            }
+        )
+        return out
+    v = get(flm, "plain", "c1", "added_ms", "p50")
+    bar("added latency c=1 (median)", "≤ 0.3 ms", v, None if v is None else v <= 0.3)
+    f64 = get(flm, "plain", "c64", "rps")
+    l64 = get(lite, "plain", "c64", "rps")
+    note = ""
+    if l64 is None:
+        l64, note = REF_LITELLM_RPS, "LiteLLM not measured: SPEC reference 200 req/s used"
+    bar(
+        "throughput c=64 vs LiteLLM",
+        "≥ 20×",
+        None if f64 is None else round(f64 / l64, 1),
+        None if f64 is None else f64 >= 20 * l64,
+        note,
+    )
+    p64 = get(floor, "plain", "c64", "rps")
+    bar(
+        "throughput c=64 vs bare pass-through",
+        "≥ 50%",
+        None if (f64 is None or p64 is None) else f"{100 * f64 / p64:.0f}%",
+        None if (f64 is None or p64 is None) else f64 >= 0.5 * p64,
+        "" if p64 else "pass-through not measured",
+    )
+    fs = get(flm, "stream_c16", "per_s")
+    ls = get(lite, "stream_c16", "per_s")
+    note = ""
+    if not ls:
+        ls, note = REF_LITELLM_STREAMS, "LiteLLM not measured: SPEC reference 66 streams/s used"
+    bar(
+        "streams/s c=16 vs LiteLLM",
+        "≥ 30×",
+        None if fs is None else round(fs / ls, 1),
+        None if fs is None else fs >= 30 * ls,
+        note,
+    )
+    v = get(flm, "ttft_c1", "ttft_added_ms", "p50")
+    bar("TTFT overhead (median, c=1)", "≤ 1 ms", v, None if v is None else v <= 1.0)
+    v = get(flm, "rss_idle_mb")
+    bar("RSS idle", "≤ 80 MB", v, None if v is None else v <= 80)
+    v = get(flm, "hold_streams", "rss_peak_mb")
+    full = get(flm, "hold_streams", "max_open") == HOLD_STREAMS
+    bar(
+        f"RSS under {HOLD_STREAMS} streams",
+        "≤ 150 MB",
+        v,
+        None if v is None else (v <= 150 and full),
+        "" if full else f"only {get(flm, 'hold_streams', 'max_open')} streams were open at once",
+    )
+    errs = get(flm, "errors_total")
+    bar(
+        "no failed requests during the run",
+        "0",
+        errs,
+        None if errs is None else errs == 0,
+        "figures above count successes only" if errs else "",
+    )
+    return out
+
+
+def fmt(v: Any, spec: str = "") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float | int) and spec:
+        return format(v, spec)
+    return str(v)
+
+
+def table(results: dict[str, Any], bar_rows: list[dict[str, Any]]) -> str:
+    names = [n for n in ALL_TARGETS if n in results]
+    lines: list[str] = []
+
+    def row(label: str, cells: list[str]) -> None:
+        lines.append(f"{label:<34}" + "".join(f"{c:>14}" for c in cells))
+
+    row("", names)
+    row("", ["-" * 12] * len(names))
+    data = {n: results[n].get("data") for n in names}
+    metrics: list[tuple[str, tuple[str, ...], str]] = [
+        ("req/s c=1", ("plain", "c1", "rps"), ",.0f"),
+        ("req/s c=8", ("plain", "c8", "rps"), ",.0f"),
+        ("req/s c=64", ("plain", "c64", "rps"), ",.0f"),
+        ("latency p50 c=1 (ms)", ("plain", "c1", "latency_ms", "p50"), ".3f"),
+        ("latency p99 c=1 (ms)", ("plain", "c1", "latency_ms", "p99"), ".3f"),
+        ("added p50 c=1 (ms)", ("plain", "c1", "added_ms", "p50"), "+.3f"),
+        ("added p99 c=1 (ms)", ("plain", "c1", "added_ms", "p99"), "+.3f"),
+        ("added p50 c=8 (ms)", ("plain", "c8", "added_ms", "p50"), "+.3f"),
+        ("added p50 c=64 (ms)", ("plain", "c64", "added_ms", "p50"), "+.3f"),
+        ("added p99 c=64 (ms)", ("plain", "c64", "added_ms", "p99"), "+.3f"),
+        ("streams/s c=16 (20 chunks)", ("stream_c16", "per_s"), ",.0f"),
+        ("chunks/s c=16", ("stream_c16", "chunks_per_s"), ",.0f"),
+        ("TTFT p50 c=16 (ms)", ("stream_c16", "ttft_ms", "p50"), ".3f"),
+        ("TTFT p50 c=1 paced (ms)", ("ttft_c1", "ttft_ms", "p50"), ".3f"),
+        ("TTFT p99 c=1 paced (ms)", ("ttft_c1", "ttft_ms", "p99"), ".3f"),
+        ("TTFT added p50 c=1 (ms)", ("ttft_c1", "ttft_added_ms", "p50"), "+.3f"),
+        ("RSS idle (MB)", ("rss_idle_mb",), ".1f"),
+        (f"RSS {HOLD_STREAMS} streams open (MB)", ("hold_streams", "rss_peak_mb"), ".1f"),
+        ("RSS idle after load (MB)", ("rss_idle_after_mb",), ".1f"),
+        ("req per CPU-second c=64", ("plain", "c64", "per_cpu_second"), ",.0f"),
+        ("streams per CPU-second c=16", ("stream_c16", "per_cpu_second"), ",.0f"),
+        ("mock CPU % at c=64", ("plain", "c64", "mock_cpu_pct"), ".0f"),
+        ("target CPU % at c=64", ("plain", "c64", "target_cpu_pct"), ".0f"),
+        ("errors (all points)", ("errors_total",), "d"),
+        ("requests measured", ("requests_measured",), ",d"),
+        ("audit rows after the run", ("post_check", "audit_rows"), ",d"),
+    ]
+    for label, path, spec in metrics:
+        row(label, [fmt(get(data[n], *path), spec) if data[n] else "-" for n in names])
+    for n in names:
+        if not data[n]:
+            first = (results[n].get("reason") or "").splitlines()[:1] or [""]
+            lines.append(f"{n}: {results[n]['status']}: {first[0][:160]}")
+    lines.append("")
+    lines.append("SPEC §12 bars (FLM):")
+    for b in bar_rows:
+        verdict = {True: "PASS", False: "FAIL", None: "n/a"}[b["pass"]]
+        note = f"  ({b['note']})" if b["note"] else ""
+        lines.append(f"  {verdict:<5} {b['bar']:<38} {b['rule']:<8} value: {fmt(b['value'])}{note}")
+    return "\n".join(lines)
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="FLM benchmark harness (see bench/README.md)")
+    ap.add_argument(
+        "--targets",
+        default=",".join(ALL_TARGETS),
+        help=f"comma-separated, from {','.join(ALL_TARGETS)} (default: all)",
+    )
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds per point (default 10)")
+    ap.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds per target")
+    ap.add_argument("--out", default=str(BENCH / "results"), help="folder for the JSON file")
+    ap.add_argument(
+        "--ttft-pace-ms",
+        type=float,
+        default=2.0,
+        help="gap between chunks in the c=1 TTFT test (default 2)",
+    )
+    ap.add_argument(
+        "--hold-pace-ms",
+        type=float,
+        default=300.0,
+        help=f"gap between chunks for the {HOLD_STREAMS}-stream RSS test "
+        "(default 300: each stream lasts ~6 s)",
+    )
+    ap.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="do not pin the target to CPU 0 and the mock + load to the others",
+    )
+    ap.add_argument(
+        "--flm",
+        default=str(Path(sys.executable).parent / "flm"),
+        help="the flm executable (default: next to this Python)",
+    )
+    ap.add_argument("--litellm", default=str(BENCH / ".venv-litellm" / "bin" / "litellm"))
+    ap.add_argument(
+        "--plain-tool",
+        choices=["wrk", "builtin"],
+        default="wrk",
+        help="load generator for plain requests (default wrk; builtin = bench/loadclient.py)",
+    )
+    ap.add_argument("--keep-logs", action="store_true", help="keep the servers' logs")
+    args = ap.parse_args(argv)
+
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    bad = [t for t in targets if t not in ALL_TARGETS]
+    if bad:
+        ap.error(f"unknown target(s) {bad}; choose from {ALL_TARGETS}")
+    targets = [t for t in ALL_TARGETS if t in targets]
+    if "direct" not in targets:
+        log("note: without `direct` no 'added latency' figures can be computed")
+
+    atexit.register(Managed.stop_all)
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+
+    wrk = shutil.which("wrk") if args.plain_tool == "wrk" else None
+    if not wrk and args.plain_tool == "wrk":
+        log(
+            "warning: wrk not found (apt-get install -y wrk); using the built-in Python client "
+            "for plain requests, whose figures are lower and not comparable to wrk's"
+        )
+
+    cpus = sorted(os.sched_getaffinity(0))
+    target_cpus: set[int] | None = None
+    pin_note = "no pinning"
+    if not args.no_pin and len(cpus) >= 2:
+        target_cpus = {cpus[0]}
+        load_cpus = set(cpus[1:])
+        os.sched_setaffinity(0, load_cpus)  # this process, the mock and wrk inherit it
+        pin_note = (
+            f"server under test on CPU {cpus[0]}; mock engine and load generators on "
+            f"CPU {','.join(map(str, sorted(load_cpus)))} (direct: mock shares the load "
+            f"CPU)"
+        )
+    started = datetime.now(UTC)
+    load_before = os.getloadavg()
+    if load_before[0] > 0.5 * len(cpus):
+        log(
+            f"warning: the machine is busy (load average {load_before[0]:.1f} on {len(cpus)} "
+            "CPUs): figures are indicative only"
+        )
+
+    workdir = Path(tempfile.mkdtemp(prefix="flm-bench-"))
+    logdir = workdir / "logs"
+    logdir.mkdir()
+    mock_port = free_port()
+    mock = Managed(
+        "mock", [sys.executable, str(BENCH / "mock_engine.py"), "--port", str(mock_port)], logdir
+    )
+    results: dict[str, Any] = {}
+    try:
+        wait_ready(mock_port, "/health", mock, 15)
+        ctx = Ctx(
+            mock,
+            mock_port,
+            logdir,
+            workdir,
+            target_cpus,
+            Path(args.flm),
+            Path(args.litellm),
+            BENCH / "policy-all-on.json",
+        )
+        for name in targets:
+            log(f"[{name}] starting")
+            try:
+                t = STARTERS[name](ctx)
+            except Skip as exc:
+                log(f"[{name}] SKIPPED: {exc}")
+                results[name] = {"status": "skipped", "reason": str(exc)}
+                continue
+            try:
+                log(
+                    f"[{name}] ready on port {t.port}"
+                    + (f" after {t.startup_s:.2f} s" if t.startup_s is not None else "")
+                    + (f" ({t.version})" if t.version else "")
+                )
+                data = measure(t, ctx, args, wrk)
+                data["errors_total"] = sum(
+                    [r["errors"] for r in data["plain"].values()]
+                    + [data["stream_c16"]["errors"], data["ttft_c1"]["errors"]]
+                    + [data["hold_streams"]["streams"] - data["hold_streams"]["finished_ok"]]
+                )
+                results[name] = {
+                    "status": "ok",
+                    "version": t.version,
+                    "port": t.port,
+                    "startup_s": t.startup_s,
+                    "notes": t.notes,
+                    "data": data,
+                }
+            except (Skip, RuntimeError, OSError, subprocess.SubprocessError) as exc:
+                log(f"[{name}] FAILED: {exc}")
+                tail = t.proc.tail() if t.proc else ""
+                results[name] = {"status": "failed", "reason": f"{exc}\n{tail}".strip()}
+            finally:
+                t.stop()
+            if t.post_check is not None and results[name]["status"] == "ok":
+                post = t.post_check()
+                results[name]["data"]["post_check"] = post
+                log(f"  after stop: {json.dumps(post)}")
+            if not mock.alive():
+                raise RuntimeError(f"the mock engine died:\n{mock.tail()}")
+        mock_rss = round(tree_rss_mb(mock.pid), 1)
+    finally:
+        Managed.stop_all()
+        if not args.keep_logs:
+            shutil.rmtree(workdir, ignore_errors=True)
+    for name in results:
+        added(results, name)
+    bar_rows = bars(results)
+    checks = harness_checks(results)
+
+    doc = {
+        "schema": "flm-bench/1",
+        "started_at": started.isoformat(timespec="seconds"),
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "host": {
+            "cpus": len(cpus),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "load_average_before": [round(x, 2) for x in load_before],
+            "load_average_after": [round(x, 2) for x in os.getloadavg()],
+            "pinning": pin_note,
+        },
+        "config": {
+            "duration_s": args.duration,
+            "warmup_s": args.warmup,
+            "plain_tool": "wrk" if wrk else "builtin",
+            "stream_chunks": CHUNKS,
+            "ttft_pace_ms": args.ttft_pace_ms,
+            "hold_streams": HOLD_STREAMS,
+            "hold_pace_ms": args.hold_pace_ms,
+        },
+        "mock": {"rss_mb_at_end": mock_rss},
+        "targets": results,
+        "bars": bar_rows,
+        "harness_checks": checks,
+    }
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out_file = out_dir / f"{started.strftime('%Y%m%dT%H%M%SZ')}.json"
+    out_file.write_text(json.dumps(doc, indent=2) + "\n")
+
+    log("")
+    log(table(results, bar_rows))
+    if checks:
+        log("Harness checks (the mock engine and the load client are not the bottleneck):")
+    for c in checks:
+        verdict = "ok" if c["engine_and_client_not_bottleneck"] else "CHECK"
+        log(f"  {verdict:<5} {c['target']}: {c['detail']}")
+    log("")
+    log(
+        f"pinning: {pin_note}; load average before {load_before[0]:.1f}, "
+        f"after {os.getloadavg()[0]:.1f}"
+    )
+    log(f"JSON: {out_file}")
+    if args.keep_logs:
+        log(f"logs: {logdir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

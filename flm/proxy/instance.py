@@ -1,0 +1,344 @@
+"""One running proxy: its sockets, egress, certificate, servers and certificate renewal.
+
+Used by the daemon and by ``--no-daemon``. :func:`start_instance` goes in this order, so that a
+failure at any step leaves nothing behind (every socket closed, every server stopped):
+
+1. validate the options (:class:`~flm.services.proxy_config.StartConfig`);
+2. bind ``port`` (and ``port + 1`` in the TLS modes): "port in use" is known before anything;
+3. decide the egress: the SOCKS endpoint is probed (3 tries); fail-closed refuses the start,
+   fail-open falls back to direct; the events go to ``audit_logs``;
+4. TLS modes: the HTTP port starts answering (301 to HTTPS; in ``https-acme`` also the HTTP-01
+   challenges, which the ACME CA fetches while the certificate is being obtained), then the
+   certificate is issued, reused or obtained (:mod:`flm.services.certs`);
+5. the gateway starts (on HTTPS in the TLS modes, with a :class:`ReloadableServerContext`), and a
+   renewal task renews the certificate 30 days before it ends and swaps it into the running
+   server without a restart. :meth:`ProxyInstance.renew` forces that now (``flm proxy renew``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from flm.core.errors import FlmError, ProxyError
+from flm.core.timeutil import iso
+from flm.proxy.app import build_app
+from flm.proxy.redirect import RedirectApp
+from flm.proxy.runtime import ProxyRuntime, ProxySettings, build_runtime
+from flm.proxy.server import HttpServer, bind_socket
+from flm.services.certs import (
+    RENEW_BEFORE_DAYS,
+    AcmeSettings,
+    CertificateService,
+    due_for_renewal,
+    resolve_acme_settings,
+    trust_hints,
+)
+from flm.services.events import record_security_event
+from flm.services.proxy_config import ACME_MODE, LOCAL_HTTP, StartConfig
+
+if TYPE_CHECKING:
+    from flm.egress.config import EgressConfig
+    from flm.egress.policy import EffectiveEgress
+    from flm.services.context import Context
+    from flm.tls.certs import CertBundle
+    from flm.tls.challenge import ChallengeStore
+    from flm.tls.context import ReloadableServerContext
+
+log = logging.getLogger("flm.proxy")
+
+#: Audit event when the egress proxy is down and the start is refused (fail-closed).
+EVENT_EGRESS_REFUSED = "egress_unreachable"
+EVENT_RENEWED = "certificate_renewed"
+EVENT_RENEWAL_FAILED = "certificate_renewal_failed"
+
+#: Renewal task: look again at least this often, and never sooner than this.
+MAX_CHECK_INTERVAL_S = 12 * 3600.0
+MIN_CHECK_INTERVAL_S = 60.0
+
+
+@dataclass
+class TlsState:
+    holder: ReloadableServerContext
+    #: ``issued``, ``stored`` (reused) or ``stored-fallback`` (ACME failed, stored one valid).
+    source: str
+    acme: AcmeSettings | None = None
+    challenges: ChallengeStore | None = None
+    renewals: int = 0
+    renewed_at: float | None = None
+
+    @property
+    def bundle(self) -> CertBundle:
+        return self.holder.bundle
+
+
+class ProxyInstance:
+    """A started proxy. ``settings`` and ``runtime`` are what reloads touch."""
+
+    def __init__(self, ctx: Context, config: StartConfig, settings: ProxySettings,
+                 runtime: ProxyRuntime, servers: list[HttpServer], egress: EffectiveEgress,
+                 tls: TlsState | None, notes: list[str]) -> None:
+        self.ctx = ctx
+        self.config = config
+        self.settings = settings
+        self.runtime = runtime
+        self.servers = servers
+        self.egress = egress
+        self.tls = tls
+        self.notes = notes
+        self.started_at = time.time()
+        self.last_error: str | None = None
+        self.renew_before_days = RENEW_BEFORE_DAYS
+        self._renew_lock = asyncio.Lock()
+        self._renewal_task: asyncio.Task[None] | None = None
+
+    # --- status ----------------------------------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        s = self.settings
+        bundle = self.tls.bundle if self.tls else None
+        out: dict[str, Any] = {
+            "id": s.handle_id, "mode": s.mode, "port": s.port, "https_port": s.https_port,
+            "listen": s.bind, "endpoints": user_endpoints(s, self.config.acme_domain),
+            "egress": self.egress.to_dict(),
+            "uptime_s": round(time.time() - self.started_at, 1), "pid": os.getpid(),
+            "started_at": self.started_at,
+            "certificate_expiry": iso(bundle.not_after) if bundle else None,
+            "certificate": None, "last_error": self.last_error,
+            "engines": self.runtime.engines.ids(), "notes": list(self.notes),
+        }
+        if bundle is not None and self.tls is not None and s.https_port is not None:
+            cert = bundle.to_dict()
+            cert.update(source=self.tls.source, renewals=self.tls.renewals,
+                        key_path=str(bundle.key_path))
+            out["certificate"] = cert
+            hints = trust_hints(bundle, s.https_port)
+            if hints:
+                out["trust"] = hints
+        return out
+
+    # --- renewal ---------------------------------------------------------------------------------
+
+    def start_renewal(self) -> None:
+        if self.tls is not None and self._renewal_task is None:
+            self._renewal_task = asyncio.ensure_future(self._renewal_loop())
+
+    def _next_check_s(self, failures: int) -> float:
+        if failures:
+            return min(MAX_CHECK_INTERVAL_S / 12, MIN_CHECK_INTERVAL_S * 2.0 ** min(failures, 10))
+        assert self.tls is not None
+        due = self.tls.bundle.not_after.timestamp() - self.renew_before_days * 86400
+        return max(MIN_CHECK_INTERVAL_S, min(MAX_CHECK_INTERVAL_S, due - time.time()))
+
+    async def _renewal_loop(self) -> None:
+        failures = 0
+        while True:
+            await asyncio.sleep(self._next_check_s(failures))
+            try:
+                await self.renew(force=False)
+                failures = 0
+            except FlmError as exc:
+                failures += 1
+                log.warning("certificate renewal failed: %s", exc.message,
+                            extra={"handle": self.settings.handle_id})
+            except Exception:  # never let the task die silently
+                failures += 1
+                log.exception("certificate renewal crashed")
+
+    async def renew(self, *, force: bool = False) -> dict[str, Any]:
+        """Renew the certificate if it is due (or now, with ``force``) and swap it in.
+
+        Connections already open keep the certificate they negotiated; new ones get the new one.
+        """
+        tls = self.tls
+        if tls is None:
+            raise ProxyError(f"{self.settings.handle_id} serves plain HTTP: no certificate to "
+                             "renew")
+        certs = CertificateService(self.ctx.storage)
+        async with self._renew_lock:
+            old = tls.bundle
+            due = force or due_for_renewal(old, self.renew_before_days)
+            if tls.acme is not None:
+                if not due:
+                    return self._renew_result(old, old, renewed=False)
+                assert tls.challenges is not None
+                try:
+                    fresh = await asyncio.to_thread(certs.obtain_acme, tls.acme, tls.challenges)
+                except FlmError as exc:
+                    self.last_error = f"certificate renewal failed: {exc.message}"
+                    await asyncio.to_thread(
+                        record_security_event, self.ctx.storage, EVENT_RENEWAL_FAILED, "medium",
+                        {"handle": self.settings.handle_id, "domain": tls.acme.domain,
+                         "error": exc.message, "certificate_expiry": iso(old.not_after)})
+                    raise
+            else:
+                fresh = await asyncio.to_thread(certs.local, self.settings.mode)
+            renewed = fresh.fingerprint_sha256 != old.fingerprint_sha256
+            if renewed:
+                tls.holder.replace(fresh)
+                tls.renewals += 1
+                tls.renewed_at = time.time()
+                tls.source = "issued"
+                await asyncio.to_thread(
+                    record_security_event, self.ctx.storage, EVENT_RENEWED, "info",
+                    {"handle": self.settings.handle_id, "mode": self.settings.mode,
+                     "fingerprint_sha256": fresh.fingerprint_sha256,
+                     "previous_fingerprint_sha256": old.fingerprint_sha256,
+                     "not_after": iso(fresh.not_after)})
+            if self.last_error and self.last_error.startswith("certificate renewal failed"):
+                self.last_error = None
+            return self._renew_result(old, fresh, renewed=renewed)
+
+    def _renew_result(self, old: CertBundle, new: CertBundle, *, renewed: bool) -> dict[str, Any]:
+        return {"id": self.settings.handle_id, "renewed": renewed,
+                "fingerprint_sha256": new.fingerprint_sha256,
+                "previous_fingerprint_sha256": old.fingerprint_sha256,
+                "not_after": iso(new.not_after)}
+
+    # --- stop ------------------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        if self._renewal_task is not None:
+            self._renewal_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewal_task
+            self._renewal_task = None
+        for server in reversed(self.servers):
+            await server.stop()
+        await self.runtime.close()
+
+
+# --- start ---------------------------------------------------------------------------------------
+
+
+async def start_instance(ctx: Context, raw: dict[str, Any], *,
+                         handle_id: str | None = None) -> ProxyInstance:
+    """Start one proxy from ``proxy start``'s options (see the module docstring)."""
+    config = StartConfig.from_dict(raw)
+    handle = handle_id or f"proxy-{config.port}"
+    sockets = [bind_socket(config.bind, config.port)]
+    servers: list[HttpServer] = []
+    runtime: ProxyRuntime | None = None
+    try:
+        if config.https_port is not None:
+            sockets.append(bind_socket(config.bind, config.https_port))
+        egress = await decide_start_egress(ctx, config.egress, handle)
+        notes = []
+        if egress.fell_back:
+            notes.append(f"egress {egress.requested.mode} is unreachable: using direct "
+                         "connections (--egress-fail-open)")
+        settings = ProxySettings(
+            port=config.port, bind=config.bind, mode=config.mode, handle_id=handle,
+            https_port=config.https_port,
+            max_body_bytes=int(ctx.config.value("proxy.max_body_bytes")))
+        tls: TlsState | None = None
+        if config.mode == LOCAL_HTTP:
+            runtime = build_runtime(settings, ctx, egress.config)
+            servers.append(HttpServer(build_app(runtime), sockets[0]))
+            await servers[-1].start()
+        else:
+            assert config.https_port is not None
+            tls = await _prepare_tls(ctx, config, sockets[0], servers, notes)
+            runtime = build_runtime(settings, ctx, egress.config)
+            servers.append(HttpServer(build_app(runtime, tls=True), sockets[1],
+                                      tls.holder.context))
+            await servers[-1].start()
+    except BaseException:
+        for server in reversed(servers):
+            with contextlib.suppress(Exception):
+                await server.stop()
+        for sock in sockets:
+            sock.close()
+        if runtime is not None:
+            await runtime.close()
+        raise
+    instance = ProxyInstance(ctx, config, settings, runtime, servers, egress, tls, notes)
+    if tls is not None and tls.source == "stored-fallback":
+        instance.last_error = notes[-1] if notes else None
+    instance.start_renewal()
+    return instance
+
+
+async def _prepare_tls(ctx: Context, config: StartConfig, http_sock: socket.socket,
+                       servers: list[HttpServer], notes: list[str]) -> TlsState:
+    """Start the HTTP port (redirect/challenges) and get the certificate."""
+    from flm.tls.challenge import ChallengeStore
+    from flm.tls.context import ReloadableServerContext
+
+    assert config.https_port is not None
+    certs = CertificateService(ctx.storage)
+    if config.mode != ACME_MODE:
+        default_host = "localhost" if config.bind in ("127.0.0.1", "::1", "0.0.0.0", "::") \
+            else config.bind  # noqa: S104
+        servers.append(HttpServer(RedirectApp(config.https_port, default_host), http_sock))
+        await servers[-1].start()
+        bundle = await asyncio.to_thread(certs.local, config.mode)
+        source = "issued" if bundle.issued else "stored"
+        return TlsState(ReloadableServerContext(bundle), source)
+    assert config.acme_domain is not None and config.acme_email is not None
+    acme = resolve_acme_settings(config.acme_domain, config.acme_email, config.env)
+    challenges = ChallengeStore()
+    servers.append(HttpServer(RedirectApp(config.https_port, acme.domain, challenges),
+                              http_sock))
+    await servers[-1].start()
+    outcome = await asyncio.to_thread(certs.acme_at_start, acme, challenges, port=config.port)
+    if outcome.source == "stored":
+        notes.append(f"reused the stored certificate for {acme.domain} (valid until "
+                     f"{iso(outcome.bundle.not_after)})")
+    elif outcome.source == "stored-fallback":
+        notes.append(f"ACME failed ({outcome.error}); serving the stored certificate for "
+                     f"{acme.domain}, valid until {iso(outcome.bundle.not_after)}")
+        await asyncio.to_thread(
+            record_security_event, ctx.storage, EVENT_RENEWAL_FAILED, "medium",
+            {"domain": acme.domain, "error": outcome.error, "fallback": "stored certificate",
+             "certificate_expiry": iso(outcome.bundle.not_after)})
+    return TlsState(ReloadableServerContext(outcome.bundle), outcome.source, acme, challenges)
+
+
+async def decide_start_egress(ctx: Context, requested: EgressConfig,
+                              handle: str) -> EffectiveEgress:
+    """Probe the egress (3 tries) and record what happened; ``ProxyError`` when fail-closed."""
+    from flm.egress.policy import decide_egress
+
+    try:
+        effective = await asyncio.to_thread(decide_egress, requested)
+    except ProxyError as exc:
+        details = exc.details if isinstance(exc.details, dict) else {}
+        for event in details.get("events") or []:
+            await asyncio.to_thread(
+                record_security_event, ctx.storage, str(event["event_type"]),
+                str(event["severity"]), {**event.get("details", {}), "handle": handle,
+                                         "message": event.get("message")})
+        await asyncio.to_thread(
+            record_security_event, ctx.storage, EVENT_EGRESS_REFUSED, "high",
+            {"handle": handle, "mode": requested.mode, "endpoint": requested.socks5_endpoint,
+             "action": "start_refused", "message": exc.message, "probe": details.get("probe")})
+        raise
+    for event in effective.events:
+        await asyncio.to_thread(
+            record_security_event, ctx.storage, event.event_type, event.severity,
+            {**event.details, "handle": handle, "message": event.message})
+    return effective
+
+
+def user_endpoints(s: ProxySettings, acme_domain: str | None = None) -> list[str]:
+    """The URLs a user should use: localhost, or the LAN addresses when bound to all
+    interfaces, or the bind address; ``https://domain`` for ACME."""
+    if s.https_port is not None and acme_domain:
+        return [f"https://{acme_domain}:{s.https_port}"]
+    scheme, port = ("https", s.https_port) if s.https_port is not None else ("http", s.port)
+    if s.loopback_only:
+        hosts = ["localhost"]
+    elif s.bind in ("0.0.0.0", "::"):  # noqa: S104
+        from flm.tls.lan import lan_addresses
+
+        hosts = ["localhost", *lan_addresses()]
+    else:
+        hosts = [s.bind]
+    return [f"{scheme}://{h if ':' not in h else '[' + h + ']'}:{port}" for h in hosts]
