@@ -17,7 +17,7 @@ from typing import Any
 from flm.core.errors import EngineApiError, EngineError, EngineNetworkError
 from flm.core.models import Capabilities, EngineKind, ModelInfo
 from flm.engines.base import EngineAdapter, Health, require_dict, shape_embeddings
-from flm.openai.sse import DONE, encode_event, iter_lines
+from flm.openai.sse import DONE, encode_event, iter_line_batches
 
 _OPTION_NAMES = {
     "temperature": "temperature",
@@ -224,40 +224,43 @@ class OllamaAdapter(EngineAdapter):
         try:
             first = True
             saw_tools = False
-            async for line in iter_lines(resp.iter_chunks()):
-                if not line.strip():
-                    continue
-                try:
-                    item = json.loads(line)
-                except ValueError as exc:
-                    raise EngineApiError(f"Ollama sent an invalid stream line: {exc}") from exc
-                if not isinstance(item, dict):
-                    raise EngineApiError("Ollama sent a stream line that is not an object")
-                if "error" in item:
-                    raise EngineApiError(f"Ollama reported an error mid-stream: {item['error']}")
-                message = item.get("message") if isinstance(item.get("message"), dict) else {}
-                assert isinstance(message, dict)
-                delta: dict[str, Any] = {}
-                if first:
-                    delta["role"] = "assistant"
-                    first = False
-                if message.get("content"):
-                    delta["content"] = message["content"]
-                calls = _tool_calls(message)
-                if calls:
-                    delta["tool_calls"] = calls
-                    saw_tools = True
-                if item.get("done"):
+            async for lines in iter_line_batches(resp.iter_chunks()):
+                out: list[bytes] = []
+                for line in lines:
+                    try:
+                        item = json.loads(line)
+                    except ValueError as exc:
+                        raise EngineApiError(f"Ollama sent an invalid stream line: {exc}") from exc
+                    if not isinstance(item, dict):
+                        raise EngineApiError("Ollama sent a stream line that is not an object")
+                    if "error" in item:
+                        raise EngineApiError(
+                            f"Ollama reported an error mid-stream: {item['error']}")
+                    message = item.get("message") if isinstance(item.get("message"), dict) else {}
+                    assert isinstance(message, dict)
+                    delta: dict[str, Any] = {}
+                    if first:
+                        delta["role"] = "assistant"
+                        first = False
+                    if message.get("content"):
+                        delta["content"] = message["content"]
+                    calls = _tool_calls(message)
+                    if calls:
+                        delta["tool_calls"] = calls
+                        saw_tools = True
+                    if item.get("done"):
+                        if delta:
+                            out.append(event(delta, None))
+                        finish = "tool_calls" if saw_tools else _FINISH.get(
+                            str(item.get("done_reason") or "stop"), "stop")
+                        out += [event({}, finish, _usage(item)), DONE]
+                        finished = True
+                        yield b"".join(out)
+                        return
                     if delta:
-                        yield event(delta, None)
-                    finish = "tool_calls" if saw_tools else _FINISH.get(
-                        str(item.get("done_reason") or "stop"), "stop")
-                    yield event({}, finish, _usage(item))
-                    finished = True
-                    yield DONE
-                    return
-                if delta:
-                    yield event(delta, None)
+                        out.append(event(delta, None))
+                if out:
+                    yield b"".join(out)
             raise EngineNetworkError("Ollama stream ended before its final (done) line")
         finally:
             if finished:

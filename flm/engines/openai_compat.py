@@ -9,7 +9,7 @@ from typing import Any
 from flm.core.errors import EngineApiError, EngineNetworkError
 from flm.core.models import ModelInfo
 from flm.engines.base import EngineAdapter, Health, require_dict, shape_embeddings
-from flm.openai.sse import DONE, encode_event, iter_sse_data
+from flm.openai.sse import DONE, encode_event, iter_sse_batches
 
 
 class OpenAICompatAdapter(EngineAdapter):
@@ -43,27 +43,27 @@ class OpenAICompatAdapter(EngineAdapter):
         return require_dict(data, "chat completion", "choices")
 
     async def chat_stream(self, body: dict[str, Any], public_model: str) -> AsyncIterator[bytes]:
+        """Events are forwarded as bytes: the model id is rewritten with a byte replacement
+        when the engine echoes the name it was asked for (compact JSON, as vLLM, llama.cpp
+        and LM Studio write it), and only parsed when it does not."""
         payload = {**body, "stream": True}
         resp = await self.client.request("POST", "/v1/chat/completions", json_body=payload)
+        needle = b'"model":' + json.dumps(str(body.get("model", ""))).encode()
+        replacement = b'"model":' + json.dumps(public_model).encode()
         finished = False
         try:
-            async for data in iter_sse_data(resp.iter_chunks()):
-                if data == b"[DONE]":
-                    finished = True
-                    yield DONE
+            async for batch in iter_sse_batches(resp.iter_chunks()):
+                out: list[bytes] = []
+                for data in batch:
+                    if data == b"[DONE]":
+                        finished = True
+                        out.append(DONE)
+                        break
+                    out.append(encode_event(_rewrite_event(data, needle, replacement,
+                                                           public_model)))
+                yield b"".join(out)
+                if finished:
                     return
-                try:
-                    chunk = json.loads(data)
-                except ValueError as exc:
-                    raise EngineApiError(f"engine sent an invalid stream event: {exc}") from exc
-                if not isinstance(chunk, dict):
-                    raise EngineApiError("engine sent a stream event that is not an object")
-                if "error" in chunk:
-                    err = chunk["error"]
-                    message = err.get("message") if isinstance(err, dict) else err
-                    raise EngineApiError(f"engine reported an error mid-stream: {message}")
-                chunk["model"] = public_model
-                yield encode_event(json.dumps(chunk, separators=(",", ":")).encode())
             raise EngineNetworkError("engine stream ended without [DONE]")
         finally:
             if finished:
@@ -85,6 +85,25 @@ class OpenAICompatAdapter(EngineAdapter):
         prompt_tokens = int(usage.get("prompt_tokens") or usage.get("total_tokens") or 0)
         return shape_embeddings(vectors, str(data.get("model") or body.get("model")),  # type: ignore[arg-type]
                                 prompt_tokens, wanted)
+
+
+def _rewrite_event(data: bytes, needle: bytes, replacement: bytes, public_model: str) -> bytes:
+    """One chunk event with its model id made public; errors and oddities go through JSON."""
+    if (data[:1] == b"{" and data[-1:] == b"}" and needle in data
+            and not data.startswith(b'{"error"')):
+        return data.replace(needle, replacement, 1)
+    try:
+        chunk = json.loads(data)
+    except ValueError as exc:
+        raise EngineApiError(f"engine sent an invalid stream event: {exc}") from exc
+    if not isinstance(chunk, dict):
+        raise EngineApiError("engine sent a stream event that is not an object")
+    if "error" in chunk:
+        err = chunk["error"]
+        message = err.get("message") if isinstance(err, dict) else err
+        raise EngineApiError(f"engine reported an error mid-stream: {message}")
+    chunk["model"] = public_model
+    return json.dumps(chunk, separators=(",", ":")).encode()
 
 
 def _int_or_none(value: Any) -> int | None:

@@ -58,3 +58,65 @@ async def iter_sse_data(
         # comments (":"), "event:", "id:" and "retry:" lines carry nothing FLM forwards
     if data:
         yield b"\n".join(data)
+
+
+async def iter_sse_batches(
+    chunks: AsyncIterator[bytes], max_event: int = MAX_EVENT_BYTES
+) -> AsyncIterator[list[bytes]]:
+    """The ``data`` payloads of the SSE events completed by each upstream read, as one list per
+    read, so a burst of events costs one downstream write. Events are split on blank lines
+    (``\\n\\n``, after normalising ``\\r\\n``); multi-line data is joined with ``\\n``."""
+    buf = b""
+    async for chunk in chunks:
+        buf = buf + chunk if buf else chunk
+        if b"\r" in buf:
+            buf = buf.replace(b"\r\n", b"\n")
+        if b"\n\n" not in buf:
+            if len(buf) > max_event:
+                raise EngineApiError(f"engine sent an event larger than {max_event} bytes")
+            continue
+        *events, buf = buf.split(b"\n\n")
+        out: list[bytes] = []
+        for event in events:
+            if len(event) > max_event:
+                raise EngineApiError(f"engine sent an event larger than {max_event} bytes")
+            if event.startswith(b"data: ") and b"\n" not in event:
+                out.append(event[6:])  # the common case: one data line
+                continue
+            data = [line[5:].removeprefix(b" ") for line in event.split(b"\n")
+                    if line.startswith(b"data:")]
+            if data:
+                out.append(b"\n".join(data))
+        if out:
+            yield out
+        if len(buf) > max_event:
+            raise EngineApiError(f"engine sent an event larger than {max_event} bytes")
+    if buf.strip():
+        data = [line[5:].removeprefix(b" ") for line in buf.split(b"\n")
+                if line.startswith(b"data:")]
+        if data:
+            yield [b"\n".join(data)]
+
+
+async def iter_line_batches(
+    chunks: AsyncIterator[bytes], max_line: int = MAX_EVENT_BYTES
+) -> AsyncIterator[list[bytes]]:
+    """Non-empty NDJSON lines completed by each upstream read, one list per read."""
+    buf = b""
+    async for chunk in chunks:
+        buf = buf + chunk if buf else chunk
+        if b"\n" in buf:
+            *lines, buf = buf.split(b"\n")
+            batch = []
+            for line in lines:
+                if len(line) > max_line:
+                    raise EngineApiError(f"engine sent a line longer than {max_line} bytes")
+                line = line.rstrip(b"\r")
+                if line.strip():
+                    batch.append(line)
+            if batch:
+                yield batch
+        if len(buf) > max_line:
+            raise EngineApiError(f"engine sent a line longer than {max_line} bytes")
+    if buf.strip():
+        yield [buf.rstrip(b"\r")]

@@ -62,15 +62,16 @@ def test_detect_models_chat_stream_embeddings(cli: Any, emulator: Any) -> None:
             pieces: list[str] = []
             import json
 
-            async for event in adapter.chat_stream(body, "flm://e1/m"):
+            async for batch in adapter.chat_stream(body, "flm://e1/m"):
                 arrivals.append(time.monotonic())
-                payload = event[6:].strip()
-                if payload == b"[DONE]":
-                    continue
-                chunk = json.loads(payload)
-                assert chunk["model"] == "flm://e1/m"
-                for choice in chunk.get("choices", []):
-                    pieces.append(choice["delta"].get("content") or "")
+                for event in batch.split(b"\n\n"):
+                    payload = event[6:].strip()
+                    if not event or payload == b"[DONE]":
+                        continue
+                    chunk = json.loads(payload)
+                    assert chunk["model"] == "flm://e1/m"
+                    for choice in chunk.get("choices", []):
+                        pieces.append(choice["delta"].get("content") or "")
             assert "".join(pieces) == expected_reply("count the birds")
             # chunks arrived spread over time, not all at the end
             assert arrivals[-1] - arrivals[0] >= 0.15 * 3

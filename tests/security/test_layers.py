@@ -256,3 +256,12 @@ def test_retry_after_matches_refill(env: Env) -> None:
     assert status == 429 and int(headers["retry-after"]) == math.ceil(60 / 6)
     fake.now += 10
     assert env.request("GET", "/v1/models")[0] == 200
+
+
+def test_probing_missing_routes_scores(env: Env) -> None:
+    env.policy({"intrusion_detection": {"enabled": True, "score_threshold": 100}})
+    for i in range(9):
+        assert env.request("GET", f"/probe-{i}", source="127.0.0.15")[0] == 404
+    assert env.rt.guard.scores["127.0.0.15"][0] == 90
+    assert env.request("GET", "/probe-x", source="127.0.0.15")[0] == 404  # reaches 100
+    assert env.request("GET", "/v1/models", source="127.0.0.15")[0] == 403

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 import secrets
 import time
 
@@ -21,8 +22,13 @@ BASE_HEADERS = [
 ]
 
 
+# Request ids are correlation handles, not secrets: a PRNG seeded from the OS is enough and
+# avoids a system call per request.
+_ids = random.Random(secrets.randbits(64))  # noqa: S311 - ids are not secrets
+
+
 def new_request_id() -> str:
-    return f"{int(time.time() * 1000)}-{secrets.token_hex(6)}"
+    return f"{int(time.time() * 1000)}-{_ids.getrandbits(48):012x}"
 
 
 class ErrorMiddleware:
@@ -39,27 +45,21 @@ class ErrorMiddleware:
             await self._send_error(scope, send, HttpError(431, "headers_too_large",
                                                           "request headers too large"))
             return
-        started = False
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+        # The request-id layer (outside this one) records the status once a response has
+        # started; after that an error can only cut the response, not replace it.
         try:
-            await self.app(scope, receive, tracking_send)
+            await self.app(scope, receive, send)
         except HttpError as exc:
-            if started:
+            if scope["flm"].status:
                 raise
             await self._send_error(scope, send, exc)
         except FlmError as exc:
-            if started:
+            if scope["flm"].status:
                 raise
             await self._send_error(scope, send, HttpError.from_flm(exc))
         except Exception:
             log.exception("unhandled error in request")
-            if started:
+            if scope["flm"].status:
                 raise
             await self._send_error(scope, send, HttpError(500, "internal_error",
                                                           "internal error"))

@@ -11,7 +11,7 @@ import time
 
 from flm.core.policy import EffectivePolicy
 from flm.openai.errors import HttpError
-from flm.proxy.asgi import ASGIApp, Message, Receive, Scope, Send, header, state_of
+from flm.proxy.asgi import ASGIApp, Receive, Scope, Send, header, state_of
 from flm.proxy.guard import HONEYPOT_SCORE, HONEYPOTS, NOT_FOUND_SCORE, Block, score_request
 from flm.proxy.runtime import ProxyRuntime
 
@@ -181,12 +181,15 @@ class IntrusionMiddleware:
                 if block is not None:
                     raise _blocked_error(block, rt.guard.clock())
 
-            async def watch_404(message: Message) -> None:
-                if message["type"] == "http.response.start" and message["status"] == 404:
+            # probing for routes that do not exist scores too
+            try:
+                await self.app(scope, receive, send)
+            except HttpError as exc:
+                if exc.status == 404:
                     self._score(scope, NOT_FOUND_SCORE, ("not_found_probe",))
-                await send(message)
-
-            await self.app(scope, receive, watch_404)
+                raise
+            if state_of(scope).status == 404:
+                self._score(scope, NOT_FOUND_SCORE, ("not_found_probe",))
             return
         await self.app(scope, receive, send)
 

@@ -92,22 +92,32 @@ async def stream_events(scope: Scope, receive: Receive, send: Send, rt: ProxyRun
                         events: AsyncIterator[bytes]) -> None:
     """Forward SSE events as they arrive. Failures before the first event are ordinary HTTP
     errors; after it, one error event and ``[DONE]``. A client that goes away cancels the
-    upstream request at once."""
+    upstream request at once: a watcher waits for ``http.disconnect`` and cancels this task,
+    which closes the engine connection through the adapter's ``finally``."""
     state = state_of(scope)
     state.streaming = True
     metrics = rt.metrics
     tap = _UsageTap(events, state, rt)
+    current = asyncio.current_task()
+    assert current is not None
+    gone = False
 
-    async def first_event() -> bytes:
+    async def watch() -> None:
+        nonlocal gone
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        gone = True
+        current.cancel()
+
+    watcher = asyncio.ensure_future(watch())
+    metrics.active_streams.inc()
+    try:
         try:
-            return await tap.__anext__()
+            first = await tap.__anext__()
         except StopAsyncIteration:
             raise HttpError(502, "engine_error", "engine sent an empty stream") from None
         except EngineError as exc:
             raise HttpError.from_flm(exc) from exc
-
-    async def pump() -> None:
-        first = await first_event()
         now = time.perf_counter()
         state.first_byte_at = now
         metrics.ttft.labels(state.engine_id or "").observe(now - state.started)
@@ -123,44 +133,32 @@ async def stream_events(scope: Scope, receive: Receive, send: Send, rt: ProxyRun
                         "body": encode_event(json.dumps(failure).encode()) + DONE,
                         "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-    metrics.active_streams.inc()
-    pump_task = asyncio.ensure_future(pump())
-    watcher = asyncio.ensure_future(_wait_disconnect(receive))
-    try:
-        done, _ = await asyncio.wait({pump_task, watcher},
-                                     return_when=asyncio.FIRST_COMPLETED)
-        if pump_task in done:
-            watcher.cancel()
-            pump_task.result()
-        else:
-            pump_task.cancel()
-            state.error_code = "client_disconnected"
-            await asyncio.gather(pump_task, return_exceptions=True)
+    except asyncio.CancelledError:
+        if not gone:
+            raise  # the server is shutting down
+        state.error_code = "client_disconnected"
+        current.uncancel()
     finally:
+        watcher.cancel()
         metrics.active_streams.dec()
         await tap.aclose()
 
 
-def _note_stream_usage(event: bytes, state: RequestState, rt: ProxyRuntime) -> None:
-    try:
-        data = json.loads(event[6:])
-    except ValueError:
-        return
-    if isinstance(data, dict):
-        _record_usage(state, data.get("usage"), rt)
-
-
-async def _wait_disconnect(receive: Receive) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
+def _note_stream_usage(batch: bytes, state: RequestState, rt: ProxyRuntime) -> None:
+    for event in batch.split(b"\n\n"):
+        if b'"usage":{' not in event:
+            continue
+        try:
+            data = json.loads(event[6:])
+        except ValueError:
+            continue
+        if isinstance(data, dict):
+            _record_usage(state, data.get("usage"), rt)
 
 
 class _UsageTap:
-    """Wraps an event iterator to remember the usage of the stream (the event carrying it
-    is the last data event for every engine FLM supports)."""
+    """Wraps an event iterator to remember the usage the stream reports (in its last data
+    event, for every engine FLM supports)."""
 
     def __init__(self, events: AsyncIterator[bytes], state: RequestState,
                  rt: ProxyRuntime) -> None:
@@ -172,10 +170,10 @@ class _UsageTap:
         return self
 
     async def __anext__(self) -> bytes:
-        event = await self._events.__anext__()
-        if b'"usage":{' in event:
-            _note_stream_usage(event, self._state, self._rt)
-        return event
+        batch = await self._events.__anext__()
+        if b'"usage":{' in batch:
+            _note_stream_usage(batch, self._state, self._rt)
+        return batch
 
     async def aclose(self) -> None:
         aclose = getattr(self._events, "aclose", None)
