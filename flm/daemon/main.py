@@ -143,7 +143,10 @@ class Daemon:
             return ids
 
     async def reload(self, *, port: int | None = None) -> list[str]:
-        """Apply the current policy, keys and engines to running proxies."""
+        """Apply the current policy, keys, blocklist and engines to running proxies. A stored
+        policy that no longer validates is refused and the one in force stays."""
+        from flm.core.errors import PolicyInvalidError
+        from flm.proxy.runtime import _is_self, load_block_rows
         from flm.services.keys import KeyService
 
         policy = await asyncio.to_thread(lambda: self.ctx.policy.show()["policy"])
@@ -154,11 +157,16 @@ class Daemon:
         for inst in list(self.instances.values()):
             if port is not None and inst.settings.port != port:
                 continue
-            from flm.proxy.runtime import _is_self
-
             rt = inst.runtime
-            rt.policy = policy
+            try:
+                rt.apply_policy(policy)
+            except PolicyInvalidError as exc:
+                inst.last_error = f"policy refused on reload: {exc.message}"
+                log.warning("%s", inst.last_error)
             rt.keys.retain_only(active)
+            if rt.audit is not None:
+                await asyncio.to_thread(rt.audit.flush)  # blocks made here reach the table
+            rt.load_blocks(await asyncio.to_thread(load_block_rows, self.ctx))
             gone = rt.engines.replace(e for e in endpoints if not _is_self(e, inst.settings))
             for adapter in gone:
                 await adapter.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import struct
 import time
 from abc import ABC, abstractmethod
@@ -63,6 +64,16 @@ class EngineAdapter(ABC):
 
     @abstractmethod
     async def chat(self, body: dict[str, Any]) -> dict[str, Any]: ...
+
+    async def chat_bytes(self, body: dict[str, Any],
+                         public_model: str) -> tuple[bytes, dict[str, Any] | None]:
+        """The reply as JSON bytes with ``model`` set to ``public_model``, and its usage.
+        Engines whose replies need no translation override this to skip a parse/serialise."""
+        reply = await self.chat(body)
+        reply["model"] = public_model
+        usage = reply.get("usage")
+        return (json.dumps(reply, separators=(",", ":"), ensure_ascii=False).encode(),
+                usage if isinstance(usage, dict) else None)
 
     @abstractmethod
     def chat_stream(self, body: dict[str, Any], public_model: str) -> AsyncIterator[bytes]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -41,6 +42,27 @@ class OpenAICompatAdapter(EngineAdapter):
         payload = {**body, "stream": False}
         data = await self.client.post_json("/v1/chat/completions", payload)
         return require_dict(data, "chat completion", "choices")
+
+    async def chat_bytes(self, body: dict[str, Any],
+                         public_model: str) -> tuple[bytes, dict[str, Any] | None]:
+        payload = {**body, "stream": False}
+        resp = await self.client.request("POST", "/v1/chat/completions", json_body=payload)
+        try:
+            raw = (await resp.read()).strip()
+        finally:
+            resp.release()
+        needle = b'"model":' + json.dumps(str(body.get("model", ""))).encode()
+        if raw[:1] == b"{" and raw[-1:] == b"}" and b'"choices"' in raw and needle in raw:
+            return (raw.replace(needle, b'"model":' + json.dumps(public_model).encode(), 1),
+                    _usage_of(raw))
+        try:
+            reply = require_dict(json.loads(raw), "chat completion", "choices")
+        except ValueError as exc:
+            raise EngineApiError(f"engine sent invalid JSON: {exc}") from exc
+        reply["model"] = public_model
+        usage = reply.get("usage")
+        return (json.dumps(reply, separators=(",", ":"), ensure_ascii=False).encode(),
+                usage if isinstance(usage, dict) else None)
 
     async def chat_stream(self, body: dict[str, Any], public_model: str) -> AsyncIterator[bytes]:
         """Events are forwarded as bytes: the model id is rewritten with a byte replacement
@@ -85,6 +107,18 @@ class OpenAICompatAdapter(EngineAdapter):
         prompt_tokens = int(usage.get("prompt_tokens") or usage.get("total_tokens") or 0)
         return shape_embeddings(vectors, str(data.get("model") or body.get("model")),  # type: ignore[arg-type]
                                 prompt_tokens, wanted)
+
+
+_TOKENS = re.compile(rb'"(prompt_tokens|completion_tokens)":\s*(\d+)')
+
+
+def _usage_of(raw: bytes) -> dict[str, Any] | None:
+    """Token counts of a reply without parsing it: they sit in its (last) usage object."""
+    at = raw.rfind(b'"usage":{')
+    if at < 0:
+        return None
+    found = {m[1].decode(): int(m[2]) for m in _TOKENS.finditer(raw, at)}
+    return found or None
 
 
 def _rewrite_event(data: bytes, needle: bytes, replacement: bytes, public_model: str) -> bytes:

@@ -169,7 +169,8 @@ class ProxyInstance:
                     return self._renew_result(old, old, renewed=False)
                 assert tls.challenges is not None
                 try:
-                    fresh = await asyncio.to_thread(certs.obtain_acme, tls.acme, tls.challenges)
+                    fresh = await asyncio.to_thread(certs.obtain_acme, tls.acme, tls.challenges,
+                                                    self.runtime.egress)
                 except FlmError as exc:
                     self.last_error = f"certificate renewal failed: {exc.message}"
                     await asyncio.to_thread(
@@ -244,7 +245,7 @@ async def start_instance(ctx: Context, raw: dict[str, Any], *,
             await servers[-1].start()
         else:
             assert config.https_port is not None
-            tls = await _prepare_tls(ctx, config, sockets[0], servers, notes)
+            tls = await _prepare_tls(ctx, config, sockets[0], servers, notes, egress.config)
             runtime = build_runtime(settings, ctx, egress.config)
             servers.append(HttpServer(build_app(runtime, tls=True), sockets[1],
                                       tls.holder.context))
@@ -266,7 +267,8 @@ async def start_instance(ctx: Context, raw: dict[str, Any], *,
 
 
 async def _prepare_tls(ctx: Context, config: StartConfig, http_sock: socket.socket,
-                       servers: list[HttpServer], notes: list[str]) -> TlsState:
+                       servers: list[HttpServer], notes: list[str],
+                       egress: EgressConfig) -> TlsState:
     """Start the HTTP port (redirect/challenges) and get the certificate."""
     from flm.tls.challenge import ChallengeStore
     from flm.tls.context import ReloadableServerContext
@@ -287,7 +289,8 @@ async def _prepare_tls(ctx: Context, config: StartConfig, http_sock: socket.sock
     servers.append(HttpServer(RedirectApp(config.https_port, acme.domain, challenges),
                               http_sock))
     await servers[-1].start()
-    outcome = await asyncio.to_thread(certs.acme_at_start, acme, challenges, port=config.port)
+    outcome = await asyncio.to_thread(certs.acme_at_start, acme, challenges, port=config.port,
+                                      egress=egress)
     if outcome.source == "stored":
         notes.append(f"reused the stored certificate for {acme.domain} (valid until "
                      f"{iso(outcome.bundle.not_after)})")

@@ -30,6 +30,7 @@ from flm.storage import Storage
 from flm.tls.certs import CertBundle, load_cert_file, needs_renewal
 
 if TYPE_CHECKING:
+    from flm.egress.config import EgressConfig
     from flm.tls.acmeclient import AcmeDirectory
 
 LOCAL_MODES = (DEV_MODE, LOCAL_CA_MODE)
@@ -120,10 +121,23 @@ class CertificateService:
 
         return load_acme_certificate(self.certs_dir, domain)
 
-    def obtain_acme(self, settings: AcmeSettings,
-                    challenges: MutableMapping[str, str]) -> CertBundle:
-        """One HTTP-01 issuance; the certificate is stored and recorded. ``ProxyAcmeError``."""
+    def obtain_acme(self, settings: AcmeSettings, challenges: MutableMapping[str, str],
+                    egress: EgressConfig | None = None) -> CertBundle:
+        """One HTTP-01 issuance; the certificate is stored and recorded. ``ProxyAcmeError``.
+
+        ``egress``: the egress in force; the ACME CA is reached through it unless it is on
+        this machine.
+        """
         from flm.tls.acmeclient import ACME_LIVE_DIR, AcmeClient, store_acme_certificate
+
+        hook = None
+        if egress is not None and egress.uses_proxy:
+            from flm.egress.sync import mount_egress
+
+            url = settings.directory.url
+
+            def hook(session: Any) -> None:
+                mount_egress(session, egress, url)
 
         ensure_private_dir(self.certs_dir / ACME_LIVE_DIR)  # 0700, like certs/<domain>/ in it
         client = AcmeClient(
@@ -132,6 +146,7 @@ class CertificateService:
             self.account_key_path(settings.directory.url),
             ca_bundle=settings.directory.ca_bundle,
             timeout_s=settings.timeout_s,
+            session_hook=hook,
         )
         chain, key = client.obtain(settings.domain, challenges)
         bundle = store_acme_certificate(self.certs_dir, settings.domain, chain, key)
@@ -139,14 +154,15 @@ class CertificateService:
         return bundle
 
     def acme_at_start(self, settings: AcmeSettings, challenges: MutableMapping[str, str], *,
-                      port: int, renew_before_days: float = RENEW_BEFORE_DAYS) -> AcmeOutcome:
+                      port: int, renew_before_days: float = RENEW_BEFORE_DAYS,
+                      egress: EgressConfig | None = None) -> AcmeOutcome:
         """The fallback chain of SPEC §6 (see the module docstring)."""
         stored = self.stored_acme(settings.domain)
         if stored is not None and not due_for_renewal(stored, renew_before_days):
             self.record(stored)
             return AcmeOutcome(stored, "stored")
         try:
-            return AcmeOutcome(self.obtain_acme(settings, challenges), "issued")
+            return AcmeOutcome(self.obtain_acme(settings, challenges, egress), "issued")
         except ProxyAcmeError as exc:
             if stored is not None:
                 self.record(stored)

@@ -24,7 +24,7 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -192,6 +192,8 @@ class AcmeClient:
 
     ``account_key_path`` is created (P-256, 0600) on first use and reused afterwards; the account
     is registered (agreeing to the CA's terms of service) the first time it is needed.
+    ``session_hook`` is called with each new ``requests.Session`` before it is used (the egress
+    layer mounts its SOCKS5 adapter there).
     """
 
     def __init__(
@@ -201,6 +203,7 @@ class AcmeClient:
         account_key_path: Path,
         ca_bundle: Path | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        session_hook: Callable[[Any], None] | None = None,
     ) -> None:
         if timeout_s <= 0:
             raise ProxyAcmeError("the ACME timeout must be positive")
@@ -209,6 +212,7 @@ class AcmeClient:
         self.account_key_path = Path(account_key_path)
         self.ca_bundle = Path(ca_bundle) if ca_bundle else None
         self.timeout_s = timeout_s
+        self.session_hook = session_hook
         #: How many times a nonce was refused twice in a row and FLM retried (for diagnostics).
         self.bad_nonce_retries = 0
         self._account_uri: str | None = None
@@ -245,6 +249,8 @@ class AcmeClient:
         key, alg = self._account_key()
         verify: bool | str = str(self.ca_bundle) if self.ca_bundle else True
         net = _Network(key, alg, verify, deadline)
+        if self.session_hook is not None:
+            self.session_hook(net.session)
         try:
             self._step = f"fetching the ACME directory {self.directory_url}"
             directory = client.ClientV2.get_directory(self.directory_url, net)

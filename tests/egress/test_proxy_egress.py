@@ -359,3 +359,28 @@ def test_socks_down_and_fail_open_goes_direct_with_an_audit_event(
     assert severity == "high" and details["endpoint"] == f"127.0.0.1:{dead}"
     assert details["mode"] == "socks5"
 
+
+
+def test_acme_orders_go_through_the_socks_proxy(
+    cli: Any, proxies: None, socks: Socks, remote_name: tuple[str, str], flm_home: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ACME CA, reached by host name, sees FLM's requests arrive from microsocks."""
+    from ..tls.support import free_port_pair, run_pebble
+
+    name, address = remote_name
+    port = free_port_pair()
+    with run_pebble(tmp_path / "pebble", http_port=port, host=name, listen=address) as pebble:
+        acme_port = int(pebble.directory_url.rsplit(":", 1)[1].split("/", 1)[0])
+        monkeypatch.setenv("FLM_ACME_DIRECTORY", pebble.directory_url)
+        monkeypatch.setenv("FLM_ACME_CA_BUNDLE", str(pebble.ca_bundle))
+        result = flm_subprocess("proxy", "start", "--mode", "https-acme", "--port", str(port),
+                                "--acme-domain", "localhost", "--acme-email", "a@flm.test",
+                                "--egress-mode", "socks5", "--socks5-endpoint", socks.endpoint)
+        assert result.returncode == 0, result.stdout + result.stderr
+        data = json.loads(result.stdout)["data"]
+        assert data["certificate"]["source"] == "issued"
+        assert data["egress"]["mode"] == "socks5"
+        renewed = cli("proxy", "renew", "--port", str(port))
+        assert renewed.code == 0 and renewed.data["renewed"][0]["renewed"], renewed.out
+    assert socks.log().count(f"connected to {name}:{acme_port}") >= 2

@@ -130,13 +130,22 @@ class Pebble:
 
 @contextmanager
 def run_pebble(
-    workdir: Path, *, http_port: int, env: dict[str, str] | None = None
+    workdir: Path,
+    *,
+    http_port: int,
+    env: dict[str, str] | None = None,
+    host: str = "localhost",
+    listen: str = "127.0.0.1",
 ) -> Iterator[Pebble]:
-    """Start Pebble on loopback ports; HTTP-01 validation goes to ``http_port``."""
+    """Start Pebble on loopback ports; HTTP-01 validation goes to ``http_port``.
+
+    Its ACME directory is ``https://{host}:…/dir`` (its HTTPS certificate names ``host``,
+    ``localhost`` and 127.0.0.1); it listens on ``listen``.
+    """
     binary = require_tool("pebble", "pebble")
     workdir.mkdir(parents=True, exist_ok=True)
     ca = trustme.CA()
-    server_cert = ca.issue_cert("localhost", "127.0.0.1")
+    server_cert = ca.issue_cert(*dict.fromkeys((host, "localhost", "127.0.0.1")))
     cert_file, key_file, ca_file = workdir / "cert.pem", workdir / "key.pem", workdir / "ca.pem"
     server_cert.cert_chain_pems[0].write_to_path(str(cert_file))
     server_cert.private_key_pem.write_to_path(str(key_file))
@@ -144,7 +153,7 @@ def run_pebble(
     acme_port, mgmt_port, tls_port = free_port(), free_port(), free_port()
     config = {
         "pebble": {
-            "listenAddress": f"127.0.0.1:{acme_port}",
+            "listenAddress": f"{listen}:{acme_port}",
             "managementListenAddress": f"127.0.0.1:{mgmt_port}",
             "certificate": str(cert_file),
             "privateKey": str(key_file),
@@ -168,7 +177,7 @@ def run_pebble(
         )
     pebble = Pebble(
         process=proc,
-        directory_url=f"https://localhost:{acme_port}/dir",
+        directory_url=f"https://{host}:{acme_port}/dir",
         management_url=f"https://localhost:{mgmt_port}",
         ca_bundle=ca_file,
         log_path=log_path,

@@ -20,7 +20,16 @@ from flm.openai.translate import (
     plan_embeddings,
     responses_to_chat,
 )
-from flm.proxy.asgi import Receive, RequestState, Scope, Send, read_json, send_json, state_of
+from flm.proxy.asgi import (
+    Receive,
+    RequestState,
+    Scope,
+    Send,
+    read_json,
+    send_bytes,
+    send_json,
+    state_of,
+)
 from flm.proxy.runtime import ProxyRuntime
 
 SSE_HEADERS = [
@@ -71,10 +80,9 @@ async def chat_completions(scope: Scope, receive: Receive, send: Send,
     if plan.stream:
         await stream_events(scope, receive, send, rt, adapter.chat_stream(plan.body, public))
         return
-    reply = await _engine_call(adapter.chat(plan.body), state)
-    reply["model"] = public
-    _record_usage(state, reply.get("usage"), rt)
-    await send_json(send, 200, reply)
+    reply, usage = await _engine_call(adapter.chat_bytes(plan.body, public), state)
+    _record_usage(state, usage, rt)
+    await send_bytes(send, 200, reply)
 
 
 async def _engine_call(coro: Any, state: RequestState) -> Any:
