@@ -46,6 +46,7 @@ _TRAVERSAL_RAW = re.compile(
     r"|boot\.ini|win\.ini|%00)",
     re.IGNORECASE,
 )
+_PLAIN_PATH = re.compile(rb"(/[A-Za-z0-9_\-]+)+/?|/")
 _SCANNERS = re.compile(
     r"(sqlmap|nikto|nmap|masscan|zgrab|gobuster|dirbuster|dirb/|wpscan|nuclei|acunetix|nessus"
     r"|openvas|w3af|havij|fimap|hydra|zmeu|morfeus|jorgee|netsparker|whatweb|feroxbuster|ffuf)",
@@ -78,6 +79,11 @@ def score_request(raw_path: bytes, query: bytes, user_agent: bytes) -> Score:
     Bodies are never scored: a prompt that *mentions* SQL or ``../`` is not an attack."""
     points = 0
     reasons: list[str] = []
+    if user_agent and _SCANNERS.search(user_agent.decode("latin-1")):
+        points += 50
+        reasons.append("scanner_user_agent")
+    if not query and raw_path.isascii() and _PLAIN_PATH.fullmatch(raw_path):
+        return Score(points, tuple(reasons))  # a plain path: nothing to decode or match
     target = raw_path.decode("latin-1")
     q = query.decode("latin-1")
     decoded = unquote_plus(unquote_plus(target + "?" + q))
@@ -87,9 +93,6 @@ def score_request(raw_path: bytes, query: bytes, user_agent: bytes) -> Score:
     if _SQLI.search(decoded):
         points += 60
         reasons.append("sql_injection")
-    if user_agent and _SCANNERS.search(user_agent.decode("latin-1")):
-        points += 50
-        reasons.append("scanner_user_agent")
     return Score(points, tuple(reasons))
 
 
