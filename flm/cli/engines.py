@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict
 from typing import Any
 
 from flm.cli.output import Result, pairs, run_async, table
@@ -58,8 +57,8 @@ def list_(ctx: Context, args: argparse.Namespace) -> Result:
 
 def add(ctx: Context, args: argparse.Namespace) -> Result:
     row = ctx.engines.add(args.kind, args.url, args.engine_id)
-    return Result(asdict(row), text=pairs)
+    return Result(row.public(), text=pairs)
 
 
 def remove(ctx: Context, args: argparse.Namespace) -> Result:
-    return Result(asdict(ctx.engines.remove(args.engine_id)), text=pairs)
+    return Result(ctx.engines.remove(args.engine_id).public(), text=pairs)

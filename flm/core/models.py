@@ -66,6 +66,8 @@ class EngineEndpoint:
     base_url: str
     #: "default" (the kind's conventional endpoint), "registered" (flm engines add) or "managed".
     source: str = "default"
+    #: Bearer key FLM presents to the engine, if it needs one (never shown or logged).
+    api_key: str | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass

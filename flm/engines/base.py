@@ -44,7 +44,8 @@ class EngineAdapter(ABC):
     def __init__(self, endpoint: EngineEndpoint, timeouts: Timeouts | None = None,
                  client: EngineClient | None = None) -> None:
         self.endpoint = endpoint
-        self.client = client or EngineClient(endpoint.base_url, timeouts)
+        self.client = client or EngineClient(endpoint.base_url, timeouts,
+                                             api_key=endpoint.api_key)
 
     @property
     def id(self) -> str:

@@ -152,8 +152,10 @@ class EngineClient:
         connector: aiohttp.BaseConnector | None = None,
         limit: int = 256,
         connector_factory: Callable[[], aiohttp.BaseConnector | None] | None = None,
+        api_key: str | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else None
         self.timeouts = timeouts or Timeouts()
         self._connector = connector
         self._connector_factory = connector_factory
@@ -174,6 +176,7 @@ class EngineClient:
                 timeout=aiohttp.ClientTimeout(total=None, connect=self.timeouts.connect_s),
                 auto_decompress=True,
                 skip_auto_headers=("User-Agent",),
+                headers=self._auth,
             )
         return self._session
 

@@ -64,7 +64,8 @@ class EngineRegistry:
 
         url = endpoint.base_url
         return EngineClient(url, self._timeouts,
-                            connector_factory=lambda: connector_for(egress, url))
+                            connector_factory=lambda: connector_for(egress, url),
+                            api_key=endpoint.api_key)
 
     def ids(self) -> list[str]:
         return list(self._adapters)

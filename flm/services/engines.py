@@ -145,7 +145,8 @@ class EngineService:
         for row in rows:
             if row.enabled:
                 out.append(EngineEndpoint(row.id, EngineKind(row.kind), row.base_url,
-                                          "managed" if row.managed else "registered"))
+                                          "managed" if row.managed else "registered",
+                                          api_key=row.api_key))
         return out
 
     def endpoint(self, engine_id: str) -> EngineEndpoint:
@@ -155,7 +156,8 @@ class EngineService:
         raise EngineNotFoundError(f"no engine with id {engine_id!r}")
 
     def add(self, kind: str, url: str, engine_id: str | None = None, *, managed: bool = False,
-            pid: int | None = None, model_path: str | None = None) -> EngineRow:
+            pid: int | None = None, model_path: str | None = None,
+            api_key: str | None = None) -> EngineRow:
         parsed_kind = parse_kind(kind)
         base_url = normalize_url(url, default_port=_DEFAULTS[parsed_kind][1])
         taken = {r.id for r in self.registered()}
@@ -173,7 +175,7 @@ class EngineService:
         repo = EnginesRepo(self._storage.config)
         try:
             row = repo.add(engine_id, parsed_kind.value, base_url, managed=managed, pid=pid,
-                           model_path=model_path)
+                           model_path=model_path, api_key=api_key)
         except FlmError as exc:
             if "UNIQUE" in exc.message:
                 raise EngineExistsError(
@@ -279,7 +281,9 @@ class EngineService:
             reason = f"{state.status.value}: {state.error}" if state else "not running"
             raise EngineNotFoundError(f"engine {engine_id!r} is not usable ({reason})")
         timeouts = self.timeouts()
-        adapters = [make_adapter(EngineEndpoint(s.id, s.kind, s.base_url, s.source), timeouts)
+        endpoints = {e.id: e for e in self.endpoints()}
+        adapters = [make_adapter(endpoints.get(s.id) or EngineEndpoint(s.id, s.kind, s.base_url,
+                                                                       s.source), timeouts)
                     for s in usable]
         errors: dict[str, str] = {}
         models: list[ModelInfo] = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import socket
 import time
@@ -52,10 +53,13 @@ class ManagedEngines:
         logs = ensure_private_dir(self._storage.paths.logs_dir)
         log_path = logs / f"llama-server-{chosen}.log"
         fd = os.open(log_path, os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o600)
+        # A key of its own, so that only FLM can use the engine (llama-server answers every
+        # origin; without a key any web page open on this machine could call it).
+        engine_key = secrets.token_urlsafe(32)
         with os.fdopen(fd, "ab") as log:
             extra = ["--embeddings", "--pooling", "mean"] if embeddings else []
             proc = runtime.spawn_llama_server(binary, model_path, "127.0.0.1", chosen, extra,
-                                              log=log)
+                                              log=log, api_key=engine_key)
         say(f"starting llama-server on 127.0.0.1:{chosen} (loading {model_path.name})")
         try:
             seconds = runtime.wait_until_healthy(proc, "127.0.0.1", chosen, timeout=timeout_s)
@@ -64,7 +68,7 @@ class ManagedEngines:
             raise EngineInstallError(
                 f"llama-server did not become healthy; see {log_path}") from None
         row = self._engines.add("llamacpp", f"http://127.0.0.1:{chosen}", None, managed=True,
-                                pid=proc.pid, model_path=str(model_path))
+                                pid=proc.pid, model_path=str(model_path), api_key=engine_key)
         return {"id": row.id, "base_url": row.base_url, "pid": proc.pid,
                 "model": model_path.stem, "model_id": f"flm://{row.id}/{model_path.stem}",
                 "model_path": str(model_path), "ready_after_s": round(seconds, 2),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from flm.core.timeutil import now_iso
@@ -57,6 +57,14 @@ class EngineRow:
     pid: int | None
     model_path: str | None
     created_at: str
+    api_key: str | None = field(default=None, repr=False)
+
+    def public(self) -> dict[str, Any]:
+        """What may be shown: everything but the engine's key."""
+        data = asdict(self)
+        data.pop("api_key")
+        data["has_api_key"] = self.api_key is not None
+        return data
 
 
 class EnginesRepo:
@@ -72,14 +80,14 @@ class EnginesRepo:
 
     def all(self) -> list[EngineRow]:
         rows = self.db.query(
-            "SELECT id, kind, base_url, enabled, managed, pid, model_path, created_at "
+            "SELECT id, kind, base_url, enabled, managed, pid, model_path, created_at, api_key "
             "FROM engines ORDER BY id"
         )
         return [self._row(r) for r in rows]
 
     def get(self, engine_id: str) -> EngineRow | None:
         row = self.db.query_one(
-            "SELECT id, kind, base_url, enabled, managed, pid, model_path, created_at "
+            "SELECT id, kind, base_url, enabled, managed, pid, model_path, created_at, api_key "
             "FROM engines WHERE id=?",
             (engine_id,),
         )
@@ -94,18 +102,20 @@ class EnginesRepo:
         managed: bool = False,
         pid: int | None = None,
         model_path: str | None = None,
+        api_key: str | None = None,
     ) -> EngineRow:
         stamp = now_iso()
 
         def run(conn: sqlite3.Connection) -> None:
             conn.execute(
                 "INSERT INTO engines(id, kind, base_url, enabled, managed, pid, model_path, "
-                "created_at) VALUES (?, ?, ?, 1, ?, ?, ?, ?)",
-                (engine_id, kind, base_url, int(managed), pid, model_path, stamp),
+                "created_at, api_key) VALUES (?, ?, ?, 1, ?, ?, ?, ?, ?)",
+                (engine_id, kind, base_url, int(managed), pid, model_path, stamp, api_key),
             )
 
         self.db.write(run)
-        return EngineRow(engine_id, kind, base_url, True, managed, pid, model_path, stamp)
+        return EngineRow(engine_id, kind, base_url, True, managed, pid, model_path, stamp,
+                         api_key)
 
     def remove(self, engine_id: str) -> bool:
         def run(conn: sqlite3.Connection) -> int:

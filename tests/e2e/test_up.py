@@ -89,6 +89,15 @@ def test_real_llama_embeddings_and_detection(llama: None, clean_up: None) -> Non
     assert detected[0]["status"] == "RunningHealthy"
     models = json.loads(flm_subprocess("models", "list", "--engine", engine["id"]).stdout)
     assert engine["model_id"] in {m["id"] for m in models["data"]["models"]}
+    # the engine answers FLM only: without FLM's engine key, llama-server refuses
+    import urllib.error
+    import urllib.request
+
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(engine["base_url"] + "/v1/models", timeout=10)  # noqa: S310
+    assert refused.value.code == 401
+    listed = json.loads(flm_subprocess("engines", "list").stdout)["data"]
+    assert all("api_key" not in e for e in listed)
     key = json.loads(flm_subprocess("api-keys", "create", "--label", "e").stdout)["data"]["key"]
     port = _free_port()
     assert flm_subprocess("proxy", "start", "--port", str(port)).returncode == 0
