@@ -87,13 +87,20 @@ class UpstreamResponse:
             raise EngineApiError(f"engine sent invalid JSON: {exc}") from exc
 
     async def read(self, limit: int = MAX_JSON_BYTES) -> bytes:
-        parts: list[bytes] = []
-        size = 0
-        async for chunk in self.iter_chunks(max_bytes=limit):
-            parts.append(chunk)
-            size += len(chunk)
-        del size
-        return b"".join(parts)
+        length = self._resp.content_length
+        if length is not None and length <= limit:
+            # The common case (a JSON reply with its length): one read, one deadline.
+            try:
+                async with asyncio.timeout(self._timeouts.idle_s):
+                    return await self._resp.read()
+            except TimeoutError:
+                raise EngineTimeoutError(
+                    f"engine sent nothing for {self._timeouts.idle_s:g} s (idle timeout)"
+                ) from None
+            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+                raise EngineNetworkError(
+                    f"engine connection broke mid-response: {exc}") from exc
+        return b"".join([chunk async for chunk in self.iter_chunks(max_bytes=limit)])
 
     async def iter_chunks(self, *, max_bytes: int | None = None) -> AsyncIterator[bytes]:
         """Body chunks as they arrive, with the idle timeout between them and the overall

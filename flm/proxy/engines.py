@@ -93,6 +93,11 @@ class EngineRegistry:
 
     async def resolve(self, engine_id: str, model: str) -> tuple[EngineAdapter, ModelInfo]:
         adapter = self.adapter(engine_id)
+        cached = self._models.get(engine_id)
+        if cached is not None and time.monotonic() - cached[0] < MODELS_TTL_S:
+            hit = cached[1].get(model)
+            if hit is not None:
+                return adapter, hit  # the hot path: no await, no lookup beyond two dicts
         try:
             models = await self.models_of(engine_id)
             if model not in models:

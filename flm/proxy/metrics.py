@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
@@ -12,6 +14,7 @@ _OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.0
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._children: dict[tuple[str, int, str], tuple[Any, Any, Any]] = {}
         r = self.registry
         self.requests = Counter("flm_requests_total", "Requests answered",
                                 ["route", "status", "engine"], registry=r)
@@ -34,6 +37,22 @@ class Metrics:
                               ["reason"], registry=r)
         self.rate_limited = Counter("flm_rate_limited_total", "Requests refused by rate limits",
                                     ["scope"], registry=r)
+
+    def record_request(self, route: str, status: int, engine: str, elapsed: float,
+                       overhead: float | None) -> None:
+        """The per-request metrics, with the labelled children cached (label lookups take a
+        lock each; the set of routes, statuses and engines is small)."""
+        key = (route, status, engine)
+        children = self._children.get(key)
+        if children is None:
+            children = (self.requests.labels(route, str(status), engine),
+                        self.latency.labels(route), self.overhead.labels(route))
+            if len(self._children) < 10_000:
+                self._children[key] = children
+        children[0].inc()
+        children[1].observe(elapsed)
+        if overhead is not None:
+            children[2].observe(max(overhead, 0.0))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

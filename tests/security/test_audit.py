@@ -19,6 +19,23 @@ from tests.security.conftest import Env
 SECRET_PROMPT = "the-secret-prompt-text-7f3a9"
 
 
+def _flush_until(env: Env, home: Path, count: int) -> None:
+    """The audit record of a request is queued just after its response is sent: poll (with a
+    deadline) until ``count`` request rows are in the table."""
+    import time
+
+    deadline = time.monotonic() + 10
+    while True:
+        env.rt.audit.flush()  # type: ignore[union-attr]
+        conn = sqlite3.connect(home / "security.db")
+        n = conn.execute("SELECT COUNT(*) FROM audit_logs WHERE event_type='request'").fetchone()
+        conn.close()
+        if n[0] >= count:
+            return
+        assert time.monotonic() < deadline, f"only {n[0]} of {count} audit rows"
+        time.sleep(0.01)
+
+
 def test_burst_of_1000_has_exactly_one_row_each(env: Env, flm_home: Path) -> None:
     async def burst() -> list[str]:
         import aiohttp
@@ -43,7 +60,7 @@ def test_burst_of_1000_has_exactly_one_row_each(env: Env, flm_home: Path) -> Non
 
     ids = asyncio.run(burst())
     assert len(set(ids)) == 1000
-    env.rt.audit.flush()  # type: ignore[union-attr]
+    _flush_until(env, flm_home, 1000)
     conn = sqlite3.connect(flm_home / "security.db")
     conn.row_factory = sqlite3.Row
     rows = conn.execute("SELECT * FROM audit_logs WHERE event_type = 'request'").fetchall()
@@ -81,10 +98,10 @@ def test_burst_of_1000_has_exactly_one_row_each(env: Env, flm_home: Path) -> Non
     assert sum(1 for line in lines if json.loads(line)["event_type"] == "request") == 1000
 
 
-def test_export_and_archive(env: Env, tmp_path: Path) -> None:
+def test_export_and_archive(env: Env, tmp_path: Path, flm_home: Path) -> None:
     for _ in range(3):
         env.chat()
-    env.rt.audit.flush()  # type: ignore[union-attr]
+    _flush_until(env, flm_home, 3)
     cli = env.cli
     listed = cli("security", "audit-logs", "--event-type", "request", "--limit", "2").data
     assert len(listed) == 2

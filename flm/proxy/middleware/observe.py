@@ -24,10 +24,8 @@ class ObserveMiddleware:
             metrics = self.runtime.metrics
             elapsed = time.perf_counter() - state.started
             status = state.status or 500
-            metrics.requests.labels(state.route, str(status), state.engine_id or "").inc()
-            metrics.latency.labels(state.route).observe(elapsed)
-            if state.overhead_s is not None:
-                metrics.overhead.labels(state.route).observe(max(state.overhead_s, 0.0))
+            metrics.record_request(state.route, status, state.engine_id or "", elapsed,
+                                   state.overhead_s)
             audit = self.runtime.audit
             if audit is not None:
                 audit.request(time.time(), state.request_id, state.client_ip, state.api_key_id,
