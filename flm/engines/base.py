@@ -66,10 +66,11 @@ class EngineAdapter(ABC):
     @abstractmethod
     async def chat(self, body: dict[str, Any]) -> dict[str, Any]: ...
 
-    async def chat_bytes(self, body: dict[str, Any],
-                         public_model: str) -> tuple[bytes, dict[str, Any] | None]:
+    async def chat_bytes(self, body: dict[str, Any], public_model: str,
+                         raw_body: bytes | None = None) -> tuple[bytes, dict[str, Any] | None]:
         """The reply as JSON bytes with ``model`` set to ``public_model``, and its usage.
-        Engines whose replies need no translation override this to skip a parse/serialise."""
+        ``raw_body`` is ``body`` already serialised, when the caller has it. Engines whose
+        requests and replies need no translation override this to skip a parse/serialise."""
         reply = await self.chat(body)
         reply["model"] = public_model
         usage = reply.get("usage")

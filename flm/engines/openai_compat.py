@@ -43,10 +43,14 @@ class OpenAICompatAdapter(EngineAdapter):
         data = await self.client.post_json("/v1/chat/completions", payload)
         return require_dict(data, "chat completion", "choices")
 
-    async def chat_bytes(self, body: dict[str, Any],
-                         public_model: str) -> tuple[bytes, dict[str, Any] | None]:
-        payload = {**body, "stream": False}
-        resp = await self.client.request("POST", "/v1/chat/completions", json_body=payload)
+    async def chat_bytes(self, body: dict[str, Any], public_model: str,
+                         raw_body: bytes | None = None) -> tuple[bytes, dict[str, Any] | None]:
+        if raw_body is not None and not body.get("stream"):
+            resp = await self.client.request("POST", "/v1/chat/completions", data=raw_body,
+                                             headers=_JSON)
+        else:
+            resp = await self.client.request("POST", "/v1/chat/completions",
+                                             json_body={**body, "stream": False})
         try:
             raw = (await resp.read()).strip()
         finally:
@@ -109,6 +113,7 @@ class OpenAICompatAdapter(EngineAdapter):
                                 prompt_tokens, wanted)
 
 
+_JSON = {"Content-Type": "application/json"}
 _TOKENS = re.compile(rb'"(prompt_tokens|completion_tokens)":\s*(\d+)')
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -34,6 +35,9 @@ class ChatPlan:
     has_audio: bool = False
     image_urls: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    #: The engine body is the client's, but for the model name: the raw request bytes can be
+    #: forwarded with the model replaced, instead of serialising ``body`` again.
+    unchanged: bool = True
 
 
 def parse_model(value: Any) -> tuple[str, str]:
@@ -122,6 +126,7 @@ def plan_chat(body: dict[str, Any], engine_id: str, model: str,
             raise HttpError(400, "invalid_request", "each message needs a string 'role'")
         content = message.get("content")
         if isinstance(content, list):
+            plan.unchanged = False
             message = {**message,
                        "content": _normalise_parts(content, plan, min(caps.max_image_bytes,
                                                                       MAX_INLINE_IMAGE))}
@@ -170,8 +175,20 @@ def plan_chat(body: dict[str, Any], engine_id: str, model: str,
             out[key] = value  # engine-specific extras (e.g. llama.cpp's top_k) pass through
     out["messages"] = out_messages
     out["model"] = model
+    if plan.warnings or plan.image_urls:
+        plan.unchanged = False
     plan.body = out
     return plan
+
+
+def raw_with_model(raw: bytes, public_model: str, native_model: str) -> bytes | None:
+    """``raw`` (the client's JSON) with its ``model`` value replaced, when that value occurs
+    exactly once in the compact or the usual spaced form; ``None`` otherwise."""
+    value = json.dumps(public_model).encode()
+    for needle in (b'"model":' + value, b'"model": ' + value):
+        if raw.count(needle) == 1:
+            return raw.replace(needle, b'"model":' + json.dumps(native_model).encode())
+    return None
 
 
 def plan_embeddings(body: Any) -> tuple[str, str, dict[str, Any]]:

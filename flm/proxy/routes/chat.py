@@ -18,6 +18,7 @@ from flm.openai.translate import (
     chat_target,
     plan_chat,
     plan_embeddings,
+    raw_with_model,
     responses_to_chat,
 )
 from flm.proxy.asgi import (
@@ -25,6 +26,7 @@ from flm.proxy.asgi import (
     RequestState,
     Scope,
     Send,
+    read_body,
     read_json,
     send_bytes,
     send_json,
@@ -73,14 +75,19 @@ async def _prepare_chat(scope: Scope, receive: Receive, rt: ProxyRuntime,
 
 async def chat_completions(scope: Scope, receive: Receive, send: Send,
                            rt: ProxyRuntime) -> None:
-    body = await _body(scope, receive, rt)
+    raw = await read_body(receive, scope, rt.settings.max_body_bytes, rt.settings.body_timeout_s)
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise HttpError(400, "invalid_request", "request body is not valid JSON") from None
     plan, adapter = await _prepare_chat(scope, receive, rt, body)
     state = state_of(scope)
     public = make_model_id(plan.engine_id, plan.model)
     if plan.stream:
         await stream_events(scope, receive, send, rt, adapter.chat_stream(plan.body, public))
         return
-    reply, usage = await _engine_call(adapter.chat_bytes(plan.body, public), state)
+    forward = raw_with_model(raw, public, plan.model) if plan.unchanged else None
+    reply, usage = await _engine_call(adapter.chat_bytes(plan.body, public, forward), state)
     _record_usage(state, usage, rt)
     await send_bytes(send, 200, reply)
 
