@@ -94,6 +94,22 @@ class EngineAdapter(ABC):
         return data, (time.perf_counter() - started) * 1000
 
 
+def load_event(data: bytes, source: str) -> dict[str, Any]:
+    """One streamed JSON object from an engine; an error object or anything malformed becomes
+    ``EngineApiError`` (the proxy turns it into the mid-stream error event)."""
+    try:
+        item = json.loads(data)
+    except ValueError as exc:
+        raise EngineApiError(f"{source} sent an invalid stream event: {exc}") from exc
+    if not isinstance(item, dict):
+        raise EngineApiError(f"{source} sent a stream event that is not an object")
+    if "error" in item:
+        err = item["error"]
+        message = err.get("message") if isinstance(err, dict) else err
+        raise EngineApiError(f"{source} reported an error mid-stream: {message}")
+    return item
+
+
 def require_dict(data: Any, what: str, *fields: str) -> dict[str, Any]:
     """``data`` as a JSON object with ``fields`` present, else ``EngineApiError``."""
     if not isinstance(data, dict):

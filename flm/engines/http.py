@@ -143,6 +143,14 @@ class UpstreamResponse:
         """Drop the connection (used when the client went away mid-stream)."""
         self._resp.close()
 
+    def finish(self, complete: bool) -> None:
+        """A body read to its end goes back to the pool; anything else drops the connection,
+        so the engine stops generating at once."""
+        if complete:
+            self._resp.release()
+        else:
+            self._resp.close()
+
 
 class EngineClient:
     """One pooled aiohttp session per engine base URL.

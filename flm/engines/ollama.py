@@ -16,7 +16,13 @@ from typing import Any
 
 from flm.core.errors import EngineApiError, EngineError, EngineNetworkError
 from flm.core.models import Capabilities, EngineKind, ModelInfo
-from flm.engines.base import EngineAdapter, Health, require_dict, shape_embeddings
+from flm.engines.base import (
+    EngineAdapter,
+    Health,
+    load_event,
+    require_dict,
+    shape_embeddings,
+)
 from flm.openai.sse import DONE, encode_event, iter_line_batches
 
 _OPTION_NAMES = {
@@ -227,15 +233,7 @@ class OllamaAdapter(EngineAdapter):
             async for lines in iter_line_batches(resp.iter_chunks()):
                 out: list[bytes] = []
                 for line in lines:
-                    try:
-                        item = json.loads(line)
-                    except ValueError as exc:
-                        raise EngineApiError(f"Ollama sent an invalid stream line: {exc}") from exc
-                    if not isinstance(item, dict):
-                        raise EngineApiError("Ollama sent a stream line that is not an object")
-                    if "error" in item:
-                        raise EngineApiError(
-                            f"Ollama reported an error mid-stream: {item['error']}")
+                    item = load_event(line, "Ollama")
                     message = item.get("message") if isinstance(item.get("message"), dict) else {}
                     assert isinstance(message, dict)
                     delta: dict[str, Any] = {}
@@ -263,10 +261,7 @@ class OllamaAdapter(EngineAdapter):
                     yield b"".join(out)
             raise EngineNetworkError("Ollama stream ended before its final (done) line")
         finally:
-            if finished:
-                resp.release()
-            else:
-                resp.close()
+            resp.finish(finished)
 
     async def embeddings(self, body: dict[str, Any]) -> dict[str, Any]:
         data = require_dict(

@@ -9,7 +9,13 @@ from typing import Any
 
 from flm.core.errors import EngineApiError, EngineNetworkError
 from flm.core.models import ModelInfo
-from flm.engines.base import EngineAdapter, Health, require_dict, shape_embeddings
+from flm.engines.base import (
+    EngineAdapter,
+    Health,
+    load_event,
+    require_dict,
+    shape_embeddings,
+)
 from flm.openai.sse import DONE, encode_event, iter_sse_batches
 
 
@@ -92,10 +98,7 @@ class OpenAICompatAdapter(EngineAdapter):
                     return
             raise EngineNetworkError("engine stream ended without [DONE]")
         finally:
-            if finished:
-                resp.release()
-            else:
-                resp.close()
+            resp.finish(finished)
 
     async def embeddings(self, body: dict[str, Any]) -> dict[str, Any]:
         wanted = body.get("encoding_format")
@@ -131,16 +134,7 @@ def _rewrite_event(data: bytes, needle: bytes, replacement: bytes, public_model:
     if (data[:1] == b"{" and data[-1:] == b"}" and needle in data
             and not data.startswith(b'{"error"')):
         return data.replace(needle, replacement, 1)
-    try:
-        chunk = json.loads(data)
-    except ValueError as exc:
-        raise EngineApiError(f"engine sent an invalid stream event: {exc}") from exc
-    if not isinstance(chunk, dict):
-        raise EngineApiError("engine sent a stream event that is not an object")
-    if "error" in chunk:
-        err = chunk["error"]
-        message = err.get("message") if isinstance(err, dict) else err
-        raise EngineApiError(f"engine reported an error mid-stream: {message}")
+    chunk = load_event(data, "engine")
     chunk["model"] = public_model
     return json.dumps(chunk, separators=(",", ":")).encode()
 

@@ -90,8 +90,5 @@ async def engine_passthrough(scope: Scope, receive: Receive, send: Send,
     except EngineError:
         pass  # headers are out; the client sees the body end early
     finally:
-        if finished:
-            upstream.release()
-        else:
-            upstream.close()
+        upstream.finish(finished)
     await send({"type": "http.response.body", "body": b"", "more_body": False})
