@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,7 +15,7 @@ from flm.engines.base import (
     require_dict,
     shape_embeddings,
 )
-from flm.openai.sse import DONE, encode_event, iter_sse_batches
+from flm.openai.sse import DONE, encode_event, iter_sse_batches, usage_from_bytes
 
 
 class OpenAICompatAdapter(EngineAdapter):
@@ -64,7 +63,7 @@ class OpenAICompatAdapter(EngineAdapter):
         needle = b'"model":' + json.dumps(str(body.get("model", ""))).encode()
         if raw[:1] == b"{" and raw[-1:] == b"}" and b'"choices"' in raw and needle in raw:
             return (raw.replace(needle, b'"model":' + json.dumps(public_model).encode(), 1),
-                    _usage_of(raw))
+                    usage_from_bytes(raw))
         try:
             reply = require_dict(json.loads(raw), "chat completion", "choices")
         except ValueError as exc:
@@ -117,16 +116,6 @@ class OpenAICompatAdapter(EngineAdapter):
 
 
 _JSON = {"Content-Type": "application/json"}
-_TOKENS = re.compile(rb'"(prompt_tokens|completion_tokens)":\s*(\d+)')
-
-
-def _usage_of(raw: bytes) -> dict[str, Any] | None:
-    """Token counts of a reply without parsing it: they sit in its (last) usage object."""
-    at = raw.rfind(b'"usage":{')
-    if at < 0:
-        return None
-    found = {m[1].decode(): int(m[2]) for m in _TOKENS.finditer(raw, at)}
-    return found or None
 
 
 def _rewrite_event(data: bytes, needle: bytes, replacement: bytes, public_model: str) -> bytes:

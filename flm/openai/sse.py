@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 
 from flm.core.errors import EngineApiError
@@ -9,6 +10,19 @@ from flm.core.errors import EngineApiError
 DONE = b"data: [DONE]\n\n"
 #: Largest single SSE event or NDJSON line accepted from an engine.
 MAX_EVENT_BYTES = 1024 * 1024
+
+
+_TOKENS = re.compile(rb'"(prompt_tokens|completion_tokens)":\s*(\d+)')
+
+
+def usage_from_bytes(raw: bytes) -> dict[str, int] | None:
+    """Token counts of a JSON reply or chunk without parsing it: they sit in its last
+    ``usage`` object (the same keys inside a string would be escaped, so cannot match)."""
+    at = raw.rfind(b'"usage":{')
+    if at < 0:
+        return None
+    found = {m[1].decode(): int(m[2]) for m in _TOKENS.finditer(raw, at)}
+    return found or None
 
 
 def encode_event(payload: bytes) -> bytes:

@@ -15,6 +15,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._children: dict[tuple[str, int, str], tuple[Any, Any, Any]] = {}
+        self._engine_children: dict[str, tuple[Any, Any, Any]] = {}
         r = self.registry
         self.requests = Counter("flm_requests_total", "Requests answered",
                                 ["route", "status", "engine"], registry=r)
@@ -53,6 +54,24 @@ class Metrics:
         children[1].observe(elapsed)
         if overhead is not None:
             children[2].observe(max(overhead, 0.0))
+
+    def _per_engine(self, engine: str) -> tuple[Any, Any, Any]:
+        child = self._engine_children.get(engine)
+        if child is None:
+            child = self._engine_children.setdefault(engine, (
+                self.ttft.labels(engine), self.tokens.labels(engine, "in"),
+                self.tokens.labels(engine, "out")))
+        return child
+
+    def record_ttft(self, engine: str, seconds: float) -> None:
+        self._per_engine(engine)[0].observe(seconds)
+
+    def record_tokens(self, engine: str, prompt: int | None, completion: int | None) -> None:
+        child = self._per_engine(engine)
+        if prompt:
+            child[1].inc(prompt)
+        if completion:
+            child[2].inc(completion)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

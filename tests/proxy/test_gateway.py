@@ -287,8 +287,19 @@ def test_auth_and_passthrough(cli: Any, stack: Stack) -> None:
 
 def test_metrics_on_loopback(vllm_stack: Stack) -> None:
     _request(vllm_stack.url, "GET", "/v1/models", headers=vllm_stack.auth)
+    body = {"model": vllm_stack.model("chat-model:1b"),
+            "messages": [{"role": "user", "content": "one two three"}],
+            "stream_options": {"include_usage": True}}
+    _request(vllm_stack.url, "POST", "/v1/chat/completions", json.dumps(body).encode(),
+             {**vllm_stack.auth, "Content-Type": "application/json"})
+    _stream_events(vllm_stack.url, vllm_stack.auth, {**body, "stream": True})
     status, hdrs, raw = _request(vllm_stack.url, "GET", "/metrics")
     assert status == 200 and hdrs["content-type"].startswith("text/plain")
     text = raw.decode()
     assert 'flm_requests_total{engine="",route="/v1/models",status="200"}' in text
     assert "flm_request_duration_seconds_bucket" in text and "flm_active_streams" in text
+    assert 'flm_time_to_first_token_seconds_count{engine="eng"} 1.0' in text
+    out_tokens = [line for line in text.splitlines()
+                  if line.startswith('flm_tokens_total{direction="out",engine="eng"}')]
+    assert out_tokens and float(out_tokens[0].split()[-1]) >= 2 * len("one two three".split())
+    assert 'flm_overhead_seconds_count{route="/v1/chat/completions"}' in text

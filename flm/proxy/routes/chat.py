@@ -12,7 +12,7 @@ from typing import Any
 from flm.core.errors import EngineError
 from flm.core.models import make_model_id
 from flm.openai.errors import HttpError, error_body
-from flm.openai.sse import DONE, encode_event
+from flm.openai.sse import DONE, encode_event, usage_from_bytes
 from flm.openai.translate import (
     ChatPlan,
     chat_target,
@@ -52,10 +52,10 @@ def _record_usage(state: RequestState, usage: Any, rt: ProxyRuntime) -> None:
     completion = usage.get("completion_tokens", usage.get("output_tokens"))
     if isinstance(prompt, int):
         state.prompt_tokens = prompt
-        rt.metrics.tokens.labels(state.engine_id or "", "in").inc(prompt)
     if isinstance(completion, int):
         state.completion_tokens = completion
-        rt.metrics.tokens.labels(state.engine_id or "", "out").inc(completion)
+    rt.metrics.record_tokens(state.engine_id or "", state.prompt_tokens,
+                             state.completion_tokens)
 
 
 async def _prepare_chat(scope: Scope, receive: Receive, rt: ProxyRuntime,
@@ -135,7 +135,7 @@ async def stream_events(scope: Scope, receive: Receive, send: Send, rt: ProxyRun
             raise HttpError.from_flm(exc) from exc
         now = time.perf_counter()
         state.first_byte_at = now
-        metrics.ttft.labels(state.engine_id or "").observe(now - state.started)
+        metrics.record_ttft(state.engine_id or "", now - state.started)
         await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
         await send({"type": "http.response.body", "body": first, "more_body": True})
         try:
@@ -160,15 +160,7 @@ async def stream_events(scope: Scope, receive: Receive, send: Send, rt: ProxyRun
 
 
 def _note_stream_usage(batch: bytes, state: RequestState, rt: ProxyRuntime) -> None:
-    for event in batch.split(b"\n\n"):
-        if b'"usage":{' not in event:
-            continue
-        try:
-            data = json.loads(event[6:])
-        except ValueError:
-            continue
-        if isinstance(data, dict):
-            _record_usage(state, data.get("usage"), rt)
+    _record_usage(state, usage_from_bytes(batch), rt)
 
 
 class _UsageTap:
