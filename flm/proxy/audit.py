@@ -149,6 +149,23 @@ class AuditSink:
             self._file = os.fdopen(fd, "a", encoding="utf-8")
         self._file.write("\n".join(lines) + "\n")
         self._file.flush()
+        if self._file.tell() >= self.rotate_bytes:
+            self._rotate()
+
+    #: The JSON Lines file is rolled over (renamed, never deleted) past this size.
+    rotate_bytes = 64 * 1024 * 1024
+
+    def _rotate(self) -> None:
+        assert self._path is not None and self._file is not None
+        self._file.close()
+        self._file = None
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        target = self._path.with_name(f"{self._path.stem}-{stamp}{self._path.suffix}")
+        n = 1
+        while target.exists():
+            target = self._path.with_name(f"{self._path.stem}-{stamp}-{n}{self._path.suffix}")
+            n += 1
+        os.replace(self._path, target)
 
     def _write_db(self, audit_rows: list[tuple[Any, ...]], blocks: list[tuple[Any, ...]],
                   intrusions: list[tuple[Any, ...]], anomalies: list[tuple[Any, ...]]) -> None:

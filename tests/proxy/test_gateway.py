@@ -301,5 +301,5 @@ def test_metrics_on_loopback(vllm_stack: Stack) -> None:
     assert 'flm_time_to_first_token_seconds_count{engine="eng"} 1.0' in text
     out_tokens = [line for line in text.splitlines()
                   if line.startswith('flm_tokens_total{direction="out",engine="eng"}')]
-    assert out_tokens and float(out_tokens[0].split()[-1]) >= 2 * len("one two three".split())
+    assert out_tokens and float(out_tokens[0].split()[-1]) >= 2 * len(["one", "two", "three"])
     assert 'flm_overhead_seconds_count{route="/v1/chat/completions"}' in text

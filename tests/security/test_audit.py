@@ -175,3 +175,24 @@ class socket_free_port:
 
     def __exit__(self, *exc: object) -> None:
         return None
+
+
+def test_json_lines_roll_over_without_losing_records(tmp_path: Path) -> None:
+    from flm.proxy.audit import AuditSink
+
+    sink = AuditSink(None, tmp_path / "audit.jsonl", interval=60)
+    sink.rotate_bytes = 4096
+    try:
+        for i in range(200):
+            sink.request(1.0, f"r{i}", "127.0.0.1", None, "/v1/models", "GET", None, None, 200,
+                         1.0, None, None, None)
+            if i % 20 == 19:
+                sink.flush()
+        sink.flush()
+    finally:
+        sink.close()
+    files = sorted(tmp_path.glob("audit*.jsonl"))
+    assert len(files) > 2
+    ids = [json.loads(line)["request_id"] for f in files for line in f.read_text().splitlines()]
+    assert sorted(ids) == sorted(f"r{i}" for i in range(200))
+    assert all((f.stat().st_mode & 0o777) == 0o600 for f in files)
