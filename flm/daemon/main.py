@@ -32,6 +32,7 @@ from flm.storage.config import ProxyHandleRow, ProxyHandlesRepo
 log = logging.getLogger("flm.daemon")
 
 RELOAD_INTERVAL_S = 30.0
+RETENTION_INTERVAL_S = 3600.0
 MAX_ADMIN_FAILURES = 5
 ADMIN_BLOCK_S = 300.0
 MODES = ("local-http", "dev-selfsigned", "packaged-ca", "https-acme")
@@ -174,14 +175,30 @@ class Daemon:
         return reloaded
 
     async def periodic_reload(self) -> None:
+        """Every 30 s: pick up policy/key/blocklist/engine changes; every hour: archive audit
+        rows past ``audit.retention_days`` (archived to JSON Lines, never deleted silently)."""
+        next_retention = 0.0
         while not self.stop_event.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop_event.wait(), RELOAD_INTERVAL_S)
-            if not self.stop_event.is_set():
-                try:
-                    await self.reload()
-                except FlmError as exc:
-                    log.warning("periodic reload failed: %s", exc.message)
+            if self.stop_event.is_set():
+                return
+            try:
+                await self.reload()
+                if time.monotonic() >= next_retention:
+                    next_retention = time.monotonic() + RETENTION_INTERVAL_S
+                    await asyncio.to_thread(self._apply_retention)
+            except FlmError as exc:
+                log.warning("periodic reload failed: %s", exc.message)
+
+    def _apply_retention(self) -> None:
+        from flm.services.security_events import SecurityEvents
+
+        days = int(self.ctx.config.value("audit.retention_days"))
+        result = SecurityEvents(self.ctx.storage).apply_retention(days)
+        if result is not None:
+            log.info("audit retention: archived %d rows to %s", result["archived"],
+                     result["file"])
 
     async def renew(self, *, port: int | None = None, force: bool = True) -> list[dict[str, Any]]:
         """Renew the certificates of TLS proxies now (``force``) or when due, without restart."""

@@ -8,12 +8,13 @@ import hashlib
 import io
 import json
 import sqlite3
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from flm.core.errors import NotFoundError, UsageError
 from flm.core.paths import ensure_private_dir, write_private_file
-from flm.core.timeutil import iso, now_iso, parse_iso
+from flm.core.timeutil import iso, now_iso, parse_iso, utc_now
 from flm.storage import Storage
 
 SEVERITIES = ("info", "low", "medium", "high", "critical")
@@ -136,6 +137,15 @@ class SecurityEvents:
 
         result: dict[str, Any] = self._db.write(run)
         return result
+
+    def apply_retention(self, days: int, now: datetime | None = None) -> dict[str, Any] | None:
+        """Archive (never delete) audit rows older than ``days``; ``None`` when there are none."""
+        moment = now or utc_now()
+        cutoff = iso(moment - timedelta(days=days))
+        oldest = self._db.query_one("SELECT MIN(ts) FROM audit_logs")
+        if oldest is None or oldest[0] is None or oldest[0] >= cutoff:
+            return None
+        return self.archive(cutoff)
 
     # --- intrusion / anomaly ---------------------------------------------------------------------
 

@@ -196,3 +196,30 @@ def test_json_lines_roll_over_without_losing_records(tmp_path: Path) -> None:
     ids = [json.loads(line)["request_id"] for f in files for line in f.read_text().splitlines()]
     assert sorted(ids) == sorted(f"r{i}" for i in range(200))
     assert all((f.stat().st_mode & 0o777) == 0o600 for f in files)
+
+
+def test_retention_archives_old_rows_only(cli: Any, flm_home: Path) -> None:
+    from datetime import UTC, datetime
+
+    from flm.core.paths import Paths
+    from flm.services.security_events import SecurityEvents
+    from flm.storage import Storage
+
+    cli("check")
+    conn = sqlite3.connect(flm_home / "security.db")
+    conn.executemany("INSERT INTO audit_logs(ts, endpoint, status) VALUES (?, '/x', 200)",
+                     [("2026-01-01T00:00:00.000Z",), ("2026-01-02T00:00:00.000Z",),
+                      ("2026-01-09T00:00:00.000Z",)])
+    conn.commit()
+    conn.close()
+    storage = Storage(Paths.resolve())
+    try:
+        events = SecurityEvents(storage)
+        now = datetime(2026, 1, 10, tzinfo=UTC)
+        result = events.apply_retention(7, now)
+        assert result is not None and result["archived"] == 2
+        assert len(Path(result["file"]).read_text().splitlines()) == 2
+        assert events.apply_retention(7, now) is None  # nothing old is left
+        assert [r["ts"] for r in events.audit_logs()] == ["2026-01-09T00:00:00.000Z"]
+    finally:
+        storage.close()
