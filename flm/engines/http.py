@@ -73,9 +73,11 @@ def _error_message(body: bytes) -> str:
 class UpstreamResponse:
     """A response whose headers arrived; the body is read with limits and timeouts."""
 
-    def __init__(self, resp: aiohttp.ClientResponse, timeouts: Timeouts) -> None:
+    def __init__(self, resp: aiohttp.ClientResponse, timeouts: Timeouts,
+                 prefetched: bytes | None = None) -> None:
         self._resp = resp
         self._timeouts = timeouts
+        self._prefetched = prefetched
         self.status = resp.status
         self.headers = resp.headers
 
@@ -87,6 +89,8 @@ class UpstreamResponse:
             raise EngineApiError(f"engine sent invalid JSON: {exc}") from exc
 
     async def read(self, limit: int = MAX_JSON_BYTES) -> bytes:
+        if self._prefetched is not None and len(self._prefetched) <= limit:
+            return self._prefetched
         length = self._resp.content_length
         if length is not None and length <= limit:
             # The common case (a JSON reply with its length): one read, one deadline.
@@ -210,8 +214,10 @@ class EngineClient:
         headers: dict[str, str] | None = None,
         first_byte_s: float | None = None,
         check_status: bool = True,
+        read: bool = False,
     ) -> UpstreamResponse:
-        """Send a request and wait (bounded) for the response headers."""
+        """Send a request and wait (bounded) for the response headers; with ``read``, a body
+        of known length (up to ``MAX_JSON_BYTES``) is read under the same deadline."""
         session = self._get_session()
         url = self.base_url + path
         body = data
@@ -221,10 +227,14 @@ class EngineClient:
             hdrs["Content-Type"] = "application/json"
         wait = self.timeouts.first_byte_s if first_byte_s is None else first_byte_s
         try:
+            prefetched: bytes | None = None
             async with asyncio.timeout(wait):
                 resp = await session.request(
                     method, url, data=body, headers=hdrs, allow_redirects=False
                 )
+                length = resp.content_length
+                if read and length is not None and length <= MAX_JSON_BYTES:
+                    prefetched = await resp.read()
         except TimeoutError:
             raise EngineTimeoutError(
                 f"engine at {self.base_url} did not answer within {wait:g} s"
@@ -254,7 +264,7 @@ class EngineClient:
         if FLM_PROXY_HEADER in resp.headers:
             resp.release()
             raise FlmListenerError(f"{self.base_url} is an FLM proxy, not an engine")
-        upstream = UpstreamResponse(resp, self.timeouts)
+        upstream = UpstreamResponse(resp, self.timeouts, prefetched)
         if check_status and resp.status >= 400:
             try:
                 body_bytes = await upstream.read(64 * 1024)

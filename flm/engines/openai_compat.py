@@ -52,10 +52,10 @@ class OpenAICompatAdapter(EngineAdapter):
                          raw_body: bytes | None = None) -> tuple[bytes, dict[str, Any] | None]:
         if raw_body is not None and not body.get("stream"):
             resp = await self.client.request("POST", "/v1/chat/completions", data=raw_body,
-                                             headers=_JSON)
+                                             headers=_JSON, read=True)
         else:
             resp = await self.client.request("POST", "/v1/chat/completions",
-                                             json_body={**body, "stream": False})
+                                             json_body={**body, "stream": False}, read=True)
         try:
             raw = (await resp.read()).strip()
         finally:

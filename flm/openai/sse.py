@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import AsyncIterator
 
 from flm.core.errors import EngineApiError
@@ -12,7 +11,17 @@ DONE = b"data: [DONE]\n\n"
 MAX_EVENT_BYTES = 1024 * 1024
 
 
-_TOKENS = re.compile(rb'"(prompt_tokens|completion_tokens)":\s*(\d+)')
+def _int_after(raw: bytes, key: bytes, start: int) -> int | None:
+    at = raw.find(key, start)
+    if at < 0:
+        return None
+    at += len(key)
+    while raw[at:at + 1] == b" ":
+        at += 1
+    end = at
+    while raw[end:end + 1].isdigit():
+        end += 1
+    return int(raw[at:end]) if end > at else None
 
 
 def usage_from_bytes(raw: bytes) -> dict[str, int] | None:
@@ -21,7 +30,11 @@ def usage_from_bytes(raw: bytes) -> dict[str, int] | None:
     at = raw.rfind(b'"usage":{')
     if at < 0:
         return None
-    found = {m[1].decode(): int(m[2]) for m in _TOKENS.finditer(raw, at)}
+    found = {}
+    for name in ("prompt_tokens", "completion_tokens"):
+        value = _int_after(raw, b'"' + name.encode() + b'":', at)
+        if value is not None:
+            found[name] = value
     return found or None
 
 

@@ -96,6 +96,7 @@ def test_real_llama_embeddings_and_detection(llama: None, clean_up: None) -> Non
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(engine["base_url"] + "/v1/models", timeout=10)  # noqa: S310
     assert refused.value.code == 401
+    refused.value.close()
     listed = json.loads(flm_subprocess("engines", "list").stdout)["data"]
     assert all("api_key" not in e for e in listed)
     key = json.loads(flm_subprocess("api-keys", "create", "--label", "e").stdout)["data"]["key"]
