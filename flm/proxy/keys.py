@@ -1,8 +1,9 @@
 """API key verification on the hot path.
 
 Argon2id stays the storage format. A key is verified with Argon2 once; afterwards it is
-recognised through an in-memory map keyed by keyed BLAKE2b(process secret, key), so the hot path
-costs one keyed BLAKE2b hash and a constant-time digest comparison. Revocation drops the entry at once.
+recognised through an in-memory map keyed by BLAKE2b keyed with a process secret, so the hot
+path costs one keyed hash and a constant-time digest comparison. Revocation drops the entry at
+once.
 """
 
 from __future__ import annotations
