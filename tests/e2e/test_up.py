@@ -106,3 +106,17 @@ def test_real_llama_embeddings_and_detection(llama: None, clean_up: None) -> Non
                            timeout=120) as client:
         emb = client.embeddings.create(model=engine["model_id"], input=["hello world"])
         assert len(emb.data[0].embedding) > 10
+
+
+@pytest.mark.engine
+def test_up_takes_the_next_port_when_busy(llama: None, clean_up: None) -> None:
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen(1)
+        busy = blocker.getsockname()[1]
+        result = flm_subprocess("up", "--port", str(busy), timeout=300)
+        assert result.returncode == 0, result.stdout + result.stderr
+        data = json.loads(result.stdout)["data"]
+    assert data["proxy"]["port"] != busy
+    assert any(f"port {busy} was busy" in note for note in data["notes"])
+    assert f"port {busy} was busy" in result.stderr

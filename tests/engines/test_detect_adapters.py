@@ -211,3 +211,13 @@ def test_huge_line_and_endless_stream_are_cut(kind: str) -> None:
             asyncio.run(drain(Timeouts(max_stream_bytes=256 * 1024)))
         with pytest.raises(EngineError, match="exceeded"):
             asyncio.run(drain(Timeouts(max_stream_s=0.5)))
+
+
+def test_flm_own_listener_is_never_taken_for_an_engine(cli: Any) -> None:
+    from flm.testing.gateway import start_gateway
+
+    with start_gateway() as gw:
+        cli("engines", "add", "--kind", "llamacpp", "--url", gw.url, "--id", "looksalike")
+        result = cli("engines", "detect", "--fresh").data
+        assert "looksalike" in result["flm_listeners"]
+        assert all(e["id"] != "looksalike" for e in result["engines"])
