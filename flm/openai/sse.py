@@ -31,8 +31,11 @@ def usage_from_bytes(raw: bytes) -> dict[str, int] | None:
     if at < 0:
         return None
     found = {}
-    for name in ("prompt_tokens", "completion_tokens"):
+    for name, alias in (("prompt_tokens", "input_tokens"),
+                        ("completion_tokens", "output_tokens")):
         value = _int_after(raw, b'"' + name.encode() + b'":', at)
+        if value is None:  # the Responses API's names
+            value = _int_after(raw, b'"' + alias.encode() + b'":', at)
         if value is not None:
             found[name] = value
     return found or None

@@ -54,6 +54,19 @@ def test_openai_client_models_chat_stream_embeddings(stack: Stack) -> None:
         assert emb.model == stack.model("nomic-embed-text:v1")
         resp = client.responses.create(model=stack.model("chat-model:1b"), input="respond")
         assert resp.output_text == expected_reply("respond")
+        deltas, kinds = [], []
+        final = None
+        for event in client.responses.create(model=stack.model("chat-model:1b"),
+                                             input="respond in pieces", stream=True):
+            kinds.append(event.type)
+            if event.type == "response.output_text.delta":
+                deltas.append(event.delta)
+            if event.type == "response.completed":
+                final = event.response
+        assert "".join(deltas) == expected_reply("respond in pieces")
+        assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+        assert final is not None and final.output_text == expected_reply("respond in pieces")
+        assert final.usage is not None and final.usage.output_tokens > 0
 
 
 def _stream_events(url: str, headers: dict[str, str], body: dict[str, Any],

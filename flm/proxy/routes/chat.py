@@ -228,16 +228,84 @@ def _response_object(reply: dict[str, Any], public: str) -> dict[str, Any]:
     }
 
 
+def _sse(kind: str, payload: dict[str, Any], seq: list[int]) -> bytes:
+    seq[0] += 1
+    data = json.dumps({"type": kind, "sequence_number": seq[0], **payload},
+                      separators=(",", ":"), ensure_ascii=False)
+    return f"event: {kind}\ndata: {data}\n\n".encode()
+
+
+async def _response_events(chunks: AsyncIterator[bytes], public: str) -> AsyncIterator[bytes]:
+    """Chat chunks → the Responses API's semantic stream events (text output)."""
+    response: dict[str, Any] = {
+        "id": f"resp_{secrets.token_hex(12)}", "object": "response",
+        "created_at": int(time.time()), "model": public, "status": "in_progress",
+        "error": None, "incomplete_details": None, "output": [], "usage": None,
+    }
+    item_id = f"msg_{secrets.token_hex(12)}"
+    item: dict[str, Any] = {"type": "message", "id": item_id, "status": "in_progress",
+                            "role": "assistant", "content": []}
+    where = {"item_id": item_id, "output_index": 0, "content_index": 0}
+    seq = [-1]
+    text: list[str] = []
+    usage: dict[str, Any] = {}
+    finish = None
+    yield (_sse("response.created", {"response": response}, seq)
+           + _sse("response.output_item.added", {"output_index": 0, "item": item}, seq)
+           + _sse("response.content_part.added", {**where, "part": {
+               "type": "output_text", "text": "", "annotations": []}}, seq))
+    try:
+        async for batch in chunks:
+            out: list[bytes] = []
+            for event in batch.split(b"\n\n"):
+                if not event.startswith(b"data: ") or event == DONE.rstrip():
+                    continue
+                chunk = json.loads(event[6:])
+                for choice in chunk.get("choices") or []:
+                    delta = (choice.get("delta") or {}).get("content")
+                    if delta:
+                        text.append(delta)
+                        out.append(_sse("response.output_text.delta",
+                                        {**where, "delta": delta}, seq))
+                    finish = choice.get("finish_reason") or finish
+                if isinstance(chunk.get("usage"), dict):
+                    usage = chunk["usage"]
+            if out:
+                yield b"".join(out)
+    finally:
+        aclose = getattr(chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
+    full = "".join(text)
+    part = {"type": "output_text", "text": full, "annotations": []}
+    done_item = {**item, "status": "completed", "content": [part]}
+    prompt = int(usage.get("prompt_tokens") or 0)
+    completion = int(usage.get("completion_tokens") or 0)
+    incomplete = finish == "length"
+    final = {**response, "status": "incomplete" if incomplete else "completed",
+             "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+             "output": [done_item],
+             "usage": {"input_tokens": prompt, "output_tokens": completion,
+                       "total_tokens": prompt + completion}}
+    yield (_sse("response.output_text.done", {**where, "text": full}, seq)
+           + _sse("response.content_part.done", {**where, "part": part}, seq)
+           + _sse("response.output_item.done", {"output_index": 0, "item": done_item}, seq)
+           + _sse("response.completed" if not incomplete else "response.incomplete",
+                  {"response": final}, seq))
+
+
 async def responses(scope: Scope, receive: Receive, send: Send, rt: ProxyRuntime) -> None:
     body = await _body(scope, receive, rt)
     chat = responses_to_chat(body)
-    if chat["stream"]:
-        raise HttpError(400, "unsupported_parameter",
-                        "streaming is not supported on /v1/responses yet; use "
-                        "/v1/chat/completions with stream=true")
     plan, adapter = await _prepare_chat(scope, receive, rt, chat)
     state = state_of(scope)
     public = make_model_id(plan.engine_id, plan.model)
+    if plan.stream:
+        if "stream_options" not in plan.body:
+            plan.body["stream_options"] = {"include_usage": True}
+        await stream_events(scope, receive, send, rt,
+                            _response_events(adapter.chat_stream(plan.body, public), public))
+        return
     reply = await _engine_call(adapter.chat(plan.body), state)
     _record_usage(state, reply.get("usage"), rt)
     await send_json(send, 200, _response_object(reply, public))
