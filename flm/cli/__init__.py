@@ -29,6 +29,7 @@ COMMAND_MODULES = (
     "config",
     "keys",
     "security",
+    "profiles",
     "check",
 )
 

@@ -147,7 +147,7 @@ class Daemon:
         """Apply the current policy, keys, blocklist and engines to running proxies. A stored
         policy that no longer validates is refused and the one in force stays."""
         from flm.core.errors import PolicyInvalidError
-        from flm.proxy.runtime import _is_self, load_block_rows
+        from flm.proxy.runtime import _is_self, load_block_rows, load_profiles
         from flm.services.keys import KeyService
 
         policy = await asyncio.to_thread(lambda: self.ctx.policy.show()["policy"])
@@ -168,6 +168,7 @@ class Daemon:
             if rt.audit is not None:
                 await asyncio.to_thread(rt.audit.flush)  # blocks made here reach the table
             rt.load_blocks(await asyncio.to_thread(load_block_rows, self.ctx))
+            await asyncio.to_thread(load_profiles, rt, self.ctx)
             gone = rt.engines.replace(e for e in endpoints if not _is_self(e, inst.settings))
             for adapter in gone:
                 await adapter.close()

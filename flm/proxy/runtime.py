@@ -47,6 +47,9 @@ class ProxyRuntime:
     effective: EffectivePolicy = field(default_factory=EffectivePolicy)
     guard: GuardState = field(default_factory=GuardState)
     audit: AuditSink | None = None
+    #: (engine, model) → default parameters (model profiles), and api id → prompt template.
+    profiles: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    prompts: dict[str, str] = field(default_factory=dict)
     #: Background tasks started lazily by layers (e.g. the resource monitor); cancelled on close.
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     #: The egress in force (after the start-up probe: direct when fail-open fell back).
@@ -105,7 +108,17 @@ def build_runtime(settings: ProxySettings, ctx: Any,
     )
     runtime.apply_policy(json.loads(json.dumps(ctx.policy.show()["policy"])))
     runtime.load_blocks(load_block_rows(ctx))
+    load_profiles(runtime, ctx)
     return runtime
+
+
+def load_profiles(runtime: ProxyRuntime, ctx: Any) -> None:
+    """Model profiles and API prompts from config.db into the runtime."""
+    from flm.services.profiles import ProfileService
+
+    service = ProfileService(ctx.storage)
+    runtime.profiles = service.effective_profiles()
+    runtime.prompts = service.effective_prompts()
 
 
 def load_block_rows(ctx: Any) -> list[tuple[str, str, float | None, float, int]]:

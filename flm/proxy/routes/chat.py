@@ -33,6 +33,7 @@ from flm.proxy.asgi import (
     state_of,
 )
 from flm.proxy.runtime import ProxyRuntime
+from flm.services.profiles import apply_profile, apply_prompt
 
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -59,12 +60,24 @@ def _record_usage(state: RequestState, usage: Any, rt: ProxyRuntime) -> None:
 
 
 async def _prepare_chat(scope: Scope, receive: Receive, rt: ProxyRuntime,
-                        body: Any) -> tuple[ChatPlan, Any]:
+                        body: Any, api_id: str = "chat_completions") -> tuple[ChatPlan, Any]:
     state = state_of(scope)
     engine_id, model = chat_target(body)
     state.engine_id, state.model = engine_id, make_model_id(engine_id, model)
     adapter, info = await rt.engines.resolve(engine_id, model)
+    changed = False
+    if rt.profiles:  # defaults saved for this engine + model fill what the request left out
+        changed = apply_profile(body, rt.profiles.get((engine_id, model))
+                                or rt.profiles.get((engine_id, info.name)))
+    template = rt.prompts.get(api_id) if rt.prompts else None
+    if template:
+        messages = apply_prompt(body["messages"], template)
+        if messages is not None:
+            body["messages"] = messages
+            changed = True
     plan = plan_chat(body, engine_id, model, rt.engines.capabilities(engine_id, info))
+    if changed:
+        plan.unchanged = False
     if plan.image_urls:
         from flm.proxy.images import inline_remote_images
 
@@ -297,7 +310,7 @@ async def _response_events(chunks: AsyncIterator[bytes], public: str) -> AsyncIt
 async def responses(scope: Scope, receive: Receive, send: Send, rt: ProxyRuntime) -> None:
     body = await _body(scope, receive, rt)
     chat = responses_to_chat(body)
-    plan, adapter = await _prepare_chat(scope, receive, rt, chat)
+    plan, adapter = await _prepare_chat(scope, receive, rt, chat, "responses")
     state = state_of(scope)
     public = make_model_id(plan.engine_id, plan.model)
     if plan.stream:
