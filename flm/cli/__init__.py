@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from flm import __version__
 from flm.cli.output import Result, emit, emit_error
@@ -167,3 +167,11 @@ def read_text_arg(path: str | None) -> str:
         raise UsageError(f"file not found: {path}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"cannot read {path}: {exc}") from None
+
+
+def notify_proxies(ctx: Any) -> None:
+    """Running proxies pick up key, policy, blocklist and profile changes at once (not at the
+    next periodic reload)."""
+    from flm.services.proxy import ProxyService
+
+    ProxyService(ctx.storage).notify_reload()

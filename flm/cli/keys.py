@@ -6,6 +6,7 @@ import argparse
 from dataclasses import asdict
 from typing import Any
 
+from flm.cli import notify_proxies
 from flm.cli.output import Result, pairs, table
 from flm.services.context import Context
 
@@ -42,24 +43,17 @@ def list_(ctx: Context, args: argparse.Namespace) -> Result:
     return Result(rows, text=lambda d: table(d, ["id", "label", "created_at", "status"]))
 
 
-def _notify(ctx: Context) -> None:
-    """Running proxies drop a revoked key at once, not at the next periodic reload."""
-    from flm.services.proxy import ProxyService
-
-    ProxyService(ctx.storage).notify_reload()
-
-
 def revoke(ctx: Context, args: argparse.Namespace) -> Result:
     from flm.services.keys import key_view
 
     view = key_view(ctx.keys.revoke(args.id))
-    _notify(ctx)
+    notify_proxies(ctx)
     return Result(view, text=pairs)
 
 
 def rotate(ctx: Context, args: argparse.Namespace) -> Result:
     old, new, plaintext = ctx.keys.rotate(args.id)
-    _notify(ctx)
+    notify_proxies(ctx)
     data = {
         **asdict(new),
         "key": plaintext,

@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from flm.cli import read_text_arg
+from flm.cli import notify_proxies, read_text_arg
 from flm.cli.output import Result, pairs, table
 from flm.core.errors import UsageError
 from flm.services.context import Context
@@ -56,12 +56,6 @@ def _svc(ctx: Context) -> Any:
     return ProfileService(ctx.storage)
 
 
-def _reload(ctx: Context) -> None:
-    from flm.services.proxy import ProxyService
-
-    ProxyService(ctx.storage).notify_reload()
-
-
 def profiles_list(ctx: Context, args: argparse.Namespace) -> Result:
     return Result(_svc(ctx).profiles(args.engine, args.model), text=lambda d: table(
         d, ["id", "engine_id", "model_id", "label", "parameters", "version"]))
@@ -73,13 +67,13 @@ def profiles_save(ctx: Context, args: argparse.Namespace) -> Result:
     except ValueError as exc:
         raise UsageError(f"--params is not valid JSON: {exc}") from None
     result = _svc(ctx).save_profile(args.engine, args.model, args.label, params)
-    _reload(ctx)
+    notify_proxies(ctx)
     return Result(result, text=pairs)
 
 
 def profiles_delete(ctx: Context, args: argparse.Namespace) -> Result:
     result = _svc(ctx).delete_profile(args.profile_id)
-    _reload(ctx)
+    notify_proxies(ctx)
     return Result(result, text=pairs)
 
 
@@ -94,11 +88,11 @@ def prompts_show(ctx: Context, args: argparse.Namespace) -> Result:
 
 def prompts_set(ctx: Context, args: argparse.Namespace) -> Result:
     result = _svc(ctx).set_prompt(args.api_id, read_text_arg(args.file))
-    _reload(ctx)
+    notify_proxies(ctx)
     return Result(result, text=pairs)
 
 
 def prompts_delete(ctx: Context, args: argparse.Namespace) -> Result:
     result = _svc(ctx).delete_prompt(args.api_id)
-    _reload(ctx)
+    notify_proxies(ctx)
     return Result(result, text=pairs)

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from flm.cli import read_text_arg, trust
+from flm.cli import notify_proxies, read_text_arg, trust
 from flm.cli.output import Result, pairs
 from flm.services.context import Context
 
@@ -50,9 +50,7 @@ def policy_show(ctx: Context, args: argparse.Namespace) -> Result:
 def policy_set(ctx: Context, args: argparse.Namespace) -> Result:
     text = read_text_arg(args.file)
     data = ctx.policy.set_text(text)
-    from flm.services.proxy import ProxyService
-
-    ProxyService(ctx.storage).notify_reload()
+    notify_proxies(ctx)
     return Result(data, text=lambda d: "policy saved\n" + json.dumps(d["policy"], indent=2))
 
 

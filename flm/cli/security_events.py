@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from flm.cli import notify_proxies
 from flm.cli.output import Result, pairs, table
 from flm.services.context import Context
 
@@ -66,12 +67,6 @@ def _svc(ctx: Context) -> Any:
     return SecurityEvents(ctx.storage)
 
 
-def _reload(ctx: Context) -> None:
-    from flm.services.proxy import ProxyService
-
-    ProxyService(ctx.storage).notify_reload()
-
-
 def blocklist(ctx: Context, args: argparse.Namespace) -> Result:
     return Result(_svc(ctx).blocklist(), text=lambda d: table(
         d, ["ip", "reason", "failure_count", "blocked_at", "expires_at", "permanent"]))
@@ -79,13 +74,13 @@ def blocklist(ctx: Context, args: argparse.Namespace) -> Result:
 
 def unblock(ctx: Context, args: argparse.Namespace) -> Result:
     result = _svc(ctx).unblock(args.ip)
-    _reload(ctx)
+    notify_proxies(ctx)
     return Result(result, text=pairs)
 
 
 def clear(ctx: Context, args: argparse.Namespace) -> Result:
     result = _svc(ctx).clear_temporary()
-    _reload(ctx)
+    notify_proxies(ctx)
     return Result(result, text=pairs)
 
 

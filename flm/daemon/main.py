@@ -16,7 +16,6 @@ import os
 import secrets
 import signal
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from flm.core.errors import FlmError, ProxyAlreadyRunningError, ProxyError
@@ -24,7 +23,6 @@ from flm.core.paths import Paths, ensure_private_dir, write_private_file
 from flm.core.timeutil import now_iso
 from flm.proxy.asgi import Receive, Scope, Send, header, read_json, send_json
 from flm.proxy.instance import ProxyInstance, start_instance
-from flm.proxy.runtime import ProxyRuntime, ProxySettings
 from flm.proxy.server import HttpServer, bind_socket
 from flm.services.context import Context
 from flm.storage.config import ProxyHandleRow, ProxyHandlesRepo
@@ -38,65 +36,12 @@ ADMIN_BLOCK_S = 300.0
 MODES = ("local-http", "dev-selfsigned", "packaged-ca", "https-acme")
 
 
-@dataclass
-class Instance:
-    settings: ProxySettings
-    runtime: ProxyRuntime
-    server: HttpServer
-    started_at: float = field(default_factory=time.time)
-    last_error: str | None = None
-    #: The proxy as started by flm.proxy.instance (TLS, egress, certificate renewal).
-    proxy: ProxyInstance | None = None
-
-    def describe(self) -> dict[str, Any]:
-        s = self.settings
-        endpoints = _user_endpoints(s)
-        described = {
-            "id": s.handle_id, "mode": s.mode, "port": s.port, "https_port": s.https_port,
-            "listen": s.bind, "endpoints": endpoints, "egress": {"mode": "direct"},
-            "uptime_s": round(time.time() - self.started_at, 1), "pid": os.getpid(),
-            "started_at": self.started_at, "certificate_expiry": None,
-            "last_error": self.last_error, "engines": self.runtime.engines.ids(),
-        }
-        if self.proxy is not None:
-            described.update(self.proxy.describe())
-            described["last_error"] = self.last_error or self.proxy.last_error
-        return described
-
-    async def close(self) -> None:
-        if self.proxy is not None:
-            await self.proxy.close()
-            return
-        await self.server.stop()
-        await self.runtime.close()
-
-
-def _lan_addresses() -> list[str]:
-    import socket
-
-    found: set[str] = set()
-    with contextlib.suppress(OSError):
-        for info in socket.getaddrinfo(socket.gethostname(), None):
-            addr = str(info[4][0])
-            if not addr.startswith(("127.", "::1", "fe80")):
-                found.add(addr)
-    return sorted(found)
-
-
-def _user_endpoints(s: ProxySettings) -> list[str]:
-    scheme = "http"
-    hosts = ["localhost"] if s.loopback_only else ["localhost", *_lan_addresses()]
-    if not s.loopback_only and s.bind not in ("0.0.0.0", "::"):  # noqa: S104
-        hosts = [s.bind]
-    return [f"{scheme}://{h if ':' not in h else '[' + h + ']'}:{s.port}" for h in hosts]
-
-
 class Daemon:
     def __init__(self, paths: Paths) -> None:
         self.paths = paths
         self.ctx = Context(paths)
         self.token = secrets.token_hex(32)
-        self.instances: dict[str, Instance] = {}
+        self.instances: dict[str, ProxyInstance] = {}
         self.stop_event = asyncio.Event()
         self.failures: dict[str, list[float]] = {}
         self.started_at = time.time()
@@ -119,14 +64,12 @@ class Daemon:
                         f"a proxy ({inst.settings.handle_id}) already runs on port {port}")
             handle_id = f"proxy-{port}"
             proxy = await start_instance(self.ctx, config, handle_id=handle_id)
-            inst = Instance(proxy.settings, proxy.runtime, proxy.servers[-1],
-                            started_at=proxy.started_at, proxy=proxy)
-            self.instances[handle_id] = inst
+            self.instances[handle_id] = proxy
             await asyncio.to_thread(ProxyHandlesRepo(self.ctx.storage.config).add, ProxyHandleRow(
                 handle_id, os.getpid(), port, proxy.settings.https_port, bind, mode,
                 json.dumps(config), now_iso()))
             log.info("proxy started", extra={"handle": handle_id, "port": port})
-            return inst.describe()
+            return proxy.describe()
 
     async def stop_proxies(self, *, port: int | None = None, handle_id: str | None = None,
                            all_: bool = False) -> list[str]:
@@ -204,11 +147,10 @@ class Daemon:
     async def renew(self, *, port: int | None = None, force: bool = True) -> list[dict[str, Any]]:
         """Renew the certificates of TLS proxies now (``force``) or when due, without restart."""
         chosen = [i for i in self.instances.values()
-                  if i.proxy is not None and i.proxy.tls is not None
-                  and (port is None or i.settings.port == port)]
+                  if i.tls is not None and (port is None or i.settings.port == port)]
         if not chosen:
             raise ProxyError("no running TLS proxy" + (f" on port {port}" if port else ""))
-        return [await i.proxy.renew(force=force) for i in chosen if i.proxy is not None]
+        return [await i.renew(force=force) for i in chosen]
 
     def status(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "started_at": self.started_at,

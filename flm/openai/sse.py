@@ -65,22 +65,26 @@ async def iter_sse_batches(
         for event in events:
             if len(event) > max_event:
                 raise EngineApiError(f"engine sent an event larger than {max_event} bytes")
-            if event.startswith(b"data: ") and b"\n" not in event:
-                out.append(event[6:])  # the common case: one data line
-                continue
-            data = [line[5:].removeprefix(b" ") for line in event.split(b"\n")
-                    if line.startswith(b"data:")]
-            if data:
-                out.append(b"\n".join(data))
+            data = _data_of(event)
+            if data is not None:
+                out.append(data)
         if out:
             yield out
         if len(buf) > max_event:
             raise EngineApiError(f"engine sent an event larger than {max_event} bytes")
-    if buf.strip():
-        data = [line[5:].removeprefix(b" ") for line in buf.split(b"\n")
-                if line.startswith(b"data:")]
-        if data:
-            yield [b"\n".join(data)]
+    last = _data_of(buf) if buf.strip() else None
+    if last is not None:
+        yield [last]
+
+
+def _data_of(event: bytes) -> bytes | None:
+    """The ``data`` of one SSE event (multi-line data joined with ``\\n``); ``None`` when the
+    event carries none (comments, ``event:``/``id:``/``retry:`` only)."""
+    if event.startswith(b"data: ") and b"\n" not in event:
+        return event[6:]  # the common case: one data line
+    lines = [line[5:].removeprefix(b" ") for line in event.split(b"\n")
+             if line.startswith(b"data:")]
+    return b"\n".join(lines) if lines else None
 
 
 async def iter_line_batches(

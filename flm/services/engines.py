@@ -242,7 +242,7 @@ class EngineService:
                 if data.get("status") is not None:
                     states.append(EngineState.from_dict(data))
             if hit and endpoints:
-                return self._report([s for s in states], endpoints, cached=True,
+                return self._report(states, endpoints, cached=True,
                                     listeners=[e.id for e in endpoints
                                                if json.loads(cached[e.id][0]).get("status")
                                                is None])

@@ -152,11 +152,11 @@ class ProxyService:
             return {"stopped": [], "cleaned": cleaned}
         body = {"port": port, "handle_id": handle_id, "all": all_}
         result: dict[str, Any] = self.call(info, "POST", "/admin/stop", body)
-        if all_ or not self.call_safe_status(info):
+        if all_ or not self._running_proxies(info):
             self._wait_exit(info)
         return result
 
-    def call_safe_status(self, info: DaemonInfo) -> list[Any]:
+    def _running_proxies(self, info: DaemonInfo) -> list[Any]:
         try:
             proxies: list[Any] = self.call(info, "GET", "/admin/status", timeout=5)["proxies"]
             return proxies

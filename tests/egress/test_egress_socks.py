@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import aiohttp
 import psutil
@@ -34,43 +32,8 @@ from flm.egress.policy import (
 )
 from flm.egress.probe import ProbeResult, probe
 
-from ..tls.support import free_port, require_tool, stop_process, wait_until
-
-
-@dataclass
-class Socks:
-    process: subprocess.Popen[bytes]
-    port: int
-    log_path: Path
-
-    @property
-    def endpoint(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
-@pytest.fixture(scope="module")
-def socks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Socks]:
-    binary = require_tool("microsocks", "microsocks")
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("microsocks") / "microsocks.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [binary, "-i", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
-        )
-    server = Socks(proc, port, log_path)
-    try:
-        config = EgressConfig("socks5", server.endpoint)
-        wait_until(
-            lambda: proc.poll() is None and probe(config, 1, timeout_s=0.5).reachable,
-            timeout=10,
-            what="microsocks to listen",
-        )
-        yield server
-    finally:
-        stop_process(proc)
+from ..tls.support import free_port
+from .conftest import Socks
 
 
 def _fast_probe(config: EgressConfig, tries: int) -> ProbeResult:

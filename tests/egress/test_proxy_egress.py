@@ -17,7 +17,6 @@ import json
 import socket
 import sqlite3
 import ssl
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -31,8 +30,7 @@ import pytest
 import trustme
 from aiohttp import web
 
-from flm.egress.config import EgressConfig, is_loopback_target
-from flm.egress.probe import probe
+from flm.egress.config import is_loopback_target
 from flm.testing.emulators import (
     Emulator,
     EmulatorServer,
@@ -44,41 +42,10 @@ from flm.testing.emulators import (
 from flm.testing.emulators.base import Handler
 from tests.conftest import flm_subprocess
 
-from ..tls.support import free_port, require_tool, stop_process, wait_until
+from ..tls.support import free_port, wait_until
+from .conftest import Socks
 
 PNG = base64.b64decode("iVBORw0KGgo=")
-
-
-@dataclass
-class Socks:
-    process: subprocess.Popen[bytes]
-    port: int
-    log_path: Path
-
-    @property
-    def endpoint(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
-@pytest.fixture(scope="module")
-def socks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Socks]:
-    binary = require_tool("microsocks", "microsocks")
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("microsocks") / "microsocks.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen([binary, "-i", "127.0.0.1", "-p", str(port)], stdout=log,
-                                stderr=subprocess.STDOUT)
-    server = Socks(proc, port, log_path)
-    try:
-        config = EgressConfig("socks5", server.endpoint)
-        wait_until(lambda: proc.poll() is None and probe(config, 1, timeout_s=0.5).reachable,
-                   timeout=10, what="microsocks to listen")
-        yield server
-    finally:
-        stop_process(proc)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,14 @@ import time
 from flm.core.policy import EffectivePolicy
 from flm.openai.errors import HttpError
 from flm.proxy.asgi import ASGIApp, Receive, Scope, Send, header, state_of
-from flm.proxy.guard import HONEYPOT_SCORE, HONEYPOTS, NOT_FOUND_SCORE, Block, score_request
+from flm.proxy.guard import (
+    ANOMALY_BLOCK_S,
+    HONEYPOT_SCORE,
+    HONEYPOTS,
+    NOT_FOUND_SCORE,
+    Block,
+    score_request,
+)
 from flm.proxy.runtime import ProxyRuntime
 
 _Net = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -55,6 +62,15 @@ def client_ip(scope: Scope, policy: EffectivePolicy) -> str:
         except ValueError:
             return peer
     return peer
+
+
+def record_block(rt: ProxyRuntime, ip: str, block: Block) -> None:
+    """Persist a block (through the audit sink) and record the ``ip_blocked`` event."""
+    if rt.audit is not None:
+        failures = rt.guard.failures.get(ip, (0, 0.0))[0]
+        rt.audit.block(ip, block.reason, block.since, block.until, failures)
+        rt.audit.event("ip_blocked", "high", ip, {"reason": block.reason,
+                                                 "permanent": block.permanent})
 
 
 def _blocked_error(block: Block, now: float) -> HttpError:
@@ -151,16 +167,8 @@ class IntrusionMiddleware:
                                              "reasons": list(reasons)},
                            state.request_id, scope["path"])
             if block is not None:
-                self._record_block(state.client_ip, block)
+                record_block(rt, state.client_ip, block)
         return block
-
-    def _record_block(self, ip: str, block: Block) -> None:
-        rt = self.runtime
-        if rt.audit is not None:
-            failures = rt.guard.failures.get(ip, (0, 0.0))[0]
-            rt.audit.block(ip, block.reason, block.since, block.until, failures)
-            rt.audit.event("ip_blocked", "high", ip, {"reason": block.reason,
-                                                     "permanent": block.permanent})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         rt = self.runtime
@@ -222,9 +230,9 @@ class AnomalyMiddleware:
             self._anomaly(ip, "request_rate", rate, policy.request_rate_threshold,
                           state.request_id)
         if rate > policy.request_rate_threshold and policy.anomaly_auto_block:
-            block = rt.guard.block(ip, "anomaly", 30 * 60.0)
-            if rt.audit is not None and block.since >= rt.guard.clock() - 1:
-                rt.audit.block(ip, block.reason, block.since, block.until, 0)
+            # once blocked, the block check refuses this address first: this runs once
+            block = rt.guard.block(ip, "anomaly", ANOMALY_BLOCK_S)
+            record_block(rt, ip, block)
             raise _blocked_error(block, rt.guard.clock())
         declared = header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > policy.max_body_bytes:
