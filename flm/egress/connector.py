@@ -1,4 +1,5 @@
-"""aiohttp connectors for outbound requests, honouring the egress in force.
+"""Outbound connections honouring the egress in force: aiohttp connectors (image downloads) and
+socket openers (engine traffic, see :func:`opener_for`).
 
 ``connector_for(config, url)`` returns ``None`` when the request should use the caller's ordinary
 (pooled, direct) connector: egress ``direct``, or a loopback target — local engines are never sent
@@ -13,10 +14,13 @@ the engine layer maps them to ``EngineNetworkError`` at its boundary.
 
 from __future__ import annotations
 
+import socket
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import aiohttp_socks
+import python_socks
 
 from flm.egress.config import EgressConfig, is_loopback_target
 
@@ -25,6 +29,9 @@ PROXY_EXCEPTIONS: tuple[type[Exception], ...] = (
     aiohttp_socks.ProxyError,
     aiohttp_socks.ProxyConnectionError,
     aiohttp_socks.ProxyTimeoutError,
+    python_socks.ProxyError,
+    python_socks.ProxyConnectionError,
+    python_socks.ProxyTimeoutError,
 )
 
 
@@ -49,3 +56,24 @@ def socks_connector(config: EgressConfig, **connector_kwargs: Any) -> aiohttp_so
         rdns=True,
         **connector_kwargs,
     )
+
+
+def opener_for(
+    config: EgressConfig, target_url: str
+) -> Callable[[str, int], Awaitable[socket.socket]] | None:
+    """For the engine client: ``None`` to connect directly (egress ``direct`` or a loopback
+    target), else a function opening a socket to ``(host, port)`` through the SOCKS5 proxy with
+    remote DNS (the caller bounds it in time)."""
+    if not config.uses_proxy or is_loopback_target(target_url):
+        return None
+    endpoint = config.endpoint
+    if endpoint is None:
+        raise ValueError("egress mode direct has no SOCKS endpoint")
+    from python_socks.async_.asyncio import Proxy
+
+    async def open_socket(host: str, port: int) -> socket.socket:
+        # Made here, inside the running loop, which the proxy object binds to.
+        proxy = Proxy(python_socks.ProxyType.SOCKS5, endpoint.host, endpoint.port, rdns=True)
+        return await proxy.connect(dest_host=host, dest_port=port)
+
+    return open_socket

@@ -1,14 +1,18 @@
-"""The pooled upstream HTTP client and the one place aiohttp exceptions become FLM errors."""
+"""The pooled upstream HTTP client: engine requests, their limits and timeouts, and the one place
+connection failures become FLM errors (the wire protocol itself is in :mod:`flm.engines.h1`)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+import socket
+import ssl
+import urllib.parse
+import zlib
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
-
-import aiohttp
 
 from flm.core.errors import (
     EngineApiError,
@@ -17,11 +21,14 @@ from flm.core.errors import (
     EngineNotFoundError,
     EngineTimeoutError,
 )
+from flm.engines.h1 import Connection, Headers, expire
 
 #: Largest non-streamed JSON body accepted from an engine.
 MAX_JSON_BYTES = 64 * 1024 * 1024
 #: Header FLM's own listeners always send, so detection never mistakes FLM for an engine.
 FLM_PROXY_HEADER = "X-FLM-Proxy"
+#: Idle pooled connections older than this are not reused.
+KEEPALIVE_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -71,15 +78,20 @@ def _error_message(body: bytes) -> str:
 
 
 class UpstreamResponse:
-    """A response whose headers arrived; the body is read with limits and timeouts."""
+    """A response whose headers arrived; the body is read with limits and timeouts.
 
-    def __init__(self, resp: aiohttp.ClientResponse, timeouts: Timeouts,
-                 prefetched: bytes | None = None) -> None:
-        self._resp = resp
+    Its connection goes back to the pool only when the body was read to its end
+    (:meth:`finish` with ``complete=True``, or :meth:`release` after a full read); anything else
+    closes it, so an engine generating for a client that went away stops at once.
+    """
+
+    def __init__(self, conn: Connection, client: EngineClient, timeouts: Timeouts) -> None:
+        self._conn = conn
+        self._client = client
         self._timeouts = timeouts
-        self._prefetched = prefetched
-        self.status = resp.status
-        self.headers = resp.headers
+        self._done = False
+        self.status = conn.status
+        self.headers = Headers(conn.raw_headers)
 
     async def read_json(self, limit: int = MAX_JSON_BYTES) -> Any:
         body = await self.read(limit)
@@ -89,170 +101,225 @@ class UpstreamResponse:
             raise EngineApiError(f"engine sent invalid JSON: {exc}") from exc
 
     async def read(self, limit: int = MAX_JSON_BYTES) -> bytes:
-        if self._prefetched is not None and len(self._prefetched) <= limit:
-            return self._prefetched
-        length = self._resp.content_length
-        if length is not None and length <= limit:
-            # The common case (a JSON reply with its length): one read, one deadline.
-            try:
-                async with asyncio.timeout(self._timeouts.idle_s):
-                    return await self._resp.read()
-            except TimeoutError:
-                raise EngineTimeoutError(
-                    f"engine sent nothing for {self._timeouts.idle_s:g} s (idle timeout)"
-                ) from None
-            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-                raise EngineNetworkError(
-                    f"engine connection broke mid-response: {exc}") from exc
-        return b"".join([chunk async for chunk in self.iter_chunks(max_bytes=limit)])
+        conn = self._conn
+        if conn.complete and not self._done:
+            body = conn.take()  # the common case: a JSON reply already here whole
+            if len(body) > limit:
+                raise EngineApiError(f"engine response exceeded {limit} bytes")
+        else:
+            body = b"".join([chunk async for chunk in self.iter_chunks(max_bytes=limit)])
+        encoding = conn.raw_headers and self.headers.get("content-encoding")
+        if encoding:
+            body = _decompress(body, encoding, limit)
+        return body
 
     async def iter_chunks(self, *, max_bytes: int | None = None) -> AsyncIterator[bytes]:
-        """Body chunks as they arrive, with the idle timeout between them and the overall
-        stream limits. aiohttp errors become FLM engine errors here."""
+        """Body bytes as they arrive (whatever arrived since the last step, in one piece), with
+        the idle timeout between them and the overall stream limits."""
+        conn = self._conn
         limit = self._timeouts.max_stream_bytes if max_bytes is None else max_bytes
         loop = asyncio.get_running_loop()
         end = loop.time() + self._timeouts.max_stream_s
         idle = self._timeouts.idle_s
         total = 0
-        content = self._resp.content
         try:
-            async with asyncio.timeout(None) as deadline:
-                while True:
-                    deadline.reschedule(min(loop.time() + idle, end))
-                    chunk = await content.readany()
-                    if not chunk:
-                        return
+            while True:
+                if conn.has_data():
+                    chunk = conn.take()
                     total += len(chunk)
                     if total > limit:
                         raise EngineApiError(f"engine response exceeded {limit} bytes")
-                    deadline.reschedule(None)
                     yield chunk
-        except TimeoutError:
-            if loop.time() >= end:
-                raise EngineTimeoutError(
-                    f"engine stream exceeded {self._timeouts.max_stream_s:.0f} s"
-                ) from None
-            raise EngineTimeoutError(f"engine sent nothing for {idle:g} s (idle timeout)") from None
-        except (
-            aiohttp.ClientPayloadError,
-            aiohttp.ServerDisconnectedError,
-            aiohttp.ClientConnectionError,
-        ) as exc:
-            raise EngineNetworkError(f"engine connection broke mid-response: {exc}") from exc
+                    continue
+                if conn.complete:
+                    return
+                if conn.error is not None:
+                    raise conn.error
+                now = loop.time()
+                try:
+                    await conn.wait(loop, min(now + idle, end))
+                except TimeoutError:
+                    if loop.time() >= end:
+                        raise EngineTimeoutError(
+                            f"engine stream exceeded {self._timeouts.max_stream_s:.0f} s"
+                        ) from None
+                    raise EngineTimeoutError(
+                        f"engine sent nothing for {idle:g} s (idle timeout)") from None
+        except BaseException:
+            self.close()
+            raise
 
     def release(self) -> None:
-        self._resp.release()
+        """Done with the response: pooled again if it was read to its end, else closed."""
+        self.finish(self._conn.complete and not self._conn.has_data())
 
     def close(self) -> None:
         """Drop the connection (used when the client went away mid-stream)."""
-        self._resp.close()
+        self.finish(False)
 
     def finish(self, complete: bool) -> None:
         """A body read to its end goes back to the pool; anything else drops the connection,
         so the engine stops generating at once."""
-        if complete:
-            self._resp.release()
-        else:
-            self._resp.close()
+        if self._done:
+            return
+        self._done = True
+        self._client._put_back(self._conn, complete)
+
+
+def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
+    """A compressed JSON reply (FLM never asks for one, but an engine may send it anyway)."""
+    enc = encoding.strip().lower()
+    if enc in ("identity", ""):
+        return body
+    if enc not in ("gzip", "x-gzip", "deflate"):
+        raise EngineApiError(f"engine sent an unsupported content encoding {encoding!r}")
+    wbits = 31 if "gzip" in enc else 15
+    try:
+        d = zlib.decompressobj(wbits)
+        out = d.decompress(body, limit + 1)
+    except zlib.error as exc:
+        if enc != "deflate":
+            raise EngineApiError(f"engine sent a broken {enc} body: {exc}") from exc
+        try:  # some servers send raw deflate without the zlib wrapper
+            d = zlib.decompressobj(-15)
+            out = d.decompress(body, limit + 1)
+        except zlib.error as exc2:
+            raise EngineApiError(f"engine sent a broken deflate body: {exc2}") from exc2
+    if len(out) > limit:
+        raise EngineApiError(f"engine response exceeded {limit} bytes")
+    return out
+
+
+#: Opens a socket to ``(host, port)`` by some other route (the egress layer's SOCKS5 proxy); the
+#: client bounds it in time and then speaks HTTP (and TLS) over it.
+Opener = Callable[[str, int], Awaitable[socket.socket]]
 
 
 class EngineClient:
-    """One pooled aiohttp session per engine base URL.
+    """Pooled keep-alive connections to one engine base URL.
 
-    ``connector`` is used as is (once: the session owns it); ``connector_factory`` is called each
-    time a session is created, inside the running loop (the egress layer's SOCKS connectors must be
-    made there) and may return ``None`` for the ordinary direct connector.
+    At most ``limit`` connections are open at once (more requests wait for one); idle ones are
+    kept for :data:`KEEPALIVE_S` seconds. ``opener`` (from the egress layer) makes the TCP
+    connections when the engine must be reached through a SOCKS5 proxy.
     """
 
     def __init__(
         self,
         base_url: str,
         timeouts: Timeouts | None = None,
-        connector: aiohttp.BaseConnector | None = None,
         limit: int = 256,
-        connector_factory: Callable[[], aiohttp.BaseConnector | None] | None = None,
+        opener: Opener | None = None,
         api_key: str | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
-        self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else None
+        parts = urllib.parse.urlsplit(self.base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"engine URL must be http(s)://host[:port]: {base_url!r}")
+        self._tls = parts.scheme == "https"
+        self._host = parts.hostname
+        self._port = parts.port or (443 if self._tls else 80)
+        self._prefix = parts.path.rstrip("/")
+        default_port = self._port == (443 if self._tls else 80)
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        host_header = host if default_port else f"{host}:{self._port}"
+        self._fixed = f"Host: {host_header}\r\n".encode("latin-1")
+        if api_key:
+            _check_header("Authorization", api_key)
+            self._fixed += f"Authorization: Bearer {api_key}\r\n".encode("latin-1")
         self.timeouts = timeouts or Timeouts()
-        self._connector = connector
-        self._connector_factory = connector_factory
+        self._opener = opener
         self._limit = limit
-        self._session: aiohttp.ClientSession | None = None
-
-    def _get_session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            made = self._connector_factory() if self._connector_factory is not None else None
-            connector = made or self._connector or aiohttp.TCPConnector(
-                limit=self._limit,
-                keepalive_timeout=30,
-                enable_cleanup_closed=False,
-                ttl_dns_cache=300,
-            )
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                timeout=aiohttp.ClientTimeout(total=None, connect=self.timeouts.connect_s),
-                auto_decompress=True,
-                skip_auto_headers=("User-Agent",),
-                headers=self._auth,
-            )
-        return self._session
+        self._open = 0
+        self._idle: list[Connection] = []
+        self._slot_waiters: deque[asyncio.Future[None]] = deque()
+        self._closed = False
+        self._ssl: ssl.SSLContext | None = None
 
     async def close(self) -> None:
-        if self._session is not None and not self._session.closed:
-            await self._session.close()
-        self._session = None
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.abort()
 
-    async def request(
-        self,
-        method: str,
-        path: str,
-        *,
-        json_body: Any = None,
-        data: bytes | aiohttp.FormData | None = None,
-        headers: dict[str, str] | None = None,
-        first_byte_s: float | None = None,
-        check_status: bool = True,
-        read: bool = False,
-    ) -> UpstreamResponse:
-        """Send a request and wait (bounded) for the response headers; with ``read``, a body
-        of known length (up to ``MAX_JSON_BYTES``) is read under the same deadline."""
-        session = self._get_session()
-        url = self.base_url + path
-        body = data
-        hdrs = dict(headers or {})
-        if json_body is not None:
-            body = json.dumps(json_body, separators=(",", ":")).encode()
-            hdrs["Content-Type"] = "application/json"
-        wait = self.timeouts.first_byte_s if first_byte_s is None else first_byte_s
+    # -- the pool ---------------------------------------------------------------------------
+
+    def _put_back(self, conn: Connection, complete: bool) -> None:
+        conn.finish()
+        if complete and not self._closed and conn.reusable():
+            conn.idle_since = asyncio.get_running_loop().time()
+            self._idle.append(conn)
+        else:
+            conn.abort()
+        self._release_slot()
+
+    def _release_slot(self) -> None:
+        self._open -= 1
+        self._wake_slot_waiter()
+
+    def _wake_slot_waiter(self) -> None:
+        waiters = self._slot_waiters
+        while waiters:
+            fut = waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+
+    async def _acquire(self, loop: asyncio.AbstractEventLoop, deadline: float) -> Connection:
+        """A connection (from the pool or new) with one slot of ``limit`` taken for it."""
+        while self._open >= self._limit:
+            fut: asyncio.Future[None] = loop.create_future()
+            self._slot_waiters.append(fut)
+            handle = loop.call_at(deadline, expire, fut)
+            try:
+                await fut
+            except TimeoutError:
+                raise EngineTimeoutError(
+                    f"all {self._limit} connections to the engine at {self.base_url} stayed busy"
+                ) from None
+            except BaseException:
+                # Woken for a free slot just as we gave up: the next waiter gets it.
+                if fut.done() and not fut.cancelled() and fut.exception() is None:
+                    self._wake_slot_waiter()
+                raise
+            finally:
+                handle.cancel()
+        self._open += 1
         try:
-            prefetched: bytes | None = None
+            idle = self._idle
+            now = loop.time()
+            while idle:
+                conn = idle.pop()
+                if conn.closed or now - conn.idle_since > KEEPALIVE_S:
+                    conn.abort()
+                    continue
+                return conn
+            return await self._connect(loop, deadline)
+        except BaseException:
+            self._release_slot()
+            raise
+
+    async def _connect(self, loop: asyncio.AbstractEventLoop, deadline: float) -> Connection:
+        wait = max(0.0, min(self.timeouts.connect_s, deadline - loop.time()))
+        ssl_ctx = self._ssl_context() if self._tls else None
+        server_hostname = self._host if self._tls else None
+        try:
             async with asyncio.timeout(wait):
-                resp = await session.request(
-                    method, url, data=body, headers=hdrs, allow_redirects=False
-                )
-                length = resp.content_length
-                if read and length is not None and length <= MAX_JSON_BYTES:
-                    prefetched = await resp.read()
+                if self._opener is not None:
+                    sock = await self._opener(self._host, self._port)
+                    transport, conn = await loop.create_connection(
+                        Connection, sock=sock, ssl=ssl_ctx, server_hostname=server_hostname)
+                    # uvloop may call connection_made only on the next loop iteration.
+                    conn.transport = conn.transport or transport
+                else:
+                    _, conn = await loop.create_connection(
+                        Connection, self._host, self._port, ssl=ssl_ctx,
+                        server_hostname=server_hostname)
         except TimeoutError:
             raise EngineTimeoutError(
-                f"engine at {self.base_url} did not answer within {wait:g} s"
-            ) from None
-        except aiohttp.ClientConnectorError as exc:
+                f"cannot connect to engine at {self.base_url} within {wait:g} s") from None
+        except OSError as exc:
             raise EngineNetworkError(
-                f"cannot connect to engine at {self.base_url}: {exc.os_error or exc}"
-            ) from exc
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-            raise EngineNetworkError(
-                f"engine at {self.base_url} closed the connection: {exc}"
-            ) from exc
-        except aiohttp.ClientResponseError as exc:
-            raise EngineApiError(
-                f"engine at {self.base_url} sent a bad response: {exc.message}"
-            ) from exc
-        except aiohttp.ClientError as exc:
-            raise EngineNetworkError(f"engine request failed: {exc}") from exc
+                f"cannot connect to engine at {self.base_url}: {exc}") from exc
         except Exception as exc:
             from flm.egress.connector import PROXY_EXCEPTIONS
 
@@ -261,19 +328,103 @@ class EngineClient:
                     f"cannot reach engine at {self.base_url} through the egress proxy: {exc}"
                 ) from exc
             raise
-        if FLM_PROXY_HEADER in resp.headers:
-            resp.release()
+        return conn
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        if self._ssl is None:
+            self._ssl = ssl.create_default_context()
+        return self._ssl
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def _head(self, method: str, path: str, headers: dict[str, str] | None,
+              length: int | None) -> bytes:
+        target = self._prefix + path
+        if not target.startswith("/") or any(c in target for c in " \r\n\t"):
+            raise EngineApiError(f"refusing to send a malformed request target {target!r}")
+        lines = [f"{method} {target} HTTP/1.1\r\n"]
+        if headers:
+            for name, value in headers.items():
+                _check_header(name, value)
+                lines.append(f"{name}: {value}\r\n")
+        if length is not None:
+            lines.append(f"Content-Length: {length}\r\n")
+        return "".join(lines).encode("latin-1").replace(b"\r\n", b"\r\n" + self._fixed, 1) \
+            + b"\r\n"
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        data: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        first_byte_s: float | None = None,
+        check_status: bool = True,
+        read: bool = False,
+    ) -> UpstreamResponse:
+        """Send a request and wait (bounded) for the response headers; with ``read``, a body
+        of known length (up to ``MAX_JSON_BYTES``) is read under the same deadline."""
+        if self._closed:
+            raise EngineNetworkError(f"the client for {self.base_url} was closed")
+        body = data or b""
+        if json_body is not None:
+            body = json.dumps(json_body, separators=(",", ":")).encode()
+            headers = dict(headers or {})
+            headers["Content-Type"] = "application/json"
+        length = len(body) if body or method not in _NO_BODY else None
+        head = self._head(method, path, headers, length)
+        wait = self.timeouts.first_byte_s if first_byte_s is None else first_byte_s
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        for attempt in (0, 1):
+            conn = await self._acquire(loop, deadline)
+            try:
+                conn.begin(method == "HEAD")
+                conn.write(head + body if len(body) < 65536 else head)
+                if body and len(body) >= 65536:
+                    conn.write(body)
+                await self._await_response(conn, loop, deadline, read)
+            except EngineNetworkError:
+                stale = conn.reused and not conn.got_bytes and attempt == 0
+                self._put_back(conn, False)
+                if stale and loop.time() < deadline:
+                    continue  # a keep-alive connection the engine had just closed: once more
+                raise
+            except TimeoutError:
+                self._put_back(conn, False)
+                raise EngineTimeoutError(
+                    f"engine at {self.base_url} did not answer within {wait:g} s") from None
+            except BaseException:
+                self._put_back(conn, False)
+                raise
+            break
+        upstream = UpstreamResponse(conn, self, self.timeouts)
+        if conn.flm_listener:
+            upstream.close()
             raise FlmListenerError(f"{self.base_url} is an FLM proxy, not an engine")
-        upstream = UpstreamResponse(resp, self.timeouts, prefetched)
-        if check_status and resp.status >= 400:
+        if check_status and conn.status >= 400:
             try:
                 body_bytes = await upstream.read(64 * 1024)
             except EngineError:
                 body_bytes = b""
             finally:
                 upstream.release()
-            raise _status_error(resp.status, _error_message(body_bytes))
+            raise _status_error(conn.status, _error_message(body_bytes))
         return upstream
+
+    async def _await_response(self, conn: Connection, loop: asyncio.AbstractEventLoop,
+                              deadline: float, read: bool) -> None:
+        while not conn.headers_done:
+            if conn.error is not None:
+                raise conn.error
+            await conn.wait(loop, deadline)
+        if read and conn.content_length is not None and conn.content_length <= MAX_JSON_BYTES:
+            while not conn.complete:
+                if conn.error is not None:
+                    raise conn.error
+                await conn.wait(loop, deadline)
 
     async def get_json(
         self, path: str, *, first_byte_s: float | None = None, limit: int = MAX_JSON_BYTES
@@ -290,3 +441,11 @@ class EngineClient:
             return await resp.read_json(limit)
         finally:
             resp.release()
+
+
+_NO_BODY = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
+
+
+def _check_header(name: str, value: str) -> None:
+    if not name or any(c in name for c in " :\r\n\t") or "\r" in value or "\n" in value:
+        raise EngineApiError(f"refusing to send a malformed header {name!r}")

@@ -60,11 +60,10 @@ class EngineRegistry:
 
         if is_loopback_target(endpoint.base_url):
             return None
-        from flm.egress.connector import connector_for
+        from flm.egress.connector import opener_for
 
         url = endpoint.base_url
-        return EngineClient(url, self._timeouts,
-                            connector_factory=lambda: connector_for(egress, url),
+        return EngineClient(url, self._timeouts, opener=opener_for(egress, url),
                             api_key=endpoint.api_key)
 
     def ids(self) -> list[str]:

@@ -32,9 +32,10 @@ _READ_ONLY = {EngineKind.LLAMACPP: re.compile(r"^/props$")}
 _HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization",
                b"te", b"trailer", b"transfer-encoding", b"upgrade", b"host", b"content-length",
                b"authorization", b"cookie", b"x-forwarded-for", b"x-real-ip",
-               b"x-forwarded-host", b"x-forwarded-proto", b"forwarded"}
+               b"x-forwarded-host", b"x-forwarded-proto", b"forwarded",
+               b"accept-encoding"}
 _RESPONSE_DROP = {b"connection", b"keep-alive", b"transfer-encoding", b"content-length",
-                  b"content-encoding", b"set-cookie", b"server", b"date"}
+                  b"set-cookie", b"server", b"date"}
 _BAD_RAW = re.compile(rb"%2e|%2f|%5c|%00|\\|//|/\./|/\.\./|/\.\.?$", re.IGNORECASE)
 _SAFE_PATH = re.compile(r"^/[A-Za-z0-9._~!$&'()*+,;=:@/-]*$")
 
@@ -77,9 +78,8 @@ async def engine_passthrough(scope: Scope, receive: Receive, send: Send,
                                                 headers=headers, check_status=False)
     except EngineError as exc:
         raise HttpError.from_flm(exc) from exc
-    out_headers = [(k.lower().encode("latin-1"), v.encode("latin-1"))
-                   for k, v in upstream.headers.items()
-                   if k.lower().encode("latin-1") not in _RESPONSE_DROP]
+    out_headers = [(k.lower(), v) for k, v in upstream.headers.raw()
+                   if k.lower() not in _RESPONSE_DROP]
     await send({"type": "http.response.start", "status": upstream.status,
                 "headers": out_headers})
     finished = False
