@@ -3,6 +3,8 @@
 Targets (each started and stopped here, one at a time, while the mock engine keeps running):
 
 - ``direct``: the mock engine itself (the reference every "added" figure subtracts);
+- ``relay``: a byte relay with no HTTP logic at all, the hop floor: what one extra process costs
+  on this machine (bench/relay.py);
 - ``passthrough``: a bare uvicorn + aiohttp ASGI pass-through, the floor (bench/passthrough.py);
 - ``flm``: the FLM gateway (``flm proxy start --no-daemon``) with every security layer on
   (bench/policy-all-on.json);
@@ -13,7 +15,7 @@ TTFT at concurrency 16 (20-chunk streams), TTFT at concurrency 1 with paced chun
 server's RSS idle and while 100 slow streams are open. Then a table, the bars of SPEC §12, and
 a JSON file. See bench/README.md.
 
-Usage: .venv/bin/python bench/run.py [--targets direct,passthrough,flm,litellm]
+Usage: .venv/bin/python bench/run.py [--targets direct,relay,passthrough,flm,litellm]
        [--duration 10] [--out bench/results/]
 """
 
@@ -48,7 +50,7 @@ sys.path.insert(0, str(BENCH))
 import loadclient  # noqa: E402
 
 HOST = "127.0.0.1"
-ALL_TARGETS = ["direct", "passthrough", "flm", "litellm"]
+ALL_TARGETS = ["direct", "relay", "passthrough", "flm", "litellm"]
 LITELLM_MASTER_KEY = "sk-bench-master-key"
 CHUNKS = 20
 HOLD_STREAMS = 100
@@ -288,6 +290,23 @@ def start_passthrough(ctx: Ctx) -> Target:
     return t
 
 
+def start_relay(ctx: Ctx) -> Target:
+    port = free_port()
+    cmd = [sys.executable, str(BENCH / "relay.py"), "--port", str(port),
+           "--upstream", f"{HOST}:{ctx.mock_port}"]
+    proc = Managed("relay", cmd, ctx.logdir, cpus=ctx.target_cpus)
+    t = Target("relay", port, "bench-model", {}, proc.pid, proc=proc)
+    try:
+        t.startup_s = wait_ready(port, "/health", proc, 30)
+    except Skip:
+        proc.stop()
+        raise
+    import uvloop
+
+    t.version = f"uvloop {uvloop.__version__}"
+    return t
+
+
 def start_litellm(ctx: Ctx) -> Target:
     exe = ctx.litellm_exe
     if not exe.exists():
@@ -495,6 +514,7 @@ def flm_audit_count(home: Path) -> dict[str, Any]:
 
 STARTERS: dict[str, Callable[[Ctx], Target]] = {
     "direct": start_direct,
+    "relay": start_relay,
     "passthrough": start_passthrough,
     "flm": start_flm,
     "litellm": start_litellm,
@@ -834,7 +854,12 @@ def bars(results: dict[str, Any]) -> list[dict[str, Any]]:
         )
         return out
     v = get(flm, "plain", "c1", "added_ms", "p50")
-    bar("added latency c=1 (median)", "≤ 0.3 ms", v, None if v is None else v <= 0.3)
+    hop = get(results, "relay", "data", "plain", "c1", "added_ms", "p50")
+    note = ""
+    if v is not None and hop is not None:
+        note = (f"hop floor (byte relay, no logic) adds {hop} ms on this machine; "
+                f"FLM above it: {v - hop:+.3f} ms")
+    bar("added latency c=1 (median)", "≤ 0.3 ms", v, None if v is None else v <= 0.3, note)
     f64 = get(flm, "plain", "c64", "rps")
     l64 = get(lite, "plain", "c64", "rps")
     note = ""

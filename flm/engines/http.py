@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import ssl
 import urllib.parse
@@ -340,7 +341,7 @@ class EngineClient:
     def _head(self, method: str, path: str, headers: dict[str, str] | None,
               length: int | None) -> bytes:
         target = self._prefix + path
-        if not target.startswith("/") or any(c in target for c in " \r\n\t"):
+        if not target.startswith("/") or _BAD_TARGET.search(target):
             raise EngineApiError(f"refusing to send a malformed request target {target!r}")
         lines = [f"{method} {target} HTTP/1.1\r\n"]
         if headers:
@@ -446,6 +447,11 @@ class EngineClient:
 _NO_BODY = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
 
 
+_BAD_TARGET = re.compile(r"[\s\x00-\x1f\x7f]")
+_BAD_NAME = re.compile(r"[\s:\x00-\x1f\x7f]")
+_BAD_VALUE = re.compile(r"[\r\n\x00]")
+
+
 def _check_header(name: str, value: str) -> None:
-    if not name or any(c in name for c in " :\r\n\t") or "\r" in value or "\n" in value:
+    if not name or _BAD_NAME.search(name) or _BAD_VALUE.search(value):
         raise EngineApiError(f"refusing to send a malformed header {name!r}")
