@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 
 from flm.core.errors import MigrationFailedError, RepoError
 from flm.core.paths import ensure_private_dir, touch_private_file
+from flm.core.threads import background_thread
 
 T = TypeVar("T")
 
@@ -337,6 +338,7 @@ class Database:
                 self._writer.start()
 
     def _writer_loop(self) -> None:
+        background_thread()
         conn = _connect(self.path)
         try:
             while True:

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import sqlite3
+import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -223,3 +227,54 @@ def test_retention_archives_old_rows_only(cli: Any, flm_home: Path) -> None:
         assert [r["ts"] for r in events.audit_logs()] == ["2026-01-09T00:00:00.000Z"]
     finally:
         storage.close()
+
+
+def test_flusher_slices_keep_every_record_in_order_with_exact_timestamps(tmp_path: Path) -> None:
+    from flm.proxy.audit import SLICE, AuditSink
+
+    sink = AuditSink(None, tmp_path / "audit.jsonl", interval=60)
+    count = SLICE * 5 + 3
+    try:
+        for i in range(count):
+            sink.request(1_700_000_000 + i / 7, f"r{i}", "127.0.0.1", None, "/v1/models", "GET",
+                         None, None, 200, 1.0, None, None, None)
+        assert sink.flush(pause=True) == count
+    finally:
+        sink.close()
+    records = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert [r["request_id"] for r in records] == [f"r{i}" for i in range(count)]
+    for i, r in enumerate(records):
+        ts = 1_700_000_000 + i / 7
+        expected = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + \
+            f".{int(ts % 1 * 1000):03d}Z"
+        assert r["ts"] == expected
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread priority is Linux only")
+def test_helper_threads_run_at_lower_cpu_priority_than_the_loop(tmp_path: Path) -> None:
+    from flm.core.threads import BACKGROUND_NICE
+    from flm.proxy.audit import AuditSink
+    from flm.storage.db import Database
+
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    if base >= 19:
+        pytest.skip("the test runs at the lowest CPU priority already (nice 19)")
+    want = min(19, base + BACKGROUND_NICE)  # niceness stops at 19
+    db = Database(tmp_path / "t.db", "security").open()
+    sink = AuditSink(db, None, interval=60)
+    try:
+        db.write(lambda conn: None)  # starts the writer thread
+        deadline = time.monotonic() + 5
+        nice = {}
+        while time.monotonic() < deadline:
+            nice = {t.name: os.getpriority(os.PRIO_PROCESS, t.native_id or 0)
+                    for t in threading.enumerate() if t.name.startswith("flm-")}
+            if nice.get("flm-audit") == nice.get("flm-writer-security") == want:
+                break
+            time.sleep(0.01)
+        assert want > base and nice.get("flm-audit") == want, nice
+        assert nice.get("flm-writer-security") == want, nice
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base
+    finally:
+        sink.close()
+        db.close()
