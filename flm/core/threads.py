@@ -7,7 +7,7 @@ import sys
 import threading
 
 #: Niceness added to helper threads (audit flusher, database writers).
-BACKGROUND_NICE = 10
+BACKGROUND_NICE = 5
 
 
 def background_thread() -> None:
@@ -16,7 +16,8 @@ def background_thread() -> None:
     A gateway pinned to one core runs its event loop and its helper threads on the same CPU;
     at equal priority the scheduler may run a helper's batch (formatting, SQLite inserts) for
     several milliseconds while a request waits. Niced, a helper yields the CPU as soon as the
-    loop has work, and still gets the idle time, which is plenty for batched writes.
+    loop has work. Not more than +5: at +10 the helpers' share of a saturated core fell below
+    what batched audit writes need, and the queue (memory) grew under sustained full load.
     """
     if sys.platform != "linux":
         return
