@@ -266,45 +266,34 @@ def start_direct(ctx: Ctx) -> Target:
     return Target("direct", ctx.mock_port, "bench-model", {}, ctx.mock.pid, version="mock")
 
 
-def start_passthrough(ctx: Ctx) -> Target:
+def _start_script(ctx: Ctx, name: str, script: str, upstream: str, version: str) -> Target:
+    """A bench script (``--port``, ``--upstream``) in front of the mock engine."""
     port = free_port()
-    cmd = [
-        sys.executable,
-        str(BENCH / "passthrough.py"),
-        "--port",
-        str(port),
-        "--upstream",
-        f"http://{HOST}:{ctx.mock_port}",
-    ]
-    proc = Managed("passthrough", cmd, ctx.logdir, cpus=ctx.target_cpus)
-    t = Target("passthrough", port, "bench-model", {}, proc.pid, proc=proc)
+    cmd = [sys.executable, str(BENCH / script), "--port", str(port), "--upstream", upstream]
+    proc = Managed(name, cmd, ctx.logdir, cpus=ctx.target_cpus)
+    t = Target(name, port, "bench-model", {}, proc.pid, proc=proc)
     try:
         t.startup_s = wait_ready(port, "/health", proc, 30)
     except Skip:
         proc.stop()
         raise
+    t.version = version
+    return t
+
+
+def start_passthrough(ctx: Ctx) -> Target:
     import aiohttp
     import uvicorn
 
-    t.version = f"uvicorn {uvicorn.__version__}, aiohttp {aiohttp.__version__}"
-    return t
+    return _start_script(ctx, "passthrough", "passthrough.py", f"http://{HOST}:{ctx.mock_port}",
+                         f"uvicorn {uvicorn.__version__}, aiohttp {aiohttp.__version__}")
 
 
 def start_relay(ctx: Ctx) -> Target:
-    port = free_port()
-    cmd = [sys.executable, str(BENCH / "relay.py"), "--port", str(port),
-           "--upstream", f"{HOST}:{ctx.mock_port}"]
-    proc = Managed("relay", cmd, ctx.logdir, cpus=ctx.target_cpus)
-    t = Target("relay", port, "bench-model", {}, proc.pid, proc=proc)
-    try:
-        t.startup_s = wait_ready(port, "/health", proc, 30)
-    except Skip:
-        proc.stop()
-        raise
     import uvloop
 
-    t.version = f"uvloop {uvloop.__version__}"
-    return t
+    return _start_script(ctx, "relay", "relay.py", f"{HOST}:{ctx.mock_port}",
+                         f"uvloop {uvloop.__version__}")
 
 
 def start_litellm(ctx: Ctx) -> Target:

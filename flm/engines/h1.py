@@ -27,6 +27,7 @@ HIGH_WATER = 256 * 1024
 
 _CONTENT_LENGTH = b"content-length"
 _TRANSFER_ENCODING = b"transfer-encoding"
+_CONTENT_ENCODING = b"content-encoding"
 _FLM_PROXY = b"x-flm-proxy"
 
 
@@ -88,6 +89,7 @@ class Connection(asyncio.Protocol):
         self.status = 0
         self.raw_headers: list[tuple[bytes, bytes]] = []
         self.content_length: int | None = None
+        self.content_encoding: bytes | None = None
         self.headers_done = False
         self.complete = False
         self.error: EngineError | None = None
@@ -107,6 +109,7 @@ class Connection(asyncio.Protocol):
         self.status = 0
         self.raw_headers = []
         self.content_length = None
+        self.content_encoding = None
         self.headers_done = False
         self.complete = False
         self.error = None
@@ -227,6 +230,8 @@ class Connection(asyncio.Protocol):
                 self.content_length = None
         elif lowered == _TRANSFER_ENCODING:
             self._length_known = True
+        elif lowered == _CONTENT_ENCODING:
+            self.content_encoding = value
         elif lowered == _FLM_PROXY:
             self.flm_listener = True
 

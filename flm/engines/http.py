@@ -109,9 +109,8 @@ class UpstreamResponse:
                 raise EngineApiError(f"engine response exceeded {limit} bytes")
         else:
             body = b"".join([chunk async for chunk in self.iter_chunks(max_bytes=limit)])
-        encoding = conn.raw_headers and self.headers.get("content-encoding")
-        if encoding:
-            body = _decompress(body, encoding, limit)
+        if conn.content_encoding:
+            body = _decompress(body, conn.content_encoding.decode("latin-1"), limit)
         return body
 
     async def iter_chunks(self, *, max_bytes: int | None = None) -> AsyncIterator[bytes]:
@@ -223,10 +222,11 @@ class EngineClient:
         default_port = self._port == (443 if self._tls else 80)
         host = f"[{self._host}]" if ":" in self._host else self._host
         host_header = host if default_port else f"{host}:{self._port}"
-        self._fixed = f"Host: {host_header}\r\n".encode("latin-1")
+        #: Header lines every request carries, right after the request line.
+        self._fixed = f"Host: {host_header}\r\n"
         if api_key:
             _check_header("Authorization", api_key)
-            self._fixed += f"Authorization: Bearer {api_key}\r\n".encode("latin-1")
+            self._fixed += f"Authorization: Bearer {api_key}\r\n"
         self.timeouts = timeouts or Timeouts()
         self._opener = opener
         self._limit = limit
@@ -343,15 +343,15 @@ class EngineClient:
         target = self._prefix + path
         if not target.startswith("/") or _BAD_TARGET.search(target):
             raise EngineApiError(f"refusing to send a malformed request target {target!r}")
-        lines = [f"{method} {target} HTTP/1.1\r\n"]
+        lines = [f"{method} {target} HTTP/1.1\r\n", self._fixed]
         if headers:
             for name, value in headers.items():
                 _check_header(name, value)
                 lines.append(f"{name}: {value}\r\n")
         if length is not None:
             lines.append(f"Content-Length: {length}\r\n")
-        return "".join(lines).encode("latin-1").replace(b"\r\n", b"\r\n" + self._fixed, 1) \
-            + b"\r\n"
+        lines.append("\r\n")
+        return "".join(lines).encode("latin-1")
 
     async def request(
         self,
@@ -383,8 +383,10 @@ class EngineClient:
             conn = await self._acquire(loop, deadline)
             try:
                 conn.begin(method == "HEAD")
-                conn.write(head + body if len(body) < 65536 else head)
-                if body and len(body) >= 65536:
+                if len(body) < 65536:
+                    conn.write(head + body)  # one segment for the usual small request
+                else:
+                    conn.write(head)
                     conn.write(body)
                 await self._await_response(conn, loop, deadline, read)
             except EngineNetworkError:

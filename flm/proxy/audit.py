@@ -41,15 +41,17 @@ _INSERT_AUDIT = (f"INSERT INTO audit_logs({', '.join(_AUDIT_COLUMNS)}) "
                  f"VALUES ({', '.join('?' for _ in _AUDIT_COLUMNS)})")
 
 
-_second: list[Any] = [None, ""]  # the last whole second formatted, and its text
+#: The last whole second formatted and its text, replaced as one tuple (safe across threads).
+_second: tuple[int, str] = (-1, "")
 
 
 def iso_ts(ts: float) -> str:
+    global _second
     whole = int(ts)
-    if whole != _second[0]:
-        _second[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
-        _second[0] = whole
-    return f"{_second[1]}.{int((ts - whole) * 1000):03d}Z"
+    cached = _second
+    if whole != cached[0]:
+        cached = _second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
+    return f"{cached[1]}.{int((ts - whole) * 1000):03d}Z"
 
 
 #: One encoder for every JSON line (``json.dumps`` with options builds a new one per call).

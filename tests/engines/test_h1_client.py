@@ -260,10 +260,8 @@ def test_header_and_target_injection_is_refused_before_sending(
 
 
 def test_connection_limit_queues_requests_and_times_out_when_nothing_frees() -> None:
-    release = asyncio.Event
-
     async def main() -> None:
-        go = release()
+        go = asyncio.Event()
 
         async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                           n: int) -> None:
