@@ -185,7 +185,7 @@ class Daemon:
         try:
             body: dict[str, Any] = {}
             if method == "POST":
-                parsed = await read_json(receive, scope, 1024 * 1024, 10)
+                parsed = await read_json(receive, scope, 1024 * 1024)
                 body = parsed if isinstance(parsed, dict) else {}
             if path == "/admin/health" and method == "GET":
                 result: Any = {"ok": True}

@@ -18,6 +18,11 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
+class RequestBodyTimeout(Exception):
+    """Raised by the server's ``receive()`` when the client did not finish sending the request
+    body within the server's body deadline (see :mod:`flm.proxy.server`)."""
+
+
 class RequestState:
     """Per-request facts the layers share (and the audit layer records)."""
 
@@ -73,9 +78,9 @@ def header_values(scope: Scope, name: bytes) -> list[bytes]:
     return [bytes(v) for k, v in scope["headers"] if k == name]
 
 
-async def read_body(receive: Receive, scope: Scope, limit: int, timeout_s: float) -> bytes:
-    """The whole request body, refusing (413) before reading past ``limit`` and cutting a
-    client that sends too slowly (408)."""
+async def read_body(receive: Receive, scope: Scope, limit: int) -> bytes:
+    """The whole request body, refusing (413) before reading past ``limit``; a client that
+    sends too slowly gets 408 (the server enforces the deadline)."""
     declared = header(scope, b"content-length")
     if declared is not None:
         try:
@@ -87,27 +92,26 @@ async def read_body(receive: Receive, scope: Scope, limit: int, timeout_s: float
     parts: list[bytes] = []
     size = 0
     try:
-        async with asyncio.timeout(timeout_s):
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    raise asyncio.CancelledError("client disconnected")
-                chunk = message.get("body", b"")
-                if chunk:
-                    size += len(chunk)
-                    if size > limit:
-                        raise HttpError(413, "payload_too_large",
-                                        f"request body exceeds {limit} bytes")
-                    parts.append(chunk)
-                if not message.get("more_body", False):
-                    break
-    except TimeoutError:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise asyncio.CancelledError("client disconnected")
+            chunk = message.get("body", b"")
+            if chunk:
+                size += len(chunk)
+                if size > limit:
+                    raise HttpError(413, "payload_too_large",
+                                    f"request body exceeds {limit} bytes")
+                parts.append(chunk)
+            if not message.get("more_body", False):
+                break
+    except RequestBodyTimeout:
         raise HttpError(408, "request_timeout", "request body not received in time") from None
-    return b"".join(parts)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-async def read_json(receive: Receive, scope: Scope, limit: int, timeout_s: float) -> Any:
-    body = await read_body(receive, scope, limit, timeout_s)
+async def read_json(receive: Receive, scope: Scope, limit: int) -> Any:
+    body = await read_body(receive, scope, limit)
     try:
         return json.loads(body)
     except ValueError:

@@ -241,14 +241,16 @@ async def start_instance(ctx: Context, raw: dict[str, Any], *,
         tls: TlsState | None = None
         if config.mode == LOCAL_HTTP:
             runtime = build_runtime(settings, ctx, egress.config)
-            servers.append(HttpServer(build_app(runtime), sockets[0]))
+            servers.append(HttpServer(build_app(runtime), sockets[0],
+                                      body_timeout_s=settings.body_timeout_s))
             await servers[-1].start()
         else:
             assert config.https_port is not None
             tls = await _prepare_tls(ctx, config, sockets[0], servers, notes, egress.config)
             runtime = build_runtime(settings, ctx, egress.config)
             servers.append(HttpServer(build_app(runtime, tls=True), sockets[1],
-                                      tls.holder.context))
+                                      tls.holder.context,
+                                      body_timeout_s=settings.body_timeout_s))
             await servers[-1].start()
     except BaseException:
         for server in reversed(servers):

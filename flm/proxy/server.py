@@ -1,20 +1,46 @@
-"""Serving an ASGI app with uvicorn (uvloop + httptools) on a socket FLM binds itself, so
-"port in use" is known before anything else starts and several servers share one loop."""
+"""FLM's HTTP/1.1 server: ASGI 3 (``http`` scopes) over an asyncio protocol and the httptools
+(llhttp) request parser, on a socket FLM binds itself, so "port in use" is known before
+anything else starts and several servers share one loop.
+
+Why not a general-purpose server: the gateway's added latency is mostly per-request Python
+work, and a server that only has to serve FLM's own apps can skip what they never need
+(WebSockets, lifespan, per-header validation of what FLM itself produced) and send a small
+reply's head and body in one write, which saves the client a wake-up. What it keeps:
+
+- keep-alive (15 s idle) and pipelining (one request runs at a time; reading pauses while
+  more requests wait);
+- limits: a request head over 64 KB gets 431, a head not finished within 10 s gets 408, a body
+  not finished within ``body_timeout_s`` makes ``receive()`` raise :class:`RequestBodyTimeout`
+  (the gateway turns it into its 408 error), and reading pauses while 64 KB of body wait for the
+  app;
+- ``Expect: 100-continue`` answered when the app first asks for the body;
+- chunked responses when the app gives no ``Content-Length``; no body for ``HEAD``;
+- a reply cut short by an app error closes the connection; a response sent before the request
+  body was read whole closes it too (the rest of the body is never read);
+- a client that goes away: ``receive()`` returns ``http.disconnect`` and later sends are dropped;
+- graceful stop: no new connections, idle ones closed, running requests get
+  ``timeout_graceful_shutdown_s`` to finish.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import email.utils
 import errno
+import http
 import logging
 import socket
 import ssl
-from typing import Any
+import time
+from collections import deque
+from typing import Any, cast
+from urllib.parse import unquote
 
-import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+import httptools
 
 from flm.core.errors import ProxyError, ProxyPortInUseError
-from flm.proxy.asgi import ASGIApp
+from flm.proxy.asgi import ASGIApp, Message, RequestBodyTimeout, Scope
 
 log = logging.getLogger("flm.proxy")
 
@@ -22,6 +48,30 @@ log = logging.getLogger("flm.proxy")
 MAX_HEADER_BYTES = 64 * 1024
 #: A client must finish sending a request head within this many seconds of starting it.
 HEADER_TIMEOUT_S = 10.0
+#: Default deadline for a request body, from the end of its head.
+BODY_TIMEOUT_S = 30.0
+KEEPALIVE_TIMEOUT_S = 15.0
+GRACEFUL_SHUTDOWN_S = 5.0
+#: Reading pauses while this much request body waits for the app.
+BODY_HIGH_WATER = 64 * 1024
+#: Replies up to this size are sent as one write with their head.
+COALESCE_MAX = 256 * 1024
+
+_ASGI = {"version": "3.0", "spec_version": "2.3"}
+_STATUS_LINES = {int(s): f"HTTP/1.1 {int(s)} {s.phrase}\r\n".encode() for s in http.HTTPStatus}
+_NO_BODY_STATUSES = frozenset({204, 304})
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+_date_cache: tuple[int, bytes] = (0, b"")
+
+
+def _date_line() -> bytes:
+    global _date_cache
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, b"date: " + email.utils.formatdate(now, usegmt=True).encode()
+                       + b"\r\n")
+    return _date_cache[1]
 
 
 def _plain_response(status: bytes, message: bytes) -> bytes:
@@ -29,67 +79,478 @@ def _plain_response(status: bytes, message: bytes) -> bytes:
             + str(len(message)).encode() + b"\r\nconnection: close\r\n\r\n" + message)
 
 
-class GuardedHttpProtocol(HttpToolsProtocol):
-    """httptools with the two limits it lacks: request-head size (431) and a deadline for
-    finishing the head (408), so slow or oversized heads cannot pin connections or memory."""
+class _ServerState:
+    """What one server knows about its live connections and running requests."""
+
+    def __init__(self, app: ASGIApp, scheme: str, body_timeout_s: float) -> None:
+        self.app = app
+        self.scheme = scheme
+        self.body_timeout_s = body_timeout_s
+        self.connections: set[HttpProtocol] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.stopping = False
+
+
+class _Cycle:
+    """One request and its response."""
+
+    __slots__ = (
+        "body", "body_size", "chunked", "complete", "disconnected", "expect_100", "head_only",
+        "keep_alive", "last_delivered", "more_body", "pending_head", "proto", "scope",
+        "started", "timed_out", "waiter",
+    )
+
+    def __init__(self, proto: HttpProtocol, scope: Scope, keep_alive: bool, expect_100: bool,
+                 head_only: bool) -> None:
+        self.proto = proto
+        self.scope = scope
+        self.keep_alive = keep_alive
+        self.expect_100 = expect_100
+        self.head_only = head_only
+        self.body: list[bytes] = []
+        self.body_size = 0
+        self.more_body = True
+        self.last_delivered = False
+        self.disconnected = False
+        self.timed_out = False
+        self.started = False
+        self.complete = False
+        self.chunked = False
+        self.pending_head: bytes | None = None
+        self.waiter: asyncio.Future[None] | None = None
+
+    def wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def run(self) -> None:
+        proto = self.proto
+        try:
+            await proto.state.app(self.scope, self.receive, self.send)
+        except asyncio.CancelledError:
+            proto.abort_cycle(self)
+            raise
+        except BaseException:
+            log.exception("error while serving %s %s", self.scope["method"], self.scope["path"])
+            proto.abort_cycle(self)
+        else:
+            if not self.complete:
+                if not self.started and not self.disconnected:
+                    log.error("the app returned without a response to %s %s",
+                              self.scope["method"], self.scope["path"])
+                proto.abort_cycle(self)
+
+    # -- ASGI receive / send ----------------------------------------------------------------
+
+    async def receive(self) -> Message:
+        proto = self.proto
+        if self.expect_100 and self.more_body and not self.body:
+            self.expect_100 = False
+            if not self.started and not proto.transport_closing():
+                proto.write(_CONTINUE)
+        while not (self.disconnected or self.complete or self.timed_out or self.body
+                   or (not self.more_body and not self.last_delivered)):
+            waiter = self.waiter = proto.loop.create_future()
+            await waiter
+        if self.timed_out and self.more_body:
+            raise RequestBodyTimeout("request body not received in time")
+        if self.disconnected or self.complete or (self.last_delivered and not self.body):
+            return {"type": "http.disconnect"}
+        parts = self.body
+        body = parts[0] if len(parts) == 1 else b"".join(parts)
+        self.body = []
+        self.body_size = 0
+        more = self.more_body
+        if not more:
+            self.last_delivered = True
+        proto.body_consumed()
+        return {"type": "http.request", "body": body, "more_body": more}
+
+    async def send(self, message: Message) -> None:
+        proto = self.proto
+        if proto.write_paused and not self.disconnected:
+            await proto.drain()
+        kind = message["type"]
+        if not self.started:
+            if kind != "http.response.start":
+                raise RuntimeError(f"expected http.response.start, got {kind!r}")
+            self._start(message["status"], message.get("headers") or ())
+            self.started = True
+            return
+        if kind != "http.response.body" or self.complete:
+            raise RuntimeError(f"unexpected ASGI message {kind!r}")
+        body: bytes = message.get("body", b"")
+        more: bool = message.get("more_body", False)
+        if self.head_only:
+            body = b""
+        elif self.chunked:
+            if body:
+                body = b"%x\r\n%b\r\n" % (len(body), body)
+            if not more:
+                body += b"0\r\n\r\n"
+        head = self.pending_head
+        if head is not None:
+            self.pending_head = None
+            if len(body) <= COALESCE_MAX:
+                body = head + body
+            elif not self.disconnected:
+                proto.write(head)
+        if body and not self.disconnected:
+            proto.write(body)
+        if not more:
+            self.complete = True
+            proto.response_complete(self)
+
+    def _start(self, status: int, headers: Any) -> None:
+        line = _STATUS_LINES.get(status)
+        if line is None:
+            line = b"HTTP/1.1 %d \r\n" % status
+        parts = [line, _date_line()]
+        lines = 3  # status line, date, blank line
+        has_length = False
+        for name, value in headers:
+            lname = name.lower()
+            if lname == b"content-length":
+                has_length = True
+            elif lname == b"connection":
+                if value.lower() == b"close":
+                    self.keep_alive = False
+                continue
+            elif lname == b"transfer-encoding":
+                continue  # framing is this server's choice
+            parts += (name, b": ", value, b"\r\n")
+            lines += 1
+        if not has_length and not self.head_only and status >= 200 \
+                and status not in _NO_BODY_STATUSES:
+            self.chunked = True
+            parts.append(b"transfer-encoding: chunked\r\n")
+            lines += 1
+        if not self.keep_alive or self.proto.state.stopping:
+            self.keep_alive = False
+            parts.append(b"connection: close\r\n")
+            lines += 1
+        parts.append(b"\r\n")
+        head = b"".join(parts)
+        # One line per header: a CR or LF inside a name or value would add one.
+        if head.count(b"\n") != lines or head.count(b"\r") != lines:
+            self._check_headers(headers)
+        self.pending_head = head
+        # Sent with the first body part, or on the next loop turn if that takes longer.
+        self.proto.loop.call_soon(self._flush_head)
+
+    @staticmethod
+    def _check_headers(headers: Any) -> None:
+        for name, value in headers:
+            if b"\r" in name or b"\n" in name or b"\r" in value or b"\n" in value \
+                    or b":" in name:
+                raise RuntimeError("response header with CR, LF or ':' in its name or value")
+
+    def _flush_head(self) -> None:
+        head = self.pending_head
+        if head is not None:
+            self.pending_head = None
+            if not self.disconnected:
+                self.proto.write(head)
+
+
+class HttpProtocol(asyncio.Protocol):
+    """One client connection."""
 
     max_head_bytes = MAX_HEADER_BYTES
     head_timeout_s = HEADER_TIMEOUT_S
+    keepalive_timeout_s = KEEPALIVE_TIMEOUT_S
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._head_bytes = 0
-        self._in_head = True
-        self._head_timer: asyncio.TimerHandle | None = None
+    def __init__(self, state: _ServerState) -> None:
+        self.state = state
+        self.loop = asyncio.get_running_loop()
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.server: tuple[str, int] | None = None
+        self.client: tuple[str, int] | None = None
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.in_head = True
+        self.head_bytes = 0
+        # One deadline at a time (head, body or keep-alive), checked by the server's sweep:
+        # no timer is created or cancelled per request.
+        self.deadline = 0.0
+        self.on_deadline: Any = None
+        self.parsing: _Cycle | None = None  # the request whose body is being read
+        self.active: _Cycle | None = None  # the request the app is serving
+        self.pipeline: deque[_Cycle] = deque()
+        self.read_paused = False
+        self.write_paused = False
+        self.drain_waiters: list[asyncio.Future[None]] = []
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._arm()
+    # -- connection events ----------------------------------------------------------------------
 
-    def _arm(self) -> None:
-        if self._head_timer is None:
-            self._head_timer = self.loop.call_later(self.head_timeout_s, self._too_slow)
-
-    def _disarm(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-
-    def _too_slow(self) -> None:
-        self._head_timer = None
-        if self._in_head and not self.transport.is_closing():
-            self.transport.write(_plain_response(b"408 Request Timeout",
-                                                 b"request head not received in time"))
-            self.transport.close()
-
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self._in_head = True
-        self._head_bytes = 0
-        self._arm()
-
-    def on_headers_complete(self) -> None:
-        self._in_head = False
-        self._disarm()
-        size = len(self.url) + sum(len(k) + len(v) + 4 for k, v in self.headers)
-        if size > self.max_head_bytes:
-            # A head that arrived in one piece: the app answers 431 before doing anything.
-            self.scope["flm_head_too_large"] = True  # type: ignore[typeddict-unknown-key]
-        super().on_headers_complete()
-
-    def data_received(self, data: bytes) -> None:
-        head = self._in_head
-        super().data_received(data)
-        if head and self._in_head:
-            self._head_bytes += len(data)
-            if self._head_bytes > self.max_head_bytes and not self.transport.is_closing():
-                self.transport.write(_plain_response(b"431 Request Header Fields Too Large",
-                                                     b"request head too large"))
-                self.transport.close()
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not subclasses of asyncio.Transport, only alike
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        self.state.connections.add(self)
+        sockname = transport.get_extra_info("sockname")
+        peername = transport.get_extra_info("peername")
+        if isinstance(sockname, tuple):
+            self.server = (str(sockname[0]), int(sockname[1]))
+        if isinstance(peername, tuple):
+            self.client = (str(peername[0]), int(peername[1]))
+        self._arm(self.head_timeout_s, self._head_too_slow)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.state.connections.discard(self)
         self._disarm()
-        super().connection_lost(exc)
+        for cycle in (self.active, self.parsing, *self.pipeline):
+            if cycle is not None:
+                cycle.disconnected = True
+                cycle.wake()
+        self.pipeline.clear()
+        self._wake_drain()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._wake_drain()
+
+    def _wake_drain(self) -> None:
+        waiters, self.drain_waiters = self.drain_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def drain(self) -> None:
+        waiter = self.loop.create_future()
+        self.drain_waiters.append(waiter)
+        await waiter
+
+    def data_received(self, data: bytes) -> None:
+        in_head = self.in_head
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # No protocol switching here: the request is served without its body and the
+            # connection closed after the response.
+            cycle = self.parsing
+            if cycle is not None:
+                self.parsing = None
+                cycle.keep_alive = False
+                cycle.more_body = False
+                cycle.wake()
+            self._pause_reading()
+        except httptools.HttpParserError:
+            self._refuse(b"400 Bad Request", b"invalid HTTP request")
+            return
+        cycle = self.parsing
+        if cycle is not None and cycle is self.active and self.on_deadline is None:
+            self._arm(self.state.body_timeout_s, self._body_too_slow)
+        if in_head and self.in_head:
+            self.head_bytes += len(data)
+            if self.head_bytes > self.max_head_bytes:
+                self._refuse(b"431 Request Header Fields Too Large", b"request head too large")
+
+    def _refuse(self, status: bytes, message: bytes) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            if self.active is None:
+                transport.write(_plain_response(status, message))
+            transport.close()
+
+    # -- parser callbacks -----------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.url = b""
+        self.headers = []
+        self.in_head = True
+        self.head_bytes = 0
+        if self.active is None:
+            self._arm(self.head_timeout_s, self._head_too_slow)
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        parser = self.parser
+        url = self.url
+        headers = self.headers
+        try:
+            parsed = httptools.parse_url(url)
+        except httptools.HttpParserInvalidURLError:
+            raise httptools.HttpParserError("invalid request target") from None
+        raw_path: bytes = parsed.path or b"/"
+        path = raw_path.decode("latin-1")
+        if "%" in path:
+            path = unquote(path, errors="replace")
+        method: str = parser.get_method().decode("ascii")
+        scope: Scope = {
+            "type": "http",
+            "asgi": _ASGI,
+            "http_version": parser.get_http_version(),
+            "server": self.server,
+            "client": self.client,
+            "scheme": self.state.scheme,
+            "method": method,
+            "root_path": "",
+            "path": path,
+            "raw_path": raw_path,
+            "query_string": parsed.query or b"",
+            "headers": headers,
+        }
+        size = len(url)
+        expect_100 = False
+        for name, value in headers:
+            size += len(name) + len(value) + 4
+            if name == b"expect" and value.lower() == b"100-continue":
+                expect_100 = True
+        if size > self.max_head_bytes:
+            # A head that arrived in one piece: the app answers 431 before doing anything.
+            scope["flm_head_too_large"] = True
+        cycle = _Cycle(self, scope, parser.should_keep_alive(), expect_100, method == "HEAD")
+        self.parsing = cycle
+        if self.active is None:
+            self._disarm()
+            self._start(cycle)
+        else:
+            self.pipeline.append(cycle)
+            self._pause_reading()
+
+    def on_body(self, body: bytes) -> None:
+        cycle = self.parsing
+        if cycle is None or cycle.complete or cycle.disconnected:
+            return
+        cycle.body.append(body)
+        cycle.body_size += len(body)
+        if cycle.body_size > BODY_HIGH_WATER:
+            self._pause_reading()
+        cycle.wake()
+
+    def on_message_complete(self) -> None:
+        cycle = self.parsing
+        if cycle is None:
+            return
+        self.parsing = None
+        cycle.more_body = False
+        if cycle is self.active and self.on_deadline == self._body_too_slow:
+            self._disarm()
+        cycle.wake()
+
+    # -- cycles ---------------------------------------------------------------------------------
+
+    def _start(self, cycle: _Cycle) -> None:
+        self.active = cycle
+        task = self.loop.create_task(cycle.run())
+        tasks = self.state.tasks
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    def body_consumed(self) -> None:
+        if self.read_paused and not self.pipeline:
+            self.read_paused = False
+            if self.transport is not None:
+                self.transport.resume_reading()
+
+    def response_complete(self, cycle: _Cycle) -> None:
+        if cycle is not self.active:
+            return
+        self.active = None
+        cycle.wake()  # a receive() waiting for the disconnect ends with one
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if not cycle.keep_alive or cycle.more_body or self.state.stopping:
+            # An unread body (e.g. refused with 413) is never read: the connection closes.
+            transport.close()
+            return
+        if self.pipeline:
+            nxt = self.pipeline.popleft()
+            if nxt.more_body:
+                self._arm(self.state.body_timeout_s, self._body_too_slow)
+            self._start(nxt)
+            if not self.pipeline:
+                self.body_consumed()
+            return
+        if self.parsing is None and not self.in_head:
+            self._arm(self.keepalive_timeout_s, self._idle_too_long)
+        elif self.parsing is None:
+            self._arm(self.head_timeout_s, self._head_too_slow)
+
+    def abort_cycle(self, cycle: _Cycle) -> None:
+        """The app failed or returned early: answer 500 if nothing was sent, else cut."""
+        transport = self.transport
+        if cycle.complete or transport is None or transport.is_closing():
+            return
+        cycle.complete = True
+        if not cycle.started and not cycle.disconnected:
+            transport.write(_plain_response(b"500 Internal Server Error", b"internal error"))
+        elif cycle.pending_head is not None:
+            cycle.pending_head = None
+        if cycle is self.active:
+            self.active = None
+        transport.close()
+
+    def shutdown(self) -> None:
+        """Graceful stop: idle connections close now, busy ones after their response."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if self.active is None:
+            transport.close()
+        else:
+            self.active.keep_alive = False
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    def transport_closing(self) -> bool:
+        return self.transport is None or self.transport.is_closing()
+
+    def _pause_reading(self) -> None:
+        if not self.read_paused and self.transport is not None:
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    def _arm(self, delay: float, callback: Any) -> None:
+        self.deadline = self.loop.time() + delay
+        self.on_deadline = callback
+
+    def _disarm(self) -> None:
+        self.on_deadline = None
+
+    def check_deadline(self, now: float) -> None:
+        callback = self.on_deadline
+        if callback is not None and now >= self.deadline:
+            self.on_deadline = None
+            callback()
+
+    def _head_too_slow(self) -> None:
+        if self.in_head and self.active is None:
+            self._refuse(b"408 Request Timeout", b"request head not received in time")
+
+    def _body_too_slow(self) -> None:
+        cycle = self.active
+        if cycle is not None and cycle.more_body:
+            cycle.timed_out = True
+            cycle.wake()
+
+    def _idle_too_long(self) -> None:
+        if self.active is None and self.parsing is None and self.transport is not None:
+            self.transport.close()
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -114,50 +575,62 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 class HttpServer:
-    """One uvicorn server on a pre-bound socket, started and stopped from a running loop."""
+    """One server on a pre-bound socket, started and stopped from a running loop."""
 
-    def __init__(
-        self, app: ASGIApp, sock: socket.socket, ssl_context: ssl.SSLContext | None = None
-    ) -> None:
+    timeout_graceful_shutdown_s = GRACEFUL_SHUTDOWN_S
+
+    def __init__(self, app: ASGIApp, sock: socket.socket,
+                 ssl_context: ssl.SSLContext | None = None, *,
+                 body_timeout_s: float = BODY_TIMEOUT_S) -> None:
         self.sock = sock
-        kwargs: dict[str, Any] = {}
-        if ssl_context is not None:
-            kwargs["ssl_context_factory"] = lambda _config, _default: ssl_context
-        config = uvicorn.Config(
-            app,
-            http=GuardedHttpProtocol,
-            loop="none",
-            lifespan="off",
-            access_log=False,
-            interface="asgi3",
-            log_config=None,
-            server_header=False,
-            date_header=True,
-            proxy_headers=False,
-            timeout_keep_alive=15,
-            timeout_graceful_shutdown=5,
-            backlog=2048,
-            h11_max_incomplete_event_size=MAX_HEADER_BYTES,
-            **kwargs,
-        )
-        config.load()
-        self.server = uvicorn.Server(config)
-        self._task: asyncio.Task[None] | None = None
+        self.ssl_context = ssl_context
+        self.state = _ServerState(app, "https" if ssl_context is not None else "http",
+                                  body_timeout_s)
+        self._server: asyncio.base_events.Server | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._port = int(sock.getsockname()[1])
 
     @property
     def port(self) -> int:
-        return int(self.sock.getsockname()[1])
+        return self._port
 
     async def start(self) -> None:
-        server = self.server
-        server.lifespan = server.config.lifespan_class(server.config)
-        await server.startup(sockets=[self.sock])
-        self._task = asyncio.ensure_future(server.main_loop())
+        loop = asyncio.get_running_loop()
+        state = self.state
+        self._server = await loop.create_server(
+            lambda: HttpProtocol(state), sock=self.sock, ssl=self.ssl_context,
+            ssl_handshake_timeout=HEADER_TIMEOUT_S if self.ssl_context is not None else None,
+        )
+        self._sweep()
+
+    def _sweep(self) -> None:
+        """Enforce the connections' deadlines; runs a few times per shortest timeout."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for conn in list(self.state.connections):
+            conn.check_deadline(now)
+        shortest = min(HttpProtocol.head_timeout_s, HttpProtocol.keepalive_timeout_s,
+                       self.state.body_timeout_s)
+        self._sweeper = loop.call_later(max(0.05, min(1.0, shortest / 4)), self._sweep)
 
     async def stop(self) -> None:
-        self.server.should_exit = True
-        if self._task is not None:
-            await self._task
-            self._task = None
-        await self.server.shutdown(sockets=[self.sock])
-        self.sock.close()
+        state = self.state
+        state.stopping = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        if self._server is not None:
+            self._server.close()
+        for conn in list(state.connections):
+            conn.shutdown()
+        if state.tasks:
+            await asyncio.wait(set(state.tasks), timeout=self.timeout_graceful_shutdown_s)
+        for task in list(state.tasks):
+            task.cancel()
+        if state.tasks:
+            await asyncio.wait(set(state.tasks), timeout=1.0)
+        for conn in list(state.connections):
+            conn.abort()
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        self._server = None

@@ -59,7 +59,8 @@ def start_gateway(paths: Paths | None = None, *, port: int = 0, bind: str = "127
     errors: list[BaseException] = []
 
     async def main() -> None:
-        server = HttpServer(build_app(runtime), sock)
+        server = HttpServer(build_app(runtime), sock,
+                            body_timeout_s=runtime.settings.body_timeout_s)
         await server.start()
         stop_event = asyncio.Event()
         stopping["event"] = stop_event

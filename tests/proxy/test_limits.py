@@ -15,7 +15,7 @@ from flm.testing.gateway import Gateway, start_gateway
 
 @pytest.fixture
 def gw(monkeypatch: pytest.MonkeyPatch) -> Iterator[Gateway]:
-    monkeypatch.setattr(server.GuardedHttpProtocol, "head_timeout_s", 0.5)
+    monkeypatch.setattr(server.HttpProtocol, "head_timeout_s", 0.5)
     with start_gateway(body_timeout_s=0.5) as gateway:
         yield gateway
 

@@ -43,7 +43,7 @@ SSE_HEADERS = [
 
 
 async def _body(scope: Scope, receive: Receive, rt: ProxyRuntime) -> Any:
-    return await read_json(receive, scope, rt.settings.max_body_bytes, rt.settings.body_timeout_s)
+    return await read_json(receive, scope, rt.settings.max_body_bytes)
 
 
 def _record_usage(state: RequestState, usage: Any, rt: ProxyRuntime) -> None:
@@ -88,7 +88,7 @@ async def _prepare_chat(scope: Scope, receive: Receive, rt: ProxyRuntime,
 
 async def chat_completions(scope: Scope, receive: Receive, send: Send,
                            rt: ProxyRuntime) -> None:
-    raw = await read_body(receive, scope, rt.settings.max_body_bytes, rt.settings.body_timeout_s)
+    raw = await read_body(receive, scope, rt.settings.max_body_bytes)
     try:
         body = json.loads(raw)
     except ValueError:

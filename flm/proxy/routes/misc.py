@@ -35,7 +35,7 @@ async def transcriptions(scope: Scope, receive: Receive, send: Send, rt: ProxyRu
     if not ctype.startswith(b"multipart/form-data"):
         raise HttpError(400, "invalid_request", "send multipart/form-data with 'file' and "
                         "'model'")
-    await read_body(receive, scope, MAX_AUDIO_BYTES + 64 * 1024, rt.settings.body_timeout_s)
+    await read_body(receive, scope, MAX_AUDIO_BYTES + 64 * 1024)
     raise HttpError(422, "unsupported_modalities",
                     "no registered engine accepts audio input (audio_inputs)")
 

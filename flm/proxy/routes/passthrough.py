@@ -67,8 +67,7 @@ async def engine_passthrough(scope: Scope, receive: Receive, send: Send,
     read_only = _READ_ONLY.get(kind)
     if read_only is not None and read_only.match(lowered) and scope["method"] != "GET":
         raise HttpError(403, "route_disabled", f"{path} is read-only through FLM")
-    body = await read_body(receive, scope, rt.settings.max_body_bytes,
-                           rt.settings.body_timeout_s)
+    body = await read_body(receive, scope, rt.settings.max_body_bytes)
     headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]
                if k not in _HOP_BY_HOP}
     query = scope.get("query_string", b"").decode("latin-1")

@@ -1,0 +1,358 @@
+"""FLM's HTTP/1.1 server (``flm.proxy.server``) on real loopback sockets, with small ASGI apps:
+framing, keep-alive, pipelining, 100-continue, HEAD, unread bodies, slow bodies, disconnects,
+app failures and graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+import flm.proxy.server as server
+from flm.proxy.asgi import Message, Receive, RequestBodyTimeout, Scope, Send
+from flm.proxy.server import HttpServer, bind_socket
+
+
+class Running:
+    def __init__(self, loop: asyncio.AbstractEventLoop, srv: HttpServer,
+                 thread: threading.Thread) -> None:
+        self.loop = loop
+        self.server = srv
+        self.thread = thread
+        self.port = srv.port
+        self.events: list[Any] = []
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(timeout=15)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+
+def serve(app: Callable[[Scope, Receive, Send], Any], **kwargs: Any) -> Running:
+    loop = asyncio.new_event_loop()
+    sock = bind_socket("127.0.0.1", 0)
+    srv = HttpServer(app, sock, **kwargs)
+    started = threading.Event()
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(srv.start())
+        started.set()
+        loop.run_forever()
+        loop.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert started.wait(10)
+    return Running(loop, srv, thread)
+
+
+@pytest.fixture
+def running() -> Iterator[Callable[..., Running]]:
+    servers: list[Running] = []
+
+    def start(app: Callable[[Scope, Receive, Send], Any], **kwargs: Any) -> Running:
+        r = serve(app, **kwargs)
+        servers.append(r)
+        return r
+
+    yield start
+    for r in servers:
+        r.stop()
+
+
+async def echo(scope: Scope, receive: Receive, send: Send) -> None:
+    """Replies with method, path, query and the whole body; ``/stream`` answers in parts."""
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    text = f"{scope['method']} {scope['path']} {scope['query_string'].decode()} ".encode() + body
+    if scope["path"] == "/stream":
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/plain")]})
+        for part in (b"one,", b"two,", b"three"):
+            await send({"type": "http.response.body", "body": part, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+        return
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"text/plain"),
+                            (b"content-length", str(len(text)).encode())]})
+    await send({"type": "http.response.body", "body": text})
+
+
+def connect(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    return sock
+
+
+def read_response(sock: socket.socket, buf: bytearray) -> tuple[bytes, dict[bytes, bytes], bytes]:
+    """One response from ``sock`` (content-length or chunked), leftovers kept in ``buf``."""
+    while b"\r\n\r\n" not in buf:
+        data = sock.recv(65536)
+        assert data, f"connection closed mid-head: {bytes(buf)!r}"
+        buf += data
+    head, _, rest = bytes(buf).partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(b":") for line in lines[1:])}
+    buf[:] = rest
+    if b"content-length" in headers:
+        size = int(headers[b"content-length"])
+        while len(buf) < size:
+            data = sock.recv(65536)
+            assert data
+            buf += data
+        body = bytes(buf[:size])
+        del buf[:size]
+        return lines[0], headers, body
+    assert headers.get(b"transfer-encoding") == b"chunked", head
+    body = b""
+    while True:
+        while b"\r\n" not in buf:
+            buf += sock.recv(65536)
+        line, _, _ = bytes(buf).partition(b"\r\n")
+        size = int(line, 16)
+        while len(buf) < len(line) + 2 + size + 2:
+            buf += sock.recv(65536)
+        body += bytes(buf[len(line) + 2:len(line) + 2 + size])
+        del buf[:len(line) + 2 + size + 2]
+        if size == 0:
+            return lines[0], headers, body
+
+
+def closed_by_peer(sock: socket.socket, timeout: float = 5.0) -> bool:
+    sock.settimeout(timeout)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_keep_alive_and_one_write_per_small_reply(running: Callable[..., Running]) -> None:
+    r = running(echo)
+    with connect(r.port) as sock:
+        buf = bytearray()
+        for i in range(3):
+            body = f"hello {i}".encode()
+            sock.sendall(b"POST /p%C3%A9?x=1 HTTP/1.1\r\nHost: a\r\nContent-Length: "
+                         + str(len(body)).encode() + b"\r\n\r\n" + body)
+            status, headers, reply = read_response(sock, buf)
+            assert status == b"HTTP/1.1 200 OK"
+            assert reply == f"POST /p\u00e9 x=1 hello {i}".encode()  # path decoded as UTF-8
+            assert b"date" in headers and b"connection" not in headers
+        # a small reply arrives as one segment: head and body together
+        sock.sendall(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+        first = sock.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200") and first.endswith(b"GET /x  ")
+
+
+def test_chunked_streaming_reply(running: Callable[..., Running]) -> None:
+    r = running(echo)
+    with connect(r.port) as sock:
+        buf = bytearray()
+        sock.sendall(b"GET /stream HTTP/1.1\r\nHost: a\r\n\r\n")
+        _status, headers, body = read_response(sock, buf)
+        assert headers[b"transfer-encoding"] == b"chunked"
+        assert body == b"one,two,three"
+        sock.sendall(b"GET /again HTTP/1.1\r\nHost: a\r\n\r\n")  # still usable afterwards
+        assert read_response(sock, buf)[2] == b"GET /again  "
+
+
+def test_pipelined_requests_answer_in_order(running: Callable[..., Running]) -> None:
+    r = running(echo)
+    with connect(r.port) as sock:
+        sock.sendall(b"".join(f"GET /{i} HTTP/1.1\r\nHost: a\r\n\r\n".encode() for i in range(5)))
+        buf = bytearray()
+        assert [read_response(sock, buf)[2] for _ in range(5)] == [
+            f"GET /{i}  ".encode() for i in range(5)]
+
+
+def test_expect_100_continue_and_chunked_request(running: Callable[..., Running]) -> None:
+    r = running(echo)
+    with connect(r.port) as sock:
+        sock.sendall(b"POST /up HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n"
+                     b"Content-Length: 4\r\n\r\n")
+        assert sock.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(b"abcd")
+        buf = bytearray()
+        assert read_response(sock, buf)[2] == b"POST /up  abcd"
+        sock.sendall(b"POST /c HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"3\r\nxyz\r\n2\r\n12\r\n0\r\n\r\n")
+        assert read_response(sock, buf)[2] == b"POST /c  xyz12"
+
+
+def test_head_has_no_body(running: Callable[..., Running]) -> None:
+    r = running(echo)
+    with connect(r.port) as sock:
+        sock.sendall(b"HEAD /h HTTP/1.1\r\nHost: a\r\n\r\nGET /next HTTP/1.1\r\nHost: a\r\n\r\n")
+        data = b""
+        while data.count(b"HTTP/1.1 200") < 2 or not data.endswith(b"GET /next  "):
+            chunk = sock.recv(65536)
+            assert chunk
+            data += chunk
+        first, _, second = data.partition(b"\r\n\r\n")
+        assert b"content-length: 9" in first  # the length GET would have had, and no body
+        assert second.startswith(b"HTTP/1.1 200")
+
+
+def test_http10_and_connection_close_end_the_connection(
+        running: Callable[..., Running]) -> None:
+    r = running(echo)
+    for request in (b"GET /a HTTP/1.0\r\n\r\n",
+                    b"GET /a HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"):
+        with connect(r.port) as sock:
+            sock.sendall(request)
+            _status, headers, body = read_response(sock, bytearray())
+            assert body == b"GET /a  " and headers.get(b"connection") == b"close"
+            assert closed_by_peer(sock)
+
+
+def test_reply_before_the_body_closes_the_connection(running: Callable[..., Running]) -> None:
+    async def refuse(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-length", b"0")]})
+        await send({"type": "http.response.body", "body": b""})
+
+    r = running(refuse)
+    with connect(r.port) as sock:
+        sock.sendall(b"POST /big HTTP/1.1\r\nHost: a\r\nContent-Length: 40000000\r\n\r\n"
+                     + b"x" * 65536)
+        status, _, _ = read_response(sock, bytearray())
+        assert status.startswith(b"HTTP/1.1 413")
+        assert closed_by_peer(sock)
+
+
+def test_slow_body_raises_in_receive(running: Callable[..., Running]) -> None:
+    seen: list[str] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            while (await receive()).get("more_body"):
+                pass
+        except RequestBodyTimeout:
+            seen.append("timeout")
+            await send({"type": "http.response.start", "status": 408,
+                        "headers": [(b"content-length", b"0")]})
+            await send({"type": "http.response.body", "body": b""})
+
+    r = running(app, body_timeout_s=0.3)
+    with connect(r.port) as sock:
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc")
+        started = time.monotonic()
+        status, _, _ = read_response(sock, bytearray())
+        assert status.startswith(b"HTTP/1.1 408") and time.monotonic() - started < 3
+    assert seen == ["timeout"]
+
+
+def test_disconnect_reaches_a_waiting_receive(running: Callable[..., Running]) -> None:
+    got: list[Message] = []
+    done = threading.Event()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()  # the (empty) body
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"data", "more_body": True})
+        got.append(await receive())  # blocks until the client goes away
+        await send({"type": "http.response.body", "body": b"dropped", "more_body": True})
+        done.set()
+
+    r = running(app)
+    sock = connect(r.port)
+    sock.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+    sock.close()
+    assert done.wait(5)
+    assert got == [{"type": "http.disconnect"}]
+
+
+def test_app_errors_give_500_or_cut_the_reply(running: Callable[..., Running],
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["path"] == "/late":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"part", "more_body": True})
+        raise RuntimeError("boom")
+
+    r = running(app)
+    with connect(r.port) as sock:
+        sock.sendall(b"GET /early HTTP/1.1\r\nHost: a\r\n\r\n")
+        status, _, body = read_response(sock, bytearray())
+        assert status.startswith(b"HTTP/1.1 500") and b"boom" not in body
+        assert closed_by_peer(sock)
+    with connect(r.port) as sock:
+        sock.sendall(b"GET /late HTTP/1.1\r\nHost: a\r\n\r\n")
+        data = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        assert data.startswith(b"HTTP/1.1 200") and b"4\r\npart\r\n" in data
+        assert not data.endswith(b"0\r\n\r\n")  # cut, not completed
+    assert "boom" in caplog.text
+
+
+def test_bad_requests_and_header_injection(running: Callable[..., Running]) -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"x-evil", b"a\r\nset-cookie: x=1"),
+                                (b"content-length", b"0")]})
+        await send({"type": "http.response.body", "body": b""})
+
+    r = running(app)
+    with connect(r.port) as sock:
+        sock.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 400")
+    with connect(r.port) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        status, headers, _ = read_response(sock, bytearray())
+        assert status.startswith(b"HTTP/1.1 500") and b"set-cookie" not in headers
+
+
+def test_idle_keep_alive_connection_is_closed(running: Callable[..., Running],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(server.HttpProtocol, "keepalive_timeout_s", 0.3)
+    r = running(echo)
+    with connect(r.port) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        read_response(sock, bytearray())
+        started = time.monotonic()
+        assert closed_by_peer(sock) and time.monotonic() - started < 3
+
+
+def test_graceful_stop_lets_a_running_request_finish() -> None:
+    release = threading.Event()
+
+    async def slow(scope: Scope, receive: Receive, send: Send) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, release.wait, 10)
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", b"4")]})
+        await send({"type": "http.response.body", "body": b"done"})
+
+    r = serve(slow)
+    busy = connect(r.port)
+    idle = connect(r.port)
+    busy.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    stopper = threading.Thread(target=r.stop)
+    deadline = time.monotonic() + 5
+    while not r.server.state.tasks and time.monotonic() < deadline:
+        time.sleep(0.01)  # poll with a deadline until the request is running
+    stopper.start()
+    assert closed_by_peer(idle)  # idle connections close at once
+    with pytest.raises(OSError):
+        connect(r.port).sendall(b"GET / HTTP/1.1\r\n\r\n")  # no new connections
+    release.set()
+    _status, headers, body = read_response(busy, bytearray())
+    assert body == b"done" and headers.get(b"connection") == b"close"
+    stopper.join(10)
+    busy.close()
+    idle.close()
