@@ -16,6 +16,7 @@ from flm.engines.base import (
     shape_embeddings,
 )
 from flm.openai.sse import DONE, encode_event, iter_sse_batches, usage_from_bytes
+from flm.openai.translate import json_string
 
 
 class OpenAICompatAdapter(EngineAdapter):
@@ -60,9 +61,9 @@ class OpenAICompatAdapter(EngineAdapter):
             raw = (await resp.read()).strip()
         finally:
             resp.release()
-        needle = b'"model":' + json.dumps(str(body.get("model", ""))).encode()
+        needle = b'"model":' + json_string(str(body.get("model", "")))
         if raw[:1] == b"{" and raw[-1:] == b"}" and b'"choices"' in raw and needle in raw:
-            return (raw.replace(needle, b'"model":' + json.dumps(public_model).encode(), 1),
+            return (raw.replace(needle, b'"model":' + json_string(public_model), 1),
                     usage_from_bytes(raw))
         try:
             reply = require_dict(json.loads(raw), "chat completion", "choices")
@@ -79,8 +80,8 @@ class OpenAICompatAdapter(EngineAdapter):
         and LM Studio write it), and only parsed when it does not."""
         payload = {**body, "stream": True}
         resp = await self.client.request("POST", "/v1/chat/completions", json_body=payload)
-        needle = b'"model":' + json.dumps(str(body.get("model", ""))).encode()
-        replacement = b'"model":' + json.dumps(public_model).encode()
+        needle = b'"model":' + json_string(str(body.get("model", "")))
+        replacement = b'"model":' + json_string(public_model)
         finished = False
         try:
             async for batch in iter_sse_batches(resp.iter_chunks()):

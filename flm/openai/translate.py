@@ -181,13 +181,27 @@ def plan_chat(body: dict[str, Any], engine_id: str, model: str,
     return plan
 
 
+_JSON_STRINGS: dict[str, bytes] = {}
+
+
+def json_string(value: str) -> bytes:
+    """``value`` as a JSON string literal, remembered: model names repeat on every request."""
+    encoded = _JSON_STRINGS.get(value)
+    if encoded is None:
+        encoded = json.dumps(value).encode()
+        if len(_JSON_STRINGS) >= 1024:
+            _JSON_STRINGS.clear()
+        _JSON_STRINGS[value] = encoded
+    return encoded
+
+
 def raw_with_model(raw: bytes, public_model: str, native_model: str) -> bytes | None:
     """``raw`` (the client's JSON) with its ``model`` value replaced, when that value occurs
     exactly once in the compact or the usual spaced form; ``None`` otherwise."""
-    value = json.dumps(public_model).encode()
+    value = json_string(public_model)
     for needle in (b'"model":' + value, b'"model": ' + value):
         if raw.count(needle) == 1:
-            return raw.replace(needle, b'"model":' + json.dumps(native_model).encode())
+            return raw.replace(needle, b'"model":' + json_string(native_model))
     return None
 
 

@@ -2,33 +2,112 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
                     10, 30, 60, 120)
 _OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05)
+#: At most this many label combinations are kept per metric (routes, statuses and engines are
+#: few; the cap only bounds memory if something unexpected makes many).
+MAX_SERIES = 10_000
+_go_float: Any = floatToGoString  # (untyped) how Prometheus writes a bucket bound
+
+
+def _le(bounds: tuple[float, ...]) -> tuple[str, ...]:
+    return tuple(str(_go_float(b)) for b in (*bounds, float("inf")))
+
+
+class _Histogram:
+    __slots__ = ("counts", "sum")
+
+    def __init__(self, size: int) -> None:
+        self.counts = [0] * (size + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+
+class _RequestCollector:
+    """The per-request series, kept as plain numbers and turned into metric families only
+    when ``/metrics`` is read: recording a request is a few list and dict operations, with no
+    lock (everything runs on the proxy's event loop)."""
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, str], int] = {}
+        self.latency: dict[str, _Histogram] = {}
+        self.overhead: dict[str, _Histogram] = {}
+        self.ttft: dict[str, _Histogram] = {}
+        self.tokens: dict[tuple[str, str], int] = {}
+
+    @staticmethod
+    def observe(series: dict[str, _Histogram], label: str, bounds: tuple[float, ...],
+                value: float) -> None:
+        hist = series.get(label)
+        if hist is None:
+            if len(series) >= MAX_SERIES:
+                return
+            hist = series[label] = _Histogram(len(bounds))
+        hist.counts[bisect_left(bounds, value)] += 1
+        hist.sum += value
+
+    @staticmethod
+    def _histogram(name: str, doc: str, label: str, series: dict[str, _Histogram],
+                   bounds: tuple[float, ...]) -> HistogramMetricFamily:
+        family = HistogramMetricFamily(name, doc, labels=[label])
+        for value, hist in series.items():
+            running = 0
+            buckets = []
+            for bound, count in zip(_le(bounds), hist.counts, strict=True):
+                running += count
+                buckets.append((bound, running))
+            family.add_metric([value], buckets, hist.sum)
+        return family
+
+    def describe(self) -> Iterator[Metric]:
+        return self._families(empty=True)
+
+    def collect(self) -> Iterator[Metric]:
+        return self._families(empty=False)
+
+    def _families(self, empty: bool) -> Iterator[Metric]:
+        requests = CounterMetricFamily("flm_requests_total", "Requests answered",
+                                       labels=["route", "status", "engine"])
+        tokens = CounterMetricFamily("flm_tokens_total", "Tokens reported by engines",
+                                     labels=["engine", "direction"])
+        if empty:
+            yield requests
+            yield HistogramMetricFamily("flm_request_duration_seconds", "", labels=["route"])
+            yield HistogramMetricFamily("flm_overhead_seconds", "", labels=["route"])
+            yield HistogramMetricFamily("flm_time_to_first_token_seconds", "",
+                                        labels=["engine"])
+            yield tokens
+            return
+        for labels, count in list(self.requests.items()):
+            requests.add_metric(list(labels), count)
+        yield requests
+        yield self._histogram("flm_request_duration_seconds", "Total request latency",
+                              "route", self.latency, _LATENCY_BUCKETS)
+        yield self._histogram("flm_overhead_seconds",
+                              "Time spent in FLM itself (total minus engine time)", "route",
+                              self.overhead, _OVERHEAD_BUCKETS)
+        yield self._histogram("flm_time_to_first_token_seconds",
+                              "Time from request to the first streamed chunk", "engine",
+                              self.ttft, _LATENCY_BUCKETS)
+        for (engine, direction), count in list(self.tokens.items()):
+            tokens.add_metric([engine, direction], count)
+        yield tokens
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self._children: dict[tuple[str, int, str], tuple[Any, Any, Any]] = {}
-        self._engine_children: dict[str, tuple[Any, Any, Any]] = {}
+        self._series = _RequestCollector()
         r = self.registry
-        self.requests = Counter("flm_requests_total", "Requests answered",
-                                ["route", "status", "engine"], registry=r)
-        self.latency = Histogram("flm_request_duration_seconds", "Total request latency",
-                                 ["route"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.overhead = Histogram("flm_overhead_seconds",
-                                  "Time spent in FLM itself (total minus engine time)",
-                                  ["route"], buckets=_OVERHEAD_BUCKETS, registry=r)
-        self.ttft = Histogram("flm_time_to_first_token_seconds",
-                              "Time from request to the first streamed chunk", ["engine"],
-                              buckets=_LATENCY_BUCKETS, registry=r)
-        self.tokens = Counter("flm_tokens_total", "Tokens reported by engines",
-                              ["engine", "direction"], registry=r)
+        r.register(self._series)
         self.active_streams = Gauge("flm_active_streams", "Streams in flight", registry=r)
         self.engine_up = Gauge("flm_engine_healthy", "1 when the engine is usable", ["engine"],
                                registry=r)
@@ -41,37 +120,26 @@ class Metrics:
 
     def record_request(self, route: str, status: int, engine: str, elapsed: float,
                        overhead: float | None) -> None:
-        """The per-request metrics, with the labelled children cached (label lookups take a
-        lock each; the set of routes, statuses and engines is small)."""
-        key = (route, status, engine)
-        children = self._children.get(key)
-        if children is None:
-            children = (self.requests.labels(route, str(status), engine),
-                        self.latency.labels(route), self.overhead.labels(route))
-            if len(self._children) < 10_000:
-                self._children[key] = children
-        children[0].inc()
-        children[1].observe(elapsed)
+        series = self._series
+        key = (route, str(status), engine)
+        count = series.requests.get(key)
+        if count is not None:
+            series.requests[key] = count + 1
+        elif len(series.requests) < MAX_SERIES:
+            series.requests[key] = 1
+        series.observe(series.latency, route, _LATENCY_BUCKETS, elapsed)
         if overhead is not None:
-            children[2].observe(max(overhead, 0.0))
-
-    def _per_engine(self, engine: str) -> tuple[Any, Any, Any]:
-        child = self._engine_children.get(engine)
-        if child is None:
-            child = self._engine_children.setdefault(engine, (
-                self.ttft.labels(engine), self.tokens.labels(engine, "in"),
-                self.tokens.labels(engine, "out")))
-        return child
+            series.observe(series.overhead, route, _OVERHEAD_BUCKETS, max(overhead, 0.0))
 
     def record_ttft(self, engine: str, seconds: float) -> None:
-        self._per_engine(engine)[0].observe(seconds)
+        self._series.observe(self._series.ttft, engine, _LATENCY_BUCKETS, seconds)
 
     def record_tokens(self, engine: str, prompt: int | None, completion: int | None) -> None:
-        child = self._per_engine(engine)
+        tokens = self._series.tokens
         if prompt:
-            child[1].inc(prompt)
+            tokens[(engine, "in")] = tokens.get((engine, "in"), 0) + prompt
         if completion:
-            child[2].inc(completion)
+            tokens[(engine, "out")] = tokens.get((engine, "out"), 0) + completion
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

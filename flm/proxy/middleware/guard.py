@@ -25,7 +25,35 @@ from flm.proxy.runtime import ProxyRuntime
 _Net = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+class _Membership:
+    """Remembers which addresses are in one tuple of networks (the policy's allow-list or
+    trusted proxies): parsing an address costs more than the rest of the check. Starts over
+    when the policy hands in a different tuple, and when it has seen too many addresses."""
+
+    __slots__ = ("answers", "networks")
+
+    def __init__(self) -> None:
+        self.networks: tuple[_Net, ...] = ()
+        self.answers: dict[str, bool] = {}
+
+    def __call__(self, ip: str, networks: tuple[_Net, ...]) -> bool:
+        if networks is not self.networks:
+            self.networks = networks
+            self.answers = {}
+        answer = self.answers.get(ip)
+        if answer is None:
+            answer = _parse_and_check(ip, networks)
+            if len(self.answers) >= 4096:
+                self.answers = {}
+            self.answers[ip] = answer
+        return answer
+
+
 def _in(ip: str, networks: tuple[_Net, ...]) -> bool:
+    return _parse_and_check(ip, networks)
+
+
+def _parse_and_check(ip: str, networks: tuple[_Net, ...]) -> bool:
     try:
         addr = ipaddress.ip_address(ip)
     except ValueError:
@@ -252,11 +280,12 @@ class AllowListMiddleware:
     def __init__(self, app: ASGIApp, runtime: ProxyRuntime) -> None:
         self.app = app
         self.runtime = runtime
+        self._allowed = _Membership()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         networks = self.runtime.effective.whitelist
-        if scope["type"] == "http" and networks and not _in(state_of(scope).client_ip,
-                                                              networks):
+        if scope["type"] == "http" and networks and not self._allowed(state_of(scope).client_ip,
+                                                                        networks):
             raise HttpError(403, "ip_not_allowed", "this address is not allowed")
         await self.app(scope, receive, send)
 
