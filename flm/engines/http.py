@@ -22,7 +22,7 @@ from flm.core.errors import (
     EngineNotFoundError,
     EngineTimeoutError,
 )
-from flm.engines.h1 import Connection, Headers, expire
+from flm.engines.h1 import Connection, Deadlines, Headers, expire
 
 #: Largest non-streamed JSON body accepted from an engine.
 MAX_JSON_BYTES = 64 * 1024 * 1024
@@ -137,7 +137,7 @@ class UpstreamResponse:
                     raise conn.error
                 now = loop.time()
                 try:
-                    await conn.wait(loop, min(now + idle, end))
+                    await conn.wait(loop, min(now + idle, end), self._client.deadlines)
                 except TimeoutError:
                     if loop.time() >= end:
                         raise EngineTimeoutError(
@@ -235,6 +235,7 @@ class EngineClient:
         self._slot_waiters: deque[asyncio.Future[None]] = deque()
         self._closed = False
         self._ssl: ssl.SSLContext | None = None
+        self.deadlines = Deadlines()
 
     async def close(self) -> None:
         self._closed = True
@@ -422,12 +423,12 @@ class EngineClient:
         while not conn.headers_done:
             if conn.error is not None:
                 raise conn.error
-            await conn.wait(loop, deadline)
+            await conn.wait(loop, deadline, self.deadlines)
         if read and conn.content_length is not None and conn.content_length <= MAX_JSON_BYTES:
             while not conn.complete:
                 if conn.error is not None:
                     raise conn.error
-                await conn.wait(loop, deadline)
+                await conn.wait(loop, deadline, self.deadlines)
 
     async def get_json(
         self, path: str, *, first_byte_s: float | None = None, limit: int = MAX_JSON_BYTES

@@ -96,8 +96,8 @@ class _Cycle:
 
     __slots__ = (
         "body", "body_size", "chunked", "complete", "disconnected", "expect_100", "head_only",
-        "keep_alive", "last_delivered", "more_body", "pending_head", "proto", "scope",
-        "started", "timed_out", "waiter",
+        "keep_alive", "last_delivered", "more_body", "pending_head", "proto", "running",
+        "scope", "started", "timed_out", "waiter",
     )
 
     def __init__(self, proto: HttpProtocol, scope: Scope, keep_alive: bool, expect_100: bool,
@@ -113,6 +113,7 @@ class _Cycle:
         self.last_delivered = False
         self.disconnected = False
         self.timed_out = False
+        self.running = False
         self.started = False
         self.complete = False
         self.chunked = False
@@ -284,6 +285,8 @@ class HttpProtocol(asyncio.Protocol):
         self.read_paused = False
         self.write_paused = False
         self.drain_waiters: list[asyncio.Future[None]] = []
+        self.worker: asyncio.Task[None] | None = None
+        self.next_request: asyncio.Future[None] | None = None
 
     # -- connection events ----------------------------------------------------------------------
 
@@ -309,6 +312,7 @@ class HttpProtocol(asyncio.Protocol):
                 cycle.wake()
         self.pipeline.clear()
         self._wake_drain()
+        self._wake_worker()
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -445,11 +449,40 @@ class HttpProtocol(asyncio.Protocol):
     # -- cycles ---------------------------------------------------------------------------------
 
     def _start(self, cycle: _Cycle) -> None:
+        """Hand ``cycle`` to the connection's worker task (made for the first request; later
+        requests reuse it instead of creating a task each)."""
         self.active = cycle
-        task = self.loop.create_task(cycle.run())
-        tasks = self.state.tasks
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
+        if self.worker is None:
+            task = self.worker = self.loop.create_task(self._serve())
+            self.state.tasks.add(task)
+            task.add_done_callback(self._worker_done)
+        else:
+            self._wake_worker()
+
+    def _wake_worker(self) -> None:
+        fut = self.next_request
+        if fut is not None:
+            self.next_request = None
+            if not fut.done():
+                fut.set_result(None)
+
+    def _worker_done(self, task: asyncio.Task[None]) -> None:
+        self.state.tasks.discard(task)
+        if self.worker is task:
+            self.worker = None
+
+    async def _serve(self) -> None:
+        """Runs the connection's requests one after the other; ends with the connection."""
+        while True:
+            cycle = self.active
+            if cycle is None or cycle.running:
+                if self.transport_closing():
+                    return
+                fut = self.next_request = self.loop.create_future()
+                await fut
+                continue
+            cycle.running = True
+            await cycle.run()
 
     def body_consumed(self) -> None:
         if self.read_paused and not self.pipeline:

@@ -26,6 +26,7 @@ from flm.proxy.asgi import (
     RequestState,
     Scope,
     Send,
+    parse_json,
     read_body,
     read_json,
     send_bytes,
@@ -89,10 +90,7 @@ async def _prepare_chat(scope: Scope, receive: Receive, rt: ProxyRuntime,
 async def chat_completions(scope: Scope, receive: Receive, send: Send,
                            rt: ProxyRuntime) -> None:
     raw = await read_body(receive, scope, rt.settings.max_body_bytes)
-    try:
-        body = json.loads(raw)
-    except ValueError:
-        raise HttpError(400, "invalid_request", "request body is not valid JSON") from None
+    body = parse_json(raw)
     plan, adapter = await _prepare_chat(scope, receive, rt, body)
     state = state_of(scope)
     public = make_model_id(plan.engine_id, plan.model)
