@@ -342,13 +342,18 @@ class EngineClient:
     def _head(self, method: str, path: str, headers: dict[str, str] | None,
               length: int | None) -> bytes:
         target = self._prefix + path
-        if not target.startswith("/") or _BAD_TARGET.search(target):
-            raise EngineApiError(f"refusing to send a malformed request target {target!r}")
+        if target not in _CHECKED:
+            if not target.startswith("/") or _BAD_TARGET.search(target):
+                raise EngineApiError(f"refusing to send a malformed request target {target!r}")
+            _remember_checked(target)
         lines = [f"{method} {target} HTTP/1.1\r\n", self._fixed]
         if headers:
             for name, value in headers.items():
-                _check_header(name, value)
-                lines.append(f"{name}: {value}\r\n")
+                line = f"{name}: {value}\r\n"
+                if line not in _CHECKED:
+                    _check_header(name, value)
+                    _remember_checked(line)
+                lines.append(line)
         if length is not None:
             lines.append(f"Content-Length: {length}\r\n")
         lines.append("\r\n")
@@ -453,6 +458,16 @@ _NO_BODY = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
 _BAD_TARGET = re.compile(r"[\s\x00-\x1f\x7f]")
 _BAD_NAME = re.compile(r"[\s:\x00-\x1f\x7f]")
 _BAD_VALUE = re.compile(r"[\r\n\x00]")
+
+
+#: Request targets and header lines already found well-formed (they repeat on every request).
+_CHECKED: set[str] = set()
+
+
+def _remember_checked(text: str) -> None:
+    if len(_CHECKED) >= 4096:
+        _CHECKED.clear()
+    _CHECKED.add(text)
 
 
 def _check_header(name: str, value: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 
 from flm.core.errors import EngineApiError
@@ -11,33 +12,27 @@ DONE = b"data: [DONE]\n\n"
 MAX_EVENT_BYTES = 1024 * 1024
 
 
-def _int_after(raw: bytes, key: bytes, start: int) -> int | None:
-    at = raw.find(key, start)
-    if at < 0:
-        return None
-    at += len(key)
-    while raw[at:at + 1] == b" ":
-        at += 1
-    end = at
-    while raw[end:end + 1].isdigit():
-        end += 1
-    return int(raw[at:end]) if end > at else None
+_USAGE_NUMBER = re.compile(
+    rb'"(prompt_tokens|completion_tokens|input_tokens|output_tokens)": *(\d+)')
+_USAGE_KEYS = (("prompt_tokens", b"prompt_tokens", b"input_tokens"),
+               ("completion_tokens", b"completion_tokens", b"output_tokens"))
 
 
 def usage_from_bytes(raw: bytes) -> dict[str, int] | None:
     """Token counts of a JSON reply or chunk without parsing it: they sit in its last
-    ``usage`` object (the same keys inside a string would be escaped, so cannot match)."""
+    ``usage`` object (the same keys inside a string would be escaped, so cannot match). The
+    chat names win over the Responses API's (``input_tokens``/``output_tokens``)."""
     at = raw.rfind(b'"usage":{')
     if at < 0:
         return None
-    found = {}
-    for name, alias in (("prompt_tokens", "input_tokens"),
-                        ("completion_tokens", "output_tokens")):
-        value = _int_after(raw, b'"' + name.encode() + b'":', at)
-        if value is None:  # the Responses API's names
-            value = _int_after(raw, b'"' + alias.encode() + b'":', at)
+    seen: dict[bytes, int] = {}
+    for match in _USAGE_NUMBER.finditer(raw, at):
+        seen.setdefault(match[1], int(match[2]))
+    found: dict[str, int] = {}
+    for key, name, alias in _USAGE_KEYS:
+        value = seen.get(name, seen.get(alias))
         if value is not None:
-            found[name] = value
+            found[key] = value
     return found or None
 
 

@@ -74,16 +74,32 @@ class Score:
     reasons: tuple[str, ...]
 
 
+_CLEAN = Score(0, ())
+_SCANNER_AGENTS: dict[bytes, bool] = {}
+
+
+def _scanner(user_agent: bytes) -> bool:
+    """Whether ``user_agent`` names a scanner; the answer is remembered (clients repeat it)."""
+    known = _SCANNER_AGENTS.get(user_agent)
+    if known is None:
+        known = _SCANNERS.search(user_agent.decode("latin-1")) is not None
+        if len(_SCANNER_AGENTS) >= 4096:
+            _SCANNER_AGENTS.clear()
+        _SCANNER_AGENTS[user_agent] = known
+    return known
+
+
 def score_request(raw_path: bytes, query: bytes, user_agent: bytes) -> Score:
     """Intrusion points for what a request looks like: path, query string and user agent.
     Bodies are never scored: a prompt that *mentions* SQL or ``../`` is not an attack."""
     points = 0
     reasons: list[str] = []
-    if user_agent and _SCANNERS.search(user_agent.decode("latin-1")):
+    if user_agent and _scanner(user_agent):
         points += 50
         reasons.append("scanner_user_agent")
     if not query and raw_path.isascii() and _PLAIN_PATH.fullmatch(raw_path):
-        return Score(points, tuple(reasons))  # a plain path: nothing to decode or match
+        # a plain path: nothing to decode or match
+        return Score(points, tuple(reasons)) if points else _CLEAN
     target = raw_path.decode("latin-1")
     q = query.decode("latin-1")
     decoded = unquote_plus(unquote_plus(target + "?" + q))
@@ -93,7 +109,7 @@ def score_request(raw_path: bytes, query: bytes, user_agent: bytes) -> Score:
     if _SQLI.search(decoded):
         points += 60
         reasons.append("sql_injection")
-    return Score(points, tuple(reasons))
+    return Score(points, tuple(reasons)) if points else _CLEAN
 
 
 class TokenBucket:

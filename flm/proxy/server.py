@@ -100,12 +100,12 @@ class _Cycle:
         "scope", "started", "timed_out", "waiter",
     )
 
-    def __init__(self, proto: HttpProtocol, scope: Scope, keep_alive: bool, expect_100: bool,
+    def __init__(self, proto: HttpProtocol, scope: Scope, keep_alive: bool,
                  head_only: bool) -> None:
         self.proto = proto
         self.scope = scope
         self.keep_alive = keep_alive
-        self.expect_100 = expect_100
+        self.expect_100 = True  # until checked: the first receive() that must wait looks
         self.head_only = head_only
         self.body: list[bytes] = []
         self.body_size = 0
@@ -150,7 +150,9 @@ class _Cycle:
         proto = self.proto
         if self.expect_100 and self.more_body and not self.body:
             self.expect_100 = False
-            if not self.started and not proto.transport_closing():
+            if not self.started and not proto.transport_closing() and any(
+                    name == b"expect" and value.lower() == b"100-continue"
+                    for name, value in self.scope["headers"]):
                 proto.write(_CONTINUE)
         while not (self.disconnected or self.complete or self.timed_out or self.body
                    or (not self.more_body and not self.last_delivered)):
@@ -275,6 +277,7 @@ class HttpProtocol(asyncio.Protocol):
         self.headers: list[tuple[bytes, bytes]] = []
         self.in_head = True
         self.head_bytes = 0
+        self.chunk_size = 0
         # One deadline at a time (head, body or keep-alive), checked by the server's sweep:
         # no timer is created or cancelled per request.
         self.deadline = 0.0
@@ -334,6 +337,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         in_head = self.in_head
+        self.chunk_size = len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -408,16 +412,13 @@ class HttpProtocol(asyncio.Protocol):
             "query_string": parsed.query or b"",
             "headers": headers,
         }
-        size = len(url)
-        expect_100 = False
-        for name, value in headers:
-            size += len(name) + len(value) + 4
-            if name == b"expect" and value.lower() == b"100-continue":
-                expect_100 = True
-        if size > self.max_head_bytes:
-            # A head that arrived in one piece: the app answers 431 before doing anything.
-            scope["flm_head_too_large"] = True
-        cycle = _Cycle(self, scope, parser.should_keep_alive(), expect_100, method == "HEAD")
+        if self.head_bytes + self.chunk_size > self.max_head_bytes:
+            # Possibly too large (a head that came in one piece is not cut while reading it):
+            # measured, and if so the app answers 431 before doing anything.
+            size = len(url) + sum(len(name) + len(value) + 4 for name, value in headers)
+            if size > self.max_head_bytes:
+                scope["flm_head_too_large"] = True
+        cycle = _Cycle(self, scope, parser.should_keep_alive(), method == "HEAD")
         self.parsing = cycle
         if self.active is None:
             self._disarm()
