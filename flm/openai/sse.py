@@ -12,10 +12,9 @@ DONE = b"data: [DONE]\n\n"
 MAX_EVENT_BYTES = 1024 * 1024
 
 
-_USAGE_NUMBER = re.compile(
-    rb'"(prompt_tokens|completion_tokens|input_tokens|output_tokens)": *(\d+)')
-_USAGE_KEYS = (("prompt_tokens", b"prompt_tokens", b"input_tokens"),
-               ("completion_tokens", b"completion_tokens", b"output_tokens"))
+_NUMBER = re.compile(rb" *(\d+)")
+_USAGE_KEYS = (("prompt_tokens", b'"prompt_tokens":', b'"input_tokens":'),
+               ("completion_tokens", b'"completion_tokens":', b'"output_tokens":'))
 
 
 def usage_from_bytes(raw: bytes) -> dict[str, int] | None:
@@ -25,14 +24,15 @@ def usage_from_bytes(raw: bytes) -> dict[str, int] | None:
     at = raw.rfind(b'"usage":{')
     if at < 0:
         return None
-    seen: dict[bytes, int] = {}
-    for match in _USAGE_NUMBER.finditer(raw, at):
-        seen.setdefault(match[1], int(match[2]))
     found: dict[str, int] = {}
     for key, name, alias in _USAGE_KEYS:
-        value = seen.get(name, seen.get(alias))
-        if value is not None:
-            found[key] = value
+        for needle in (name, alias):
+            pos = raw.find(needle, at)
+            if pos >= 0:
+                match = _NUMBER.match(raw, pos + len(needle))
+                if match is not None:
+                    found[key] = int(match[1])
+                    break
     return found or None
 
 

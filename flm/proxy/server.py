@@ -61,6 +61,9 @@ _ASGI = {"version": "3.0", "spec_version": "2.3"}
 _STATUS_LINES = {int(s): f"HTTP/1.1 {int(s)} {s.phrase}\r\n".encode() for s in http.HTTPStatus}
 _NO_BODY_STATUSES = frozenset({204, 304})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+#: First bytes of the response headers that decide framing (content-length, connection,
+#: transfer-encoding), in either case.
+_FRAMING_INITIALS = frozenset(b"cCtT")
 
 _date_cache: tuple[int, bytes] = (0, b"")
 
@@ -215,15 +218,18 @@ class _Cycle:
         lines = 3  # status line, date, blank line
         has_length = False
         for name, value in headers:
-            lname = name.lower()
-            if lname == b"content-length":
-                has_length = True
-            elif lname == b"connection":
-                if value.lower() == b"close":
-                    self.keep_alive = False
-                continue
-            elif lname == b"transfer-encoding":
-                continue  # framing is this server's choice
+            if not name:
+                raise RuntimeError("response header with an empty name")
+            if name[0] in _FRAMING_INITIALS:  # (c, t in either case: skip the rest quickly)
+                lname = name.lower()
+                if lname == b"content-length":
+                    has_length = True
+                elif lname == b"connection":
+                    if value.lower() == b"close":
+                        self.keep_alive = False
+                    continue
+                elif lname == b"transfer-encoding":
+                    continue  # framing is this server's choice
             parts += (name, b": ", value, b"\r\n")
             lines += 1
         if not has_length and not self.head_only and status >= 200 \
