@@ -13,10 +13,8 @@ certificate is a single reference swap after the new context was built successfu
 - connections already established keep the certificate they negotiated;
 - a broken certificate file never takes effect (the old one stays and an error is raised).
 
-With uvicorn: ``config = uvicorn.Config(app, ...); config.load(); config.ssl = holder.context``
-before ``uvicorn.Server(config).serve(...)`` (``Config.load`` builds its own context only when
-``ssl_certfile`` is set, so leave that unset). With asyncio: ``loop.create_server(...,
-ssl=holder.context)``.
+The gateway's server takes it as is: ``HttpServer(app, sock, holder.context)`` (which is
+``loop.create_server(..., ssl=holder.context)``).
 """
 
 from __future__ import annotations

@@ -203,11 +203,10 @@ def test_replace_with_a_broken_certificate_keeps_the_old_one(
     asyncio.run(run())
 
 
-def test_uvicorn_serves_and_swaps_with_the_holder(flm_home: Path) -> None:
-    """The recipe the gateway uses: ``config.load(); config.ssl = holder.context``."""
-    import socket
-
-    import uvicorn
+def test_gateway_server_serves_and_swaps_with_the_holder(flm_home: Path) -> None:
+    """The recipe the gateway uses: its HTTP server gets ``holder.context`` once; replacing
+    the certificate in the holder reaches the next connection without a restart."""
+    from flm.proxy.server import HttpServer, bind_socket
 
     certs = flm_home / "certs"
     ca = ensure_local_ca(certs)
@@ -216,10 +215,13 @@ def test_uvicorn_serves_and_swaps_with_the_holder(flm_home: Path) -> None:
     other_ca = ensure_local_ca(second_dir)
     second = ensure_server_cert(other_ca, second_dir, ["localhost"])
     holder = ReloadableServerContext(first)
+    schemes: list[str] = []
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         assert scope["type"] == "http"
-        await send({"type": "http.response.start", "status": 200, "headers": []})
+        schemes.append(scope["scheme"])
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", b"2")]})
         await send({"type": "http.response.body", "body": b"ok"})
 
     async def fetch(port: int, bundle: CertBundle) -> str:
@@ -227,31 +229,20 @@ def test_uvicorn_serves_and_swaps_with_the_holder(flm_home: Path) -> None:
         writer.write(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
         body = await reader.read()
         writer.close()
-        assert body.startswith(b"HTTP/1.1 200") and b"\r\nok\r\n" in body
+        assert body.startswith(b"HTTP/1.1 200") and body.endswith(b"\r\n\r\nok")
         return seen
 
     async def run() -> None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        config = uvicorn.Config(app, log_level="warning", lifespan="off")
-        config.load()
-        config.ssl = holder.context
-        server = uvicorn.Server(config)
-        task = asyncio.create_task(server.serve(sockets=[sock]))
+        sock = bind_socket("127.0.0.1", 0)
+        server = HttpServer(app, sock, holder.context)
+        await server.start()
         try:
-            for _ in range(500):
-                if server.started:
-                    break
-                await asyncio.sleep(0.01)
-            assert server.started
-            assert await fetch(port, first) == first.fingerprint_sha256
+            assert await fetch(server.port, first) == first.fingerprint_sha256
             holder.replace(second)
-            assert await fetch(port, second) == second.fingerprint_sha256
+            assert await fetch(server.port, second) == second.fingerprint_sha256
         finally:
-            server.should_exit = True
-            await task
-            sock.close()
+            await server.stop()
+        assert schemes == ["https", "https"]
 
     asyncio.run(run())
     assert fingerprint_sha256(load_cert_file(second.cert_path)[0]) == second.fingerprint_sha256
