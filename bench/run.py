@@ -446,7 +446,9 @@ def start_flm(ctx: Ctx) -> Target:
             [str(ctx.flm_exe), "--version"], capture_output=True, text=True, timeout=30, check=False
         )
         t.version = v.stdout.strip() or None
-    t.notes.append("policy: bench/policy-all-on.json (every section enabled, limits not hit)")
+    t.notes.append(f"policy: {ctx.policy.name}" + (
+        " (every section enabled, limits not hit)" if ctx.policy.name == "policy-all-on.json"
+        else ""))
     t.pre_check = flm_layers_check
     t.post_check = lambda: flm_audit_count(home)
     return t
@@ -1006,6 +1008,12 @@ def main(argv: list[str] | None = None) -> int:
         default=str(Path(sys.executable).parent / "flm"),
         help="the flm executable (default: next to this Python)",
     )
+    ap.add_argument(
+        "--flm-policy",
+        default=str(BENCH / "policy-all-on.json"),
+        help="security policy for FLM (default: bench/policy-all-on.json; "
+        "bench/policy-auth-only.json measures authentication alone)",
+    )
     ap.add_argument("--litellm", default=str(BENCH / ".venv-litellm" / "bin" / "litellm"))
     ap.add_argument(
         "--plain-tool",
@@ -1073,7 +1081,7 @@ def main(argv: list[str] | None = None) -> int:
             target_cpus,
             Path(args.flm),
             Path(args.litellm),
-            BENCH / "policy-all-on.json",
+            Path(args.flm_policy),
         )
         for name in targets:
             log(f"[{name}] starting")
