@@ -163,28 +163,19 @@ class Connection(asyncio.Protocol):
             self.transport.resume_reading()
         return data
 
-    async def wait(self, loop: asyncio.AbstractEventLoop, deadline: float | None,
-                   deadlines: Deadlines | None = None) -> None:
+    async def wait(self, loop: asyncio.AbstractEventLoop, deadline: float,
+                   deadlines: Deadlines) -> None:
         """Until the parser reports progress or the connection ends; ``TimeoutError`` once
-        ``loop.time()`` passes ``deadline`` first (checked by ``deadlines`` when given, else
-        by a timer of its own)."""
+        ``loop.time()`` passes ``deadline`` first (checked by ``deadlines``)."""
         fut: asyncio.Future[None] = loop.create_future()
         self._waiter = fut
-        handle = None
-        if deadline is not None:
-            if deadlines is not None:
-                self.deadline = deadline
-                deadlines.add(loop, self)
-            else:
-                handle = loop.call_at(deadline, expire, fut)
+        self.deadline = deadline
+        deadlines.add(loop, self)
         try:
             await fut
         finally:
             self._waiter = None
-            if handle is not None:
-                handle.cancel()
-            elif deadlines is not None:
-                deadlines.waiting.discard(self)
+            deadlines.waiting.discard(self)
 
     def expire(self) -> None:
         fut = self._waiter

@@ -107,7 +107,7 @@ async def read_body(receive: Receive, scope: Scope, limit: int) -> bytes:
                 break
     except RequestBodyTimeout:
         raise HttpError(408, "request_timeout", "request body not received in time") from None
-    return parts[0] if len(parts) == 1 else b"".join(parts)
+    return b"".join(parts)
 
 
 def parse_json(body: bytes) -> Any:

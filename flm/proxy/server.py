@@ -165,8 +165,7 @@ class _Cycle:
             raise RequestBodyTimeout("request body not received in time")
         if self.disconnected or self.complete or (self.last_delivered and not self.body):
             return {"type": "http.disconnect"}
-        parts = self.body
-        body = parts[0] if len(parts) == 1 else b"".join(parts)
+        body = b"".join(self.body)
         self.body = []
         self.body_size = 0
         more = self.more_body

@@ -356,3 +356,41 @@ def test_graceful_stop_lets_a_running_request_finish() -> None:
     stopper.join(10)
     busy.close()
     idle.close()
+
+
+def test_small_reply_is_one_transport_write() -> None:
+    """Head and body of a small reply go to the transport together (the client wakes once);
+    counted on the transport itself, so the test does not depend on socket timing."""
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.writes: list[bytes] = []
+
+        def write(self, data: bytes) -> None:
+            self.writes.append(data)
+
+        def is_closing(self) -> bool:
+            return False
+
+        def get_extra_info(self, name: str) -> Any:
+            return ("127.0.0.1", 1)
+
+        def close(self) -> None:
+            pass
+
+    async def run() -> list[bytes]:
+        state = server._ServerState(echo, "http", 30.0)
+        proto = server.HttpProtocol(state)
+        transport = Recorder()
+        proto.connection_made(transport)  # type: ignore[arg-type]
+        proto.data_received(b"GET /one HTTP/1.1\r\nHost: a\r\n\r\n")
+        deadline = time.monotonic() + 5
+        # poll until the connection's worker waits for the next request: the reply is done
+        while proto.next_request is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.001)
+        proto.connection_lost(None)
+        return transport.writes
+
+    writes = asyncio.run(run())
+    assert len(writes) == 1
+    assert writes[0].startswith(b"HTTP/1.1 200") and writes[0].endswith(b"GET /one  ")

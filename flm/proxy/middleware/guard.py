@@ -42,7 +42,7 @@ class _Membership:
             self.answers = {}
         answer = self.answers.get(ip)
         if answer is None:
-            answer = _parse_and_check(ip, networks)
+            answer = _in(ip, networks)
             if len(self.answers) >= 4096:
                 self.answers = {}
             self.answers[ip] = answer
@@ -50,10 +50,6 @@ class _Membership:
 
 
 def _in(ip: str, networks: tuple[_Net, ...]) -> bool:
-    return _parse_and_check(ip, networks)
-
-
-def _parse_and_check(ip: str, networks: tuple[_Net, ...]) -> bool:
     try:
         addr = ipaddress.ip_address(ip)
     except ValueError:
