@@ -3,19 +3,9 @@
 from __future__ import annotations
 
 from flm.proxy.asgi import ASGIApp
-from flm.proxy.middleware.auth import AuthMiddleware
 from flm.proxy.middleware.core import ErrorMiddleware, RequestIdMiddleware
-from flm.proxy.middleware.cors import CorsMiddleware
-from flm.proxy.middleware.guard import (
-    AllowListMiddleware,
-    AnomalyMiddleware,
-    BlockCheckMiddleware,
-    IntrusionMiddleware,
-    IpRateLimitMiddleware,
-    KeyRateLimitMiddleware,
-    ResourceMiddleware,
-)
 from flm.proxy.middleware.observe import ObserveMiddleware
+from flm.proxy.middleware.security import SecurityMiddleware
 from flm.proxy.routes import Router
 from flm.proxy.runtime import ProxyRuntime
 
@@ -28,27 +18,21 @@ def build_app(runtime: ProxyRuntime, *, tls: bool = False) -> ASGIApp:
     2. observe/audit   — records every outcome, refusals included (outside the error layer
                          so it sees the status each error became)
     3. errors          — any failure below becomes the JSON error contract
-    4. IP block check  — resolves the client address (trusted proxies only), refuses blocks
-    5. resource protection — 503 ``overloaded`` above CPU/memory/connection limits
-    6. intrusion/honeypot — scores attack-shaped requests, honeypot paths answer 404
-    7. anomaly detection — request rate, body size, duration
-    8. IP allow-list
-    9. per-IP rate limit
-    10. CORS           — preflight answered without a key
-    11. authentication — Bearer API key; failures feed the auto-block
-    12. per-key rate limit
+    4–12. security     — one middleware taking these steps in order (see
+                         :mod:`flm.proxy.middleware.security`):
+        4. IP block check — resolves the client address (trusted proxies only)
+        5. resource protection — 503 ``overloaded`` above CPU/memory/connection limits
+        6. intrusion/honeypot — scores attack-shaped requests, honeypot paths answer 404
+        7. anomaly detection — request rate, body size, duration
+        8. IP allow-list
+        9. per-IP rate limit
+        10. CORS — preflight answered without a key
+        11. authentication — Bearer API key; failures feed the auto-block
+        12. per-key rate limit
     13. router
     """
     app: ASGIApp = Router(runtime)
-    app = KeyRateLimitMiddleware(app, runtime)
-    app = AuthMiddleware(app, runtime)
-    app = CorsMiddleware(app, runtime)
-    app = IpRateLimitMiddleware(app, runtime)
-    app = AllowListMiddleware(app, runtime)
-    app = AnomalyMiddleware(app, runtime)
-    app = IntrusionMiddleware(app, runtime)
-    app = ResourceMiddleware(app, runtime)
-    app = BlockCheckMiddleware(app, runtime)
+    app = SecurityMiddleware(app, runtime)
     app = ErrorMiddleware(app)
     app = ObserveMiddleware(app, runtime)
     app = RequestIdMiddleware(app, hsts=tls)

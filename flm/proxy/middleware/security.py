@@ -1,0 +1,402 @@
+"""The security layers of SPEC §4.1 and §5, between the error layer and the router: IP block
+check, resource protection, intrusion and honeypots, anomaly detection, IP allow-list, per-IP
+rate limit, CORS, authentication and the per-key rate limit.
+
+They run as **one** ASGI middleware whose ``__call__`` takes the steps in that order, top to
+bottom. As nine nested middlewares each request paid for nine coroutines, nine lookups of the
+same policy and state, and five walks over the header list; here the headers are read once and
+a request that passes every check costs a few dictionary operations. Refusals leave as early
+as before, by raising the :class:`HttpError` the error layer turns into the JSON contract, and
+never reach an engine or the database."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import math
+import time
+
+from flm.core.policy import EffectivePolicy
+from flm.openai.errors import HttpError
+from flm.proxy.asgi import ASGIApp, Message, Receive, RequestState, Scope, Send
+from flm.proxy.guard import (
+    ANOMALY_BLOCK_S,
+    HONEYPOT_SCORE,
+    HONEYPOTS,
+    NOT_FOUND_SCORE,
+    Block,
+    score_request,
+)
+from flm.proxy.runtime import ProxyRuntime
+
+_Net = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+_CHALLENGE = [(b"www-authenticate", b'Bearer realm="flm"')]
+MAX_KEY_LENGTH = 256
+_ALLOW_HEADERS = b"authorization, content-type, x-request-id"
+_ALLOW_METHODS = b"GET, POST, OPTIONS"
+
+
+class _Membership:
+    """Remembers which addresses are in one tuple of networks (the policy's allow-list or
+    trusted proxies): parsing an address costs more than the rest of the check. Starts over
+    when the policy hands in a different tuple, and when it has seen too many addresses."""
+
+    __slots__ = ("answers", "networks")
+
+    def __init__(self) -> None:
+        self.networks: tuple[_Net, ...] = ()
+        self.answers: dict[str, bool] = {}
+
+    def __call__(self, ip: str, networks: tuple[_Net, ...]) -> bool:
+        if networks is not self.networks:
+            self.networks = networks
+            self.answers = {}
+        answer = self.answers.get(ip)
+        if answer is None:
+            answer = _in(ip, networks)
+            if len(self.answers) >= 4096:
+                self.answers = {}
+            self.answers[ip] = answer
+        return answer
+
+
+def _in(ip: str, networks: tuple[_Net, ...]) -> bool:
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return any(addr in net for net in networks)
+
+
+def _valid_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def forwarded_client(peer: str, forwarded: bytes | None, real_ip: bytes | None,
+                     trusted: tuple[_Net, ...]) -> str:
+    """The client behind a trusted proxy ``peer``: the right-most ``X-Forwarded-For`` hop
+    that is not itself a trusted proxy, else ``X-Real-IP``, else the peer."""
+    if forwarded:
+        hops = [h.strip() for h in forwarded.decode("latin-1").split(",") if h.strip()]
+        for hop in reversed(hops):
+            if not _valid_ip(hop):
+                return peer
+            if not _in(hop, trusted):
+                return hop
+        return hops[0] if hops else peer
+    if real_ip:
+        text = real_ip.decode("latin-1").strip()
+        return text if _valid_ip(text) else peer
+    return peer
+
+
+def record_block(rt: ProxyRuntime, ip: str, block: Block) -> None:
+    """Persist a block (through the audit sink) and record the ``ip_blocked`` event."""
+    if rt.audit is not None:
+        failures = rt.guard.failures.get(ip, (0, 0.0))[0]
+        rt.audit.block(ip, block.reason, block.since, block.until, failures)
+        rt.audit.event("ip_blocked", "high", ip, {"reason": block.reason,
+                                                 "permanent": block.permanent})
+
+
+def _blocked_error(block: Block, now: float) -> HttpError:
+    retry = block.retry_after(now)
+    headers = [(b"retry-after", str(retry).encode())] if retry else []
+    return HttpError(403, "ip_blocked", "this address is blocked", headers)
+
+
+def _limited(seconds: float, scope_name: str) -> HttpError:
+    retry = max(1, math.ceil(seconds))
+    return HttpError(429, "rate_limited", f"{scope_name} rate limit exceeded; retry in "
+                     f"{retry} s", [(b"retry-after", str(retry).encode())])
+
+
+def _cors_origin(origin: bytes, policy: EffectivePolicy) -> bytes | None:
+    """The ``Access-Control-Allow-Origin`` value for ``origin``, or None when not allowed."""
+    origins = policy.allowed_origins
+    if not origins or "*" in origins:
+        return b"*"
+    return origin if origin.decode("latin-1") in origins else None
+
+
+class _Headers:
+    """The request headers the security steps read, found in one pass."""
+
+    __slots__ = ("authorization", "content_length", "forwarded", "origin", "preflight",
+                 "real_ip", "user_agent")
+
+    def __init__(self, headers: list[tuple[bytes, bytes]]) -> None:
+        self.authorization: list[bytes] = []
+        self.content_length: bytes | None = None
+        self.forwarded: bytes | None = None
+        self.origin: bytes | None = None
+        self.preflight = False
+        self.real_ip: bytes | None = None
+        self.user_agent = b""
+        for name, value in headers:
+            if name == b"authorization":
+                self.authorization.append(value)
+            elif name == b"content-length":
+                self.content_length = value
+            elif name == b"user-agent":
+                self.user_agent = value
+            elif name == b"origin":
+                self.origin = value
+            elif name == b"access-control-request-method":
+                self.preflight = True
+            elif name == b"x-forwarded-for":
+                if self.forwarded is None:
+                    self.forwarded = value
+            elif name == b"x-real-ip" and self.real_ip is None:
+                self.real_ip = value
+
+
+class SecurityMiddleware:
+    """Steps 4–12 of :func:`flm.proxy.app.build_app`, in that order."""
+
+    def __init__(self, app: ASGIApp, runtime: ProxyRuntime) -> None:
+        self.app = app
+        self.runtime = runtime
+        self._allowed = _Membership()
+        self._trusted = _Membership()
+        self._monitor: asyncio.Task[None] | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rt = self.runtime
+        policy = rt.effective
+        guard = rt.guard
+        state: RequestState = scope["flm"]
+        path: str = scope["path"]
+        seen = _Headers(scope["headers"])
+
+        # 4. IP block check: resolve the client (behind trusted proxies only), refuse blocks.
+        ip = state.client_ip
+        if policy.trusted_proxies and self._trusted(ip, policy.trusted_proxies):
+            ip = state.client_ip = forwarded_client(ip, seen.forwarded, seen.real_ip,
+                                                    policy.trusted_proxies)
+        if guard.blocks:
+            block = guard.blocked(ip)
+            if block is not None:
+                rt.metrics.blocks.labels(block.reason).inc()
+                raise _blocked_error(block, guard.clock())
+
+        # 5. Resource protection: 503 above the CPU/memory thresholds or max_connections
+        #    (counted below, once the request is let in); running requests carry on.
+        counted = policy.resource_enabled and path != "/health"
+        if counted:
+            if self._monitor is None:
+                self._monitor = asyncio.ensure_future(self._watch())
+                rt.tasks.append(self._monitor)
+            if guard.overloaded or guard.connections >= policy.max_connections:
+                raise HttpError(503, "overloaded", "the gateway is at capacity; retry shortly",
+                                [(b"retry-after", b"5")])
+
+        # 6. Intrusion and honeypots: honeypot paths answer a plain 404 and score the caller;
+        #    attack-shaped paths, queries and scanner user agents score (404s score below).
+        if policy.honeypot_enabled and path.rstrip("/").lower() in HONEYPOTS:
+            self._score(scope, state, seen, HONEYPOT_SCORE, ("honeypot",))
+            raise HttpError(404, "not_found", "no such route")
+        intrusion = policy.intrusion_enabled
+        if intrusion:
+            score = score_request(scope.get("raw_path") or path.encode(),
+                                  scope.get("query_string", b""), seen.user_agent)
+            if score.points:
+                block = self._score(scope, state, seen, score.points, score.reasons)
+                if block is not None:
+                    raise _blocked_error(block, guard.clock())
+
+        # 7. Anomaly detection: request rate per address and declared body size now, the
+        #    duration once the request is over.
+        anomaly = policy.anomaly_enabled
+        if anomaly:
+            self._anomalies_before(state, seen, policy)
+
+        if counted:
+            guard.connections += 1
+        started = time.monotonic()
+        try:
+            # 8. IP allow-list
+            if policy.whitelist and not self._allowed(ip, policy.whitelist):
+                raise HttpError(403, "ip_not_allowed", "this address is not allowed")
+
+            # 9. Per-IP rate limit
+            if policy.ip_rate_enabled and path != "/health":
+                wait = guard.take("ip:" + ip, policy.ip_rpm, policy.ip_burst)
+                if wait:
+                    rt.metrics.rate_limited.labels("ip").inc()
+                    raise _limited(wait, "per-address")
+
+            # 10. CORS: a preflight is answered here, without a key; allowed origins get the
+            #     CORS headers on every response.
+            if seen.origin is not None:
+                allowed = _cors_origin(seen.origin, policy)
+                if scope["method"] == "OPTIONS" and seen.preflight:
+                    await _preflight(send, allowed)
+                    return
+                if allowed is not None:
+                    send = _with_cors(send, allowed)
+
+            # 11. Authentication: Bearer API key on every route but /health (and /metrics on
+            #     a loopback-only proxy); failures feed the auto-block.
+            if path != "/health" and not (path == "/metrics" and rt.settings.loopback_only):
+                presented = self._presented_key(scope, state, seen)
+                keys = rt.keys
+                key_id = keys.check_cached(presented)[1]
+                if key_id is None:
+                    key_id = await keys.verify(presented)
+                    if key_id is None:
+                        raise self._auth_failed(scope, state, "invalid API key")
+                state.api_key_id = key_id
+
+                # 12. Per-key rate limit
+                if policy.key_rpm > 0:
+                    wait = guard.take("key:" + key_id, policy.key_rpm, policy.key_burst)
+                    if wait:
+                        rt.metrics.rate_limited.labels("key").inc()
+                        raise _limited(wait, "per-key")
+
+            # 13. The route
+            await self.app(scope, receive, send)
+        except HttpError as exc:
+            # probing for routes that do not exist scores too
+            if intrusion and exc.status == 404:
+                self._score(scope, state, seen, NOT_FOUND_SCORE, ("not_found_probe",))
+            raise
+        else:
+            if intrusion and state.status == 404:
+                self._score(scope, state, seen, NOT_FOUND_SCORE, ("not_found_probe",))
+        finally:
+            if counted:
+                guard.connections -= 1
+            if anomaly:
+                elapsed = time.monotonic() - started
+                if elapsed > policy.max_duration_s:
+                    self._anomaly(ip, "duration", round(elapsed, 3), policy.max_duration_s,
+                                  state.request_id)
+
+    # -- the rarer paths ----------------------------------------------------------------------
+
+    def _presented_key(self, scope: Scope, state: RequestState, seen: _Headers) -> str:
+        """The key in the one ``Authorization: Bearer`` header, or a 401 to raise."""
+        values = seen.authorization
+        if not values:
+            raise self._auth_failed(scope, state,
+                                    "missing API key (send Authorization: Bearer <key>)")
+        if len(values) > 1:
+            raise self._auth_failed(scope, state, "more than one Authorization header")
+        scheme, _, token = values[0].partition(b" ")
+        if scheme.lower() != b"bearer" or not token or len(token) > MAX_KEY_LENGTH:
+            raise self._auth_failed(
+                scope, state, "malformed Authorization header (expected Bearer <key>)")
+        try:
+            return token.strip().decode("ascii")
+        except UnicodeDecodeError:
+            raise self._auth_failed(scope, state, "malformed API key") from None
+
+    def _auth_failed(self, scope: Scope, state: RequestState, message: str) -> HttpError:
+        rt = self.runtime
+        rt.metrics.auth_failures.inc()
+        ip = state.client_ip
+        count, block = rt.guard.auth_failure(ip, rt.effective)
+        if rt.audit is not None:
+            rt.audit.event("auth_failure", "medium" if block else "low", ip,
+                           {"failures": count, "reason": message}, state.request_id,
+                           scope["path"])
+            if block is not None:
+                rt.audit.block(ip, block.reason, block.since, block.until, count)
+                rt.audit.event("ip_blocked", "high", ip,
+                               {"reason": block.reason, "failures": count,
+                                "permanent": block.permanent}, state.request_id)
+        return HttpError(401, "invalid_api_key", message, _CHALLENGE)
+
+    def _score(self, scope: Scope, state: RequestState, seen: _Headers, points: int,
+               reasons: tuple[str, ...]) -> Block | None:
+        rt = self.runtime
+        total, block = rt.guard.add_score(state.client_ip, points, rt.effective)
+        if rt.audit is not None:
+            rt.audit.intrusion(state.client_ip, points, total, reasons, scope["path"],
+                               seen.user_agent.decode("latin-1"), state.request_id)
+            severity = "high" if block else (
+                "medium" if total >= rt.effective.warning_threshold else "low")
+            rt.audit.event("honeypot" if "honeypot" in reasons else "intrusion", severity,
+                           state.client_ip, {"points": points, "total": total,
+                                             "reasons": list(reasons)},
+                           state.request_id, scope["path"])
+            if block is not None:
+                record_block(rt, state.client_ip, block)
+        return block
+
+    def _anomalies_before(self, state: RequestState, seen: _Headers,
+                          policy: EffectivePolicy) -> None:
+        rt = self.runtime
+        ip = state.client_ip
+        rate = rt.guard.count_rate(ip)
+        if rate == policy.request_rate_threshold + 1:
+            self._anomaly(ip, "request_rate", rate, policy.request_rate_threshold,
+                          state.request_id)
+        if rate > policy.request_rate_threshold and policy.anomaly_auto_block:
+            # once blocked, the block check refuses this address first: this runs once
+            block = rt.guard.block(ip, "anomaly", ANOMALY_BLOCK_S)
+            record_block(rt, ip, block)
+            raise _blocked_error(block, rt.guard.clock())
+        declared = seen.content_length
+        if declared is not None and declared.isdigit() and int(declared) > policy.max_body_bytes:
+            self._anomaly(ip, "body_size", int(declared), policy.max_body_bytes,
+                          state.request_id)
+
+    def _anomaly(self, ip: str, kind: str, value: float, threshold: float,
+                 request_id: str) -> None:
+        rt = self.runtime
+        if rt.audit is not None:
+            rt.audit.anomaly(ip, kind, value, threshold, request_id)
+            rt.audit.event("anomaly", "medium", ip, {"type": kind, "value": value,
+                                                    "threshold": threshold}, request_id)
+
+    async def _watch(self) -> None:
+        """Sample CPU and memory once a second (never per request)."""
+        import psutil
+
+        psutil.cpu_percent(None)
+        while True:
+            await asyncio.sleep(1.0)
+            policy = self.runtime.effective
+            cpu = psutil.cpu_percent(None)
+            memory = psutil.virtual_memory().percent
+            # strictly above: a threshold of 100 never trips, whatever the load
+            self.runtime.guard.overloaded = policy.resource_enabled and (
+                cpu > policy.cpu_threshold or memory > policy.memory_threshold)
+
+
+async def _preflight(send: Send, allowed: bytes | None) -> None:
+    headers = [(b"vary", b"origin"), (b"content-length", b"0")]
+    status = 403
+    if allowed is not None:
+        status = 204
+        headers += [(b"access-control-allow-origin", allowed),
+                    (b"access-control-allow-methods", _ALLOW_METHODS),
+                    (b"access-control-allow-headers", _ALLOW_HEADERS),
+                    (b"access-control-max-age", b"600")]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": b""})
+
+
+def _with_cors(send: Send, allowed: bytes) -> Send:
+    async def with_cors(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", ()),
+                                  (b"access-control-allow-origin", allowed),
+                                  (b"access-control-expose-headers", b"x-request-id"),
+                                  (b"vary", b"origin")]
+        await send(message)
+
+    return with_cors
