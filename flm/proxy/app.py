@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from flm.proxy.asgi import ASGIApp
-from flm.proxy.middleware.core import ErrorMiddleware, RequestIdMiddleware
-from flm.proxy.middleware.observe import ObserveMiddleware
+from flm.proxy.middleware.core import RequestMiddleware
 from flm.proxy.middleware.security import SecurityMiddleware
 from flm.proxy.routes import Router
 from flm.proxy.runtime import ProxyRuntime
@@ -13,11 +12,12 @@ from flm.proxy.runtime import ProxyRuntime
 def build_app(runtime: ProxyRuntime, *, tls: bool = False) -> ASGIApp:
     """Outermost first, as a request meets them:
 
-    1. request id      — X-Request-Id + security headers on every response (outermost so
+    1–3. request       — one middleware (see :mod:`flm.proxy.middleware.core`):
+        1. request id  — X-Request-Id + security headers on every response (outermost so
                          that error responses carry them too)
-    2. observe/audit   — records every outcome, refusals included (outside the error layer
+        2. observe/audit — records every outcome, refusals included (outside the error step
                          so it sees the status each error became)
-    3. errors          — any failure below becomes the JSON error contract
+        3. errors      — any failure below becomes the JSON error contract
     4–12. security     — one middleware taking these steps in order (see
                          :mod:`flm.proxy.middleware.security`):
         4. IP block check — resolves the client address (trusted proxies only)
@@ -33,7 +33,5 @@ def build_app(runtime: ProxyRuntime, *, tls: bool = False) -> ASGIApp:
     """
     app: ASGIApp = Router(runtime)
     app = SecurityMiddleware(app, runtime)
-    app = ErrorMiddleware(app)
-    app = ObserveMiddleware(app, runtime)
-    app = RequestIdMiddleware(app, hsts=tls)
+    app = RequestMiddleware(app, runtime, hsts=tls)
     return app

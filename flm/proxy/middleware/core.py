@@ -1,4 +1,4 @@
-"""Error handling and request ids: the two outermost layers."""
+"""The outermost layer: request ids, the record of every outcome, the error contract."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import time
 
 from flm.core.errors import FlmError
 from flm.openai.errors import HttpError, error_bytes
-from flm.proxy.asgi import ASGIApp, Message, Receive, RequestState, Scope, Send, state_of
+from flm.proxy.asgi import ASGIApp, Message, Receive, RequestState, Scope, Send
+from flm.proxy.runtime import ProxyRuntime
 
 log = logging.getLogger("flm.proxy")
 
@@ -31,58 +32,20 @@ def new_request_id() -> str:
     return f"{int(time.time() * 1000)}-{_ids.getrandbits(48):012x}"
 
 
-class ErrorMiddleware:
-    """Turns any escaped exception into the JSON error contract (or a mid-stream cut)."""
+class RequestMiddleware:
+    """The three outermost layers of :func:`flm.proxy.app.build_app`, as one middleware:
 
-    def __init__(self, app: ASGIApp) -> None:
+    1. request id — creates the request's shared state and stamps ``X-Request-Id`` (and the
+       base security headers) on every response, errors included;
+    2. observe/audit — records the outcome of every request, refusals included: metrics and
+       one audit record (handed to the audit sink, never written here);
+    3. errors — any failure below becomes the JSON error contract, or, once a response has
+       started, a cut connection.
+    """
+
+    def __init__(self, app: ASGIApp, runtime: ProxyRuntime, *, hsts: bool = False) -> None:
         self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        if scope.get("flm_head_too_large"):
-            await self._send_error(scope, send, HttpError(431, "headers_too_large",
-                                                          "request headers too large"))
-            return
-        # The request-id layer (outside this one) records the status once a response has
-        # started; after that an error can only cut the response, not replace it.
-        try:
-            await self.app(scope, receive, send)
-        except HttpError as exc:
-            if scope["flm"].status:
-                raise
-            await self._send_error(scope, send, exc)
-        except FlmError as exc:
-            if scope["flm"].status:
-                raise
-            await self._send_error(scope, send, HttpError.from_flm(exc))
-        except Exception:
-            log.exception("unhandled error in request")
-            if scope["flm"].status:
-                raise
-            await self._send_error(scope, send, HttpError(500, "internal_error",
-                                                          "internal error"))
-
-    @staticmethod
-    async def _send_error(scope: Scope, send: Send, exc: HttpError) -> None:
-        state = scope.get("flm")
-        request_id = state.request_id if isinstance(state, RequestState) else new_request_id()
-        if isinstance(state, RequestState):
-            state.error_code = exc.code
-        body = error_bytes(exc.status, exc.code, exc.message, request_id)
-        await send({"type": "http.response.start", "status": exc.status,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode()), *exc.headers]})
-        await send({"type": "http.response.body", "body": body})
-
-
-class RequestIdMiddleware:
-    """Creates the request's shared state and stamps ``X-Request-Id`` (and the base security
-    headers) on every response, errors included."""
-
-    def __init__(self, app: ASGIApp, *, hsts: bool = False) -> None:
-        self.app = app
+        self.runtime = runtime
         self.extra = list(BASE_HEADERS)
         if hsts:
             self.extra.append((b"strict-transport-security",
@@ -92,6 +55,7 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        # 1. request id
         client = scope.get("client")
         state = RequestState(new_request_id(), client[0] if client else "",
                              time.perf_counter())
@@ -109,8 +73,50 @@ class RequestIdMiddleware:
                         (b"x-flm-warning", "; ".join(state.warnings).encode()))
             await send(message)
 
-        await self.app(scope, receive, stamped_send)
+        try:
+            # 3. errors (the outcome recorded below is the status each error became)
+            if scope.get("flm_head_too_large"):
+                await _send_error(state, stamped_send, HttpError(431, "headers_too_large",
+                                                                 "request headers too large"))
+                return
+            try:
+                await self.app(scope, receive, stamped_send)
+            except HttpError as exc:
+                if state.status:  # a response has started: it can only be cut, not replaced
+                    raise
+                await _send_error(state, stamped_send, exc)
+            except FlmError as exc:
+                if state.status:
+                    raise
+                await _send_error(state, stamped_send, HttpError.from_flm(exc))
+            except Exception:
+                log.exception("unhandled error in request")
+                if state.status:
+                    raise
+                await _send_error(state, stamped_send,
+                                  HttpError(500, "internal_error", "internal error"))
+        finally:
+            # 2. observe/audit
+            self._record(scope, state)
+
+    def _record(self, scope: Scope, state: RequestState) -> None:
+        rt = self.runtime
+        elapsed = time.perf_counter() - state.started
+        status = state.status or 500
+        rt.metrics.record_request(state.route, status, state.engine_id or "", elapsed,
+                                  state.overhead_s)
+        audit = rt.audit
+        if audit is not None:
+            audit.request(time.time(), state.request_id, state.client_ip, state.api_key_id,
+                          scope["path"], scope["method"], state.engine_id, state.model, status,
+                          elapsed * 1000, state.prompt_tokens, state.completion_tokens,
+                          state.error_code)
 
 
-def request_state(scope: Scope) -> RequestState:
-    return state_of(scope)
+async def _send_error(state: RequestState, send: Send, exc: HttpError) -> None:
+    state.error_code = exc.code
+    body = error_bytes(exc.status, exc.code, exc.message, state.request_id)
+    await send({"type": "http.response.start", "status": exc.status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()), *exc.headers]})
+    await send({"type": "http.response.body", "body": body})
