@@ -118,7 +118,7 @@ class UpstreamResponse:
         the idle timeout between them and the overall stream limits."""
         conn = self._conn
         limit = self._timeouts.max_stream_bytes if max_bytes is None else max_bytes
-        loop = asyncio.get_running_loop()
+        loop = self._client._running_loop()
         end = loop.time() + self._timeouts.max_stream_s
         idle = self._timeouts.idle_s
         total = 0
@@ -236,6 +236,15 @@ class EngineClient:
         self._closed = False
         self._ssl: ssl.SSLContext | None = None
         self.deadlines = Deadlines()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        """The running loop, remembered: on Python 3.11 every ``asyncio.get_running_loop()``
+        makes a ``getpid()`` system call (to notice a fork), twice per request here."""
+        loop = self._loop
+        if loop is None or not loop.is_running():
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     async def close(self) -> None:
         self._closed = True
@@ -248,7 +257,7 @@ class EngineClient:
     def _put_back(self, conn: Connection, complete: bool) -> None:
         conn.finish()
         if complete and not self._closed and conn.reusable():
-            conn.idle_since = asyncio.get_running_loop().time()
+            conn.idle_since = self._running_loop().time()
             self._idle.append(conn)
         else:
             conn.abort()
@@ -383,7 +392,7 @@ class EngineClient:
         length = len(body) if body or method not in _NO_BODY else None
         head = self._head(method, path, headers, length)
         wait = self.timeouts.first_byte_s if first_byte_s is None else first_byte_s
-        loop = asyncio.get_running_loop()
+        loop = self._running_loop()
         deadline = loop.time() + wait
         for attempt in (0, 1):
             conn = await self._acquire(loop, deadline)

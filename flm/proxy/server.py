@@ -68,6 +68,27 @@ _FRAMING_INITIALS = frozenset(b"cCtT")
 _date_cache: tuple[int, bytes] = (0, b"")
 
 
+#: Request targets already split into (raw path, path, query): clients repeat a few of them.
+_TARGETS: dict[bytes, tuple[bytes, str, bytes]] = {}
+
+
+def _parse_target(url: bytes) -> tuple[bytes, str, bytes]:
+    try:
+        parsed = httptools.parse_url(url)
+    except httptools.HttpParserInvalidURLError:
+        raise httptools.HttpParserError("invalid request target") from None
+    raw_path: bytes = parsed.path or b"/"
+    path = raw_path.decode("latin-1")
+    if "%" in path:
+        path = unquote(path, errors="replace")
+    target = (raw_path, path, parsed.query or b"")
+    if len(url) <= 256:  # the usual short targets; a flood of distinct ones is not kept
+        if len(_TARGETS) >= 1024:
+            _TARGETS.clear()
+        _TARGETS[url] = target
+    return target
+
+
 def _date_line() -> bytes:
     global _date_cache
     now = int(time.time())
@@ -394,14 +415,10 @@ class HttpProtocol(asyncio.Protocol):
         parser = self.parser
         url = self.url
         headers = self.headers
-        try:
-            parsed = httptools.parse_url(url)
-        except httptools.HttpParserInvalidURLError:
-            raise httptools.HttpParserError("invalid request target") from None
-        raw_path: bytes = parsed.path or b"/"
-        path = raw_path.decode("latin-1")
-        if "%" in path:
-            path = unquote(path, errors="replace")
+        target = _TARGETS.get(url)
+        if target is None:
+            target = _parse_target(url)
+        raw_path, path, query = target
         method: str = parser.get_method().decode("ascii")
         scope: Scope = {
             "type": "http",
@@ -414,7 +431,7 @@ class HttpProtocol(asyncio.Protocol):
             "root_path": "",
             "path": path,
             "raw_path": raw_path,
-            "query_string": parsed.query or b"",
+            "query_string": query,
             "headers": headers,
         }
         if self.head_bytes + self.chunk_size > self.max_head_bytes:
