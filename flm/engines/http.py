@@ -237,6 +237,8 @@ class EngineClient:
         self._ssl: ssl.SSLContext | None = None
         self.deadlines = Deadlines()
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: Request heads up to Content-Length, by (method, path, headers): they repeat.
+        self._heads: dict[tuple[str, str, tuple[tuple[str, str], ...]], bytes] = {}
 
     def _running_loop(self) -> asyncio.AbstractEventLoop:
         """The running loop, remembered: on Python 3.11 every ``asyncio.get_running_loop()``
@@ -350,22 +352,27 @@ class EngineClient:
 
     def _head(self, method: str, path: str, headers: dict[str, str] | None,
               length: int | None) -> bytes:
+        key = (method, path, tuple(headers.items()) if headers else ())
+        start = self._heads.get(key)
+        if start is None:
+            start = self._head_start(method, path, headers)
+            if len(self._heads) >= 256:
+                self._heads.clear()
+            self._heads[key] = start
+        if length is None:
+            return start + b"\r\n"
+        return b"%bContent-Length: %d\r\n\r\n" % (start, length)
+
+    def _head_start(self, method: str, path: str, headers: dict[str, str] | None) -> bytes:
+        """The request head up to its framing, checked once per distinct request shape."""
         target = self._prefix + path
-        if target not in _CHECKED:
-            if not target.startswith("/") or _BAD_TARGET.search(target):
-                raise EngineApiError(f"refusing to send a malformed request target {target!r}")
-            _remember_checked(target)
+        if not target.startswith("/") or _BAD_TARGET.search(target):
+            raise EngineApiError(f"refusing to send a malformed request target {target!r}")
         lines = [f"{method} {target} HTTP/1.1\r\n", self._fixed]
         if headers:
             for name, value in headers.items():
-                line = f"{name}: {value}\r\n"
-                if line not in _CHECKED:
-                    _check_header(name, value)
-                    _remember_checked(line)
-                lines.append(line)
-        if length is not None:
-            lines.append(f"Content-Length: {length}\r\n")
-        lines.append("\r\n")
+                _check_header(name, value)
+                lines.append(f"{name}: {value}\r\n")
         return "".join(lines).encode("latin-1")
 
     async def request(
@@ -467,16 +474,6 @@ _NO_BODY = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
 _BAD_TARGET = re.compile(r"[\s\x00-\x1f\x7f]")
 _BAD_NAME = re.compile(r"[\s:\x00-\x1f\x7f]")
 _BAD_VALUE = re.compile(r"[\r\n\x00]")
-
-
-#: Request targets and header lines already found well-formed (they repeat on every request).
-_CHECKED: set[str] = set()
-
-
-def _remember_checked(text: str) -> None:
-    if len(_CHECKED) >= 4096:
-        _CHECKED.clear()
-    _CHECKED.add(text)
 
 
 def _check_header(name: str, value: str) -> None:

@@ -37,7 +37,7 @@ class _RequestCollector:
     lock (everything runs on the proxy's event loop)."""
 
     def __init__(self) -> None:
-        self.requests: dict[tuple[str, str, str], int] = {}
+        self.requests: dict[tuple[str, int, str], int] = {}
         self.latency: dict[str, _Histogram] = {}
         self.overhead: dict[str, _Histogram] = {}
         self.ttft: dict[str, _Histogram] = {}
@@ -86,8 +86,8 @@ class _RequestCollector:
                                         labels=["engine"])
             yield tokens
             return
-        for labels, count in list(self.requests.items()):
-            requests.add_metric(list(labels), count)
+        for (route, status, engine), count in list(self.requests.items()):
+            requests.add_metric([route, str(status), engine], count)
         yield requests
         yield self._histogram("flm_request_duration_seconds", "Total request latency",
                               "route", self.latency, _LATENCY_BUCKETS)
@@ -121,7 +121,7 @@ class Metrics:
     def record_request(self, route: str, status: int, engine: str, elapsed: float,
                        overhead: float | None) -> None:
         series = self._series
-        key = (route, str(status), engine)
+        key = (route, status, engine)
         count = series.requests.get(key)
         if count is not None:
             series.requests[key] = count + 1

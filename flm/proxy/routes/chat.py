@@ -98,20 +98,23 @@ async def chat_completions(scope: Scope, receive: Receive, send: Send,
         await stream_events(scope, receive, send, rt, adapter.chat_stream(plan.body, public))
         return
     forward = raw_with_model(raw, public, plan.model) if plan.unchanged else None
-    reply, usage = await _engine_call(adapter.chat_bytes(plan.body, public, forward), state)
+    state.overhead_s = time.perf_counter() - state.started
+    try:  # (inline rather than through _engine_call: one coroutine less on the hot path)
+        reply, usage = await adapter.chat_bytes(plan.body, public, forward)
+    except EngineError as exc:
+        raise HttpError.from_flm(exc) from exc
     _record_usage(state, usage, rt)
     await send_bytes(send, 200, reply)
 
 
 async def _engine_call(coro: Any, state: RequestState) -> Any:
-    started = time.perf_counter()
+    """``coro``'s result, engine errors as HTTP errors. FLM's own time (the ``overhead``
+    metric) is the time the request took to get here."""
+    state.overhead_s = time.perf_counter() - state.started
     try:
         return await coro
     except EngineError as exc:
         raise HttpError.from_flm(exc) from exc
-    finally:
-        engine_time = time.perf_counter() - started
-        state.overhead_s = (time.perf_counter() - state.started) - engine_time
 
 
 async def stream_events(scope: Scope, receive: Receive, send: Send, rt: ProxyRuntime,
