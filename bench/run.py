@@ -1133,6 +1133,7 @@ def main(argv: list[str] | None = None) -> int:
     bar_rows = bars(results)
     checks = harness_checks(results)
 
+    interpreter = flm_interpreter(Path(args.flm))
     doc = {
         "schema": "flm-bench/1",
         "started_at": started.isoformat(timespec="seconds"),
@@ -1144,6 +1145,7 @@ def main(argv: list[str] | None = None) -> int:
             "load_average_before": [round(x, 2) for x in load_before],
             "load_average_after": [round(x, 2) for x in os.getloadavg()],
             "pinning": pin_note,
+            "flm_interpreter": interpreter,
         },
         "config": {
             "duration_s": args.duration,
@@ -1176,10 +1178,50 @@ def main(argv: list[str] | None = None) -> int:
         f"pinning: {pin_note}; load average before {load_before[0]:.1f}, "
         f"after {os.getloadavg()[0]:.1f}"
     )
+    if interpreter:
+        log(f"FLM ran on {interpreter.get('summary')}")
     log(f"JSON: {out_file}")
     if args.keep_logs:
         log(f"logs: {logdir}")
     return 0
+
+
+_INTERPRETER_PROBE = """
+import json, sys, sysconfig
+args = sysconfig.get_config_var("CONFIG_ARGS") or ""
+try:
+    maps = open("/proc/self/maps").read()
+except OSError:
+    maps = ""
+print(json.dumps({"executable": sys.executable, "version": sys.version.split()[0],
+                  "libpython_shared_object": "libpython" in maps,
+                  "configured_with_optimizations": "--enable-optimizations" in args}))
+"""
+
+
+def flm_interpreter(flm: Path) -> dict[str, Any]:
+    """The Python that runs ``flm`` (from its script's first line) and what can be told of
+    its build: the same code runs measurably faster on a CPython built with PGO/LTO and
+    without a shared libpython (distribution builds) than on a default source build."""
+    try:
+        first = flm.read_text(errors="replace").splitlines()[0]
+    except (OSError, IndexError):
+        return {}
+    if not first.startswith("#!"):
+        return {}
+    python = first[2:].strip().split()[0]
+    try:
+        out = subprocess.run([python, "-c", _INTERPRETER_PROBE], capture_output=True,
+                             text=True, timeout=30, check=True).stdout
+        info: dict[str, Any] = json.loads(out)
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return {}
+    yes = {True: "yes", False: "no"}
+    info["summary"] = (f"CPython {info['version']} at {info['executable']} (libpython as a "
+                       f"shared object: {yes[info['libpython_shared_object']]}; configured "
+                       f"with --enable-optimizations: {yes[info['configured_with_optimizations']]}"
+                       f"; distributions may build with PGO without that flag)")
+    return info
 
 
 if __name__ == "__main__":
