@@ -140,15 +140,19 @@ class _Headers:
         self.preflight = False
         self.real_ip: bytes | None = None
         self.user_agent = b""
-        for name, value in headers:
+        agent: bytes | None = None
+        for name, value in headers:  # (the first of repeated headers counts, but for auth)
             if name == b"authorization":
                 self.authorization.append(value)
             elif name == b"content-length":
-                self.content_length = value
+                if self.content_length is None:
+                    self.content_length = value
             elif name == b"user-agent":
-                self.user_agent = value
+                if agent is None:
+                    agent = value
             elif name == b"origin":
-                self.origin = value
+                if self.origin is None:
+                    self.origin = value
             elif name == b"access-control-request-method":
                 self.preflight = True
             elif name == b"x-forwarded-for":
@@ -156,6 +160,8 @@ class _Headers:
                     self.forwarded = value
             elif name == b"x-real-ip" and self.real_ip is None:
                 self.real_ip = value
+        if agent is not None:
+            self.user_agent = agent
 
 
 class SecurityMiddleware:
