@@ -415,10 +415,7 @@ class HttpProtocol(asyncio.Protocol):
         parser = self.parser
         url = self.url
         headers = self.headers
-        target = _TARGETS.get(url)
-        if target is None:
-            target = _parse_target(url)
-        raw_path, path, query = target
+        raw_path, path, query = _TARGETS.get(url) or _parse_target(url)
         method: str = parser.get_method().decode("ascii")
         scope: Scope = {
             "type": "http",

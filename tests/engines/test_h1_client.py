@@ -259,6 +259,32 @@ def test_header_and_target_injection_is_refused_before_sending(
     _run(main())
 
 
+def test_a_remembered_request_head_never_lets_a_bad_header_through() -> None:
+    """Heads are built once per (method, path, headers) and reused: a request with the same
+    path as a well-formed one but an injected header is still refused, and the next good one
+    is sent with its own Content-Length."""
+    async def main() -> None:
+        server = Server(lambda r, w, n: _echo_server(server)(r, w, n))
+        async with server:
+            client = EngineClient(server.url)
+            good = {"X-Trace": "1"}
+            for body in (b"{}", b'{"a":1}'):
+                resp = await client.request("POST", "/v1/x", data=body, headers=good)
+                await resp.read()
+                resp.release()
+            with pytest.raises(EngineApiError, match="refusing"):
+                await client.request("POST", "/v1/x", data=b"{}",
+                                     headers={"X-Trace": "1\r\nX-Injected: 1"})
+            await client.close()
+        assert len(server.requests) == 2
+        first, second = (r.decode() for r in server.requests)
+        assert "X-Trace: 1\r\n" in first and "Content-Length: 2\r\n" in first
+        assert "Content-Length: 7\r\n" in second and second.endswith('{"a":1}')
+        assert all("X-Injected" not in r.decode() for r in server.requests)
+
+    _run(main())
+
+
 def test_connection_limit_queues_requests_and_times_out_when_nothing_frees() -> None:
     async def main() -> None:
         go = asyncio.Event()

@@ -257,6 +257,8 @@ class SecurityMiddleware:
             if path != "/health" and not (path == "/metrics" and rt.settings.loopback_only):
                 presented = self._presented_key(scope, state, seen)
                 keys = rt.keys
+                # A key seen before answers from the cache without a coroutine; verify()
+                # handles the rest (unknown keys, Argon2 once, the negative cache).
                 key_id = keys.check_cached(presented)[1]
                 if key_id is None:
                     key_id = await keys.verify(presented)

@@ -98,11 +98,7 @@ async def chat_completions(scope: Scope, receive: Receive, send: Send,
         await stream_events(scope, receive, send, rt, adapter.chat_stream(plan.body, public))
         return
     forward = raw_with_model(raw, public, plan.model) if plan.unchanged else None
-    state.overhead_s = time.perf_counter() - state.started
-    try:  # (inline rather than through _engine_call: one coroutine less on the hot path)
-        reply, usage = await adapter.chat_bytes(plan.body, public, forward)
-    except EngineError as exc:
-        raise HttpError.from_flm(exc) from exc
+    reply, usage = await _engine_call(adapter.chat_bytes(plan.body, public, forward), state)
     _record_usage(state, usage, rt)
     await send_bytes(send, 200, reply)
 
