@@ -67,15 +67,13 @@ class EngineAdapter(ABC):
     async def chat(self, body: dict[str, Any]) -> dict[str, Any]: ...
 
     async def chat_bytes(self, body: dict[str, Any], public_model: str,
-                         raw_body: bytes | None = None) -> tuple[bytes, dict[str, Any] | None]:
-        """The reply as JSON bytes with ``model`` set to ``public_model``, and its usage.
+                         raw_body: bytes | None = None) -> bytes:
+        """The reply as compact JSON bytes with ``model`` set to ``public_model``.
         ``raw_body`` is ``body`` already serialised, when the caller has it. Engines whose
         requests and replies need no translation override this to skip a parse/serialise."""
         reply = await self.chat(body)
         reply["model"] = public_model
-        usage = reply.get("usage")
-        return (json.dumps(reply, separators=(",", ":"), ensure_ascii=False).encode(),
-                usage if isinstance(usage, dict) else None)
+        return json.dumps(reply, separators=(",", ":"), ensure_ascii=False).encode()
 
     @abstractmethod
     def chat_stream(self, body: dict[str, Any], public_model: str) -> AsyncIterator[bytes]:

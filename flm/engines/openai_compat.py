@@ -15,7 +15,7 @@ from flm.engines.base import (
     require_dict,
     shape_embeddings,
 )
-from flm.openai.sse import DONE, encode_event, iter_sse_batches, usage_from_bytes
+from flm.openai.sse import DONE, encode_event, iter_sse_batches
 from flm.openai.translate import json_string
 
 
@@ -50,7 +50,7 @@ class OpenAICompatAdapter(EngineAdapter):
         return require_dict(data, "chat completion", "choices")
 
     async def chat_bytes(self, body: dict[str, Any], public_model: str,
-                         raw_body: bytes | None = None) -> tuple[bytes, dict[str, Any] | None]:
+                         raw_body: bytes | None = None) -> bytes:
         if raw_body is not None and not body.get("stream"):
             resp = await self.client.request("POST", "/v1/chat/completions", data=raw_body,
                                              headers=_JSON, read=True)
@@ -63,16 +63,13 @@ class OpenAICompatAdapter(EngineAdapter):
             resp.release()
         needle = b'"model":' + json_string(str(body.get("model", "")))
         if raw[:1] == b"{" and raw[-1:] == b"}" and b'"choices"' in raw and needle in raw:
-            return (raw.replace(needle, b'"model":' + json_string(public_model), 1),
-                    usage_from_bytes(raw))
+            return raw.replace(needle, b'"model":' + json_string(public_model), 1)
         try:
             reply = require_dict(json.loads(raw), "chat completion", "choices")
         except ValueError as exc:
             raise EngineApiError(f"engine sent invalid JSON: {exc}") from exc
         reply["model"] = public_model
-        usage = reply.get("usage")
-        return (json.dumps(reply, separators=(",", ":"), ensure_ascii=False).encode(),
-                usage if isinstance(usage, dict) else None)
+        return json.dumps(reply, separators=(",", ":"), ensure_ascii=False).encode()
 
     async def chat_stream(self, body: dict[str, Any], public_model: str) -> AsyncIterator[bytes]:
         """Events are forwarded as bytes: the model id is rewritten with a byte replacement

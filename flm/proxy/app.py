@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 from flm.proxy.asgi import ASGIApp
-from flm.proxy.middleware.core import RequestMiddleware
+from flm.proxy.middleware.core import BASE_HEADERS, HSTS, RequestMiddleware
 from flm.proxy.middleware.security import SecurityMiddleware
 from flm.proxy.routes import Router
 from flm.proxy.runtime import ProxyRuntime
 
 
-def build_app(runtime: ProxyRuntime, *, tls: bool = False) -> ASGIApp:
-    """Outermost first, as a request meets them:
+def response_headers(*, tls: bool = False) -> list[tuple[bytes, bytes]]:
+    """The fixed headers on every response of a gateway listener (``HttpServer(headers=)``):
+    the security headers, and HSTS on HTTPS. The server renders them once and adds them to
+    every response, its own refusals included, instead of each request building them."""
+    return [*BASE_HEADERS, HSTS] if tls else list(BASE_HEADERS)
+
+
+def build_app(runtime: ProxyRuntime) -> ASGIApp:
+    """Outermost first, as a request meets them (the fixed security headers of
+    :func:`response_headers` are added by the server, to every response):
 
     1–3. request       — one middleware (see :mod:`flm.proxy.middleware.core`):
-        1. request id  — X-Request-Id + security headers on every response (outermost so
-                         that error responses carry them too)
+        1. request id  — X-Request-Id on every response (outermost so that error responses
+                         carry it too)
         2. observe/audit — records every outcome, refusals included (outside the error step
                          so it sees the status each error became)
         3. errors      — any failure below becomes the JSON error contract
@@ -33,5 +41,5 @@ def build_app(runtime: ProxyRuntime, *, tls: bool = False) -> ASGIApp:
     """
     app: ASGIApp = Router(runtime)
     app = SecurityMiddleware(app, runtime)
-    app = RequestMiddleware(app, runtime, hsts=tls)
+    app = RequestMiddleware(app, runtime)
     return app

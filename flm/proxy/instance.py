@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from flm.core.errors import FlmError, ProxyError
 from flm.core.timeutil import iso
-from flm.proxy.app import build_app
+from flm.proxy.app import build_app, response_headers
 from flm.proxy.redirect import RedirectApp
 from flm.proxy.runtime import ProxyRuntime, ProxySettings, build_runtime
 from flm.proxy.server import HttpServer, bind_socket
@@ -242,15 +242,17 @@ async def start_instance(ctx: Context, raw: dict[str, Any], *,
         if config.mode == LOCAL_HTTP:
             runtime = build_runtime(settings, ctx, egress.config)
             servers.append(HttpServer(build_app(runtime), sockets[0],
-                                      body_timeout_s=settings.body_timeout_s))
+                                      body_timeout_s=settings.body_timeout_s,
+                                      headers=response_headers()))
             await servers[-1].start()
         else:
             assert config.https_port is not None
             tls = await _prepare_tls(ctx, config, sockets[0], servers, notes, egress.config)
             runtime = build_runtime(settings, ctx, egress.config)
-            servers.append(HttpServer(build_app(runtime, tls=True), sockets[1],
+            servers.append(HttpServer(build_app(runtime), sockets[1],
                                       tls.holder.context,
-                                      body_timeout_s=settings.body_timeout_s))
+                                      body_timeout_s=settings.body_timeout_s,
+                                      headers=response_headers(tls=True)))
             await servers[-1].start()
     except BaseException:
         for server in reversed(servers):

@@ -6,10 +6,9 @@ from __future__ import annotations
 import re
 
 from flm.proxy.asgi import Receive, Scope, Send
-from flm.proxy.middleware.core import BASE_HEADERS
+from flm.proxy.middleware.core import BASE_HEADERS, HSTS
 from flm.tls.challenge import ACME_CHALLENGE_PREFIX, ChallengeStore
 
-HSTS = (b"strict-transport-security", b"max-age=31536000; includeSubDomains")
 # A host name, an IPv4 address or a bracketed IPv6 address, optionally with a port.
 _HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252}))(?::[0-9]{1,5})?$")
 

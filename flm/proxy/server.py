@@ -34,6 +34,7 @@ import socket
 import ssl
 import time
 from collections import deque
+from collections.abc import Sequence
 from typing import Any, cast
 from urllib.parse import unquote
 
@@ -98,18 +99,33 @@ def _date_line() -> bytes:
     return _date_cache[1]
 
 
-def _plain_response(status: bytes, message: bytes) -> bytes:
+def _plain_response(status: bytes, message: bytes, fixed: bytes = b"") -> bytes:
     return (b"HTTP/1.1 " + status + b"\r\ncontent-type: text/plain\r\ncontent-length: "
-            + str(len(message)).encode() + b"\r\nconnection: close\r\n\r\n" + message)
+            + str(len(message)).encode() + b"\r\n" + fixed + b"connection: close\r\n\r\n"
+            + message)
+
+
+def _render_headers(headers: Sequence[tuple[bytes, bytes]]) -> bytes:
+    """Header lines, checked once: a name or value that could split a line is refused."""
+    lines = []
+    for name, value in headers:
+        if not name or any(c in name for c in b"\r\n: ") or b"\r" in value or b"\n" in value:
+            raise ValueError(f"bad response header {name!r}: {value!r}")
+        lines.append(name + b": " + value + b"\r\n")
+    return b"".join(lines)
 
 
 class _ServerState:
     """What one server knows about its live connections and running requests."""
 
-    def __init__(self, app: ASGIApp, scheme: str, body_timeout_s: float) -> None:
+    def __init__(self, app: ASGIApp, scheme: str, body_timeout_s: float,
+                 headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
         self.app = app
         self.scheme = scheme
         self.body_timeout_s = body_timeout_s
+        #: The lines of the headers every response carries, rendered once.
+        self.fixed = _render_headers(headers)
+        self.fixed_lines = len(headers)
         self.connections: set[HttpProtocol] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.stopping = False
@@ -252,12 +268,16 @@ class _Cycle:
                     continue  # framing is this server's choice
             parts += (name, b": ", value, b"\r\n")
             lines += 1
+        state = self.proto.state
+        if state.fixed:
+            parts.append(state.fixed)
+            lines += state.fixed_lines
         if not has_length and not self.head_only and status >= 200 \
                 and status not in _NO_BODY_STATUSES:
             self.chunked = True
             parts.append(b"transfer-encoding: chunked\r\n")
             lines += 1
-        if not self.keep_alive or self.proto.state.stopping:
+        if not self.keep_alive or state.stopping:
             self.keep_alive = False
             parts.append(b"connection: close\r\n")
             lines += 1
@@ -391,7 +411,7 @@ class HttpProtocol(asyncio.Protocol):
         transport = self.transport
         if transport is not None and not transport.is_closing():
             if self.active is None:
-                transport.write(_plain_response(status, message))
+                transport.write(_plain_response(status, message, self.state.fixed))
             transport.close()
 
     # -- parser callbacks -----------------------------------------------------------------------
@@ -542,7 +562,8 @@ class HttpProtocol(asyncio.Protocol):
             return
         cycle.complete = True
         if not cycle.started and not cycle.disconnected:
-            transport.write(_plain_response(b"500 Internal Server Error", b"internal error"))
+            transport.write(_plain_response(b"500 Internal Server Error", b"internal error",
+                                            self.state.fixed))
         elif cycle.pending_head is not None:
             cycle.pending_head = None
         if cycle is self.active:
@@ -628,17 +649,21 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 class HttpServer:
-    """One server on a pre-bound socket, started and stopped from a running loop."""
+    """One server on a pre-bound socket, started and stopped from a running loop.
+
+    ``headers`` go on every response it sends, its own refusals (400, 408, 431, 500)
+    included; they are checked and rendered once, here."""
 
     timeout_graceful_shutdown_s = GRACEFUL_SHUTDOWN_S
 
     def __init__(self, app: ASGIApp, sock: socket.socket,
                  ssl_context: ssl.SSLContext | None = None, *,
-                 body_timeout_s: float = BODY_TIMEOUT_S) -> None:
+                 body_timeout_s: float = BODY_TIMEOUT_S,
+                 headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
         self.sock = sock
         self.ssl_context = ssl_context
         self.state = _ServerState(app, "https" if ssl_context is not None else "http",
-                                  body_timeout_s)
+                                  body_timeout_s, headers)
         self._server: asyncio.base_events.Server | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._port = int(sock.getsockname()[1])

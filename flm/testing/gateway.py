@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flm.core.paths import Paths
-from flm.proxy.app import build_app
+from flm.proxy.app import build_app, response_headers
 from flm.proxy.runtime import ProxyRuntime, ProxySettings, build_runtime
 from flm.proxy.server import HttpServer, bind_socket
 
@@ -60,7 +60,8 @@ def start_gateway(paths: Paths | None = None, *, port: int = 0, bind: str = "127
 
     async def main() -> None:
         server = HttpServer(build_app(runtime), sock,
-                            body_timeout_s=runtime.settings.body_timeout_s)
+                            body_timeout_s=runtime.settings.body_timeout_s,
+                            headers=response_headers())
         await server.start()
         stop_event = asyncio.Event()
         stopping["event"] = stop_event

@@ -318,6 +318,37 @@ def test_bad_requests_and_header_injection(running: Callable[..., Running]) -> N
         assert status.startswith(b"HTTP/1.1 500") and b"set-cookie" not in headers
 
 
+def test_fixed_headers_go_on_every_response_and_bad_ones_are_refused(
+        running: Callable[..., Running]) -> None:
+    fixed = [(b"x-fixed", b"1"), (b"x-frame-options", b"DENY")]
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["path"] == "/fail":
+            raise RuntimeError("boom")
+        await echo(scope, receive, send)
+
+    r = running(app, headers=fixed)
+    with connect(r.port) as sock:
+        buf = bytearray()
+        for path, reply in ((b"/", b"GET / "), (b"/stream", b"one,two,three")):
+            sock.sendall(b"GET " + path + b" HTTP/1.1\r\nHost: a\r\n\r\n")
+            status, headers, body = read_response(sock, buf)  # content-length, then chunked
+            assert status.startswith(b"HTTP/1.1 200") and body.startswith(reply)
+            assert headers[b"x-fixed"] == b"1" and headers[b"x-frame-options"] == b"DENY"
+    for request in (b"GET /fail HTTP/1.1\r\nHost: a\r\n\r\n", b"NOT HTTP AT ALL\r\n\r\n"):
+        with connect(r.port) as sock:  # the server's own 500 and 400 carry them too
+            sock.sendall(request)
+            status, headers, _ = read_response(sock, bytearray())
+            assert status[9:12] in (b"500", b"400") and headers[b"x-fixed"] == b"1"
+    sock = bind_socket("127.0.0.1", 0)
+    try:
+        for bad in ((b"x-a", b"1\r\nset-cookie: x=1"), (b"x a", b"1"), (b"", b"1")):
+            with pytest.raises(ValueError):
+                HttpServer(echo, sock, headers=[bad])
+    finally:
+        sock.close()
+
+
 def test_idle_keep_alive_connection_is_closed(running: Callable[..., Running],
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(server.HttpProtocol, "keepalive_timeout_s", 0.3)

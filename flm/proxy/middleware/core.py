@@ -14,13 +14,16 @@ from flm.proxy.runtime import ProxyRuntime
 
 log = logging.getLogger("flm.proxy")
 
-#: Always on every response: lets detection recognise FLM's own listeners.
+#: On every response of FLM's listeners (the server adds them, see
+#: :func:`flm.proxy.app.response_headers`): lets detection recognise FLM's own listeners.
 BASE_HEADERS = [
     (b"x-flm-proxy", b"1"),
     (b"x-content-type-options", b"nosniff"),
     (b"x-frame-options", b"DENY"),
     (b"referrer-policy", b"no-referrer"),
 ]
+#: On every response of an HTTPS listener (and its plain-HTTP redirect port).
+HSTS = (b"strict-transport-security", b"max-age=31536000; includeSubDomains")
 
 
 # Request ids are correlation handles, not secrets: a PRNG seeded from the OS is enough and
@@ -35,21 +38,18 @@ def new_request_id() -> str:
 class RequestMiddleware:
     """The three outermost layers of :func:`flm.proxy.app.build_app`, as one middleware:
 
-    1. request id — creates the request's shared state and stamps ``X-Request-Id`` (and the
-       base security headers) on every response, errors included;
+    1. request id — creates the request's shared state and stamps ``X-Request-Id`` on every
+       response, errors included (the fixed security headers are the server's, see
+       :func:`flm.proxy.app.response_headers`);
     2. observe/audit — records the outcome of every request, refusals included: metrics and
        one audit record (handed to the audit sink, never written here);
     3. errors — any failure below becomes the JSON error contract, or, once a response has
        started, a cut connection.
     """
 
-    def __init__(self, app: ASGIApp, runtime: ProxyRuntime, *, hsts: bool = False) -> None:
+    def __init__(self, app: ASGIApp, runtime: ProxyRuntime) -> None:
         self.app = app
         self.runtime = runtime
-        self.extra = list(BASE_HEADERS)
-        if hsts:
-            self.extra.append((b"strict-transport-security",
-                               b"max-age=31536000; includeSubDomains"))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -61,13 +61,11 @@ class RequestMiddleware:
                              time.perf_counter())
         scope["flm"] = state
         rid = state.request_id.encode()
-        extra = self.extra
 
         async def stamped_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 state.status = message["status"]
-                message["headers"] = [*message.get("headers", ()), (b"x-request-id", rid),
-                                      *extra]
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", rid)]
                 if state.warnings:
                     message["headers"].append(
                         (b"x-flm-warning", "; ".join(state.warnings).encode()))

@@ -98,9 +98,10 @@ async def chat_completions(scope: Scope, receive: Receive, send: Send,
         await stream_events(scope, receive, send, rt, adapter.chat_stream(plan.body, public))
         return
     forward = raw_with_model(raw, public, plan.model) if plan.unchanged else None
-    reply, usage = await _engine_call(adapter.chat_bytes(plan.body, public, forward), state)
-    _record_usage(state, usage, rt)
+    reply = await _engine_call(adapter.chat_bytes(plan.body, public, forward), state)
     await send_bytes(send, 200, reply)
+    # Token counts are read from the reply once it is on its way to the client.
+    _record_usage(state, usage_from_bytes(reply), rt)
 
 
 async def _engine_call(coro: Any, state: RequestState) -> Any:
