@@ -34,6 +34,8 @@ class EngineRegistry:
         self._adapters: dict[str, EngineAdapter] = {}
         self._models: dict[str, tuple[float, dict[str, ModelInfo]]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        #: (engine, model name) → (the ModelInfo they were worked out for, capabilities).
+        self._caps: dict[tuple[str, str], tuple[ModelInfo, Capabilities]] = {}
         self.replace(endpoints)
 
     def replace(self, endpoints: Iterable[EngineEndpoint]) -> list[EngineAdapter]:
@@ -48,6 +50,7 @@ class EngineRegistry:
                                                self._client_for(endpoint))
         self._adapters = kept
         self._models = {k: v for k, v in self._models.items() if k in kept}
+        self._caps = {}
         return gone
 
     def _client_for(self, endpoint: EngineEndpoint) -> EngineClient | None:
@@ -113,6 +116,21 @@ class EngineRegistry:
         return adapter, info
 
     def capabilities(self, engine_id: str, info: ModelInfo | None) -> Capabilities:
+        """What the engine can do with this model; remembered for the ``info`` it was worked
+        out for (a refreshed model list brings new ``ModelInfo`` objects)."""
+        if info is None:
+            return self._capabilities(engine_id, None)
+        key = (engine_id, info.name)
+        hit = self._caps.get(key)
+        if hit is not None and hit[0] is info:
+            return hit[1]
+        caps = self._capabilities(engine_id, info)
+        if len(self._caps) >= 4096:
+            self._caps.clear()
+        self._caps[key] = (info, caps)
+        return caps
+
+    def _capabilities(self, engine_id: str, info: ModelInfo | None) -> Capabilities:
         caps = self.adapter(engine_id).capabilities()
         if info is not None and info.vision and not caps.vision_inputs:
             caps = caps.merged(vision_inputs=True)

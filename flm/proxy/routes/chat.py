@@ -64,7 +64,8 @@ async def _prepare_chat(scope: Scope, receive: Receive, rt: ProxyRuntime,
                         body: Any, api_id: str = "chat_completions") -> tuple[ChatPlan, Any]:
     state = state_of(scope)
     engine_id, model = chat_target(body)
-    state.engine_id, state.model = engine_id, make_model_id(engine_id, model)
+    # (the id the client sent, ``flm://engine/model``, which is also the one replies carry)
+    state.engine_id, state.model = engine_id, body["model"]
     adapter, info = await rt.engines.resolve(engine_id, model)
     changed = False
     if rt.profiles:  # defaults saved for this engine + model fill what the request left out
@@ -93,7 +94,7 @@ async def chat_completions(scope: Scope, receive: Receive, send: Send,
     body = parse_json(raw)
     plan, adapter = await _prepare_chat(scope, receive, rt, body)
     state = state_of(scope)
-    public = make_model_id(plan.engine_id, plan.model)
+    public: str = body["model"]  # checked by _prepare_chat: flm://engine/model
     if plan.stream:
         await stream_events(scope, receive, send, rt, adapter.chat_stream(plan.body, public))
         return
