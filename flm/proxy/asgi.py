@@ -67,11 +67,19 @@ def state_of(scope: Scope) -> RequestState:
     return state
 
 
+def header_index(scope: Scope) -> dict[bytes, bytes]:
+    """The request headers by name, the first of a repeated one winning; made once per
+    request (one C call) and kept in the scope."""
+    index: dict[bytes, bytes] | None = scope.get("flm.headers")
+    if index is None:
+        index = scope["flm.headers"] = dict(reversed(scope["headers"]))
+    return index
+
+
 def header(scope: Scope, name: bytes) -> bytes | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return bytes(value)
-    return None
+    """The first value of header ``name`` (lower case), if any."""
+    value = header_index(scope).get(name)
+    return None if value is None else bytes(value)
 
 
 def header_values(scope: Scope, name: bytes) -> list[bytes]:
@@ -107,7 +115,7 @@ async def read_body(receive: Receive, scope: Scope, limit: int) -> bytes:
                 break
     except RequestBodyTimeout:
         raise HttpError(408, "request_timeout", "request body not received in time") from None
-    return b"".join(parts)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 #: The C scanner of a default decoder (an instance attribute the stubs do not declare).

@@ -75,26 +75,29 @@ class Score:
 
 
 _CLEAN = Score(0, ())
-_SCANNER_AGENTS: dict[bytes, bool] = {}
-
-
-def _scanner(user_agent: bytes) -> bool:
-    """Whether ``user_agent`` names a scanner; the answer is remembered (clients repeat it)."""
-    known = _SCANNER_AGENTS.get(user_agent)
-    if known is None:
-        known = _SCANNERS.search(user_agent.decode("latin-1")) is not None
-        if len(_SCANNER_AGENTS) >= 4096:
-            _SCANNER_AGENTS.clear()
-        _SCANNER_AGENTS[user_agent] = known
-    return known
+_SCORED: dict[tuple[bytes, bytes, bytes], Score] = {}
 
 
 def score_request(raw_path: bytes, query: bytes, user_agent: bytes) -> Score:
     """Intrusion points for what a request looks like: path, query string and user agent.
-    Bodies are never scored: a prompt that *mentions* SQL or ``../`` is not an attack."""
+    Bodies are never scored: a prompt that *mentions* SQL or ``../`` is not an attack.
+    Answers are remembered: clients repeat the same few requests (a flood of distinct ones
+    only empties the memory now and then)."""
+    key = (raw_path, query, user_agent)
+    score = _SCORED.get(key)
+    if score is None:
+        score = _score(raw_path, query, user_agent)
+        if len(raw_path) + len(query) + len(user_agent) <= 1024:  # long ones are not kept
+            if len(_SCORED) >= 4096:
+                _SCORED.clear()
+            _SCORED[key] = score
+    return score
+
+
+def _score(raw_path: bytes, query: bytes, user_agent: bytes) -> Score:
     points = 0
     reasons: list[str] = []
-    if user_agent and _scanner(user_agent):
+    if user_agent and _SCANNERS.search(user_agent.decode("latin-1")) is not None:
         points += 50
         reasons.append("scanner_user_agent")
     if not query and raw_path.isascii() and _PLAIN_PATH.fullmatch(raw_path):
@@ -113,19 +116,23 @@ def score_request(raw_path: bytes, query: bytes, user_agent: bytes) -> Score:
 
 
 class TokenBucket:
-    __slots__ = ("capacity", "rate", "tokens", "updated")
+    """``burst`` tokens, refilled at ``rpm`` per minute."""
 
-    def __init__(self, capacity: float, rate: float, now: float) -> None:
-        self.capacity = capacity
-        self.rate = rate
-        self.tokens = capacity
+    __slots__ = ("burst", "rate", "rpm", "tokens", "updated")
+
+    def __init__(self, rpm: int, burst: int, now: float) -> None:
+        self.rpm = rpm
+        self.burst = burst
+        self.rate = rpm / 60.0
+        self.tokens = float(burst)
         self.updated = now
 
     def take(self, now: float) -> float:
         """0 when a token was taken, else seconds until one is available."""
         elapsed = now - self.updated
         if elapsed > 0:
-            self.tokens = min(self.capacity, self.tokens + elapsed * self.rate)
+            tokens = self.tokens + elapsed * self.rate
+            self.tokens = tokens if tokens < self.burst else float(self.burst)
             self.updated = now
         if self.tokens >= 1:
             self.tokens -= 1
@@ -140,7 +147,8 @@ class GuardState:
         self.failures: dict[str, tuple[int, float]] = {}
         self.scores: dict[str, tuple[int, float]] = {}
         self.buckets: dict[str, TokenBucket] = {}
-        self.windows: dict[str, tuple[float, int]] = {}
+        #: ip → [window start, requests in it] (updated in place)
+        self.windows: dict[str, list[float]] = {}
         self.connections = 0
         self.overloaded = False
 
@@ -229,20 +237,23 @@ class GuardState:
     def take(self, bucket: str, rpm: int, burst: int) -> float:
         now = self.clock()
         tb = self.buckets.get(bucket)
-        if tb is None or tb.capacity != burst or tb.rate != rpm / 60.0:
-            tb = TokenBucket(float(burst), rpm / 60.0, now)
+        if tb is None or tb.rpm != rpm or tb.burst != burst:  # new, or the policy changed
+            tb = TokenBucket(rpm, burst, now)
             self._track(self.buckets, bucket, tb)
         return tb.take(now)
 
     def count_rate(self, ip: str) -> int:
         """Requests from ``ip`` in the current one-minute window."""
         now = self.clock()
-        start, count = self.windows.get(ip, (now, 0))
-        if now - start >= 60:
-            start, count = now, 0
-        count += 1
-        self._track(self.windows, ip, (start, count))
-        return count
+        window = self.windows.get(ip)
+        if window is None:
+            self._track(self.windows, ip, [now, 1])
+            return 1
+        if now - window[0] >= 60:
+            window[0] = now
+            window[1] = 0
+        window[1] += 1
+        return int(window[1])
 
     @staticmethod
     def _track(table: dict[str, Any], key: str, value: Any) -> None:

@@ -62,9 +62,10 @@ _ASGI = {"version": "3.0", "spec_version": "2.3"}
 _STATUS_LINES = {int(s): f"HTTP/1.1 {int(s)} {s.phrase}\r\n".encode() for s in http.HTTPStatus}
 _NO_BODY_STATUSES = frozenset({204, 304})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-#: First bytes of the response headers that decide framing (content-length, connection,
-#: transfer-encoding), in either case.
-_FRAMING_INITIALS = frozenset(b"cCtT")
+#: Response header names the server looks at (lower case); the empty name is refused.
+_LENGTH, _CONNECTION, _TRANSFER, _EMPTY = 1, 2, 3, 4
+_FRAMING = {b"content-length": _LENGTH, b"connection": _CONNECTION,
+            b"transfer-encoding": _TRANSFER, b"": _EMPTY}
 
 _date_cache: tuple[int, bytes] = (0, b"")
 
@@ -188,6 +189,15 @@ class _Cycle:
 
     async def receive(self) -> Message:
         proto = self.proto
+        parts = self.body
+        if parts and not (self.more_body or self.disconnected or self.complete):
+            # the usual case: the whole body is here
+            self.body = []
+            self.body_size = 0
+            self.last_delivered = True
+            proto.body_consumed()
+            return {"type": "http.request", "body": parts[0] if len(parts) == 1
+                    else b"".join(parts), "more_body": False}
         if self.expect_100 and self.more_body and not self.body:
             self.expect_100 = False
             if not self.started and not proto.transport_closing() and any(
@@ -251,23 +261,22 @@ class _Cycle:
         if line is None:
             line = b"HTTP/1.1 %d \r\n" % status
         parts = [line, _date_line()]
-        lines = 3  # status line, date, blank line
         has_length = False
+        skipped = 0
         for name, value in headers:
-            if not name:
-                raise RuntimeError("response header with an empty name")
-            if name[0] in _FRAMING_INITIALS:  # (c, t in either case: skip the rest quickly)
-                lname = name.lower()
-                if lname == b"content-length":
+            kind = _FRAMING.get(name if name.islower() else name.lower())
+            if kind is not None:
+                if kind == _LENGTH:
                     has_length = True
-                elif lname == b"connection":
-                    if value.lower() == b"close":
+                elif kind == _EMPTY:
+                    raise RuntimeError("response header with an empty name")
+                else:  # connection, transfer-encoding: framing is this server's choice
+                    if kind == _CONNECTION and value.lower() == b"close":
                         self.keep_alive = False
+                    skipped += 1
                     continue
-                elif lname == b"transfer-encoding":
-                    continue  # framing is this server's choice
             parts += (name, b": ", value, b"\r\n")
-            lines += 1
+        lines = 3 + len(headers) - skipped  # + status line, date, blank line
         state = self.proto.state
         if state.fixed:
             parts.append(state.fixed)

@@ -349,6 +349,37 @@ def test_fixed_headers_go_on_every_response_and_bad_ones_are_refused(
         sock.close()
 
 
+def test_framing_headers_from_the_app_are_the_servers_to_decide(
+        running: Callable[..., Running]) -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        headers: list[tuple[bytes, bytes]] = {
+            "/close": [(b"Content-Length", b"2"), (b"Connection", b"Close"),
+                       (b"Transfer-Encoding", b"gzip")],
+            "/keep": [(b"connection", b"keep-alive"), (b"transfer-encoding", b"identity")],
+            "/empty": [(b"", b"x"), (b"content-length", b"2")],
+        }[scope["path"]]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    r = running(app)
+    with connect(r.port) as sock:
+        buf = bytearray()
+        sock.sendall(b"GET /keep HTTP/1.1\r\nHost: a\r\n\r\n")
+        status, headers, body = read_response(sock, buf)
+        # no length given: the server frames the reply itself, and keeps the connection
+        assert headers[b"transfer-encoding"] == b"chunked" and body == b"ok"
+        assert b"connection" not in headers
+        sock.sendall(b"GET /close HTTP/1.1\r\nHost: a\r\n\r\n")
+        status, headers, body = read_response(sock, buf)
+        assert headers[b"content-length"] == b"2" and body == b"ok"
+        assert b"transfer-encoding" not in headers and headers[b"connection"] == b"close"
+        assert closed_by_peer(sock)
+    with connect(r.port) as sock:
+        sock.sendall(b"GET /empty HTTP/1.1\r\nHost: a\r\n\r\n")
+        status, _, _ = read_response(sock, bytearray())
+        assert status.startswith(b"HTTP/1.1 500")
+
+
 def test_idle_keep_alive_connection_is_closed(running: Callable[..., Running],
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(server.HttpProtocol, "keepalive_timeout_s", 0.3)

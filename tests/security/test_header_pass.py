@@ -36,3 +36,17 @@ def test_absent_headers_and_preflight() -> None:
     assert seen.origin is None and seen.content_length is None
     assert seen.forwarded is None and seen.real_ip is None
     assert seen.authorization == []
+
+
+def test_the_index_kept_in_the_scope_agrees() -> None:
+    from flm.proxy.asgi import header, header_index
+
+    headers = [(b"user-agent", b"a"), (b"authorization", b"Bearer x"), (b"user-agent", b"b")]
+    scope = {"headers": headers}
+    assert header(scope, b"user-agent") == b"a" and header(scope, b"origin") is None
+    assert header_index(scope) is header_index(scope)  # made once
+    seen = _Headers(headers, header_index(scope))
+    assert seen.user_agent == b"a" and seen.authorization == [b"Bearer x"]
+    both = [(b"authorization", b"Bearer x"), (b"authorization", b"Bearer y")]
+    assert _Headers(both, {b"authorization": b"Bearer x"}).authorization == [
+        b"Bearer x", b"Bearer y"]

@@ -18,7 +18,15 @@ import time
 
 from flm.core.policy import EffectivePolicy
 from flm.openai.errors import HttpError
-from flm.proxy.asgi import ASGIApp, Message, Receive, RequestState, Scope, Send
+from flm.proxy.asgi import (
+    ASGIApp,
+    Message,
+    Receive,
+    RequestState,
+    Scope,
+    Send,
+    header_index,
+)
 from flm.proxy.guard import (
     ANOMALY_BLOCK_S,
     HONEYPOT_SCORE,
@@ -127,41 +135,31 @@ def _cors_origin(origin: bytes, policy: EffectivePolicy) -> bytes | None:
 
 
 class _Headers:
-    """The request headers the security steps read, found in one pass."""
+    """The request headers the security steps read: the first of a repeated header counts
+    (as in :func:`flm.proxy.asgi.header_index`), but every Authorization value is kept so
+    that a duplicate can be refused."""
 
     __slots__ = ("authorization", "content_length", "forwarded", "origin", "preflight",
                  "real_ip", "user_agent")
 
-    def __init__(self, headers: list[tuple[bytes, bytes]]) -> None:
-        self.authorization: list[bytes] = []
-        self.content_length: bytes | None = None
-        self.forwarded: bytes | None = None
-        self.origin: bytes | None = None
-        self.preflight = False
-        self.real_ip: bytes | None = None
-        self.user_agent = b""
-        agent: bytes | None = None
-        for name, value in headers:  # (the first of repeated headers counts, but for auth)
-            if name == b"authorization":
-                self.authorization.append(value)
-            elif name == b"content-length":
-                if self.content_length is None:
-                    self.content_length = value
-            elif name == b"user-agent":
-                if agent is None:
-                    agent = value
-            elif name == b"origin":
-                if self.origin is None:
-                    self.origin = value
-            elif name == b"access-control-request-method":
-                self.preflight = True
-            elif name == b"x-forwarded-for":
-                if self.forwarded is None:
-                    self.forwarded = value
-            elif name == b"x-real-ip" and self.real_ip is None:
-                self.real_ip = value
-        if agent is not None:
-            self.user_agent = agent
+    def __init__(self, headers: list[tuple[bytes, bytes]],
+                 index: dict[bytes, bytes] | None = None) -> None:
+        if index is None:
+            index = dict(reversed(headers))
+        get = index.get
+        auth = get(b"authorization")
+        if auth is None:
+            self.authorization: list[bytes] = []
+        elif len(index) == len(headers):  # no name repeats: one Authorization header
+            self.authorization = [auth]
+        else:
+            self.authorization = [v for n, v in headers if n == b"authorization"]
+        self.content_length = get(b"content-length")
+        self.forwarded = get(b"x-forwarded-for")
+        self.origin = get(b"origin")
+        self.preflight = b"access-control-request-method" in index
+        self.real_ip = get(b"x-real-ip")
+        self.user_agent = get(b"user-agent", b"")
 
 
 class SecurityMiddleware:
@@ -183,7 +181,7 @@ class SecurityMiddleware:
         guard = rt.guard
         state: RequestState = scope["flm"]
         path: str = scope["path"]
-        seen = _Headers(scope["headers"])
+        seen = _Headers(scope["headers"], header_index(scope))
 
         # 4. IP block check: resolve the client (behind trusted proxies only), refuse blocks.
         ip = state.client_ip

@@ -1,0 +1,51 @@
+"""The in-memory guard state on a moved clock: token buckets, rate windows, remembered scores."""
+
+from __future__ import annotations
+
+from flm.proxy.guard import GuardState, score_request
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_bucket_refills_and_follows_a_policy_change() -> None:
+    clock = Clock()
+    guard = GuardState(clock)
+    assert [guard.take("k", 60, 2) for _ in range(2)] == [0.0, 0.0]
+    assert guard.take("k", 60, 2) == 1.0  # empty: one token a second at 60/min
+    clock.now += 0.5
+    assert guard.take("k", 60, 2) == 0.5
+    clock.now += 10  # refills, but never above the burst
+    assert [guard.take("k", 60, 2) for _ in range(3)] == [0.0, 0.0, 1.0]
+    # a new policy (burst 5) gives a new, full bucket
+    assert [guard.take("k", 60, 5) for _ in range(5)] == [0.0] * 5
+    assert guard.take("k", 60, 5) > 0
+    assert guard.take("k", 120, 5) == 0.0  # new rate: new bucket
+
+
+def test_rate_window_counts_per_minute_and_per_address() -> None:
+    clock = Clock()
+    guard = GuardState(clock)
+    assert [guard.count_rate("a") for _ in range(3)] == [1, 2, 3]
+    assert guard.count_rate("b") == 1
+    clock.now += 59.9
+    assert guard.count_rate("a") == 4
+    clock.now += 0.1  # a minute after the window began: a new one
+    assert guard.count_rate("a") == 1
+
+
+def test_remembered_scores_are_the_computed_ones() -> None:
+    for _ in range(2):  # computed, then remembered
+        assert score_request(b"/v1/models", b"", b"curl/8").points == 0
+        assert score_request(b"/v1/models", b"", b"sqlmap/1.7").reasons == (
+            "scanner_user_agent",)
+        assert score_request(b"/a/../../etc/passwd", b"", b"").reasons == ("path_traversal",)
+        assert "sql_injection" in score_request(b"/v1/x", b"q=1%27%20or%20%271%27=%271",
+                                                b"").reasons
+    long_agent = b"x" * 2000  # not kept, still scored
+    assert score_request(b"/", b"", long_agent + b" nikto").points == 50
