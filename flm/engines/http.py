@@ -389,18 +389,48 @@ class EngineClient:
     ) -> UpstreamResponse:
         """Send a request and wait (bounded) for the response headers; with ``read``, a body
         of known length (up to ``MAX_JSON_BYTES``) is read under the same deadline."""
-        if self._closed:
-            raise EngineNetworkError(f"the client for {self.base_url} was closed")
         body = data or b""
         if json_body is not None:
             body = json.dumps(json_body, separators=(",", ":")).encode()
             headers = dict(headers or {})
             headers["Content-Type"] = "application/json"
+        conn = await self._send(method, path, body, headers, first_byte_s, read)
+        return await self._response(conn, check_status)
+
+    async def fetch(self, method: str, path: str, data: bytes,
+                    headers: dict[str, str] | None = None) -> bytes:
+        """A small request's whole response body, the status checked as :meth:`request`
+        does, the connection pooled again. The usual reply (whole, plain, 2xx) is taken
+        straight off the connection; anything else goes through :class:`UpstreamResponse`."""
+        conn = await self._send(method, path, data, headers, None, True)
+        if (conn.complete and conn.status < 400 and not conn.flm_listener
+                and not conn.content_encoding):
+            body = conn.take()
+            if len(body) > MAX_JSON_BYTES:
+                self._put_back(conn, False)
+                raise EngineApiError(f"engine response exceeded {MAX_JSON_BYTES} bytes")
+            self._put_back(conn, True)
+            return body
+        resp = await self._response(conn, True)
+        try:
+            return await resp.read()
+        finally:
+            resp.release()
+
+    async def _send(self, method: str, path: str, body: bytes,
+                    headers: dict[str, str] | None, first_byte_s: float | None,
+                    read: bool) -> Connection:
+        """Write the request on a pooled connection and wait for the response head (and, with
+        ``read``, a body of known length up to ``MAX_JSON_BYTES``); the connection, still
+        holding its pool slot."""
+        if self._closed:
+            raise EngineNetworkError(f"the client for {self.base_url} was closed")
         length = len(body) if body or method not in _NO_BODY else None
         head = self._head(method, path, headers, length)
         wait = self.timeouts.first_byte_s if first_byte_s is None else first_byte_s
         loop = self._running_loop()
         deadline = loop.time() + wait
+        deadlines = self.deadlines
         for attempt in (0, 1):
             conn = await self._acquire(loop, deadline)
             try:
@@ -410,7 +440,16 @@ class EngineClient:
                 else:
                     conn.write(head)
                     conn.write(body)
-                await self._await_response(conn, loop, deadline, read)
+                while not conn.headers_done:
+                    if conn.error is not None:
+                        raise conn.error
+                    await conn.wait(loop, deadline, deadlines)
+                if read and conn.content_length is not None \
+                        and conn.content_length <= MAX_JSON_BYTES:
+                    while not conn.complete:
+                        if conn.error is not None:
+                            raise conn.error
+                        await conn.wait(loop, deadline, deadlines)
             except EngineNetworkError:
                 stale = conn.reused and not conn.got_bytes and attempt == 0
                 self._put_back(conn, False)
@@ -424,7 +463,10 @@ class EngineClient:
             except BaseException:
                 self._put_back(conn, False)
                 raise
-            break
+            return conn
+        raise AssertionError("unreachable")  # (the second attempt returns or raises)
+
+    async def _response(self, conn: Connection, check_status: bool) -> UpstreamResponse:
         upstream = UpstreamResponse(conn, self, self.timeouts)
         if conn.flm_listener:
             upstream.close()
@@ -438,18 +480,6 @@ class EngineClient:
                 upstream.release()
             raise _status_error(conn.status, _error_message(body_bytes))
         return upstream
-
-    async def _await_response(self, conn: Connection, loop: asyncio.AbstractEventLoop,
-                              deadline: float, read: bool) -> None:
-        while not conn.headers_done:
-            if conn.error is not None:
-                raise conn.error
-            await conn.wait(loop, deadline, self.deadlines)
-        if read and conn.content_length is not None and conn.content_length <= MAX_JSON_BYTES:
-            while not conn.complete:
-                if conn.error is not None:
-                    raise conn.error
-                await conn.wait(loop, deadline, self.deadlines)
 
     async def get_json(
         self, path: str, *, first_byte_s: float | None = None, limit: int = MAX_JSON_BYTES

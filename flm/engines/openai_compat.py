@@ -51,19 +51,14 @@ class OpenAICompatAdapter(EngineAdapter):
 
     async def chat_bytes(self, body: dict[str, Any], public_model: str,
                          raw_body: bytes | None = None) -> bytes:
-        if raw_body is not None and not body.get("stream"):
-            resp = await self.client.request("POST", "/v1/chat/completions", data=raw_body,
-                                             headers=_JSON, read=True)
-        else:
-            resp = await self.client.request("POST", "/v1/chat/completions",
-                                             json_body={**body, "stream": False}, read=True)
-        try:
-            raw = (await resp.read()).strip()
-        finally:
-            resp.release()
-        needle = b'"model":' + json_string(str(body.get("model", "")))
-        if raw[:1] == b"{" and raw[-1:] == b"}" and b'"choices"' in raw and needle in raw:
-            return raw.replace(needle, b'"model":' + json_string(public_model), 1)
+        if raw_body is None or body.get("stream"):
+            raw_body = json.dumps({**body, "stream": False}, separators=(",", ":")).encode()
+        raw = (await self.client.fetch("POST", "/v1/chat/completions", raw_body,
+                                       _JSON)).strip()
+        needle, replacement = _model_rewrite(str(body.get("model", "")), public_model)
+        at = raw.find(needle)
+        if at >= 0 and raw[:1] == b"{" and raw[-1:] == b"}" and b'"choices"' in raw:
+            return raw[:at] + replacement + raw[at + len(needle):]
         try:
             reply = require_dict(json.loads(raw), "chat completion", "choices")
         except ValueError as exc:
@@ -77,8 +72,7 @@ class OpenAICompatAdapter(EngineAdapter):
         and LM Studio write it), and only parsed when it does not."""
         payload = {**body, "stream": True}
         resp = await self.client.request("POST", "/v1/chat/completions", json_body=payload)
-        needle = b'"model":' + json_string(str(body.get("model", "")))
-        replacement = b'"model":' + json_string(public_model)
+        needle, replacement = _model_rewrite(str(body.get("model", "")), public_model)
         finished = False
         try:
             async for batch in iter_sse_batches(resp.iter_chunks()):
@@ -114,6 +108,18 @@ class OpenAICompatAdapter(EngineAdapter):
 
 
 _JSON = {"Content-Type": "application/json"}
+_REWRITES: dict[tuple[str, str], tuple[bytes, bytes]] = {}
+
+
+def _model_rewrite(native: str, public: str) -> tuple[bytes, bytes]:
+    """``"model":"<native>"`` and its replacement ``"model":"<public>"``, remembered."""
+    pair = _REWRITES.get((native, public))
+    if pair is None:
+        pair = (b'"model":' + json_string(native), b'"model":' + json_string(public))
+        if len(_REWRITES) >= 1024:
+            _REWRITES.clear()
+        _REWRITES[(native, public)] = pair
+    return pair
 
 
 def _rewrite_event(data: bytes, needle: bytes, replacement: bytes, public_model: str) -> bytes:

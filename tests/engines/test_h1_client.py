@@ -12,7 +12,12 @@ from typing import Any
 
 import pytest
 
-from flm.core.errors import EngineApiError, EngineNetworkError, EngineTimeoutError
+from flm.core.errors import (
+    EngineApiError,
+    EngineError,
+    EngineNetworkError,
+    EngineTimeoutError,
+)
 from flm.engines.h1 import HIGH_WATER
 from flm.engines.http import EngineClient, Timeouts
 
@@ -216,6 +221,39 @@ def test_gzip_reply_is_decoded_and_headers_are_case_insensitive() -> None:
             assert await resp.read_json() == {"zipped": [1, 2, 3]}
             resp.release()
             await client.close()
+
+    _run(main())
+
+
+def test_fetch_takes_whole_replies_and_falls_back_for_the_rest() -> None:
+    replies = [
+        _reply(b'{"plain":1}'),
+        _reply(gzip.compress(b'{"zipped":2}'), b"Content-Encoding: gzip"),
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"c\":\r\n2\r\n3}\r\n0\r\n\r\n",
+        _reply(b'{"error":{"message":"no such model"}}', status=b"404 Not Found"),
+        _reply(b'{"plain":5}'),
+        _reply(b"{}", b"X-FLM-Proxy: 1"),
+    ]
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      n: int) -> None:
+        while (await _read_request(reader)) is not None and replies:
+            writer.write(replies.pop(0))
+            await writer.drain()
+
+    async def main() -> None:
+        async with Server(handler) as server:
+            client = EngineClient(server.url)
+            assert await client.fetch("POST", "/x", b"{}") == b'{"plain":1}'
+            assert await client.fetch("POST", "/x", b"{}") == b'{"zipped":2}'
+            assert await client.fetch("POST", "/x", b"{}") == b'{"c":3}'
+            with pytest.raises(EngineError, match="HTTP 404: no such model"):
+                await client.fetch("POST", "/x", b"{}")
+            assert await client.fetch("POST", "/x", b"{}") == b'{"plain":5}'
+            with pytest.raises(EngineApiError, match="FLM proxy"):
+                await client.fetch("POST", "/x", b"{}")
+            await client.close()
+        assert server.connections == 1  # one pooled connection throughout
 
     _run(main())
 
