@@ -229,7 +229,8 @@ def test_fetch_takes_whole_replies_and_falls_back_for_the_rest() -> None:
     replies = [
         _reply(b'{"plain":1}'),
         _reply(gzip.compress(b'{"zipped":2}'), b"Content-Encoding: gzip"),
-        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"c\":\r\n2\r\n3}\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b'5\r\n{"c":\r\n2\r\n3}\r\n0\r\n\r\n',
         _reply(b'{"error":{"message":"no such model"}}', status=b"404 Not Found"),
         _reply(b'{"plain":5}'),
         _reply(b"{}", b"X-FLM-Proxy: 1"),
