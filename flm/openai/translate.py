@@ -20,6 +20,11 @@ _KNOWN_FORMATS = {"text", "json_object", "json_schema"}
 _STRUCTURAL = {"model", "messages", "stream", "stream_options", "n", "response_format", "tools",
                "tool_choice", "user", "parallel_tool_calls", "modalities", "audio", "metadata",
                "store", "logprobs", "top_logprobs", "reasoning_effort", "service_tier"}
+#: Sampling parameters dropped (with a warning) by engines that do not list them.
+_DROPPABLE = frozenset({"logit_bias", "presence_penalty", "frequency_penalty", "stop", "seed",
+                        "top_p", "max_tokens", "max_completion_tokens"})
+#: Keys :func:`plan_chat` looks at; any other key goes to the engine as it is.
+_CHECKED = frozenset({"messages", "temperature", "n", "response_format", *_DROPPABLE})
 MAX_INLINE_IMAGE = 8 * 1024 * 1024
 
 
@@ -146,6 +151,9 @@ def plan_chat(body: dict[str, Any], engine_id: str, model: str,
 
     out: dict[str, Any] = {}
     for key, value in body.items():
+        if key not in _CHECKED:
+            out[key] = value  # structural, sampling or engine-specific: passed on
+            continue
         if key == "messages":
             continue
         if key in ("temperature",) and value is not None:
@@ -168,8 +176,7 @@ def plan_chat(body: dict[str, Any], engine_id: str, model: str,
                                 f"response_format type {kind!r} is not supported")
         if key in caps.sampling_params or key in _STRUCTURAL or key == "stream":
             out[key] = value
-        elif key in ("logit_bias", "presence_penalty", "frequency_penalty", "stop", "seed",
-                     "top_p", "max_tokens", "max_completion_tokens"):
+        elif key in _DROPPABLE:
             plan.warnings.append(f"{key} dropped: not supported by this engine")
         else:
             out[key] = value  # engine-specific extras (e.g. llama.cpp's top_k) pass through
