@@ -134,32 +134,14 @@ def _cors_origin(origin: bytes, policy: EffectivePolicy) -> bytes | None:
     return origin if origin.decode("latin-1") in origins else None
 
 
-class _Headers:
-    """The request headers the security steps read: the first of a repeated header counts
-    (as in :func:`flm.proxy.asgi.header_index`), but every Authorization value is kept so
-    that a duplicate can be refused."""
-
-    __slots__ = ("authorization", "content_length", "forwarded", "origin", "preflight",
-                 "real_ip", "user_agent")
-
-    def __init__(self, headers: list[tuple[bytes, bytes]],
-                 index: dict[bytes, bytes] | None = None) -> None:
-        if index is None:
-            index = dict(reversed(headers))
-        get = index.get
-        auth = get(b"authorization")
-        if auth is None:
-            self.authorization: list[bytes] = []
-        elif len(index) == len(headers):  # no name repeats: one Authorization header
-            self.authorization = [auth]
-        else:
-            self.authorization = [v for n, v in headers if n == b"authorization"]
-        self.content_length = get(b"content-length")
-        self.forwarded = get(b"x-forwarded-for")
-        self.origin = get(b"origin")
-        self.preflight = b"access-control-request-method" in index
-        self.real_ip = get(b"x-real-ip")
-        self.user_agent = get(b"user-agent", b"")
+def _authorization(index: dict[bytes, bytes], headers: list[tuple[bytes, bytes]]) -> list[bytes]:
+    """Every Authorization value of a request (more than one is refused)."""
+    first = index.get(b"authorization")
+    if first is None:
+        return []
+    if len(index) == len(headers):  # no header name repeats
+        return [first]
+    return [v for n, v in headers if n == b"authorization"]
 
 
 class SecurityMiddleware:
@@ -181,12 +163,14 @@ class SecurityMiddleware:
         guard = rt.guard
         state: RequestState = scope["flm"]
         path: str = scope["path"]
-        seen = _Headers(scope["headers"], header_index(scope))
+        headers = header_index(scope)  # (the first of a repeated header counts)
+        agent = headers.get(b"user-agent", b"")
 
         # 4. IP block check: resolve the client (behind trusted proxies only), refuse blocks.
         ip = state.client_ip
         if policy.trusted_proxies and self._trusted(ip, policy.trusted_proxies):
-            ip = state.client_ip = forwarded_client(ip, seen.forwarded, seen.real_ip,
+            ip = state.client_ip = forwarded_client(ip, headers.get(b"x-forwarded-for"),
+                                                    headers.get(b"x-real-ip"),
                                                     policy.trusted_proxies)
         if guard.blocks:
             block = guard.blocked(ip)
@@ -208,14 +192,14 @@ class SecurityMiddleware:
         # 6. Intrusion and honeypots: honeypot paths answer a plain 404 and score the caller;
         #    attack-shaped paths, queries and scanner user agents score (404s score below).
         if policy.honeypot_enabled and path.rstrip("/").lower() in HONEYPOTS:
-            self._score(scope, state, seen, HONEYPOT_SCORE, ("honeypot",))
+            self._score(scope, state, agent, HONEYPOT_SCORE, ("honeypot",))
             raise HttpError(404, "not_found", "no such route")
         intrusion = policy.intrusion_enabled
         if intrusion:
             score = score_request(scope.get("raw_path") or path.encode(),
-                                  scope.get("query_string", b""), seen.user_agent)
+                                  scope.get("query_string", b""), agent)
             if score.points:
-                block = self._score(scope, state, seen, score.points, score.reasons)
+                block = self._score(scope, state, agent, score.points, score.reasons)
                 if block is not None:
                     raise _blocked_error(block, guard.clock())
 
@@ -223,7 +207,7 @@ class SecurityMiddleware:
         #    duration once the request is over.
         anomaly = policy.anomaly_enabled
         if anomaly:
-            self._anomalies_before(state, seen, policy)
+            self._anomalies_before(state, headers.get(b"content-length"), policy)
 
         if counted:
             guard.connections += 1
@@ -242,9 +226,10 @@ class SecurityMiddleware:
 
             # 10. CORS: a preflight is answered here, without a key; allowed origins get the
             #     CORS headers on every response.
-            if seen.origin is not None:
-                allowed = _cors_origin(seen.origin, policy)
-                if scope["method"] == "OPTIONS" and seen.preflight:
+            origin = headers.get(b"origin")
+            if origin is not None:
+                allowed = _cors_origin(origin, policy)
+                if scope["method"] == "OPTIONS" and b"access-control-request-method" in headers:
                     await _preflight(send, allowed)
                     return
                 if allowed is not None:
@@ -253,7 +238,7 @@ class SecurityMiddleware:
             # 11. Authentication: Bearer API key on every route but /health (and /metrics on
             #     a loopback-only proxy); failures feed the auto-block.
             if path != "/health" and not (path == "/metrics" and rt.settings.loopback_only):
-                presented = self._presented_key(scope, state, seen)
+                presented = self._presented_key(scope, state, headers)
                 keys = rt.keys
                 # A key seen before answers from the cache without a coroutine; verify()
                 # handles the rest (unknown keys, Argon2 once, the negative cache).
@@ -276,11 +261,11 @@ class SecurityMiddleware:
         except HttpError as exc:
             # probing for routes that do not exist scores too
             if intrusion and exc.status == 404:
-                self._score(scope, state, seen, NOT_FOUND_SCORE, ("not_found_probe",))
+                self._score(scope, state, agent, NOT_FOUND_SCORE, ("not_found_probe",))
             raise
         else:
             if intrusion and state.status == 404:
-                self._score(scope, state, seen, NOT_FOUND_SCORE, ("not_found_probe",))
+                self._score(scope, state, agent, NOT_FOUND_SCORE, ("not_found_probe",))
         finally:
             if counted:
                 guard.connections -= 1
@@ -292,9 +277,10 @@ class SecurityMiddleware:
 
     # -- the rarer paths ----------------------------------------------------------------------
 
-    def _presented_key(self, scope: Scope, state: RequestState, seen: _Headers) -> str:
+    def _presented_key(self, scope: Scope, state: RequestState,
+                       headers: dict[bytes, bytes]) -> str:
         """The key in the one ``Authorization: Bearer`` header, or a 401 to raise."""
-        values = seen.authorization
+        values = _authorization(headers, scope["headers"])
         if not values:
             raise self._auth_failed(scope, state,
                                     "missing API key (send Authorization: Bearer <key>)")
@@ -325,13 +311,13 @@ class SecurityMiddleware:
                                 "permanent": block.permanent}, state.request_id)
         return HttpError(401, "invalid_api_key", message, _CHALLENGE)
 
-    def _score(self, scope: Scope, state: RequestState, seen: _Headers, points: int,
+    def _score(self, scope: Scope, state: RequestState, agent: bytes, points: int,
                reasons: tuple[str, ...]) -> Block | None:
         rt = self.runtime
         total, block = rt.guard.add_score(state.client_ip, points, rt.effective)
         if rt.audit is not None:
             rt.audit.intrusion(state.client_ip, points, total, reasons, scope["path"],
-                               seen.user_agent.decode("latin-1"), state.request_id)
+                               agent.decode("latin-1"), state.request_id)
             severity = "high" if block else (
                 "medium" if total >= rt.effective.warning_threshold else "low")
             rt.audit.event("honeypot" if "honeypot" in reasons else "intrusion", severity,
@@ -342,7 +328,7 @@ class SecurityMiddleware:
                 record_block(rt, state.client_ip, block)
         return block
 
-    def _anomalies_before(self, state: RequestState, seen: _Headers,
+    def _anomalies_before(self, state: RequestState, declared: bytes | None,
                           policy: EffectivePolicy) -> None:
         rt = self.runtime
         ip = state.client_ip
@@ -355,7 +341,6 @@ class SecurityMiddleware:
             block = rt.guard.block(ip, "anomaly", ANOMALY_BLOCK_S)
             record_block(rt, ip, block)
             raise _blocked_error(block, rt.guard.clock())
-        declared = seen.content_length
         if declared is not None and declared.isdigit() and int(declared) > policy.max_body_bytes:
             self._anomaly(ip, "body_size", int(declared), policy.max_body_bytes,
                           state.request_id)
