@@ -411,10 +411,16 @@ class HttpProtocol(asyncio.Protocol):
         cycle = self.parsing
         if cycle is not None and cycle is self.active and self.on_deadline is None:
             self._arm(self.state.body_timeout_s, self._body_too_slow)
-        if in_head and self.in_head:
-            self.head_bytes += len(data)
-            if self.head_bytes > self.max_head_bytes:
-                self._refuse(b"431 Request Header Fields Too Large", b"request head too large")
+        if self.in_head:
+            if self.active is None and self.on_deadline != self._head_too_slow:
+                # A head still incomplete: from now on it must be finished in time. (A head that
+                # arrives whole, the usual case, never needs this timer.)
+                self._arm(self.head_timeout_s, self._head_too_slow)
+            if in_head:
+                self.head_bytes += len(data)
+                if self.head_bytes > self.max_head_bytes:
+                    self._refuse(b"431 Request Header Fields Too Large",
+                                 b"request head too large")
 
     def _refuse(self, status: bytes, message: bytes) -> None:
         transport = self.transport
@@ -430,8 +436,6 @@ class HttpProtocol(asyncio.Protocol):
         self.headers = []
         self.in_head = True
         self.head_bytes = 0
-        if self.active is None:
-            self._arm(self.head_timeout_s, self._head_too_slow)
 
     def on_url(self, url: bytes) -> None:
         self.url += url

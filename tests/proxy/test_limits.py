@@ -46,6 +46,23 @@ def test_slow_head_is_cut(gw: Gateway) -> None:
     assert reply.startswith(b"HTTP/1.1 408") and time.monotonic() - started < 5
 
 
+def test_slow_head_after_a_kept_alive_request_is_cut(gw: Gateway) -> None:
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = b""
+        while b'"status"' not in first:
+            data = sock.recv(4096)
+            assert data
+            first += data
+        assert first.startswith(b"HTTP/1.1 200")
+        # the next head starts in the same piece as nothing else and never finishes
+        sock.sendall(b"GET /health HTTP/1.1\r\nHo")
+        started = time.monotonic()
+        reply = sock.recv(4096)
+    # cut by the head deadline (0.5 s here), not left to the 15 s keep-alive one
+    assert reply.startswith(b"HTTP/1.1 408") and time.monotonic() - started < 5
+
+
 def test_slow_body_is_cut(gw: Gateway, cli: Any) -> None:
     key = cli("api-keys", "create", "--label", "slow").data["key"]
     with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from flm.openai.errors import HttpError
-from flm.proxy.asgi import Receive, Scope, Send, state_of
+from flm.proxy.asgi import Receive, RequestState, Scope, Send
 from flm.proxy.runtime import ProxyRuntime
 
 Handler = Callable[[Scope, Receive, Send, ProxyRuntime], Awaitable[None]]
@@ -36,7 +36,7 @@ class Router:
             return
         path: str = scope["path"]
         methods = self.routes.get(path)
-        state = state_of(scope)
+        state: RequestState = scope["flm"]
         if methods is None:
             if path.startswith("/engine/"):
                 state.route = "/engine/{id}/{path}"

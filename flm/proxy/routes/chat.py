@@ -60,9 +60,8 @@ def _record_usage(state: RequestState, usage: Any, rt: ProxyRuntime) -> None:
                              state.completion_tokens)
 
 
-async def _prepare_chat(scope: Scope, receive: Receive, rt: ProxyRuntime,
-                        body: Any, api_id: str = "chat_completions") -> tuple[ChatPlan, Any]:
-    state = state_of(scope)
+async def _prepare_chat(state: RequestState, rt: ProxyRuntime, body: Any,
+                        api_id: str = "chat_completions") -> tuple[ChatPlan, Any]:
     engine_id, model = chat_target(body)
     # (the id the client sent, ``flm://engine/model``, which is also the one replies carry)
     state.engine_id, state.model = engine_id, body["model"]
@@ -90,10 +89,10 @@ async def _prepare_chat(scope: Scope, receive: Receive, rt: ProxyRuntime,
 
 async def chat_completions(scope: Scope, receive: Receive, send: Send,
                            rt: ProxyRuntime) -> None:
+    state: RequestState = scope["flm"]
     raw = await read_body(receive, scope, rt.settings.max_body_bytes)
     body = parse_json(raw)
-    plan, adapter = await _prepare_chat(scope, receive, rt, body)
-    state = state_of(scope)
+    plan, adapter = await _prepare_chat(state, rt, body)
     public: str = body["model"]  # checked by _prepare_chat: flm://engine/model
     if plan.stream:
         await stream_events(scope, receive, send, rt, adapter.chat_stream(plan.body, public))
@@ -309,8 +308,8 @@ async def _response_events(chunks: AsyncIterator[bytes], public: str) -> AsyncIt
 async def responses(scope: Scope, receive: Receive, send: Send, rt: ProxyRuntime) -> None:
     body = await _body(scope, receive, rt)
     chat = responses_to_chat(body)
-    plan, adapter = await _prepare_chat(scope, receive, rt, chat, "responses")
     state = state_of(scope)
+    plan, adapter = await _prepare_chat(state, rt, chat, "responses")
     public = make_model_id(plan.engine_id, plan.model)
     if plan.stream:
         if "stream_options" not in plan.body:
