@@ -25,10 +25,10 @@ from flm.core.errors import EngineApiError, EngineError, EngineNetworkError
 #: Pause reading from the engine while this many bytes wait for a slow consumer.
 HIGH_WATER = 256 * 1024
 
-_CONTENT_LENGTH = b"content-length"
-_TRANSFER_ENCODING = b"transfer-encoding"
-_CONTENT_ENCODING = b"content-encoding"
-_FLM_PROXY = b"x-flm-proxy"
+#: The response headers the connection itself looks at (lower case).
+_CONTENT_LENGTH, _TRANSFER_ENCODING, _CONTENT_ENCODING, _FLM_PROXY = 1, 2, 3, 4
+_WATCHED = {b"content-length": _CONTENT_LENGTH, b"transfer-encoding": _TRANSFER_ENCODING,
+            b"content-encoding": _CONTENT_ENCODING, b"x-flm-proxy": _FLM_PROXY}
 
 
 class Headers:
@@ -229,18 +229,20 @@ class Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.raw_headers.append((name, value))
-        lowered = name.lower()
-        if lowered == _CONTENT_LENGTH:
+        kind = _WATCHED.get(name.lower())
+        if kind is None:
+            return
+        if kind == _CONTENT_LENGTH:
             self._length_known = True
             try:
                 self.content_length = int(value)
             except ValueError:
                 self.content_length = None
-        elif lowered == _TRANSFER_ENCODING:
+        elif kind == _TRANSFER_ENCODING:
             self._length_known = True
-        elif lowered == _CONTENT_ENCODING:
+        elif kind == _CONTENT_ENCODING:
             self.content_encoding = value
-        elif lowered == _FLM_PROXY:
+        else:
             self.flm_listener = True
 
     def on_headers_complete(self) -> None:
