@@ -1,0 +1,230 @@
+"""FLM's own time on the critical path of one non-streamed chat request, without the network.
+
+The c=1 "added latency" of the benchmark is the machine's hop floor (what any extra process
+costs) plus FLM's own work between two moments:
+
+- **A**: the client's request bytes arrive → the request to the engine is written;
+- **B**: the engine's reply bytes arrive → the reply to the client is written.
+
+Everything else FLM does (metrics, the audit record, token counting) happens after the reply
+is written. This tool feeds the real gateway (every security layer of
+``policy-all-on.json``, the real server protocol, the real engine client) through fake
+transports on both sides, so no system call or other process is involved, and reports the
+median of A and B over many requests, spaced out as at concurrency 1. With ``--bytecodes`` it
+instead counts the Python bytecodes each function runs per request in A, B and after the
+reply (a tracing run: the count is exact, the timing of that run is not).
+
+Run: ``.venv/bin/python bench/hotpath.py [--requests 5000] [--bytecodes]``. Pin it to a core
+(``taskset -c 0``) for steadier figures. Not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+import mock_engine  # noqa: E402
+
+BODY = b'{"model":"flm://mock/bench-model","messages":[{"role":"user","content":"hi"}]}'
+now = time.perf_counter
+
+
+def _prepare_home(home: Path) -> str:
+    """A fresh FLM home with the mock engine registered, a key and every security layer on."""
+    flm = [sys.executable, "-m", "flm"]
+    env = {**os.environ, "FLM_HOME": str(home)}
+
+    def run(*args: str) -> str:
+        return subprocess.run([*flm, *args], env=env, check=True, capture_output=True,
+                              text=True).stdout
+
+    run("engines", "add", "--kind", "vllm", "--url", "http://127.0.0.1:9", "--id", "mock")
+    import json
+
+    key: str = json.loads(run("api-keys", "create", "--label", "hotpath"))["data"]["key"]
+    run("security", "policy", "set", "--file", str(BENCH / "policy-all-on.json"))
+    return key
+
+
+class _Marks:
+    """Timestamps of the four moments, and the segment the request is in."""
+
+    def __init__(self) -> None:
+        self.t: dict[str, float] = {}
+        self.segment = "-"
+
+
+def _fake_transports(marks: _Marks) -> tuple[Any, Any]:
+    from flm.engines import http as engine_http
+    from flm.engines.h1 import Connection
+
+    class Upstream:
+        """The engine side: answers each request on the next loop turns, as a socket would."""
+
+        def __init__(self, conn: Connection, loop: asyncio.AbstractEventLoop) -> None:
+            self.conn, self.loop, self.closing = conn, loop, False
+
+        def write(self, data: bytes) -> None:
+            marks.t["engine_write"] = now()
+            marks.segment = "engine"
+            reply = (mock_engine.RESP_MODELS if data.startswith(b"GET /v1/models")
+                     else mock_engine.RESP_CHAT)
+            self.loop.call_later(0.0002, self.deliver, reply)
+
+        def deliver(self, reply: bytes) -> None:
+            marks.t["engine_reply"] = now()
+            marks.segment = "B"
+            self.conn.data_received(reply)
+
+        def is_closing(self) -> bool:
+            return self.closing
+
+        def abort(self) -> None:
+            self.closing = True
+
+        close = abort
+
+        def pause_reading(self) -> None: ...
+
+        def resume_reading(self) -> None: ...
+
+    async def connect(self: Any, loop: asyncio.AbstractEventLoop, deadline: float) -> Any:
+        conn = Connection()
+        conn.connection_made(Upstream(conn, loop))  # type: ignore[arg-type]
+        return conn
+
+    engine_http.EngineClient._connect = connect  # type: ignore[method-assign]
+
+    class Downstream:
+        """The client side: records the reply."""
+
+        def __init__(self) -> None:
+            self.out: list[bytes] = []
+            self.event: asyncio.Event | None = None
+
+        def write(self, data: bytes) -> None:
+            marks.t["client_write"] = now()
+            marks.segment = "after"
+            self.out.append(data)
+            if self.event is not None:
+                self.event.set()
+
+        def is_closing(self) -> bool:
+            return False
+
+        def get_extra_info(self, name: str) -> Any:
+            return ("127.0.0.1", 18200) if name == "sockname" else ("127.0.0.1", 40000)
+
+        def close(self) -> None: ...
+
+        def pause_reading(self) -> None: ...
+
+        def resume_reading(self) -> None: ...
+
+    return Upstream, Downstream
+
+
+async def _measure(key: str, requests: int, bytecodes: bool) -> None:
+    from flm.core.paths import Paths
+    from flm.proxy import server
+    from flm.proxy.app import build_app, response_headers
+    from flm.proxy.runtime import ProxySettings, build_runtime
+    from flm.services.context import Context
+
+    marks = _Marks()
+    _, downstream_cls = _fake_transports(marks)
+    runtime = build_runtime(ProxySettings(port=18200, bind="127.0.0.1"), Context(Paths.resolve()))
+    state = server._ServerState(build_app(runtime), "http", 30.0, response_headers())
+    proto = server.HttpProtocol(state)
+    down = downstream_cls()
+    proto.connection_made(down)
+    request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+               + key.encode() + b"\r\nContent-Type: application/json\r\nContent-Length: "
+               + str(len(BODY)).encode() + b"\r\n\r\n" + BODY)
+    a: list[float] = []
+    b: list[float] = []
+    counts: collections.Counter[tuple[str, str]] = collections.Counter()
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        frame.f_trace_opcodes = True
+        if event == "opcode":
+            code = frame.f_code
+            where = f"{Path(code.co_filename).name}:{code.co_firstlineno} {code.co_name}"
+            counts[(marks.segment, where)] += 1
+        return tracer
+
+    async def one() -> None:
+        down.event = asyncio.Event()
+        marks.segment = "A"
+        started = now()
+        proto.data_received(request)
+        await down.event.wait()
+        await asyncio.sleep(0.0003)  # the next request comes a little later, as at c=1
+        marks.segment = "-"
+        a.append(marks.t["engine_write"] - started)
+        b.append(marks.t["client_write"] - marks.t["engine_reply"])
+
+    for _ in range(300):  # warm-up: model list, key verification, caches
+        await one()
+    if not down.out[-1].startswith(b"HTTP/1.1 200"):
+        raise SystemExit(f"the gateway did not answer 200: {down.out[-1][:300]!r}")
+    a.clear()
+    b.clear()
+    if bytecodes:
+        requests = min(requests, 200)
+        sys.settrace(tracer)
+    for _ in range(requests):
+        await one()
+    sys.settrace(None)
+    await runtime.close()
+    if bytecodes:
+        for segment, title in (("A", "A: request in → engine request written"),
+                               ("B", "B: engine reply in → client reply written"),
+                               ("after", "after the reply")):
+            rows = sorted(((n / requests, where) for (s, where), n in counts.items()
+                           if s == segment), reverse=True)
+            print(f"{title}: {sum(n for n, _ in rows):,.0f} bytecodes per request")
+            for n, where in rows[:20]:
+                print(f"  {n:7.1f}  {where}")
+        return
+    a.sort()
+    b.sort()
+
+    def p50(xs: list[float]) -> float:
+        return xs[len(xs) // 2] * 1e6
+
+    print(f"{requests} requests, every security layer on (policy-all-on.json)")
+    print(f"A  request in → engine request written   p50 {p50(a):6.1f} µs")
+    print(f"B  engine reply in → client reply written p50 {p50(b):6.1f} µs")
+    print(f"A + B (FLM's own time on the critical path)  {p50(a) + p50(b):6.1f} µs")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--requests", type=int, default=5000)
+    ap.add_argument("--bytecodes", action="store_true",
+                    help="count bytecodes per function instead of timing")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="flm-hotpath-") as tmp:
+        home = Path(tmp)
+        os.environ["FLM_HOME"] = str(home)
+        key = _prepare_home(home)
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(_measure(key, args.requests, args.bytecodes))
+
+
+if __name__ == "__main__":
+    main()
