@@ -11,8 +11,9 @@ from flm.proxy.runtime import ProxyRuntime
 
 def response_headers(*, tls: bool = False) -> list[tuple[bytes, bytes]]:
     """The fixed headers on every response of a gateway listener (``HttpServer(headers=)``):
-    the security headers, and HSTS on HTTPS. The server renders them once and adds them to
-    every response, its own refusals included, instead of each request building them."""
+    the security headers, and HSTS on HTTPS (the plain-HTTP redirect port takes them without
+    HSTS; its 301 adds that itself). The server renders them once and adds them to every
+    response, its own refusals included, instead of each request building them."""
     return [*BASE_HEADERS, HSTS] if tls else list(BASE_HEADERS)
 
 

@@ -82,10 +82,6 @@ def header(scope: Scope, name: bytes) -> bytes | None:
     return None if value is None else bytes(value)
 
 
-def header_values(scope: Scope, name: bytes) -> list[bytes]:
-    return [bytes(v) for k, v in scope["headers"] if k == name]
-
-
 async def read_body(receive: Receive, scope: Scope, limit: int) -> bytes:
     """The whole request body, refusing (413) before reading past ``limit``; a client that
     sends too slowly gets 408 (the server enforces the deadline)."""

@@ -282,7 +282,8 @@ async def _prepare_tls(ctx: Context, config: StartConfig, http_sock: socket.sock
     if config.mode != ACME_MODE:
         default_host = "localhost" if config.bind in ("127.0.0.1", "::1", "0.0.0.0", "::") \
             else config.bind  # noqa: S104
-        servers.append(HttpServer(RedirectApp(config.https_port, default_host), http_sock))
+        servers.append(HttpServer(RedirectApp(config.https_port, default_host), http_sock,
+                                  headers=response_headers()))
         await servers[-1].start()
         bundle = await asyncio.to_thread(certs.local, config.mode)
         source = "issued" if bundle.issued else "stored"
@@ -291,7 +292,7 @@ async def _prepare_tls(ctx: Context, config: StartConfig, http_sock: socket.sock
     acme = resolve_acme_settings(config.acme_domain, config.acme_email, config.env)
     challenges = ChallengeStore()
     servers.append(HttpServer(RedirectApp(config.https_port, acme.domain, challenges),
-                              http_sock))
+                              http_sock, headers=response_headers()))
     await servers[-1].start()
     outcome = await asyncio.to_thread(certs.acme_at_start, acme, challenges, port=config.port,
                                       egress=egress)

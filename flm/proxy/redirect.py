@@ -1,12 +1,13 @@
 """The plain-HTTP port of a TLS proxy: 301 to HTTPS with HSTS, and (``https-acme``) the HTTP-01
-challenge answers. Nothing else is served there: no API, no key ever travels in clear text."""
+challenge answers. Nothing else is served there: no API, no key ever travels in clear text.
+The security headers of every response come from its server (``response_headers()``)."""
 
 from __future__ import annotations
 
 import re
 
 from flm.proxy.asgi import Receive, Scope, Send
-from flm.proxy.middleware.core import BASE_HEADERS, HSTS
+from flm.proxy.middleware.core import HSTS
 from flm.tls.challenge import ACME_CHALLENGE_PREFIX, ChallengeStore
 
 # A host name, an IPv4 address or a bracketed IPv6 address, optionally with a port.
@@ -46,7 +47,7 @@ class RedirectApp:
             (b"content-type", b"text/plain; charset=utf-8"),
             (b"content-length", str(len(body)).encode()),
             (b"cache-control", b"no-store"),
-            HSTS, *BASE_HEADERS]})
+            HSTS]})
         await send({"type": "http.response.body", "body": body})
 
     def location(self, scope: Scope) -> str:
@@ -74,6 +75,5 @@ class RedirectApp:
         await send({"type": "http.response.start", "status": status, "headers": [
             (b"content-type", b"text/plain"),
             (b"content-length", str(len(body)).encode()),
-            (b"cache-control", b"no-store"),
-            *BASE_HEADERS]})
+            (b"cache-control", b"no-store")]})
         await send({"type": "http.response.body", "body": body})

@@ -156,6 +156,7 @@ def test_dev_selfsigned_https_on_port_plus_one_and_redirect(
     assert status == 301
     assert headers["location"] == f"https://localhost:{https_port}/v1/chat/completions?x=1"
     assert headers["strict-transport-security"] == "max-age=31536000; includeSubDomains"
+    assert headers["x-content-type-options"] == "nosniff" and headers["x-flm-proxy"] == "1"
     status, headers, _ = http_get(port, "/v1/models")  # Host 127.0.0.1:port
     assert status == 301 and headers["location"] == f"https://127.0.0.1:{https_port}/v1/models"
 
