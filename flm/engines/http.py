@@ -22,7 +22,7 @@ from flm.core.errors import (
     EngineNotFoundError,
     EngineTimeoutError,
 )
-from flm.engines.h1 import Connection, Deadlines, Headers, expire
+from flm.engines.h1 import HIGH_WATER, Connection, Deadlines, Headers, expire
 
 #: Largest non-streamed JSON body accepted from an engine.
 MAX_JSON_BYTES = 64 * 1024 * 1024
@@ -388,7 +388,7 @@ class EngineClient:
         read: bool = False,
     ) -> UpstreamResponse:
         """Send a request and wait (bounded) for the response headers; with ``read``, a body
-        of known length (up to ``MAX_JSON_BYTES``) is read under the same deadline."""
+        of known length (up to ``HIGH_WATER``) is read under the same deadline."""
         body = data or b""
         if json_body is not None:
             body = json.dumps(json_body, separators=(",", ":")).encode()
@@ -421,7 +421,7 @@ class EngineClient:
                     headers: dict[str, str] | None, first_byte_s: float | None,
                     read: bool) -> Connection:
         """Write the request on a pooled connection and wait for the response head (and, with
-        ``read``, a body of known length up to ``MAX_JSON_BYTES``); the connection, still
+        ``read``, a body of known length up to ``HIGH_WATER``); the connection, still
         holding its pool slot."""
         if self._closed:
             raise EngineNetworkError(f"the client for {self.base_url} was closed")
@@ -444,8 +444,10 @@ class EngineClient:
                     if conn.error is not None:
                         raise conn.error
                     await conn.wait(loop, deadline, deadlines)
+                # (Only what fits under the connection's read pause: a larger body is read
+                # by the caller, which drains it.)
                 if read and conn.content_length is not None \
-                        and conn.content_length <= MAX_JSON_BYTES:
+                        and conn.content_length <= HIGH_WATER:
                     while not conn.complete:
                         if conn.error is not None:
                             raise conn.error

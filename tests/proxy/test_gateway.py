@@ -225,6 +225,20 @@ def test_vision_model_accepts_image_where_engine_can(cli: Any, kind: str) -> Non
     gen.close()
 
 
+def test_large_plain_reply_arrives_whole(stack: Stack) -> None:
+    """A non-streamed reply bigger than the engine connection's read buffer (256 KiB) is
+    drained and delivered at once, not left waiting for the first-byte timeout."""
+    stack.emu.behaviour.reply_text = "y" * 600_000
+    body = json.dumps({"model": stack.model("chat-model:1b"),
+                       "messages": [{"role": "user", "content": "hi"}]}).encode()
+    started = time.monotonic()
+    status, _hdrs, raw = _request(stack.url, "POST", "/v1/chat/completions", body,
+                                  {**stack.auth, "Content-Type": "application/json"})
+    assert status == 200, raw[:300]
+    assert json.loads(raw)["choices"][0]["message"]["content"] == "y" * 600_000
+    assert time.monotonic() - started < 5
+
+
 def test_40mb_body_refused_without_reading_it(vllm_stack: Stack) -> None:
     parts = urlsplit(vllm_stack.url)
     sock = socket.create_connection((parts.hostname, parts.port), timeout=10)
