@@ -37,6 +37,14 @@ class HttpError(Exception):
         return cls(500, "internal_error", "internal error")
 
 
+class NoSuchRoute(HttpError):
+    """404 for a path the gateway does not serve: the one 404 that counts as probing
+    (SPEC §5.3); an engine's own 404 or an unknown model does not."""
+
+    def __init__(self) -> None:
+        super().__init__(404, "not_found", "no such route")
+
+
 def error_type(status: int) -> str:
     if status in _TYPES:
         return _TYPES[status]

@@ -78,6 +78,19 @@ class EngineRegistry:
             raise HttpError(404, "not_found", f"no engine {engine_id!r}")
         return adapter
 
+    async def detected_adapter(self, engine_id: str) -> EngineAdapter:
+        """The adapter of an engine the proxy may forward to as it is (the pass-through): a
+        registered or managed engine, or a kind's default endpoint only while something there
+        answers the kind's model list as that engine does (SPEC §3.1: registered or detected
+        hosts only; a port that merely listens is not an engine)."""
+        adapter = self.adapter(engine_id)
+        if adapter.endpoint.source == "default":
+            try:
+                await self.models_of(engine_id)
+            except (EngineError, HttpError):
+                raise HttpError(404, "not_found", f"no engine {engine_id!r}") from None
+        return adapter
+
     async def models_of(self, engine_id: str, *, refresh: bool = False) -> dict[str, ModelInfo]:
         adapter = self.adapter(engine_id)
         cached = self._models.get(engine_id)

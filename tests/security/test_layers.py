@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from flm.proxy.guard import NOT_FOUND_SCORE
 from tests.security.conftest import Env, Fake
 
 
@@ -142,6 +143,23 @@ def test_intrusion_scoring_blocks(env: Env, path: str, reason: str) -> None:
     env.rt.audit.flush()  # type: ignore[union-attr]
     rows = env.cli("security", "intrusion", "--ip", "127.0.0.8").data
     assert rows and reason in rows[-1]["reasons"]
+
+
+def test_only_paths_the_gateway_lacks_count_as_probing(env: Env) -> None:
+    """An engine's own 404 through the pass-through and an unknown model are answers to an
+    authenticated client, not probes; a path FLM does not serve is."""
+    env.policy({"intrusion_detection": {"enabled": True}})
+    ip = "127.0.0.16"
+    for _ in range(15):  # 30 scored 404s would have been 300 points: a block
+        assert env.request("GET", "/engine/eng/no/such/engine/route", source=ip)[0] == 404
+        status, _, body = env.request("POST", "/v1/chat/completions", source=ip, body={
+            "model": "flm://eng/missing:1", "messages": [{"role": "user", "content": "hi"}]})
+        assert status == 404, body
+    assert ip not in env.rt.guard.scores and env.rt.guard.blocked(ip) is None
+    assert ("GET", "/no/such/engine/route") in env.emu.requests
+    status, _, body = env.request("GET", "/v1/no-such-route", source=ip)
+    assert status == 404 and json.loads(body)["error"]["code"] == "not_found"
+    assert env.rt.guard.scores[ip][0] == NOT_FOUND_SCORE
 
 
 def test_scanner_user_agent_and_honeypots(env: Env) -> None:

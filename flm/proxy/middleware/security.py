@@ -17,7 +17,7 @@ import math
 import time
 
 from flm.core.policy import EffectivePolicy
-from flm.openai.errors import HttpError
+from flm.openai.errors import HttpError, NoSuchRoute
 from flm.proxy.asgi import (
     ASGIApp,
     Message,
@@ -258,14 +258,12 @@ class SecurityMiddleware:
 
             # 13. The route
             await self.app(scope, receive, send)
-        except HttpError as exc:
-            # probing for routes that do not exist scores too
-            if intrusion and exc.status == 404:
+        except NoSuchRoute:
+            # probing for routes that do not exist scores too (an engine's own 404 through
+            # the pass-through, or an unknown model, is an answer, not a probe)
+            if intrusion:
                 self._score(scope, state, agent, NOT_FOUND_SCORE, ("not_found_probe",))
             raise
-        else:
-            if intrusion and state.status == 404:
-                self._score(scope, state, agent, NOT_FOUND_SCORE, ("not_found_probe",))
         finally:
             if counted:
                 guard.connections -= 1

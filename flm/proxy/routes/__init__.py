@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from flm.openai.errors import HttpError
+from flm.openai.errors import HttpError, NoSuchRoute
 from flm.proxy.asgi import Receive, RequestState, Scope, Send
 from flm.proxy.runtime import ProxyRuntime
 
@@ -42,7 +42,7 @@ class Router:
                 state.route = "/engine/{id}/{path}"
                 await self.passthrough(scope, receive, send, self.runtime)
                 return
-            raise HttpError(404, "not_found", "no such route")
+            raise NoSuchRoute()
         handler = methods.get(scope["method"])
         state.route = path
         if handler is None:

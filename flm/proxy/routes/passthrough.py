@@ -11,17 +11,20 @@ from urllib.parse import unquote
 
 from flm.core.errors import EngineError
 from flm.core.models import EngineKind
-from flm.openai.errors import HttpError
-from flm.proxy.asgi import Receive, Scope, Send, read_body
+from flm.openai.errors import HttpError, NoSuchRoute
+from flm.proxy.asgi import Receive, RequestState, Scope, Send, read_body
 from flm.proxy.runtime import ProxyRuntime
 
-#: Routes that change what an engine has installed or how it runs: never through FLM.
+#: Routes that change what an engine has installed or how it runs, or act on the engine's
+#: accounts: never through FLM. Ollama's ``/api/`` namespace is an allow-list (its inference
+#: and read routes; anything else there, present or future, is refused); vLLM's control routes
+#: are refused by the words their names are made of, which no inference route uses.
 ADMIN_ROUTES: dict[EngineKind, re.Pattern[str]] = {
-    EngineKind.OLLAMA: re.compile(r"^/api/(pull|push|create|delete|copy|blobs)(/|$)"),
+    EngineKind.OLLAMA: re.compile(
+        r"^/api/(?!(generate|chat|embed|embeddings|tags|show|ps|version)/?$)"),
     EngineKind.VLLM: re.compile(
-        r"^/(v1/(load|unload)_lora_adapter|start_profile|stop_profile|reset_prefix_cache"
-        r"|reset_mm_cache|sleep|wake_up|is_sleeping|collective_rpc|scale_elastic_ep"
-        r"|update_weights|server_info|pause|resume)(/|$)"
+        r"^/(v1/)?[a-z0-9_]*(lora|profile|cache|sleep|wake|rpc|elastic|weight|server_info"
+        r"|pause|resume|abort|fault_tolerance)"
     ),
     EngineKind.LLAMACPP: re.compile(r"^/(slots|lora-adapters|models/(load|unload))(/|$)"),
     EngineKind.LMSTUDIO: re.compile(r"^/api/v[01]/models/(load|unload|download)(/|$)"),
@@ -29,13 +32,43 @@ ADMIN_ROUTES: dict[EngineKind, re.Pattern[str]] = {
 #: llama.cpp's /props accepts POST to change server settings.
 _READ_ONLY = {EngineKind.LLAMACPP: re.compile(r"^/props$")}
 
-_HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization",
-               b"te", b"trailer", b"transfer-encoding", b"upgrade", b"host", b"content-length",
-               b"authorization", b"cookie", b"x-forwarded-for", b"x-real-ip",
-               b"x-forwarded-host", b"x-forwarded-proto", b"forwarded",
-               b"accept-encoding"}
-_RESPONSE_DROP = {b"connection", b"keep-alive", b"transfer-encoding", b"content-length",
-                  b"set-cookie", b"server", b"date"}
+#: Never sent on to the engine: hop-by-hop headers (RFC 9110 §7.6.1, with the old
+#: Proxy-Connection), the client's credentials and addressing, and encodings FLM would have to
+#: undo. Headers the client names in its Connection header are dropped too.
+_REQUEST_DROP = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate",
+    b"proxy-authorization", b"te", b"trailer", b"transfer-encoding", b"upgrade", b"host",
+    b"content-length", b"authorization", b"cookie", b"x-forwarded-for", b"x-real-ip",
+    b"x-forwarded-host", b"x-forwarded-proto", b"forwarded", b"accept-encoding"})
+#: Never passed back to the client: hop-by-hop headers, cookies, and every header the gateway
+#: sets itself (request id, security headers, HSTS): an engine's copy would come first and be
+#: the one clients obey. CORS headers (``access-control-*``) are the gateway's policy alone.
+#: Headers the engine names in its Connection header are dropped too.
+_RESPONSE_DROP = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate", b"te",
+    b"trailer", b"transfer-encoding", b"upgrade", b"content-length", b"set-cookie",
+    b"server", b"date", b"x-request-id", b"x-flm-proxy", b"x-content-type-options",
+    b"x-frame-options", b"referrer-policy", b"strict-transport-security"})
+#: Methods the pass-through forwards (CONNECT and TRACE are not an engine API's).
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def _forwardable(headers: list[tuple[bytes, bytes]],
+                 drop: frozenset[bytes]) -> list[tuple[bytes, bytes]]:
+    """``headers`` (names lower-cased) without ``drop``, ``access-control-*`` and the names
+    listed in a Connection header."""
+    named = {token.strip().lower() for name, value in headers
+             if name.lower() in (b"connection", b"proxy-connection")
+             for token in value.split(b",")}
+    out = []
+    for name, value in headers:
+        low = name.lower()
+        if low in drop or low in named or low.startswith(b"access-control-"):
+            continue
+        out.append((low, value))
+    return out
+
+
 _BAD_RAW = re.compile(rb"%2e|%2f|%5c|%00|\\|//|/\./|/\.\./|/\.\.?$", re.IGNORECASE)
 _SAFE_PATH = re.compile(r"^/[A-Za-z0-9._~!$&'()*+,;=:@/-]*$")
 
@@ -43,21 +76,27 @@ _SAFE_PATH = re.compile(r"^/[A-Za-z0-9._~!$&'()*+,;=:@/-]*$")
 def split_target(scope: Scope) -> tuple[str, str]:
     raw: bytes = scope.get("raw_path") or scope["path"].encode()
     if _BAD_RAW.search(raw):
-        raise HttpError(404, "not_found", "no such route")
+        raise NoSuchRoute()
     path = unquote(raw.decode("latin-1"))
     match = re.match(r"^/engine/([a-z0-9][a-z0-9_-]{0,63})(/.*)$", path)
     if match is None or not _SAFE_PATH.match(match[2]):
-        raise HttpError(404, "not_found", "no such route")
+        raise NoSuchRoute()
     segments = match[2].split("/")
     if ".." in segments or "." in segments:
-        raise HttpError(404, "not_found", "no such route")
+        raise NoSuchRoute()
     return match[1], match[2]
 
 
 async def engine_passthrough(scope: Scope, receive: Receive, send: Send,
                              rt: ProxyRuntime) -> None:
     engine_id, path = split_target(scope)
-    adapter = rt.engines.adapter(engine_id)
+    method: str = scope["method"]
+    if method not in _METHODS:
+        raise HttpError(405, "method_not_allowed", f"{method} is not forwarded to engines",
+                        [(b"allow", ", ".join(sorted(_METHODS)).encode())])
+    adapter = await rt.engines.detected_adapter(engine_id)
+    state: RequestState = scope["flm"]
+    state.engine_id = engine_id
     kind = adapter.endpoint.kind
     lowered = path.lower()
     admin = ADMIN_ROUTES.get(kind)
@@ -65,20 +104,19 @@ async def engine_passthrough(scope: Scope, receive: Receive, send: Send,
         raise HttpError(403, "route_disabled",
                         f"{kind.value} admin route {path} is not reachable through FLM")
     read_only = _READ_ONLY.get(kind)
-    if read_only is not None and read_only.match(lowered) and scope["method"] != "GET":
+    if read_only is not None and read_only.match(lowered) and method != "GET":
         raise HttpError(403, "route_disabled", f"{path} is read-only through FLM")
     body = await read_body(receive, scope, rt.settings.max_body_bytes)
-    headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]
-               if k not in _HOP_BY_HOP}
+    headers = {k.decode("latin-1"): v.decode("latin-1")
+               for k, v in _forwardable(scope["headers"], _REQUEST_DROP)}
     query = scope.get("query_string", b"").decode("latin-1")
     target = path + (f"?{query}" if query else "")
     try:
-        upstream = await adapter.client.request(scope["method"], target, data=body or None,
+        upstream = await adapter.client.request(method, target, data=body or None,
                                                 headers=headers, check_status=False)
     except EngineError as exc:
         raise HttpError.from_flm(exc) from exc
-    out_headers = [(k.lower(), v) for k, v in upstream.headers.raw()
-                   if k.lower() not in _RESPONSE_DROP]
+    out_headers = _forwardable(upstream.headers.raw(), _RESPONSE_DROP)
     await send({"type": "http.response.start", "status": upstream.status,
                 "headers": out_headers})
     finished = False
