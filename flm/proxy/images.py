@@ -1,12 +1,27 @@
-"""Fetching ``https://`` image URLs into data URIs (≤ 10 MB, PNG/JPEG/WebP only)."""
+"""Fetching ``https://`` image URLs into data URIs (≤ 10 MB, PNG/JPEG/WebP only).
+
+The gateway fetches on a client's behalf, so the fetch must not become a way into the
+machine's own network (SSRF): only ``https://`` URLs, every redirect hop checked again (at most
+three), and only public addresses — a literal address in the URL is checked before connecting,
+a host name's addresses when it is resolved (so a name that resolves to a private address, or
+is made to later, is refused too). Through a SOCKS egress the proxy resolves names, so only
+literal addresses can be checked there. Failures to connect all read the same, so that error
+texts do not tell closed ports from open ones.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import ipaddress
+import socket
+import ssl
+from collections.abc import Callable
 from typing import Any
+from urllib.parse import urljoin, urlsplit
 
 import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
 
 from flm.core.errors import FlmError
 from flm.openai.errors import HttpError
@@ -14,40 +29,109 @@ from flm.openai.translate import ChatPlan
 from flm.proxy.runtime import ProxyRuntime
 
 MAX_FETCHED_IMAGE = 10 * 1024 * 1024
+MAX_REDIRECTS = 3
 _TYPES = {"image/png", "image/jpeg", "image/webp"}
+_REDIRECTS = {301, 302, 303, 307, 308}
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
-async def fetch_image(url: str, connector: aiohttp.BaseConnector | None = None) -> str:
-    timeout = aiohttp.ClientTimeout(total=30, connect=10)
+def is_public(address: Address) -> bool:
+    """A globally routable address (not loopback, private, link-local, shared, reserved...)."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_global and not address.is_multicast
+
+
+class _CheckedResolver(AbstractResolver):
+    """Resolves with aiohttp's default resolver and keeps only allowed addresses."""
+
+    def __init__(self, allowed: Callable[[Address], bool]) -> None:
+        self._inner = aiohttp.DefaultResolver()
+        self._allowed = allowed
+
+    async def resolve(self, host: str, port: int = 0,
+                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+        found = await self._inner.resolve(host, port, family)
+        kept = [r for r in found if self._allowed(ipaddress.ip_address(r["host"]))]
+        if not kept:
+            raise _NotPublic(f"{host} does not resolve to a public address")
+        return kept
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+class _NotPublic(OSError):
+    pass
+
+
+def _check_target(url: str, allowed: Callable[[Address], bool]) -> None:
+    parts = urlsplit(url)
+    if parts.scheme != "https" or not parts.hostname:
+        raise HttpError(400, "invalid_request", "image URLs (and their redirects) must be https")
     try:
-        async with (
-            aiohttp.ClientSession(timeout=timeout, connector=connector) as session,
-            session.get(url, allow_redirects=True, max_redirects=3) as resp,
-        ):
-            if resp.status != 200:
-                raise HttpError(400, "invalid_request",
-                                f"image URL answered HTTP {resp.status}")
-            mime = resp.headers.get("Content-Type", "").split(";")[0].strip().lower()
-            if mime not in _TYPES:
-                raise HttpError(422, "unsupported_modalities",
-                                f"image URL content type {mime or '?'} not accepted")
-            data = bytearray()
-            async for chunk in resp.content.iter_chunked(65536):
-                data += chunk
-                if len(data) > MAX_FETCHED_IMAGE:
-                    raise HttpError(413, "payload_too_large",
-                                    f"image URL body exceeds {MAX_FETCHED_IMAGE} bytes")
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        raise HttpError(400, "invalid_request", f"cannot fetch image URL: {exc}") from None
+        literal = ipaddress.ip_address(parts.hostname)
+    except ValueError:
+        return  # a name: checked when it is resolved
+    if not allowed(literal):
+        raise HttpError(400, "invalid_request", "image URL host is not a public address")
+
+
+async def fetch_image(url: str, connector: aiohttp.BaseConnector | None = None, *,
+                      allowed: Callable[[Address], bool] = is_public,
+                      ssl_context: ssl.SSLContext | None = None) -> str:
+    """``url`` as a data URI. ``connector``: the egress's (SOCKS) connector, if any;
+    ``allowed`` and ``ssl_context`` (which addresses may be fetched from, which CAs are
+    trusted) are there for embedding and tests."""
+    timeout = aiohttp.ClientTimeout(total=30, connect=10)
+    if connector is None:
+        connector = aiohttp.TCPConnector(resolver=_CheckedResolver(allowed),
+                                         ssl=ssl_context if ssl_context is not None else True)
+    try:
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+            for _hop in range(MAX_REDIRECTS + 1):
+                _check_target(url, allowed)
+                async with session.get(url, allow_redirects=False) as resp:
+                    if resp.status in _REDIRECTS and "Location" in resp.headers:
+                        url = urljoin(url, resp.headers["Location"])
+                        continue
+                    return await _read_image(resp)
+            raise HttpError(400, "invalid_request",
+                            f"image URL redirected more than {MAX_REDIRECTS} times")
     except HttpError:
         raise
+    except aiohttp.ClientConnectorError as exc:
+        if isinstance(exc.os_error, _NotPublic):
+            raise HttpError(400, "invalid_request",
+                            "image URL host is not a public address") from None
+        raise HttpError(400, "invalid_request", "cannot fetch image URL: "
+                        "no connection to its host") from None
+    except (aiohttp.ClientError, TimeoutError, ssl.SSLError):
+        raise HttpError(400, "invalid_request", "cannot fetch image URL: "
+                        "no connection to its host") from None
     except Exception as exc:
         from flm.egress.connector import PROXY_EXCEPTIONS
 
         if isinstance(exc, PROXY_EXCEPTIONS):
             raise HttpError(400, "invalid_request",
-                            f"cannot fetch image URL through the egress proxy: {exc}") from None
+                            "cannot fetch image URL through the egress proxy") from None
         raise
+
+
+async def _read_image(resp: aiohttp.ClientResponse) -> str:
+    if resp.status != 200:
+        raise HttpError(400, "invalid_request", f"image URL answered HTTP {resp.status}")
+    mime = resp.headers.get("Content-Type", "").split(";")[0].strip().lower()
+    if mime not in _TYPES:
+        raise HttpError(422, "unsupported_modalities",
+                        f"image URL content type {mime or '?'} not accepted")
+    data = bytearray()
+    async for chunk in resp.content.iter_chunked(65536):
+        data += chunk
+        if len(data) > MAX_FETCHED_IMAGE:
+            raise HttpError(413, "payload_too_large",
+                            f"image URL body exceeds {MAX_FETCHED_IMAGE} bytes")
     return f"data:{mime};base64," + base64.b64encode(bytes(data)).decode("ascii")
 
 
