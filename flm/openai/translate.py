@@ -24,7 +24,12 @@ _STRUCTURAL = {"model", "messages", "stream", "stream_options", "n", "response_f
 _DROPPABLE = frozenset({"logit_bias", "presence_penalty", "frequency_penalty", "stop", "seed",
                         "top_p", "max_tokens", "max_completion_tokens"})
 #: Keys :func:`plan_chat` looks at; any other key goes to the engine as it is.
-_CHECKED = frozenset({"messages", "temperature", "n", "response_format", *_DROPPABLE})
+#: Request fields that steer the engine itself rather than this request: a server-side
+#: template to render (vLLM and llama.cpp accept one per request) and vLLM's KV-cache transfer
+#: parameters (hosts the engine should exchange cache with). Never from an API client.
+_ENGINE_CONTROL = frozenset({"chat_template", "kv_transfer_params"})
+_CHECKED = frozenset({"messages", "temperature", "n", "response_format", *_DROPPABLE,
+                      *_ENGINE_CONTROL})
 MAX_INLINE_IMAGE = 8 * 1024 * 1024
 
 
@@ -155,6 +160,9 @@ def plan_chat(body: dict[str, Any], engine_id: str, model: str,
             out[key] = value  # structural, sampling or engine-specific: passed on
             continue
         if key == "messages":
+            continue
+        if key in _ENGINE_CONTROL:
+            plan.warnings.append(f"{key} dropped: it configures the engine, not the request")
             continue
         if key in ("temperature",) and value is not None:
             if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):

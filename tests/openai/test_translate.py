@@ -38,6 +38,9 @@ def _plan(body: dict[str, Any], caps: Capabilities = PLAIN) -> Any:
         ({"top_k": 5}, PLAIN, {"top_k": 5}, None, True),
         ({"response_format": {"type": "json_object"}}, PLAIN,
          {"response_format": {"type": "json_object"}}, None, True),
+        ({"chat_template": "{{ 7*7 }}"}, VLLM, {}, "chat_template dropped", False),
+        ({"kv_transfer_params": {"remote_host": "10.0.0.9"}}, VLLM, {},
+         "kv_transfer_params dropped", False),
     ],
 )
 def test_parameter_rules(extra: dict[str, Any], caps: Capabilities, expect_body: dict[str, Any],
