@@ -21,6 +21,10 @@ if TYPE_CHECKING:
     from flm.egress.config import EgressConfig
 
 MODELS_TTL_S = 30.0
+#: A request for a model the cached list lacks refreshes the list only if it is at least this
+#: old: a model pulled a moment ago is found, and a client naming unknown models cannot make
+#: every request cost the engine a full listing (Ollama: one ``/api/show`` per model).
+MISS_REFRESH_S = 1.0
 
 
 class EngineRegistry:
@@ -100,8 +104,8 @@ class EngineRegistry:
         lock = self._locks.setdefault(engine_id, asyncio.Lock())
         async with lock:
             cached = self._models.get(engine_id)
-            if cached is not None and cached[0] >= now and not refresh:
-                return cached[1]
+            if cached is not None and cached[0] >= now:
+                return cached[1]  # listed while this call waited for the lock
             models = {m.name: m for m in await adapter.list_models()}
             self._models[engine_id] = (time.monotonic(), models)
             return models
@@ -115,15 +119,15 @@ class EngineRegistry:
                 return adapter, hit  # the hot path: no await, no lookup beyond two dicts
         try:
             models = await self.models_of(engine_id)
-            if model not in models:
+            listed = self._models.get(engine_id)
+            if _find(models, model) is None and (
+                    listed is None or time.monotonic() - listed[0] >= MISS_REFRESH_S):
                 models = await self.models_of(engine_id, refresh=True)
         except EngineError as exc:
             raise HttpError(exc.http_status if exc.http_status != 404 else 503,
                             exc.http_code if exc.http_status != 404 else "engine_unavailable",
                             f"engine {engine_id} is unavailable: {exc.message}") from exc
-        info = models.get(model)
-        if info is None and ":" not in model:
-            info = models.get(f"{model}:latest")  # Ollama's implicit tag
+        info = _find(models, model)
         if info is None:
             raise HttpError(404, "not_found", f"engine {engine_id} has no model {model!r}")
         return adapter, info
@@ -168,3 +172,10 @@ class EngineRegistry:
     async def close(self) -> None:
         await asyncio.gather(*(a.close() for a in self._adapters.values()),
                              return_exceptions=True)
+
+
+def _find(models: dict[str, ModelInfo], model: str) -> ModelInfo | None:
+    info = models.get(model)
+    if info is None and ":" not in model:
+        info = models.get(f"{model}:latest")  # Ollama's implicit tag
+    return info
