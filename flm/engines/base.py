@@ -45,7 +45,7 @@ class EngineAdapter(ABC):
                  client: EngineClient | None = None) -> None:
         self.endpoint = endpoint
         self.client = client or EngineClient(endpoint.base_url, timeouts,
-                                             api_key=endpoint.api_key)
+                                             api_key=endpoint.api_key, name=endpoint.id)
 
     @property
     def id(self) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import socket
 import ssl
@@ -210,8 +211,12 @@ class EngineClient:
         limit: int = 256,
         opener: Opener | None = None,
         api_key: str | None = None,
+        name: str | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        #: How errors name the engine: by its id when it has one (these messages reach API
+        #: clients, who have no business learning the engine's address), else by its URL.
+        self.where = f"engine {name!r}" if name else f"engine at {self.base_url}"
         parts = urllib.parse.urlsplit(self.base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"engine URL must be http(s)://host[:port]: {base_url!r}")
@@ -287,7 +292,7 @@ class EngineClient:
                 await fut
             except TimeoutError:
                 raise EngineTimeoutError(
-                    f"all {self._limit} connections to the engine at {self.base_url} stayed busy"
+                    f"all {self._limit} connections to the {self.where} stayed busy"
                 ) from None
             except BaseException:
                 # Woken for a free slot just as we gave up: the next waiter gets it.
@@ -329,16 +334,17 @@ class EngineClient:
                         server_hostname=server_hostname)
         except TimeoutError:
             raise EngineTimeoutError(
-                f"cannot connect to engine at {self.base_url} within {wait:g} s") from None
+                f"cannot connect to {self.where} within {wait:g} s") from None
         except OSError as exc:
-            raise EngineNetworkError(
-                f"cannot connect to engine at {self.base_url}: {exc}") from exc
+            # (the errno's text: the exception's own text names the address)
+            reason = os.strerror(exc.errno) if exc.errno else type(exc).__name__
+            raise EngineNetworkError(f"cannot connect to {self.where}: {reason}") from exc
         except Exception as exc:
             from flm.egress.connector import PROXY_EXCEPTIONS
 
             if isinstance(exc, PROXY_EXCEPTIONS):
                 raise EngineNetworkError(
-                    f"cannot reach engine at {self.base_url} through the egress proxy: {exc}"
+                    f"cannot reach {self.where} through the egress proxy: {exc}"
                 ) from exc
             raise
         return conn
@@ -424,7 +430,7 @@ class EngineClient:
         ``read``, a body of known length up to ``HIGH_WATER``); the connection, still
         holding its pool slot."""
         if self._closed:
-            raise EngineNetworkError(f"the client for {self.base_url} was closed")
+            raise EngineNetworkError(f"the client for {self.where} was closed")
         length = len(body) if body or method not in _NO_BODY else None
         head = self._head(method, path, headers, length)
         wait = self.timeouts.first_byte_s if first_byte_s is None else first_byte_s
@@ -461,7 +467,7 @@ class EngineClient:
             except TimeoutError:
                 self._put_back(conn, False)
                 raise EngineTimeoutError(
-                    f"engine at {self.base_url} did not answer within {wait:g} s") from None
+                    f"{self.where} did not answer within {wait:g} s") from None
             except BaseException:
                 self._put_back(conn, False)
                 raise
@@ -472,7 +478,7 @@ class EngineClient:
         upstream = UpstreamResponse(conn, self, self.timeouts)
         if conn.flm_listener:
             upstream.close()
-            raise FlmListenerError(f"{self.base_url} is an FLM proxy, not an engine")
+            raise FlmListenerError(f"{self.where} is an FLM proxy, not an engine")
         if check_status and conn.status >= 400:
             try:
                 body_bytes = await upstream.read(64 * 1024)

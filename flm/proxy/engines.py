@@ -71,7 +71,7 @@ class EngineRegistry:
 
         url = endpoint.base_url
         return EngineClient(url, self._timeouts, opener=opener_for(egress, url),
-                            api_key=endpoint.api_key)
+                            api_key=endpoint.api_key, name=endpoint.id)
 
     def ids(self) -> list[str]:
         return list(self._adapters)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import sqlite3
 import threading
 import time
@@ -194,3 +195,36 @@ def test_headers_are_filtered_both_ways(cli: Any, peer_factory: Any, flm_home: P
                 break
             time.sleep(0.01)
         assert rows == [("peer",)]
+
+
+def test_engine_failures_do_not_reveal_the_engine_address(cli: Any) -> None:
+    """Errors that reach API clients name an engine by its id, never by its URL."""
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    dead_port = closed.getsockname()[1]
+    closed.close()  # nothing listens there now
+    with start_emulator("vllm", models=["m:1"]) as emu:
+        cli("engines", "add", "--kind", "vllm", "--url", f"http://127.0.0.1:{dead_port}",
+            "--id", "down")
+        cli("engines", "add", "--kind", "vllm", "--url", emu.url, "--id", "slow")
+        cli("config", "set", "engine.first_byte_timeout_s", "0.5")
+        key = cli("api-keys", "create", "--label", "t").data["key"]
+        emu_port = str(urlsplit(emu.url).port)
+        with start_gateway() as gw:
+            emu.behaviour.delay_s = 2.0
+            for engine, port in (("down", str(dead_port)), ("slow", emu_port)):
+                for path in (f"/engine/{engine}/v1/models", "/v1/chat/completions"):
+                    body = json.dumps({"model": f"flm://{engine}/m:1", "messages": [
+                        {"role": "user", "content": "hi"}]}).encode()
+                    parts = urlsplit(gw.url)
+                    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+                    conn.request("POST" if path.startswith("/v1") else "GET", path,
+                                 body=body if path.startswith("/v1") else None,
+                                 headers={"Authorization": f"Bearer {key}"})
+                    resp = conn.getresponse()
+                    raw = resp.read()
+                    conn.close()
+                    assert resp.status in (502, 503, 504), (engine, path, raw)
+                    message = json.loads(raw)["error"]["message"]
+                    assert f"'{engine}'" in message or f" {engine} " in message, message
+                    assert port not in message and "127.0.0.1" not in message, message
