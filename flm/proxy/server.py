@@ -41,6 +41,8 @@ from urllib.parse import unquote
 import httptools
 
 from flm.core.errors import ProxyError, ProxyPortInUseError
+from flm.core.ids import new_request_id
+from flm.openai.errors import error_bytes
 from flm.proxy.asgi import ASGIApp, Message, RequestBodyTimeout, Scope
 
 log = logging.getLogger("flm.proxy")
@@ -100,10 +102,15 @@ def _date_line() -> bytes:
     return _date_cache[1]
 
 
-def _plain_response(status: bytes, message: bytes, fixed: bytes = b"") -> bytes:
-    return (b"HTTP/1.1 " + status + b"\r\ncontent-type: text/plain\r\ncontent-length: "
-            + str(len(message)).encode() + b"\r\n" + fixed + b"connection: close\r\n\r\n"
-            + message)
+def _error_response(status: int, code: str, message: str, fixed: bytes = b"") -> bytes:
+    """The server's own refusal (the app never saw the request): the error contract's JSON
+    body and a request id, like every other response; the connection closes after it."""
+    rid = new_request_id()
+    body = error_bytes(status, code, message, rid)
+    return (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+            b"x-request-id: %s\r\n%sconnection: close\r\n\r\n%s"
+            % (status, http.HTTPStatus(status).phrase.encode(), len(body), rid.encode(),
+               fixed, body))
 
 
 def _render_headers(headers: Sequence[tuple[bytes, bytes]]) -> bytes:
@@ -136,7 +143,8 @@ class _Cycle:
     """One request and its response."""
 
     __slots__ = (
-        "body", "body_size", "chunked", "complete", "disconnected", "expect_100", "head_only",
+        "body", "body_size", "chunked", "complete", "disconnected", "expect_100", "failed",
+        "head_only",
         "keep_alive", "last_delivered", "more_body", "pending_head", "proto", "running",
         "scope", "started", "timed_out", "waiter",
     )
@@ -153,6 +161,9 @@ class _Cycle:
         self.more_body = True
         self.last_delivered = False
         self.disconnected = False
+        #: The request's body could not be parsed: the app sees a disconnect, the client the
+        #: server's 400.
+        self.failed = False
         self.timed_out = False
         self.running = False
         self.started = False
@@ -338,7 +349,12 @@ class HttpProtocol(asyncio.Protocol):
         self.deadline = 0.0
         self.on_deadline: Any = None
         self.parsing: _Cycle | None = None  # the request whose body is being read
+        #: A request whose head was parsed in the current read: dispatched once the read has
+        #: parsed cleanly (bytes that break the framing right after a head stop it).
+        self.starting: _Cycle | None = None
         self.active: _Cycle | None = None  # the request the app is serving
+        #: The server's refusal, sent once the requests read before the bad bytes are answered.
+        self.refusal: bytes | None = None
         self.pipeline: deque[_Cycle] = deque()
         self.read_paused = False
         self.write_paused = False
@@ -391,23 +407,21 @@ class HttpProtocol(asyncio.Protocol):
         await waiter
 
     def data_received(self, data: bytes) -> None:
-        in_head = self.in_head
+        # Bytes that arrive between two requests start the next head.
+        in_head = self.in_head or self.parsing is None
         self.chunk_size = len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            # No protocol switching here: the request is served without its body and the
-            # connection closed after the response.
-            cycle = self.parsing
-            if cycle is not None:
-                self.parsing = None
-                cycle.keep_alive = False
-                cycle.more_body = False
-                cycle.wake()
-            self._pause_reading()
-        except httptools.HttpParserError:
-            self._refuse(b"400 Bad Request", b"invalid HTTP request")
+            self._no_upgrade()
             return
+        except httptools.HttpParserError:
+            self._fail(400, "invalid_request", "invalid HTTP request")
+            return
+        cycle = self.starting
+        if cycle is not None:  # a head parsed cleanly, with what followed it in this read
+            self.starting = None
+            self._start(cycle)
         cycle = self.parsing
         if cycle is not None and cycle is self.active and self.on_deadline is None:
             self._arm(self.state.body_timeout_s, self._body_too_slow)
@@ -419,14 +433,69 @@ class HttpProtocol(asyncio.Protocol):
             if in_head:
                 self.head_bytes += len(data)
                 if self.head_bytes > self.max_head_bytes:
-                    self._refuse(b"431 Request Header Fields Too Large",
-                                 b"request head too large")
+                    # (Counted by reads: a read that also carried the end of the request
+                    # before may count a little high; that request is still answered first.)
+                    self._fail(431, "headers_too_large", "request head too large")
 
-    def _refuse(self, status: bytes, message: bytes) -> None:
+    def _no_upgrade(self) -> None:
+        """llhttp stopped at a request that asks for another protocol (``Upgrade``, or
+        CONNECT). There is no switching here: the request is answered as plain HTTP and the
+        connection closed after it; what follows its head is never read as requests. A body
+        it declares cannot be read (llhttp leaves it unparsed), so such a request is
+        refused instead of served without it."""
+        self._pause_reading()
+        cycle = self.pipeline[-1] if self.pipeline else (self.starting or self.active)
+        if cycle is None:
+            self._fail(400, "invalid_request", "invalid HTTP request")
+            return
+        cycle.keep_alive = False
+        declares_body = any(
+            name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0")
+            for name, value in cycle.scope["headers"])
+        if declares_body:
+            if cycle is self.starting:
+                self.starting = None  # never dispatched
+            else:
+                self.parsing = cycle  # refused by _fail like a request with a broken body
+            self._fail(400, "invalid_request",
+                       "a request asking for a protocol upgrade cannot carry a body here")
+            return
+        if cycle is self.starting:
+            self.starting = None
+            self._start(cycle)
+
+    def _fail(self, status: int, code: str, message: str) -> None:
+        """The bytes cannot be parsed any further: the requests read whole before them are
+        answered, then this refusal is sent and the connection closed. A request whose head
+        was read but whose body is broken is never dispatched if it had not started yet; if
+        it is running, its app sees a disconnect and the client this refusal."""
+        self._pause_reading()
+        self._disarm()
+        if self.refusal is not None:
+            return
+        self.refusal = _error_response(status, code, message, self.state.fixed)
+        starting = self.starting
+        if starting is not None:
+            self.starting = None
+            if not starting.more_body:  # read whole before the bad bytes: it is answered
+                self._start(starting)
+        broken = self.parsing
+        self.parsing = None
+        if broken is not None and not (broken is starting and not broken.more_body):
+            broken.failed = broken.disconnected = True
+            broken.more_body = False
+            if broken in self.pipeline:
+                self.pipeline.remove(broken)
+            broken.wake()
+        if self.active is None and not self.pipeline:
+            self._send_refusal()
+
+    def _send_refusal(self) -> None:
         transport = self.transport
+        refusal, self.refusal = self.refusal, None
         if transport is not None and not transport.is_closing():
-            if self.active is None:
-                transport.write(_plain_response(status, message, self.state.fixed))
+            if refusal:
+                transport.write(refusal)
             transport.close()
 
     # -- parser callbacks -----------------------------------------------------------------------
@@ -472,9 +541,9 @@ class HttpProtocol(asyncio.Protocol):
                 scope["flm_head_too_large"] = True
         cycle = _Cycle(self, scope, parser.should_keep_alive(), method == "HEAD")
         self.parsing = cycle
-        if self.active is None:
+        if self.active is None and self.starting is None:
             self._disarm()
-            self._start(cycle)
+            self.starting = cycle  # dispatched by data_received once the read parses cleanly
         else:
             self.pipeline.append(cycle)
             self._pause_reading()
@@ -551,6 +620,11 @@ class HttpProtocol(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
+        if self.refusal is not None and not self.pipeline:
+            if cycle.failed and cycle.started:
+                self.refusal = None  # its own response was cut: no refusal after it
+            self._send_refusal()
+            return
         if not cycle.keep_alive or cycle.more_body or self.state.stopping:
             # An unread body (e.g. refused with 413) is never read: the connection closes.
             transport.close()
@@ -574,8 +648,11 @@ class HttpProtocol(asyncio.Protocol):
         if cycle.complete or transport is None or transport.is_closing():
             return
         cycle.complete = True
-        if not cycle.started and not cycle.disconnected:
-            transport.write(_plain_response(b"500 Internal Server Error", b"internal error",
+        if cycle.failed and not cycle.started and self.refusal is not None:
+            transport.write(self.refusal)  # the request's body broke: the server's 400
+            self.refusal = None
+        elif not cycle.started and not cycle.disconnected:
+            transport.write(_error_response(500, "internal_error", "internal error",
                                             self.state.fixed))
         elif cycle.pending_head is not None:
             cycle.pending_head = None
@@ -627,7 +704,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def _head_too_slow(self) -> None:
         if self.in_head and self.active is None:
-            self._refuse(b"408 Request Timeout", b"request head not received in time")
+            self._fail(408, "request_timeout", "request head not received in time")
 
     def _body_too_slow(self) -> None:
         cycle = self.active

@@ -456,3 +456,137 @@ def test_small_reply_is_one_transport_write() -> None:
     writes = asyncio.run(run())
     assert len(writes) == 1
     assert writes[0].startswith(b"HTTP/1.1 200") and writes[0].endswith(b"GET /one  ")
+
+
+# --- bytes that break the framing ------------------------------------------------------------
+
+
+def _counting_echo() -> tuple[list[str], Callable[[Scope, Receive, Send], Any]]:
+    calls: list[str] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        calls.append(f"{scope['method']} {scope['path']}")
+        await echo(scope, receive, send)
+
+    return calls, app
+
+
+def _refusal(sock: socket.socket, buf: bytearray, status: bytes) -> dict[str, Any]:
+    """The server's own refusal: the error contract's JSON, a request id, then the close."""
+    import json
+
+    line, headers, body = read_response(sock, buf)
+    assert line.startswith(b"HTTP/1.1 " + status), line
+    assert headers[b"x-request-id"] and headers[b"connection"] == b"close"
+    error: dict[str, Any] = json.loads(body)["error"]
+    assert error["request_id"] == headers[b"x-request-id"].decode()
+    assert closed_by_peer(sock)
+    return error
+
+
+def test_upgrade_requests_are_answered_as_plain_http_and_never_smuggle(
+        running: Callable[..., Running]) -> None:
+    calls, app = _counting_echo()
+    r = running(app)
+    smuggled = b"GET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n"
+    with connect(r.port) as sock:  # a body llhttp would not read: refused, never served
+        sock.sendall(b"POST /up HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(smuggled) + smuggled)
+        assert "upgrade" in _refusal(sock, bytearray(), b"400")["message"]
+    with connect(r.port) as sock:  # no body: served, then the connection ends
+        sock.sendall(b"GET /up HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\n"
+                     b"Upgrade: websocket\r\n\r\n" + smuggled)
+        buf = bytearray()
+        line, headers, body = read_response(sock, buf)
+        assert line.startswith(b"HTTP/1.1 200") and body.startswith(b"GET /up")
+        assert headers[b"connection"] == b"close" and closed_by_peer(sock)
+    assert calls == ["GET /up"]
+
+
+def test_bad_bytes_after_good_requests_answer_those_first(
+        running: Callable[..., Running]) -> None:
+    calls, app = _counting_echo()
+    r = running(app)
+    with connect(r.port) as sock:
+        sock.sendall(b"GET /one HTTP/1.1\r\nHost: a\r\n\r\nGET /two HTTP/1.1\r\nHost: a\r\n\r\n"
+                     b"garbage\r\n\r\n")
+        buf = bytearray()
+        assert read_response(sock, buf)[2].startswith(b"GET /one")
+        assert read_response(sock, buf)[2].startswith(b"GET /two")
+        assert _refusal(sock, buf, b"400")["code"] == "invalid_request"
+    assert calls == ["GET /one", "GET /two"]
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GET /te HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: identity\r\n\r\n",
+    b"POST /te HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+    b"POST /te HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"fffffffffffffffffff\r\nx\r\n",
+])
+def test_a_request_with_broken_framing_is_refused_and_never_dispatched(
+        running: Callable[..., Running], request_bytes: bytes) -> None:
+    calls, app = _counting_echo()
+    r = running(app)
+    with connect(r.port) as sock:
+        sock.sendall(request_bytes)
+        _refusal(sock, bytearray(), b"400")
+    assert calls == []
+
+
+def test_broken_body_of_a_running_request_gets_the_refusal(
+        running: Callable[..., Running]) -> None:
+    seen: list[Message] = []
+    first_part = threading.Event()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        seen.append(await receive())
+        first_part.set()
+        seen.append(await receive())  # the body breaks: the app sees the client go
+
+    r = running(app)
+    with connect(r.port) as sock:
+        sock.sendall(b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"3\r\nabc\r\n")
+        assert first_part.wait(5)
+        sock.sendall(b"zz\r\n")
+        _refusal(sock, bytearray(), b"400")
+    assert seen == [{"type": "http.request", "body": b"abc", "more_body": True},
+                    {"type": "http.disconnect"}]
+
+
+def test_head_limit_holds_on_keep_alive_connections(running: Callable[..., Running]) -> None:
+    """A head over the limit is refused by the server while it is read, or, when its last part
+    completes it, flagged for the app (the gateway answers 431 itself); either way it is
+    measured on the second request of a connection too."""
+    flagged: list[bool] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        flagged.append(bool(scope.get("flm_head_too_large")))
+        await echo(scope, receive, send)
+
+    r = running(app)
+    with connect(r.port) as sock:
+        buf = bytearray()
+        sock.sendall(b"GET /first HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert read_response(sock, buf)[0].startswith(b"HTTP/1.1 200")
+        # 50 KB, read by the server before the next 30 KB are sent: only counting both
+        # reads finds the head over the 64 KiB limit.
+        head = b"GET /second HTTP/1.1\r\nHost: a\r\nX-Pad: " + b"a" * 80_000 + b"\r\n\r\n"
+        sock.sendall(head[:50_000])
+        [proto] = r.server.state.connections
+        deadline = time.monotonic() + 5
+        while proto.url != b"/second":  # the first part has been read and parsed
+            assert time.monotonic() < deadline, "the server never read the first part"
+            time.sleep(0.005)
+        sock.sendall(head[50_000:])
+        read_response(sock, buf)
+    assert flagged == [False, True]
+
+
+def test_head_timeout_is_the_error_contract(running: Callable[..., Running],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(server.HttpProtocol, "head_timeout_s", 0.3)
+    r = running(echo)
+    with connect(r.port) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n")  # never finished
+        assert _refusal(sock, bytearray(), b"408")["code"] == "request_timeout"

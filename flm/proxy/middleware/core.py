@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import logging
-import random
-import secrets
 import time
 
 from flm.core.errors import FlmError
+from flm.core.ids import new_request_id
 from flm.openai.errors import HttpError, error_bytes
 from flm.proxy.asgi import ASGIApp, Message, Receive, RequestState, Scope, Send
 from flm.proxy.runtime import ProxyRuntime
@@ -24,15 +23,6 @@ BASE_HEADERS = [
 ]
 #: On every response of an HTTPS listener (and its plain-HTTP redirect port).
 HSTS = (b"strict-transport-security", b"max-age=31536000; includeSubDomains")
-
-
-# Request ids are correlation handles, not secrets: a PRNG seeded from the OS is enough and
-# avoids a system call per request.
-_ids = random.Random(secrets.randbits(64))  # noqa: S311 - ids are not secrets
-
-
-def new_request_id() -> str:
-    return f"{int(time.time() * 1000)}-{_ids.getrandbits(48):012x}"
 
 
 class RequestMiddleware:
