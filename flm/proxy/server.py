@@ -211,9 +211,10 @@ class _Cycle:
                     else b"".join(parts), "more_body": False}
         if self.expect_100 and self.more_body and not self.body:
             self.expect_100 = False
-            if not self.started and not proto.transport_closing() and any(
+            if not self.started and not proto.transport_closing() \
+                    and self.scope["http_version"] != "1.0" and any(
                     name == b"expect" and value.lower() == b"100-continue"
-                    for name, value in self.scope["headers"]):
+                    for name, value in self.scope["headers"]):  # (1.0 clients: RFC 9110 §10.1.1)
                 proto.write(_CONTINUE)
         while not (self.disconnected or self.complete or self.timed_out or self.body
                    or (not self.more_body and not self.last_delivered)):
@@ -297,7 +298,9 @@ class _Cycle:
             self.chunked = True
             parts.append(b"transfer-encoding: chunked\r\n")
             lines += 1
-        if not self.keep_alive or state.stopping:
+        if not self.keep_alive or state.stopping or self.more_body:
+            # (A reply that starts before the request body was read whole ends the
+            # connection: the rest of that body is never read.)
             self.keep_alive = False
             parts.append(b"connection: close\r\n")
             lines += 1

@@ -226,8 +226,8 @@ def test_reply_before_the_body_closes_the_connection(running: Callable[..., Runn
     with connect(r.port) as sock:
         sock.sendall(b"POST /big HTTP/1.1\r\nHost: a\r\nContent-Length: 40000000\r\n\r\n"
                      + b"x" * 65536)
-        status, _, _ = read_response(sock, bytearray())
-        assert status.startswith(b"HTTP/1.1 413")
+        status, headers, _ = read_response(sock, bytearray())
+        assert status.startswith(b"HTTP/1.1 413") and headers[b"connection"] == b"close"
         assert closed_by_peer(sock)
 
 
@@ -590,3 +590,17 @@ def test_head_timeout_is_the_error_contract(running: Callable[..., Running],
     with connect(r.port) as sock:
         sock.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n")  # never finished
         assert _refusal(sock, bytearray(), b"408")["code"] == "request_timeout"
+
+
+def test_no_100_continue_for_http10_clients(running: Callable[..., Running]) -> None:
+    r = running(echo)
+    with connect(r.port) as sock:
+        sock.sendall(b"POST /e HTTP/1.0\r\nHost: a\r\nExpect: 100-continue\r\n"
+                     b"Content-Length: 5\r\n\r\n")
+        sock.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            sock.recv(65536)  # nothing: an HTTP/1.0 client is never sent "100 Continue"
+        sock.settimeout(10)
+        sock.sendall(b"hello")
+        line, _, body = read_response(sock, bytearray())
+        assert line.startswith(b"HTTP/1.1 200") and body.endswith(b"hello")
