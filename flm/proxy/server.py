@@ -54,6 +54,8 @@ HEADER_TIMEOUT_S = 10.0
 #: Default deadline for a request body, from the end of its head.
 BODY_TIMEOUT_S = 30.0
 KEEPALIVE_TIMEOUT_S = 15.0
+#: A client that reads nothing of a reply for this long is cut.
+SEND_TIMEOUT_S = 60.0
 GRACEFUL_SHUTDOWN_S = 5.0
 #: Reading pauses while this much request body waits for the app.
 BODY_HIGH_WATER = 64 * 1024
@@ -334,6 +336,7 @@ class HttpProtocol(asyncio.Protocol):
     max_head_bytes = MAX_HEADER_BYTES
     head_timeout_s = HEADER_TIMEOUT_S
     keepalive_timeout_s = KEEPALIVE_TIMEOUT_S
+    send_timeout_s = SEND_TIMEOUT_S
 
     def __init__(self, state: _ServerState) -> None:
         self.state = state
@@ -405,9 +408,18 @@ class HttpProtocol(asyncio.Protocol):
                 waiter.set_result(None)
 
     async def drain(self) -> None:
+        """Until the client has read enough of what was written; a client that reads nothing
+        for ``send_timeout_s`` is cut (a reader that never reads must not hold a connection,
+        and through it a stream and an engine slot, forever)."""
         waiter = self.loop.create_future()
         self.drain_waiters.append(waiter)
-        await waiter
+        try:
+            async with asyncio.timeout(self.send_timeout_s):
+                await waiter
+        except TimeoutError:
+            log.info("client %s read nothing for %g s: connection cut",
+                     self.client[0] if self.client else "?", self.send_timeout_s)
+            self.abort()
 
     def data_received(self, data: bytes) -> None:
         # Bytes that arrive between two requests start the next head.

@@ -604,3 +604,24 @@ def test_no_100_continue_for_http10_clients(running: Callable[..., Running]) -> 
         sock.sendall(b"hello")
         line, _, body = read_response(sock, bytearray())
         assert line.startswith(b"HTTP/1.1 200") and body.endswith(b"hello")
+
+
+def test_a_client_that_never_reads_is_cut(running: Callable[..., Running],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(server.HttpProtocol, "send_timeout_s", 0.5)
+    finished = threading.Event()
+
+    async def flood(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        chunk = b"x" * 65536
+        for _ in range(2000):  # 128 MB: far more than any socket buffer holds
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        finished.set()
+
+    r = running(flood)
+    with connect(r.port) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.sendall(b"GET /flood HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert finished.wait(15), "the app was still blocked on a client that reads nothing"
+        assert not r.server.state.connections  # the connection was cut
