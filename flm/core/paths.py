@@ -72,16 +72,25 @@ class Paths:
 
 
 def ensure_private_dir(path: Path) -> Path:
-    """Create ``path`` (and parents) with mode 0700; tighten it if it already exists."""
+    """An FLM-owned directory: create ``path`` (and parents) with mode 0700; tighten it if it
+    already exists. Never for a directory the user named (``--output``, ``--db-path-*``):
+    that may be shared, like ``/tmp`` — see :func:`make_dir`."""
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     if os.name == "posix" and (path.stat().st_mode & 0o077):
         path.chmod(0o700)
     return path
 
 
+def make_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) if missing, mode 0700; an existing directory is left as it
+    is (the files FLM writes into it are 0600 on their own)."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
+
+
 def touch_private_file(path: Path) -> Path:
     """Create ``path`` with mode 0600 if missing (before anyone else can create it wider)."""
-    ensure_private_dir(path.parent)
+    make_dir(path.parent)
     fd = os.open(path, os.O_CREAT | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0), 0o600)
     os.close(fd)
     if os.name == "posix" and (path.stat().st_mode & 0o077):
@@ -91,7 +100,7 @@ def touch_private_file(path: Path) -> Path:
 
 def write_private_file(path: Path, data: bytes) -> None:
     """Atomically replace ``path`` with ``data``, mode 0600."""
-    ensure_private_dir(path.parent)
+    make_dir(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o600)
     try:

@@ -136,9 +136,10 @@ class AuditSink:
                 if kind == "request":
                     (ts, rid, ip, key_id, endpoint, method, engine, model, status, latency,
                      p_tok, c_tok, err) = item
+                    # (the model is the client's text: a key pasted there is redacted too)
                     row = (iso_ts(ts), rid, ip, key_id, scrub(endpoint)[:512], method, engine,
-                           model, status, round(latency, 3), p_tok, c_tok, err, "request",
-                           "info", None)
+                           None if model is None else scrub(model)[:512], status,
+                           round(latency, 3), p_tok, c_tok, err, "request", "info", None)
                 elif kind == "event":
                     ts, event_type, severity, ip, details, rid, endpoint = item
                     row = (iso_ts(ts), rid, ip, None, scrub(endpoint or "")[:512] or None, None,

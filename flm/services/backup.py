@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from flm.core.errors import IoError, ProxyAlreadyRunningError, RepoError, UsageError
-from flm.core.paths import ensure_private_dir, touch_private_file
+from flm.core.paths import ensure_private_dir, make_dir, touch_private_file
 from flm.core.timeutil import utc_now
 from flm.services.runstate import running_daemon
 from flm.storage import Storage
@@ -28,7 +28,8 @@ class BackupService:
         self._storage = storage
 
     def create(self, output_dir: Path | None = None) -> dict[str, Any]:
-        folder = ensure_private_dir(output_dir or self._storage.paths.backups_dir)
+        folder = (make_dir(output_dir) if output_dir is not None
+                  else ensure_private_dir(self._storage.paths.backups_dir))
         db = self._storage.security  # opens + migrates, so the file exists
         target = folder / f"security.db.bak.{_stamp()}"
         while target.exists():  # two backups in the same millisecond

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flm.core.paths import Paths
+from flm.core.paths import Paths, ensure_private_dir
 from flm.storage.db import Database
 
 
@@ -18,12 +18,14 @@ class Storage:
     @property
     def config(self) -> Database:
         if self._config is None:
+            ensure_private_dir(self.paths.home)
             self._config = Database(self.paths.config_db, "config").open()
         return self._config
 
     @property
     def security(self) -> Database:
         if self._security is None:
+            ensure_private_dir(self.paths.home)
             self._security = Database(self.paths.security_db, "security").open()
         return self._security
 

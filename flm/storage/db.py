@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from flm.core.errors import MigrationFailedError, RepoError
-from flm.core.paths import ensure_private_dir, touch_private_file
+from flm.core.paths import make_dir, touch_private_file
 from flm.core.threads import background_thread
 
 T = TypeVar("T")
@@ -160,7 +160,7 @@ class Database:
     def open(self) -> Database:
         if self._opened:
             return self
-        ensure_private_dir(self.path.parent)
+        make_dir(self.path.parent)  # (FLM's home is made private by Storage)
         touch_private_file(self.path)
         migrations = (
             self._migrations if self._migrations is not None else load_migrations(self.name)

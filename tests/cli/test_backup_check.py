@@ -95,3 +95,25 @@ def test_check_detects_corruption(cli: Any, flm_home: Path) -> None:
     assert result.code in (1, 2)
     assert result.json["error"]["code"] in ("DB_ERROR", "MIGRATION_FAILED")
     assert time.monotonic() - started < 10
+
+
+def test_directories_the_user_names_keep_their_mode(cli: Any, flm_home: Path,
+                                                    tmp_path: Path) -> None:
+    """Files FLM writes where the user says are 0600, but the directory is the user's: a
+    shared one (like /tmp, mode 1777) is never narrowed. FLM's own home is made private."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    flm_home.chmod(0o755)
+    assert cli("api-keys", "create", "--label", "k").code == 0
+    assert stat.S_IMODE(flm_home.stat().st_mode) == 0o700
+    assert cli("security", "backup", "create", "--output", str(shared)).code == 0
+    assert cli("security", "audit-logs", "export", "--format", "csv",
+               "--output", str(shared / "audit.csv")).code == 0
+    assert cli("--db-path-config", str(shared / "c.db"), "config", "list").code == 0
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o1777
+    written = [f for f in shared.iterdir() if f.is_file()]
+    assert {"audit.csv", "c.db"} <= {f.name for f in written}
+    assert any(f.name.startswith("security.db.bak.") for f in written)
+    for f in written:
+        assert stat.S_IMODE(f.stat().st_mode) & 0o077 == 0, f

@@ -102,6 +102,20 @@ def test_burst_of_1000_has_exactly_one_row_each(env: Env, flm_home: Path) -> Non
     assert sum(1 for line in lines if json.loads(line)["event_type"] == "request") == 1000
 
 
+def test_a_key_pasted_into_the_model_is_not_recorded(env: Env, flm_home: Path) -> None:
+    status, _, _ = env.request("POST", "/v1/chat/completions", body={
+        "model": f"flm://eng/{env.key}", "messages": [{"role": "user", "content": "hi"}]})
+    assert status == 404
+    _flush_until(env, flm_home, 1)
+    conn = sqlite3.connect(flm_home / "security.db")
+    [(model,)] = conn.execute("SELECT model FROM audit_logs WHERE event_type = 'request'")
+    conn.close()
+    assert model.startswith("flm://eng/") and "[redacted]" in model
+    secret = env.key.split("_", 2)[2].encode()
+    for path in (p for p in flm_home.rglob("*") if p.is_file()):
+        assert secret not in path.read_bytes(), path
+
+
 def test_export_and_archive(env: Env, tmp_path: Path, flm_home: Path) -> None:
     for _ in range(3):
         env.chat()
