@@ -263,11 +263,18 @@ def run() -> int:
     import fcntl
 
     fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        log.error("another FLM daemon holds %s", lock_path)
-        return 3
+    deadline = time.monotonic() + 1.0
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError:
+            # A CLI's liveness probe holds a shared lock for an instant: try again briefly.
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                log.error("another FLM daemon holds %s", lock_path)
+                return 3
+            time.sleep(0.01)
     try:
         try:
             import uvloop

@@ -14,7 +14,13 @@ from typing import Any
 
 from flm.core.errors import FlmError, InternalError, ProxyError
 from flm.core.paths import Paths, ensure_private_dir
-from flm.services.runstate import DaemonInfo, pid_alive, read_daemon_file, running_daemon
+from flm.services.runstate import (
+    DaemonInfo,
+    daemon_alive,
+    pid_alive,
+    read_daemon_file,
+    running_daemon,
+)
 from flm.storage import Storage
 from flm.storage.config import ProxyHandlesRepo
 
@@ -35,7 +41,8 @@ class ProxyService:
         """Remove a run file whose daemon is dead and handles whose process is gone."""
         removed_file = False
         info = read_daemon_file(self.paths.daemon_file)
-        if self.paths.daemon_file.exists() and (info is None or not pid_alive(info.pid)):
+        if self.paths.daemon_file.exists() and (
+                info is None or not daemon_alive(self.paths, info)):
             self.paths.daemon_file.unlink(missing_ok=True)
             removed_file = True
         repo = ProxyHandlesRepo(self._storage.config)

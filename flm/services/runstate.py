@@ -19,7 +19,7 @@ def pid_alive(pid: int) -> bool:
         return bool(psutil.pid_exists(pid))
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:
         return True
@@ -45,13 +45,45 @@ def read_daemon_file(path: Path) -> DaemonInfo | None:
         return DaemonInfo(
             int(data["port"]), str(data["token"]), int(data["pid"]), str(data["started_at"])
         )
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, OverflowError):
         return None
 
 
+def daemon_lock_held(paths: Paths) -> bool:
+    """Whether a daemon is alive: it holds ``run/daemon.lock`` (an exclusive ``flock``) for its
+    whole life, and the kernel drops the lock when it dies, however it dies. Unlike the run
+    file's pid, this cannot be fooled by a pid the system has since given to another process.
+    (The probe takes a shared lock for an instant; a daemon starting at that moment retries.)"""
+    import fcntl
+
+    try:
+        fd = os.open(paths.run_dir / "daemon.lock", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True  # cannot tell: assume alive rather than remove a live daemon's file
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+def daemon_alive(paths: Paths, info: DaemonInfo) -> bool:
+    if os.name == "nt":  # pragma: no cover - exercised on Windows only
+        return pid_alive(info.pid)
+    return daemon_lock_held(paths)
+
+
 def running_daemon(paths: Paths) -> DaemonInfo | None:
-    """The daemon described by the run file if its process is alive, else ``None``."""
+    """The daemon described by the run file if it is alive, else ``None``."""
     info = read_daemon_file(paths.daemon_file)
-    if info is None or not pid_alive(info.pid):
+    if info is None or not daemon_alive(paths, info):
         return None
     return info

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import stat
@@ -37,11 +38,14 @@ def test_restore_refused_while_daemon_runs(cli: Any, flm_home: Path) -> None:
     run.mkdir(mode=0o700)
     (run / "proxy-daemon.json").write_text(json.dumps(
         {"port": 1, "token": "t", "pid": os.getpid(), "started_at": "now"}))
-    refused = cli("security", "backup", "restore", "--file", backup)
+    lock = os.open(run / "daemon.lock", os.O_CREAT | os.O_RDWR, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # what a live daemon holds for its whole life
+    try:
+        refused = cli("security", "backup", "restore", "--file", backup)
+    finally:
+        os.close(lock)  # the daemon is gone, and its lock with it
     assert refused.code == 1 and refused.error["code"] == "PROXY_ALREADY_RUNNING"
-    # a stale run file (dead pid) does not block
-    (run / "proxy-daemon.json").write_text(json.dumps(
-        {"port": 1, "token": "t", "pid": 2**22 + 12345, "started_at": "now"}))
+    # a stale run file (no daemon holds the lock) does not block
     assert cli("security", "backup", "restore", "--file", backup).code == 0
 
 

@@ -92,3 +92,22 @@ def test_kill_9_of_daemon_is_cleaned_up(flm_home: Path) -> None:
 def test_stop_needs_a_target() -> None:
     result = flm_subprocess("proxy", "stop")
     assert result.returncode == 1 and "--all" in json.loads(result.stdout)["error"]["message"]
+
+
+def test_run_file_naming_a_live_unrelated_pid_is_stale(flm_home: Path) -> None:
+    """After a crash or reboot the run file survives and its pid may belong to another live
+    process by now (here: this test's own): the daemon's lock says no daemon runs."""
+    run = flm_home / "run"
+    run.mkdir(mode=0o700, exist_ok=True)
+    (run / "proxy-daemon.json").write_text(json.dumps(
+        {"port": 1, "token": "x" * 64, "pid": os.getpid(), "started_at": "2026-01-01"}))
+    status = _data(flm_subprocess("proxy", "status"))
+    assert status["daemon"] is None and status["cleaned"]["removed_daemon_file"] is True
+    port = _free_port()
+    start = flm_subprocess("proxy", "start", "--port", str(port))
+    assert start.returncode == 0, start.stdout + start.stderr
+    assert flm_subprocess("proxy", "stop", "--all").returncode == 0
+    (run / "proxy-daemon.json").write_text('{"port": 1, "token": "x", "pid": 1e400, '
+                                           '"started_at": "x"}')
+    result = flm_subprocess("proxy", "status")
+    assert result.returncode == 0, result.stdout + result.stderr
