@@ -25,6 +25,7 @@ from flm.proxy.asgi import Receive, Scope, Send, header, read_json, send_json
 from flm.proxy.instance import ProxyInstance, start_instance
 from flm.proxy.server import HttpServer, bind_socket
 from flm.services.context import Context
+from flm.services.events import record_security_event
 from flm.storage.config import ProxyHandleRow, ProxyHandlesRepo
 
 log = logging.getLogger("flm.daemon")
@@ -44,6 +45,7 @@ class Daemon:
         self.instances: dict[str, ProxyInstance] = {}
         self.stop_event = asyncio.Event()
         self.failures: dict[str, list[float]] = {}
+        self._background: set[asyncio.Task[Any]] = set()
         self.started_at = time.time()
         self._lock = asyncio.Lock()
 
@@ -158,27 +160,44 @@ class Daemon:
 
     # --- admin API -------------------------------------------------------------------------------
 
-    def _authorised(self, scope: Scope) -> bool:
+    def _authorised(self, scope: Scope) -> str:
+        """``"ok"`` for the admin token (compared in constant time), else ``"bad"``, or
+        ``"blocked"`` once an address has sent ``MAX_ADMIN_FAILURES`` bad tokens within
+        ``ADMIN_BLOCK_S`` (recorded as an audit event when it happens). A blocked address is
+        refused with 429 until the window passes, but the right token is always let in: the
+        API is on loopback, where every local process has the same address, so a block that
+        refused the owner too would let any of them lock it out."""
         client = scope.get("client")
         ip = client[0] if client else ""
+        value = header(scope, b"authorization") or b""
+        if hmac.compare_digest(value, b"Bearer " + self.token.encode()):
+            return "ok"
         now = time.monotonic()
         recent = [t for t in self.failures.get(ip, []) if now - t < ADMIN_BLOCK_S]
         if len(recent) >= MAX_ADMIN_FAILURES:
-            return False
-        value = header(scope, b"authorization") or b""
-        ok = hmac.compare_digest(value, b"Bearer " + self.token.encode())
-        if not ok:
-            recent.append(now)
-            self.failures[ip] = recent
-            if len(recent) >= MAX_ADMIN_FAILURES:
-                log.warning("admin API: blocking %s after %d bad tokens", ip, len(recent))
-        return ok
+            return "blocked"
+        recent.append(now)
+        self.failures[ip] = recent
+        if len(recent) == MAX_ADMIN_FAILURES:
+            log.warning("admin API: blocking %s after %d bad tokens", ip, len(recent))
+            task = asyncio.get_running_loop().create_task(asyncio.to_thread(
+                record_security_event, self.ctx.storage, "admin_auth_blocked", "high",
+                {"client_ip": ip, "failures": len(recent), "block_s": ADMIN_BLOCK_S}))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        return "bad"
 
     async def admin_app(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
         path, method = scope["path"], scope["method"]
-        if not self._authorised(scope):
+        verdict = self._authorised(scope)
+        if verdict == "blocked":
+            await send_json(send, 429, {"error": {
+                "code": "UNAUTHORIZED", "message": "too many bad admin tokens; blocked for "
+                f"{ADMIN_BLOCK_S:.0f} s"}})
+            return
+        if verdict != "ok":
             await send_json(send, 401, {"error": {"code": "UNAUTHORIZED",
                                                   "message": "bad or missing admin token"}})
             return

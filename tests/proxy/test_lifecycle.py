@@ -111,3 +111,42 @@ def test_run_file_naming_a_live_unrelated_pid_is_stale(flm_home: Path) -> None:
                                            '"started_at": "x"}')
     result = flm_subprocess("proxy", "status")
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_bad_admin_tokens_block_guessers_but_never_the_owner(flm_home: Path) -> None:
+    import sqlite3
+    import urllib.error
+    import urllib.request
+
+    port = _free_port()
+    assert flm_subprocess("proxy", "start", "--port", str(port)).returncode == 0
+    try:
+        info = json.loads((flm_home / "run" / "proxy-daemon.json").read_text())
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+        def health(token: str) -> int:
+            request = urllib.request.Request(f"http://127.0.0.1:{info['port']}/admin/health",
+                                             headers={"Authorization": f"Bearer {token}"})
+            try:
+                with opener.open(request, timeout=10) as resp:
+                    return int(resp.status)
+            except urllib.error.HTTPError as exc:
+                return int(exc.code)
+
+        assert [health("wrong") for _ in range(5)] == [401] * 5
+        assert health("wrong") == 429  # blocked from now on...
+        assert health(info["token"]) == 200  # ...but the owner is not locked out
+        assert _data(flm_subprocess("proxy", "status"))["proxies"][0]["port"] == port
+        deadline = time.monotonic() + 10
+        while True:
+            conn = sqlite3.connect(flm_home / "security.db")
+            rows = conn.execute("SELECT severity, details_json FROM audit_logs "
+                                "WHERE event_type = 'admin_auth_blocked'").fetchall()
+            conn.close()
+            if rows or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        [(severity, details)] = rows
+        assert severity == "high" and json.loads(details)["failures"] == 5
+    finally:
+        assert flm_subprocess("proxy", "stop", "--all").returncode == 0
