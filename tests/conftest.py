@@ -80,3 +80,24 @@ def flm_subprocess(*args: str, env: dict[str, str] | None = None, timeout: float
         [sys.executable, "-m", "flm", *args],
         capture_output=True, text=True, env=full_env, timeout=timeout, input=input, check=False,
     )
+
+
+def audit_rows(home: Path, sql: str, *, flush: Any = None, timeout: float = 10) -> list[Any]:
+    """Rows of ``sql`` on ``home``'s security.db once there are any (audit records are written
+    off the request path): polled with a deadline, calling ``flush`` (e.g. a gateway's
+    ``runtime.audit.flush``) before each look. Empty if none came in time."""
+    import sqlite3
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if flush is not None:
+            flush()
+        conn = sqlite3.connect(home / "security.db")
+        try:
+            rows = conn.execute(sql).fetchall()
+        finally:
+            conn.close()
+        if rows or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.01)

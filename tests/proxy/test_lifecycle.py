@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from flm.services.runstate import pid_alive
-from tests.conftest import flm_subprocess
+from tests.conftest import audit_rows, flm_subprocess
 
 
 def _free_port() -> int:
@@ -114,7 +114,6 @@ def test_run_file_naming_a_live_unrelated_pid_is_stale(flm_home: Path) -> None:
 
 
 def test_bad_admin_tokens_block_guessers_but_never_the_owner(flm_home: Path) -> None:
-    import sqlite3
     import urllib.error
     import urllib.request
 
@@ -137,16 +136,9 @@ def test_bad_admin_tokens_block_guessers_but_never_the_owner(flm_home: Path) -> 
         assert health("wrong") == 429  # blocked from now on...
         assert health(info["token"]) == 200  # ...but the owner is not locked out
         assert _data(flm_subprocess("proxy", "status"))["proxies"][0]["port"] == port
-        deadline = time.monotonic() + 10
-        while True:
-            conn = sqlite3.connect(flm_home / "security.db")
-            rows = conn.execute("SELECT severity, details_json FROM audit_logs "
-                                "WHERE event_type = 'admin_auth_blocked'").fetchall()
-            conn.close()
-            if rows or time.monotonic() > deadline:
-                break
-            time.sleep(0.02)
-        [(severity, details)] = rows
+        [(severity, details)] = audit_rows(
+            flm_home, "SELECT severity, details_json FROM audit_logs "
+            "WHERE event_type = 'admin_auth_blocked'")
         assert severity == "high" and json.loads(details)["failures"] == 5
     finally:
         assert flm_subprocess("proxy", "stop", "--all").returncode == 0

@@ -5,9 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
-import sqlite3
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -18,6 +16,7 @@ import pytest
 
 from flm.testing.emulators import start_emulator
 from flm.testing.gateway import Gateway, start_gateway
+from tests.conftest import audit_rows
 
 
 class _Peer(BaseHTTPRequestHandler):
@@ -184,16 +183,9 @@ def test_headers_are_filtered_both_ways(cli: Any, peer_factory: Any, flm_home: P
         assert len(engine.seen) == before
 
         # the audit row names the engine
-        deadline = time.monotonic() + 10
-        while True:
-            gw.runtime.audit.flush()  # type: ignore[union-attr]
-            conn = sqlite3.connect(flm_home / "security.db")
-            rows = conn.execute("SELECT engine_id FROM audit_logs WHERE endpoint = "
-                                "'/engine/peer/echo' AND status = 200").fetchall()
-            conn.close()
-            if rows or time.monotonic() > deadline:
-                break
-            time.sleep(0.01)
+        rows = audit_rows(flm_home, "SELECT engine_id FROM audit_logs WHERE endpoint = "
+                          "'/engine/peer/echo' AND status = 200",
+                          flush=gw.runtime.audit.flush)  # type: ignore[union-attr]
         assert rows == [("peer",)]
 
 
