@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sqlite3
 from pathlib import Path
@@ -81,8 +82,11 @@ class BackupService:
             )
         if not file.is_file():
             raise UsageError(f"backup file {file} does not exist")
+        # immutable: a backup is never written, so no lock, -wal or -shm file is needed (it
+        # may sit in a read-only place, and reading leaves nothing beside it)
+        source = f"file:{file}?mode=ro&immutable=1"
         try:
-            src = sqlite3.connect(f"file:{file}?mode=ro", uri=True)
+            src = sqlite3.connect(source, uri=True)
             try:
                 ok = src.execute("PRAGMA integrity_check").fetchone()[0]
                 tables = {r[0] for r in src.execute("SELECT name FROM sqlite_master")}
@@ -94,17 +98,25 @@ class BackupService:
             raise UsageError(f"{file} is not a healthy FLM security.db backup")
         self._storage.close()
         target = self._storage.paths.security_db
-        touch_private_file(target)
+        # Copied into a new file, then renamed over the old one: the old file may be the
+        # reason for the restore (a corrupt header is not a database SQLite can write into).
+        fresh = target.with_name(f".{target.name}.restore.{os.getpid()}")
+        fresh.unlink(missing_ok=True)
+        touch_private_file(fresh)
         try:
-            src = sqlite3.connect(f"file:{file}?mode=ro", uri=True)
-            dst = sqlite3.connect(target, timeout=30)
+            src = sqlite3.connect(source, uri=True)
+            dst = sqlite3.connect(fresh, timeout=30)
             try:
                 src.backup(dst)
             finally:
                 dst.close()
                 src.close()
         except sqlite3.Error as exc:
+            fresh.unlink(missing_ok=True)
             raise RepoError(f"restore failed: {exc}") from exc
+        for stale in ("-wal", "-shm"):  # the old file's journal must not meet the new file
+            target.with_name(target.name + stale).unlink(missing_ok=True)
+        os.replace(fresh, target)
         db = Database(target, "security").open()
         try:
             problems = db.integrity_problems()

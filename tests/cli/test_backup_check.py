@@ -32,6 +32,26 @@ def test_restore_brings_back_keys(cli: Any, tmp_path: Path) -> None:
     assert [(r["label"], r["status"]) for r in rows] == [("kept", "active")]
 
 
+def test_restore_repairs_a_database_whose_header_is_garbage(cli: Any, flm_home: Path,
+                                                            tmp_path: Path) -> None:
+    kept = cli("api-keys", "create", "--label", "kept").data
+    folder = tmp_path / "b"
+    backup = cli("security", "backup", "create", "--output", str(folder)).data["file"]
+    (flm_home / "security.db").write_bytes(os.urandom(8192))
+    for stale in ("security.db-wal", "security.db-shm"):
+        (flm_home / stale).unlink(missing_ok=True)
+    folder.chmod(0o500)  # a read-only place: reading the backup must not write beside it
+    try:
+        restored = cli("security", "backup", "restore", "--file", backup)
+    finally:
+        folder.chmod(0o700)
+    assert restored.code == 0, restored.out
+    assert [r["label"] for r in cli("api-keys", "list").data] == ["kept"]
+    assert kept["id"] in {r["id"] for r in cli("api-keys", "list").data}
+    assert sorted(p.name for p in folder.iterdir()) == [Path(backup).name]
+    assert stat.S_IMODE((flm_home / "security.db").stat().st_mode) == 0o600
+
+
 def test_restore_refused_while_daemon_runs(cli: Any, flm_home: Path) -> None:
     backup = cli("security", "backup", "create").data["file"]
     run = flm_home / "run"
