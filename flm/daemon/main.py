@@ -18,9 +18,10 @@ import signal
 import time
 from typing import Any
 
-from flm.core.errors import FlmError, ProxyAlreadyRunningError, ProxyError
+from flm.core.errors import FlmError, ProxyAlreadyRunningError, ProxyError, UsageError
 from flm.core.paths import Paths, ensure_private_dir, write_private_file
 from flm.core.timeutil import now_iso
+from flm.openai.errors import HttpError
 from flm.proxy.asgi import Receive, Scope, Send, header, read_json, send_json
 from flm.proxy.instance import ProxyInstance, start_instance
 from flm.proxy.server import HttpServer, bind_socket
@@ -46,6 +47,8 @@ class Daemon:
         self.stop_event = asyncio.Event()
         self.failures: dict[str, list[float]] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        self._in_flight = 0  # admin requests being served or queued on the lock
+        self._served_start = False  # a start was asked for (until then the idle timer rules)
         self.started_at = time.time()
         self._lock = asyncio.Lock()
 
@@ -79,13 +82,18 @@ class Daemon:
             chosen = [i for i in self.instances.values()
                       if all_ or i.settings.port == port or i.settings.handle_id == handle_id]
             for inst in chosen:
-                await inst.close()
-                del self.instances[inst.settings.handle_id]
+                try:
+                    await inst.close()
+                except Exception:
+                    # (e.g. the last audit batch cannot be written: disk full) its sockets are
+                    # closed first, so it is stopped; the failure is logged, not kept as a
+                    # proxy that no longer listens
+                    log.exception("error while stopping %s", inst.settings.handle_id)
+                finally:
+                    self.instances.pop(inst.settings.handle_id, None)
             ids = [i.settings.handle_id for i in chosen]
             if ids:
                 await asyncio.to_thread(ProxyHandlesRepo(self.ctx.storage.config).remove, ids)
-            if not self.instances:
-                self.stop_event.set()
             return ids
 
     async def reload(self, *, port: int | None = None) -> list[str]:
@@ -109,6 +117,9 @@ class Daemon:
             except PolicyInvalidError as exc:
                 inst.last_error = f"policy refused on reload: {exc.message}"
                 log.warning("%s", inst.last_error)
+            else:
+                if inst.last_error and inst.last_error.startswith("policy refused"):
+                    inst.last_error = None
             rt.keys.retain_only(active)
             if rt.audit is not None:
                 await asyncio.to_thread(rt.audit.flush)  # blocks made here reach the table
@@ -201,6 +212,19 @@ class Daemon:
             await send_json(send, 401, {"error": {"code": "UNAUTHORIZED",
                                                   "message": "bad or missing admin token"}})
             return
+        self._in_flight += 1
+        try:
+            await self._admin(path, method, receive, scope, send)
+        finally:
+            self._in_flight -= 1
+            if not self.instances and self._in_flight == 0 and self._served_start:
+                # A daemon left with no proxy (its last one stopped, or the start it was made
+                # for failed) goes away, but never under a request still queued behind this
+                # one (a start racing a stop).
+                self.stop_event.set()
+
+    async def _admin(self, path: str, method: str, receive: Receive, scope: Scope,
+                     send: Send) -> None:
         try:
             body: dict[str, Any] = {}
             if method == "POST":
@@ -211,6 +235,7 @@ class Daemon:
             elif path == "/admin/status" and method == "GET":
                 result = self.status()
             elif path == "/admin/start" and method == "POST":
+                self._served_start = True
                 result = await self.start_proxy(body)
             elif path == "/admin/stop" and method == "POST":
                 result = {"stopped": await self.stop_proxies(
@@ -227,8 +252,19 @@ class Daemon:
                 return
         except FlmError as exc:
             await send_json(send, 400, {"error": exc.to_dict()})
-            if not self.instances:
-                self.stop_event.set()  # a daemon started for a failed start leaves nothing
+            return
+        except HttpError as exc:  # e.g. a body that is not JSON
+            await send_json(send, 400, {"error": {"code": UsageError.code,
+                                                  "message": exc.message}})
+            return
+        except (ValueError, TypeError) as exc:  # a malformed field (e.g. a port that is text)
+            await send_json(send, 400, {"error": {"code": UsageError.code,
+                                                  "message": f"bad admin request: {exc}"}})
+            return
+        except Exception:
+            log.exception("admin API: %s %s failed", method, path)
+            await send_json(send, 500, {"error": {"code": "INTERNAL_ERROR",
+                                                  "message": "internal error (see daemon.log)"}})
             return
         await send_json(send, 200, {"data": result})
 
@@ -238,7 +274,7 @@ class Daemon:
         """A daemon nobody asked to start a proxy within ``grace_s`` goes away."""
         await asyncio.sleep(grace_s)
         async with self._lock:  # a start under way (an ACME order may take 90 s) ends first
-            if not self.instances:
+            if not self.instances and self._in_flight == 0:
                 self.stop_event.set()
 
     async def serve(self) -> int:

@@ -127,8 +127,18 @@ class ProxyService:
 
     def start(self, config: dict[str, Any]) -> dict[str, Any]:
         info = self.ensure_daemon()
-        result: dict[str, Any] = self.call(info, "POST", "/admin/start", config,
-                                           timeout=LONG_CALL_TIMEOUT_S)
+        try:
+            result: dict[str, Any] = self.call(info, "POST", "/admin/start", config,
+                                               timeout=LONG_CALL_TIMEOUT_S)
+        except ProxyError as exc:
+            if exc.code != "PROXY_NOT_RUNNING":
+                raise
+            # The daemon was going away (its last proxy had just been stopped): once it is
+            # gone, a new one takes the start.
+            self._wait_exit(info)
+            info = self.ensure_daemon()
+            result = self.call(info, "POST", "/admin/start", config,
+                               timeout=LONG_CALL_TIMEOUT_S)
         return result
 
     def renew(self, port: int | None = None, *, force: bool = True) -> dict[str, Any]:
@@ -172,7 +182,7 @@ class ProxyService:
 
     def _wait_exit(self, info: DaemonInfo, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
-        while pid_alive(info.pid) and time.monotonic() < deadline:
+        while daemon_alive(self.paths, info) and time.monotonic() < deadline:
             time.sleep(0.02)
 
     def reload(self, port: int | None = None) -> dict[str, Any]:

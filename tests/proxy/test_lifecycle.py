@@ -142,3 +142,101 @@ def test_bad_admin_tokens_block_guessers_but_never_the_owner(flm_home: Path) -> 
         assert severity == "high" and json.loads(details)["failures"] == 5
     finally:
         assert flm_subprocess("proxy", "stop", "--all").returncode == 0
+
+
+def test_admin_api_errors_keep_the_contract_and_the_books(flm_home: Path) -> None:
+    """Malformed admin requests are 400 with the CLI's codes; a policy refused on reload is
+    shown, and cleared by the next good one."""
+    import sqlite3
+    import urllib.error
+    import urllib.request
+
+    port = _free_port()
+    assert flm_subprocess("proxy", "start", "--port", str(port)).returncode == 0
+    try:
+        info = json.loads((flm_home / "run" / "proxy-daemon.json").read_text())
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        for body in (b"not json", b'{"port": "abc"}'):
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{info['port']}/admin/start", data=body, method="POST",
+                headers={"Authorization": f"Bearer {info['token']}"})
+            try:
+                opener.open(request, timeout=10)
+                raise AssertionError("accepted")
+            except urllib.error.HTTPError as exc:
+                assert exc.code == 400 and json.loads(exc.read())["error"]["code"] \
+                    == "INVALID_ARGUMENT", body
+        conn = sqlite3.connect(flm_home / "security.db")
+        with conn:
+            conn.execute("INSERT OR REPLACE INTO security_policies(id, policy_json, updated_at)"
+                         " VALUES ('default', '{\"rate_limit\": {\"rpm\": \"lots\"}}', "
+                         "'2026-01-01T00:00:00Z')")
+        conn.close()
+        assert flm_subprocess("proxy", "reload").returncode == 0
+        [proxy] = _data(flm_subprocess("proxy", "status"))["proxies"]
+        assert proxy["last_error"].startswith("policy refused on reload")
+        good = flm_home / "good.json"
+        good.write_text("{}")
+        assert flm_subprocess("security", "policy", "set", "--file", str(good)).returncode == 0
+        assert flm_subprocess("proxy", "reload").returncode == 0
+        [proxy] = _data(flm_subprocess("proxy", "status"))["proxies"]
+        assert proxy["last_error"] is None and proxy["port"] == port
+    finally:
+        assert flm_subprocess("proxy", "stop", "--all").returncode == 0
+
+
+def test_a_proxy_that_fails_to_close_is_still_stopped(flm_home: Path) -> None:
+    import asyncio
+    from types import SimpleNamespace
+
+    from flm.core.paths import Paths
+    from flm.daemon.main import Daemon
+
+    class Broken:
+        settings = SimpleNamespace(port=1, https_port=None, handle_id="proxy-1")
+
+        async def close(self) -> None:
+            raise OSError(28, "No space left on device")
+
+    async def run() -> None:
+        daemon = Daemon(Paths.resolve())
+        daemon.instances["proxy-1"] = Broken()  # type: ignore[assignment]
+        assert await daemon.stop_proxies(all_=True) == ["proxy-1"]
+        assert daemon.instances == {}
+
+    asyncio.run(run())
+
+
+def test_a_start_racing_the_stop_of_the_last_proxy_stays_up(flm_home: Path) -> None:
+    """The daemon leaves when its last proxy stops, but not under a start queued behind that
+    stop: a start that reports success is serving."""
+    import threading
+    import urllib.request
+
+    first, second = _free_port(), _free_port()
+    assert flm_subprocess("proxy", "start", "--port", str(first)).returncode == 0
+    info = json.loads((flm_home / "run" / "proxy-daemon.json").read_text())
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    answers: dict[str, int] = {}
+
+    def admin(path: str, body: dict[str, object]) -> None:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{info['port']}{path}", data=json.dumps(body).encode(),
+            method="POST", headers={"Authorization": f"Bearer {info['token']}"})
+        with opener.open(request, timeout=30) as resp:
+            answers[path] = int(resp.status)
+
+    try:
+        threads = [threading.Thread(target=admin, args=("/admin/stop", {"port": first})),
+                   threading.Thread(target=admin, args=("/admin/start", {"port": second}))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert answers == {"/admin/stop": 200, "/admin/start": 200}
+        status = _data(flm_subprocess("proxy", "status"))
+        assert [p["port"] for p in status["proxies"]] == [second]
+        with socket.create_connection(("127.0.0.1", second), timeout=5):
+            pass
+    finally:
+        flm_subprocess("proxy", "stop", "--all")
