@@ -11,8 +11,9 @@ from typing import Any
 from flm.core.errors import IoError, ProxyAlreadyRunningError, RepoError, UsageError
 from flm.core.paths import ensure_private_dir, make_dir, touch_private_file
 from flm.core.timeutil import utc_now
-from flm.services.runstate import running_daemon
+from flm.services.runstate import pid_alive, running_daemon
 from flm.storage import Storage
+from flm.storage.config import ProxyHandlesRepo
 from flm.storage.db import Database
 
 GENERATIONS = 3
@@ -80,6 +81,11 @@ class BackupService:
                 f"a proxy daemon is running (pid {daemon.pid}); stop it with "
                 "`flm proxy stop --all` before restoring a backup"
             )
+        running = [h for h in ProxyHandlesRepo(self._storage.config).all() if pid_alive(h.pid)]
+        if running:  # a --no-daemon proxy has no daemon, only its handle
+            raise ProxyAlreadyRunningError(
+                f"a proxy is running ({running[0].id}, pid {running[0].pid}); stop it before "
+                "restoring a backup")
         if not file.is_file():
             raise UsageError(f"backup file {file} does not exist")
         # immutable: a backup is never written, so no lock, -wal or -shm file is needed (it

@@ -67,6 +67,21 @@ def test_restore_refused_while_daemon_runs(cli: Any, flm_home: Path) -> None:
     assert refused.code == 1 and refused.error["code"] == "PROXY_ALREADY_RUNNING"
     # a stale run file (no daemon holds the lock) does not block
     assert cli("security", "backup", "restore", "--file", backup).code == 0
+    # a --no-daemon proxy has no daemon, only a handle with its (live) pid
+    from flm.core.paths import Paths
+    from flm.storage import Storage
+    from flm.storage.config import ProxyHandleRow, ProxyHandlesRepo
+
+    storage = Storage(Paths.resolve())
+    repo = ProxyHandlesRepo(storage.config)
+    repo.add(ProxyHandleRow("proxy-9", os.getpid(), 9, None, "127.0.0.1", "local-http", "{}",
+                            "2026-01-01T00:00:00Z"))
+    refused = cli("security", "backup", "restore", "--file", backup)
+    assert refused.code == 1 and refused.error["code"] == "PROXY_ALREADY_RUNNING"
+    assert "proxy-9" in refused.error["message"]
+    repo.remove(["proxy-9"])
+    storage.close()
+    assert cli("security", "backup", "restore", "--file", backup).code == 0
 
 
 def test_restore_rejects_garbage(cli: Any, tmp_path: Path) -> None:
