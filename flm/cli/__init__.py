@@ -159,7 +159,13 @@ def read_text_arg(path: str | None) -> str:
     if path in (None, "-"):
         if sys.stdin is None or sys.stdin.isatty():
             raise UsageError("give --file PATH or pipe the document on standard input")
-        return sys.stdin.read()
+        raw = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read()
+        if isinstance(raw, str):
+            return raw
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"standard input is not UTF-8 text: {exc}") from None
     assert path is not None
     try:
         return Path(path).read_text(encoding="utf-8")

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 from flm.cli import notify_proxies, read_text_arg
 from flm.cli.output import Result, pairs, table
 from flm.core.errors import UsageError
+from flm.core.jsondoc import parse_document
 from flm.services.context import Context
 
 
@@ -63,7 +63,7 @@ def profiles_list(ctx: Context, args: argparse.Namespace) -> Result:
 
 def profiles_save(ctx: Context, args: argparse.Namespace) -> Result:
     try:
-        params = json.loads(read_text_arg(args.params))
+        params = parse_document(read_text_arg(args.params))
     except ValueError as exc:
         raise UsageError(f"--params is not valid JSON: {exc}") from None
     result = _svc(ctx).save_profile(args.engine, args.model, args.label, params)

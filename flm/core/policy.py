@@ -10,6 +10,7 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from flm.core.errors import PolicyInvalidError
+from flm.core.jsondoc import parse_document
 
 if TYPE_CHECKING:
     from jsonschema.protocols import Validator
@@ -61,12 +62,15 @@ def validate_policy(document: Any) -> dict[str, Any]:
 def parse_policy_text(text: str) -> dict[str, Any]:
     """Parse and validate a policy given as JSON text."""
     try:
-        document = json.loads(text)
+        document = parse_document(text)
     except json.JSONDecodeError as exc:
         raise PolicyInvalidError(
             f"$: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})",
             details=[{"path": "$", "message": "not valid JSON"}],
         ) from exc
+    except ValueError as exc:
+        raise PolicyInvalidError(f"$: not valid JSON ({exc})",
+                                 details=[{"path": "$", "message": str(exc)}]) from exc
     return validate_policy(document)
 
 

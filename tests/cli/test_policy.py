@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -70,3 +72,36 @@ def test_not_json_is_refused(cli: Any) -> None:
 def test_missing_file_is_a_user_error(cli: Any, tmp_path: Path) -> None:
     result = cli("security", "policy", "set", "--file", str(tmp_path / "nope.json"))
     assert result.code == 1 and "not found" in result.error["message"]
+
+
+@pytest.mark.parametrize("text", [
+    "NaN",
+    '{"rate_limit": {"rpm": Infinity}}',
+    '{"rate_limit": {"rpm": 1e400}}',
+    '{"rate_limit": {"rpm": ' + "9" * 5000 + "}}",
+    "[" * 100_000,
+])
+def test_documents_python_would_mishandle_are_refused_cleanly(cli: Any, tmp_path: Path,
+                                                              text: str) -> None:
+    assert cli("security", "policy", "set", stdin=json.dumps({"rate_limit": {"rpm": 7}})).code == 0
+    f = tmp_path / "bad.json"
+    f.write_text(text)
+    refused = cli("security", "policy", "set", "--file", str(f))
+    assert refused.code == 1 and refused.error["code"] == "POLICY_INVALID", refused.out[:300]
+    assert cli("security", "policy", "show").data["policy"] == {"rate_limit": {"rpm": 7}}
+    params = cli("model-profiles", "save", "--engine", "e", "--model", "m", "--label", "l",
+                 "--params", str(f))
+    assert params.code == 1 and params.error["code"] == "INVALID_ARGUMENT"
+
+
+def test_a_byte_order_mark_and_binary_stdin(cli: Any, tmp_path: Path) -> None:
+    f = tmp_path / "bom.json"
+    f.write_bytes(b"\xef\xbb\xbf" + json.dumps({"rate_limit": {"rpm": 9}}).encode())
+    assert cli("security", "policy", "set", "--file", str(f)).code == 0
+    assert cli("security", "policy", "show").data["policy"] == {"rate_limit": {"rpm": 9}}
+    result = subprocess.run([sys.executable, "-m", "flm", "api", "prompts", "set", "--api-id",
+                             "chat_completions"], input=b"\xff\xfe\x00binary", capture_output=True,
+                            timeout=60, check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert json.loads(result.stdout)["error"]["code"] == "INVALID_ARGUMENT"
+    assert b"Traceback" not in result.stderr
