@@ -162,9 +162,13 @@ class AuditSink:
                     continue
                 audit_rows.append(row)
                 lines.append(_LINE.encode(dict(zip(_AUDIT_COLUMNS, row, strict=True))))
-            self._write_lines(lines)
-            if self._db is not None:
-                self._write_db(audit_rows, blocks, intrusions, anomalies)
+            try:
+                self._write_lines(lines)
+            finally:
+                # The database gets the batch even when the JSON Lines file cannot (disk full):
+                # the table is the record of truth.
+                if self._db is not None:
+                    self._write_db(audit_rows, blocks, intrusions, anomalies)
             return len(batch)
 
     def _write_lines(self, lines: list[str]) -> None:

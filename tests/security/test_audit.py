@@ -292,3 +292,25 @@ def test_helper_threads_run_at_lower_cpu_priority_than_the_loop(tmp_path: Path) 
     finally:
         sink.close()
         db.close()
+
+
+def test_database_keeps_the_batch_when_the_json_lines_file_cannot(tmp_path: Path) -> None:
+    from flm.proxy.audit import AuditSink
+    from flm.storage.db import Database
+
+    db = Database(tmp_path / "security.db", "security").open()
+    blocked = tmp_path / "audit.jsonl"
+    blocked.mkdir()  # a directory where the file should be: every write fails
+    sink = AuditSink(db, blocked, interval=60)
+    try:
+        for i in range(3):
+            sink.request(1.0, f"r{i}", "127.0.0.1", None, "/v1/models", "GET", None, None, 200,
+                         0.1, None, None, None)
+        with pytest.raises(OSError):
+            sink.flush()
+        rows = db.query("SELECT request_id FROM audit_logs ORDER BY request_id")
+        assert [r["request_id"] for r in rows] == ["r0", "r1", "r2"]
+    finally:
+        sink._path = None  # (let close() finish)
+        sink.close()
+        db.close()
