@@ -253,13 +253,11 @@ class Daemon:
         except FlmError as exc:
             await send_json(send, 400, {"error": exc.to_dict()})
             return
-        except HttpError as exc:  # e.g. a body that is not JSON
+        except (HttpError, ValueError, TypeError) as exc:
+            # a body that is not JSON, a malformed field (e.g. a port that is text)
+            message = exc.message if isinstance(exc, HttpError) else str(exc)
             await send_json(send, 400, {"error": {"code": UsageError.code,
-                                                  "message": exc.message}})
-            return
-        except (ValueError, TypeError) as exc:  # a malformed field (e.g. a port that is text)
-            await send_json(send, 400, {"error": {"code": UsageError.code,
-                                                  "message": f"bad admin request: {exc}"}})
+                                                  "message": f"bad admin request: {message}"}})
             return
         except Exception:
             log.exception("admin API: %s %s failed", method, path)

@@ -23,11 +23,11 @@ _STRUCTURAL = {"model", "messages", "stream", "stream_options", "n", "response_f
 #: Sampling parameters dropped (with a warning) by engines that do not list them.
 _DROPPABLE = frozenset({"logit_bias", "presence_penalty", "frequency_penalty", "stop", "seed",
                         "top_p", "max_tokens", "max_completion_tokens"})
-#: Keys :func:`plan_chat` looks at; any other key goes to the engine as it is.
 #: Request fields that steer the engine itself rather than this request: a server-side
 #: template to render (vLLM and llama.cpp accept one per request) and vLLM's KV-cache transfer
 #: parameters (hosts the engine should exchange cache with). Never from an API client.
 _ENGINE_CONTROL = frozenset({"chat_template", "kv_transfer_params"})
+#: Keys :func:`plan_chat` looks at; any other key goes to the engine as it is.
 _CHECKED = frozenset({"messages", "temperature", "n", "response_format", *_DROPPABLE,
                       *_ENGINE_CONTROL})
 MAX_INLINE_IMAGE = 8 * 1024 * 1024

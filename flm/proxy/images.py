@@ -34,6 +34,12 @@ _TYPES = {"image/png", "image/jpeg", "image/webp"}
 _REDIRECTS = {301, 302, 303, 307, 308}
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+_NOT_PUBLIC = "image URL host is not a public address"
+_NO_CONNECTION = "cannot fetch image URL: no connection to its host"
+
+
+class _NotPublic(OSError):
+    """A name resolved to no allowed address (raised inside aiohttp's connector)."""
 
 
 def is_public(address: Address) -> bool:
@@ -62,10 +68,6 @@ class _CheckedResolver(AbstractResolver):
         await self._inner.close()
 
 
-class _NotPublic(OSError):
-    pass
-
-
 def _check_target(url: str, allowed: Callable[[Address], bool]) -> None:
     parts = urlsplit(url)
     if parts.scheme != "https" or not parts.hostname:
@@ -75,7 +77,7 @@ def _check_target(url: str, allowed: Callable[[Address], bool]) -> None:
     except ValueError:
         return  # a name: checked when it is resolved
     if not allowed(literal):
-        raise HttpError(400, "invalid_request", "image URL host is not a public address")
+        raise HttpError(400, "invalid_request", _NOT_PUBLIC)
 
 
 async def fetch_image(url: str, connector: aiohttp.BaseConnector | None = None, *,
@@ -103,13 +105,10 @@ async def fetch_image(url: str, connector: aiohttp.BaseConnector | None = None, 
         raise
     except aiohttp.ClientConnectorError as exc:
         if isinstance(exc.os_error, _NotPublic):
-            raise HttpError(400, "invalid_request",
-                            "image URL host is not a public address") from None
-        raise HttpError(400, "invalid_request", "cannot fetch image URL: "
-                        "no connection to its host") from None
+            raise HttpError(400, "invalid_request", _NOT_PUBLIC) from None
+        raise HttpError(400, "invalid_request", _NO_CONNECTION) from None
     except (aiohttp.ClientError, TimeoutError, ssl.SSLError):
-        raise HttpError(400, "invalid_request", "cannot fetch image URL: "
-                        "no connection to its host") from None
+        raise HttpError(400, "invalid_request", _NO_CONNECTION) from None
     except Exception as exc:
         from flm.egress.connector import PROXY_EXCEPTIONS
 

@@ -109,10 +109,9 @@ def _error_response(status: int, code: str, message: str, fixed: bytes = b"") ->
     body and a request id, like every other response; the connection closes after it."""
     rid = new_request_id()
     body = error_bytes(status, code, message, rid)
-    return (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+    return (_STATUS_LINES[status] + b"content-type: application/json\r\ncontent-length: %d\r\n"
             b"x-request-id: %s\r\n%sconnection: close\r\n\r\n%s"
-            % (status, http.HTTPStatus(status).phrase.encode(), len(body), rid.encode(),
-               fixed, body))
+            % (len(body), rid.encode(), fixed, body))
 
 
 def _render_headers(headers: Sequence[tuple[bytes, bytes]]) -> bytes:
@@ -494,9 +493,9 @@ class HttpProtocol(asyncio.Protocol):
             self.starting = None
             if not starting.more_body:  # read whole before the bad bytes: it is answered
                 self._start(starting)
-        broken = self.parsing
+        broken = self.parsing  # (a request read whole is no longer ``parsing``)
         self.parsing = None
-        if broken is not None and not (broken is starting and not broken.more_body):
+        if broken is not None:
             broken.failed = broken.disconnected = True
             broken.more_body = False
             if broken in self.pipeline:

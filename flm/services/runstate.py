@@ -64,9 +64,7 @@ def daemon_lock_held(paths: Paths) -> bool:
         return True  # cannot tell: assume alive rather than remove a live daemon's file
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError:
+    except OSError:  # BlockingIOError: held by the daemon (or cannot tell: assume alive)
         return True
     else:
         fcntl.flock(fd, fcntl.LOCK_UN)

@@ -193,7 +193,7 @@ class SecurityMiddleware:
         #    attack-shaped paths, queries and scanner user agents score (404s score below).
         if policy.honeypot_enabled and path.rstrip("/").lower() in HONEYPOTS:
             self._score(scope, state, agent, HONEYPOT_SCORE, ("honeypot",))
-            raise HttpError(404, "not_found", "no such route")
+            raise NoSuchRoute()  # (scored once, here: it is raised before the route runs)
         intrusion = policy.intrusion_enabled
         if intrusion:
             score = score_request(scope.get("raw_path") or path.encode(),
