@@ -1,8 +1,8 @@
 """``python -m flm.daemon``: hosts proxies in one event loop and answers the admin API.
 
-The run file ``run/proxy-daemon.json`` ({port, token, pid, started_at}, mode 0600) tells the
-CLI where the admin API listens and the bearer token it needs. The daemon exits when its last
-proxy stops (or when the first start fails), so nothing is left behind.
+The run file ``run/proxy-daemon.json`` ({port, token, pid, started_at, the two database paths},
+mode 0600) tells the CLI where the admin API listens and the bearer token it needs. The daemon
+exits when its last proxy stops (or when the first start fails), so nothing is left behind.
 """
 
 from __future__ import annotations
@@ -41,6 +41,9 @@ MODES = ("local-http", "dev-selfsigned", "packaged-ca", "https-acme")
 class Daemon:
     def __init__(self, paths: Paths) -> None:
         self.paths = paths
+        #: told to the CLI, which refuses a start naming other databases
+        self.databases = {"config_db": os.path.abspath(paths.config_db),
+                          "security_db": os.path.abspath(paths.security_db)}
         self.ctx = Context(paths)
         self.token = secrets.token_hex(32)
         self.instances: dict[str, ProxyInstance] = {}
@@ -283,7 +286,8 @@ class Daemon:
         admin = HttpServer(self.admin_app, admin_sock)
         await admin.start()
         info = {"port": admin.port, "token": self.token, "pid": os.getpid(),
-                "started_at": now_iso()}
+                "started_at": now_iso(),
+                **self.databases}
         ensure_private_dir(self.paths.run_dir)
         write_private_file(self.paths.daemon_file, json.dumps(info).encode())
         reloader = asyncio.ensure_future(self.periodic_reload())

@@ -127,6 +127,7 @@ class ProxyService:
 
     def start(self, config: dict[str, Any]) -> dict[str, Any]:
         info = self.ensure_daemon()
+        self._same_databases(info)
         try:
             result: dict[str, Any] = self.call(info, "POST", "/admin/start", config,
                                                timeout=LONG_CALL_TIMEOUT_S)
@@ -137,9 +138,24 @@ class ProxyService:
             # gone, a new one takes the start.
             self._wait_exit(info)
             info = self.ensure_daemon()
+            self._same_databases(info)
             result = self.call(info, "POST", "/admin/start", config,
                                timeout=LONG_CALL_TIMEOUT_S)
         return result
+
+    def _same_databases(self, info: DaemonInfo) -> None:
+        """Refuse a start whose ``--db-path-*`` differ from the running daemon's: its proxies
+        would silently use the daemon's databases (keys, policy and audit of another store)."""
+        mine = {"config": os.path.abspath(self.paths.config_db),
+                "security": os.path.abspath(self.paths.security_db)}
+        theirs = {"config": info.config_db, "security": info.security_db}
+        for name, path in mine.items():
+            other = theirs[name]
+            if other is not None and other != path:
+                raise ProxyError(
+                    f"the running proxy daemon uses the {name} database {other}, not {path}; "
+                    "stop its proxies first (`flm proxy stop --all`) or drop --db-path-"
+                    f"{name}", code="PROXY_INVALID_CONFIG")
 
     def renew(self, port: int | None = None, *, force: bool = True) -> dict[str, Any]:
         """Renew TLS certificates in running proxies (without restarting them)."""

@@ -37,16 +37,24 @@ class DaemonInfo:
     token: str
     pid: int
     started_at: str
+    #: the databases the daemon's proxies use (absolute; None from an older run file)
+    config_db: str | None = None
+    security_db: str | None = None
 
 
 def read_daemon_file(path: Path) -> DaemonInfo | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         return DaemonInfo(
-            int(data["port"]), str(data["token"]), int(data["pid"]), str(data["started_at"])
+            int(data["port"]), str(data["token"]), int(data["pid"]), str(data["started_at"]),
+            _opt_str(data.get("config_db")), _opt_str(data.get("security_db")),
         )
     except (OSError, ValueError, KeyError, TypeError, OverflowError):
         return None
+
+
+def _opt_str(value: object) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 def daemon_lock_held(paths: Paths) -> bool:

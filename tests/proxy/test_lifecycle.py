@@ -241,3 +241,26 @@ def test_a_start_racing_the_stop_of_the_last_proxy_stays_up(flm_home: Path) -> N
             pass
     finally:
         flm_subprocess("proxy", "stop", "--all")
+
+
+def test_a_start_naming_other_databases_than_the_daemons_is_refused(flm_home: Path,
+                                                                     tmp_path: Path) -> None:
+    port = _free_port()
+    assert flm_subprocess("proxy", "start", "--port", str(port)).returncode == 0
+    try:
+        info = json.loads((flm_home / "run" / "proxy-daemon.json").read_text())
+        assert info["security_db"] == str(flm_home / "security.db")
+        other = tmp_path / "other-security.db"
+        refused = flm_subprocess("proxy", "start", "--port", str(_free_port()),
+                                 "--db-path-security", str(other))
+        assert refused.returncode == 1, refused.stdout
+        error = json.loads(refused.stdout)["error"]
+        assert error["code"] == "PROXY_INVALID_CONFIG"
+        assert str(other) in error["message"] and "--db-path-security" in error["message"]
+        assert [p["port"] for p in _data(flm_subprocess("proxy", "status"))["proxies"]] == [port]
+        # the same databases, named explicitly, are fine
+        same = flm_subprocess("proxy", "start", "--port", str(_free_port()),
+                              "--db-path-security", str(flm_home / "security.db"))
+        assert same.returncode == 0, same.stdout
+    finally:
+        assert flm_subprocess("proxy", "stop", "--all").returncode == 0
