@@ -30,6 +30,7 @@ import email.utils
 import errno
 import http
 import logging
+import re
 import socket
 import ssl
 import time
@@ -72,6 +73,30 @@ _FRAMING = {b"content-length": _LENGTH, b"connection": _CONNECTION,
             b"transfer-encoding": _TRANSFER, b"": _EMPTY}
 
 _date_cache: tuple[int, bytes] = (0, b"")
+
+#: A ``Host`` value: a bracketed IP literal or a registered name / IPv4 address (RFC 3986
+#: characters), then an optional port; empty is allowed (RFC 9112 §3.2).
+_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?")
+
+
+class _BadHead(Exception):
+    """A head that parses but must be refused (raised from a parser callback)."""
+
+
+def _check_host(index: dict[bytes, bytes], headers: list[tuple[bytes, bytes]],
+                version: str) -> None:
+    """RFC 9112 §3.2: an HTTP/1.1 request has exactly one ``Host``, and a valid one. (A
+    second or a malformed one is how requests are made to mean different things to the
+    proxies along their way.)"""
+    host = index.get(b"host")
+    if host is None:
+        if version == "1.1":
+            raise _BadHead("missing Host header")
+        return
+    if len(index) != len(headers) and sum(name == b"host" for name, _ in headers) > 1:
+        raise _BadHead("more than one Host header")
+    if _HOST.fullmatch(host.rstrip(b" \t")) is None:  # (llhttp strips only the leading OWS)
+        raise _BadHead("invalid Host header")
 
 
 #: Request targets already split into (raw path, path, query): clients repeat a few of them.
@@ -429,8 +454,10 @@ class HttpProtocol(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             self._no_upgrade()
             return
-        except httptools.HttpParserError:
-            self._fail(400, "invalid_request", "invalid HTTP request")
+        except httptools.HttpParserError as exc:
+            bad = exc.__context__
+            self._fail(400, "invalid_request",
+                       str(bad) if isinstance(bad, _BadHead) else "invalid HTTP request")
             return
         cycle = self.starting
         if cycle is not None:  # a head parsed cleanly, with what followed it in this read
@@ -533,10 +560,13 @@ class HttpProtocol(asyncio.Protocol):
         headers = self.headers
         raw_path, path, query = _TARGETS.get(url) or _parse_target(url)
         method: str = parser.get_method().decode("ascii")
+        version = parser.get_http_version()
+        index = dict(reversed(headers))  # (see flm.proxy.asgi.header_index)
+        _check_host(index, headers, version)
         scope: Scope = {
             "type": "http",
             "asgi": _ASGI,
-            "http_version": parser.get_http_version(),
+            "http_version": version,
             "server": self.server,
             "client": self.client,
             "scheme": self.state.scheme,
@@ -546,6 +576,7 @@ class HttpProtocol(asyncio.Protocol):
             "raw_path": raw_path,
             "query_string": query,
             "headers": headers,
+            "flm.headers": index,
         }
         if self.head_bytes + self.chunk_size > self.max_head_bytes:
             # Possibly too large (a head that came in one piece is not cut while reading it):

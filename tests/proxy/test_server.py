@@ -625,3 +625,40 @@ def test_a_client_that_never_reads_is_cut(running: Callable[..., Running],
         sock.sendall(b"GET /flood HTTP/1.1\r\nHost: a\r\n\r\n")
         assert finished.wait(15), "the app was still blocked on a client that reads nothing"
         assert not r.server.state.connections  # the connection was cut
+
+
+@pytest.mark.parametrize(("head", "message"), [
+    (b"GET /h HTTP/1.1\r\nX-A: b\r\n\r\n", "missing Host header"),
+    (b"GET /h HTTP/1.1\r\nHost: a\r\nX-A: b\r\nhost: b\r\n\r\n", "more than one Host header"),
+    (b"GET /h HTTP/1.1\r\nHost: a b\r\n\r\n", "invalid Host header"),
+    (b"GET /h HTTP/1.1\r\nHost: evil@a\r\n\r\n", "invalid Host header"),
+    (b"GET /h HTTP/1.1\r\nHost: a/b\r\n\r\n", "invalid Host header"),
+])
+def test_host_must_be_one_and_valid(running: Callable[..., Running], head: bytes,
+                                    message: str) -> None:
+    """RFC 9112 §3.2: a request that lacks Host, repeats it or carries a malformed one is
+    refused before the app sees it; the request before it on the connection is answered."""
+    calls, app = _counting_echo()
+    r = running(app)
+    with connect(r.port) as sock:
+        sock.sendall(b"GET /first HTTP/1.1\r\nHost: a\r\n\r\n" + head)
+        buf = bytearray()
+        assert read_response(sock, buf)[2].startswith(b"GET /first")
+        assert _refusal(sock, buf, b"400")["message"] == message
+    assert calls == ["GET /first"]
+
+
+@pytest.mark.parametrize("head", [
+    b"GET /h HTTP/1.0\r\n\r\n",  # HTTP/1.0 may omit it
+    b"GET /h HTTP/1.1\r\nHost: \r\n\r\n",  # empty: allowed
+    b"GET /h HTTP/1.1\r\nHost: [::1]:8080\r\nConnection: close\r\n\r\n",
+    b"GET /h HTTP/1.1\r\nhOsT:  127.0.0.1:80 \r\nX-A: 1\r\nX-A: 2\r\n\r\n",
+])
+def test_good_hosts_pass(running: Callable[..., Running], head: bytes) -> None:
+    calls, app = _counting_echo()
+    r = running(app)
+    with connect(r.port) as sock:
+        sock.sendall(head)
+        line = read_response(sock, bytearray())[0]
+        assert line.startswith(b"HTTP/1.1 200"), line
+    assert calls == ["GET /h"]
