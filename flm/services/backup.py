@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,26 @@ class BackupService:
             "pruned": [str(p) for p in removed],
             "generations": GENERATIONS,
         }
+
+    @staticmethod
+    def _keep_aside(target: Path) -> Path | None:
+        """Keep the database a restore replaces beside it, as
+        ``security.db.before-restore.<time>``: the audit trail written since the backup (never
+        deleted silently, SPEC §5.4) and keys made since stay recoverable. Hard-linked, so the
+        database path is never missing; its journal goes with it (it must not meet the new
+        file)."""
+        if not target.exists():
+            return None
+        previous = target.with_name(f"{target.name}.before-restore.{_stamp()}")
+        try:
+            os.link(target, previous)
+        except OSError:  # a file system without hard links
+            shutil.copy2(target, previous)
+        wal = target.with_name(target.name + "-wal")
+        if wal.exists():
+            os.replace(wal, previous.with_name(previous.name + "-wal"))
+        target.with_name(target.name + "-shm").unlink(missing_ok=True)
+        return previous
 
     @staticmethod
     def _prune(folder: Path) -> list[Path]:
@@ -120,8 +141,7 @@ class BackupService:
         except sqlite3.Error as exc:
             fresh.unlink(missing_ok=True)
             raise RepoError(f"restore failed: {exc}") from exc
-        for stale in ("-wal", "-shm"):  # the old file's journal must not meet the new file
-            target.with_name(target.name + stale).unlink(missing_ok=True)
+        previous = self._keep_aside(target)
         os.replace(fresh, target)
         db = Database(target, "security").open()
         try:
@@ -133,6 +153,7 @@ class BackupService:
         return {
             "restored_from": str(file),
             "security_db": str(target),
+            "previous": str(previous) if previous is not None else None,
             "schema_version": version,
             "safe_mode": safe,
             "problems": problems,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import sqlite3
 import stat
 import time
 from pathlib import Path
@@ -30,6 +31,13 @@ def test_restore_brings_back_keys(cli: Any, tmp_path: Path) -> None:
     assert restored.data["problems"] == [] and restored.data["schema_version"] >= 1
     rows = cli("api-keys", "list").data
     assert [(r["label"], r["status"]) for r in rows] == [("kept", "active")]
+    # the database it replaced is kept beside it, whole: nothing made since the backup is lost
+    previous = Path(restored.data["previous"])
+    assert previous.name.startswith("security.db.before-restore.")
+    assert stat.S_IMODE(previous.stat().st_mode) == 0o600
+    with sqlite3.connect(f"file:{previous}?mode=ro", uri=True) as db:
+        labels = sorted(r[0] for r in db.execute("SELECT label FROM api_keys"))
+    assert labels == ["kept", "later"]
 
 
 def test_restore_repairs_a_database_whose_header_is_garbage(cli: Any, flm_home: Path,
@@ -49,6 +57,7 @@ def test_restore_repairs_a_database_whose_header_is_garbage(cli: Any, flm_home: 
     assert [r["label"] for r in cli("api-keys", "list").data] == ["kept"]
     assert kept["id"] in {r["id"] for r in cli("api-keys", "list").data}
     assert sorted(p.name for p in folder.iterdir()) == [Path(backup).name]
+    assert len(Path(restored.data["previous"]).read_bytes()) == 8192  # the broken one, kept
     assert stat.S_IMODE((flm_home / "security.db").stat().st_mode) == 0o600
 
 
