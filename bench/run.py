@@ -225,6 +225,32 @@ def tree_cpu_seconds(pid: int) -> float:
     return total
 
 
+@contextlib.contextmanager
+def on_one_cpu(pids: list[int], cpu: int) -> Any:
+    """Every thread of the process trees of ``pids``, and this process (so the load tool it
+    starts), on ``cpu`` alone for the duration; the old affinities are put back after."""
+    saved: list[tuple[int, set[int]]] = [(0, os.sched_getaffinity(0))]
+    for pid in pids:
+        try:
+            p = psutil.Process(pid)
+            procs = [p, *p.children(recursive=True)]
+        except psutil.Error:
+            continue
+        for q in procs:
+            with contextlib.suppress(psutil.Error, OSError):
+                for th in q.threads():
+                    saved.append((th.id, os.sched_getaffinity(th.id)))
+    try:
+        for tid, _ in saved:
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(tid, {cpu})
+        yield
+    finally:
+        for tid, cpus in saved:
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(tid, cpus)
+
+
 # ---------------------------------------------------------------------------------------
 # targets
 
@@ -713,6 +739,18 @@ def measure(t: Target, ctx: Ctx, args: argparse.Namespace, wrk: str | None) -> d
             f"(mock CPU {cpu.mock_pct:.0f}%{'' if same else f', target CPU {cpu.target_pct:.0f}%'})"
         )
 
+    if ctx.target_cpus:
+        # c=1 once more with the load tool, the target and the mock engine all on one CPU:
+        # nothing waits for another CPU to wake up, so what is added is the target's own work
+        # and two context switches (pinned apart, each of the target's four hand-offs per
+        # request wakes an idle CPU, which costs tens of µs on some virtual machines).
+        with on_one_cpu([t.pid, ctx.mock.pid], min(ctx.target_cpus)):
+            plain(1, min(1.0, args.warmup))
+            r = plain(1, args.duration)
+        out["plain"]["c1_one_cpu"] = r
+        log(f"  c=1 one CPU {r['rps']:>9.1f} req/s  p50 {r['latency_ms']['p50']:.3f} ms  "
+            f"p99 {r['latency_ms']['p99']:.3f} ms  errors {r['errors']}")
+
     # Streams at concurrency 16, whole 20-chunk replies as fast as they come.
     raw = loadclient.build_request(
         HOST, t.port, "/v1/chat/completions", chat_body(t.model, True), t.headers
@@ -851,6 +889,14 @@ def bars(results: dict[str, Any]) -> list[dict[str, Any]]:
         note = (f"hop floor (byte relay, no logic) adds {hop} ms on this machine; "
                 f"FLM above it: {v - hop:+.3f} ms")
     bar("added latency c=1 (median)", "≤ 0.3 ms", v, None if v is None else v <= 0.3, note)
+    v = get(flm, "plain", "c1_one_cpu", "added_ms", "p50")
+    if v is not None:
+        hop = get(results, "relay", "data", "plain", "c1_one_cpu", "added_ms", "p50")
+        note = ("the same with client, FLM and engine on one CPU: no cross-CPU wake-ups, "
+                "FLM's own work and its context switches")
+        if hop is not None:
+            note += f"; the byte relay adds {hop} ms there, FLM {v - hop:+.3f} ms above it"
+        bar("added latency c=1, one CPU (median)", "≤ 0.3 ms", v, v <= 0.3, note)
     f64 = get(flm, "plain", "c64", "rps")
     l64 = get(lite, "plain", "c64", "rps")
     note = ""
@@ -933,6 +979,7 @@ def table(results: dict[str, Any], bar_rows: list[dict[str, Any]]) -> str:
         ("latency p99 c=1 (ms)", ("plain", "c1", "latency_ms", "p99"), ".3f"),
         ("added p50 c=1 (ms)", ("plain", "c1", "added_ms", "p50"), "+.3f"),
         ("added p99 c=1 (ms)", ("plain", "c1", "added_ms", "p99"), "+.3f"),
+        ("added p50 c=1, one CPU (ms)", ("plain", "c1_one_cpu", "added_ms", "p50"), "+.3f"),
         ("added p50 c=8 (ms)", ("plain", "c8", "added_ms", "p50"), "+.3f"),
         ("added p50 c=64 (ms)", ("plain", "c64", "added_ms", "p50"), "+.3f"),
         ("added p99 c=64 (ms)", ("plain", "c64", "added_ms", "p99"), "+.3f"),
