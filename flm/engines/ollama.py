@@ -47,7 +47,9 @@ def to_ollama_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for message in messages:
         content = message.get("content")
-        item: dict[str, Any] = {"role": message.get("role", "user")}
+        role = message.get("role", "user")
+        # Ollama knows system, user, assistant and tool: developer instructions are system ones
+        item: dict[str, Any] = {"role": "system" if role == "developer" else role}
         if isinstance(content, list):
             texts: list[str] = []
             images: list[str] = []
@@ -109,17 +111,19 @@ def to_ollama_request(body: dict[str, Any], stream: bool) -> dict[str, Any]:
         elif fmt.get("type") == "json_schema":
             schema = (fmt.get("json_schema") or {}).get("schema")
             request["format"] = schema if schema is not None else "json"
-    if body.get("tools"):
+    if body.get("tools") and body.get("tool_choice") != "none":
         request["tools"] = body["tools"]
     return request
 
 
-def _tool_calls(message: dict[str, Any]) -> list[dict[str, Any]] | None:
+def _tool_calls(message: dict[str, Any], first: int = 0) -> list[dict[str, Any]] | None:
+    """The OpenAI form of a message's tool calls, numbered from ``first`` (a stream numbers
+    them across its lines: clients join deltas by index)."""
     calls = message.get("tool_calls")
     if not calls:
         return None
     out = []
-    for i, call in enumerate(calls):
+    for i, call in enumerate(calls, first):
         fn = call.get("function", {}) if isinstance(call, dict) else {}
         args = fn.get("arguments", {})
         out.append({
@@ -215,25 +219,35 @@ class OllamaAdapter(EngineAdapter):
         chunk_id = f"chatcmpl-{secrets.token_hex(12)}"
         created = int(time.time())
         finished = False
+        options = body.get("stream_options")
+        # Asked for, usage comes as OpenAI sends it: "usage": null on every chunk, then one
+        # more chunk with no choices and the counts. Otherwise it rides on the last chunk.
+        usage_chunk = isinstance(options, dict) and options.get("include_usage") is True
 
-        def event(delta: dict[str, Any], finish: str | None,
+        def event(delta: dict[str, Any] | None, finish: str | None,
                   usage: dict[str, int] | None = None) -> bytes:
             chunk: dict[str, Any] = {
                 "id": chunk_id, "object": "chat.completion.chunk", "created": created,
                 "model": public_model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                "choices": [] if delta is None else [
+                    {"index": 0, "delta": delta, "finish_reason": finish}],
             }
-            if usage is not None:
+            if usage is not None or usage_chunk:
                 chunk["usage"] = usage
             return encode_event(json.dumps(chunk, separators=(",", ":")).encode())
 
         try:
             first = True
-            saw_tools = False
+            tools_seen = 0
             async for lines in iter_line_batches(resp.iter_chunks()):
                 out: list[bytes] = []
                 for line in lines:
-                    item = load_event(line, "Ollama")
+                    try:
+                        item = load_event(line, "Ollama")
+                    except EngineError:
+                        if out:  # what came before the error in this read still goes out
+                            yield b"".join(out)
+                        raise
                     message = item.get("message") if isinstance(item.get("message"), dict) else {}
                     assert isinstance(message, dict)
                     delta: dict[str, Any] = {}
@@ -242,16 +256,20 @@ class OllamaAdapter(EngineAdapter):
                         first = False
                     if message.get("content"):
                         delta["content"] = message["content"]
-                    calls = _tool_calls(message)
+                    calls = _tool_calls(message, tools_seen)
                     if calls:
                         delta["tool_calls"] = calls
-                        saw_tools = True
+                        tools_seen += len(calls)
                     if item.get("done"):
                         if delta:
                             out.append(event(delta, None))
-                        finish = "tool_calls" if saw_tools else _FINISH.get(
+                        finish = "tool_calls" if tools_seen else _FINISH.get(
                             str(item.get("done_reason") or "stop"), "stop")
-                        out += [event({}, finish, _usage(item)), DONE]
+                        if usage_chunk:
+                            out += [event({}, finish), event(None, None, _usage(item))]
+                        else:
+                            out.append(event({}, finish, _usage(item)))
+                        out.append(DONE)
                         finished = True
                         yield b"".join(out)
                         return
@@ -265,8 +283,9 @@ class OllamaAdapter(EngineAdapter):
 
     async def embeddings(self, body: dict[str, Any]) -> dict[str, Any]:
         data = require_dict(
-            await self.client.post_json("/api/embed",
-                                        {"model": body["model"], "input": body.get("input")}),
+            await self.client.post_json("/api/embed", {
+                "model": body["model"], "input": body.get("input"),
+                **({"dimensions": body["dimensions"]} if body.get("dimensions") else {})}),
             "Ollama embeddings", "embeddings",
         )
         vectors = data["embeddings"]

@@ -6,7 +6,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from flm.core.errors import EngineApiError, EngineNetworkError
+from flm.core.errors import EngineApiError, EngineError, EngineNetworkError
 from flm.core.models import ModelInfo
 from flm.engines.base import (
     EngineAdapter,
@@ -82,8 +82,13 @@ class OpenAICompatAdapter(EngineAdapter):
                         finished = True
                         out.append(DONE)
                         break
-                    out.append(encode_event(_rewrite_event(data, needle, replacement,
-                                                           public_model)))
+                    try:
+                        event = _rewrite_event(data, needle, replacement, public_model)
+                    except EngineError:
+                        if out:  # what came before the error in this read still goes out
+                            yield b"".join(out)
+                        raise
+                    out.append(encode_event(event))
                 yield b"".join(out)
                 if finished:
                     return

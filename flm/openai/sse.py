@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import AsyncIterator
 
@@ -74,12 +75,22 @@ async def iter_sse_batches(
 
 def _data_of(event: bytes) -> bytes | None:
     """The ``data`` of one SSE event (multi-line data joined with ``\\n``); ``None`` when the
-    event carries none (comments, ``event:``/``id:``/``retry:`` only)."""
+    event carries none (comments, ``event:``/``id:``/``retry:`` only). llama.cpp's server
+    reports a failure mid-stream in a field of its own, ``error: {...}``: that becomes
+    ``{"error": {...}}``, which the stream readers raise as the engine's error."""
     if event.startswith(b"data: ") and b"\n" not in event:
         return event[6:]  # the common case: one data line
     lines = [line[5:].removeprefix(b" ") for line in event.split(b"\n")
              if line.startswith(b"data:")]
-    return b"\n".join(lines) if lines else None
+    if lines:
+        return b"\n".join(lines)
+    errors = [line[6:].strip() for line in event.split(b"\n") if line.startswith(b"error:")]
+    if not errors or not errors[0]:
+        return None
+    detail = errors[0]
+    if detail[:1] != b"{":  # a bare message
+        detail = json.dumps(detail.decode("utf-8", "replace")).encode()
+    return b'{"error":' + detail + b"}"
 
 
 async def iter_line_batches(
