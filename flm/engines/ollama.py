@@ -45,6 +45,7 @@ def _data_uri_payload(url: str) -> str:
 
 def to_ollama_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
+    names: dict[str, str] = {}  # tool call id → function name, for the results that follow
     for message in messages:
         content = message.get("content")
         role = message.get("role", "user")
@@ -69,13 +70,18 @@ def to_ollama_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         else:
             item["content"] = "" if content is None else str(content)
         if message.get("tool_calls"):
+            calls = [c for c in message["tool_calls"] if isinstance(c, dict) and "function" in c]
             item["tool_calls"] = [
                 {"function": {"name": c["function"]["name"],
                               "arguments": _loads_or_raw(c["function"].get("arguments"))}}
-                for c in message["tool_calls"] if isinstance(c, dict) and "function" in c
+                for c in calls
             ]
-        if message.get("role") == "tool" and message.get("name"):
-            item["tool_name"] = message["name"]
+            names.update((str(c.get("id")), str(c["function"]["name"])) for c in calls)
+        if role == "tool":
+            # OpenAI names the call a result answers (tool_call_id); Ollama, its function
+            name = message.get("name") or names.get(str(message.get("tool_call_id")))
+            if name:
+                item["tool_name"] = name
         out.append(item)
     return out
 

@@ -128,7 +128,11 @@ def plan_chat(body: dict[str, Any], engine_id: str, model: str,
               caps: Capabilities) -> ChatPlan:
     """Validate and translate an OpenAI chat request for an engine with ``caps``."""
     messages: list[Any] = body["messages"]
-    stream = bool(body.get("stream", False))
+    stream = body.get("stream")
+    if stream is None:
+        stream = False
+    elif stream is not True and stream is not False:
+        raise HttpError(400, "invalid_request", "'stream' must be a boolean")
     plan = ChatPlan(engine_id, model, {}, stream)
     out_messages = []
     for message in messages:
@@ -172,6 +176,8 @@ def plan_chat(body: dict[str, Any], engine_id: str, model: str,
                 plan.warnings.append(f"temperature clamped to {clamped:g}")
             value = clamped
         if key == "n":
+            if value is None:  # (OpenAI: null means the default, 1)
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise HttpError(400, "invalid_request", "'n' must be a positive integer")
             if value > 1 and not caps.multiple_choices:
@@ -211,11 +217,16 @@ def json_string(value: str) -> bytes:
 
 
 def raw_with_model(raw: bytes, public_model: str, native_model: str) -> bytes | None:
-    """``raw`` (the client's JSON) with its ``model`` value replaced, when that value occurs
-    exactly once in the compact or the usual spaced form; ``None`` otherwise."""
+    """``raw`` (the client's JSON) with its ``model`` value replaced, when ``"model"`` occurs
+    once in the whole document, followed by that value in the compact or the usual spaced
+    form; ``None`` otherwise (the caller then serialises the parsed body). A second
+    ``"model"`` anywhere, nested or a repeated key, takes the slow path: the replacement must
+    never land on another field, nor leave a second model name for the engine to pick."""
+    if raw.count(b'"model"') != 1:
+        return None
     value = json_string(public_model)
     for needle in (b'"model":' + value, b'"model": ' + value):
-        if raw.count(needle) == 1:
+        if needle in raw:
             return raw.replace(needle, b'"model":' + json_string(native_model))
     return None
 
@@ -236,8 +247,67 @@ def plan_embeddings(body: Any) -> tuple[str, str, dict[str, Any]]:
     return engine_id, model, {**body, "model": model}
 
 
+def _responses_tools(tools: Any) -> list[dict[str, Any]]:
+    """Responses function tools (``{type, name, parameters…}``) in the chat shape."""
+    if not isinstance(tools, list):
+        raise HttpError(400, "invalid_request", "'tools' must be an array")
+    out = []
+    for tool in tools:
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            kind = tool.get("type") if isinstance(tool, dict) else None
+            raise HttpError(400, "unsupported_parameter",
+                            f"tool type {kind!r} is not supported (function tools only)")
+        out.append({"type": "function", "function": {
+            k: v for k, v in tool.items() if k in ("name", "description", "parameters",
+                                                   "strict")}})
+    return out
+
+
+def _responses_format(text: Any) -> dict[str, Any] | None:
+    """``text.format`` of a Responses request as a chat ``response_format``."""
+    fmt = text.get("format") if isinstance(text, dict) else None
+    if fmt is None:
+        return None
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "json_object"}
+    if kind == "json_schema":
+        assert isinstance(fmt, dict)
+        return {"type": "json_schema", "json_schema": {
+            k: v for k, v in fmt.items() if k in ("name", "schema", "strict", "description")}}
+    raise HttpError(400, "unsupported_parameter", f"text.format type {kind!r} is not supported")
+
+
+def _responses_item(item: dict[str, Any], messages: list[dict[str, Any]]) -> bool:
+    """Append a tool-call item (a call the model made, or its result) as chat messages;
+    False when ``item`` is not one."""
+    kind = item.get("type")
+    if kind == "function_call":
+        call = {"id": str(item.get("call_id") or item.get("id") or ""), "type": "function",
+                "function": {"name": str(item.get("name") or ""),
+                             "arguments": str(item.get("arguments") or "")}}
+        last = messages[-1] if messages else None
+        if last is not None and last.get("role") == "assistant" and last.get("tool_calls"):
+            last["tool_calls"].append(call)  # parallel calls: one assistant turn
+        else:
+            messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        return True
+    if kind == "function_call_output":
+        output = item.get("output")
+        messages.append({"role": "tool", "tool_call_id": str(item.get("call_id") or ""),
+                         "content": output if isinstance(output, str) else json.dumps(output)})
+        return True
+    if kind not in (None, "message"):
+        raise HttpError(400, "unsupported_parameter", f"input item type {kind!r} is not supported")
+    return False
+
+
 def responses_to_chat(body: Any) -> dict[str, Any]:
-    """Map an OpenAI Responses API request onto a chat request (text and images)."""
+    """Map an OpenAI Responses API request onto a chat request: text and image inputs,
+    function tools and their calls and results, ``text.format``; anything else structural is
+    refused rather than dropped."""
     if not isinstance(body, dict):
         raise HttpError(400, "invalid_request", "request body must be a JSON object")
     messages: list[dict[str, Any]] = []
@@ -250,6 +320,8 @@ def responses_to_chat(body: Any) -> dict[str, Any]:
         for item in items:
             if not isinstance(item, dict):
                 raise HttpError(400, "invalid_request", "input items must be objects")
+            if _responses_item(item, messages):
+                continue
             role = item.get("role", "user")
             content = item.get("content")
             if isinstance(content, list):
@@ -272,9 +344,22 @@ def responses_to_chat(body: Any) -> dict[str, Any]:
     else:
         raise HttpError(400, "invalid_request", "'input' must be a string or an array")
     chat: dict[str, Any] = {"model": body.get("model"), "messages": messages,
-                            "stream": bool(body.get("stream", False))}
+                            "stream": body.get("stream", False)}
     for src, dst in (("temperature", "temperature"), ("top_p", "top_p"),
-                     ("max_output_tokens", "max_tokens")):
+                     ("max_output_tokens", "max_tokens"), ("parallel_tool_calls",
+                                                           "parallel_tool_calls")):
         if body.get(src) is not None:
             chat[dst] = body[src]
+    if body.get("tools"):
+        chat["tools"] = _responses_tools(body["tools"])
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        chat["tool_choice"] = {"type": "function", "function": {"name": choice.get("name")}}
+    elif choice in ("auto", "none", "required"):
+        chat["tool_choice"] = choice
+    elif choice is not None:
+        raise HttpError(400, "unsupported_parameter", f"tool_choice {choice!r} is not supported")
+    fmt = _responses_format(body.get("text"))
+    if fmt is not None:
+        chat["response_format"] = fmt
     return chat

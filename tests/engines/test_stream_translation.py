@@ -176,6 +176,15 @@ def test_ollama_request_mapping() -> None:
     kept = to_ollama_request({"model": "m", "tool_choice": "auto", "tools": [{"type": "x"}],
                               "messages": []}, stream=False)
     assert kept["tools"] == [{"type": "x"}]
+    turns = to_ollama_request({"model": "m", "messages": [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function",
+             "function": {"name": "weather", "arguments": '{"city":"Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "18C"}]}, stream=False)
+    # a result names the function it answers (Ollama's tool_name), found by the call's id
+    assert turns["messages"][1] == {"role": "tool", "content": "18C", "tool_name": "weather"}
+    assert turns["messages"][0]["tool_calls"] == [
+        {"function": {"name": "weather", "arguments": {"city": "Paris"}}}]
 
 
 def test_ollama_embeddings_forward_dimensions() -> None:

@@ -108,3 +108,20 @@ def test_raw_forwarding_replaces_only_the_model(spaced: bool) -> None:
 def test_raw_forwarding_declines_when_ambiguous() -> None:
     raw = b'{"model":"flm://e/m","x":{"model":"flm://e/m"},"messages":[]}'
     assert raw_with_model(raw, "flm://e/m", "m") is None
+
+
+def test_raw_forwarding_declines_a_nested_model_beside_a_spaced_top_level_one() -> None:
+    """The compact form nested (in metadata) and the spaced form at the top: rewriting the
+    nested one would send the flm:// id to the engine and change the client's metadata."""
+    raw = b'{"model": "flm://e/m", "metadata": {"model":"flm://e/m"}, "messages": []}'
+    assert raw_with_model(raw, "flm://e/m", "m") is None
+    repeated = b'{"model":"secret","model":"flm://e/m","messages":[]}'  # a repeated key
+    assert raw_with_model(repeated, "flm://e/m", "m") is None
+
+
+def test_stream_must_be_a_boolean_and_n_may_be_null() -> None:
+    with pytest.raises(HttpError) as caught:
+        _plan({"model": "flm://e/m", "messages": MSG, "stream": "false"})
+    assert caught.value.status == 400 and "stream" in caught.value.message
+    plan = _plan({"model": "flm://e/m", "messages": MSG, "stream": None, "n": None})
+    assert plan.stream is False and "n" not in plan.body

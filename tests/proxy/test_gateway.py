@@ -336,3 +336,33 @@ def test_metrics_on_loopback(vllm_stack: Stack) -> None:
                   if line.startswith('flm_tokens_total{direction="out",engine="eng"}')]
     assert out_tokens and float(out_tokens[0].split()[-1]) >= 2 * len(["one", "two", "three"])
     assert 'flm_overhead_seconds_count{route="/v1/chat/completions"}' in text
+
+
+def test_streamed_responses_fail_as_http_errors_before_the_first_event(
+        vllm_stack: Stack) -> None:
+    """An engine that fails at once gives a streamed Responses request the same HTTP error
+    a chat completion gets, not a 200 whose stream then reports the failure."""
+    parts = urlsplit(vllm_stack.url)
+
+    def post(path: str, body: dict[str, Any]) -> tuple[int, bytes]:
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+        try:
+            conn.request("POST", path, json.dumps(body),
+                         {**vllm_stack.auth, "Content-Type": "application/json"})
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        finally:
+            conn.close()
+
+    body = {"model": vllm_stack.model("chat-model:1b"), "input": "hi", "stream": True}
+    status, raw = post("/v1/responses", body)
+    kinds = [line[7:] for line in raw.decode().splitlines() if line.startswith("event: ")]
+    assert status == 200 and kinds[:4] == [
+        "response.created", "response.in_progress", "response.output_item.added",
+        "response.content_part.added"]
+    vllm_stack.emu.behaviour.status_override = 500
+    chat_status, chat_raw = post("/v1/chat/completions", {
+        "model": body["model"], "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+    status, raw = post("/v1/responses", body)
+    assert status == chat_status >= 500
+    assert json.loads(raw)["error"]["code"] == json.loads(chat_raw)["error"]["code"]

@@ -213,6 +213,15 @@ async def embeddings(scope: Scope, receive: Receive, send: Send, rt: ProxyRuntim
     await send_json(send, 200, reply)
 
 
+def _function_call_item(call: dict[str, Any]) -> dict[str, Any]:
+    """A chat tool call as a Responses ``function_call`` output item."""
+    fn = call.get("function") or {}
+    return {"type": "function_call", "id": f"fc_{secrets.token_hex(12)}",
+            "call_id": str(call.get("id") or f"call_{secrets.token_hex(8)}"),
+            "name": str(fn.get("name") or ""), "arguments": str(fn.get("arguments") or ""),
+            "status": "completed"}
+
+
 def _response_object(reply: dict[str, Any], public: str) -> dict[str, Any]:
     choice = (reply.get("choices") or [{}])[0]
     message = choice.get("message") or {}
@@ -221,6 +230,15 @@ def _response_object(reply: dict[str, Any], public: str) -> dict[str, Any]:
     prompt = int(usage.get("prompt_tokens") or 0)
     completion = int(usage.get("completion_tokens") or 0)
     incomplete = choice.get("finish_reason") == "length"
+    output: list[dict[str, Any]] = []
+    calls = [c for c in message.get("tool_calls") or [] if isinstance(c, dict)]
+    if text or not calls:
+        output.append({
+            "type": "message", "id": f"msg_{secrets.token_hex(12)}", "status": "completed",
+            "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": []}],
+        })
+    output += [_function_call_item(c) for c in calls]
     return {
         "id": f"resp_{secrets.token_hex(12)}",
         "object": "response",
@@ -229,11 +247,7 @@ def _response_object(reply: dict[str, Any], public: str) -> dict[str, Any]:
         "status": "incomplete" if incomplete else "completed",
         "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
         "error": None,
-        "output": [{
-            "type": "message", "id": f"msg_{secrets.token_hex(12)}", "status": "completed",
-            "role": "assistant",
-            "content": [{"type": "output_text", "text": text, "annotations": []}],
-        }],
+        "output": output,
         "usage": {"input_tokens": prompt, "output_tokens": completion,
                   "total_tokens": prompt + completion},
     }
@@ -247,7 +261,10 @@ def _sse(kind: str, payload: dict[str, Any], seq: list[int]) -> bytes:
 
 
 async def _response_events(chunks: AsyncIterator[bytes], public: str) -> AsyncIterator[bytes]:
-    """Chat chunks → the Responses API's semantic stream events (text output)."""
+    """Chat chunks → the Responses API's semantic stream events: the text as it comes, and
+    function calls (gathered from their deltas) as whole items before the end. Nothing is
+    sent before the engine's first chunk, so an engine that fails at once is an ordinary
+    HTTP error, as for chat completions."""
     response: dict[str, Any] = {
         "id": f"resp_{secrets.token_hex(12)}", "object": "response",
         "created_at": int(time.time()), "model": public, "status": "in_progress",
@@ -260,14 +277,28 @@ async def _response_events(chunks: AsyncIterator[bytes], public: str) -> AsyncIt
     seq = [-1]
     text: list[str] = []
     usage: dict[str, Any] = {}
+    calls: dict[int, dict[str, Any]] = {}
     finish = None
-    yield (_sse("response.created", {"response": response}, seq)
-           + _sse("response.output_item.added", {"output_index": 0, "item": item}, seq)
-           + _sse("response.content_part.added", {**where, "part": {
-               "type": "output_text", "text": "", "annotations": []}}, seq))
     try:
+        first = await chunks.__anext__()
+    except StopAsyncIteration:
+        first = b""
+    opening = (_sse("response.created", {"response": response}, seq)
+               + _sse("response.in_progress", {"response": response}, seq)
+               + _sse("response.output_item.added", {"output_index": 0, "item": item}, seq)
+               + _sse("response.content_part.added", {**where, "part": {
+                   "type": "output_text", "text": "", "annotations": []}}, seq))
+
+    async def batches() -> AsyncIterator[bytes]:
+        if first:
+            yield first
         async for batch in chunks:
-            out: list[bytes] = []
+            yield batch
+
+    try:
+        async for batch in batches():
+            out: list[bytes] = [opening] if opening else []
+            opening = b""
             for event in batch.split(b"\n\n"):
                 if not event.startswith(b"data: ") or event == DONE.rstrip():
                     continue
@@ -278,11 +309,22 @@ async def _response_events(chunks: AsyncIterator[bytes], public: str) -> AsyncIt
                         text.append(delta)
                         out.append(_sse("response.output_text.delta",
                                         {**where, "delta": delta}, seq))
+                    for tc in (choice.get("delta") or {}).get("tool_calls") or []:
+                        if not isinstance(tc, dict):
+                            continue
+                        call = calls.setdefault(int(tc.get("index") or 0), {
+                            "id": None, "function": {"name": "", "arguments": ""}})
+                        call["id"] = call["id"] or tc.get("id")
+                        fn = tc.get("function") or {}
+                        call["function"]["name"] += fn.get("name") or ""
+                        call["function"]["arguments"] += fn.get("arguments") or ""
                     finish = choice.get("finish_reason") or finish
                 if isinstance(chunk.get("usage"), dict):
                     usage = chunk["usage"]
             if out:
                 yield b"".join(out)
+        if opening:  # an empty stream: still a well-formed (empty) response
+            yield opening
     finally:
         aclose = getattr(chunks, "aclose", None)
         if aclose is not None:
@@ -293,16 +335,27 @@ async def _response_events(chunks: AsyncIterator[bytes], public: str) -> AsyncIt
     prompt = int(usage.get("prompt_tokens") or 0)
     completion = int(usage.get("completion_tokens") or 0)
     incomplete = finish == "length"
+    items = [_function_call_item(calls[i]) for i in sorted(calls)]
     final = {**response, "status": "incomplete" if incomplete else "completed",
              "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
-             "output": [done_item],
+             "output": [done_item, *items],
              "usage": {"input_tokens": prompt, "output_tokens": completion,
                        "total_tokens": prompt + completion}}
-    yield (_sse("response.output_text.done", {**where, "text": full}, seq)
-           + _sse("response.content_part.done", {**where, "part": part}, seq)
-           + _sse("response.output_item.done", {"output_index": 0, "item": done_item}, seq)
-           + _sse("response.completed" if not incomplete else "response.incomplete",
-                  {"response": final}, seq))
+    closing = [_sse("response.output_text.done", {**where, "text": full}, seq),
+               _sse("response.content_part.done", {**where, "part": part}, seq),
+               _sse("response.output_item.done", {"output_index": 0, "item": done_item}, seq)]
+    for index, fc in enumerate(items, 1):
+        added = {**fc, "status": "in_progress", "arguments": ""}
+        closing += [
+            _sse("response.output_item.added", {"output_index": index, "item": added}, seq),
+            _sse("response.function_call_arguments.delta", {
+                "item_id": fc["id"], "output_index": index, "delta": fc["arguments"]}, seq),
+            _sse("response.function_call_arguments.done", {
+                "item_id": fc["id"], "output_index": index, "arguments": fc["arguments"]}, seq),
+            _sse("response.output_item.done", {"output_index": index, "item": fc}, seq)]
+    closing.append(_sse("response.completed" if not incomplete else "response.incomplete",
+                        {"response": final}, seq))
+    yield b"".join(closing)
 
 
 async def responses(scope: Scope, receive: Receive, send: Send, rt: ProxyRuntime) -> None:
