@@ -119,56 +119,134 @@ def _post(url: str, key: str, body: dict[str, Any]) -> Any:
                        "(`flm proxy status`)?", code="PROXY_NOT_RUNNING") from None
 
 
+def _responses_content(content: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Chat content parts in the Responses API's input shapes."""
+    if isinstance(content, str):
+        return [{"type": "input_text", "text": content}]
+    parts: list[dict[str, Any]] = []
+    for part in content:
+        if part["type"] == "text":
+            parts.append({"type": "input_text", "text": part["text"]})
+        elif part["type"] == "image_url":
+            parts.append({"type": "input_image", "image_url": part["image_url"]["url"]})
+        else:
+            raise UsageError("--audio cannot be sent with --responses (use chat completions)")
+    return parts
+
+
+def _sse_data(resp: Any) -> Any:
+    """The JSON ``data`` payloads of an SSE reply, up to ``[DONE]`` or its end."""
+    for raw in resp:
+        line = raw.strip()
+        if not line.startswith(b"data:"):
+            continue
+        payload = line[5:].strip()
+        if payload == b"[DONE]":
+            return
+        event = json.loads(payload)
+        if isinstance(event, dict) and "error" in event:
+            err = event["error"] if isinstance(event["error"], dict) else {}
+            raise FlmError(str(err.get("message") or event["error"]), code="ENGINE_API_ERROR")
+        yield event
+
+
+def _show(piece: str, args: argparse.Namespace) -> None:
+    if getattr(args, "format", "json") == "text":
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+
+def _responses(base: str, key: str, args: argparse.Namespace,
+               content: str | list[dict[str, Any]]) -> Result:
+    body: dict[str, Any] = {"model": args.model, "input": [
+        {"role": "user", "content": _responses_content(content)}]}
+    if args.json:
+        body["text"] = {"format": {"type": "json_object"}}
+    if not args.stream:
+        resp = _post(f"{base}/v1/responses", key, body)
+        with resp:
+            reply = json.loads(resp.read())
+        text = "".join(c.get("text", "") for item in reply.get("output", [])
+                       for c in item.get("content", []) or [])
+        return Result({"text": text, "response": reply,
+                       "request_id": resp.headers.get("x-request-id")}, text=lambda d: d["text"])
+    body["stream"] = True
+    resp = _post(f"{base}/v1/responses", key, body)
+    pieces: list[str] = []
+    final: Any = None
+    with resp:
+        for event in _sse_data(resp):
+            kind = event.get("type")
+            if kind == "response.output_text.delta":
+                pieces.append(str(event.get("delta") or ""))
+                _show(pieces[-1], args)
+            elif kind in ("response.completed", "response.incomplete"):
+                final = event.get("response")
+    return Result({"text": "".join(pieces), "response": final,
+                   "request_id": resp.headers.get("x-request-id")}, text=lambda d: "")
+
+
 def chat(ctx: Context, args: argparse.Namespace) -> Result:
     key = args.api_key or os.environ.get("FLM_API_KEY")
     if not key:
         raise UsageError("give --api-key or set FLM_API_KEY")
     content = _content(args)
+    audio_out = "audio" in args.modalities.split(",")
+    if audio_out and (args.stream or args.responses):
+        raise UsageError("--save-audio works with plain chat completions (no --stream, no "
+                         "--responses)")
     base = _proxy_url(ctx, args.url)
     if args.responses:
-        resp = _post(f"{base}/v1/responses", key, {"model": args.model, "input": [
-            {"role": "user", "content": content if isinstance(content, list) else
-             [{"type": "input_text", "text": content}]}]})
-        with resp:
-            reply = json.loads(resp.read())
-        text = "".join(c.get("text", "") for item in reply.get("output", [])
-                       for c in item.get("content", []))
-        return Result({"text": text, "response": reply,
-                       "request_id": resp.headers.get("x-request-id")}, text=lambda d: d["text"])
+        return _responses(base, key, args, content)
     body: dict[str, Any] = {"model": args.model,
                             "messages": [{"role": "user", "content": content}]}
     if args.json:
         body["response_format"] = {"type": "json_object"}
     if args.modalities != "text":
         body["modalities"] = args.modalities.split(",")
+    if audio_out:
+        body["audio"] = {"voice": "alloy", "format": "wav"}
     if not args.stream:
         resp = _post(f"{base}/v1/chat/completions", key, body)
         with resp:
             reply = json.loads(resp.read())
-        text = reply["choices"][0]["message"].get("content") or ""
-        return Result({"text": text, "usage": reply.get("usage"),
-                       "request_id": resp.headers.get("x-request-id")}, text=lambda d: d["text"])
+        message = reply["choices"][0]["message"]
+        text = message.get("content") or ""
+        result: dict[str, Any] = {"text": text, "usage": reply.get("usage"),
+                                  "request_id": resp.headers.get("x-request-id")}
+        if audio_out:
+            result["audio_file"] = _save_audio(message, args.save_audio)
+            text = text or (message.get("audio") or {}).get("transcript") or ""
+            result["text"] = text
+        return Result(result, text=lambda d: d["text"])
     body["stream"] = True
     resp = _post(f"{base}/v1/chat/completions", key, body)
     pieces: list[str] = []
-    fmt_text = getattr(args, "format", "json") == "text"
     with resp:
-        for raw in resp:
-            line = raw.strip()
-            if not line.startswith(b"data:"):
-                continue
-            payload = line[5:].strip()
-            if payload == b"[DONE]":
-                break
-            event = json.loads(payload)
-            if "error" in event:
-                raise FlmError(str(event["error"].get("message")), code="ENGINE_API_ERROR")
+        for event in _sse_data(resp):
             for choice in event.get("choices", []):
                 piece = (choice.get("delta") or {}).get("content") or ""
                 pieces.append(piece)
-                if fmt_text:
-                    sys.stdout.write(piece)
-                    sys.stdout.flush()
+                _show(piece, args)
     text = "".join(pieces)
     return Result({"text": text, "request_id": resp.headers.get("x-request-id")},
                   text=lambda d: "")
+
+
+def _save_audio(message: dict[str, Any], path: str) -> str:
+    """Write the reply's audio (base64 in ``message.audio.data``) to ``path``, 0600."""
+    import base64
+    import binascii
+
+    from flm.core.paths import write_private_file
+
+    audio = message.get("audio")
+    data = audio.get("data") if isinstance(audio, dict) else None
+    if not isinstance(data, str) or not data:
+        raise FlmError("the reply carries no audio", code="ENGINE_API_ERROR")
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise FlmError("the reply's audio is not valid base64", code="ENGINE_API_ERROR") from None
+    write_private_file(Path(path), raw)
+    return path

@@ -31,12 +31,33 @@ def test_chat_plain_stream_responses_and_refusals(cli: Any, tmp_path: Path) -> N
             seen = cli("chat", "--model", "flm://o/eye:1", "--prompt", "look", "--image",
                        str(image), *common)
             assert "[images: 1]" in seen.data["text"]
+            # the Responses API takes the same inputs, in its own part shapes, and streams
+            looked = cli("chat", "--model", "flm://o/eye:1", "--prompt", "look", "--image",
+                         str(image), "--responses", *common)
+            assert looked.code == 0, looked.out
+            assert "[images: 1]" in looked.data["text"]
+            assert looked.data["response"]["object"] == "response"
+            flowing = cli("chat", "--model", "flm://o/m:1", "--prompt", "flow on", "--stream",
+                          "--responses", *common)
+            assert flowing.code == 0, flowing.out
+            assert flowing.data["text"] == expected_reply("flow on")
+            assert flowing.data["response"]["status"] == "completed"
+            shown = cli("chat", "--model", "flm://o/m:1", "--prompt", "show me", "--stream",
+                        "--responses", *common, "--format", "text")
+            assert shown.out.strip() == expected_reply("show me")
             refused = cli("chat", "--model", "flm://o/m:1", "--prompt", "look", "--image",
                           str(image), *common)
             assert refused.code == 1 and refused.error["code"] == "UNSUPPORTED_MODALITIES"
             before = len(emu.requests)
             bad = [("--image", str(tmp_path / "x.gif")), ("--image-url", "http://x/y.png"),
                    ("--modalities", "text,audio"), ("--audio", str(tmp_path / "a.xyz"))]
+            audio = tmp_path / "a.wav"
+            audio.write_bytes(b"RIFF0000WAVE")
+            for extra in (["--audio", str(audio), "--responses"],
+                          ["--modalities", "text,audio", "--save-audio", str(tmp_path / "o.wav"),
+                           "--stream"]):
+                result = cli("chat", "--model", "flm://o/m:1", "--prompt", "x", *extra, *common)
+                assert result.code == 1 and result.error["code"] == "INVALID_ARGUMENT", extra
             for flag, value in bad:
                 result = cli("chat", "--model", "flm://o/m:1", "--prompt", "x", flag, value,
                              *common)
@@ -45,3 +66,23 @@ def test_chat_plain_stream_responses_and_refusals(cli: Any, tmp_path: Path) -> N
             wrong = cli("chat", "--model", "flm://o/m:1", "--prompt", "x", "--url", gw.url,
                         "--api-key", "flm_0000000000000000_" + "a" * 43)
             assert wrong.code == 1 and wrong.error["code"] == "INVALID_API_KEY"
+
+
+def test_save_audio_writes_the_replys_audio_privately(tmp_path: Path) -> None:
+    import base64
+    import stat
+
+    import pytest
+
+    from flm.cli.chat import _save_audio
+    from flm.core.errors import FlmError
+
+    target = tmp_path / "out" / "reply.wav"
+    wav = b"RIFF\x24\x00\x00\x00WAVEfmt "
+    assert _save_audio({"audio": {"data": base64.b64encode(wav).decode()}},
+                       str(target)) == str(target)
+    assert target.read_bytes() == wav and stat.S_IMODE(target.stat().st_mode) == 0o600
+    for message in ({"content": "no audio"}, {"audio": {"data": "***"}}):
+        with pytest.raises(FlmError):
+            _save_audio(message, str(tmp_path / "never.wav"))
+    assert not (tmp_path / "never.wav").exists()
