@@ -404,7 +404,10 @@ class HttpProtocol(asyncio.Protocol):
         if isinstance(sockname, tuple):
             self.server = (str(sockname[0]), int(sockname[1]))
         if isinstance(peername, tuple):
-            self.client = (str(peername[0]), int(peername[1]))
+            host = str(peername[0])
+            if host.startswith("::ffff:") and "." in host:
+                host = host[7:]  # an IPv4 client of a dual-stack socket is that IPv4 address
+            self.client = (host, int(peername[1]))
         self._arm(self.head_timeout_s, self._head_too_slow)
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -33,9 +33,10 @@ class Running:
         self.thread.join(timeout=10)
 
 
-def serve(app: Callable[[Scope, Receive, Send], Any], **kwargs: Any) -> Running:
+def serve(app: Callable[[Scope, Receive, Send], Any], host: str = "127.0.0.1",
+          **kwargs: Any) -> Running:
     loop = asyncio.new_event_loop()
-    sock = bind_socket("127.0.0.1", 0)
+    sock = bind_socket(host, 0)
     srv = HttpServer(app, sock, **kwargs)
     started = threading.Event()
 
@@ -662,3 +663,23 @@ def test_good_hosts_pass(running: Callable[..., Running], head: bytes) -> None:
         line = read_response(sock, bytearray())[0]
         assert line.startswith(b"HTTP/1.1 200"), line
     assert calls == ["GET /h"]
+
+
+def test_ipv4_clients_of_a_dual_stack_socket_have_their_ipv4_address(
+        running: Callable[..., Running]) -> None:
+    """On a "::" bind an IPv4 client arrives as ::ffff:a.b.c.d; it is a.b.c.d to the apps, so
+    allow-lists, blocks, rate buckets and audit rows name it the way a user writes it."""
+    clients: list[Any] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        clients.append(scope["client"][0])
+        await echo(scope, receive, send)
+
+    try:
+        r = running(app, host="::")
+    except Exception as exc:  # a machine without IPv6 at all
+        pytest.skip(f"no IPv6 socket here: {exc}")
+    with socket.create_connection(("127.0.0.1", r.port), timeout=5) as sock:
+        sock.sendall(b"GET /who HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert read_response(sock, bytearray())[0].startswith(b"HTTP/1.1 200")
+    assert clients == ["127.0.0.1"]

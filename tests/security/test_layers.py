@@ -283,3 +283,52 @@ def test_probing_missing_routes_scores(env: Env) -> None:
     assert env.rt.guard.scores["127.0.0.15"][0] == 90
     assert env.request("GET", "/probe-x", source="127.0.0.15")[0] == 404  # reaches 100
     assert env.request("GET", "/v1/models", source="127.0.0.15")[0] == 403
+
+
+def test_forwarded_for_lines_ports_and_mapped_addresses() -> None:
+    import ipaddress
+
+    from flm.proxy.middleware.security import forwarded_client
+
+    trusted = (ipaddress.ip_network("127.0.0.7/32"), ipaddress.ip_network("10.0.0.0/8"))
+    # the client's own line first, the proxy's below it: the proxy's line decides
+    assert forwarded_client("127.0.0.7", [b"6.6.6.6", b"203.0.113.9"], [], trusted) \
+        == "203.0.113.9"
+    # hops with ports, bracketed IPv6 with a port, IPv4-mapped IPv6
+    assert forwarded_client("127.0.0.7", [b"203.0.113.9:4711, 10.0.0.2:80"], [], trusted) \
+        == "203.0.113.9"
+    assert forwarded_client("127.0.0.7", [b"[2001:db8::1]:443"], [], trusted) == "2001:db8::1"
+    assert forwarded_client("127.0.0.7", [b"::ffff:203.0.113.9"], [], trusted) \
+        == "203.0.113.9"
+    # garbage stops the walk at the trusted proxy; X-Real-IP: the last line counts
+    assert forwarded_client("127.0.0.7", [b"unknown"], [], trusted) == "127.0.0.7"
+    assert forwarded_client("127.0.0.7", [], [b"6.6.6.6", b"203.0.113.9"], trusted) \
+        == "203.0.113.9"
+
+
+def test_a_second_forwarded_for_line_decides_who_is_blocked(env: Env) -> None:
+    """Behind a trusted proxy that adds its own X-Forwarded-For line, the client's forged
+    first line must not be taken for its address (or its failures land on someone else)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    env.policy({"trusted_proxies": ["127.0.0.7"], "ip_blocklist": {"enabled": True}})
+    parts = urlsplit(env.gw.url)
+
+    def bad_key(forged: str) -> int:
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30,
+                                          source_address=("127.0.0.7", 0))
+        try:
+            conn.putrequest("GET", "/v1/models")
+            conn.putheader("Authorization", "Bearer flm_0000000000000000_" + "b" * 43)
+            conn.putheader("X-Forwarded-For", forged)  # what the client sent
+            conn.putheader("X-Forwarded-For", "203.0.113.50")  # what the proxy added
+            conn.endheaders()
+            return conn.getresponse().status
+        finally:
+            conn.close()
+
+    codes = [bad_key(f"198.51.100.{i}") for i in range(6)]
+    assert codes == [401] * 5 + [403]
+    assert env.rt.guard.blocked("203.0.113.50") is not None
+    assert all(env.rt.guard.blocked(f"198.51.100.{i}") is None for i in range(6))

@@ -87,21 +87,43 @@ def _valid_ip(text: str) -> bool:
     return True
 
 
-def forwarded_client(peer: str, forwarded: bytes | None, real_ip: bytes | None,
+def _hop_address(hop: str) -> str | None:
+    """The address of one forwarding hop, in its canonical text (a port, ``[v6]:port`` and
+    the IPv4-mapped IPv6 form taken off), or None when it is not an address."""
+    hop = hop.strip()
+    if hop.startswith("["):
+        hop = hop[1:hop.find("]")] if "]" in hop else hop
+    elif hop.count(":") == 1:  # IPv4:port
+        hop = hop.split(":", 1)[0]
+    try:
+        addr = ipaddress.ip_address(hop)
+    except ValueError:
+        return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(addr)
+
+
+def forwarded_client(peer: str, forwarded: list[bytes], real_ip: list[bytes],
                      trusted: tuple[_Net, ...]) -> str:
     """The client behind a trusted proxy ``peer``: the right-most ``X-Forwarded-For`` hop
-    that is not itself a trusted proxy, else ``X-Real-IP``, else the peer."""
+    that is not itself a trusted proxy, else ``X-Real-IP``, else the peer.
+
+    Every ``X-Forwarded-For`` line counts, in order, as one list (RFC 9110 §5.3): a proxy
+    that adds its own line below the client's must not leave the client's line to decide.
+    Of several ``X-Real-IP`` lines the last, the one nearest to this gateway, counts."""
     if forwarded:
-        hops = [h.strip() for h in forwarded.decode("latin-1").split(",") if h.strip()]
+        hops = [h for line in forwarded for h in line.decode("latin-1").split(",")
+                if h.strip()]
         for hop in reversed(hops):
-            if not _valid_ip(hop):
+            address = _hop_address(hop)
+            if address is None:
                 return peer
-            if not _in(hop, trusted):
-                return hop
-        return hops[0] if hops else peer
+            if not _in(address, trusted):
+                return address
+        return _hop_address(hops[0]) or peer if hops else peer
     if real_ip:
-        text = real_ip.decode("latin-1").strip()
-        return text if _valid_ip(text) else peer
+        return _hop_address(real_ip[-1].decode("latin-1")) or peer
     return peer
 
 
@@ -169,9 +191,10 @@ class SecurityMiddleware:
         # 4. IP block check: resolve the client (behind trusted proxies only), refuse blocks.
         ip = state.client_ip
         if policy.trusted_proxies and self._trusted(ip, policy.trusted_proxies):
-            ip = state.client_ip = forwarded_client(ip, headers.get(b"x-forwarded-for"),
-                                                    headers.get(b"x-real-ip"),
-                                                    policy.trusted_proxies)
+            every = scope["headers"]
+            ip = state.client_ip = forwarded_client(
+                ip, [v for n, v in every if n == b"x-forwarded-for"],
+                [v for n, v in every if n == b"x-real-ip"], policy.trusted_proxies)
         if guard.blocks:
             block = guard.blocked(ip)
             if block is not None:
