@@ -31,7 +31,7 @@ def register(cmds: Any, common: argparse.ArgumentParser) -> None:
     p = acmds.add_parser("export", help="write the trail to a file")
     p.add_argument("--db-path-config", metavar="PATH", default=argparse.SUPPRESS)
     p.add_argument("--db-path-security", metavar="PATH", default=argparse.SUPPRESS)
-    _filters(p)
+    _filters(p, limit=None)  # (everything unless asked)
     p.add_argument("--format", dest="export_format", choices=("json", "csv"), required=True)
     p.add_argument("--output", required=True)
     p.set_defaults(handler=audit_export)
@@ -52,12 +52,12 @@ def register(cmds: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(handler=anomaly)
 
 
-def _filters(p: argparse.ArgumentParser) -> None:
+def _filters(p: argparse.ArgumentParser, limit: int | None = 100) -> None:
     p.add_argument("--event-type")
     p.add_argument("--severity")
     p.add_argument("--ip")
     p.add_argument("--since", metavar="DATE")
-    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--limit", type=int, default=limit)
     p.add_argument("--offset", type=int, default=0)
 
 
@@ -97,7 +97,8 @@ def audit_list(ctx: Context, args: argparse.Namespace) -> Result:
 
 
 def audit_export(ctx: Context, args: argparse.Namespace) -> Result:
-    return Result(_svc(ctx).export(args.export_format, Path(args.output), **_filter_args(args)),
+    return Result(_svc(ctx).export(args.export_format, Path(args.output), limit=args.limit,
+                                   offset=args.offset, **_filter_args(args)),
                   text=pairs)
 
 

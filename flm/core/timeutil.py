@@ -10,7 +10,8 @@ def utc_now() -> datetime:
 
 
 def iso(dt: datetime) -> str:
-    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    # (isoformat, not strftime's %Y: that writes year 999 as "999", which sorts after "1999")
+    return dt.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"
 
 
 def now_iso() -> str:

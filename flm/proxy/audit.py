@@ -137,7 +137,8 @@ class AuditSink:
                     (ts, rid, ip, key_id, endpoint, method, engine, model, status, latency,
                      p_tok, c_tok, err) = item
                     # (the model is the client's text: a key pasted there is redacted too)
-                    row = (iso_ts(ts), rid, ip, key_id, scrub(endpoint)[:512], method, engine,
+                    row = (iso_ts(ts), rid, ip, key_id, scrub(endpoint)[:512], method,
+                           None if engine is None else scrub(engine)[:128],
                            None if model is None else scrub(model)[:512], status,
                            round(latency, 3), p_tok, c_tok, err, "request", "info", None)
                 elif kind == "event":

@@ -27,6 +27,18 @@ def _iso_arg(text: str, name: str) -> str:
         raise UsageError(f"{name} must be a date or ISO 8601 time, got {text!r}") from None
 
 
+def _cell(value: Any) -> Any:
+    """A CSV cell a spreadsheet shows as text, never runs as a formula."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
+
+
+def _check_limit(limit: int) -> None:
+    if not 1 <= limit <= 100_000:
+        raise UsageError("--limit must be 1-100000")
+
+
 class SecurityEvents:
     def __init__(self, storage: Storage) -> None:
         self._storage = storage
@@ -63,8 +75,9 @@ class SecurityEvents:
     # --- audit -----------------------------------------------------------------------------------
 
     def audit_logs(self, *, event_type: str | None = None, severity: str | None = None,
-                   ip: str | None = None, since: str | None = None, limit: int = 100,
+                   ip: str | None = None, since: str | None = None, limit: int | None = 100,
                    offset: int = 0) -> list[dict[str, Any]]:
+        """Newest first; ``limit=None`` is every row (for export)."""
         where, params = [], []
         if event_type:
             where.append("event_type = ?")
@@ -80,13 +93,13 @@ class SecurityEvents:
         if since:
             where.append("ts >= ?")
             params.append(_iso_arg(since, "--since"))
-        if limit < 1 or limit > 100_000 or offset < 0:
+        if (limit is not None and not 1 <= limit <= 100_000) or offset < 0:
             raise UsageError("--limit must be 1-100000 and --offset >= 0")
         sql = "SELECT * FROM audit_logs"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY id DESC LIMIT ? OFFSET ?"
-        rows = self._db.query(sql, [*params, limit, offset])
+        rows = self._db.query(sql, [*params, -1 if limit is None else limit, offset])
         out = []
         for r in rows:
             item = dict(r)
@@ -94,8 +107,12 @@ class SecurityEvents:
             out.append(item)
         return out
 
-    def export(self, fmt: str, output: Path, **filters: Any) -> dict[str, Any]:
-        rows = self.audit_logs(limit=100_000, **filters)
+    def export(self, fmt: str, output: Path, *, limit: int | None = None, offset: int = 0,
+               **filters: Any) -> dict[str, Any]:
+        """The trail (all of it, or ``limit`` rows from ``offset``) to a file. CSV cells that
+        a spreadsheet would run as a formula are written as text (a leading ``'``): paths,
+        user agents and engine names come from clients."""
+        rows = self.audit_logs(limit=limit, offset=offset, **filters)
         if fmt == "json":
             data = json.dumps(rows, ensure_ascii=False, indent=1).encode()
         elif fmt == "csv":
@@ -104,7 +121,7 @@ class SecurityEvents:
             writer = csv.DictWriter(buf, fieldnames=columns)
             writer.writeheader()
             for row in rows:
-                writer.writerow({k: json.dumps(v) if isinstance(v, (dict, list)) else v
+                writer.writerow({k: _cell(json.dumps(v) if isinstance(v, (dict, list)) else v)
                                  for k, v in row.items()})
             data = buf.getvalue().encode()
         else:
@@ -156,6 +173,7 @@ class SecurityEvents:
         if ip:
             sql += " AND ip = ?"
             params.append(ip)
+        _check_limit(limit)
         rows = self._db.query(sql + " ORDER BY id DESC LIMIT ?", [*params, limit])
         return [{**dict(r), "reasons": json.loads(r["reasons_json"])} for r in rows]
 
@@ -169,5 +187,6 @@ class SecurityEvents:
         if anomaly_type:
             sql += " AND anomaly_type = ?"
             params.append(anomaly_type)
+        _check_limit(limit)
         rows = self._db.query(sql + " ORDER BY id DESC LIMIT ?", [*params, limit])
         return [dict(r) for r in rows]

@@ -111,6 +111,11 @@ def test_a_key_pasted_into_the_model_is_not_recorded(env: Env, flm_home: Path) -
     [(model,)] = conn.execute("SELECT model FROM audit_logs WHERE event_type = 'request'")
     conn.close()
     assert model.startswith("flm://eng/") and "[redacted]" in model
+    # ... and one pasted where the engine id goes (flm://<key>/m) is not recorded either
+    status, _, _ = env.request("POST", "/v1/chat/completions", body={
+        "model": f"flm://{env.key}/m", "messages": [{"role": "user", "content": "hi"}]})
+    assert status in (400, 404)
+    _flush_until(env, flm_home, 2)
     secret = env.key.split("_", 2)[2].encode()
     for path in (p for p in flm_home.rglob("*") if p.is_file()):
         assert secret not in path.read_bytes(), path
@@ -130,6 +135,18 @@ def test_export_and_archive(env: Env, tmp_path: Path, flm_home: Path) -> None:
     js = tmp_path / "audit.json"
     cli("security", "audit-logs", "export", "--format", "json", "--output", str(js))
     assert len(json.loads(js.read_text())) >= 3
+    # the whole trail unless --limit/--offset say otherwise
+    everything = [r["id"] for r in json.loads(js.read_text())]
+    assert cli("security", "audit-logs", "export", "--format", "json", "--output", str(js),
+               "--limit", "2", "--offset", "1").data["rows"] == 2
+    assert [r["id"] for r in json.loads(js.read_text())] == everything[1:3]
+    for command in (["intrusion"], ["anomaly"], ["audit-logs"]):
+        refused = cli("security", *command, "--limit", "-1")
+        assert refused.code == 1 and refused.error["code"] == "INVALID_ARGUMENT", command
+    # a year before 1000 is still before every row (dates compare as text: "0999" < "2026")
+    early = cli("security", "audit-logs", "archive", "--before", "0999-01-01").data
+    assert early["archived"] == 0
+    assert cli("security", "audit-logs", "--since", "0999-01-01").data != []
     archived = cli("security", "audit-logs", "archive", "--before", "2999-01-01").data
     assert archived["archived"] >= 3
     assert len(Path(archived["file"]).read_text().splitlines()) == archived["archived"]
@@ -314,3 +331,21 @@ def test_database_keeps_the_batch_when_the_json_lines_file_cannot(tmp_path: Path
         sink._path = None  # (let close() finish)
         sink.close()
         db.close()
+
+
+def test_csv_export_never_hands_a_spreadsheet_a_formula(env: Env, tmp_path: Path,
+                                                       flm_home: Path) -> None:
+    import csv
+
+    for path in ("/=HYPERLINK(1)", "/+cmd", "/plain"):
+        env.request("GET", "/v1/models" + path)
+    status, _, _ = env.request("POST", "/v1/chat/completions", body={
+        "model": "flm://=HYPERLINK(\"x\")/m", "messages": [{"role": "user", "content": "hi"}]})
+    assert status == 404
+    _flush_until(env, flm_home, 4)
+    out = tmp_path / "audit.csv"
+    env.cli("security", "audit-logs", "export", "--format", "csv", "--output", str(out))
+    with out.open(newline="") as fh:
+        cells = [cell for row in csv.reader(fh) for cell in row]
+    assert any(cell.startswith("'=HYPERLINK") for cell in cells)
+    assert not any(cell[:1] in ("=", "+", "@") for cell in cells)

@@ -202,6 +202,10 @@ def test_anomaly_rate_and_body_size(env: Env) -> None:
     env.rt.guard.clock = fake
     env.policy({"anomaly_detection": {"enabled": True, "request_rate_threshold": 5,
                                       "max_body_bytes": 1000, "auto_block": True}})
+    # a health checker polling /health is not a request-rate anomaly
+    health = [env.request("GET", "/health", source="127.0.0.13", key=None)[0]
+              for _ in range(8)]
+    assert health == [200] * 8
     codes = [env.request("GET", "/v1/models", source="127.0.0.13")[0] for _ in range(7)]
     assert codes[:5] == [200] * 5 and codes[5] == 403
     env.request("POST", "/v1/chat/completions", source="127.0.0.14",

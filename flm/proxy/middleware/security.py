@@ -228,7 +228,7 @@ class SecurityMiddleware:
 
         # 7. Anomaly detection: request rate per address and declared body size now, the
         #    duration once the request is over.
-        anomaly = policy.anomaly_enabled
+        anomaly = policy.anomaly_enabled and path != "/health"  # (a health checker polls)
         if anomaly:
             self._anomalies_before(state, headers.get(b"content-length"), policy)
 
