@@ -23,7 +23,7 @@ from flm.core.paths import Paths, ensure_private_dir, write_private_file
 from flm.core.timeutil import now_iso
 from flm.openai.errors import HttpError
 from flm.proxy.asgi import Receive, Scope, Send, header, read_json, send_json
-from flm.proxy.instance import ProxyInstance, start_instance
+from flm.proxy.instance import RELOAD_INTERVAL_S, ProxyInstance, reload_proxies, start_instance
 from flm.proxy.server import HttpServer, bind_socket
 from flm.services.context import Context
 from flm.services.events import record_security_event
@@ -31,7 +31,6 @@ from flm.storage.config import ProxyHandleRow, ProxyHandlesRepo
 
 log = logging.getLogger("flm.daemon")
 
-RELOAD_INTERVAL_S = 30.0
 RETENTION_INTERVAL_S = 3600.0
 MAX_ADMIN_FAILURES = 5
 ADMIN_BLOCK_S = 300.0
@@ -102,37 +101,9 @@ class Daemon:
     async def reload(self, *, port: int | None = None) -> list[str]:
         """Apply the current policy, keys, blocklist and engines to running proxies. A stored
         policy that no longer validates is refused and the one in force stays."""
-        from flm.core.errors import PolicyInvalidError
-        from flm.proxy.runtime import _is_self, load_block_rows, load_profiles
-        from flm.services.keys import KeyService
-
-        policy = await asyncio.to_thread(lambda: self.ctx.policy.show()["policy"])
-        active = {k.id for k in await asyncio.to_thread(KeyService(self.ctx.storage).list)
-                  if k.revoked_at is None}
-        endpoints = await asyncio.to_thread(self.ctx.engines.endpoints)
-        reloaded = []
-        for inst in list(self.instances.values()):
-            if port is not None and inst.settings.port != port:
-                continue
-            rt = inst.runtime
-            try:
-                rt.apply_policy(policy)
-            except PolicyInvalidError as exc:
-                inst.last_error = f"policy refused on reload: {exc.message}"
-                log.warning("%s", inst.last_error)
-            else:
-                if inst.last_error and inst.last_error.startswith("policy refused"):
-                    inst.last_error = None
-            rt.keys.retain_only(active)
-            if rt.audit is not None:
-                await asyncio.to_thread(rt.audit.flush)  # blocks made here reach the table
-            rt.load_blocks(await asyncio.to_thread(load_block_rows, self.ctx))
-            await asyncio.to_thread(load_profiles, rt, self.ctx)
-            gone = rt.engines.replace(e for e in endpoints if not _is_self(e, inst.settings))
-            for adapter in gone:
-                await adapter.close()
-            reloaded.append(inst.settings.handle_id)
-        return reloaded
+        chosen = [inst for inst in self.instances.values()
+                  if port is None or inst.settings.port == port]
+        return await reload_proxies(self.ctx, chosen)
 
     async def periodic_reload(self) -> None:
         """Every 30 s: pick up policy/key/blocklist/engine changes; every hour: archive audit

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import os
 import signal
 import sys
 from typing import Any
 
+from flm.core.errors import FlmError
 from flm.core.timeutil import now_iso
-from flm.proxy.instance import ProxyInstance, start_instance
+from flm.proxy.instance import RELOAD_INTERVAL_S, ProxyInstance, reload_proxies, start_instance
 from flm.storage.config import ProxyHandleRow, ProxyHandlesRepo
+
+log = logging.getLogger("flm.proxy")
 
 
 def _banner(described: dict[str, Any]) -> str:
@@ -35,13 +40,20 @@ def _banner(described: dict[str, Any]) -> str:
 
 
 def run_foreground(ctx: Any, config: dict[str, Any]) -> None:
+    """Serve one proxy until SIGINT/SIGTERM. Like the daemon's proxies it picks up key,
+    policy, blocklist and engine changes: at once on SIGHUP (which the CLI sends after such a
+    change, and ``flm proxy reload``), and every ``RELOAD_INTERVAL_S`` otherwise."""
     repo = ProxyHandlesRepo(ctx.storage.config)
 
     async def main() -> None:
         stop = asyncio.Event()
+        wanted = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        hup = getattr(signal, "SIGHUP", None)
+        if hup is not None:
+            loop.add_signal_handler(hup, wanted.set)
         proxy: ProxyInstance = await start_instance(ctx, config)
         settings = proxy.settings
         repo.add(ProxyHandleRow(settings.handle_id, os.getpid(), settings.port,
@@ -49,9 +61,22 @@ def run_foreground(ctx: Any, config: dict[str, Any]) -> None:
                                 json.dumps(config), now_iso()))
         sys.stderr.write(_banner(proxy.describe()))
         sys.stderr.flush()
+
+        async def reloads() -> None:
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wanted.wait(), RELOAD_INTERVAL_S)
+                wanted.clear()
+                try:
+                    await reload_proxies(ctx, [proxy])
+                except FlmError as exc:
+                    log.warning("reload failed: %s", exc.message)
+
+        reloader = asyncio.ensure_future(reloads())
         try:
             await stop.wait()
         finally:
+            reloader.cancel()
             await proxy.close()
             repo.remove([settings.handle_id])
 

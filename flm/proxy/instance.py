@@ -350,3 +350,42 @@ def user_endpoints(s: ProxySettings, acme_domain: str | None = None) -> list[str
     else:
         hosts = [s.bind]
     return [f"{scheme}://{h if ':' not in h else '[' + h + ']'}:{port}" for h in hosts]
+
+
+#: Proxies pick up policy, key, blocklist and engine changes at least this often.
+RELOAD_INTERVAL_S = 30.0
+
+
+async def reload_proxies(ctx: Any, instances: list[ProxyInstance]) -> list[str]:
+    """Apply the stored policy, keys, blocklist, profiles and engines to running proxies (the
+    daemon's, or a ``--no-daemon`` one). A stored policy that no longer validates is refused:
+    the one in force stays, and the proxy's ``last_error`` says why until a good one comes."""
+    from flm.core.errors import PolicyInvalidError
+    from flm.proxy.runtime import _is_self, load_block_rows, load_profiles
+    from flm.services.keys import KeyService
+
+    policy = await asyncio.to_thread(lambda: ctx.policy.show()["policy"])
+    active = {k.id for k in await asyncio.to_thread(KeyService(ctx.storage).list)
+              if k.revoked_at is None}
+    endpoints = await asyncio.to_thread(ctx.engines.endpoints)
+    reloaded = []
+    for inst in instances:
+        rt = inst.runtime
+        try:
+            rt.apply_policy(policy)
+        except PolicyInvalidError as exc:
+            inst.last_error = f"policy refused on reload: {exc.message}"
+            log.warning("%s", inst.last_error)
+        else:
+            if inst.last_error and inst.last_error.startswith("policy refused"):
+                inst.last_error = None
+        rt.keys.retain_only(active)
+        if rt.audit is not None:
+            await asyncio.to_thread(rt.audit.flush)  # blocks made here reach the table
+        rt.load_blocks(await asyncio.to_thread(load_block_rows, ctx))
+        await asyncio.to_thread(load_profiles, rt, ctx)
+        gone = rt.engines.replace(e for e in endpoints if not _is_self(e, inst.settings))
+        for adapter in gone:
+            await adapter.close()
+        reloaded.append(inst.settings.handle_id)
+    return reloaded

@@ -203,14 +203,59 @@ class ProxyService:
 
     def reload(self, port: int | None = None) -> dict[str, Any]:
         info = self.daemon()
-        if info is None:
-            return {"reloaded": []}
-        result: dict[str, Any] = self.call(info, "POST", "/admin/reload", {"port": port})
-        return result
+        reloaded: list[str] = []
+        if info is not None:
+            reloaded += self.call(info, "POST", "/admin/reload", {"port": port})["reloaded"]
+        reloaded += self._signal_foreground(port)
+        return {"reloaded": reloaded}
 
     def notify_reload(self) -> None:
-        """Best effort: tell a running daemon that keys/policy/engines changed."""
+        """Best effort: tell running proxies (the daemon's, and ``--no-daemon`` ones) that
+        keys, policy or engines changed, so a revoked key is refused at once."""
         info = self.daemon()
         if info is not None:
             with contextlib.suppress(FlmError):
                 self.call(info, "POST", "/admin/reload", {}, timeout=5)
+        self._signal_foreground(None)
+
+    def _signal_foreground(self, port: int | None) -> list[str]:
+        """SIGHUP to each live ``--no-daemon`` proxy (its handle, not the daemon's), which
+        reloads on it. A handle's pid is trusted only if that process is FLM's and started
+        before the handle was written: a pid the system gave to another program since gets
+        no signal."""
+        import signal
+
+        hup = getattr(signal, "SIGHUP", None)
+        info = self.daemon()
+        daemon_pid = info.pid if info is not None else None
+        signalled = []
+        for handle in ProxyHandlesRepo(self._storage.config).all():
+            if handle.pid == daemon_pid or (port is not None and handle.port != port):
+                continue
+            if hup is None or not _is_flm_process(handle.pid, handle.started_at):
+                continue
+            try:
+                os.kill(handle.pid, hup)
+            except OSError:
+                continue
+            signalled.append(handle.id)
+        return signalled
+
+
+def _is_flm_process(pid: int, started_at: str) -> bool:
+    """Whether ``pid`` is a Python process running FLM that began before ``started_at``."""
+    import psutil
+
+    from flm.core.timeutil import parse_iso
+
+    try:
+        proc = psutil.Process(pid)
+        began = proc.create_time()
+        command = " ".join(proc.cmdline())
+    except (psutil.Error, OSError):
+        return False
+    try:
+        written = parse_iso(started_at).timestamp()
+    except ValueError:
+        return False
+    return "flm" in command and began <= written + 1.0

@@ -264,3 +264,48 @@ def test_a_start_naming_other_databases_than_the_daemons_is_refused(flm_home: Pa
         assert same.returncode == 0, same.stdout
     finally:
         assert flm_subprocess("proxy", "stop", "--all").returncode == 0
+
+
+def test_a_foreground_proxy_picks_up_a_revoke_at_once(flm_home: Path) -> None:
+    """`--no-daemon` proxies reload like the daemon's: the CLI signals them after a key,
+    policy or blocklist change, and `flm proxy reload` names them."""
+    import subprocess
+    import sys
+    import urllib.error
+    import urllib.request
+
+    from flm.testing.emulators import start_emulator
+
+    with start_emulator("vllm", models=["m:1"]) as emu:
+        assert flm_subprocess("engines", "add", "--kind", "vllm", "--url", emu.url,
+                              "--id", "eng").returncode == 0
+        key = _data(flm_subprocess("api-keys", "create", "--label", "fg"))
+        port = _free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "flm", "proxy", "start", "--no-daemon",
+                                 "--port", str(port)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        try:
+            def status() -> int:
+                request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/models",
+                                                 headers={"Authorization": f"Bearer {key['key']}"})
+                try:
+                    with urllib.request.urlopen(request, timeout=5) as resp:  # noqa: S310
+                        return int(resp.status)
+                except urllib.error.HTTPError as exc:
+                    return int(exc.code)
+                except OSError:
+                    return 0
+
+            deadline = time.monotonic() + 15
+            while status() != 200:
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.05)
+            assert flm_subprocess("api-keys", "revoke", key["id"]).returncode == 0
+            deadline = time.monotonic() + 5  # (a signal and one reload, not the 30 s poll)
+            while status() != 401:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            assert _data(flm_subprocess("proxy", "reload"))["reloaded"] == [f"proxy-{port}"]
+        finally:
+            proc.terminate()
+            assert proc.wait(timeout=15) == 0
