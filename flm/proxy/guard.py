@@ -144,6 +144,8 @@ class GuardState:
     def __init__(self, clock: Clock = time.time) -> None:
         self.clock = clock
         self.blocks: dict[str, Block] = {}
+        #: the addresses in the persisted blocklist at the last load, expired blocks included
+        self.listed: set[str] = set()
         self.failures: dict[str, tuple[int, float]] = {}
         self.scores: dict[str, tuple[int, float]] = {}
         self.buckets: dict[str, TokenBucket] = {}
@@ -185,8 +187,11 @@ class GuardState:
         owner: its block, failure count and score go."""
         now = self.clock()
         persisted = {ip for ip, *_ in rows}
-        for ip in [ip for ip in self.blocks if ip not in persisted]:
+        # (an expired block is no longer in ``blocks`` but still in the table: unblocking it
+        # there must clear its failure count too, or the next failures escalate from it)
+        for ip in [ip for ip in {*self.blocks, *self.listed} if ip not in persisted]:
             self.unblock(ip)
+        self.listed = persisted
         self.blocks = {ip: Block(reason, until, since) for ip, reason, until, since, _ in rows
                        if until is None or until > now}
         for ip, _r, _u, since, count in rows:
@@ -238,7 +243,11 @@ class GuardState:
         now = self.clock()
         tb = self.buckets.get(bucket)
         if tb is None or tb.rpm != rpm or tb.burst != burst:  # new, or the policy changed
+            old = tb
             tb = TokenBucket(rpm, burst, now)
+            if old is not None:  # a new limit is no fresh start: what was spent stays spent
+                refilled = old.tokens + max(0.0, now - old.updated) * old.rate
+                tb.tokens = min(float(burst), float(old.burst), refilled)
             self._track(self.buckets, bucket, tb)
         return tb.take(now)
 

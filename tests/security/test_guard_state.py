@@ -22,10 +22,17 @@ def test_bucket_refills_and_follows_a_policy_change() -> None:
     assert guard.take("k", 60, 2) == 0.5
     clock.now += 10  # refills, but never above the burst
     assert [guard.take("k", 60, 2) for _ in range(3)] == [0.0, 0.0, 1.0]
-    # a new policy (burst 5) gives a new, full bucket
-    assert [guard.take("k", 60, 5) for _ in range(5)] == [0.0] * 5
-    assert guard.take("k", 60, 5) > 0
-    assert guard.take("k", 120, 5) == 0.0  # new rate: new bucket
+    # a new policy is no fresh start: the empty bucket stays empty, then fills to the new
+    # burst at the new rate (a lowered limit never hands out more than it had left)
+    assert guard.take("k", 60, 5) == 1.0
+    clock.now += 10
+    assert [guard.take("k", 60, 5) for _ in range(6)] == [0.0] * 5 + [1.0]
+    assert guard.take("k", 120, 1) == 0.5  # lowered: still empty, refilling at 2/s
+    clock.now += 0.5
+    assert guard.take("k", 120, 1) == 0.0
+    clock.now += 60
+    assert guard.take("k", 120, 3) == 0.0  # raised burst, carried over: 1 of 3 tokens
+    assert guard.take("k", 120, 3) == 0.5
 
 
 def test_rate_window_counts_per_minute_and_per_address() -> None:
@@ -49,3 +56,22 @@ def test_remembered_scores_are_the_computed_ones() -> None:
                                                 b"").reasons
     long_agent = b"x" * 2000  # not kept, still scored
     assert score_request(b"/", b"", long_agent + b" nikto").points == 50
+
+
+def test_unblocking_an_expired_block_resets_the_failure_count() -> None:
+    from flm.core.policy import EffectivePolicy
+
+    clock = Clock()
+    guard = GuardState(clock)
+    policy = EffectivePolicy.build({"ip_blocklist": {"enabled": True}}, exposed=False)
+    for _ in range(policy.max_failures):
+        count, block = guard.auth_failure("9.9.9.9", policy)
+    assert block is not None and block.until is not None
+    row = ("9.9.9.9", "auth_failures", block.until, block.since, count)
+    guard.load_blocks([row])
+    clock.now = block.until + 1  # expired: no longer in force, still in the table
+    guard.load_blocks([row])
+    assert guard.blocked("9.9.9.9") is None and guard.failures["9.9.9.9"][0] == count
+    guard.load_blocks([])  # the owner unblocked it
+    assert "9.9.9.9" not in guard.failures
+    assert guard.auth_failure("9.9.9.9", policy) == (1, None)
