@@ -42,6 +42,16 @@ class Router:
                 state.route = "/engine/{id}/{path}"
                 await self.passthrough(scope, receive, send, self.runtime)
                 return
+            if path.startswith("/v1/models/") and scope["method"] in ("GET", "HEAD"):
+                from flm.proxy.routes import misc
+
+                state.route = "/v1/models/{id}"
+                await misc.model(scope, receive, send, self.runtime)
+                return
+            if path.startswith("/v1/"):
+                # an OpenAI route FLM does not serve (say /v1/completions): what an SDK user
+                # calls by mistake, not a probe, so a plain 404 that does not score
+                raise HttpError(404, "not_found", f"FLM does not serve {path[:100]}")
             raise NoSuchRoute()
         handler = methods.get(scope["method"])
         state.route = path

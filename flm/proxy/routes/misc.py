@@ -18,6 +18,18 @@ async def models(scope: Scope, receive: Receive, send: Send, rt: ProxyRuntime) -
     await send_json(send, 200, {"object": "list", "data": data})
 
 
+async def model(scope: Scope, receive: Receive, send: Send, rt: ProxyRuntime) -> None:
+    """``GET /v1/models/{id}``: one model, as OpenAI's "retrieve model" returns it."""
+    wanted = scope["path"][len("/v1/models/"):]
+    for m in await rt.engines.all_models():
+        if m.flm_id == wanted:
+            await send_json(send, 200, {"id": m.flm_id, "object": "model", "created": 0,
+                                        "owned_by": m.engine_id,
+                                        "context_length": m.context_length})
+            return
+    raise HttpError(404, "not_found", f"no model {wanted[:200]!r}")
+
+
 async def health(scope: Scope, receive: Receive, send: Send, rt: ProxyRuntime) -> None:
     await send_json(send, 200, {"status": "ok"})
 
