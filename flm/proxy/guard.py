@@ -42,7 +42,8 @@ _SQLI = re.compile(
     re.IGNORECASE,
 )
 _TRAVERSAL_RAW = re.compile(
-    r"(\.\./|\.\.\\|%2e%2e|%252e|\.%2e|%2e\.|%c0%ae|%c0%af|%5c\.\.|/etc/passwd|/proc/self"
+    r"(\.\./|\.\.\\|%2e%2e|%252e|\.%2e|%2e\.|%c0%ae|%c0%af|%e0%80%ae|%5c\.\.|/etc/passwd"
+    r"|/proc/self"
     r"|boot\.ini|win\.ini|%00)",
     re.IGNORECASE,
 )
@@ -106,7 +107,8 @@ def _score(raw_path: bytes, query: bytes, user_agent: bytes) -> Score:
     target = raw_path.decode("latin-1")
     q = query.decode("latin-1")
     decoded = unquote_plus(unquote_plus(target + "?" + q))
-    if _TRAVERSAL_RAW.search(target) or _TRAVERSAL_RAW.search(q) or "../" in decoded:
+    if (_TRAVERSAL_RAW.search(target) or _TRAVERSAL_RAW.search(q) or "../" in decoded
+            or "..\\" in decoded):
         points += 60
         reasons.append("path_traversal")
     if _SQLI.search(decoded):

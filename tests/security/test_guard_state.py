@@ -75,3 +75,9 @@ def test_unblocking_an_expired_block_resets_the_failure_count() -> None:
     guard.load_blocks([])  # the owner unblocked it
     assert "9.9.9.9" not in guard.failures
     assert guard.auth_failure("9.9.9.9", policy) == (1, None)
+
+
+def test_backslash_and_overlong_traversal_forms_score() -> None:
+    for raw in (b"/v1/..%5c..%5cwindows", b"/v1/..%255c..%255cx", b"/v1/%e0%80%ae%e0%80%ae/x"):
+        assert score_request(raw, b"", b"").reasons == ("path_traversal",), raw
+    assert score_request(b"/v1/models", b"q=a%5cb", b"").points == 0  # a lone backslash
