@@ -93,8 +93,10 @@ class SecurityEvents:
         if since:
             where.append("ts >= ?")
             params.append(_iso_arg(since, "--since"))
-        if (limit is not None and not 1 <= limit <= 100_000) or offset < 0:
-            raise UsageError("--limit must be 1-100000 and --offset >= 0")
+        if limit is not None:
+            _check_limit(limit)
+        if offset < 0:
+            raise UsageError("--offset must be >= 0")
         sql = "SELECT * FROM audit_logs"
         if where:
             sql += " WHERE " + " AND ".join(where)

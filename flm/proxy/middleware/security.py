@@ -79,14 +79,6 @@ def _in(ip: str, networks: tuple[_Net, ...]) -> bool:
     return any(addr in net for net in networks)
 
 
-def _valid_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
 def _hop_address(hop: str) -> str | None:
     """The address of one forwarding hop, in its canonical text (a port, ``[v6]:port`` and
     the IPv4-mapped IPv6 form taken off), or None when it is not an address."""

@@ -279,10 +279,7 @@ async def _response_events(chunks: AsyncIterator[bytes], public: str) -> AsyncIt
     usage: dict[str, Any] = {}
     calls: dict[int, dict[str, Any]] = {}
     finish = None
-    try:
-        first = await chunks.__anext__()
-    except StopAsyncIteration:
-        first = b""
+    first = await anext(chunks, b"")  # (the engine's failure to start surfaces here)
     opening = (_sse("response.created", {"response": response}, seq)
                + _sse("response.in_progress", {"response": response}, seq)
                + _sse("response.output_item.added", {"output_index": 0, "item": item}, seq)
