@@ -281,6 +281,86 @@ def test_flusher_slices_keep_every_record_in_order_with_exact_timestamps(tmp_pat
         assert r["ts"] == expected
 
 
+def _count_pauses(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    from flm.proxy import audit
+
+    pauses = [0]
+
+    def pause() -> None:
+        pauses[0] += 1
+
+    monkeypatch.setattr(audit, "_pause", pause)
+    return pauses
+
+
+def test_flusher_pauses_every_slice_for_a_normal_batch(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from flm.proxy.audit import SLICE, AuditSink
+
+    pauses = _count_pauses(monkeypatch)
+    sink = AuditSink(None, tmp_path / "audit.jsonl", interval=60)
+    try:
+        for i in range(SLICE * 5 + 3):
+            sink.event("intrusion", "low", "127.0.0.1", {"n": i})
+        sink.flush(pause=True)
+    finally:
+        sink.close()
+    assert pauses[0] == 5  # the loop never waits longer than one slice for the GIL
+
+
+@pytest.mark.parametrize("size", ["backlog", "above_high_water"])
+def test_flusher_keeps_up_with_a_backlog(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         size: str) -> None:
+    """Each pause costs a GIL hand-off (up to the 5 ms switch interval on a busy loop): a
+    backlog gets at most MAX_PAUSES of them, and one above HIGH_WATER none, so the queue
+    cannot outgrow what the flusher writes; every record is still written, in order."""
+    from flm.proxy.audit import HIGH_WATER, MAX_PAUSES, SLICE, AuditSink
+
+    pauses = _count_pauses(monkeypatch)
+    count = SLICE * MAX_PAUSES * 4 if size == "backlog" else HIGH_WATER + 1
+    sink = AuditSink(None, tmp_path / "audit.jsonl", interval=60)
+    try:
+        for i in range(count):  # (event() does not wake the flusher: this test flushes)
+            sink.event("intrusion", "low", "127.0.0.1", {"n": i})
+        assert sink.flush(pause=True) == count
+    finally:
+        sink.close()
+    assert pauses[0] == (MAX_PAUSES if size == "backlog" else 0)
+    lines = (tmp_path / "audit.jsonl").read_text().splitlines()
+    assert [json.loads(json.loads(line)["details_json"])["n"] for line in lines] == \
+        list(range(count))
+
+
+@pytest.mark.parametrize("row", [
+    ("2026-01-01T00:00:00.000Z", "r1", "::1", None, "/v1/\u00e9\"\\\n\x01\u2028", "POST", None,
+     "m\U0001f600", 200, 0.412, 5, None, "engine_error", "request", "info", None),
+    ("t", "r", "ip", "key", "/p", "GET", "e", "m", 599, 1e-07, 0, 2**70, None, "event", "high",
+     '{"a": [1, "x"]}'),
+    ("t", "r", "ip", "key", "/p", "GET", "e", "m", True, float("nan"), -1, 0, None, "e", "s",
+     None),
+    ("t", "r", "ip", "key", "/p", "GET", "e", "m", 200, float("inf"), 1.5, 0, None, "e", "s",
+     None),
+])
+def test_audit_lines_are_what_the_json_encoder_makes(row: tuple[Any, ...]) -> None:
+    from flm.proxy.audit import _AUDIT_COLUMNS, _LINE, _line
+
+    assert _line(row) == _LINE.encode(dict(zip(_AUDIT_COLUMNS, row, strict=True)))
+
+
+def test_scrub_memo_keeps_clean_texts_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flm.proxy import audit
+
+    monkeypatch.setattr(audit, "_clean", {})
+    key = "flm_0123456789abcdef_" + "A" * 43
+    for _ in range(2):  # the second time answers from the memo (clean) or scrubs again
+        assert audit._scrub("/v1/models") == "/v1/models"
+        assert audit._scrub(f"flm://{key}/m") == "flm://[redacted]/m"
+    assert list(audit._clean) == ["/v1/models"]  # a text that held a key is never kept
+    for i in range(5000):
+        audit._scrub(f"/p{i}")
+    assert len(audit._clean) <= 4096
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="per-thread priority is Linux only")
 def test_helper_threads_run_at_lower_cpu_priority_than_the_loop(tmp_path: Path) -> None:
     from flm.core.threads import BACKGROUND_NICE
