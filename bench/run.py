@@ -251,6 +251,44 @@ def on_one_cpu(pids: list[int], cpu: int) -> Any:
                 os.sched_setaffinity(tid, cpus)
 
 
+HALT_POLL = Path("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
+
+
+def cpu_idle() -> dict[str, Any]:
+    """How this machine's CPUs idle: the cpuidle driver and governor, and in a virtual machine
+    with the ``haltpoll`` driver, how long an idle vCPU polls before it halts. At 0 it halts at
+    once, so every hand-off between processes on different CPUs wakes a halted vCPU, which in
+    a guest costs tens of µs each; the ``relay`` column shows what that adds per request."""
+    info: dict[str, Any] = {}
+    base = Path("/sys/devices/system/cpu/cpuidle")
+    for name in ("current_driver", "current_governor"):
+        with contextlib.suppress(OSError):
+            info[name] = (base / name).read_text().strip()
+    with contextlib.suppress(OSError, ValueError):
+        info["guest_halt_poll_ns"] = int(HALT_POLL.read_text())
+    return info
+
+
+@contextlib.contextmanager
+def guest_halt_poll(ns: int | None) -> Any:
+    """With ``ns``, set the guest halt-poll time for the run and put the old value back after
+    (root only; the setting is the machine's, not FLM's)."""
+    if ns is None:
+        yield
+        return
+    try:
+        old = HALT_POLL.read_text().strip()
+        HALT_POLL.write_text(str(ns))
+    except OSError as exc:
+        raise SystemExit(f"--guest-halt-poll-ns: cannot set {HALT_POLL} ({exc}); it needs "
+                         "root and a virtual machine whose cpuidle driver is haltpoll") from None
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            HALT_POLL.write_text(old)
+
+
 # ---------------------------------------------------------------------------------------
 # targets
 
@@ -1069,7 +1107,21 @@ def main(argv: list[str] | None = None) -> int:
         help="load generator for plain requests (default wrk; builtin = bench/loadclient.py)",
     )
     ap.add_argument("--keep-logs", action="store_true", help="keep the servers' logs")
+    ap.add_argument(
+        "--guest-halt-poll-ns",
+        type=int,
+        default=None,
+        metavar="NS",
+        help="in a VM with the haltpoll cpuidle driver: set how long an idle vCPU polls "
+        "before halting, for this run only (root; restored after). Default: leave the "
+        "machine as it is",
+    )
     args = ap.parse_args(argv)
+    with guest_halt_poll(args.guest_halt_poll_ns):
+        return _run(args, ap)
+
+
+def _run(args: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
 
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     bad = [t for t in targets if t not in ALL_TARGETS]
@@ -1104,6 +1156,13 @@ def main(argv: list[str] | None = None) -> int:
         )
     started = datetime.now(UTC)
     load_before = os.getloadavg()
+    idle = cpu_idle()
+    if idle.get("guest_halt_poll_ns") == 0 and target_cpus is not None:
+        log(
+            "note: this VM's idle vCPUs halt at once (haltpoll guest_halt_poll_ns=0), so each "
+            "cross-CPU hand-off wakes a halted vCPU; the relay column shows what that adds "
+            "(--guest-halt-poll-ns sets it for one run)"
+        )
     if load_before[0] > 0.5 * len(cpus):
         log(
             f"warning: the machine is busy (load average {load_before[0]:.1f} on {len(cpus)} "
@@ -1192,6 +1251,7 @@ def main(argv: list[str] | None = None) -> int:
             "load_average_before": [round(x, 2) for x in load_before],
             "load_average_after": [round(x, 2) for x in os.getloadavg()],
             "pinning": pin_note,
+            "cpu_idle": idle,
             "flm_interpreter": interpreter,
         },
         "config": {
@@ -1202,6 +1262,7 @@ def main(argv: list[str] | None = None) -> int:
             "ttft_pace_ms": args.ttft_pace_ms,
             "hold_streams": HOLD_STREAMS,
             "hold_pace_ms": args.hold_pace_ms,
+            "guest_halt_poll_ns_set": args.guest_halt_poll_ns,
         },
         "mock": {"rss_mb_at_end": mock_rss},
         "targets": results,
@@ -1225,6 +1286,9 @@ def main(argv: list[str] | None = None) -> int:
         f"pinning: {pin_note}; load average before {load_before[0]:.1f}, "
         f"after {os.getloadavg()[0]:.1f}"
     )
+    if idle:
+        log("CPU idle: " + ", ".join(f"{k} {v}" for k, v in idle.items())
+            + (" (set for this run)" if args.guest_halt_poll_ns is not None else ""))
     if interpreter:
         log(f"FLM ran on {interpreter.get('summary')}")
     log(f"JSON: {out_file}")
