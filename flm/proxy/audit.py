@@ -52,6 +52,7 @@ HIGH_WATER = 20_000
 def _pause() -> None:
     time.sleep(_PAUSE_S)
 
+
 _AUDIT_COLUMNS = ("ts", "request_id", "client_ip", "api_key_id", "endpoint", "method",
                   "engine_id", "model", "status", "latency_ms", "prompt_tokens",
                   "completion_tokens", "error_type", "event_type", "severity", "details_json")
@@ -100,16 +101,19 @@ def _line(row: tuple[Any, ...]) -> str:
 
 
 #: Texts :func:`scrub` left unchanged (paths, engine ids and model names repeat from request
-#: to request; a text that held a secret is never kept here).
+#: to request; a text that held a secret is never kept here). Short texts only, so the memo
+#: stays under a megabyte whatever clients send.
 _clean: dict[str, None] = {}
+_CLEAN_MAX = 4096
+_CLEAN_TEXT_MAX = 256
 
 
 def _scrub(text: str) -> str:
     if text in _clean:
         return text
     out = scrub(text)
-    if out == text:
-        if len(_clean) >= 4096:
+    if out == text and len(text) <= _CLEAN_TEXT_MAX:
+        if len(_clean) >= _CLEAN_MAX:
             _clean.clear()
         _clean[text] = None
     return out

@@ -356,9 +356,12 @@ def test_scrub_memo_keeps_clean_texts_only(monkeypatch: pytest.MonkeyPatch) -> N
         assert audit._scrub("/v1/models") == "/v1/models"
         assert audit._scrub(f"flm://{key}/m") == "flm://[redacted]/m"
     assert list(audit._clean) == ["/v1/models"]  # a text that held a key is never kept
-    for i in range(5000):
+    long_path = "/" + "a" * audit._CLEAN_TEXT_MAX
+    assert audit._scrub(long_path) == long_path
+    assert long_path not in audit._clean  # long texts are not kept: the memo stays small
+    for i in range(audit._CLEAN_MAX + 100):
         audit._scrub(f"/p{i}")
-    assert len(audit._clean) <= 4096
+    assert len(audit._clean) <= audit._CLEAN_MAX
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="per-thread priority is Linux only")
