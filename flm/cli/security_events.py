@@ -16,7 +16,7 @@ def register(cmds: Any, common: argparse.ArgumentParser) -> None:
     bcmds = block.add_subparsers(dest="action", metavar="ACTION")
     p = bcmds.add_parser("list", help="blocked addresses", parents=[common])
     p.set_defaults(handler=blocklist)
-    p = bcmds.add_parser("unblock", help="unblock one address", parents=[common])
+    p = bcmds.add_parser("unblock", help="unblock an address (IPv6: its /64)", parents=[common])
     p.add_argument("ip")
     p.set_defaults(handler=unblock)
     p = bcmds.add_parser("clear", help="remove every temporary block (permanent ones stay)",

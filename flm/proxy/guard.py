@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote_plus
 
+from flm.core.clients import subject
 from flm.core.policy import EffectivePolicy
 
 Clock = Callable[[], float]
@@ -158,7 +159,10 @@ class GuardState:
 
     # --- blocks ------------------------------------------------------------------------------
 
+    # (every method taking ``ip`` keys its state by :func:`subject`: an IPv6 client's /64)
+
     def blocked(self, ip: str) -> Block | None:
+        ip = subject(ip)
         block = self.blocks.get(ip)
         if block is None:
             return None
@@ -168,6 +172,7 @@ class GuardState:
         return block
 
     def block(self, ip: str, reason: str, seconds: float | None) -> Block:
+        ip = subject(ip)
         now = self.clock()
         current = self.blocks.get(ip)
         until = None if seconds is None else now + seconds
@@ -179,6 +184,7 @@ class GuardState:
         return block
 
     def unblock(self, ip: str) -> None:
+        ip = subject(ip)
         self.blocks.pop(ip, None)
         self.failures.pop(ip, None)
         self.scores.pop(ip, None)
@@ -188,14 +194,22 @@ class GuardState:
         failure_count). An address blocked here but absent from the rows was unblocked by the
         owner: its block, failure count and score go."""
         now = self.clock()
+        # (rows written before IPv6 clients were keyed by /64 name single addresses)
+        rows = [(subject(ip), reason, until, since, count)
+                for ip, reason, until, since, count in rows]
         persisted = {ip for ip, *_ in rows}
         # (an expired block is no longer in ``blocks`` but still in the table: unblocking it
         # there must clear its failure count too, or the next failures escalate from it)
         for ip in [ip for ip in {*self.blocks, *self.listed} if ip not in persisted]:
             self.unblock(ip)
         self.listed = persisted
-        self.blocks = {ip: Block(reason, until, since) for ip, reason, until, since, _ in rows
-                       if until is None or until > now}
+        self.blocks = {}
+        for ip, reason, until, since, _ in rows:
+            if until is None or until > now:
+                held = self.blocks.get(ip)  # (of two rows for one /64, the longer block)
+                if held is None or (held.until is not None and (until is None
+                                                                or until > held.until)):
+                    self.blocks[ip] = Block(reason, until, since)
         for ip, _r, _u, since, count in rows:
             current = self.failures.get(ip, (0, since))
             if count > current[0]:
@@ -206,6 +220,7 @@ class GuardState:
     def auth_failure(self, ip: str, policy: EffectivePolicy) -> tuple[int, Block | None]:
         """Count a failure; the block it triggers (5 → policy minutes, 10 → 24 h, 20 →
         permanent), if any."""
+        ip = subject(ip)
         now = self.clock()
         count, last = self.failures.get(ip, (0, now))
         if now - last > FAILURE_WINDOW_S:
@@ -227,6 +242,7 @@ class GuardState:
     # --- intrusion ---------------------------------------------------------------------------
 
     def add_score(self, ip: str, points: int, policy: EffectivePolicy) -> tuple[int, Block | None]:
+        ip = subject(ip)
         now = self.clock()
         total, last = self.scores.get(ip, (0, now))
         if now - last > SCORE_WINDOW_S:
@@ -255,6 +271,7 @@ class GuardState:
 
     def count_rate(self, ip: str) -> int:
         """Requests from ``ip`` in the current one-minute window."""
+        ip = subject(ip)
         now = self.clock()
         window = self.windows.get(ip)
         if window is None:

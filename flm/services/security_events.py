@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from flm.core.clients import subject
 from flm.core.errors import NotFoundError, UsageError
 from flm.core.paths import ensure_private_dir, write_private_file
 from flm.core.timeutil import iso, now_iso, parse_iso, utc_now
@@ -59,12 +60,22 @@ class SecurityEvents:
                 for r in rows]
 
     def unblock(self, ip: str) -> dict[str, Any]:
+        """Unblock an address. IPv6 clients are blocked by /64: any address in it, or the
+        /64 as listed, unblocks it (with rows that name single addresses in it)."""
+        target = subject(ip.strip())
+
         def run(conn: sqlite3.Connection) -> int:
-            return conn.execute("DELETE FROM ip_blocklist WHERE ip=?", (ip,)).rowcount
+            if ":" not in target:
+                return conn.execute("DELETE FROM ip_blocklist WHERE ip=?", (target,)).rowcount
+            listed = [r[0] for r in conn.execute(
+                "SELECT ip FROM ip_blocklist WHERE instr(ip, ':') > 0")]
+            gone = [x for x in listed if subject(x) == target]
+            conn.executemany("DELETE FROM ip_blocklist WHERE ip=?", [(x,) for x in gone])
+            return len(gone)
 
         if not self._db.write(run):
             raise NotFoundError(f"{ip} is not in the blocklist", code="IP_NOT_BLOCKED")
-        return {"ip": ip, "unblocked": True}
+        return {"ip": target, "unblocked": True}
 
     def clear_temporary(self) -> dict[str, Any]:
         def run(conn: sqlite3.Connection) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import time
 from typing import Any
 
 import pytest
@@ -344,3 +345,63 @@ def test_a_second_forwarded_for_line_decides_who_is_blocked(env: Env) -> None:
     assert codes == [401] * 5 + [403]
     assert env.rt.guard.blocked("203.0.113.50") is not None
     assert all(env.rt.guard.blocked(f"198.51.100.{i}") is None for i in range(6))
+
+
+@pytest.mark.parametrize(("address", "tracked_as"), [
+    ("203.0.113.9", "203.0.113.9"),
+    ("2001:db8:1:2::5", "2001:db8:1:2::/64"),
+    ("2001:0db8:0001:0002:ffff:ffff:ffff:ffff", "2001:db8:1:2::/64"),
+    ("2001:db8:1:3::5", "2001:db8:1:3::/64"),
+    ("2001:db8:1:2::/64", "2001:db8:1:2::/64"),  # the /64 as the blocklist lists it
+    ("::ffff:203.0.113.9", "203.0.113.9"),
+    ("::1", "::1"),  # this machine, its link and its unique-local network: one host each
+    ("fe80::1", "fe80::1"),
+    ("fd12:3456:789a:1::7", "fd12:3456:789a:1::7"),
+    ("unknown", "unknown"),
+])
+def test_an_ipv6_client_is_its_64(address: str, tracked_as: str) -> None:
+    from flm.core.clients import subject
+
+    assert subject(address) == tracked_as
+
+
+def test_rotating_ipv6_addresses_share_one_limit_count_and_block(env: Env) -> None:
+    """A client with a /64 cannot escape the per-address rate limit, the failure count or a
+    block by sending from another of its addresses; its neighbour /64 is not affected, and
+    unblocking any address of the /64 lifts the block."""
+    from flm.core.paths import Paths
+    from flm.proxy.runtime import load_block_rows
+    from flm.services.context import Context
+
+    env.policy({"trusted_proxies": ["127.0.0.7"],
+                "ip_rate_limit": {"enabled": True, "rpm": 60, "burst": 3}})
+
+    def via_proxy(client: str, key: str | None = "default") -> int:
+        return env.request("GET", "/v1/models", source="127.0.0.7", key=key,
+                           headers={"X-Forwarded-For": client})[0]
+
+    fake = Fake()
+    env.rt.guard.clock = fake
+    codes = [via_proxy(f"2001:db8:1:2::{i}") for i in range(1, 6)]
+    assert codes == [200, 200, 200, 429, 429]
+    assert via_proxy("2001:db8:1:3::1") == 200  # the next /64 has its own bucket
+
+    env.rt.guard.clock = time.time
+    env.policy({"trusted_proxies": ["127.0.0.7"], "ip_blocklist": {"enabled": True}})
+    bad = "flm_0000000000000000_" + "b" * 43
+    codes = [via_proxy(f"2001:db8:5:6:{i}::1", key=bad) for i in range(1, 6)]
+    assert codes == [401] * 5  # five failures, five addresses: the fifth blocks the /64
+    status, _, body = env.request("GET", "/v1/models", source="127.0.0.7",
+                                  headers={"X-Forwarded-For": "2001:db8:5:6::99"})
+    assert status == 403 and json.loads(body)["error"]["code"] == "ip_blocked"
+    assert via_proxy("2001:db8:5:7::1") == 200
+
+    assert env.rt.audit is not None
+    env.rt.audit.flush()
+    listed = env.cli("security", "ip-blocklist", "list").data
+    assert [b["ip"] for b in listed] == ["2001:db8:5:6::/64"]
+    assert env.cli("security", "ip-blocklist", "unblock", "2001:db8:5:6:abcd::1").data == \
+        {"ip": "2001:db8:5:6::/64", "unblocked": True}
+    ctx = Context(Paths.resolve())
+    env.gw.call(lambda: env.rt.load_blocks(load_block_rows(ctx)))
+    assert via_proxy("2001:db8:5:6::99") == 200

@@ -16,6 +16,7 @@ import ipaddress
 import math
 import time
 
+from flm.core.clients import subject
 from flm.core.policy import EffectivePolicy
 from flm.openai.errors import HttpError, NoSuchRoute
 from flm.proxy.asgi import (
@@ -119,13 +120,22 @@ def forwarded_client(peer: str, forwarded: list[bytes], real_ip: list[bytes],
     return peer
 
 
-def record_block(rt: ProxyRuntime, ip: str, block: Block) -> None:
-    """Persist a block (through the audit sink) and record the ``ip_blocked`` event."""
+def record_block(rt: ProxyRuntime, ip: str, block: Block, *, failures: int | None = None,
+                 request_id: str | None = None) -> None:
+    """Persist a block (through the audit sink) and record the ``ip_blocked`` event (with
+    ``failures`` when auth failures made it). The blocklist row names what is blocked: the
+    address, or for IPv6 its /64."""
     if rt.audit is not None:
-        failures = rt.guard.failures.get(ip, (0, 0.0))[0]
-        rt.audit.block(ip, block.reason, block.since, block.until, failures)
-        rt.audit.event("ip_blocked", "high", ip, {"reason": block.reason,
-                                                 "permanent": block.permanent})
+        who = subject(ip)
+        count = rt.guard.failures.get(who, (0, 0.0))[0] if failures is None else failures
+        rt.audit.block(who, block.reason, block.since, block.until, count)
+        details: dict[str, object] = {"reason": block.reason}
+        if failures is not None:
+            details["failures"] = failures
+        details["permanent"] = block.permanent
+        if who != ip:
+            details["blocked"] = who
+        rt.audit.event("ip_blocked", "high", ip, details, request_id)
 
 
 def _blocked_error(block: Block, now: float) -> HttpError:
@@ -234,7 +244,7 @@ class SecurityMiddleware:
 
             # 9. Per-IP rate limit
             if policy.ip_rate_enabled and path != "/health":
-                wait = guard.take("ip:" + ip, policy.ip_rpm, policy.ip_burst)
+                wait = guard.take("ip:" + subject(ip), policy.ip_rpm, policy.ip_burst)
                 if wait:
                     rt.metrics.rate_limited.labels("ip").inc()
                     raise _limited(wait, "per-address")
@@ -318,10 +328,7 @@ class SecurityMiddleware:
                            {"failures": count, "reason": message}, state.request_id,
                            scope["path"])
             if block is not None:
-                rt.audit.block(ip, block.reason, block.since, block.until, count)
-                rt.audit.event("ip_blocked", "high", ip,
-                               {"reason": block.reason, "failures": count,
-                                "permanent": block.permanent}, state.request_id)
+                record_block(rt, ip, block, failures=count, request_id=state.request_id)
         return HttpError(401, "invalid_api_key", message, _CHALLENGE)
 
     def _score(self, scope: Scope, state: RequestState, agent: bytes, points: int,
@@ -338,7 +345,7 @@ class SecurityMiddleware:
                                              "reasons": list(reasons)},
                            state.request_id, scope["path"])
             if block is not None:
-                record_block(rt, state.client_ip, block)
+                record_block(rt, state.client_ip, block, request_id=state.request_id)
         return block
 
     def _anomalies_before(self, state: RequestState, declared: bytes | None,
@@ -352,7 +359,7 @@ class SecurityMiddleware:
         if rate > policy.request_rate_threshold and policy.anomaly_auto_block:
             # once blocked, the block check refuses this address first: this runs once
             block = rt.guard.block(ip, "anomaly", ANOMALY_BLOCK_S)
-            record_block(rt, ip, block)
+            record_block(rt, ip, block, request_id=state.request_id)
             raise _blocked_error(block, rt.guard.clock())
         if declared is not None and declared.isdigit() and int(declared) > policy.max_body_bytes:
             self._anomaly(ip, "body_size", int(declared), policy.max_body_bytes,
