@@ -1122,7 +1122,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
-
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     bad = [t for t in targets if t not in ALL_TARGETS]
     if bad:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ipaddress
 
+from flm.core.memo import remember
+
 _ULA = ipaddress.IPv6Network("fc00::/7")
 _SUBJECTS: dict[str, str] = {}
 
@@ -31,7 +33,4 @@ def subject(ip: str) -> str:
         key = ip
     else:
         key = str(ipaddress.IPv6Network((int(addr) >> 64 << 64, 64)))
-    if len(_SUBJECTS) >= 4096:
-        _SUBJECTS.clear()
-    _SUBJECTS[ip] = key
-    return key
+    return remember(_SUBJECTS, ip, key)

@@ -23,6 +23,7 @@ from flm.core.errors import (
     EngineNotFoundError,
     EngineTimeoutError,
 )
+from flm.core.memo import remember
 from flm.engines.h1 import HIGH_WATER, Connection, Deadlines, Headers, expire
 
 #: Largest non-streamed JSON body accepted from an engine.
@@ -361,10 +362,7 @@ class EngineClient:
         key = (method, path, tuple(headers.items()) if headers else ())
         start = self._heads.get(key)
         if start is None:
-            start = self._head_start(method, path, headers)
-            if len(self._heads) >= 256:
-                self._heads.clear()
-            self._heads[key] = start
+            start = remember(self._heads, key, self._head_start(method, path, headers), 256)
         if length is None:
             return start + b"\r\n"
         return b"%bContent-Length: %d\r\n\r\n" % (start, length)

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from flm.core.errors import EngineApiError, EngineError, EngineNetworkError
+from flm.core.memo import remember
 from flm.core.models import ModelInfo
 from flm.engines.base import (
     EngineAdapter,
@@ -120,10 +121,8 @@ def _model_rewrite(native: str, public: str) -> tuple[bytes, bytes]:
     """``"model":"<native>"`` and its replacement ``"model":"<public>"``, remembered."""
     pair = _REWRITES.get((native, public))
     if pair is None:
-        pair = (b'"model":' + json_string(native), b'"model":' + json_string(public))
-        if len(_REWRITES) >= 1024:
-            _REWRITES.clear()
-        _REWRITES[(native, public)] = pair
+        pair = remember(_REWRITES, (native, public), (b'"model":' + json_string(native),
+                                                       b'"model":' + json_string(public)), 1024)
     return pair
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from flm.core.jsonlog import scrub
+from flm.core.memo import remember
 from flm.core.threads import background_thread
 from flm.storage.db import Database
 
@@ -113,9 +114,7 @@ def _scrub(text: str) -> str:
         return text
     out = scrub(text)
     if out == text and len(text) <= _CLEAN_TEXT_MAX:
-        if len(_clean) >= _CLEAN_MAX:
-            _clean.clear()
-        _clean[text] = None
+        remember(_clean, text, None, _CLEAN_MAX)
     return out
 
 
@@ -191,8 +190,7 @@ class AuditSink:
             intrusions: list[tuple[Any, ...]] = []
             anomalies: list[tuple[Any, ...]] = []
             step = max(SLICE, len(batch) // MAX_PAUSES)
-            if len(batch) > HIGH_WATER:
-                pause = False
+            pause = pause and len(batch) <= HIGH_WATER
             for n, (kind, item) in enumerate(batch, 1):
                 if pause and n % step == 0:
                     _pause()

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from flm.core.errors import EngineError
+from flm.core.memo import remember
 from flm.core.models import Capabilities, EngineEndpoint, ModelInfo
 from flm.engines.base import EngineAdapter, make_adapter
 from flm.engines.http import EngineClient, Timeouts
@@ -142,9 +143,7 @@ class EngineRegistry:
         if hit is not None and hit[0] is info:
             return hit[1]
         caps = self._capabilities(engine_id, info)
-        if len(self._caps) >= 4096:
-            self._caps.clear()
-        self._caps[key] = (info, caps)
+        remember(self._caps, key, (info, caps))
         return caps
 
     def _capabilities(self, engine_id: str, info: ModelInfo | None) -> Capabilities:

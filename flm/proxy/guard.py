@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import unquote_plus
 
 from flm.core.clients import subject
+from flm.core.memo import remember
 from flm.core.policy import EffectivePolicy
 
 Clock = Callable[[], float]
@@ -66,6 +67,11 @@ class Block:
     def permanent(self) -> bool:
         return self.until is None
 
+    def outlasts(self, until: float | None) -> bool:
+        """Whether this block runs at least as long as one ending at ``until`` (None:
+        never)."""
+        return self.until is None or (until is not None and self.until >= until)
+
     def retry_after(self, now: float) -> int | None:
         return None if self.until is None else max(1, math.ceil(self.until - now))
 
@@ -90,9 +96,7 @@ def score_request(raw_path: bytes, query: bytes, user_agent: bytes) -> Score:
     if score is None:
         score = _score(raw_path, query, user_agent)
         if len(raw_path) + len(query) + len(user_agent) <= 1024:  # long ones are not kept
-            if len(_SCORED) >= 4096:
-                _SCORED.clear()
-            _SCORED[key] = score
+            remember(_SCORED, key, score)
     return score
 
 
@@ -176,8 +180,7 @@ class GuardState:
         now = self.clock()
         current = self.blocks.get(ip)
         until = None if seconds is None else now + seconds
-        if current is not None and (current.until is None or (
-                until is not None and current.until >= until)):
+        if current is not None and current.outlasts(until):
             return current  # never shorten an existing block
         block = Block(reason, until, now)
         self.blocks[ip] = block
@@ -207,8 +210,7 @@ class GuardState:
         for ip, reason, until, since, _ in rows:
             if until is None or until > now:
                 held = self.blocks.get(ip)  # (of two rows for one /64, the longer block)
-                if held is None or (held.until is not None and (until is None
-                                                                or until > held.until)):
+                if held is None or not held.outlasts(until):
                     self.blocks[ip] = Block(reason, until, since)
         for ip, _r, _u, since, count in rows:
             current = self.failures.get(ip, (0, since))

@@ -405,3 +405,24 @@ def test_rotating_ipv6_addresses_share_one_limit_count_and_block(env: Env) -> No
     ctx = Context(Paths.resolve())
     env.gw.call(lambda: env.rt.load_blocks(load_block_rows(ctx)))
     assert via_proxy("2001:db8:5:6::99") == 200
+
+
+@pytest.mark.parametrize("order", [1, -1])
+def test_blocklist_rows_of_single_ipv6_addresses_block_their_64(order: int) -> None:
+    """Rows written before IPv6 clients were keyed by /64 still apply, to the whole /64; of
+    two rows in one /64 the longer block holds, whatever their order."""
+    from flm.proxy.guard import GuardState
+
+    fake = Fake()
+    guard = GuardState(clock=fake)
+    rows: list[tuple[str, str, float | None, float, int]] = [
+        ("2001:db8:1:2::5", "auth_failures", None, fake.now - 10, 20),
+        ("2001:db8:1:2::6", "intrusion", fake.now + 60, fake.now - 5, 0),
+    ]
+    guard.load_blocks(rows[::order])
+    block = guard.blocked("2001:db8:1:2::99")
+    assert block is not None and block.permanent and block.reason == "auth_failures"
+    assert guard.failures["2001:db8:1:2::/64"][0] == 20
+    assert guard.blocked("2001:db8:1:3::5") is None
+    guard.load_blocks([])  # unblocked by the owner: the /64 is free again
+    assert guard.blocked("2001:db8:1:2::5") is None
