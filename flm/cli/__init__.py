@@ -31,6 +31,7 @@ COMMAND_MODULES = (
     "security",
     "profiles",
     "check",
+    "completion",
 )
 
 log = logging.getLogger("flm.cli")

@@ -23,6 +23,8 @@ class Result:
     exit_code: int = 0
     #: Extra lines for people (text mode only), e.g. "store this key now".
     notes: list[str] = field(default_factory=list)
+    #: Text written to stdout as is, in either format (e.g. a shell completion script).
+    raw: str | None = None
 
 
 def _cell(value: Any) -> str:
@@ -56,7 +58,9 @@ def pairs(data: dict[str, Any]) -> str:
 
 def emit(result: Result, fmt: str, out: TextIO | None = None) -> None:
     out = out or sys.stdout
-    if fmt == "text":
+    if result.raw is not None:
+        out.write(result.raw)
+    elif fmt == "text":
         body = result.text(result.data) if result.text else _default_text(result.data)
         out.write(body.rstrip("\n") + "\n")
         for note in result.notes:

@@ -136,9 +136,11 @@ class _Progress:
 
 
 def start(ctx: Context, args: argparse.Namespace) -> Result:
+    from flm.cli.security import exposure_warnings
     from flm.services.proxy import ProxyService
 
     config = _config(ctx, args)
+    warnings = exposure_warnings(ctx)
     if args.no_daemon:
         from flm.proxy.foreground import run_foreground
 
@@ -151,6 +153,8 @@ def start(ctx: Context, args: argparse.Namespace) -> Result:
         what = f"checking the {config['egress_mode']} egress"
     with _Progress(what):
         described = ProxyService(ctx.storage).start(config)
+    if warnings:
+        described["notes"] = [*(described.get("notes") or []), *warnings]
     return Result(described, text=_start_text)
 
 

@@ -38,6 +38,13 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--file", metavar="F", required=True)
     p.set_defaults(handler=backup_restore)
 
+    p = cmds.add_parser(
+        "exposure",
+        help="which engines on this machine are reachable from the network behind FLM",
+        parents=[common],
+    )
+    p.set_defaults(handler=exposure)
+
     from flm.cli import security_events
 
     security_events.register(cmds, common)
@@ -65,3 +72,57 @@ def backup_restore(ctx: Context, args: argparse.Namespace) -> Result:
     from flm.services.backup import BackupService
 
     return Result(BackupService(ctx.storage).restore(Path(args.file)), text=pairs)
+
+
+def exposure_reports(ctx: Context) -> list[Any]:
+    """Audit every engine endpoint; each exposed engine is recorded as an ``engine_exposed``
+    security event."""
+    from flm.services import exposure as exp
+    from flm.services.events import record_security_event
+
+    reports = exp.audit(ctx.engines.endpoints())
+    for r in reports:
+        if r.status == exp.EXPOSED:
+            record_security_event(ctx.storage, "engine_exposed", "high", {
+                "engine_id": r.engine_id, "kind": r.kind, "listen": r.listen,
+                "reachable_on": [i["address"] for i in r.reachable_on],
+                "answers_without_key": r.answers_without_key})
+    return reports
+
+
+def exposure_warnings(ctx: Context) -> list[str]:
+    """Warning lines for exposed engines (printed by ``flm up`` and ``flm proxy start``);
+    never fails the command that asks."""
+    import logging
+    import sys
+
+    from flm.services.exposure import summary
+
+    try:
+        lines = summary(exposure_reports(ctx))
+    except Exception as exc:
+        logging.getLogger("flm.cli").warning("exposure check failed: %s", exc)
+        return []
+    for line in lines:
+        sys.stderr.write(f"flm: {line}\n")
+    sys.stderr.flush()
+    return lines
+
+
+def _exposure_text(data: dict[str, Any]) -> str:
+    from flm.cli.output import table
+
+    rows = [{"engine": r["engine_id"], "kind": r["kind"], "status": r["status"],
+             "listen": r["listen"],
+             "reachable_on": [f"{i['address']} ({i['interface']})" for i in r["reachable_on"]],
+             "keyless": r["answers_without_key"]} for r in data["engines"]]
+    lines = [table(rows)]
+    lines += [f"fix {r['engine_id']}: {r['fix']}" for r in data["engines"] if r["fix"]]
+    return "\n".join(lines)
+
+
+def exposure(ctx: Context, args: argparse.Namespace) -> Result:
+    reports = [r.to_dict() for r in exposure_reports(ctx)]
+    data = {"engines": reports, "exposed": [r["engine_id"] for r in reports
+                                            if r["status"] == "exposed"]}
+    return Result(data, text=_exposure_text)
