@@ -120,6 +120,11 @@ class EffectivePolicy:
     memory_threshold: float = 90.0
     max_connections: int = 100
     security_headers: bool = True
+    #: Models the engine runs on a remote service (Ollama's cloud models) are served only when
+    #: the policy says so (SPEC local-only guarantee).
+    allow_cloud_models: bool = False
+    #: Clients never auto-blocked or scored (distinct from the allow-list).
+    trusted_clients: tuple[_Network, ...] = ()
 
     @classmethod
     def build(cls, document: dict[str, Any], *, exposed: bool) -> EffectivePolicy:
@@ -162,4 +167,6 @@ class EffectivePolicy:
             memory_threshold=float(resource.get("memory_threshold", 90)),
             max_connections=int(resource.get("max_connections", 100)),
             security_headers=bool(headers.get("enabled", True)),
+            allow_cloud_models=bool(doc.get("allow_cloud_models", False)),
+            trusted_clients=_networks(doc.get("trusted_clients")),
         )

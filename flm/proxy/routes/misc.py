@@ -10,10 +10,12 @@ MAX_AUDIO_BYTES = 25 * 1024 * 1024
 
 
 async def models(scope: Scope, receive: Receive, send: Send, rt: ProxyRuntime) -> None:
+    allow_cloud = rt.effective.allow_cloud_models
     data = [
         {"id": m.flm_id, "object": "model", "created": 0, "owned_by": m.engine_id,
          "context_length": m.context_length}
         for m in sorted(await rt.engines.all_models(), key=lambda m: m.flm_id)
+        if allow_cloud or not m.cloud
     ]
     await send_json(send, 200, {"object": "list", "data": data})
 
@@ -22,7 +24,7 @@ async def model(scope: Scope, receive: Receive, send: Send, rt: ProxyRuntime) ->
     """``GET /v1/models/{id}``: one model, as OpenAI's "retrieve model" returns it."""
     wanted = scope["path"][len("/v1/models/"):]
     for m in await rt.engines.all_models():
-        if m.flm_id == wanted:
+        if m.flm_id == wanted and (rt.effective.allow_cloud_models or not m.cloud):
             await send_json(send, 200, {"id": m.flm_id, "object": "model", "created": 0,
                                         "owned_by": m.engine_id,
                                         "context_length": m.context_length})
