@@ -9,7 +9,6 @@ no engine probing) so a tab press costs one short Python start.
 from __future__ import annotations
 
 import argparse
-import sqlite3
 from collections.abc import Iterator
 from typing import Any
 
@@ -157,6 +156,8 @@ def dynamic_values(paths: Any, kind: str) -> Iterator[str]:
 
 
 def _query(db: Any, sql: str) -> Iterator[str]:
+    import sqlite3
+
     if not db.exists():
         return
     try:

@@ -356,7 +356,31 @@ def user_endpoints(s: ProxySettings, acme_domain: str | None = None) -> list[str
 RELOAD_INTERVAL_S = 30.0
 
 
-async def reload_proxies(ctx: Any, instances: list[ProxyInstance]) -> list[str]:
+_log_override: str | None = None
+
+
+def apply_log_level(ctx: Any, override: str | None = None) -> str:
+    """The log level on reload: the ``FLM_LOG_LEVEL`` a ``flm proxy reload`` was run with
+    (remembered until the next one that names a level), else the ``log.level`` setting, else
+    the level this process started with. Returns the level now in force."""
+    global _log_override
+    from flm.core.errors import ConfigNotSetError
+    from flm.core.jsonlog import set_level, start_level
+
+    if override:
+        set_level(override)  # validates before remembering
+        _log_override = override
+    stored = None
+    if _log_override is None:
+        try:
+            stored = ctx.config.value("log.level")
+        except ConfigNotSetError:
+            stored = None
+    return set_level(_log_override or stored or start_level())
+
+
+async def reload_proxies(ctx: Any, instances: list[ProxyInstance],
+                         log_level: str | None = None) -> list[str]:
     """Apply the stored policy, keys, blocklist, profiles and engines to running proxies (the
     daemon's, or a ``--no-daemon`` one). A stored policy that no longer validates is refused:
     the one in force stays, and the proxy's ``last_error`` says why until a good one comes."""
@@ -364,6 +388,7 @@ async def reload_proxies(ctx: Any, instances: list[ProxyInstance]) -> list[str]:
     from flm.proxy.runtime import _is_self, load_block_rows, load_profiles
     from flm.services.keys import KeyService
 
+    await asyncio.to_thread(apply_log_level, ctx, log_level)
     policy = await asyncio.to_thread(lambda: ctx.policy.show()["policy"])
     active = {k.id for k in await asyncio.to_thread(KeyService(ctx.storage).list)
               if k.revoked_at is None}

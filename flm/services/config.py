@@ -85,6 +85,10 @@ KNOWN: dict[str, KnownSetting] = {
     ),
     "audit.retention_days": KnownSetting(7, _int_in(1, 3650), "audit rows older are archived"),
     "preferred_language": KnownSetting("en", _choice("en", "ja"), "web UI language"),
+    "log.level": KnownSetting(
+        None, _choice("debug", "info", "warning", "error", "critical"),
+        "log level of the daemon and running proxies, applied on reload",
+    ),
 }
 
 _KEY = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$")
