@@ -45,6 +45,13 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.set_defaults(handler=exposure)
 
+    alerts = cmds.add_parser("alerts", help="alert webhooks (policy section alerts)",
+                             parents=[common])
+    acmds = alerts.add_subparsers(dest="action", metavar="ACTION")
+    p = acmds.add_parser("test", help="send a sample alert to every configured webhook",
+                         parents=[common])
+    p.set_defaults(handler=alerts_test)
+
     from flm.cli import security_events
 
     security_events.register(cmds, common)
@@ -126,3 +133,24 @@ def exposure(ctx: Context, args: argparse.Namespace) -> Result:
     data = {"engines": reports, "exposed": [r["engine_id"] for r in reports
                                             if r["status"] == "exposed"]}
     return Result(data, text=_exposure_text)
+
+
+def alerts_test(ctx: Context, args: argparse.Namespace) -> Result:
+    from flm.core.alerts import AlertSettings
+    from flm.core.errors import FlmError, UsageError
+    from flm.proxy.alerts import send_test
+
+    settings = AlertSettings.from_policy(ctx.policy.show()["policy"].get("alerts"))
+    if settings is None:
+        raise UsageError("no alert webhooks configured: set alerts.webhooks in the security "
+                         "policy (`flm security policy set`)")
+    results = send_test(settings)
+    failed = [r for r in results if not r["delivered"]]
+    if failed:
+        raise FlmError(
+            f"{len(failed)} of {len(results)} webhook(s) did not take the test alert: "
+            + "; ".join(f"{r['webhook_host']}: {r['error']}" for r in failed),
+            code="ALERT_DELIVERY_FAILED", details={"webhooks": results})
+    return Result({"webhooks": results},
+                  text=lambda d: "\n".join(f"{r['webhook_host']} ({r['format']}): delivered"
+                                           for r in d["webhooks"]))

@@ -56,7 +56,24 @@ def validate_policy(document: Any) -> dict[str, Any]:
         details = [{"path": e.json_path, "message": e.message} for e in errors]
         summary = "; ".join(_describe(d["path"], d["message"]) for d in details[:5])
         raise PolicyInvalidError(f"invalid policy: {summary}", details=details)
+    _check_webhooks(document)
     return document
+
+
+def _check_webhooks(document: dict[str, Any]) -> None:
+    from flm.core.alerts import AlertSettings, webhook_problem
+
+    settings = AlertSettings.from_policy(document.get("alerts"))
+    if settings is None:
+        return
+    details = []
+    for i, hook in enumerate(settings.webhooks):
+        problem = webhook_problem(hook.url, allow_private=settings.allow_private_targets)
+        if problem:
+            details.append({"path": f"$.alerts.webhooks[{i}]", "message": f"webhook {problem}"})
+    if details:
+        summary = "; ".join(_describe(d["path"], d["message"]) for d in details[:5])
+        raise PolicyInvalidError(f"invalid policy: {summary}", details=details)
 
 
 def parse_policy_text(text: str) -> dict[str, Any]:

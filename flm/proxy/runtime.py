@@ -8,10 +8,12 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from flm.core.alerts import AlertSettings
 from flm.core.models import EngineEndpoint
 from flm.core.policy import EffectivePolicy
 from flm.egress.config import EgressConfig
 from flm.engines.http import Timeouts
+from flm.proxy.alerts import Alerter
 from flm.proxy.audit import AuditSink
 from flm.proxy.engines import EngineRegistry
 from flm.proxy.guard import GuardState
@@ -54,12 +56,16 @@ class ProxyRuntime:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     #: The egress in force (after the start-up probe: direct when fail-open fell back).
     egress: EgressConfig = field(default_factory=EgressConfig)
+    #: Alert webhooks (policy ``alerts``), fed by the audit sink's events.
+    alerts: Alerter | None = None
 
     def apply_policy(self, document: dict[str, Any]) -> None:
         """Swap in a new policy (validated: an invalid one raises and the old one stays)."""
         effective = EffectivePolicy.build(document, exposed=not self.settings.loopback_only)
         self.policy = document
         self.effective = effective
+        if self.alerts is not None:
+            self.alerts.configure(AlertSettings.from_policy(document.get("alerts")))
 
     def load_blocks(self, rows: list[tuple[str, str, float | None, float, int]]) -> None:
         self.guard.load_blocks(rows)
@@ -69,6 +75,8 @@ class ProxyRuntime:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         await self.engines.close()
+        if self.alerts is not None:
+            await asyncio.to_thread(self.alerts.close)
         if self.audit is not None:
             self.audit.close()
 
@@ -106,6 +114,14 @@ def build_runtime(settings: ProxySettings, ctx: Any,
         egress=egress or EgressConfig(),
         audit=AuditSink(ctx.storage.security, ctx.paths.logs_dir / "audit.jsonl"),
     )
+    from flm.services.events import record_security_event
+
+    storage = ctx.storage
+    runtime.alerts = Alerter(
+        lambda kind, severity, details: record_security_event(storage, kind, severity, details),
+        egress=runtime.egress)
+    assert runtime.audit is not None
+    runtime.audit.listener = runtime.alerts.offer
     runtime.apply_policy(json.loads(json.dumps(ctx.policy.show()["policy"])))
     runtime.load_blocks(load_block_rows(ctx))
     load_profiles(runtime, ctx)

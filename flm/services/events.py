@@ -43,6 +43,9 @@ def record_security_event(
         return int(cursor.lastrowid or 0)
 
     row_id = storage.security.write(run)
+    from flm.core.alerts import notify
+
+    notify(event_type, severity, "", details)
     log.warning("security event %s (%s)", event_type, severity,
                 extra={"event_type": event_type, "severity": severity})
     return row_id
