@@ -127,7 +127,7 @@ def test_low_severity_events_do_not_alert_and_outside_events_do(flm_home: Path) 
             posts = hook.wait_posts(1)
             assert set(posts[0][2]) == {"text"}  # Slack's shape
             assert "egress_fail_open_triggered" in posts[0][2]["text"]
-            assert alerter.stats["sent"] == 1
+            _until(lambda: alerter.stats["sent"] == 1, "the delivery to be counted")
         finally:
             ctx.close()
             alerter.close()
