@@ -32,6 +32,7 @@ COMMAND_MODULES = (
     "profiles",
     "check",
     "completion",
+    "migrate",
 )
 
 log = logging.getLogger("flm.cli")
