@@ -33,6 +33,7 @@ COMMAND_MODULES = (
     "check",
     "completion",
     "migrate",
+    "service",
 )
 
 log = logging.getLogger("flm.cli")
