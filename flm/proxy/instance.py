@@ -263,6 +263,9 @@ async def start_instance(ctx: Context, raw: dict[str, Any], *,
         if runtime is not None:
             await runtime.close()
         raise
+    from flm.proxy.health import ensure_engine_watch
+
+    ensure_engine_watch(runtime)
     instance = ProxyInstance(ctx, config, settings, runtime, servers, egress, tls, notes)
     if tls is not None and tls.source == "stored-fallback":
         instance.last_error = notes[-1] if notes else None

@@ -37,6 +37,9 @@ async def health(scope: Scope, receive: Receive, send: Send, rt: ProxyRuntime) -
 
 
 async def metrics(scope: Scope, receive: Receive, send: Send, rt: ProxyRuntime) -> None:
+    from flm.proxy.health import ensure_engine_watch
+
+    ensure_engine_watch(rt)  # (started at proxy start too; here for embedded gateways)
     await send_bytes(send, 200, rt.metrics.render(),
                      [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")])
 
