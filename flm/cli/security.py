@@ -81,13 +81,19 @@ def backup_restore(ctx: Context, args: argparse.Namespace) -> Result:
     return Result(BackupService(ctx.storage).restore(Path(args.file)), text=pairs)
 
 
-def exposure_reports(ctx: Context) -> list[Any]:
+def exposure_reports(ctx: Context, *, probe: bool = True) -> list[Any]:
     """Audit every engine endpoint; each exposed engine is recorded as an ``engine_exposed``
     security event."""
     from flm.services import exposure as exp
     from flm.services.events import record_security_event
+    from flm.storage.config import ProxyHandlesRepo
 
-    reports = exp.audit(ctx.engines.endpoints())
+    ports = set()
+    for handle in ProxyHandlesRepo(ctx.storage.config).all():
+        ports.add(handle.port)
+        if handle.https_port:
+            ports.add(handle.https_port)
+    reports = exp.audit(ctx.engines.endpoints(), probe=probe, flm_ports=ports)
     for r in reports:
         if r.status == exp.EXPOSED:
             record_security_event(ctx.storage, "engine_exposed", "high", {
@@ -99,14 +105,15 @@ def exposure_reports(ctx: Context) -> list[Any]:
 
 def exposure_warnings(ctx: Context) -> list[str]:
     """Warning lines for exposed engines (printed by ``flm up`` and ``flm proxy start``);
-    never fails the command that asks."""
+    never fails the command that asks. Reads the socket table only: no request is sent to any
+    engine (``flm security exposure`` also asks whether each answers without a key)."""
     import logging
     import sys
 
     from flm.services.exposure import summary
 
     try:
-        lines = summary(exposure_reports(ctx))
+        lines = summary(exposure_reports(ctx, probe=False))
     except Exception as exc:
         logging.getLogger("flm.cli").warning("exposure check failed: %s", exc)
         return []

@@ -2,7 +2,9 @@
 ``engine_up`` security events (which the alerter sends), never on the request path.
 
 Every ``interval`` seconds each registered engine gets one health probe (bounded by a timeout);
-a transition from usable to not (or back) is recorded once, not on every probe.
+a transition from usable to not (or back) is recorded once, not on every probe. The watch runs
+only while someone listens (alerts configured, or ``/metrics`` scraped), so a proxy nobody
+monitors sends engines nothing but its clients' requests.
 """
 
 from __future__ import annotations
@@ -58,6 +60,13 @@ async def watch_engines(rt: ProxyRuntime, interval: float = INTERVAL_S) -> None:
         except Exception:
             log.exception("engine health watch failed")
         await asyncio.sleep(interval)
+
+
+def watch_if_alerting(rt: ProxyRuntime) -> None:
+    """Engines are probed in the background only when someone listens: alerts are configured
+    (here, at start and on reload) or ``/metrics`` is scraped (the route starts it)."""
+    if rt.alerts is not None and rt.alerts.settings is not None:
+        ensure_engine_watch(rt)
 
 
 def ensure_engine_watch(rt: ProxyRuntime) -> None:

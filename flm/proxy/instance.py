@@ -263,9 +263,9 @@ async def start_instance(ctx: Context, raw: dict[str, Any], *,
         if runtime is not None:
             await runtime.close()
         raise
-    from flm.proxy.health import ensure_engine_watch
+    from flm.proxy.health import watch_if_alerting
 
-    ensure_engine_watch(runtime)
+    watch_if_alerting(runtime)
     instance = ProxyInstance(ctx, config, settings, runtime, servers, egress, tls, notes)
     if tls is not None and tls.source == "stored-fallback":
         instance.last_error = notes[-1] if notes else None
@@ -407,6 +407,9 @@ async def reload_proxies(ctx: Any, instances: list[ProxyInstance],
         else:
             if inst.last_error and inst.last_error.startswith("policy refused"):
                 inst.last_error = None
+        from flm.proxy.health import watch_if_alerting
+
+        watch_if_alerting(rt)
         rt.keys.retain_only(active)
         if rt.audit is not None:
             await asyncio.to_thread(rt.audit.flush)  # blocks made here reach the table

@@ -161,8 +161,11 @@ def answers_without_key(kind: EngineKind, port: int, loopback: str = "127.0.0.1"
 def audit(endpoints: Iterable[EngineEndpoint], *,
           listeners: Callable[[], list[Listener]] = listening_sockets,
           interfaces: Callable[[], list[dict[str, str]]] = interface_addresses,
-          probe: bool = True) -> list[ExposureReport]:
-    """One report per engine endpoint (remote engines are reported as such, not audited)."""
+          probe: bool = True, flm_ports: Iterable[int] = ()) -> list[ExposureReport]:
+    """One report per engine endpoint (remote engines are reported as such, not audited).
+    ``probe=False`` reads the socket table only (no traffic to any engine); ``flm_ports`` are
+    ports FLM's own gateways listen on, never reported as engines."""
+    own = set(flm_ports)
     table = listeners()
     ifaces = interfaces()
     local = {i["address"] for i in ifaces}
@@ -178,6 +181,12 @@ def audit(endpoints: Iterable[EngineEndpoint], *,
             reports.append(report)
             continue
         bound = sorted({lst.address for lst in table if lst.port == port})
+        if port in own and bound:
+            report.status = FLM_GATEWAY
+            report.listen = bound
+            report.note = "this port is an FLM gateway, not an engine"
+            reports.append(report)
+            continue
         if not bound:
             reports.append(report)
             continue

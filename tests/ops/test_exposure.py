@@ -80,6 +80,7 @@ def test_proxy_start_and_up_warn(cli: Any, capsys: Any) -> None:
             ctx.close()
         assert len([line for line in lines if "engine lms" in line]) == 1
         assert "Serve on Local Network" in lines[0]
+        assert list(emu.requests) == []  # the warning reads the socket table only
         assert "engine lms" in capsys.readouterr().err
 
 
