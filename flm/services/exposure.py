@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from flm.core.models import EngineEndpoint, EngineKind
+from flm.engines import kinds
 
 EXPOSED = "exposed"
 LOOPBACK_ONLY = "loopback-only"
@@ -25,25 +26,14 @@ NOT_LISTENING = "not-listening"
 REMOTE = "remote"
 FLM_GATEWAY = "flm-gateway"
 
-#: The fix per engine kind: how to make it listen on loopback only.
-FIXES: dict[EngineKind, str] = {
-    EngineKind.OLLAMA: "restart Ollama with OLLAMA_HOST=127.0.0.1 (e.g. `OLLAMA_HOST=127.0.0.1 "
-    "ollama serve`, or `systemctl edit ollama` and set Environment=\"OLLAMA_HOST=127.0.0.1\")",
-    EngineKind.VLLM: "restart vLLM with --host 127.0.0.1 (`vllm serve MODEL --host 127.0.0.1`)",
-    EngineKind.LLAMACPP: "restart llama-server with --host 127.0.0.1",
-    EngineKind.LMSTUDIO: "in LM Studio's Developer tab, server settings, switch off "
-    "\"Serve on Local Network\" (or `lms server start` without --bind 0.0.0.0)",
-}
-
-#: A model listing each kind answers; asked without a key to see whether the engine needs one.
-_PROBE_PATH: dict[EngineKind, str] = {
-    EngineKind.OLLAMA: "/api/tags",
-    EngineKind.VLLM: "/v1/models",
-    EngineKind.LLAMACPP: "/v1/models",
-    EngineKind.LMSTUDIO: "/v1/models",
-}
-
 _WILDCARDS = ("0.0.0.0", "::")  # noqa: S104 - recognising wildcard binds, not binding
+
+
+def fix_for(kind: EngineKind) -> str:
+    """The kind's own fix (its descriptor's ``loopback_fix``)."""
+    descriptor = kinds.find(kind)
+    return descriptor.loopback_fix if descriptor is not None else \
+        "restart the engine listening on 127.0.0.1 only"
 
 
 @dataclass(frozen=True)
@@ -146,7 +136,9 @@ def answers_without_key(kind: EngineKind, port: int, loopback: str = "127.0.0.1"
         raise ValueError("the exposure probe only talks to loopback")
     conn = http.client.HTTPConnection(loopback, port, timeout=timeout)
     try:
-        conn.request("GET", _PROBE_PATH[kind], headers={"Accept": "application/json"})
+        descriptor = kinds.find(kind)
+        path = descriptor.models_path if descriptor is not None else "/v1/models"
+        conn.request("GET", path, headers={"Accept": "application/json"})
         resp = conn.getresponse()
         resp.read(65536)
         if resp.getheader("X-FLM-Proxy"):
@@ -195,7 +187,7 @@ def audit(endpoints: Iterable[EngineEndpoint], *,
         if reach or any(not _is_loopback(a) for a in bound):
             report.status = EXPOSED
             report.reachable_on = reach
-            report.fix = FIXES[ep.kind]
+            report.fix = fix_for(ep.kind)
         else:
             report.status = LOOPBACK_ONLY
         if probe and parts.scheme == "http":
