@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -81,11 +82,7 @@ def backup_restore(ctx: Context, args: argparse.Namespace) -> Result:
     return Result(BackupService(ctx.storage).restore(Path(args.file)), text=pairs)
 
 
-def exposure_reports(ctx: Context, *, probe: bool = True) -> list[Any]:
-    """Audit every engine endpoint; each exposed engine is recorded as an ``engine_exposed``
-    security event."""
-    from flm.services import exposure as exp
-    from flm.services.events import record_security_event
+def _gateway_ports(ctx: Context) -> set[int]:
     from flm.storage.config import ProxyHandlesRepo
 
     ports = set()
@@ -93,34 +90,78 @@ def exposure_reports(ctx: Context, *, probe: bool = True) -> list[Any]:
         ports.add(handle.port)
         if handle.https_port:
             ports.add(handle.https_port)
-    reports = exp.audit(ctx.engines.endpoints(), probe=probe, flm_ports=ports)
+    return ports
+
+
+def _record_exposed(ctx: Context, reports: list[Any]) -> None:
+    """Each exposed engine becomes an ``engine_exposed`` security event."""
+    from flm.services.events import record_security_event
+    from flm.services.exposure import EXPOSED
+
     for r in reports:
-        if r.status == exp.EXPOSED:
+        if r.status == EXPOSED:
             record_security_event(ctx.storage, "engine_exposed", "high", {
                 "engine_id": r.engine_id, "kind": r.kind, "listen": r.listen,
                 "reachable_on": [i["address"] for i in r.reachable_on],
                 "answers_without_key": r.answers_without_key})
+
+
+def exposure_reports(ctx: Context) -> list[Any]:
+    """Audit every engine endpoint (asking each over loopback whether it answers without a
+    key) and record the exposed ones."""
+    from flm.services import exposure as exp
+
+    reports = exp.audit(ctx.engines.endpoints(), flm_ports=_gateway_ports(ctx))
+    _record_exposed(ctx, reports)
     return reports
 
 
-def exposure_warnings(ctx: Context) -> list[str]:
-    """Warning lines for exposed engines (printed by ``flm up`` and ``flm proxy start``);
-    never fails the command that asks. Reads the socket table only: no request is sent to any
-    engine (``flm security exposure`` also asks whether each answers without a key)."""
+def exposure_warnings(ctx: Context, *, own_ports: tuple[int, ...] = ()) -> Callable[[], list[str]]:
+    """Start the exposure check for ``flm up`` and ``flm proxy start`` in the background (it
+    reads the socket table only: no request goes to any engine) and return a function that
+    waits for it, records exposed engines, prints one warning line each on stderr and returns
+    them. ``own_ports`` are the ports the command is about to listen on. Never fails the
+    command that asks."""
     import logging
     import sys
+    import threading
 
-    from flm.services.exposure import summary
+    from flm.services import exposure as exp
 
+    log = logging.getLogger("flm.cli")
+    found: dict[str, Any] = {}
     try:
-        lines = summary(exposure_reports(ctx, probe=False))
+        endpoints = ctx.engines.endpoints()
+        ports = _gateway_ports(ctx) | {p for p in own_ports if p}
     except Exception as exc:
-        logging.getLogger("flm.cli").warning("exposure check failed: %s", exc)
-        return []
-    for line in lines:
-        sys.stderr.write(f"flm: {line}\n")
-    sys.stderr.flush()
-    return lines
+        log.warning("exposure check failed: %s", exc)
+        return list
+
+    def scan() -> None:
+        try:
+            found["reports"] = exp.audit(endpoints, probe=False, flm_ports=ports)
+        except Exception as exc:
+            found["error"] = exc
+
+    worker = threading.Thread(target=scan, name="flm-exposure", daemon=True)
+    worker.start()
+
+    def finish() -> list[str]:
+        worker.join(30)
+        if "reports" not in found:
+            log.warning("exposure check failed: %s", found.get("error", "timed out"))
+            return []
+        try:
+            _record_exposed(ctx, found["reports"])
+        except Exception as exc:
+            log.warning("could not record exposed engines: %s", exc)
+        lines = exp.summary(found["reports"])
+        for line in lines:
+            sys.stderr.write(f"flm: {line}\n")
+        sys.stderr.flush()
+        return lines
+
+    return finish
 
 
 def _exposure_text(data: dict[str, Any]) -> str:

@@ -75,7 +75,7 @@ def test_proxy_start_and_up_warn(cli: Any, capsys: Any) -> None:
             "--id", "lms")
         ctx = Context(Paths.resolve())
         try:
-            lines = exposure_warnings(ctx)
+            lines = exposure_warnings(ctx)()
         finally:
             ctx.close()
         assert len([line for line in lines if "engine lms" in line]) == 1
@@ -88,3 +88,33 @@ def test_remote_engines_are_not_probed(cli: Any) -> None:
     cli("engines", "add", "--kind", "vllm", "--url", "http://192.0.2.10:8000", "--id", "far")
     report = _report(cli, "far")
     assert report["status"] == "remote" and report["answers_without_key"] is None
+
+
+def test_proxy_start_prints_the_warning(cli: Any) -> None:
+    """The real `flm proxy start` (daemon) names the exposed engine on stderr and in its notes;
+    its own listening port is never mistaken for an engine."""
+    import json
+    import socket
+
+    from tests.conftest import flm_subprocess
+
+    with start_emulator("ollama", models=["m:1"], host="0.0.0.0") as emu:
+        port = emu.url.rsplit(":", 1)[1]
+        cli("engines", "add", "--kind", "ollama", "--url", f"http://127.0.0.1:{port}",
+            "--id", "wide")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            gateway_port = s.getsockname()[1]
+        # an engine registered on the gateway's own port: FLM itself, never "exposed"
+        cli("engines", "add", "--kind", "vllm", "--url", f"http://127.0.0.1:{gateway_port}",
+            "--id", "self")
+        try:
+            started = flm_subprocess("proxy", "start", "--port", str(gateway_port),
+                                     "--bind", "0.0.0.0")
+            assert started.returncode == 0, started.stdout + started.stderr
+            notes = json.loads(started.stdout)["data"]["notes"]
+            assert [n for n in notes if "engine wide (ollama)" in n and "OLLAMA_HOST" in n]
+            assert not [n for n in notes if "engine self" in n]
+            assert "engine wide (ollama) is reachable from the network" in started.stderr
+        finally:
+            cli("proxy", "stop", "--all")
