@@ -1,5 +1,6 @@
-"""Looking into database files as a whole: row counts per table (``flm check --verbose``) and
-whether a backup file is a healthy SQLite database with the tables it should have."""
+"""Database files as a whole: row counts per table (``flm check --verbose``), whether a backup
+file is a healthy SQLite database with the tables it should have, and copies (SQLite's online
+backup) for ``flm backup``."""
 
 from __future__ import annotations
 
@@ -25,10 +26,29 @@ def inspect_backup(file: Path) -> tuple[bool, set[str]]:
     """(integrity check passed, table names) of a backup file, opened read-only and immutable
     (a backup is never written: no lock, -wal or -shm file is made beside it). Raises
     ``sqlite3.Error`` when it is not a readable SQLite database."""
-    src = sqlite3.connect(f"file:{file}?mode=ro&immutable=1", uri=True)
+    src = _open_immutable(file)
     try:
         ok = src.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         tables = {str(r[0]) for r in src.execute("SELECT name FROM sqlite_master")}
     finally:
         src.close()
     return ok, tables
+
+
+def _open_immutable(file: Path) -> sqlite3.Connection:
+    return sqlite3.connect(f"file:{file}?mode=ro&immutable=1", uri=True)
+
+
+def copy_database(source: Path, target: Path, *, immutable_source: bool = False) -> None:
+    """Copy database ``source`` into ``target`` with SQLite's online backup (consistent while
+    others write to ``source``). ``immutable_source``: open it read-only and immutable (a
+    backup file). Raises ``sqlite3.Error``."""
+    src = _open_immutable(source) if immutable_source else sqlite3.connect(source)
+    try:
+        dst = sqlite3.connect(target, timeout=30)
+        try:
+            src.backup(dst)
+        finally:
+            dst.close()
+    finally:
+        src.close()
