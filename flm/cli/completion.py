@@ -146,29 +146,6 @@ def _fish_condition(path: tuple[str, ...], children: list[str]) -> str:
 
 def dynamic_values(paths: Any, kind: str) -> Iterator[str]:
     """Values for one completion kind, read straight from the databases (nothing if absent)."""
-    if kind == "keys":
-        yield from _query(paths.security_db,
-                          "SELECT id FROM api_keys WHERE revoked_at IS NULL ORDER BY id")
-    elif kind == "engines":
-        yield from _query(paths.config_db, "SELECT id FROM engines ORDER BY id")
-    elif kind == "ports":
-        yield from _query(paths.config_db, "SELECT DISTINCT port FROM proxy_handles ORDER BY port")
+    from flm.storage.legacy import completion_values
 
-
-def _query(db: Any, sql: str) -> Iterator[str]:
-    import sqlite3
-
-    if not db.exists():
-        return
-    try:
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)
-    except sqlite3.Error:
-        return
-    try:
-        rows = conn.execute(sql).fetchall()
-    except sqlite3.Error:
-        rows = []
-    finally:
-        conn.close()
-    for (value,) in rows:
-        yield str(value)
+    yield from completion_values(paths.config_db, paths.security_db, kind)

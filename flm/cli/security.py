@@ -95,7 +95,7 @@ def _gateway_ports(ctx: Context) -> set[int]:
 
 def _record_exposed(ctx: Context, reports: list[Any]) -> None:
     """Each exposed engine becomes an ``engine_exposed`` security event."""
-    from flm.services.events import record_security_event
+    from flm.services.audit_events import record_security_event
     from flm.services.exposure import EXPOSED
 
     for r in reports:

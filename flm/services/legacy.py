@@ -140,35 +140,15 @@ def read_config_json(source: Path) -> dict[str, Any]:
 
 def read_tables(db_path: Path) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
     """Rows of the legacy tables (absent tables: empty, with a warning), read-only."""
-    warnings: list[str] = []
+    from flm.storage.legacy import LegacyReadError, read_legacy_tables
+
     try:
-        conn = sqlite3.connect(f"file:{db_path}?mode=ro&immutable=1", uri=True)
-    except sqlite3.Error as exc:
-        raise LegacySourceError(f"cannot open {db_path}: {exc}") from None
-    conn.text_factory = bytes
-    try:
-        try:
-            names = {r[0].decode() if isinstance(r[0], bytes) else r[0] for r in conn.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'table'")}
-            problems = [r[0] for r in conn.execute("PRAGMA quick_check")]
-        except sqlite3.DatabaseError as exc:
-            raise LegacySourceError(f"{db_path} is not a readable SQLite database: {exc}"
-                                    ) from None
-        if problems != [b"ok"] and problems != ["ok"]:
-            raise LegacySourceError(f"{db_path} is damaged: {problems[:3]}")
-        tables: dict[str, list[dict[str, Any]]] = {}
-        for table in TABLES:
-            if table not in names:
-                warnings.append(f"table {table} is missing from {db_path.name}; nothing to "
-                                "migrate from it")
-                tables[table] = []
-                continue
-            cursor = conn.execute(f'SELECT * FROM "{table}"')
-            columns = [d[0] for d in cursor.description]
-            tables[table] = [dict(zip(columns, row, strict=True)) for row in cursor]
-        return tables, warnings
-    finally:
-        conn.close()
+        tables, missing = read_legacy_tables(db_path)
+    except LegacyReadError as exc:
+        raise LegacySourceError(str(exc)) from None
+    warnings = [f"table {t} is missing from {db_path.name}; nothing to migrate from it"
+                for t in missing]
+    return tables, warnings
 
 
 def _slug(text: str) -> str:
@@ -178,18 +158,9 @@ def _slug(text: str) -> str:
 
 def _existing(paths: Paths) -> tuple[dict[str, str], set[str]]:
     """Settings and proxy profile ids already in config.db (read-only; none if absent)."""
-    if not paths.config_db.exists():
-        return {}, set()
-    conn = sqlite3.connect(f"file:{paths.config_db}?mode=ro", uri=True)
-    try:
-        try:
-            settings = dict(conn.execute("SELECT key, value FROM settings").fetchall())
-            profiles = {r[0] for r in conn.execute("SELECT id FROM proxy_profiles")}
-        except sqlite3.Error:
-            return {}, set()
-        return settings, profiles
-    finally:
-        conn.close()
+    from flm.storage.legacy import existing_settings_and_profiles
+
+    return existing_settings_and_profiles(paths.config_db)
 
 
 def _map_setting(key: str, value: Any, origin: str, conv: Conversion,
@@ -345,11 +316,9 @@ def convert(source: Path, tmp: Path, paths: Paths) -> dict[str, Any]:
 
 
 def _checkpoint(db: Path) -> None:
-    conn = sqlite3.connect(db)
-    try:
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    finally:
-        conn.close()
+    from flm.storage.legacy import checkpoint
+
+    checkpoint(db)
 
 
 def _restore(db: Path, backup: Path) -> None:
@@ -360,21 +329,20 @@ def _restore(db: Path, backup: Path) -> None:
 
 def write_rows(conn: sqlite3.Connection, conv: Conversion, stamp: str) -> None:
     """The whole change, inside the caller's transaction."""
+    from flm.storage.legacy import insert_setting, upsert_setting_notes
+
     for item in conv.settings:
-        conn.execute("INSERT INTO settings(key, value, updated_at) VALUES (?, ?, ?)",
-                     (item["key"], item["value"], stamp))
-    conn.execute(
-        "INSERT INTO settings(key, value, updated_at, notes) VALUES (?, ?, ?, ?) "
-        "ON CONFLICT(key) DO UPDATE SET value=excluded.value, updated_at=excluded.updated_at, "
-        "notes=excluded.notes",
-        (NOTES_KEY, stamp, stamp, json.dumps(conv.notes, ensure_ascii=False)))
+        insert_setting(conn, item["key"], item["value"], stamp)
+    upsert_setting_notes(conn, NOTES_KEY, stamp, stamp, json.dumps(conv.notes,
+                                                                  ensure_ascii=False))
     for profile in conv.profiles:
         insert_profile(conn, profile, stamp)
 
 
 def insert_profile(conn: sqlite3.Connection, profile: dict[str, Any], stamp: str) -> None:
-    conn.execute("INSERT INTO proxy_profiles(id, config_json, created_at) VALUES (?, ?, ?)",
-                 (profile["id"], json.dumps(profile["config"], ensure_ascii=False), stamp))
+    from flm.storage.legacy import insert_proxy_profile
+
+    insert_proxy_profile(conn, profile["id"], profile["config"], stamp)
 
 
 def apply(source: Path, paths: Paths, *, confirm: bool, storage_factory: Any) -> dict[str, Any]:
@@ -409,20 +377,16 @@ def apply(source: Path, paths: Paths, *, confirm: bool, storage_factory: Any) ->
         backups[db] = backup
         log(f"backup: {db} -> {backup}")
 
-    conn = sqlite3.connect(paths.config_db, isolation_level=None, timeout=10)
+    from flm.storage.legacy import in_one_transaction
+
+    stamp_rows = now_iso()
     try:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            write_rows(conn, conv, now_iso())
-        except Exception as exc:
-            conn.execute("ROLLBACK")
-            log(f"failed, rolled back: {type(exc).__name__}: {exc}")
-            raise MigrationFailedError(
-                f"migration failed and was rolled back ({type(exc).__name__}: {exc}); both "
-                f"databases are as they were; log: {log.path}") from None
-        conn.execute("COMMIT")
-    finally:
-        conn.close()
+        in_one_transaction(paths.config_db, lambda conn: write_rows(conn, conv, stamp_rows))
+    except Exception as exc:
+        log(f"failed, rolled back: {type(exc).__name__}: {exc}")
+        raise MigrationFailedError(
+            f"migration failed and was rolled back ({type(exc).__name__}: {exc}); both "
+            f"databases are as they were; log: {log.path}") from None
     log(f"committed: {len(conv.settings)} setting(s), {len(conv.profiles)} proxy profile(s)")
 
     check_storage = storage_factory(paths)

@@ -112,8 +112,8 @@ def test_closed_port_counts_as_down(flm_home: Path) -> None:
 
 def test_low_severity_events_do_not_alert_and_outside_events_do(flm_home: Path) -> None:
     from flm.core.paths import Paths
+    from flm.services.audit_events import record_security_event
     from flm.services.context import Context
-    from flm.services.events import record_security_event
 
     with Receiver() as hook:
         alerter = Alerter()
