@@ -29,6 +29,7 @@ COMMAND_MODULES = (
     "config",
     "keys",
     "security",
+    "secrets",
     "profiles",
     "check",
 )
