@@ -24,8 +24,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     dns = kinds.add_parser("dns", help="DNS-01 credential profiles (RFC 2136/TSIG, Cloudflare)",
                            parents=[common])
     cmds = dns.add_subparsers(dest="action", metavar="ACTION")
+    # No abbreviations: `--tsig-secret S` must not pass as `--tsig-secret-file S`.
     p = cmds.add_parser("add", help="add a DNS profile (the secret is read from a file or "
-                        "standard input)", parents=[common])
+                        "standard input)", parents=[common], allow_abbrev=False)
     p.add_argument("name", help="profile name, used by `proxy start --dns-profile NAME`")
     p.add_argument("--provider", choices=("rfc2136", "cloudflare"), required=True)
     p.add_argument("--zone", required=True, help="the DNS zone holding the names, e.g. "
@@ -69,10 +70,15 @@ def _read_secret(path: str | None) -> str:
         assert path is not None
         try:
             return Path(path).read_text(encoding="utf-8")
+        # The path is not repeated: if a secret was typed there by mistake, it stays out of
+        # the output.
         except FileNotFoundError:
-            raise UsageError(f"secret file not found: {path}") from None
+            raise UsageError("the file given to --tsig-secret-file/--api-token-file does not "
+                             "exist: give the path of a file holding the secret, or - for "
+                             "standard input (never the secret itself)") from None
         except (OSError, UnicodeDecodeError) as exc:
-            raise UsageError(f"cannot read the secret file {path}: "
+            raise UsageError("cannot read the file given to --tsig-secret-file/"
+                             f"--api-token-file: "
                              f"{getattr(exc, 'strerror', None) or type(exc).__name__}") from None
     if sys.stdin is None:
         raise UsageError("give the secret with --tsig-secret-file F or on standard input")
