@@ -54,6 +54,10 @@ def test_add_list_remove_with_the_file_store(
     assert len(rows) == 1 and SECRET not in repr(rows)
     assert all(SECRET.encode() not in p.read_bytes() for p in flm_home.glob("security.db*"))
 
+    check = cli("check")
+    assert check.data["dns_secrets"] == {"location": data["secrets_location"], "profiles": 1}
+    store.unlink()
+    assert any("dns profile home" in w for w in cli("check").data["warnings"])
     assert _add(cli).error["code"] == "INVALID_ARGUMENT"  # exists: needs --replace
     assert _add(cli, "--replace").code == 0
     removed = cli("secrets", "dns", "remove", "home")
