@@ -22,7 +22,9 @@ import contextlib
 import logging
 import os
 import socket
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -307,7 +309,7 @@ async def _prepare_tls(ctx: Context, config: StartConfig, http_sock: socket.sock
         http_sock, headers=response_headers()))
     await servers[-1].start()
     outcome = await asyncio.to_thread(certs.acme_at_start, acme, challenges, port=config.port,
-                                      egress=egress)
+                                      egress=egress, progress=_terminal_progress())
     if outcome.source == "stored":
         notes.append(f"reused the stored certificate for {acme.domain} (valid until "
                      f"{iso(outcome.bundle.not_after)})")
@@ -320,6 +322,19 @@ async def _prepare_tls(ctx: Context, config: StartConfig, http_sock: socket.sock
             {"domain": acme.domain, "error": outcome.error, "fallback": "stored certificate",
              "certificate_expiry": iso(outcome.bundle.not_after)})
     return TlsState(ReloadableServerContext(outcome.bundle), outcome.source, acme, challenges)
+
+
+def _terminal_progress() -> Callable[[str], None] | None:
+    """DNS-01 progress on stderr when it is a terminal (``--no-daemon`` in a shell); the
+    daemon's stderr is its log file, where the solver logs the same steps."""
+    if not sys.stderr.isatty():
+        return None
+
+    def show(message: str) -> None:
+        sys.stderr.write(f"\r{message}\033[K")
+        sys.stderr.flush()
+
+    return show
 
 
 async def decide_start_egress(ctx: Context, requested: EgressConfig,

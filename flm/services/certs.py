@@ -197,14 +197,16 @@ class CertificateService:
 
     def acme_at_start(self, settings: AcmeSettings, challenges: MutableMapping[str, str], *,
                       port: int, renew_before_days: float = RENEW_BEFORE_DAYS,
-                      egress: EgressConfig | None = None) -> AcmeOutcome:
+                      egress: EgressConfig | None = None,
+                      progress: Callable[[str], None] | None = None) -> AcmeOutcome:
         """The fallback chain of SPEC §6 (see the module docstring)."""
         stored = self.stored_acme(settings.domain, settings.all_names)
         if stored is not None and not due_for_renewal(stored, renew_before_days):
             self.record(stored)
             return AcmeOutcome(stored, "stored")
         try:
-            return AcmeOutcome(self.obtain_acme(settings, challenges, egress), "issued")
+            return AcmeOutcome(self.obtain_acme(settings, challenges, egress, progress),
+                               "issued")
         except ProxyAcmeError as exc:
             if stored is not None:
                 self.record(stored)
