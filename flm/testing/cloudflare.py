@@ -17,10 +17,12 @@ It follows Cloudflare's published API reference for the calls an ACME DNS-01 cli
   https://developers.cloudflare.com/fundamentals/api/
 
 Where it differs: one account, one token, TXT/A/AAAA/CNAME records only, no pagination beyond
-one page, no ``proxied`` behaviour. A wrong token gets 403 with error code 10000
-("Authentication error"), a missing or malformed ``Authorization`` header 400 with code 6003, an
-unknown zone 404 with code 7003, an unknown record 404 with code 81044 — the codes Cloudflare
-documents for those cases; their exact texts are the emulator's own.
+one page, no ``proxied`` behaviour. Errors use the documented envelope (``success: false`` and
+``errors``); a wrong token gets 403 with code 10000 ("Authentication error"), a missing or
+malformed ``Authorization`` header 400 with 6003, an unknown zone 404 with 7003, an unknown
+record 404 with 81044. Those numbers are what Cloudflare is commonly seen to answer, not a
+documented contract, and the texts are the emulator's own: a client should rely on the HTTP
+status and ``success`` (FLM's provider does, plus 10000/9109 to recognise a bad token).
 
 Why it also answers DNS: Cloudflare publishes every record on its authoritative servers at once.
 To let an ACME CA (Pebble, with ``-dnsserver 127.0.0.1:<dns_port>``) validate DNS-01 against
