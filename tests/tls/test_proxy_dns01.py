@@ -388,3 +388,43 @@ def test_ca_refusal_is_named_and_the_records_are_removed(
         assert ("_acme-challenge.flm.test", "TXT") in elsewhere.dns_queries
         assert bind.txt_records() == {}
         assert port_is_closed(port) and port_is_closed(port + 1)
+
+
+def test_a_stored_certificate_due_for_renewal_is_renewed_through_dns01(
+    cli: Any, proxies: None, dns_env: DnsEnv, flm_home: Path
+) -> None:
+    """The 30-day rule picks DNS-01 too: a stored certificate with 10 days left is replaced at
+    start; the fresh one is then not due (`renew --if-due` is what the renewal task does)."""
+    from datetime import UTC, datetime, timedelta
+
+    import trustme
+
+    live = flm_home / "certs" / "acme-live" / "_.flm.test"
+    live.mkdir(parents=True, mode=0o700)
+    soon = trustme.CA().issue_cert(*NAMES, not_after=datetime.now(UTC) + timedelta(days=10))
+    soon.private_key_pem.write_to_path(str(live / "privkey.pem"))
+    soon.cert_chain_pems[0].write_to_path(str(live / "fullchain.pem"))
+    add_bind_profile(cli, dns_env.bind)
+    port = free_port_pair()
+    cert = start_proxy(*dns_args(port))["certificate"]
+    assert cert["source"] == "issued" and set(cert["hosts"]) == set(NAMES)
+    assert https_call(port + 1, dns_env.ctx(), "GET", "/health", server_name="a.flm.test")[3] \
+        == cert["fingerprint_sha256"]
+    if_due = cli("proxy", "renew", "--port", str(port), "--if-due")
+    assert if_due.code == 0 and if_due.data["renewed"][0]["renewed"] is False
+    assert dns_env.bind.txt_records() == {}
+
+
+def test_a_stored_certificate_for_fewer_names_is_not_reused(
+    cli: Any, proxies: None, dns_env: DnsEnv, flm_home: Path
+) -> None:
+    add_bind_profile(cli, dns_env.bind)
+    port = free_port_pair()
+    first = flm_subprocess("proxy", "start", "--mode", "https-acme", "--port", str(port),
+                           "--challenge", "dns-01", "--dns-profile", "home", "--acme-email",
+                           "admin@flm.test", "--acme-domain", "*.flm.test", timeout=120)
+    assert first.returncode == 0, first.stdout
+    assert json.loads(first.stdout)["data"]["certificate"]["hosts"] == ["*.flm.test"]
+    cli("proxy", "stop", "--all")
+    cert = start_proxy(*dns_args(port))["certificate"]  # now also the apex
+    assert cert["source"] == "issued" and set(cert["hosts"]) == set(NAMES)
