@@ -120,6 +120,10 @@ class ProxyInstance:
             cert = bundle.to_dict()
             cert.update(source=self.tls.source, renewals=self.tls.renewals,
                         key_path=str(bundle.key_path))
+            if self.tls.acme is not None:
+                cert.update(challenge=self.tls.acme.challenge,
+                            names=list(self.tls.acme.all_names),
+                            dns_profile=self.tls.acme.dns_profile)
             out["certificate"] = cert
             hints = trust_hints(bundle, s.https_port)
             if hints:

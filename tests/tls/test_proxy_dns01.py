@@ -152,6 +152,8 @@ def test_wildcard_and_apex_certificate_issued_through_bind_and_served(
     data = start_proxy(*dns_args(port))
     cert = data["certificate"]
     assert cert["source"] == "issued" and cert["domain"] == "*.flm.test"
+    assert cert["challenge"] == "dns-01" and cert["dns_profile"] == "home"
+    assert cert["names"] == list(NAMES)
     assert set(cert["hosts"]) == set(NAMES)
     live = flm_home / "certs" / "acme-live" / "_.flm.test"
     assert cert["cert_path"] == str(live / "fullchain.pem")
