@@ -79,7 +79,9 @@ def dns_stack(workdir: Path) -> Iterator[DnsEnv]:
     require_tool("pebble", "pebble")
     with (
         run_bind(workdir / "bind") as bind,
-        run_pebble(workdir / "pebble", http_port=free_port(), dnsserver=bind.address) as pebble,
+        # No authorization reuse: every order (renewals too) must go through DNS-01.
+        run_pebble(workdir / "pebble", http_port=free_port(), dnsserver=bind.address,
+                   env={"PEBBLE_AUTHZREUSE": "0"}) as pebble,
     ):
         root = workdir / "pebble-root.pem"
         root.write_bytes(pebble.root_pem())
@@ -343,7 +345,7 @@ def test_cloudflare_emulator_issues_the_same_wildcard_certificate(
     with (
         start_cloudflare(token, zones=["flm.test"]) as cf,
         run_pebble(tmp_path / "pebble", http_port=free_port(),
-                   dnsserver=f"127.0.0.1:{cf.dns_port}") as pebble,
+                   dnsserver=f"127.0.0.1:{cf.dns_port}", env={"PEBBLE_AUTHZREUSE": "0"}) as pebble,
     ):
         _use_pebble(monkeypatch, pebble)
         root = tmp_path / "root.pem"
