@@ -36,10 +36,10 @@ from flm.core.errors import FlmError, NotFoundError, UsageError
 from flm.core.paths import ensure_private_dir, write_private_file
 from flm.core.timeutil import now_iso
 from flm.storage import Storage
+from flm.tls.dns01 import CLOUDFLARE_API, parse_server
 
 PROVIDERS = ("rfc2136", "cloudflare")
 TSIG_ALGORITHMS = ("hmac-sha256", "hmac-sha384", "hmac-sha512", "hmac-sha224", "hmac-sha1")
-CLOUDFLARE_API = "https://api.cloudflare.com/client/v4"
 #: How long FLM waits by default for the zone's servers to answer a new TXT record.
 DEFAULT_PROPAGATION_S = 120.0
 KEYRING_SERVICE = "flm-dns"
@@ -281,37 +281,6 @@ def check_profile_name(name: str) -> str:
         raise UsageError("a DNS profile name is 1-63 letters, digits, '.', '_' or '-', starting "
                          "with a letter or digit")
     return name
-
-
-def parse_server(text: str, default_port: int = 53) -> tuple[str, int]:
-    """``HOST``, ``HOST:PORT``, ``[V6]:PORT`` or a bare IPv6 address."""
-    value = text.strip()
-    host, port = value, default_port
-    if value.startswith("["):
-        end = value.find("]")
-        if end < 0:
-            raise UsageError(f"bad server address {text!r}")
-        host, rest = value[1:end], value[end + 1:]
-        if rest:
-            if not rest.startswith(":"):
-                raise UsageError(f"bad server address {text!r}")
-            port = _port(rest[1:], text)
-    elif value.count(":") == 1:
-        host, port_text = value.split(":")
-        port = _port(port_text, text)
-    if not host or any(c.isspace() for c in host):
-        raise UsageError(f"bad server address {text!r}")
-    return host, port
-
-
-def _port(text: str, whole: str) -> int:
-    try:
-        port = int(text)
-    except ValueError:
-        raise UsageError(f"bad port in {whole!r}") from None
-    if not 0 < port < 65536:
-        raise UsageError(f"bad port in {whole!r}")
-    return port
 
 
 def _zone(text: str) -> str:

@@ -44,10 +44,12 @@ from flm.core.errors import (
     DnsUpdateRefusedError,
     DnsZoneNotFoundError,
     ProxyAcmeError,
+    UsageError,
 )
 
 log = logging.getLogger(__name__)
 
+CLOUDFLARE_API = "https://api.cloudflare.com/client/v4"
 ACME_LABEL = "_acme-challenge"
 TXT_TTL = 60
 #: One DNS query or API call never waits longer than this.
@@ -55,6 +57,37 @@ QUERY_TIMEOUT_S = 5.0
 
 Progress = Callable[[str], None]
 Server = tuple[str, int]
+
+
+def parse_server(text: str, default_port: int = 53) -> tuple[str, int]:
+    """``HOST``, ``HOST:PORT``, ``[V6]:PORT`` or a bare IPv6 address."""
+    value = text.strip()
+    host, port = value, default_port
+    if value.startswith("["):
+        end = value.find("]")
+        if end < 0:
+            raise UsageError(f"bad server address {text!r}")
+        host, rest = value[1:end], value[end + 1:]
+        if rest:
+            if not rest.startswith(":"):
+                raise UsageError(f"bad server address {text!r}")
+            port = _port(rest[1:], text)
+    elif value.count(":") == 1:
+        host, port_text = value.split(":")
+        port = _port(port_text, text)
+    if not host or any(c.isspace() for c in host):
+        raise UsageError(f"bad server address {text!r}")
+    return host, port
+
+
+def _port(text: str, whole: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise UsageError(f"bad port in {whole!r}") from None
+    if not 0 < port < 65536:
+        raise UsageError(f"bad port in {whole!r}")
+    return port
 
 
 def challenge_name(identifier: str) -> str:
@@ -101,8 +134,6 @@ class DnsProvider:
     def check_servers(self) -> list[Server]:
         """The servers to wait on: the profile's ``--check-server`` list, else the zone's own."""
         if self._check_servers:
-            from flm.services.dns_secrets import parse_server
-
             return [parse_server(s) for s in self._check_servers]
         return self.default_check_servers()
 
@@ -118,8 +149,6 @@ class Rfc2136Provider(DnsProvider):
 
     def __init__(self, profile: str, zone: str, server: str, tsig_name: str, tsig_algorithm: str,
                  secret: str, check_servers: Sequence[str] = ()) -> None:
-        from flm.services.dns_secrets import parse_server
-
         super().__init__(profile, zone, check_servers)
         self.host, self.port = parse_server(server)
         self.tsig_name = tsig_name
@@ -476,8 +505,6 @@ def provider_for(profile: Any, secret: str) -> DnsProvider:
         return Rfc2136Provider(profile.name, s["zone"], s["server"], s["tsig_name"],
                                s.get("tsig_algorithm", "hmac-sha256"), secret, checks)
     if profile.provider == "cloudflare":
-        from flm.services.dns_secrets import CLOUDFLARE_API
-
         return CloudflareProvider(profile.name, s["zone"], s.get("api_base") or CLOUDFLARE_API,
                                   secret, checks)
     raise ProxyAcmeError(f"DNS profile {profile.name!r} has an unknown provider "
