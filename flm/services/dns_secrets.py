@@ -36,6 +36,7 @@ from flm.core.errors import FlmError, NotFoundError, UsageError
 from flm.core.paths import ensure_private_dir, write_private_file
 from flm.core.timeutil import now_iso
 from flm.storage import Storage
+from flm.storage.records import DnsCredentialsRepo
 from flm.tls.dns01 import CLOUDFLARE_API, parse_server
 
 PROVIDERS = ("rfc2136", "cloudflare")
@@ -198,6 +199,10 @@ class DnsSecretsService:
         self._store: SecretStore | None = None
 
     @property
+    def _repo(self) -> DnsCredentialsRepo:
+        return DnsCredentialsRepo(self._storage.security)
+
+    @property
     def store(self) -> SecretStore:
         if self._store is None:
             self._store = SecretStore(self._storage.paths.home, self._env)
@@ -217,17 +222,8 @@ class DnsSecretsService:
         ref = self.store.put(name, secret)
         created = now_iso()
 
-        def run(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "INSERT INTO dns_credentials(id, provider, label, secret_ref, created_at, "
-                "settings_json) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
-                "provider=excluded.provider, label=excluded.label, "
-                "secret_ref=excluded.secret_ref, created_at=excluded.created_at, "
-                "settings_json=excluded.settings_json",
-                (name, provider, name, ref, created, json.dumps(clean, sort_keys=True)))
-
         try:
-            self._storage.security.write(run)
+            self._repo.upsert(name, provider, ref, created, json.dumps(clean, sort_keys=True))
         except BaseException:
             if existing is None:
                 self.store.delete(name, ref)
@@ -237,8 +233,7 @@ class DnsSecretsService:
         return DnsProfile(name, provider, clean, ref, created)
 
     def list(self) -> list[DnsProfile]:
-        rows = self._storage.security.query("SELECT * FROM dns_credentials ORDER BY id")
-        return [_profile(r) for r in rows]
+        return [_profile(r) for r in self._repo.all()]
 
     def get(self, name: str) -> DnsProfile:
         row = self._row(name)
@@ -254,13 +249,12 @@ class DnsSecretsService:
 
     def remove(self, name: str) -> DnsProfile:
         profile = self.get(name)
-        self._storage.security.execute("DELETE FROM dns_credentials WHERE id = ?", (name,))
+        self._repo.delete(name)
         self.store.delete(profile.name, profile.secret_ref)
         return profile
 
     def _row(self, name: str) -> DnsProfile | None:
-        row = self._storage.security.query_one("SELECT * FROM dns_credentials WHERE id = ?",
-                                               (name,))
+        row = self._repo.get(name)
         return _profile(row) if row is not None else None
 
 
