@@ -31,6 +31,7 @@ COMMAND_MODULES = (
     "security",
     "profiles",
     "check",
+    "usage",
 )
 
 log = logging.getLogger("flm.cli")
@@ -48,9 +49,9 @@ def common_options() -> argparse.ArgumentParser:
     common = Parser(add_help=False)
     common.add_argument(
         "--format",
-        choices=("json", "text"),
+        choices=("json", "text", "csv"),
         default=argparse.SUPPRESS,
-        help="output format (default json)",
+        help="output format (default json; csv for tables such as flm usage)",
     )
     common.add_argument(
         "--db-path-config",

@@ -33,6 +33,7 @@ class RequestState:
         "engine_id",
         "error_code",
         "first_byte_at",
+        "key",
         "model",
         "overhead_s",
         "prompt_tokens",
@@ -41,6 +42,7 @@ class RequestState:
         "started",
         "status",
         "streaming",
+        "usage_estimated",
         "warnings",
     )
 
@@ -49,6 +51,10 @@ class RequestState:
         self.client_ip = client_ip
         self.started = started
         self.api_key_id: str | None = None
+        #: The key's scope (a ``flm.core.keyscope.KeyScope``) once it is admitted; its usage
+        #: is accounted when the request ends.
+        self.key: Any = None
+        self.usage_estimated = False
         self.route = "unmatched"
         self.engine_id: str | None = None
         self.model: str | None = None

@@ -273,13 +273,32 @@ class SecurityMiddleware:
                     if key_id is None:
                         raise self._auth_failed(scope, state, "invalid API key")
                 state.api_key_id = key_id
+                scope_ = rt.scopes.get(key_id) or await rt.scope_of(key_id)
+                if scope_ is None:  # revoked since it was verified
+                    raise self._auth_failed(scope, state, "invalid API key")
+                if scope_.expires_at is not None and guard.clock() >= scope_.expires_at:
+                    raise HttpError(401, "key_expired", "this API key has expired",
+                                    _CHALLENGE)
+                listing = path == "/v1/models" or path.startswith("/v1/models/")
+                if scope_.read_only and not listing:
+                    raise HttpError(403, "read_only_key",
+                                    "this API key may only list models (GET /v1/models)")
 
-                # 12. Per-key rate limit
+                # 12. Per-key rate limit: the policy's, then the key's own limits and budgets
                 if policy.key_rpm > 0:
                     wait = guard.take("key:" + key_id, policy.key_rpm, policy.key_burst)
                     if wait:
                         rt.metrics.rate_limited.labels("key").inc()
                         raise _limited(wait, "per-key")
+                try:
+                    limit_headers = rt.ledger.admit(
+                        scope_, count=not listing and path != "/metrics")
+                except HttpError:
+                    rt.metrics.rate_limited.labels("key").inc()
+                    raise
+                if limit_headers:
+                    send = _with_headers(send, limit_headers)
+                state.key = scope_
 
             # 13. The route
             await self.app(scope, receive, send)
@@ -399,6 +418,15 @@ async def _preflight(send: Send, allowed: bytes | None) -> None:
                     (b"access-control-max-age", b"600")]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": b""})
+
+
+def _with_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:
+    async def with_headers(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", ()), *extra]
+        await send(message)
+
+    return with_headers
 
 
 def _with_cors(send: Send, allowed: bytes) -> Send:
