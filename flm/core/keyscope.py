@@ -81,8 +81,21 @@ class KeyScope:
     _whole_engines: re.Pattern[str] | None = field(default=None, repr=False)
     _answers: dict[str, bool] = field(default_factory=dict, repr=False)
     _engines: dict[str, bool] = field(default_factory=dict, repr=False)
+    #: Whether the key has per-minute limits or daily budgets (the ledger admits it).
+    limits: bool = field(default=False, init=False)
+    #: Whether the key has anything to check after authentication (expiry, read-only,
+    #: limits); the model scope is checked where the model is known.
+    checked: bool = field(default=False, init=False)
+    #: The limits as the ``x-ratelimit-limit-*`` headers write them.
+    rpm_text: bytes = field(default=b"", init=False, repr=False)
+    tpm_text: bytes = field(default=b"", init=False, repr=False)
 
     def __post_init__(self) -> None:
+        self.limits = any(v is not None for v in (self.rpm, self.tpm, self.daily_tokens,
+                                                   self.daily_requests))
+        self.checked = self.limits or self.read_only or self.expires_at is not None
+        self.rpm_text = str(self.rpm or 0).encode()
+        self.tpm_text = str(self.tpm or 0).encode()
         if self.models is None:
             return
         globs = [p for p in self.models if _GLOB.search(p)]

@@ -34,6 +34,7 @@ class RequestState:
         "error_code",
         "first_byte_at",
         "key",
+        "key_headers",
         "model",
         "overhead_s",
         "prompt_tokens",
@@ -54,6 +55,8 @@ class RequestState:
         #: The key's scope (a ``flm.core.keyscope.KeyScope``) once it is admitted; its usage
         #: is accounted when the request ends.
         self.key: Any = None
+        #: Headers the key's limits add to the reply (``x-ratelimit-*``), if any.
+        self.key_headers: list[tuple[bytes, bytes]] | None = None
         self.usage_estimated = False
         self.route = "unmatched"
         self.engine_id: str | None = None

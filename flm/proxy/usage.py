@@ -44,14 +44,14 @@ def estimate_tokens(text: str) -> int:
     return (len(text) + 3) // 4
 
 
-def _duration(seconds: float) -> str:
+def _duration(seconds: float) -> bytes:
     """A reset time as OpenAI writes it: ``20ms``, ``1.5s``, ``6m0s``."""
     if seconds < 1:
-        return f"{max(0, int(seconds * 1000))}ms"
+        return b"%dms" % (seconds * 1000 if seconds > 0 else 0)
     if seconds < 60:
-        return f"{seconds:.3g}s"
+        return b"%.3gs" % seconds
     minutes, rest = divmod(math.ceil(seconds), 60)
-    return f"{minutes}m{rest}s"
+    return b"%dm%ds" % (minutes, rest)
 
 
 class _KeyState:
@@ -105,10 +105,13 @@ class KeyLedger:
         headers: list[tuple[bytes, bytes]] = []
         wait = 0.0
         charged = False
-        if scope.rpm is not None:
-            capacity = float(scope.burst or scope.rpm)
-            rate = scope.rpm / 60.0
-            level = min(capacity, st.req_level + (now - st.req_at) * rate)
+        rpm = scope.rpm
+        if rpm is not None:
+            capacity = float(scope.burst or rpm)
+            rate = rpm / 60.0
+            level = st.req_level + (now - st.req_at) * rate
+            if level > capacity:
+                level = capacity
             st.req_at = now
             if level < 1.0:
                 wait = (1.0 - level) / rate
@@ -116,19 +119,24 @@ class KeyLedger:
                 level -= 1.0
                 charged = True
             st.req_level = level
-            headers += [(b"x-ratelimit-limit-requests", str(scope.rpm).encode()),
-                        (b"x-ratelimit-remaining-requests", str(int(level)).encode()),
+            reset = (capacity - level) / rate
+            headers += [(b"x-ratelimit-limit-requests", scope.rpm_text),
+                        (b"x-ratelimit-remaining-requests", b"%d" % level),
                         (b"x-ratelimit-reset-requests",
-                         _duration(max(wait, (capacity - level) / rate)).encode())]
-        if scope.tpm is not None:
-            rate = scope.tpm / 60.0
-            level = self._tokens(st, scope.tpm, now)
-            reset = (scope.tpm - level) / rate
+                         _duration(wait if wait > reset else reset))]
+        tpm = scope.tpm
+        if tpm is not None:
+            rate = tpm / 60.0
+            level = self._tokens(st, tpm, now)
             if level <= 0:
-                wait = max(wait, (1.0 - level) / rate)
-            headers += [(b"x-ratelimit-limit-tokens", str(scope.tpm).encode()),
-                        (b"x-ratelimit-remaining-tokens", str(max(0, int(level))).encode()),
-                        (b"x-ratelimit-reset-tokens", _duration(reset).encode())]
+                reset = (1.0 - level) / rate
+                if reset > wait:
+                    wait = reset
+            else:
+                reset = (tpm - level) / rate
+            headers += [(b"x-ratelimit-limit-tokens", scope.tpm_text),
+                        (b"x-ratelimit-remaining-tokens", b"%d" % (level if level > 0 else 0)),
+                        (b"x-ratelimit-reset-tokens", _duration(reset))]
         if wait:
             if charged:
                 st.req_level += 1.0  # refused for tokens: the request is not charged
@@ -318,7 +326,10 @@ def account(rt: Any, state: Any, ts: float) -> None:
     prompt = state.prompt_tokens or 0
     completion = state.completion_tokens or 0
     model = (state.model or "")[:200]
-    rt.ledger.charge(key.key_id, prompt + completion, key.tpm)
+    if key.tpm is not None or key.daily_tokens is not None:
+        # (the ledger counts tokens only where a limit needs them: a budget set later is
+        # loaded with today's totals from the rollups at the reload that brings it)
+        rt.ledger.charge(key.key_id, prompt + completion, key.tpm)
     if rt.usage is not None:
         rt.usage.record(ts, key.key_id, model, state.engine_id or "", prompt, completion,
                         state.usage_estimated)

@@ -57,6 +57,8 @@ class RequestMiddleware:
             if message["type"] == "http.response.start":
                 state.status = message["status"]
                 message["headers"] = [*message.get("headers", ()), (b"x-request-id", rid)]
+                if state.key_headers:
+                    message["headers"] += state.key_headers
                 if state.warnings:
                     message["headers"].append(
                         (b"x-flm-warning", "; ".join(state.warnings).encode()))

@@ -66,7 +66,7 @@ async def _prepare_chat(state: RequestState, rt: ProxyRuntime, body: Any,
     engine_id, model = chat_target(body)
     # (the id the client sent, ``flm://engine/model``, which is also the one replies carry)
     state.engine_id, state.model = engine_id, body["model"]
-    if state.key is not None:
+    if state.key is not None and state.key.models is not None:
         require_model(state, make_model_id(engine_id, model))
     adapter, info = await rt.engines.resolve(engine_id, model)
     changed = False
@@ -288,7 +288,7 @@ async def embeddings(scope: Scope, receive: Receive, send: Send, rt: ProxyRuntim
     body = await _body(scope, receive, rt)
     engine_id, model, payload = plan_embeddings(body)
     state.engine_id, state.model = engine_id, make_model_id(engine_id, model)
-    if state.key is not None:
+    if state.key is not None and state.key.models is not None:
         require_model(state, state.model)
     adapter, _info = await rt.engines.resolve(engine_id, model)
     if not adapter.capabilities().embeddings:
