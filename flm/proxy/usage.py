@@ -325,7 +325,8 @@ def account(rt: Any, state: Any, ts: float) -> None:
         return
     prompt = state.prompt_tokens or 0
     completion = state.completion_tokens or 0
-    model = (state.model or "")[:200]
+    # (a refused request names no model: a client cannot fill the rollups with made-up ones)
+    model = (state.model or "")[:200] if prompt or completion or state.status < 400 else ""
     if key.tpm is not None or key.daily_tokens is not None:
         # (the ledger counts tokens only where a limit needs them: a budget set later is
         # loaded with today's totals from the rollups at the reload that brings it)

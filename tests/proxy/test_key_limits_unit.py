@@ -146,3 +146,36 @@ def test_engine_without_usage_is_estimated_and_marked(cli: Any) -> None:
     assert rows[0]["requests"] == 2 and rows[0]["estimated_requests"] == 2
     assert rows[0]["prompt_tokens"] == 200  # 400 characters, about 100 tokens each time
     assert rows[0]["completion_tokens"] > 0
+
+
+def test_usage_sink_sums_by_minute_and_hour_and_prunes(flm_home: Any) -> None:
+    from flm.core.paths import Paths
+    from flm.proxy.usage import UsageSink
+    from flm.storage import Storage
+
+    storage = Storage(Paths.resolve())
+    sink = UsageSink(storage.security, interval=3600)
+    try:
+        now = 1_800_000_000.0  # (a whole hour)
+        old = now - 3 * DAY_S
+        ancient = now - 91 * DAY_S
+        for ts in (now, now + 30, now + 61, old, ancient):
+            sink.record(ts, "k1", "flm://e/m", "e", 10, 5, False)
+        sink.record(now, "k1", "flm://e/m", "e", 1, 1, True)
+        assert sink.flush() == 6
+        db = storage.security
+        minutes = db.query("SELECT minute, requests, prompt_tokens, completion_tokens, "
+                           "estimated FROM usage_minute ORDER BY minute")
+        assert [tuple(r) for r in minutes][-2:] == [
+            (int(now // 60), 3, 21, 11, 1), (int((now + 61) // 60), 1, 10, 5, 0)]
+        hours = db.query("SELECT hour, requests FROM usage_hour ORDER BY hour")
+        assert [tuple(r) for r in hours][-1] == (int(now // 3600), 4)
+        sink.prune(now)
+        left = db.query("SELECT COUNT(*) FROM usage_minute WHERE minute < ?",
+                        (int((now - 48 * 3600) // 60),))[0][0]
+        assert left == 0
+        hour_rows = [r[0] for r in db.query("SELECT hour FROM usage_hour")]
+        assert int(old // 3600) in hour_rows and int(ancient // 3600) not in hour_rows
+    finally:
+        sink.close()
+        storage.close()

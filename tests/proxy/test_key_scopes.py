@@ -92,8 +92,9 @@ def test_key_scoped_to_one_engine_openai_client(cli: Any, two_engines: Any) -> N
 
 
 def test_read_only_key_lists_models_only(cli: Any, two_engines: Any) -> None:
-    key = cli("api-keys", "create", "--label", "ro", "--read-only").data["key"]
     with start_gateway() as gw:
+        # created while the proxy runs (and not told): its scope is read at its first use
+        key = cli("api-keys", "create", "--label", "ro", "--read-only").data["key"]
         status, _, body = _request(gw.url, "GET", "/v1/models", key)
         assert status == 200 and len(json.loads(body)["data"]) == 3
         status, _, body = _request(gw.url, "POST", "/v1/chat/completions", key,
