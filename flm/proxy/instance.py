@@ -363,8 +363,8 @@ async def reload_proxies(ctx: Any, instances: list[ProxyInstance]) -> list[str]:
     the one in force stays, and the proxy's ``last_error`` says why until a good one comes."""
     from flm.core.errors import PolicyInvalidError
     from flm.proxy.runtime import _is_self, load_block_rows, load_profiles, scope_from_row
-    from flm.proxy.usage import today_totals
     from flm.services.keys import KeyService
+    from flm.storage.usage import today_totals
 
     policy = await asyncio.to_thread(lambda: ctx.policy.show()["policy"])
     rows = [k for k in await asyncio.to_thread(KeyService(ctx.storage).list)

@@ -114,9 +114,9 @@ def build_runtime(settings: ProxySettings, ctx: Any,
                   egress: EgressConfig | None = None) -> ProxyRuntime:
     """Build a runtime from a ``flm.services.context.Context``; ``egress`` is the egress in
     force (default direct)."""
-    from flm.proxy.usage import today_totals
     from flm.services.keys import verify_key_hash
     from flm.storage.security import ApiKeysRepo
+    from flm.storage.usage import today_totals
 
     endpoints = [e for e in ctx.engines.endpoints() if not _is_self(e, settings)]
     timeouts: Timeouts = ctx.engines.timeouts()

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sqlite3
 import threading
 import time
 from collections import deque
@@ -29,12 +28,10 @@ from flm.core.keyscope import KeyScope
 from flm.core.threads import background_thread
 from flm.openai.errors import HttpError
 from flm.storage.db import Database
+from flm.storage.usage import DAY_S, add_rollups, prune_rollups
 
 log = logging.getLogger("flm.usage")
 
-DAY_S = 86_400
-MINUTE_ROWS_KEPT_S = 48 * 3600
-HOUR_ROWS_KEPT_S = 90 * DAY_S
 PRUNE_INTERVAL_S = 600.0
 
 
@@ -196,15 +193,6 @@ def _budget(now: float, message: str) -> HttpError:
 
 
 _Item = tuple[float, str, str, str, int, int, int]
-_ADD = ("INSERT INTO {table}({unit}, key_id, model, engine_id, requests, prompt_tokens, "
-        "completion_tokens, estimated) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
-        "ON CONFLICT({unit}, key_id, model, engine_id) DO UPDATE SET "
-        "requests=requests+excluded.requests, "
-        "prompt_tokens=prompt_tokens+excluded.prompt_tokens, "
-        "completion_tokens=completion_tokens+excluded.completion_tokens, "
-        "estimated=estimated+excluded.estimated")
-_ADD_MINUTE = _ADD.format(table="usage_minute", unit="minute")
-_ADD_HOUR = _ADD.format(table="usage_hour", unit="hour")
 
 
 class UsageSink:
@@ -263,16 +251,8 @@ class UsageSink:
                 if ts > last_used.get(key_id, 0.0):
                     last_used[key_id] = ts
 
-            def run(conn: sqlite3.Connection) -> None:
-                conn.executemany(_ADD_MINUTE, [(*k, *v) for k, v in minutes.items()])
-                conn.executemany(_ADD_HOUR, [(*k, *v) for k, v in hours.items()])
-                conn.executemany(
-                    "UPDATE api_keys SET last_used_at=? WHERE id=? AND "
-                    "(last_used_at IS NULL OR last_used_at < ?)",
-                    [(stamp, k, stamp) for k, stamp in
-                     ((k, _iso(t)) for k, t in last_used.items())])
-
-            self._db.write(run)
+            add_rollups(self._db, minutes, hours,
+                        {k: _iso(t) for k, t in last_used.items()})
             return len(batch)
 
     def prune(self, now: float | None = None) -> None:
@@ -280,15 +260,7 @@ class UsageSink:
         self._pruned_at = time.monotonic()
         if self._db is None:
             return
-        now = time.time() if now is None else now
-
-        def run(conn: sqlite3.Connection) -> None:
-            conn.execute("DELETE FROM usage_minute WHERE minute < ?",
-                         (int((now - MINUTE_ROWS_KEPT_S) // 60),))
-            conn.execute("DELETE FROM usage_hour WHERE hour < ?",
-                         (int((now - HOUR_ROWS_KEPT_S) // 3600),))
-
-        self._db.write(run)
+        prune_rollups(self._db, time.time() if now is None else now)
 
     def close(self) -> None:
         self._stop = True
@@ -301,16 +273,6 @@ def _iso(ts: float) -> str:
     from flm.proxy.audit import iso_ts
 
     return iso_ts(ts)
-
-
-def today_totals(db: Database, now: float | None = None) -> dict[str, tuple[int, int]]:
-    """(requests, tokens) per key since 00:00 UTC, from the minute rollups."""
-    now = time.time() if now is None else now
-    start = int((now - now % DAY_S) // 60)
-    rows = db.query(
-        "SELECT key_id, SUM(requests) AS r, SUM(prompt_tokens + completion_tokens) AS t "
-        "FROM usage_minute WHERE minute >= ? GROUP BY key_id", (start,))
-    return {str(r["key_id"]): (int(r["r"]), int(r["t"])) for r in rows}
 
 
 #: Routes that are not counted as use of a key (listing models, reading metrics).

@@ -124,7 +124,7 @@ class KeyService:
 
     def today(self) -> dict[str, tuple[int, int]]:
         """(requests, tokens) per key since 00:00 UTC (as written by running proxies)."""
-        from flm.proxy.usage import today_totals
+        from flm.storage.usage import today_totals
 
         return today_totals(self._storage.security)
 

@@ -9,8 +9,8 @@ from typing import Any
 from flm.core.errors import UsageError
 from flm.core.keyscope import parse_expiry
 from flm.core.timeutil import parse_iso
-from flm.proxy.usage import MINUTE_ROWS_KEPT_S
 from flm.storage import Storage
+from flm.storage.usage import MINUTE_ROWS_KEPT_S
 
 GROUPS = ("key", "model", "engine", "hour")
 _COLUMN = {"key": "u.key_id", "model": "u.model", "engine": "u.engine_id"}

@@ -13,7 +13,8 @@ from flm.core.errors import UsageError
 from flm.core.keyscope import KeyScope, check_patterns, parse_expiry
 from flm.openai.errors import HttpError
 from flm.proxy.routes.chat import strip_usage
-from flm.proxy.usage import DAY_S, KeyLedger, estimate_tokens
+from flm.proxy.usage import KeyLedger, estimate_tokens
+from flm.storage.usage import DAY_S
 from flm.testing.emulators import start_emulator
 from flm.testing.gateway import start_gateway
 

@@ -99,7 +99,7 @@ async def chat_completions(scope: Scope, receive: Receive, send: Send,
     public: str = body["model"]  # checked by _prepare_chat: flm://engine/model
     if plan.stream:
         strip = False
-        if state.key is not None and adapter.endpoint.kind is not EngineKind.OLLAMA:
+        if state.key is not None and adapter.endpoint.kind != EngineKind.OLLAMA:
             # Usage is accounted per key: ask the engine for it, and take the chunk out
             # again when the client did not ask (Ollama's adapter reports it either way).
             options = plan.body.get("stream_options")
