@@ -10,10 +10,9 @@ from flm.core.errors import UsageError
 from flm.core.keyscope import parse_expiry
 from flm.core.timeutil import parse_iso
 from flm.storage import Storage
-from flm.storage.usage import MINUTE_ROWS_KEPT_S
+from flm.storage.usage import usage_rows
 
 GROUPS = ("key", "model", "engine", "hour")
-_COLUMN = {"key": "u.key_id", "model": "u.model", "engine": "u.engine_id"}
 
 
 def parse_since(text: str | None, now: float | None = None) -> float:
@@ -43,26 +42,7 @@ class UsageService:
             raise UsageError(f"--by takes one of {', '.join(GROUPS)}")
         now = time.time()
         start = parse_since(since, now)
-        # minute rows are exact for the last 48 hours; before that, whole hours
-        if start >= now - MINUTE_ROWS_KEPT_S + 60:
-            table, unit, column = "usage_minute", 60, "minute"
-        else:
-            table, unit, column = "usage_hour", 3600, "hour"
-        where = [f"u.{column} >= ?"]
-        params: list[Any] = [int(start // unit)]
-        if key:
-            where.append("u.key_id = ?")
-            params.append(key)
-        if model:
-            where.append("u.model = ?")
-            params.append(model)
-        group = f"(u.{column} * {unit}) / 3600" if by == "hour" else _COLUMN[by]
-        rows = self._storage.security.query(
-            f"SELECT {group} AS grp, MAX(k.label) AS label, SUM(u.requests) AS requests, "
-            "SUM(u.prompt_tokens) AS prompt_tokens, "
-            "SUM(u.completion_tokens) AS completion_tokens, SUM(u.estimated) AS estimated "
-            f"FROM {table} u LEFT JOIN api_keys k ON k.id = u.key_id "
-            f"WHERE {' AND '.join(where)} GROUP BY grp ORDER BY grp", params)
+        rows = usage_rows(self._storage.security, start, now, by, key=key, model=model)
         out = []
         for r in rows:
             item: dict[str, Any] = {}

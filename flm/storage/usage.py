@@ -61,3 +61,34 @@ def today_totals(db: Database, now: float | None = None) -> dict[str, tuple[int,
         "SELECT key_id, SUM(requests) AS r, SUM(prompt_tokens + completion_tokens) AS t "
         "FROM usage_minute WHERE minute >= ? GROUP BY key_id", (start,))
     return {str(r["key_id"]): (int(r["r"]), int(r["t"])) for r in rows}
+
+
+_GROUP_COLUMN = {"key": "u.key_id", "model": "u.model", "engine": "u.engine_id"}
+
+
+def usage_rows(db: Database, start: float, now: float, by: str, *, key: str | None = None,
+               model: str | None = None) -> list[Any]:
+    """Sums since ``start`` grouped ``by`` key, model, engine or hour (the hour as unix
+    time // 3600): rows of grp, label (the key's), requests, prompt_tokens,
+    completion_tokens, estimated. Minute rows are read for the last 48 hours (exact), hour
+    rows before that (whole hours)."""
+    if start >= now - MINUTE_ROWS_KEPT_S + 60:
+        table, unit, column = "usage_minute", 60, "minute"
+    else:
+        table, unit, column = "usage_hour", 3600, "hour"
+    where = [f"u.{column} >= ?"]
+    params: list[Any] = [int(start // unit)]
+    if key:
+        where.append("u.key_id = ?")
+        params.append(key)
+    if model:
+        where.append("u.model = ?")
+        params.append(model)
+    group = f"(u.{column} * {unit}) / 3600" if by == "hour" else _GROUP_COLUMN[by]
+    rows: list[Any] = db.query(
+        f"SELECT {group} AS grp, MAX(k.label) AS label, SUM(u.requests) AS requests, "
+        "SUM(u.prompt_tokens) AS prompt_tokens, "
+        "SUM(u.completion_tokens) AS completion_tokens, SUM(u.estimated) AS estimated "
+        f"FROM {table} u LEFT JOIN api_keys k ON k.id = u.key_id "
+        f"WHERE {' AND '.join(where)} GROUP BY grp ORDER BY grp", params)
+    return rows
