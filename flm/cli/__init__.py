@@ -32,6 +32,7 @@ COMMAND_MODULES = (
     "secrets",
     "profiles",
     "check",
+    "usage",
 )
 
 log = logging.getLogger("flm.cli")
@@ -49,9 +50,9 @@ def common_options() -> argparse.ArgumentParser:
     common = Parser(add_help=False)
     common.add_argument(
         "--format",
-        choices=("json", "text"),
+        choices=("json", "text", "csv"),
         default=argparse.SUPPRESS,
-        help="output format (default json)",
+        help="output format (default json; csv for tables such as flm usage)",
     )
     common.add_argument(
         "--db-path-config",

@@ -396,12 +396,15 @@ async def reload_proxies(ctx: Any, instances: list[ProxyInstance]) -> list[str]:
     daemon's, or a ``--no-daemon`` one). A stored policy that no longer validates is refused:
     the one in force stays, and the proxy's ``last_error`` says why until a good one comes."""
     from flm.core.errors import PolicyInvalidError
-    from flm.proxy.runtime import _is_self, load_block_rows, load_profiles
+    from flm.proxy.runtime import _is_self, load_block_rows, load_profiles, scope_from_row
     from flm.services.keys import KeyService
+    from flm.storage.usage import today_totals
 
     policy = await asyncio.to_thread(lambda: ctx.policy.show()["policy"])
-    active = {k.id for k in await asyncio.to_thread(KeyService(ctx.storage).list)
-              if k.revoked_at is None}
+    rows = [k for k in await asyncio.to_thread(KeyService(ctx.storage).list)
+            if k.revoked_at is None]
+    active = {k.id for k in rows}
+    scopes = {k.id: scope_from_row(k) for k in rows}
     endpoints = await asyncio.to_thread(ctx.engines.endpoints)
     reloaded = []
     for inst in instances:
@@ -415,6 +418,13 @@ async def reload_proxies(ctx: Any, instances: list[ProxyInstance]) -> list[str]:
             if inst.last_error and inst.last_error.startswith("policy refused"):
                 inst.last_error = None
         rt.keys.retain_only(active)
+        rt.scopes = scopes  # (new limits, models and expiry apply from the next request)
+        rt.ledger.retain_only(active)
+        if rt.usage is not None:
+            # this proxy's own usage reaches the rollups first, then today's totals (every
+            # proxy's) replace the counters
+            await asyncio.to_thread(rt.usage.flush)
+            rt.ledger.load_today(await asyncio.to_thread(today_totals, ctx.storage.security))
         if rt.audit is not None:
             await asyncio.to_thread(rt.audit.flush)  # blocks made here reach the table
         rt.load_blocks(await asyncio.to_thread(load_block_rows, ctx))
