@@ -21,6 +21,8 @@ VALUE_KINDS = ("keys", "engines", "ports")
 DYNAMIC: dict[tuple[tuple[str, ...], str], str] = {
     (("api-keys", "revoke"), "id"): "keys",
     (("api-keys", "rotate"), "id"): "keys",
+    (("api-keys", "update"), "id"): "keys",
+    (("usage",), "key"): "keys",
     (("engines", "remove"), "engine_id"): "engines",
     (("engines", "detect"), "engine"): "engines",
     (("engines", "start"), "engine_id"): "engines",
