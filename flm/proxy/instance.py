@@ -113,6 +113,7 @@ class ProxyInstance:
             "certificate_expiry": iso(bundle.not_after) if bundle else None,
             "certificate": None, "last_error": self.last_error,
             "engines": self.runtime.engines.ids(), "notes": list(self.notes),
+            "pools": self.runtime.engines.pools.snapshot(),
         }
         if bundle is not None and self.tls is not None and s.https_port is not None:
             cert = bundle.to_dict()
@@ -362,7 +363,7 @@ async def reload_proxies(ctx: Any, instances: list[ProxyInstance]) -> list[str]:
     daemon's, or a ``--no-daemon`` one). A stored policy that no longer validates is refused:
     the one in force stays, and the proxy's ``last_error`` says why until a good one comes."""
     from flm.core.errors import PolicyInvalidError
-    from flm.proxy.runtime import _is_self, load_block_rows, load_profiles
+    from flm.proxy.runtime import _is_self, load_block_rows, load_profiles, pool_defs
     from flm.services.keys import KeyService
 
     policy = await asyncio.to_thread(lambda: ctx.policy.show()["policy"])
@@ -386,6 +387,7 @@ async def reload_proxies(ctx: Any, instances: list[ProxyInstance]) -> list[str]:
         rt.load_blocks(await asyncio.to_thread(load_block_rows, ctx))
         await asyncio.to_thread(load_profiles, rt, ctx)
         gone = rt.engines.replace(e for e in endpoints if not _is_self(e, inst.settings))
+        rt.engines.pools.replace(*await asyncio.to_thread(pool_defs, ctx))
         for adapter in gone:
             await adapter.close()
         reloaded.append(inst.settings.handle_id)
