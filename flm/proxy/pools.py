@@ -158,14 +158,18 @@ class PoolSet:
         self._wake: asyncio.Event | None = None
 
     def replace(self, defs: Iterable[PoolDef], backoff: Backoff | None = None) -> None:
-        """Swap the pool set; a member that stays keeps its health and in-flight count."""
+        """Swap the pool set; a member that stays keeps its health and in-flight count. A
+        member whose engine this proxy does not know (removed since) is left out."""
         if backoff is not None:
             self.backoff = backoff
+        known = set(self._registry.ids())
         old = {(p.name, m.engine_id): m for p in self.pools.values() for m in p.members}
         fresh: dict[str, Pool] = {}
         for d in defs:
             members = []
             for engine_id, weight in d.members:
+                if engine_id not in known:
+                    continue
                 member = old.get((d.name, engine_id)) or Member(engine_id, weight)
                 member.weight = weight
                 members.append(member)

@@ -218,14 +218,14 @@ def test_client_disconnect_releases_the_member(pool_stack: PoolStack) -> None:
         emu.behaviour.chunk_interval_s = 0.02
 
     async def main() -> None:
-        async with aiohttp.ClientSession() as session:
-            async with session.post(pool_stack.gateway.url + CHAT, json=_body(stream=True),
-                                    headers=pool_stack.auth) as resp:
-                assert resp.status == 200
-                await resp.content.readuntil(b"\n\n")
-                busy = pool_stack.members()
-                assert busy["a"]["in_flight"] + busy["b"]["in_flight"] == 1
-            # leaving the block closes the connection mid-stream
+        async with aiohttp.ClientSession() as session, session.post(
+                pool_stack.gateway.url + CHAT, json=_body(stream=True),
+                headers=pool_stack.auth) as resp:
+            assert resp.status == 200
+            await resp.content.readuntil(b"\n\n")
+            busy = pool_stack.members()
+            assert busy["a"]["in_flight"] + busy["b"]["in_flight"] == 1
+        # (leaving the block closes the connection mid-stream)
 
     asyncio.run(main())
     wait_until(lambda: all(m["in_flight"] == 0 for m in pool_stack.members().values()),
@@ -248,7 +248,18 @@ def test_member_killed_mid_run_then_back_in_rotation(pool_stack: PoolStack) -> N
                                             headers=pool_stack.auth) for i in range(4)]
             firsts = [await r.content.readuntil(b"\n\n") for r in responses]
             assert all(r.status == 200 for r in responses)
+            # plain requests that b holds without answering when it dies
+            pool_stack.b.behaviour.delay_s = 30.0
+            held = [asyncio.ensure_future(_post(session, pool_stack, _body(f"h{i}")))
+                    for i in range(6)]
+            deadline = time.monotonic() + 10
+            while pool_stack.chats(pool_stack.b) < 2 + 2:
+                assert time.monotonic() < deadline, "plain requests never reached b"
+                await asyncio.sleep(0.01)
             await asyncio.to_thread(pool_stack.b.stop)
+            held_results = await asyncio.gather(*held)
+            assert [st for st, _ in held_results] == [200] * 6
+            assert {_text(raw) for _, raw in held_results} == {"alpha"}
             rests = [await r.read() for r in responses]
             for r in responses:
                 r.release()
@@ -289,23 +300,22 @@ def test_metrics_and_status_show_members(pool_stack: PoolStack) -> None:
     from flm.cli.proxy import _status_text
 
     pool_stack.b.behaviour.status_override = 503
-    pool_stack.b.behaviour.delay_s = 0.0
-    _run_many(pool_stack, 2, 1)
+    assert [s for s, _ in _run_many(pool_stack, 2, 1)] == [200, 200]
 
     async def metrics() -> str:
-        async with aiohttp.ClientSession() as session:
-            async with session.get(pool_stack.gateway.url + "/metrics",
-                                   headers=pool_stack.auth) as resp:
-                return await resp.text()
+        async with aiohttp.ClientSession() as session, session.get(
+                pool_stack.gateway.url + "/metrics", headers=pool_stack.auth) as resp:
+            return await resp.text()
 
     text = asyncio.run(metrics())
     assert 'flm_pool_member_in_flight{member="a",pool="duo"} 0.0' in text
     assert 'flm_pool_member_up{member="a",pool="duo"} 1.0' in text
+    assert 'flm_pool_member_up{member="b",pool="duo"} 0.0' in text  # (503: out, probes fail)
     shown = _status_text({"proxies": [{
         "id": "proxy", "mode": "local-http", "port": 1, "listen": "127.0.0.1",
         "endpoints": [], "uptime_s": 1, "pid": 1,
         "pools": pool_stack.gateway.call(pool_stack.gateway.runtime.engines.pools.snapshot)}]})
-    assert "pool duo: a up in_flight=0" in shown
+    assert "pool duo: a up in_flight=0, b down in_flight=0" in shown
 
 
 def test_pools_reach_a_running_proxy_on_reload(pool_stack: PoolStack, cli: Any) -> None:
