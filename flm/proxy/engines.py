@@ -46,6 +46,7 @@ class EngineRegistry:
         self._caps: dict[tuple[str, str], tuple[ModelInfo, Capabilities]] = {}
         #: Engine pools (``flm://pool:NAME/model``), set by the runtime's build and reload.
         self.pools = PoolSet(self)
+        self._pool_adapters: dict[str, PoolAdapter] = {}
         self.replace(endpoints)
 
     def replace(self, endpoints: Iterable[EngineEndpoint]) -> list[EngineAdapter]:
@@ -158,7 +159,11 @@ class EngineRegistry:
                 failure = failure if failure is not None and failure.status == 404 else exc
                 continue
             caps = self.capabilities(member.engine_id, info)
-            return PoolAdapter(self.pools, pool, caps), info
+            adapter = self._pool_adapters.get(pool_id)
+            if adapter is None or not adapter.serves(pool, caps):
+                adapter = PoolAdapter(self.pools, pool, caps)
+                remember(self._pool_adapters, pool_id, adapter)
+            return adapter, info
         if failure is not None and failure.status == 404:
             raise HttpError(404, "not_found", f"pool {pool.name} has no model {model!r}")
         raise HttpError(503, "engine_unavailable", f"pool {pool.name} has no healthy member")

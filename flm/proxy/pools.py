@@ -327,6 +327,10 @@ class PoolAdapter(EngineAdapter):
     def capabilities(self) -> Capabilities:
         return self._caps
 
+    def serves(self, pool: Pool, caps: Capabilities) -> bool:
+        """Whether this adapter is the one for ``pool`` with ``caps`` (reused while so)."""
+        return self._pool is pool and self._caps is caps
+
     async def close(self) -> None:
         return None
 
