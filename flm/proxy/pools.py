@@ -257,10 +257,11 @@ class PoolSet:
         """``fn`` on the least-busy member; retried once on another member when the first one
         fails (nothing has reached the client yet: the caller sends the result)."""
         tried: Member | None = None
+        failure: EngineError | None = None
         while True:
             member = pool.pick(tried)
             if member is None:
-                raise self.no_member(pool)
+                raise failure or self.no_member(pool)  # (no other member: the first error)
             member.in_flight += 1
             try:
                 return await fn(self._registry.adapter(member.engine_id))
@@ -269,7 +270,7 @@ class PoolSet:
                     self.mark_down(member, exc.message)
                 if tried is not None or not _worth_retrying(exc):
                     raise
-                tried = member
+                tried, failure = member, exc
             finally:
                 member.in_flight -= 1
 
@@ -279,10 +280,11 @@ class PoolSet:
         """The events of ``open_stream`` on the least-busy member. A member that fails before
         its first event is replaced once; after the first event, failures propagate."""
         tried: Member | None = None
+        failure: EngineError | None = None
         while True:
             member = pool.pick(tried)
             if member is None:
-                raise self.no_member(pool)
+                raise failure or self.no_member(pool)
             member.in_flight += 1
             events: AsyncIterator[bytes] | None = None
             try:
@@ -296,7 +298,7 @@ class PoolSet:
                         self.mark_down(member, exc.message)
                     if tried is not None or not _worth_retrying(exc):
                         raise
-                    tried = member
+                    tried, failure = member, exc
                     continue
                 yield first
                 try:

@@ -18,6 +18,7 @@ from flm.testing.gateway import Gateway, start_gateway
 from tests.support import wait_until
 
 MODEL = "chat-model:1b"
+EMBED = "nomic-embed-text:v1"
 POOL_MODEL = f"flm://pool:duo/{MODEL}"
 CHAT = "/v1/chat/completions"
 
@@ -50,8 +51,10 @@ def _body(text: str = "hello", *, stream: bool = False) -> dict[str, Any]:
 def pool_stack(cli: Any) -> Iterator[PoolStack]:
     assert cli("config", "set", "pool.backoff_initial_s", "0.1").code == 0
     assert cli("config", "set", "pool.backoff_max_s", "0.4").code == 0
-    with start_emulator("vllm", models=[MODEL], behaviour=Behaviour(reply_text="alpha")) as a, \
-            start_emulator("vllm", models=[MODEL], behaviour=Behaviour(reply_text="bravo")) as b:
+    with start_emulator("vllm", models=[MODEL, EMBED],
+                        behaviour=Behaviour(reply_text="alpha")) as a, \
+            start_emulator("vllm", models=[MODEL, EMBED],
+                           behaviour=Behaviour(reply_text="bravo")) as b:
         for emu, name in ((a, "a"), (b, "b")):
             assert cli("engines", "add", "--kind", "vllm", "--url", emu.url,
                        "--id", name).code == 0
@@ -196,6 +199,45 @@ def test_retry_is_once_only(pool_stack: PoolStack) -> None:
     assert status == 502, raw
     assert json.loads(raw)["error"]["code"] == "engine_error"
     assert pool_stack.chats(pool_stack.a) + pool_stack.chats(pool_stack.b) - before == 2
+
+
+def test_single_member_pool_passes_the_engine_error_on(pool_stack: PoolStack, cli: Any) -> None:
+    """With no other member to retry on, the client gets the member's own error (not a
+    made-up "no member"), plain and streamed; embeddings go through the pool too."""
+    from flm.core.paths import Paths
+    from flm.proxy.instance import reload_proxies
+    from flm.services.context import Context
+
+    assert cli("engines", "pool", "create", "solo", "--member", "b").code == 0
+    ctx = Context(Paths.resolve())
+    try:
+        inst = SimpleNamespace(runtime=pool_stack.gateway.runtime,
+                               settings=pool_stack.gateway.runtime.settings, last_error=None)
+        pool_stack.gateway.call(lambda: reload_proxies(ctx, [inst]))  # type: ignore[list-item]
+    finally:
+        ctx.close()
+
+    async def main() -> None:
+        async with aiohttp.ClientSession() as session:
+            url = pool_stack.gateway.url + "/v1/embeddings"
+            emb = {"model": "flm://pool:solo/" + EMBED, "input": "hi"}
+            async with session.post(url, json=emb, headers=pool_stack.auth) as resp:
+                assert resp.status == 200, await resp.text()
+                assert (await resp.json())["model"] == "flm://pool:solo/" + EMBED
+            pool_stack.b.behaviour.status_override = 500
+            for stream in (False, True):
+                body = {**_body(stream=stream), "model": "flm://pool:solo/" + MODEL}
+                status, raw = await _post(session, pool_stack, body)
+                assert status == 502, raw
+                assert json.loads(raw)["error"]["code"] == "engine_error"
+                pool_stack.b.behaviour.status_override = None
+                deadline = time.monotonic() + 5
+                while pool_stack.members()["b"]["state"] != "up":
+                    assert time.monotonic() < deadline, "b never probed back in"
+                    await asyncio.sleep(0.02)
+                pool_stack.b.behaviour.status_override = 500
+
+    asyncio.run(main())
 
 
 def test_never_retried_after_the_first_byte(pool_stack: PoolStack) -> None:
