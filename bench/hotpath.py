@@ -14,9 +14,10 @@ median of A and B over many requests, spaced out as at concurrency 1. With ``--b
 instead counts the Python bytecodes each function runs per request in A, B and after the
 reply (a tracing run: the count is exact, the timing of that run is not).
 
-Run: ``.venv/bin/python bench/hotpath.py [--requests 5000] [--bytecodes] [--scoped]``
+Run: ``.venv/bin/python bench/hotpath.py [--requests 5000] [--bytecodes] [--scoped] [--pool]``
 (``--scoped``: the key has a model scope, limits, budgets and an expiry, as in run.py's
-``flm-scoped`` target). Pin it to a core
+``flm-scoped`` target; ``--pool``: the request names ``flm://pool:bench/bench-model``, a pool
+of two engines, so the difference to a run without it is the pool's cost). Pin it to a core
 (``taskset -c 0``) for steadier figures. Not part of the test suite.
 """
 
@@ -39,6 +40,7 @@ sys.path.insert(0, str(BENCH))
 import mock_engine  # noqa: E402
 
 BODY = b'{"model":"flm://mock/bench-model","messages":[{"role":"user","content":"hi"}]}'
+POOL_BODY = BODY.replace(b"flm://mock/", b"flm://pool:bench/")
 now = time.perf_counter
 
 
@@ -48,7 +50,7 @@ SCOPED_KEY_ARGS = ("--models", "flm://mock/*", "--rpm", "100000000", "--burst", 
                    "--daily-requests", "1000000000000", "--expires", "30d")
 
 
-def _prepare_home(home: Path, scoped: bool = False) -> str:
+def _prepare_home(home: Path, scoped: bool = False, pool: bool = False) -> str:
     """A fresh FLM home with the mock engine registered, a key and every security layer on
     (``scoped``: the key has a model scope, limits, budgets and an expiry)."""
     flm = [sys.executable, "-m", "flm"]
@@ -59,6 +61,9 @@ def _prepare_home(home: Path, scoped: bool = False) -> str:
                               text=True).stdout
 
     run("engines", "add", "--kind", "vllm", "--url", "http://127.0.0.1:9", "--id", "mock")
+    if pool:
+        run("engines", "add", "--kind", "vllm", "--url", "http://127.0.0.1:10", "--id", "mock2")
+        run("engines", "pool", "create", "bench", "--member", "mock", "mock2")
     import json
 
     key: str = json.loads(run("api-keys", "create", "--label", "hotpath",
@@ -145,7 +150,7 @@ def _fake_transports(marks: _Marks) -> tuple[Any, Any]:
     return Upstream, Downstream
 
 
-async def _measure(key: str, requests: int, bytecodes: bool) -> None:
+async def _measure(key: str, requests: int, bytecodes: bool, body: bytes = BODY) -> None:
     from flm.core.paths import Paths
     from flm.http import server
     from flm.proxy.app import build_app, response_headers
@@ -161,7 +166,7 @@ async def _measure(key: str, requests: int, bytecodes: bool) -> None:
     proto.connection_made(down)
     request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
                + key.encode() + b"\r\nContent-Type: application/json\r\nContent-Length: "
-               + str(len(BODY)).encode() + b"\r\n\r\n" + BODY)
+               + str(len(body)).encode() + b"\r\n\r\n" + body)
     a: list[float] = []
     b: list[float] = []
     counts: collections.Counter[tuple[str, str]] = collections.Counter()
@@ -227,15 +232,18 @@ def main() -> None:
                     help="count bytecodes per function instead of timing")
     ap.add_argument("--scoped", action="store_true",
                     help="use a key with a model scope, rpm/tpm limits, budgets and an expiry")
+    ap.add_argument("--pool", action="store_true",
+                    help="send the requests to a pool of two engines")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="flm-hotpath-") as tmp:
         home = Path(tmp)
         os.environ["FLM_HOME"] = str(home)
-        key = _prepare_home(home, args.scoped)
+        key = _prepare_home(home, args.scoped, args.pool)
         import uvloop
 
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(_measure(key, args.requests, args.bytecodes))
+            runner.run(_measure(key, args.requests, args.bytecodes,
+                                POOL_BODY if args.pool else BODY))
 
 
 if __name__ == "__main__":

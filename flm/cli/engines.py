@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from flm.cli import notify_proxies
 from flm.cli.output import Result, pairs, run_async, table
+from flm.core.errors import UsageError
 from flm.engines import kinds
 from flm.services.context import Context
 
@@ -28,6 +30,22 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p = cmds.add_parser("remove", help="unregister an engine", parents=[common])
     p.add_argument("engine_id", metavar="ID")
     p.set_defaults(handler=remove)
+    pool = cmds.add_parser("pool", help="engines serving the same models, as one",
+                           parents=[common])
+    pools = pool.add_subparsers(dest="pool_command", metavar="COMMAND")
+    p = pools.add_parser("create", help="create a pool (model id flm://pool:NAME/MODEL)",
+                         parents=[common])
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--member", nargs="+", action="extend", required=True, metavar="ID",
+                   help="engine id (repeat or list several)")
+    p.add_argument("--weight", nargs="+", action="extend", default=[], metavar="ID=W",
+                   help="a member's relative share (default 1)")
+    p.set_defaults(handler=pool_create)
+    p = pools.add_parser("list", help="pools and their members", parents=[common])
+    p.set_defaults(handler=pool_list)
+    p = pools.add_parser("remove", help="remove a pool (its engines stay)", parents=[common])
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(handler=pool_remove)
     from flm.cli import managed
 
     managed.register(cmds, common)
@@ -63,3 +81,38 @@ def add(ctx: Context, args: argparse.Namespace) -> Result:
 
 def remove(ctx: Context, args: argparse.Namespace) -> Result:
     return Result(ctx.engines.remove(args.engine_id).public(), text=pairs)
+
+
+def _weights(items: list[str]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for item in items:
+        engine_id, sep, text = item.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            out[engine_id] = float(text)
+        except ValueError:
+            raise UsageError(f"--weight takes ID=NUMBER, got {item!r}") from None
+    return out
+
+
+def _pool_text(rows: list[dict[str, Any]]) -> str:
+    return table([{"name": r["name"], "model_id": r["model_id"],
+                   "members": ", ".join(f"{m['engine_id']}(x{m['weight']:g})"
+                                        for m in r["members"])} for r in rows])
+
+
+def pool_create(ctx: Context, args: argparse.Namespace) -> Result:
+    row = ctx.engines.add_pool(args.name, list(args.member), _weights(args.weight))
+    notify_proxies(ctx)
+    return Result(row.public(), text=lambda d: _pool_text([d]))
+
+
+def pool_list(ctx: Context, args: argparse.Namespace) -> Result:
+    return Result([p.public() for p in ctx.engines.pools()], text=_pool_text)
+
+
+def pool_remove(ctx: Context, args: argparse.Namespace) -> Result:
+    ctx.engines.remove_pool(args.name)
+    notify_proxies(ctx)
+    return Result({"removed": args.name}, text=lambda d: f"removed pool {d['removed']}")

@@ -90,7 +90,15 @@ def _status_text(data: dict[str, Any]) -> str:
                      "cert_expiry": p.get("certificate_expiry") or "",
                      "uptime_s": p["uptime_s"], "pid": p["pid"],
                      "last_error": p.get("last_error") or ""})
-    return table(rows) if rows else "no proxy running"
+    if not rows:
+        return "no proxy running"
+    lines = [table(rows)]
+    for p in data.get("proxies", []):
+        for pool in p.get("pools") or []:
+            members = ", ".join(f"{m['engine_id']} {m['state']} in_flight={m['in_flight']}"
+                                for m in pool["members"])
+            lines.append(f"{p['id']} pool {pool['name']}: {members}")
+    return "\n".join(lines)
 
 
 def _start_text(d: dict[str, Any]) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterable
+from dataclasses import replace as with_changes
 from typing import TYPE_CHECKING
 
 from flm.core.errors import EngineError
@@ -18,6 +19,7 @@ from flm.engines.base import EngineAdapter
 from flm.engines.kinds import make_adapter
 from flm.http.client import EngineClient, Timeouts
 from flm.openai.errors import HttpError, http_status
+from flm.proxy.pools import POOL_PREFIX, PoolAdapter, PoolSet
 
 if TYPE_CHECKING:
     from flm.egress.config import EgressConfig
@@ -42,6 +44,9 @@ class EngineRegistry:
         self._locks: dict[str, asyncio.Lock] = {}
         #: (engine, model name) → (the ModelInfo they were worked out for, capabilities).
         self._caps: dict[tuple[str, str], tuple[ModelInfo, Capabilities]] = {}
+        #: Engine pools (``flm://pool:NAME/model``), set by the runtime's build and reload.
+        self.pools = PoolSet(self)
+        self._pool_adapters: dict[str, PoolAdapter] = {}
         self.replace(endpoints)
 
     def replace(self, endpoints: Iterable[EngineEndpoint]) -> list[EngineAdapter]:
@@ -113,6 +118,8 @@ class EngineRegistry:
             return models
 
     async def resolve(self, engine_id: str, model: str) -> tuple[EngineAdapter, ModelInfo]:
+        if engine_id.startswith(POOL_PREFIX):
+            return await self._resolve_pool(engine_id, model)
         adapter = self.adapter(engine_id)
         cached = self._models.get(engine_id)
         if cached is not None and time.monotonic() - cached[0] < MODELS_TTL_S:
@@ -136,9 +143,40 @@ class EngineRegistry:
             raise HttpError(404, "not_found", f"engine {engine_id} has no model {model!r}")
         return adapter, info
 
+    async def _resolve_pool(self, pool_id: str, model: str) -> tuple[EngineAdapter, ModelInfo]:
+        """A pool's adapter and the model as its first healthy member that lists it knows it
+        (its capabilities are that member's: the members of a pool serve the same model)."""
+        pool = self.pools.get(pool_id)
+        if pool is None:
+            raise HttpError(404, "not_found", f"no pool {pool_id[len(POOL_PREFIX):]!r}")
+        failure: HttpError | None = None
+        for member in pool.healthy():
+            if member.engine_id not in self._adapters:
+                continue
+            try:
+                _adapter, info = await self.resolve(member.engine_id, model)
+            except HttpError as exc:
+                failure = failure if failure is not None and failure.status == 404 else exc
+                continue
+            caps = self.capabilities(member.engine_id, info)
+            adapter = self._pool_adapters.get(pool_id)
+            if adapter is None or not adapter.serves(pool, caps):
+                adapter = PoolAdapter(self.pools, pool, caps)
+                remember(self._pool_adapters, pool_id, adapter)
+            return adapter, info
+        if failure is not None and failure.status == 404:
+            raise HttpError(404, "not_found", f"pool {pool.name} has no model {model!r}")
+        raise HttpError(503, "engine_unavailable", f"pool {pool.name} has no healthy member")
+
     def capabilities(self, engine_id: str, info: ModelInfo | None) -> Capabilities:
         """What the engine can do with this model; remembered for the ``info`` it was worked
         out for (a refreshed model list brings new ``ModelInfo`` objects)."""
+        if engine_id.startswith(POOL_PREFIX):
+            pool = self.pools.get(engine_id)
+            if info is not None:
+                engine_id = info.engine_id  # (the member that resolved the model)
+            elif pool is not None and pool.members:
+                engine_id = pool.members[0].engine_id
         if info is None:
             return self._capabilities(engine_id, None)
         key = (engine_id, info.name)
@@ -169,9 +207,25 @@ class EngineRegistry:
                 out.extend(result.values())
             elif not isinstance(result, EngineError | HttpError):
                 raise result
+        return out + self._pool_models(out)
+
+    def _pool_models(self, listed: list[ModelInfo]) -> list[ModelInfo]:
+        """Each pool's models: those every member with a model list serves (members that
+        could not be listed do not narrow it)."""
+        by_engine: dict[str, dict[str, ModelInfo]] = {}
+        for m in listed:
+            by_engine.setdefault(m.engine_id, {})[m.name] = m
+        out: list[ModelInfo] = []
+        for pool in self.pools.pools.values():
+            lists = [by_engine[m.engine_id] for m in pool.members if m.engine_id in by_engine]
+            if not lists:
+                continue
+            shared = set(lists[0]).intersection(*lists[1:])
+            out.extend(with_changes(lists[0][name], engine_id=pool.id) for name in sorted(shared))
         return out
 
     async def close(self) -> None:
+        await self.pools.close()
         await asyncio.gather(*(a.close() for a in self._adapters.values()),
                              return_exceptions=True)
 

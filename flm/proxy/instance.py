@@ -116,6 +116,7 @@ class ProxyInstance:
             "certificate_expiry": iso(bundle.not_after) if bundle else None,
             "certificate": None, "last_error": self.last_error,
             "engines": self.runtime.engines.ids(), "notes": list(self.notes),
+            "pools": self.runtime.engines.pools.snapshot(),
         }
         if bundle is not None and self.tls is not None and s.https_port is not None:
             cert = bundle.to_dict()
@@ -423,7 +424,13 @@ async def reload_proxies(ctx: Any, instances: list[ProxyInstance],
     daemon's, or a ``--no-daemon`` one). A stored policy that no longer validates is refused:
     the one in force stays, and the proxy's ``last_error`` says why until a good one comes."""
     from flm.core.errors import PolicyInvalidError
-    from flm.proxy.runtime import _is_self, load_block_rows, load_profiles, scope_from_row
+    from flm.proxy.runtime import (
+        _is_self,
+        load_block_rows,
+        load_profiles,
+        pool_defs,
+        scope_from_row,
+    )
     from flm.services.keys import KeyService
     from flm.storage.usage import today_totals
 
@@ -461,6 +468,7 @@ async def reload_proxies(ctx: Any, instances: list[ProxyInstance],
         rt.load_blocks(await asyncio.to_thread(load_block_rows, ctx))
         await asyncio.to_thread(load_profiles, rt, ctx)
         gone = rt.engines.replace(e for e in endpoints if not _is_self(e, inst.settings))
+        rt.engines.pools.replace(*await asyncio.to_thread(pool_defs, ctx))
         for adapter in gone:
             await adapter.close()
         reloaded.append(inst.settings.handle_id)

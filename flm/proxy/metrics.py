@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.utils import floatToGoString
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
@@ -113,7 +118,38 @@ class _RequestCollector:
         yield key_tokens
 
 
+class _PoolCollector:
+    """Per pool member: requests in flight and whether it is in rotation, read from the pools
+    when ``/metrics`` is read. Labels are pool names and engine ids only (both bounded by
+    configuration)."""
+
+    def __init__(self, source: Callable[[], list[dict[str, Any]]]) -> None:
+        self._source = source
+
+    def describe(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("flm_pool_member_in_flight", "", labels=["pool", "member"])
+        yield GaugeMetricFamily("flm_pool_member_up", "", labels=["pool", "member"])
+
+    def collect(self) -> Iterator[Metric]:
+        busy = GaugeMetricFamily("flm_pool_member_in_flight",
+                                 "Requests a pool member is serving", labels=["pool", "member"])
+        up = GaugeMetricFamily("flm_pool_member_up",
+                               "1 when a pool member is in rotation, 0 while it is out",
+                               labels=["pool", "member"])
+        for pool in self._source():
+            for member in pool["members"]:
+                labels = [pool["name"], member["engine_id"]]
+                busy.add_metric(labels, member["in_flight"])
+                up.add_metric(labels, 1 if member["state"] == "up" else 0)
+        yield busy
+        yield up
+
+
 class Metrics:
+    def watch_pools(self, source: Callable[[], list[dict[str, Any]]]) -> None:
+        """Export the pools ``source`` describes (see ``PoolSet.snapshot``)."""
+        self.registry.register(_PoolCollector(source))
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._series = _RequestCollector()

@@ -20,6 +20,7 @@ from flm.proxy.engines import EngineRegistry
 from flm.proxy.guard import GuardState
 from flm.proxy.keys import KeyVerifier
 from flm.proxy.metrics import Metrics
+from flm.proxy.pools import Backoff, PoolDef
 from flm.proxy.usage import KeyLedger, UsageSink
 
 
@@ -151,6 +152,8 @@ def build_runtime(settings: ProxySettings, ctx: Any,
     runtime.apply_policy(json.loads(json.dumps(ctx.policy.show()["policy"])))
     runtime.load_blocks(load_block_rows(ctx))
     load_profiles(runtime, ctx)
+    runtime.engines.pools.replace(*pool_defs(ctx))
+    runtime.metrics.watch_pools(runtime.engines.pools.snapshot)
     return runtime
 
 
@@ -178,6 +181,14 @@ def load_scope(ctx: Any, key_id: str) -> KeyScope | None:
 
     row = ApiKeysRepo(ctx.storage.security).get(key_id)
     return scope_from_row(row) if row is not None and row.revoked_at is None else None
+
+
+def pool_defs(ctx: Any) -> tuple[list[PoolDef], Backoff]:
+    """Engine pools and their back-off settings from config.db (read off the event loop;
+    the loop applies them with ``runtime.engines.pools.replace``)."""
+    backoff = Backoff(float(ctx.config.value("pool.backoff_initial_s")),
+                      float(ctx.config.value("pool.backoff_max_s")))
+    return [PoolDef(p.name, p.members) for p in ctx.engines.pools()], backoff
 
 
 def load_profiles(runtime: ProxyRuntime, ctx: Any) -> None:

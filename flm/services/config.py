@@ -83,6 +83,12 @@ KNOWN: dict[str, KnownSetting] = {
     "engine.idle_timeout_s": KnownSetting(
         60.0, _float_in(0.1, 3600), "upstream idle limit between stream chunks"
     ),
+    "pool.backoff_initial_s": KnownSetting(
+        1.0, _float_in(0.01, 3600), "first wait before a failed pool member is probed"
+    ),
+    "pool.backoff_max_s": KnownSetting(
+        30.0, _float_in(0.01, 3600), "longest wait between probes of a failed pool member"
+    ),
     "audit.retention_days": KnownSetting(7, _int_in(1, 3650), "audit rows older are archived"),
     "preferred_language": KnownSetting("en", _choice("en", "ja"), "web UI language"),
     "log.level": KnownSetting(

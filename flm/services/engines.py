@@ -14,7 +14,13 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from flm.core.errors import EngineError, EngineNotFoundError, FlmError, UsageError
+from flm.core.errors import (
+    EngineError,
+    EngineNotFoundError,
+    FlmError,
+    NotFoundError,
+    UsageError,
+)
 from flm.core.models import (
     EngineEndpoint,
     EngineKind,
@@ -26,7 +32,7 @@ from flm.engines import kinds
 from flm.http.client import Timeouts
 from flm.services.config import ConfigService
 from flm.storage import Storage
-from flm.storage.config import EngineCacheRepo, EngineRow, EnginesRepo
+from flm.storage.config import EngineCacheRepo, EngineRow, EnginesRepo, PoolRow, PoolsRepo
 
 CACHE_TTL_S = 300.0
 _ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -34,6 +40,10 @@ _ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 
 class EngineExistsError(FlmError):
     code = "ENGINE_ALREADY_REGISTERED"
+
+
+class PoolExistsError(FlmError):
+    code = "POOL_EXISTS"
 
 
 def normalize_url(text: str, *, default_port: int | None = None) -> str:
@@ -175,6 +185,43 @@ class EngineService:
         if row is None or not repo.remove(engine_id):
             raise EngineNotFoundError(f"no registered engine with id {engine_id!r}")
         return row
+
+    # --- pools ---------------------------------------------------------------------------------
+
+    def pools(self) -> list[PoolRow]:
+        return PoolsRepo(self._storage.config).all()
+
+    def add_pool(self, name: str, members: list[str],
+                 weights: Mapping[str, float] | None = None) -> PoolRow:
+        """A pool of ``members`` (engine ids, each at most once, at least one); ``weights``
+        scale a member's share (default 1). Requests reach it as ``flm://pool:NAME/model``."""
+        if not _ID.match(name):
+            raise UsageError(f"pool name {name!r} must be lowercase letters, digits, '-' or '_' "
+                             "(at most 64, starting with a letter or digit)")
+        if not members:
+            raise UsageError("a pool needs at least one --member")
+        if len(set(members)) != len(members):
+            raise UsageError("a member is named twice")
+        known = {e.id for e in self.endpoints()}
+        unknown = [m for m in members if m not in known]
+        if unknown:
+            raise EngineNotFoundError(f"no engine with id {', '.join(map(repr, unknown))}")
+        weights = dict(weights or {})
+        stray = [w for w in weights if w not in members]
+        if stray:
+            raise UsageError(f"--weight names {', '.join(stray)}, which is not a --member")
+        for engine_id, weight in weights.items():
+            if not 0 < weight <= 1000:
+                raise UsageError(f"weight of {engine_id} must be > 0 and <= 1000")
+        row = PoolsRepo(self._storage.config).add(
+            name, [(m, float(weights.get(m, 1.0))) for m in members])
+        if row is None:
+            raise PoolExistsError(f"a pool named {name!r} exists")
+        return row
+
+    def remove_pool(self, name: str) -> None:
+        if not PoolsRepo(self._storage.config).remove(name):
+            raise NotFoundError(f"no pool named {name!r}")
 
     # --- detection ----------------------------------------------------------------------------
 

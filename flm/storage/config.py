@@ -194,3 +194,57 @@ class ProxyHandlesRepo:
             )
 
         return self.db.write(run) if handle_ids else 0
+
+
+@dataclass(frozen=True)
+class PoolRow:
+    """One engine pool: its name and members as ``(engine_id, weight)`` in the order given."""
+
+    name: str
+    members: tuple[tuple[str, float], ...]
+    created_at: str
+
+    def public(self) -> dict[str, Any]:
+        return {"name": self.name, "model_id": f"flm://pool:{self.name}/<model>",
+                "members": [{"engine_id": e, "weight": w} for e, w in self.members],
+                "created_at": self.created_at}
+
+
+class PoolsRepo:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def all(self) -> list[PoolRow]:
+        pools = self.db.query("SELECT name, created_at FROM engine_pools ORDER BY name")
+        members = self.db.query(
+            "SELECT pool_name, engine_id, weight FROM engine_pool_members "
+            "ORDER BY pool_name, position")
+        by_pool: dict[str, list[tuple[str, float]]] = {}
+        for m in members:
+            by_pool.setdefault(m["pool_name"], []).append((m["engine_id"], float(m["weight"])))
+        return [PoolRow(p["name"], tuple(by_pool.get(p["name"], ())), p["created_at"])
+                for p in pools]
+
+    def add(self, name: str, members: list[tuple[str, float]]) -> PoolRow | None:
+        """The new pool, or ``None`` when one with that name exists."""
+        stamp = now_iso()
+
+        def run(conn: sqlite3.Connection) -> bool:
+            if conn.execute("SELECT 1 FROM engine_pools WHERE name=?", (name,)).fetchone():
+                return False
+            conn.execute("INSERT INTO engine_pools(name, created_at) VALUES (?, ?)",
+                         (name, stamp))
+            conn.executemany(
+                "INSERT INTO engine_pool_members(pool_name, engine_id, weight, position) "
+                "VALUES (?, ?, ?, ?)",
+                [(name, e, w, i) for i, (e, w) in enumerate(members)])
+            return True
+
+        return PoolRow(name, tuple(members), stamp) if self.db.write(run) else None
+
+    def remove(self, name: str) -> bool:
+        def run(conn: sqlite3.Connection) -> int:
+            conn.execute("DELETE FROM engine_pool_members WHERE pool_name=?", (name,))
+            return conn.execute("DELETE FROM engine_pools WHERE name=?", (name,)).rowcount
+
+        return self.db.write(run) > 0
