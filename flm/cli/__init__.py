@@ -31,6 +31,7 @@ COMMAND_MODULES = (
     "security",
     "profiles",
     "check",
+    "ui",
 )
 
 log = logging.getLogger("flm.cli")

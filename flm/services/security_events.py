@@ -180,18 +180,19 @@ class SecurityEvents:
     # --- intrusion / anomaly ---------------------------------------------------------------------
 
     def intrusions(self, *, ip: str | None = None, min_score: int = 0,
-                   limit: int = 100) -> list[dict[str, Any]]:
+                   limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
         sql = "SELECT * FROM intrusion_attempts WHERE total_score >= ?"
         params: list[Any] = [min_score]
         if ip:
             sql += " AND ip = ?"
             params.append(ip)
         _check_limit(limit)
-        rows = self._db.query(sql + " ORDER BY id DESC LIMIT ?", [*params, limit])
+        rows = self._db.query(sql + " ORDER BY id DESC LIMIT ? OFFSET ?",
+                              [*params, limit, max(0, offset)])
         return [{**dict(r), "reasons": json.loads(r["reasons_json"])} for r in rows]
 
     def anomalies(self, *, ip: str | None = None, anomaly_type: str | None = None,
-                  limit: int = 100) -> list[dict[str, Any]]:
+                  limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
         sql = "SELECT * FROM anomaly_detections WHERE 1=1"
         params: list[Any] = []
         if ip:
@@ -201,5 +202,6 @@ class SecurityEvents:
             sql += " AND anomaly_type = ?"
             params.append(anomaly_type)
         _check_limit(limit)
-        rows = self._db.query(sql + " ORDER BY id DESC LIMIT ?", [*params, limit])
+        rows = self._db.query(sql + " ORDER BY id DESC LIMIT ? OFFSET ?",
+                              [*params, limit, max(0, offset)])
         return [dict(r) for r in rows]
