@@ -144,7 +144,8 @@ class Daemon:
 
     def status(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "started_at": self.started_at,
-                "proxies": [i.describe() for i in self.instances.values()]}
+                "proxies": [i.describe() for i in self.instances.values()],
+                "ui_live": self.ui.live()}
 
     # --- admin API -------------------------------------------------------------------------------
 

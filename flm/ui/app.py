@@ -690,6 +690,7 @@ class UiApp:
         data = await asyncio.to_thread(read)
         return self.render(page, "profiles.html", profiles=data["profiles"],
                            prompts=data["prompts"], apis=PROMPT_APIS,
+                           default_params='{"temperature": 0.7}',
                            json_dumps=lambda v: json.dumps(v, sort_keys=True))
 
     async def profile_save(self, page: Page) -> tuple[int, bytes, str,
