@@ -141,7 +141,8 @@ def emulator(flm_home: Path) -> Iterator[str]:
     """An emulated Ollama serving ``tiny:1b`` (streaming in several chunks), registered."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "flm.testing.emulate", "ollama", "--model", "tiny:1b",
-         "--stream-chunks", "4", "--chunk-interval", "0.05", "--reply-text", "Hello from the emulator"],
+         "--stream-chunks", "4", "--chunk-interval", "0.05",
+         "--reply-text", "Hello from the emulator"],
         stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
