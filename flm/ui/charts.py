@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 from markupsafe import Markup, escape
 
-WIDTH, HEIGHT = 600, 160
-LEFT, BOTTOM, TOP, RIGHT = 44, 20, 8, 8
+WIDTH, HEIGHT = 340, 150
+LEFT, BOTTOM, TOP, RIGHT = 36, 18, 8, 6
 
 
 @dataclass
@@ -45,7 +45,7 @@ def _frame(title: str, labels: Sequence[str], top: float, unit: str, kind: str) 
         out.append(f'<line class="grid" x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{y:.1f}" '
                    f'y2="{y:.1f}"/>')
         out.append(f'<text class="axis" x="{LEFT - 4}" y="{y + 4:.1f}" text-anchor="end">'
-                   f"{escape(text)}{escape(unit)}</text>")
+                   f"{escape(text)}</text>")
     if labels:
         step = (WIDTH - LEFT - RIGHT) / len(labels)
         for i in range(0, len(labels), max(1, len(labels) // 4)):

@@ -1,4 +1,3 @@
-// Text contrast (WCAG 2 ratio) of every visible text node, computed in the page.
 () => {
   const parse = (c) => { const m = c.match(/rgba?\(([^)]+)\)/); if (!m) return null;
     const p = m[1].split(/[ ,\/]+/).filter(Boolean).map(Number);
