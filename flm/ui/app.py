@@ -641,7 +641,7 @@ class UiApp:
 
     async def security_export(self, page: Page) -> tuple[int, bytes, str,
                                                          list[tuple[bytes, bytes]]]:
-        fmt = "csv" if page.req.query.get("format") == "csv" else "jsonl"
+        fmt = "csv" if page.req.query.get("format") == "csv" else "json"
         filters = {k: page.req.query[k] for k in ("event_type", "severity", "ip")
                    if page.req.query.get(k)}
 
@@ -658,7 +658,7 @@ class UiApp:
         except FlmError as exc:
             return self._failed(page, "/security", exc)
         name = f"flm-audit.{fmt}"
-        return 200, body, "text/csv" if fmt == "csv" else "application/x-ndjson", [
+        return 200, body, "text/csv" if fmt == "csv" else "application/json", [
             (b"content-disposition", f'attachment; filename="{name}"'.encode())]
 
     async def security_unblock(self, page: Page) -> tuple[int, bytes, str,
