@@ -23,6 +23,8 @@ import ipaddress
 import json
 import logging
 import secrets
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from importlib import resources
@@ -45,6 +47,8 @@ THEMES = ("system", "light", "dark")
 PAGE_SIZE = 50
 STATIC_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                 ".svg": "image/svg+xml"}
+HEALTH_SAMPLES = 40
+HEALTH_ENGINES = 32
 NAV = (("dashboard", "/"), ("api", "/api"), ("chat", "/chat"), ("wizard", "/wizard"),
        ("security", "/security"), ("profiles", "/profiles"), ("settings", "/settings"))
 
@@ -116,6 +120,8 @@ class UiApp:
         self.ctx = daemon.ctx
         self.sessions = SessionStore()
         self.port = 0
+        #: engine id -> recent (time, status, latency) samples, one per detection seen
+        self.health: dict[str, deque[tuple[str, str, float | None]]] = {}
         self.static = _static_files()
         self.env = Environment(loader=PackageLoader("flm.ui", "templates"),
                                autoescape=select_autoescape(default=True, default_for_string=True),
@@ -318,19 +324,39 @@ class UiApp:
 
     # --- dashboard -----------------------------------------------------------------------------
 
+    def _sample_health(self, engines: list[dict[str, Any]]) -> None:
+        """One sample per engine per detection (the cached report changes at most every few
+        seconds); at most ``HEALTH_SAMPLES`` per engine and ``HEALTH_ENGINES`` engines."""
+        for e in engines:
+            samples = self.health.get(e["id"])
+            if samples is None:
+                if len(self.health) >= HEALTH_ENGINES:
+                    self.health.pop(next(iter(self.health)))
+                samples = self.health[e["id"]] = deque(maxlen=HEALTH_SAMPLES)
+            checked = float(e.get("checked_at") or time.time())
+            when = datetime.fromtimestamp(checked, UTC).strftime("%H:%M:%S")
+            if not samples or samples[-1][0] != when:
+                samples.append((when, str(e["status"]), e.get("latency_ms")))
+
     async def _dashboard_values(self, page: Page) -> dict[str, Any]:
         report = await self.ctx.engines.adetect()
         engines = [e.to_dict() for e in report.engines]
+        self._sample_health(engines)
         proxies = self.daemon.status()["proxies"]
+        span = "day" if page.req.query.get("range") == "day" else "hour"
 
         def read() -> dict[str, Any]:
             db = self.ctx.storage.security
-            minutes = stats.last_hour(db)
+            minutes = stats.last_hour(db, span)
+            top = stats.top_users(db, span)
+            labels = {k.id: k.label for k in self.ctx.keys.list()} if top["keys"] else {}
             active = db.query_one("SELECT count(*) AS n FROM api_keys WHERE revoked_at IS NULL")
             blocked = db.query_one("SELECT count(*) AS n FROM ip_blocklist")
             return {"minutes": minutes, "events": stats.recent_high_events(db),
                     "active_keys": int(active["n"]) if active else 0,
                     "blocked": int(blocked["n"]) if blocked else 0,
+                    "top_keys": [(labels.get(k, k), n) for k, n in top["keys"]],
+                    "top_engines": top["engines"],
                     "policy": self.ctx.policy.show()["policy"]}
 
         data = await asyncio.to_thread(read)
@@ -347,11 +373,17 @@ class UiApp:
             charts.Series("401", [m.unauthorized for m in minutes]),
             charts.Series("429", [m.limited for m in minutes]),
             charts.Series(t("chart.blocked"), [m.blocked for m in minutes])], kind="refusals")
+        chart_keys = charts.hbars(t("chart.keys"), data["top_keys"], kind="keys")
+        chart_engines = charts.hbars(t("chart.engines"), data["top_engines"], kind="engines")
         policy = data["policy"]
-        return {"engines": engines, "proxies": proxies,
+        health = {e["id"]: charts.sparkline(list(self.health.get(e["id"], ())),
+                                            t("engine.history"))
+                  for e in engines}
+        return {"engines": engines, "proxies": proxies, "health": health, "span": span,
                 "proxy_urls": {p["id"]: loopback_url(p) for p in proxies},
                 "charts": [("requests", chart_requests), ("latency", chart_latency),
-                           ("refusals", chart_refusals)],
+                           ("refusals", chart_refusals), ("keys", chart_keys),
+                           ("engines", chart_engines)],
                 "minutes": [m for m in minutes if m.total or m.unauthorized or m.limited
                             or m.blocked],
                 "totals": {"requests": sum(m.total for m in minutes),

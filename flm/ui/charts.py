@@ -107,3 +107,50 @@ def lines(title: str, labels: Sequence[str], series: Sequence[Series], unit: str
             out.append(f'<polyline class="line series-{n}" points="{" ".join(seg)}"/>')
     out.append("</svg>")
     return Markup("".join(out))  # noqa: S704 - every interpolated value is escaped above
+
+
+def hbars(title: str, rows: Sequence[tuple[str, float]], kind: str = "hbars") -> Markup:
+    """Horizontal bars, one per (label, value), largest first as given."""
+    row_h, label_w = 18, 130
+    height = max(1, len(rows)) * row_h + 4
+    top = max((v for _, v in rows), default=0) or 1
+    out = [f'<svg class="chart" data-chart="{escape(kind)}" viewBox="0 0 {WIDTH} {height}" '
+           f'role="img" aria-label="{escape(title)}" xmlns="http://www.w3.org/2000/svg">',
+           f"<title>{escape(title)}</title>"]
+    for i, (label, value) in enumerate(rows):
+        y = 2 + i * row_h
+        w = (WIDTH - label_w - 40) * value / top
+        short = label if len(label) <= 20 else label[:19] + "…"
+        out.append(f'<text class="axis" x="{label_w - 4}" y="{y + 12}" text-anchor="end">'
+                   f"{escape(short)}</text>")
+        out.append(f'<rect class="series-0" data-value="{value:g}" x="{label_w}" y="{y + 2}" '
+                   f'width="{max(1.0, w):.1f}" height="{row_h - 5}"><title>{escape(label)}: '
+                   f"{value:g}</title></rect>")
+        out.append(f'<text class="axis" x="{label_w + w + 4:.1f}" y="{y + 12}">{value:g}</text>')
+    out.append("</svg>")
+    return Markup("".join(out))  # noqa: S704 - every interpolated value is escaped above
+
+
+def sparkline(samples: Sequence[tuple[str, str, float | None]], title: str) -> Markup:
+    """An engine's recent health: one mark per detection (time, status, latency); the mark's
+    shape and class tell the status (a filled dot healthy, a ring degraded, a cross down)."""
+    w, h = 120, 24
+    out = [f'<svg class="spark" data-chart="health" viewBox="0 0 {w} {h}" role="img" '
+           f'aria-label="{escape(title)}" xmlns="http://www.w3.org/2000/svg">',
+           f"<title>{escape(title)}</title>"]
+    if samples:
+        top = max((s[2] or 0 for s in samples), default=0) or 1
+        step = w / max(1, len(samples))
+        for i, (when, status, latency) in enumerate(samples):
+            x = step * i + step / 2
+            y = h - 4 - (h - 8) * (latency or 0) / top
+            tip = f"<title>{escape(when)} {escape(status)} {latency or 0:.0f} ms</title>"
+            if status == "RunningHealthy":
+                out.append(f'<circle class="ok" cx="{x:.1f}" cy="{y:.1f}" r="2.5">{tip}</circle>')
+            elif status == "RunningDegraded":
+                out.append(f'<circle class="warn" cx="{x:.1f}" cy="{y:.1f}" r="3">{tip}</circle>')
+            else:
+                out.append(f'<path class="bad" d="M{x - 3:.1f} {h - 7} l6 6 m0 -6 l-6 6">'
+                           f"{tip}</path>")
+    out.append("</svg>")
+    return Markup("".join(out))  # noqa: S704 - every interpolated value is escaped above

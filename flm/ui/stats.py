@@ -9,7 +9,7 @@ follows the last hour's traffic, never the table's size.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from flm.core.timeutil import iso, utc_now
@@ -17,16 +17,24 @@ from flm.storage.db import Database
 
 WINDOW_MIN = 60
 MAX_LATENCY_SAMPLES = 20_000
+#: the two windows the dashboard shows: (buckets, bucket length in minutes, ISO prefix length)
+RANGES = {"hour": (60, 1, 16), "day": (24, 60, 13)}
 
 #: the dashboard's audit query (also checked by a test against EXPLAIN QUERY PLAN)
 BUCKETS_SQL = (
-    "SELECT substr(ts, 1, 16) AS minute, sum(event_type = 'request') AS total, "
+    "SELECT substr(ts, 1, ?) AS minute, sum(event_type = 'request') AS total, "
     "sum(event_type = 'request' AND status = 401) AS unauthorized, "
     "sum(event_type = 'request' AND status = 429) AS limited, "
     "sum(event_type = 'request' AND status = 403) AS blocked "
     "FROM audit_logs WHERE ts >= ? GROUP BY minute")
-LATENCY_SQL = ("SELECT substr(ts, 1, 16) AS minute, latency_ms FROM audit_logs "
+LATENCY_SQL = ("SELECT substr(ts, 1, ?) AS minute, latency_ms FROM audit_logs "
                "WHERE ts >= ? AND latency_ms IS NOT NULL LIMIT ?")
+TOP_KEYS_SQL = ("SELECT api_key_id AS who, count(*) AS n FROM audit_logs WHERE ts >= ? "
+                "AND event_type = 'request' AND api_key_id IS NOT NULL "
+                "GROUP BY api_key_id ORDER BY n DESC LIMIT 8")
+TOP_ENGINES_SQL = ("SELECT engine_id AS who, count(*) AS n FROM audit_logs WHERE ts >= ? "
+                   "AND event_type = 'request' AND engine_id IS NOT NULL "
+                   "GROUP BY engine_id ORDER BY n DESC LIMIT 8")
 EVENTS_SQL = ("SELECT ts, event_type, severity, client_ip FROM audit_logs "
               "WHERE ts >= ? AND severity IN ('high', 'critical') ORDER BY ts DESC LIMIT 5")
 
@@ -48,13 +56,22 @@ def _percentile(values: list[float], q: float) -> float:
     return values[index]
 
 
-def last_hour(db: Database) -> list[Minute]:
+def window_start(span: str) -> str:
+    count, length, _ = RANGES[span]
     now = utc_now().replace(second=0, microsecond=0)
-    start = now - timedelta(minutes=WINDOW_MIN - 1)
-    since = iso(start)
-    minutes = {iso(start + timedelta(minutes=i))[:16]: Minute(
-        (start + timedelta(minutes=i)).strftime("%H:%M")) for i in range(WINDOW_MIN)}
-    for row in db.query(BUCKETS_SQL, (since,)):
+    if length == 60:
+        now = now.replace(minute=0)
+    return iso(now - timedelta(minutes=length * (count - 1)))
+
+
+def last_hour(db: Database, span: str = "hour") -> list[Minute]:
+    """Requests, refusals and latency percentiles per bucket: 60 minutes or 24 hours (UTC)."""
+    count, length, prefix = RANGES[span]
+    since = window_start(span)
+    start = datetime.fromisoformat(since.replace("Z", "+00:00"))
+    minutes = {iso(start + timedelta(minutes=i * length))[:prefix]: Minute(
+        (start + timedelta(minutes=i * length)).strftime("%H:%M")) for i in range(count)}
+    for row in db.query(BUCKETS_SQL, (prefix, since)):
         m = minutes.get(row["minute"])
         if m is not None:
             m.total += int(row["total"] or 0)
@@ -62,7 +79,7 @@ def last_hour(db: Database) -> list[Minute]:
             m.limited += int(row["limited"] or 0)
             m.blocked += int(row["blocked"] or 0)
     samples: dict[str, list[float]] = {}
-    for row in db.query(LATENCY_SQL, (since, MAX_LATENCY_SAMPLES)):
+    for row in db.query(LATENCY_SQL, (prefix, since, MAX_LATENCY_SAMPLES)):
         samples.setdefault(row["minute"], []).append(float(row["latency_ms"]))
     for key, values in samples.items():
         m = minutes.get(key)
@@ -70,6 +87,13 @@ def last_hour(db: Database) -> list[Minute]:
             m.p50 = _percentile(values, 0.5)
             m.p95 = _percentile(values, 0.95)
     return list(minutes.values())
+
+
+def top_users(db: Database, span: str = "hour") -> dict[str, list[tuple[str, int]]]:
+    """The busiest keys and engines in the window (at most 8 of each)."""
+    since = window_start(span)
+    return {"keys": [(r["who"], int(r["n"])) for r in db.query(TOP_KEYS_SQL, (since,))],
+            "engines": [(r["who"], int(r["n"])) for r in db.query(TOP_ENGINES_SQL, (since,))]}
 
 
 def recent_high_events(db: Database) -> list[dict[str, Any]]:

@@ -138,9 +138,11 @@ def ui(flm_home: Path) -> Iterator[Ui]:
 
 @pytest.fixture
 def emulator(flm_home: Path) -> Iterator[str]:
-    """An emulated Ollama serving ``tiny:1b`` (streaming in several chunks), registered."""
+    """An emulated Ollama serving ``tiny:1b`` and ``small:3b`` (streaming in several chunks),
+    registered as engine ``emu``."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "flm.testing.emulate", "ollama", "--model", "tiny:1b",
+         "--model", "small:3b",
          "--stream-chunks", "4", "--chunk-interval", "0.05",
          "--reply-text", "Hello from the emulator"],
         stdout=subprocess.PIPE, text=True)

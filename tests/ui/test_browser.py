@@ -154,6 +154,15 @@ def test_acceptance_flow(ui: Ui, emulator: str, browser: Any) -> None:
     assert page.inner_text('[data-meta="request_id"]').strip()
     assert page.inner_text('[data-meta="ttft"]').endswith("ms")
     _shot(page, "flow-chat-streamed")
+    # two models side by side on one prompt
+    page.select_option("#chat-model-2", "flm://emu/small:3b")
+    page.click("#chat-send")
+    page.wait_for_selector("#chat-output[data-done='1']")
+    page.wait_for_selector("#chat-output-2[data-done='1']")
+    assert "Hello from the emulator" in page.inner_text("#chat-output-2")
+    assert page.inner_text("[data-pane='2'] .pane-model") == "flm://emu/small:3b"
+    _shot(page, "flow-chat-compare")
+    page.select_option("#chat-model-2", "")
     # revoke it; the chat now fails with a visible error and request id
     page.goto(ui.origin + "/api")
     with page.expect_navigation():

@@ -55,10 +55,13 @@ def _plan(storage: Storage, sql: str, params: tuple[object, ...]) -> str:
 
 def test_dashboard_queries_use_the_covering_index(busy_storage: Storage) -> None:
     since = iso(utc_now() - timedelta(hours=1))
-    for sql, params in ((stats.BUCKETS_SQL, (since,)),
-                        (stats.LATENCY_SQL, (since, stats.MAX_LATENCY_SAMPLES))):
+    for sql, params in ((stats.BUCKETS_SQL, (16, since)),
+                        (stats.LATENCY_SQL, (16, since, stats.MAX_LATENCY_SAMPLES)),
+                        (stats.TOP_KEYS_SQL, (since,))):
         plan = _plan(busy_storage, sql, params)
         assert "USING COVERING INDEX audit_logs_ts_cover (ts>?)" in plan, plan
+    plan = _plan(busy_storage, stats.TOP_ENGINES_SQL, (since,))
+    assert "INDEX audit_logs_ts_cover (ts>?)" in plan and "SCAN audit_logs" not in plan, plan
     plan = _plan(busy_storage, stats.EVENTS_SQL, (since,))
     assert "INDEX audit_logs_ts_cover (ts>?)" in plan and "SCAN audit_logs" not in plan, plan
 
@@ -77,3 +80,8 @@ def test_last_hour_counts_every_recent_row(busy_storage: Storage,
     assert 0.05 * total < refusals < 0.3 * total
     assert all(m.p95 is None or m.p50 is None or m.p95 >= m.p50 for m in minutes)
     assert any(m.p50 is not None for m in minutes)
+    day = stats.last_hour(busy_storage.security, "day")
+    assert len(day) == 24 and sum(m.total for m in day) >= total
+    top = stats.top_users(busy_storage.security)
+    assert len(top["keys"]) == 8 and top["engines"][0][0] == "emu"
+    assert top["engines"][0][1] >= total

@@ -48,7 +48,11 @@ def test_dashboard_data_endpoint_serves_fragments(ui: Ui, emulator: str) -> None
     fragments = reply.json["fragments"]  # type: ignore[index]
     assert set(fragments) == {"engines", "proxies", "summary", "charts"}
     assert 'data-engine="emu"' in fragments["engines"]
-    assert fragments["charts"].count("<svg") == 3
+    for kind in ("requests", "latency", "refusals", "keys", "engines"):
+        assert f'data-chart="{kind}"' in fragments["charts"], kind
+    assert 'data-chart="health"' in fragments["engines"]  # the engine's health sparkline
+    day = session.get("/data/dashboard?range=day", Accept="application/json")
+    assert 'aria-current="true">Last day' in day.json["fragments"]["charts"]  # type: ignore[index]
 
 
 def test_security_view_filters_and_pages(ui: Ui) -> None:

@@ -137,75 +137,85 @@
     document.addEventListener("visibilitychange", () => { if (!document.hidden) poll(); });
   }
 
-  // Chat tester: the same route and key a client would use, streamed with fetch + a reader.
+  // Chat tester: the same route and key a client would use, streamed with fetch + a reader;
+  // with a second model, both stream side by side from one prompt.
   const chat = document.getElementById("chat-form");
+
+  async function runChat(pane, target, key, model, prompt) {
+    const out = pane.querySelector(".answer");
+    const errBox = pane.querySelector(".chat-error");
+    const meta = (name, value) => { pane.querySelector('[data-meta="' + name + '"]').textContent = value; };
+    pane.hidden = false;
+    pane.querySelector(".pane-model").textContent = model;
+    errBox.hidden = true; out.textContent = ""; delete out.dataset.done;
+    ["status", "ttft", "total", "tokens", "request_id"].forEach((n) => meta(n, ""));
+    const showError = (message, rid) => {
+      errBox.querySelector(".msg").textContent = message;
+      errBox.querySelector("code").textContent = rid || "";
+      errBox.hidden = false;
+    };
+    const started = performance.now();
+    let first = null;
+    try {
+      const resp = await fetch(target + "/v1/chat/completions", {
+        method: "POST",
+        headers: { "Authorization": "Bearer " + key, "Content-Type": "application/json" },
+        body: JSON.stringify({ model: model, stream: true, stream_options: { include_usage: true },
+                               messages: [{ role: "user", content: prompt }] }),
+      });
+      const rid = resp.headers.get("x-request-id") || "";
+      meta("status", String(resp.status)); meta("request_id", rid);
+      if (!resp.ok) {
+        let message = resp.statusText;
+        try { const body = await resp.json(); message = (body.error && body.error.message) || message; } catch (e) { /* not JSON */ }
+        showError(message, rid);
+        return;
+      }
+      const reader = resp.body.getReader();
+      const decoder = new TextDecoder();
+      let buffer = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buffer += decoder.decode(value, { stream: true });
+        let cut;
+        while ((cut = buffer.indexOf("\n")) >= 0) {
+          const line = buffer.slice(0, cut).trim();
+          buffer = buffer.slice(cut + 1);
+          if (!line.startsWith("data:")) continue;
+          const data = line.slice(5).trim();
+          if (data === "[DONE]") continue;
+          let chunk;
+          try { chunk = JSON.parse(data); } catch (e) { continue; }
+          if (chunk.error) { showError(chunk.error.message || t("js.failed"), rid); continue; }
+          const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta;
+          if (delta && delta.content) {
+            if (first === null) { first = performance.now(); meta("ttft", Math.round(first - started) + " ms"); }
+            out.textContent += delta.content;
+          }
+          if (chunk.usage) meta("tokens", chunk.usage.prompt_tokens + " / " + chunk.usage.completion_tokens);
+        }
+      }
+      meta("total", Math.round(performance.now() - started) + " ms");
+      out.dataset.done = "1";
+    } catch (e) {
+      showError(t("js.network_proxy"), "");
+    }
+  }
+
   if (chat) {
-    const out = document.getElementById("chat-output");
-    const errBox = document.getElementById("chat-error");
-    const meta = (name, value) => { document.querySelector('[data-meta="' + name + '"]').textContent = value; };
     chat.addEventListener("submit", async (ev) => {
       ev.preventDefault();
       const target = chat.target.value, key = chat.key.value.trim();
-      errBox.hidden = true; out.textContent = "";
-      ["status", "ttft", "total", "tokens", "request_id"].forEach((n) => meta(n, ""));
       if (!target) { announce(t("js.need_target"), false); return; }
       if (!key) { announce(t("js.need_key"), false); return; }
+      const panes = document.querySelectorAll("[data-pane]");
       const button = document.getElementById("chat-send");
       button.disabled = true; button.setAttribute("aria-busy", "true");
-      const started = performance.now();
-      let first = null;
-      const showError = (message, rid) => {
-        errBox.querySelector(".msg").textContent = message;
-        errBox.querySelector("code").textContent = rid || "";
-        errBox.hidden = false;
-      };
-      try {
-        const resp = await fetch(target + "/v1/chat/completions", {
-          method: "POST",
-          headers: { "Authorization": "Bearer " + key, "Content-Type": "application/json" },
-          body: JSON.stringify({ model: chat.model.value, stream: true, stream_options: { include_usage: true },
-                                 messages: [{ role: "user", content: chat.prompt.value }] }),
-        });
-        const rid = resp.headers.get("x-request-id") || "";
-        meta("status", String(resp.status)); meta("request_id", rid);
-        if (!resp.ok) {
-          let message = resp.statusText;
-          try { const body = await resp.json(); message = (body.error && body.error.message) || message; } catch (e) { /* not JSON */ }
-          showError(message, rid);
-          return;
-        }
-        const reader = resp.body.getReader();
-        const decoder = new TextDecoder();
-        let buffer = "";
-        for (;;) {
-          const { value, done } = await reader.read();
-          if (done) break;
-          buffer += decoder.decode(value, { stream: true });
-          let cut;
-          while ((cut = buffer.indexOf("\n")) >= 0) {
-            const line = buffer.slice(0, cut).trim();
-            buffer = buffer.slice(cut + 1);
-            if (!line.startsWith("data:")) continue;
-            const data = line.slice(5).trim();
-            if (data === "[DONE]") continue;
-            let chunk;
-            try { chunk = JSON.parse(data); } catch (e) { continue; }
-            if (chunk.error) { showError(chunk.error.message || t("js.failed"), rid); continue; }
-            const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta;
-            if (delta && delta.content) {
-              if (first === null) { first = performance.now(); meta("ttft", Math.round(first - started) + " ms"); }
-              out.textContent += delta.content;
-            }
-            if (chunk.usage) meta("tokens", chunk.usage.prompt_tokens + " / " + chunk.usage.completion_tokens);
-          }
-        }
-        meta("total", Math.round(performance.now() - started) + " ms");
-        out.dataset.done = "1";
-      } catch (e) {
-        showError(t("js.network_proxy"), "");
-      } finally {
-        button.disabled = false; button.removeAttribute("aria-busy");
-      }
+      const runs = [runChat(panes[0], target, key, chat.model.value, chat.prompt.value)];
+      if (chat.model2.value) runs.push(runChat(panes[1], target, key, chat.model2.value, chat.prompt.value));
+      else panes[1].hidden = true;
+      try { await Promise.all(runs); } finally { button.disabled = false; button.removeAttribute("aria-busy"); }
     });
   }
 
