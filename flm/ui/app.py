@@ -48,6 +48,7 @@ PAGE_SIZE = 50
 STATIC_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                 ".svg": "image/svg+xml"}
 HEALTH_SAMPLES = 40
+STATS_TTL_S = 4.0
 HEALTH_ENGINES = 32
 NAV = (("dashboard", "/"), ("api", "/api"), ("chat", "/chat"), ("wizard", "/wizard"),
        ("security", "/security"), ("profiles", "/profiles"), ("settings", "/settings"))
@@ -122,6 +123,8 @@ class UiApp:
         self.port = 0
         #: engine id -> recent (time, status, latency) samples, one per detection seen
         self.health: dict[str, deque[tuple[str, str, float | None]]] = {}
+        #: span -> (when, buckets, busiest keys/engines): polls within STATS_TTL_S share one read
+        self._stats_cache: dict[str, tuple[float, Any, Any]] = {}
         self.static = _static_files()
         self.env = Environment(loader=PackageLoader("flm.ui", "templates"),
                                autoescape=select_autoescape(default=True, default_for_string=True),
@@ -347,9 +350,16 @@ class UiApp:
 
         def read() -> dict[str, Any]:
             db = self.ctx.storage.security
-            minutes = stats.last_hour(db, span)
-            top = stats.top_users(db, span)
-            labels = {k.id: k.label for k in self.ctx.keys.list()} if top["keys"] else {}
+            cached = self._stats_cache.get(span)
+            if cached is not None and time.monotonic() - cached[0] < STATS_TTL_S:
+                minutes, top = cached[1], cached[2]
+            else:
+                minutes, top = stats.last_hour(db, span), stats.top_users(db, span)
+                self._stats_cache[span] = (time.monotonic(), minutes, top)
+            ids = [k for k, _ in top["keys"]]
+            labels = {r["id"]: r["label"] for r in db.query(
+                f"SELECT id, label FROM api_keys WHERE id IN ({','.join('?' * len(ids))})",
+                ids)} if ids else {}
             active = db.query_one("SELECT count(*) AS n FROM api_keys WHERE revoked_at IS NULL")
             blocked = db.query_one("SELECT count(*) AS n FROM ip_blocklist")
             return {"minutes": minutes, "events": stats.recent_high_events(db),
@@ -373,8 +383,10 @@ class UiApp:
             charts.Series("401", [m.unauthorized for m in minutes]),
             charts.Series("429", [m.limited for m in minutes]),
             charts.Series(t("chart.blocked"), [m.blocked for m in minutes])], kind="refusals")
-        chart_keys = charts.hbars(t("chart.keys"), data["top_keys"], kind="keys")
-        chart_engines = charts.hbars(t("chart.engines"), data["top_engines"], kind="engines")
+        chart_keys = charts.hbars(t("chart.keys"), data["top_keys"], kind="keys",
+                                  empty=t("chart.no_requests"))
+        chart_engines = charts.hbars(t("chart.engines"), data["top_engines"], kind="engines",
+                                     empty=t("chart.no_requests"))
         policy = data["policy"]
         health = {e["id"]: charts.sparkline(list(self.health.get(e["id"], ())),
                                             t("engine.history"))

@@ -109,14 +109,18 @@ def lines(title: str, labels: Sequence[str], series: Sequence[Series], unit: str
     return Markup("".join(out))  # noqa: S704 - every interpolated value is escaped above
 
 
-def hbars(title: str, rows: Sequence[tuple[str, float]], kind: str = "hbars") -> Markup:
-    """Horizontal bars, one per (label, value), largest first as given."""
+def hbars(title: str, rows: Sequence[tuple[str, float]], kind: str = "hbars",
+          empty: str = "") -> Markup:
+    """Horizontal bars, one per (label, value), largest first as given; ``empty`` is written
+    in the chart when there is no row."""
     row_h, label_w = 18, 130
     height = max(1, len(rows)) * row_h + 4
     top = max((v for _, v in rows), default=0) or 1
     out = [f'<svg class="chart" data-chart="{escape(kind)}" viewBox="0 0 {WIDTH} {height}" '
            f'role="img" aria-label="{escape(title)}" xmlns="http://www.w3.org/2000/svg">',
            f"<title>{escape(title)}</title>"]
+    if not rows and empty:
+        out.append(f'<text class="axis" x="6" y="14">{escape(empty)}</text>')
     for i, (label, value) in enumerate(rows):
         y = 2 + i * row_h
         w = (WIDTH - label_w - 40) * value / top

@@ -286,17 +286,15 @@ class SecurityMiddleware:
             # 13. The route
             await self.app(scope, receive, send)
         except HttpError as exc:
+            # probing for routes that do not exist scores too (an engine's own 404 through
+            # the pass-through, or an unknown model, is an answer, not a probe)
+            if intrusion and isinstance(exc, NoSuchRoute):
+                self._score(scope, state, agent, NOT_FOUND_SCORE, ("not_found_probe",))
             # a refusal from here on (401, 429, a route's error) is sent by an outer layer
             # that never saw the CORS wrapper: it carries the headers itself, so a browser
             # page (the web UI's chat tester) can read the error and its request id
             if cors_allowed is not None:
                 exc.headers = [*exc.headers, *_cors_headers(cors_allowed)]
-            raise
-        except NoSuchRoute:
-            # probing for routes that do not exist scores too (an engine's own 404 through
-            # the pass-through, or an unknown model, is an answer, not a probe)
-            if intrusion:
-                self._score(scope, state, agent, NOT_FOUND_SCORE, ("not_found_probe",))
             raise
         finally:
             if counted:
