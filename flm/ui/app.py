@@ -830,7 +830,8 @@ def _int_field(text: str, name: str) -> int:
 
 
 def _field_of(message: str) -> str:
-    for name in ("ip_whitelist", "trusted_proxies", "allowed_origins", "rpm", "burst"):
+    """The policy form field a validation message names (the message carries the path)."""
+    for name in ("ip_whitelist", "trusted_proxies", "allowed_origins", "burst", "rpm"):
         if name in message:
             return name
     return ""

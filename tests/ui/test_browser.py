@@ -192,7 +192,23 @@ def test_acceptance_flow(ui: Ui, emulator: str, browser: Any) -> None:
 def test_every_page_in_both_languages_and_themes(ui: Ui, emulator: str, browser: Any) -> None:
     page = browser.new_page()
     watch = Watch(page)
+    page.on("dialog", lambda d: d.accept())
     page.goto(ui.login_url)
+    # something to show: a running proxy and two keys, one of them revoked
+    page.fill("#start-port", str(_free_port()))
+    page.click("form[action='/proxies/start'] button")
+    page.wait_for_selector("[data-fragment=proxies] code")
+    page.goto(ui.origin + "/api")
+    for label in ("laptop", "ci-runner"):
+        page.fill("#key-label", label)
+        page.click("#key-create")
+        page.wait_for_selector("#key-dialog[open]")
+        if label == "laptop":
+            _shot(page, "api-key-dialog")
+        with page.expect_navigation():
+            page.click("#key-dialog-close")
+    with page.expect_navigation():
+        page.click("tr[data-key-status=active] form[action='/api/keys/revoke'] button")
     seen: dict[str, list[str]] = {}
     for lang in ("en", "ja"):
         for theme in ("light", "dark"):
@@ -212,11 +228,29 @@ def test_every_page_in_both_languages_and_themes(ui: Ui, emulator: str, browser:
                 assert not page.evaluate(LABELS_JS), (name, page.evaluate(LABELS_JS))
             seen[lang] = page.eval_on_selector_all(
                 "nav#nav a, h1, main button, label", "els => els.map(e => e.textContent.trim())")
+    # a narrow window folds the navigation into a menu
+    page.set_viewport_size({"width": 600, "height": 900})
+    page.goto(ui.origin + "/")
+    assert not page.is_visible("nav#nav a[href='/api']")
+    page.click(".menu-toggle")
+    assert page.is_visible("nav#nav a[href='/api']")
+    _shot(page, "dashboard-narrow-menu")
     # switching the language changes every label
     assert len(seen["en"]) == len(seen["ja"])
     same = [a for a, b in zip(seen["en"], seen["ja"], strict=True) if a == b]
     assert not same, same
     watch.assert_loopback_only()
+
+
+def test_theme_follows_the_os_until_chosen(ui: Ui, browser: Any) -> None:
+    background = "getComputedStyle(document.body).backgroundColor"
+    for scheme, expected in (("dark", "rgb(18, 20, 23)"), ("light", "rgb(255, 255, 255)")):
+        context = browser.new_context(color_scheme=scheme)
+        page = context.new_page()
+        page.goto(ui.new_login_url())
+        assert page.get_attribute("html", "data-theme") == "system"
+        assert page.evaluate(background) == expected, scheme
+        context.close()
 
 
 def test_first_visit_follows_accept_language(ui: Ui, browser: Any) -> None:

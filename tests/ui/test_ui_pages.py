@@ -138,3 +138,16 @@ def test_static_assets_and_head(ui: Ui) -> None:
     assert css.status == 200 and css.headers["content-type"].startswith("text/css")
     assert ui.request("GET", "/static/../app.py").status == 401
     assert ui.request("GET", "/static/missing.js").status == 401
+
+
+def test_policy_form_error_shows_next_to_its_field(ui: Ui) -> None:
+    session = ui.login()
+    sent = session.post("/api/policy", {"ip_whitelist": "10.0.0.0/8\nnot-an-ip"},
+                        accept_json=False)
+    assert sent.status == 303 and sent.headers["location"] == "/api#policy"
+    page = session.get("/api").text
+    error = re.search(r'<p class="field-error" id="err-ip_whitelist" role="alert">([^<]+)</p>',
+                      page)
+    assert error and "ip_whitelist" in error.group(1)
+    assert page.index('id="p-allow"') < page.index('id="err-ip_whitelist"')
+    assert 'id="err-' not in session.get("/api").text  # shown once
