@@ -209,6 +209,14 @@ def test_every_page_in_both_languages_and_themes(ui: Ui, emulator: str, browser:
             page.click("#key-dialog-close")
     with page.expect_navigation():
         page.click("tr[data-key-status=active] form[action='/api/keys/revoke'] button")
+    # the keys table sorts by a column, both ways
+    page.click("#keys-table thead th:first-child button.sort")
+    labels = page.eval_on_selector_all("#keys-table tbody tr td:first-child",
+                                       "els => els.map(e => e.textContent.trim())")
+    assert labels == sorted(labels)
+    page.click("#keys-table thead th:first-child button.sort")
+    assert page.eval_on_selector_all("#keys-table tbody tr td:first-child",
+                                     "els => els.map(e => e.textContent.trim())") == labels[::-1]
     seen: dict[str, list[str]] = {}
     for lang in ("en", "ja"):
         for theme in ("light", "dark"):

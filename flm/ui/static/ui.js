@@ -219,5 +219,32 @@
     });
   }
 
+  // Sortable tables: a header button sorts its column (numbers as numbers), again to reverse.
+  document.querySelectorAll("table[data-sortable]").forEach((table) => {
+    table.querySelectorAll("thead th").forEach((th, column) => {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "sort";
+      button.textContent = th.textContent;
+      th.textContent = "";
+      th.appendChild(button);
+      button.addEventListener("click", () => {
+        const body = table.tBodies[0];
+        const up = th.getAttribute("aria-sort") !== "ascending";
+        table.querySelectorAll("thead th").forEach((h) => h.removeAttribute("aria-sort"));
+        th.setAttribute("aria-sort", up ? "ascending" : "descending");
+        const key = (row) => { const cell = row.cells[column]; const el = cell && cell.querySelector("time");
+          return el ? el.getAttribute("datetime") : (cell ? cell.textContent.trim() : ""); };
+        const rows = Array.from(body.rows);
+        rows.sort((a, b) => {
+          const x = key(a), y = key(b), nx = Number(x), ny = Number(y);
+          const order = x !== "" && y !== "" && !isNaN(nx) && !isNaN(ny) ? nx - ny : x.localeCompare(y, lang);
+          return up ? order : -order;
+        });
+        rows.forEach((row) => body.appendChild(row));
+      });
+    });
+  });
+
   localTimes(document);
 })();
