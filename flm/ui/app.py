@@ -860,13 +860,3 @@ def _policy_warnings(allow_list: list[str], bind: str) -> list[str]:
         warnings.append("wizard.warn_private_only")
     return warnings
 
-
-def local_time(ts: str | None, lang: str) -> str:
-    """An ISO UTC stamp as shown in tables (UTC; the page's script turns it local)."""
-    if not ts:
-        return ""
-    try:
-        value = datetime.fromisoformat(ts.replace("Z", "+00:00")).astimezone(UTC)
-    except ValueError:
-        return ts
-    return value.strftime("%Y-%m-%d %H:%M:%S UTC")
