@@ -151,3 +151,31 @@ def test_policy_form_error_shows_next_to_its_field(ui: Ui) -> None:
     assert error and "ip_whitelist" in error.group(1)
     assert page.index('id="p-allow"') < page.index('id="err-ip_whitelist"')
     assert 'id="err-' not in session.get("/api").text  # shown once
+
+
+def test_daemon_exits_once_the_last_ui_session_ends(flm_home: Path) -> None:
+    """The idle rule on a real daemon object, with its timers shortened: a live session keeps
+    it up; logging out (no proxy left) lets it go."""
+    import asyncio
+    from urllib.parse import urlsplit
+
+    from flm.core.paths import Paths
+    from flm.daemon.main import Daemon
+
+    async def scenario() -> None:
+        daemon = Daemon(Paths.resolve())
+        try:
+            url = daemon.ui.login_url()
+            redeemed = daemon.ui.sessions.redeem(urlsplit(url).query.split("=", 1)[1])
+            assert redeemed is not None
+            watcher = asyncio.ensure_future(daemon._exit_if_idle(grace_s=0.01, every_s=0.01))
+            for _ in range(20):  # 20 idle checks pass with the session live
+                await asyncio.sleep(0.01)
+            assert not daemon.stop_event.is_set()
+            assert daemon.ui.sessions.end(redeemed[0])
+            await asyncio.wait_for(daemon.stop_event.wait(), 5)
+            await watcher
+        finally:
+            daemon.ctx.close()
+
+    asyncio.run(scenario())
