@@ -35,6 +35,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 
 from flm.core.errors import FlmError, UsageError
 from flm.services.context import Context
+from flm.storage.dashboard import DashboardRepo
 from flm.ui import charts, firewall, stats
 from flm.ui.i18n import LANGUAGES, from_accept_language, translate
 from flm.ui.sessions import Session, SessionStore
@@ -356,15 +357,10 @@ class UiApp:
             else:
                 minutes, top = stats.last_hour(db, span), stats.top_users(db, span)
                 self._stats_cache[span] = (time.monotonic(), minutes, top)
-            ids = [k for k, _ in top["keys"]]
-            labels = {r["id"]: r["label"] for r in db.query(
-                f"SELECT id, label FROM api_keys WHERE id IN ({','.join('?' * len(ids))})",
-                ids)} if ids else {}
-            active = db.query_one("SELECT count(*) AS n FROM api_keys WHERE revoked_at IS NULL")
-            blocked = db.query_one("SELECT count(*) AS n FROM ip_blocklist")
+            repo = DashboardRepo(db)
+            labels = repo.key_labels([k for k, _ in top["keys"]])
             return {"minutes": minutes, "events": stats.recent_high_events(db),
-                    "active_keys": int(active["n"]) if active else 0,
-                    "blocked": int(blocked["n"]) if blocked else 0,
+                    "active_keys": repo.active_keys(), "blocked": repo.blocked_addresses(),
                     "top_keys": [(labels.get(k, k), n) for k, n in top["keys"]],
                     "top_engines": top["engines"],
                     "policy": self.ctx.policy.show()["policy"]}

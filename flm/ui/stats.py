@@ -1,10 +1,6 @@
-"""What the dashboard reads from ``security.db``: bounded, indexed queries only.
-
-Every audit query is a range scan over ``audit_logs(ts, ...)`` for the last hour (the covering
-index added by migration 0002 holds the columns these queries read, so SQLite never touches the
-table rows), and the latency samples are capped at ``MAX_LATENCY_SAMPLES``. The cost therefore
-follows the last hour's traffic, never the table's size.
-"""
+"""The dashboard's figures: buckets, percentiles and the busiest keys and engines of the last
+hour or day, from :class:`flm.storage.dashboard.DashboardRepo` (indexed range scans; the latency
+samples capped at ``MAX_LATENCY_SAMPLES``), so their cost follows the window's traffic."""
 
 from __future__ import annotations
 
@@ -13,31 +9,13 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from flm.core.timeutil import iso, utc_now
+from flm.storage.dashboard import DashboardRepo
 from flm.storage.db import Database
 
 WINDOW_MIN = 60
 MAX_LATENCY_SAMPLES = 20_000
 #: the two windows the dashboard shows: (buckets, bucket length in minutes, ISO prefix length)
 RANGES = {"hour": (60, 1, 16), "day": (24, 60, 13)}
-
-#: the dashboard's audit query (also checked by a test against EXPLAIN QUERY PLAN)
-BUCKETS_SQL = (
-    "SELECT substr(ts, 1, ?) AS minute, sum(event_type = 'request') AS total, "
-    "sum(event_type = 'request' AND status = 401) AS unauthorized, "
-    "sum(event_type = 'request' AND status = 429) AS limited, "
-    "sum(event_type = 'request' AND status = 403) AS blocked "
-    "FROM audit_logs WHERE ts >= ? GROUP BY minute")
-LATENCY_SQL = ("SELECT substr(ts, 1, ?) AS minute, latency_ms FROM audit_logs "
-               "WHERE ts >= ? AND latency_ms IS NOT NULL LIMIT ?")
-TOP_KEYS_SQL = ("SELECT api_key_id AS who, count(*) AS n FROM audit_logs WHERE ts >= ? "
-                "AND event_type = 'request' AND api_key_id IS NOT NULL "
-                "GROUP BY api_key_id ORDER BY n DESC LIMIT 8")
-TOP_ENGINES_SQL = ("SELECT engine_id AS who, count(*) AS n FROM audit_logs WHERE ts >= ? "
-                   "AND event_type = 'request' AND engine_id IS NOT NULL "
-                   "GROUP BY engine_id ORDER BY n DESC LIMIT 8")
-EVENTS_SQL = ("SELECT ts, event_type, severity, client_ip FROM audit_logs "
-              "WHERE ts >= ? AND severity IN ('high', 'critical') ORDER BY ts DESC LIMIT 5")
-
 
 @dataclass
 class Minute:
@@ -71,7 +49,7 @@ def last_hour(db: Database, span: str = "hour") -> list[Minute]:
     start = datetime.fromisoformat(since.replace("Z", "+00:00"))
     minutes = {iso(start + timedelta(minutes=i * length))[:prefix]: Minute(
         (start + timedelta(minutes=i * length)).strftime("%H:%M")) for i in range(count)}
-    for row in db.query(BUCKETS_SQL, (prefix, since)):
+    for row in DashboardRepo(db).buckets(prefix, since):
         m = minutes.get(row["minute"])
         if m is not None:
             m.total += int(row["total"] or 0)
@@ -79,7 +57,7 @@ def last_hour(db: Database, span: str = "hour") -> list[Minute]:
             m.limited += int(row["limited"] or 0)
             m.blocked += int(row["blocked"] or 0)
     samples: dict[str, list[float]] = {}
-    for row in db.query(LATENCY_SQL, (prefix, since, MAX_LATENCY_SAMPLES)):
+    for row in DashboardRepo(db).latencies(prefix, since, MAX_LATENCY_SAMPLES):
         samples.setdefault(row["minute"], []).append(float(row["latency_ms"]))
     for key, values in samples.items():
         m = minutes.get(key)
@@ -92,18 +70,17 @@ def last_hour(db: Database, span: str = "hour") -> list[Minute]:
 def top_users(db: Database, span: str = "hour") -> dict[str, list[tuple[str, int]]]:
     """The busiest keys and engines in the window (at most 8 of each)."""
     since = window_start(span)
-    return {"keys": [(r["who"], int(r["n"])) for r in db.query(TOP_KEYS_SQL, (since,))],
-            "engines": [(r["who"], int(r["n"])) for r in db.query(TOP_ENGINES_SQL, (since,))]}
+    repo = DashboardRepo(db)
+    return {"keys": [(r["who"], int(r["n"])) for r in repo.top_keys(since)],
+            "engines": [(r["who"], int(r["n"])) for r in repo.top_engines(since)]}
 
 
 def recent_high_events(db: Database) -> list[dict[str, Any]]:
     since = iso(utc_now() - timedelta(days=1))
-    return [dict(r) for r in db.query(EVENTS_SQL, (since,))]
+    return [dict(r) for r in DashboardRepo(db).high_events(since)]
 
 
 def key_last_used(db: Database, days: int = 7) -> dict[str, str]:
     """The last audit record per key within ``days`` (the retention window by default)."""
     since = iso(utc_now() - timedelta(days=days))
-    rows = db.query("SELECT api_key_id, max(ts) AS last FROM audit_logs "
-                    "WHERE ts >= ? AND api_key_id IS NOT NULL GROUP BY api_key_id", (since,))
-    return {r["api_key_id"]: r["last"] for r in rows}
+    return DashboardRepo(db).key_last_used(since)

@@ -12,6 +12,8 @@ import pytest
 from flm.core.paths import Paths
 from flm.core.timeutil import iso, utc_now
 from flm.storage import Storage
+from flm.storage import dashboard as dash
+from flm.storage.dashboard import DashboardRepo
 from flm.ui import stats
 
 ROWS = 100_000
@@ -49,18 +51,19 @@ def busy_storage(flm_home: Path) -> Storage:
 
 
 def _plan(storage: Storage, sql: str, params: tuple[object, ...]) -> str:
-    rows = storage.security.query("EXPLAIN QUERY PLAN " + sql, params)
-    return " | ".join(str(r["detail"]) for r in rows)
+    return DashboardRepo(storage.security).explain(sql, params)
 
 
 def test_dashboard_queries_use_the_covering_index(busy_storage: Storage) -> None:
     since = iso(utc_now() - timedelta(hours=1))
-    for sql, params in ((stats.BUCKETS_SQL, (16, since)),
-                        (stats.LATENCY_SQL, (16, since, stats.MAX_LATENCY_SAMPLES)),
-                        (stats.TOP_KEYS_SQL, (since,)), (stats.TOP_ENGINES_SQL, (since,))):
+    for sql, params in ((dash.BUCKETS_SQL, (16, since)),
+                        (dash.LATENCY_SQL, (16, since, stats.MAX_LATENCY_SAMPLES)),
+                        (dash.TOP_KEYS_SQL, (since,)), (dash.TOP_ENGINES_SQL, (since,))):
         plan = _plan(busy_storage, sql, params)
         assert "USING COVERING INDEX audit_logs_ts_cover (ts>?)" in plan, plan
-    plan = _plan(busy_storage, stats.EVENTS_SQL, (since,))
+    plan = _plan(busy_storage, dash.LAST_USED_SQL, (since,))
+    assert "USING COVERING INDEX audit_logs_ts_cover (ts>?)" in plan, plan
+    plan = _plan(busy_storage, dash.EVENTS_SQL, (since,))
     assert "INDEX audit_logs_ts_cover (ts>?)" in plan and "SCAN audit_logs" not in plan, plan
 
 
