@@ -641,7 +641,7 @@ class UiApp:
     # --- security ------------------------------------------------------------------------------
 
     def _events(self) -> Any:
-        from flm.services.security_events import SecurityEvents
+        from flm.services.security_records import SecurityEvents
 
         return SecurityEvents(self.ctx.storage)
 
