@@ -1,7 +1,7 @@
 """What the web UI's dashboard reads from ``security.db``: bounded, indexed queries only.
 
 Every audit query is a range scan of ``audit_logs`` from a start time (the last hour or day),
-answered from the covering index ``audit_logs_ts_cover`` (security migration 0002), so its cost
+answered from the covering index ``audit_logs_ts_cover`` (security migration 0004), so its cost
 follows the window's traffic, never the table's size; latency samples are capped by the
 caller. A test checks the plans (tests/ui/test_dashboard_scale.py).
 """

@@ -20,7 +20,8 @@ DYNAMIC = {
     "chart.": ["requests", "latency", "refusals", "keys", "engines"],
     "dash.charts_": ["hour", "day"],
     "fw.": ["ufw", "firewalld", "nftables", "pf", "powershell"],
-    "security.tab_": ["audit", "intrusion", "anomaly"], "keys.status_": ["active", "revoked"],
+    "security.tab_": ["audit", "intrusion", "anomaly"],
+    "keys.status_": ["active", "revoked", "expired"],
     "wizard.step": ["1", "2", "3", "4"],
 }
 KEY_CALL = re.compile(r"""\bt\(\s*["']([a-z0-9_.]+)["']\s*[,)~]""")
