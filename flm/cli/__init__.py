@@ -32,6 +32,9 @@ COMMAND_MODULES = (
     "secrets",
     "profiles",
     "check",
+    "completion",
+    "migrate",
+    "service",
     "usage",
     "ui",
 )

@@ -28,7 +28,12 @@ def get(ctx: Context, args: argparse.Namespace) -> Result:
 
 
 def set_(ctx: Context, args: argparse.Namespace) -> Result:
-    return Result(ctx.config.set(args.key, args.value), text=pairs)
+    result = ctx.config.set(args.key, args.value)
+    if args.key == "log.level":
+        from flm.cli import notify_proxies
+
+        notify_proxies(ctx)  # running proxies apply it at once
+    return Result(result, text=pairs)
 
 
 def list_(ctx: Context, args: argparse.Namespace) -> Result:

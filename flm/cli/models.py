@@ -21,8 +21,12 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
 def _text(data: dict[str, Any]) -> str:
     rows = [{"id": m["id"], "context": m["context_length"],
              "vision": m["capabilities"]["vision_inputs"],
-             "embeddings_only": m["capabilities"]["embeddings_only"]} for m in data["models"]]
+             "embeddings_only": m["capabilities"]["embeddings_only"],
+             "cloud": m.get("cloud", False)} for m in data["models"]]
     lines = [table(rows)]
+    if any(m.get("cloud") for m in data["models"]):
+        lines.append("cloud: the engine sends prompts for this model to a remote service; "
+                     "the gateway refuses it unless the policy sets allow_cloud_models")
     lines += [f"{engine}: {err}" for engine, err in data["errors"].items()]
     return "\n".join(lines)
 

@@ -23,6 +23,8 @@ class Result:
     exit_code: int = 0
     #: Extra lines for people (text mode only), e.g. "store this key now".
     notes: list[str] = field(default_factory=list)
+    #: Text written to stdout as is, in either format (e.g. a shell completion script).
+    raw: str | None = None
     #: ``--format csv``: the rows and columns to write (default: the data, if it is a list
     #: of objects).
     csv: Callable[[Any], tuple[list[dict[str, Any]], list[str]]] | None = None
@@ -59,7 +61,9 @@ def pairs(data: dict[str, Any]) -> str:
 
 def emit(result: Result, fmt: str, out: TextIO | None = None) -> None:
     out = out or sys.stdout
-    if fmt == "csv" and (result.csv is not None or (
+    if result.raw is not None:
+        out.write(result.raw)
+    elif fmt == "csv" and (result.csv is not None or (
             isinstance(result.data, list) and all(isinstance(r, dict) for r in result.data))):
         _emit_csv(result, out)
     elif fmt == "text":

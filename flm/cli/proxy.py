@@ -140,12 +140,17 @@ class _Progress:
 
 
 def start(ctx: Context, args: argparse.Namespace) -> Result:
+    from flm.cli.security import exposure_warnings
     from flm.services.proxy import ProxyService
 
     config = _config(ctx, args)
+    # (the socket table is read while the proxy starts; the warnings come after)
+    port = int(config["port"])
+    exposure = exposure_warnings(ctx, own_ports=(port, port + 1))
     if args.no_daemon:
         from flm.proxy.foreground import run_foreground
 
+        exposure()
         run_foreground(ctx, config)
         return Result({"stopped": True}, text=lambda d: "proxy stopped")
     what = "starting the proxy"
@@ -159,6 +164,9 @@ def start(ctx: Context, args: argparse.Namespace) -> Result:
         what = f"checking the {config['egress_mode']} egress"
     with _Progress(what):
         described = ProxyService(ctx.storage).start(config)
+    warnings = exposure()
+    if warnings:
+        described["notes"] = [*(described.get("notes") or []), *warnings]
     return Result(described, text=_start_text)
 
 

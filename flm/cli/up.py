@@ -83,6 +83,9 @@ def up(ctx: Context, args: argparse.Namespace) -> Result:
             notes.append(f"port {first} was busy, so the proxy uses {port}")
             _say(notes[-1])
         proxy = proxies.start({"mode": "local-http", "port": port, "bind": bind})
+    from flm.cli.security import exposure_warnings
+
+    notes.extend(exposure_warnings(ctx)())
     key = None
     if ctx.keys.list() and any(k.revoked_at is None for k in ctx.keys.list()):
         pass

@@ -39,14 +39,38 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(body, default=str, ensure_ascii=False)
 
 
+LEVELS = ("debug", "info", "warning", "error", "critical")
+#: The level chosen at start (argument, else FLM_LOG_LEVEL, else WARNING): what a reload falls
+#: back to when no level is configured.
+_start_level = "WARNING"
+
+
+def start_level() -> str:
+    return _start_level
+
+
+def set_level(level: str) -> str:
+    """Change the ``flm`` loggers' level now (a running daemon, on reload); returns it."""
+    name = level.strip().upper()
+    if name.lower() not in LEVELS:
+        raise ValueError(f"unknown log level {level!r}; expected one of {', '.join(LEVELS)}")
+    logging.getLogger("flm").setLevel(name)
+    return name
+
+
 def setup_logging(level: str | None = None, stream: TextIO | None = None) -> None:
     """Route the ``flm`` loggers to ``stream`` (stderr) as JSON Lines."""
+    global _start_level
     root = logging.getLogger("flm")
     if getattr(root, "_flm_configured", False):
         return
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter())
     root.addHandler(handler)
-    root.setLevel((level or os.environ.get("FLM_LOG_LEVEL") or "WARNING").upper())
+    chosen = (level or os.environ.get("FLM_LOG_LEVEL") or "WARNING").upper()
+    if chosen.lower() not in LEVELS:
+        chosen = "WARNING"
+    _start_level = chosen
+    root.setLevel(chosen)
     root.propagate = False
     root._flm_configured = True  # type: ignore[attr-defined]

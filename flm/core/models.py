@@ -146,6 +146,9 @@ class ModelInfo:
     vision: bool = False
     embeddings_only: bool = False
     details: dict[str, Any] = field(default_factory=dict)
+    #: The engine sends prompts for this model to a service on the internet (Ollama's cloud
+    #: models): hidden and refused unless the policy sets ``allow_cloud_models``.
+    cloud: bool = False
 
     @property
     def flm_id(self) -> str:
@@ -160,7 +163,24 @@ class ModelInfo:
             "capabilities": {"vision_inputs": self.vision,
                              "embeddings_only": self.embeddings_only},
             "details": self.details,
+            "cloud": self.cloud,
         }
+
+
+def is_cloud_model(name: str, *entries: Any) -> bool:
+    """Whether an Ollama model runs on a remote service: its tag ends in ``cloud``
+    (``gpt-oss:120b-cloud``, ``qwen3-coder:cloud``, or a bare ``-cloud`` name), or its listing
+    or ``/api/show`` details name a remote host or remote model."""
+    lowered = name.lower()
+    if lowered.endswith(("-cloud", ":cloud")):
+        return True
+    for entry in entries:
+        if not isinstance(entry, dict):
+            continue
+        for where in (entry, entry.get("details")):
+            if isinstance(where, dict) and (where.get("remote_host") or where.get("remote_model")):
+                return True
+    return False
 
 
 MODEL_SCHEME = "flm://"

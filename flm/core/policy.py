@@ -56,7 +56,24 @@ def validate_policy(document: Any) -> dict[str, Any]:
         details = [{"path": e.json_path, "message": e.message} for e in errors]
         summary = "; ".join(_describe(d["path"], d["message"]) for d in details[:5])
         raise PolicyInvalidError(f"invalid policy: {summary}", details=details)
+    _check_webhooks(document)
     return document
+
+
+def _check_webhooks(document: dict[str, Any]) -> None:
+    from flm.core.alerts import AlertSettings, webhook_problem
+
+    settings = AlertSettings.from_policy(document.get("alerts"))
+    if settings is None:
+        return
+    details = []
+    for i, hook in enumerate(settings.webhooks):
+        problem = webhook_problem(hook.url, allow_private=settings.allow_private_targets)
+        if problem:
+            details.append({"path": f"$.alerts.webhooks[{i}]", "message": f"webhook {problem}"})
+    if details:
+        summary = "; ".join(_describe(d["path"], d["message"]) for d in details[:5])
+        raise PolicyInvalidError(f"invalid policy: {summary}", details=details)
 
 
 def parse_policy_text(text: str) -> dict[str, Any]:
@@ -120,6 +137,11 @@ class EffectivePolicy:
     memory_threshold: float = 90.0
     max_connections: int = 100
     security_headers: bool = True
+    #: Models the engine runs on a remote service (Ollama's cloud models) are served only when
+    #: the policy says so (SPEC local-only guarantee).
+    allow_cloud_models: bool = False
+    #: Clients never auto-blocked or scored (distinct from the allow-list).
+    trusted_clients: tuple[_Network, ...] = ()
 
     @classmethod
     def build(cls, document: dict[str, Any], *, exposed: bool) -> EffectivePolicy:
@@ -162,4 +184,6 @@ class EffectivePolicy:
             memory_threshold=float(resource.get("memory_threshold", 90)),
             max_connections=int(resource.get("max_connections", 100)),
             security_headers=bool(headers.get("enabled", True)),
+            allow_cloud_models=bool(doc.get("allow_cloud_models", False)),
+            trusted_clients=_networks(doc.get("trusted_clients")),
         )

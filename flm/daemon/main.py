@@ -101,12 +101,12 @@ class Daemon:
                 await asyncio.to_thread(ProxyHandlesRepo(self.ctx.storage.config).remove, ids)
             return ids
 
-    async def reload(self, *, port: int | None = None) -> list[str]:
+    async def reload(self, *, port: int | None = None, log_level: str | None = None) -> list[str]:
         """Apply the current policy, keys, blocklist and engines to running proxies. A stored
         policy that no longer validates is refused and the one in force stays."""
         chosen = [inst for inst in self.instances.values()
                   if port is None or inst.settings.port == port]
-        return await reload_proxies(self.ctx, chosen)
+        return await reload_proxies(self.ctx, chosen, log_level)
 
     async def periodic_reload(self) -> None:
         """Every 30 s: pick up policy/key/blocklist/engine changes; every hour: archive audit
@@ -230,7 +230,9 @@ class Daemon:
                 # while it is unspent or a session made from it is live
                 result = {"url": self.ui.login_url()}
             elif path == "/admin/reload" and method == "POST":
-                result = {"reloaded": await self.reload(port=body.get("port"))}
+                level = body.get("log_level")
+                result = {"reloaded": await self.reload(
+                    port=body.get("port"), log_level=level if isinstance(level, str) else None)}
             else:
                 await send_json(send, 404, {"error": {"code": "NOT_FOUND",
                                                       "message": "no such admin route"}})

@@ -77,6 +77,10 @@ class KindDescriptor:
     binary_env: str | None = None
     #: ``None``: no native route is forwarded (fails closed).
     passthrough: PassThrough | None = None
+    #: How to make the engine listen on loopback only (``flm security exposure``'s fix).
+    loopback_fix: str = "restart the engine listening on 127.0.0.1 only"
+    #: A model listing the engine answers with GET; the exposure audit asks it without a key.
+    models_path: str = "/v1/models"
 
     def adapter_class(self) -> type[EngineAdapter]:
         adapter = self.adapter
@@ -160,6 +164,9 @@ OLLAMA = register(KindDescriptor(
     # else there, present or future, is refused).
     passthrough=PassThrough(EVERY_ROUTE, refused=re.compile(
         r"^/api/(?!(generate|chat|embed|embeddings|tags|show|ps|version)/?$)")),
+    loopback_fix="restart Ollama with OLLAMA_HOST=127.0.0.1 (`OLLAMA_HOST=127.0.0.1 ollama "
+    "serve`, or `systemctl edit ollama` and set Environment=\"OLLAMA_HOST=127.0.0.1\")",
+    models_path="/api/tags",
 ))
 VLLM = register(KindDescriptor(
     name=EngineKind.VLLM, label="vLLM", adapter="flm.engines.vllm:VllmAdapter",
@@ -169,12 +176,15 @@ VLLM = register(KindDescriptor(
     passthrough=PassThrough(EVERY_ROUTE, refused=re.compile(
         r"^/(v1/)?[a-z0-9_]*(lora|profile|cache|sleep|wake|rpc|elastic|weight|server_info"
         r"|pause|resume|abort|fault_tolerance)")),
+    loopback_fix="restart vLLM with --host 127.0.0.1 (`vllm serve MODEL --host 127.0.0.1`)",
 ))
 LMSTUDIO = register(KindDescriptor(
     name=EngineKind.LMSTUDIO, label="LM Studio", adapter="flm.engines.lmstudio:LmStudioAdapter",
     default_port=1234, host_env="LMSTUDIO_API_HOST", binaries=("lms",),
     passthrough=PassThrough(EVERY_ROUTE, refused=re.compile(
         r"^/api/v[01]/models/(load|unload|download)(/|$)")),
+    loopback_fix="in LM Studio's Developer tab, server settings, switch off \"Serve on Local "
+    "Network\" (or start it with `lms server start` without --bind 0.0.0.0)",
 ))
 LLAMACPP = register(KindDescriptor(
     name=EngineKind.LLAMACPP, label="llama.cpp", adapter="flm.engines.llamacpp:LlamaCppAdapter",
@@ -184,4 +194,5 @@ LLAMACPP = register(KindDescriptor(
     passthrough=PassThrough(
         EVERY_ROUTE, refused=re.compile(r"^/(slots|lora-adapters|models/(load|unload))(/|$)"),
         read_only=re.compile(r"^/props$")),
+    loopback_fix="restart llama-server with --host 127.0.0.1",
 ))

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from flm.core.errors import EngineApiError, EngineError, EngineNetworkError
-from flm.core.models import Capabilities, ModelInfo
+from flm.core.models import Capabilities, ModelInfo, is_cloud_model
 from flm.engines.base import (
     EngineAdapter,
     Health,
@@ -193,6 +193,7 @@ class OllamaAdapter(EngineAdapter):
                 vision="vision" in caps,
                 embeddings_only="embedding" in caps and "completion" not in caps,
                 details=details,
+                cloud=is_cloud_model(name, entry, show),
             ))
         return models
 

@@ -28,6 +28,7 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,8 @@ class AuditSink:
         self._stop = False
         self._lock = threading.Lock()
         self._file: Any = None
+        #: Called with every security event as it is recorded (the alerter's O(1) offer).
+        self.listener: Callable[[str, str, str, dict[str, Any]], None] | None = None
         self._thread = threading.Thread(target=self._run, name="flm-audit", daemon=True)
         self._thread.start()
 
@@ -145,6 +148,8 @@ class AuditSink:
               endpoint: str | None = None) -> None:
         self._items.append(("event", (time.time(), event_type, severity, client_ip,
                                       details or {}, request_id, endpoint)))
+        if self.listener is not None:
+            self.listener(event_type, severity, client_ip, details or {})
 
     def block(self, ip: str, reason: str, since: float, until: float | None,
               failures: int) -> None:

@@ -274,6 +274,9 @@ async def start_instance(ctx: Context, raw: dict[str, Any], *,
         if runtime is not None:
             await runtime.close()
         raise
+    from flm.proxy.health import watch_if_alerting
+
+    watch_if_alerting(runtime)
     instance = ProxyInstance(ctx, config, settings, runtime, servers, egress, tls, notes)
     if tls is not None and tls.source == "stored-fallback":
         instance.last_error = notes[-1] if notes else None
@@ -391,7 +394,31 @@ def user_endpoints(s: ProxySettings,
 RELOAD_INTERVAL_S = 30.0
 
 
-async def reload_proxies(ctx: Any, instances: list[ProxyInstance]) -> list[str]:
+_log_override: str | None = None
+
+
+def apply_log_level(ctx: Any, override: str | None = None) -> str:
+    """The log level on reload: the ``FLM_LOG_LEVEL`` a ``flm proxy reload`` was run with
+    (remembered until the next one that names a level), else the ``log.level`` setting, else
+    the level this process started with. Returns the level now in force."""
+    global _log_override
+    from flm.core.errors import ConfigNotSetError
+    from flm.core.jsonlog import set_level, start_level
+
+    if override:
+        set_level(override)  # validates before remembering
+        _log_override = override
+    stored = None
+    if _log_override is None:
+        try:
+            stored = ctx.config.value("log.level")
+        except ConfigNotSetError:
+            stored = None
+    return set_level(_log_override or stored or start_level())
+
+
+async def reload_proxies(ctx: Any, instances: list[ProxyInstance],
+                         log_level: str | None = None) -> list[str]:
     """Apply the stored policy, keys, blocklist, profiles and engines to running proxies (the
     daemon's, or a ``--no-daemon`` one). A stored policy that no longer validates is refused:
     the one in force stays, and the proxy's ``last_error`` says why until a good one comes."""
@@ -400,6 +427,7 @@ async def reload_proxies(ctx: Any, instances: list[ProxyInstance]) -> list[str]:
     from flm.services.keys import KeyService
     from flm.storage.usage import today_totals
 
+    await asyncio.to_thread(apply_log_level, ctx, log_level)
     policy = await asyncio.to_thread(lambda: ctx.policy.show()["policy"])
     rows = [k for k in await asyncio.to_thread(KeyService(ctx.storage).list)
             if k.revoked_at is None]
@@ -417,6 +445,9 @@ async def reload_proxies(ctx: Any, instances: list[ProxyInstance]) -> list[str]:
         else:
             if inst.last_error and inst.last_error.startswith("policy refused"):
                 inst.last_error = None
+        from flm.proxy.health import watch_if_alerting
+
+        watch_if_alerting(rt)
         rt.keys.retain_only(active)
         rt.scopes = scopes  # (new limits, models and expiry apply from the next request)
         rt.ledger.retain_only(active)

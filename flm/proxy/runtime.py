@@ -8,11 +8,13 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from flm.core.alerts import AlertSettings
 from flm.core.keyscope import KeyScope
 from flm.core.models import EngineEndpoint
 from flm.core.policy import EffectivePolicy
 from flm.egress.config import EgressConfig
 from flm.http.client import Timeouts
+from flm.proxy.alerts import Alerter
 from flm.proxy.audit import AuditSink
 from flm.proxy.engines import EngineRegistry
 from flm.proxy.guard import GuardState
@@ -56,6 +58,8 @@ class ProxyRuntime:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     #: The egress in force (after the start-up probe: direct when fail-open fell back).
     egress: EgressConfig = field(default_factory=EgressConfig)
+    #: Alert webhooks (policy ``alerts``), fed by the audit sink's events.
+    alerts: Alerter | None = None
     #: Active keys' scopes and limits by key id (loaded with the keys, swapped on reload).
     scopes: dict[str, KeyScope] = field(default_factory=dict)
     #: The live per-key counters (rate buckets, today's totals).
@@ -69,6 +73,8 @@ class ProxyRuntime:
         effective = EffectivePolicy.build(document, exposed=not self.settings.loopback_only)
         self.policy = document
         self.effective = effective
+        if self.alerts is not None:
+            self.alerts.configure(AlertSettings.from_policy(document.get("alerts")))
 
     def load_blocks(self, rows: list[tuple[str, str, float | None, float, int]]) -> None:
         self.guard.load_blocks(rows)
@@ -78,6 +84,8 @@ class ProxyRuntime:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         await self.engines.close()
+        if self.alerts is not None:
+            await asyncio.to_thread(self.alerts.close)
         if self.audit is not None:
             self.audit.close()
         if self.usage is not None:
@@ -132,6 +140,14 @@ def build_runtime(settings: ProxySettings, ctx: Any,
     runtime.scope_loader = lambda key_id: load_scope(ctx, key_id)
     runtime.scopes = load_scopes(ctx)
     runtime.ledger.load_today(today_totals(ctx.storage.security))
+    from flm.services.audit_events import record_security_event
+
+    storage = ctx.storage
+    runtime.alerts = Alerter(
+        lambda kind, severity, details: record_security_event(storage, kind, severity, details),
+        egress=runtime.egress)
+    assert runtime.audit is not None
+    runtime.audit.listener = runtime.alerts.offer
     runtime.apply_policy(json.loads(json.dumps(ctx.policy.show()["policy"])))
     runtime.load_blocks(load_block_rows(ctx))
     load_profiles(runtime, ctx)

@@ -36,6 +36,9 @@ def record_security_event(
     stamp = now_iso()
 
     row_id = AuditRepo(storage.security).insert_event(stamp, event_type, severity, body)
+    from flm.core.alerts import notify
+
+    notify(event_type, severity, "", details)
     log.warning("security event %s (%s)", event_type, severity,
                 extra={"event_type": event_type, "severity": severity})
     return row_id

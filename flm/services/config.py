@@ -87,6 +87,10 @@ KNOWN: dict[str, KnownSetting] = {
     "preferred_language": KnownSetting("en", _choice("en", "ja"), "web UI language"),
     "ui.theme": KnownSetting("system", _choice("system", "light", "dark"),
                              "web UI theme (system follows the OS)"),
+    "log.level": KnownSetting(
+        None, _choice("debug", "info", "warning", "error", "critical"),
+        "log level of the daemon and running proxies, applied on reload",
+    ),
 }
 
 _KEY = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$")

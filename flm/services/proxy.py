@@ -223,7 +223,10 @@ class ProxyService:
         info = self.daemon()
         reloaded: list[str] = []
         if info is not None:
-            reloaded += self.call(info, "POST", "/admin/reload", {"port": port})["reloaded"]
+            body: dict[str, Any] = {"port": port}
+            if os.environ.get("FLM_LOG_LEVEL"):
+                body["log_level"] = os.environ["FLM_LOG_LEVEL"]
+            reloaded += self.call(info, "POST", "/admin/reload", body)["reloaded"]
         reloaded += self._signal_foreground(port)
         return {"reloaded": reloaded}
 

@@ -177,6 +177,7 @@ class SecurityMiddleware:
         self.runtime = runtime
         self._allowed = _Membership()
         self._trusted = _Membership()
+        self._trusted_clients = _Membership()
         self._monitor: asyncio.Task[None] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -198,7 +199,10 @@ class SecurityMiddleware:
             ip = state.client_ip = forwarded_client(
                 ip, [v for n, v in every if n == b"x-forwarded-for"],
                 [v for n, v in every if n == b"x-real-ip"], policy.trusted_proxies)
-        if guard.blocks:
+        # Trusted clients (policy ``trusted_clients``) are never blocked or scored.
+        trusted = bool(policy.trusted_clients) and self._trusted_clients(
+            ip, policy.trusted_clients)
+        if guard.blocks and not trusted:
             block = guard.blocked(ip)
             if block is not None:
                 rt.metrics.blocks.labels(block.reason).inc()
@@ -218,9 +222,10 @@ class SecurityMiddleware:
         # 6. Intrusion and honeypots: honeypot paths answer a plain 404 and score the caller;
         #    attack-shaped paths, queries and scanner user agents score (404s score below).
         if policy.honeypot_enabled and path.rstrip("/").lower() in HONEYPOTS:
-            self._score(scope, state, agent, HONEYPOT_SCORE, ("honeypot",))
+            if not trusted:
+                self._score(scope, state, agent, HONEYPOT_SCORE, ("honeypot",))
             raise NoSuchRoute()  # (scored once, here: it is raised before the route runs)
-        intrusion = policy.intrusion_enabled
+        intrusion = policy.intrusion_enabled and not trusted
         if intrusion:
             score = score_request(scope.get("raw_path") or path.encode(),
                                   scope.get("query_string", b""), agent)
@@ -231,7 +236,7 @@ class SecurityMiddleware:
 
         # 7. Anomaly detection: request rate per address and declared body size now, the
         #    duration once the request is over.
-        anomaly = policy.anomaly_enabled and path != "/health"  # (a health checker polls)
+        anomaly = policy.anomaly_enabled and path != "/health" and not trusted  # (health polls)
         if anomaly:
             self._anomalies_before(state, headers.get(b"content-length"), policy)
 
@@ -356,7 +361,11 @@ class SecurityMiddleware:
         rt = self.runtime
         rt.metrics.auth_failures.inc()
         ip = state.client_ip
-        count, block = rt.guard.auth_failure(ip, rt.effective)
+        policy = rt.effective
+        if policy.trusted_clients and self._trusted_clients(ip, policy.trusted_clients):
+            count, block = 0, None  # a trusted client's failures never count towards a block
+        else:
+            count, block = rt.guard.auth_failure(ip, policy)
         if rt.audit is not None:
             rt.audit.event("auth_failure", "medium" if block else "low", ip,
                            {"failures": count, "reason": message}, state.request_id,

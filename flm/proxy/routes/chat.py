@@ -7,10 +7,10 @@ import json
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from flm.core.errors import EngineError
-from flm.core.models import EngineKind, make_model_id
+from flm.core.models import EngineKind, ModelInfo, make_model_id
 from flm.openai.errors import HttpError, error_body, http_status
 from flm.openai.sse import DONE, encode_event, usage_from_bytes
 from flm.openai.translate import (
@@ -61,6 +61,17 @@ def _record_usage(state: RequestState, usage: Any, rt: ProxyRuntime) -> None:
                              state.completion_tokens)
 
 
+def refuse_cloud_model(state: RequestState, rt: ProxyRuntime, info: ModelInfo) -> NoReturn:
+    """403 ``cloud_model_blocked``, recorded as a security event: the engine would send the
+    prompt to a service on the internet and the policy does not allow cloud models."""
+    if rt.audit is not None:
+        rt.audit.event("cloud_model_blocked", "medium", state.client_ip,
+                       {"engine_id": info.engine_id, "model": info.name}, state.request_id)
+    raise HttpError(403, "cloud_model_blocked",
+                    f"{info.flm_id} runs on a remote service, not on this machine; set "
+                    "\"allow_cloud_models\": true in the security policy to serve it")
+
+
 async def _prepare_chat(state: RequestState, rt: ProxyRuntime, body: Any,
                         api_id: str = "chat_completions") -> tuple[ChatPlan, Any]:
     engine_id, model = chat_target(body)
@@ -69,6 +80,8 @@ async def _prepare_chat(state: RequestState, rt: ProxyRuntime, body: Any,
     if state.key is not None and state.key.models is not None:
         require_model(state, make_model_id(engine_id, model))
     adapter, info = await rt.engines.resolve(engine_id, model)
+    if info.cloud and not rt.effective.allow_cloud_models:
+        refuse_cloud_model(state, rt, info)
     changed = False
     if rt.profiles:  # defaults saved for this engine + model fill what the request left out
         changed = apply_profile(body, rt.profiles.get((engine_id, model))
@@ -291,7 +304,9 @@ async def embeddings(scope: Scope, receive: Receive, send: Send, rt: ProxyRuntim
     state.engine_id, state.model = engine_id, make_model_id(engine_id, model)
     if state.key is not None and state.key.models is not None:
         require_model(state, state.model)
-    adapter, _info = await rt.engines.resolve(engine_id, model)
+    adapter, info = await rt.engines.resolve(engine_id, model)
+    if info.cloud and not rt.effective.allow_cloud_models:
+        refuse_cloud_model(state, rt, info)
     if not adapter.capabilities().embeddings:
         raise HttpError(422, "unsupported_modalities", f"{engine_id} does not embed")
     reply = await _engine_call(adapter.embeddings(payload), state)

@@ -16,12 +16,13 @@ def _scope_of(scope: Scope) -> KeyScope | None:
 
 
 async def models(scope: Scope, receive: Receive, send: Send, rt: ProxyRuntime) -> None:
+    allow_cloud = rt.effective.allow_cloud_models
     key = _scope_of(scope)  # a key limited to some models sees only those
     data = [
         {"id": m.flm_id, "object": "model", "created": 0, "owned_by": m.engine_id,
          "context_length": m.context_length}
         for m in sorted(await rt.engines.all_models(), key=lambda m: m.flm_id)
-        if key is None or key.allows_model(m.flm_id)
+        if (allow_cloud or not m.cloud) and (key is None or key.allows_model(m.flm_id))
     ]
     await send_json(send, 200, {"object": "list", "data": data})
 
@@ -31,7 +32,8 @@ async def model(scope: Scope, receive: Receive, send: Send, rt: ProxyRuntime) ->
     wanted = scope["path"][len("/v1/models/"):]
     key = _scope_of(scope)
     for m in await rt.engines.all_models():
-        if m.flm_id == wanted and (key is None or key.allows_model(m.flm_id)):
+        if m.flm_id == wanted and (rt.effective.allow_cloud_models or not m.cloud) and (
+                key is None or key.allows_model(m.flm_id)):
             await send_json(send, 200, {"id": m.flm_id, "object": "model", "created": 0,
                                         "owned_by": m.engine_id,
                                         "context_length": m.context_length})
@@ -44,6 +46,9 @@ async def health(scope: Scope, receive: Receive, send: Send, rt: ProxyRuntime) -
 
 
 async def metrics(scope: Scope, receive: Receive, send: Send, rt: ProxyRuntime) -> None:
+    from flm.proxy.health import ensure_engine_watch
+
+    ensure_engine_watch(rt)  # (started at proxy start too; here for embedded gateways)
     await send_bytes(send, 200, rt.metrics.render(),
                      [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")])
 
