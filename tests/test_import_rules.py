@@ -16,7 +16,7 @@ ROOT = Path(flm.__file__).parent
 LAYERS: dict[str, int] = {
     "__main__": 7,
     "cli": 6, "daemon": 6, "testing": 6,
-    "proxy": 5,
+    "proxy": 5, "ui": 5,
     "services": 4,
     "engines": 3,
     "egress": 2, "openai": 2, "storage": 2, "tls": 2,

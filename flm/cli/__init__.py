@@ -36,6 +36,7 @@ COMMAND_MODULES = (
     "migrate",
     "service",
     "usage",
+    "ui",
 )
 
 log = logging.getLogger("flm.cli")

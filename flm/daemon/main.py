@@ -28,6 +28,7 @@ from flm.proxy.instance import RELOAD_INTERVAL_S, ProxyInstance, reload_proxies,
 from flm.services.audit_events import record_security_event
 from flm.services.context import Context
 from flm.storage.config import ProxyHandleRow, ProxyHandlesRepo
+from flm.ui.app import UiApp
 
 log = logging.getLogger("flm.daemon")
 
@@ -53,6 +54,8 @@ class Daemon:
         self._served_start = False  # a start was asked for (until then the idle timer rules)
         self.started_at = time.time()
         self._lock = asyncio.Lock()
+        #: the web UI, served on this origin for every path outside /admin/
+        self.ui = UiApp(self)
 
     # --- proxies ---------------------------------------------------------------------------------
 
@@ -141,7 +144,8 @@ class Daemon:
 
     def status(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "started_at": self.started_at,
-                "proxies": [i.describe() for i in self.instances.values()]}
+                "proxies": [i.describe() for i in self.instances.values()],
+                "ui_live": self.ui.live()}
 
     # --- admin API -------------------------------------------------------------------------------
 
@@ -176,6 +180,9 @@ class Daemon:
         if scope["type"] != "http":
             return
         path, method = scope["path"], scope["method"]
+        if not path.startswith("/admin/"):
+            await self.ui(scope, receive, send)
+            return
         verdict = self._authorised(scope)
         if verdict == "blocked":
             await send_json(send, 429, {"error": {
@@ -191,7 +198,7 @@ class Daemon:
             await self._admin(path, method, receive, scope, send)
         finally:
             self._in_flight -= 1
-            if not self.instances and self._in_flight == 0 and self._served_start:
+            if self._idle() and self._served_start:
                 # A daemon left with no proxy (its last one stopped, or the start it was made
                 # for failed) goes away, but never under a request still queued behind this
                 # one (a start racing a stop).
@@ -218,6 +225,10 @@ class Daemon:
             elif path == "/admin/renew" and method == "POST":
                 result = {"renewed": await self.renew(port=body.get("port"),
                                                       force=bool(body.get("force", True)))}
+            elif path == "/admin/ui-login" and method == "POST":
+                # a one-time web UI login link (2 minutes, single use); the daemon stays up
+                # while it is unspent or a session made from it is live
+                result = {"url": self.ui.login_url()}
             elif path == "/admin/reload" and method == "POST":
                 level = body.get("log_level")
                 result = {"reloaded": await self.reload(
@@ -244,12 +255,20 @@ class Daemon:
 
     # --- lifecycle -------------------------------------------------------------------------------
 
-    async def _exit_if_idle(self, grace_s: float = 60.0) -> None:
-        """A daemon nobody asked to start a proxy within ``grace_s`` goes away."""
+    def _idle(self) -> bool:
+        """No proxy, no admin request under way, no web UI session or unspent login link."""
+        return not self.instances and self._in_flight == 0 and not self.ui.live()
+
+    async def _exit_if_idle(self, grace_s: float = 60.0, every_s: float = 5.0) -> None:
+        """A daemon nobody asked to start a proxy within ``grace_s`` goes away; so does one
+        whose last web UI session ended (logout or expiry) with no proxy left."""
         await asyncio.sleep(grace_s)
-        async with self._lock:  # a start under way (an ACME order may take 90 s) ends first
-            if not self.instances and self._in_flight == 0:
-                self.stop_event.set()
+        while True:
+            async with self._lock:  # a start under way (an ACME order may take 90 s) ends first
+                if self._idle():
+                    self.stop_event.set()
+                    return
+            await asyncio.sleep(every_s)
 
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
@@ -258,6 +277,7 @@ class Daemon:
         admin_sock = bind_socket("127.0.0.1", 0)
         admin = HttpServer(self.admin_app, admin_sock, refusal=refusal)
         await admin.start()
+        self.ui.set_port(admin.port)
         info = {"port": admin.port, "token": self.token, "pid": os.getpid(),
                 "started_at": now_iso(),
                 **self.databases}

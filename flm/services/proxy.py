@@ -201,16 +201,18 @@ class ProxyService:
             return {"stopped": [], "cleaned": cleaned}
         body = {"port": port, "handle_id": handle_id, "all": all_}
         result: dict[str, Any] = self.call(info, "POST", "/admin/stop", body)
-        if all_ or not self._running_proxies(info):
+        status = self._status(info)
+        # a daemon left without proxies exits, unless a web UI session keeps it up
+        if (all_ or not status.get("proxies")) and not status.get("ui_live"):
             self._wait_exit(info)
         return result
 
-    def _running_proxies(self, info: DaemonInfo) -> list[Any]:
+    def _status(self, info: DaemonInfo) -> dict[str, Any]:
         try:
-            proxies: list[Any] = self.call(info, "GET", "/admin/status", timeout=5)["proxies"]
-            return proxies
+            status: dict[str, Any] = self.call(info, "GET", "/admin/status", timeout=5)
+            return status
         except FlmError:
-            return []
+            return {}
 
     def _wait_exit(self, info: DaemonInfo, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout

@@ -133,13 +133,15 @@ class SecurityEvents:
     # --- intrusion / anomaly ---------------------------------------------------------------------
 
     def intrusions(self, *, ip: str | None = None, min_score: int = 0,
-                   limit: int = 100) -> list[dict[str, Any]]:
+                   limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
         _check_limit(limit)
-        rows = IntrusionsRepo(self._db).query(ip=ip, min_score=min_score, limit=limit)
+        rows = IntrusionsRepo(self._db).query(ip=ip, min_score=min_score, limit=limit,
+                                              offset=offset)
         return [{**dict(r), "reasons": json.loads(r["reasons_json"])} for r in rows]
 
     def anomalies(self, *, ip: str | None = None, anomaly_type: str | None = None,
-                  limit: int = 100) -> list[dict[str, Any]]:
+                  limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
         _check_limit(limit)
-        rows = AnomaliesRepo(self._db).query(ip=ip, anomaly_type=anomaly_type, limit=limit)
+        rows = AnomaliesRepo(self._db).query(ip=ip, anomaly_type=anomaly_type, limit=limit,
+                                             offset=offset)
         return [dict(r) for r in rows]

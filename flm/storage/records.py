@@ -154,10 +154,12 @@ class IntrusionsRepo:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    def query(self, *, ip: str | None, min_score: int, limit: int) -> list[sqlite3.Row]:
+    def query(self, *, ip: str | None, min_score: int, limit: int,
+              offset: int = 0) -> list[sqlite3.Row]:
         params: list[Any] = [min_score]
         sql = and_equal("SELECT * FROM intrusion_attempts WHERE total_score >= ?", params, ip=ip)
-        return self.db.query(sql + " ORDER BY id DESC LIMIT ?", [*params, limit])
+        return self.db.query(sql + " ORDER BY id DESC LIMIT ? OFFSET ?",
+                             [*params, limit, max(0, offset)])
 
 
 class AnomaliesRepo:
@@ -165,11 +167,12 @@ class AnomaliesRepo:
         self.db = db
 
     def query(self, *, ip: str | None, anomaly_type: str | None,
-              limit: int) -> list[sqlite3.Row]:
+              limit: int, offset: int = 0) -> list[sqlite3.Row]:
         params: list[Any] = []
         sql = and_equal("SELECT * FROM anomaly_detections WHERE 1=1", params, ip=ip,
                         anomaly_type=anomaly_type)
-        return self.db.query(sql + " ORDER BY id DESC LIMIT ?", [*params, limit])
+        return self.db.query(sql + " ORDER BY id DESC LIMIT ? OFFSET ?",
+                             [*params, limit, max(0, offset)])
 
 
 class CertificatesRepo:

@@ -270,6 +270,21 @@ def test_cors_preflight_without_key_and_headers(env: Env) -> None:
     assert headers["access-control-allow-origin"] == "*"
 
 
+def test_refusals_carry_cors_headers(env: Env) -> None:
+    """A browser client (the web UI's chat tester) can read a 401/404 and its request id."""
+    env.policy({"cors": {"allowed_origins": ["https://app.example"]}})
+    origin = {"Origin": "https://app.example"}
+    for key, path in (("flm_00000000_wrong", "/v1/models"), ("default", "/no-such-route")):
+        status, headers, body = env.request("GET", path, headers=origin, key=key)
+        assert status in (401, 404), body
+        assert headers["access-control-allow-origin"] == "https://app.example"
+        assert headers["access-control-expose-headers"] == "x-request-id"
+        assert headers["x-request-id"] in body.decode()
+    status, headers, _ = env.request("GET", "/v1/models", key="flm_00000000_wrong",
+                                     headers={"Origin": "https://evil.example"})
+    assert status == 401 and "access-control-allow-origin" not in headers
+
+
 def test_invalid_policy_keeps_the_old_one(env: Env) -> None:
     from flm.core.errors import PolicyInvalidError
 

@@ -243,6 +243,7 @@ class SecurityMiddleware:
         if counted:
             guard.connections += 1
         started = time.monotonic()
+        cors_allowed: bytes | None = None
         try:
             # 8. IP allow-list
             if policy.whitelist and not self._allowed(ip, policy.whitelist):
@@ -265,6 +266,7 @@ class SecurityMiddleware:
                     return
                 if allowed is not None:
                     send = _with_cors(send, allowed)
+                    cors_allowed = allowed
 
             # 11. Authentication: Bearer API key on every route but /health (and /metrics on
             #     a loopback-only proxy); failures feed the auto-block.
@@ -296,11 +298,16 @@ class SecurityMiddleware:
 
             # 13. The route
             await self.app(scope, receive, send)
-        except NoSuchRoute:
+        except HttpError as exc:
             # probing for routes that do not exist scores too (an engine's own 404 through
             # the pass-through, or an unknown model, is an answer, not a probe)
-            if intrusion:
+            if intrusion and isinstance(exc, NoSuchRoute):
                 self._score(scope, state, agent, NOT_FOUND_SCORE, ("not_found_probe",))
+            # a refusal from here on (401, 429, a route's error) is sent by an outer layer
+            # that never saw the CORS wrapper: it carries the headers itself, so a browser
+            # page (the web UI's chat tester) can read the error and its request id
+            if cors_allowed is not None:
+                exc.headers = [*exc.headers, *_cors_headers(cors_allowed)]
             raise
         finally:
             if counted:
@@ -437,13 +444,15 @@ async def _preflight(send: Send, allowed: bytes | None) -> None:
     await send({"type": "http.response.body", "body": b""})
 
 
+def _cors_headers(allowed: bytes) -> list[tuple[bytes, bytes]]:
+    return [(b"access-control-allow-origin", allowed),
+            (b"access-control-expose-headers", b"x-request-id"), (b"vary", b"origin")]
+
+
 def _with_cors(send: Send, allowed: bytes) -> Send:
     async def with_cors(message: Message) -> None:
         if message["type"] == "http.response.start":
-            message["headers"] = [*message.get("headers", ()),
-                                  (b"access-control-allow-origin", allowed),
-                                  (b"access-control-expose-headers", b"x-request-id"),
-                                  (b"vary", b"origin")]
+            message["headers"] = [*message.get("headers", ()), *_cors_headers(allowed)]
         await send(message)
 
     return with_cors

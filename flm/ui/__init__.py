@@ -1,0 +1,1 @@
+"""The web UI served by the daemon (see flm.ui.app)."""

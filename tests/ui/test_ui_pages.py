@@ -1,0 +1,181 @@
+"""The UI's pages and actions over real sockets: daemon lifetime, security views with filters
+and paging, editors, the wizard's refusals."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from flm.services.runstate import pid_alive
+from tests.conftest import flm_subprocess
+from tests.ui.conftest import Ui
+
+
+def _daemon_pid(home: Path) -> int:
+    return int(json.loads((home / "run" / "proxy-daemon.json").read_text())["pid"])
+
+
+def test_daemon_stays_up_while_a_ui_session_is_live(ui: Ui, emulator: str) -> None:
+    session = ui.login()
+    pid = _daemon_pid(ui.home)
+    started = session.post("/proxies/start", {"port": "0", "mode": "local-http"})
+    assert started.status == 400  # port 0 is refused with a message, nothing started
+    assert "port" in started.json["error"]["message"]  # type: ignore[index]
+    status = json.loads(flm_subprocess("proxy", "status").stdout)["data"]
+    assert status["proxies"] == []
+    # the CLI stops every proxy; the daemon keeps serving the open UI
+    assert flm_subprocess("proxy", "stop", "--all").returncode == 0
+    assert pid_alive(pid)
+    assert session.get("/").status == 200
+    from flm.core.paths import Paths
+    from flm.daemon.main import Daemon
+
+    # the rule itself, on a real (not started) daemon object
+    daemon = Daemon(Paths.resolve())
+    try:
+        assert daemon._idle()
+        daemon.ui.login_url()  # an unspent login link keeps it up
+        assert not daemon._idle()
+    finally:
+        daemon.ctx.close()
+
+
+def test_dashboard_data_endpoint_serves_fragments(ui: Ui, emulator: str) -> None:
+    session = ui.login()
+    reply = session.get("/data/dashboard", Accept="application/json")
+    assert reply.status == 200 and reply.headers["content-type"] == "application/json"
+    fragments = reply.json["fragments"]  # type: ignore[index]
+    assert set(fragments) == {"engines", "proxies", "summary", "charts"}
+    assert 'data-engine="emu"' in fragments["engines"]
+    for kind in ("requests", "latency", "refusals", "keys", "engines"):
+        assert f'data-chart="{kind}"' in fragments["charts"], kind
+    assert 'data-chart="health"' in fragments["engines"]  # the engine's health sparkline
+    day = session.get("/data/dashboard?range=day", Accept="application/json")
+    assert 'aria-current="true">Last day' in day.json["fragments"]["charts"]  # type: ignore[index]
+
+
+def test_security_view_filters_and_pages(ui: Ui) -> None:
+    from flm.core.paths import Paths
+    from flm.core.timeutil import now_iso
+    from flm.storage import Storage
+
+    storage = Storage(Paths.resolve())
+    rows = [(now_iso(), f"req-{i:03d}", f"192.0.2.{i % 3}", "auth_failure" if i % 2 else
+             "request", "medium" if i % 2 else "info") for i in range(130)]
+    storage.security.write(lambda c: c.executemany(
+        "INSERT INTO audit_logs(ts, request_id, client_ip, event_type, severity) "
+        "VALUES (?, ?, ?, ?, ?)", rows))
+    storage.close()
+    session = ui.login()
+    first = session.get("/security?tab=audit&event_type=auth_failure")
+    ids = re.findall(r"req-(\d{3})", first.text)
+    assert len(ids) == 50 and all(int(i) % 2 for i in ids)
+    assert 'rel="next"' in first.text and "event_type=auth_failure" in first.text
+    second = session.get("/security?tab=audit&event_type=auth_failure&page=2")
+    assert set(re.findall(r"req-(\d{3})", second.text)).isdisjoint(ids)
+    only_ip = session.get("/security?tab=audit&ip=192.0.2.1")
+    assert set(re.findall(r"<code>(192\.0\.2\.\d)</code>", only_ip.text)) == {"192.0.2.1"}
+    export = session.get("/security/export?format=json&event_type=auth_failure")
+    assert export.status == 200, export.headers
+    exported = export.json
+    assert isinstance(exported, list) and len(exported) == 65
+    assert {r["event_type"] for r in exported} == {"auth_failure"}
+
+
+def test_profiles_and_prompts_editors(ui: Ui) -> None:
+    session = ui.login()
+    bad = session.post("/profiles/save", {"engine_id": "emu", "model_id": "tiny:1b",
+                                          "label": "warm", "parameters": "{not json"})
+    assert bad.status == 400
+    assert bad.json["error"]["field"] == "parameters"  # type: ignore[index]
+    saved = session.post("/profiles/save", {"engine_id": "emu", "model_id": "tiny:1b",
+                                            "label": "warm", "parameters":
+                                            '{"temperature": 0.2}'})
+    assert saved.status == 200, saved.text
+    page = session.get("/profiles").text
+    assert "warm" in page and "0.2" in page
+    prompt = session.post("/prompts/save", {"api_id": "chat_completions",
+                                            "template": "Answer briefly."})
+    assert prompt.status == 200
+    assert "Answer briefly." in session.get("/profiles").text
+    wrong = session.post("/prompts/save", {"api_id": "nope", "template": "x"})
+    assert wrong.status == 400
+
+
+def test_wizard_warns_and_never_applies_without_confirmation(ui: Ui) -> None:
+    session = ui.login()
+    step3 = session.get("/wizard?step=3&mode=local-http&port=8080&bind=0.0.0.0")
+    assert 'data-warning="wizard.warn_empty_allow_list"' in step3.text
+    session.post("/api/policy", {"ip_whitelist": "192.168.0.0/16\nfd00::/8"})
+    step3 = session.get("/wizard?step=3&mode=local-http&port=8080&bind=0.0.0.0")
+    assert 'data-warning="wizard.warn_private_only"' in step3.text
+    step4 = session.get("/wizard?step=4&mode=dev-selfsigned&port=8080&bind=0.0.0.0")
+    assert "8080, 8081" in step4.text and "fd00::/8" in step4.text
+    for backend in ("ufw", "firewalld", "nftables", "pf", "powershell"):
+        assert f'data-backend="{backend}"' in step4.text
+    refused = session.post("/wizard/apply", {"backend": "nftables", "ports": "8080,8081"})
+    assert refused.status == 400 and refused.json["error"]["field"] == "confirm"  # type: ignore[index]
+    other = session.post("/wizard/apply", {"backend": "pf", "ports": "8080", "confirm": "yes"})
+    assert other.status == 400
+    assert not (ui.home / "logs" / "security").exists()
+
+
+def test_settings_store_language_and_theme(ui: Ui) -> None:
+    session = ui.login()
+    first = session.get("/", **{"Accept-Language": "ja,en;q=0.5"})
+    assert '<html lang="ja" data-theme="system">' in first.text
+    assert session.post("/settings", {"language": "en", "theme": "dark"}).status == 200
+    again = session.get("/", **{"Accept-Language": "ja,en;q=0.5"})
+    assert '<html lang="en" data-theme="dark">' in again.text  # the stored choice wins
+    out = json.loads(flm_subprocess("config", "get", "preferred_language").stdout)["data"]
+    assert out["value"] == "en"
+    assert session.post("/settings", {"theme": "purple"}).status == 400
+
+
+def test_static_assets_and_head(ui: Ui) -> None:
+    css = ui.request("GET", "/static/ui.css")
+    assert css.status == 200 and css.headers["content-type"].startswith("text/css")
+    assert ui.request("GET", "/static/../app.py").status == 401
+    assert ui.request("GET", "/static/missing.js").status == 401
+
+
+def test_policy_form_error_shows_next_to_its_field(ui: Ui) -> None:
+    session = ui.login()
+    sent = session.post("/api/policy", {"ip_whitelist": "10.0.0.0/8\nnot-an-ip"},
+                        accept_json=False)
+    assert sent.status == 303 and sent.headers["location"] == "/api#policy"
+    page = session.get("/api").text
+    error = re.search(r'<p class="field-error" id="err-ip_whitelist" role="alert">([^<]+)</p>',
+                      page)
+    assert error and "ip_whitelist" in error.group(1)
+    assert page.index('id="p-allow"') < page.index('id="err-ip_whitelist"')
+    assert 'id="err-' not in session.get("/api").text  # shown once
+
+
+def test_daemon_exits_once_the_last_ui_session_ends(flm_home: Path) -> None:
+    """The idle rule on a real daemon object, with its timers shortened: a live session keeps
+    it up; logging out (no proxy left) lets it go."""
+    import asyncio
+    from urllib.parse import urlsplit
+
+    from flm.core.paths import Paths
+    from flm.daemon.main import Daemon
+
+    async def scenario() -> None:
+        daemon = Daemon(Paths.resolve())
+        try:
+            url = daemon.ui.login_url()
+            redeemed = daemon.ui.sessions.redeem(urlsplit(url).query.split("=", 1)[1])
+            assert redeemed is not None
+            watcher = asyncio.ensure_future(daemon._exit_if_idle(grace_s=0.01, every_s=0.01))
+            for _ in range(20):  # 20 idle checks pass with the session live
+                await asyncio.sleep(0.01)
+            assert not daemon.stop_event.is_set()
+            assert daemon.ui.sessions.end(redeemed[0])
+            await asyncio.wait_for(daemon.stop_event.wait(), 5)
+            await watcher
+        finally:
+            daemon.ctx.close()
+
+    asyncio.run(scenario())
