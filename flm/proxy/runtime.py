@@ -113,12 +113,14 @@ def build_runtime(settings: ProxySettings, ctx: Any,
 
 
 def load_profiles(runtime: ProxyRuntime, ctx: Any) -> None:
-    """Model profiles and API prompts from config.db into the runtime."""
+    """Model profiles, API prompts and model aliases from config.db into the runtime."""
+    from flm.services.aliases import AliasService
     from flm.services.profiles import ProfileService
 
     service = ProfileService(ctx.storage)
     runtime.profiles = service.effective_profiles()
     runtime.prompts = service.effective_prompts()
+    runtime.engines.set_aliases(AliasService(ctx.storage).effective())
 
 
 def load_block_rows(ctx: Any) -> list[tuple[str, str, float | None, float, int]]:

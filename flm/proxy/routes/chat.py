@@ -10,13 +10,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from flm.core.errors import EngineError
-from flm.core.models import make_model_id
 from flm.openai.errors import HttpError, error_body
 from flm.openai.sse import DONE, encode_event, usage_from_bytes
 from flm.openai.translate import (
     ChatPlan,
     chat_target,
+    completion_target,
     plan_chat,
+    plan_completion,
     plan_embeddings,
     raw_with_model,
     responses_to_chat,
@@ -62,9 +63,11 @@ def _record_usage(state: RequestState, usage: Any, rt: ProxyRuntime) -> None:
 
 async def _prepare_chat(state: RequestState, rt: ProxyRuntime, body: Any,
                         api_id: str = "chat_completions") -> tuple[ChatPlan, Any]:
-    engine_id, model = chat_target(body)
-    # (the id the client sent, ``flm://engine/model``, which is also the one replies carry)
-    state.engine_id, state.model = engine_id, body["model"]
+    named = chat_target(body)
+    engine_id, model = await rt.engines.locate(named)
+    # (the name the client sent — an flm:// id, a plain name or an alias — which is also the
+    # one replies carry)
+    state.engine_id, state.model = engine_id, named
     adapter, info = await rt.engines.resolve(engine_id, model)
     changed = False
     if rt.profiles:  # defaults saved for this engine + model fill what the request left out
@@ -93,7 +96,7 @@ async def chat_completions(scope: Scope, receive: Receive, send: Send,
     raw = await read_body(receive, scope, rt.settings.max_body_bytes)
     body = parse_json(raw)
     plan, adapter = await _prepare_chat(state, rt, body)
-    public: str = body["model"]  # checked by _prepare_chat: flm://engine/model
+    public: str = body["model"]  # checked by _prepare_chat
     if plan.stream:
         await stream_events(scope, receive, send, rt, adapter.chat_stream(plan.body, public))
         return
@@ -101,6 +104,31 @@ async def chat_completions(scope: Scope, receive: Receive, send: Send,
     reply = await _engine_call(adapter.chat_bytes(plan.body, public, forward), state)
     await send_bytes(send, 200, reply)
     # Token counts are read from the reply once it is on its way to the client.
+    _record_usage(state, usage_from_bytes(reply), rt)
+
+
+async def completions(scope: Scope, receive: Receive, send: Send, rt: ProxyRuntime) -> None:
+    """``/v1/completions``: legacy text completions, plain and streamed. OpenAI-compatible
+    engines get the request as it is (model name swapped); Ollama through ``/api/generate``."""
+    state: RequestState = scope["flm"]
+    raw = await read_body(receive, scope, rt.settings.max_body_bytes)
+    body = parse_json(raw)
+    named = completion_target(body)
+    engine_id, model = await rt.engines.locate(named)
+    state.engine_id, state.model = engine_id, named
+    adapter, info = await rt.engines.resolve(engine_id, model)
+    changed = bool(rt.profiles) and apply_profile(
+        body, rt.profiles.get((engine_id, model)) or rt.profiles.get((engine_id, info.name)))
+    payload, warnings = plan_completion(body, model, rt.engines.capabilities(engine_id, info))
+    state.warnings.extend(warnings)
+    if payload.get("stream") is True:
+        await stream_events(scope, receive, send, rt,
+                            adapter.completion_stream(payload, named))
+        return
+    forward = (raw_with_model(raw, named, model)
+               if not changed and not warnings and payload.keys() == body.keys() else None)
+    reply = await _engine_call(adapter.completion_bytes(payload, named, forward), state)
+    await send_bytes(send, 200, reply)
     _record_usage(state, usage_from_bytes(reply), rt)
 
 
@@ -202,8 +230,10 @@ class _UsageTap:
 async def embeddings(scope: Scope, receive: Receive, send: Send, rt: ProxyRuntime) -> None:
     state = state_of(scope)
     body = await _body(scope, receive, rt)
-    engine_id, model, payload = plan_embeddings(body)
-    state.engine_id, state.model = engine_id, make_model_id(engine_id, model)
+    named, payload = plan_embeddings(body)
+    engine_id, model = await rt.engines.locate(named)
+    payload["model"] = model
+    state.engine_id, state.model = engine_id, named
     adapter, _info = await rt.engines.resolve(engine_id, model)
     if not adapter.capabilities().embeddings:
         raise HttpError(422, "unsupported_modalities", f"{engine_id} does not embed")
@@ -360,7 +390,7 @@ async def responses(scope: Scope, receive: Receive, send: Send, rt: ProxyRuntime
     chat = responses_to_chat(body)
     state = state_of(scope)
     plan, adapter = await _prepare_chat(state, rt, chat, "responses")
-    public = make_model_id(plan.engine_id, plan.model)
+    public: str = chat["model"]
     if plan.stream:
         if "stream_options" not in plan.body:
             plan.body["stream_options"] = {"include_usage": True}

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from flm.core.models import make_model_id
 from flm.openai.errors import HttpError
 from flm.proxy.asgi import Receive, Scope, Send, read_body, send_bytes, send_json
 from flm.proxy.runtime import ProxyRuntime
@@ -9,25 +12,46 @@ from flm.proxy.runtime import ProxyRuntime
 MAX_AUDIO_BYTES = 25 * 1024 * 1024
 
 
+async def _model_cards(rt: ProxyRuntime) -> list[dict[str, Any]]:
+    """Every model as ``flm://engine/model``, then plain names exactly one engine serves, then
+    aliases (an alias shadows a plain name of the same spelling), each callable as listed."""
+    listed = sorted(await rt.engines.all_models(), key=lambda m: m.flm_id)
+    by_id = {m.flm_id: m for m in listed}
+    cards = [_card(m.flm_id, m.engine_id, m.context_length) for m in listed]
+    aliases = rt.engines.aliases
+    for name, engine_id in sorted(rt.engines.plain_names().items()):
+        if name not in aliases:
+            info = by_id.get(make_model_id(engine_id, name))
+            cards.append(_card(name, engine_id, info.context_length if info else None,
+                               make_model_id(engine_id, name)))
+    for name, (engine_id, model) in sorted(aliases.items()):
+        target = make_model_id(engine_id, model)
+        info = by_id.get(target)
+        cards.append(_card(name, engine_id, info.context_length if info else None, target))
+    return cards
+
+
+def _card(model_id: str, engine_id: str, context: int | None,
+          target: str | None = None) -> dict[str, Any]:
+    card: dict[str, Any] = {"id": model_id, "object": "model", "created": 0,
+                            "owned_by": engine_id, "context_length": context}
+    if target is not None:
+        card["flm_id"] = target  # what a plain name or an alias stands for
+    return card
+
+
 async def models(scope: Scope, receive: Receive, send: Send, rt: ProxyRuntime) -> None:
-    data = [
-        {"id": m.flm_id, "object": "model", "created": 0, "owned_by": m.engine_id,
-         "context_length": m.context_length}
-        for m in sorted(await rt.engines.all_models(), key=lambda m: m.flm_id)
-    ]
-    await send_json(send, 200, {"object": "list", "data": data})
+    await send_json(send, 200, {"object": "list", "data": await _model_cards(rt)})
 
 
 async def model(scope: Scope, receive: Receive, send: Send, rt: ProxyRuntime) -> None:
     """``GET /v1/models/{id}``: one model, as OpenAI's "retrieve model" returns it."""
     wanted = scope["path"][len("/v1/models/"):]
-    for m in await rt.engines.all_models():
-        if m.flm_id == wanted:
-            await send_json(send, 200, {"id": m.flm_id, "object": "model", "created": 0,
-                                        "owned_by": m.engine_id,
-                                        "context_length": m.context_length})
+    for card in await _model_cards(rt):
+        if card["id"] == wanted:
+            await send_json(send, 200, card)
             return
-    raise HttpError(404, "not_found", f"no model {wanted[:200]!r}")
+    raise HttpError(404, "model_not_found", f"no model {wanted[:200]!r}")
 
 
 async def health(scope: Scope, receive: Receive, send: Send, rt: ProxyRuntime) -> None:
