@@ -17,6 +17,7 @@ from flm.proxy.engines import EngineRegistry
 from flm.proxy.guard import GuardState
 from flm.proxy.keys import KeyVerifier
 from flm.proxy.metrics import Metrics
+from flm.proxy.responses_store import ResponseStore
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,8 @@ class ProxyRuntime:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     #: The egress in force (after the start-up probe: direct when fail-open fell back).
     egress: EgressConfig = field(default_factory=EgressConfig)
+    #: Stored Responses API responses (per key, bounded, in memory).
+    responses: ResponseStore = field(default_factory=ResponseStore)
 
     def apply_policy(self, document: dict[str, Any]) -> None:
         """Swap in a new policy (validated: an invalid one raises and the old one stays)."""
@@ -121,6 +124,8 @@ def load_profiles(runtime: ProxyRuntime, ctx: Any) -> None:
     runtime.profiles = service.effective_profiles()
     runtime.prompts = service.effective_prompts()
     runtime.engines.set_aliases(AliasService(ctx.storage).effective())
+    runtime.responses.configure(float(ctx.config.value("responses.retention_s")),
+                                int(ctx.config.value("responses.max_per_key")))
 
 
 def load_block_rows(ctx: Any) -> list[tuple[str, str, float | None, float, int]]:

@@ -83,6 +83,12 @@ KNOWN: dict[str, KnownSetting] = {
     "engine.idle_timeout_s": KnownSetting(
         60.0, _float_in(0.1, 3600), "upstream idle limit between stream chunks"
     ),
+    "responses.retention_s": KnownSetting(
+        86400, _int_in(1, 30 * 86400), "stored Responses API responses are kept this long"
+    ),
+    "responses.max_per_key": KnownSetting(
+        1000, _int_in(1, 100_000), "stored Responses API responses kept per API key"
+    ),
     "audit.retention_days": KnownSetting(7, _int_in(1, 3650), "audit rows older are archived"),
     "preferred_language": KnownSetting("en", _choice("en", "ja"), "web UI language"),
 }

@@ -49,6 +49,12 @@ class Router:
                 state.route = "/v1/models/{id}"
                 await misc.model(scope, receive, send, self.runtime)
                 return
+            if path.startswith("/v1/responses/"):
+                from flm.proxy.routes import chat
+
+                state.route = "/v1/responses/{id}"
+                await chat.stored_response(scope, receive, send, self.runtime)
+                return
             if path.startswith("/v1/"):
                 # an OpenAI route FLM does not serve (say /v1/batches): what an SDK user
                 # calls by mistake, not a probe, so a plain 404 that does not score
