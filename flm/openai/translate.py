@@ -200,10 +200,48 @@ def plan_chat(body: dict[str, Any], engine_id: str, model: str,
             out[key] = value  # engine-specific extras (e.g. llama.cpp's top_k) pass through
     out["messages"] = out_messages
     out["model"] = model
+    if not caps.tool_choice:
+        _map_tool_choice(body, out, plan)
     if plan.warnings or plan.image_urls:
         plan.unchanged = False
     plan.body = out
     return plan
+
+
+def _map_tool_choice(body: dict[str, Any], out: dict[str, Any], plan: ChatPlan) -> None:
+    """For an engine without ``tool_choice`` (Ollama): a named function is mapped by offering
+    only that function; ``required`` goes on with a warning (the model may still answer in
+    text). ``auto`` and ``none`` need nothing (the adapter leaves the tools out for none)."""
+    choice = body.get("tool_choice")
+    tools = body.get("tools")
+    if choice in (None, "auto", "none") or not isinstance(tools, list) or not tools:
+        return
+    if isinstance(choice, dict):
+        fn = choice.get("function")
+        name = fn.get("name") if isinstance(fn, dict) else None
+        kept = [t for t in tools if isinstance(t, dict) and isinstance(t.get("function"), dict)
+                and t["function"].get("name") == name]
+        if not kept:
+            raise HttpError(400, "invalid_request",
+                            f"tool_choice names {str(name)[:100]!r}, which is not in 'tools'")
+        out["tools"] = kept
+        plan.warnings.append(f"tool_choice: this engine cannot force a call; only {name} "
+                             "was offered to the model")
+    elif choice == "required":
+        plan.warnings.append("tool_choice required is not enforced by this engine: the model "
+                             "may answer in text")
+    else:
+        raise HttpError(400, "invalid_request", f"tool_choice {str(choice)[:100]!r} is not "
+                        "auto, none, required or a function")
+
+
+def check_embedding_input(body: dict[str, Any], caps: Capabilities) -> None:
+    """Token-id arrays to an engine that embeds text only: a clear 422 before sending."""
+    data = body.get("input")
+    if not caps.token_inputs and isinstance(data, list) and not all(
+            isinstance(x, str) for x in data):
+        raise HttpError(422, "unsupported_parameter",
+                        "input: this engine embeds text only; token-id arrays are not accepted")
 
 
 _JSON_STRINGS: dict[str, bytes] = {}

@@ -15,6 +15,7 @@ from flm.openai.sse import DONE, encode_event, usage_from_bytes
 from flm.openai.translate import (
     ChatPlan,
     chat_target,
+    check_embedding_input,
     completion_target,
     plan_chat,
     plan_completion,
@@ -237,6 +238,7 @@ async def embeddings(scope: Scope, receive: Receive, send: Send, rt: ProxyRuntim
     adapter, _info = await rt.engines.resolve(engine_id, model)
     if not adapter.capabilities().embeddings:
         raise HttpError(422, "unsupported_modalities", f"{engine_id} does not embed")
+    check_embedding_input(payload, adapter.capabilities())
     reply = await _engine_call(adapter.embeddings(payload), state)
     reply["model"] = state.model
     _record_usage(state, reply.get("usage"), rt)
