@@ -16,10 +16,11 @@ Deterministic content, the same for every engine:
   finishes with ``length``;
 - embeddings are unit vectors of ``ModelSpec.embedding_dim`` floats derived from a SHA-256 of the
   input text (see `embedding_for`);
-- tools: the model calls an offered function when the last user message names it, or when
-  ``tool_choice`` forces one (a named function; ``required``: the named-in-text one, else the
-  first), never with ``tool_choice: "none"``; the arguments are `sample_for` the function's
-  parameter schema (see `tool_call_for`);
+- tools: the model calls an offered function when the last user message names it (unless the
+  conversation already ends with a tool's result), or when ``tool_choice`` forces one (a named
+  function; ``required``: the named-in-text one, else the first), never with
+  ``tool_choice: "none"``; the arguments are `sample_for` the function's parameter schema
+  (see `tool_call_for`);
 - structured output: with a JSON schema (OpenAI's ``response_format`` ``json_schema``, Ollama's
   ``format`` object) the reply is `sample_for` that schema, as JSON; with plain JSON mode
   (``json_object``, Ollama's ``"json"``) it is ``{"reply": <the usual reply>}``.
@@ -248,15 +249,19 @@ def sample_for(schema: object) -> Any:
     return None
 
 
-def tool_call_for(tools: object, choice: object, last_user: str) -> tuple[str, Any] | None:
+def tool_call_for(tools: object, choice: object, last_user: str,
+                  last_role: object = None) -> tuple[str, Any] | None:
     """The function a model "decides" to call and its arguments, or ``None`` (see the module
-    documentation)."""
+    documentation). Once the conversation ends with a tool's result the model answers in
+    text unless ``tool_choice`` forces a call."""
     functions: dict[str, Any] = {}
     for tool in tools if isinstance(tools, list) else []:
         fn = tool.get("function") if isinstance(tool, dict) else None
         if isinstance(fn, dict) and isinstance(fn.get("name"), str):
             functions[fn["name"]] = fn.get("parameters")
     if not functions or choice == "none":
+        return None
+    if last_role == "tool" and not (isinstance(choice, dict) or choice == "required"):
         return None
     named = next((n for n in functions if n in last_user), None)
     if isinstance(choice, dict):
@@ -525,7 +530,9 @@ class OpenAIDialect:
             if kind not in self.response_formats:
                 return self.error(400, f"response_format type {kind!r} is not supported.",
                                   param="response_format")
-        call = tool_call_for(body.get("tools"), body.get("tool_choice"), prompt.last_user)
+        last = messages[-1] if isinstance(messages[-1], dict) else {}
+        call = tool_call_for(body.get("tools"), body.get("tool_choice"), prompt.last_user,
+                             last.get("role"))
         if call is not None:
             return await self._tool_call_reply(request, body, spec, call, prompt.tokens)
         base = structured_reply(fmt, reply_for(behaviour, prompt))
@@ -572,9 +579,9 @@ class OpenAIDialect:
         reply_id, created = new_id("chatcmpl-"), unix_now()
         if not body.get("stream"):
             await self.server.before_plain_reply(request)
-            message = {"role": "assistant", "content": None, "tool_calls": [
-                {"id": call_id, "type": "function",
-                 "function": {"name": name, "arguments": arguments}}], **self.message_extras()}
+            message = {**self.message_extras(), "role": "assistant", "content": None,
+                       "tool_calls": [{"id": call_id, "type": "function",
+                                       "function": {"name": name, "arguments": arguments}}]}
             return json_response({
                 "id": reply_id, "object": "chat.completion", "created": created,
                 "model": spec.name,

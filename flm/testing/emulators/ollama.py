@@ -359,7 +359,8 @@ class OllamaEmulator(EmulatorServer):
             if message.get("role") == "user":
                 prompt.last_user = text
         # Ollama has no tool_choice: the model calls a tool when it decides to
-        call = tool_call_for(body.get("tools"), None, prompt.last_user)
+        last = messages[-1] if isinstance(messages[-1], dict) else {}
+        call = tool_call_for(body.get("tools"), None, prompt.last_user, last.get("role"))
         if call is not None:
             return await self._tool_call(request, body, name, call, prompt.tokens)
         fmt = body.get("format")
