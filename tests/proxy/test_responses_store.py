@@ -89,3 +89,18 @@ def test_gone_after_retention_and_bounded_per_key(vllm_stack: Stack) -> None:
         client.responses.retrieve(ids[0])  # the oldest of this key's went first
     assert client.responses.retrieve(ids[2]).id == ids[2]
     assert len(store) == 2
+
+
+def test_store_is_bounded_in_bytes_per_key() -> None:
+    from flm.proxy.responses_store import ResponseStore
+
+    store = ResponseStore(retention_s=60, max_per_key=100, clock=lambda: 0.0)
+    store.max_bytes_per_key = 10_000
+    for i in range(10):
+        store.put("a", {"id": f"r{i}", "output": "x" * 3000}, [], [])
+    store.put("b", {"id": "other", "output": "y"}, [], [])
+    kept = [i for i in range(10) if store.get("a", f"r{i}") is not None]
+    assert kept == [7, 8, 9]  # the newest that fit; the oldest went first
+    assert store.get("b", "other") is not None  # another key's are untouched
+    store.put("a", {"id": "huge", "output": "z" * 20_000}, [], [])
+    assert store.get("a", "huge") is None and store.get("a", "r9") is not None
