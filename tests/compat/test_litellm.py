@@ -4,7 +4,9 @@ previous_response_id."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -16,6 +18,21 @@ KINDS = ["openai", "ollama"]
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "parameters": {"type": "object", "properties": {
         "city": {"type": "string"}}, "required": ["city"]}}}
+
+
+@pytest.fixture(autouse=True)
+def _close_cached_clients() -> Iterator[None]:
+    """litellm keeps a client per endpoint in a module cache; close them after each test
+    (the gateway they point at is gone) rather than leave sockets to the interpreter's exit."""
+    yield
+    import litellm
+
+    cache = litellm.in_memory_llm_clients_cache
+    for client in list(getattr(cache, "cache_dict", {}).values()):
+        close = getattr(client, "close", None)
+        if callable(close) and not asyncio.iscoroutinefunction(close):
+            close()
+    cache.flush_cache()
 
 
 def _where(flm: Flm) -> dict[str, Any]:
