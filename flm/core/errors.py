@@ -3,7 +3,7 @@
 Every failure that crosses a layer boundary is one of these. Third-party exceptions (sqlite3,
 aiohttp, ssl, OSError) are translated into them at the boundary where they happen and nowhere
 else. The CLI renders them as ``{"error": {"code", "message"}}`` with ``exit_code``; the proxy
-renders the HTTP ones through ``flm.openai.errors``.
+maps them to HTTP statuses and OpenAI error codes in one table, ``flm.openai.errors.ERROR_MAP``.
 """
 
 from __future__ import annotations
@@ -85,33 +85,31 @@ class PolicyInvalidError(FlmError):
 
 class EngineError(FlmError):
     code = "ENGINE_API_ERROR"
-    #: HTTP status the proxy answers with, and the OpenAI-style error code.
-    http_status: int = 502
-    http_code: str = "engine_error"
 
 
 class EngineNotFoundError(EngineError):
     code = "ENGINE_NOT_FOUND"
-    http_status = 404
-    http_code = "not_found"
 
 
 class EngineNetworkError(EngineError):
     code = "ENGINE_NETWORK_ERROR"
-    http_status = 503
-    http_code = "engine_unavailable"
 
 
 class EngineApiError(EngineError):
     code = "ENGINE_API_ERROR"
-    http_status = 502
-    http_code = "engine_error"
+
+
+class EngineRequestRejectedError(EngineApiError):
+    """The engine refused the request itself (an HTTP 4xx other than 404, 408 or 429): the
+    client's request was wrong for it."""
+
+
+class EngineNotSupportedError(EngineError):
+    """The engine kind has no such feature (e.g. audio transcription)."""
 
 
 class EngineTimeoutError(EngineError):
     code = "ENGINE_TIMEOUT"
-    http_status = 504
-    http_code = "engine_timeout"
 
 
 class EngineInstallError(EngineError):
@@ -143,3 +141,42 @@ class ProxyAcmeError(ProxyError):
 
 class ProxyNotRunningError(ProxyError):
     code = "PROXY_NOT_RUNNING"
+
+
+# --- ACME DNS-01 (each names what the user can do about it) --------------------------------------
+
+
+class DnsAuthError(ProxyAcmeError):
+    """The DNS server or API did not accept FLM's credentials (wrong TSIG key, bad token)."""
+
+    code = "DNS_AUTH_FAILED"
+
+
+class DnsZoneNotFoundError(ProxyAcmeError):
+    """The DNS server is not authoritative for the profile's zone (or the API has no such zone)."""
+
+    code = "DNS_ZONE_NOT_FOUND"
+
+
+class DnsUpdateRefusedError(ProxyAcmeError):
+    """Authenticated, but the server's policy (or the token's scope) refuses the change."""
+
+    code = "DNS_UPDATE_REFUSED"
+
+
+class DnsServerUnreachableError(ProxyAcmeError):
+    """The DNS server or API cannot be reached at all."""
+
+    code = "DNS_SERVER_UNREACHABLE"
+
+
+class DnsNotVisibleError(ProxyAcmeError):
+    """The TXT record was created but the zone's servers did not answer it before the deadline."""
+
+    code = "DNS_RECORD_NOT_VISIBLE"
+
+
+class AcmeCaRefusedError(ProxyAcmeError):
+    """The ACME CA looked at the DNS-01 answer (or the order) and refused it."""
+
+    code = "ACME_CA_REFUSED"

@@ -11,6 +11,7 @@ from flm.services.runstate import pid_alive
 from flm.storage import Storage
 from flm.storage.config import ProxyHandlesRepo
 from flm.storage.db import Database
+from flm.storage.files import table_counts
 from flm.storage.security import PolicyRepo
 
 
@@ -30,17 +31,7 @@ def _db_report(db: Database, verbose: bool) -> dict[str, Any]:
         )
     report["problems"].extend(db.integrity_problems())
     if verbose:
-        tables = [
-            r[0]
-            for r in db.query(
-                "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%' "
-                "ORDER BY name"
-            )
-        ]
-        report["tables"] = {
-            t: int(db.query_one(f'SELECT COUNT(*) FROM "{t}"')[0])  # type: ignore[index]
-            for t in tables
-        }
+        report["tables"] = table_counts(db)
     return report
 
 
@@ -79,4 +70,27 @@ def run_check(storage: Storage, *, verbose: bool = False) -> dict[str, Any]:
             )
 
     problems = [f"{name}: {p}" for name, rep in databases.items() for p in rep["problems"]]
-    return {"ok": not problems, "databases": databases, "problems": problems, "warnings": warnings}
+    report = {"ok": not problems, "databases": databases, "problems": problems,
+              "warnings": warnings}
+    if "safe_mode" in databases["security"]:
+        report["dns_secrets"] = _dns_secrets(storage, warnings)
+    return report
+
+
+def _dns_secrets(storage: Storage, warnings: list[str]) -> dict[str, Any]:
+    """Where DNS-01 secrets are kept, and whether every profile's secret is still there."""
+    from flm.services.dns_secrets import DnsSecretsService
+
+    service = DnsSecretsService(storage)
+    try:
+        profiles = service.list()
+        location = service.store.describe()
+    except FlmError as exc:
+        warnings.append(f"dns secrets: {exc.message}")
+        return {"problems": [exc.message]}
+    for profile in profiles:
+        try:
+            service.secret(profile)
+        except FlmError as exc:
+            warnings.append(f"dns profile {profile.name}: {exc.message}")
+    return {"location": location, "profiles": len(profiles)}

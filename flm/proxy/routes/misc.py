@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from flm.core.keyscope import KeyScope
 from flm.core.models import make_model_id
 from flm.openai.errors import HttpError
 from flm.proxy.asgi import Receive, Scope, Send, read_body, send_bytes, send_json
@@ -12,22 +13,30 @@ from flm.proxy.runtime import ProxyRuntime
 MAX_AUDIO_BYTES = 25 * 1024 * 1024
 
 
-async def _model_cards(rt: ProxyRuntime) -> list[dict[str, Any]]:
+def _scope_of(scope: Scope) -> KeyScope | None:
+    key: KeyScope | None = scope["flm"].key
+    return key if key is not None and key.models is not None else None
+
+
+async def _model_cards(rt: ProxyRuntime, key: KeyScope | None) -> list[dict[str, Any]]:
     """Every model as ``flm://engine/model``, then plain names exactly one engine serves, then
-    aliases (an alias shadows a plain name of the same spelling), each callable as listed."""
+    aliases (an alias shadows a plain name of the same spelling), each callable as listed. A
+    key limited to some models sees only those (a name or alias: by the id it stands for)."""
     listed = sorted(await rt.engines.all_models(), key=lambda m: m.flm_id)
     by_id = {m.flm_id: m for m in listed}
-    cards = [_card(m.flm_id, m.engine_id, m.context_length) for m in listed]
+    cards = [_card(m.flm_id, m.engine_id, m.context_length) for m in listed
+             if key is None or key.allows_model(m.flm_id)]
     aliases = rt.engines.aliases
     for name, engine_id in sorted(rt.engines.plain_names().items()):
-        if name not in aliases:
-            info = by_id.get(make_model_id(engine_id, name))
-            cards.append(_card(name, engine_id, info.context_length if info else None,
-                               make_model_id(engine_id, name)))
+        target = make_model_id(engine_id, name)
+        if name not in aliases and (key is None or key.allows_model(target)):
+            info = by_id.get(target)
+            cards.append(_card(name, engine_id, info.context_length if info else None, target))
     for name, (engine_id, model) in sorted(aliases.items()):
         target = make_model_id(engine_id, model)
-        info = by_id.get(target)
-        cards.append(_card(name, engine_id, info.context_length if info else None, target))
+        if key is None or key.allows_model(target):
+            info = by_id.get(target)
+            cards.append(_card(name, engine_id, info.context_length if info else None, target))
     return cards
 
 
@@ -41,13 +50,14 @@ def _card(model_id: str, engine_id: str, context: int | None,
 
 
 async def models(scope: Scope, receive: Receive, send: Send, rt: ProxyRuntime) -> None:
-    await send_json(send, 200, {"object": "list", "data": await _model_cards(rt)})
+    data = await _model_cards(rt, _scope_of(scope))
+    await send_json(send, 200, {"object": "list", "data": data})
 
 
 async def model(scope: Scope, receive: Receive, send: Send, rt: ProxyRuntime) -> None:
     """``GET /v1/models/{id}``: one model, as OpenAI's "retrieve model" returns it."""
     wanted = scope["path"][len("/v1/models/"):]
-    for card in await _model_cards(rt):
+    for card in await _model_cards(rt, _scope_of(scope)):
         if card["id"] == wanted:
             await send_json(send, 200, card)
             return
