@@ -6,13 +6,13 @@ resolving an alias costs one lookup per request."""
 from __future__ import annotations
 
 import re
-import sqlite3
 from typing import Any
 
 from flm.core.errors import NotFoundError, UsageError
 from flm.core.models import MODEL_SCHEME, split_model_id
 from flm.core.timeutil import now_iso
 from flm.storage import Storage
+from flm.storage.config import ModelAliasesRepo
 
 #: What an alias may look like: what OpenAI clients send as a model name (``gpt-4o-mini``,
 #: ``text-embedding-3-small``, ``llama3.2:1b``, ``org/model``), never an ``flm://`` id.
@@ -38,9 +38,7 @@ class AliasService:
         self._storage = storage
 
     def list(self) -> list[dict[str, Any]]:
-        rows = self._storage.config.query(
-            "SELECT name, target, updated_at FROM model_aliases ORDER BY name")
-        return [dict(r) for r in rows]
+        return ModelAliasesRepo(self._storage.config).all()
 
     def effective(self) -> dict[str, str]:
         """alias → ``flm://`` id, as the proxy applies them."""
@@ -50,19 +48,10 @@ class AliasService:
         check_alias_name(name)
         check_target(target)
         stamp = now_iso()
-
-        def run(conn: sqlite3.Connection) -> None:
-            conn.execute("INSERT INTO model_aliases(name, target, updated_at) VALUES (?, ?, ?) "
-                         "ON CONFLICT(name) DO UPDATE SET target=excluded.target, "
-                         "updated_at=excluded.updated_at", (name, target, stamp))
-
-        self._storage.config.write(run)
+        ModelAliasesRepo(self._storage.config).put(name, target, stamp)
         return {"name": name, "target": target, "updated_at": stamp}
 
     def remove(self, name: str) -> dict[str, Any]:
-        def run(conn: sqlite3.Connection) -> int:
-            return conn.execute("DELETE FROM model_aliases WHERE name=?", (name,)).rowcount
-
-        if not self._storage.config.write(run):
+        if not ModelAliasesRepo(self._storage.config).remove(name):
             raise NotFoundError(f"no model alias {name[:100]!r}", code="ALIAS_NOT_FOUND")
         return {"name": name, "removed": True}
