@@ -25,7 +25,8 @@ def _post(stack: Stack, body: dict[str, Any], auth: bool = True) -> tuple[int, A
         with _OPENER.open(request, timeout=20) as resp:
             return int(resp.status), json.loads(resp.read())
     except urllib.error.HTTPError as exc:
-        return int(exc.code), json.loads(exc.read())
+        with exc:
+            return int(exc.code), json.loads(exc.read())
 
 
 def test_completions_plain_and_streamed(stack: Stack) -> None:

@@ -28,7 +28,8 @@ def _call(url: str, key: str, body: dict[str, Any] | None = None) -> tuple[int, 
         with _OPENER.open(request, timeout=20) as resp:
             return int(resp.status), json.loads(resp.read())
     except urllib.error.HTTPError as exc:
-        return int(exc.code), json.loads(exc.read())
+        with exc:
+            return int(exc.code), json.loads(exc.read())
 
 
 def _chat(base: str, key: str, model: str) -> tuple[int, Any]:

@@ -32,7 +32,8 @@ def _post(stack: Stack, path: str, body: dict[str, Any]) -> tuple[int, dict[str,
         with _OPENER.open(request, timeout=20) as resp:
             return int(resp.status), dict(resp.headers), json.loads(resp.read())
     except urllib.error.HTTPError as exc:
-        return int(exc.code), dict(exc.headers), json.loads(exc.read())
+        with exc:
+            return int(exc.code), dict(exc.headers), json.loads(exc.read())
 
 
 def test_forced_tool_choice_to_ollama_is_mapped_with_a_warning(ollama_stack: Stack) -> None:
