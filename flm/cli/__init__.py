@@ -1,4 +1,6 @@
-"""The ``flm`` command line: one module per command group, JSON out by default (SPEC §8).
+"""The ``flm`` command line: one module per command group. Output is text for a person when
+standard output is a terminal and JSON (SPEC §8's contract) otherwise; ``--format`` and
+``FLM_FORMAT`` override.
 
 Only argparse is imported to build the parser; each handler imports what it needs, so
 ``flm --help`` and ``flm config get`` stay fast.
@@ -10,6 +12,7 @@ import argparse
 import importlib
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,7 +49,24 @@ class Parser(argparse.ArgumentParser):
     """argparse that reports usage errors through FLM's error contract instead of exiting 2."""
 
     def error(self, message: str) -> NoReturn:
+        match = _INVALID_CHOICE.search(message)
+        if match is not None:
+            import difflib
+
+            word = match["word"]
+            choices = [c.strip().strip("'\"") for c in match["choices"].split(",")]
+            near = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
+            if match["arg"].isupper():  # a subcommand (COMMAND, SUBCOMMAND, ACTION)
+                hint = f"; did you mean `{self.prog} {near[0]}`?" if near else ""
+                raise UsageError(f"`{self.prog} {word}` is not a command{hint} (see "
+                                 f"`{self.prog} --help`)")
+            if near:
+                message = f"{message}; did you mean {near[0]!r}?"
         raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+_INVALID_CHOICE = re.compile(r"argument (?P<arg>[^:]+): invalid choice: '?(?P<word>[^'\s]*)'? "
+                             r"\(choose from (?P<choices>.*)\)")
 
 
 def common_options() -> argparse.ArgumentParser:
@@ -56,7 +76,8 @@ def common_options() -> argparse.ArgumentParser:
         "--format",
         choices=("json", "text", "csv"),
         default=argparse.SUPPRESS,
-        help="output format (default json; csv for tables such as flm usage)",
+        help="output format (default: text on a terminal, json otherwise, or $FLM_FORMAT; "
+        "csv for tables such as flm usage)",
     )
     common.add_argument(
         "--db-path-config",
@@ -79,7 +100,8 @@ def build_parser() -> Parser:
         prog="flm",
         parents=[common],
         description="Publish the LLM engines on this machine as one safe, OpenAI-compatible API.",
-        epilog='Output is JSON ({"version": "1.0", "data": ...}) unless --format text. '
+        epilog="Output is text on a terminal and JSON "
+        '({"version": "1.0", "data": ...}) when piped; --format or $FLM_FORMAT chooses. '
         "Data directory: $FLM_HOME or ~/.config/flm.",
     )
     parser.add_argument("--version", action="version", version=f"flm {__version__}")
@@ -87,17 +109,31 @@ def build_parser() -> Parser:
     for name in COMMAND_MODULES:
         module = importlib.import_module(f"flm.cli.{name}")
         module.register(sub, common)
+    from flm.cli.examples import add_examples
+
+    add_examples(parser)
     return parser
 
 
+FORMATS = ("json", "text")
+
+
 def _format_of(argv: Sequence[str]) -> str:
-    """The requested format, read leniently so parse errors are rendered the right way too."""
+    """The output format, read leniently so parse errors are rendered the right way too:
+    ``--format``, else ``$FLM_FORMAT``, else text when standard output is a terminal and
+    JSON when it is a pipe or a file."""
     for i, arg in enumerate(argv):
-        if arg == "--format" and i + 1 < len(argv):
-            return "text" if argv[i + 1] == "text" else "json"
-        if arg.startswith("--format="):
-            return "text" if arg.split("=", 1)[1] == "text" else "json"
-    return "json"
+        value = argv[i + 1] if arg == "--format" and i + 1 < len(argv) else (
+            arg.split("=", 1)[1] if arg.startswith("--format=") else None)
+        if value in FORMATS:  # (audit-logs export has a --format csv of its own)
+            return value
+    env = os.environ.get("FLM_FORMAT", "").strip().lower()
+    if env in FORMATS:
+        return env
+    try:
+        return "text" if sys.stdout.isatty() else "json"
+    except (AttributeError, ValueError):
+        return "json"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -116,11 +152,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 # A secret typed on the command line by mistake is not repeated in the error.
                 raise UsageError(_redact_values(exc.message, args_list)) from None
             raise
-        fmt = getattr(args, "format", "json")
+        fmt = getattr(args, "format", fmt)
         handler = getattr(args, "handler", None)
         if handler is None:
-            if args.command is None:
-                raise UsageError("a command is required (see `flm --help`)")
+            if args.command is None:  # bare `flm`: what it can do
+                sys.stdout.write(parser.format_help())
+                sys.stdout.flush()
+                return 0
             raise UsageError(
                 f"`flm {args.command}` needs a subcommand (see `flm {args.command} --help`)"
             )

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from flm.cli.output import Result
-from flm.core.errors import FlmError, UsageError
+from flm.core.errors import FlmError, ProxyError, UsageError
 from flm.services.context import Context
 
 _IMAGE_TYPES = {"image/png", "image/jpeg", "image/webp"}
@@ -18,7 +18,8 @@ _IMAGE_TYPES = {"image/png", "image/jpeg", "image/webp"}
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("chat", help="send a prompt through a running proxy", parents=[common])
-    p.add_argument("--model", required=True, help="flm://engine/model")
+    p.add_argument("--model", required=True,
+                   help="flm://engine/model, a plain model name, or an alias")
     p.add_argument("--prompt", help="the user message")
     p.add_argument("--prompt-file", help="read the user message from a file")
     p.add_argument("--stream", action="store_true", help="print tokens as they arrive")
@@ -40,10 +41,11 @@ def _proxy_url(ctx: Context, explicit: str | None) -> str:
         return explicit.rstrip("/")
     from flm.services.proxy import ProxyService
 
-    proxies = ProxyService(ctx.storage).status()["proxies"]
+    proxies = ProxyService(ctx.storage).status()["proxies"]  # the daemon's and --no-daemon ones
     if proxies:
-        return str(proxies[0]["endpoints"][0])
-    return f"http://127.0.0.1:{ctx.config.value('proxy.port')}"
+        return str(proxies[0]["endpoints"][0]).rstrip("/")
+    raise ProxyError("no FLM proxy is running: start one (`flm up` or `flm proxy start`), "
+                     "or give --url", code="PROXY_NOT_RUNNING")
 
 
 def _content(args: argparse.Namespace) -> str | list[dict[str, Any]]:

@@ -75,8 +75,11 @@ def list_(ctx: Context, args: argparse.Namespace) -> Result:
 
 
 def add(ctx: Context, args: argparse.Namespace) -> Result:
+    known = {r.id for r in ctx.engines.registered()}
     row = ctx.engines.add(args.kind, args.url, args.engine_id)
-    return Result(row.public(), text=pairs)
+    reused = row.id in known
+    notes = [f"{row.base_url} was already registered as {row.id}: reused"] if reused else []
+    return Result({**row.public(), "reused": reused}, text=pairs, notes=notes)
 
 
 def remove(ctx: Context, args: argparse.Namespace) -> Result:

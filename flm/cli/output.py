@@ -42,12 +42,29 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+#: Tables are cut to fit this many columns (a common terminal; long cells end in "…").
+TABLE_WIDTH = 100
+
+
+def table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None,
+          width: int = TABLE_WIDTH) -> str:
     if not rows:
         return "(none)"
     cols = list(columns or rows[0].keys())
-    cells = [[_cell(r.get(c)) for c in cols] for r in rows]
+    cells = [[_cell(r.get(c)).replace("\n", " ") for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    budget = width - 2 * (len(cols) - 1)
+    floors = [min(w, max(len(c), 6)) for c, w in zip(cols, widths, strict=True)]
+    while sum(widths) > budget:  # narrow the widest column that may still give
+        room = [i for i, w in enumerate(widths) if w > floors[i]]
+        if not room:
+            break
+        widest = max(room, key=lambda i: widths[i])
+        others = max((w for i, w in enumerate(widths) if i != widest), default=0)
+        excess = sum(widths) - budget
+        widths[widest] -= max(1, min(widths[widest] - max(others, floors[widest]), excess))
+    cells = [[v if len(v) <= w else v[:w - 1] + "…" for v, w in zip(row, widths, strict=True)]
+             for row in cells]
     head = "  ".join(c.upper().ljust(w) for c, w in zip(cols, widths, strict=True))
     lines = [head, "  ".join("-" * w for w in widths)]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]

@@ -82,7 +82,8 @@ def _status_text(data: dict[str, Any]) -> str:
     rows = []
     for p in data.get("proxies", []):
         egress = p.get("egress") or {}
-        rows.append({"id": p["id"], "mode": p["mode"], "port": p["port"],
+        rows.append({"id": p["id"] + (" (no daemon)" if p.get("foreground") else ""),
+                     "mode": p["mode"], "port": p["port"],
                      "https_port": p.get("https_port") or "", "listen": p["listen"],
                      "endpoints": " ".join(p["endpoints"]),
                      "egress": egress.get("mode", "direct") + (

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from flm.cli import notify_proxies, read_text_arg, trust
-from flm.cli.output import Result, pairs
+from flm.cli.output import Result, pairs, table
 from flm.services.context import Context
 
 
@@ -59,7 +59,22 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def policy_show(ctx: Context, args: argparse.Namespace) -> Result:
-    return Result(ctx.policy.show(), text=lambda d: json.dumps(d["policy"], indent=2))
+    """The stored document, and every setting as in force (defaults filled in and marked;
+    loopback and exposed proxies differ where the protections default on only when
+    exposed)."""
+    from flm.core.policy import effective_rows
+
+    data = ctx.policy.show()
+    data["effective"] = effective_rows(data["policy"])
+
+    def text(d: dict[str, Any]) -> str:
+        rows = [{**r, "source": "(default)" if r["source"] == "default" else "set"}
+                for r in d["effective"]]
+        head = f"policy: {d['source']}" + (f", updated {d['updated_at']}"
+                                            if d["updated_at"] else "")
+        return head + "\n" + table(rows, ["setting", "loopback", "exposed", "source"])
+
+    return Result(data, text=text)
 
 
 def policy_set(ctx: Context, args: argparse.Namespace) -> Result:

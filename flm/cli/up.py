@@ -35,14 +35,27 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
+def curl_line(url: str, model: str, key: str | None) -> str:
+    """A ``curl`` command that works pasted into a POSIX shell: the new key quoted as it is,
+    or ``$FLM_API_KEY`` in double quotes so that the shell expands it."""
+    import json
+    import shlex
+
+    auth = (shlex.quote(f"Authorization: Bearer {key}") if key
+            else '"Authorization: Bearer $FLM_API_KEY"')
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello!"}]})
+    return (f"curl -s {shlex.quote(url + '/v1/chat/completions')} -H {auth} "
+            f"-H 'Content-Type: application/json' -d {shlex.quote(body)}")
+
+
 def _text(data: dict[str, Any]) -> str:
     lines = [f"FLM is up: {data['url']}", f"engine: {data['engine']} ({data['engine_status']})",
              f"model:  {data['model']}"]
     if data.get("key"):
         lines += [f"API key (shown once, store it now): {data['key']}"]
     else:
-        lines += ["API key: use one you created before (`flm api-keys create --label NAME` "
-                  "makes a new one)"]
+        lines += ["API key: use one you created before, as FLM_API_KEY (`flm api-keys create "
+                  "--label NAME` makes a new one)"]
     lines += ["try it:", f"  {data['curl']}"]
     lines += [f"note: {n}" for n in data["notes"]]
     return "\n".join(lines)
@@ -92,10 +105,7 @@ def up(ctx: Context, args: argparse.Namespace) -> Result:
     else:
         _row, key = ctx.keys.create("flm up")
     url = proxy["endpoints"][0]
-    shown_key = key or "$FLM_API_KEY"
-    curl = (f"curl -s {url}/v1/chat/completions -H 'Authorization: Bearer {shown_key}' "
-            f"-H 'Content-Type: application/json' -d '{{\"model\": \"{model}\", "
-            f"\"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'")
+    curl = curl_line(url, model, key)
     data = {"url": url, "base_url": f"{url}/v1", "engine": engine_id,
             "engine_status": engine_status, "model": model, "key": key, "curl": curl,
             "proxy": proxy, "notes": notes}

@@ -58,6 +58,12 @@ class Capabilities:
     image_generation: bool = False
     #: The engine accepts ``n > 1`` (several choices per request).
     multiple_choices: bool = False
+    #: The engine takes token-id arrays as input (embeddings, text-completion prompts) and
+    #: several prompts in one text completion; Ollama takes text only.
+    token_inputs: bool = True
+    #: The engine honours ``tool_choice`` (a named function, ``required``); Ollama has no
+    #: such field.
+    tool_choice: bool = True
     max_image_bytes: int = 8 * 1024 * 1024
     max_audio_bytes: int = 25 * 1024 * 1024
     #: OpenAI sampling parameters the engine understands (others are dropped with a warning).

@@ -187,3 +187,58 @@ class EffectivePolicy:
             allow_cloud_models=bool(doc.get("allow_cloud_models", False)),
             trusted_clients=_networks(doc.get("trusted_clients")),
         )
+
+
+#: Policy settings (dotted paths in the document) → the field of ``EffectivePolicy`` that
+#: holds the value in force.
+POLICY_FIELDS: dict[str, str] = {
+    "ip_whitelist": "whitelist",
+    "trusted_proxies": "trusted_proxies",
+    "cors.allowed_origins": "allowed_origins",
+    "rate_limit.rpm": "key_rpm",
+    "rate_limit.burst": "key_burst",
+    "ip_rate_limit.enabled": "ip_rate_enabled",
+    "ip_rate_limit.rpm": "ip_rpm",
+    "ip_rate_limit.burst": "ip_burst",
+    "ip_blocklist.enabled": "blocklist_enabled",
+    "ip_blocklist.max_failures": "max_failures",
+    "ip_blocklist.block_duration_minutes": "block_minutes",
+    "ip_blocklist.permanent_block_threshold": "permanent_threshold",
+    "intrusion_detection.enabled": "intrusion_enabled",
+    "intrusion_detection.warning_threshold": "warning_threshold",
+    "intrusion_detection.score_threshold": "score_threshold",
+    "honeypot.enabled": "honeypot_enabled",
+    "anomaly_detection.enabled": "anomaly_enabled",
+    "anomaly_detection.request_rate_threshold": "request_rate_threshold",
+    "anomaly_detection.max_body_bytes": "max_body_bytes",
+    "anomaly_detection.max_duration_seconds": "max_duration_s",
+    "anomaly_detection.auto_block": "anomaly_auto_block",
+    "resource_protection.enabled": "resource_enabled",
+    "resource_protection.cpu_threshold": "cpu_threshold",
+    "resource_protection.memory_threshold": "memory_threshold",
+    "resource_protection.max_connections": "max_connections",
+    "security_headers.enabled": "security_headers",
+}
+
+
+def effective_rows(document: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every setting with the value in force on a loopback proxy and on an exposed one (the
+    protections default on only when exposed), and whether the document sets it or the
+    default applies."""
+    loopback = EffectivePolicy.build(document, exposed=False)
+    exposed = EffectivePolicy.build(document, exposed=True)
+    rows = []
+    for path, name in POLICY_FIELDS.items():
+        node: Any = document
+        for part in path.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        rows.append({"setting": path, "loopback": _plain(getattr(loopback, name)),
+                     "exposed": _plain(getattr(exposed, name)),
+                     "source": "default" if node is None else "set"})
+    return rows
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [str(v) for v in value]
+    return value

@@ -78,6 +78,17 @@ class EngineAdapter(ABC):
     @abstractmethod
     async def embeddings(self, body: dict[str, Any]) -> dict[str, Any]: ...
 
+    async def completion_bytes(self, body: dict[str, Any], public_model: str,
+                               raw_body: bytes | None = None) -> bytes:
+        """A legacy text completion (``/v1/completions``) as compact JSON bytes, ``model``
+        set to ``public_model``."""
+        raise NotSupportedError(f"{self.endpoint.kind} engines do not serve text completions")
+
+    def completion_stream(self, body: dict[str, Any],
+                          public_model: str) -> AsyncIterator[bytes]:
+        """Streamed text completion: ``text_completion`` SSE events, then ``[DONE]``."""
+        raise NotSupportedError(f"{self.endpoint.kind} engines do not serve text completions")
+
     async def transcribe(self, fields: dict[str, Any]) -> dict[str, Any]:
         raise NotSupportedError(f"{self.endpoint.kind} engines do not transcribe audio")
 

@@ -96,13 +96,7 @@ def _loads_or_raw(value: Any) -> Any:
 
 
 def to_ollama_request(body: dict[str, Any], stream: bool) -> dict[str, Any]:
-    options: dict[str, Any] = {}
-    for name, target in _OPTION_NAMES.items():
-        if body.get(name) is not None:
-            options[target] = body[name]
-    stop = body.get("stop")
-    if stop is not None:
-        options["stop"] = [stop] if isinstance(stop, str) else list(stop)
+    options = _options(body)
     request: dict[str, Any] = {
         "model": body["model"],
         "messages": to_ollama_messages(list(body.get("messages") or [])),
@@ -120,6 +114,33 @@ def to_ollama_request(body: dict[str, Any], stream: bool) -> dict[str, Any]:
     if body.get("tools") and body.get("tool_choice") != "none":
         request["tools"] = body["tools"]
     return request
+
+
+def to_ollama_generate(body: dict[str, Any], stream: bool) -> dict[str, Any]:
+    """A legacy text completion as an ``/api/generate`` request (the prompt is rendered with
+    the model's template, as Ollama's own ``/v1/completions`` does). The route has checked
+    that ``prompt`` is one string (or an array holding one)."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list):
+        prompt = prompt[0] if prompt else ""
+    request: dict[str, Any] = {"model": body["model"], "prompt": prompt or "", "stream": stream}
+    options = _options(body)
+    if options:
+        request["options"] = options
+    if isinstance(body.get("suffix"), str):
+        request["suffix"] = body["suffix"]
+    return request
+
+
+def _options(body: dict[str, Any]) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for name, target in _OPTION_NAMES.items():
+        if body.get(name) is not None:
+            options[target] = body[name]
+    stop = body.get("stop")
+    if stop is not None:
+        options["stop"] = [stop] if isinstance(stop, str) else list(stop)
+    return options
 
 
 def _tool_calls(message: dict[str, Any], first: int = 0) -> list[dict[str, Any]] | None:
@@ -149,7 +170,7 @@ def _usage(final: dict[str, Any]) -> dict[str, int]:
 
 class OllamaAdapter(EngineAdapter):
     capabilities_default = Capabilities(
-        tools=True, vision_inputs=True,
+        tools=True, vision_inputs=True, token_inputs=False, tool_choice=False,
         sampling_params=frozenset({"temperature", "top_p", "max_tokens", "max_completion_tokens",
                                    "stop", "seed", "presence_penalty", "frequency_penalty"}),
     )
@@ -280,6 +301,76 @@ class OllamaAdapter(EngineAdapter):
                         return
                     if delta:
                         out.append(event(delta, None))
+                if out:
+                    yield b"".join(out)
+            raise EngineNetworkError("Ollama stream ended before its final (done) line")
+        finally:
+            resp.finish(finished)
+
+    async def completion_bytes(self, body: dict[str, Any], public_model: str,
+                               raw_body: bytes | None = None) -> bytes:
+        data = require_dict(
+            await self.client.post_json("/api/generate", to_ollama_generate(body, stream=False)),
+            "Ollama generate reply", "response")
+        reply = {
+            "id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion",
+            "created": int(time.time()), "model": public_model,
+            "choices": [{"text": str(data.get("response") or ""), "index": 0,
+                         "logprobs": None,
+                         "finish_reason": _FINISH.get(str(data.get("done_reason") or "stop"),
+                                                      "stop")}],
+            "usage": _usage(data),
+        }
+        return json.dumps(reply, separators=(",", ":"), ensure_ascii=False).encode()
+
+    async def completion_stream(self, body: dict[str, Any],
+                                public_model: str) -> AsyncIterator[bytes]:
+        """``/api/generate`` NDJSON lines (``response`` pieces, then ``done: true`` with the
+        counts) as ``text_completion`` SSE events, usage as :meth:`chat_stream` places it."""
+        resp = await self.client.request("POST", "/api/generate",
+                                         json_body=to_ollama_generate(body, stream=True))
+        cmpl_id = f"cmpl-{secrets.token_hex(12)}"
+        created = int(time.time())
+        options = body.get("stream_options")
+        usage_chunk = isinstance(options, dict) and options.get("include_usage") is True
+        finished = False
+
+        def event(text: str | None, finish: str | None,
+                  usage: dict[str, int] | None = None) -> bytes:
+            chunk: dict[str, Any] = {
+                "id": cmpl_id, "object": "text_completion", "created": created,
+                "model": public_model,
+                "choices": [] if text is None else [
+                    {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}],
+            }
+            if usage is not None or usage_chunk:
+                chunk["usage"] = usage
+            return encode_event(json.dumps(chunk, separators=(",", ":"),
+                                           ensure_ascii=False).encode())
+
+        try:
+            async for lines in iter_line_batches(resp.iter_chunks()):
+                out: list[bytes] = []
+                for line in lines:
+                    try:
+                        item = load_event(line, "Ollama")
+                    except EngineError:
+                        if out:
+                            yield b"".join(out)
+                        raise
+                    piece = item.get("response")
+                    if isinstance(piece, str) and piece:
+                        out.append(event(piece, None))
+                    if item.get("done"):
+                        finish = _FINISH.get(str(item.get("done_reason") or "stop"), "stop")
+                        if usage_chunk:
+                            out += [event("", finish), event(None, None, _usage(item))]
+                        else:
+                            out.append(event("", finish, _usage(item)))
+                        out.append(DONE)
+                        finished = True
+                        yield b"".join(out)
+                        return
                 if out:
                     yield b"".join(out)
             raise EngineNetworkError("Ollama stream ended before its final (done) line")

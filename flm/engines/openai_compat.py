@@ -52,27 +52,42 @@ class OpenAICompatAdapter(EngineAdapter):
 
     async def chat_bytes(self, body: dict[str, Any], public_model: str,
                          raw_body: bytes | None = None) -> bytes:
+        return await self._reply_bytes("/v1/chat/completions", body, public_model, raw_body)
+
+    async def completion_bytes(self, body: dict[str, Any], public_model: str,
+                               raw_body: bytes | None = None) -> bytes:
+        return await self._reply_bytes("/v1/completions", body, public_model, raw_body)
+
+    def completion_stream(self, body: dict[str, Any],
+                          public_model: str) -> AsyncIterator[bytes]:
+        return self._events("/v1/completions", body, public_model)
+
+    async def _reply_bytes(self, path: str, body: dict[str, Any], public_model: str,
+                           raw_body: bytes | None) -> bytes:
         if raw_body is None or body.get("stream"):
             raw_body = json.dumps({**body, "stream": False}, separators=(",", ":")).encode()
-        raw = (await self.client.fetch("POST", "/v1/chat/completions", raw_body,
-                                       _JSON)).strip()
+        raw = (await self.client.fetch("POST", path, raw_body, _JSON)).strip()
         needle, replacement = _model_rewrite(str(body.get("model", "")), public_model)
         at = raw.find(needle)
         if at >= 0 and raw[:1] == b"{" and raw[-1:] == b"}" and b'"choices"' in raw:
             return raw[:at] + replacement + raw[at + len(needle):]
         try:
-            reply = require_dict(json.loads(raw), "chat completion", "choices")
+            reply = require_dict(json.loads(raw), f"POST {path}", "choices")
         except ValueError as exc:
             raise EngineApiError(f"engine sent invalid JSON: {exc}") from exc
         reply["model"] = public_model
         return json.dumps(reply, separators=(",", ":"), ensure_ascii=False).encode()
 
-    async def chat_stream(self, body: dict[str, Any], public_model: str) -> AsyncIterator[bytes]:
+    def chat_stream(self, body: dict[str, Any], public_model: str) -> AsyncIterator[bytes]:
+        return self._events("/v1/chat/completions", body, public_model)
+
+    async def _events(self, path: str, body: dict[str, Any],
+                      public_model: str) -> AsyncIterator[bytes]:
         """Events are forwarded as bytes: the model id is rewritten with a byte replacement
         when the engine echoes the name it was asked for (compact JSON, as vLLM, llama.cpp
         and LM Studio write it), and only parsed when it does not."""
         payload = {**body, "stream": True}
-        resp = await self.client.request("POST", "/v1/chat/completions", json_body=payload)
+        resp = await self.client.request("POST", path, json_body=payload)
         needle, replacement = _model_rewrite(str(body.get("model", "")), public_model)
         finished = False
         try:

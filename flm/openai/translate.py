@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from flm.core.models import Capabilities, split_model_id
+from flm.core.models import MODEL_SCHEME, Capabilities, split_model_id
 from flm.openai.errors import HttpError
 
 _IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp")
@@ -50,14 +50,17 @@ class ChatPlan:
     unchanged: bool = True
 
 
-def parse_model(value: Any) -> tuple[str, str]:
+def parse_model(value: Any) -> str:
+    """The model a request names: an ``flm://engine/model`` id, a plain model name or an alias
+    (the proxy's engine registry resolves the latter two)."""
     if not isinstance(value, str) or not value:
         raise HttpError(400, "invalid_model", "'model' is required and must be a string")
-    parts = split_model_id(value)
-    if parts is None:
+    if len(value) > 512:
+        raise HttpError(400, "invalid_model", "'model' is longer than 512 characters")
+    if value.startswith(MODEL_SCHEME) and split_model_id(value) is None:
         raise HttpError(400, "invalid_model",
                         f"model must look like flm://<engine>/<model>, got {value[:200]!r}")
-    return parts
+    return value
 
 
 def _inline_image_size(url: str) -> int:
@@ -113,8 +116,9 @@ def _normalise_parts(content: list[Any], plan: ChatPlan, max_image: int) -> list
     return parts
 
 
-def chat_target(body: Any) -> tuple[str, str]:
-    """The ``(engine_id, model)`` a chat request names, after the cheap shape checks."""
+def chat_target(body: Any) -> str:
+    """The model a chat request names (see :func:`parse_model`), after the cheap shape
+    checks."""
     if not isinstance(body, dict):
         raise HttpError(400, "invalid_request", "request body must be a JSON object")
     target = parse_model(body.get("model"))
@@ -196,10 +200,48 @@ def plan_chat(body: dict[str, Any], engine_id: str, model: str,
             out[key] = value  # engine-specific extras (e.g. llama.cpp's top_k) pass through
     out["messages"] = out_messages
     out["model"] = model
+    if not caps.tool_choice:
+        _map_tool_choice(body, out, plan)
     if plan.warnings or plan.image_urls:
         plan.unchanged = False
     plan.body = out
     return plan
+
+
+def _map_tool_choice(body: dict[str, Any], out: dict[str, Any], plan: ChatPlan) -> None:
+    """For an engine without ``tool_choice`` (Ollama): a named function is mapped by offering
+    only that function; ``required`` goes on with a warning (the model may still answer in
+    text). ``auto`` and ``none`` need nothing (the adapter leaves the tools out for none)."""
+    choice = body.get("tool_choice")
+    tools = body.get("tools")
+    if choice in (None, "auto", "none") or not isinstance(tools, list) or not tools:
+        return
+    if isinstance(choice, dict):
+        fn = choice.get("function")
+        name = fn.get("name") if isinstance(fn, dict) else None
+        kept = [t for t in tools if isinstance(t, dict) and isinstance(t.get("function"), dict)
+                and t["function"].get("name") == name]
+        if not kept:
+            raise HttpError(400, "invalid_request",
+                            f"tool_choice names {str(name)[:100]!r}, which is not in 'tools'")
+        out["tools"] = kept
+        plan.warnings.append(f"tool_choice: this engine cannot force a call; only {name} "
+                             "was offered to the model")
+    elif choice == "required":
+        plan.warnings.append("tool_choice required is not enforced by this engine: the model "
+                             "may answer in text")
+    else:
+        raise HttpError(400, "invalid_request", f"tool_choice {str(choice)[:100]!r} is not "
+                        "auto, none, required or a function")
+
+
+def check_embedding_input(body: dict[str, Any], caps: Capabilities) -> None:
+    """Token-id arrays to an engine that embeds text only: a clear 422 before sending."""
+    data = body.get("input")
+    if not caps.token_inputs and isinstance(data, list) and not all(
+            isinstance(x, str) for x in data):
+        raise HttpError(422, "unsupported_parameter",
+                        "input: this engine embeds text only; token-id arrays are not accepted")
 
 
 _JSON_STRINGS: dict[str, bytes] = {}
@@ -231,10 +273,11 @@ def raw_with_model(raw: bytes, public_model: str, native_model: str) -> bytes | 
     return None
 
 
-def plan_embeddings(body: Any) -> tuple[str, str, dict[str, Any]]:
+def plan_embeddings(body: Any) -> tuple[str, dict[str, Any]]:
+    """The model named and the body, checked; the caller puts the engine's model name in."""
     if not isinstance(body, dict):
         raise HttpError(400, "invalid_request", "request body must be a JSON object")
-    engine_id, model = parse_model(body.get("model"))
+    model = parse_model(body.get("model"))
     data = body.get("input")
     ok = isinstance(data, str) or (
         isinstance(data, list) and data and all(isinstance(x, (str, int, list)) for x in data))
@@ -244,7 +287,7 @@ def plan_embeddings(body: Any) -> tuple[str, str, dict[str, Any]]:
     fmt = body.get("encoding_format")
     if fmt not in (None, "float", "base64"):
         raise HttpError(400, "unsupported_parameter", f"encoding_format {fmt!r}")
-    return engine_id, model, {**body, "model": model}
+    return model, dict(body)
 
 
 def _responses_tools(tools: Any) -> list[dict[str, Any]]:
@@ -363,3 +406,52 @@ def responses_to_chat(body: Any) -> dict[str, Any]:
     if fmt is not None:
         chat["response_format"] = fmt
     return chat
+
+
+def completion_target(body: Any) -> str:
+    """The model a legacy text completion names, after the cheap shape checks."""
+    if not isinstance(body, dict):
+        raise HttpError(400, "invalid_request", "request body must be a JSON object")
+    model = parse_model(body.get("model"))
+    prompt = body.get("prompt")
+    ok = isinstance(prompt, str) or (
+        isinstance(prompt, list) and prompt and (
+            all(isinstance(p, str) for p in prompt)
+            or all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+            or all(isinstance(p, list) and all(isinstance(t, int) for t in p) for p in prompt)))
+    if not ok:
+        raise HttpError(400, "invalid_request", "'prompt' must be a string, an array of "
+                        "strings, or token ids")
+    if body.get("stream") not in (None, True, False):
+        raise HttpError(400, "invalid_request", "'stream' must be a boolean")
+    return model
+
+
+def plan_completion(body: dict[str, Any], model: str,
+                    caps: Capabilities) -> tuple[dict[str, Any], list[str]]:
+    """The engine body of a text completion and the warnings for what was changed. What the
+    engine cannot do is refused (422 naming the field), never dropped quietly."""
+    warnings: list[str] = []
+    out = {k: v for k, v in body.items() if k not in _ENGINE_CONTROL}
+    warnings += [f"{k} dropped: it configures the engine, not the request"
+                 for k in body if k in _ENGINE_CONTROL]
+    if not caps.token_inputs:
+        prompt = body["prompt"]
+        if not (isinstance(prompt, str) or (len(prompt) == 1 and isinstance(prompt[0], str))):
+            raise HttpError(422, "unsupported_parameter",
+                            "prompt: this engine completes one text prompt; token-id arrays "
+                            "and several prompts are not accepted")
+        if body.get("echo"):
+            raise HttpError(422, "unsupported_parameter",
+                            "echo: this engine cannot repeat the prompt in its reply")
+        for key in ("n", "best_of"):
+            value = body.get(key)
+            if isinstance(value, int) and value > 1:
+                out.pop(key)
+                warnings.append(f"{key} forced to 1: this engine returns one choice")
+        for key in ("logprobs", "logit_bias", "user"):
+            if body.get(key) is not None:
+                out.pop(key)
+                warnings.append(f"{key} dropped: not supported by this engine")
+    out["model"] = model
+    return out, warnings

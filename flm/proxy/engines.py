@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from flm.core.errors import EngineError
 from flm.core.memo import remember
-from flm.core.models import Capabilities, EngineEndpoint, ModelInfo
+from flm.core.models import MODEL_SCHEME, Capabilities, EngineEndpoint, ModelInfo, split_model_id
 from flm.engines.base import EngineAdapter
 from flm.engines.kinds import make_adapter
 from flm.http.client import EngineClient, Timeouts
@@ -47,6 +47,13 @@ class EngineRegistry:
         #: Engine pools (``flm://pool:NAME/model``), set by the runtime's build and reload.
         self.pools = PoolSet(self)
         self._pool_adapters: dict[str, PoolAdapter] = {}
+        #: alias → (engine, model), set from config.db at start and on every reload.
+        self.aliases: dict[str, tuple[str, str]] = {}
+        #: plain model name → the engines that serve it, rebuilt whenever a model list is
+        #: stored, so that resolving a plain name costs one lookup.
+        self._by_name: dict[str, tuple[str, ...]] = {}
+        #: When every engine's list was last fetched because a plain name was not found.
+        self._gathered_at = -MISS_REFRESH_S
         self.replace(endpoints)
 
     def replace(self, endpoints: Iterable[EngineEndpoint]) -> list[EngineAdapter]:
@@ -62,7 +69,62 @@ class EngineRegistry:
         self._adapters = kept
         self._models = {k: v for k, v in self._models.items() if k in kept}
         self._caps = {}
+        self._index()
         return gone
+
+    def set_aliases(self, aliases: dict[str, str]) -> None:
+        """Swap in the aliases (name → ``flm://`` id); malformed targets are skipped."""
+        parsed = {}
+        for name, target in aliases.items():
+            parts = split_model_id(target)
+            if parts is not None:
+                parsed[name] = parts
+        self.aliases = parsed
+
+    def _index(self) -> None:
+        by_name: dict[str, dict[str, None]] = {}
+        for engine_id, (_at, models) in self._models.items():
+            for name in models:
+                by_name.setdefault(name, {})[engine_id] = None
+                if name.endswith(":latest"):  # Ollama's implicit tag
+                    by_name.setdefault(name[:-len(":latest")], {})[engine_id] = None
+        self._by_name = {name: tuple(engines) for name, engines in by_name.items()}
+
+    def plain_names(self) -> dict[str, str]:
+        """Plain names exactly one engine serves → that engine (for ``/v1/models``)."""
+        return {name: engines[0] for name, engines in self._by_name.items()
+                if len(engines) == 1}
+
+    async def locate(self, value: str) -> tuple[str, str]:
+        """``(engine, model)`` for what a request names: an ``flm://`` id, an alias, or a plain
+        model name that exactly one engine serves (several → 400 naming them; none → 404
+        ``model_not_found``). An alias wins over a plain name it shadows."""
+        parts = split_model_id(value)
+        if parts is not None:
+            return parts
+        hit = self.aliases.get(value)
+        if hit is not None:
+            return hit
+        if value.startswith(MODEL_SCHEME):
+            raise HttpError(400, "invalid_model",
+                            f"model must look like flm://<engine>/<model>, got {value[:200]!r}")
+        engines = self._by_name.get(value)
+        if engines is None and time.monotonic() - self._gathered_at >= MISS_REFRESH_S:
+            # a name no list holds: ask every engine again (at most once a second), so a model
+            # pulled a moment ago is found and unknown names cannot cost a listing each
+            self._gathered_at = time.monotonic()
+            await asyncio.gather(*(self.models_of(i, refresh=True) for i in self._adapters),
+                                 return_exceptions=True)
+            engines = self._by_name.get(value)
+        if not engines:
+            raise HttpError(404, "model_not_found",
+                            f"no engine serves a model named {value[:200]!r} (see /v1/models)")
+        if len(engines) > 1:
+            ids = ", ".join(f"{MODEL_SCHEME}{e}/{value}" for e in engines)
+            raise HttpError(400, "ambiguous_model",
+                            f"several engines serve {value[:200]!r}: use one of {ids}, or "
+                            "name one with `flm models alias set`")
+        return engines[0], value
 
     def _client_for(self, endpoint: EngineEndpoint) -> EngineClient | None:
         """``None`` (the adapter's own direct client) unless the engine is remote and egress goes
@@ -114,13 +176,17 @@ class EngineRegistry:
             if cached is not None and cached[0] >= now:
                 return cached[1]  # listed while this call waited for the lock
             models = {m.name: m for m in await adapter.list_models()}
-            self._models[engine_id] = (time.monotonic(), models)
+            if engine_id in self._adapters:  # (not removed by a reload meanwhile)
+                self._models[engine_id] = (time.monotonic(), models)
+                self._index()
             return models
 
     async def resolve(self, engine_id: str, model: str) -> tuple[EngineAdapter, ModelInfo]:
         if engine_id.startswith(POOL_PREFIX):
             return await self._resolve_pool(engine_id, model)
-        adapter = self.adapter(engine_id)
+        adapter = self._adapters.get(engine_id)
+        if adapter is None:
+            raise HttpError(404, "model_not_found", f"no engine {engine_id[:100]!r}")
         cached = self._models.get(engine_id)
         if cached is not None and time.monotonic() - cached[0] < MODELS_TTL_S:
             hit = cached[1].get(model)
@@ -140,7 +206,8 @@ class EngineRegistry:
                             f"engine {engine_id} is unavailable: {exc.message}") from exc
         info = _find(models, model)
         if info is None:
-            raise HttpError(404, "not_found", f"engine {engine_id} has no model {model!r}")
+            raise HttpError(404, "model_not_found",
+                            f"engine {engine_id} has no model {model[:200]!r}")
         return adapter, info
 
     async def _resolve_pool(self, pool_id: str, model: str) -> tuple[EngineAdapter, ModelInfo]:

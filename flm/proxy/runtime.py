@@ -21,6 +21,7 @@ from flm.proxy.guard import GuardState
 from flm.proxy.keys import KeyVerifier
 from flm.proxy.metrics import Metrics
 from flm.proxy.pools import Backoff, PoolDef
+from flm.proxy.responses_store import ResponseStore
 from flm.proxy.usage import KeyLedger, UsageSink
 
 
@@ -61,6 +62,8 @@ class ProxyRuntime:
     egress: EgressConfig = field(default_factory=EgressConfig)
     #: Alert webhooks (policy ``alerts``), fed by the audit sink's events.
     alerts: Alerter | None = None
+    #: Stored Responses API responses (per key, bounded, in memory).
+    responses: ResponseStore = field(default_factory=ResponseStore)
     #: Active keys' scopes and limits by key id (loaded with the keys, swapped on reload).
     scopes: dict[str, KeyScope] = field(default_factory=dict)
     #: The live per-key counters (rate buckets, today's totals).
@@ -192,12 +195,16 @@ def pool_defs(ctx: Any) -> tuple[list[PoolDef], Backoff]:
 
 
 def load_profiles(runtime: ProxyRuntime, ctx: Any) -> None:
-    """Model profiles and API prompts from config.db into the runtime."""
+    """Model profiles, API prompts and model aliases from config.db into the runtime."""
+    from flm.services.aliases import AliasService
     from flm.services.profiles import ProfileService
 
     service = ProfileService(ctx.storage)
     runtime.profiles = service.effective_profiles()
     runtime.prompts = service.effective_prompts()
+    runtime.engines.set_aliases(AliasService(ctx.storage).effective())
+    runtime.responses.configure(float(ctx.config.value("responses.retention_s")),
+                                int(ctx.config.value("responses.max_per_key")))
 
 
 def load_block_rows(ctx: Any) -> list[tuple[str, str, float | None, float, int]]:

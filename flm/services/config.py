@@ -89,6 +89,12 @@ KNOWN: dict[str, KnownSetting] = {
     "pool.backoff_max_s": KnownSetting(
         30.0, _float_in(0.01, 3600), "longest wait between probes of a failed pool member"
     ),
+    "responses.retention_s": KnownSetting(
+        86400, _int_in(1, 30 * 86400), "stored Responses API responses are kept this long"
+    ),
+    "responses.max_per_key": KnownSetting(
+        1000, _int_in(1, 100_000), "stored Responses API responses kept per API key"
+    ),
     "audit.retention_days": KnownSetting(7, _int_in(1, 3650), "audit rows older are archived"),
     "preferred_language": KnownSetting("en", _choice("en", "ja"), "web UI language"),
     "ui.theme": KnownSetting("system", _choice("system", "light", "dark"),

@@ -155,7 +155,16 @@ class EngineService:
             api_key: str | None = None) -> EngineRow:
         parsed_kind = parse_kind(kind)
         base_url = normalize_url(url, default_port=kinds.get(parsed_kind).default_port)
-        taken = {r.id for r in self.registered()}
+        registered = self.registered()
+        if not managed:
+            same = next((r for r in registered
+                         if r.kind == parsed_kind.value and r.base_url == base_url), None)
+            if same is not None:
+                if engine_id in (None, same.id):
+                    return same  # adding it again reuses it (no vllm-2 for the same server)
+                raise EngineExistsError(f"{base_url} is already registered as {same.id!r}; "
+                                        f"remove it first to register it as {engine_id!r}")
+        taken = {r.id for r in registered}
         if engine_id is None:
             engine_id = parsed_kind.value
             n = 2

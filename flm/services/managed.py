@@ -17,7 +17,7 @@ from flm.core.paths import ensure_private_dir
 from flm.services.engines import EngineService
 from flm.services.runstate import pid_alive
 from flm.storage import Storage
-from flm.storage.config import EnginesRepo
+from flm.storage.config import EngineRow, EnginesRepo
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -49,6 +49,10 @@ class ManagedEngines:
             model_path = Path(model).expanduser()
             if not model_path.is_file():
                 raise UsageError(f"model file {model} does not exist")
+        same = self._running_with(model_path, port, embeddings)
+        if same is not None:
+            say(f"llama-server already serves {model_path.name} as {same.id}: reusing it")
+            return {**self._describe(same, model_path), "reused": True}
         chosen = port if port is not None else free_port()
         logs = ensure_private_dir(self._storage.paths.logs_dir)
         log_path = logs / f"llama-server-{chosen}.log"
@@ -69,10 +73,41 @@ class ManagedEngines:
                 f"llama-server did not become healthy; see {log_path}") from None
         row = self._engines.add("llamacpp", f"http://127.0.0.1:{chosen}", None, managed=True,
                                 pid=proc.pid, model_path=str(model_path), api_key=engine_key)
-        return {"id": row.id, "base_url": row.base_url, "pid": proc.pid,
+        return {**self._describe(row, model_path), "ready_after_s": round(seconds, 2),
+                "log": str(log_path), "reused": False}
+
+    @staticmethod
+    def _describe(row: EngineRow, model_path: Path) -> dict[str, Any]:
+        return {"id": row.id, "base_url": row.base_url, "pid": row.pid,
                 "model": model_path.stem, "model_id": f"flm://{row.id}/{model_path.stem}",
-                "model_path": str(model_path), "ready_after_s": round(seconds, 2),
-                "log": str(log_path)}
+                "model_path": str(model_path)}
+
+    def _running_with(self, model_path: Path, port: int | None,
+                      embeddings: bool) -> EngineRow | None:
+        """A managed llama-server of this FLM home that is alive and serves ``model_path``
+        (on ``port``, when one was asked for; with embeddings on exactly when asked for):
+        starting the same again reuses it. The process's command line must name the model,
+        so a pid the system has given to another program since is never taken for it."""
+        from urllib.parse import urlsplit
+
+        import psutil
+
+        wanted = str(model_path.resolve())
+        for row in EnginesRepo(self._storage.config).all():
+            if not row.managed or not row.pid or not pid_alive(row.pid) or not row.model_path:
+                continue
+            if str(Path(row.model_path).resolve()) != wanted:
+                continue
+            if port is not None and urlsplit(row.base_url).port != port:
+                continue
+            try:
+                command = psutil.Process(row.pid).cmdline()
+            except (psutil.Error, OSError):
+                continue
+            if row.model_path not in command or ("--embeddings" in command) != embeddings:
+                continue
+            return row
+        return None
 
     def stop(self, engine_id: str) -> dict[str, Any]:
         row = EnginesRepo(self._storage.config).get(engine_id)

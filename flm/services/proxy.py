@@ -22,7 +22,7 @@ from flm.services.runstate import (
     running_daemon,
 )
 from flm.storage import Storage
-from flm.storage.config import ProxyHandlesRepo
+from flm.storage.config import ProxyHandleRow, ProxyHandlesRepo
 
 START_TIMEOUT_S = 15.0
 #: How long ``proxy start`` and ``proxy renew`` wait for the daemon: an ACME order may take 90 s
@@ -184,28 +184,62 @@ class ProxyService:
         return result
 
     def status(self) -> dict[str, Any]:
+        """The daemon and its proxies, and ``--no-daemon`` proxies (``foreground: true``)."""
         info = self.daemon()
+        foreground = [_handle_row(h) for h in self.foreground_handles()]
         if info is None:
             cleaned = self.cleanup_stale()
-            return {"daemon": None, "proxies": [], "cleaned": cleaned}
+            return {"daemon": None, "proxies": foreground, "cleaned": cleaned}
         data: dict[str, Any] = self.call(info, "GET", "/admin/status")
         return {"daemon": {"pid": info.pid, "admin_port": info.port,
                            "started_at": info.started_at},
-                "proxies": data["proxies"]}
+                "proxies": [*data["proxies"], *foreground]}
+
+    def foreground_handles(self) -> list[ProxyHandleRow]:
+        """Live ``--no-daemon`` proxies: handles of FLM processes other than the daemon."""
+        info = self.daemon()
+        daemon_pid = info.pid if info is not None else None
+        return [h for h in ProxyHandlesRepo(self._storage.config).all()
+                if h.pid != daemon_pid and _is_flm_process(h.pid, h.started_at)]
 
     def stop(self, *, port: int | None = None, handle_id: str | None = None,
              all_: bool = False) -> dict[str, Any]:
+        """Stop the chosen proxies: the daemon's through its admin API, ``--no-daemon`` ones
+        with SIGTERM (their graceful stop). Naming a port or handle nothing runs on is an
+        error (exit 1), so a script learns that its proxy was not there."""
+        import signal
+
         info = self.daemon()
+        stopped: list[str] = []
+        result: dict[str, Any] = {}
+        if info is not None:
+            body = {"port": port, "handle_id": handle_id, "all": all_}
+            result = self.call(info, "POST", "/admin/stop", body)
+            stopped += result.get("stopped") or []
+            status = self._status(info)
+            # a daemon left without proxies exits, unless a web UI session keeps it up
+            if (all_ or not status.get("proxies")) and not status.get("ui_live"):
+                self._wait_exit(info)
+        for handle in self.foreground_handles():
+            if all_ or handle.port == port or handle.id == handle_id:
+                with contextlib.suppress(OSError):
+                    os.kill(handle.pid, signal.SIGTERM)
+                    stopped.append(handle.id)
+                    self._wait_pid(handle.pid)
+        result["stopped"] = stopped
         if info is None:
-            cleaned = self.cleanup_stale()
-            return {"stopped": [], "cleaned": cleaned}
-        body = {"port": port, "handle_id": handle_id, "all": all_}
-        result: dict[str, Any] = self.call(info, "POST", "/admin/stop", body)
-        status = self._status(info)
-        # a daemon left without proxies exits, unless a web UI session keeps it up
-        if (all_ or not status.get("proxies")) and not status.get("ui_live"):
-            self._wait_exit(info)
+            result["cleaned"] = self.cleanup_stale()
+        if not stopped and not all_:
+            target = f"port {port}" if port is not None else f"handle {handle_id}"
+            raise ProxyError(f"no FLM proxy runs on {target} (see `flm proxy status`)",
+                             code="PROXY_NOT_RUNNING")
         return result
+
+    @staticmethod
+    def _wait_pid(pid: int, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
 
     def _status(self, info: DaemonInfo) -> dict[str, Any]:
         try:
@@ -280,3 +314,23 @@ def _is_flm_process(pid: int, started_at: str) -> bool:
     except ValueError:
         return False
     return "flm" in command and began <= written + 1.0
+
+
+def _handle_row(handle: ProxyHandleRow) -> dict[str, Any]:
+    """A ``--no-daemon`` proxy in the shape of the daemon's status rows."""
+    from flm.core.timeutil import parse_iso
+
+    scheme = "http" if handle.mode == "local-http" else "https"
+    port = handle.https_port or handle.port
+    wildcard = handle.bind in ("0.0.0.0", "::", "localhost")  # noqa: S104
+    host = "127.0.0.1" if wildcard else handle.bind
+    host = f"[{host}]" if ":" in host else host
+    try:
+        uptime = round(time.time() - parse_iso(handle.started_at).timestamp(), 1)
+    except ValueError:
+        uptime = None
+    return {"id": handle.id, "mode": handle.mode, "port": handle.port,
+            "https_port": handle.https_port, "listen": handle.bind,
+            "endpoints": [f"{scheme}://{host}:{port}"], "egress": {},
+            "uptime_s": uptime, "pid": handle.pid, "started_at": handle.started_at,
+            "certificate_expiry": None, "last_error": None, "foreground": True}

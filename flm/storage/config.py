@@ -248,3 +248,28 @@ class PoolsRepo:
             return conn.execute("DELETE FROM engine_pools WHERE name=?", (name,)).rowcount
 
         return self.db.write(run) > 0
+
+
+class ModelAliasesRepo:
+    """``model_aliases``: alias name → ``flm://`` id."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def all(self) -> list[dict[str, Any]]:
+        rows = self._db.query("SELECT name, target, updated_at FROM model_aliases ORDER BY name")
+        return [dict(r) for r in rows]
+
+    def put(self, name: str, target: str, stamp: str) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT INTO model_aliases(name, target, updated_at) VALUES (?, ?, ?) "
+                         "ON CONFLICT(name) DO UPDATE SET target=excluded.target, "
+                         "updated_at=excluded.updated_at", (name, target, stamp))
+
+        self._db.write(run)
+
+    def remove(self, name: str) -> bool:
+        def run(conn: sqlite3.Connection) -> int:
+            return conn.execute("DELETE FROM model_aliases WHERE name=?", (name,)).rowcount
+
+        return bool(self._db.write(run))

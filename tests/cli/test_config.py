@@ -30,7 +30,7 @@ def test_bad_values_are_user_errors(cli: Any) -> None:
 
 
 def test_usage_errors_follow_the_contract_without_traceback() -> None:
-    for args in (["config"], ["nope"], ["config", "get"], [], ["api-keys", "create"]):
+    for args in (["config"], ["nope"], ["config", "get"], ["api-keys", "create"]):
         proc = flm_subprocess(*args)
         assert proc.returncode == 1, (args, proc.stdout, proc.stderr)
         import json

@@ -115,3 +115,26 @@ def test_up_takes_the_next_port_when_busy(llama: None, clean_up: None) -> None:
     assert data["proxy"]["port"] != busy
     assert any(f"port {busy} was busy" in note for note in data["notes"])
     assert f"port {busy} was busy" in result.stderr
+
+
+@pytest.mark.engine
+def test_starting_the_same_model_twice_reuses_one_llama_server(llama: None,
+                                                               clean_up: None) -> None:
+    first = flm_subprocess("engines", "start", "llamacpp", "--model", "demo", timeout=300)
+    assert first.returncode == 0, first.stdout + first.stderr
+    engine = json.loads(first.stdout)["data"]
+    assert engine["reused"] is False
+    again = flm_subprocess("engines", "start", "llamacpp", "--model", "demo", timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    second = json.loads(again.stdout)["data"]
+    assert second["reused"] is True
+    assert (second["id"], second["pid"]) == (engine["id"], engine["pid"])
+    managed = [e for e in json.loads(flm_subprocess("engines", "list").stdout)["data"]
+               if e["source"] == "managed"]
+    assert [e["id"] for e in managed] == [engine["id"]]
+    import psutil
+
+    servers = [p for p in psutil.process_iter(["cmdline"])
+               if any("llama-server" in part for part in (p.info["cmdline"] or [])[:1])
+               and engine["model_path"] in (p.info["cmdline"] or [])]
+    assert [p.pid for p in servers] == [engine["pid"]]

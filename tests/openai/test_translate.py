@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from flm.core.models import Capabilities
+from flm.core.models import Capabilities, split_model_id
 from flm.openai.errors import HttpError
 from flm.openai.translate import chat_target, plan_chat, raw_with_model
 
@@ -20,7 +20,9 @@ PNG = "data:image/png;base64,iVBORw0KGgo="
 
 
 def _plan(body: dict[str, Any], caps: Capabilities = PLAIN) -> Any:
-    engine, model = chat_target(body)
+    parts = split_model_id(chat_target(body))
+    assert parts is not None
+    engine, model = parts
     return plan_chat(body, engine, model, caps)
 
 
@@ -60,7 +62,8 @@ def test_parameter_rules(extra: dict[str, Any], caps: Capabilities, expect_body:
 @pytest.mark.parametrize(
     ("body", "status", "code"),
     [
-        ({"model": "m", "messages": MSG}, 400, "invalid_model"),
+        ({"model": "", "messages": MSG}, 400, "invalid_model"),
+        ({"model": 7, "messages": MSG}, 400, "invalid_model"),
         ({"model": "flm://e", "messages": MSG}, 400, "invalid_model"),
         ({"model": "flm://e/m", "messages": []}, 400, "invalid_request"),
         ({"model": "flm://e/m", "messages": MSG, "response_format": {"type": "xml"}}, 400,

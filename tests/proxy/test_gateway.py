@@ -165,12 +165,12 @@ def test_error_contract(stack: Stack) -> None:
         return status, hdrs, json.loads(raw) if raw else None
 
     msgs = [{"role": "user", "content": "x"}]
-    status, _, body = post("/v1/chat/completions", {"model": "chat-model", "messages": msgs})
+    status, _, body = post("/v1/chat/completions", {"model": "", "messages": msgs})
     assert status == 400 and body["error"]["code"] == "invalid_model"
     assert body["error"]["request_id"] and body["error"]["type"] == "invalid_request_error"
     status, _, body = post("/v1/chat/completions", {"model": stack.model("nope"),
                                                     "messages": msgs})
-    assert status == 404 and body["error"]["code"] == "not_found"
+    assert status == 404 and body["error"]["code"] == "model_not_found"
     status, _, body = post("/v1/chat/completions", {"model": "flm://ghost/x", "messages": msgs})
     assert status == 404
     image = {"role": "user", "content": [

@@ -159,12 +159,12 @@ def test_only_paths_the_gateway_lacks_count_as_probing(env: Env) -> None:
         assert status == 404, body
     assert ip not in env.rt.guard.scores and env.rt.guard.blocked(ip) is None
     assert ("GET", "/no/such/engine/route") in env.emu.requests
-    # OpenAI routes an SDK user may call: retrieve a model (served), legacy completions (not)
+    # OpenAI routes an SDK user may call: retrieve a model (served), batches (not)
     for _ in range(15):
         status, _, body = env.request("GET", "/v1/models/flm://eng/m:1", source=ip)
         assert status == 200 and json.loads(body)["id"] == "flm://eng/m:1"
         assert env.request("GET", "/v1/models/flm://eng/gone:1", source=ip)[0] == 404
-        status, _, body = env.request("POST", "/v1/completions", source=ip, body={})
+        status, _, body = env.request("POST", "/v1/batches", source=ip, body={})
         assert status == 404 and json.loads(body)["error"]["code"] == "not_found"
     assert ip not in env.rt.guard.scores and env.rt.guard.blocked(ip) is None
     status, _, body = env.request("GET", "/no-such-route", source=ip)

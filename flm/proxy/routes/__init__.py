@@ -20,6 +20,7 @@ class Router:
         self.runtime = runtime
         self.routes: dict[str, dict[str, Handler]] = {
             "/v1/chat/completions": {"POST": chat.chat_completions},
+            "/v1/completions": {"POST": chat.completions},
             "/v1/embeddings": {"POST": chat.embeddings},
             "/v1/responses": {"POST": chat.responses},
             "/v1/models": {"GET": misc.models},
@@ -48,8 +49,14 @@ class Router:
                 state.route = "/v1/models/{id}"
                 await misc.model(scope, receive, send, self.runtime)
                 return
+            if path.startswith("/v1/responses/"):
+                from flm.proxy.routes import chat
+
+                state.route = "/v1/responses/{id}"
+                await chat.stored_response(scope, receive, send, self.runtime)
+                return
             if path.startswith("/v1/"):
-                # an OpenAI route FLM does not serve (say /v1/completions): what an SDK user
+                # an OpenAI route FLM does not serve (say /v1/batches): what an SDK user
                 # calls by mistake, not a probe, so a plain 404 that does not score
                 raise HttpError(404, "not_found", f"FLM does not serve {path[:100]}")
             raise NoSuchRoute()

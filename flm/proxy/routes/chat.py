@@ -16,7 +16,10 @@ from flm.openai.sse import DONE, encode_event, usage_from_bytes
 from flm.openai.translate import (
     ChatPlan,
     chat_target,
+    check_embedding_input,
+    completion_target,
     plan_chat,
+    plan_completion,
     plan_embeddings,
     raw_with_model,
     responses_to_chat,
@@ -74,9 +77,11 @@ def refuse_cloud_model(state: RequestState, rt: ProxyRuntime, info: ModelInfo) -
 
 async def _prepare_chat(state: RequestState, rt: ProxyRuntime, body: Any,
                         api_id: str = "chat_completions") -> tuple[ChatPlan, Any]:
-    engine_id, model = chat_target(body)
-    # (the id the client sent, ``flm://engine/model``, which is also the one replies carry)
-    state.engine_id, state.model = engine_id, body["model"]
+    named = chat_target(body)
+    engine_id, model = await rt.engines.locate(named)
+    # (the name the client sent — an flm:// id, a plain name or an alias — which is also the
+    # one replies carry; a key's model scope applies to the flm:// id it resolves to)
+    state.engine_id, state.model = engine_id, named
     if state.key is not None and state.key.models is not None:
         require_model(state, make_model_id(engine_id, model))
     adapter, info = await rt.engines.resolve(engine_id, model)
@@ -109,7 +114,7 @@ async def chat_completions(scope: Scope, receive: Receive, send: Send,
     raw = await read_body(receive, scope, rt.settings.max_body_bytes)
     body = parse_json(raw)
     plan, adapter = await _prepare_chat(state, rt, body)
-    public: str = body["model"]  # checked by _prepare_chat: flm://engine/model
+    public: str = body["model"]  # checked by _prepare_chat
     if plan.stream:
         strip = False
         if state.key is not None and adapter.endpoint.kind != EngineKind.OLLAMA:
@@ -158,6 +163,43 @@ def _estimate_reply(state: RequestState, body: Any, reply: bytes) -> None:
     state.prompt_tokens = estimate_tokens(_messages_text(body))
     state.completion_tokens = estimate_tokens(text)
     state.usage_estimated = True
+
+
+async def completions(scope: Scope, receive: Receive, send: Send, rt: ProxyRuntime) -> None:
+    """``/v1/completions``: legacy text completions, plain and streamed. OpenAI-compatible
+    engines get the request as it is (model name swapped); Ollama through ``/api/generate``."""
+    state: RequestState = scope["flm"]
+    raw = await read_body(receive, scope, rt.settings.max_body_bytes)
+    body = parse_json(raw)
+    named = completion_target(body)
+    engine_id, model = await rt.engines.locate(named)
+    state.engine_id, state.model = engine_id, named
+    if state.key is not None and state.key.models is not None:
+        require_model(state, make_model_id(engine_id, model))
+    adapter, info = await rt.engines.resolve(engine_id, model)
+    if info.cloud and not rt.effective.allow_cloud_models:
+        refuse_cloud_model(state, rt, info)
+    changed = bool(rt.profiles) and apply_profile(
+        body, rt.profiles.get((engine_id, model)) or rt.profiles.get((engine_id, info.name)))
+    payload, warnings = plan_completion(body, model, rt.engines.capabilities(engine_id, info))
+    state.warnings.extend(warnings)
+    if payload.get("stream") is True:
+        prompt = body["prompt"]
+        await stream_events(scope, receive, send, rt, adapter.completion_stream(payload, named),
+                            prompt=lambda: prompt if isinstance(prompt, str) else "")
+        return
+    forward = (raw_with_model(raw, named, model)
+               if not changed and not warnings and payload.keys() == body.keys() else None)
+    reply = await _engine_call(adapter.completion_bytes(payload, named, forward), state)
+    await send_bytes(send, 200, reply)
+    usage = usage_from_bytes(reply)
+    if usage is None:
+        prompt = body["prompt"]
+        state.prompt_tokens = estimate_tokens(prompt if isinstance(prompt, str) else "")
+        state.completion_tokens = 0
+        state.usage_estimated = True
+    else:
+        _record_usage(state, usage, rt)
 
 
 async def _engine_call(coro: Any, state: RequestState) -> Any:
@@ -300,15 +342,18 @@ class _UsageTap:
 async def embeddings(scope: Scope, receive: Receive, send: Send, rt: ProxyRuntime) -> None:
     state = state_of(scope)
     body = await _body(scope, receive, rt)
-    engine_id, model, payload = plan_embeddings(body)
-    state.engine_id, state.model = engine_id, make_model_id(engine_id, model)
+    named, payload = plan_embeddings(body)
+    engine_id, model = await rt.engines.locate(named)
+    payload["model"] = model
+    state.engine_id, state.model = engine_id, named
     if state.key is not None and state.key.models is not None:
-        require_model(state, state.model)
+        require_model(state, make_model_id(engine_id, model))
     adapter, info = await rt.engines.resolve(engine_id, model)
     if info.cloud and not rt.effective.allow_cloud_models:
         refuse_cloud_model(state, rt, info)
     if not adapter.capabilities().embeddings:
         raise HttpError(422, "unsupported_modalities", f"{engine_id} does not embed")
+    check_embedding_input(payload, adapter.capabilities())
     reply = await _engine_call(adapter.embeddings(payload), state)
     reply["model"] = state.model
     _record_usage(state, reply.get("usage"), rt)
@@ -324,7 +369,8 @@ def _function_call_item(call: dict[str, Any]) -> dict[str, Any]:
             "status": "completed"}
 
 
-def _response_object(reply: dict[str, Any], public: str) -> dict[str, Any]:
+def _response_object(reply: dict[str, Any], public: str, resp_id: str | None = None,
+                     extra: dict[str, Any] | None = None) -> dict[str, Any]:
     choice = (reply.get("choices") or [{}])[0]
     message = choice.get("message") or {}
     text = message.get("content") or ""
@@ -342,10 +388,11 @@ def _response_object(reply: dict[str, Any], public: str) -> dict[str, Any]:
         })
     output += [_function_call_item(c) for c in calls]
     return {
-        "id": f"resp_{secrets.token_hex(12)}",
+        "id": resp_id or f"resp_{secrets.token_hex(24)}",
         "object": "response",
         "created_at": int(time.time()),
         "model": public,
+        **(extra or {}),
         "status": "incomplete" if incomplete else "completed",
         "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
         "error": None,
@@ -362,14 +409,18 @@ def _sse(kind: str, payload: dict[str, Any], seq: list[int]) -> bytes:
     return f"event: {kind}\ndata: {data}\n\n".encode()
 
 
-async def _response_events(chunks: AsyncIterator[bytes], public: str) -> AsyncIterator[bytes]:
+async def _response_events(chunks: AsyncIterator[bytes], public: str,
+                           resp_id: str | None = None, extra: dict[str, Any] | None = None,
+                           on_done: Callable[[dict[str, Any]], None] | None = None
+                           ) -> AsyncIterator[bytes]:
     """Chat chunks → the Responses API's semantic stream events: the text as it comes, and
     function calls (gathered from their deltas) as whole items before the end. Nothing is
     sent before the engine's first chunk, so an engine that fails at once is an ordinary
     HTTP error, as for chat completions."""
     response: dict[str, Any] = {
-        "id": f"resp_{secrets.token_hex(12)}", "object": "response",
-        "created_at": int(time.time()), "model": public, "status": "in_progress",
+        "id": resp_id or f"resp_{secrets.token_hex(24)}", "object": "response",
+        "created_at": int(time.time()), "model": public, **(extra or {}),
+        "status": "in_progress",
         "error": None, "incomplete_details": None, "output": [], "usage": None,
     }
     item_id = f"msg_{secrets.token_hex(12)}"
@@ -454,25 +505,136 @@ async def _response_events(chunks: AsyncIterator[bytes], public: str) -> AsyncIt
             _sse("response.output_item.done", {"output_index": index, "item": fc}, seq)]
     closing.append(_sse("response.completed" if not incomplete else "response.incomplete",
                         {"response": final}, seq))
+    if on_done is not None:
+        on_done(final)
     yield b"".join(closing)
+
+
+def _input_items(value: Any) -> list[dict[str, Any]]:
+    """A Responses request's ``input`` as the items ``input_items`` lists (each with an id)."""
+    if isinstance(value, str):
+        value = [{"type": "message", "role": "user",
+                  "content": [{"type": "input_text", "text": value}]}]
+    items = []
+    for item in value if isinstance(value, list) else []:
+        if isinstance(item, dict):
+            entry = {"type": "message", **item}
+            if isinstance(entry.get("content"), str) and entry["type"] == "message":
+                entry["content"] = [{"type": "input_text", "text": entry["content"]}]
+            entry.setdefault("id", f"{'msg' if entry['type'] == 'message' else 'item'}_"
+                             f"{secrets.token_hex(12)}")
+            items.append(entry)
+    return items
+
+
+def _assistant_turn(output: list[dict[str, Any]]) -> dict[str, Any]:
+    """A response's output items as the chat assistant message a follow-up replays."""
+    text = "".join(part.get("text") or "" for item in output if item.get("type") == "message"
+                   for part in item.get("content") or [])
+    calls = [{"id": item["call_id"], "type": "function",
+              "function": {"name": item["name"], "arguments": item["arguments"]}}
+             for item in output if item.get("type") == "function_call"]
+    message: dict[str, Any] = {"role": "assistant", "content": text or None}
+    if calls:
+        message["tool_calls"] = calls
+    return message
 
 
 async def responses(scope: Scope, receive: Receive, send: Send, rt: ProxyRuntime) -> None:
     body = await _body(scope, receive, rt)
-    chat = responses_to_chat(body)
     state = state_of(scope)
+    chat = responses_to_chat(body)
+    store = body.get("store") is not False  # (OpenAI stores unless told not to)
+    previous = body.get("previous_response_id")
+    history: list[dict[str, Any]] = []
+    if previous is not None:
+        hit = rt.responses.get(state.api_key_id, previous) if isinstance(previous, str) else None
+        if hit is None:
+            raise HttpError(400, "previous_response_not_found",
+                            f"previous_response_id: no stored response {str(previous)[:100]!r}")
+        history = hit.messages
+    lead = 1 if isinstance(body.get("instructions"), str) else 0
+    turn = chat["messages"][lead:]
+    if history:
+        chat["messages"] = chat["messages"][:lead] + history + turn
     plan, adapter = await _prepare_chat(state, rt, chat, "responses")
-    public = make_model_id(plan.engine_id, plan.model)
+    public: str = chat["model"]
+    resp_id = f"resp_{secrets.token_hex(24)}"
+    extra = {"previous_response_id": previous, "store": store,
+             "instructions": body.get("instructions")}
+    owner = state.api_key_id
+
+    def keep(response: dict[str, Any]) -> None:
+        if store:
+            rt.responses.put(owner, response, _input_items(body.get("input")),
+                             [*history, *turn, _assistant_turn(response["output"])])
+
     if plan.stream:
         if "stream_options" not in plan.body:
             plan.body["stream_options"] = {"include_usage": True}
-        await stream_events(scope, receive, send, rt,
-                            _response_events(adapter.chat_stream(plan.body, public), public),
-                            prompt=lambda: _messages_text(chat))
+        await stream_events(scope, receive, send, rt, _response_events(
+            adapter.chat_stream(plan.body, public), public, resp_id, extra, keep),
+            prompt=lambda: _messages_text(chat))
         return
     reply = await _engine_call(adapter.chat(plan.body), state)
     if isinstance(reply.get("usage"), dict):
         _record_usage(state, reply.get("usage"), rt)
     else:
         _estimate_reply(state, chat, json.dumps(reply).encode())
-    await send_json(send, 200, _response_object(reply, public))
+    response = _response_object(reply, public, resp_id, extra)
+    keep(response)
+    await send_json(send, 200, response)
+
+async def stored_response(scope: Scope, receive: Receive, send: Send,
+                          rt: ProxyRuntime) -> None:
+    """``GET``/``DELETE /v1/responses/{id}`` and ``GET /v1/responses/{id}/input_items``:
+    only the key that created a response sees it; for any other it does not exist."""
+    state = state_of(scope)
+    rest = scope["path"][len("/v1/responses/"):]
+    resp_id, _, sub = rest.partition("/")
+    method = scope["method"]
+    allowed = "GET" if sub else "GET, DELETE"
+    if sub not in ("", "input_items") or "/" in sub:
+        raise HttpError(404, "not_found", f"FLM does not serve {scope['path'][:100]}")
+    if method not in allowed.split(", "):
+        raise HttpError(405, "method_not_allowed", f"{method} not allowed here",
+                        [(b"allow", allowed.encode())])
+    state.route = "/v1/responses/{id}" + ("/input_items" if sub else "")
+    hit = rt.responses.get(state.api_key_id, resp_id)
+    if hit is None:
+        raise HttpError(404, "not_found", f"no stored response {resp_id[:100]!r}")
+    if method == "DELETE":
+        rt.responses.delete(state.api_key_id, resp_id)
+        await send_json(send, 200, {"id": resp_id, "object": "response", "deleted": True})
+        return
+    if not sub:
+        await send_json(send, 200, hit.response)
+        return
+    await send_json(send, 200, _item_page(hit.input_items, scope))
+
+
+def _item_page(items: list[dict[str, Any]], scope: Scope) -> dict[str, Any]:
+    """One page of input items: ``order`` (``desc`` by default, as OpenAI), ``limit``
+    (1-100, default 20) and ``after`` (an item id) from the query string."""
+    from urllib.parse import parse_qs
+
+    query = parse_qs(bytes(scope.get("query_string") or b"").decode("latin-1"))
+    order = (query.get("order") or ["desc"])[0]
+    if order not in ("asc", "desc"):
+        raise HttpError(400, "invalid_request", "order must be asc or desc")
+    try:
+        limit = int((query.get("limit") or ["20"])[0])
+    except ValueError:
+        raise HttpError(400, "invalid_request", "limit must be an integer") from None
+    if not 1 <= limit <= 100:
+        raise HttpError(400, "invalid_request", "limit must be between 1 and 100")
+    ordered = items if order == "asc" else items[::-1]
+    after = query.get("after")
+    if after:
+        ids = [i.get("id") for i in ordered]
+        ordered = ordered[ids.index(after[0]) + 1:] if after[0] in ids else []
+    page = ordered[:limit]
+    return {"object": "list", "data": page,
+            "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None,
+            "has_more": len(ordered) > limit}

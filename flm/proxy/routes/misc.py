@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from flm.core.keyscope import KeyScope
+from flm.core.models import make_model_id
 from flm.openai.errors import HttpError
 from flm.proxy.asgi import Receive, Scope, Send, read_body, send_bytes, send_json
 from flm.proxy.runtime import ProxyRuntime
@@ -15,30 +18,57 @@ def _scope_of(scope: Scope) -> KeyScope | None:
     return key if key is not None and key.models is not None else None
 
 
+async def _model_cards(rt: ProxyRuntime, key: KeyScope | None) -> list[dict[str, Any]]:
+    """Every model as ``flm://engine/model``, then plain names exactly one engine serves, then
+    aliases (an alias shadows a plain name of the same spelling), each callable as listed. A
+    key limited to some models sees only those (a name or alias: by the id it stands for);
+    cloud models are left out unless the policy allows them."""
+    listed = sorted(await rt.engines.all_models(), key=lambda m: m.flm_id)
+    if not rt.effective.allow_cloud_models:
+        hidden = {m.flm_id for m in listed if m.cloud}
+        listed = [m for m in listed if not m.cloud]
+    else:
+        hidden = set()
+    by_id = {m.flm_id: m for m in listed}
+    cards = [_card(m.flm_id, m.engine_id, m.context_length) for m in listed
+             if key is None or key.allows_model(m.flm_id)]
+    aliases = rt.engines.aliases
+    for name, engine_id in sorted(rt.engines.plain_names().items()):
+        target = make_model_id(engine_id, name)
+        if name not in aliases and target not in hidden and (
+                key is None or key.allows_model(target)):
+            info = by_id.get(target)
+            cards.append(_card(name, engine_id, info.context_length if info else None, target))
+    for name, (engine_id, model) in sorted(aliases.items()):
+        target = make_model_id(engine_id, model)
+        if target not in hidden and (key is None or key.allows_model(target)):
+            info = by_id.get(target)
+            cards.append(_card(name, engine_id, info.context_length if info else None, target))
+    return cards
+
+
+def _card(model_id: str, engine_id: str, context: int | None,
+          target: str | None = None) -> dict[str, Any]:
+    card: dict[str, Any] = {"id": model_id, "object": "model", "created": 0,
+                            "owned_by": engine_id, "context_length": context}
+    if target is not None:
+        card["flm_id"] = target  # what a plain name or an alias stands for
+    return card
+
+
 async def models(scope: Scope, receive: Receive, send: Send, rt: ProxyRuntime) -> None:
-    allow_cloud = rt.effective.allow_cloud_models
-    key = _scope_of(scope)  # a key limited to some models sees only those
-    data = [
-        {"id": m.flm_id, "object": "model", "created": 0, "owned_by": m.engine_id,
-         "context_length": m.context_length}
-        for m in sorted(await rt.engines.all_models(), key=lambda m: m.flm_id)
-        if (allow_cloud or not m.cloud) and (key is None or key.allows_model(m.flm_id))
-    ]
+    data = await _model_cards(rt, _scope_of(scope))
     await send_json(send, 200, {"object": "list", "data": data})
 
 
 async def model(scope: Scope, receive: Receive, send: Send, rt: ProxyRuntime) -> None:
     """``GET /v1/models/{id}``: one model, as OpenAI's "retrieve model" returns it."""
     wanted = scope["path"][len("/v1/models/"):]
-    key = _scope_of(scope)
-    for m in await rt.engines.all_models():
-        if m.flm_id == wanted and (rt.effective.allow_cloud_models or not m.cloud) and (
-                key is None or key.allows_model(m.flm_id)):
-            await send_json(send, 200, {"id": m.flm_id, "object": "model", "created": 0,
-                                        "owned_by": m.engine_id,
-                                        "context_length": m.context_length})
+    for card in await _model_cards(rt, _scope_of(scope)):
+        if card["id"] == wanted:
+            await send_json(send, 200, card)
             return
-    raise HttpError(404, "not_found", f"no model {wanted[:200]!r}")
+    raise HttpError(404, "model_not_found", f"no model {wanted[:200]!r}")
 
 
 async def health(scope: Scope, receive: Receive, send: Send, rt: ProxyRuntime) -> None:

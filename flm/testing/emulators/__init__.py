@@ -59,7 +59,10 @@ from flm.testing.emulators.base import (
     OpenAIDialect,
     embedding_for,
     expected_reply,
+    sample_for,
     split_text,
+    structured_reply,
+    tool_call_for,
     word_count,
 )
 from flm.testing.emulators.lmstudio import LmStudioEmulator
@@ -116,7 +119,10 @@ __all__ = [
     "create_server",
     "embedding_for",
     "expected_reply",
+    "sample_for",
     "split_text",
     "start_emulator",
+    "structured_reply",
+    "tool_call_for",
     "word_count",
 ]

@@ -15,7 +15,15 @@ Deterministic content, the same for every engine:
 - ``max_tokens`` / ``num_predict`` smaller than the reply's word count keeps that many words and
   finishes with ``length``;
 - embeddings are unit vectors of ``ModelSpec.embedding_dim`` floats derived from a SHA-256 of the
-  input text (see `embedding_for`).
+  input text (see `embedding_for`);
+- tools: the model calls an offered function when the last user message names it (unless the
+  conversation already ends with a tool's result), or when ``tool_choice`` forces one (a named
+  function; ``required``: the named-in-text one, else the first), never with
+  ``tool_choice: "none"``; the arguments are `sample_for` the function's parameter schema
+  (see `tool_call_for`);
+- structured output: with a JSON schema (OpenAI's ``response_format`` ``json_schema``, Ollama's
+  ``format`` object) the reply is `sample_for` that schema, as JSON; with plain JSON mode
+  (``json_object``, Ollama's ``"json"``) it is ``{"reply": <the usual reply>}``.
 
 The OpenAI-compatible wire format (shared by vLLM, LM Studio and Ollama's ``/v1`` routes) lives
 here too, in `OpenAIDialect`; each engine module subclasses it only where its server differs.
@@ -216,6 +224,72 @@ def split_text(text: str, parts: int) -> list[str]:
     return [text[i * size // n : (i + 1) * size // n] for i in range(n)]
 
 
+def sample_for(schema: object) -> Any:
+    """A deterministic value matching a JSON schema: an object's properties (its required ones,
+    or all when none are listed), an enum's first value, ``"text"``, ``1``, ``True``, and a
+    one-item array."""
+    if not isinstance(schema, dict):
+        return None
+    if isinstance(schema.get("enum"), list) and schema["enum"]:
+        return schema["enum"][0]
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), None)
+    if kind == "object" or (kind is None and isinstance(schema.get("properties"), dict)):
+        props = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+        assert isinstance(props, dict)
+        wanted = schema.get("required") if isinstance(schema.get("required"), list) else None
+        return {name: sample_for(sub) for name, sub in props.items()
+                if wanted is None or name in wanted}
+    if kind == "string":
+        return "text"
+    if kind in ("integer", "number"):
+        return 1
+    if kind == "boolean":
+        return True
+    if kind == "array":
+        return [sample_for(schema.get("items"))]
+    return None
+
+
+def tool_call_for(tools: object, choice: object, last_user: str,
+                  last_role: object = None) -> tuple[str, Any] | None:
+    """The function a model "decides" to call and its arguments, or ``None`` (see the module
+    documentation). Once the conversation ends with a tool's result the model answers in
+    text unless ``tool_choice`` forces a call."""
+    functions: dict[str, Any] = {}
+    for tool in tools if isinstance(tools, list) else []:
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if isinstance(fn, dict) and isinstance(fn.get("name"), str):
+            functions[fn["name"]] = fn.get("parameters")
+    if not functions or choice == "none":
+        return None
+    if last_role == "tool" and not (isinstance(choice, dict) or choice == "required"):
+        return None
+    named = next((n for n in functions if n in last_user), None)
+    if isinstance(choice, dict):
+        fn = choice.get("function")
+        forced = fn.get("name") if isinstance(fn, dict) else None
+        named = forced if forced in functions else None
+    elif choice == "required":
+        named = named or next(iter(functions))
+    if named is None:
+        return None
+    return named, sample_for(functions[named]) or {}
+
+
+def structured_reply(fmt: object, text: str) -> str:
+    """The reply under OpenAI's ``response_format`` (unchanged for ``text`` or none)."""
+    if not isinstance(fmt, dict):
+        return text
+    if fmt.get("type") == "json_object":
+        return dumps({"reply": text})
+    if fmt.get("type") == "json_schema":
+        spec = fmt.get("json_schema")
+        return dumps(sample_for(spec.get("schema") if isinstance(spec, dict) else None))
+    return text
+
+
 def embedding_for(text: str, dim: int = EMBEDDING_DIM) -> list[float]:
     """A deterministic unit vector for ``text`` (values rounded to 8 decimals)."""
     raw = b""
@@ -327,6 +401,8 @@ class OpenAIDialect:
     model_optional: ClassVar[bool] = True
     stream_content_type: ClassVar[str] = "text/event-stream"
     owned_by: ClassVar[str] = "system"
+    #: ``response_format`` types the engine accepts (others: 400).
+    response_formats: ClassVar[frozenset[str]] = frozenset({"text", "json_object", "json_schema"})
 
     def __init__(self, server: EmulatorServer) -> None:
         self.server = server
@@ -451,7 +527,18 @@ class OpenAIDialect:
             if message.get("role") == "user":
                 prompt.last_user = text
         behaviour = request_behaviour()
-        base = reply_for(behaviour, prompt)
+        fmt = body.get("response_format")
+        if fmt is not None:
+            kind = fmt.get("type") if isinstance(fmt, dict) else None
+            if kind not in self.response_formats:
+                return self.error(400, f"response_format type {kind!r} is not supported.",
+                                  param="response_format")
+        last = messages[-1] if isinstance(messages[-1], dict) else {}
+        call = tool_call_for(body.get("tools"), body.get("tool_choice"), prompt.last_user,
+                             last.get("role"))
+        if call is not None:
+            return await self._tool_call_reply(request, body, spec, call, prompt.tokens)
+        base = structured_reply(fmt, reply_for(behaviour, prompt))
         if behaviour.huge_line_bytes and not body.get("stream"):
             base = "x" * behaviour.huge_line_bytes
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
@@ -484,6 +571,54 @@ class OpenAIDialect:
             **self.response_extras(request, spec, prompt.tokens, completion_tokens, finish),
         }
         return json_response(reply)
+
+    async def _tool_call_reply(self, request: web.Request, body: JSONDict, spec: ModelSpec,
+                               call: tuple[str, Any], prompt_tokens: int) -> web.StreamResponse:
+        """One function call, as the assistant's whole reply (``finish_reason: tool_calls``);
+        streamed as OpenAI streams it: the call's id and name first, then its arguments."""
+        name, args = call
+        arguments = dumps(args)
+        call_id = f"call_{secrets.token_hex(12)}"
+        usage = self.usage(prompt_tokens, word_count(arguments))
+        reply_id, created = new_id("chatcmpl-"), unix_now()
+        if not body.get("stream"):
+            await self.server.before_plain_reply(request)
+            message = {**self.message_extras(), "role": "assistant", "content": None,
+                       "tool_calls": [{"id": call_id, "type": "function",
+                                       "function": {"name": name, "arguments": arguments}}]}
+            return json_response({
+                "id": reply_id, "object": "chat.completion", "created": created,
+                "model": spec.name,
+                "choices": [{"index": 0, "message": message, "logprobs": None,
+                             "finish_reason": "tool_calls", **self.choice_extras()}],
+                "usage": usage, **self.chunk_extras(spec)})
+        options = body.get("stream_options")
+        include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+
+        def chunk(delta: JSONDict | None, finish: str | None = None, **more: Any) -> bytes:
+            return sse({"id": reply_id, "object": "chat.completion.chunk", "created": created,
+                        "model": spec.name, **self.chunk_extras(spec),
+                        "choices": [] if delta is None else [
+                            {"index": 0, "delta": delta, "logprobs": None,
+                             "finish_reason": finish}], **more})
+
+        frames = [
+            chunk({"tool_calls": [{"index": 0, "id": call_id, "type": "function",
+                                   "function": {"name": name, "arguments": ""}}]}),
+            chunk({"tool_calls": [{"index": 0, "function": {"arguments": arguments}}]}),
+        ]
+
+        def epilogue() -> bytes:
+            out = chunk({}, "tool_calls")
+            if include_usage:
+                out += chunk(None, usage=usage)
+            return out + SSE_DONE
+
+        return await self.server.stream(
+            request, content_type=self.stream_content_type,
+            preamble=chunk({"role": "assistant", "content": None}), steps=len(frames),
+            frame=lambda step: frames[step % len(frames)],
+            huge_frame=lambda content: chunk({"content": content}), epilogue=epilogue)
 
     async def _stream_chat(
         self,

@@ -67,6 +67,8 @@ class LmStudioDialect(OpenAIDialect):
     model_optional = True
     stream_content_type = "text/event-stream"
     owned_by = "organization_owner"
+    #: LM Studio's structured output takes a JSON schema; it has no plain JSON mode.
+    response_formats = frozenset({"text", "json_schema"})
 
     def model_not_found(self, name: str) -> web.Response:
         listing = "\n".join(self.server.models)

@@ -38,7 +38,7 @@ import dataclasses
 from base64 import b64decode
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from aiohttp import web
 
@@ -59,6 +59,8 @@ from flm.testing.emulators.base import (
     request_behaviour,
     request_load_wait_ns,
     split_text,
+    structured_reply,
+    tool_call_for,
     word_count,
 )
 
@@ -356,6 +358,24 @@ class OllamaEmulator(EmulatorServer):
             prompt.images += images
             if message.get("role") == "user":
                 prompt.last_user = text
+        # Ollama has no tool_choice: the model calls a tool when it decides to
+        last = messages[-1] if isinstance(messages[-1], dict) else {}
+        call = tool_call_for(body.get("tools"), None, prompt.last_user, last.get("role"))
+        if call is not None:
+            return await self._tool_call(request, body, name, call, prompt.tokens)
+        fmt = body.get("format")
+        if fmt == "json":
+            fmt = {"type": "json_object"}
+        elif isinstance(fmt, dict):
+            fmt = {"type": "json_schema", "json_schema": {"schema": fmt}}
+        elif fmt is not None:
+            return ollama_error(400, "invalid format")
+        if fmt is not None:
+            structured = structured_reply(fmt, reply_for(request_behaviour(), prompt))
+            return await self._answer(
+                request, body, name, prompt,
+                lambda piece: {"message": {"role": "assistant", "content": piece}},
+                text=structured)
         return await self._answer(
             request,
             body,
@@ -363,6 +383,30 @@ class OllamaEmulator(EmulatorServer):
             prompt,
             lambda piece: {"message": {"role": "assistant", "content": piece}},
         )
+
+    async def _tool_call(self, request: web.Request, body: JSONDict, name: str,
+                         call: tuple[str, Any], prompt_tokens: int) -> web.StreamResponse:
+        """A tool call as Ollama sends it: arguments as an object, on a message of its own
+        (streamed: one line with the call, then the final ``done`` line)."""
+        function, args = call
+        message = {"role": "assistant", "content": "",
+                   "tool_calls": [{"function": {"name": function, "arguments": args}}]}
+        stats = self.stats(prompt_tokens, word_count(dumps(args)))
+        final = {"model": name, "created_at": iso_now(), "done_reason": "stop", "done": True}
+        if body.get("stream", True) is False:
+            await self.before_plain_reply(request)
+            return json_response({**final, "message": message, **stats},
+                                 content_type=JSON_UTF8)
+        line = ndjson({"model": name, "created_at": iso_now(), "message": message,
+                       "done": False})
+        return await self.stream(
+            request, content_type=NDJSON, preamble=b"", steps=1, frame=lambda _step: line,
+            huge_frame=lambda content: ndjson({"model": name, "created_at": iso_now(),
+                                               "message": {"role": "assistant",
+                                                           "content": content},
+                                               "done": False}),
+            epilogue=lambda: ndjson({**final, "message": {"role": "assistant", "content": ""},
+                                     **stats}))
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
         body = await read_json_object(request)
@@ -411,12 +455,13 @@ class OllamaEmulator(EmulatorServer):
         prompt: Prompt,
         payload: Callable[[str], JSONDict],
         final_extra: JSONDict | None = None,
+        text: str | None = None,
     ) -> web.StreamResponse:
         behaviour = request_behaviour()
         options = body.get("options")
         limit = options.get("num_predict") if isinstance(options, dict) else None
         stream = body.get("stream", True) is not False
-        text = reply_for(behaviour, prompt)
+        text = reply_for(behaviour, prompt) if text is None else text
         if behaviour.huge_line_bytes and not stream:
             text = "x" * behaviour.huge_line_bytes
         text, reason = limit_words(text, limit)
