@@ -74,6 +74,15 @@ def _config(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
     return config
 
 
+def _audit_text(audit: dict[str, Any] | None) -> str:
+    if not audit:
+        return ""
+    if audit.get("failing"):
+        return (f"FAILING since {audit['failing_since']}: {audit['last_error']} "
+                f"({audit['unwritten']} unwritten)")
+    return f"ok ({audit['unwritten']} unwritten)"
+
+
 def _status_text(data: dict[str, Any]) -> str:
     rows = []
     for p in data.get("proxies", []):
@@ -85,6 +94,7 @@ def _status_text(data: dict[str, Any]) -> str:
                          " (fell back)" if egress.get("fell_back") else ""),
                      "cert_expiry": p.get("certificate_expiry") or "",
                      "uptime_s": p["uptime_s"], "pid": p["pid"],
+                     "audit": _audit_text(p.get("audit")),
                      "last_error": p.get("last_error") or ""})
     return table(rows) if rows else "no proxy running"
 

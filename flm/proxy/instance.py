@@ -112,6 +112,7 @@ class ProxyInstance:
             "certificate_expiry": iso(bundle.not_after) if bundle else None,
             "certificate": None, "last_error": self.last_error,
             "engines": self.runtime.engines.ids(), "notes": list(self.notes),
+            "audit": self.runtime.audit.status() if self.runtime.audit is not None else None,
         }
         if bundle is not None and self.tls is not None and s.https_port is not None:
             cert = bundle.to_dict()

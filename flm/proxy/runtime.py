@@ -106,6 +106,8 @@ def build_runtime(settings: ProxySettings, ctx: Any,
         egress=egress or EgressConfig(),
         audit=AuditSink(ctx.storage.security, ctx.paths.logs_dir / "audit.jsonl"),
     )
+    if runtime.audit is not None:
+        runtime.metrics.watch_audit(runtime.audit.status)
     runtime.apply_policy(json.loads(json.dumps(ctx.policy.show()["policy"])))
     runtime.load_blocks(load_block_rows(ctx))
     load_profiles(runtime, ctx)
