@@ -77,6 +77,9 @@ HIGH_WATER = 20_000
 QUEUE_LIMIT = 4096
 #: A request waits at most this long for room in the audit before it is refused with 503.
 ROOM_WAIT_S = 5.0
+#: New requests also wait while the oldest unwritten record is older than this, so that at
+#: any rate at most about a second of requests is unwritten (the flusher writes every 0.2 s).
+MAX_AGE_S = 0.5
 #: A failing write is retried after this long (the flusher keeps the batch meanwhile).
 RETRY_S = 1.0
 #: A failing write is logged at most once per this many seconds (with the count).
@@ -225,6 +228,11 @@ class AuditSink:
         self._items: deque[tuple[str, tuple[Any, ...]]] = deque()
         #: Records taken from the queue and not yet committed (set by the flusher only).
         self._inflight = 0
+        # When the oldest record of the queue, of the batch being written and of the kept
+        # batch was queued (``time.monotonic()``): the age bound of ``full()``.
+        self._queued_since = 0.0
+        self._batch_since: float | None = None
+        self._kept_since: float | None = None
         #: A batch whose database write failed, kept for the next attempt.
         self._kept: _Batch | None = None
         self._wake = threading.Event()
@@ -260,6 +268,8 @@ class AuditSink:
                 endpoint: str, method: str, engine_id: str | None, model: str | None,
                 status: int, latency_ms: float, prompt_tokens: int | None,
                 completion_tokens: int | None, error_type: str | None) -> None:
+        if not self._items:
+            self._queued_since = time.monotonic()
         self._items.append(("request", (ts, request_id, client_ip, api_key_id, endpoint, method,
                                         engine_id, model, status, latency_ms, prompt_tokens,
                                         completion_tokens, error_type)))
@@ -272,21 +282,26 @@ class AuditSink:
     def event(self, event_type: str, severity: str, client_ip: str,
               details: dict[str, Any] | None = None, request_id: str | None = None,
               endpoint: str | None = None) -> None:
-        self._items.append(("event", (time.time(), event_type, severity, client_ip,
+        self._put(("event", (time.time(), event_type, severity, client_ip,
                                       details or {}, request_id, endpoint)))
 
     def block(self, ip: str, reason: str, since: float, until: float | None,
               failures: int) -> None:
-        self._items.append(("block", (ip, reason, since, until, failures)))
+        self._put(("block", (ip, reason, since, until, failures)))
 
     def intrusion(self, ip: str, points: int, total: int, reasons: tuple[str, ...],
                   path: str, user_agent: str, request_id: str) -> None:
-        self._items.append(("intrusion", (time.time(), ip, points, total, reasons, path,
+        self._put(("intrusion", (time.time(), ip, points, total, reasons, path,
                                           user_agent, request_id)))
 
     def anomaly(self, ip: str, kind: str, value: float, threshold: float,
                 request_id: str | None) -> None:
-        self._items.append(("anomaly", (time.time(), ip, kind, value, threshold, request_id)))
+        self._put(("anomaly", (time.time(), ip, kind, value, threshold, request_id)))
+
+    def _put(self, item: tuple[str, tuple[Any, ...]]) -> None:
+        if not self._items:
+            self._queued_since = time.monotonic()
+        self._items.append(item)
 
     # --- back-pressure (the event loop) ------------------------------------------------------
 
@@ -295,9 +310,19 @@ class AuditSink:
         kept = self._kept
         return len(self._items) + self._inflight + (kept.count if kept is not None else 0)
 
+    def oldest_age(self) -> float:
+        """Seconds since the oldest unwritten record was queued (0 when there is none). Kept
+        records are older than the batch being written, which is older than the queue."""
+        since = self._kept_since or self._batch_since or (
+            self._queued_since if self._items else None)
+        return 0.0 if since is None else time.monotonic() - since
+
     def full(self, *, hard: bool = False) -> bool:
-        """At the bound (``hard``: at twice the bound, where even the exempt routes wait)."""
-        return self.unwritten() >= (2 * self.limit if hard else self.limit)
+        """At the bound: :data:`QUEUE_LIMIT` records or a record :data:`MAX_AGE_S` old
+        (``hard``: twice the count, for the routes that must stay observable)."""
+        if hard:
+            return self.unwritten() >= 2 * self.limit
+        return self.unwritten() >= self.limit or self.oldest_age() > MAX_AGE_S
 
     async def room(self, wait_s: float | None = None, *, hard: bool = False) -> bool:
         """Wait (on the event loop) until the audit has room; ``False`` after ``wait_s``
@@ -342,6 +367,7 @@ class AuditSink:
         return {
             "unwritten": self.unwritten(),
             "limit": self.limit,
+            "oldest_unwritten_s": round(self.oldest_age(), 3),
             "failing": self.failing_since is not None,
             "failing_since": None if self.failing_since is None else iso_ts(self.failing_since),
             "last_error": self.last_error,
@@ -378,6 +404,8 @@ class AuditSink:
         condition is in :meth:`status`."""
         with self._lock:
             items: list[tuple[str, tuple[Any, ...]]] = []
+            if self._items:
+                self._batch_since = self._queued_since
             while self._items:
                 items.append(self._items.popleft())
             self._inflight = len(items)
@@ -388,7 +416,8 @@ class AuditSink:
                     kept.extend(batch)
                     batch = kept
                     self._inflight = batch.count
-                    self._kept = None
+                    self._batch_since = self._kept_since
+                    self._kept = self._kept_since = None
                 if not batch.count:
                     return 0
                 self._note_refusals(batch)
@@ -409,7 +438,7 @@ class AuditSink:
                     self._write_db(batch)
                 except (RepoError, sqlite3.Error, OSError) as exc:
                     # (disk full, I/O error, locked too long): keep the batch, retry later
-                    self._kept = batch
+                    self._kept, self._kept_since = batch, self._batch_since
                     self.delayed += len(items)  # (kept ones were counted when they failed)
                     self._failed(str(exc), batch.count, "records kept for a retry")
                     return 0
@@ -418,6 +447,7 @@ class AuditSink:
                 return batch.count
             finally:
                 self._inflight = 0
+                self._batch_since = None
 
     def _format(self, items: list[tuple[str, tuple[Any, ...]]], pause: bool) -> _Batch:
         batch = _Batch(count=len(items))

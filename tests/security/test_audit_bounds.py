@@ -159,6 +159,39 @@ def test_a_blocked_writer_brings_back_pressure_and_the_queue_stays_bounded(
         sink.flush() >= 0 and {rid for _, rid, _ in results} <= _request_ids(flm_home)))
 
 
+def test_a_slow_writer_makes_requests_wait_before_a_second_of_them_is_unwritten(
+        env: Env, flm_home: Path) -> None:
+    """At a low rate the count bound is far away: the age bound (MAX_AGE_S) holds instead."""
+    import http.client
+
+    from flm.proxy.audit import MAX_AGE_S
+
+    sink = env.rt.audit
+    assert sink is not None
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def client() -> None:  # one request at a time, until told to stop
+        conn = http.client.HTTPConnection("127.0.0.1", env.gw.port, timeout=30)
+        while not stop.is_set():
+            conn.request("GET", "/v1/models", headers={"Authorization": f"Bearer {env.key}"})
+            response = conn.getresponse()
+            response.read()
+            statuses.append(response.status)
+        conn.close()
+
+    runner = threading.Thread(target=client)
+    with _writer_blocked(flm_home / "security.db"):
+        runner.start()
+        _wait_for("a request waiting for audit room", lambda: sink.waits > 0)
+        assert sink.unwritten() < sink.limit  # (the count bound is not what stopped it)
+        assert MAX_AGE_S < sink.oldest_age() < 1.0 + MAX_AGE_S
+        assert runner.is_alive()
+    stop.set()
+    runner.join(timeout=60)
+    assert statuses and set(statuses) == {200}
+
+
 def test_a_request_that_waited_too_long_is_refused_and_counted(env: Env,
                                                                 flm_home: Path) -> None:
     sink = env.rt.audit
