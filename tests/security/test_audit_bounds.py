@@ -309,3 +309,104 @@ def test_status_reports_a_failing_database_and_the_gap_once_it_works(
     finally:
         sink.close()
         db.close()
+
+
+@contextmanager
+def _small_tmpfs(where: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted at ``where`` (root only): a disk that can be filled."""
+    import subprocess
+
+    where.mkdir()
+    why = None
+    if os.geteuid() != 0:
+        why = "mounting a tmpfs needs root"
+    else:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs",
+                               str(where)], capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            why = f"mount -t tmpfs was refused: {done.stderr.strip()}"
+    if why is not None:
+        if os.environ.get("CI") == "true" and os.geteuid() == 0:
+            pytest.fail(why)
+        pytest.skip(why)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def _fill(path: Path) -> None:
+    """Write zeros to ``path`` until the file system is full."""
+    chunk = b"\0" * 65536
+    with open(path, "wb", buffering=0) as f:
+        while True:
+            try:
+                f.write(chunk)
+            except OSError:
+                break
+        while True:  # the last few bytes
+            try:
+                f.write(b"\0" * 512)
+            except OSError:
+                break
+
+
+def test_a_full_disk_delays_records_counts_the_gap_and_loses_none(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli: Any) -> None:
+    import http.client
+
+    from flm.testing.emulators import start_emulator
+    from flm.testing.gateway import start_gateway
+
+    with _small_tmpfs(tmp_path / "small", "8m") as disk:
+        home = disk / "home"
+        home.mkdir(mode=0o700)
+        monkeypatch.setenv("FLM_HOME", str(home))
+        with start_emulator("vllm", models=["m:1"]) as emu:
+            cli("engines", "add", "--kind", "vllm", "--url", emu.url, "--id", "eng")
+            key = cli("api-keys", "create", "--label", "disk").data["key"]
+            with start_gateway() as gw:
+                sink = gw.runtime.audit
+                assert sink is not None
+                conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=30)
+
+                def one() -> tuple[int, str]:
+                    conn.request("GET", "/v1/models",
+                                 headers={"Authorization": f"Bearer {key}"})
+                    response = conn.getresponse()
+                    response.read()
+                    return response.status, response.headers["X-Request-Id"]
+
+                answered = [one()[1]]
+                _wait_for("the first row", lambda: sink.flush() >= 0 and bool(
+                    _request_ids(home)))
+                filler = disk / "filler"
+                _fill(filler)
+                deadline = time.monotonic() + 60
+                while sink.status()["delayed_records"] == 0:
+                    assert time.monotonic() < deadline, sink.status()
+                    status, rid = one()
+                    assert status == 200
+                    answered.append(rid)
+                status = sink.status()
+                assert status["failing"] and "full" in (status["last_error"] or "").lower()
+                conn.request("GET", "/metrics")
+                metrics = conn.getresponse().read().decode()
+                assert "flm_audit_failing 1.0" in metrics
+                filler.unlink()  # space returns
+
+                def gap() -> list[Any]:
+                    sink.flush()
+                    db = sqlite3.connect(home / "security.db")
+                    try:
+                        return db.execute("SELECT details_json FROM audit_logs "
+                                          "WHERE event_type = 'audit_gap'").fetchall()
+                    finally:
+                        db.close()
+
+                _wait_for("the audit_gap event", lambda: bool(gap()), timeout=30)
+                details = json.loads(gap()[0][0])
+                assert details["delayed_records"] >= 1 and "full" in details["cause"].lower()
+                assert set(answered) <= _request_ids(home)  # nothing lost
+                assert not sink.status()["failing"]
+                conn.close()
