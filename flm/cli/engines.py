@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from flm.cli import notify_proxies
 from flm.cli.output import Result, pairs, run_async, table
 from flm.services.context import Context
 
@@ -57,8 +58,11 @@ def list_(ctx: Context, args: argparse.Namespace) -> Result:
 
 def add(ctx: Context, args: argparse.Namespace) -> Result:
     row = ctx.engines.add(args.kind, args.url, args.engine_id)
+    notify_proxies(ctx)  # running proxies route to it at once
     return Result(row.public(), text=pairs)
 
 
 def remove(ctx: Context, args: argparse.Namespace) -> Result:
-    return Result(ctx.engines.remove(args.engine_id).public(), text=pairs)
+    row = ctx.engines.remove(args.engine_id)
+    notify_proxies(ctx)
+    return Result(row.public(), text=pairs)
