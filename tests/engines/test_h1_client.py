@@ -446,3 +446,28 @@ def test_refused_connection_and_first_byte_timeout_are_engine_errors() -> None:
         await client.close()
 
     _run(main())
+
+
+def test_idle_pooled_connections_are_closed_after_the_keep_alive_time(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An engine's connections are not held until its own keep-alive ends."""
+    import time
+
+    from flm.engines import http
+
+    monkeypatch.setattr(http, "KEEPALIVE_S", 0.3)
+
+    async def main() -> None:
+        server = Server(lambda r, w, n: _echo_server(server)(r, w, n))
+        async with server:
+            client = EngineClient(server.url)
+            await asyncio.gather(*(client.post_json("/x", {}) for _ in range(5)))
+            assert server.open_now >= 2  # (pooled, idle)
+            deadline = time.monotonic() + 10
+            while server.open_now:
+                assert time.monotonic() < deadline, f"{server.open_now} still open"
+                await asyncio.sleep(0.01)
+            assert await client.post_json("/x", {}) == {"n": 6}  # the pool still works
+            await client.close()
+
+    _run(main())
