@@ -471,3 +471,23 @@ def test_idle_pooled_connections_are_closed_after_the_keep_alive_time(
             await client.close()
 
     _run(main())
+
+
+def test_an_engine_that_breaks_off_mid_body_is_a_bad_reply_not_unavailable() -> None:
+    async def main() -> None:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                          n: int) -> None:
+            await _read_request(reader)
+            writer.write(_reply(b'{"choices": [' + b" " * 90)[:-60])  # head + part of the body
+            await writer.drain()
+            writer.transport.abort()  # the engine process dies
+
+        async with Server(handler) as server:
+            client = EngineClient(server.url)
+            with pytest.raises(EngineError) as caught:
+                await client.post_json("/x", {})
+            await client.close()
+        assert isinstance(caught.value, EngineApiError)
+        assert caught.value.http_status == 502 and "mid-response" in caught.value.message
+
+    _run(main())
