@@ -11,7 +11,7 @@ from typing import Any
 from flm.core.models import EngineEndpoint
 from flm.core.policy import EffectivePolicy
 from flm.egress.config import EgressConfig
-from flm.engines.http import Timeouts
+from flm.http.client import Timeouts
 from flm.proxy.audit import AuditSink
 from flm.proxy.engines import EngineRegistry
 from flm.proxy.guard import GuardState
