@@ -212,8 +212,8 @@ class EngineClient:
     """Pooled keep-alive connections to one engine base URL.
 
     At most ``limit`` connections are open at once (more requests wait for one); idle ones are
-    kept for :data:`KEEPALIVE_S` seconds, then closed. ``opener`` (from the egress layer) makes the TCP
-    connections when the engine must be reached through a SOCKS5 proxy.
+    kept for :data:`KEEPALIVE_S` seconds, then closed. ``opener`` (from the egress layer) makes
+    the TCP connections when the engine must be reached through a SOCKS5 proxy.
     """
 
     def __init__(

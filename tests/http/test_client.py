@@ -453,7 +453,7 @@ def test_idle_pooled_connections_are_closed_after_the_keep_alive_time(
     """An engine's connections are not held until its own keep-alive ends."""
     import time
 
-    from flm.engines import http
+    from flm.http import client as http
 
     monkeypatch.setattr(http, "KEEPALIVE_S", 0.3)
 
