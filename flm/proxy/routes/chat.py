@@ -32,6 +32,7 @@ from flm.proxy.asgi import (
     send_bytes,
     send_json,
     state_of,
+    watch_disconnect,
 )
 from flm.proxy.runtime import ProxyRuntime
 from flm.services.profiles import apply_profile, apply_prompt
@@ -98,18 +99,20 @@ async def chat_completions(scope: Scope, receive: Receive, send: Send,
         await stream_events(scope, receive, send, rt, adapter.chat_stream(plan.body, public))
         return
     forward = raw_with_model(raw, public, plan.model) if plan.unchanged else None
-    reply = await _engine_call(adapter.chat_bytes(plan.body, public, forward), state)
+    reply = await _engine_call(adapter.chat_bytes(plan.body, public, forward), state, receive)
     await send_bytes(send, 200, reply)
     # Token counts are read from the reply once it is on its way to the client.
     _record_usage(state, usage_from_bytes(reply), rt)
 
 
-async def _engine_call(coro: Any, state: RequestState) -> Any:
-    """``coro``'s result, engine errors as HTTP errors. FLM's own time (the ``overhead``
-    metric) is the time the request took to get here."""
+async def _engine_call(coro: Any, state: RequestState, receive: Receive) -> Any:
+    """``coro``'s result, engine errors as HTTP errors; a client that leaves meanwhile cancels
+    it (the engine stops at once, as for streams). FLM's own time (the ``overhead`` metric) is
+    the time the request took to get here."""
     state.overhead_s = time.perf_counter() - state.started
     try:
-        return await coro
+        async with watch_disconnect(receive, state):
+            return await coro
     except EngineError as exc:
         raise HttpError.from_flm(exc) from exc
 
@@ -207,7 +210,7 @@ async def embeddings(scope: Scope, receive: Receive, send: Send, rt: ProxyRuntim
     adapter, _info = await rt.engines.resolve(engine_id, model)
     if not adapter.capabilities().embeddings:
         raise HttpError(422, "unsupported_modalities", f"{engine_id} does not embed")
-    reply = await _engine_call(adapter.embeddings(payload), state)
+    reply = await _engine_call(adapter.embeddings(payload), state, receive)
     reply["model"] = state.model
     _record_usage(state, reply.get("usage"), rt)
     await send_json(send, 200, reply)
@@ -367,6 +370,6 @@ async def responses(scope: Scope, receive: Receive, send: Send, rt: ProxyRuntime
         await stream_events(scope, receive, send, rt,
                             _response_events(adapter.chat_stream(plan.body, public), public))
         return
-    reply = await _engine_call(adapter.chat(plan.body), state)
+    reply = await _engine_call(adapter.chat(plan.body), state, receive)
     _record_usage(state, reply.get("usage"), rt)
     await send_json(send, 200, _response_object(reply, public))
