@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from flm.services.runstate import pid_alive
-from tests.conftest import flm_subprocess
+from tests.conftest import flm_subprocess, small_tmpfs
 from tests.security.conftest import Env
 
 
@@ -311,30 +311,6 @@ def test_status_reports_a_failing_database_and_the_gap_once_it_works(
         db.close()
 
 
-@contextmanager
-def _small_tmpfs(where: Path, size: str) -> Iterator[Path]:
-    """A tmpfs of ``size`` mounted at ``where`` (root only): a disk that can be filled."""
-    import subprocess
-
-    where.mkdir()
-    why = None
-    if os.geteuid() != 0:
-        why = "mounting a tmpfs needs root"
-    else:
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs",
-                               str(where)], capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            why = f"mount -t tmpfs was refused: {done.stderr.strip()}"
-    if why is not None:
-        if os.environ.get("CI") == "true" and os.geteuid() == 0:
-            pytest.fail(why)
-        pytest.skip(why)
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
-
-
 def _fill(path: Path) -> None:
     """Write zeros to ``path`` until the file system is full."""
     chunk = b"\0" * 65536
@@ -358,7 +334,7 @@ def test_a_full_disk_delays_records_counts_the_gap_and_loses_none(
     from flm.testing.emulators import start_emulator
     from flm.testing.gateway import start_gateway
 
-    with _small_tmpfs(tmp_path / "small", "8m") as disk:
+    with small_tmpfs(tmp_path / "small", "8m") as disk:
         home = disk / "home"
         home.mkdir(mode=0o700)
         monkeypatch.setenv("FLM_HOME", str(home))
