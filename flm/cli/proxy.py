@@ -171,7 +171,9 @@ def stop(ctx: Context, args: argparse.Namespace) -> Result:
         raise UsageError("say which proxy: --port P, --handle-id ID or --all")
     result = ProxyService(ctx.storage).stop(port=args.port, handle_id=args.handle_id,
                                             all_=args.all_)
-    return Result(result, text=lambda d: f"stopped: {', '.join(d['stopped']) or 'none'}")
+    return Result(result, text=lambda d: "\n".join(
+        [f"stopped: {', '.join(d['stopped']) or 'none'}",
+         *(f"warning: {w}" for w in d.get("warnings") or [])]))
 
 
 def status(ctx: Context, args: argparse.Namespace) -> Result:

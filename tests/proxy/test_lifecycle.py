@@ -202,7 +202,7 @@ def test_a_proxy_that_fails_to_close_is_still_stopped(flm_home: Path) -> None:
     async def run() -> None:
         daemon = Daemon(Paths.resolve())
         daemon.instances["proxy-1"] = Broken()  # type: ignore[assignment]
-        assert await daemon.stop_proxies(all_=True) == ["proxy-1"]
+        assert await daemon.stop_proxies(all_=True) == (["proxy-1"], [])
         assert daemon.instances == {}
 
     asyncio.run(run())
@@ -309,3 +309,45 @@ def test_a_foreground_proxy_picks_up_a_revoke_at_once(flm_home: Path) -> None:
         finally:
             proc.terminate()
             assert proc.wait(timeout=15) == 0
+
+
+def _refuse_handle_writes(home: Path, when: str) -> None:
+    """config.db refuses writes to the handle table (as a full disk would)."""
+    import sqlite3
+
+    with sqlite3.connect(home / "config.db") as db:
+        db.execute(f"CREATE TRIGGER refuse_{when.lower()} BEFORE {when} ON proxy_handles "
+                   "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END")
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def test_a_start_whose_handle_cannot_be_recorded_is_rolled_back(flm_home: Path) -> None:
+    """It once exited 1 while the gateway was up and serving, unseen by status and stop."""
+    assert flm_subprocess("check").returncode == 0  # (the databases exist)
+    _refuse_handle_writes(flm_home, "INSERT")
+    port = _free_port()
+    start = flm_subprocess("proxy", "start", "--port", str(port))
+    assert start.returncode != 0
+    error = json.loads(start.stdout)["error"]
+    assert "not started" in error["message"] and "disk is full" in error["message"]
+    assert not _listening(port)
+    flm_subprocess("proxy", "stop", "--all")
+
+
+def test_a_stop_that_happened_is_reported_done_with_a_warning(flm_home: Path) -> None:
+    port = _free_port()
+    assert flm_subprocess("proxy", "start", "--port", str(port)).returncode == 0
+    _refuse_handle_writes(flm_home, "DELETE")
+    stop = flm_subprocess("proxy", "stop", "--all")
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    data = _data(stop)
+    assert data["stopped"] == [f"proxy-{port}"]
+    assert any("could not be removed" in w for w in data["warnings"])
+    assert not _listening(port)
