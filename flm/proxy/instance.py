@@ -233,6 +233,10 @@ async def start_instance(ctx: Context, raw: dict[str, Any], *,
             sockets.append(bind_socket(config.bind, config.https_port))
         egress = await decide_start_egress(ctx, config.egress, handle)
         notes = []
+        damage = await asyncio.to_thread(_quick_check, ctx.storage.security)
+        if damage:
+            notes.append(damage)
+            log.error("%s", damage)
         if egress.fell_back:
             notes.append(f"egress {egress.requested.mode} is unreachable: using direct "
                          "connections (--egress-fail-open)")
@@ -268,8 +272,23 @@ async def start_instance(ctx: Context, raw: dict[str, Any], *,
     instance = ProxyInstance(ctx, config, settings, runtime, servers, egress, tls, notes)
     if tls is not None and tls.source == "stored-fallback":
         instance.last_error = notes[-1] if notes else None
+    if damage:
+        instance.last_error = damage
     instance.start_renewal()
     return instance
+
+
+def _quick_check(db: Any) -> str | None:
+    """A damaged security.db is said at start (not only by ``flm check``): SQLite's
+    ``quick_check`` (one pass over the pages, no index cross-check)."""
+    try:
+        rows = [str(r[0]) for r in db.query("PRAGMA quick_check(5)")]
+    except FlmError as exc:
+        rows = [exc.message]
+    if rows == ["ok"]:
+        return None
+    return (f"security.db fails SQLite's quick_check ({'; '.join(rows)[:500]}): run "
+            "`flm check --verbose` and restore a backup (`flm security backup restore`)")
 
 
 async def _prepare_tls(ctx: Context, config: StartConfig, http_sock: socket.socket,
@@ -370,9 +389,15 @@ async def reload_proxies(ctx: Any, instances: list[ProxyInstance]) -> list[str]:
     active = {k.id for k in await asyncio.to_thread(KeyService(ctx.storage).list)
               if k.revoked_at is None}
     endpoints = await asyncio.to_thread(ctx.engines.endpoints)
+    replaced = [problem for db in (ctx.storage.config, ctx.storage.security)
+                if (problem := db.identity_problem()) is not None]
     reloaded = []
     for inst in instances:
         rt = inst.runtime
+        if replaced:
+            if inst.last_error != replaced[0]:
+                log.error("%s", replaced[0])
+            inst.last_error = replaced[0]
         try:
             rt.apply_policy(policy)
         except PolicyInvalidError as exc:

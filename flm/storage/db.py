@@ -160,6 +160,9 @@ class Database:
         self.read_only: str | None = None
         #: How readers open the file (a ``file:`` URI when it is read-only).
         self._read_uri: str | None = None
+        #: (device, inode) of the file when it was opened: a file deleted or replaced under a
+        #: running process is noticed (:meth:`identity_problem`) and never written blindly.
+        self._identity: tuple[int, int] | None = None
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
@@ -189,8 +192,31 @@ class Database:
             self._migrate(conn, migrations)
         finally:
             conn.close()
+        self._remember_identity()
         self._opened = True
         return self
+
+    def _remember_identity(self) -> None:
+        st = os.stat(self.path)
+        self._identity = (st.st_dev, st.st_ino)
+
+    def identity_problem(self) -> str | None:
+        """Why the file at ``path`` is no longer the one opened (deleted, or replaced by
+        another file), or ``None``. Checked before every write batch and on reload."""
+        if self._identity is None:
+            return None
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return (f"{self.path} was deleted while FLM had it open; writes are refused "
+                    "(they would be lost): restart FLM's proxies to use a new file")
+        except OSError as exc:
+            return f"{self.path} cannot be checked: {exc}"
+        if (st.st_dev, st.st_ino) != self._identity:
+            return (f"{self.path} was replaced by another file while FLM had it open; writes "
+                    "are refused (they would go to the old file): restart FLM's proxies to use "
+                    "the new one")
+        return None
 
     def _unwritable(self) -> str | None:
         """Why an existing database file cannot be written, or ``None``."""
@@ -223,6 +249,7 @@ class Database:
                 continue
             self._read_uri = uri
             self.schema_version = int(row[0])
+            self._remember_identity()
             break
         else:
             raise RepoError(f"cannot open {self.path} ({why}) for reading: {last}")
@@ -422,6 +449,12 @@ class Database:
     def _run_batch(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
         jobs = [job for job in batch if job.future.set_running_or_notify_cancel()]
         if not jobs:
+            return
+        problem = self.identity_problem()
+        if problem is not None:
+            error = RepoError(problem)
+            for job in jobs:
+                job.future.set_exception(error)
             return
         results: list[tuple[_Job, Any, BaseException | None]] = []
         try:

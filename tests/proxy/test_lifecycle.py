@@ -351,3 +351,60 @@ def test_a_stop_that_happened_is_reported_done_with_a_warning(flm_home: Path) ->
     assert data["stopped"] == [f"proxy-{port}"]
     assert any("could not be removed" in w for w in data["warnings"])
     assert not _listening(port)
+
+
+def test_a_database_deleted_under_the_daemon_is_noticed_and_never_written_blindly(
+        flm_home: Path) -> None:
+    """It once went unnoticed: the CLI made a new empty file, the daemon kept the old one."""
+    import urllib.request
+
+    port = _free_port()
+    assert flm_subprocess("proxy", "start", "--port", str(port)).returncode == 0
+    try:
+        for name in ("security.db", "security.db-wal", "security.db-shm"):
+            (flm_home / name).unlink(missing_ok=True)
+        assert flm_subprocess("api-keys", "create", "--label", "new").returncode == 0
+        assert flm_subprocess("proxy", "reload").returncode == 0
+        proxy = _data(flm_subprocess("proxy", "status"))["proxies"][0]
+        # (the CLI made a new file in its place: replaced)
+        assert "security.db was replaced by another file" in (proxy["last_error"] or "")
+        # the request's audit record is refused, not written to the deleted file
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(f"http://127.0.0.1:{port}/health", timeout=10) as resp:
+            assert resp.status == 200
+        deadline = time.monotonic() + 10
+        while True:
+            audit = _data(flm_subprocess("proxy", "status"))["proxies"][0]["audit"]
+            if audit["failing"]:
+                break
+            assert time.monotonic() < deadline, audit
+        assert "was replaced" in audit["last_error"] and audit["unwritten"] >= 1
+    finally:
+        flm_subprocess("proxy", "stop", "--all")
+
+
+def test_a_damaged_security_db_is_reported_when_a_proxy_starts(flm_home: Path) -> None:
+    import sqlite3
+
+    assert flm_subprocess("check").returncode == 0
+    path = flm_home / "security.db"
+    with sqlite3.connect(path) as db:
+        db.executemany("INSERT INTO ip_blocklist(ip, reason, failure_count, blocked_at, "
+                       "permanent) VALUES (?, 'x', 1, '2026-01-01T00:00:00Z', 1)",
+                       [(f"198.51.100.{i % 250}-{i}",) for i in range(3000)])
+        db.commit()
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    blob = bytearray(path.read_bytes())
+    middle = (len(blob) // 4096 // 2) * 4096
+    for i in range(middle + 100, middle + 300):
+        blob[i] ^= 0x5A
+    path.write_bytes(bytes(blob))
+    port = _free_port()
+    start = flm_subprocess("proxy", "start", "--port", str(port))
+    try:
+        assert start.returncode == 0, start.stdout + start.stderr
+        described = _data(start)
+        assert any("quick_check" in n for n in described["notes"])
+        assert "quick_check" in (described["last_error"] or "")
+    finally:
+        flm_subprocess("proxy", "stop", "--all")
