@@ -130,3 +130,14 @@ def remount_read_only(where: Path) -> None:
     done = subprocess.run(["mount", "-o", "remount,ro", str(where)], capture_output=True,
                           text=True, check=False)
     assert done.returncode == 0, done.stderr
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that start FLM processes (``flm_subprocess``: the daemon, foreground proxies) or
+    run end to end are ``slow``: ``scripts/check`` leaves them to ``scripts/test``."""
+    slow = pytest.mark.slow
+    for item in items:
+        function = getattr(item, "function", None)
+        names = getattr(getattr(function, "__code__", None), "co_names", ())
+        if "flm_subprocess" in names or "/e2e/" in str(getattr(item, "path", "")):
+            item.add_marker(slow)

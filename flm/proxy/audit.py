@@ -59,6 +59,7 @@ from flm.core.jsonlog import scrub
 from flm.core.memo import remember
 from flm.core.threads import background_thread
 from flm.storage.db import Database
+from flm.storage.records import AUDIT_COLUMNS, write_batch
 
 log = logging.getLogger("flm.audit")
 
@@ -90,11 +91,7 @@ def _pause() -> None:
     time.sleep(_PAUSE_S)
 
 
-_AUDIT_COLUMNS = ("ts", "request_id", "client_ip", "api_key_id", "endpoint", "method",
-                  "engine_id", "model", "status", "latency_ms", "prompt_tokens",
-                  "completion_tokens", "error_type", "event_type", "severity", "details_json")
-_INSERT_AUDIT = (f"INSERT INTO audit_logs({', '.join(_AUDIT_COLUMNS)}) "
-                 f"VALUES ({', '.join('?' for _ in _AUDIT_COLUMNS)})")
+_AUDIT_COLUMNS = AUDIT_COLUMNS
 
 
 #: The last whole second formatted and its text, replaced as one tuple (safe across threads).
@@ -548,16 +545,8 @@ class AuditSink:
 
     def _write_db(self, batch: _Batch) -> None:
         assert self._db is not None
-        counts = {"escaped": 0, "dropped": 0}
-
-        def run(conn: sqlite3.Connection) -> None:
-            for sql, rows in ((_INSERT_AUDIT, batch.audit_rows), (_UPSERT_BLOCK, batch.blocks),
-                              (_INSERT_INTRUSION, batch.intrusions),
-                              (_INSERT_ANOMALY, batch.anomalies)):
-                if rows:
-                    _insert_isolated(conn, sql, rows, counts)
-
-        self._db.write(run)
+        counts = write_batch(self._db, batch.audit_rows, batch.blocks, batch.intrusions,
+                             batch.anomalies, escape=_escape_row)
         self.rows_escaped += counts["escaped"]
         self.rows_dropped += counts["dropped"]
 
@@ -572,61 +561,3 @@ class AuditSink:
         if self._file is not None:
             self._file.close()
             self._file = None
-
-
-_UPSERT_BLOCK = (
-    "INSERT INTO ip_blocklist(ip, reason, failure_count, blocked_at, expires_at, permanent) "
-    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(ip) DO UPDATE SET reason=excluded.reason, "
-    "failure_count=excluded.failure_count, blocked_at=excluded.blocked_at, "
-    "expires_at=excluded.expires_at, permanent=excluded.permanent")
-_INSERT_INTRUSION = (
-    "INSERT INTO intrusion_attempts(ts, ip, score, total_score, reasons_json, path, user_agent,"
-    " request_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
-_INSERT_ANOMALY = (
-    "INSERT INTO anomaly_detections(ts, ip, anomaly_type, value, threshold, details_json, "
-    "request_id) VALUES (?, ?, ?, ?, ?, ?, ?)")
-
-
-def _is_storage_error(exc: BaseException) -> bool:
-    """A failure of the disk or the lock (retry the whole batch later), not of one row."""
-    if not isinstance(exc, sqlite3.OperationalError):
-        return False
-    text = str(exc).lower()
-    return any(w in text for w in ("full", "disk", "i/o", "locked", "busy", "readonly",
-                                   "read-only", "unable to open"))
-
-
-def _insert_isolated(conn: sqlite3.Connection, sql: str, rows: list[tuple[Any, ...]],
-                     counts: dict[str, int]) -> None:
-    """Insert ``rows`` in one statement; if a row is refused, row by row, so that a bad row
-    costs only itself: it is written escaped if that helps, otherwise counted and logged."""
-    conn.execute("SAVEPOINT audit_rows")
-    try:
-        conn.executemany(sql, rows)
-    except Exception as exc:
-        conn.execute("ROLLBACK TO audit_rows")
-        if _is_storage_error(exc):
-            conn.execute("RELEASE audit_rows")
-            raise
-    else:
-        conn.execute("RELEASE audit_rows")
-        return
-    for row in rows:
-        try:
-            conn.execute(sql, row)
-            continue
-        except Exception as exc:
-            if _is_storage_error(exc):
-                conn.execute("RELEASE audit_rows")
-                raise
-        try:
-            conn.execute(sql, _escape_row(row))
-            counts["escaped"] += 1
-        except Exception as exc:
-            if _is_storage_error(exc):
-                conn.execute("RELEASE audit_rows")
-                raise
-            counts["dropped"] += 1
-            log.error("audit row refused by the database (%s): %s", exc,
-                      ascii(row)[:1000])
-    conn.execute("RELEASE audit_rows")

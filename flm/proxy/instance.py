@@ -281,11 +281,10 @@ async def start_instance(ctx: Context, raw: dict[str, Any], *,
 def _quick_check(db: Any) -> str | None:
     """A damaged security.db is said at start (not only by ``flm check``): SQLite's
     ``quick_check`` (one pass over the pages, no index cross-check)."""
-    try:
-        rows = [str(r[0]) for r in db.query("PRAGMA quick_check(5)")]
-    except FlmError as exc:
-        rows = [exc.message]
-    if rows == ["ok"]:
+    from flm.storage.files import integrity_problems
+
+    rows = integrity_problems(db.path, quick=True, limit=5)
+    if not rows:
         return None
     return (f"security.db fails SQLite's quick_check ({'; '.join(rows)[:500]}): run "
             "`flm check --verbose` and restore a backup (`flm security backup restore`)")

@@ -126,9 +126,9 @@ def load_profiles(runtime: ProxyRuntime, ctx: Any) -> None:
 def load_block_rows(ctx: Any) -> list[tuple[str, str, float | None, float, int]]:
     """Persisted blocks and failure counts from security.db."""
     from flm.core.timeutil import parse_iso
+    from flm.storage.records import BlocklistRepo
 
-    rows = ctx.storage.security.query(
-        "SELECT ip, reason, failure_count, blocked_at, expires_at, permanent FROM ip_blocklist")
+    rows = BlocklistRepo(ctx.storage.security).all(newest_first=False)
     out: list[tuple[str, str, float | None, float, int]] = []
     for r in rows:
         until = None if r["permanent"] else (

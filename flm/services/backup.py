@@ -22,22 +22,10 @@ from flm.services.runstate import pid_alive, running_daemon
 from flm.storage import Storage
 from flm.storage.config import ProxyHandlesRepo
 from flm.storage.db import Database
+from flm.storage.files import copy_database, inspect_backup, integrity_problems
 
 GENERATIONS = 3
 _BACKUP_NAME = re.compile(r"^security\.db\.bak\.(\d{8}T\d{6}\d{3}Z)$")
-
-
-def _integrity(uri: str, path: Path) -> list[str]:
-    """``PRAGMA integrity_check`` of a database opened read-only; empty when healthy."""
-    try:
-        conn = sqlite3.connect(uri, uri=True)
-        try:
-            rows = [str(r[0]) for r in conn.execute("PRAGMA integrity_check(100)")]
-        finally:
-            conn.close()
-    except sqlite3.Error as exc:
-        return [f"{path} cannot be read as SQLite: {exc}"]
-    return [] if rows == ["ok"] else rows
 
 
 def _stamp() -> str:
@@ -55,7 +43,7 @@ class BackupService:
         db = self._storage.security  # opens + migrates, so the file exists
         # A backup of a damaged database is no backup, and writing one would prune a good
         # generation: check first (and the copy after), and keep every generation on failure.
-        problems = _integrity(f"file:{db.path}?mode=ro", db.path)
+        problems = integrity_problems(db.path)
         if problems:
             raise DatabaseDamagedError(
                 f"{db.path} fails SQLite's integrity check ({'; '.join(problems[:3])}); no "
@@ -68,20 +56,14 @@ class BackupService:
             target = folder / f"security.db.bak.{_stamp()}"
         touch_private_file(target)
         try:
-            src = sqlite3.connect(db.path)
-            dst = sqlite3.connect(target)
-            try:
-                src.backup(dst)
-            finally:
-                dst.close()
-                src.close()
+            copy_database(db.path, target)
         except sqlite3.Error as exc:
             target.unlink(missing_ok=True)
             raise RepoError(f"backup failed: {exc}") from exc
         except OSError as exc:
             target.unlink(missing_ok=True)
             raise IoError(f"cannot write {target}: {exc}") from exc
-        problems = _integrity(f"file:{target}?mode=ro&immutable=1", target)
+        problems = integrity_problems(target, immutable=True)
         if problems:  # (the copy went wrong: a disk error)
             target.unlink(missing_ok=True)
             raise DatabaseDamagedError(
@@ -148,17 +130,11 @@ class BackupService:
             raise UsageError(f"backup file {file} does not exist")
         # immutable: a backup is never written, so no lock, -wal or -shm file is needed (it
         # may sit in a read-only place, and reading leaves nothing beside it)
-        source = f"file:{file}?mode=ro&immutable=1"
         try:
-            src = sqlite3.connect(source, uri=True)
-            try:
-                ok = src.execute("PRAGMA integrity_check").fetchone()[0]
-                tables = {r[0] for r in src.execute("SELECT name FROM sqlite_master")}
-            finally:
-                src.close()
+            ok, tables = inspect_backup(file)
         except sqlite3.Error as exc:
             raise UsageError(f"{file} is not a readable SQLite database: {exc}") from exc
-        if ok != "ok" or "api_keys" not in tables:
+        if not ok or "api_keys" not in tables:
             raise UsageError(f"{file} is not a healthy FLM security.db backup")
         self._storage.close()
         target = self._storage.paths.security_db
@@ -168,13 +144,7 @@ class BackupService:
         fresh.unlink(missing_ok=True)
         touch_private_file(fresh)
         try:
-            src = sqlite3.connect(source, uri=True)
-            dst = sqlite3.connect(fresh, timeout=30)
-            try:
-                src.backup(dst)
-            finally:
-                dst.close()
-                src.close()
+            copy_database(file, fresh, immutable_source=True)
         except sqlite3.Error as exc:
             fresh.unlink(missing_ok=True)
             raise RepoError(f"restore failed: {exc}") from exc

@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import sqlite3
 import threading
 import time
@@ -21,6 +20,7 @@ import pytest
 from flm.services.runstate import pid_alive
 from tests.conftest import flm_subprocess, small_tmpfs
 from tests.security.conftest import Env
+from tests.support import free_port
 
 
 def _request(sink: Any, rid: str, model: str | None = "m", endpoint: str = "/v1/models") -> None:
@@ -222,17 +222,11 @@ def test_a_request_that_waited_too_long_is_refused_and_counted(env: Env,
     assert f"flm_audit_refused_requests_total {float(len(refused))}" in metrics
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_kill_9_under_load_loses_at_most_the_last_batch(flm_home: Path, cli: Any) -> None:
     """Every request answered more than a second before a ``kill -9`` of the daemon has its
     audit row (the flusher commits at least every 0.2 s, and the bound caps the batch)."""
     key = cli("api-keys", "create", "--label", "load").data["key"]
-    port = _free_port()
+    port = free_port()
     start = flm_subprocess("proxy", "start", "--port", str(port))
     assert start.returncode == 0, start.stdout + start.stderr
     info = json.loads((flm_home / "run" / "proxy-daemon.json").read_text())
