@@ -474,6 +474,8 @@ def test_idle_pooled_connections_are_closed_after_the_keep_alive_time(
 
 
 def test_an_engine_that_breaks_off_mid_body_is_a_bad_reply_not_unavailable() -> None:
+    from flm.openai.errors import http_status
+
     async def main() -> None:
         async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                           n: int) -> None:
@@ -488,6 +490,7 @@ def test_an_engine_that_breaks_off_mid_body_is_a_bad_reply_not_unavailable() -> 
                 await client.post_json("/x", {})
             await client.close()
         assert isinstance(caught.value, EngineApiError)
-        assert caught.value.http_status == 502 and "mid-response" in caught.value.message
+        assert "mid-response" in caught.value.message
+        assert http_status(caught.value) == (502, "engine_error")
 
     _run(main())
