@@ -14,9 +14,12 @@ from typing import Any
 import pytest
 
 from flm.cli import main as cli_main
+from flm.engines import kinds
 
-_ENGINE_ENV = ("OLLAMA_HOST", "VLLM_HOST", "VLLM_PORT", "LMSTUDIO_API_HOST", "LLAMA_CPP_HOST",
-               "LLAMA_CPP_PORT", "FLM_ACME_DIRECTORY", "FLM_ACME_USE_PROD", "FLM_ACME_CA_BUNDLE")
+#: Each kind's address variables (from its descriptor) and the ACME ones: cleared per test.
+_ENGINE_ENV = (*(name for kind in kinds.all_kinds() for name in (kind.host_env, kind.port_env)
+                 if name),
+               "FLM_ACME_DIRECTORY", "FLM_ACME_USE_PROD", "FLM_ACME_CA_BUNDLE")
 
 
 @pytest.fixture(autouse=True)
@@ -132,12 +135,19 @@ def remount_read_only(where: Path) -> None:
     assert done.returncode == 0, done.stderr
 
 
+#: Whole modules of integration tests (real TLS listeners, Pebble, many processes).
+_SLOW_MODULES = ("/e2e/", "/tls/test_proxy_tls.py", "/tls/test_tls_acme_pebble.py",
+                 "/cli/test_concurrency.py")
+#: A test that calls one of these starts FLM processes or changes the machine's trust store.
+_SLOW_CALLS = frozenset({"flm_subprocess", "require_real_trust_store"})
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests that start FLM processes (``flm_subprocess``: the daemon, foreground proxies) or
-    run end to end are ``slow``: ``scripts/check`` leaves them to ``scripts/test``."""
+    """Integration tests are ``slow``: ``scripts/check`` leaves them to ``scripts/test``."""
     slow = pytest.mark.slow
     for item in items:
         function = getattr(item, "function", None)
         names = getattr(getattr(function, "__code__", None), "co_names", ())
-        if "flm_subprocess" in names or "/e2e/" in str(getattr(item, "path", "")):
+        path = str(getattr(item, "path", ""))
+        if _SLOW_CALLS.intersection(names) or any(m in path for m in _SLOW_MODULES):
             item.add_marker(slow)
