@@ -240,3 +240,33 @@ class CertificatesRepo:
 
     def all(self) -> list[dict[str, Any]]:
         return [dict(r) for r in self.db.query("SELECT * FROM certificates ORDER BY id")]
+
+
+class DnsCredentialsRepo:
+    """``dns_credentials``: DNS-01 profiles (non-secret settings and a reference to where the
+    secret is; the secret itself never enters the database)."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def upsert(self, name: str, provider: str, secret_ref: str, created_at: str,
+               settings_json: str) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO dns_credentials(id, provider, label, secret_ref, created_at, "
+                "settings_json) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+                "provider=excluded.provider, label=excluded.label, "
+                "secret_ref=excluded.secret_ref, created_at=excluded.created_at, "
+                "settings_json=excluded.settings_json",
+                (name, provider, name, secret_ref, created_at, settings_json))
+
+        self._db.write(run)
+
+    def all(self) -> list[sqlite3.Row]:
+        return self._db.query("SELECT * FROM dns_credentials ORDER BY id")
+
+    def get(self, name: str) -> sqlite3.Row | None:
+        return self._db.query_one("SELECT * FROM dns_credentials WHERE id = ?", (name,))
+
+    def delete(self, name: str) -> int:
+        return self._db.execute("DELETE FROM dns_credentials WHERE id = ?", (name,))
