@@ -398,9 +398,11 @@ def test_a_damaged_security_db_is_reported_when_a_proxy_starts(flm_home: Path) -
     assert flm_subprocess("check").returncode == 0
     path = flm_home / "security.db"
     with sqlite3.connect(path) as db:
-        db.executemany("INSERT INTO ip_blocklist(ip, reason, failure_count, blocked_at, "
-                       "permanent) VALUES (?, 'x', 1, '2026-01-01T00:00:00Z', 1)",
-                       [(f"198.51.100.{i % 250}-{i}",) for i in range(3000)])
+        # (a table a start does not read: the damage is found by the check, not by chance)
+        db.executemany("INSERT INTO intrusion_attempts(ts, ip, score, total_score, "
+                       "reasons_json, path, user_agent, request_id) VALUES "
+                       "('2026-01-01T00:00:00Z', ?, 1, 1, '[]', '/x', 'a', 'r')",
+                       [(f"198.51.100.{i % 250}",) for i in range(3000)])
         db.commit()
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     blob = bytearray(path.read_bytes())
