@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,34 @@ def audit_rows(home: Path, sql: str, *, flush: Any = None, timeout: float = 10) 
         if rows or time.monotonic() > deadline:
             return rows
         time.sleep(0.01)
+
+
+@contextmanager
+def small_tmpfs(where: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted at ``where`` (root only): a disk that can be filled."""
+    where.mkdir()
+    why = None
+    if os.geteuid() != 0:
+        why = "mounting a tmpfs needs root"
+    else:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs",
+                               str(where)], capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            why = f"mount -t tmpfs was refused: {done.stderr.strip()}"
+    if why is not None:
+        if os.environ.get("CI") == "true" and os.geteuid() == 0:
+            pytest.fail(why)
+        pytest.skip(why)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def remount_read_only(where: Path) -> None:
+    done = subprocess.run(["mount", "-o", "remount,ro", str(where)], capture_output=True,
+                          text=True, check=False)
+    assert done.returncode == 0, done.stderr
 
 
 #: Whole modules of integration tests (real TLS listeners, Pebble, many processes).

@@ -15,7 +15,6 @@ import os
 import re
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, NoReturn
 
 from flm import __version__
@@ -216,25 +215,39 @@ def _redact_values(message: str, argv: Sequence[str]) -> str:
     return message
 
 
-def read_text_arg(path: str | None) -> str:
-    """Read ``--file PATH`` (``-`` or absent = stdin) with clear errors."""
+#: What a command reads from ``--file`` or standard input at most (a policy, a prompt template,
+#: model parameters are all far smaller): a bigger input is refused before it is parsed.
+MAX_INPUT_BYTES = 4 * 1024 * 1024
+
+
+def read_text_arg(path: str | None, max_bytes: int = MAX_INPUT_BYTES) -> str:
+    """Read ``--file PATH`` (``-`` or absent = stdin) with clear errors; at most ``max_bytes``
+    (a bigger input is refused without being read whole)."""
+    where = "standard input" if path in (None, "-") else str(path)
     if path in (None, "-"):
         if sys.stdin is None or sys.stdin.isatty():
             raise UsageError("give --file PATH or pipe the document on standard input")
-        raw = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read()
-        if isinstance(raw, str):
-            return raw
+        if hasattr(sys.stdin, "buffer"):
+            raw: bytes | str = sys.stdin.buffer.read(max_bytes + 1)
+        else:
+            raw = sys.stdin.read(max_bytes + 1)
+    else:
         try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise UsageError(f"standard input is not UTF-8 text: {exc}") from None
-    assert path is not None
+            with open(path, "rb") as f:
+                raw = f.read(max_bytes + 1)
+        except FileNotFoundError:
+            raise UsageError(f"file not found: {path}") from None
+        except OSError as exc:
+            raise UsageError(f"cannot read {path}: {exc}") from None
+    if len(raw) > max_bytes:
+        raise UsageError(f"{where} is larger than {max_bytes // (1024 * 1024)} MiB, the most "
+                         "a command reads; nothing was changed")
+    if isinstance(raw, str):
+        return raw
     try:
-        return Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UsageError(f"file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"cannot read {path}: {exc}") from None
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{where} is not UTF-8 text: {exc}") from None
 
 
 def notify_proxies(ctx: Any) -> None:

@@ -79,11 +79,15 @@ def add(ctx: Context, args: argparse.Namespace) -> Result:
     row = ctx.engines.add(args.kind, args.url, args.engine_id)
     reused = row.id in known
     notes = [f"{row.base_url} was already registered as {row.id}: reused"] if reused else []
+    if not reused:
+        notify_proxies(ctx)  # running proxies route to it at once
     return Result({**row.public(), "reused": reused}, text=pairs, notes=notes)
 
 
 def remove(ctx: Context, args: argparse.Namespace) -> Result:
-    return Result(ctx.engines.remove(args.engine_id).public(), text=pairs)
+    row = ctx.engines.remove(args.engine_id)
+    notify_proxies(ctx)
+    return Result(row.public(), text=pairs)
 
 
 def _weights(items: list[str]) -> dict[str, float]:

@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import Any
 
+from flm.cli import notify_proxies
 from flm.cli.output import Progress, Result, pairs
 from flm.core.errors import UsageError
 from flm.services.context import Context
@@ -46,13 +47,16 @@ def start(ctx: Context, args: argparse.Namespace) -> Result:
         raise UsageError("--port must be 1-65535")
     result = ManagedEngines(ctx.storage, ctx.engines).start(
         args.model, args.port, embeddings=args.embeddings, progress=_progress())
+    notify_proxies(ctx)  # running proxies route to it at once
     return Result(result, text=pairs)
 
 
 def stop(ctx: Context, args: argparse.Namespace) -> Result:
     from flm.services.managed import ManagedEngines
 
-    return Result(ManagedEngines(ctx.storage, ctx.engines).stop(args.engine_id), text=pairs)
+    result = ManagedEngines(ctx.storage, ctx.engines).stop(args.engine_id)
+    notify_proxies(ctx)
+    return Result(result, text=pairs)
 
 
 def install(ctx: Context, args: argparse.Namespace) -> Result:

@@ -78,6 +78,15 @@ def _config(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
     return config
 
 
+def _audit_text(audit: dict[str, Any] | None) -> str:
+    if not audit:
+        return ""
+    if audit.get("failing"):
+        return (f"FAILING since {audit['failing_since']}: {audit['last_error']} "
+                f"({audit['unwritten']} unwritten)")
+    return f"ok ({audit['unwritten']} unwritten)"
+
+
 def _status_text(data: dict[str, Any]) -> str:
     rows = []
     for p in data.get("proxies", []):
@@ -90,6 +99,7 @@ def _status_text(data: dict[str, Any]) -> str:
                          " (fell back)" if egress.get("fell_back") else ""),
                      "cert_expiry": p.get("certificate_expiry") or "",
                      "uptime_s": p["uptime_s"], "pid": p["pid"],
+                     "audit": _audit_text(p.get("audit")),
                      "last_error": p.get("last_error") or ""})
     if not rows:
         return "no proxy running"
@@ -186,7 +196,9 @@ def stop(ctx: Context, args: argparse.Namespace) -> Result:
         raise UsageError("say which proxy: --port P, --handle-id ID or --all")
     result = ProxyService(ctx.storage).stop(port=args.port, handle_id=args.handle_id,
                                             all_=args.all_)
-    return Result(result, text=lambda d: f"stopped: {', '.join(d['stopped']) or 'none'}")
+    return Result(result, text=lambda d: "\n".join(
+        [f"stopped: {', '.join(d['stopped']) or 'none'}",
+         *(f"warning: {w}" for w in d.get("warnings") or [])]))
 
 
 def status(ctx: Context, args: argparse.Namespace) -> Result:

@@ -66,6 +66,13 @@ class RepoError(FlmError):
     exit_code = 2
 
 
+class DatabaseDamagedError(RepoError):
+    """A database file fails SQLite's integrity check (the user restores or moves it)."""
+
+    code = "DB_ERROR"
+    exit_code = 1
+
+
 class MigrationFailedError(RepoError):
     """A write was attempted while a database is in read-only safe mode."""
 

@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
+from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 from flm.core.errors import PolicyInvalidError
@@ -51,13 +52,28 @@ def validate_policy(document: Any) -> dict[str, Any]:
             f"$: the policy must be a JSON object, got {type(document).__name__}",
             details=[{"path": "$", "message": "not an object"}],
         )
-    errors = sorted(_validator().iter_errors(document), key=lambda e: list(e.absolute_path))
+    errors = sorted(islice(_validator().iter_errors(document), MAX_ERRORS),
+                    key=lambda e: list(e.absolute_path))
     if errors:
-        details = [{"path": e.json_path, "message": e.message} for e in errors]
+        details = [{"path": _clip(e.json_path), "message": _clip(e.message)} for e in errors]
         summary = "; ".join(_describe(d["path"], d["message"]) for d in details[:5])
+        if len(errors) >= MAX_ERRORS:
+            summary += f" (only the first {MAX_ERRORS} problems are listed)"
         raise PolicyInvalidError(f"invalid policy: {summary}", details=details)
     _check_webhooks(document)
     return document
+
+
+#: A policy is at most this long as JSON text (a real one is a few kilobytes).
+MAX_POLICY_BYTES = 4 * 1024 * 1024
+#: At most this many problems are reported, each quoting at most ``_CLIP`` characters.
+MAX_ERRORS = 50
+_CLIP = 300
+
+
+def _clip(text: str) -> str:
+    """An error text quoting the user's input, cut to a readable length."""
+    return text if len(text) <= _CLIP else f"{text[:_CLIP]}… ({len(text)} characters)"
 
 
 def _check_webhooks(document: dict[str, Any]) -> None:
@@ -78,6 +94,10 @@ def _check_webhooks(document: dict[str, Any]) -> None:
 
 def parse_policy_text(text: str) -> dict[str, Any]:
     """Parse and validate a policy given as JSON text."""
+    if len(text) > MAX_POLICY_BYTES:
+        raise PolicyInvalidError(
+            f"$: the policy is {len(text)} characters long; at most {MAX_POLICY_BYTES} are "
+            "accepted", details=[{"path": "$", "message": "too long"}])
     try:
         document = parse_document(text)
     except json.JSONDecodeError as exc:

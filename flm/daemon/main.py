@@ -74,15 +74,28 @@ class Daemon:
                         f"a proxy ({inst.settings.handle_id}) already runs on port {port}")
             handle_id = f"proxy-{port}"
             proxy = await start_instance(self.ctx, config, handle_id=handle_id)
+            try:
+                await asyncio.to_thread(ProxyHandlesRepo(self.ctx.storage.config).add,
+                                        ProxyHandleRow(handle_id, os.getpid(), port,
+                                                       proxy.settings.https_port, bind, mode,
+                                                       json.dumps(config), now_iso()))
+            except BaseException as exc:
+                # All or nothing: a proxy whose handle is not recorded is one `status` and
+                # `stop` cannot see, so it is not left running.
+                with contextlib.suppress(Exception):
+                    await proxy.close()
+                if isinstance(exc, FlmError):
+                    exc.message = ("the proxy was not started (stopped again): its handle "
+                                   f"could not be recorded in config.db: {exc.message}")
+                raise
             self.instances[handle_id] = proxy
-            await asyncio.to_thread(ProxyHandlesRepo(self.ctx.storage.config).add, ProxyHandleRow(
-                handle_id, os.getpid(), port, proxy.settings.https_port, bind, mode,
-                json.dumps(config), now_iso()))
             log.info("proxy started", extra={"handle": handle_id, "port": port})
             return proxy.describe()
 
     async def stop_proxies(self, *, port: int | None = None, handle_id: str | None = None,
-                           all_: bool = False) -> list[str]:
+                           all_: bool = False) -> tuple[list[str], list[str]]:
+        """Stop the chosen proxies; returns their ids and warnings (a stop that happened is
+        reported as done even when its handle cannot be removed from config.db)."""
         async with self._lock:
             chosen = [i for i in self.instances.values()
                       if all_ or i.settings.port == port or i.settings.handle_id == handle_id]
@@ -97,9 +110,17 @@ class Daemon:
                 finally:
                     self.instances.pop(inst.settings.handle_id, None)
             ids = [i.settings.handle_id for i in chosen]
+            warnings: list[str] = []
             if ids:
-                await asyncio.to_thread(ProxyHandlesRepo(self.ctx.storage.config).remove, ids)
-            return ids
+                try:
+                    await asyncio.to_thread(ProxyHandlesRepo(self.ctx.storage.config).remove,
+                                            ids)
+                except FlmError as exc:
+                    warnings.append(
+                        f"stopped, but the handles could not be removed from config.db "
+                        f"({exc.message}); `flm proxy status` removes them once it can write")
+                    log.warning("%s", warnings[-1])
+            return ids, warnings
 
     async def reload(self, *, port: int | None = None, log_level: str | None = None) -> list[str]:
         """Apply the current policy, keys, blocklist and engines to running proxies. A stored
@@ -219,9 +240,12 @@ class Daemon:
                 self._served_start = True
                 result = await self.start_proxy(body)
             elif path == "/admin/stop" and method == "POST":
-                result = {"stopped": await self.stop_proxies(
+                stopped, warnings = await self.stop_proxies(
                     port=body.get("port"), handle_id=body.get("handle_id"),
-                    all_=bool(body.get("all")))}
+                    all_=bool(body.get("all")))
+                result = {"stopped": stopped}
+                if warnings:
+                    result["warnings"] = warnings
             elif path == "/admin/renew" and method == "POST":
                 result = {"renewed": await self.renew(port=body.get("port"),
                                                       force=bool(body.get("force", True)))}

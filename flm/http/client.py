@@ -32,7 +32,8 @@ from flm.http.connection import HIGH_WATER, Connection, Deadlines, Headers, expi
 MAX_JSON_BYTES = 64 * 1024 * 1024
 #: Header FLM's own listeners always send, so detection never mistakes FLM for an engine.
 FLM_PROXY_HEADER = "X-FLM-Proxy"
-#: Idle pooled connections older than this are not reused.
+#: Idle pooled connections older than this are not reused, and are closed (a sweep runs while
+#: any connection is idle), so FLM never holds an engine's connections it no longer uses.
 KEEPALIVE_S = 30.0
 
 
@@ -209,8 +210,8 @@ class EngineClient:
     """Pooled keep-alive connections to one engine base URL.
 
     At most ``limit`` connections are open at once (more requests wait for one); idle ones are
-    kept for :data:`KEEPALIVE_S` seconds. ``opener`` (from the egress layer) makes the TCP
-    connections when the engine must be reached through a SOCKS5 proxy.
+    kept for :data:`KEEPALIVE_S` seconds, then closed. ``opener`` (from the egress layer) makes
+    the TCP connections when the engine must be reached through a SOCKS5 proxy.
     """
 
     def __init__(
@@ -248,6 +249,7 @@ class EngineClient:
         self._idle: list[Connection] = []
         self._slot_waiters: deque[asyncio.Future[None]] = deque()
         self._closed = False
+        self._sweep: asyncio.TimerHandle | None = None
         self._ssl: ssl.SSLContext | None = None
         self.deadlines = Deadlines()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -264,6 +266,9 @@ class EngineClient:
 
     async def close(self) -> None:
         self._closed = True
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         idle, self._idle = self._idle, []
         for conn in idle:
             conn.abort()
@@ -273,11 +278,30 @@ class EngineClient:
     def _put_back(self, conn: Connection, complete: bool) -> None:
         conn.finish()
         if complete and not self._closed and conn.reusable():
-            conn.idle_since = self._running_loop().time()
+            loop = self._running_loop()
+            conn.idle_since = loop.time()
             self._idle.append(conn)
+            if self._sweep is None:
+                self._sweep = loop.call_later(KEEPALIVE_S, self._close_expired)
         else:
             conn.abort()
         self._release_slot()
+
+    def _close_expired(self) -> None:
+        """Close the idle connections past :data:`KEEPALIVE_S`; run again while any is idle
+        (the oldest are first in the list: connections are taken from its end)."""
+        self._sweep = None
+        now = self._running_loop().time()
+        idle = self._idle
+        expired = 0
+        while expired < len(idle) and (idle[expired].closed
+                                       or now - idle[expired].idle_since >= KEEPALIVE_S):
+            idle[expired].abort()
+            expired += 1
+        del idle[:expired]
+        if idle and not self._closed:
+            wait = max(0.0, idle[0].idle_since + KEEPALIVE_S - now)
+            self._sweep = self._running_loop().call_later(wait, self._close_expired)
 
     def _release_slot(self) -> None:
         self._open -= 1

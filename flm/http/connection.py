@@ -216,8 +216,12 @@ class Connection(asyncio.Protocol):
                 self.complete = True  # a body delimited by the end of the connection
             else:
                 detail = f": {exc}" if exc else ""
-                where = "mid-response" if self.headers_done else "before answering"
-                self.error = EngineNetworkError(f"engine closed the connection {where}{detail}")
+                if self.headers_done:  # it answered, then broke: a bad reply (502), not down
+                    self.error = EngineApiError(
+                        f"engine closed the connection mid-response{detail}")
+                else:
+                    self.error = EngineNetworkError(
+                        f"engine closed the connection before answering{detail}")
         self._wake()
 
     # -- httptools callbacks --------------------------------------------------------------------

@@ -38,6 +38,7 @@ __all__ = [
     "send_bytes",
     "send_json",
     "state_of",
+    "watch_disconnect",
 ]
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
@@ -174,3 +175,46 @@ async def send_json(send: Send, status: int, data: Any,
                     headers: list[tuple[bytes, bytes]] | None = None) -> None:
     body = json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
     await send_bytes(send, status, body, [*JSON_HEADERS, *(headers or [])])
+
+
+class watch_disconnect:
+    """While the block runs, a client that goes away cancels it (and so the upstream request
+    it awaits: the engine connection is dropped, the engine stops). Enter it once the request
+    body has been read. On a disconnect the request ends as 499 ``client_disconnected``
+    (nobody is there to read it; the audit records it), or quietly once a response started.
+    """
+
+    __slots__ = ("_gone", "_receive", "_state", "_task", "_watcher")
+
+    def __init__(self, receive: Receive, state: RequestState) -> None:
+        self._receive = receive
+        self._state = state
+        self._gone = False
+        self._task: asyncio.Task[Any] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+
+    async def _watch(self) -> None:
+        try:
+            while (await self._receive())["type"] != "http.disconnect":
+                pass
+        except Exception:  # (nothing more to learn from this request's messages)
+            return
+        self._gone = True
+        assert self._task is not None
+        self._task.cancel()
+
+    async def __aenter__(self) -> None:
+        self._task = asyncio.current_task()
+        self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                        tb: object) -> bool:
+        assert self._watcher is not None and self._task is not None
+        self._watcher.cancel()
+        if not (self._gone and kind is not None and issubclass(kind, asyncio.CancelledError)):
+            return False
+        self._task.uncancel()
+        self._state.error_code = "client_disconnected"
+        if self._state.status:  # a response has started: it just ends
+            return True
+        raise HttpError(499, "client_disconnected", "the client closed the connection")

@@ -17,21 +17,45 @@ formatted in at most :data:`MAX_PAUSES` slices (slices grow with the batch), and
 :data:`HIGH_WATER` items, a backlog only a saturated loop builds, is formatted without pauses:
 the flusher then shares the GIL with the loop at the switch interval and catches up, which
 bounds the queue without dropping a record.
+
+Bounded, with back-pressure. Records not yet committed (queued plus the batch being written)
+are counted; at :data:`QUEUE_LIMIT` the gateway stops taking new requests until the flusher
+has written a batch (:meth:`AuditSink.room`, awaited by the outermost middleware before a
+request is handled): a loop that starves the flusher of the GIL then idles, the flusher runs,
+and the queue — memory — stays bounded whatever the load. A request that waited
+:data:`ROOM_WAIT_S` in vain (the audit cannot be written at all: disk full) is refused with
+503 ``audit_unavailable``; refusals are counted, never queued.
+
+A full disk (or any failing write) keeps the batch for the next attempt instead of dropping
+it; records kept count against the same bound, so a long outage turns into back-pressure,
+never into lost records. The cause and the count are logged, shown by :meth:`status`
+(``flm proxy status``, ``/metrics``), and once a write succeeds again an ``audit_gap`` event
+records how many records were delayed, how many JSON Lines were lost from the file and how
+many requests were refused meanwhile.
+
+A bad record never takes its neighbours with it: client texts are escaped when formatted
+(a lone surrogate becomes ``\\udXXX``), and a batch the database refuses is written row by
+row, each row it still refuses in an escaped form (or, failing that, counted and logged).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import math
 import os
+import sqlite3
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flm.core.errors import RepoError
 from flm.core.jsonlog import scrub
 from flm.core.memo import remember
 from flm.core.threads import background_thread
@@ -49,6 +73,19 @@ _PAUSE_S = 0.0001
 MAX_PAUSES = 64
 #: A batch this long is formatted without pauses (see the docstring).
 HIGH_WATER = 20_000
+#: At most this many records are unwritten (queued or in the batch being written) before the
+#: gateway stops taking new requests (see the docstring). Requests in flight when the bound is
+#: reached still add their record, so the true bound is this plus the connections open.
+QUEUE_LIMIT = 4096
+#: A request waits at most this long for room in the audit before it is refused with 503.
+ROOM_WAIT_S = 5.0
+#: New requests also wait while the oldest unwritten record is older than this, so that at
+#: any rate at most about a second of requests is unwritten (the flusher writes every 0.2 s).
+MAX_AGE_S = 0.5
+#: A failing write is retried after this long (the flusher keeps the batch meanwhile).
+RETRY_S = 1.0
+#: A failing write is logged at most once per this many seconds (with the count).
+LOG_EVERY_S = 10.0
 
 
 def _pause() -> None:
@@ -106,28 +143,122 @@ _CLEAN_MAX = 4096
 _CLEAN_TEXT_MAX = 256
 
 
+def escaped(text: str) -> str:
+    """``text`` as valid UTF-8: a lone surrogate (JSON lets a client send ``"\\ud800"``)
+    becomes its ``\\udXXX`` escape; anything else is kept as it is."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+def _escape_row(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(escaped(v) if isinstance(v, str) else v for v in row)
+
+
 def _scrub(text: str) -> str:
     if text in _clean:
         return text
-    out = scrub(text)
+    out = escaped(scrub(text))
     if out == text and len(text) <= _CLEAN_TEXT_MAX:
         remember(_clean, text, None, _CLEAN_MAX)
     return out
 
 
+def _format_one(kind: str, item: tuple[Any, ...], batch: _Batch) -> tuple[Any, ...] | None:
+    """The audit row of one queued record (``None``: the record went to another table)."""
+    if kind == "request":
+        (ts, rid, ip, key_id, endpoint, method, engine, model, status, latency,
+         p_tok, c_tok, err) = item
+        # (the model is the client's text: a key pasted there is redacted too)
+        return (iso_ts(ts), rid, ip, key_id, _scrub(endpoint)[:512], method,
+                None if engine is None else _scrub(engine)[:128],
+                None if model is None else _scrub(model)[:512], status,
+                round(latency, 3), p_tok, c_tok, err, "request", "info", None)
+    if kind == "event":
+        ts, event_type, severity, ip, details, rid, endpoint = item
+        return (iso_ts(ts), rid, ip, None, _scrub(endpoint or "")[:512] or None, None,
+                None, None, None, None, None, None, None, event_type, severity,
+                scrub(json.dumps(details, default=str)))
+    if kind == "block":
+        ip, reason, since, until, failures = item
+        batch.blocks.append((ip, reason, failures, iso_ts(since),
+                             None if until is None else iso_ts(until),
+                             1 if until is None else 0))
+    elif kind == "intrusion":
+        ts, ip, points, total, reasons, path, agent, rid = item
+        batch.intrusions.append((iso_ts(ts), ip, points, total, json.dumps(list(reasons)),
+                                 _scrub(path)[:512], _scrub(agent)[:256], rid))
+    else:
+        ts, ip, kind_name, value, threshold, rid = item
+        batch.anomalies.append((iso_ts(ts), ip, kind_name, value, threshold, None, rid))
+    return None
+
+
+@dataclass
+class _Batch:
+    """Formatted records on their way to disk (kept for a retry while a write fails)."""
+
+    count: int = 0
+    audit_rows: list[tuple[Any, ...]] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)
+    blocks: list[tuple[Any, ...]] = field(default_factory=list)
+    intrusions: list[tuple[Any, ...]] = field(default_factory=list)
+    anomalies: list[tuple[Any, ...]] = field(default_factory=list)
+
+    def extend(self, other: _Batch) -> None:
+        self.count += other.count
+        self.audit_rows += other.audit_rows
+        self.lines += other.lines
+        self.blocks += other.blocks
+        self.intrusions += other.intrusions
+        self.anomalies += other.anomalies
+
+
 class AuditSink:
     def __init__(self, db: Database | None, jsonl_path: Path | None,
-                 interval: float = 0.2) -> None:
+                 interval: float = 0.2, limit: int = QUEUE_LIMIT) -> None:
         self._db = db
         self._path = jsonl_path
         self._interval = interval
+        self.limit = limit
         self._items: deque[tuple[str, tuple[Any, ...]]] = deque()
+        #: Records taken from the queue and not yet committed (set by the flusher only).
+        self._inflight = 0
+        # When the oldest record of the queue, of the batch being written and of the kept
+        # batch was queued (``time.monotonic()``): the age bound of ``full()``.
+        self._queued_since = 0.0
+        self._batch_since: float | None = None
+        self._kept_since: float | None = None
+        #: A batch whose database write failed, kept for the next attempt.
+        self._kept: _Batch | None = None
         self._wake = threading.Event()
         self._stop = False
         self._lock = threading.Lock()
         self._file: Any = None
         #: Called with every security event as it is recorded (the alerter's O(1) offer).
         self.listener: Callable[[str, str, str, dict[str, Any]], None] | None = None
+        # The condition, for ``status()`` (written by the flusher, read anywhere).
+        self.last_error: str | None = None
+        self.failing_since: float | None = None
+        self.write_failures = 0
+        self.delayed = 0  # records whose write failed at least once (since the last gap event)
+        self.lines_lost = 0  # JSON Lines records the file could not take
+        self.rows_escaped = 0  # rows the database took only in escaped form
+        self.rows_dropped = 0  # rows the database refused even escaped (logged)
+        self.rows_invalid = 0  # records not formattable (an audit_record_invalid event each)
+        self.gaps_recorded = 0
+        # Back-pressure (the loop side).
+        self.refused = 0
+        self._refused_reported = 0
+        self.waits = 0
+        self.room_wait_s = ROOM_WAIT_S
+        #: The longest the queue has been (memory), for tests and the bench.
+        self.peak_queued = 0
+        self._waiters: list[asyncio.Future[None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._last_log = 0.0
         self._thread = threading.Thread(target=self._run, name="flm-audit", daemon=True)
         self._thread.start()
 
@@ -137,103 +268,250 @@ class AuditSink:
                 endpoint: str, method: str, engine_id: str | None, model: str | None,
                 status: int, latency_ms: float, prompt_tokens: int | None,
                 completion_tokens: int | None, error_type: str | None) -> None:
+        if not self._items:
+            self._queued_since = time.monotonic()
         self._items.append(("request", (ts, request_id, client_ip, api_key_id, endpoint, method,
                                         engine_id, model, status, latency_ms, prompt_tokens,
                                         completion_tokens, error_type)))
-        if len(self._items) >= MAX_BATCH:
+        queued = len(self._items)
+        if queued > self.peak_queued:
+            self.peak_queued = queued
+        if queued >= MAX_BATCH:
             self._wake.set()
 
     def event(self, event_type: str, severity: str, client_ip: str,
               details: dict[str, Any] | None = None, request_id: str | None = None,
               endpoint: str | None = None) -> None:
-        self._items.append(("event", (time.time(), event_type, severity, client_ip,
+        self._put(("event", (time.time(), event_type, severity, client_ip,
                                       details or {}, request_id, endpoint)))
         if self.listener is not None:
             self.listener(event_type, severity, client_ip, details or {})
 
     def block(self, ip: str, reason: str, since: float, until: float | None,
               failures: int) -> None:
-        self._items.append(("block", (ip, reason, since, until, failures)))
+        self._put(("block", (ip, reason, since, until, failures)))
 
     def intrusion(self, ip: str, points: int, total: int, reasons: tuple[str, ...],
                   path: str, user_agent: str, request_id: str) -> None:
-        self._items.append(("intrusion", (time.time(), ip, points, total, reasons, path,
+        self._put(("intrusion", (time.time(), ip, points, total, reasons, path,
                                           user_agent, request_id)))
 
     def anomaly(self, ip: str, kind: str, value: float, threshold: float,
                 request_id: str | None) -> None:
-        self._items.append(("anomaly", (time.time(), ip, kind, value, threshold, request_id)))
+        self._put(("anomaly", (time.time(), ip, kind, value, threshold, request_id)))
+
+    def _put(self, item: tuple[str, tuple[Any, ...]]) -> None:
+        if not self._items:
+            self._queued_since = time.monotonic()
+        self._items.append(item)
+
+    # --- back-pressure (the event loop) ------------------------------------------------------
+
+    def unwritten(self) -> int:
+        """Records not yet committed: queued, in the batch being written, or kept."""
+        kept = self._kept
+        return len(self._items) + self._inflight + (kept.count if kept is not None else 0)
+
+    def oldest_age(self) -> float:
+        """Seconds since the oldest unwritten record was queued (0 when there is none). Kept
+        records are older than the batch being written, which is older than the queue."""
+        since = self._kept_since or self._batch_since or (
+            self._queued_since if self._items else None)
+        return 0.0 if since is None else time.monotonic() - since
+
+    def full(self, *, hard: bool = False) -> bool:
+        """At the bound: :data:`QUEUE_LIMIT` records or a record :data:`MAX_AGE_S` old
+        (``hard``: twice the count, for the routes that must stay observable)."""
+        if hard:
+            return self.unwritten() >= 2 * self.limit
+        return self.unwritten() >= self.limit or self.oldest_age() > MAX_AGE_S
+
+    async def room(self, wait_s: float | None = None, *, hard: bool = False) -> bool:
+        """Wait (on the event loop) until the audit has room; ``False`` after ``wait_s``
+        (the caller refuses the request, counted in ``refused``)."""
+        if not self.full(hard=hard):
+            return True
+        self.waits += 1
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        deadline = loop.time() + (self.room_wait_s if wait_s is None else wait_s)
+        self._wake.set()
+        while self.full(hard=hard):
+            left = deadline - loop.time()
+            if left <= 0:
+                self.refused += 1
+                return False
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                # (woken by the flusher after each batch; the timeout only re-checks)
+                await asyncio.wait({waiter}, timeout=min(left, 0.05))
+            finally:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+        return True
+
+    def _release(self) -> None:
+        """(On the loop) wake the requests waiting for room."""
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _notify(self) -> None:
+        loop = self._loop
+        if loop is not None and self._waiters:
+            with contextlib.suppress(RuntimeError):  # (the loop has closed)
+                loop.call_soon_threadsafe(self._release)
+
+    def status(self) -> dict[str, Any]:
+        """The audit's condition for ``flm proxy status`` and ``/metrics``."""
+        return {
+            "unwritten": self.unwritten(),
+            "limit": self.limit,
+            "oldest_unwritten_s": round(self.oldest_age(), 3),
+            "failing": self.failing_since is not None,
+            "failing_since": None if self.failing_since is None else iso_ts(self.failing_since),
+            "last_error": self.last_error,
+            "write_failures": self.write_failures,
+            "delayed_records": self.delayed,
+            "lines_lost": self.lines_lost,
+            "rows_escaped": self.rows_escaped,
+            "rows_dropped": self.rows_dropped,
+            "rows_invalid": self.rows_invalid,
+            "refused_requests": self.refused,
+            "backpressure_waits": self.waits,
+            "gaps_recorded": self.gaps_recorded,
+        }
 
     # --- the flusher -------------------------------------------------------------------------
 
     def _run(self) -> None:
         background_thread()
         while not self._stop:
-            self._wake.wait(self._interval)
+            wait = self._interval if self.failing_since is None else RETRY_S
+            self._wake.wait(wait)
             self._wake.clear()
             try:
                 self.flush(pause=True)
             except Exception:  # pragma: no cover - logged, never fatal for the proxy
                 log.exception("audit flush failed")
+            finally:
+                self._notify()
 
     def flush(self, *, pause: bool = False) -> int:
-        """Write everything queued so far; returns the number of items written. With
-        ``pause`` (the flusher thread), the GIL is given up between slices."""
+        """Write everything queued so far (and any batch kept from a failed write); returns
+        the number of records written. With ``pause`` (the flusher thread), the GIL is given
+        up between slices. A failing database write keeps the batch and raises nothing: the
+        condition is in :meth:`status`."""
         with self._lock:
-            batch: list[tuple[str, tuple[Any, ...]]] = []
+            items: list[tuple[str, tuple[Any, ...]]] = []
+            if self._items:
+                self._batch_since = self._queued_since
             while self._items:
-                batch.append(self._items.popleft())
-            if not batch:
-                return 0
-            audit_rows: list[tuple[Any, ...]] = []
-            lines: list[str] = []
-            blocks: list[tuple[Any, ...]] = []
-            intrusions: list[tuple[Any, ...]] = []
-            anomalies: list[tuple[Any, ...]] = []
-            step = max(SLICE, len(batch) // MAX_PAUSES)
-            pause = pause and len(batch) <= HIGH_WATER
-            for n, (kind, item) in enumerate(batch, 1):
-                if pause and n % step == 0:
-                    _pause()
-                row: tuple[Any, ...]
-                if kind == "request":
-                    (ts, rid, ip, key_id, endpoint, method, engine, model, status, latency,
-                     p_tok, c_tok, err) = item
-                    # (the model is the client's text: a key pasted there is redacted too)
-                    row = (iso_ts(ts), rid, ip, key_id, _scrub(endpoint)[:512], method,
-                           None if engine is None else _scrub(engine)[:128],
-                           None if model is None else _scrub(model)[:512], status,
-                           round(latency, 3), p_tok, c_tok, err, "request", "info", None)
-                elif kind == "event":
-                    ts, event_type, severity, ip, details, rid, endpoint = item
-                    row = (iso_ts(ts), rid, ip, None, scrub(endpoint or "")[:512] or None, None,
-                           None, None, None, None, None, None, None, event_type, severity,
-                           scrub(json.dumps(details, default=str)))
-                elif kind == "block":
-                    ip, reason, since, until, failures = item
-                    blocks.append((ip, reason, failures, iso_ts(since),
-                                   None if until is None else iso_ts(until),
-                                   1 if until is None else 0))
-                    continue
-                elif kind == "intrusion":
-                    ts, ip, points, total, reasons, path, agent, rid = item
-                    intrusions.append((iso_ts(ts), ip, points, total, json.dumps(list(reasons)),
-                                       scrub(path)[:512], scrub(agent)[:256], rid))
-                    continue
-                else:
-                    ts, ip, kind_name, value, threshold, rid = item
-                    anomalies.append((iso_ts(ts), ip, kind_name, value, threshold, None, rid))
-                    continue
-                audit_rows.append(row)
-                lines.append(_line(row))
+                items.append(self._items.popleft())
+            self._inflight = len(items)
             try:
-                self._write_lines(lines)
+                batch = self._format(items, pause)
+                kept = self._kept
+                if kept is not None:
+                    kept.extend(batch)
+                    batch = kept
+                    self._inflight = batch.count
+                    self._batch_since = self._kept_since
+                    self._kept = self._kept_since = None
+                if not batch.count:
+                    return 0
+                self._note_refusals(batch)
+                lines, batch.lines = batch.lines, []
+                lines_ok = True
+                try:
+                    self._write_lines(lines)
+                except OSError as exc:
+                    # (the table is the record of truth: it still gets the batch)
+                    lines_ok = False
+                    self.lines_lost += len(lines)
+                    self._failed(f"{self._path}: {exc}", len(lines), "JSON Lines records lost")
+                if self._db is None:
+                    if lines_ok:
+                        self._recovered()
+                    return batch.count
+                try:
+                    self._write_db(batch)
+                except (RepoError, sqlite3.Error, OSError) as exc:
+                    # (disk full, I/O error, locked too long): keep the batch, retry later
+                    self._kept, self._kept_since = batch, self._batch_since
+                    self.delayed += len(items)  # (kept ones were counted when they failed)
+                    self._failed(str(exc), batch.count, "records kept for a retry")
+                    return 0
+                if lines_ok:
+                    self._recovered()
+                return batch.count
             finally:
-                # The database gets the batch even when the JSON Lines file cannot (disk full):
-                # the table is the record of truth.
-                if self._db is not None:
-                    self._write_db(audit_rows, blocks, intrusions, anomalies)
-            return len(batch)
+                self._inflight = 0
+                self._batch_since = None
+
+    def _format(self, items: list[tuple[str, tuple[Any, ...]]], pause: bool) -> _Batch:
+        batch = _Batch(count=len(items))
+        audit_rows, lines = batch.audit_rows, batch.lines
+        step = max(SLICE, len(items) // MAX_PAUSES)
+        pause = pause and len(items) <= HIGH_WATER
+        for n, (kind, item) in enumerate(items, 1):
+            if pause and n % step == 0:
+                _pause()
+            try:
+                row = _format_one(kind, item, batch)
+                if row is None:
+                    continue
+                line = _line(row)
+            except Exception as exc:  # a record this code cannot format: it costs only itself
+                self.rows_invalid += 1
+                log.error("audit record not formattable (%s): %s", exc, ascii(item)[:1000])
+                row = (iso_ts(time.time()), None, "", None, None, None, None, None, None, None,
+                       None, None, None, "audit_record_invalid", "high",
+                       json.dumps({"kind": kind, "error": str(exc)[:200],
+                                   "record": ascii(item)[:2000]}))
+                line = _line(row)
+            audit_rows.append(row)
+            lines.append(line)
+        return batch
+
+    def _note_refusals(self, batch: _Batch) -> None:
+        """Requests refused for want of room since the last note: one event with the count."""
+        refused = self.refused - self._refused_reported
+        if refused <= 0:
+            return
+        self._refused_reported += refused
+        row = (iso_ts(time.time()), None, "", None, None, None, None, None, None, None, None,
+               None, None, "audit_overload", "high",
+               json.dumps({"refused_requests": refused, "limit": self.limit}))
+        batch.audit_rows.append(row)
+        batch.lines.append(_line(row))
+
+    def _failed(self, cause: str, count: int, what: str) -> None:
+        self.write_failures += 1
+        self.last_error = cause[:500]
+        now = time.time()
+        if self.failing_since is None:
+            self.failing_since = now
+        if now - self._last_log >= LOG_EVERY_S or self._stop:
+            self._last_log = now
+            log.error("audit write failed (%s): %d %s; %d unwritten", self.last_error, count,
+                      what, self.unwritten())
+
+    def _recovered(self) -> None:
+        """After a write that worked: record the gap the failure left, once."""
+        if self.failing_since is None:
+            return
+        details = {"since": iso_ts(self.failing_since), "until": iso_ts(time.time()),
+                   "delayed_records": self.delayed, "lines_lost": self.lines_lost,
+                   "refused_requests": self.refused, "write_failures": self.write_failures,
+                   "cause": self.last_error}
+        self.failing_since = None
+        log.warning("audit writes work again: %s", json.dumps(details))
+        self.event("audit_gap", "high", "", details)
+        self.gaps_recorded += 1
+        self._wake.set()
 
     def _write_lines(self, lines: list[str]) -> None:
         if self._path is None or not lines:
@@ -241,9 +519,17 @@ class AuditSink:
         if self._file is None:
             self._path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             fd = os.open(self._path, os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o600)
-            self._file = os.fdopen(fd, "a", encoding="utf-8")
-        self._file.write("\n".join(lines) + "\n")
-        self._file.flush()
+            # (texts are escaped when formatted; the handler is a last line of defence)
+            self._file = os.fdopen(fd, "a", encoding="utf-8", errors="backslashreplace")
+        try:
+            self._file.write("\n".join(lines) + "\n")
+            self._file.flush()
+        except OSError:
+            # (a partly written buffer must not be written again later: start afresh)
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
+            raise
         if self._file.tell() >= self.rotate_bytes:
             self._rotate()
 
@@ -262,16 +548,21 @@ class AuditSink:
             n += 1
         os.replace(self._path, target)
 
-    def _write_db(self, audit_rows: list[tuple[Any, ...]], blocks: list[tuple[Any, ...]],
-                  intrusions: list[tuple[Any, ...]], anomalies: list[tuple[Any, ...]]) -> None:
+    def _write_db(self, batch: _Batch) -> None:
         assert self._db is not None
-        write_batch(self._db, audit_rows, blocks, intrusions, anomalies)
+        counts = write_batch(self._db, batch.audit_rows, batch.blocks, batch.intrusions,
+                             batch.anomalies, escape=_escape_row)
+        self.rows_escaped += counts["escaped"]
+        self.rows_dropped += counts["dropped"]
 
     def close(self) -> None:
         self._stop = True
         self._wake.set()
         self._thread.join(timeout=10)
         self.flush()
+        if self._kept is not None:
+            log.error("audit closed with %d records unwritten (%s)", self._kept.count,
+                      self.last_error)
         if self._file is not None:
             self._file.close()
             self._file = None

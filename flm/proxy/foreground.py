@@ -56,9 +56,17 @@ def run_foreground(ctx: Any, config: dict[str, Any]) -> None:
             loop.add_signal_handler(hup, wanted.set)
         proxy: ProxyInstance = await start_instance(ctx, config)
         settings = proxy.settings
-        repo.add(ProxyHandleRow(settings.handle_id, os.getpid(), settings.port,
-                                settings.https_port, settings.bind, settings.mode,
-                                json.dumps(config), now_iso()))
+        try:
+            repo.add(ProxyHandleRow(settings.handle_id, os.getpid(), settings.port,
+                                    settings.https_port, settings.bind, settings.mode,
+                                    json.dumps(config), now_iso()))
+        except BaseException as exc:  # all or nothing (see the daemon's start_proxy)
+            with contextlib.suppress(Exception):
+                await proxy.close()
+            if isinstance(exc, FlmError):
+                exc.message = ("the proxy was not started (stopped again): its handle could "
+                               f"not be recorded in config.db: {exc.message}")
+            raise
         sys.stderr.write(_banner(proxy.describe()))
         sys.stderr.flush()
 
@@ -78,7 +86,11 @@ def run_foreground(ctx: Any, config: dict[str, Any]) -> None:
         finally:
             reloader.cancel()
             await proxy.close()
-            repo.remove([settings.handle_id])
+            try:
+                repo.remove([settings.handle_id])
+            except FlmError as exc:
+                log.warning("stopped, but the handle could not be removed from config.db "
+                            "(%s)", exc.message)
 
     try:
         import uvloop

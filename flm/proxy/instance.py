@@ -117,6 +117,7 @@ class ProxyInstance:
             "certificate": None, "last_error": self.last_error,
             "engines": self.runtime.engines.ids(), "notes": list(self.notes),
             "pools": self.runtime.engines.pools.snapshot(),
+            "audit": self.runtime.audit.status() if self.runtime.audit is not None else None,
         }
         if bundle is not None and self.tls is not None and s.https_port is not None:
             cert = bundle.to_dict()
@@ -243,6 +244,10 @@ async def start_instance(ctx: Context, raw: dict[str, Any], *,
             sockets.append(bind_socket(config.bind, config.https_port))
         egress = await decide_start_egress(ctx, config.egress, handle)
         notes = []
+        damage = await asyncio.to_thread(_quick_check, ctx.storage.security)
+        if damage:
+            notes.append(damage)
+            log.error("%s", damage)
         if egress.fell_back:
             notes.append(f"egress {egress.requested.mode} is unreachable: using direct "
                          "connections (--egress-fail-open)")
@@ -281,8 +286,22 @@ async def start_instance(ctx: Context, raw: dict[str, Any], *,
     instance = ProxyInstance(ctx, config, settings, runtime, servers, egress, tls, notes)
     if tls is not None and tls.source == "stored-fallback":
         instance.last_error = notes[-1] if notes else None
+    if damage:
+        instance.last_error = damage
     instance.start_renewal()
     return instance
+
+
+def _quick_check(db: Any) -> str | None:
+    """A damaged security.db is said at start (not only by ``flm check``): SQLite's
+    ``quick_check`` (one pass over the pages, no index cross-check)."""
+    from flm.storage.files import integrity_problems
+
+    rows = integrity_problems(db.path, quick=True, limit=5)
+    if not rows:
+        return None
+    return (f"security.db fails SQLite's quick_check ({'; '.join(rows)[:500]}): run "
+            "`flm check --verbose` and restore a backup (`flm security backup restore`)")
 
 
 async def _prepare_tls(ctx: Context, config: StartConfig, http_sock: socket.socket,
@@ -441,9 +460,15 @@ async def reload_proxies(ctx: Any, instances: list[ProxyInstance],
     active = {k.id for k in rows}
     scopes = {k.id: scope_from_row(k) for k in rows}
     endpoints = await asyncio.to_thread(ctx.engines.endpoints)
+    replaced = [problem for db in (ctx.storage.config, ctx.storage.security)
+                if (problem := db.identity_problem()) is not None]
     reloaded = []
     for inst in instances:
         rt = inst.runtime
+        if replaced:
+            if inst.last_error != replaced[0]:
+                log.error("%s", replaced[0])
+            inst.last_error = replaced[0]
         try:
             rt.apply_policy(policy)
         except PolicyInvalidError as exc:

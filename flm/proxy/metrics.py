@@ -145,6 +145,42 @@ class _PoolCollector:
         yield up
 
 
+class _AuditCollector:
+    """The audit sink's condition (see :meth:`flm.proxy.audit.AuditSink.status`), read when
+    ``/metrics`` is."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], dict[str, Any]] | None = None
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+    def collect(self) -> Iterator[Metric]:
+        if self.source is None:
+            return
+        st = self.source()
+        gauges = (("flm_audit_unwritten_records", "Audit records not yet written", "unwritten"),
+                  ("flm_audit_queue_limit", "Unwritten audit records at which new requests "
+                   "wait", "limit"),
+                  ("flm_audit_failing", "1 while audit writes fail (e.g. disk full)",
+                   "failing"))
+        for name, doc, key in gauges:
+            yield GaugeMetricFamily(name, doc, value=float(st[key]))
+        counters = (("flm_audit_write_failures", "Failed audit writes", "write_failures"),
+                    ("flm_audit_delayed_records", "Audit records whose write failed and was "
+                     "retried", "delayed_records"),
+                    ("flm_audit_lines_lost", "Audit records the JSON Lines file could not "
+                     "take", "lines_lost"),
+                    ("flm_audit_refused_requests", "Requests refused while the audit was full",
+                     "refused_requests"),
+                    ("flm_audit_backpressure_waits", "Requests that waited for audit room",
+                     "backpressure_waits"),
+                    ("flm_audit_rows_escaped", "Audit rows written escaped", "rows_escaped"),
+                    ("flm_audit_gaps", "audit_gap events recorded", "gaps_recorded"))
+        for name, doc, key in counters:
+            yield CounterMetricFamily(name, doc, value=float(st[key]))
+
+
 class Metrics:
     def watch_pools(self, source: Callable[[], list[dict[str, Any]]]) -> None:
         """Export the pools ``source`` describes (see ``PoolSet.snapshot``)."""
@@ -155,6 +191,8 @@ class Metrics:
         self._series = _RequestCollector()
         r = self.registry
         r.register(self._series)
+        self._audit = _AuditCollector()
+        r.register(self._audit)
         self.active_streams = Gauge("flm_active_streams", "Streams in flight", registry=r)
         self.engine_up = Gauge("flm_engine_healthy", "1 when the engine is usable", ["engine"],
                                registry=r)
@@ -164,6 +202,9 @@ class Metrics:
                               ["reason"], registry=r)
         self.rate_limited = Counter("flm_rate_limited_total", "Requests refused by rate limits",
                                     ["scope"], registry=r)
+
+    def watch_audit(self, status: Callable[[], dict[str, Any]]) -> None:
+        self._audit.source = status
 
     def record_request(self, route: str, status: int, engine: str, elapsed: float,
                        overhead: float | None) -> None:

@@ -141,6 +141,8 @@ def build_runtime(settings: ProxySettings, ctx: Any,
         audit=AuditSink(ctx.storage.security, ctx.paths.logs_dir / "audit.jsonl"),
         usage=UsageSink(ctx.storage.security),
     )
+    if runtime.audit is not None:
+        runtime.metrics.watch_audit(runtime.audit.status)
     runtime.scope_loader = lambda key_id: load_scope(ctx, key_id)
     runtime.scopes = load_scopes(ctx)
     runtime.ledger.load_today(today_totals(ctx.storage.security))

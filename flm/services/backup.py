@@ -9,14 +9,20 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from flm.core.errors import IoError, ProxyAlreadyRunningError, RepoError, UsageError
+from flm.core.errors import (
+    DatabaseDamagedError,
+    IoError,
+    ProxyAlreadyRunningError,
+    RepoError,
+    UsageError,
+)
 from flm.core.paths import ensure_private_dir, make_dir, touch_private_file
 from flm.core.timeutil import utc_now
 from flm.services.runstate import pid_alive, running_daemon
 from flm.storage import Storage
 from flm.storage.config import ProxyHandlesRepo
 from flm.storage.db import Database
-from flm.storage.files import copy_database, inspect_backup
+from flm.storage.files import copy_database, inspect_backup, integrity_problems
 
 GENERATIONS = 3
 _BACKUP_NAME = re.compile(r"^security\.db\.bak\.(\d{8}T\d{6}\d{3}Z)$")
@@ -35,6 +41,16 @@ class BackupService:
         folder = (make_dir(output_dir) if output_dir is not None
                   else ensure_private_dir(self._storage.paths.backups_dir))
         db = self._storage.security  # opens + migrates, so the file exists
+        # A backup of a damaged database is no backup, and writing one would prune a good
+        # generation: check first (and the copy after), and keep every generation on failure.
+        problems = integrity_problems(db.path)
+        if problems:
+            raise DatabaseDamagedError(
+                f"{db.path} fails SQLite's integrity check ({'; '.join(problems[:3])}); no "
+                "backup was written and no existing backup was removed. Restore a good one "
+                "with `flm security backup restore --file FILE` (backups are in FLM's backups "
+                "folder)",
+                details={"problems": problems[:20]})
         target = folder / f"security.db.bak.{_stamp()}"
         while target.exists():  # two backups in the same millisecond
             target = folder / f"security.db.bak.{_stamp()}"
@@ -45,7 +61,15 @@ class BackupService:
             target.unlink(missing_ok=True)
             raise RepoError(f"backup failed: {exc}") from exc
         except OSError as exc:
+            target.unlink(missing_ok=True)
             raise IoError(f"cannot write {target}: {exc}") from exc
+        problems = integrity_problems(target, immutable=True)
+        if problems:  # (the copy went wrong: a disk error)
+            target.unlink(missing_ok=True)
+            raise DatabaseDamagedError(
+                f"the backup written to {target} failed its integrity check "
+                f"({'; '.join(problems[:3])}); it was removed and no older backup was pruned",
+                details={"problems": problems[:20]})
         removed = self._prune(folder)
         return {
             "file": str(target),

@@ -23,7 +23,9 @@ def _db_report(db: Database, verbose: bool) -> dict[str, Any]:
         "safe_mode": db.safe_mode.message() if db.safe_mode else None,
         "problems": [],
     }
-    if db.safe_mode is not None:
+    if db.read_only is not None:
+        report["read_only"] = db.read_only  # (said, not a problem: reads work)
+    elif db.safe_mode is not None:
         report["problems"].append(db.safe_mode.message())
     elif db.schema_version != db.expected_version:
         report["problems"].append(
@@ -69,6 +71,8 @@ def run_check(storage: Storage, *, verbose: bool = False) -> dict[str, Any]:
                 f"port {h['port']})"
             )
 
+    warnings.extend(f"{name}: {rep['read_only']}" for name, rep in databases.items()
+                    if rep.get("read_only"))
     problems = [f"{name}: {p}" for name, rep in databases.items() for p in rep["problems"]]
     report = {"ok": not problems, "databases": databases, "problems": problems,
               "warnings": warnings}

@@ -17,6 +17,7 @@ Shape:
 
 from __future__ import annotations
 
+import os
 import queue
 import re
 import sqlite3
@@ -58,8 +59,14 @@ class SafeMode:
 
     db_name: str
     reason: str
+    #: The file cannot be written (nothing is wrong with it).
+    read_only: bool = False
 
     def message(self) -> str:
+        if self.read_only:
+            return (f"{self.db_name}.db is read-only: {self.reason}. Reads work; writes are "
+                    "refused. To write again, make the file and its directory writable "
+                    "(permissions, a read-only mount, a full disk).")
         return (
             f"{self.db_name}.db is in read-only safe mode: {self.reason}. Reads still work; "
             "writes are refused. To recover: (1) run `flm check --verbose` to see the state; "
@@ -105,13 +112,14 @@ def _is_locked(exc: sqlite3.Error) -> bool:
     return "locked" in text or "busy" in text
 
 
-def _connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
+def _connect(path: Path, *, readonly: bool = False, uri: str | None = None) -> sqlite3.Connection:
     try:
         conn = sqlite3.connect(
-            path,
+            uri or path,
             timeout=BUSY_TIMEOUT_MS / 1000,
             isolation_level=None,
             check_same_thread=False,
+            uri=uri is not None,
         )
     except sqlite3.Error as exc:
         raise RepoError(f"cannot open {path}: {exc}") from exc
@@ -147,6 +155,14 @@ class Database:
         self.schema_version = 0
         self.expected_version = 0
         self.safe_mode: SafeMode | None = None
+        #: Why the file was opened read-only (it cannot be written: a read-only file or file
+        #: system); ``None`` when it is writable. Writes are refused (safe mode) meanwhile.
+        self.read_only: str | None = None
+        #: How readers open the file (a ``file:`` URI when it is read-only).
+        self._read_uri: str | None = None
+        #: (device, inode) of the file when it was opened: a file deleted or replaced under a
+        #: running process is noticed (:meth:`identity_problem`) and never written blindly.
+        self._identity: tuple[int, int] | None = None
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
@@ -160,20 +176,86 @@ class Database:
     def open(self) -> Database:
         if self._opened:
             return self
-        make_dir(self.path.parent)  # (FLM's home is made private by Storage)
-        touch_private_file(self.path)
         migrations = (
             self._migrations if self._migrations is not None else load_migrations(self.name)
         )
         self.expected_version = migrations[-1].version if migrations else 0
+        why = self._unwritable()
+        if why is not None:
+            self._open_read_only(why)
+            return self
+        make_dir(self.path.parent)  # (FLM's home is made private by Storage)
+        touch_private_file(self.path)
         conn = _connect(self.path)
         try:
             self._set_wal(conn)
             self._migrate(conn, migrations)
         finally:
             conn.close()
+        self._remember_identity()
         self._opened = True
         return self
+
+    def _remember_identity(self) -> None:
+        st = os.stat(self.path)
+        self._identity = (st.st_dev, st.st_ino)
+
+    def identity_problem(self) -> str | None:
+        """Why the file at ``path`` is no longer the one opened (deleted, or replaced by
+        another file), or ``None``. Checked before every write batch and on reload."""
+        if self._identity is None:
+            return None
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return (f"{self.path} was deleted while FLM had it open; writes are refused "
+                    "(they would be lost): restart FLM's proxies to use a new file")
+        except OSError as exc:
+            return f"{self.path} cannot be checked: {exc}"
+        if (st.st_dev, st.st_ino) != self._identity:
+            return (f"{self.path} was replaced by another file while FLM had it open; writes "
+                    "are refused (they would go to the old file): restart FLM's proxies to use "
+                    "the new one")
+        return None
+
+    def _unwritable(self) -> str | None:
+        """Why an existing database file cannot be written, or ``None``."""
+        if not self.path.exists():
+            return None
+        if not os.access(self.path, os.W_OK):
+            return "the file is read-only"
+        if not os.access(self.path.parent, os.W_OK):
+            # (SQLite needs its -wal and -shm files beside the database)
+            wal = self.path.with_name(self.path.name + "-wal")
+            if not (wal.exists() and os.access(wal, os.W_OK)):
+                return "its directory is read-only"
+        return None
+
+    def _open_read_only(self, why: str) -> None:
+        """Open a database that cannot be written for reading only, in safe mode (every write
+        refused with the reason). Without its -shm file beside it (a read-only directory) a
+        WAL database opens as immutable: nothing can change it meanwhile anyway."""
+        last: Exception | None = None
+        for uri in (f"file:{self.path}?mode=ro", f"file:{self.path}?mode=ro&immutable=1"):
+            try:
+                conn = _connect(self.path, readonly=True, uri=uri)
+                try:
+                    row = conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations"
+                                       ).fetchone()
+                finally:
+                    conn.close()
+            except (RepoError, sqlite3.Error) as exc:
+                last = exc
+                continue
+            self._read_uri = uri
+            self.schema_version = int(row[0])
+            self._remember_identity()
+            break
+        else:
+            raise RepoError(f"cannot open {self.path} ({why}) for reading: {last}")
+        self.read_only = f"{self.path} is opened read-only: {why}"
+        self.safe_mode = SafeMode(self.name, f"{why} ({self.path})", read_only=True)
+        self._opened = True
 
     def close(self) -> None:
         writer = self._writer
@@ -268,7 +350,7 @@ class Database:
         if conn is None:
             if not self._opened:
                 self.open()
-            conn = _connect(self.path, readonly=True)
+            conn = _connect(self.path, readonly=True, uri=self._read_uri)
             self._local.conn = conn
             with self._readers_lock:
                 self._readers.append(conn)
@@ -367,6 +449,12 @@ class Database:
     def _run_batch(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
         jobs = [job for job in batch if job.future.set_running_or_notify_cancel()]
         if not jobs:
+            return
+        problem = self.identity_problem()
+        if problem is not None:
+            error = RepoError(problem)
+            for job in jobs:
+                job.future.set_exception(error)
             return
         results: list[tuple[_Job, Any, BaseException | None]] = []
         try:

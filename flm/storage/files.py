@@ -35,6 +35,24 @@ def inspect_backup(file: Path) -> tuple[bool, set[str]]:
     return ok, tables
 
 
+def integrity_problems(file: Path, *, immutable: bool = False, quick: bool = False,
+                       limit: int = 100) -> list[str]:
+    """What SQLite's ``integrity_check`` (``quick``: ``quick_check``, one pass without the
+    index cross-check) finds in ``file``, opened read-only (``immutable``: a file nobody
+    writes, e.g. a backup); empty when healthy, at most ``limit`` messages."""
+    check = "quick_check" if quick else "integrity_check"
+    try:
+        conn = sqlite3.connect(f"file:{file}?mode=ro" + ("&immutable=1" if immutable else ""),
+                               uri=True)
+        try:
+            rows = [str(r[0]) for r in conn.execute(f"PRAGMA {check}({int(limit)})")]
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        return [f"{file} cannot be read as SQLite: {exc}"]
+    return [] if rows == ["ok"] else rows
+
+
 def _open_immutable(file: Path) -> sqlite3.Connection:
     return sqlite3.connect(f"file:{file}?mode=ro&immutable=1", uri=True)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import sqlite3
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -14,6 +15,8 @@ from typing import Any
 from flm.core.paths import write_private_file
 from flm.core.timeutil import now_iso
 from flm.storage.db import Database
+
+log = logging.getLogger("flm.audit")
 
 #: The columns of an ``audit_logs`` row as the audit sink builds it, in order.
 AUDIT_COLUMNS = ("ts", "request_id", "client_ip", "api_key_id", "endpoint", "method",
@@ -47,22 +50,72 @@ def and_equal(sql: str, params: list[Any], **columns: Any) -> str:
 
 def write_batch(db: Database, audit_rows: Sequence[tuple[Any, ...]],
                 blocks: Sequence[tuple[Any, ...]], intrusions: Sequence[tuple[Any, ...]],
-                anomalies: Sequence[tuple[Any, ...]]) -> None:
+                anomalies: Sequence[tuple[Any, ...]],
+                escape: Callable[[tuple[Any, ...]], tuple[Any, ...]] | None = None,
+                ) -> dict[str, int]:
     """The audit sink's batch, in one transaction: audit rows (:data:`AUDIT_COLUMNS`), block
     upserts (ip, reason, failure_count, blocked_at, expires_at, permanent), intrusion and
-    anomaly rows."""
+    anomaly rows. A row the database refuses costs only itself (see :func:`_insert_isolated`);
+    returns how many rows were written ``escaped`` and how many ``dropped``. A failure of the
+    disk or the lock raises (``RepoError``): the caller keeps the batch for a retry."""
+    counts = {"escaped": 0, "dropped": 0}
 
     def run(conn: sqlite3.Connection) -> None:
-        if audit_rows:
-            conn.executemany(_INSERT_AUDIT, audit_rows)
-        if blocks:
-            conn.executemany(_UPSERT_BLOCK, blocks)
-        if intrusions:
-            conn.executemany(_INSERT_INTRUSION, intrusions)
-        if anomalies:
-            conn.executemany(_INSERT_ANOMALY, anomalies)
+        for sql, rows in ((_INSERT_AUDIT, audit_rows), (_UPSERT_BLOCK, blocks),
+                          (_INSERT_INTRUSION, intrusions), (_INSERT_ANOMALY, anomalies)):
+            if rows:
+                _insert_isolated(conn, sql, rows, counts, escape)
 
     db.write(run)
+    return counts
+
+
+def _is_storage_error(exc: BaseException) -> bool:
+    """A failure of the disk or the lock (retry the whole batch later), not of one row."""
+    if not isinstance(exc, sqlite3.OperationalError):
+        return False
+    text = str(exc).lower()
+    return any(w in text for w in ("full", "disk", "i/o", "locked", "busy", "readonly",
+                                   "read-only", "unable to open"))
+
+
+def _insert_isolated(conn: sqlite3.Connection, sql: str, rows: Sequence[tuple[Any, ...]],
+                     counts: dict[str, int],
+                     escape: Callable[[tuple[Any, ...]], tuple[Any, ...]] | None) -> None:
+    """Insert ``rows`` in one statement; if a row is refused, row by row, so that a bad row
+    costs only itself: it is written as ``escape`` makes it if that helps, otherwise counted
+    and logged."""
+    conn.execute("SAVEPOINT audit_rows")
+    try:
+        conn.executemany(sql, rows)
+    except Exception as exc:
+        conn.execute("ROLLBACK TO audit_rows")
+        if _is_storage_error(exc):
+            conn.execute("RELEASE audit_rows")
+            raise
+    else:
+        conn.execute("RELEASE audit_rows")
+        return
+    for row in rows:
+        try:
+            conn.execute(sql, row)
+            continue
+        except Exception as exc:
+            if _is_storage_error(exc):
+                conn.execute("RELEASE audit_rows")
+                raise
+        try:
+            if escape is None:
+                raise ValueError("refused")
+            conn.execute(sql, escape(row))
+            counts["escaped"] += 1
+        except Exception as exc:
+            if _is_storage_error(exc):
+                conn.execute("RELEASE audit_rows")
+                raise
+            counts["dropped"] += 1
+            log.error("audit row refused by the database (%s): %s", exc, ascii(row)[:1000])
+    conn.execute("RELEASE audit_rows")
 
 
 class BlocklistRepo:

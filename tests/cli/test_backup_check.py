@@ -165,3 +165,28 @@ def test_directories_the_user_names_keep_their_mode(cli: Any, flm_home: Path,
     assert any(f.name.startswith("security.db.bak.") for f in written)
     for f in written:
         assert stat.S_IMODE(f.stat().st_mode) & 0o077 == 0, f
+
+
+def test_backup_of_a_damaged_database_is_refused_and_prunes_nothing(cli: Any,
+                                                                    flm_home: Path) -> None:
+    """Three backups of a damaged security.db once pushed out every good generation."""
+    good = [cli("security", "backup", "create").data["file"] for _ in range(3)]
+    path = flm_home / "security.db"
+    with sqlite3.connect(path) as db:  # enough rows for several pages of one table
+        db.executemany("INSERT INTO ip_blocklist(ip, reason, failure_count, blocked_at, "
+                       "permanent) VALUES (?, 'x', 1, '2026-01-01T00:00:00Z', 1)",
+                       [(f"203.0.113.{i % 250}-{i}",) for i in range(3000)])
+        db.commit()
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    cli("check")
+    blob = bytearray(path.read_bytes())
+    page = 4096
+    middle = (len(blob) // page // 2) * page
+    for i in range(middle + 100, middle + 300):  # a table page's cells, its header intact
+        blob[i] ^= 0x5A
+    path.write_bytes(bytes(blob))
+    for _ in range(3):
+        bad = cli("security", "backup", "create")
+        assert bad.code == 1, bad.out
+        assert bad.error["code"] == "DB_ERROR" and "integrity" in bad.error["message"]
+    assert sorted(str(p) for p in (flm_home / "backups").iterdir()) == sorted(good)

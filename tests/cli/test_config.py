@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from tests.conftest import flm_subprocess
@@ -54,3 +55,24 @@ def test_help_and_version() -> None:
     proc = flm_subprocess("--help")
     assert proc.returncode == 0 and "api-keys" in proc.stdout
     assert flm_subprocess("--version").stdout.startswith("flm ")
+
+
+def test_a_read_only_config_db_is_opened_for_reading_and_says_so(cli: Any,
+                                                                 tmp_path: Path) -> None:
+    """Every command, `flm check` included, once failed with IO_ERROR: the file was opened
+    for writing before it was read."""
+    from tests.conftest import remount_read_only, small_tmpfs
+
+    with small_tmpfs(tmp_path / "ro", "4m") as disk:
+        db = str(disk / "config.db")
+        assert cli("--db-path-config", db, "config", "set", "proxy.port", "9100").code == 0
+        remount_read_only(disk)
+        check = cli("--db-path-config", db, "check")
+        assert check.code == 0, check.out
+        assert any("read-only" in w for w in check.data["warnings"])
+        got = cli("--db-path-config", db, "config", "get", "proxy.port")
+        assert got.code == 0 and got.data["value"] == 9100
+        assert cli("--db-path-config", db, "engines", "list").code == 0
+        refused = cli("--db-path-config", db, "config", "set", "proxy.port", "9000")
+        assert refused.code == 1 and refused.error["code"] == "MIGRATION_FAILED"
+        assert "read-only" in refused.error["message"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -105,3 +106,29 @@ def test_a_byte_order_mark_and_binary_stdin(cli: Any, tmp_path: Path) -> None:
     assert result.returncode == 1, result.stdout + result.stderr
     assert json.loads(result.stdout)["error"]["code"] == "INVALID_ARGUMENT"
     assert b"Traceback" not in result.stderr
+
+
+def test_an_oversized_policy_is_refused_before_it_is_read_whole(cli: Any,
+                                                                tmp_path: Path) -> None:
+    f = tmp_path / "huge.json"
+    f.write_text(json.dumps({"ip_whitelist": ["203.0.113.0/24"] * 400_000}))  # ~7 MB
+    started = time.monotonic()
+    refused = cli("security", "policy", "set", "--file", str(f))
+    assert time.monotonic() - started < 5
+    assert refused.code == 1 and refused.error["code"] == "INVALID_ARGUMENT"
+    assert "MiB" in refused.error["message"] and len(refused.out) < 1000
+    piped = cli("security", "policy", "set", stdin=f.read_text())
+    assert piped.code == 1 and "standard input is larger" in piped.error["message"]
+
+
+@pytest.mark.parametrize("document", [
+    {"rate_limit": {"rpm": "9" * 2_000_000}},  # one problem quoting 2 MB
+    {"ip_whitelist": [1] * 300_000},  # 300,000 problems
+])
+def test_what_an_invalid_policy_error_quotes_is_bounded(cli: Any, tmp_path: Path,
+                                                        document: Any) -> None:
+    f = tmp_path / "bad.json"
+    f.write_text(json.dumps(document))
+    refused = cli("security", "policy", "set", "--file", str(f))
+    assert refused.code == 1 and refused.error["code"] == "POLICY_INVALID"
+    assert len(refused.out) < 64_000

@@ -446,3 +446,51 @@ def test_refused_connection_and_first_byte_timeout_are_engine_errors() -> None:
         await client.close()
 
     _run(main())
+
+
+def test_idle_pooled_connections_are_closed_after_the_keep_alive_time(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An engine's connections are not held until its own keep-alive ends."""
+    import time
+
+    from flm.http import client as http
+
+    monkeypatch.setattr(http, "KEEPALIVE_S", 0.3)
+
+    async def main() -> None:
+        server = Server(lambda r, w, n: _echo_server(server)(r, w, n))
+        async with server:
+            client = EngineClient(server.url)
+            await asyncio.gather(*(client.post_json("/x", {}) for _ in range(5)))
+            assert server.open_now >= 2  # (pooled, idle)
+            deadline = time.monotonic() + 10
+            while server.open_now:
+                assert time.monotonic() < deadline, f"{server.open_now} still open"
+                await asyncio.sleep(0.01)
+            assert await client.post_json("/x", {}) == {"n": 6}  # the pool still works
+            await client.close()
+
+    _run(main())
+
+
+def test_an_engine_that_breaks_off_mid_body_is_a_bad_reply_not_unavailable() -> None:
+    from flm.openai.errors import http_status
+
+    async def main() -> None:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                          n: int) -> None:
+            await _read_request(reader)
+            writer.write(_reply(b'{"choices": [' + b" " * 90)[:-60])  # head + part of the body
+            await writer.drain()
+            writer.transport.abort()  # the engine process dies
+
+        async with Server(handler) as server:
+            client = EngineClient(server.url)
+            with pytest.raises(EngineError) as caught:
+                await client.post_json("/x", {})
+            await client.close()
+        assert isinstance(caught.value, EngineApiError)
+        assert "mid-response" in caught.value.message
+        assert http_status(caught.value) == (502, "engine_error")
+
+    _run(main())

@@ -7,6 +7,7 @@ import itertools
 import json
 import socket
 import time
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -14,6 +15,7 @@ import openai
 import pytest
 
 from flm.testing.emulators import ModelSpec, expected_reply
+from tests.conftest import audit_rows
 from tests.proxy.conftest import Stack
 
 
@@ -129,6 +131,43 @@ def test_client_disconnect_closes_engine_connection(vllm_stack: Stack) -> None:
         "messages": [{"role": "user", "content": "never stop"}]}, on_event=hang_up)
     emu.wait_for(lambda: len(emu.disconnects) >= 1, timeout=5)
     assert emu.disconnects[0] - closed_at[0] < 1.0
+
+
+@pytest.mark.parametrize("route", ["chat", "passthrough"])
+def test_client_leaving_a_non_streamed_request_cancels_it_upstream(
+        vllm_stack: Stack, flm_home: Path, route: str) -> None:
+    """Not only streams: a client that goes away while the engine works on a plain request
+    drops the engine connection at once (it used to run to its end, up to 60 s)."""
+    emu = vllm_stack.emu
+    path, body = {
+        "chat": ("/v1/chat/completions", {"model": vllm_stack.model("chat-model:1b"),
+                                          "messages": [{"role": "user", "content": "hi"}]}),
+        "passthrough": ("/engine/eng/v1/completions", {"model": "chat-model:1b",
+                                                        "prompt": "hi"}),
+    }[route]
+    host, port = vllm_stack.url.rsplit("/", 1)[1].split(":")
+    data = json.dumps(body).encode()
+    warm = http.client.HTTPConnection(host, int(port), timeout=10)  # (models listed, cached)
+    warm.request("POST", path, body=data, headers={**vllm_stack.auth,
+                                                   "Content-Type": "application/json"})
+    assert warm.getresponse().status == 200
+    warm.close()
+    emu.requests.clear()
+    emu.behaviour.delay_s = 30  # now the engine takes its time before answering
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     f"Authorization: Bearer {vllm_stack.key}\r\n"
+                     f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+        emu.wait_for(lambda: any(p == path.removeprefix("/engine/eng")
+                                 for _, p in emu.requests), timeout=10)
+        sock.shutdown(socket.SHUT_RDWR)
+        closed_at = time.monotonic()
+    emu.wait_for(lambda: len(emu.disconnects) >= 1, timeout=10)
+    assert emu.disconnects[0] - closed_at < 1.0
+    rows = audit_rows(flm_home, "SELECT status, error_type FROM audit_logs "
+                      "WHERE event_type = 'request'",
+                      flush=vllm_stack.gateway.runtime.audit.flush)  # type: ignore[union-attr]
+    assert (499, "client_disconnected") in [tuple(r) for r in rows]
 
 
 @pytest.mark.parametrize("failure", ["drop", "hang"])

@@ -197,7 +197,7 @@ def test_a_proxy_that_fails_to_close_is_still_stopped(flm_home: Path) -> None:
     async def run() -> None:
         daemon = Daemon(Paths.resolve())
         daemon.instances["proxy-1"] = Broken()  # type: ignore[assignment]
-        assert await daemon.stop_proxies(all_=True) == ["proxy-1"]
+        assert await daemon.stop_proxies(all_=True) == (["proxy-1"], [])
         assert daemon.instances == {}
 
     asyncio.run(run())
@@ -318,3 +318,104 @@ def test_a_foreground_proxy_picks_up_a_revoke_at_once(flm_home: Path) -> None:
         finally:
             proc.terminate()
             assert proc.wait(timeout=15) == 0
+
+
+def _refuse_handle_writes(home: Path, when: str) -> None:
+    """config.db refuses writes to the handle table (as a full disk would)."""
+    import sqlite3
+
+    with sqlite3.connect(home / "config.db") as db:
+        db.execute(f"CREATE TRIGGER refuse_{when.lower()} BEFORE {when} ON proxy_handles "
+                   "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END")
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def test_a_start_whose_handle_cannot_be_recorded_is_rolled_back(flm_home: Path) -> None:
+    """It once exited 1 while the gateway was up and serving, unseen by status and stop."""
+    assert flm_subprocess("check").returncode == 0  # (the databases exist)
+    _refuse_handle_writes(flm_home, "INSERT")
+    port = free_port()
+    start = flm_subprocess("proxy", "start", "--port", str(port))
+    assert start.returncode != 0
+    error = json.loads(start.stdout)["error"]
+    assert "not started" in error["message"] and "disk is full" in error["message"]
+    assert not _listening(port)
+    flm_subprocess("proxy", "stop", "--all")
+
+
+def test_a_stop_that_happened_is_reported_done_with_a_warning(flm_home: Path) -> None:
+    port = free_port()
+    assert flm_subprocess("proxy", "start", "--port", str(port)).returncode == 0
+    _refuse_handle_writes(flm_home, "DELETE")
+    stop = flm_subprocess("proxy", "stop", "--all")
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    data = _data(stop)
+    assert data["stopped"] == [f"proxy-{port}"]
+    assert any("could not be removed" in w for w in data["warnings"])
+    assert not _listening(port)
+
+
+def test_a_database_deleted_under_the_daemon_is_noticed_and_never_written_blindly(
+        flm_home: Path) -> None:
+    """It once went unnoticed: the CLI made a new empty file, the daemon kept the old one."""
+    import urllib.request
+
+    port = free_port()
+    assert flm_subprocess("proxy", "start", "--port", str(port)).returncode == 0
+    try:
+        for name in ("security.db", "security.db-wal", "security.db-shm"):
+            (flm_home / name).unlink(missing_ok=True)
+        assert flm_subprocess("api-keys", "create", "--label", "new").returncode == 0
+        assert flm_subprocess("proxy", "reload").returncode == 0
+        proxy = _data(flm_subprocess("proxy", "status"))["proxies"][0]
+        # (the CLI made a new file in its place: replaced)
+        assert "security.db was replaced by another file" in (proxy["last_error"] or "")
+        # the request's audit record is refused, not written to the deleted file
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(f"http://127.0.0.1:{port}/health", timeout=10) as resp:
+            assert resp.status == 200
+        deadline = time.monotonic() + 10
+        while True:
+            audit = _data(flm_subprocess("proxy", "status"))["proxies"][0]["audit"]
+            if audit["failing"]:
+                break
+            assert time.monotonic() < deadline, audit
+        assert "was replaced" in audit["last_error"] and audit["unwritten"] >= 1
+    finally:
+        flm_subprocess("proxy", "stop", "--all")
+
+
+def test_a_damaged_security_db_is_reported_when_a_proxy_starts(flm_home: Path) -> None:
+    import sqlite3
+
+    assert flm_subprocess("check").returncode == 0
+    path = flm_home / "security.db"
+    with sqlite3.connect(path) as db:
+        # (a table a start does not read: the damage is found by the check, not by chance)
+        db.executemany("INSERT INTO intrusion_attempts(ts, ip, score, total_score, "
+                       "reasons_json, path, user_agent, request_id) VALUES "
+                       "('2026-01-01T00:00:00Z', ?, 1, 1, '[]', '/x', 'a', 'r')",
+                       [(f"198.51.100.{i % 250}",) for i in range(3000)])
+        db.commit()
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    blob = bytearray(path.read_bytes())
+    middle = (len(blob) // 4096 // 2) * 4096
+    for i in range(middle + 100, middle + 300):
+        blob[i] ^= 0x5A
+    path.write_bytes(bytes(blob))
+    port = free_port()
+    start = flm_subprocess("proxy", "start", "--port", str(port))
+    try:
+        assert start.returncode == 0, start.stdout + start.stderr
+        described = _data(start)
+        assert any("quick_check" in n for n in described["notes"])
+        assert "quick_check" in (described["last_error"] or "")
+    finally:
+        flm_subprocess("proxy", "stop", "--all")

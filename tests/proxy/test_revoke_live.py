@@ -41,3 +41,35 @@ def test_revoke_and_rotate_apply_immediately(flm_home: Path) -> None:
             assert _get(url, new_key) == 401
         finally:
             flm_subprocess("proxy", "stop", "--all")
+
+
+def _chat(url: str, key: str, model: str) -> int:
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}]})
+    request = urllib.request.Request(  # noqa: S310
+        url, data=body.encode(), headers={"Authorization": f"Bearer {key}",
+                                          "Content-Type": "application/json"})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(request, timeout=10) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+def test_engine_registrations_reach_the_running_daemon_at_once(flm_home: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    created = json.loads(flm_subprocess("api-keys", "create", "--label", "k").stdout)["data"]
+    assert flm_subprocess("proxy", "start", "--port", str(port)).returncode == 0
+    try:
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        with start_emulator("vllm", models=["fresh"]) as emu:
+            added = flm_subprocess("engines", "add", "--kind", "vllm", "--url", emu.url,
+                                   "--id", "new")
+            assert added.returncode == 0, added.stdout
+            assert _chat(url, created["key"], "flm://new/fresh") == 200  # no reload, no wait
+            assert flm_subprocess("engines", "remove", "new").returncode == 0
+            assert _chat(url, created["key"], "flm://new/fresh") == 404
+    finally:
+        flm_subprocess("proxy", "stop", "--all")

@@ -162,3 +162,25 @@ def test_engine_kinds_migration_keeps_rows_and_lets_any_kind_in(tmp_path: Path) 
             "SELECT id, kind, base_url, enabled, managed, pid, model_path, created_at, api_key "
             "FROM engines")] == [row]
         db.execute(insert, ("x", "tgi", "http://127.0.0.1:3000", 1, 0, None, None, "t", None))
+
+
+def test_writes_to_a_file_deleted_or_replaced_under_an_open_database_are_refused(
+        tmp_path: Path) -> None:
+    import os
+
+    from flm.core.errors import RepoError
+    from flm.storage.db import Database
+
+    for how in ("deleted", "replaced"):
+        path = tmp_path / f"{how}.db"
+        db = Database(path, "security").open()
+        try:
+            db.write(lambda conn: None)
+            assert db.identity_problem() is None
+            os.unlink(path)
+            if how == "replaced":
+                Database(path, "security").open().close()
+            with pytest.raises(RepoError, match=f"was {how}"):
+                db.write(lambda conn: None)
+        finally:
+            db.close()

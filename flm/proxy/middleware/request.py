@@ -24,6 +24,9 @@ BASE_HEADERS = [
 ]
 #: On every response of an HTTPS listener (and its plain-HTTP redirect port).
 HSTS = (b"strict-transport-security", b"max-age=31536000; includeSubDomains")
+#: Routes that wait for the audit only at twice its bound, so that an operator can still see
+#: the condition (``/metrics``) while the audit is stuck.
+_EXEMPT = frozenset({"/metrics", "/health", "/healthz"})
 
 
 class RequestMiddleware:
@@ -64,6 +67,18 @@ class RequestMiddleware:
                         (b"x-flm-warning", "; ".join(state.warnings).encode()))
             await send(message)
 
+        audit = self.runtime.audit
+        if audit is not None and audit.full() and not await audit.room(
+                hard=scope["path"] in _EXEMPT):
+            # Back-pressure: the audit cannot take this request's record. The request is
+            # refused unanswered by any engine and counted (an ``audit_overload`` event);
+            # it is not queued, which would defeat the bound.
+            state.status = 503
+            await _send_error(state, stamped_send, HttpError(
+                503, "audit_unavailable", "the audit trail cannot record requests right now; "
+                "retry later", headers=[(b"retry-after", b"1")]))
+            self.runtime.metrics.record_request(state.route, 503, "", 0.0, None)
+            return
         try:
             # 3. errors (the outcome recorded below is the status each error became)
             try:

@@ -35,6 +35,7 @@ from flm.proxy.asgi import (
     send_bytes,
     send_json,
     state_of,
+    watch_disconnect,
 )
 from flm.proxy.runtime import ProxyRuntime
 from flm.proxy.usage import estimate_tokens, require_model
@@ -129,7 +130,7 @@ async def chat_completions(scope: Scope, receive: Receive, send: Send,
                             strip_usage=strip, prompt=lambda: _messages_text(body))
         return
     forward = raw_with_model(raw, public, plan.model) if plan.unchanged else None
-    reply = await _engine_call(adapter.chat_bytes(plan.body, public, forward), state)
+    reply = await _engine_call(adapter.chat_bytes(plan.body, public, forward), state, receive)
     await send_bytes(send, 200, reply)
     # Token counts are read from the reply once it is on its way to the client.
     usage = usage_from_bytes(reply)
@@ -190,7 +191,8 @@ async def completions(scope: Scope, receive: Receive, send: Send, rt: ProxyRunti
         return
     forward = (raw_with_model(raw, named, model)
                if not changed and not warnings and payload.keys() == body.keys() else None)
-    reply = await _engine_call(adapter.completion_bytes(payload, named, forward), state)
+    reply = await _engine_call(adapter.completion_bytes(payload, named, forward), state,
+                               receive)
     await send_bytes(send, 200, reply)
     usage = usage_from_bytes(reply)
     if usage is None:
@@ -202,12 +204,14 @@ async def completions(scope: Scope, receive: Receive, send: Send, rt: ProxyRunti
         _record_usage(state, usage, rt)
 
 
-async def _engine_call(coro: Any, state: RequestState) -> Any:
-    """``coro``'s result, engine errors as HTTP errors. FLM's own time (the ``overhead``
-    metric) is the time the request took to get here."""
+async def _engine_call(coro: Any, state: RequestState, receive: Receive) -> Any:
+    """``coro``'s result, engine errors as HTTP errors; a client that leaves meanwhile cancels
+    it (the engine stops at once, as for streams). FLM's own time (the ``overhead`` metric) is
+    the time the request took to get here."""
     state.overhead_s = time.perf_counter() - state.started
     try:
-        return await coro
+        async with watch_disconnect(receive, state):
+            return await coro
     except EngineError as exc:
         raise HttpError.from_flm(exc) from exc
 
@@ -354,7 +358,7 @@ async def embeddings(scope: Scope, receive: Receive, send: Send, rt: ProxyRuntim
     if not adapter.capabilities().embeddings:
         raise HttpError(422, "unsupported_modalities", f"{engine_id} does not embed")
     check_embedding_input(payload, adapter.capabilities())
-    reply = await _engine_call(adapter.embeddings(payload), state)
+    reply = await _engine_call(adapter.embeddings(payload), state, receive)
     reply["model"] = state.model
     _record_usage(state, reply.get("usage"), rt)
     await send_json(send, 200, reply)
@@ -576,7 +580,7 @@ async def responses(scope: Scope, receive: Receive, send: Send, rt: ProxyRuntime
             adapter.chat_stream(plan.body, public), public, resp_id, extra, keep),
             prompt=lambda: _messages_text(chat))
         return
-    reply = await _engine_call(adapter.chat(plan.body), state)
+    reply = await _engine_call(adapter.chat(plan.body), state, receive)
     if isinstance(reply.get("usage"), dict):
         _record_usage(state, reply.get("usage"), rt)
     else:

@@ -12,7 +12,7 @@ from urllib.parse import unquote
 from flm.core.errors import EngineError
 from flm.engines import kinds
 from flm.openai.errors import HttpError, NoSuchRoute
-from flm.proxy.asgi import Receive, RequestState, Scope, Send, read_body
+from flm.proxy.asgi import Receive, RequestState, Scope, Send, read_body, watch_disconnect
 from flm.proxy.runtime import ProxyRuntime
 from flm.proxy.usage import require_engine
 
@@ -105,8 +105,9 @@ async def engine_passthrough(scope: Scope, receive: Receive, send: Send,
     query = scope.get("query_string", b"").decode("latin-1")
     target = path + (f"?{query}" if query else "")
     try:
-        upstream = await adapter.client.request(method, target, data=body or None,
-                                                headers=headers, check_status=False)
+        async with watch_disconnect(receive, state):
+            upstream = await adapter.client.request(method, target, data=body or None,
+                                                    headers=headers, check_status=False)
     except EngineError as exc:
         raise HttpError.from_flm(exc) from exc
     out_headers = _forwardable(upstream.headers.raw(), _RESPONSE_DROP)
