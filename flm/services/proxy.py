@@ -210,6 +210,9 @@ class ProxyService:
         import signal
 
         info = self.daemon()
+        # (read before the daemon stops: a handle it could not remove names its own pid, which
+        # is still alive for a moment after it let go of its lock — that is not a foreground one)
+        foreground = self.foreground_handles()
         stopped: list[str] = []
         result: dict[str, Any] = {}
         if info is not None:
@@ -220,7 +223,9 @@ class ProxyService:
             # a daemon left without proxies exits, unless a web UI session keeps it up
             if (all_ or not status.get("proxies")) and not status.get("ui_live"):
                 self._wait_exit(info)
-        for handle in self.foreground_handles():
+        for handle in foreground:
+            if handle.id in stopped:
+                continue
             if all_ or handle.port == port or handle.id == handle_id:
                 with contextlib.suppress(OSError):
                     os.kill(handle.pid, signal.SIGTERM)

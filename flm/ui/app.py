@@ -65,7 +65,7 @@ class DaemonHooks(Protocol):
     async def start_proxy(self, config: dict[str, Any]) -> dict[str, Any]: ...
 
     async def stop_proxies(self, *, port: int | None = None, handle_id: str | None = None,
-                           all_: bool = False) -> list[str]: ...
+                           all_: bool = False) -> tuple[list[str], list[str]]: ...
 
     async def reload(self, *, port: int | None = None) -> list[str]: ...
 
@@ -436,8 +436,10 @@ class UiApp:
 
     async def proxy_stop(self, page: Page) -> tuple[int, bytes, str, list[tuple[bytes, bytes]]]:
         form = await page.req.form()
-        stopped = await self.daemon.stop_proxies(handle_id=form.get("handle_id", ""))
-        return self._done(page, "/", page.t("proxy.stopped", ids=", ".join(stopped) or "-"))
+        stopped, warnings = await self.daemon.stop_proxies(handle_id=form.get("handle_id", ""))
+        message = page.t("proxy.stopped", ids=", ".join(stopped) or "-")
+        # (a stop that happened is done; what could not be recorded is said beside it)
+        return self._done(page, "/", " ".join([message, *warnings]))
 
     async def proxy_reload(self, page: Page) -> tuple[int, bytes, str,
                                                       list[tuple[bytes, bytes]]]:
