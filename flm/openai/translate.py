@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from flm.core.models import Capabilities, split_model_id
+from flm.core.models import Capabilities, model_id_problem, split_model_id
 from flm.openai.errors import HttpError
 
 _IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp")
@@ -53,10 +53,12 @@ class ChatPlan:
 def parse_model(value: Any) -> tuple[str, str]:
     if not isinstance(value, str) or not value:
         raise HttpError(400, "invalid_model", "'model' is required and must be a string")
+    problem = model_id_problem(value)
+    if problem is not None:
+        # (repr escapes what is not printable: the message is safe to echo and log)
+        raise HttpError(400, "invalid_model", f"{problem}, got {value[:200]!r}")
     parts = split_model_id(value)
-    if parts is None:
-        raise HttpError(400, "invalid_model",
-                        f"model must look like flm://<engine>/<model>, got {value[:200]!r}")
+    assert parts is not None  # (model_id_problem checked the form)
     return parts
 
 
