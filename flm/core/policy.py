@@ -106,6 +106,10 @@ class EffectivePolicy:
     max_failures: int = 5
     block_minutes: int = 30
     permanent_threshold: int = 20
+    #: blocks made by automatic rules apply to every listener, not only the one that made them
+    shared_blocks: bool = False
+    #: loopback clients are never blocked by automatic rules
+    exempt_loopback: bool = True
     intrusion_enabled: bool = False
     honeypot_enabled: bool = False
     warning_threshold: int = 50
@@ -148,6 +152,8 @@ class EffectivePolicy:
             max_failures=int(block.get("max_failures", 5)),
             block_minutes=int(block.get("block_duration_minutes", 30)),
             permanent_threshold=int(block.get("permanent_block_threshold", 20)),
+            shared_blocks=bool(block.get("shared", False)),
+            exempt_loopback=bool(block.get("exempt_loopback", True)),
             intrusion_enabled=intrusion_on,
             honeypot_enabled=bool(honeypot.get("enabled", intrusion_on)),
             warning_threshold=int(intrusion.get("warning_threshold", 50)),

@@ -151,8 +151,8 @@ class AuditSink:
                                       details or {}, request_id, endpoint)))
 
     def block(self, ip: str, reason: str, since: float, until: float | None,
-              failures: int) -> None:
-        self._items.append(("block", (ip, reason, since, until, failures)))
+              failures: int, listener: str = "*") -> None:
+        self._items.append(("block", (ip, reason, since, until, failures, listener)))
 
     def intrusion(self, ip: str, points: int, total: int, reasons: tuple[str, ...],
                   path: str, user_agent: str, request_id: str) -> None:
@@ -209,8 +209,8 @@ class AuditSink:
                            None, None, None, None, None, None, None, event_type, severity,
                            scrub(json.dumps(details, default=str)))
                 elif kind == "block":
-                    ip, reason, since, until, failures = item
-                    blocks.append((ip, reason, failures, iso_ts(since),
+                    ip, reason, since, until, failures, listener = item
+                    blocks.append((ip, listener, reason, failures, iso_ts(since),
                                    None if until is None else iso_ts(until),
                                    1 if until is None else 0))
                     continue
@@ -270,8 +270,9 @@ class AuditSink:
                 conn.executemany(_INSERT_AUDIT, audit_rows)
             if blocks:
                 conn.executemany(
-                    "INSERT INTO ip_blocklist(ip, reason, failure_count, blocked_at, expires_at,"
-                    " permanent) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(ip) DO UPDATE SET "
+                    "INSERT INTO ip_blocklist(ip, listener, reason, failure_count, blocked_at, "
+                    "expires_at, permanent) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT(ip, listener) DO UPDATE SET "
                     "reason=excluded.reason, failure_count=excluded.failure_count, "
                     "blocked_at=excluded.blocked_at, expires_at=excluded.expires_at, "
                     "permanent=excluded.permanent", blocks)

@@ -382,7 +382,7 @@ async def reload_proxies(ctx: Any, instances: list[ProxyInstance]) -> list[str]:
         rt.keys.retain_only(active)
         if rt.audit is not None:
             await asyncio.to_thread(rt.audit.flush)  # blocks made here reach the table
-        rt.load_blocks(await asyncio.to_thread(load_block_rows, ctx))
+        rt.load_blocks(await asyncio.to_thread(load_block_rows, ctx, inst.settings.handle_id))
         await asyncio.to_thread(load_profiles, rt, ctx)
         gone = rt.engines.replace(e for e in endpoints if not _is_self(e, inst.settings))
         for adapter in gone:

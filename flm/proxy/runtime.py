@@ -14,7 +14,7 @@ from flm.egress.config import EgressConfig
 from flm.engines.http import Timeouts
 from flm.proxy.audit import AuditSink
 from flm.proxy.engines import EngineRegistry
-from flm.proxy.guard import GuardState
+from flm.proxy.guard import GuardState, exempt_from_automatic_blocks
 from flm.proxy.keys import KeyVerifier
 from flm.proxy.metrics import Metrics
 
@@ -62,7 +62,8 @@ class ProxyRuntime:
         self.effective = effective
 
     def load_blocks(self, rows: list[tuple[str, str, float | None, float, int]]) -> None:
-        self.guard.load_blocks(rows)
+        effective = self.effective
+        self.guard.load_blocks(rows, lambda ip: exempt_from_automatic_blocks(ip, effective))
 
     async def close(self) -> None:
         for task in self.tasks:
@@ -107,7 +108,7 @@ def build_runtime(settings: ProxySettings, ctx: Any,
         audit=AuditSink(ctx.storage.security, ctx.paths.logs_dir / "audit.jsonl"),
     )
     runtime.apply_policy(json.loads(json.dumps(ctx.policy.show()["policy"])))
-    runtime.load_blocks(load_block_rows(ctx))
+    runtime.load_blocks(load_block_rows(ctx, settings.handle_id))
     load_profiles(runtime, ctx)
     return runtime
 
@@ -121,12 +122,14 @@ def load_profiles(runtime: ProxyRuntime, ctx: Any) -> None:
     runtime.prompts = service.effective_prompts()
 
 
-def load_block_rows(ctx: Any) -> list[tuple[str, str, float | None, float, int]]:
-    """Persisted blocks and failure counts from security.db."""
+def load_block_rows(ctx: Any, listener: str) -> list[tuple[str, str, float | None, float, int]]:
+    """Persisted blocks and failure counts from security.db that apply to ``listener`` (a
+    proxy's handle id): its own and the shared ones (``'*'``)."""
     from flm.core.timeutil import parse_iso
 
     rows = ctx.storage.security.query(
-        "SELECT ip, reason, failure_count, blocked_at, expires_at, permanent FROM ip_blocklist")
+        "SELECT ip, reason, failure_count, blocked_at, expires_at, permanent FROM ip_blocklist "
+        "WHERE listener IN ('*', ?)", (listener,))
     out: list[tuple[str, str, float | None, float, int]] = []
     for r in rows:
         until = None if r["permanent"] else (

@@ -53,7 +53,7 @@ class SecurityEvents:
     def blocklist(self) -> list[dict[str, Any]]:
         now = now_iso()
         rows = self._db.query(
-            "SELECT ip, reason, failure_count, blocked_at, expires_at, permanent "
+            "SELECT ip, listener, reason, failure_count, blocked_at, expires_at, permanent "
             "FROM ip_blocklist ORDER BY blocked_at DESC")
         return [{**dict(r), "permanent": bool(r["permanent"]),
                  "active": bool(r["permanent"]) or (r["expires_at"] or "") > now}

@@ -172,7 +172,8 @@ def test_blocklist_commands_reach_the_daemon(flm_home: Path, tmp_path: Path) -> 
         flm_subprocess("engines", "add", "--kind", "vllm", "--url", emu.url, "--id", "v")
         key = json.loads(flm_subprocess("api-keys", "create", "--label", "k").stdout)["data"]
         policy = tmp_path / "p.json"
-        policy.write_text(json.dumps({"ip_blocklist": {"enabled": True, "max_failures": 2}}))
+        policy.write_text(json.dumps({"ip_blocklist": {"enabled": True, "max_failures": 2,
+                                                       "exempt_loopback": False}}))
         assert flm_subprocess("security", "policy", "set", "--file", str(policy)).returncode == 0
         assert flm_subprocess("proxy", "start", "--port", str(port)).returncode == 0
         try:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from flm.proxy.guard import NOT_FOUND_SCORE
-from tests.security.conftest import Env, Fake
+from tests.security.conftest import OUTSIDE, Env, Fake
 
 
 def test_allow_list_and_spoofed_forwarded_for(env: Env) -> None:
@@ -81,7 +81,7 @@ def test_key_rate_limit_under_concurrency(env: Env) -> None:
 def test_auto_block_escalation_and_cost(env: Env) -> None:
     fake = Fake()
     env.rt.guard.clock = fake
-    env.policy({"ip_blocklist": {"enabled": True}})
+    env.policy({"ip_blocklist": {"enabled": True, **OUTSIDE}})
     lookups: list[str] = []
     original = env.rt.keys._lookup
 
@@ -133,7 +133,8 @@ ATTACKS = [
 
 @pytest.mark.parametrize(("path", "reason"), ATTACKS)
 def test_intrusion_scoring_blocks(env: Env, path: str, reason: str) -> None:
-    env.policy({"intrusion_detection": {"enabled": True, "score_threshold": 100}})
+    env.policy({"intrusion_detection": {"enabled": True, "score_threshold": 100},
+                "ip_blocklist": OUTSIDE})
     status, _, _ = env.request("GET", path, source="127.0.0.8")
     assert status in (401, 404, 200)
     total, _ = env.rt.guard.scores["127.0.0.8"]
@@ -172,7 +173,8 @@ def test_only_paths_the_gateway_lacks_count_as_probing(env: Env) -> None:
 
 
 def test_scanner_user_agent_and_honeypots(env: Env) -> None:
-    env.policy({"intrusion_detection": {"enabled": True}, "honeypot": {"enabled": True}})
+    env.policy({"intrusion_detection": {"enabled": True}, "honeypot": {"enabled": True},
+                "ip_blocklist": OUTSIDE})
     status, _, _ = env.request("GET", "/v1/models", headers={"User-Agent": "sqlmap/1.7"},
                                source="127.0.0.10")
     assert env.rt.guard.scores["127.0.0.10"][0] == 50
@@ -209,7 +211,8 @@ def test_benign_requests_are_never_blocked(env: Env) -> None:
 def test_anomaly_rate_and_body_size(env: Env) -> None:
     fake = Fake()
     env.rt.guard.clock = fake
-    env.policy({"anomaly_detection": {"enabled": True, "request_rate_threshold": 5,
+    env.policy({"ip_blocklist": OUTSIDE,
+                "anomaly_detection": {"enabled": True, "request_rate_threshold": 5,
                                       "max_body_bytes": 1000, "auto_block": True}})
     # a health checker polling /health is not a request-rate anomaly
     health = [env.request("GET", "/health", source="127.0.0.13", key=None)[0]
@@ -290,7 +293,8 @@ def test_retry_after_matches_refill(env: Env) -> None:
 
 
 def test_probing_missing_routes_scores(env: Env) -> None:
-    env.policy({"intrusion_detection": {"enabled": True, "score_threshold": 100}})
+    env.policy({"intrusion_detection": {"enabled": True, "score_threshold": 100},
+                "ip_blocklist": OUTSIDE})
     for i in range(9):
         assert env.request("GET", f"/probe-{i}", source="127.0.0.15")[0] == 404
     assert env.rt.guard.scores["127.0.0.15"][0] == 90
@@ -403,7 +407,7 @@ def test_rotating_ipv6_addresses_share_one_limit_count_and_block(env: Env) -> No
     assert env.cli("security", "ip-blocklist", "unblock", "2001:db8:5:6:abcd::1").data == \
         {"ip": "2001:db8:5:6::/64", "unblocked": True}
     ctx = Context(Paths.resolve())
-    env.gw.call(lambda: env.rt.load_blocks(load_block_rows(ctx)))
+    env.gw.call(lambda: env.rt.load_blocks(load_block_rows(ctx, env.rt.settings.handle_id)))
     assert via_proxy("2001:db8:5:6::99") == 200
 
 

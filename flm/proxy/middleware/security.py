@@ -128,7 +128,9 @@ def record_block(rt: ProxyRuntime, ip: str, block: Block, *, failures: int | Non
     if rt.audit is not None:
         who = subject(ip)
         count = rt.guard.failures.get(who, (0, 0.0))[0] if failures is None else failures
-        rt.audit.block(who, block.reason, block.since, block.until, count)
+        # (the listener whose rules made the block, or '*' when the policy shares blocks)
+        listener = "*" if rt.effective.shared_blocks else rt.settings.handle_id
+        rt.audit.block(who, block.reason, block.since, block.until, count, listener)
         details: dict[str, object] = {"reason": block.reason}
         if failures is not None:
             details["failures"] = failures
@@ -358,9 +360,10 @@ class SecurityMiddleware:
                           state.request_id)
         if rate > policy.request_rate_threshold and policy.anomaly_auto_block:
             # once blocked, the block check refuses this address first: this runs once
-            block = rt.guard.block(ip, "anomaly", ANOMALY_BLOCK_S)
-            record_block(rt, ip, block, request_id=state.request_id)
-            raise _blocked_error(block, rt.guard.clock())
+            block = rt.guard.auto_block(ip, "anomaly", ANOMALY_BLOCK_S, policy)
+            if block is not None:
+                record_block(rt, ip, block, request_id=state.request_id)
+                raise _blocked_error(block, rt.guard.clock())
         if declared is not None and declared.isdigit() and int(declared) > policy.max_body_bytes:
             self._anomaly(ip, "body_size", int(declared), policy.max_body_bytes,
                           state.request_id)
