@@ -70,6 +70,7 @@ class ProxyRuntime:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         await self.engines.close()
+        self.keys.close()
         if self.audit is not None:
             self.audit.close()
 
@@ -94,7 +95,7 @@ def build_runtime(settings: ProxySettings, ctx: Any,
                   egress: EgressConfig | None = None) -> ProxyRuntime:
     """Build a runtime from a ``flm.services.context.Context``; ``egress`` is the egress in
     force (default direct)."""
-    from flm.services.keys import verify_key_hash
+    from flm.services.keys import dummy_key_hash, verify_key_hash
     from flm.storage.security import ApiKeysRepo
 
     endpoints = [e for e in ctx.engines.endpoints() if not _is_self(e, settings)]
@@ -103,7 +104,7 @@ def build_runtime(settings: ProxySettings, ctx: Any,
     runtime = ProxyRuntime(
         settings=settings,
         engines=EngineRegistry(endpoints, timeouts, egress),
-        keys=KeyVerifier(keys_repo.hash_of, verify_key_hash),
+        keys=KeyVerifier(keys_repo.hash_of, verify_key_hash, dummy_key_hash),
         egress=egress or EgressConfig(),
         audit=AuditSink(ctx.storage.security, ctx.paths.logs_dir / "audit.jsonl"),
     )

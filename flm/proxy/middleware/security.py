@@ -36,6 +36,7 @@ from flm.proxy.guard import (
     Block,
     score_request,
 )
+from flm.proxy.keys import VerifyBusy
 from flm.proxy.runtime import ProxyRuntime
 
 _Net = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -150,6 +151,15 @@ def _limited(seconds: float, scope_name: str) -> HttpError:
     retry = max(1, math.ceil(seconds))
     return HttpError(429, "rate_limited", f"{scope_name} rate limit exceeded; retry in "
                      f"{retry} s", [(b"retry-after", str(retry).encode())])
+
+
+def _verify_busy(busy: VerifyBusy) -> HttpError:
+    """Too many key verifies at once: from this address (429) or from everyone (503)."""
+    if busy.per_address:
+        return HttpError(429, "rate_limited", "too many key checks from this address at "
+                         "once; retry shortly", [(b"retry-after", b"1")])
+    return HttpError(503, "overloaded", "too many key checks at once; retry shortly",
+                     [(b"retry-after", b"1")])
 
 
 def _cors_origin(origin: bytes, policy: EffectivePolicy) -> bytes | None:
@@ -271,7 +281,10 @@ class SecurityMiddleware:
                 # handles the rest (unknown keys, Argon2 once, the negative cache).
                 key_id = keys.check_cached(presented)[1]
                 if key_id is None:
-                    key_id = await keys.verify(presented)
+                    try:
+                        key_id = await keys.verify(presented, subject(ip))
+                    except VerifyBusy as busy:
+                        raise _verify_busy(busy) from None
                     if key_id is None:
                         raise self._auth_failed(scope, state, "invalid API key")
                 state.api_key_id = key_id
