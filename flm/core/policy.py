@@ -123,6 +123,9 @@ class EffectivePolicy:
     cpu_threshold: float = 90.0
     memory_threshold: float = 90.0
     max_connections: int = 100
+    #: in-flight requests one client address, and one API key, may hold (a fair share)
+    max_connections_per_address: int = 25
+    max_connections_per_key: int = 25
     security_headers: bool = True
 
     @classmethod
@@ -139,6 +142,7 @@ class EffectivePolicy:
         key_rpm = int(rate.get("rpm") or 0)
         ip_rpm = int(ip_rate.get("rpm", 1000))
         intrusion_on = _switch(intrusion, exposed)
+        max_connections = int(resource.get("max_connections", 100))
         return cls(
             whitelist=_networks(doc.get("ip_whitelist")),
             trusted_proxies=_networks(doc.get("trusted_proxies")),
@@ -166,6 +170,10 @@ class EffectivePolicy:
             resource_enabled=_switch(resource, exposed),
             cpu_threshold=float(resource.get("cpu_threshold", 90)),
             memory_threshold=float(resource.get("memory_threshold", 90)),
-            max_connections=int(resource.get("max_connections", 100)),
+            max_connections=max_connections,
+            max_connections_per_address=int(resource.get(
+                "max_connections_per_address", max(1, max_connections // 4))),
+            max_connections_per_key=int(resource.get(
+                "max_connections_per_key", max(1, max_connections // 4))),
             security_headers=bool(headers.get("enabled", True)),
         )

@@ -180,7 +180,19 @@ class GuardState:
         #: ip → [window start, requests in it] (updated in place)
         self.windows: dict[str, list[float]] = {}
         self.connections = 0
+        #: requests in flight per ``ip:<subject>`` and per ``key:<id>`` (entries at zero go)
+        self.in_flight: dict[str, int] = {}
         self.overloaded = False
+
+    def enter(self, holder: str) -> None:
+        self.in_flight[holder] = self.in_flight.get(holder, 0) + 1
+
+    def leave(self, holder: str) -> None:
+        left = self.in_flight.get(holder, 1) - 1
+        if left > 0:
+            self.in_flight[holder] = left
+        else:
+            self.in_flight.pop(holder, None)
 
     # --- blocks ------------------------------------------------------------------------------
 

@@ -153,6 +153,11 @@ def _limited(seconds: float, scope_name: str) -> HttpError:
                      f"{retry} s", [(b"retry-after", str(retry).encode())])
 
 
+def _busy(holder: str) -> HttpError:
+    return HttpError(429, "rate_limited", f"too many requests in flight for {holder}; "
+                     "retry shortly", [(b"retry-after", b"1")])
+
+
 def _verify_busy(busy: VerifyBusy) -> HttpError:
     """Too many key verifies at once: from this address (429) or from everyone (503)."""
     if busy.per_address:
@@ -225,6 +230,10 @@ class SecurityMiddleware:
             if guard.overloaded or guard.connections >= policy.max_connections:
                 raise HttpError(503, "overloaded", "the gateway is at capacity; retry shortly",
                                 [(b"retry-after", b"5")])
+            # (a fair share: one address never holds every slot)
+            who = "ip:" + subject(ip)
+            if guard.in_flight.get(who, 0) >= policy.max_connections_per_address:
+                raise _busy("this address")
 
         # 6. Intrusion and honeypots: honeypot paths answer a plain 404 and score the caller;
         #    attack-shaped paths, queries and scanner user agents score (404s score below).
@@ -248,6 +257,8 @@ class SecurityMiddleware:
 
         if counted:
             guard.connections += 1
+            guard.enter(who)
+        key_slot: str | None = None
         started = time.monotonic()
         try:
             # 8. IP allow-list
@@ -288,6 +299,11 @@ class SecurityMiddleware:
                     if key_id is None:
                         raise self._auth_failed(scope, state, "invalid API key")
                 state.api_key_id = key_id
+                if counted:  # (the key's fair share of the slots)
+                    if guard.in_flight.get("key:" + key_id, 0) >= policy.max_connections_per_key:
+                        raise _busy("this API key")
+                    key_slot = "key:" + key_id
+                    guard.enter(key_slot)
 
                 # 12. Per-key rate limit
                 if policy.key_rpm > 0:
@@ -307,6 +323,9 @@ class SecurityMiddleware:
         finally:
             if counted:
                 guard.connections -= 1
+                guard.leave(who)
+                if key_slot is not None:
+                    guard.leave(key_slot)
             if anomaly:
                 elapsed = time.monotonic() - started
                 if elapsed > policy.max_duration_s:
