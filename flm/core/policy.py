@@ -127,6 +127,10 @@ class EffectivePolicy:
     max_connections_per_address: int = 25
     max_connections_per_key: int = 25
     security_headers: bool = True
+    #: open connections one client address may hold (0: no cap), and in all (None: what the
+    #: open-file limit allows)
+    connections_per_address: int = 128
+    connections_total: int | None = None
 
     @classmethod
     def build(cls, document: dict[str, Any], *, exposed: bool) -> EffectivePolicy:
@@ -139,6 +143,7 @@ class EffectivePolicy:
         anomaly = doc.get("anomaly_detection") or {}
         resource = doc.get("resource_protection") or {}
         headers = doc.get("security_headers") or {}
+        connections = doc.get("connections") or {}
         key_rpm = int(rate.get("rpm") or 0)
         ip_rpm = int(ip_rate.get("rpm", 1000))
         intrusion_on = _switch(intrusion, exposed)
@@ -176,4 +181,7 @@ class EffectivePolicy:
             max_connections_per_key=int(resource.get(
                 "max_connections_per_key", max(1, max_connections // 4))),
             security_headers=bool(headers.get("enabled", True)),
+            connections_per_address=int(connections.get("max_per_address", 128)),
+            connections_total=(int(connections["max_total"]) if "max_total" in connections
+                               else None),
         )

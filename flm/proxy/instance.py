@@ -243,7 +243,8 @@ async def start_instance(ctx: Context, raw: dict[str, Any], *,
             runtime = build_runtime(settings, ctx, egress.config)
             servers.append(HttpServer(build_app(runtime), sockets[0],
                                       body_timeout_s=settings.body_timeout_s,
-                                      headers=response_headers()))
+                                      headers=response_headers(),
+                                      limits=runtime.connection_limits))
             await servers[-1].start()
         else:
             assert config.https_port is not None
@@ -252,7 +253,8 @@ async def start_instance(ctx: Context, raw: dict[str, Any], *,
             servers.append(HttpServer(build_app(runtime), sockets[1],
                                       tls.holder.context,
                                       body_timeout_s=settings.body_timeout_s,
-                                      headers=response_headers(tls=True)))
+                                      headers=response_headers(tls=True),
+                                      limits=runtime.connection_limits))
             await servers[-1].start()
     except BaseException:
         for server in reversed(servers):

@@ -17,6 +17,7 @@ from flm.proxy.engines import EngineRegistry
 from flm.proxy.guard import GuardState, exempt_from_automatic_blocks
 from flm.proxy.keys import KeyVerifier
 from flm.proxy.metrics import Metrics
+from flm.proxy.server import ConnectionLimits
 
 
 @dataclass(frozen=True)
@@ -54,12 +55,28 @@ class ProxyRuntime:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     #: The egress in force (after the start-up probe: direct when fail-open fell back).
     egress: EgressConfig = field(default_factory=EgressConfig)
+    #: The caps on this proxy's open connections, shared with its HTTP server.
+    connection_limits: ConnectionLimits = field(default_factory=ConnectionLimits)
+
+    def __post_init__(self) -> None:
+        self.connection_limits.privileged = self._privileged
+        self._limit_connections()
+
+    def _privileged(self, ip: str) -> bool:
+        return exempt_from_automatic_blocks(ip, self.effective)
+
+    def _limit_connections(self) -> None:
+        limits, effective = self.connection_limits, self.effective
+        limits.per_address = effective.connections_per_address
+        limits.total = effective.connections_total
+        limits.reserve = None
 
     def apply_policy(self, document: dict[str, Any]) -> None:
         """Swap in a new policy (validated: an invalid one raises and the old one stays)."""
         effective = EffectivePolicy.build(document, exposed=not self.settings.loopback_only)
         self.policy = document
         self.effective = effective
+        self._limit_connections()
 
     def load_blocks(self, rows: list[tuple[str, str, float | None, float, int]]) -> None:
         effective = self.effective

@@ -61,7 +61,7 @@ def start_gateway(paths: Paths | None = None, *, port: int = 0, bind: str = "127
     async def main() -> None:
         server = HttpServer(build_app(runtime), sock,
                             body_timeout_s=runtime.settings.body_timeout_s,
-                            headers=response_headers())
+                            headers=response_headers(), limits=runtime.connection_limits)
         await server.start()
         stop_event = asyncio.Event()
         stopping["event"] = stop_event
