@@ -120,8 +120,14 @@ class EffectivePolicy:
     max_duration_s: float = 300.0
     anomaly_auto_block: bool = True
     resource_enabled: bool = False
-    cpu_threshold: float = 90.0
-    memory_threshold: float = 90.0
+    #: host-wide CPU and memory thresholds (percent): opt-in, None unless the policy sets them
+    #: (other processes, an engine above all, use the host's CPU; FLM cannot shed that load)
+    cpu_threshold: float | None = None
+    memory_threshold: float | None = None
+    #: FLM's own event-loop lag (ms) and resident memory (MiB) above which it refuses new
+    #: requests; 0 turns one off
+    max_loop_lag_ms: float = 500.0
+    max_rss_mb: float = 4096.0
     max_connections: int = 100
     #: in-flight requests one client address, and one API key, may hold (a fair share)
     max_connections_per_address: int = 25
@@ -173,8 +179,12 @@ class EffectivePolicy:
             max_duration_s=float(anomaly.get("max_duration_seconds", 300.0)),
             anomaly_auto_block=bool(anomaly.get("auto_block", True)),
             resource_enabled=_switch(resource, exposed),
-            cpu_threshold=float(resource.get("cpu_threshold", 90)),
-            memory_threshold=float(resource.get("memory_threshold", 90)),
+            cpu_threshold=(float(resource["cpu_threshold"]) if "cpu_threshold" in resource
+                           else None),
+            memory_threshold=(float(resource["memory_threshold"])
+                              if "memory_threshold" in resource else None),
+            max_loop_lag_ms=float(resource.get("max_loop_lag_ms", 500)),
+            max_rss_mb=float(resource.get("max_rss_mb", 4096)),
             max_connections=max_connections,
             max_connections_per_address=int(resource.get(
                 "max_connections_per_address", max(1, max_connections // 4))),

@@ -183,6 +183,10 @@ class GuardState:
         #: requests in flight per ``ip:<subject>`` and per ``key:<id>`` (entries at zero go)
         self.in_flight: dict[str, int] = {}
         self.overloaded = False
+        #: the resource monitor's last (event-loop lag in ms, own RSS in MiB), and how many
+        #: times it has sampled
+        self.load: tuple[float, float] = (0.0, 0.0)
+        self.samples = 0
 
     def enter(self, holder: str) -> None:
         self.in_flight[holder] = self.in_flight.get(holder, 0) + 1

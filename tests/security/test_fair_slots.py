@@ -45,8 +45,7 @@ def slow_uploads(env: Env, clients: list[tuple[str, str]]) -> Iterator[list[byte
 
 
 def test_one_address_cannot_take_every_slot(env: Env) -> None:
-    env.policy({"resource_protection": {"enabled": True, "max_connections": 8,
-                                        "cpu_threshold": 100, "memory_threshold": 100}})
+    env.policy({"resource_protection": {"enabled": True, "max_connections": 8}})
     other = env.cli("api-keys", "create", "--label", "other").data["key"]
     with slow_uploads(env, [("127.0.0.5", env.key)] * 8) as replies:
         refused = [r for r in replies if r.startswith(b"HTTP/1.1 429")]
@@ -60,8 +59,7 @@ def test_one_address_cannot_take_every_slot(env: Env) -> None:
 
 def test_one_key_cannot_take_every_slot(env: Env) -> None:
     env.policy({"resource_protection": {"enabled": True, "max_connections": 8,
-                                        "max_connections_per_key": 3,
-                                        "cpu_threshold": 100, "memory_threshold": 100}})
+                                        "max_connections_per_key": 3}})
     other = env.cli("api-keys", "create", "--label", "other").data["key"]
     assert env.request("GET", "/v1/models")[0] == 200  # (verified once, then cached)
     clients = [(f"127.0.2.{i}", env.key) for i in range(1, 9)]

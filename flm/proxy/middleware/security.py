@@ -409,18 +409,33 @@ class SecurityMiddleware:
                                                     "threshold": threshold}, request_id)
 
     async def _watch(self) -> None:
-        """Sample CPU and memory once a second (never per request)."""
+        """Sample, once a second (never per request), what FLM itself controls: how late its
+        event loop wakes up (lag) and its own resident memory; and, only when the policy sets
+        their thresholds, the host's CPU and memory use."""
         import psutil
 
+        me = psutil.Process()
         psutil.cpu_percent(None)
+        loop = asyncio.get_running_loop()
+        guard = self.runtime.guard
         while True:
+            before = loop.time()
             await asyncio.sleep(1.0)
+            lag_ms = max(0.0, (loop.time() - before - 1.0) * 1000)
             policy = self.runtime.effective
+            rss_mb = me.memory_info().rss / (1024 * 1024)
+            over = bool(policy.max_loop_lag_ms and lag_ms > policy.max_loop_lag_ms) or bool(
+                policy.max_rss_mb and rss_mb > policy.max_rss_mb)
+            # (strictly above: a threshold of 100 never trips, whatever the load)
             cpu = psutil.cpu_percent(None)
-            memory = psutil.virtual_memory().percent
-            # strictly above: a threshold of 100 never trips, whatever the load
-            self.runtime.guard.overloaded = policy.resource_enabled and (
-                cpu > policy.cpu_threshold or memory > policy.memory_threshold)
+            if policy.cpu_threshold is not None and cpu > policy.cpu_threshold:
+                over = True
+            if (policy.memory_threshold is not None
+                    and psutil.virtual_memory().percent > policy.memory_threshold):
+                over = True
+            guard.load = (lag_ms, rss_mb)
+            guard.samples += 1
+            guard.overloaded = policy.resource_enabled and over
 
 
 async def _preflight(send: Send, allowed: bytes | None) -> None:
