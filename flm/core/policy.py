@@ -96,6 +96,8 @@ class EffectivePolicy:
 
     whitelist: tuple[_Network, ...] = ()
     trusted_proxies: tuple[_Network, ...] = ()
+    #: the header the trusted proxies set with the client's address
+    forwarded_header: str = "x-forwarded-for"
     allowed_origins: tuple[str, ...] = ()
     key_rpm: int = 0
     key_burst: int = 0
@@ -157,6 +159,7 @@ class EffectivePolicy:
         return cls(
             whitelist=_networks(doc.get("ip_whitelist")),
             trusted_proxies=_networks(doc.get("trusted_proxies")),
+            forwarded_header=str(doc.get("forwarded_header", "x-forwarded-for")),
             allowed_origins=tuple((doc.get("cors") or {}).get("allowed_origins") or ()),
             key_rpm=key_rpm,
             key_burst=int(rate.get("burst") or key_rpm),

@@ -317,10 +317,15 @@ def test_forwarded_for_lines_ports_and_mapped_addresses() -> None:
     assert forwarded_client("127.0.0.7", [b"[2001:db8::1]:443"], [], trusted) == "2001:db8::1"
     assert forwarded_client("127.0.0.7", [b"::ffff:203.0.113.9"], [], trusted) \
         == "203.0.113.9"
-    # garbage stops the walk at the trusted proxy; X-Real-IP: the last line counts
-    assert forwarded_client("127.0.0.7", [b"unknown"], [], trusted) == "127.0.0.7"
+    # an unparsable hop: the proxy's client is unknown (None: refused), never the proxy
+    assert forwarded_client("127.0.0.7", [b"unknown"], [], trusted) is None
+    assert forwarded_client("127.0.0.7", [b"203.0.113.9, unknown"], [], trusted) is None
+    # X-Real-IP is read only when the policy says the proxy sets it (its last line counts)
     assert forwarded_client("127.0.0.7", [], [b"6.6.6.6", b"203.0.113.9"], trusted) \
-        == "203.0.113.9"
+        == "127.0.0.7"
+    assert forwarded_client("127.0.0.7", [b"6.6.6.6"], [b"6.6.6.6", b"203.0.113.9"], trusted,
+                            "x-real-ip") == "203.0.113.9"
+    assert forwarded_client("127.0.0.7", [], [b"nonsense"], trusted, "x-real-ip") is None
 
 
 def test_a_second_forwarded_for_line_decides_who_is_blocked(env: Env) -> None:

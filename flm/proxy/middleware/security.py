@@ -99,26 +99,32 @@ def _hop_address(hop: str) -> str | None:
 
 
 def forwarded_client(peer: str, forwarded: list[bytes], real_ip: list[bytes],
-                     trusted: tuple[_Net, ...]) -> str:
-    """The client behind a trusted proxy ``peer``: the right-most ``X-Forwarded-For`` hop
-    that is not itself a trusted proxy, else ``X-Real-IP``, else the peer.
+                     trusted: tuple[_Net, ...], header: str = "x-forwarded-for") -> str | None:
+    """The client behind a trusted proxy ``peer``, read from the one ``header`` the proxy
+    sets (the policy's ``forwarded_header``); the other is never read, since a client can
+    send it. ``None`` when the proxy's client cannot be known (an unparsable hop): the
+    request is refused, and the proxy is not blamed for it.
 
-    Every ``X-Forwarded-For`` line counts, in order, as one list (RFC 9110 §5.3): a proxy
-    that adds its own line below the client's must not leave the client's line to decide.
-    Of several ``X-Real-IP`` lines the last, the one nearest to this gateway, counts."""
-    if forwarded:
-        hops = [h for line in forwarded for h in line.decode("latin-1").split(",")
-                if h.strip()]
-        for hop in reversed(hops):
-            address = _hop_address(hop)
-            if address is None:
-                return peer
-            if not _in(address, trusted):
-                return address
-        return _hop_address(hops[0]) or peer if hops else peer
-    if real_ip:
-        return _hop_address(real_ip[-1].decode("latin-1")) or peer
-    return peer
+    ``x-forwarded-for``: the right-most hop that is not itself a trusted proxy. Every line
+    counts, in order, as one list (RFC 9110 §5.3): a proxy that adds its own line below the
+    client's must not leave the client's line to decide. ``x-real-ip``: the last line, the
+    one nearest to this gateway. No such header: the request is the proxy's own."""
+    if header == "x-real-ip":
+        if not real_ip:
+            return peer
+        return _hop_address(real_ip[-1].decode("latin-1"))
+    if not forwarded:
+        return peer
+    hops = [h for line in forwarded for h in line.decode("latin-1").split(",") if h.strip()]
+    if not hops:
+        return peer
+    for hop in reversed(hops):
+        address = _hop_address(hop)
+        if address is None:
+            return None
+        if not _in(address, trusted):
+            return address
+    return _hop_address(hops[0])
 
 
 def record_block(rt: ProxyRuntime, ip: str, block: Block, *, failures: int | None = None,
@@ -211,9 +217,14 @@ class SecurityMiddleware:
         ip = state.client_ip
         if policy.trusted_proxies and self._trusted(ip, policy.trusted_proxies):
             every = scope["headers"]
-            ip = state.client_ip = forwarded_client(
+            client = forwarded_client(
                 ip, [v for n, v in every if n == b"x-forwarded-for"],
-                [v for n, v in every if n == b"x-real-ip"], policy.trusted_proxies)
+                [v for n, v in every if n == b"x-real-ip"], policy.trusted_proxies,
+                policy.forwarded_header)
+            if client is None:
+                raise HttpError(400, "invalid_request", "the trusted proxy's forwarded "
+                                "client address cannot be parsed")
+            ip = state.client_ip = client
         if guard.blocks:
             block = guard.blocked(ip)
             if block is not None:
