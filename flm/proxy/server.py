@@ -664,6 +664,8 @@ class HttpProtocol(asyncio.Protocol):
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.in_head:
+            return  # a chunked body's trailer fields: never merged into the request's headers
         self.headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:

@@ -267,9 +267,27 @@ def test_cors_preflight_without_key_and_headers(env: Env) -> None:
                                      headers={"Origin": "https://app.example"})
     assert status == 200 and headers["access-control-allow-origin"] == "https://app.example"
     assert headers["x-content-type-options"] == "nosniff" and headers["x-frame-options"]
+    # a simple (non-preflight) request from an origin not on the list gets no CORS headers
+    status, headers, _ = env.request("GET", "/v1/models",
+                                     headers={"Origin": "https://evil.example"})
+    assert status == 200 and "access-control-allow-origin" not in headers
+    # no list, no CORS: a web page can read nothing
     env.policy({})
     _, headers, _ = env.request("GET", "/v1/models", headers={"Origin": "https://any.example"})
+    assert "access-control-allow-origin" not in headers
+    status, headers, _ = env.request("OPTIONS", "/v1/models", key=None, headers={
+        "Origin": "https://any.example", "Access-Control-Request-Method": "GET"})
+    assert status == 403 and "access-control-allow-origin" not in headers
+    # "*" only when listed, and never on /metrics
+    env.policy({"cors": {"allowed_origins": ["*"]}})
+    _, headers, _ = env.request("GET", "/v1/models", headers={"Origin": "https://any.example"})
     assert headers["access-control-allow-origin"] == "*"
+    status, headers, _ = env.request("GET", "/metrics", key=None,
+                                     headers={"Origin": "https://any.example"})
+    assert status == 200 and "access-control-allow-origin" not in headers
+    status, headers, _ = env.request("OPTIONS", "/metrics", key=None, headers={
+        "Origin": "https://any.example", "Access-Control-Request-Method": "GET"})
+    assert status == 403 and "access-control-allow-origin" not in headers
 
 
 def test_invalid_policy_keeps_the_old_one(env: Env) -> None:

@@ -176,7 +176,9 @@ def _verify_busy(busy: VerifyBusy) -> HttpError:
 def _cors_origin(origin: bytes, policy: EffectivePolicy) -> bytes | None:
     """The ``Access-Control-Allow-Origin`` value for ``origin``, or None when not allowed."""
     origins = policy.allowed_origins
-    if not origins or "*" in origins:
+    if not origins:
+        return None  # no CORS unless the policy lists origins
+    if "*" in origins:
         return b"*"
     return origin if origin.decode("latin-1") in origins else None
 
@@ -264,7 +266,7 @@ class SecurityMiddleware:
         #    duration once the request is over.
         anomaly = policy.anomaly_enabled and path != "/health"  # (a health checker polls)
         if anomaly:
-            self._anomalies_before(state, headers.get(b"content-length"), policy)
+            self._anomalies_before(state, headers, policy)
 
         if counted:
             guard.connections += 1
@@ -287,7 +289,8 @@ class SecurityMiddleware:
             #     CORS headers on every response.
             origin = headers.get(b"origin")
             if origin is not None:
-                allowed = _cors_origin(origin, policy)
+                # (/metrics is for scrapers: never readable by a web page, whatever the list)
+                allowed = None if path == "/metrics" else _cors_origin(origin, policy)
                 if scope["method"] == "OPTIONS" and b"access-control-request-method" in headers:
                     await _preflight(send, allowed)
                     return
@@ -393,15 +396,19 @@ class SecurityMiddleware:
                 record_block(rt, state.client_ip, block, request_id=state.request_id)
         return block
 
-    def _anomalies_before(self, state: RequestState, declared: bytes | None,
+    def _anomalies_before(self, state: RequestState, headers: dict[bytes, bytes],
                           policy: EffectivePolicy) -> None:
         rt = self.runtime
         ip = state.client_ip
+        declared = headers.get(b"content-length")
         rate = rt.guard.count_rate(ip)
         if rate == policy.request_rate_threshold + 1:
             self._anomaly(ip, "request_rate", rate, policy.request_rate_threshold,
                           state.request_id)
-        if rate > policy.request_rate_threshold and policy.anomaly_auto_block:
+        if (rate > policy.request_rate_threshold and policy.anomaly_auto_block
+                and not self._known_key(headers)):
+            # (a client with a valid key is recorded, never auto-blocked for its rate: that
+            # is the per-key rate limit's business)
             # once blocked, the block check refuses this address first: this runs once
             block = rt.guard.auto_block(ip, "anomaly", ANOMALY_BLOCK_S, policy)
             if block is not None:
@@ -410,6 +417,17 @@ class SecurityMiddleware:
         if declared is not None and declared.isdigit() and int(declared) > policy.max_body_bytes:
             self._anomaly(ip, "body_size", int(declared), policy.max_body_bytes,
                           state.request_id)
+
+    def _known_key(self, headers: dict[bytes, bytes]) -> bool:
+        """Whether the request carries a key already verified (the cache: no Argon2)."""
+        value = headers.get(b"authorization")
+        if value is None:
+            return False
+        scheme, _, token = value.partition(b" ")
+        if scheme.lower() != b"bearer" or not token or len(token) > MAX_KEY_LENGTH:
+            return False
+        presented = token.strip().decode("latin-1")
+        return self.runtime.keys.check_cached(presented)[1] is not None
 
     def _anomaly(self, ip: str, kind: str, value: float, threshold: float,
                  request_id: str) -> None:
