@@ -75,6 +75,10 @@ LISTEN_BACKLOG = 2048
 #: File descriptors kept out of the connection budget: the admin API, the databases, log
 #: files and connections to engines need them.
 FD_HEADROOM = 256
+#: A connection closed with a request body unread discards what still comes for at most this
+#: long and this much before it closes (so the client can read the refusal).
+LINGER_S = 2.0
+LINGER_BYTES = 8 * 1024 * 1024
 #: The soft RLIMIT_NOFILE is raised toward the hard limit, but not past this.
 NOFILE_TARGET = 1 << 20
 
@@ -489,6 +493,8 @@ class HttpProtocol(asyncio.Protocol):
         self.next_request: asyncio.Future[None] | None = None
         #: the address this connection is counted under in the server's limits
         self.counted: str | None = None
+        #: bytes still discarded before a closing connection closes (None: not closing)
+        self.lingering: int | None = None
 
     # -- connection events ----------------------------------------------------------------------
 
@@ -558,7 +564,24 @@ class HttpProtocol(asyncio.Protocol):
                      self.client[0] if self.client else "?", self.send_timeout_s)
             self.abort()
 
+    def _linger(self, transport: asyncio.Transport) -> None:
+        transport.write_eof()
+        self.lingering = LINGER_BYTES
+        self._arm(LINGER_S, self._linger_done)
+        if self.read_paused:
+            self.read_paused = False
+            transport.resume_reading()
+
+    def _linger_done(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
     def data_received(self, data: bytes) -> None:
+        if self.lingering is not None:
+            self.lingering -= len(data)
+            if self.lingering <= 0:
+                self._linger_done()
+            return
         # Bytes that arrive between two requests start the next head.
         in_head = self.in_head or self.parsing is None
         self.chunk_size = len(data)
@@ -785,8 +808,14 @@ class HttpProtocol(asyncio.Protocol):
                 self.refusal = None  # its own response was cut: no refusal after it
             self._send_refusal()
             return
+        if cycle.more_body and transport.can_write_eof():
+            # An unread body (e.g. refused with 413) is never parsed; the connection closes
+            # after a short linger that discards what the client still sends, so that its
+            # kernel does not answer with a reset that destroys the response before the
+            # client reads it.
+            self._linger(transport)
+            return
         if not cycle.keep_alive or cycle.more_body or self.state.stopping:
-            # An unread body (e.g. refused with 413) is never read: the connection closes.
             transport.close()
             return
         if self.pipeline:

@@ -140,3 +140,16 @@ def test_a_block_applies_to_its_own_listener_unless_shared(
     assert [(b["ip"], b["listener"]) for b in listed] == [
         (client, "*" if shared else exposed.runtime.settings.handle_id)]
     assert json.dumps(listed)  # (the listing stays plain JSON)
+
+
+@pytest.mark.parametrize("path", sorted(__import__("flm.proxy.guard").proxy.guard.HONEYPOTS))
+def test_every_honeypot_path_scores(env: Env, path: str) -> None:
+    """Each honeypot path on its own (a test that stops at the first block tries one)."""
+    from flm.proxy.guard import HONEYPOT_SCORE
+
+    env.policy({"honeypot": {"enabled": True}, "ip_blocklist": {"exempt_loopback": False}})
+    for variant in (path, path.upper() + "/"):
+        status, _, body = env.request("GET", variant, source="127.0.0.40", key=None)
+        assert status in (403, 404), (variant, body)
+    assert env.rt.guard.scores["127.0.0.40"][0] == 2 * HONEYPOT_SCORE
+    assert env.request("GET", "/v1/models", source="127.0.0.40")[0] == 403
