@@ -66,8 +66,8 @@ class _Marks:
 
 
 def _fake_transports(marks: _Marks) -> tuple[Any, Any]:
-    from flm.engines import http as engine_http
-    from flm.engines.h1 import Connection
+    from flm.http import client as engine_http
+    from flm.http.connection import Connection
 
     class Upstream:
         """The engine side: answers each request on the next loop turns, as a socket would."""
@@ -137,7 +137,7 @@ def _fake_transports(marks: _Marks) -> tuple[Any, Any]:
 
 async def _measure(key: str, requests: int, bytecodes: bool) -> None:
     from flm.core.paths import Paths
-    from flm.proxy import server
+    from flm.http import server
     from flm.proxy.app import build_app, response_headers
     from flm.proxy.runtime import ProxySettings, build_runtime
     from flm.services.context import Context

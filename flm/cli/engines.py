@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from flm.cli.output import Result, pairs, run_async, table
+from flm.engines import kinds
 from flm.services.context import Context
 
 
@@ -20,7 +21,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                         parents=[common])
     p.set_defaults(handler=list_)
     p = cmds.add_parser("add", help="register an engine endpoint", parents=[common])
-    p.add_argument("--kind", required=True, help="ollama, vllm, lmstudio or llamacpp")
+    p.add_argument("--kind", required=True, help=kinds.help_text())
     p.add_argument("--url", required=True, help="e.g. http://gpu-box:8000")
     p.add_argument("--id", dest="engine_id", help="engine id (default: the kind, then kind-2…)")
     p.set_defaults(handler=add)

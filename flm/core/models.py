@@ -5,14 +5,33 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, ClassVar
 
 
-class EngineKind(StrEnum):
-    OLLAMA = "ollama"
-    VLLM = "vllm"
-    LMSTUDIO = "lmstudio"
-    LLAMACPP = "llamacpp"
+class EngineKind(str):
+    """The name of an engine kind (``"ollama"``). Kinds are open: each is described once in
+    :mod:`flm.engines.kinds`, which is where a name is checked; the built-in ones have
+    constants here."""
+
+    __slots__ = ()
+
+    OLLAMA: ClassVar[EngineKind]
+    VLLM: ClassVar[EngineKind]
+    LMSTUDIO: ClassVar[EngineKind]
+    LLAMACPP: ClassVar[EngineKind]
+
+    @property
+    def value(self) -> str:
+        return str(self)
+
+    def __repr__(self) -> str:
+        return f"EngineKind({str(self)!r})"
+
+
+EngineKind.OLLAMA = EngineKind("ollama")
+EngineKind.VLLM = EngineKind("vllm")
+EngineKind.LMSTUDIO = EngineKind("lmstudio")
+EngineKind.LLAMACPP = EngineKind("llamacpp")
 
 
 class EngineStatus(StrEnum):

@@ -21,10 +21,10 @@ from typing import Any
 from flm.core.errors import FlmError, ProxyAlreadyRunningError, ProxyError, UsageError
 from flm.core.paths import Paths, ensure_private_dir, write_private_file
 from flm.core.timeutil import now_iso
-from flm.openai.errors import HttpError
+from flm.http.server import HttpServer, bind_socket
+from flm.openai.errors import HttpError, refusal
 from flm.proxy.asgi import Receive, Scope, Send, header, read_json, send_json
 from flm.proxy.instance import RELOAD_INTERVAL_S, ProxyInstance, reload_proxies, start_instance
-from flm.proxy.server import HttpServer, bind_socket
 from flm.services.context import Context
 from flm.services.events import record_security_event
 from flm.storage.config import ProxyHandleRow, ProxyHandlesRepo
@@ -254,7 +254,7 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop_event.set)
         admin_sock = bind_socket("127.0.0.1", 0)
-        admin = HttpServer(self.admin_app, admin_sock)
+        admin = HttpServer(self.admin_app, admin_sock, refusal=refusal)
         await admin.start()
         info = {"port": admin.port, "token": self.token, "pid": os.getpid(),
                 "started_at": now_iso(),

@@ -1,1 +1,2 @@
-"""Engine adapters: one interface, four kinds. Nothing above this package branches on kind."""
+"""Engine adapters: one interface (`base.py`), one descriptor per kind (`kinds.py`). Nothing
+above this package branches on kind."""

@@ -1,4 +1,5 @@
-"""The one engine interface, the registry of kinds, and what every adapter shares."""
+"""The one engine interface and what every adapter shares (the kinds are described in
+:mod:`flm.engines.kinds`)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from flm.core.errors import EngineApiError, EngineError
-from flm.core.models import Capabilities, EngineEndpoint, EngineKind, ModelInfo
-from flm.engines.http import EngineClient, Timeouts
+from flm.core.models import Capabilities, EngineEndpoint, ModelInfo
+from flm.http.client import EngineClient, Timeouts
 
 
 @dataclass(frozen=True)
@@ -36,10 +37,7 @@ class EngineAdapter(ABC):
     """What FLM needs from an engine. Bodies in and out are OpenAI-shaped dicts; model names
     inside are the engine's own (the proxy maps them to and from ``flm://`` ids)."""
 
-    kind: ClassVar[EngineKind]
     capabilities_default: ClassVar[Capabilities] = Capabilities()
-    #: Executable names looked up to report ``InstalledOnly``.
-    binaries: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, endpoint: EngineEndpoint, timeouts: Timeouts | None = None,
                  client: EngineClient | None = None) -> None:
@@ -84,7 +82,7 @@ class EngineAdapter(ABC):
     async def embeddings(self, body: dict[str, Any]) -> dict[str, Any]: ...
 
     async def transcribe(self, fields: dict[str, Any]) -> dict[str, Any]:
-        raise NotSupportedError(f"{self.kind.value} engines do not transcribe audio")
+        raise NotSupportedError(f"{self.endpoint.kind} engines do not transcribe audio")
 
     async def _timed(self, path: str, timeout_s: float) -> tuple[Any, float]:
         started = time.perf_counter()
@@ -136,25 +134,3 @@ def shape_embeddings(vectors: list[list[float]], model: str, prompt_tokens: int,
         "model": model,
         "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
     }
-
-
-def adapter_class(kind: EngineKind) -> type[EngineAdapter]:
-    from flm.engines.llamacpp import LlamaCppAdapter
-    from flm.engines.lmstudio import LmStudioAdapter
-    from flm.engines.ollama import OllamaAdapter
-    from flm.engines.vllm import VllmAdapter
-
-    classes: dict[EngineKind, type[EngineAdapter]] = {
-        EngineKind.OLLAMA: OllamaAdapter,
-        EngineKind.VLLM: VllmAdapter,
-        EngineKind.LMSTUDIO: LmStudioAdapter,
-        EngineKind.LLAMACPP: LlamaCppAdapter,
-    }
-    return classes[kind]
-
-
-def make_adapter(endpoint: EngineEndpoint, timeouts: Timeouts | None = None,
-                 client: EngineClient | None = None) -> EngineAdapter:
-    """An adapter for ``endpoint``; ``client`` replaces the default direct HTTP client (the
-    proxy passes one that honours the egress in force)."""
-    return adapter_class(endpoint.kind)(endpoint, timeouts, client)

@@ -13,13 +13,14 @@ from pathlib import Path
 
 from flm.core.errors import EngineError, EngineNetworkError, EngineTimeoutError
 from flm.core.models import EngineEndpoint, EngineState, EngineStatus
-from flm.engines.base import EngineAdapter, make_adapter
-from flm.engines.http import FlmListenerError, Timeouts
+from flm.engines import kinds
+from flm.engines.base import EngineAdapter
+from flm.engines.kinds import KindDescriptor, make_adapter
+from flm.http.client import FlmListenerError, Timeouts
 
 #: Where installers put engine executables besides PATH.
 _KNOWN_DIRS = ("/usr/local/bin", "/usr/bin", "/opt/homebrew/bin", "~/.local/bin",
                "~/.lmstudio/bin", "~/.cache/lm-studio/bin")
-_BINARY_ENV = {"llamacpp": "LLAMA_SERVER_PATH", "ollama": "OLLAMA_BIN"}
 
 
 @dataclass(frozen=True)
@@ -34,14 +35,15 @@ class DetectSettings:
         return min(max(self.threshold_ms / 1000 * 2, 1.0), 5.0)
 
 
-def find_binary(adapter: type[EngineAdapter] | EngineAdapter,
-                env: Mapping[str, str] | None = None) -> str | None:
+def find_binary(kind: KindDescriptor, env: Mapping[str, str] | None = None) -> str | None:
+    """The kind's executable (its ``binary_env`` variable first, then PATH and the usual
+    install folders), if installed."""
     env = os.environ if env is None else env
-    override = env.get(_BINARY_ENV.get(adapter.kind.value, ""), "")
+    override = env.get(kind.binary_env, "") if kind.binary_env else ""
     if override and Path(override).is_file():
         return override
     dirs = [str(Path(sys.executable).parent), *(os.path.expanduser(d) for d in _KNOWN_DIRS)]
-    for name in adapter.binaries:
+    for name in kind.binaries:
         found = shutil.which(name, path=env.get("PATH"))
         if found:
             return found
@@ -117,7 +119,8 @@ async def detect_all(endpoints: Sequence[EngineEndpoint], settings: DetectSettin
     adapters = [make_adapter(e, timeouts) for e in endpoints]
     try:
         return list(await asyncio.gather(
-            *(probe(a, settings, find_binary(a, env)) for a in adapters)
+            *(probe(a, settings, find_binary(kinds.get(a.endpoint.kind), env))
+              for a in adapters)
         ))
     finally:
         await asyncio.gather(*(a.close() for a in adapters), return_exceptions=True)

@@ -5,14 +5,12 @@ from __future__ import annotations
 import time
 
 from flm.core.errors import EngineApiError, EngineError
-from flm.core.models import Capabilities, EngineKind, ModelInfo
+from flm.core.models import Capabilities, ModelInfo
 from flm.engines.base import Health, require_dict
 from flm.engines.openai_compat import OpenAICompatAdapter, _int_or_none
 
 
 class LlamaCppAdapter(OpenAICompatAdapter):
-    kind = EngineKind.LLAMACPP
-    binaries = ("llama-server", "llama-cpp-server")
     capabilities_default = Capabilities(tools=True)
 
     async def health_check(self, timeout_s: float) -> Health:

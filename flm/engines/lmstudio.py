@@ -5,13 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from flm.core.errors import EngineError
-from flm.core.models import Capabilities, EngineKind, ModelInfo
+from flm.core.models import Capabilities, ModelInfo
 from flm.engines.openai_compat import OpenAICompatAdapter, _int_or_none
 
 
 class LmStudioAdapter(OpenAICompatAdapter):
-    kind = EngineKind.LMSTUDIO
-    binaries = ("lms",)
     capabilities_default = Capabilities(tools=True, vision_inputs=True,
                                         max_image_bytes=4 * 1024 * 1024)
 

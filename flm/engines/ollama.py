@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from flm.core.errors import EngineApiError, EngineError, EngineNetworkError
-from flm.core.models import Capabilities, EngineKind, ModelInfo
+from flm.core.models import Capabilities, ModelInfo
 from flm.engines.base import (
     EngineAdapter,
     Health,
@@ -148,8 +148,6 @@ def _usage(final: dict[str, Any]) -> dict[str, int]:
 
 
 class OllamaAdapter(EngineAdapter):
-    kind = EngineKind.OLLAMA
-    binaries = ("ollama",)
     capabilities_default = Capabilities(
         tools=True, vision_inputs=True,
         sampling_params=frozenset({"temperature", "top_p", "max_tokens", "max_completion_tokens",

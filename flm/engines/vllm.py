@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 from flm.core.errors import EngineError
-from flm.core.models import Capabilities, EngineKind
+from flm.core.models import Capabilities
 from flm.engines.base import Health
 from flm.engines.openai_compat import OpenAICompatAdapter
 
 
 class VllmAdapter(OpenAICompatAdapter):
-    kind = EngineKind.VLLM
-    binaries = ("vllm",)
     capabilities_default = Capabilities(multiple_choices=True, tools=True)
 
     async def health_check(self, timeout_s: float) -> Health:

@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from flm.core.errors import EngineError, FlmError
+from flm.core.ids import new_request_id
 
 _TYPES = {
     400: "invalid_request_error",
@@ -59,3 +60,11 @@ def error_body(status: int, code: str, message: str, request_id: str) -> dict[st
 def error_bytes(status: int, code: str, message: str, request_id: str) -> bytes:
     return json.dumps(error_body(status, code, message, request_id),
                       separators=(",", ":")).encode()
+
+
+def refusal(status: int, code: str, message: str) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """An HTTP server's own refusal (``HttpServer(refusal=)``: the app never saw the request)
+    in the error contract: the JSON body and a fresh request id, like every other response."""
+    rid = new_request_id()
+    return ([(b"content-type", b"application/json"), (b"x-request-id", rid.encode())],
+            error_bytes(status, code, message, rid))

@@ -1,26 +1,46 @@
-"""Small pure-ASGI helpers: the request view, body reading with limits, responses."""
+"""The gateway's ASGI helpers: the request state the layers share, body reading with limits,
+JSON responses (the ASGI types themselves are :mod:`flm.http.asgi`'s, re-exported here)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Callable
 from typing import Any
 
+from flm.http.asgi import (
+    ASGIApp,
+    Message,
+    Receive,
+    RequestBodyTimeout,
+    Scope,
+    Send,
+    header,
+    header_index,
+)
 from flm.openai.errors import HttpError
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+# The gateway's modules take the ASGI types from here, with the helpers below.
+__all__ = [
+    "JSON_HEADERS",
+    "ASGIApp",
+    "Message",
+    "Receive",
+    "RequestBodyTimeout",
+    "RequestState",
+    "Scope",
+    "Send",
+    "header",
+    "header_index",
+    "parse_json",
+    "read_body",
+    "read_json",
+    "send_bytes",
+    "send_json",
+    "state_of",
+]
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
-
-
-class RequestBodyTimeout(Exception):
-    """Raised by the server's ``receive()`` when the client did not finish sending the request
-    body within the server's body deadline (see :mod:`flm.proxy.server`)."""
 
 
 class RequestState:
@@ -65,21 +85,6 @@ class RequestState:
 def state_of(scope: Scope) -> RequestState:
     state: RequestState = scope["flm"]
     return state
-
-
-def header_index(scope: Scope) -> dict[bytes, bytes]:
-    """The request headers by name, the first of a repeated one winning; made once per
-    request (one C call) and kept in the scope."""
-    index: dict[bytes, bytes] | None = scope.get("flm.headers")
-    if index is None:
-        index = scope["flm.headers"] = dict(reversed(scope["headers"]))
-    return index
-
-
-def header(scope: Scope, name: bytes) -> bytes | None:
-    """The first value of header ``name`` (lower case), if any."""
-    value = header_index(scope).get(name)
-    return None if value is None else bytes(value)
 
 
 async def read_body(receive: Receive, scope: Scope, limit: int) -> bytes:

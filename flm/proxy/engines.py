@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING
 from flm.core.errors import EngineError
 from flm.core.memo import remember
 from flm.core.models import Capabilities, EngineEndpoint, ModelInfo
-from flm.engines.base import EngineAdapter, make_adapter
-from flm.engines.http import EngineClient, Timeouts
+from flm.engines.base import EngineAdapter
+from flm.engines.kinds import make_adapter
+from flm.http.client import EngineClient, Timeouts
 from flm.openai.errors import HttpError
 
 if TYPE_CHECKING:

@@ -28,10 +28,11 @@ from typing import TYPE_CHECKING, Any
 
 from flm.core.errors import FlmError, ProxyError
 from flm.core.timeutil import iso
+from flm.http.server import HttpServer, bind_socket
+from flm.openai.errors import refusal
 from flm.proxy.app import build_app, response_headers
 from flm.proxy.redirect import RedirectApp
 from flm.proxy.runtime import ProxyRuntime, ProxySettings, build_runtime
-from flm.proxy.server import HttpServer, bind_socket
 from flm.services.certs import (
     RENEW_BEFORE_DAYS,
     AcmeSettings,
@@ -243,7 +244,7 @@ async def start_instance(ctx: Context, raw: dict[str, Any], *,
             runtime = build_runtime(settings, ctx, egress.config)
             servers.append(HttpServer(build_app(runtime), sockets[0],
                                       body_timeout_s=settings.body_timeout_s,
-                                      headers=response_headers(),
+                                      headers=response_headers(), refusal=refusal,
                                       limits=runtime.connection_limits))
             await servers[-1].start()
         else:
@@ -253,7 +254,7 @@ async def start_instance(ctx: Context, raw: dict[str, Any], *,
             servers.append(HttpServer(build_app(runtime), sockets[1],
                                       tls.holder.context,
                                       body_timeout_s=settings.body_timeout_s,
-                                      headers=response_headers(tls=True),
+                                      headers=response_headers(tls=True), refusal=refusal,
                                       limits=runtime.connection_limits))
             await servers[-1].start()
     except BaseException:
@@ -285,7 +286,7 @@ async def _prepare_tls(ctx: Context, config: StartConfig, http_sock: socket.sock
         default_host = "localhost" if config.bind in ("127.0.0.1", "::1", "0.0.0.0", "::") \
             else config.bind  # noqa: S104
         servers.append(HttpServer(RedirectApp(config.https_port, default_host), http_sock,
-                                  headers=response_headers()))
+                                  headers=response_headers(), refusal=refusal))
         await servers[-1].start()
         bundle = await asyncio.to_thread(certs.local, config.mode)
         source = "issued" if bundle.issued else "stored"
@@ -294,7 +295,7 @@ async def _prepare_tls(ctx: Context, config: StartConfig, http_sock: socket.sock
     acme = resolve_acme_settings(config.acme_domain, config.acme_email, config.env)
     challenges = ChallengeStore()
     servers.append(HttpServer(RedirectApp(config.https_port, acme.domain, challenges),
-                              http_sock, headers=response_headers()))
+                              http_sock, headers=response_headers(), refusal=refusal))
     await servers[-1].start()
     outcome = await asyncio.to_thread(certs.acme_at_start, acme, challenges, port=config.port,
                                       egress=egress)

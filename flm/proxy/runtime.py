@@ -11,13 +11,13 @@ from typing import Any
 from flm.core.models import EngineEndpoint
 from flm.core.policy import EffectivePolicy
 from flm.egress.config import EgressConfig
-from flm.engines.http import Timeouts
+from flm.http.client import Timeouts
+from flm.http.server import ConnectionLimits
 from flm.proxy.audit import AuditSink
 from flm.proxy.engines import EngineRegistry
 from flm.proxy.guard import GuardState, exempt_from_automatic_blocks
 from flm.proxy.keys import KeyVerifier
 from flm.proxy.metrics import Metrics
-from flm.proxy.server import ConnectionLimits
 
 
 @dataclass(frozen=True)

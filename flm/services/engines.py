@@ -22,20 +22,14 @@ from flm.core.models import (
     EngineStatus,
     ModelInfo,
 )
-from flm.engines.http import Timeouts
+from flm.engines import kinds
+from flm.http.client import Timeouts
 from flm.services.config import ConfigService
 from flm.storage import Storage
 from flm.storage.config import EngineCacheRepo, EngineRow, EnginesRepo
 
 CACHE_TTL_S = 300.0
 _ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
-
-_DEFAULTS: dict[EngineKind, tuple[str, int]] = {
-    EngineKind.OLLAMA: ("127.0.0.1", 11434),
-    EngineKind.VLLM: ("127.0.0.1", 8000),
-    EngineKind.LMSTUDIO: ("127.0.0.1", 1234),
-    EngineKind.LLAMACPP: ("127.0.0.1", 8080),
-}
 
 
 class EngineExistsError(FlmError):
@@ -71,35 +65,26 @@ def normalize_url(text: str, *, default_port: int | None = None) -> str:
 
 
 def default_endpoints(env: Mapping[str, str] | None = None) -> list[EngineEndpoint]:
-    """The conventional endpoint of each kind, with the engines' own env overrides."""
+    """The conventional endpoint of each kind, with the engines' own env overrides (an
+    address in the kind's ``host_env``, a port in its ``port_env``)."""
     env = os.environ if env is None else env
     out = []
-    for kind, (host, port) in _DEFAULTS.items():
+    for kind in kinds.all_kinds():
+        host, port = kind.default_host, kind.default_port
         url = f"http://{host}:{port}"
+        address = env.get(kind.host_env) if kind.host_env else None
+        port_text = env.get(kind.port_env) if kind.port_env else None
         try:
-            if kind is EngineKind.OLLAMA and env.get("OLLAMA_HOST"):
-                url = normalize_url(env["OLLAMA_HOST"], default_port=port)
-            elif kind is EngineKind.VLLM and (env.get("VLLM_HOST") or env.get("VLLM_PORT")):
-                url = normalize_url(env.get("VLLM_HOST") or host,
-                                    default_port=int(env.get("VLLM_PORT") or port))
-            elif kind is EngineKind.LMSTUDIO and env.get("LMSTUDIO_API_HOST"):
-                url = normalize_url(env["LMSTUDIO_API_HOST"], default_port=port)
-            elif kind is EngineKind.LLAMACPP and (env.get("LLAMA_CPP_HOST")
-                                                  or env.get("LLAMA_CPP_PORT")):
-                url = normalize_url(env.get("LLAMA_CPP_HOST") or host,
-                                    default_port=int(env.get("LLAMA_CPP_PORT") or port))
+            if address or port_text:
+                url = normalize_url(address or host, default_port=int(port_text or port))
         except (UsageError, ValueError):
             pass  # a broken override falls back to the default endpoint
-        out.append(EngineEndpoint(kind.value, kind, url, "default"))
+        out.append(EngineEndpoint(str(kind.name), kind.name, url, "default"))
     return out
 
 
 def parse_kind(text: str) -> EngineKind:
-    try:
-        return EngineKind(text)
-    except ValueError:
-        kinds = ", ".join(k.value for k in EngineKind)
-        raise UsageError(f"unknown engine kind {text!r}; expected one of {kinds}") from None
+    return kinds.parse_kind(text)
 
 
 def is_loopback_url(url: str) -> bool:
@@ -159,7 +144,7 @@ class EngineService:
             pid: int | None = None, model_path: str | None = None,
             api_key: str | None = None) -> EngineRow:
         parsed_kind = parse_kind(kind)
-        base_url = normalize_url(url, default_port=_DEFAULTS[parsed_kind][1])
+        base_url = normalize_url(url, default_port=kinds.get(parsed_kind).default_port)
         taken = {r.id for r in self.registered()}
         if engine_id is None:
             engine_id = parsed_kind.value
@@ -212,7 +197,7 @@ class EngineService:
             return endpoints
         chosen = [e for e in endpoints if e.id == which or e.kind.value == which]
         if not chosen:
-            if which in {k.value for k in EngineKind}:
+            if which in kinds.names():
                 return []
             raise EngineNotFoundError(f"no engine or engine kind {which!r}")
         return chosen
@@ -271,7 +256,7 @@ class EngineService:
 
     async def alist_models(self, engine_id: str | None = None,
                            fresh: bool = False) -> tuple[list[ModelInfo], dict[str, str]]:
-        from flm.engines.base import make_adapter
+        from flm.engines.kinds import make_adapter
 
         report = await self.adetect(engine_id, fresh=fresh)
         usable = [s for s in report.engines if s.status.usable]

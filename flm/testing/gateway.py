@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flm.core.paths import Paths
+from flm.http.server import HttpServer, bind_socket
+from flm.openai.errors import refusal
 from flm.proxy.app import build_app, response_headers
 from flm.proxy.runtime import ProxyRuntime, ProxySettings, build_runtime
-from flm.proxy.server import HttpServer, bind_socket
 
 
 @dataclass
@@ -61,7 +62,8 @@ def start_gateway(paths: Paths | None = None, *, port: int = 0, bind: str = "127
     async def main() -> None:
         server = HttpServer(build_app(runtime), sock,
                             body_timeout_s=runtime.settings.body_timeout_s,
-                            headers=response_headers(), limits=runtime.connection_limits)
+                            headers=response_headers(), refusal=refusal,
+                            limits=runtime.connection_limits)
         await server.start()
         stop_event = asyncio.Event()
         stopping["event"] = stop_event

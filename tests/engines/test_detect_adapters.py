@@ -15,8 +15,8 @@ import pytest
 
 from flm.core.errors import EngineApiError, EngineError
 from flm.core.models import EngineEndpoint, EngineKind
-from flm.engines.base import make_adapter
-from flm.engines.http import Timeouts
+from flm.engines.kinds import make_adapter
+from flm.http.client import Timeouts
 from flm.testing.emulators import expected_reply, start_emulator
 
 KINDS = ["ollama", "vllm", "lmstudio"]

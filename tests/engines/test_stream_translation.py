@@ -16,7 +16,7 @@ from flm.core.models import EngineEndpoint, EngineKind
 from flm.engines.llamacpp import LlamaCppAdapter
 from flm.engines.ollama import OllamaAdapter, to_ollama_request
 from flm.engines.vllm import VllmAdapter
-from tests.engines.test_h1_client import Server, _read_request
+from tests.http.test_client import Server, _read_request
 
 
 def _stream_server(body: bytes, content_type: bytes, seen: list[bytes]) -> Server:

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from flm.proxy.server import (
+from flm.http.server import (
     LISTEN_BACKLOG,
     ConnectionLimits,
     HttpServer,
@@ -150,7 +150,7 @@ def test_the_open_file_limit_is_raised_toward_the_hard_limit() -> None:
         "import resource\n"
         "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
         "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))\n"
-        "from flm.proxy.server import raise_nofile_limit, NOFILE_TARGET\n"
+        "from flm.http.server import raise_nofile_limit, NOFILE_TARGET\n"
         "raise_nofile_limit()\n"
         "now = resource.getrlimit(resource.RLIMIT_NOFILE)[0]\n"
         "want = NOFILE_TARGET if hard == resource.RLIM_INFINITY else min(hard, NOFILE_TARGET)\n"

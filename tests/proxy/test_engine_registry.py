@@ -8,7 +8,7 @@ import time
 import pytest
 
 from flm.core.models import EngineEndpoint, EngineKind, ModelInfo
-from flm.engines.http import Timeouts
+from flm.http.client import Timeouts
 from flm.openai.errors import HttpError
 from flm.proxy.engines import MISS_REFRESH_S, EngineRegistry
 from flm.testing.emulators import ModelSpec, start_emulator

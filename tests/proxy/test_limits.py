@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-import flm.proxy.server as server
+import flm.http.server as server
 from flm.testing.gateway import Gateway, start_gateway
 
 

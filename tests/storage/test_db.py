@@ -142,3 +142,24 @@ def test_not_a_database_is_a_clear_error(tmp_path: Path) -> None:
     path.write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(RepoError, match=r"not a usable SQLite database|cannot"):
         Database(path, "config").open()
+
+
+def test_engine_kinds_migration_keeps_rows_and_lets_any_kind_in(tmp_path: Path) -> None:
+    """The engines table stops listing kinds (they are described in code): registered rows
+    survive the rebuild unchanged, and a kind the old CHECK did not know is accepted."""
+    path = tmp_path / "config.db"
+    migrations = load_migrations("config")
+    at = next(i for i, m in enumerate(migrations) if m.name.endswith("engine_kinds_open"))
+    row = ("llamacpp", "llamacpp", "http://127.0.0.1:8080", 1, 1, 42, "/m.gguf", "t0", "secret")
+    insert = ("INSERT INTO engines(id, kind, base_url, enabled, managed, pid, model_path, "
+              "created_at, api_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
+    with Database(path, "config", migrations=migrations[:at]) as db:
+        db.execute(insert, row)
+        with pytest.raises(RepoError):
+            db.execute(insert, ("x", "tgi", "http://127.0.0.1:3000", 1, 0, None, None, "t", None))
+    with Database(path, "config") as db:
+        assert db.schema_version == db.expected_version
+        assert [tuple(r) for r in db.query(
+            "SELECT id, kind, base_url, enabled, managed, pid, model_path, created_at, api_key "
+            "FROM engines")] == [row]
+        db.execute(insert, ("x", "tgi", "http://127.0.0.1:3000", 1, 0, None, None, "t", None))

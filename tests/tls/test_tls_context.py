@@ -206,7 +206,7 @@ def test_replace_with_a_broken_certificate_keeps_the_old_one(
 def test_gateway_server_serves_and_swaps_with_the_holder(flm_home: Path) -> None:
     """The recipe the gateway uses: its HTTP server gets ``holder.context`` once; replacing
     the certificate in the holder reaches the next connection without a restart."""
-    from flm.proxy.server import HttpServer, bind_socket
+    from flm.http.server import HttpServer, bind_socket
 
     certs = flm_home / "certs"
     ca = ensure_local_ca(certs)

@@ -63,10 +63,6 @@ class RequestMiddleware:
 
         try:
             # 3. errors (the outcome recorded below is the status each error became)
-            if scope.get("flm_head_too_large"):
-                await _send_error(state, stamped_send, HttpError(431, "headers_too_large",
-                                                                 "request headers too large"))
-                return
             try:
                 await self.app(scope, receive, stamped_send)
             except HttpError as exc:

@@ -10,27 +10,14 @@ import re
 from urllib.parse import unquote
 
 from flm.core.errors import EngineError
-from flm.core.models import EngineKind
+from flm.engines import kinds
 from flm.openai.errors import HttpError, NoSuchRoute
 from flm.proxy.asgi import Receive, RequestState, Scope, Send, read_body
 from flm.proxy.runtime import ProxyRuntime
 
-#: Routes that change what an engine has installed or how it runs, or act on the engine's
-#: accounts: never through FLM. Ollama's ``/api/`` namespace is an allow-list (its inference
-#: and read routes; anything else there, present or future, is refused); vLLM's control routes
-#: are refused by the words their names are made of, which no inference route uses.
-ADMIN_ROUTES: dict[EngineKind, re.Pattern[str]] = {
-    EngineKind.OLLAMA: re.compile(
-        r"^/api/(?!(generate|chat|embed|embeddings|tags|show|ps|version)/?$)"),
-    EngineKind.VLLM: re.compile(
-        r"^/(v1/)?[a-z0-9_]*(lora|profile|cache|sleep|wake|rpc|elastic|weight|server_info"
-        r"|pause|resume|abort|fault_tolerance)"
-    ),
-    EngineKind.LLAMACPP: re.compile(r"^/(slots|lora-adapters|models/(load|unload))(/|$)"),
-    EngineKind.LMSTUDIO: re.compile(r"^/api/v[01]/models/(load|unload|download)(/|$)"),
-}
-#: llama.cpp's /props accepts POST to change server settings.
-_READ_ONLY = {EngineKind.LLAMACPP: re.compile(r"^/props$")}
+# Which routes of a kind are forwarded is the kind's descriptor's to say
+# (flm.engines.kinds.PassThrough): routes that change what an engine has installed or how it
+# runs, or act on the engine's accounts, never are; a kind that lists none forwards nothing.
 
 #: Never sent on to the engine: hop-by-hop headers (RFC 9110 §7.6.1, with the old
 #: Proxy-Connection), the client's credentials and addressing, and encodings FLM would have to
@@ -103,14 +90,17 @@ async def engine_passthrough(scope: Scope, receive: Receive, send: Send,
     state: RequestState = scope["flm"]
     state.engine_id = engine_id
     kind = adapter.endpoint.kind
-    lowered = path.lower()
-    admin = ADMIN_ROUTES.get(kind)
-    if admin is not None and admin.match(lowered):
+    descriptor = kinds.find(kind)
+    refusal = "not-allowed" if descriptor is None else descriptor.passthrough_refusal(path,
+                                                                                      method)
+    if refusal == "admin":
         raise HttpError(403, "route_disabled",
-                        f"{kind.value} admin route {path} is not reachable through FLM")
-    read_only = _READ_ONLY.get(kind)
-    if read_only is not None and read_only.match(lowered) and method != "GET":
+                        f"{kind} admin route {path} is not reachable through FLM")
+    if refusal == "read-only":
         raise HttpError(403, "route_disabled", f"{path} is read-only through FLM")
+    if refusal is not None:
+        raise HttpError(403, "route_disabled",
+                        f"{kind} route {path} is not reachable through FLM")
     body = await read_body(receive, scope, rt.settings.max_body_bytes)
     headers = {k.decode("latin-1"): v.decode("latin-1")
                for k, v in _forwardable(scope["headers"], _REQUEST_DROP, underscores=False)}

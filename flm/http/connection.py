@@ -4,7 +4,7 @@ One :class:`Connection` is an asyncio protocol around one TCP (or TLS) connectio
 parsed with the httptools (llhttp) C parser. It carries one request at a time and keeps the
 response's parts as the parser hands them over: status and headers, body chunks in arrival order,
 the end of the message, or the error that ended the connection. Nothing here knows about pools,
-timeouts or FLM's errors beyond what the callers in :mod:`flm.engines.http` need; they own those.
+timeouts or FLM's errors beyond what the callers in :mod:`flm.http.client` need; they own those.
 
 Why not a general-purpose client: engine traffic is one upstream, small JSON requests and long
 streamed replies, on the proxy's hot path. A general client spends most of a short request's time

@@ -1,4 +1,4 @@
-"""FLM's HTTP/1.1 server (``flm.proxy.server``) on real loopback sockets, with small ASGI apps:
+"""FLM's HTTP/1.1 server (``flm.http.server``) on real loopback sockets, with small ASGI apps:
 framing, keep-alive, pipelining, 100-continue, HEAD, unread bodies, slow bodies, disconnects,
 app failures and graceful stop."""
 
@@ -13,9 +13,10 @@ from typing import Any
 
 import pytest
 
-import flm.proxy.server as server
-from flm.proxy.asgi import Message, Receive, RequestBodyTimeout, Scope, Send
-from flm.proxy.server import HttpServer, bind_socket
+import flm.http.server as server
+from flm.http.asgi import Message, Receive, RequestBodyTimeout, Scope, Send
+from flm.http.server import HttpServer, bind_socket
+from flm.openai.errors import refusal
 
 
 class Running:
@@ -37,6 +38,7 @@ def serve(app: Callable[[Scope, Receive, Send], Any], host: str = "127.0.0.1",
           **kwargs: Any) -> Running:
     loop = asyncio.new_event_loop()
     sock = bind_socket(host, 0)
+    kwargs.setdefault("refusal", refusal)  # the gateway's: the error contract's JSON
     srv = HttpServer(app, sock, **kwargs)
     started = threading.Event()
 
@@ -558,13 +560,13 @@ def test_broken_body_of_a_running_request_gets_the_refusal(
 
 
 def test_head_limit_holds_on_keep_alive_connections(running: Callable[..., Running]) -> None:
-    """A head over the limit is refused by the server while it is read, or, when its last part
-    completes it, flagged for the app (the gateway answers 431 itself); either way it is
-    measured on the second request of a connection too."""
-    flagged: list[bool] = []
+    """A head over the limit is refused by the server with 431 while it is read, or when its
+    last part completes it (the app never sees it); either way it is measured on the second
+    request of a connection too."""
+    seen: list[str] = []
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        flagged.append(bool(scope.get("flm_head_too_large")))
+        seen.append(scope["path"])
         await echo(scope, receive, send)
 
     r = running(app)
@@ -582,8 +584,8 @@ def test_head_limit_holds_on_keep_alive_connections(running: Callable[..., Runni
             assert time.monotonic() < deadline, "the server never read the first part"
             time.sleep(0.005)
         sock.sendall(head[50_000:])
-        read_response(sock, buf)
-    assert flagged == [False, True]
+        assert _refusal(sock, buf, b"431")["code"] == "headers_too_large"
+    assert seen == ["/first"]
 
 
 def test_head_timeout_is_the_error_contract(running: Callable[..., Running],
@@ -685,3 +687,26 @@ def test_ipv4_clients_of_a_dual_stack_socket_have_their_ipv4_address(
         sock.sendall(b"GET /who HTTP/1.1\r\nHost: a\r\n\r\n")
         assert read_response(sock, bytearray())[0].startswith(b"HTTP/1.1 200")
     assert clients == ["127.0.0.1"]
+
+
+def test_refusals_are_rendered_by_the_function_given(running: Callable[..., Running]) -> None:
+    """The server knows no error format: without a ``refusal`` function its own refusals are
+    plain text; with one, that function's headers and body (and the fixed headers) go out."""
+    r = running(echo, refusal=server.plain_refusal)
+    with connect(r.port) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\n\r\n")  # no Host
+        line, headers, body = read_response(sock, bytearray())
+    assert line.startswith(b"HTTP/1.1 400") and body == b"missing Host header\n"
+    assert headers[b"content-type"].startswith(b"text/plain")
+
+    def teapot(status: int, code: str, message: str) -> tuple[list[tuple[bytes, bytes]], bytes]:
+        return [(b"content-type", b"text/x-test"), (b"x-code", code.encode())], b"<" + \
+            message.encode() + b">"
+
+    r = running(echo, refusal=teapot, headers=[(b"x-fixed", b"1")])
+    with connect(r.port) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\n\r\n")
+        line, headers, body = read_response(sock, bytearray())
+    assert line.startswith(b"HTTP/1.1 400") and body == b"<missing Host header>"
+    assert headers[b"x-code"] == b"invalid_request" and headers[b"x-fixed"] == b"1"
+    assert headers[b"content-length"] == str(len(body)).encode()

@@ -18,8 +18,8 @@ from flm.core.errors import (
     EngineNetworkError,
     EngineTimeoutError,
 )
-from flm.engines.h1 import HIGH_WATER
-from flm.engines.http import EngineClient, Timeouts
+from flm.http.client import EngineClient, Timeouts
+from flm.http.connection import HIGH_WATER
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
 

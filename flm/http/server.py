@@ -13,6 +13,9 @@ reply's head and body in one write, which saves the client a wake-up. What it ke
   not finished within ``body_timeout_s`` makes ``receive()`` raise :class:`RequestBodyTimeout`
   (the gateway turns it into its 408 error), and reading pauses while 64 KB of body wait for the
   app;
+- its own refusals (400, 408, 431, 500: the app never saw the request, or failed before
+  answering) are rendered by the ``refusal`` function it is given (the gateway's renders its
+  error contract); it knows nothing of the apps it serves;
 - ``Expect: 100-continue`` answered when the app first asks for the body;
 - chunked responses when the app gives no ``Content-Length``; no body for ``HEAD``;
 - a reply cut short by an app error closes the connection; a response sent before the request
@@ -49,11 +52,13 @@ import httptools
 
 from flm.core.clients import subject
 from flm.core.errors import ProxyError, ProxyPortInUseError
-from flm.core.ids import new_request_id
-from flm.openai.errors import error_bytes
-from flm.proxy.asgi import ASGIApp, Message, RequestBodyTimeout, Scope
+from flm.http.asgi import ASGIApp, Message, RequestBodyTimeout, Scope
 
 log = logging.getLogger("flm.proxy")
+
+#: Renders one of the server's own refusals: ``(status, code, message)`` to the response
+#: headers (content type included; no length or framing) and the body.
+Refusal = Callable[[int, str, str], tuple[Sequence[tuple[bytes, bytes]], bytes]]
 
 #: Largest request head (request line + headers) accepted.
 MAX_HEADER_BYTES = 64 * 1024
@@ -102,6 +107,10 @@ class _BadHead(Exception):
     """A head that parses but must be refused (raised from a parser callback)."""
 
 
+class _HeadTooLarge(_BadHead):
+    """A head over the size limit that arrived whole (refused with 431)."""
+
+
 def _check_host(index: dict[bytes, bytes], headers: list[tuple[bytes, bytes]],
                 version: str) -> None:
     """RFC 9112 §3.2: an HTTP/1.1 request has exactly one ``Host``, and a valid one. (A
@@ -148,14 +157,19 @@ def _date_line() -> bytes:
     return _date_cache[1]
 
 
-def _error_response(status: int, code: str, message: str, fixed: bytes = b"") -> bytes:
-    """The server's own refusal (the app never saw the request): the error contract's JSON
-    body and a request id, like every other response; the connection closes after it."""
-    rid = new_request_id()
-    body = error_bytes(status, code, message, rid)
-    return (_STATUS_LINES[status] + b"content-type: application/json\r\ncontent-length: %d\r\n"
-            b"x-request-id: %s\r\n%sconnection: close\r\n\r\n%s"
-            % (len(body), rid.encode(), fixed, body))
+def plain_refusal(status: int, code: str, message: str) -> tuple[
+        Sequence[tuple[bytes, bytes]], bytes]:
+    """The default rendering of a refusal: the message as plain text."""
+    return [(b"content-type", b"text/plain; charset=utf-8")], message.encode() + b"\n"
+
+
+def _error_response(state: _ServerState, status: int, code: str, message: str) -> bytes:
+    """The server's own refusal (the app never saw the request), rendered by the server's
+    ``refusal`` function, with the fixed headers; the connection closes after it."""
+    headers, body = state.refusal(status, code, message)
+    return (_STATUS_LINES[status] + _render_headers(headers)
+            + b"content-length: %d\r\n%sconnection: close\r\n\r\n%s"
+            % (len(body), state.fixed, body))
 
 
 def _render_headers(headers: Sequence[tuple[bytes, bytes]]) -> bytes:
@@ -252,8 +266,10 @@ class _ServerState:
 
     def __init__(self, app: ASGIApp, scheme: str, body_timeout_s: float,
                  headers: Sequence[tuple[bytes, bytes]] = (),
+                 refusal: Refusal = plain_refusal,
                  limits: ConnectionLimits | None = None) -> None:
         self.app = app
+        self.refusal = refusal
         self.limits = limits
         self.scheme = scheme
         self.body_timeout_s = body_timeout_s
@@ -517,7 +533,7 @@ class HttpProtocol(asyncio.Protocol):
             ip = self.client[0] if self.client else ""
             refused = limits.admit(ip)
             if refused is not None:
-                transport.write(_error_response(503, "overloaded", refused, self.state.fixed))
+                transport.write(_error_response(self.state, 503, "overloaded", refused))
                 transport.close()
                 return
             self.counted = ip
@@ -592,8 +608,11 @@ class HttpProtocol(asyncio.Protocol):
             return
         except httptools.HttpParserError as exc:
             bad = exc.__context__
-            self._fail(400, "invalid_request",
-                       str(bad) if isinstance(bad, _BadHead) else "invalid HTTP request")
+            if isinstance(bad, _HeadTooLarge):
+                self._fail(431, "headers_too_large", "request head too large")
+            else:
+                self._fail(400, "invalid_request",
+                           str(bad) if isinstance(bad, _BadHead) else "invalid HTTP request")
             return
         cycle = self.starting
         if cycle is not None:  # a head parsed cleanly, with what followed it in this read
@@ -650,7 +669,7 @@ class HttpProtocol(asyncio.Protocol):
         self._disarm()
         if self.refusal is not None:
             return
-        self.refusal = _error_response(status, code, message, self.state.fixed)
+        self.refusal = _error_response(self.state, status, code, message)
         starting = self.starting
         if starting is not None:
             self.starting = None
@@ -699,7 +718,7 @@ class HttpProtocol(asyncio.Protocol):
         raw_path, path, query = _TARGETS.get(url) or _parse_target(url)
         method: str = parser.get_method().decode("ascii")
         version = parser.get_http_version()
-        index = dict(reversed(headers))  # (see flm.proxy.asgi.header_index)
+        index = dict(reversed(headers))  # (see flm.http.asgi.header_index)
         _check_host(index, headers, version)
         scope: Scope = {
             "type": "http",
@@ -718,10 +737,10 @@ class HttpProtocol(asyncio.Protocol):
         }
         if self.head_bytes + self.chunk_size > self.max_head_bytes:
             # Possibly too large (a head that came in one piece is not cut while reading it):
-            # measured, and if so the app answers 431 before doing anything.
+            # measured, and if so refused with 431 before the app sees it.
             size = len(url) + sum(len(name) + len(value) + 4 for name, value in headers)
             if size > self.max_head_bytes:
-                scope["flm_head_too_large"] = True
+                raise _HeadTooLarge("request head too large")
         cycle = _Cycle(self, scope, parser.should_keep_alive(), method == "HEAD")
         self.parsing = cycle
         if self.active is None and self.starting is None:
@@ -841,8 +860,7 @@ class HttpProtocol(asyncio.Protocol):
             transport.write(self.refusal)  # the request's body broke: the server's 400
             self.refusal = None
         elif not cycle.started and not cycle.disconnected:
-            transport.write(_error_response(500, "internal_error", "internal error",
-                                            self.state.fixed))
+            transport.write(_error_response(self.state, 500, "internal_error", "internal error"))
         elif cycle.pending_head is not None:
             cycle.pending_head = None
         if cycle is self.active:
@@ -931,7 +949,8 @@ class HttpServer:
     """One server on a pre-bound socket, started and stopped from a running loop.
 
     ``headers`` go on every response it sends, its own refusals (400, 408, 431, 500)
-    included; they are checked and rendered once, here."""
+    included; they are checked and rendered once, here. ``refusal`` renders those refusals
+    (by default as plain text)."""
 
     timeout_graceful_shutdown_s = GRACEFUL_SHUTDOWN_S
 
@@ -939,11 +958,12 @@ class HttpServer:
                  ssl_context: ssl.SSLContext | None = None, *,
                  body_timeout_s: float = BODY_TIMEOUT_S,
                  headers: Sequence[tuple[bytes, bytes]] = (),
+                 refusal: Refusal = plain_refusal,
                  limits: ConnectionLimits | None = None) -> None:
         self.sock = sock
         self.ssl_context = ssl_context
         self.state = _ServerState(app, "https" if ssl_context is not None else "http",
-                                  body_timeout_s, headers, limits)
+                                  body_timeout_s, headers, refusal, limits)
         self._server: asyncio.base_events.Server | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._port = int(sock.getsockname()[1])

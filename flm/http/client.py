@@ -1,5 +1,6 @@
-"""The pooled upstream HTTP client: engine requests, their limits and timeouts, and the one place
-connection failures become FLM errors (the wire protocol itself is in :mod:`flm.engines.h1`)."""
+"""The pooled upstream HTTP client: engine requests, their limits and timeouts, and the one
+place connection failures become FLM errors (the wire protocol itself is in
+:mod:`flm.http.connection`)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from flm.core.errors import (
     EngineTimeoutError,
 )
 from flm.core.memo import remember
-from flm.engines.h1 import HIGH_WATER, Connection, Deadlines, Headers, expire
+from flm.http.connection import HIGH_WATER, Connection, Deadlines, Headers, expire
 
 #: Largest non-streamed JSON body accepted from an engine.
 MAX_JSON_BYTES = 64 * 1024 * 1024
@@ -46,6 +47,15 @@ class Timeouts:
 
 class FlmListenerError(EngineApiError):
     """The endpoint is one of FLM's own proxies, not an engine."""
+
+
+def _proxy_exceptions() -> tuple[type[Exception], ...]:
+    """What a SOCKS opener (python-socks, see :func:`flm.egress.connector.opener_for`) raises
+    when the proxy fails or refuses the connection; imported only when a connection failed."""
+    import python_socks
+
+    return (python_socks.ProxyError, python_socks.ProxyConnectionError,
+            python_socks.ProxyTimeoutError)
 
 
 def _status_error(status: int, message: str) -> EngineError:
@@ -341,9 +351,7 @@ class EngineClient:
             reason = os.strerror(exc.errno) if exc.errno else type(exc).__name__
             raise EngineNetworkError(f"cannot connect to {self.where}: {reason}") from exc
         except Exception as exc:
-            from flm.egress.connector import PROXY_EXCEPTIONS
-
-            if isinstance(exc, PROXY_EXCEPTIONS):
+            if isinstance(exc, _proxy_exceptions()):
                 raise EngineNetworkError(
                     f"cannot reach {self.where} through the egress proxy: {exc}"
                 ) from exc

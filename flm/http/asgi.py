@@ -1,0 +1,33 @@
+"""The ASGI 3 types FLM's HTTP server speaks, and the request-header index it builds once per
+request (the gateway's helpers on top of them are in :mod:`flm.proxy.asgi`)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class RequestBodyTimeout(Exception):
+    """Raised by the server's ``receive()`` when the client did not finish sending the request
+    body within the server's body deadline (see :mod:`flm.http.server`)."""
+
+
+def header_index(scope: Scope) -> dict[bytes, bytes]:
+    """The request headers by name, the first of a repeated one winning; made once per
+    request (one C call) and kept in the scope."""
+    index: dict[bytes, bytes] | None = scope.get("flm.headers")
+    if index is None:
+        index = scope["flm.headers"] = dict(reversed(scope["headers"]))
+    return index
+
+
+def header(scope: Scope, name: bytes) -> bytes | None:
+    """The first value of header ``name`` (lower case), if any."""
+    value = header_index(scope).get(name)
+    return None if value is None else bytes(value)
