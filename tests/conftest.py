@@ -101,3 +101,14 @@ def audit_rows(home: Path, sql: str, *, flush: Any = None, timeout: float = 10) 
         if rows or time.monotonic() > deadline:
             return rows
         time.sleep(0.01)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that start FLM processes (``flm_subprocess``: the daemon, foreground proxies) or
+    run end to end are ``slow``: ``scripts/check`` leaves them to ``scripts/test``."""
+    slow = pytest.mark.slow
+    for item in items:
+        function = getattr(item, "function", None)
+        names = getattr(getattr(function, "__code__", None), "co_names", ())
+        if "flm_subprocess" in names or "/e2e/" in str(getattr(item, "path", "")):
+            item.add_marker(slow)

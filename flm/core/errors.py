@@ -3,7 +3,7 @@
 Every failure that crosses a layer boundary is one of these. Third-party exceptions (sqlite3,
 aiohttp, ssl, OSError) are translated into them at the boundary where they happen and nowhere
 else. The CLI renders them as ``{"error": {"code", "message"}}`` with ``exit_code``; the proxy
-renders the HTTP ones through ``flm.openai.errors``.
+maps them to HTTP statuses and OpenAI error codes in one table, ``flm.openai.errors.ERROR_MAP``.
 """
 
 from __future__ import annotations
@@ -85,33 +85,31 @@ class PolicyInvalidError(FlmError):
 
 class EngineError(FlmError):
     code = "ENGINE_API_ERROR"
-    #: HTTP status the proxy answers with, and the OpenAI-style error code.
-    http_status: int = 502
-    http_code: str = "engine_error"
 
 
 class EngineNotFoundError(EngineError):
     code = "ENGINE_NOT_FOUND"
-    http_status = 404
-    http_code = "not_found"
 
 
 class EngineNetworkError(EngineError):
     code = "ENGINE_NETWORK_ERROR"
-    http_status = 503
-    http_code = "engine_unavailable"
 
 
 class EngineApiError(EngineError):
     code = "ENGINE_API_ERROR"
-    http_status = 502
-    http_code = "engine_error"
+
+
+class EngineRequestRejectedError(EngineApiError):
+    """The engine refused the request itself (an HTTP 4xx other than 404, 408 or 429): the
+    client's request was wrong for it."""
+
+
+class EngineNotSupportedError(EngineError):
+    """The engine kind has no such feature (e.g. audio transcription)."""
 
 
 class EngineTimeoutError(EngineError):
     code = "ENGINE_TIMEOUT"
-    http_status = 504
-    http_code = "engine_timeout"
 
 
 class EngineInstallError(EngineError):

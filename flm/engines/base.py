@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from flm.core.errors import EngineApiError, EngineError
+from flm.core.errors import EngineApiError, EngineNotSupportedError
 from flm.core.models import Capabilities, EngineEndpoint, ModelInfo
 from flm.http.client import EngineClient, Timeouts
 
@@ -27,10 +27,7 @@ class Health:
     degraded_reason: str | None = None
 
 
-class NotSupportedError(EngineError):
-    code = "ENGINE_API_ERROR"
-    http_status = 404
-    http_code = "route_disabled"
+NotSupportedError = EngineNotSupportedError
 
 
 class EngineAdapter(ABC):

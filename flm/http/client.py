@@ -22,6 +22,7 @@ from flm.core.errors import (
     EngineError,
     EngineNetworkError,
     EngineNotFoundError,
+    EngineRequestRejectedError,
     EngineTimeoutError,
 )
 from flm.core.memo import remember
@@ -68,10 +69,7 @@ def _status_error(status: int, message: str) -> EngineError:
     elif status == 504 or status == 408:
         err = EngineTimeoutError(text)
     else:
-        err = EngineApiError(text)
-        if 400 <= status < 500:
-            err.http_status = 400
-            err.http_code = "invalid_request"
+        err = EngineRequestRejectedError(text) if 400 <= status < 500 else EngineApiError(text)
     err.details = {"upstream_status": status}
     return err
 

@@ -5,7 +5,17 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from flm.core.errors import EngineError, FlmError
+from flm.core.errors import (
+    EngineError,
+    EngineNetworkError,
+    EngineNotFoundError,
+    EngineNotSupportedError,
+    EngineRequestRejectedError,
+    EngineTimeoutError,
+    FlmError,
+    NotFoundError,
+    UsageError,
+)
 from flm.core.ids import new_request_id
 
 _TYPES = {
@@ -18,6 +28,31 @@ _TYPES = {
     429: "rate_limit_error",
     501: "not_implemented_error",
 }
+
+
+#: FLM's errors as API clients see them: class → (HTTP status, error code); the error ``type``
+#: follows from the status (:func:`error_type`). The most specific class of an error that is
+#: listed wins. This is the one place an FLM error becomes an HTTP error.
+ERROR_MAP: dict[type[FlmError], tuple[int, str]] = {
+    EngineNotFoundError: (404, "not_found"),
+    EngineNotSupportedError: (404, "route_disabled"),
+    EngineRequestRejectedError: (400, "invalid_request"),
+    EngineNetworkError: (503, "engine_unavailable"),
+    EngineTimeoutError: (504, "engine_timeout"),
+    EngineError: (502, "engine_error"),  # EngineApiError, EngineInstallError
+    UsageError: (400, "invalid_request"),
+    NotFoundError: (404, "not_found"),
+    FlmError: (500, "internal_error"),
+}
+
+
+def http_status(error: FlmError) -> tuple[int, str]:
+    """``error``'s (HTTP status, error code), from :data:`ERROR_MAP`."""
+    for cls in type(error).__mro__:
+        mapped = ERROR_MAP.get(cls)
+        if mapped is not None:
+            return mapped
+    return 500, "internal_error"
 
 
 class HttpError(Exception):
@@ -33,9 +68,10 @@ class HttpError(Exception):
 
     @classmethod
     def from_flm(cls, error: FlmError) -> HttpError:
-        if isinstance(error, EngineError):
-            return cls(error.http_status, error.http_code, error.message)
-        return cls(500, "internal_error", "internal error")
+        """``error`` as the API answers it (:data:`ERROR_MAP`); the message of an error that
+        maps to 500 stays in FLM's log, the client gets "internal error"."""
+        status, code = http_status(error)
+        return cls(status, code, error.message if status != 500 else "internal error")
 
 
 class NoSuchRoute(HttpError):

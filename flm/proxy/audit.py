@@ -25,7 +25,6 @@ import json
 import logging
 import math
 import os
-import sqlite3
 import threading
 import time
 from collections import deque
@@ -36,6 +35,7 @@ from flm.core.jsonlog import scrub
 from flm.core.memo import remember
 from flm.core.threads import background_thread
 from flm.storage.db import Database
+from flm.storage.records import AUDIT_COLUMNS, write_batch
 
 log = logging.getLogger("flm.audit")
 
@@ -54,11 +54,7 @@ def _pause() -> None:
     time.sleep(_PAUSE_S)
 
 
-_AUDIT_COLUMNS = ("ts", "request_id", "client_ip", "api_key_id", "endpoint", "method",
-                  "engine_id", "model", "status", "latency_ms", "prompt_tokens",
-                  "completion_tokens", "error_type", "event_type", "severity", "details_json")
-_INSERT_AUDIT = (f"INSERT INTO audit_logs({', '.join(_AUDIT_COLUMNS)}) "
-                 f"VALUES ({', '.join('?' for _ in _AUDIT_COLUMNS)})")
+_AUDIT_COLUMNS = AUDIT_COLUMNS
 
 
 #: The last whole second formatted and its text, replaced as one tuple (safe across threads).
@@ -264,28 +260,7 @@ class AuditSink:
     def _write_db(self, audit_rows: list[tuple[Any, ...]], blocks: list[tuple[Any, ...]],
                   intrusions: list[tuple[Any, ...]], anomalies: list[tuple[Any, ...]]) -> None:
         assert self._db is not None
-
-        def run(conn: sqlite3.Connection) -> None:
-            if audit_rows:
-                conn.executemany(_INSERT_AUDIT, audit_rows)
-            if blocks:
-                conn.executemany(
-                    "INSERT INTO ip_blocklist(ip, listener, reason, failure_count, blocked_at, "
-                    "expires_at, permanent) VALUES (?, ?, ?, ?, ?, ?, ?) "
-                    "ON CONFLICT(ip, listener) DO UPDATE SET "
-                    "reason=excluded.reason, failure_count=excluded.failure_count, "
-                    "blocked_at=excluded.blocked_at, expires_at=excluded.expires_at, "
-                    "permanent=excluded.permanent", blocks)
-            if intrusions:
-                conn.executemany(
-                    "INSERT INTO intrusion_attempts(ts, ip, score, total_score, reasons_json, "
-                    "path, user_agent, request_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", intrusions)
-            if anomalies:
-                conn.executemany(
-                    "INSERT INTO anomaly_detections(ts, ip, anomaly_type, value, threshold, "
-                    "details_json, request_id) VALUES (?, ?, ?, ?, ?, ?, ?)", anomalies)
-
-        self._db.write(run)
+        write_batch(self._db, audit_rows, blocks, intrusions, anomalies)
 
     def close(self) -> None:
         self._stop = True

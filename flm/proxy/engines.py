@@ -17,7 +17,7 @@ from flm.core.models import Capabilities, EngineEndpoint, ModelInfo
 from flm.engines.base import EngineAdapter
 from flm.engines.kinds import make_adapter
 from flm.http.client import EngineClient, Timeouts
-from flm.openai.errors import HttpError
+from flm.openai.errors import HttpError, http_status
 
 if TYPE_CHECKING:
     from flm.egress.config import EgressConfig
@@ -126,8 +126,10 @@ class EngineRegistry:
                     listed is None or time.monotonic() - listed[0] >= MISS_REFRESH_S):
                 models = await self.models_of(engine_id, refresh=True)
         except EngineError as exc:
-            raise HttpError(exc.http_status if exc.http_status != 404 else 503,
-                            exc.http_code if exc.http_status != 404 else "engine_unavailable",
+            status, code = http_status(exc)
+            if status == 404:  # (the engine has no model list: it is not usable)
+                status, code = 503, "engine_unavailable"
+            raise HttpError(status, code,
                             f"engine {engine_id} is unavailable: {exc.message}") from exc
         info = _find(models, model)
         if info is None:

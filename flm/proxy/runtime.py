@@ -144,10 +144,9 @@ def load_block_rows(ctx: Any, listener: str) -> list[tuple[str, str, float | Non
     """Persisted blocks and failure counts from security.db that apply to ``listener`` (a
     proxy's handle id): its own and the shared ones (``'*'``)."""
     from flm.core.timeutil import parse_iso
+    from flm.storage.records import BlocklistRepo
 
-    rows = ctx.storage.security.query(
-        "SELECT ip, reason, failure_count, blocked_at, expires_at, permanent FROM ip_blocklist "
-        "WHERE listener IN ('*', ?)", (listener,))
+    rows = BlocklistRepo(ctx.storage.security).all(newest_first=False, listener=listener)
     out: list[tuple[str, str, float | None, float, int]] = []
     for r in rows:
         until = None if r["permanent"] else (

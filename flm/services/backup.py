@@ -16,6 +16,7 @@ from flm.services.runstate import pid_alive, running_daemon
 from flm.storage import Storage
 from flm.storage.config import ProxyHandlesRepo
 from flm.storage.db import Database
+from flm.storage.files import copy_database, inspect_backup
 
 GENERATIONS = 3
 _BACKUP_NAME = re.compile(r"^security\.db\.bak\.(\d{8}T\d{6}\d{3}Z)$")
@@ -39,13 +40,7 @@ class BackupService:
             target = folder / f"security.db.bak.{_stamp()}"
         touch_private_file(target)
         try:
-            src = sqlite3.connect(db.path)
-            dst = sqlite3.connect(target)
-            try:
-                src.backup(dst)
-            finally:
-                dst.close()
-                src.close()
+            copy_database(db.path, target)
         except sqlite3.Error as exc:
             target.unlink(missing_ok=True)
             raise RepoError(f"backup failed: {exc}") from exc
@@ -111,17 +106,11 @@ class BackupService:
             raise UsageError(f"backup file {file} does not exist")
         # immutable: a backup is never written, so no lock, -wal or -shm file is needed (it
         # may sit in a read-only place, and reading leaves nothing beside it)
-        source = f"file:{file}?mode=ro&immutable=1"
         try:
-            src = sqlite3.connect(source, uri=True)
-            try:
-                ok = src.execute("PRAGMA integrity_check").fetchone()[0]
-                tables = {r[0] for r in src.execute("SELECT name FROM sqlite_master")}
-            finally:
-                src.close()
+            ok, tables = inspect_backup(file)
         except sqlite3.Error as exc:
             raise UsageError(f"{file} is not a readable SQLite database: {exc}") from exc
-        if ok != "ok" or "api_keys" not in tables:
+        if not ok or "api_keys" not in tables:
             raise UsageError(f"{file} is not a healthy FLM security.db backup")
         self._storage.close()
         target = self._storage.paths.security_db
@@ -131,13 +120,7 @@ class BackupService:
         fresh.unlink(missing_ok=True)
         touch_private_file(fresh)
         try:
-            src = sqlite3.connect(source, uri=True)
-            dst = sqlite3.connect(fresh, timeout=30)
-            try:
-                src.backup(dst)
-            finally:
-                dst.close()
-                src.close()
+            copy_database(file, fresh, immutable_source=True)
         except sqlite3.Error as exc:
             fresh.unlink(missing_ok=True)
             raise RepoError(f"restore failed: {exc}") from exc

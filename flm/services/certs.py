@@ -16,7 +16,6 @@ ACME protocol): call it from a worker thread when an event loop is running.
 from __future__ import annotations
 
 import hashlib
-import sqlite3
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -27,6 +26,7 @@ from flm.core.errors import ProxyAcmeError, ProxyError
 from flm.core.paths import ensure_private_dir
 from flm.services.proxy_config import DEV_MODE, LOCAL_CA_MODE
 from flm.storage import Storage
+from flm.storage.records import CertificatesRepo
 from flm.tls.certs import CertBundle, load_cert_file, needs_renewal
 
 if TYPE_CHECKING:
@@ -202,21 +202,10 @@ class CertificateService:
 
     def record(self, bundle: CertBundle) -> None:
         """Upsert ``bundle``'s row in ``certificates``."""
-        row = bundle.to_record()
-        columns = list(row)
-        updates = ", ".join(f"{c}=excluded.{c}" for c in columns if c != "id")
-        sql = (f"INSERT INTO certificates({', '.join(columns)}) "
-               f"VALUES ({', '.join('?' for _ in columns)}) "
-               f"ON CONFLICT(id) DO UPDATE SET {updates}")
-
-        def run(conn: sqlite3.Connection) -> None:
-            conn.execute(sql, [row[c] for c in columns])
-
-        self._storage.security.write(run)
+        CertificatesRepo(self._storage.security).upsert(bundle.to_record())
 
     def records(self) -> list[dict[str, Any]]:
-        rows = self._storage.security.query("SELECT * FROM certificates ORDER BY id")
-        return [dict(r) for r in rows]
+        return CertificatesRepo(self._storage.security).all()
 
 
 def due_for_renewal(bundle: CertBundle, days: float = RENEW_BEFORE_DAYS,

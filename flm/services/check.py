@@ -11,6 +11,7 @@ from flm.services.runstate import pid_alive
 from flm.storage import Storage
 from flm.storage.config import ProxyHandlesRepo
 from flm.storage.db import Database
+from flm.storage.files import table_counts
 from flm.storage.security import PolicyRepo
 
 
@@ -30,17 +31,7 @@ def _db_report(db: Database, verbose: bool) -> dict[str, Any]:
         )
     report["problems"].extend(db.integrity_problems())
     if verbose:
-        tables = [
-            r[0]
-            for r in db.query(
-                "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%' "
-                "ORDER BY name"
-            )
-        ]
-        report["tables"] = {
-            t: int(db.query_one(f'SELECT COUNT(*) FROM "{t}"')[0])  # type: ignore[index]
-            for t in tables
-        }
+        report["tables"] = table_counts(db)
     return report
 
 

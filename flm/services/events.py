@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 from typing import Any
 
 from flm.core.jsonlog import scrub
 from flm.core.timeutil import now_iso
 from flm.storage import Storage
+from flm.storage.records import AuditRepo
 
 log = logging.getLogger("flm.events")
 
@@ -35,14 +35,7 @@ def record_security_event(
     body = scrub(json.dumps(details or {}, separators=(",", ":"), default=str))
     stamp = now_iso()
 
-    def run(conn: sqlite3.Connection) -> int:
-        cursor = conn.execute(
-            "INSERT INTO audit_logs(ts, event_type, severity, details_json) VALUES (?, ?, ?, ?)",
-            (stamp, event_type, severity, body),
-        )
-        return int(cursor.lastrowid or 0)
-
-    row_id = storage.security.write(run)
+    row_id = AuditRepo(storage.security).insert_event(stamp, event_type, severity, body)
     log.warning("security event %s (%s)", event_type, severity,
                 extra={"event_type": event_type, "severity": severity})
     return row_id

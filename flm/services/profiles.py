@@ -7,13 +7,12 @@ from __future__ import annotations
 import json
 import math
 import re
-import secrets
-import sqlite3
 from typing import Any
 
 from flm.core.errors import NotFoundError, UsageError
 from flm.core.timeutil import now_iso
 from flm.storage import Storage
+from flm.storage.profiles import ApiPromptsRepo, ModelProfilesRepo
 
 #: Parameters a profile may set, with their accepted types and ranges.
 PROFILE_PARAMS: dict[str, tuple[type | tuple[type, ...], float | None, float | None]] = {
@@ -89,20 +88,8 @@ class ProfileService:
 
     def profiles(self, engine_id: str | None = None,
                  model_id: str | None = None) -> list[dict[str, Any]]:
-        sql = ("SELECT id, engine_id, model_id, label, parameters_json, version, updated_at "
-               "FROM model_profiles WHERE 1=1")
-        params: list[Any] = []
-        if engine_id:
-            sql += " AND engine_id = ?"
-            params.append(engine_id)
-        if model_id:
-            sql += " AND model_id = ?"
-            params.append(model_id)
-        rows = self._storage.config.query(sql + " ORDER BY engine_id, model_id, updated_at",
-                                          params)
         out = []
-        for r in rows:
-            item = dict(r)
+        for item in ModelProfilesRepo(self._storage.config).all(engine_id, model_id):
             item["parameters"] = json.loads(item.pop("parameters_json"))
             out.append(item)
         return out
@@ -116,29 +103,13 @@ class ProfileService:
         checked = check_params(params)
         stamp = now_iso()
         text = json.dumps(checked, sort_keys=True)
-
-        def run(conn: sqlite3.Connection) -> tuple[str, int]:
-            row = conn.execute("SELECT id, version FROM model_profiles WHERE engine_id=? AND "
-                               "model_id=? AND label=?", (engine_id, model_id, label)).fetchone()
-            if row is None:
-                new_id = secrets.token_hex(6)
-                conn.execute("INSERT INTO model_profiles(id, engine_id, model_id, label, "
-                             "parameters_json, version, updated_at) VALUES (?, ?, ?, ?, ?, 1, ?)",
-                             (new_id, engine_id, model_id, label, text, stamp))
-                return new_id, 1
-            conn.execute("UPDATE model_profiles SET parameters_json=?, version=version+1, "
-                         "updated_at=? WHERE id=?", (text, stamp, row[0]))
-            return str(row[0]), int(row[1]) + 1
-
-        profile_id, version = self._storage.config.write(run)
+        profile_id, version = ModelProfilesRepo(self._storage.config).save(
+            engine_id, model_id, label, text, stamp)
         return {"id": profile_id, "engine_id": engine_id, "model_id": model_id, "label": label,
                 "parameters": checked, "version": version, "updated_at": stamp}
 
     def delete_profile(self, profile_id: str) -> dict[str, Any]:
-        def run(conn: sqlite3.Connection) -> int:
-            return conn.execute("DELETE FROM model_profiles WHERE id=?", (profile_id,)).rowcount
-
-        if not self._storage.config.write(run):
+        if not ModelProfilesRepo(self._storage.config).delete(profile_id):
             raise NotFoundError(f"no model profile with id {profile_id!r}",
                                 code="PROFILE_NOT_FOUND")
         return {"id": profile_id, "deleted": True}
@@ -159,17 +130,13 @@ class ProfileService:
         return api_id
 
     def prompts(self) -> list[dict[str, Any]]:
-        rows = self._storage.config.query(
-            "SELECT api_id, template_text, version, updated_at FROM api_prompts ORDER BY api_id")
-        return [dict(r) for r in rows]
+        return ApiPromptsRepo(self._storage.config).all()
 
     def prompt(self, api_id: str) -> dict[str, Any]:
-        row = self._storage.config.query_one(
-            "SELECT api_id, template_text, version, updated_at FROM api_prompts WHERE api_id=?",
-            (self._check_api(api_id),))
+        row = ApiPromptsRepo(self._storage.config).get(self._check_api(api_id))
         if row is None:
             raise NotFoundError(f"no prompt set for {api_id}", code="PROMPT_NOT_FOUND")
-        return dict(row)
+        return row
 
     def set_prompt(self, api_id: str, template: str) -> dict[str, Any]:
         self._check_api(api_id)
@@ -177,28 +144,13 @@ class ProfileService:
         if not template.strip() or len(template) > 64 * 1024:
             raise UsageError("a prompt template must be 1 byte to 64 KB of text")
         stamp = now_iso()
-
-        def run(conn: sqlite3.Connection) -> int:
-            conn.execute(
-                "INSERT INTO api_prompts(api_id, template_text, version, updated_at) "
-                "VALUES (?, ?, 1, ?) ON CONFLICT(api_id) DO UPDATE SET "
-                "template_text=excluded.template_text, version=api_prompts.version+1, "
-                "updated_at=excluded.updated_at", (api_id, template, stamp))
-            row = conn.execute("SELECT version FROM api_prompts WHERE api_id=?",
-                               (api_id,)).fetchone()
-            return int(row[0])
-
-        version = self._storage.config.write(run)
+        version = ApiPromptsRepo(self._storage.config).put(api_id, template, stamp)
         return {"api_id": api_id, "template_text": template, "version": version,
                 "updated_at": stamp}
 
     def delete_prompt(self, api_id: str) -> dict[str, Any]:
         self._check_api(api_id)
-
-        def run(conn: sqlite3.Connection) -> int:
-            return conn.execute("DELETE FROM api_prompts WHERE api_id=?", (api_id,)).rowcount
-
-        if not self._storage.config.write(run):
+        if not ApiPromptsRepo(self._storage.config).delete(api_id):
             raise NotFoundError(f"no prompt set for {api_id}", code="PROMPT_NOT_FOUND")
         return {"api_id": api_id, "deleted": True}
 

@@ -4,10 +4,8 @@ changes. Changes reach running proxies through the daemon's reload."""
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
-import sqlite3
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,7 @@ from flm.core.errors import NotFoundError, UsageError
 from flm.core.paths import ensure_private_dir, write_private_file
 from flm.core.timeutil import iso, now_iso, parse_iso, utc_now
 from flm.storage import Storage
+from flm.storage.records import AnomaliesRepo, AuditRepo, BlocklistRepo, IntrusionsRepo
 
 SEVERITIES = ("info", "low", "medium", "high", "critical")
 
@@ -52,36 +51,20 @@ class SecurityEvents:
 
     def blocklist(self) -> list[dict[str, Any]]:
         now = now_iso()
-        rows = self._db.query(
-            "SELECT ip, listener, reason, failure_count, blocked_at, expires_at, permanent "
-            "FROM ip_blocklist ORDER BY blocked_at DESC")
         return [{**dict(r), "permanent": bool(r["permanent"]),
                  "active": bool(r["permanent"]) or (r["expires_at"] or "") > now}
-                for r in rows]
+                for r in BlocklistRepo(self._db).all()]
 
     def unblock(self, ip: str) -> dict[str, Any]:
         """Unblock an address. IPv6 clients are blocked by /64: any address in it, or the
         /64 as listed, unblocks it (with rows that name single addresses in it)."""
         target = subject(ip.strip())
-
-        def run(conn: sqlite3.Connection) -> int:
-            if ":" not in target:
-                return conn.execute("DELETE FROM ip_blocklist WHERE ip=?", (target,)).rowcount
-            listed = [r[0] for r in conn.execute(
-                "SELECT ip FROM ip_blocklist WHERE instr(ip, ':') > 0")]
-            gone = [x for x in listed if subject(x) == target]
-            conn.executemany("DELETE FROM ip_blocklist WHERE ip=?", [(x,) for x in gone])
-            return len(gone)
-
-        if not self._db.write(run):
+        if not BlocklistRepo(self._db).remove_matching(target, subject):
             raise NotFoundError(f"{ip} is not in the blocklist", code="IP_NOT_BLOCKED")
         return {"ip": target, "unblocked": True}
 
     def clear_temporary(self) -> dict[str, Any]:
-        def run(conn: sqlite3.Connection) -> int:
-            return conn.execute("DELETE FROM ip_blocklist WHERE permanent = 0").rowcount
-
-        return {"cleared": self._db.write(run), "kept_permanent": True}
+        return {"cleared": BlocklistRepo(self._db).clear_temporary(), "kept_permanent": True}
 
     # --- audit -----------------------------------------------------------------------------------
 
@@ -89,30 +72,16 @@ class SecurityEvents:
                    ip: str | None = None, since: str | None = None, limit: int | None = 100,
                    offset: int = 0) -> list[dict[str, Any]]:
         """Newest first; ``limit=None`` is every row (for export)."""
-        where, params = [], []
-        if event_type:
-            where.append("event_type = ?")
-            params.append(event_type)
-        if severity:
-            if severity not in SEVERITIES:
-                raise UsageError(f"--severity must be one of {', '.join(SEVERITIES)}")
-            where.append("severity = ?")
-            params.append(severity)
-        if ip:
-            where.append("client_ip = ?")
-            params.append(ip)
-        if since:
-            where.append("ts >= ?")
-            params.append(_iso_arg(since, "--since"))
+        if severity and severity not in SEVERITIES:
+            raise UsageError(f"--severity must be one of {', '.join(SEVERITIES)}")
+        since_iso = _iso_arg(since, "--since") if since else None
         if limit is not None:
             _check_limit(limit)
         if offset < 0:
             raise UsageError("--offset must be >= 0")
-        sql = "SELECT * FROM audit_logs"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY id DESC LIMIT ? OFFSET ?"
-        rows = self._db.query(sql, [*params, -1 if limit is None else limit, offset])
+        rows = AuditRepo(self._db).query(
+            event_type=event_type, severity=severity, ip=ip,
+            since=since_iso, limit=limit, offset=offset)
         out = []
         for r in rows:
             item = dict(r)
@@ -149,31 +118,15 @@ class SecurityEvents:
         folder = ensure_private_dir(self._storage.paths.logs_dir / "archive")
         stamp = now_iso().replace(":", "").replace("-", "")
         target = folder / f"audit-before-{cutoff[:10]}-{stamp}.jsonl"
-
-        def run(conn: sqlite3.Connection) -> dict[str, Any]:
-            rows = conn.execute("SELECT * FROM audit_logs WHERE ts < ? ORDER BY id",
-                                (cutoff,)).fetchall()
-            lines = "".join(json.dumps(dict(r), ensure_ascii=False) + "\n" for r in rows)
-            write_private_file(target, lines.encode())
-            digest = hashlib.sha256(lines.encode()).hexdigest()
-            conn.execute("UPDATE audit_archive_gate SET open = 1 WHERE id = 1")
-            deleted = conn.execute("DELETE FROM audit_logs WHERE ts < ?", (cutoff,)).rowcount
-            conn.execute("UPDATE audit_archive_gate SET open = 0 WHERE id = 1")
-            conn.execute("INSERT INTO audit_archives(archived_at, before, row_count, file_path,"
-                         " sha256) VALUES (?, ?, ?, ?, ?)",
-                         (now_iso(), cutoff, deleted, str(target), digest))
-            return {"archived": deleted, "file": str(target), "sha256": digest,
-                    "before": cutoff}
-
-        result: dict[str, Any] = self._db.write(run)
-        return result
+        deleted, digest = AuditRepo(self._db).archive(cutoff, target)
+        return {"archived": deleted, "file": str(target), "sha256": digest, "before": cutoff}
 
     def apply_retention(self, days: int, now: datetime | None = None) -> dict[str, Any] | None:
         """Archive (never delete) audit rows older than ``days``; ``None`` when there are none."""
         moment = now or utc_now()
         cutoff = iso(moment - timedelta(days=days))
-        oldest = self._db.query_one("SELECT MIN(ts) FROM audit_logs")
-        if oldest is None or oldest[0] is None or oldest[0] >= cutoff:
+        oldest = AuditRepo(self._db).oldest_ts()
+        if oldest is None or oldest >= cutoff:
             return None
         return self.archive(cutoff)
 
@@ -181,25 +134,12 @@ class SecurityEvents:
 
     def intrusions(self, *, ip: str | None = None, min_score: int = 0,
                    limit: int = 100) -> list[dict[str, Any]]:
-        sql = "SELECT * FROM intrusion_attempts WHERE total_score >= ?"
-        params: list[Any] = [min_score]
-        if ip:
-            sql += " AND ip = ?"
-            params.append(ip)
         _check_limit(limit)
-        rows = self._db.query(sql + " ORDER BY id DESC LIMIT ?", [*params, limit])
+        rows = IntrusionsRepo(self._db).query(ip=ip, min_score=min_score, limit=limit)
         return [{**dict(r), "reasons": json.loads(r["reasons_json"])} for r in rows]
 
     def anomalies(self, *, ip: str | None = None, anomaly_type: str | None = None,
                   limit: int = 100) -> list[dict[str, Any]]:
-        sql = "SELECT * FROM anomaly_detections WHERE 1=1"
-        params: list[Any] = []
-        if ip:
-            sql += " AND ip = ?"
-            params.append(ip)
-        if anomaly_type:
-            sql += " AND anomaly_type = ?"
-            params.append(anomaly_type)
         _check_limit(limit)
-        rows = self._db.query(sql + " ORDER BY id DESC LIMIT ?", [*params, limit])
+        rows = AnomaliesRepo(self._db).query(ip=ip, anomaly_type=anomaly_type, limit=limit)
         return [dict(r) for r in rows]

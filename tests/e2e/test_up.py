@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from tests.conftest import flm_subprocess
+from tests.support import free_port
 
 
 def _llama_available() -> bool:
@@ -42,15 +43,9 @@ def clean_up(flm_home: Path) -> Iterator[None]:
             flm_subprocess("engines", "stop", engine["id"])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.engine
 def test_up_serves_the_demo_model(llama: None, clean_up: None) -> None:
-    port = _free_port()
+    port = free_port()
     result = flm_subprocess("up", "--port", str(port), timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     data = json.loads(result.stdout)["data"]
@@ -100,7 +95,7 @@ def test_real_llama_embeddings_and_detection(llama: None, clean_up: None) -> Non
     listed = json.loads(flm_subprocess("engines", "list").stdout)["data"]
     assert all("api_key" not in e for e in listed)
     key = json.loads(flm_subprocess("api-keys", "create", "--label", "e").stdout)["data"]["key"]
-    port = _free_port()
+    port = free_port()
     assert flm_subprocess("proxy", "start", "--port", str(port)).returncode == 0
     with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0,
                            timeout=120) as client:

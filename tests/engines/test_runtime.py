@@ -10,7 +10,6 @@ import http.client
 import json
 import os
 import secrets
-import socket
 import stat
 import subprocess
 import sys
@@ -37,6 +36,7 @@ from flm.engines.runtime import (
     stop_process,
     wait_until_healthy,
 )
+from tests.support import free_port
 
 HOST = "127.0.0.1"
 
@@ -303,7 +303,7 @@ def test_wait_until_healthy_reports_an_early_exit() -> None:
     proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
     try:
         with pytest.raises(EngineInstallError, match="code 3"):
-            wait_until_healthy(proc, HOST, _free_port(), timeout=30)
+            wait_until_healthy(proc, HOST, free_port(HOST), timeout=30)
     finally:
         stop_process(proc)
 
@@ -312,7 +312,7 @@ def test_wait_until_healthy_times_out() -> None:
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         with pytest.raises(EngineTimeoutError, match="not healthy"):
-            wait_until_healthy(proc, HOST, _free_port(), timeout=0.3)
+            wait_until_healthy(proc, HOST, free_port(HOST), timeout=0.3)
     finally:
         stop_process(proc)
     assert proc.returncode is not None
@@ -367,13 +367,6 @@ def _require(what: str, detail: str) -> None:
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(message)
     pytest.skip(message)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class Server:
@@ -432,7 +425,7 @@ def _start_server(tmp: Path, extra: list[str]) -> Generator[Server, None, None]:
     key = secrets.token_urlsafe(24)
     # The free port can be taken between our probe and llama-server's bind: retry on a new one.
     for attempt in range(3):
-        port = _free_port()
+        port = free_port(HOST)
         log_path = tmp / f"llama-server-{attempt}.log"
         with log_path.open("wb") as log:
             proc = spawn_llama_server(

@@ -11,12 +11,7 @@ from pathlib import Path
 
 from flm.services.runstate import pid_alive
 from tests.conftest import audit_rows, flm_subprocess
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.support import free_port
 
 
 def _data(proc: object) -> dict:  # type: ignore[type-arg]
@@ -27,7 +22,7 @@ def _data(proc: object) -> dict:  # type: ignore[type-arg]
 
 
 def test_start_status_stop(flm_home: Path) -> None:
-    port = _free_port()
+    port = free_port()
     started = time.monotonic()
     start = flm_subprocess("proxy", "start", "--port", str(port))
     assert start.returncode == 0, start.stdout + start.stderr
@@ -71,7 +66,7 @@ def test_busy_port_leaves_nothing_behind(flm_home: Path) -> None:
 
 
 def test_kill_9_of_daemon_is_cleaned_up(flm_home: Path) -> None:
-    port = _free_port()
+    port = free_port()
     assert flm_subprocess("proxy", "start", "--port", str(port)).returncode == 0
     info = json.loads((flm_home / "run" / "proxy-daemon.json").read_text())
     os.kill(info["pid"], signal.SIGKILL)
@@ -103,7 +98,7 @@ def test_run_file_naming_a_live_unrelated_pid_is_stale(flm_home: Path) -> None:
         {"port": 1, "token": "x" * 64, "pid": os.getpid(), "started_at": "2026-01-01"}))
     status = _data(flm_subprocess("proxy", "status"))
     assert status["daemon"] is None and status["cleaned"]["removed_daemon_file"] is True
-    port = _free_port()
+    port = free_port()
     start = flm_subprocess("proxy", "start", "--port", str(port))
     assert start.returncode == 0, start.stdout + start.stderr
     assert flm_subprocess("proxy", "stop", "--all").returncode == 0
@@ -117,7 +112,7 @@ def test_bad_admin_tokens_block_guessers_but_never_the_owner(flm_home: Path) -> 
     import urllib.error
     import urllib.request
 
-    port = _free_port()
+    port = free_port()
     assert flm_subprocess("proxy", "start", "--port", str(port)).returncode == 0
     try:
         info = json.loads((flm_home / "run" / "proxy-daemon.json").read_text())
@@ -152,7 +147,7 @@ def test_admin_api_errors_keep_the_contract_and_the_books(flm_home: Path) -> Non
     import urllib.error
     import urllib.request
 
-    port = _free_port()
+    port = free_port()
     assert flm_subprocess("proxy", "start", "--port", str(port)).returncode == 0
     try:
         info = json.loads((flm_home / "run" / "proxy-daemon.json").read_text())
@@ -210,31 +205,45 @@ def test_a_proxy_that_fails_to_close_is_still_stopped(flm_home: Path) -> None:
 
 def test_a_start_racing_the_stop_of_the_last_proxy_stays_up(flm_home: Path) -> None:
     """The daemon leaves when its last proxy stops, but not under a start queued behind that
-    stop: a start that reports success is serving."""
-    import threading
+    stop: a start that reports success is serving.
+
+    The start must be in flight before the stop ends (a start that arrives after the daemon
+    left is the CLI's to retry, not this test's): it is sent with ``Expect: 100-continue`` and
+    without its body, and the daemon's ``100 Continue`` — sent when the admin API asks for the
+    body, after it has counted the request — is the sign it is. Then the stop runs to its end,
+    then the start's body goes."""
     import urllib.request
 
-    first, second = _free_port(), _free_port()
+    first, second = free_port(), free_port()
     assert flm_subprocess("proxy", "start", "--port", str(first)).returncode == 0
     info = json.loads((flm_home / "run" / "proxy-daemon.json").read_text())
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    answers: dict[str, int] = {}
-
-    def admin(path: str, body: dict[str, object]) -> None:
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{info['port']}{path}", data=json.dumps(body).encode(),
-            method="POST", headers={"Authorization": f"Bearer {info['token']}"})
-        with opener.open(request, timeout=30) as resp:
-            answers[path] = int(resp.status)
-
     try:
-        threads = [threading.Thread(target=admin, args=("/admin/stop", {"port": first})),
-                   threading.Thread(target=admin, args=("/admin/start", {"port": second}))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(30)
-        assert answers == {"/admin/stop": 200, "/admin/start": 200}
+        body = json.dumps({"port": second}).encode()
+        with socket.create_connection(("127.0.0.1", info["port"]), timeout=30) as start:
+            start.sendall(b"POST /admin/start HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                          b"Authorization: Bearer %s\r\nContent-Type: application/json\r\n"
+                          b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n"
+                          % (info["token"].encode(), len(body)))
+            reply = b""
+            while b"\r\n\r\n" not in reply:
+                data = start.recv(4096)
+                assert data, "the daemon closed the start's connection"
+                reply += data
+            assert reply.startswith(b"HTTP/1.1 100 "), reply
+            stop = urllib.request.Request(
+                f"http://127.0.0.1:{info['port']}/admin/stop",
+                data=json.dumps({"port": first}).encode(), method="POST",
+                headers={"Authorization": f"Bearer {info['token']}"})
+            with opener.open(stop, timeout=30) as resp:
+                assert resp.status == 200
+            start.sendall(body)
+            reply = reply.partition(b"\r\n\r\n")[2]
+            while b"\r\n\r\n" not in reply:
+                data = start.recv(4096)
+                assert data, "the daemon closed the start's connection"
+                reply += data
+            assert reply.startswith(b"HTTP/1.1 200 "), reply
         status = _data(flm_subprocess("proxy", "status"))
         assert [p["port"] for p in status["proxies"]] == [second]
         with socket.create_connection(("127.0.0.1", second), timeout=5):
@@ -245,13 +254,13 @@ def test_a_start_racing_the_stop_of_the_last_proxy_stays_up(flm_home: Path) -> N
 
 def test_a_start_naming_other_databases_than_the_daemons_is_refused(flm_home: Path,
                                                                      tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     assert flm_subprocess("proxy", "start", "--port", str(port)).returncode == 0
     try:
         info = json.loads((flm_home / "run" / "proxy-daemon.json").read_text())
         assert info["security_db"] == str(flm_home / "security.db")
         other = tmp_path / "other-security.db"
-        refused = flm_subprocess("proxy", "start", "--port", str(_free_port()),
+        refused = flm_subprocess("proxy", "start", "--port", str(free_port()),
                                  "--db-path-security", str(other))
         assert refused.returncode == 1, refused.stdout
         error = json.loads(refused.stdout)["error"]
@@ -259,7 +268,7 @@ def test_a_start_naming_other_databases_than_the_daemons_is_refused(flm_home: Pa
         assert str(other) in error["message"] and "--db-path-security" in error["message"]
         assert [p["port"] for p in _data(flm_subprocess("proxy", "status"))["proxies"]] == [port]
         # the same databases, named explicitly, are fine
-        same = flm_subprocess("proxy", "start", "--port", str(_free_port()),
+        same = flm_subprocess("proxy", "start", "--port", str(free_port()),
                               "--db-path-security", str(flm_home / "security.db"))
         assert same.returncode == 0, same.stdout
     finally:
@@ -280,7 +289,7 @@ def test_a_foreground_proxy_picks_up_a_revoke_at_once(flm_home: Path) -> None:
         assert flm_subprocess("engines", "add", "--kind", "vllm", "--url", emu.url,
                               "--id", "eng").returncode == 0
         key = _data(flm_subprocess("api-keys", "create", "--label", "fg"))
-        port = _free_port()
+        port = free_port()
         proc = subprocess.Popen([sys.executable, "-m", "flm", "proxy", "start", "--no-daemon",
                                  "--port", str(port)], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)

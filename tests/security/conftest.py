@@ -19,16 +19,6 @@ from flm.testing.gateway import Gateway, start_gateway
 OUTSIDE = {"exempt_loopback": False}
 
 
-class Fake:
-    """An injectable clock."""
-
-    def __init__(self, now: float = 1_800_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 class Env:
     def __init__(self, gw: Gateway, emu: Any, key: str, cli: Any) -> None:
         self.gw = gw

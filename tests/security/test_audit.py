@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import sqlite3
 import sys
 import threading
@@ -19,6 +18,7 @@ import pytest
 from flm.testing.emulators import start_emulator
 from tests.conftest import flm_subprocess
 from tests.security.conftest import Env
+from tests.support import free_port
 
 SECRET_PROMPT = "the-secret-prompt-text-7f3a9"
 
@@ -168,7 +168,8 @@ def _get(url: str, key: str, source: str = "127.0.0.1") -> int:
 
 
 def test_blocklist_commands_reach_the_daemon(flm_home: Path, tmp_path: Path) -> None:
-    with socket_free_port() as port, start_emulator("vllm", models=["m"]) as emu:
+    port = free_port()
+    with start_emulator("vllm", models=["m"]) as emu:
         flm_subprocess("engines", "add", "--kind", "vllm", "--url", emu.url, "--id", "v")
         key = json.loads(flm_subprocess("api-keys", "create", "--label", "k").stdout)["data"]
         policy = tmp_path / "p.json"
@@ -201,16 +202,6 @@ def test_blocklist_commands_reach_the_daemon(flm_home: Path, tmp_path: Path) -> 
             assert missing.returncode == 1
         finally:
             flm_subprocess("proxy", "stop", "--all")
-
-
-class socket_free_port:
-    def __enter__(self) -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return int(s.getsockname()[1])
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def test_json_lines_roll_over_without_losing_records(tmp_path: Path) -> None:

@@ -3,18 +3,11 @@
 from __future__ import annotations
 
 from flm.proxy.guard import GuardState, score_request
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.support import FakeClock
 
 
 def test_bucket_refills_and_follows_a_policy_change() -> None:
-    clock = Clock()
+    clock = FakeClock(1000.0)
     guard = GuardState(clock)
     assert [guard.take("k", 60, 2) for _ in range(2)] == [0.0, 0.0]
     assert guard.take("k", 60, 2) == 1.0  # empty: one token a second at 60/min
@@ -36,7 +29,7 @@ def test_bucket_refills_and_follows_a_policy_change() -> None:
 
 
 def test_rate_window_counts_per_minute_and_per_address() -> None:
-    clock = Clock()
+    clock = FakeClock(1000.0)
     guard = GuardState(clock)
     assert [guard.count_rate("a") for _ in range(3)] == [1, 2, 3]
     assert guard.count_rate("b") == 1
@@ -61,7 +54,7 @@ def test_remembered_scores_are_the_computed_ones() -> None:
 def test_unblocking_an_expired_block_resets_the_failure_count() -> None:
     from flm.core.policy import EffectivePolicy
 
-    clock = Clock()
+    clock = FakeClock(1000.0)
     guard = GuardState(clock)
     policy = EffectivePolicy.build({"ip_blocklist": {"enabled": True}}, exposed=False)
     for _ in range(policy.max_failures):

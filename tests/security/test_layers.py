@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 from flm.proxy.guard import NOT_FOUND_SCORE
-from tests.security.conftest import OUTSIDE, Env, Fake
+from tests.security.conftest import OUTSIDE, Env
+from tests.support import FakeClock
 
 
 def test_allow_list_and_spoofed_forwarded_for(env: Env) -> None:
@@ -29,7 +30,7 @@ def test_allow_list_and_spoofed_forwarded_for(env: Env) -> None:
 
     # a spoofed header neither moves the rate-limit bucket ...
     env.policy({"ip_rate_limit": {"enabled": True, "rpm": 60, "burst": 3}})
-    fake = Fake()
+    fake = FakeClock()
     env.rt.guard.clock = fake
     codes = [env.request("GET", "/v1/models", source="127.0.0.5",
                          headers={"X-Forwarded-For": f"10.0.0.{i}"})[0] for i in range(5)]
@@ -46,7 +47,7 @@ def test_allow_list_and_spoofed_forwarded_for(env: Env) -> None:
 
 
 def test_key_rate_limit_under_concurrency(env: Env) -> None:
-    fake = Fake()
+    fake = FakeClock()
     env.rt.guard.clock = fake
     env.policy({"rate_limit": {"rpm": 60, "burst": 10}})
 
@@ -79,7 +80,7 @@ def test_key_rate_limit_under_concurrency(env: Env) -> None:
 
 
 def test_auto_block_escalation_and_cost(env: Env) -> None:
-    fake = Fake()
+    fake = FakeClock()
     env.rt.guard.clock = fake
     env.policy({"ip_blocklist": {"enabled": True, **OUTSIDE}})
     lookups: list[str] = []
@@ -209,7 +210,7 @@ def test_benign_requests_are_never_blocked(env: Env) -> None:
 
 
 def test_anomaly_rate_and_body_size(env: Env) -> None:
-    fake = Fake()
+    fake = FakeClock()
     env.rt.guard.clock = fake
     env.policy({"ip_blocklist": OUTSIDE,
                 "anomaly_detection": {"enabled": True, "request_rate_threshold": 5,
@@ -302,7 +303,7 @@ def test_invalid_policy_keeps_the_old_one(env: Env) -> None:
 
 
 def test_retry_after_matches_refill(env: Env) -> None:
-    fake = Fake()
+    fake = FakeClock()
     env.rt.guard.clock = fake
     env.policy({"rate_limit": {"rpm": 6, "burst": 1}})
     assert env.request("GET", "/v1/models")[0] == 200
@@ -409,7 +410,7 @@ def test_rotating_ipv6_addresses_share_one_limit_count_and_block(env: Env) -> No
         return env.request("GET", "/v1/models", source="127.0.0.7", key=key,
                            headers={"X-Forwarded-For": client})[0]
 
-    fake = Fake()
+    fake = FakeClock()
     env.rt.guard.clock = fake
     codes = [via_proxy(f"2001:db8:1:2::{i}") for i in range(1, 6)]
     assert codes == [200, 200, 200, 429, 429]
@@ -442,7 +443,7 @@ def test_blocklist_rows_of_single_ipv6_addresses_block_their_64(order: int) -> N
     two rows in one /64 the longer block holds, whatever their order."""
     from flm.proxy.guard import GuardState
 
-    fake = Fake()
+    fake = FakeClock()
     guard = GuardState(clock=fake)
     rows: list[tuple[str, str, float | None, float, int]] = [
         ("2001:db8:1:2::5", "auth_failures", None, fake.now - 10, 20),

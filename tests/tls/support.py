@@ -6,14 +6,12 @@ import http.client
 import http.server
 import json
 import os
-import shutil
 import socket
 import ssl
 import subprocess
 import threading
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,34 +20,7 @@ import pytest
 import trustme
 
 from flm.tls.challenge import ChallengeStore
-
-
-def require_tool(binary: str, package: str) -> str:
-    """The tool's path; skip the test when it is missing (fail instead when CI=true)."""
-    path = shutil.which(binary)
-    if path is None:
-        message = f"install Debian package {package} (`{binary}` not found)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_until(check: Callable[[], bool], *, timeout: float, what: str) -> None:
-    """Poll ``check`` until it returns True; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    delay = 0.01
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(delay)
-        delay = min(delay * 2, 0.2)
+from tests.support import free_port, require_tool, wait_until
 
 
 def stop_process(proc: subprocess.Popen[bytes]) -> None:

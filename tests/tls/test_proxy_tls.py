@@ -19,7 +19,6 @@ import sqlite3
 import ssl
 import stat
 import subprocess
-import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -37,6 +36,7 @@ from flm.testing.emulators import Behaviour, Emulator, expected_reply, start_emu
 from flm.tls.context import TLS12_CIPHERS
 from flm.tls.issue import default_server_hosts, ensure_local_ca, ensure_server_cert
 from tests.conftest import flm_subprocess
+from tests.support import require_real_trust_store
 
 from .support import (
     Pebble,
@@ -277,21 +277,6 @@ def test_packaged_ca_chains_to_local_root_reused_then_reissued_when_expired(
     _assert_private_keys(certs)
 
 
-def _require_real_trust_store() -> None:
-    ci = os.environ.get("CI", "").lower() == "true"
-    reason = None
-    if not sys.platform.startswith("linux"):
-        reason = "the trust-store round trip runs on Linux"
-    elif os.geteuid() != 0:
-        reason = "the trust-store round trip needs root"
-    if reason and ci:
-        pytest.fail(reason)
-    if reason:
-        pytest.skip(reason)
-    require_tool("update-ca-certificates", "ca-certificates")
-    require_tool("curl", "curl")
-
-
 def _curl(url: str, key: str) -> tuple[int, str]:
     env = {k: v for k, v in os.environ.items()
            if k not in ("SSL_CERT_FILE", "SSL_CERT_DIR", "CURL_CA_BUNDLE", "REQUESTS_CA_BUNDLE")}
@@ -305,7 +290,7 @@ def _curl(url: str, key: str) -> tuple[int, str]:
 def test_install_ca_makes_curl_trust_flm_and_uninstall_ca_undoes_it(
     cli: Any, engine: Engine, proxies: None, flm_home: Path
 ) -> None:
-    _require_real_trust_store()
+    require_real_trust_store("the trust-store round trip")
     installed = Path("/usr/local/share/ca-certificates/flm-local-ca.crt")
     if installed.exists():
         pytest.skip(f"{installed} exists (a real FLM root is trusted here): not touching it")

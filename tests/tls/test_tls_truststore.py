@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import ssl
-import sys
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -26,8 +25,7 @@ from flm.tls.truststore import (
     plan_install,
     uninstall_ca,
 )
-
-from .support import require_tool
+from tests.support import require_real_trust_store
 
 
 @pytest.fixture
@@ -172,21 +170,6 @@ def test_store_names_are_clear(flm_home: Path) -> None:
 # --- the real thing (Linux, root) -----------------------------------------------------------
 
 
-def _require_real_trust_store() -> None:
-    ci = os.environ.get("CI", "").lower() == "true"
-    reason = None
-    if not sys.platform.startswith("linux"):
-        reason = "the real trust-store test runs on Linux"
-    elif os.geteuid() != 0:
-        reason = "the real trust-store test needs root"
-    if reason and ci:
-        pytest.fail(reason)
-    if reason:
-        pytest.skip(reason)
-    require_tool("update-ca-certificates", "ca-certificates")
-    require_tool("curl", "curl")
-
-
 async def _curl(url: str) -> tuple[int, str]:
     env = {
         k: v
@@ -212,7 +195,7 @@ async def _curl(url: str) -> tuple[int, str]:
 
 
 def test_install_then_uninstall_for_real(flm_home: Path) -> None:
-    _require_real_trust_store()
+    require_real_trust_store("the real trust-store test")
     certs = flm_home / "certs"
     ca = ensure_local_ca(certs)
     bundle = ensure_server_cert(ca, certs, ["localhost", "127.0.0.1"])

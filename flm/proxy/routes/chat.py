@@ -11,7 +11,7 @@ from typing import Any
 
 from flm.core.errors import EngineError
 from flm.core.models import make_model_id
-from flm.openai.errors import HttpError, error_body
+from flm.openai.errors import HttpError, error_body, http_status
 from flm.openai.sse import DONE, encode_event, usage_from_bytes
 from flm.openai.translate import (
     ChatPlan,
@@ -153,8 +153,9 @@ async def stream_events(scope: Scope, receive: Receive, send: Send, rt: ProxyRun
             async for event in tap:
                 await send({"type": "http.response.body", "body": event, "more_body": True})
         except EngineError as exc:
-            state.error_code = exc.http_code
-            failure = error_body(exc.http_status, exc.http_code, exc.message, state.request_id)
+            status, code = http_status(exc)
+            state.error_code = code
+            failure = error_body(status, code, exc.message, state.request_id)
             await send({"type": "http.response.body",
                         "body": encode_event(json.dumps(failure).encode()) + DONE,
                         "more_body": True})

@@ -1,0 +1,199 @@
+"""Repositories over security.db's records: the IP blocklist, the audit trail (and its
+archive), intrusion attempts, anomalies, certificates — and the one batch write of the audit
+sink, which adds to four of them in one transaction."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from flm.core.paths import write_private_file
+from flm.core.timeutil import now_iso
+from flm.storage.db import Database
+
+#: The columns of an ``audit_logs`` row as the audit sink builds it, in order.
+AUDIT_COLUMNS = ("ts", "request_id", "client_ip", "api_key_id", "endpoint", "method",
+                 "engine_id", "model", "status", "latency_ms", "prompt_tokens",
+                 "completion_tokens", "error_type", "event_type", "severity", "details_json")
+_INSERT_AUDIT = (f"INSERT INTO audit_logs({', '.join(AUDIT_COLUMNS)}) "
+                 f"VALUES ({', '.join('?' for _ in AUDIT_COLUMNS)})")
+_UPSERT_BLOCK = (
+    "INSERT INTO ip_blocklist(ip, listener, reason, failure_count, blocked_at, expires_at,"
+    " permanent) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(ip, listener) DO UPDATE SET "
+    "reason=excluded.reason, failure_count=excluded.failure_count, "
+    "blocked_at=excluded.blocked_at, expires_at=excluded.expires_at, "
+    "permanent=excluded.permanent")
+_INSERT_INTRUSION = (
+    "INSERT INTO intrusion_attempts(ts, ip, score, total_score, reasons_json, "
+    "path, user_agent, request_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+_INSERT_ANOMALY = (
+    "INSERT INTO anomaly_detections(ts, ip, anomaly_type, value, threshold, "
+    "details_json, request_id) VALUES (?, ?, ?, ?, ?, ?, ?)")
+
+
+def write_batch(db: Database, audit_rows: Sequence[tuple[Any, ...]],
+                blocks: Sequence[tuple[Any, ...]], intrusions: Sequence[tuple[Any, ...]],
+                anomalies: Sequence[tuple[Any, ...]]) -> None:
+    """The audit sink's batch, in one transaction: audit rows (:data:`AUDIT_COLUMNS`), block
+    upserts (ip, listener, reason, failure_count, blocked_at, expires_at, permanent), intrusion and
+    anomaly rows."""
+
+    def run(conn: sqlite3.Connection) -> None:
+        if audit_rows:
+            conn.executemany(_INSERT_AUDIT, audit_rows)
+        if blocks:
+            conn.executemany(_UPSERT_BLOCK, blocks)
+        if intrusions:
+            conn.executemany(_INSERT_INTRUSION, intrusions)
+        if anomalies:
+            conn.executemany(_INSERT_ANOMALY, anomalies)
+
+    db.write(run)
+
+
+class BlocklistRepo:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def all(self, *, newest_first: bool = True,
+            listener: str | None = None) -> list[sqlite3.Row]:
+        """Every row (ip, listener, reason, failure_count, blocked_at, expires_at, permanent),
+        or with ``listener`` those that apply to it: its own and the shared ones (``'*'``)."""
+        sql = ("SELECT ip, listener, reason, failure_count, blocked_at, expires_at, permanent "
+               "FROM ip_blocklist")
+        params: tuple[str, ...] = ()
+        if listener is not None:
+            sql += " WHERE listener IN ('*', ?)"
+            params = (listener,)
+        return self.db.query(sql + " ORDER BY blocked_at DESC" if newest_first else sql, params)
+
+    def remove_matching(self, target: str, key: Callable[[str], str]) -> int:
+        """Remove the rows whose ``key(ip)`` is ``target`` (an IPv4 address is its own key, so
+        only IPv6 rows are looked at when ``target`` is IPv6); how many went."""
+
+        def run(conn: sqlite3.Connection) -> int:
+            if ":" not in target:
+                return conn.execute("DELETE FROM ip_blocklist WHERE ip=?", (target,)).rowcount
+            listed = [r[0] for r in conn.execute(
+                "SELECT ip FROM ip_blocklist WHERE instr(ip, ':') > 0")]
+            gone = [x for x in listed if key(x) == target]
+            conn.executemany("DELETE FROM ip_blocklist WHERE ip=?", [(x,) for x in gone])
+            return len(gone)
+
+        removed: int = self.db.write(run)
+        return removed
+
+    def clear_temporary(self) -> int:
+        return self.db.execute("DELETE FROM ip_blocklist WHERE permanent = 0")
+
+
+class AuditRepo:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def insert_event(self, stamp: str, event_type: str, severity: str, details_json: str) -> int:
+        """One event row, committed; its id."""
+
+        def run(conn: sqlite3.Connection) -> int:
+            cursor = conn.execute(
+                "INSERT INTO audit_logs(ts, event_type, severity, details_json) "
+                "VALUES (?, ?, ?, ?)", (stamp, event_type, severity, details_json))
+            return int(cursor.lastrowid or 0)
+
+        row_id: int = self.db.write(run)
+        return row_id
+
+    def query(self, *, event_type: str | None = None, severity: str | None = None,
+              ip: str | None = None, since: str | None = None, limit: int | None = 100,
+              offset: int = 0) -> list[sqlite3.Row]:
+        """Newest first; ``limit=None`` is every row."""
+        where, params = [], []
+        for column, value in (("event_type", event_type), ("severity", severity),
+                              ("client_ip", ip)):
+            if value:
+                where.append(f"{column} = ?")
+                params.append(value)
+        if since:
+            where.append("ts >= ?")
+            params.append(since)
+        sql = "SELECT * FROM audit_logs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY id DESC LIMIT ? OFFSET ?"
+        return self.db.query(sql, [*params, -1 if limit is None else limit, offset])
+
+    def oldest_ts(self) -> str | None:
+        row = self.db.query_one("SELECT MIN(ts) FROM audit_logs")
+        return None if row is None or row[0] is None else str(row[0])
+
+    def archive(self, cutoff: str, target: Path) -> tuple[int, str]:
+        """Rows older than ``cutoff`` to ``target`` (JSON Lines, 0600), then out of the table
+        through the archive gate, and the archive recorded — one transaction; (rows, sha256)."""
+
+        def run(conn: sqlite3.Connection) -> tuple[int, str]:
+            rows = conn.execute("SELECT * FROM audit_logs WHERE ts < ? ORDER BY id",
+                                (cutoff,)).fetchall()
+            lines = "".join(json.dumps(dict(r), ensure_ascii=False) + "\n" for r in rows)
+            write_private_file(target, lines.encode())
+            digest = hashlib.sha256(lines.encode()).hexdigest()
+            conn.execute("UPDATE audit_archive_gate SET open = 1 WHERE id = 1")
+            deleted = conn.execute("DELETE FROM audit_logs WHERE ts < ?", (cutoff,)).rowcount
+            conn.execute("UPDATE audit_archive_gate SET open = 0 WHERE id = 1")
+            conn.execute("INSERT INTO audit_archives(archived_at, before, row_count, file_path,"
+                         " sha256) VALUES (?, ?, ?, ?, ?)",
+                         (now_iso(), cutoff, deleted, str(target), digest))
+            return deleted, digest
+
+        result: tuple[int, str] = self.db.write(run)
+        return result
+
+
+class IntrusionsRepo:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def query(self, *, ip: str | None, min_score: int, limit: int) -> list[sqlite3.Row]:
+        sql = "SELECT * FROM intrusion_attempts WHERE total_score >= ?"
+        params: list[Any] = [min_score]
+        if ip:
+            sql += " AND ip = ?"
+            params.append(ip)
+        return self.db.query(sql + " ORDER BY id DESC LIMIT ?", [*params, limit])
+
+
+class AnomaliesRepo:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def query(self, *, ip: str | None, anomaly_type: str | None,
+              limit: int) -> list[sqlite3.Row]:
+        sql = "SELECT * FROM anomaly_detections WHERE 1=1"
+        params: list[Any] = []
+        if ip:
+            sql += " AND ip = ?"
+            params.append(ip)
+        if anomaly_type:
+            sql += " AND anomaly_type = ?"
+            params.append(anomaly_type)
+        return self.db.query(sql + " ORDER BY id DESC LIMIT ?", [*params, limit])
+
+
+class CertificatesRepo:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def upsert(self, row: dict[str, Any]) -> None:
+        """Insert or replace (by ``id``) one row; the keys are its columns."""
+        columns = list(row)
+        updates = ", ".join(f"{c}=excluded.{c}" for c in columns if c != "id")
+        sql = (f"INSERT INTO certificates({', '.join(columns)}) "
+               f"VALUES ({', '.join('?' for _ in columns)}) "
+               f"ON CONFLICT(id) DO UPDATE SET {updates}")
+        self.db.execute(sql, [row[c] for c in columns])
+
+    def all(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self.db.query("SELECT * FROM certificates ORDER BY id")]

@@ -1,0 +1,72 @@
+"""Helpers the tests share: free loopback ports, an injectable clock, polling with a deadline,
+tools from Debian packages, and the gate for tests that change the machine's trust store."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sys
+import time
+from collections.abc import Callable
+
+import pytest
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` right now (the caller binds it soon after)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+class FakeClock:
+    """An injectable clock (``time.time``'s shape) that moves only when told."""
+
+    def __init__(self, now: float = 1_800_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def wait_until(check: Callable[[], bool], *, timeout: float, what: str) -> None:
+    """Poll ``check`` until it returns True; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
+
+
+def skip_or_fail(message: str) -> None:
+    """Skip the test, naming what is missing; under CI=true nothing may skip: fail."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def require_tool(binary: str, package: str) -> str:
+    """The tool's path; skip the test when it is missing (fail instead when CI=true)."""
+    path = shutil.which(binary)
+    if path is None:
+        skip_or_fail(f"install Debian package {package} (`{binary}` not found)")
+        raise AssertionError("unreachable")
+    return path
+
+
+def require_real_trust_store(what: str) -> None:
+    """Tests that add a CA to the machine's trust store run on Linux as root, with
+    update-ca-certificates and curl."""
+    reason = None
+    if not sys.platform.startswith("linux"):
+        reason = f"{what} runs on Linux"
+    elif os.geteuid() != 0:
+        reason = f"{what} needs root"
+    if reason:
+        skip_or_fail(reason)
+    require_tool("update-ca-certificates", "ca-certificates")
+    require_tool("curl", "curl")
