@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
+import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -125,6 +126,7 @@ def _header_bytes(text: str) -> bytes:
     return raw.replace(b"\r", b"").replace(b"\n", b"").replace(b"\x00", b"") or b"x"
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(model=_HOSTILE, path=_HOSTILE, agent=_HOSTILE, header=_HOSTILE)

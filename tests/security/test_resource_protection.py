@@ -10,8 +10,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import psutil
+import pytest
 
 from tests.security.conftest import Env
+
+pytestmark = pytest.mark.slow  # (busy processes, and the monitor samples once a second)
 
 
 def _until(what: str, check: Callable[[], bool], timeout: float = 20.0) -> None:

@@ -29,6 +29,7 @@ for n in range(ROUNDS):  # (each round a fresh file, raced by every process agai
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("behind", [False, True])
 def test_processes_opening_a_database_at_once_all_get_the_schema(tmp_path: Path,
                                                                  behind: bool) -> None:
