@@ -233,8 +233,10 @@ class SecurityMiddleware:
                 rt.metrics.blocks.labels(block.reason).inc()
                 raise _blocked_error(block, guard.clock())
 
-        # 5. Resource protection: 503 above the CPU/memory thresholds or max_connections
-        #    (counted below, once the request is let in); running requests carry on.
+        # 5. Resource protection: 503 while FLM is overloaded (its event-loop lag or memory;
+        #    the host's CPU/memory only when the policy sets thresholds) or max_connections
+        #    are in flight (counted below, once the request is let in), 429 past an address's
+        #    or a key's fair share; running requests carry on.
         counted = policy.resource_enabled and path != "/health"
         if counted:
             if self._monitor is None:
