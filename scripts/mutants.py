@@ -93,8 +93,9 @@ MUTANTS: tuple[Mutant, ...] = (
       '        listener = "*" if rt.effective.shared_blocks else rt.settings.handle_id',
       '        listener = "*"',
       (S + "test_owner_lockout.py::test_a_block_applies_to_its_own_listener_unless_shared",)),
-    M("blocks-loaded-from-every-listener", "flm/proxy/runtime.py",
-      "WHERE listener IN ('*', ?)\", (listener,))", "WHERE ? = ?\", (listener, listener))",
+    M("blocks-loaded-from-every-listener", "flm/storage/records.py",
+      "        if listener is not None:\n            sql += \" WHERE listener IN ('*', ?)\"",
+      "        if False:\n            sql += \" WHERE listener IN ('*', ?)\"",
       (S + "test_owner_lockout.py::test_a_block_applies_to_its_own_listener_unless_shared",)),
     # --- security middleware -------------------------------------------------------------------
     M("untrusted-peer-forwarded-for", "flm/proxy/middleware/security.py",
