@@ -45,7 +45,9 @@ def slow_uploads(env: Env, clients: list[tuple[str, str]]) -> Iterator[list[byte
 
 
 def test_one_address_cannot_take_every_slot(env: Env) -> None:
-    env.policy({"resource_protection": {"enabled": True, "max_connections": 8}})
+    # (the key may hold every slot here: only the address's share is at work)
+    env.policy({"resource_protection": {"enabled": True, "max_connections": 8,
+                                        "max_connections_per_key": 8}})
     other = env.cli("api-keys", "create", "--label", "other").data["key"]
     with slow_uploads(env, [("127.0.0.5", env.key)] * 8) as replies:
         refused = [r for r in replies if r.startswith(b"HTTP/1.1 429")]
