@@ -13,9 +13,12 @@ from typing import Any
 import pytest
 
 from flm.cli import main as cli_main
+from flm.engines import kinds
 
-_ENGINE_ENV = ("OLLAMA_HOST", "VLLM_HOST", "VLLM_PORT", "LMSTUDIO_API_HOST", "LLAMA_CPP_HOST",
-               "LLAMA_CPP_PORT", "FLM_ACME_DIRECTORY", "FLM_ACME_USE_PROD", "FLM_ACME_CA_BUNDLE")
+#: Each kind's address variables (from its descriptor) and the ACME ones: cleared per test.
+_ENGINE_ENV = (*(name for kind in kinds.all_kinds() for name in (kind.host_env, kind.port_env)
+                 if name),
+               "FLM_ACME_DIRECTORY", "FLM_ACME_USE_PROD", "FLM_ACME_CA_BUNDLE")
 
 
 @pytest.fixture(autouse=True)

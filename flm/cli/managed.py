@@ -56,7 +56,7 @@ def stop(ctx: Context, args: argparse.Namespace) -> Result:
 
 
 def install(ctx: Context, args: argparse.Namespace) -> Result:
-    from flm.engines import runtime
+    from flm.engines import managed_runtime as runtime
 
     runtime.install_llamacpp(progress=_progress())
     found = runtime.find_llama_server()

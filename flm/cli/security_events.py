@@ -62,7 +62,7 @@ def _filters(p: argparse.ArgumentParser, limit: int | None = 100) -> None:
 
 
 def _svc(ctx: Context) -> Any:
-    from flm.services.security_events import SecurityEvents
+    from flm.services.security_records import SecurityEvents
 
     return SecurityEvents(ctx.storage)
 

@@ -25,8 +25,8 @@ from flm.http.server import HttpServer, bind_socket
 from flm.openai.errors import HttpError, refusal
 from flm.proxy.asgi import Receive, Scope, Send, header, read_json, send_json
 from flm.proxy.instance import RELOAD_INTERVAL_S, ProxyInstance, reload_proxies, start_instance
+from flm.services.audit_events import record_security_event
 from flm.services.context import Context
-from flm.services.events import record_security_event
 from flm.storage.config import ProxyHandleRow, ProxyHandlesRepo
 
 log = logging.getLogger("flm.daemon")
@@ -123,7 +123,7 @@ class Daemon:
                 log.warning("periodic reload failed: %s", exc.message)
 
     def _apply_retention(self) -> None:
-        from flm.services.security_events import SecurityEvents
+        from flm.services.security_records import SecurityEvents
 
         days = int(self.ctx.config.value("audit.retention_days"))
         result = SecurityEvents(self.ctx.storage).apply_retention(days)

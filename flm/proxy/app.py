@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from flm.proxy.asgi import ASGIApp
-from flm.proxy.middleware.core import BASE_HEADERS, HSTS, RequestMiddleware
+from flm.proxy.middleware.request import BASE_HEADERS, HSTS, RequestMiddleware
 from flm.proxy.middleware.security import SecurityMiddleware
 from flm.proxy.routes import Router
 from flm.proxy.runtime import ProxyRuntime
@@ -21,7 +21,7 @@ def build_app(runtime: ProxyRuntime) -> ASGIApp:
     """Outermost first, as a request meets them (the fixed security headers of
     :func:`response_headers` are added by the server, to every response):
 
-    1–3. request       — one middleware (see :mod:`flm.proxy.middleware.core`):
+    1–3. request       — one middleware (see :mod:`flm.proxy.middleware.request`):
         1. request id  — X-Request-Id on every response (outermost so that error responses
                          carry it too)
         2. observe/audit — records every outcome, refusals included (outside the error step

@@ -33,6 +33,7 @@ from flm.openai.errors import refusal
 from flm.proxy.app import build_app, response_headers
 from flm.proxy.redirect import RedirectApp
 from flm.proxy.runtime import ProxyRuntime, ProxySettings, build_runtime
+from flm.services.audit_events import record_security_event
 from flm.services.certs import (
     RENEW_BEFORE_DAYS,
     AcmeSettings,
@@ -41,7 +42,6 @@ from flm.services.certs import (
     resolve_acme_settings,
     trust_hints,
 )
-from flm.services.events import record_security_event
 from flm.services.proxy_config import ACME_MODE, LOCAL_HTTP, StartConfig
 
 if TYPE_CHECKING:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 
 from flm.proxy.asgi import Receive, Scope, Send
-from flm.proxy.middleware.core import HSTS
+from flm.proxy.middleware.request import HSTS
 from flm.tls.challenge import ACME_CHALLENGE_PREFIX, ChallengeStore
 
 # A host name, an IPv4 address or a bracketed IPv6 address, optionally with a port.

@@ -34,7 +34,7 @@ class ManagedEngines:
     def start(self, model: str, port: int | None = None, *, embeddings: bool = False,
               progress: Callable[[str], None] | None = None,
               timeout_s: float = 180.0) -> dict[str, Any]:
-        from flm.engines import runtime
+        from flm.engines import managed_runtime as runtime
 
         say = progress or (lambda _msg: None)
         binary = runtime.find_llama_server()

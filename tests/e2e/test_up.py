@@ -17,7 +17,7 @@ from tests.support import free_port
 
 
 def _llama_available() -> bool:
-    from flm.engines.runtime import find_llama_server
+    from flm.engines.managed_runtime import find_llama_server
 
     try:
         return find_llama_server() is not None

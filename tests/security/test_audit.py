@@ -229,7 +229,7 @@ def test_retention_archives_old_rows_only(cli: Any, flm_home: Path) -> None:
     from datetime import UTC, datetime
 
     from flm.core.paths import Paths
-    from flm.services.security_events import SecurityEvents
+    from flm.services.security_records import SecurityEvents
     from flm.storage import Storage
 
     cli("check")

@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 
 from flm.core.errors import EngineError, EngineInstallError, EngineTimeoutError
-from flm.engines import runtime
-from flm.engines.runtime import (
+from flm.engines import managed_runtime as runtime
+from flm.engines.managed_runtime import (
     DEMO_MODEL_FILENAME,
     BuildProgress,
     LlamaServerBinary,

@@ -16,9 +16,9 @@ core install:
 
 Command line (also what ``scripts/install-engine`` runs)::
 
-    python -m flm.engines.runtime install [--rebuild] [--no-model]
-    python -m flm.engines.runtime info
-    python -m flm.engines.runtime demo-model
+    python -m flm.engines.managed_runtime install [--rebuild] [--no-model]
+    python -m flm.engines.managed_runtime info
+    python -m flm.engines.managed_runtime demo-model
 """
 
 from __future__ import annotations
@@ -864,7 +864,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog="python -m flm.engines.runtime", description="Install and locate the managed engine."
+        prog="python -m flm.engines.managed_runtime",
+        description="Install and locate the managed engine.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
     install = commands.add_parser("install", help="install llama-server and the demo model")
