@@ -14,7 +14,9 @@ median of A and B over many requests, spaced out as at concurrency 1. With ``--b
 instead counts the Python bytecodes each function runs per request in A, B and after the
 reply (a tracing run: the count is exact, the timing of that run is not).
 
-Run: ``.venv/bin/python bench/hotpath.py [--requests 5000] [--bytecodes]``. Pin it to a core
+Run: ``.venv/bin/python bench/hotpath.py [--requests 5000] [--bytecodes] [--scoped]``
+(``--scoped``: the key has a model scope, limits, budgets and an expiry, as in run.py's
+``flm-scoped`` target). Pin it to a core
 (``taskset -c 0``) for steadier figures. Not part of the test suite.
 """
 
@@ -40,8 +42,15 @@ BODY = b'{"model":"flm://mock/bench-model","messages":[{"role":"user","content":
 now = time.perf_counter
 
 
-def _prepare_home(home: Path) -> str:
-    """A fresh FLM home with the mock engine registered, a key and every security layer on."""
+#: ``--scoped``: the key of run.py's ``flm-scoped`` target (every per-key check on).
+SCOPED_KEY_ARGS = ("--models", "flm://mock/*", "--rpm", "100000000", "--burst", "100000000",
+                   "--tpm", "1000000000", "--daily-tokens", "1000000000000",
+                   "--daily-requests", "1000000000000", "--expires", "30d")
+
+
+def _prepare_home(home: Path, scoped: bool = False) -> str:
+    """A fresh FLM home with the mock engine registered, a key and every security layer on
+    (``scoped``: the key has a model scope, limits, budgets and an expiry)."""
     flm = [sys.executable, "-m", "flm"]
     env = {**os.environ, "FLM_HOME": str(home)}
 
@@ -52,7 +61,8 @@ def _prepare_home(home: Path) -> str:
     run("engines", "add", "--kind", "vllm", "--url", "http://127.0.0.1:9", "--id", "mock")
     import json
 
-    key: str = json.loads(run("api-keys", "create", "--label", "hotpath"))["data"]["key"]
+    key: str = json.loads(run("api-keys", "create", "--label", "hotpath",
+                              *(SCOPED_KEY_ARGS if scoped else ())))["data"]["key"]
     run("security", "policy", "set", "--file", str(BENCH / "policy-all-on.json"))
     return key
 
@@ -215,11 +225,13 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=5000)
     ap.add_argument("--bytecodes", action="store_true",
                     help="count bytecodes per function instead of timing")
+    ap.add_argument("--scoped", action="store_true",
+                    help="use a key with a model scope, rpm/tpm limits, budgets and an expiry")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="flm-hotpath-") as tmp:
         home = Path(tmp)
         os.environ["FLM_HOME"] = str(home)
-        key = _prepare_home(home)
+        key = _prepare_home(home, args.scoped)
         import uvloop
 
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

@@ -50,7 +50,12 @@ sys.path.insert(0, str(BENCH))
 import loadclient  # noqa: E402
 
 HOST = "127.0.0.1"
-ALL_TARGETS = ["direct", "relay", "passthrough", "flm", "litellm"]
+ALL_TARGETS = ["direct", "relay", "passthrough", "flm", "flm-scoped", "litellm"]
+#: The key of the ``flm-scoped`` target: every per-key check and the usage accounting on
+#: (a model glob, rpm/burst, tpm, daily budgets and an expiry), limits far above the load.
+SCOPED_KEY_ARGS = ("--models", "flm://mock/*", "--rpm", "100000000", "--burst", "100000000",
+                   "--tpm", "1000000000", "--daily-tokens", "1000000000000",
+                   "--daily-requests", "1000000000000", "--expires", "30d")
 LITELLM_MASTER_KEY = "sk-bench-master-key"
 CHUNKS = 20
 HOLD_STREAMS = 100
@@ -444,10 +449,16 @@ def _flm(ctx: Ctx, env: dict[str, str], *args: str, timeout: float = 60) -> str:
     return out.stdout
 
 
-def start_flm(ctx: Ctx) -> Target:
+def start_flm_scoped(ctx: Ctx) -> Target:
+    """FLM as ``start_flm`` does, with a key whose scope and limits are all set (see
+    :data:`SCOPED_KEY_ARGS`): against ``flm``, what the per-key checks and accounting cost."""
+    return start_flm(ctx, name="flm-scoped", key_args=SCOPED_KEY_ARGS)
+
+
+def start_flm(ctx: Ctx, name: str = "flm", key_args: tuple[str, ...] = ()) -> Target:
     if not ctx.flm_exe.exists():
         raise Skip(f"{ctx.flm_exe} missing: install the project (`pip install -e .`) first")
-    home = ctx.workdir / "flm-home"
+    home = ctx.workdir / ("flm-home" if name == "flm" else f"{name}-home")
     home.mkdir(exist_ok=True)
     env = dict(os.environ)
     env["FLM_HOME"] = str(home)
@@ -474,7 +485,7 @@ def start_flm(ctx: Ctx) -> Target:
         "--id",
         "mock",
     )
-    out = _flm(ctx, env, "api-keys", "create", "--label", "bench")
+    out = _flm(ctx, env, "api-keys", "create", "--label", "bench", *key_args)
     key = None
     with contextlib.suppress(ValueError, KeyError, TypeError):
         key = json.loads(out)["data"]["key"]
@@ -486,14 +497,14 @@ def start_flm(ctx: Ctx) -> Target:
     _flm(ctx, env, "security", "policy", "set", "--file", str(ctx.policy))
     port = free_port()
     proc = Managed(
-        "flm",
+        name,
         [str(ctx.flm_exe), "proxy", "start", "--no-daemon", "--port", str(port)],
         ctx.logdir,
         env=env,
         cpus=ctx.target_cpus,
     )
     t = Target(
-        "flm",
+        name,
         port,
         "flm://mock/bench-model",
         {"Authorization": f"Bearer {key}"},
@@ -572,6 +583,7 @@ STARTERS: dict[str, Callable[[Ctx], Target]] = {
     "relay": start_relay,
     "passthrough": start_passthrough,
     "flm": start_flm,
+    "flm-scoped": start_flm_scoped,
     "litellm": start_litellm,
 }
 
@@ -980,6 +992,19 @@ def bars(results: dict[str, Any]) -> list[dict[str, Any]]:
         None if v is None else (v <= 150 and full),
         "" if full else f"only {get(flm, 'hold_streams', 'max_open')} streams were open at once",
     )
+    scoped = get(results, "flm-scoped", "data")
+    if scoped is not None:
+        s64 = get(scoped, "plain", "c64", "rps")
+        ratio = None if (f64 is None or s64 is None) else s64 / f64
+        bar("scoped keys: c=64 req/s vs unscoped", "≥ 95%",
+            None if ratio is None else f"{100 * ratio:.1f}%",
+            None if ratio is None else ratio >= 0.95,
+            "per-key checks and usage accounting (issue 21)")
+        a = get(scoped, "plain", "c1", "latency_ms", "p50")
+        b = get(flm, "plain", "c1", "latency_ms", "p50")
+        diff = None if (a is None or b is None) else round(a - b, 4)
+        bar("scoped keys: c=1 added p50 vs unscoped", "≤ 0.02 ms", diff,
+            None if diff is None else diff <= 0.02)
     errs = get(flm, "errors_total")
     bar(
         "no failed requests during the run",

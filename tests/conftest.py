@@ -106,12 +106,19 @@ def audit_rows(home: Path, sql: str, *, flush: Any = None, timeout: float = 10) 
         time.sleep(0.01)
 
 
+#: Whole modules of integration tests (real TLS listeners, Pebble, many processes).
+_SLOW_MODULES = ("/e2e/", "/tls/test_proxy_tls.py", "/tls/test_tls_acme_pebble.py",
+                 "/cli/test_concurrency.py")
+#: A test that calls one of these starts FLM processes or changes the machine's trust store.
+_SLOW_CALLS = frozenset({"flm_subprocess", "require_real_trust_store"})
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests that start FLM processes (``flm_subprocess``: the daemon, foreground proxies) or
-    run end to end are ``slow``: ``scripts/check`` leaves them to ``scripts/test``."""
+    """Integration tests are ``slow``: ``scripts/check`` leaves them to ``scripts/test``."""
     slow = pytest.mark.slow
     for item in items:
         function = getattr(item, "function", None)
         names = getattr(getattr(function, "__code__", None), "co_names", ())
-        if "flm_subprocess" in names or "/e2e/" in str(getattr(item, "path", "")):
+        path = str(getattr(item, "path", ""))
+        if _SLOW_CALLS.intersection(names) or any(m in path for m in _SLOW_MODULES):
             item.add_marker(slow)

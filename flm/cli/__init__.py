@@ -29,8 +29,10 @@ COMMAND_MODULES = (
     "config",
     "keys",
     "security",
+    "secrets",
     "profiles",
     "check",
+    "usage",
 )
 
 log = logging.getLogger("flm.cli")
@@ -48,9 +50,9 @@ def common_options() -> argparse.ArgumentParser:
     common = Parser(add_help=False)
     common.add_argument(
         "--format",
-        choices=("json", "text"),
+        choices=("json", "text", "csv"),
         default=argparse.SUPPRESS,
-        help="output format (default json)",
+        help="output format (default json; csv for tables such as flm usage)",
     )
     common.add_argument(
         "--db-path-config",
@@ -103,7 +105,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ctx = None
     try:
         parser = build_parser()
-        args = parser.parse_args(args_list)
+        try:
+            args = parser.parse_args(args_list)
+        except UsageError as exc:
+            if "secrets" in args_list[:3]:
+                # A secret typed on the command line by mistake is not repeated in the error.
+                raise UsageError(_redact_values(exc.message, args_list)) from None
+            raise
         fmt = getattr(args, "format", "json")
         handler = getattr(args, "handler", None)
         if handler is None:
@@ -152,6 +160,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if ctx is not None:
             ctx.close()
+
+
+def _redact_values(message: str, argv: Sequence[str]) -> str:
+    """``message`` with every command-line value (not option names) replaced by ``<hidden>``."""
+    for token in sorted({t for t in argv if t and not t.startswith("-")}, key=len,
+                        reverse=True):
+        if token not in ("secrets", "dns", "add", "list", "remove"):
+            message = message.replace(token, "<hidden>")
+    for token in argv:
+        if token.startswith("--") and "=" in token:
+            message = message.replace(token, token.split("=", 1)[0] + "=<hidden>")
+    return message
 
 
 def read_text_arg(path: str | None) -> str:

@@ -23,6 +23,9 @@ class Result:
     exit_code: int = 0
     #: Extra lines for people (text mode only), e.g. "store this key now".
     notes: list[str] = field(default_factory=list)
+    #: ``--format csv``: the rows and columns to write (default: the data, if it is a list
+    #: of objects).
+    csv: Callable[[Any], tuple[list[dict[str, Any]], list[str]]] | None = None
 
 
 def _cell(value: Any) -> str:
@@ -56,7 +59,10 @@ def pairs(data: dict[str, Any]) -> str:
 
 def emit(result: Result, fmt: str, out: TextIO | None = None) -> None:
     out = out or sys.stdout
-    if fmt == "text":
+    if fmt == "csv" and (result.csv is not None or (
+            isinstance(result.data, list) and all(isinstance(r, dict) for r in result.data))):
+        _emit_csv(result, out)
+    elif fmt == "text":
         body = result.text(result.data) if result.text else _default_text(result.data)
         out.write(body.rstrip("\n") + "\n")
         for note in result.notes:
@@ -68,6 +74,21 @@ def emit(result: Result, fmt: str, out: TextIO | None = None) -> None:
             )
             + "\n"
         )
+    out.flush()
+
+
+def _emit_csv(result: Result, out: TextIO) -> None:
+    import csv
+
+    if result.csv is not None:
+        rows, columns = result.csv(result.data)
+    else:
+        rows = result.data
+        columns = list(rows[0].keys()) if rows else []
+    writer = csv.DictWriter(out, columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({c: "" if row.get(c) is None else row.get(c) for c in columns})
     out.flush()
 
 

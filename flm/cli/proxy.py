@@ -21,9 +21,13 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, help="listen port (default: config proxy.port, 8080)")
     p.add_argument("--bind", help="listen address (default: config proxy.bind, 127.0.0.1)")
     p.add_argument("--acme-email", help="https-acme: contact address for the ACME account")
-    p.add_argument("--acme-domain", help="https-acme: the DNS name whose port 80 reaches --port")
+    p.add_argument("--acme-domain", action="append",
+                   help="https-acme: a name of the certificate (repeatable; http-01: its port "
+                   "80 must reach --port; dns-01: may be a wildcard like *.example.org)")
     p.add_argument("--challenge", choices=("http-01", "dns-01"), default="http-01",
-                   help="https-acme challenge (only http-01 for now)")
+                   help="https-acme challenge (default http-01; dns-01 needs --dns-profile)")
+    p.add_argument("--dns-profile", metavar="NAME",
+                   help="dns-01: the `flm secrets dns` profile that publishes the TXT records")
     p.add_argument("--egress-mode", choices=("direct", "tor", "socks5"), default="direct",
                    help="how remote engines, image URLs and ACME are reached (default direct)")
     p.add_argument("--socks5-endpoint", metavar="HOST:PORT",
@@ -67,7 +71,7 @@ def _config(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
         "mode": args.mode, "port": port, "bind": bind, "egress_mode": args.egress_mode,
         "socks5_endpoint": args.socks5_endpoint, "egress_fail_open": args.egress_fail_open,
         "acme_domain": args.acme_domain, "acme_email": args.acme_email,
-        "challenge": args.challenge}
+        "challenge": args.challenge, "dns_profile": args.dns_profile}
     if args.mode == ACME_MODE:
         config["acme_env"] = acme_env_from(os.environ)
     StartConfig.from_dict(config)  # refuse bad combinations before the daemon starts
@@ -145,8 +149,12 @@ def start(ctx: Context, args: argparse.Namespace) -> Result:
         run_foreground(ctx, config)
         return Result({"stopped": True}, text=lambda d: "proxy stopped")
     what = "starting the proxy"
-    if config["mode"] == "https-acme":
-        what = f"obtaining a certificate for {config['acme_domain']} (ACME HTTP-01, up to 90 s)"
+    if config["mode"] == "https-acme" and config["challenge"] == "dns-01":
+        what = (f"obtaining a certificate for {', '.join(config['acme_domain'])} (ACME DNS-01 "
+                f"via profile {config['dns_profile']}: TXT records, propagation, validation)")
+    elif config["mode"] == "https-acme":
+        what = (f"obtaining a certificate for {', '.join(config['acme_domain'])} "
+                "(ACME HTTP-01, up to 90 s)")
     elif config["egress_mode"] != "direct":
         what = f"checking the {config['egress_mode']} egress"
     with _Progress(what):

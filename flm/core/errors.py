@@ -141,3 +141,42 @@ class ProxyAcmeError(ProxyError):
 
 class ProxyNotRunningError(ProxyError):
     code = "PROXY_NOT_RUNNING"
+
+
+# --- ACME DNS-01 (each names what the user can do about it) --------------------------------------
+
+
+class DnsAuthError(ProxyAcmeError):
+    """The DNS server or API did not accept FLM's credentials (wrong TSIG key, bad token)."""
+
+    code = "DNS_AUTH_FAILED"
+
+
+class DnsZoneNotFoundError(ProxyAcmeError):
+    """The DNS server is not authoritative for the profile's zone (or the API has no such zone)."""
+
+    code = "DNS_ZONE_NOT_FOUND"
+
+
+class DnsUpdateRefusedError(ProxyAcmeError):
+    """Authenticated, but the server's policy (or the token's scope) refuses the change."""
+
+    code = "DNS_UPDATE_REFUSED"
+
+
+class DnsServerUnreachableError(ProxyAcmeError):
+    """The DNS server or API cannot be reached at all."""
+
+    code = "DNS_SERVER_UNREACHABLE"
+
+
+class DnsNotVisibleError(ProxyAcmeError):
+    """The TXT record was created but the zone's servers did not answer it before the deadline."""
+
+    code = "DNS_RECORD_NOT_VISIBLE"
+
+
+class AcmeCaRefusedError(ProxyAcmeError):
+    """The ACME CA looked at the DNS-01 answer (or the order) and refused it."""
+
+    code = "ACME_CA_REFUSED"

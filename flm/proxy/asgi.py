@@ -53,6 +53,8 @@ class RequestState:
         "engine_id",
         "error_code",
         "first_byte_at",
+        "key",
+        "key_headers",
         "model",
         "overhead_s",
         "prompt_tokens",
@@ -61,6 +63,7 @@ class RequestState:
         "started",
         "status",
         "streaming",
+        "usage_estimated",
         "warnings",
     )
 
@@ -69,6 +72,12 @@ class RequestState:
         self.client_ip = client_ip
         self.started = started
         self.api_key_id: str | None = None
+        #: The key's scope (a ``flm.core.keyscope.KeyScope``) once it is admitted; its usage
+        #: is accounted when the request ends.
+        self.key: Any = None
+        #: Headers the key's limits add to the reply (``x-ratelimit-*``), if any.
+        self.key_headers: list[tuple[bytes, bytes]] | None = None
+        self.usage_estimated = False
         self.route = "unmatched"
         self.engine_id: str | None = None
         self.model: str | None = None

@@ -22,7 +22,9 @@ import contextlib
 import logging
 import os
 import socket
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -106,7 +108,8 @@ class ProxyInstance:
         bundle = self.tls.bundle if self.tls else None
         out: dict[str, Any] = {
             "id": s.handle_id, "mode": s.mode, "port": s.port, "https_port": s.https_port,
-            "listen": s.bind, "endpoints": user_endpoints(s, self.config.acme_domain),
+            "listen": s.bind,
+            "endpoints": user_endpoints(s, self.config.acme_domains or self.config.acme_domain),
             "egress": self.egress.to_dict(),
             "uptime_s": round(time.time() - self.started_at, 1), "pid": os.getpid(),
             "started_at": self.started_at,
@@ -118,6 +121,10 @@ class ProxyInstance:
             cert = bundle.to_dict()
             cert.update(source=self.tls.source, renewals=self.tls.renewals,
                         key_path=str(bundle.key_path))
+            if self.tls.acme is not None:
+                cert.update(challenge=self.tls.acme.challenge,
+                            names=list(self.tls.acme.all_names),
+                            dns_profile=self.tls.acme.dns_profile)
             out["certificate"] = cert
             hints = trust_hints(bundle, s.https_port)
             if hints:
@@ -173,11 +180,14 @@ class ProxyInstance:
                     fresh = await asyncio.to_thread(certs.obtain_acme, tls.acme, tls.challenges,
                                                     self.runtime.egress)
                 except FlmError as exc:
-                    self.last_error = f"certificate renewal failed: {exc.message}"
+                    self.last_error = f"certificate renewal failed ({exc.code}): {exc.message}"
                     await asyncio.to_thread(
                         record_security_event, self.ctx.storage, EVENT_RENEWAL_FAILED, "medium",
                         {"handle": self.settings.handle_id, "domain": tls.acme.domain,
-                         "error": exc.message, "certificate_expiry": iso(old.not_after)})
+                         "names": list(tls.acme.all_names), "challenge": tls.acme.challenge,
+                         "code": exc.code, "error": exc.message,
+                         "fallback": "the current certificate keeps serving",
+                         "certificate_expiry": iso(old.not_after)})
                     raise
             else:
                 fresh = await asyncio.to_thread(certs.local, self.settings.mode)
@@ -292,24 +302,46 @@ async def _prepare_tls(ctx: Context, config: StartConfig, http_sock: socket.sock
         source = "issued" if bundle.issued else "stored"
         return TlsState(ReloadableServerContext(bundle), source)
     assert config.acme_domain is not None and config.acme_email is not None
-    acme = resolve_acme_settings(config.acme_domain, config.acme_email, config.env)
+    acme = resolve_acme_settings(config.acme_domains or config.acme_domain, config.acme_email,
+                                 config.env, challenge=config.challenge,
+                                 dns_profile=config.dns_profile)
+    await asyncio.to_thread(certs.check_dns_profile, acme)
     challenges = ChallengeStore()
-    servers.append(HttpServer(RedirectApp(config.https_port, acme.domain, challenges),
-                              http_sock, headers=response_headers(), refusal=refusal))
+    # DNS-01 needs nothing from the HTTP port: it only redirects.
+    redirect_host = next((n for n in acme.all_names if not n.startswith("*")),
+                         acme.domain.removeprefix("*."))
+    servers.append(HttpServer(
+        RedirectApp(config.https_port, redirect_host,
+                    challenges if acme.challenge == "http-01" else None),
+        http_sock, headers=response_headers(), refusal=refusal))
     await servers[-1].start()
     outcome = await asyncio.to_thread(certs.acme_at_start, acme, challenges, port=config.port,
-                                      egress=egress)
+                                      egress=egress, progress=_terminal_progress())
     if outcome.source == "stored":
         notes.append(f"reused the stored certificate for {acme.domain} (valid until "
                      f"{iso(outcome.bundle.not_after)})")
     elif outcome.source == "stored-fallback":
-        notes.append(f"ACME failed ({outcome.error}); serving the stored certificate for "
-                     f"{acme.domain}, valid until {iso(outcome.bundle.not_after)}")
+        notes.append(f"certificate renewal failed: ACME failed ({outcome.error}); serving the "
+                     f"stored certificate for {acme.domain}, valid until "
+                     f"{iso(outcome.bundle.not_after)}")
         await asyncio.to_thread(
             record_security_event, ctx.storage, EVENT_RENEWAL_FAILED, "medium",
             {"domain": acme.domain, "error": outcome.error, "fallback": "stored certificate",
              "certificate_expiry": iso(outcome.bundle.not_after)})
     return TlsState(ReloadableServerContext(outcome.bundle), outcome.source, acme, challenges)
+
+
+def _terminal_progress() -> Callable[[str], None] | None:
+    """DNS-01 progress on stderr when it is a terminal (``--no-daemon`` in a shell); the
+    daemon's stderr is its log file, where the solver logs the same steps."""
+    if not sys.stderr.isatty():
+        return None
+
+    def show(message: str) -> None:
+        sys.stderr.write(f"\r{message}\033[K")
+        sys.stderr.flush()
+
+    return show
 
 
 async def decide_start_egress(ctx: Context, requested: EgressConfig,
@@ -338,11 +370,13 @@ async def decide_start_egress(ctx: Context, requested: EgressConfig,
     return effective
 
 
-def user_endpoints(s: ProxySettings, acme_domain: str | None = None) -> list[str]:
+def user_endpoints(s: ProxySettings,
+                   acme_domain: str | tuple[str, ...] | None = None) -> list[str]:
     """The URLs a user should use: localhost, or the LAN addresses when bound to all
-    interfaces, or the bind address; ``https://domain`` for ACME."""
+    interfaces, or the bind address; ``https://domain`` for ACME (one per name)."""
     if s.https_port is not None and acme_domain:
-        return [f"https://{acme_domain}:{s.https_port}"]
+        names = [acme_domain] if isinstance(acme_domain, str) else list(acme_domain)
+        return [f"https://{n}:{s.https_port}" for n in names]
     scheme, port = ("https", s.https_port) if s.https_port is not None else ("http", s.port)
     if s.loopback_only:
         hosts = ["localhost"]
@@ -364,12 +398,15 @@ async def reload_proxies(ctx: Any, instances: list[ProxyInstance]) -> list[str]:
     daemon's, or a ``--no-daemon`` one). A stored policy that no longer validates is refused:
     the one in force stays, and the proxy's ``last_error`` says why until a good one comes."""
     from flm.core.errors import PolicyInvalidError
-    from flm.proxy.runtime import _is_self, load_block_rows, load_profiles
+    from flm.proxy.runtime import _is_self, load_block_rows, load_profiles, scope_from_row
     from flm.services.keys import KeyService
+    from flm.storage.usage import today_totals
 
     policy = await asyncio.to_thread(lambda: ctx.policy.show()["policy"])
-    active = {k.id for k in await asyncio.to_thread(KeyService(ctx.storage).list)
-              if k.revoked_at is None}
+    rows = [k for k in await asyncio.to_thread(KeyService(ctx.storage).list)
+            if k.revoked_at is None]
+    active = {k.id for k in rows}
+    scopes = {k.id: scope_from_row(k) for k in rows}
     endpoints = await asyncio.to_thread(ctx.engines.endpoints)
     reloaded = []
     for inst in instances:
@@ -383,6 +420,13 @@ async def reload_proxies(ctx: Any, instances: list[ProxyInstance]) -> list[str]:
             if inst.last_error and inst.last_error.startswith("policy refused"):
                 inst.last_error = None
         rt.keys.retain_only(active)
+        rt.scopes = scopes  # (new limits, models and expiry apply from the next request)
+        rt.ledger.retain_only(active)
+        if rt.usage is not None:
+            # this proxy's own usage reaches the rollups first, then today's totals (every
+            # proxy's) replace the counters
+            await asyncio.to_thread(rt.usage.flush)
+            rt.ledger.load_today(await asyncio.to_thread(today_totals, ctx.storage.security))
         if rt.audit is not None:
             await asyncio.to_thread(rt.audit.flush)  # blocks made here reach the table
         rt.load_blocks(await asyncio.to_thread(load_block_rows, ctx, inst.settings.handle_id))

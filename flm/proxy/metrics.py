@@ -16,6 +16,9 @@ _OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.0
 #: At most this many label combinations are kept per metric (routes, statuses and engines are
 #: few; the cap only bounds memory if something unexpected makes many).
 MAX_SERIES = 10_000
+#: Per-key token series (key label × model × direction) kept at most; the rest add up under
+#: the key label and model ``other``.
+MAX_KEY_SERIES = 2_000
 _go_float: Any = floatToGoString  # (untyped) how Prometheus writes a bucket bound
 #: Label values are cut to this many characters.
 MAX_LABEL = 128
@@ -55,6 +58,7 @@ class _RequestCollector:
         self.overhead: dict[str, _Histogram] = {}
         self.ttft: dict[str, _Histogram] = {}
         self.tokens: dict[tuple[str, str], int] = {}
+        self.key_tokens: dict[tuple[str, str, str], int] = {}
 
     @staticmethod
     def observe(series: dict[str, _Histogram], label: str, bounds: tuple[float, ...],
@@ -91,6 +95,9 @@ class _RequestCollector:
                                        labels=["route", "status", "engine"])
         tokens = CounterMetricFamily("flm_tokens_total", "Tokens reported by engines",
                                      labels=["engine", "direction"])
+        key_tokens = CounterMetricFamily("flm_key_tokens_total",
+                                         "Tokens used, by API key label and model",
+                                         labels=["key", "model", "direction"])
         if empty:
             yield requests
             yield HistogramMetricFamily("flm_request_duration_seconds", "", labels=["route"])
@@ -98,6 +105,7 @@ class _RequestCollector:
             yield HistogramMetricFamily("flm_time_to_first_token_seconds", "",
                                         labels=["engine"])
             yield tokens
+            yield key_tokens
             return
         for (route, status, engine), count in list(self.requests.items()):
             requests.add_metric([route, str(status), engine], count)
@@ -113,6 +121,9 @@ class _RequestCollector:
         for (engine, direction), count in list(self.tokens.items()):
             tokens.add_metric([engine, direction], count)
         yield tokens
+        for (key, model, direction), count in list(self.key_tokens.items()):
+            key_tokens.add_metric([key, model, direction], count)
+        yield key_tokens
 
 
 class Metrics:
@@ -157,6 +168,16 @@ class Metrics:
             tokens[(engine, "in")] = tokens.get((engine, "in"), 0) + prompt
         if completion:
             tokens[(engine, "out")] = tokens.get((engine, "out"), 0) + completion
+
+    def record_key_tokens(self, label: str, model: str, prompt: int, completion: int) -> None:
+        series = self._series.key_tokens
+        for direction, count in (("in", prompt), ("out", completion)):
+            if not count:
+                continue
+            key = (label, model, direction)
+            if key not in series and len(series) >= MAX_KEY_SERIES - 2:
+                key = ("other", "other", direction)
+            series[key] = series.get(key, 0) + count
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

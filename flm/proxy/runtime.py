@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from flm.core.keyscope import KeyScope
 from flm.core.models import EngineEndpoint
 from flm.core.policy import EffectivePolicy
 from flm.egress.config import EgressConfig
@@ -18,6 +19,7 @@ from flm.proxy.engines import EngineRegistry
 from flm.proxy.guard import GuardState, exempt_from_automatic_blocks
 from flm.proxy.keys import KeyVerifier
 from flm.proxy.metrics import Metrics
+from flm.proxy.usage import KeyLedger, UsageSink
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,13 @@ class ProxyRuntime:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     #: The egress in force (after the start-up probe: direct when fail-open fell back).
     egress: EgressConfig = field(default_factory=EgressConfig)
+    #: Active keys' scopes and limits by key id (loaded with the keys, swapped on reload).
+    scopes: dict[str, KeyScope] = field(default_factory=dict)
+    #: The live per-key counters (rate buckets, today's totals).
+    ledger: KeyLedger = field(default_factory=KeyLedger)
+    usage: UsageSink | None = None
+    #: Reads one active key's scope from storage (for a key created since the last reload).
+    scope_loader: Any = None
     #: The caps on this proxy's open connections, shared with its HTTP server.
     connection_limits: ConnectionLimits = field(default_factory=ConnectionLimits)
 
@@ -90,6 +99,18 @@ class ProxyRuntime:
         self.keys.close()
         if self.audit is not None:
             self.audit.close()
+        if self.usage is not None:
+            self.usage.close()
+
+    async def scope_of(self, key_id: str) -> KeyScope | None:
+        """The scope of an active key: from memory, or (a key created since the last
+        reload) read once from storage, off the event loop."""
+        scope = self.scopes.get(key_id)
+        if scope is None and self.scope_loader is not None:
+            scope = await asyncio.to_thread(self.scope_loader, key_id)
+            if scope is not None:
+                self.scopes[key_id] = scope
+        return scope
 
 
 def _is_self(endpoint: EngineEndpoint, settings: ProxySettings) -> bool:
@@ -114,6 +135,7 @@ def build_runtime(settings: ProxySettings, ctx: Any,
     force (default direct)."""
     from flm.services.keys import dummy_key_hash, verify_key_hash
     from flm.storage.security import ApiKeysRepo
+    from flm.storage.usage import today_totals
 
     endpoints = [e for e in ctx.engines.endpoints() if not _is_self(e, settings)]
     timeouts: Timeouts = ctx.engines.timeouts()
@@ -124,11 +146,41 @@ def build_runtime(settings: ProxySettings, ctx: Any,
         keys=KeyVerifier(keys_repo.hash_of, verify_key_hash, dummy_key_hash),
         egress=egress or EgressConfig(),
         audit=AuditSink(ctx.storage.security, ctx.paths.logs_dir / "audit.jsonl"),
+        usage=UsageSink(ctx.storage.security),
     )
+    runtime.scope_loader = lambda key_id: load_scope(ctx, key_id)
+    runtime.scopes = load_scopes(ctx)
+    runtime.ledger.load_today(today_totals(ctx.storage.security))
     runtime.apply_policy(json.loads(json.dumps(ctx.policy.show()["policy"])))
     runtime.load_blocks(load_block_rows(ctx, settings.handle_id))
     load_profiles(runtime, ctx)
     return runtime
+
+
+def scope_from_row(row: Any) -> KeyScope:
+    """A stored key (:class:`flm.storage.security.ApiKeyRow`) as the hot path checks it."""
+    from flm.core.timeutil import parse_iso
+
+    lim = row.limits
+    return KeyScope(
+        row.id, row.label, None if lim.models is None else tuple(lim.models), lim.rpm,
+        lim.burst, lim.tpm, lim.daily_tokens, lim.daily_requests,
+        parse_iso(lim.expires_at).timestamp() if lim.expires_at else None, lim.read_only)
+
+
+def load_scopes(ctx: Any) -> dict[str, KeyScope]:
+    """Every active key's scope."""
+    from flm.storage.security import ApiKeysRepo
+
+    return {row.id: scope_from_row(row)
+            for row in ApiKeysRepo(ctx.storage.security).all(include_revoked=False)}
+
+
+def load_scope(ctx: Any, key_id: str) -> KeyScope | None:
+    from flm.storage.security import ApiKeysRepo
+
+    row = ApiKeysRepo(ctx.storage.security).get(key_id)
+    return scope_from_row(row) if row is not None and row.revoked_at is None else None
 
 
 def load_profiles(runtime: ProxyRuntime, ctx: Any) -> None:

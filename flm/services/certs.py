@@ -4,7 +4,8 @@ and the ``certificates`` table.
 - ``dev-selfsigned`` / ``packaged-ca``: :meth:`CertificateService.local` issues or reuses the
   root and server certificate under ``certs/<mode>/`` (see :mod:`flm.tls.issue`).
 - ``https-acme``: :meth:`CertificateService.acme_at_start` reuses a stored certificate that is
-  not due for renewal; otherwise it asks the ACME CA (HTTP-01) and, when that fails, falls back
+  not due for renewal (and names every requested name); otherwise it asks the ACME CA (HTTP-01,
+  or DNS-01 through a ``flm secrets dns`` profile) and, when that fails, falls back
   to a still-valid stored certificate, and only then fails with ``PROXY_ACME_ERROR`` naming the
   ``dev-selfsigned`` fallback and the manual steps.
 
@@ -16,7 +17,7 @@ ACME protocol): call it from a worker thread when an event loop is running.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -46,6 +47,15 @@ class AcmeSettings:
     email: str
     directory: AcmeDirectory
     timeout_s: float = 90.0
+    #: Every name of the certificate, ``domain`` first (``*.example.org`` with DNS-01).
+    names: tuple[str, ...] = ()
+    challenge: str = "http-01"
+    #: ``flm secrets dns`` profile (DNS-01 only).
+    dns_profile: str | None = None
+
+    @property
+    def all_names(self) -> tuple[str, ...]:
+        return self.names or (self.domain,)
 
 
 @dataclass(frozen=True)
@@ -62,19 +72,20 @@ class AcmeOutcome:
     error: str | None = None
 
 
-def resolve_acme_settings(domain: str, email: str, env: Mapping[str, str],
-                          timeout_s: float = 90.0) -> AcmeSettings:
-    """Validate the domain and the ``FLM_ACME_*`` settings (no network)."""
-    from flm.tls.acmeclient import resolve_acme_directory
-    from flm.tls.certs import normalize_host
+def resolve_acme_settings(domain: str | Sequence[str], email: str, env: Mapping[str, str],
+                          timeout_s: float = 90.0, *, challenge: str = "http-01",
+                          dns_profile: str | None = None) -> AcmeSettings:
+    """Validate the names and the ``FLM_ACME_*`` settings (no network)."""
+    from flm.tls.acmeclient import check_acme_names, resolve_acme_directory
 
-    try:
-        name = normalize_host(domain)
-    except ProxyError as exc:
-        raise ProxyAcmeError(f"--acme-domain: {exc.message}") from None
+    names = check_acme_names(domain, wildcard_ok=challenge == "dns-01")
     if "@" not in email or email.startswith("@") or email.endswith("@"):
         raise ProxyError(f"--acme-email must be an e-mail address, got {email!r}")
-    return AcmeSettings(name, email.strip(), resolve_acme_directory(env), timeout_s)
+    if challenge == "dns-01" and not dns_profile:
+        raise ProxyError("--challenge dns-01 needs --dns-profile NAME (create one with "
+                         "`flm secrets dns add NAME ...`)")
+    return AcmeSettings(names[0], email.strip(), resolve_acme_directory(env), timeout_s,
+                        tuple(names), challenge, dns_profile if challenge == "dns-01" else None)
 
 
 class CertificateService:
@@ -115,18 +126,30 @@ class CertificateService:
         digest = hashlib.sha256(directory_url.encode()).hexdigest()[:16]
         return ensure_private_dir(self.certs_dir / "acme-accounts") / f"{digest}.pem"
 
-    def stored_acme(self, domain: str) -> CertBundle | None:
-        """The stored certificate for ``domain`` if it is readable and not expired."""
+    def stored_acme(self, domain: str, names: Sequence[str] = ()) -> CertBundle | None:
+        """The stored certificate for ``domain`` if it is readable, not expired and names all
+        of ``names``."""
         from flm.tls.acmeclient import load_acme_certificate
 
-        return load_acme_certificate(self.certs_dir, domain)
+        return load_acme_certificate(self.certs_dir, domain, names=names)
+
+    def check_dns_profile(self, settings: AcmeSettings) -> None:
+        """DNS-01: the profile exists and its secret can be read (no network)."""
+        if settings.challenge != "dns-01" or settings.dns_profile is None:
+            return
+        from flm.services.dns_secrets import DnsSecretsService
+
+        secrets = DnsSecretsService(self._storage)
+        secrets.secret(secrets.get(settings.dns_profile))
 
     def obtain_acme(self, settings: AcmeSettings, challenges: MutableMapping[str, str],
-                    egress: EgressConfig | None = None) -> CertBundle:
-        """One HTTP-01 issuance; the certificate is stored and recorded. ``ProxyAcmeError``.
+                    egress: EgressConfig | None = None,
+                    progress: Callable[[str], None] | None = None) -> CertBundle:
+        """One issuance (HTTP-01, or DNS-01 through the settings' DNS profile); the certificate
+        is stored and recorded. ``ProxyAcmeError`` (DNS-01: one of its named subclasses).
 
         ``egress``: the egress in force; the ACME CA is reached through it unless it is on
-        this machine.
+        this machine. ``progress`` hears what DNS-01 is waiting for.
         """
         from flm.tls.acmeclient import ACME_LIVE_DIR, AcmeClient, store_acme_certificate
 
@@ -140,29 +163,50 @@ class CertificateService:
                 mount_egress(session, egress, url)
 
         ensure_private_dir(self.certs_dir / ACME_LIVE_DIR)  # 0700, like certs/<domain>/ in it
+        solver = None
+        timeout_s = settings.timeout_s
+        if settings.challenge == "dns-01":
+            from flm.services.dns_secrets import DnsSecretsService
+            from flm.tls.dns01 import Dns01Solver, provider_for
+
+            assert settings.dns_profile is not None
+            secrets = DnsSecretsService(self._storage)
+            profile = secrets.get(settings.dns_profile)
+            provider = provider_for(profile, secrets.secret(profile))
+            solver = Dns01Solver(provider, profile.propagation_timeout_s, progress)
+            timeout_s += profile.propagation_timeout_s
         client = AcmeClient(
             settings.directory.url,
             settings.email,
             self.account_key_path(settings.directory.url),
             ca_bundle=settings.directory.ca_bundle,
-            timeout_s=settings.timeout_s,
+            timeout_s=timeout_s,
             session_hook=hook,
         )
-        chain, key = client.obtain(settings.domain, challenges)
-        bundle = store_acme_certificate(self.certs_dir, settings.domain, chain, key)
+        if solver is not None:
+            try:
+                chain, key = client.obtain_dns(settings.all_names, solver)
+            finally:
+                solver.provider.close()
+        else:
+            chain, key = client.obtain(settings.domain, challenges)
+        bundle = store_acme_certificate(self.certs_dir, settings.domain, chain, key,
+                                        settings.all_names)
         self.record(bundle)
         return bundle
 
     def acme_at_start(self, settings: AcmeSettings, challenges: MutableMapping[str, str], *,
                       port: int, renew_before_days: float = RENEW_BEFORE_DAYS,
-                      egress: EgressConfig | None = None) -> AcmeOutcome:
+                      egress: EgressConfig | None = None,
+                      progress: Callable[[str], None] | None = None) -> AcmeOutcome:
         """The fallback chain of SPEC §6 (see the module docstring)."""
-        stored = self.stored_acme(settings.domain)
+        stored = self.stored_acme(settings.domain, settings.all_names)
         if stored is not None and not due_for_renewal(stored, renew_before_days):
             self.record(stored)
             return AcmeOutcome(stored, "stored")
         try:
-            return AcmeOutcome(self.obtain_acme(settings, challenges, egress), "issued")
+            return AcmeOutcome(self.obtain_acme(settings, challenges, egress, progress),
+                               "issued")
         except ProxyAcmeError as exc:
             if stored is not None:
                 self.record(stored)
@@ -173,13 +217,16 @@ class CertificateService:
                           port: int) -> ProxyAcmeError:
         live = self.live_dir(settings.domain)
         dev = f"flm proxy start --mode dev-selfsigned --port {port}"
+        names = " ".join(f"-d '{n}'" for n in settings.all_names)
+        by_hand = (f"certbot certonly --manual --preferred-challenges dns {names}"
+                   if settings.challenge == "dns-01" else f"certbot certonly --standalone {names}")
         steps = [
             "fix the cause above and run the same start again (FLM retries the ACME order), or",
             f"serve HTTPS now with FLM's own certificate: `{dev}` (clients must trust FLM's "
             "root: `flm security install-ca --cert-path "
             f"{self.certs_dir / DEV_MODE / 'ca.pem'}`), or",
-            f"obtain a certificate for {settings.domain} by hand (e.g. `certbot certonly "
-            f"--standalone -d {settings.domain}`), copy it to {live / 'fullchain.pem'} and its "
+            f"obtain a certificate for {settings.domain} by hand (e.g. `{by_hand}`), copy it "
+            f"to {live / 'fullchain.pem'} and its "
             f"key to {live / 'privkey.pem'} (mode 0600), then start again: FLM serves a valid "
             "stored certificate when the ACME CA cannot be reached",
         ]
@@ -188,10 +235,12 @@ class CertificateService:
             f"{settings.directory.url}: {exc.message.rstrip('.')}. There is no stored "
             "certificate to fall "
             "back on. What you can do: " + " ".join(f"({i}) {s}" for i, s in enumerate(steps, 1)),
+            code=exc.code,
             details={
                 "domain": settings.domain,
                 "directory": settings.directory.url,
                 "acme_error": exc.message,
+                "error_code": exc.code,
                 "fallback": {"mode": DEV_MODE, "command": dev},
                 "manual_steps": steps,
                 "live_dir": str(live),

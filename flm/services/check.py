@@ -70,4 +70,27 @@ def run_check(storage: Storage, *, verbose: bool = False) -> dict[str, Any]:
             )
 
     problems = [f"{name}: {p}" for name, rep in databases.items() for p in rep["problems"]]
-    return {"ok": not problems, "databases": databases, "problems": problems, "warnings": warnings}
+    report = {"ok": not problems, "databases": databases, "problems": problems,
+              "warnings": warnings}
+    if "safe_mode" in databases["security"]:
+        report["dns_secrets"] = _dns_secrets(storage, warnings)
+    return report
+
+
+def _dns_secrets(storage: Storage, warnings: list[str]) -> dict[str, Any]:
+    """Where DNS-01 secrets are kept, and whether every profile's secret is still there."""
+    from flm.services.dns_secrets import DnsSecretsService
+
+    service = DnsSecretsService(storage)
+    try:
+        profiles = service.list()
+        location = service.store.describe()
+    except FlmError as exc:
+        warnings.append(f"dns secrets: {exc.message}")
+        return {"problems": [exc.message]}
+    for profile in profiles:
+        try:
+            service.secret(profile)
+        except FlmError as exc:
+            warnings.append(f"dns profile {profile.name}: {exc.message}")
+    return {"location": location, "profiles": len(profiles)}

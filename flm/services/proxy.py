@@ -30,6 +30,18 @@ START_TIMEOUT_S = 15.0
 LONG_CALL_TIMEOUT_S = 150.0
 
 
+def _dns_wait_s(storage: Storage, profile: str | None = None) -> float:
+    """DNS-01 adds the propagation wait of its profile (of the slowest profile when unknown)."""
+    try:
+        from flm.services.dns_secrets import DnsSecretsService
+
+        profiles = DnsSecretsService(storage).list()
+    except Exception:
+        return 0.0
+    waits = [p.propagation_timeout_s for p in profiles if profile is None or p.name == profile]
+    return max(waits, default=0.0)
+
+
 class ProxyService:
     def __init__(self, storage: Storage) -> None:
         self._storage = storage
@@ -126,11 +138,14 @@ class ProxyService:
     # --- commands -----------------------------------------------------------------------------
 
     def start(self, config: dict[str, Any]) -> dict[str, Any]:
+        wait = LONG_CALL_TIMEOUT_S
+        if config.get("challenge") == "dns-01" and config.get("dns_profile"):
+            wait += _dns_wait_s(self._storage, str(config["dns_profile"]))
         info = self.ensure_daemon()
         self._same_databases(info)
         try:
             result: dict[str, Any] = self.call(info, "POST", "/admin/start", config,
-                                               timeout=LONG_CALL_TIMEOUT_S)
+                                               timeout=wait)
         except ProxyError as exc:
             if exc.code != "PROXY_NOT_RUNNING":
                 raise
@@ -140,7 +155,7 @@ class ProxyService:
             info = self.ensure_daemon()
             self._same_databases(info)
             result = self.call(info, "POST", "/admin/start", config,
-                               timeout=LONG_CALL_TIMEOUT_S)
+                               timeout=wait)
         return result
 
     def _same_databases(self, info: DaemonInfo) -> None:
@@ -164,7 +179,8 @@ class ProxyService:
             raise ProxyError("no proxy is running", code="PROXY_NOT_RUNNING")
         result: dict[str, Any] = self.call(info, "POST", "/admin/renew",
                                            {"port": port, "force": force},
-                                           timeout=LONG_CALL_TIMEOUT_S)
+                                           timeout=LONG_CALL_TIMEOUT_S
+                                           + _dns_wait_s(self._storage))
         return result
 
     def status(self) -> dict[str, Any]:

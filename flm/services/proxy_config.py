@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flm.core.errors import ProxyError
+from flm.core.errors import ProxyAcmeError, ProxyError
 from flm.egress.config import EgressConfig
 
 LOCAL_HTTP = "local-http"
@@ -36,6 +36,10 @@ class StartConfig:
     challenge: str = "http-01"
     #: ``FLM_ACME_*`` as the user's shell had them (``None``: this process's environment).
     acme_env: dict[str, str] | None = None
+    #: Every ``--acme-domain`` (one certificate names them all); ``acme_domain`` is the first.
+    acme_domains: tuple[str, ...] = ()
+    #: ``--dns-profile`` (``--challenge dns-01``).
+    dns_profile: str | None = None
 
     @property
     def tls(self) -> bool:
@@ -53,7 +57,7 @@ class StartConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> StartConfig:
         """Validate what ``proxy start`` sends; ``ProxyError`` (``PROXY_INVALID_CONFIG``) or, for
-        ``--challenge dns-01``, ``ProxyAcmeError``."""
+        an unknown ``--challenge``, ``ProxyAcmeError``."""
         mode = str(data.get("mode") or LOCAL_HTTP)
         if mode not in MODES:
             raise ProxyError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -69,7 +73,15 @@ class StartConfig:
         egress = EgressConfig.from_options(
             _opt(data, "egress_mode"), _opt(data, "socks5_endpoint"),
             bool(data.get("egress_fail_open")))
-        domain, email = _opt(data, "acme_domain"), _opt(data, "acme_email")
+        raw_domains = data.get("acme_domain")
+        if isinstance(raw_domains, list | tuple):
+            domains = tuple(t for t in (str(d).strip() for d in raw_domains if d) if t)
+        else:
+            one = _opt(data, "acme_domain")
+            domains = (one,) if one else ()
+        domain = domains[0] if domains else None
+        email = _opt(data, "acme_email")
+        dns_profile = _opt(data, "dns_profile")
         challenge = (_opt(data, "challenge") or "http-01").lower()
         raw_env = data.get("acme_env")
         acme_env = ({str(k): str(v) for k, v in raw_env.items() if k in ACME_ENV_KEYS}
@@ -81,17 +93,30 @@ class StartConfig:
             missing = [flag for flag, value in (("--acme-domain", domain),
                                                 ("--acme-email", email)) if not value]
             if missing:
-                raise ProxyError(f"--mode https-acme needs {' and '.join(missing)} (the public "
-                                 "DNS name whose port 80 reaches FLM, and the contact address "
-                                 "for the ACME account)")
+                what = ("the DNS name(s) of the certificate" if challenge == "dns-01" else
+                        "the public DNS name whose port 80 reaches FLM")
+                raise ProxyError(f"--mode https-acme needs {' and '.join(missing)} ({what}, "
+                                 "and the contact address for the ACME account)")
+            if challenge == "dns-01" and not dns_profile:
+                raise ProxyError("--challenge dns-01 needs --dns-profile NAME (the DNS "
+                                 "credentials to publish the TXT records with; create them "
+                                 "with `flm secrets dns add NAME ...`)")
+            if challenge != "dns-01" and dns_profile:
+                raise ProxyError("--dns-profile only applies to --challenge dns-01")
+            wild = [d for d in domains if d.startswith("*")]
+            if wild and challenge != "dns-01":
+                raise ProxyAcmeError(f"--acme-domain {wild[0]}: wildcard certificates need "
+                                     "--challenge dns-01 --dns-profile NAME")
         else:
             given = [flag for flag, value in (("--acme-domain", domain),
-                                              ("--acme-email", email)) if value]
+                                              ("--acme-email", email),
+                                              ("--dns-profile", dns_profile)) if value]
             if challenge != "http-01":
                 given.append("--challenge")
             if given:
                 raise ProxyError(f"{', '.join(given)} only apply to --mode https-acme")
-        return cls(mode, port, bind, egress, domain, email, challenge, acme_env)
+        return cls(mode, port, bind, egress, domain, email, challenge, acme_env, domains,
+                   dns_profile)
 
 
 def _opt(data: Mapping[str, Any], key: str) -> str | None:

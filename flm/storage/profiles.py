@@ -7,6 +7,7 @@ import sqlite3
 from typing import Any
 
 from flm.storage.db import Database
+from flm.storage.records import and_equal
 
 
 class ModelProfilesRepo:
@@ -16,15 +17,10 @@ class ModelProfilesRepo:
     def all(self, engine_id: str | None = None,
             model_id: str | None = None) -> list[dict[str, Any]]:
         """Rows (``parameters_json`` as stored), oldest update first within a model."""
-        sql = ("SELECT id, engine_id, model_id, label, parameters_json, version, updated_at "
-               "FROM model_profiles WHERE 1=1")
         params: list[Any] = []
-        if engine_id:
-            sql += " AND engine_id = ?"
-            params.append(engine_id)
-        if model_id:
-            sql += " AND model_id = ?"
-            params.append(model_id)
+        sql = and_equal("SELECT id, engine_id, model_id, label, parameters_json, version, "
+                        "updated_at FROM model_profiles WHERE 1=1", params,
+                        engine_id=engine_id, model_id=model_id)
         rows = self.db.query(sql + " ORDER BY engine_id, model_id, updated_at", params)
         return [dict(r) for r in rows]
 

@@ -35,6 +35,16 @@ _INSERT_ANOMALY = (
     "details_json, request_id) VALUES (?, ?, ?, ?, ?, ?, ?)")
 
 
+def and_equal(sql: str, params: list[Any], **columns: Any) -> str:
+    """``sql`` with `` AND column = ?`` for each column given a value (its value appended
+    to ``params``); columns given ``None`` or ``""`` do not filter."""
+    for column, value in columns.items():
+        if value:
+            sql += f" AND {column} = ?"
+            params.append(value)
+    return sql
+
+
 def write_batch(db: Database, audit_rows: Sequence[tuple[Any, ...]],
                 blocks: Sequence[tuple[Any, ...]], intrusions: Sequence[tuple[Any, ...]],
                 anomalies: Sequence[tuple[Any, ...]]) -> None:
@@ -111,18 +121,12 @@ class AuditRepo:
               ip: str | None = None, since: str | None = None, limit: int | None = 100,
               offset: int = 0) -> list[sqlite3.Row]:
         """Newest first; ``limit=None`` is every row."""
-        where, params = [], []
-        for column, value in (("event_type", event_type), ("severity", severity),
-                              ("client_ip", ip)):
-            if value:
-                where.append(f"{column} = ?")
-                params.append(value)
+        params: list[Any] = []
+        sql = "SELECT * FROM audit_logs WHERE 1=1"
         if since:
-            where.append("ts >= ?")
+            sql += " AND ts >= ?"
             params.append(since)
-        sql = "SELECT * FROM audit_logs"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
+        sql = and_equal(sql, params, event_type=event_type, severity=severity, client_ip=ip)
         sql += " ORDER BY id DESC LIMIT ? OFFSET ?"
         return self.db.query(sql, [*params, -1 if limit is None else limit, offset])
 
@@ -157,11 +161,8 @@ class IntrusionsRepo:
         self.db = db
 
     def query(self, *, ip: str | None, min_score: int, limit: int) -> list[sqlite3.Row]:
-        sql = "SELECT * FROM intrusion_attempts WHERE total_score >= ?"
         params: list[Any] = [min_score]
-        if ip:
-            sql += " AND ip = ?"
-            params.append(ip)
+        sql = and_equal("SELECT * FROM intrusion_attempts WHERE total_score >= ?", params, ip=ip)
         return self.db.query(sql + " ORDER BY id DESC LIMIT ?", [*params, limit])
 
 
@@ -171,14 +172,9 @@ class AnomaliesRepo:
 
     def query(self, *, ip: str | None, anomaly_type: str | None,
               limit: int) -> list[sqlite3.Row]:
-        sql = "SELECT * FROM anomaly_detections WHERE 1=1"
         params: list[Any] = []
-        if ip:
-            sql += " AND ip = ?"
-            params.append(ip)
-        if anomaly_type:
-            sql += " AND anomaly_type = ?"
-            params.append(anomaly_type)
+        sql = and_equal("SELECT * FROM anomaly_detections WHERE 1=1", params, ip=ip,
+                        anomaly_type=anomaly_type)
         return self.db.query(sql + " ORDER BY id DESC LIMIT ?", [*params, limit])
 
 
@@ -197,3 +193,33 @@ class CertificatesRepo:
 
     def all(self) -> list[dict[str, Any]]:
         return [dict(r) for r in self.db.query("SELECT * FROM certificates ORDER BY id")]
+
+
+class DnsCredentialsRepo:
+    """``dns_credentials``: DNS-01 profiles (non-secret settings and a reference to where the
+    secret is; the secret itself never enters the database)."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def upsert(self, name: str, provider: str, secret_ref: str, created_at: str,
+               settings_json: str) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO dns_credentials(id, provider, label, secret_ref, created_at, "
+                "settings_json) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+                "provider=excluded.provider, label=excluded.label, "
+                "secret_ref=excluded.secret_ref, created_at=excluded.created_at, "
+                "settings_json=excluded.settings_json",
+                (name, provider, name, secret_ref, created_at, settings_json))
+
+        self._db.write(run)
+
+    def all(self) -> list[sqlite3.Row]:
+        return self._db.query("SELECT * FROM dns_credentials ORDER BY id")
+
+    def get(self, name: str) -> sqlite3.Row | None:
+        return self._db.query_one("SELECT * FROM dns_credentials WHERE id = ?", (name,))
+
+    def delete(self, name: str) -> int:
+        return self._db.execute("DELETE FROM dns_credentials WHERE id = ?", (name,))

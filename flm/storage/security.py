@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from flm.core.timeutil import now_iso
 from flm.storage.db import Database
+
+
+@dataclass(frozen=True)
+class KeyLimits:
+    """What a key may do: its models (``None``: all), request and token limits, expiry."""
+
+    models: list[str] | None = None
+    rpm: int | None = None
+    burst: int | None = None
+    tpm: int | None = None
+    daily_tokens: int | None = None
+    daily_requests: int | None = None
+    expires_at: str | None = None
+    read_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -15,6 +31,26 @@ class ApiKeyRow:
     label: str
     created_at: str
     revoked_at: str | None
+    limits: KeyLimits = field(default_factory=KeyLimits)
+    last_used_at: str | None = None
+
+
+_LIMIT_COLUMNS = ("rpm", "burst", "tpm", "daily_tokens", "daily_requests", "expires_at")
+_KEY_COLUMNS = ("id, label, created_at, revoked_at, models_json, "
+                + ", ".join(_LIMIT_COLUMNS) + ", read_only, last_used_at")
+
+
+def _key_row(r: sqlite3.Row) -> ApiKeyRow:
+    models = json.loads(r["models_json"]) if r["models_json"] is not None else None
+    limits = KeyLimits(models, r["rpm"], r["burst"], r["tpm"], r["daily_tokens"],
+                       r["daily_requests"], r["expires_at"], bool(r["read_only"]))
+    return ApiKeyRow(r["id"], r["label"], r["created_at"], r["revoked_at"], limits,
+                     r["last_used_at"])
+
+
+def _limit_values(limits: KeyLimits) -> tuple[Any, ...]:
+    models = None if limits.models is None else json.dumps(limits.models)
+    return (models, *(getattr(limits, c) for c in _LIMIT_COLUMNS), int(limits.read_only))
 
 
 class ApiKeysRepo:
@@ -22,17 +58,25 @@ class ApiKeysRepo:
         self.db = db
 
     def all(self, *, include_revoked: bool = True) -> list[ApiKeyRow]:
-        sql = "SELECT id, label, created_at, revoked_at FROM api_keys"
+        sql = f"SELECT {_KEY_COLUMNS} FROM api_keys"
         if not include_revoked:
             sql += " WHERE revoked_at IS NULL"
         rows = self.db.query(sql + " ORDER BY created_at, id")
-        return [ApiKeyRow(**dict(r)) for r in rows]
+        return [_key_row(r) for r in rows]
 
     def get(self, key_id: str) -> ApiKeyRow | None:
-        row = self.db.query_one(
-            "SELECT id, label, created_at, revoked_at FROM api_keys WHERE id=?", (key_id,)
-        )
-        return ApiKeyRow(**dict(row)) if row else None
+        row = self.db.query_one(f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE id=?", (key_id,))
+        return _key_row(row) if row else None
+
+    def set_limits(self, key_id: str, limits: KeyLimits) -> bool:
+        """Replace an active key's limits; False when there is no such active key."""
+        def run(conn: sqlite3.Connection) -> int:
+            return conn.execute(
+                "UPDATE api_keys SET models_json=?, rpm=?, burst=?, tpm=?, daily_tokens=?, "
+                "daily_requests=?, expires_at=?, read_only=? WHERE id=? AND revoked_at IS NULL",
+                (*_limit_values(limits), key_id)).rowcount
+
+        return bool(self.db.write(run))
 
     def hash_of(self, key_id: str) -> str | None:
         """The stored Argon2id hash of an active key (for verification only)."""
@@ -45,17 +89,21 @@ class ApiKeysRepo:
         row = self.db.query_one("SELECT COUNT(*) FROM api_keys WHERE revoked_at IS NULL")
         return int(row[0]) if row else 0
 
-    def insert(self, key_id: str, label: str, key_hash: str) -> ApiKeyRow:
+    def insert(self, key_id: str, label: str, key_hash: str,
+               limits: KeyLimits | None = None) -> ApiKeyRow:
         stamp = now_iso()
+        limits = limits or KeyLimits()
 
         def run(conn: sqlite3.Connection) -> None:
             conn.execute(
-                "INSERT INTO api_keys(id, label, hash, created_at) VALUES (?, ?, ?, ?)",
-                (key_id, label, key_hash, stamp),
+                "INSERT INTO api_keys(id, label, hash, created_at, models_json, rpm, burst, tpm,"
+                " daily_tokens, daily_requests, expires_at, read_only)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (key_id, label, key_hash, stamp, *_limit_values(limits)),
             )
 
         self.db.write(run)
-        return ApiKeyRow(key_id, label, stamp, None)
+        return ApiKeyRow(key_id, label, stamp, None, limits)
 
     def revoke(self, key_id: str) -> str | None:
         """Revoke an active key; the revocation time, or ``None`` if no such active key."""
@@ -69,14 +117,19 @@ class ApiKeysRepo:
 
         return stamp if self.db.write(run) else None
 
-    def rotate(self, old_id: str, new_id: str, label: str, key_hash: str) -> tuple[ApiKeyRow, str]:
-        """Insert the new key and revoke the old one in one transaction."""
+    def rotate(self, old_id: str, new_id: str, label: str, key_hash: str,
+               limits: KeyLimits | None = None) -> tuple[ApiKeyRow, str]:
+        """Insert the new key (with the old one's limits) and revoke the old one in one
+        transaction."""
         stamp = now_iso()
+        limits = limits or KeyLimits()
 
         def run(conn: sqlite3.Connection) -> int:
             conn.execute(
-                "INSERT INTO api_keys(id, label, hash, created_at) VALUES (?, ?, ?, ?)",
-                (new_id, label, key_hash, stamp),
+                "INSERT INTO api_keys(id, label, hash, created_at, models_json, rpm, burst, tpm,"
+                " daily_tokens, daily_requests, expires_at, read_only)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (new_id, label, key_hash, stamp, *_limit_values(limits)),
             )
             changed = conn.execute(
                 "UPDATE api_keys SET revoked_at=?, replaced_by=? WHERE id=? AND revoked_at IS NULL",
@@ -87,7 +140,7 @@ class ApiKeysRepo:
             return changed
 
         self.db.write(run)
-        return ApiKeyRow(new_id, label, stamp, None), stamp
+        return ApiKeyRow(new_id, label, stamp, None, limits), stamp
 
 
 class PolicyRepo:

@@ -24,11 +24,11 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from acme import challenges, client, crypto_util, errors, messages
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -36,7 +36,7 @@ from josepy.errors import DeserializationError
 from josepy.jwa import ES256, ES384, ES512, RS256, JWASignature
 from josepy.jwk import JWK, JWKEC, JWKRSA
 
-from flm.core.errors import ProxyAcmeError, ProxyCertError
+from flm.core.errors import AcmeCaRefusedError, ProxyAcmeError, ProxyCertError
 from flm.core.paths import write_private_file
 from flm.tls._fs import dir_lock
 from flm.tls.certs import (
@@ -54,6 +54,10 @@ from flm.tls.certs import (
     public_key_matches,
     write_pair,
 )
+from flm.tls.dns01 import challenge_name
+
+if TYPE_CHECKING:
+    from flm.tls.dns01 import Dns01Solver
 
 __all__ = [
     "ACME_MODE",
@@ -122,17 +126,17 @@ def resolve_acme_directory(env: Mapping[str, str]) -> AcmeDirectory:
     return AcmeDirectory(LETSENCRYPT_STAGING, bundle, "staging")
 
 
+CHALLENGES = ("http-01", "dns-01")
+
+
 def check_challenge_type(challenge: str) -> str:
-    """``http-01`` is accepted; ``dns-01`` is refused (not yet); anything else is unknown."""
+    """``http-01`` or ``dns-01``; anything else is unknown."""
     value = challenge.strip().lower()
-    if value == "http-01":
+    if value in CHALLENGES:
         return value
-    if value == "dns-01":
-        raise ProxyAcmeError(
-            "--challenge dns-01 is not supported yet (DNS-01 and wildcard certificates are "
-            "planned). Use --challenge http-01: the domain's port 80 must reach FLM's --port."
-        )
-    raise ProxyAcmeError(f"unknown ACME challenge type {challenge!r}; supported: http-01")
+    raise ProxyAcmeError(
+        f"unknown ACME challenge type {challenge!r}; supported: {', '.join(CHALLENGES)}"
+    )
 
 
 # --- the client ----------------------------------------------------------------------------------
@@ -225,14 +229,29 @@ class AcmeClient:
 
         Raises :class:`ProxyAcmeError` on any failure, at the latest after ``timeout_s``.
         """
-        name = _check_domain(domain)
+        return self._obtain([_check_domain(domain)], challenge_store, None)
+
+    def obtain_dns(self, domains: Sequence[str], solver: Dns01Solver) -> tuple[bytes, bytes]:
+        """Run one DNS-01 order for ``domains`` (one certificate naming all of them; a name may
+        be a wildcard ``*.example.org``). ``solver`` publishes the TXT records and removes them
+        again once the CA has looked, whatever the outcome."""
+        names = check_acme_names(domains, wildcard_ok=True)
+        return self._obtain(names, None, solver)
+
+    def _obtain(
+        self,
+        names: list[str],
+        challenge_store: MutableMapping[str, str] | None,
+        solver: Dns01Solver | None,
+    ) -> tuple[bytes, bytes]:
+        name = ", ".join(names)
         deadline = time.monotonic() + self.timeout_s
         delay = 1.0
         attempt = 0
         while True:
             attempt += 1
             try:
-                return self._obtain_once(name, challenge_store, deadline)
+                return self._obtain_once(names, challenge_store, solver, deadline)
             except Exception as exc:
                 error, transient = self._translate(exc, name)
                 if not transient or time.monotonic() + delay >= deadline:
@@ -244,7 +263,11 @@ class AcmeClient:
     # -- one attempt -----------------------------------------------------------------------------
 
     def _obtain_once(
-        self, domain: str, store: MutableMapping[str, str], deadline: float
+        self,
+        names: list[str],
+        store: MutableMapping[str, str] | None,
+        solver: Dns01Solver | None,
+        deadline: float,
     ) -> tuple[bytes, bytes]:
         key, alg = self._account_key()
         verify: bool | str = str(self.ca_bundle) if self.ca_bundle else True
@@ -263,19 +286,23 @@ class AcmeClient:
             self._register(acme)
             cert_key = generate_key()
             self._step = "creating the order"
-            csr = crypto_util.make_csr(key_to_pem(cert_key), [domain])
+            csr = crypto_util.make_csr(key_to_pem(cert_key), names)
             order = acme.new_order(csr)
-            tokens: list[str] = []
-            try:
-                for authzr in order.authorizations:
-                    token = self._answer(acme, authzr, store, domain)
-                    if token is not None:
-                        tokens.append(token)
-                for authzr in order.authorizations:
-                    self._wait_for_authorization(acme, authzr, domain, deadline)
-            finally:
-                for token in tokens:
-                    store.pop(token, None)
+            if solver is not None:
+                self._solve_dns(acme, order, solver, deadline)
+            else:
+                assert store is not None
+                tokens: list[str] = []
+                try:
+                    for authzr in order.authorizations:
+                        token = self._answer(acme, authzr, store, _identifier(authzr))
+                        if token is not None:
+                            tokens.append(token)
+                    for authzr in order.authorizations:
+                        self._wait_for_authorization(acme, authzr, _identifier(authzr), deadline)
+                finally:
+                    for token in tokens:
+                        store.pop(token, None)
             chain = self._finalize(acme, order, deadline)
         finally:
             self.bad_nonce_retries += net.bad_nonces
@@ -342,12 +369,58 @@ class AcmeClient:
             f"the ACME CA offered no http-01 challenge for {domain} (offered: {offered})"
         )
 
+    def _solve_dns(
+        self,
+        acme: client.ClientV2,
+        order: messages.OrderResource,
+        solver: Dns01Solver,
+        deadline: float,
+    ) -> None:
+        """Publish every pending authorization's TXT record, answer, wait; always clean up."""
+        answers: list[tuple[messages.AuthorizationResource, Any, Any]] = []
+        records: list[tuple[str, str]] = []
+        for authzr in order.authorizations:
+            domain = _identifier(authzr)
+            status = authzr.body.status
+            if status == messages.STATUS_VALID:
+                continue  # the CA reused an earlier authorization
+            if status != messages.STATUS_PENDING:
+                raise ProxyAcmeError(f"the ACME authorization for {domain} is {status}, not "
+                                     "pending")
+            for challb in authzr.body.challenges:
+                if isinstance(challb.chall, challenges.DNS01):
+                    response, validation = challb.chall.response_and_validation(acme.net.key)
+                    answers.append((authzr, challb, response))
+                    records.append((challenge_name(domain), str(validation)))
+                    break
+            else:
+                offered = ", ".join(str(c.chall.typ) for c in authzr.body.challenges) or "none"
+                raise ProxyAcmeError(
+                    f"the ACME CA offered no dns-01 challenge for {domain} (offered: {offered})"
+                )
+        if not answers:
+            return
+        try:
+            self._step = "publishing the DNS-01 TXT records"
+            solver.present(records, deadline)
+            self._step = "answering the DNS-01 challenges"
+            for _authzr, challb, response in answers:
+                acme.answer_challenge(challb, response)
+            for authzr, _challb, _response in answers:
+                self._wait_for_authorization(acme, authzr, _identifier(authzr), deadline,
+                                             dns01=True)
+        finally:
+            self._step = "removing the DNS-01 TXT records"
+            solver.cleanup()
+
     def _wait_for_authorization(
         self,
         acme: client.ClientV2,
         authzr: messages.AuthorizationResource,
         domain: str,
         deadline: float,
+        *,
+        dns01: bool = False,
     ) -> None:
         self._step = f"waiting for the CA to validate {domain}"
         for delay in _poll_delays(deadline):
@@ -360,6 +433,14 @@ class AcmeClient:
                     str(c.error.detail or c.error) for c in current.body.challenges if c.error
                 ]
                 detail = "; ".join(problems) or f"status {status}"
+                if dns01:
+                    raise AcmeCaRefusedError(
+                        f"the ACME CA refused the DNS-01 validation of {domain}: {detail}. The "
+                        f"CA must find the TXT record {challenge_name(domain)} through public "
+                        "DNS: check that the zone is delegated to the servers FLM updates (its "
+                        "NS records at the parent) and that no stale record is cached (TTL).",
+                        details={"domain": domain, "problems": problems},
+                    )
                 raise ProxyAcmeError(
                     f"HTTP-01 validation of {domain} failed: {detail}. The CA must be able to "
                     f"fetch http://{domain}/.well-known/acme-challenge/<token> from FLM: make "
@@ -386,7 +467,9 @@ class AcmeClient:
                 return str(response.text)
             if body.status == messages.STATUS_INVALID:
                 reason = str(body.error.detail or body.error) if body.error else "no reason given"
-                raise ProxyAcmeError(f"the ACME CA refused to issue the certificate: {reason}")
+                raise AcmeCaRefusedError(
+                    f"the ACME CA refused to issue the certificate: {reason}"
+                )
             if body.status == messages.STATUS_READY:
                 order = acme.begin_finalization(order)
                 continue
@@ -411,7 +494,8 @@ class AcmeClient:
             code = exc.code or str(exc.typ)
             hint = _HINTS.get(code, "")
             transient = code in ("serverInternal", "badNonce")
-            return ProxyAcmeError(
+            refused = code in _CA_REFUSALS
+            return (AcmeCaRefusedError if refused else ProxyAcmeError)(
                 f"the ACME server refused the request {where}: {code}: {exc.detail or exc}{hint}",
                 details={"acme_error": code},
             ), transient
@@ -447,6 +531,12 @@ class AcmeClient:
         ), True
 
 
+#: ACME problem types that mean "the CA will not do this", not "try again" (RFC 8555 §6.7).
+_CA_REFUSALS = frozenset({
+    "rejectedIdentifier", "caa", "unauthorized", "rateLimited", "badCSR",
+    "unsupportedIdentifier", "dns", "incorrectResponse",
+})
+
 _HINTS = {
     "rateLimited": " (the CA's rate limit was hit: wait, or test against the staging directory)",
     "rejectedIdentifier": " (the CA will not issue for this name)",
@@ -459,6 +549,40 @@ def _new_account_key(path: Path) -> IssuerKey:
     key = generate_key()
     write_private_file(path, key_to_pem(key))
     return key
+
+
+def _identifier(authzr: messages.AuthorizationResource) -> str:
+    """The name an authorization is for (a wildcard's base name, as RFC 8555 §7.1.4 says)."""
+    return str(authzr.body.identifier.value)
+
+
+def check_acme_names(domains: Sequence[str] | str, *, wildcard_ok: bool) -> list[str]:
+    """Normalised, de-duplicated names for one certificate, in the order given (the first one
+    names the certificate). ``*.name`` only with ``wildcard_ok`` (DNS-01)."""
+    items = [domains] if isinstance(domains, str) else list(domains)
+    if not items:
+        raise ProxyAcmeError("--acme-domain is required")
+    names: list[str] = []
+    for item in items:
+        text = item.strip()
+        if text.startswith("*."):
+            if not wildcard_ok:
+                raise ProxyAcmeError(
+                    f"--acme-domain {text}: wildcard certificates need --challenge dns-01 "
+                    "(HTTP-01 cannot prove control of every name under a domain)"
+                )
+            name = "*." + _check_domain(text[2:])
+        else:
+            name = _check_domain(text)
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def live_dir_name(domain: str) -> str:
+    """The directory (under ``certs/acme-live``) for a certificate whose first name is
+    ``domain``; ``*`` becomes ``_`` (``_.example.org``), which no host name can clash with."""
+    return domain.replace("*", "_")
 
 
 def _check_domain(domain: str) -> str:
@@ -508,17 +632,29 @@ def _causes(exc: BaseException) -> Iterator[BaseException]:
 
 
 def acme_live_dir(certs_dir: Path, domain: str) -> Path:
-    return certs_dir / ACME_LIVE_DIR / _check_domain(domain)
+    name = check_acme_names([domain], wildcard_ok=True)[0]
+    return certs_dir / ACME_LIVE_DIR / live_dir_name(name)
+
+
+def _covers(hosts: Sequence[str], names: Sequence[str]) -> bool:
+    have = {h.lower() for h in hosts}
+    return all(n in have for n in names)
 
 
 def store_acme_certificate(
-    certs_dir: Path, domain: str, cert_pem: bytes, key_pem: bytes
+    certs_dir: Path,
+    domain: str,
+    cert_pem: bytes,
+    key_pem: bytes,
+    names: Sequence[str] | None = None,
 ) -> CertBundle:
     """Check and save an issued certificate as ``certs/acme-live/<domain>/{fullchain,privkey}.pem``.
 
-    The chain must parse, the key must belong to the leaf, and the leaf must name ``domain``.
+    The chain must parse, the key must belong to the leaf, and the leaf must name ``domain`` (and
+    every one of ``names``, when given).
     """
-    name = _check_domain(domain)
+    wanted = check_acme_names([domain, *(names or [])], wildcard_ok=True)
+    name = wanted[0]
     try:
         chain = load_certs_pem(cert_pem, source=f"certificate for {name}")
         key = load_key_pem(key_pem, source=f"key for {name}")
@@ -526,8 +662,8 @@ def store_acme_certificate(
         raise ProxyAcmeError(exc.message) from exc
     if not public_key_matches(chain[0], key):
         raise ProxyAcmeError(f"the issued certificate for {name} does not match its key")
-    if name not in cert_hosts(chain[0]):
-        raise ProxyAcmeError(f"the issued certificate does not name {name}")
+    if not _covers(cert_hosts(chain[0]), wanted):
+        raise ProxyAcmeError(f"the issued certificate does not name all of {', '.join(wanted)}")
     directory = acme_live_dir(certs_dir, name)
     with dir_lock(directory):
         write_pair(directory / "fullchain.pem", cert_pem, directory / "privkey.pem", key_pem)
@@ -541,16 +677,24 @@ def store_acme_certificate(
 
 
 def load_acme_certificate(
-    certs_dir: Path, domain: str, *, now: datetime | None = None
+    certs_dir: Path,
+    domain: str,
+    *,
+    now: datetime | None = None,
+    names: Sequence[str] | None = None,
 ) -> CertBundle | None:
-    """The stored certificate for ``domain`` if it is there, readable and not expired."""
+    """The stored certificate for ``domain`` if it is there, readable, not expired, and names
+    every one of ``names`` (a certificate for fewer names is not reused)."""
+    wanted = check_acme_names([domain, *(names or [])], wildcard_ok=True)
     directory = acme_live_dir(certs_dir, domain)
     cert_path, key_path = directory / "fullchain.pem", directory / "privkey.pem"
     if not (cert_path.exists() and key_path.exists()):
         return None
     try:
-        bundle = bundle_from_files(ACME_MODE, cert_path, key_path, domain=_check_domain(domain))
+        bundle = bundle_from_files(ACME_MODE, cert_path, key_path, domain=wanted[0])
     except ProxyCertError:
+        return None
+    if not _covers(bundle.hosts, wanted):
         return None
     if needs_renewal(load_certs_pem(cert_path.read_bytes())[0], now, days=0):
         return None

@@ -70,8 +70,7 @@ def test_failed_migration_enters_safe_mode_reads_work_writes_refused(tmp_path: P
         with pytest.raises(MigrationFailedError) as err:
             db.execute("DELETE FROM rate_limit_states")
         message = err.value.message
-        broken = f"{db.expected_version:04d}_broken"
-        assert "safe mode" in message and broken in message
+        assert "safe mode" in message and f"{db.expected_version:04d}_broken" in message
         assert "flm security backup restore" in message and "flm check" in message
 
 

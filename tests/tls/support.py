@@ -6,6 +6,7 @@ import http.client
 import http.server
 import json
 import os
+import shutil
 import socket
 import ssl
 import subprocess
@@ -107,8 +108,10 @@ def run_pebble(
     env: dict[str, str] | None = None,
     host: str = "localhost",
     listen: str = "127.0.0.1",
+    dnsserver: str | None = None,
 ) -> Iterator[Pebble]:
-    """Start Pebble on loopback ports; HTTP-01 validation goes to ``http_port``.
+    """Start Pebble on loopback ports; HTTP-01 validation goes to ``http_port``; with
+    ``dnsserver`` (``127.0.0.1:PORT``) it resolves names (and DNS-01 TXT records) there.
 
     Its ACME directory is ``https://{host}:…/dir`` (its HTTPS certificate names ``host``,
     ``localhost`` and 127.0.0.1); it listens on ``listen``.
@@ -140,7 +143,8 @@ def run_pebble(
     full_env = {**os.environ, "PEBBLE_VA_NOSLEEP": "1", **(env or {})}
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [binary, "-config", str(config_file), "-strict=false"],
+            [binary, "-config", str(config_file), "-strict=false",
+             *(["-dnsserver", dnsserver] if dnsserver else [])],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=full_env,
@@ -253,3 +257,109 @@ def port_is_closed(port: int) -> bool:
             return False
     except OSError:
         return True
+
+
+# --- BIND 9 (Debian bind9) as an unprivileged foreground process ---------------------------------
+
+
+@dataclass
+class Bind:
+    process: subprocess.Popen[bytes]
+    port: int
+    zone: str
+    key_name: str
+    secret: str  # the TSIG secret (base64) BIND accepts for updates
+    log_path: Path
+    workdir: Path
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        stop_process(self.process)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def txt_records(self) -> dict[str, set[str]]:
+        """Every TXT record in the zone (by zone transfer), {name: {strings}}."""
+        import dns.query
+        import dns.rdatatype
+        import dns.zone
+
+        zone = dns.zone.from_xfr(dns.query.xfr("127.0.0.1", self.zone, port=self.port,
+                                               timeout=5, lifetime=10))
+        found: dict[str, set[str]] = {}
+        for name, rdataset in zone.iterate_rdatasets(dns.rdatatype.TXT):
+            fqdn = name.derelativize(zone.origin).to_text(omit_final_dot=True)
+            found[fqdn] = {b"".join(r.strings).decode() for r in rdataset}
+        return found
+
+
+@contextmanager
+def run_bind(workdir: Path, *, zone: str = "flm.test", key_name: str = "flm-acme",
+             extra_keys: dict[str, str] | None = None) -> Iterator[Bind]:
+    """``named -g`` on a free loopback port with one primary zone that accepts TSIG-signed
+    updates of TXT records from ``key_name`` (``extra_keys`` are known but may not update)."""
+    import base64
+
+    binary = shutil.which("named") or ("/usr/sbin/named" if Path("/usr/sbin/named").exists()
+                                       else None)
+    if binary is None:
+        require_tool("named", "bind9")
+    assert binary is not None
+    workdir.mkdir(parents=True, exist_ok=True)
+    secret = base64.b64encode(os.urandom(32)).decode()
+    port = free_port()
+    keys = {key_name: secret, **(extra_keys or {})}
+    key_text = "".join(f'key "{n}" {{ algorithm hmac-sha256; secret "{s}"; }};\n'
+                       for n, s in keys.items())
+    (workdir / f"{zone}.zone").write_text(
+        f"$TTL 60\n@ IN SOA ns.{zone}. admin.{zone}. 1 60 60 600 60\n"
+        f"@ IN NS ns.{zone}.\nns IN A 127.0.0.1\n@ IN A 127.0.0.1\n")
+    conf = workdir / "named.conf"
+    conf.write_text(f"""options {{
+  directory "{workdir}";
+  pid-file "{workdir}/named.pid";
+  session-keyfile "{workdir}/session.key";
+  managed-keys-directory "{workdir}";
+  listen-on port {port} {{ 127.0.0.1; }};
+  listen-on-v6 {{ none; }};
+  recursion no;
+  dnssec-validation no;
+  notify no;
+  allow-transfer {{ 127.0.0.1; }};
+}};
+controls {{ }};
+{key_text}zone "{zone}" {{
+  type primary;
+  file "{workdir}/{zone}.zone";
+  update-policy {{ grant {key_name} zonesub TXT; }};
+}};
+""")
+    log_path = workdir / "named.log"
+    # As root, -u would drop privileges to a user that cannot write the temporary directory;
+    # the process needs none (the port is above 1024), so it runs as whoever runs the tests.
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen([binary, "-g", "-4", "-n", "1", "-c", str(conf)],
+                                stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
+    bind = Bind(proc, port, zone, key_name, secret, log_path, workdir)
+    try:
+        import dns.message
+        import dns.query
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                pytest.fail(f"named exited with {proc.returncode}:\n{bind.log()}")
+            try:
+                reply = dns.query.udp(dns.message.make_query(zone, "SOA"), "127.0.0.1",
+                                      port=port, timeout=0.5)
+            except Exception:
+                return False
+            return bool(reply.answer)
+
+        wait_until(ready, timeout=20, what="named to serve the zone")
+        yield bind
+    finally:
+        bind.stop()

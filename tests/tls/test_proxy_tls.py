@@ -547,8 +547,12 @@ def test_acme_options_are_checked_before_anything_starts(cli: Any, flm_home: Pat
     assert missing.code == 1 and missing.error["code"] == "PROXY_INVALID_CONFIG"
     assert "--acme-email" in missing.error["message"]
     dns = cli("proxy", "start", *_acme_args(int(port)), "--challenge", "dns-01")
-    assert dns.code == 1 and dns.error["code"] == "PROXY_ACME_ERROR"
-    assert "dns-01 is not supported yet" in dns.error["message"]
+    assert dns.code == 1 and dns.error["code"] == "PROXY_INVALID_CONFIG"
+    assert "--dns-profile" in dns.error["message"]
+    wild = cli("proxy", "start", "--mode", "https-acme", "--port", port, "--acme-domain",
+               "*.example.com", "--acme-email", "admin@flm.test")
+    assert wild.code == 1 and wild.error["code"] == "PROXY_ACME_ERROR"
+    assert "--challenge dns-01" in wild.error["message"]
     stray = cli("proxy", "start", "--mode", "dev-selfsigned", "--port", port,
                 "--acme-domain", "example.com")
     assert stray.code == 1 and stray.error["code"] == "PROXY_INVALID_CONFIG"

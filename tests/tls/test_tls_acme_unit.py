@@ -14,7 +14,9 @@ from flm.tls.acmeclient import (
     LETSENCRYPT_PRODUCTION,
     LETSENCRYPT_STAGING,
     AcmeClient,
+    check_acme_names,
     check_challenge_type,
+    live_dir_name,
     load_acme_certificate,
     needs_renewal,
     resolve_acme_directory,
@@ -68,15 +70,19 @@ def test_bad_settings_are_refused(tmp_path: Path) -> None:
         resolve_acme_directory({"FLM_ACME_CA_BUNDLE": str(tmp_path / "missing.pem")})
 
 
-def test_dns01_is_refused_clearly() -> None:
+def test_challenge_types_and_acme_names() -> None:
     assert check_challenge_type("HTTP-01") == "http-01"
-    with pytest.raises(ProxyAcmeError) as caught:
-        check_challenge_type("dns-01")
-    assert caught.value.code == "PROXY_ACME_ERROR"
-    assert "not supported yet" in caught.value.message
-    assert "http-01" in caught.value.message
+    assert check_challenge_type("DNS-01") == "dns-01"
     with pytest.raises(ProxyAcmeError, match="unknown ACME challenge"):
         check_challenge_type("tls-alpn-01")
+    assert check_acme_names(["*.FLM.test", "flm.test", "*.flm.test."], wildcard_ok=True) == [
+        "*.flm.test", "flm.test"]
+    with pytest.raises(ProxyAcmeError, match="--challenge dns-01"):
+        check_acme_names(["*.flm.test"], wildcard_ok=False)
+    for bad in ("*.*.flm.test", "a.*.flm.test", "127.0.0.1", ""):
+        with pytest.raises(ProxyAcmeError):
+            check_acme_names([bad], wildcard_ok=True)
+    assert live_dir_name("*.flm.test") == "_.flm.test"
 
 
 def test_timeout_must_be_positive(tmp_path: Path) -> None:

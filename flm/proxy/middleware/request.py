@@ -10,6 +10,7 @@ from flm.core.ids import new_request_id
 from flm.openai.errors import HttpError, error_bytes
 from flm.proxy.asgi import ASGIApp, Message, Receive, RequestState, Scope, Send
 from flm.proxy.runtime import ProxyRuntime
+from flm.proxy.usage import account
 
 log = logging.getLogger("flm.proxy")
 
@@ -56,6 +57,8 @@ class RequestMiddleware:
             if message["type"] == "http.response.start":
                 state.status = message["status"]
                 message["headers"] = [*message.get("headers", ()), (b"x-request-id", rid)]
+                if state.key_headers:
+                    message["headers"] += state.key_headers
                 if state.warnings:
                     message["headers"].append(
                         (b"x-flm-warning", "; ".join(state.warnings).encode()))
@@ -89,9 +92,12 @@ class RequestMiddleware:
         status = state.status or 500
         rt.metrics.record_request(state.route, status, state.engine_id or "", elapsed,
                                   state.overhead_s)
+        now = time.time()
+        if state.key is not None:
+            account(rt, state, now)
         audit = rt.audit
         if audit is not None:
-            audit.request(time.time(), state.request_id, state.client_ip, state.api_key_id,
+            audit.request(now, state.request_id, state.client_ip, state.api_key_id,
                           scope["path"], scope["method"], state.engine_id, state.model, status,
                           elapsed * 1000, state.prompt_tokens, state.completion_tokens,
                           state.error_code)

@@ -17,6 +17,7 @@ import math
 import time
 
 from flm.core.clients import subject
+from flm.core.keyscope import KeyScope
 from flm.core.policy import EffectivePolicy
 from flm.openai.errors import HttpError, NoSuchRoute
 from flm.proxy.asgi import (
@@ -315,18 +316,25 @@ class SecurityMiddleware:
                     if key_id is None:
                         raise self._auth_failed(scope, state, "invalid API key")
                 state.api_key_id = key_id
+                key = rt.scopes.get(key_id) or await rt.scope_of(key_id)
+                if key is None:  # revoked since it was verified
+                    raise self._auth_failed(scope, state, "invalid API key")
                 if counted:  # (the key's fair share of the slots)
                     if guard.in_flight.get("key:" + key_id, 0) >= policy.max_connections_per_key:
                         raise _busy("this API key")
                     key_slot = "key:" + key_id
                     guard.enter(key_slot)
 
-                # 12. Per-key rate limit
+                # 12. Per-key rate limit: the policy's, then the key's own expiry, read-only
+                #     flag, limits and budgets (a key without any costs one attribute read)
                 if policy.key_rpm > 0:
                     wait = guard.take("key:" + key_id, policy.key_rpm, policy.key_burst)
                     if wait:
                         rt.metrics.rate_limited.labels("key").inc()
                         raise _limited(wait, "per-key")
+                if key.checked:
+                    self._check_key(key, path, state)
+                state.key = key
 
             # 13. The route
             await self.app(scope, receive, send)
@@ -349,6 +357,25 @@ class SecurityMiddleware:
                                   state.request_id)
 
     # -- the rarer paths ----------------------------------------------------------------------
+
+    def _check_key(self, key: KeyScope, path: str, state: RequestState) -> None:
+        """A key's expiry, read-only flag, per-minute limits and daily budgets: the
+        refusal to raise, else the ``x-ratelimit-*`` headers for the reply in ``state``."""
+        rt = self.runtime
+        if key.expires_at is not None and rt.guard.clock() >= key.expires_at:
+            raise HttpError(401, "key_expired", "this API key has expired", _CHALLENGE)
+        listing = path == "/v1/models" or path.startswith("/v1/models/")
+        if key.read_only and not listing:
+            raise HttpError(403, "read_only_key",
+                            "this API key may only list models (GET /v1/models)")
+        if key.limits:
+            try:
+                headers = rt.ledger.admit(key, count=not listing and path != "/metrics")
+            except HttpError:
+                rt.metrics.rate_limited.labels("key").inc()
+                raise
+            if headers:
+                state.key_headers = headers
 
     def _presented_key(self, scope: Scope, state: RequestState,
                        headers: dict[bytes, bytes]) -> str:

@@ -6,11 +6,11 @@ import asyncio
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from flm.core.errors import EngineError
-from flm.core.models import make_model_id
+from flm.core.models import EngineKind, make_model_id
 from flm.openai.errors import HttpError, error_body, http_status
 from flm.openai.sse import DONE, encode_event, usage_from_bytes
 from flm.openai.translate import (
@@ -34,6 +34,7 @@ from flm.proxy.asgi import (
     state_of,
 )
 from flm.proxy.runtime import ProxyRuntime
+from flm.proxy.usage import estimate_tokens, require_model
 from flm.services.profiles import apply_profile, apply_prompt
 
 SSE_HEADERS = [
@@ -65,6 +66,8 @@ async def _prepare_chat(state: RequestState, rt: ProxyRuntime, body: Any,
     engine_id, model = chat_target(body)
     # (the id the client sent, ``flm://engine/model``, which is also the one replies carry)
     state.engine_id, state.model = engine_id, body["model"]
+    if state.key is not None and state.key.models is not None:
+        require_model(state, make_model_id(engine_id, model))
     adapter, info = await rt.engines.resolve(engine_id, model)
     changed = False
     if rt.profiles:  # defaults saved for this engine + model fill what the request left out
@@ -95,13 +98,53 @@ async def chat_completions(scope: Scope, receive: Receive, send: Send,
     plan, adapter = await _prepare_chat(state, rt, body)
     public: str = body["model"]  # checked by _prepare_chat: flm://engine/model
     if plan.stream:
-        await stream_events(scope, receive, send, rt, adapter.chat_stream(plan.body, public))
+        strip = False
+        if state.key is not None and adapter.endpoint.kind != EngineKind.OLLAMA:
+            # Usage is accounted per key: ask the engine for it, and take the chunk out
+            # again when the client did not ask (Ollama's adapter reports it either way).
+            options = plan.body.get("stream_options")
+            if not (isinstance(options, dict) and options.get("include_usage") is True):
+                plan.body["stream_options"] = {
+                    **(options if isinstance(options, dict) else {}), "include_usage": True}
+                strip = True
+        await stream_events(scope, receive, send, rt, adapter.chat_stream(plan.body, public),
+                            strip_usage=strip, prompt=lambda: _messages_text(body))
         return
     forward = raw_with_model(raw, public, plan.model) if plan.unchanged else None
     reply = await _engine_call(adapter.chat_bytes(plan.body, public, forward), state)
     await send_bytes(send, 200, reply)
     # Token counts are read from the reply once it is on its way to the client.
-    _record_usage(state, usage_from_bytes(reply), rt)
+    usage = usage_from_bytes(reply)
+    if usage is None:
+        _estimate_reply(state, body, reply)
+    else:
+        _record_usage(state, usage, rt)
+
+
+def _messages_text(body: Any) -> str:
+    """The text of a chat request's messages (for estimating its tokens)."""
+    parts: list[str] = []
+    for message in body.get("messages") or ():
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            parts.append(content)
+        elif isinstance(content, list):
+            parts += [p["text"] for p in content
+                      if isinstance(p, dict) and isinstance(p.get("text"), str)]
+    return "\n".join(parts)
+
+
+def _estimate_reply(state: RequestState, body: Any, reply: bytes) -> None:
+    """Token counts estimated from the text, for an engine whose reply reports none."""
+    try:
+        data = json.loads(reply)
+        text = "".join(str(((c or {}).get("message") or {}).get("content") or "")
+                       for c in data.get("choices") or ())
+    except (ValueError, AttributeError, TypeError):
+        text = ""
+    state.prompt_tokens = estimate_tokens(_messages_text(body))
+    state.completion_tokens = estimate_tokens(text)
+    state.usage_estimated = True
 
 
 async def _engine_call(coro: Any, state: RequestState) -> Any:
@@ -115,15 +158,20 @@ async def _engine_call(coro: Any, state: RequestState) -> Any:
 
 
 async def stream_events(scope: Scope, receive: Receive, send: Send, rt: ProxyRuntime,
-                        events: AsyncIterator[bytes]) -> None:
+                        events: AsyncIterator[bytes], *, strip_usage: bool = False,
+                        prompt: Callable[[], str] | None = None) -> None:
     """Forward SSE events as they arrive. Failures before the first event are ordinary HTTP
     errors; after it, one error event and ``[DONE]``. A client that goes away cancels the
     upstream request at once: a watcher waits for ``http.disconnect`` and cancels this task,
-    which closes the engine connection through the adapter's ``finally``."""
+    which closes the engine connection through the adapter's ``finally``.
+
+    ``strip_usage``: FLM asked the engine for usage the client did not ask for; the usage
+    chunk is taken out of the stream. ``prompt``: the prompt's text, for an estimate when the
+    engine reports no usage."""
     state = state_of(scope)
     state.streaming = True
     metrics = rt.metrics
-    tap = _UsageTap(events, state, rt)
+    tap = _UsageTap(events, state, rt, strip_usage)
     current = asyncio.current_task()
     assert current is not None
     gone = False
@@ -169,10 +217,36 @@ async def stream_events(scope: Scope, receive: Receive, send: Send, rt: ProxyRun
         watcher.cancel()
         metrics.active_streams.dec()
         await tap.aclose()
+        if (not tap.usage_seen and state.key is not None and state.prompt_tokens is None
+                and state.completion_tokens is None):
+            state.prompt_tokens = estimate_tokens(prompt()) if prompt is not None else 0
+            state.completion_tokens = tap.content_chunks  # (about one token a chunk)
+            state.usage_estimated = True
 
 
 def _note_stream_usage(batch: bytes, state: RequestState, rt: ProxyRuntime) -> None:
     _record_usage(state, usage_from_bytes(batch), rt)
+
+
+def strip_usage(batch: bytes) -> bytes:
+    """``batch`` without what FLM's ``include_usage`` added: the usage-only chunk (no
+    choices) is dropped, and a ``usage`` member on other chunks removed."""
+    out: list[bytes] = []
+    for event in batch.split(b"\n\n"):
+        if b'"usage":' in event and event.startswith(b"data: {"):
+            try:
+                chunk = json.loads(event[6:])
+            except ValueError:
+                out.append(event)
+                continue
+            if isinstance(chunk, dict) and "usage" in chunk:
+                if not chunk.get("choices"):
+                    continue
+                del chunk["usage"]
+                event = b"data: " + json.dumps(chunk, separators=(",", ":"),
+                                               ensure_ascii=False).encode()
+        out.append(event)
+    return b"\n\n".join(out)
 
 
 class _UsageTap:
@@ -180,18 +254,28 @@ class _UsageTap:
     event, for every engine FLM supports)."""
 
     def __init__(self, events: AsyncIterator[bytes], state: RequestState,
-                 rt: ProxyRuntime) -> None:
+                 rt: ProxyRuntime, strip: bool = False) -> None:
         self._events = events
         self._state = state
         self._rt = rt
+        self._strip = strip
+        self.usage_seen = False
+        #: Events with text in them (for an estimate when no usage comes).
+        self.content_chunks = 0
 
     def __aiter__(self) -> _UsageTap:
         return self
 
     async def __anext__(self) -> bytes:
         batch = await self._events.__anext__()
-        if b'"usage":{' in batch:
-            _note_stream_usage(batch, self._state, self._rt)
+        if b'"usage":' in batch:
+            if b'"usage":{' in batch:
+                self.usage_seen = True
+                _note_stream_usage(batch, self._state, self._rt)
+            if self._strip:
+                batch = strip_usage(batch)
+        elif not self.usage_seen:
+            self.content_chunks += batch.count(b'"content":"') - batch.count(b'"content":""')
         return batch
 
     async def aclose(self) -> None:
@@ -205,6 +289,8 @@ async def embeddings(scope: Scope, receive: Receive, send: Send, rt: ProxyRuntim
     body = await _body(scope, receive, rt)
     engine_id, model, payload = plan_embeddings(body)
     state.engine_id, state.model = engine_id, make_model_id(engine_id, model)
+    if state.key is not None and state.key.models is not None:
+        require_model(state, state.model)
     adapter, _info = await rt.engines.resolve(engine_id, model)
     if not adapter.capabilities().embeddings:
         raise HttpError(422, "unsupported_modalities", f"{engine_id} does not embed")
@@ -366,8 +452,12 @@ async def responses(scope: Scope, receive: Receive, send: Send, rt: ProxyRuntime
         if "stream_options" not in plan.body:
             plan.body["stream_options"] = {"include_usage": True}
         await stream_events(scope, receive, send, rt,
-                            _response_events(adapter.chat_stream(plan.body, public), public))
+                            _response_events(adapter.chat_stream(plan.body, public), public),
+                            prompt=lambda: _messages_text(chat))
         return
     reply = await _engine_call(adapter.chat(plan.body), state)
-    _record_usage(state, reply.get("usage"), rt)
+    if isinstance(reply.get("usage"), dict):
+        _record_usage(state, reply.get("usage"), rt)
+    else:
+        _estimate_reply(state, chat, json.dumps(reply).encode())
     await send_json(send, 200, _response_object(reply, public))

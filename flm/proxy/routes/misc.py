@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from flm.core.keyscope import KeyScope
 from flm.openai.errors import HttpError
 from flm.proxy.asgi import Receive, Scope, Send, read_body, send_bytes, send_json
 from flm.proxy.runtime import ProxyRuntime
@@ -9,11 +10,18 @@ from flm.proxy.runtime import ProxyRuntime
 MAX_AUDIO_BYTES = 25 * 1024 * 1024
 
 
+def _scope_of(scope: Scope) -> KeyScope | None:
+    key: KeyScope | None = scope["flm"].key
+    return key if key is not None and key.models is not None else None
+
+
 async def models(scope: Scope, receive: Receive, send: Send, rt: ProxyRuntime) -> None:
+    key = _scope_of(scope)  # a key limited to some models sees only those
     data = [
         {"id": m.flm_id, "object": "model", "created": 0, "owned_by": m.engine_id,
          "context_length": m.context_length}
         for m in sorted(await rt.engines.all_models(), key=lambda m: m.flm_id)
+        if key is None or key.allows_model(m.flm_id)
     ]
     await send_json(send, 200, {"object": "list", "data": data})
 
@@ -21,8 +29,9 @@ async def models(scope: Scope, receive: Receive, send: Send, rt: ProxyRuntime) -
 async def model(scope: Scope, receive: Receive, send: Send, rt: ProxyRuntime) -> None:
     """``GET /v1/models/{id}``: one model, as OpenAI's "retrieve model" returns it."""
     wanted = scope["path"][len("/v1/models/"):]
+    key = _scope_of(scope)
     for m in await rt.engines.all_models():
-        if m.flm_id == wanted:
+        if m.flm_id == wanted and (key is None or key.allows_model(m.flm_id)):
             await send_json(send, 200, {"id": m.flm_id, "object": "model", "created": 0,
                                         "owned_by": m.engine_id,
                                         "context_length": m.context_length})

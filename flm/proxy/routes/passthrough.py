@@ -14,6 +14,7 @@ from flm.engines import kinds
 from flm.openai.errors import HttpError, NoSuchRoute
 from flm.proxy.asgi import Receive, RequestState, Scope, Send, read_body
 from flm.proxy.runtime import ProxyRuntime
+from flm.proxy.usage import require_engine
 
 # Which routes of a kind are forwarded is the kind's descriptor's to say
 # (flm.engines.kinds.PassThrough): routes that change what an engine has installed or how it
@@ -86,8 +87,10 @@ async def engine_passthrough(scope: Scope, receive: Receive, send: Send,
     if method not in _METHODS:
         raise HttpError(405, "method_not_allowed", f"{method} is not forwarded to engines",
                         [(b"allow", ", ".join(sorted(_METHODS)).encode())])
-    adapter = await rt.engines.detected_adapter(engine_id)
     state: RequestState = scope["flm"]
+    if state.key is not None:
+        require_engine(state, engine_id)
+    adapter = await rt.engines.detected_adapter(engine_id)
     state.engine_id = engine_id
     kind = adapter.endpoint.kind
     descriptor = kinds.find(kind)

@@ -88,6 +88,9 @@ class Behaviour:
     """A streamed reply that never ends: content frames keep coming until the client leaves."""
     status_override: int | None = None
     """Answer every request with this status and the engine's own error body."""
+    omit_usage: bool = False
+    """Report no token usage in chat replies and streams (OpenAI-compatible wire), as some
+    servers do."""
 
 
 @dataclass(frozen=True)
@@ -475,7 +478,8 @@ class OpenAIDialect:
                 }
                 for i, (text, reason) in enumerate(choices)
             ],
-            "usage": self.usage(prompt.tokens, completion_tokens),
+            **({} if behaviour.omit_usage
+               else {"usage": self.usage(prompt.tokens, completion_tokens)}),
             **self.chunk_extras(spec),
             **self.response_extras(request, spec, prompt.tokens, completion_tokens, finish),
         }
@@ -553,7 +557,7 @@ class OpenAIDialect:
                 )
                 for i, (_, reason) in enumerate(choices)
             ]
-            if include_usage:
+            if include_usage and not behaviour.omit_usage:
                 out.append(chunk([], usage=self.usage(prompt_tokens, completion_tokens)))
             out.append(SSE_DONE)
             return b"".join(out)

@@ -1,0 +1,135 @@
+"""What one API key may do, in the form the hot path checks.
+
+A key's models are ``flm://engine/model`` ids and simple globs (``*``, ``?``, ``[...]``, as
+:mod:`fnmatch` reads them, case-sensitive). :class:`KeyScope` compiles them once, when the
+proxy loads the key: exact ids go into a set, globs into one compiled regular expression, and
+each answer is remembered in a bounded table, so a request costs a dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from fnmatch import translate
+
+from flm.core.errors import UsageError
+from flm.core.memo import remember
+from flm.core.timeutil import iso, parse_iso
+
+MAX_PATTERNS = 64
+MAX_PATTERN_LENGTH = 300
+#: ``flm://engine/model`` with globs allowed in both parts (the engine id's own characters).
+_PATTERN = re.compile(r"^flm://[a-z0-9_\-*?\[\]!]{1,64}/[^\s]{1,255}$")
+_GLOB = re.compile(r"[*?\[]")
+_DURATION = re.compile(r"^(\d{1,6})([mhdw])$")
+_UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def check_patterns(patterns: list[str]) -> list[str]:
+    """The patterns, stripped and without repeats; a ``UsageError`` naming a bad one."""
+    out: list[str] = []
+    for raw in patterns:
+        pattern = raw.strip()
+        if len(pattern) > MAX_PATTERN_LENGTH or not _PATTERN.match(pattern):
+            raise UsageError(f"--models takes flm://engine/model ids or globs such as "
+                             f"flm://ollama/*; not {raw[:80]!r}")
+        if pattern not in out:
+            out.append(pattern)
+    if len(out) > MAX_PATTERNS:
+        raise UsageError(f"a key takes at most {MAX_PATTERNS} model patterns")
+    return out
+
+
+def parse_expiry(text: str, now: datetime | None = None) -> str:
+    """``30d``, ``12h``, ``90m``, ``2w`` from now, or a date / ISO datetime (UTC unless it
+    says otherwise), as FLM stores timestamps. A time in the past is allowed (an already
+    expired key)."""
+    text = text.strip()
+    now = now or datetime.now(UTC)
+    match = _DURATION.match(text)
+    if match:
+        return iso(now + timedelta(**{_UNITS[match[2]]: int(match[1])}))
+    try:
+        return iso(parse_iso(text))
+    except ValueError:
+        raise UsageError(f"--expires takes a duration (30d, 12h, 90m, 2w) or a date "
+                         f"(2026-12-31 or an ISO datetime); not {text[:60]!r}") from None
+
+
+def _engine_of(pattern: str) -> str:
+    return pattern[len("flm://"):].split("/", 1)[0]
+
+
+@dataclass(eq=False)
+class KeyScope:
+    """One key's settings, compiled for the request path."""
+
+    key_id: str
+    label: str
+    models: tuple[str, ...] | None = None
+    rpm: int | None = None
+    burst: int | None = None
+    tpm: int | None = None
+    daily_tokens: int | None = None
+    daily_requests: int | None = None
+    #: Unix time after which the key is refused, or None.
+    expires_at: float | None = None
+    read_only: bool = False
+    _exact: frozenset[str] = field(default=frozenset(), repr=False)
+    _glob: re.Pattern[str] | None = field(default=None, repr=False)
+    _whole_engines: re.Pattern[str] | None = field(default=None, repr=False)
+    _answers: dict[str, bool] = field(default_factory=dict, repr=False)
+    _engines: dict[str, bool] = field(default_factory=dict, repr=False)
+    #: Whether the key has per-minute limits or daily budgets (the ledger admits it).
+    limits: bool = field(default=False, init=False)
+    #: Whether the key has anything to check after authentication (expiry, read-only,
+    #: limits); the model scope is checked where the model is known.
+    checked: bool = field(default=False, init=False)
+    #: The limits as the ``x-ratelimit-limit-*`` headers write them.
+    rpm_text: bytes = field(default=b"", init=False, repr=False)
+    tpm_text: bytes = field(default=b"", init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.limits = any(v is not None for v in (self.rpm, self.tpm, self.daily_tokens,
+                                                   self.daily_requests))
+        self.checked = self.limits or self.read_only or self.expires_at is not None
+        self.rpm_text = str(self.rpm or 0).encode()
+        self.tpm_text = str(self.tpm or 0).encode()
+        if self.models is None:
+            return
+        globs = [p for p in self.models if _GLOB.search(p)]
+        self._exact = frozenset(p for p in self.models if not _GLOB.search(p))
+        if globs:
+            self._glob = re.compile("|".join(f"(?:{translate(p)})" for p in globs))
+        # The pass-through reaches every model of an engine: only a pattern that covers the
+        # engine's whole model space (``flm://engine/*``) lets a key through to it.
+        whole = [_engine_of(p) for p in self.models if p.endswith("/*")]
+        if whole:
+            self._whole_engines = re.compile("|".join(f"(?:{translate(e)})" for e in whole))
+
+    @property
+    def limited(self) -> bool:
+        """Whether the key has a per-minute limit (its replies carry x-ratelimit headers)."""
+        return self.rpm is not None or self.tpm is not None
+
+    def allows_model(self, model_id: str) -> bool:
+        if self.models is None:
+            return True
+        answer = self._answers.get(model_id)
+        if answer is None:
+            answer = model_id in self._exact or (
+                self._glob is not None and self._glob.match(model_id) is not None)
+            remember(self._answers, model_id, answer, 1024)
+        return answer
+
+    def allows_engine(self, engine_id: str) -> bool:
+        """Whether the key may use the engine's native API (``/engine/{id}/...``)."""
+        if self.models is None:
+            return True
+        answer = self._engines.get(engine_id)
+        if answer is None:
+            answer = (self._whole_engines is not None
+                      and self._whole_engines.match(engine_id) is not None)
+            remember(self._engines, engine_id, answer, 256)
+        return answer

@@ -1,0 +1,317 @@
+"""Per-key limits and usage accounting.
+
+:class:`KeyLedger` holds, in memory, what the per-key checks need: a request bucket (rpm and
+burst), a token bucket (tpm) and today's totals (daily budgets). Checking a request is a few
+arithmetic operations on one object; nothing here touches SQLite on the request path.
+
+:class:`UsageSink` keeps the usage rollups in ``security.db``: the request path appends one
+tuple to a deque, and a background thread sums the queue by minute and by hour per key ×
+model × engine and adds the sums to ``usage_minute`` and ``usage_hour`` in one transaction
+(every ``interval`` seconds). The same thread deletes minute rows older than 48 hours and
+hour rows older than 90 days, now and then.
+
+Budgets survive a restart: at start (and at each reload, after this process's own rollups
+are written) the proxy loads today's totals per key from ``usage_minute``. Several proxies
+share a budget the same way: each sees the others' use at its next reload.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from typing import Any
+
+from flm.core.keyscope import KeyScope
+from flm.core.threads import background_thread
+from flm.openai.errors import HttpError
+from flm.storage.db import Database
+from flm.storage.usage import DAY_S, add_rollups, prune_rollups
+
+log = logging.getLogger("flm.usage")
+
+PRUNE_INTERVAL_S = 600.0
+
+
+def estimate_tokens(text: str) -> int:
+    """A rough token count of ``text`` (about four characters a token), for engines that
+    report no usage."""
+    return (len(text) + 3) // 4
+
+
+def _duration(seconds: float) -> bytes:
+    """A reset time as OpenAI writes it: ``20ms``, ``1.5s``, ``6m0s``."""
+    if seconds < 1:
+        return b"%dms" % (seconds * 1000 if seconds > 0 else 0)
+    if seconds < 60:
+        return b"%.3gs" % seconds
+    minutes, rest = divmod(math.ceil(seconds), 60)
+    return b"%dm%ds" % (minutes, rest)
+
+
+class _KeyState:
+    __slots__ = ("day", "day_requests", "day_tokens", "req_at", "req_level", "tok_at",
+                 "tok_level")
+
+    def __init__(self, now: float) -> None:
+        self.day = int(now // DAY_S)
+        self.day_requests = 0
+        self.day_tokens = 0
+        # (infinite: full, whatever the capacity; capped at first use)
+        self.req_level = math.inf
+        self.req_at = now
+        self.tok_level = math.inf
+        self.tok_at = now
+
+
+class KeyLedger:
+    """The live counters behind each key's limits (one per proxy runtime)."""
+
+    def __init__(self, clock: Any = time.time) -> None:
+        self.clock = clock
+        self._keys: dict[str, _KeyState] = {}
+
+    def _state(self, key_id: str, now: float) -> _KeyState:
+        st = self._keys.get(key_id)
+        if st is None:
+            st = self._keys[key_id] = _KeyState(now)
+        day = int(now // DAY_S)
+        if st.day != day:
+            st.day, st.day_requests, st.day_tokens = day, 0, 0
+        return st
+
+    def admit(self, scope: KeyScope, *, count: bool = True) -> list[tuple[bytes, bytes]]:
+        """Let one request of ``scope``'s key in, or raise the 429 to answer. Returns the
+        ``x-ratelimit-*`` headers for the reply (empty for a key without per-minute limits).
+        ``count``: the request counts toward the daily request budget."""
+        now = self.clock()
+        st = self._state(scope.key_id, now)
+        if count:
+            if scope.daily_requests is not None and st.day_requests >= scope.daily_requests:
+                raise _budget(now, f"the key's daily request budget ({scope.daily_requests}) "
+                              "is used up")
+            if scope.daily_tokens is not None and st.day_tokens >= scope.daily_tokens:
+                raise _budget(now, f"the key's daily token budget ({scope.daily_tokens}) "
+                              "is used up")
+        if not scope.limited:
+            if count:
+                st.day_requests += 1
+            return []
+        headers: list[tuple[bytes, bytes]] = []
+        wait = 0.0
+        charged = False
+        rpm = scope.rpm
+        if rpm is not None:
+            capacity = float(scope.burst or rpm)
+            rate = rpm / 60.0
+            level = st.req_level + (now - st.req_at) * rate
+            if level > capacity:
+                level = capacity
+            st.req_at = now
+            if level < 1.0:
+                wait = (1.0 - level) / rate
+            else:
+                level -= 1.0
+                charged = True
+            st.req_level = level
+            reset = (capacity - level) / rate
+            headers += [(b"x-ratelimit-limit-requests", scope.rpm_text),
+                        (b"x-ratelimit-remaining-requests", b"%d" % level),
+                        (b"x-ratelimit-reset-requests",
+                         _duration(wait if wait > reset else reset))]
+        tpm = scope.tpm
+        if tpm is not None:
+            rate = tpm / 60.0
+            level = self._tokens(st, tpm, now)
+            if level <= 0:
+                reset = (1.0 - level) / rate
+                if reset > wait:
+                    wait = reset
+            else:
+                reset = (tpm - level) / rate
+            headers += [(b"x-ratelimit-limit-tokens", scope.tpm_text),
+                        (b"x-ratelimit-remaining-tokens", b"%d" % (level if level > 0 else 0)),
+                        (b"x-ratelimit-reset-tokens", _duration(reset))]
+        if wait:
+            if charged:
+                st.req_level += 1.0  # refused for tokens: the request is not charged
+            retry = max(1, math.ceil(wait))
+            raise HttpError(429, "rate_limited", f"the key's per-minute limit is reached; "
+                            f"retry in {retry} s", [(b"retry-after", str(retry).encode()),
+                                                   *headers])
+        if count:
+            st.day_requests += 1
+        return headers
+
+    @staticmethod
+    def _tokens(st: _KeyState, tpm: int, now: float) -> float:
+        """The key's token bucket now (it may be below zero: a request that used more
+        tokens than were left leaves a debt the next requests wait out)."""
+        level = min(float(tpm), st.tok_level + (now - st.tok_at) * tpm / 60.0)
+        st.tok_level, st.tok_at = level, now
+        return level
+
+    def charge(self, key_id: str, tokens: int, tpm: int | None) -> None:
+        """Count a finished request's tokens toward the key's day and per-minute budget."""
+        if not tokens:
+            return
+        now = self.clock()
+        st = self._state(key_id, now)
+        st.day_tokens += tokens
+        if tpm is not None:
+            st.tok_level = self._tokens(st, tpm, now) - tokens
+
+    def today(self, key_id: str) -> tuple[int, int]:
+        """(requests, tokens) counted today for the key (this process's view)."""
+        st = self._keys.get(key_id)
+        if st is None or st.day != int(self.clock() // DAY_S):
+            return 0, 0
+        return st.day_requests, st.day_tokens
+
+    def load_today(self, totals: dict[str, tuple[int, int]]) -> None:
+        """Set today's (requests, tokens) per key from the stored rollups."""
+        now = self.clock()
+        day = int(now // DAY_S)
+        for key_id, st in self._keys.items():
+            if key_id not in totals and st.day == day:
+                st.day_requests = st.day_tokens = 0
+        for key_id, (requests, tokens) in totals.items():
+            st = self._state(key_id, now)
+            st.day_requests, st.day_tokens = requests, tokens
+
+    def retain_only(self, key_ids: set[str]) -> None:
+        for key_id in [k for k in self._keys if k not in key_ids]:
+            del self._keys[key_id]
+
+
+def _budget(now: float, message: str) -> HttpError:
+    retry = max(1, math.ceil(DAY_S - now % DAY_S))
+    return HttpError(429, "budget_exceeded", f"{message}; it renews at 00:00 UTC",
+                     [(b"retry-after", str(retry).encode())])
+
+
+_Item = tuple[float, str, str, str, int, int, int]
+
+
+class UsageSink:
+    """Usage rollups written by a background thread (see the module docstring)."""
+
+    def __init__(self, db: Database | None, interval: float = 1.0) -> None:
+        self._db = db
+        self._interval = interval
+        self._items: deque[_Item] = deque()
+        self._wake = threading.Event()
+        self._stop = False
+        self._lock = threading.Lock()
+        self._pruned_at = 0.0
+        self._thread = threading.Thread(target=self._run, name="flm-usage", daemon=True)
+        self._thread.start()
+
+    def record(self, ts: float, key_id: str, model: str, engine_id: str, prompt: int,
+               completion: int, estimated: bool) -> None:
+        """One finished request (request path: one append)."""
+        self._items.append((ts, key_id, model, engine_id, prompt, completion, int(estimated)))
+
+    def _run(self) -> None:
+        background_thread()
+        while not self._stop:
+            self._wake.wait(self._interval)
+            self._wake.clear()
+            try:
+                self.flush()
+                if time.monotonic() - self._pruned_at >= PRUNE_INTERVAL_S:
+                    self.prune()
+            except Exception:  # pragma: no cover - logged, never fatal for the proxy
+                log.exception("usage flush failed")
+
+    def flush(self) -> int:
+        """Add everything queued so far to the rollups; the number of requests written."""
+        with self._lock:
+            batch: list[_Item] = []
+            while self._items:
+                batch.append(self._items.popleft())
+            if not batch or self._db is None:
+                return len(batch)
+            minutes: dict[tuple[int, str, str, str], list[int]] = {}
+            hours: dict[tuple[int, str, str, str], list[int]] = {}
+            last_used: dict[str, float] = {}
+            for ts, key_id, model, engine, prompt, completion, estimated in batch:
+                for table, unit in ((minutes, 60), (hours, 3600)):
+                    sums = table.get((int(ts // unit), key_id, model, engine))
+                    if sums is None:
+                        table[(int(ts // unit), key_id, model, engine)] = [
+                            1, prompt, completion, estimated]
+                    else:
+                        sums[0] += 1
+                        sums[1] += prompt
+                        sums[2] += completion
+                        sums[3] += estimated
+                if ts > last_used.get(key_id, 0.0):
+                    last_used[key_id] = ts
+
+            add_rollups(self._db, minutes, hours,
+                        {k: _iso(t) for k, t in last_used.items()})
+            return len(batch)
+
+    def prune(self, now: float | None = None) -> None:
+        """Delete minute rows past 48 hours and hour rows past 90 days."""
+        self._pruned_at = time.monotonic()
+        if self._db is None:
+            return
+        prune_rollups(self._db, time.time() if now is None else now)
+
+    def close(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+        self.flush()
+
+
+def _iso(ts: float) -> str:
+    from flm.proxy.audit import iso_ts
+
+    return iso_ts(ts)
+
+
+#: Routes that are not counted as use of a key (listing models, reading metrics).
+UNCOUNTED_ROUTES = frozenset({"/v1/models", "/v1/models/{id}", "/metrics"})
+
+
+def account(rt: Any, state: Any, ts: float) -> None:
+    """Charge a finished request to its key: the ledger (budgets, tpm), the rollups (queued
+    for the flusher) and the per-key token metrics. Runs in the request's ``finally``."""
+    key: KeyScope | None = state.key
+    if key is None or state.route in UNCOUNTED_ROUTES:
+        return
+    prompt = state.prompt_tokens or 0
+    completion = state.completion_tokens or 0
+    # (a refused request names no model: a client cannot fill the rollups with made-up ones)
+    model = (state.model or "")[:200] if prompt or completion or state.status < 400 else ""
+    if key.tpm is not None or key.daily_tokens is not None:
+        # (the ledger counts tokens only where a limit needs them: a budget set later is
+        # loaded with today's totals from the rollups at the reload that brings it)
+        rt.ledger.charge(key.key_id, prompt + completion, key.tpm)
+    if rt.usage is not None:
+        rt.usage.record(ts, key.key_id, model, state.engine_id or "", prompt, completion,
+                        state.usage_estimated)
+    if prompt or completion:
+        rt.metrics.record_key_tokens(key.label, model, prompt, completion)
+
+
+def require_model(state: Any, model_id: str) -> None:
+    """403 ``model_not_allowed`` unless the request's key may use ``model_id``."""
+    key: KeyScope | None = state.key
+    if key is not None and not key.allows_model(model_id):
+        raise HttpError(403, "model_not_allowed",
+                        f"this API key may not use the model {model_id[:200]!r}")
+
+
+def require_engine(state: Any, engine_id: str) -> None:
+    """403 ``model_not_allowed`` unless the request's key may use all of the engine's models
+    (the native API behind ``/engine/{id}/`` reaches any of them)."""
+    key: KeyScope | None = state.key
+    if key is not None and not key.allows_engine(engine_id):
+        raise HttpError(403, "model_not_allowed",
+                        f"this API key may not use the engine {engine_id!r} directly")

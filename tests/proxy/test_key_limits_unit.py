@@ -1,0 +1,182 @@
+"""The per-key checks in isolation: scope matching, the ledger's buckets and budgets, the
+usage chunk taken out of a stream, estimates for engines that report no usage."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from flm.core.errors import UsageError
+from flm.core.keyscope import KeyScope, check_patterns, parse_expiry
+from flm.openai.errors import HttpError
+from flm.proxy.routes.chat import strip_usage
+from flm.proxy.usage import KeyLedger, estimate_tokens
+from flm.storage.usage import DAY_S
+from flm.testing.emulators import start_emulator
+from flm.testing.gateway import start_gateway
+
+
+def test_scope_matches_exact_ids_and_globs() -> None:
+    scope = KeyScope("k", "l", ("flm://ollama/*", "flm://vllm/qwen-?b", "flm://lm/exact"))
+    assert scope.allows_model("flm://ollama/llama3:8b")
+    assert scope.allows_model("flm://vllm/qwen-7b")
+    assert not scope.allows_model("flm://vllm/qwen-14b")
+    assert scope.allows_model("flm://lm/exact")
+    assert not scope.allows_model("flm://lm/exact2")
+    assert not scope.allows_model("flm://ollamax/m")
+    assert scope.allows_engine("ollama") and not scope.allows_engine("vllm")
+    assert not scope.allows_engine("lm")  # one model of an engine is not the engine
+    everything = KeyScope("k", "l")
+    assert everything.allows_model("flm://any/thing") and everything.allows_engine("any")
+
+
+def test_patterns_and_expiry_are_checked() -> None:
+    assert check_patterns([" flm://a/*", "flm://a/*"]) == ["flm://a/*"]
+    for bad in ("ollama/*", "flm://a", "flm:///m", "flm://A B/m"):
+        with pytest.raises(UsageError):
+            check_patterns([bad])
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    assert parse_expiry("30d", now) == "2026-01-31T00:00:00.000Z"
+    assert parse_expiry("12h", now) == "2026-01-01T12:00:00.000Z"
+    assert parse_expiry("2025-12-31", now) == "2025-12-31T00:00:00.000Z"
+    with pytest.raises(UsageError):
+        parse_expiry("soon", now)
+
+
+class _Clock:
+    def __init__(self, t: float) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_ledger_rpm_burst_and_tpm() -> None:
+    clock = _Clock(1_000_000.0)
+    ledger = KeyLedger(clock)
+    scope = KeyScope("k", "l", rpm=60, burst=2, tpm=600)
+    first = dict(ledger.admit(scope))
+    assert first[b"x-ratelimit-remaining-requests"] == b"1"
+    assert first[b"x-ratelimit-limit-tokens"] == b"600"
+    ledger.admit(scope)
+    with pytest.raises(HttpError) as err:
+        ledger.admit(scope)
+    assert err.value.status == 429 and err.value.code == "rate_limited"
+    assert dict(err.value.headers)[b"retry-after"] == b"1"
+    clock.t += 1.0  # one request a second refills
+    ledger.admit(scope)
+    # tokens: a request that used more than the minute's tokens leaves a debt
+    ledger.charge("k", 900, 600)
+    clock.t += 5.0
+    with pytest.raises(HttpError) as err:
+        ledger.admit(scope)
+    headers = dict(err.value.headers)
+    assert headers[b"x-ratelimit-remaining-tokens"] == b"0"
+    assert int(headers[b"retry-after"]) == 26  # 250 tokens owed (and one more) at 10 a second
+    clock.t += 30.0
+    assert dict(ledger.admit(scope))[b"x-ratelimit-remaining-tokens"] == b"50"
+
+
+def test_ledger_daily_budgets_renew_at_midnight_utc() -> None:
+    clock = _Clock(20 * DAY_S + DAY_S - 100)
+    ledger = KeyLedger(clock)
+    scope = KeyScope("k", "l", daily_requests=2, daily_tokens=50)
+    assert ledger.admit(scope) == []
+    ledger.charge("k", 30, None)
+    ledger.admit(scope)
+    with pytest.raises(HttpError) as err:
+        ledger.admit(scope)
+    assert err.value.code == "budget_exceeded"
+    assert dict(err.value.headers)[b"retry-after"] == b"100"
+    assert ledger.today("k") == (2, 30)
+    clock.t += 100  # a new UTC day
+    ledger.admit(scope)
+    assert ledger.today("k") == (1, 0)
+    ledger.load_today({"k": (0, 50)})  # (what the rollups say at start)
+    with pytest.raises(HttpError) as err:
+        ledger.admit(scope)
+    assert "token budget" in err.value.message
+
+
+def test_strip_usage_drops_only_what_include_usage_added() -> None:
+    def ev(obj: Any) -> bytes:
+        return b"data: " + json.dumps(obj, separators=(",", ":")).encode()
+
+    content = ev({"choices": [{"delta": {"content": "hi"}}]})
+    finish = ev({"choices": [{"delta": {}, "finish_reason": "stop"}], "usage": None})
+    usage = ev({"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 2}})
+    batch = b"\n\n".join([content, finish, usage, b"data: [DONE]", b""])
+    out = strip_usage(batch)
+    assert b'"usage"' not in out
+    assert out == b"\n\n".join([content, ev({"choices": [{"delta": {},
+                                                          "finish_reason": "stop"}]}),
+                                 b"data: [DONE]", b""])
+
+
+def test_estimate_tokens() -> None:
+    assert estimate_tokens("") == 0
+    assert estimate_tokens("abcd") == 1
+    assert estimate_tokens("abcde") == 2
+
+
+def test_engine_without_usage_is_estimated_and_marked(cli: Any) -> None:
+    with start_emulator("vllm", models=["m"]) as emu:
+        emu.behaviour.omit_usage = True
+        cli("engines", "add", "--kind", "vllm", "--url", emu.url, "--id", "v")
+        created = cli("api-keys", "create", "--label", "est").data
+        import http.client
+
+        with start_gateway() as gw:
+            for stream in (False, True):
+                conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=30)
+                conn.request("POST", "/v1/chat/completions", body=json.dumps({
+                    "model": "flm://v/m", "stream": stream,
+                    "messages": [{"role": "user", "content": "x" * 400}]}).encode(),
+                    headers={"Authorization": f"Bearer {created['key']}",
+                             "Content-Type": "application/json"})
+                resp = conn.getresponse()
+                assert resp.status == 200
+                resp.read()
+                conn.close()
+            gw.call(lambda: gw.runtime.usage.flush())
+        rows = cli("usage", "--key", created["id"], "--by", "key").data["rows"]
+    assert len(rows) == 1
+    assert rows[0]["requests"] == 2 and rows[0]["estimated_requests"] == 2
+    assert rows[0]["prompt_tokens"] == 200  # 400 characters, about 100 tokens each time
+    assert rows[0]["completion_tokens"] > 0
+
+
+def test_usage_sink_sums_by_minute_and_hour_and_prunes(flm_home: Any) -> None:
+    from flm.core.paths import Paths
+    from flm.proxy.usage import UsageSink
+    from flm.storage import Storage
+
+    storage = Storage(Paths.resolve())
+    sink = UsageSink(storage.security, interval=3600)
+    try:
+        now = 1_800_000_000.0  # (a whole hour)
+        old = now - 3 * DAY_S
+        ancient = now - 91 * DAY_S
+        for ts in (now, now + 30, now + 61, old, ancient):
+            sink.record(ts, "k1", "flm://e/m", "e", 10, 5, False)
+        sink.record(now, "k1", "flm://e/m", "e", 1, 1, True)
+        assert sink.flush() == 6
+        db = storage.security
+        minutes = db.query("SELECT minute, requests, prompt_tokens, completion_tokens, "
+                           "estimated FROM usage_minute ORDER BY minute")
+        assert [tuple(r) for r in minutes][-2:] == [
+            (int(now // 60), 3, 21, 11, 1), (int((now + 61) // 60), 1, 10, 5, 0)]
+        hours = db.query("SELECT hour, requests FROM usage_hour ORDER BY hour")
+        assert [tuple(r) for r in hours][-1] == (int(now // 3600), 4)
+        sink.prune(now)
+        left = db.query("SELECT COUNT(*) FROM usage_minute WHERE minute < ?",
+                        (int((now - 48 * 3600) // 60),))[0][0]
+        assert left == 0
+        hour_rows = [r[0] for r in db.query("SELECT hour FROM usage_hour")]
+        assert int(old // 3600) in hour_rows and int(ancient // 3600) not in hour_rows
+    finally:
+        sink.close()
+        storage.close()
