@@ -67,8 +67,8 @@ MUTANTS: tuple[Mutant, ...] = (
       "        self._invalid.clear()",
       (S + "test_key_checks.py::test_the_negative_cache_survives_a_reload",)),
     M("new-secret-on-stderr", "flm/cli/keys.py",
-      '    data = {**asdict(row), "key": plaintext}',
-      '    data = {**asdict(row), "key": plaintext}\n'
+      '    data = {**key_view(row), "key": plaintext}',
+      '    data = {**key_view(row), "key": plaintext}\n'
       '    print("secret:", plaintext.split("_", 2)[2], file=__import__("sys").stderr)',
       ("tests/cli/test_keys.py::test_create_shows_plaintext_once_and_stores_only_a_hash",)),
     # --- guard ---------------------------------------------------------------------------------
