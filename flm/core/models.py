@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar
@@ -190,6 +191,10 @@ def is_cloud_model(name: str, *entries: Any) -> bool:
 
 
 MODEL_SCHEME = "flm://"
+#: The longest model id accepted from a client (``flm://`` + engine id + model name).
+MAX_MODEL_ID = 512
+#: Engine ids, as ``flm engines add`` accepts them.
+ENGINE_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 
 
 def make_model_id(engine_id: str, name: str) -> str:
@@ -205,3 +210,29 @@ def split_model_id(model_id: str) -> tuple[str, str] | None:
     if not sep or not engine_id or not name:
         return None
     return engine_id, name
+
+
+#: The engine part of a pool's model id (``flm://pool:NAME/model``).
+POOL_PART = "pool:"
+
+
+def model_id_problem(model_id: str) -> str | None:
+    """Why a client's model id cannot be used, or None when it can: longer than
+    :data:`MAX_MODEL_ID`, holding a character that is not printable (control and format
+    characters, line separators, lone surrogates, unassigned code points), or, for an
+    ``flm://`` id, an engine part that is no engine id (or ``pool:`` and a pool name). A plain
+    model name or an alias passes the first two checks only. Checked before the id is used
+    anywhere (routing, logs, metrics, the audit)."""
+    if len(model_id) > MAX_MODEL_ID:
+        return f"model id longer than {MAX_MODEL_ID} characters"
+    if not model_id.isprintable():
+        return "model id holds control or unprintable characters"
+    if not model_id.startswith(MODEL_SCHEME):
+        return None  # a plain name or an alias: the engine registry resolves it
+    parts = split_model_id(model_id)
+    if parts is None:
+        return "model must look like flm://<engine>/<model>"
+    engine = parts[0].removeprefix(POOL_PART)
+    if ENGINE_ID.fullmatch(engine) is None:
+        return "the engine part of the model id is not an engine id ([a-z0-9_-], 64 at most)"
+    return None

@@ -133,6 +133,8 @@ class EffectivePolicy:
 
     whitelist: tuple[_Network, ...] = ()
     trusted_proxies: tuple[_Network, ...] = ()
+    #: the header the trusted proxies set with the client's address
+    forwarded_header: str = "x-forwarded-for"
     allowed_origins: tuple[str, ...] = ()
     key_rpm: int = 0
     key_burst: int = 0
@@ -143,6 +145,10 @@ class EffectivePolicy:
     max_failures: int = 5
     block_minutes: int = 30
     permanent_threshold: int = 20
+    #: blocks made by automatic rules apply to every listener, not only the one that made them
+    shared_blocks: bool = False
+    #: loopback clients are never blocked by automatic rules
+    exempt_loopback: bool = True
     intrusion_enabled: bool = False
     honeypot_enabled: bool = False
     warning_threshold: int = 50
@@ -153,15 +159,28 @@ class EffectivePolicy:
     max_duration_s: float = 300.0
     anomaly_auto_block: bool = True
     resource_enabled: bool = False
-    cpu_threshold: float = 90.0
-    memory_threshold: float = 90.0
+    #: host-wide CPU and memory thresholds (percent): opt-in, None unless the policy sets them
+    #: (other processes, an engine above all, use the host's CPU; FLM cannot shed that load)
+    cpu_threshold: float | None = None
+    memory_threshold: float | None = None
+    #: FLM's own event-loop lag (ms) and resident memory (MiB) above which it refuses new
+    #: requests; 0 turns one off
+    max_loop_lag_ms: float = 500.0
+    max_rss_mb: float = 4096.0
     max_connections: int = 100
+    #: in-flight requests one client address, and one API key, may hold (a fair share)
+    max_connections_per_address: int = 25
+    max_connections_per_key: int = 25
     security_headers: bool = True
     #: Models the engine runs on a remote service (Ollama's cloud models) are served only when
     #: the policy says so (SPEC local-only guarantee).
     allow_cloud_models: bool = False
     #: Clients never auto-blocked or scored (distinct from the allow-list).
     trusted_clients: tuple[_Network, ...] = ()
+    #: open connections one client address may hold (0: no cap), and in all (None: what the
+    #: open-file limit allows)
+    connections_per_address: int = 128
+    connections_total: int | None = None
 
     @classmethod
     def build(cls, document: dict[str, Any], *, exposed: bool) -> EffectivePolicy:
@@ -174,12 +193,15 @@ class EffectivePolicy:
         anomaly = doc.get("anomaly_detection") or {}
         resource = doc.get("resource_protection") or {}
         headers = doc.get("security_headers") or {}
+        connections = doc.get("connections") or {}
         key_rpm = int(rate.get("rpm") or 0)
         ip_rpm = int(ip_rate.get("rpm", 1000))
         intrusion_on = _switch(intrusion, exposed)
+        max_connections = int(resource.get("max_connections", 100))
         return cls(
             whitelist=_networks(doc.get("ip_whitelist")),
             trusted_proxies=_networks(doc.get("trusted_proxies")),
+            forwarded_header=str(doc.get("forwarded_header", "x-forwarded-for")),
             allowed_origins=tuple((doc.get("cors") or {}).get("allowed_origins") or ()),
             key_rpm=key_rpm,
             key_burst=int(rate.get("burst") or key_rpm),
@@ -190,6 +212,8 @@ class EffectivePolicy:
             max_failures=int(block.get("max_failures", 5)),
             block_minutes=int(block.get("block_duration_minutes", 30)),
             permanent_threshold=int(block.get("permanent_block_threshold", 20)),
+            shared_blocks=bool(block.get("shared", False)),
+            exempt_loopback=bool(block.get("exempt_loopback", True)),
             intrusion_enabled=intrusion_on,
             honeypot_enabled=bool(honeypot.get("enabled", intrusion_on)),
             warning_threshold=int(intrusion.get("warning_threshold", 50)),
@@ -200,12 +224,23 @@ class EffectivePolicy:
             max_duration_s=float(anomaly.get("max_duration_seconds", 300.0)),
             anomaly_auto_block=bool(anomaly.get("auto_block", True)),
             resource_enabled=_switch(resource, exposed),
-            cpu_threshold=float(resource.get("cpu_threshold", 90)),
-            memory_threshold=float(resource.get("memory_threshold", 90)),
-            max_connections=int(resource.get("max_connections", 100)),
+            cpu_threshold=(float(resource["cpu_threshold"]) if "cpu_threshold" in resource
+                           else None),
+            memory_threshold=(float(resource["memory_threshold"])
+                              if "memory_threshold" in resource else None),
+            max_loop_lag_ms=float(resource.get("max_loop_lag_ms", 500)),
+            max_rss_mb=float(resource.get("max_rss_mb", 4096)),
+            max_connections=max_connections,
+            max_connections_per_address=int(resource.get(
+                "max_connections_per_address", max(1, max_connections // 4))),
+            max_connections_per_key=int(resource.get(
+                "max_connections_per_key", max(1, max_connections // 4))),
             security_headers=bool(headers.get("enabled", True)),
             allow_cloud_models=bool(doc.get("allow_cloud_models", False)),
             trusted_clients=_networks(doc.get("trusted_clients")),
+            connections_per_address=int(connections.get("max_per_address", 128)),
+            connections_total=(int(connections["max_total"]) if "max_total" in connections
+                               else None),
         )
 
 

@@ -22,7 +22,12 @@ reply's head and body in one write, which saves the client a wake-up. What it ke
   body was read whole closes it too (the rest of the body is never read);
 - a client that goes away: ``receive()`` returns ``http.disconnect`` and later sends are dropped;
 - graceful stop: no new connections, idle ones closed, running requests get
-  ``timeout_graceful_shutdown_s`` to finish.
+  ``timeout_graceful_shutdown_s`` to finish;
+- connection caps (:class:`ConnectionLimits`): per client address and in total, with a
+  reserve of the total that only privileged clients (the owner, on loopback) may use; a
+  connection over a cap gets a 503 and is closed before anything of it is read. The soft
+  ``RLIMIT_NOFILE`` is raised toward the hard limit when a server starts, and the listen
+  backlog is :data:`LISTEN_BACKLOG`.
 """
 
 from __future__ import annotations
@@ -39,11 +44,13 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, cast
 from urllib.parse import unquote
 
 import httptools
 
+from flm.core.clients import subject
 from flm.core.errors import ProxyError, ProxyPortInUseError
 from flm.http.asgi import ASGIApp, Message, RequestBodyTimeout, Scope
 
@@ -67,6 +74,18 @@ GRACEFUL_SHUTDOWN_S = 5.0
 BODY_HIGH_WATER = 64 * 1024
 #: Replies up to this size are sent as one write with their head.
 COALESCE_MAX = 256 * 1024
+
+#: The listen() backlog of every socket FLM binds (the kernel caps it at net.core.somaxconn).
+LISTEN_BACKLOG = 2048
+#: File descriptors kept out of the connection budget: the admin API, the databases, log
+#: files and connections to engines need them.
+FD_HEADROOM = 256
+#: A connection closed with a request body unread discards what still comes for at most this
+#: long and this much before it closes (so the client can read the refusal).
+LINGER_S = 2.0
+LINGER_BYTES = 8 * 1024 * 1024
+#: The soft RLIMIT_NOFILE is raised toward the hard limit, but not past this.
+NOFILE_TARGET = 1 << 20
 
 _ASGI = {"version": "3.0", "spec_version": "2.3"}
 _STATUS_LINES = {int(s): f"HTTP/1.1 {int(s)} {s.phrase}\r\n".encode() for s in http.HTTPStatus}
@@ -163,14 +182,95 @@ def _render_headers(headers: Sequence[tuple[bytes, bytes]]) -> bytes:
     return b"".join(lines)
 
 
+def raise_nofile_limit() -> int:
+    """Raise this process's soft ``RLIMIT_NOFILE`` toward its hard limit (the common soft
+    limit of 1,024 lets a few hundred idle connections starve everything else); returns the
+    soft limit in force."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on POSIX
+        return 1024
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = NOFILE_TARGET if hard == resource.RLIM_INFINITY else min(hard, NOFILE_TARGET)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError):  # pragma: no cover - refused by the system
+            log.warning("could not raise the open-file limit from %d to %d", soft, want)
+    return int(soft) if soft != resource.RLIM_INFINITY else NOFILE_TARGET
+
+
+def default_connection_total() -> int:
+    """Connections one listener accepts by default: what the open-file limit allows, less
+    :data:`FD_HEADROOM`."""
+    return max(64, raise_nofile_limit() - FD_HEADROOM)
+
+
+def _nobody(ip: str) -> bool:
+    return False
+
+
+@dataclass
+class ConnectionLimits:
+    """Caps on a listener's open connections; the gateway updates them when its policy
+    changes. ``per_address`` (0: none) counts a client's connections by address (an IPv6
+    client by its /64); ``total`` (None: :func:`default_connection_total`) counts all, and the
+    last ``reserve`` of them (None: a sixteenth, at least 2) only ``privileged`` clients may
+    take, who are never held to ``per_address`` either."""
+
+    per_address: int = 0
+    total: int | None = None
+    reserve: int | None = None
+    privileged: Callable[[str], bool] = _nobody
+    #: connections open now, in all and per address
+    open: int = 0
+    by_address: dict[str, int] = field(default_factory=dict)
+
+    def budget(self) -> tuple[int, int]:
+        total = self.total if self.total is not None else default_connection_total()
+        self.total = total if self.total is None else self.total
+        reserve = self.reserve if self.reserve is not None else max(2, total // 16)
+        return total, min(reserve, total)
+
+    def admit(self, ip: str) -> str | None:
+        """Count a new connection from ``ip``; None when admitted, else why it is refused
+        (then it is not counted)."""
+        total, reserve = self.budget()
+        if self.privileged(ip):
+            if self.open >= total:
+                return "the gateway has no connection left"
+        else:
+            if self.open >= total - reserve:
+                return "the gateway has no connection left"
+            who = subject(ip)
+            if self.per_address and self.by_address.get(who, 0) >= self.per_address:
+                return "too many connections from this address"
+        who = subject(ip)
+        self.open += 1
+        self.by_address[who] = self.by_address.get(who, 0) + 1
+        return None
+
+    def release(self, ip: str) -> None:
+        who = subject(ip)
+        self.open -= 1
+        left = self.by_address.get(who, 1) - 1
+        if left > 0:
+            self.by_address[who] = left
+        else:
+            self.by_address.pop(who, None)
+
+
 class _ServerState:
     """What one server knows about its live connections and running requests."""
 
     def __init__(self, app: ASGIApp, scheme: str, body_timeout_s: float,
                  headers: Sequence[tuple[bytes, bytes]] = (),
-                 refusal: Refusal = plain_refusal) -> None:
+                 refusal: Refusal = plain_refusal,
+                 limits: ConnectionLimits | None = None) -> None:
         self.app = app
         self.refusal = refusal
+        self.limits = limits
         self.scheme = scheme
         self.body_timeout_s = body_timeout_s
         #: The lines of the headers every response carries, rendered once.
@@ -407,6 +507,10 @@ class HttpProtocol(asyncio.Protocol):
         self.drain_waiters: list[asyncio.Future[None]] = []
         self.worker: asyncio.Task[None] | None = None
         self.next_request: asyncio.Future[None] | None = None
+        #: the address this connection is counted under in the server's limits
+        self.counted: str | None = None
+        #: bytes still discarded before a closing connection closes (None: not closing)
+        self.lingering: int | None = None
 
     # -- connection events ----------------------------------------------------------------------
 
@@ -424,10 +528,22 @@ class HttpProtocol(asyncio.Protocol):
             if host.startswith("::ffff:") and "." in host:
                 host = host[7:]  # an IPv4 client of a dual-stack socket is that IPv4 address
             self.client = (host, int(peername[1]))
+        limits = self.state.limits
+        if limits is not None:
+            ip = self.client[0] if self.client else ""
+            refused = limits.admit(ip)
+            if refused is not None:
+                transport.write(_error_response(self.state, 503, "overloaded", refused))
+                transport.close()
+                return
+            self.counted = ip
         self._arm(self.head_timeout_s, self._head_too_slow)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.state.connections.discard(self)
+        if self.counted is not None and self.state.limits is not None:
+            self.state.limits.release(self.counted)
+            self.counted = None
         self._disarm()
         for cycle in (self.active, self.parsing, *self.pipeline):
             if cycle is not None:
@@ -464,7 +580,24 @@ class HttpProtocol(asyncio.Protocol):
                      self.client[0] if self.client else "?", self.send_timeout_s)
             self.abort()
 
+    def _linger(self, transport: asyncio.Transport) -> None:
+        transport.write_eof()
+        self.lingering = LINGER_BYTES
+        self._arm(LINGER_S, self._linger_done)
+        if self.read_paused:
+            self.read_paused = False
+            transport.resume_reading()
+
+    def _linger_done(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
     def data_received(self, data: bytes) -> None:
+        if self.lingering is not None:
+            self.lingering -= len(data)
+            if self.lingering <= 0:
+                self._linger_done()
+            return
         # Bytes that arrive between two requests start the next head.
         in_head = self.in_head or self.parsing is None
         self.chunk_size = len(data)
@@ -573,6 +706,8 @@ class HttpProtocol(asyncio.Protocol):
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.in_head:
+            return  # a chunked body's trailer fields: never merged into the request's headers
         self.headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
@@ -692,8 +827,14 @@ class HttpProtocol(asyncio.Protocol):
                 self.refusal = None  # its own response was cut: no refusal after it
             self._send_refusal()
             return
+        if cycle.more_body and transport.can_write_eof():
+            # An unread body (e.g. refused with 413) is never parsed; the connection closes
+            # after a short linger that discards what the client still sends, so that its
+            # kernel does not answer with a reset that destroys the response before the
+            # client reads it.
+            self._linger(transport)
+            return
         if not cycle.keep_alive or cycle.more_body or self.state.stopping:
-            # An unread body (e.g. refused with 413) is never read: the connection closes.
             transport.close()
             return
         if self.pipeline:
@@ -799,7 +940,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
                 "with --port"
             ) from None
         raise ProxyError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    sock.listen(2048)
+    sock.listen(LISTEN_BACKLOG)
     sock.set_inheritable(False)
     return sock
 
@@ -817,11 +958,12 @@ class HttpServer:
                  ssl_context: ssl.SSLContext | None = None, *,
                  body_timeout_s: float = BODY_TIMEOUT_S,
                  headers: Sequence[tuple[bytes, bytes]] = (),
-                 refusal: Refusal = plain_refusal) -> None:
+                 refusal: Refusal = plain_refusal,
+                 limits: ConnectionLimits | None = None) -> None:
         self.sock = sock
         self.ssl_context = ssl_context
         self.state = _ServerState(app, "https" if ssl_context is not None else "http",
-                                  body_timeout_s, headers, refusal)
+                                  body_timeout_s, headers, refusal, limits)
         self._server: asyncio.base_events.Server | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._port = int(sock.getsockname()[1])
@@ -833,8 +975,11 @@ class HttpServer:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         state = self.state
+        raise_nofile_limit()
+        # (create_server listens again, with its own default backlog of 100 unless told)
         self._server = await loop.create_server(
             lambda: HttpProtocol(state), sock=self.sock, ssl=self.ssl_context,
+            backlog=LISTEN_BACKLOG,
             ssl_handshake_timeout=HEADER_TIMEOUT_S if self.ssl_context is not None else None,
         )
         self._sweep()

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from flm.core.models import MODEL_SCHEME, Capabilities, split_model_id
+from flm.core.models import Capabilities, model_id_problem
 from flm.openai.errors import HttpError
 
 _IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp")
@@ -55,11 +55,10 @@ def parse_model(value: Any) -> str:
     (the proxy's engine registry resolves the latter two)."""
     if not isinstance(value, str) or not value:
         raise HttpError(400, "invalid_model", "'model' is required and must be a string")
-    if len(value) > 512:
-        raise HttpError(400, "invalid_model", "'model' is longer than 512 characters")
-    if value.startswith(MODEL_SCHEME) and split_model_id(value) is None:
-        raise HttpError(400, "invalid_model",
-                        f"model must look like flm://<engine>/<model>, got {value[:200]!r}")
+    problem = model_id_problem(value)
+    if problem is not None:
+        # (repr escapes what is not printable: the message is safe to echo and log)
+        raise HttpError(400, "invalid_model", f"{problem}, got {value[:200]!r}")
     return value
 
 

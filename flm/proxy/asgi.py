@@ -157,6 +157,8 @@ def parse_json(body: bytes) -> Any:
         return json.loads(body)
     except ValueError:
         raise HttpError(400, "invalid_request", "request body is not valid JSON") from None
+    except RecursionError:
+        raise HttpError(400, "invalid_request", "request body is nested too deeply") from None
 
 
 async def read_json(receive: Receive, scope: Scope, limit: int) -> Any:

@@ -182,8 +182,8 @@ def _format_one(kind: str, item: tuple[Any, ...], batch: _Batch) -> tuple[Any, .
                 None, None, None, None, None, None, None, event_type, severity,
                 scrub(json.dumps(details, default=str)))
     if kind == "block":
-        ip, reason, since, until, failures = item
-        batch.blocks.append((ip, reason, failures, iso_ts(since),
+        ip, reason, since, until, failures, listener = item
+        batch.blocks.append((ip, listener, reason, failures, iso_ts(since),
                              None if until is None else iso_ts(until),
                              1 if until is None else 0))
     elif kind == "intrusion":
@@ -288,8 +288,8 @@ class AuditSink:
             self.listener(event_type, severity, client_ip, details or {})
 
     def block(self, ip: str, reason: str, since: float, until: float | None,
-              failures: int) -> None:
-        self._put(("block", (ip, reason, since, until, failures)))
+              failures: int, listener: str = "*") -> None:
+        self._put(("block", (ip, reason, since, until, failures, listener)))
 
     def intrusion(self, ip: str, points: int, total: int, reasons: tuple[str, ...],
                   path: str, user_agent: str, request_id: str) -> None:

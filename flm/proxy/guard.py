@@ -6,6 +6,7 @@ batches. The clock is injectable so tests can move time.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 import time
@@ -55,6 +56,26 @@ _SCANNERS = re.compile(
     r"|openvas|w3af|havij|fimap|hydra|zmeu|morfeus|jorgee|netsparker|whatweb|feroxbuster|ffuf)",
     re.IGNORECASE,
 )
+
+
+def _loopback(ip: str) -> bool:
+    try:
+        if "/" in ip:  # (an IPv6 client's /64, as blocks name it)
+            return ipaddress.ip_network(ip, strict=False).is_loopback
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.is_loopback
+
+
+def exempt_from_automatic_blocks(ip: str, policy: EffectivePolicy) -> bool:
+    """Whether automatic rules (auth-failure auto-block, intrusion scores, honeypots, anomaly
+    auto-block) may never block ``ip``: loopback, the machine's owner, unless the policy turns
+    that off (``ip_blocklist.exempt_loopback``). Such a client is still counted, scored and
+    recorded; it is only never blocked. The one place that decides it."""
+    return policy.exempt_loopback and _loopback(ip)
 
 
 @dataclass
@@ -159,7 +180,23 @@ class GuardState:
         #: ip → [window start, requests in it] (updated in place)
         self.windows: dict[str, list[float]] = {}
         self.connections = 0
+        #: requests in flight per ``ip:<subject>`` and per ``key:<id>`` (entries at zero go)
+        self.in_flight: dict[str, int] = {}
         self.overloaded = False
+        #: the resource monitor's last (event-loop lag in ms, own RSS in MiB), and how many
+        #: times it has sampled
+        self.load: tuple[float, float] = (0.0, 0.0)
+        self.samples = 0
+
+    def enter(self, holder: str) -> None:
+        self.in_flight[holder] = self.in_flight.get(holder, 0) + 1
+
+    def leave(self, holder: str) -> None:
+        left = self.in_flight.get(holder, 1) - 1
+        if left > 0:
+            self.in_flight[holder] = left
+        else:
+            self.in_flight.pop(holder, None)
 
     # --- blocks ------------------------------------------------------------------------------
 
@@ -186,17 +223,28 @@ class GuardState:
         self.blocks[ip] = block
         return block
 
+    def auto_block(self, ip: str, reason: str, seconds: float | None,
+                   policy: EffectivePolicy) -> Block | None:
+        """A block made by an automatic rule: none for an exempt address."""
+        if exempt_from_automatic_blocks(ip, policy):
+            return None
+        return self.block(ip, reason, seconds)
+
     def unblock(self, ip: str) -> None:
         ip = subject(ip)
         self.blocks.pop(ip, None)
         self.failures.pop(ip, None)
         self.scores.pop(ip, None)
 
-    def load_blocks(self, rows: list[tuple[str, str, float | None, float, int]]) -> None:
+    def load_blocks(self, rows: list[tuple[str, str, float | None, float, int]],
+                    exempt: Callable[[str], bool] | None = None) -> None:
         """Make the persisted blocks authoritative: rows are (ip, reason, until, since,
         failure_count). An address blocked here but absent from the rows was unblocked by the
-        owner: its block, failure count and score go."""
+        owner: its block, failure count and score go. Rows of ``exempt`` addresses (made
+        before they were exempt) are not applied."""
         now = self.clock()
+        if exempt is not None:
+            rows = [row for row in rows if not exempt(row[0])]
         # (rows written before IPv6 clients were keyed by /64 name single addresses)
         rows = [(subject(ip), reason, until, since, count)
                 for ip, reason, until, since, count in rows]
@@ -234,11 +282,12 @@ class GuardState:
         # Each stage triggers once, on exactly its count (failures in between, after a block
         # has run out, are counted without a new block until the next stage).
         if count >= policy.permanent_threshold:
-            return count, self.block(ip, "auth_failures", None)
+            return count, self.auto_block(ip, "auth_failures", None, policy)
         if count == 2 * policy.max_failures:
-            return count, self.block(ip, "auth_failures", SECOND_STAGE_S)
+            return count, self.auto_block(ip, "auth_failures", SECOND_STAGE_S, policy)
         if count == policy.max_failures:
-            return count, self.block(ip, "auth_failures", policy.block_minutes * 60.0)
+            return count, self.auto_block(ip, "auth_failures", policy.block_minutes * 60.0,
+                                          policy)
         return count, None
 
     # --- intrusion ---------------------------------------------------------------------------
@@ -252,9 +301,9 @@ class GuardState:
         total += points
         self._track(self.scores, ip, (total, now))
         if total >= 2 * policy.score_threshold:
-            return total, self.block(ip, "intrusion", INTRUSION_LONG_BLOCK_S)
+            return total, self.auto_block(ip, "intrusion", INTRUSION_LONG_BLOCK_S, policy)
         if total >= policy.score_threshold:
-            return total, self.block(ip, "intrusion", INTRUSION_BLOCK_S)
+            return total, self.auto_block(ip, "intrusion", INTRUSION_BLOCK_S, policy)
         return total, None
 
     # --- rates -------------------------------------------------------------------------------

@@ -42,10 +42,43 @@ class _NotPublic(OSError):
     """A name resolved to no allowed address (raised inside aiohttp's connector)."""
 
 
+#: IPv6 ranges that carry an IPv4 address in their last 32 bits: NAT64 (well-known prefix)
+#: and IPv4-compatible addresses (deprecated, ::/96).
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_COMPATIBLE = ipaddress.ip_network("::/96")
+#: IPv6 ranges never fetched from: local-use NAT64 (RFC 8215) and site-local (deprecated).
+_NEVER = (ipaddress.ip_network("64:ff9b:1::/48"), ipaddress.ip_network("fec0::/10"))
+
+
+def _embedded(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one carries (mapped, NAT64, IPv4-compatible, 6to4, Teredo's
+    client), or None."""
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address in _NAT64 or address in _COMPATIBLE:
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address.teredo is not None:
+        return address.teredo[1]
+    return None
+
+
 def is_public(address: Address) -> bool:
-    """A globally routable address (not loopback, private, link-local, shared, reserved...)."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    """A globally routable address (not loopback, private, link-local, shared, reserved...).
+    An IPv6 address that carries an IPv4 one is judged by that IPv4 address too, so none of
+    them reaches this machine or its network by another name."""
+    if isinstance(address, ipaddress.IPv6Address):
+        if any(address in net for net in _NEVER):
+            return False
+        inner = _embedded(address)
+        if inner is not None:
+            if address.ipv4_mapped is not None:
+                address = inner
+            elif not is_public(inner):
+                return False
+            elif address in _COMPATIBLE:
+                return False  # (deprecated: never a real destination)
     return address.is_global and not address.is_multicast
 
 

@@ -260,7 +260,8 @@ async def start_instance(ctx: Context, raw: dict[str, Any], *,
             runtime = build_runtime(settings, ctx, egress.config)
             servers.append(HttpServer(build_app(runtime), sockets[0],
                                       body_timeout_s=settings.body_timeout_s,
-                                      headers=response_headers(), refusal=refusal))
+                                      headers=response_headers(), refusal=refusal,
+                                      limits=runtime.connection_limits))
             await servers[-1].start()
         else:
             assert config.https_port is not None
@@ -269,7 +270,8 @@ async def start_instance(ctx: Context, raw: dict[str, Any], *,
             servers.append(HttpServer(build_app(runtime), sockets[1],
                                       tls.holder.context,
                                       body_timeout_s=settings.body_timeout_s,
-                                      headers=response_headers(tls=True), refusal=refusal))
+                                      headers=response_headers(tls=True), refusal=refusal,
+                                      limits=runtime.connection_limits))
             await servers[-1].start()
     except BaseException:
         for server in reversed(servers):
@@ -490,7 +492,7 @@ async def reload_proxies(ctx: Any, instances: list[ProxyInstance],
             rt.ledger.load_today(await asyncio.to_thread(today_totals, ctx.storage.security))
         if rt.audit is not None:
             await asyncio.to_thread(rt.audit.flush)  # blocks made here reach the table
-        rt.load_blocks(await asyncio.to_thread(load_block_rows, ctx))
+        rt.load_blocks(await asyncio.to_thread(load_block_rows, ctx, inst.settings.handle_id))
         await asyncio.to_thread(load_profiles, rt, ctx)
         gone = rt.engines.replace(e for e in endpoints if not _is_self(e, inst.settings))
         rt.engines.pools.replace(*await asyncio.to_thread(pool_defs, ctx))

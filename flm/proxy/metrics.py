@@ -25,6 +25,19 @@ MAX_SERIES = 10_000
 #: the key label and model ``other``.
 MAX_KEY_SERIES = 2_000
 _go_float: Any = floatToGoString  # (untyped) how Prometheus writes a bucket bound
+#: Label values are cut to this many characters.
+MAX_LABEL = 128
+
+
+def label(value: str) -> str:
+    """A label value that can always be written and stays small: at most :data:`MAX_LABEL`
+    characters, everything unprintable (control characters, lone surrogates) escaped as
+    ``\\uXXXX``. Labels come from FLM's own routes and engine ids; this keeps one unexpected
+    value from breaking ``/metrics`` for every later reader."""
+    if len(value) <= MAX_LABEL and value.isprintable():
+        return value
+    out = "".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in value[:MAX_LABEL])
+    return out[:MAX_LABEL]
 
 
 def _le(bounds: tuple[float, ...]) -> tuple[str, ...]:
@@ -209,6 +222,7 @@ class Metrics:
     def record_request(self, route: str, status: int, engine: str, elapsed: float,
                        overhead: float | None) -> None:
         series = self._series
+        route, engine = label(route), label(engine)
         key = (route, status, engine)
         count = series.requests.get(key)
         if count is not None:
@@ -220,10 +234,13 @@ class Metrics:
             series.observe(series.overhead, route, _OVERHEAD_BUCKETS, max(overhead, 0.0))
 
     def record_ttft(self, engine: str, seconds: float) -> None:
-        self._series.observe(self._series.ttft, engine, _LATENCY_BUCKETS, seconds)
+        self._series.observe(self._series.ttft, label(engine), _LATENCY_BUCKETS, seconds)
 
     def record_tokens(self, engine: str, prompt: int | None, completion: int | None) -> None:
         tokens = self._series.tokens
+        engine = label(engine)
+        if len(tokens) >= MAX_SERIES and (engine, "in") not in tokens:
+            return
         if prompt:
             tokens[(engine, "in")] = tokens.get((engine, "in"), 0) + prompt
         if completion:

@@ -14,10 +14,11 @@ from flm.core.models import EngineEndpoint
 from flm.core.policy import EffectivePolicy
 from flm.egress.config import EgressConfig
 from flm.http.client import Timeouts
+from flm.http.server import ConnectionLimits
 from flm.proxy.alerts import Alerter
 from flm.proxy.audit import AuditSink
 from flm.proxy.engines import EngineRegistry
-from flm.proxy.guard import GuardState
+from flm.proxy.guard import GuardState, exempt_from_automatic_blocks
 from flm.proxy.keys import KeyVerifier
 from flm.proxy.metrics import Metrics
 from flm.proxy.pools import Backoff, PoolDef
@@ -71,6 +72,21 @@ class ProxyRuntime:
     usage: UsageSink | None = None
     #: Reads one active key's scope from storage (for a key created since the last reload).
     scope_loader: Any = None
+    #: The caps on this proxy's open connections, shared with its HTTP server.
+    connection_limits: ConnectionLimits = field(default_factory=ConnectionLimits)
+
+    def __post_init__(self) -> None:
+        self.connection_limits.privileged = self._privileged
+        self._limit_connections()
+
+    def _privileged(self, ip: str) -> bool:
+        return exempt_from_automatic_blocks(ip, self.effective)
+
+    def _limit_connections(self) -> None:
+        limits, effective = self.connection_limits, self.effective
+        limits.per_address = effective.connections_per_address
+        limits.total = effective.connections_total
+        limits.reserve = None
 
     def apply_policy(self, document: dict[str, Any]) -> None:
         """Swap in a new policy (validated: an invalid one raises and the old one stays)."""
@@ -79,9 +95,11 @@ class ProxyRuntime:
         self.effective = effective
         if self.alerts is not None:
             self.alerts.configure(AlertSettings.from_policy(document.get("alerts")))
+        self._limit_connections()
 
     def load_blocks(self, rows: list[tuple[str, str, float | None, float, int]]) -> None:
-        self.guard.load_blocks(rows)
+        effective = self.effective
+        self.guard.load_blocks(rows, lambda ip: exempt_from_automatic_blocks(ip, effective))
 
     async def close(self) -> None:
         for task in self.tasks:
@@ -90,6 +108,7 @@ class ProxyRuntime:
         await self.engines.close()
         if self.alerts is not None:
             await asyncio.to_thread(self.alerts.close)
+        self.keys.close()
         if self.audit is not None:
             self.audit.close()
         if self.usage is not None:
@@ -126,7 +145,7 @@ def build_runtime(settings: ProxySettings, ctx: Any,
                   egress: EgressConfig | None = None) -> ProxyRuntime:
     """Build a runtime from a ``flm.services.context.Context``; ``egress`` is the egress in
     force (default direct)."""
-    from flm.services.keys import verify_key_hash
+    from flm.services.keys import dummy_key_hash, verify_key_hash
     from flm.storage.security import ApiKeysRepo
     from flm.storage.usage import today_totals
 
@@ -136,7 +155,7 @@ def build_runtime(settings: ProxySettings, ctx: Any,
     runtime = ProxyRuntime(
         settings=settings,
         engines=EngineRegistry(endpoints, timeouts, egress),
-        keys=KeyVerifier(keys_repo.hash_of, verify_key_hash),
+        keys=KeyVerifier(keys_repo.hash_of, verify_key_hash, dummy_key_hash),
         egress=egress or EgressConfig(),
         audit=AuditSink(ctx.storage.security, ctx.paths.logs_dir / "audit.jsonl"),
         usage=UsageSink(ctx.storage.security),
@@ -155,7 +174,7 @@ def build_runtime(settings: ProxySettings, ctx: Any,
     assert runtime.audit is not None
     runtime.audit.listener = runtime.alerts.offer
     runtime.apply_policy(json.loads(json.dumps(ctx.policy.show()["policy"])))
-    runtime.load_blocks(load_block_rows(ctx))
+    runtime.load_blocks(load_block_rows(ctx, settings.handle_id))
     load_profiles(runtime, ctx)
     runtime.engines.pools.replace(*pool_defs(ctx))
     runtime.metrics.watch_pools(runtime.engines.pools.snapshot)
@@ -209,12 +228,13 @@ def load_profiles(runtime: ProxyRuntime, ctx: Any) -> None:
                                 int(ctx.config.value("responses.max_per_key")))
 
 
-def load_block_rows(ctx: Any) -> list[tuple[str, str, float | None, float, int]]:
-    """Persisted blocks and failure counts from security.db."""
+def load_block_rows(ctx: Any, listener: str) -> list[tuple[str, str, float | None, float, int]]:
+    """Persisted blocks and failure counts from security.db that apply to ``listener`` (a
+    proxy's handle id): its own and the shared ones (``'*'``)."""
     from flm.core.timeutil import parse_iso
     from flm.storage.records import BlocklistRepo
 
-    rows = BlocklistRepo(ctx.storage.security).all(newest_first=False)
+    rows = BlocklistRepo(ctx.storage.security).all(newest_first=False, listener=listener)
     out: list[tuple[str, str, float | None, float, int]] = []
     for r in rows:
         until = None if r["permanent"] else (

@@ -21,6 +21,14 @@ def hash_key(plaintext: str) -> str:
     return PasswordHasher().hash(plaintext)
 
 
+def dummy_key_hash() -> str:
+    """A hash of a random key no one holds, made like every stored one: the gateway verifies
+    keys with unknown ids against it, so they cost what a wrong secret costs."""
+    from flm.core.keys import generate_key
+
+    return hash_key(generate_key()[1])
+
+
 def verify_key_hash(stored_hash: str, plaintext: str) -> bool:
     """Constant-time Argon2id verification; never raises for a wrong key."""
     from argon2 import PasswordHasher

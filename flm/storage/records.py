@@ -25,8 +25,8 @@ AUDIT_COLUMNS = ("ts", "request_id", "client_ip", "api_key_id", "endpoint", "met
 _INSERT_AUDIT = (f"INSERT INTO audit_logs({', '.join(AUDIT_COLUMNS)}) "
                  f"VALUES ({', '.join('?' for _ in AUDIT_COLUMNS)})")
 _UPSERT_BLOCK = (
-    "INSERT INTO ip_blocklist(ip, reason, failure_count, blocked_at, expires_at,"
-    " permanent) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(ip) DO UPDATE SET "
+    "INSERT INTO ip_blocklist(ip, listener, reason, failure_count, blocked_at, expires_at,"
+    " permanent) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(ip, listener) DO UPDATE SET "
     "reason=excluded.reason, failure_count=excluded.failure_count, "
     "blocked_at=excluded.blocked_at, expires_at=excluded.expires_at, "
     "permanent=excluded.permanent")
@@ -54,7 +54,7 @@ def write_batch(db: Database, audit_rows: Sequence[tuple[Any, ...]],
                 escape: Callable[[tuple[Any, ...]], tuple[Any, ...]] | None = None,
                 ) -> dict[str, int]:
     """The audit sink's batch, in one transaction: audit rows (:data:`AUDIT_COLUMNS`), block
-    upserts (ip, reason, failure_count, blocked_at, expires_at, permanent), intrusion and
+    upserts (ip, listener, reason, failure_count, blocked_at, expires_at, permanent), intrusion and
     anomaly rows. A row the database refuses costs only itself (see :func:`_insert_isolated`);
     returns how many rows were written ``escaped`` and how many ``dropped``. A failure of the
     disk or the lock raises (``RepoError``): the caller keeps the batch for a retry."""
@@ -122,11 +122,17 @@ class BlocklistRepo:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    def all(self, *, newest_first: bool = True) -> list[sqlite3.Row]:
-        """Every row (ip, reason, failure_count, blocked_at, expires_at, permanent)."""
-        sql = ("SELECT ip, reason, failure_count, blocked_at, expires_at, permanent "
+    def all(self, *, newest_first: bool = True,
+            listener: str | None = None) -> list[sqlite3.Row]:
+        """Every row (ip, listener, reason, failure_count, blocked_at, expires_at, permanent),
+        or with ``listener`` those that apply to it: its own and the shared ones (``'*'``)."""
+        sql = ("SELECT ip, listener, reason, failure_count, blocked_at, expires_at, permanent "
                "FROM ip_blocklist")
-        return self.db.query(sql + " ORDER BY blocked_at DESC" if newest_first else sql)
+        params: tuple[str, ...] = ()
+        if listener is not None:
+            sql += " WHERE listener IN ('*', ?)"
+            params = (listener,)
+        return self.db.query(sql + " ORDER BY blocked_at DESC" if newest_first else sql, params)
 
     def remove_matching(self, target: str, key: Callable[[str], str]) -> int:
         """Remove the rows whose ``key(ip)`` is ``target`` (an IPv4 address is its own key, so

@@ -62,7 +62,8 @@ def start_gateway(paths: Paths | None = None, *, port: int = 0, bind: str = "127
     async def main() -> None:
         server = HttpServer(build_app(runtime), sock,
                             body_timeout_s=runtime.settings.body_timeout_s,
-                            headers=response_headers(), refusal=refusal)
+                            headers=response_headers(), refusal=refusal,
+                            limits=runtime.connection_limits)
         await server.start()
         stop_event = asyncio.Event()
         stopping["event"] = stop_event

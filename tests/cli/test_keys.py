@@ -23,6 +23,7 @@ def test_create_shows_plaintext_once_and_stores_only_a_hash(flm_home: Path) -> N
     assert key.startswith(f"flm_{data['id']}_") and len(key) > 50
     assert proc.stdout.count(key) == 1
     assert key not in proc.stderr
+    assert key.split("_", 2)[2] not in proc.stderr  # (nor its secret part alone)
     # Keep a second process holding the WAL open is not needed: check every file FLM wrote,
     # including any -wal/-shm and log files, and the WAL of a fresh, un-checkpointed write.
     secret = key.split("_", 2)[2].encode()

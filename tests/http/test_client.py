@@ -342,7 +342,8 @@ def test_connection_limit_queues_requests_and_times_out_when_nothing_frees() -> 
             third = asyncio.create_task(client.get_json("/3"))
             loop = asyncio.get_running_loop()
             deadline = loop.time() + 5
-            while server.connections < 1 and loop.time() < deadline:
+            while server.connections < 1:
+                assert loop.time() < deadline, "the first request never reached the server"
                 await asyncio.sleep(0.01)
             go.set()
             assert await asyncio.gather(first, second, third) == [{}, {}, {}]

@@ -409,8 +409,9 @@ def test_graceful_stop_lets_a_running_request_finish() -> None:
     busy.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
     stopper = threading.Thread(target=r.stop)
     deadline = time.monotonic() + 5
-    while not r.server.state.tasks and time.monotonic() < deadline:
-        time.sleep(0.01)  # poll with a deadline until the request is running
+    while not r.server.state.tasks:  # poll with a deadline until the request is running
+        assert time.monotonic() < deadline, "the request never started"
+        time.sleep(0.01)
     stopper.start()
     assert closed_by_peer(idle)  # idle connections close at once
     with pytest.raises(OSError):
@@ -451,7 +452,8 @@ def test_small_reply_is_one_transport_write() -> None:
         proto.data_received(b"GET /one HTTP/1.1\r\nHost: a\r\n\r\n")
         deadline = time.monotonic() + 5
         # poll until the connection's worker waits for the next request: the reply is done
-        while proto.next_request is None and time.monotonic() < deadline:
+        while proto.next_request is None:
+            assert time.monotonic() < deadline, "the reply never finished"
             await asyncio.sleep(0.001)
         proto.connection_lost(None)
         return transport.writes

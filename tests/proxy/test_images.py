@@ -114,6 +114,16 @@ def test_public_addresses() -> None:
         assert not is_public(ipaddress.ip_address(text)), text
 
 
+def test_ipv6_forms_that_embed_ipv4_are_judged_by_it() -> None:
+    for text in ("64:ff9b::a9fe:a9fe", "64:ff9b::7f00:1", "64:ff9b::a00:1", "::127.0.0.1",
+                 "::8.8.8.8", "2002:7f00:1::1", "2002:a9fe:a9fe::1", "2002:c0a8:101::1",
+                 "fec0::1", "feff::1", "64:ff9b:1::808:808",
+                 "2001:0:4136:e378:8000:63bf:80ff:fffe"):
+        assert not is_public(ipaddress.ip_address(text)), text
+    for text in ("64:ff9b::808:808", "2002:808:808::1"):
+        assert is_public(ipaddress.ip_address(text)), text
+
+
 def test_redirects_are_checked_hop_by_hop(servers: Servers) -> None:
     uri = _fetch(servers, "/to-cat")  # an allowed https hop is followed
     assert uri == "data:image/png;base64," + base64.b64encode(PNG).decode()
@@ -168,5 +178,16 @@ def test_gateway_refuses_image_urls_on_this_machine(cli: Any, servers: Servers) 
                     "Authorization": f"Bearer {key}", "Content-Type": "application/json"})
                 assert status == 400, raw
                 assert "not a public address" in json.loads(raw)["error"]["message"]
+            # ... nor by an IPv6 form that carries a loopback or link-local IPv4 address
+            for host in ("[64:ff9b::7f00:1]", "[::127.0.0.1]", "[2002:7f00:1::1]",
+                         "[64:ff9b::a9fe:a9fe]", "[fec0::1]"):
+                body = json.dumps({"model": "flm://eng/see:v1", "messages": [{
+                    "role": "user", "content": [
+                        {"type": "image_url", "image_url": {
+                            "url": f"https://{host}:{servers.port}/cat.png"}}]}]}).encode()
+                status, _, raw = _request(gw.url, "POST", "/v1/chat/completions", body, {
+                    "Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+                assert status == 400, raw
+                assert "not a public address" in json.loads(raw)["error"]["message"], host
         assert servers.seen_tls == []
         assert not any(path == "/api/chat" for _m, path in emu.requests)

@@ -14,6 +14,10 @@ import pytest
 from flm.testing.emulators import start_emulator
 from flm.testing.gateway import Gateway, start_gateway
 
+#: Tests whose loopback source addresses stand for outside clients turn off the loopback
+#: exemption from automatic blocks (``ip_blocklist`` section of the policy).
+OUTSIDE = {"exempt_loopback": False}
+
 
 class Env:
     def __init__(self, gw: Gateway, emu: Any, key: str, cli: Any) -> None:

@@ -173,7 +173,8 @@ def test_blocklist_commands_reach_the_daemon(flm_home: Path, tmp_path: Path) -> 
         flm_subprocess("engines", "add", "--kind", "vllm", "--url", emu.url, "--id", "v")
         key = json.loads(flm_subprocess("api-keys", "create", "--label", "k").stdout)["data"]
         policy = tmp_path / "p.json"
-        policy.write_text(json.dumps({"ip_blocklist": {"enabled": True, "max_failures": 2}}))
+        policy.write_text(json.dumps({"ip_blocklist": {"enabled": True, "max_failures": 2,
+                                                       "exempt_loopback": False}}))
         assert flm_subprocess("security", "policy", "set", "--file", str(policy)).returncode == 0
         assert flm_subprocess("proxy", "start", "--port", str(port)).returncode == 0
         try:
@@ -415,10 +416,15 @@ def test_csv_export_never_hands_a_spreadsheet_a_formula(env: Env, tmp_path: Path
 
     for path in ("/=HYPERLINK(1)", "/+cmd", "/plain"):
         env.request("GET", "/v1/models" + path)
+    # (a client can no longer put a formula in the engine part of a model id: it is refused
+    # as an invalid model, so the row that carries one is handed to the sink directly)
     status, _, _ = env.request("POST", "/v1/chat/completions", body={
         "model": "flm://=HYPERLINK(\"x\")/m", "messages": [{"role": "user", "content": "hi"}]})
-    assert status == 404
-    _flush_until(env, flm_home, 4)
+    assert status == 400
+    env.rt.audit.request(time.time(), "req_formula", "127.0.0.1", None,  # type: ignore[union-attr]
+                         "/v1/chat/completions", "POST", '=HYPERLINK("x")', "flm://x/m", 404,
+                         1.0, None, None, "model_not_found")
+    _flush_until(env, flm_home, 5)
     out = tmp_path / "audit.csv"
     env.cli("security", "audit-logs", "export", "--format", "csv", "--output", str(out))
     with out.open(newline="") as fh:

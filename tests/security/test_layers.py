@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from flm.proxy.guard import NOT_FOUND_SCORE
-from tests.security.conftest import Env
+from tests.security.conftest import OUTSIDE, Env
 from tests.support import FakeClock
 
 
@@ -82,7 +82,7 @@ def test_key_rate_limit_under_concurrency(env: Env) -> None:
 def test_auto_block_escalation_and_cost(env: Env) -> None:
     fake = FakeClock()
     env.rt.guard.clock = fake
-    env.policy({"ip_blocklist": {"enabled": True}})
+    env.policy({"ip_blocklist": {"enabled": True, **OUTSIDE}})
     lookups: list[str] = []
     original = env.rt.keys._lookup
 
@@ -134,7 +134,8 @@ ATTACKS = [
 
 @pytest.mark.parametrize(("path", "reason"), ATTACKS)
 def test_intrusion_scoring_blocks(env: Env, path: str, reason: str) -> None:
-    env.policy({"intrusion_detection": {"enabled": True, "score_threshold": 100}})
+    env.policy({"intrusion_detection": {"enabled": True, "score_threshold": 100},
+                "ip_blocklist": OUTSIDE})
     status, _, _ = env.request("GET", path, source="127.0.0.8")
     assert status in (401, 404, 200)
     total, _ = env.rt.guard.scores["127.0.0.8"]
@@ -173,7 +174,8 @@ def test_only_paths_the_gateway_lacks_count_as_probing(env: Env) -> None:
 
 
 def test_scanner_user_agent_and_honeypots(env: Env) -> None:
-    env.policy({"intrusion_detection": {"enabled": True}, "honeypot": {"enabled": True}})
+    env.policy({"intrusion_detection": {"enabled": True}, "honeypot": {"enabled": True},
+                "ip_blocklist": OUTSIDE})
     status, _, _ = env.request("GET", "/v1/models", headers={"User-Agent": "sqlmap/1.7"},
                                source="127.0.0.10")
     assert env.rt.guard.scores["127.0.0.10"][0] == 50
@@ -210,14 +212,17 @@ def test_benign_requests_are_never_blocked(env: Env) -> None:
 def test_anomaly_rate_and_body_size(env: Env) -> None:
     fake = FakeClock()
     env.rt.guard.clock = fake
-    env.policy({"anomaly_detection": {"enabled": True, "request_rate_threshold": 5,
+    env.policy({"ip_blocklist": OUTSIDE,
+                "anomaly_detection": {"enabled": True, "request_rate_threshold": 5,
                                       "max_body_bytes": 1000, "auto_block": True}})
     # a health checker polling /health is not a request-rate anomaly
     health = [env.request("GET", "/health", source="127.0.0.13", key=None)[0]
               for _ in range(8)]
     assert health == [200] * 8
-    codes = [env.request("GET", "/v1/models", source="127.0.0.13")[0] for _ in range(7)]
-    assert codes[:5] == [200] * 5 and codes[5] == 403
+    # (a client without a valid key: one with a key is never anomaly-blocked for its rate)
+    codes = [env.request("GET", "/v1/models", source="127.0.0.13", key=None)[0]
+             for _ in range(7)]
+    assert codes[:5] == [401] * 5 and codes[5] == 403
     env.request("POST", "/v1/chat/completions", source="127.0.0.14",
                 body={"model": "flm://eng/m:1", "messages": [{"role": "user",
                                                               "content": "x" * 5000}]})
@@ -265,9 +270,27 @@ def test_cors_preflight_without_key_and_headers(env: Env) -> None:
                                      headers={"Origin": "https://app.example"})
     assert status == 200 and headers["access-control-allow-origin"] == "https://app.example"
     assert headers["x-content-type-options"] == "nosniff" and headers["x-frame-options"]
+    # a simple (non-preflight) request from an origin not on the list gets no CORS headers
+    status, headers, _ = env.request("GET", "/v1/models",
+                                     headers={"Origin": "https://evil.example"})
+    assert status == 200 and "access-control-allow-origin" not in headers
+    # no list, no CORS: a web page can read nothing
     env.policy({})
     _, headers, _ = env.request("GET", "/v1/models", headers={"Origin": "https://any.example"})
+    assert "access-control-allow-origin" not in headers
+    status, headers, _ = env.request("OPTIONS", "/v1/models", key=None, headers={
+        "Origin": "https://any.example", "Access-Control-Request-Method": "GET"})
+    assert status == 403 and "access-control-allow-origin" not in headers
+    # "*" only when listed, and never on /metrics
+    env.policy({"cors": {"allowed_origins": ["*"]}})
+    _, headers, _ = env.request("GET", "/v1/models", headers={"Origin": "https://any.example"})
     assert headers["access-control-allow-origin"] == "*"
+    status, headers, _ = env.request("GET", "/metrics", key=None,
+                                     headers={"Origin": "https://any.example"})
+    assert status == 200 and "access-control-allow-origin" not in headers
+    status, headers, _ = env.request("OPTIONS", "/metrics", key=None, headers={
+        "Origin": "https://any.example", "Access-Control-Request-Method": "GET"})
+    assert status == 403 and "access-control-allow-origin" not in headers
 
 
 def test_refusals_carry_cors_headers(env: Env) -> None:
@@ -306,7 +329,8 @@ def test_retry_after_matches_refill(env: Env) -> None:
 
 
 def test_probing_missing_routes_scores(env: Env) -> None:
-    env.policy({"intrusion_detection": {"enabled": True, "score_threshold": 100}})
+    env.policy({"intrusion_detection": {"enabled": True, "score_threshold": 100},
+                "ip_blocklist": OUTSIDE})
     for i in range(9):
         assert env.request("GET", f"/probe-{i}", source="127.0.0.15")[0] == 404
     assert env.rt.guard.scores["127.0.0.15"][0] == 90
@@ -329,10 +353,15 @@ def test_forwarded_for_lines_ports_and_mapped_addresses() -> None:
     assert forwarded_client("127.0.0.7", [b"[2001:db8::1]:443"], [], trusted) == "2001:db8::1"
     assert forwarded_client("127.0.0.7", [b"::ffff:203.0.113.9"], [], trusted) \
         == "203.0.113.9"
-    # garbage stops the walk at the trusted proxy; X-Real-IP: the last line counts
-    assert forwarded_client("127.0.0.7", [b"unknown"], [], trusted) == "127.0.0.7"
+    # an unparsable hop: the proxy's client is unknown (None: refused), never the proxy
+    assert forwarded_client("127.0.0.7", [b"unknown"], [], trusted) is None
+    assert forwarded_client("127.0.0.7", [b"203.0.113.9, unknown"], [], trusted) is None
+    # X-Real-IP is read only when the policy says the proxy sets it (its last line counts)
     assert forwarded_client("127.0.0.7", [], [b"6.6.6.6", b"203.0.113.9"], trusted) \
-        == "203.0.113.9"
+        == "127.0.0.7"
+    assert forwarded_client("127.0.0.7", [b"6.6.6.6"], [b"6.6.6.6", b"203.0.113.9"], trusted,
+                            "x-real-ip") == "203.0.113.9"
+    assert forwarded_client("127.0.0.7", [], [b"nonsense"], trusted, "x-real-ip") is None
 
 
 def test_a_second_forwarded_for_line_decides_who_is_blocked(env: Env) -> None:
@@ -419,7 +448,7 @@ def test_rotating_ipv6_addresses_share_one_limit_count_and_block(env: Env) -> No
     assert env.cli("security", "ip-blocklist", "unblock", "2001:db8:5:6:abcd::1").data == \
         {"ip": "2001:db8:5:6::/64", "unblocked": True}
     ctx = Context(Paths.resolve())
-    env.gw.call(lambda: env.rt.load_blocks(load_block_rows(ctx)))
+    env.gw.call(lambda: env.rt.load_blocks(load_block_rows(ctx, env.rt.settings.handle_id)))
     assert via_proxy("2001:db8:5:6::99") == 200
 
 

@@ -37,6 +37,7 @@ from flm.proxy.guard import (
     Block,
     score_request,
 )
+from flm.proxy.keys import VerifyBusy
 from flm.proxy.runtime import ProxyRuntime
 
 _Net = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -99,26 +100,32 @@ def _hop_address(hop: str) -> str | None:
 
 
 def forwarded_client(peer: str, forwarded: list[bytes], real_ip: list[bytes],
-                     trusted: tuple[_Net, ...]) -> str:
-    """The client behind a trusted proxy ``peer``: the right-most ``X-Forwarded-For`` hop
-    that is not itself a trusted proxy, else ``X-Real-IP``, else the peer.
+                     trusted: tuple[_Net, ...], header: str = "x-forwarded-for") -> str | None:
+    """The client behind a trusted proxy ``peer``, read from the one ``header`` the proxy
+    sets (the policy's ``forwarded_header``); the other is never read, since a client can
+    send it. ``None`` when the proxy's client cannot be known (an unparsable hop): the
+    request is refused, and the proxy is not blamed for it.
 
-    Every ``X-Forwarded-For`` line counts, in order, as one list (RFC 9110 §5.3): a proxy
-    that adds its own line below the client's must not leave the client's line to decide.
-    Of several ``X-Real-IP`` lines the last, the one nearest to this gateway, counts."""
-    if forwarded:
-        hops = [h for line in forwarded for h in line.decode("latin-1").split(",")
-                if h.strip()]
-        for hop in reversed(hops):
-            address = _hop_address(hop)
-            if address is None:
-                return peer
-            if not _in(address, trusted):
-                return address
-        return _hop_address(hops[0]) or peer if hops else peer
-    if real_ip:
-        return _hop_address(real_ip[-1].decode("latin-1")) or peer
-    return peer
+    ``x-forwarded-for``: the right-most hop that is not itself a trusted proxy. Every line
+    counts, in order, as one list (RFC 9110 §5.3): a proxy that adds its own line below the
+    client's must not leave the client's line to decide. ``x-real-ip``: the last line, the
+    one nearest to this gateway. No such header: the request is the proxy's own."""
+    if header == "x-real-ip":
+        if not real_ip:
+            return peer
+        return _hop_address(real_ip[-1].decode("latin-1"))
+    if not forwarded:
+        return peer
+    hops = [h for line in forwarded for h in line.decode("latin-1").split(",") if h.strip()]
+    if not hops:
+        return peer
+    for hop in reversed(hops):
+        address = _hop_address(hop)
+        if address is None:
+            return None
+        if not _in(address, trusted):
+            return address
+    return _hop_address(hops[0])
 
 
 def record_block(rt: ProxyRuntime, ip: str, block: Block, *, failures: int | None = None,
@@ -129,7 +136,9 @@ def record_block(rt: ProxyRuntime, ip: str, block: Block, *, failures: int | Non
     if rt.audit is not None:
         who = subject(ip)
         count = rt.guard.failures.get(who, (0, 0.0))[0] if failures is None else failures
-        rt.audit.block(who, block.reason, block.since, block.until, count)
+        # (the listener whose rules made the block, or '*' when the policy shares blocks)
+        listener = "*" if rt.effective.shared_blocks else rt.settings.handle_id
+        rt.audit.block(who, block.reason, block.since, block.until, count, listener)
         details: dict[str, object] = {"reason": block.reason}
         if failures is not None:
             details["failures"] = failures
@@ -151,10 +160,26 @@ def _limited(seconds: float, scope_name: str) -> HttpError:
                      f"{retry} s", [(b"retry-after", str(retry).encode())])
 
 
+def _busy(holder: str) -> HttpError:
+    return HttpError(429, "rate_limited", f"too many requests in flight for {holder}; "
+                     "retry shortly", [(b"retry-after", b"1")])
+
+
+def _verify_busy(busy: VerifyBusy) -> HttpError:
+    """Too many key verifies at once: from this address (429) or from everyone (503)."""
+    if busy.per_address:
+        return HttpError(429, "rate_limited", "too many key checks from this address at "
+                         "once; retry shortly", [(b"retry-after", b"1")])
+    return HttpError(503, "overloaded", "too many key checks at once; retry shortly",
+                     [(b"retry-after", b"1")])
+
+
 def _cors_origin(origin: bytes, policy: EffectivePolicy) -> bytes | None:
     """The ``Access-Control-Allow-Origin`` value for ``origin``, or None when not allowed."""
     origins = policy.allowed_origins
-    if not origins or "*" in origins:
+    if not origins:
+        return None  # no CORS unless the policy lists origins
+    if "*" in origins:
         return b"*"
     return origin if origin.decode("latin-1") in origins else None
 
@@ -196,9 +221,14 @@ class SecurityMiddleware:
         ip = state.client_ip
         if policy.trusted_proxies and self._trusted(ip, policy.trusted_proxies):
             every = scope["headers"]
-            ip = state.client_ip = forwarded_client(
+            client = forwarded_client(
                 ip, [v for n, v in every if n == b"x-forwarded-for"],
-                [v for n, v in every if n == b"x-real-ip"], policy.trusted_proxies)
+                [v for n, v in every if n == b"x-real-ip"], policy.trusted_proxies,
+                policy.forwarded_header)
+            if client is None:
+                raise HttpError(400, "invalid_request", "the trusted proxy's forwarded "
+                                "client address cannot be parsed")
+            ip = state.client_ip = client
         # Trusted clients (policy ``trusted_clients``) are never blocked or scored.
         trusted = bool(policy.trusted_clients) and self._trusted_clients(
             ip, policy.trusted_clients)
@@ -208,8 +238,10 @@ class SecurityMiddleware:
                 rt.metrics.blocks.labels(block.reason).inc()
                 raise _blocked_error(block, guard.clock())
 
-        # 5. Resource protection: 503 above the CPU/memory thresholds or max_connections
-        #    (counted below, once the request is let in); running requests carry on.
+        # 5. Resource protection: 503 while FLM is overloaded (its event-loop lag or memory;
+        #    the host's CPU/memory only when the policy sets thresholds) or max_connections
+        #    are in flight (counted below, once the request is let in), 429 past an address's
+        #    or a key's fair share; running requests carry on.
         counted = policy.resource_enabled and path != "/health"
         if counted:
             if self._monitor is None:
@@ -218,6 +250,10 @@ class SecurityMiddleware:
             if guard.overloaded or guard.connections >= policy.max_connections:
                 raise HttpError(503, "overloaded", "the gateway is at capacity; retry shortly",
                                 [(b"retry-after", b"5")])
+            # (a fair share: one address never holds every slot)
+            who = "ip:" + subject(ip)
+            if guard.in_flight.get(who, 0) >= policy.max_connections_per_address:
+                raise _busy("this address")
 
         # 6. Intrusion and honeypots: honeypot paths answer a plain 404 and score the caller;
         #    attack-shaped paths, queries and scanner user agents score (404s score below).
@@ -238,10 +274,12 @@ class SecurityMiddleware:
         #    duration once the request is over.
         anomaly = policy.anomaly_enabled and path != "/health" and not trusted  # (health polls)
         if anomaly:
-            self._anomalies_before(state, headers.get(b"content-length"), policy)
+            self._anomalies_before(state, headers, policy)
 
         if counted:
             guard.connections += 1
+            guard.enter(who)
+        key_slot: str | None = None
         started = time.monotonic()
         cors_allowed: bytes | None = None
         try:
@@ -260,7 +298,8 @@ class SecurityMiddleware:
             #     CORS headers on every response.
             origin = headers.get(b"origin")
             if origin is not None:
-                allowed = _cors_origin(origin, policy)
+                # (/metrics is for scrapers: never readable by a web page, whatever the list)
+                allowed = None if path == "/metrics" else _cors_origin(origin, policy)
                 if scope["method"] == "OPTIONS" and b"access-control-request-method" in headers:
                     await _preflight(send, allowed)
                     return
@@ -277,13 +316,21 @@ class SecurityMiddleware:
                 # handles the rest (unknown keys, Argon2 once, the negative cache).
                 key_id = keys.check_cached(presented)[1]
                 if key_id is None:
-                    key_id = await keys.verify(presented)
+                    try:
+                        key_id = await keys.verify(presented, subject(ip))
+                    except VerifyBusy as busy:
+                        raise _verify_busy(busy) from None
                     if key_id is None:
                         raise self._auth_failed(scope, state, "invalid API key")
                 state.api_key_id = key_id
                 key = rt.scopes.get(key_id) or await rt.scope_of(key_id)
                 if key is None:  # revoked since it was verified
                     raise self._auth_failed(scope, state, "invalid API key")
+                if counted:  # (the key's fair share of the slots)
+                    if guard.in_flight.get("key:" + key_id, 0) >= policy.max_connections_per_key:
+                        raise _busy("this API key")
+                    key_slot = "key:" + key_id
+                    guard.enter(key_slot)
 
                 # 12. Per-key rate limit: the policy's, then the key's own expiry, read-only
                 #     flag, limits and budgets (a key without any costs one attribute read)
@@ -312,6 +359,9 @@ class SecurityMiddleware:
         finally:
             if counted:
                 guard.connections -= 1
+                guard.leave(who)
+                if key_slot is not None:
+                    guard.leave(key_slot)
             if anomaly:
                 elapsed = time.monotonic() - started
                 if elapsed > policy.max_duration_s:
@@ -391,22 +441,38 @@ class SecurityMiddleware:
                 record_block(rt, state.client_ip, block, request_id=state.request_id)
         return block
 
-    def _anomalies_before(self, state: RequestState, declared: bytes | None,
+    def _anomalies_before(self, state: RequestState, headers: dict[bytes, bytes],
                           policy: EffectivePolicy) -> None:
         rt = self.runtime
         ip = state.client_ip
+        declared = headers.get(b"content-length")
         rate = rt.guard.count_rate(ip)
         if rate == policy.request_rate_threshold + 1:
             self._anomaly(ip, "request_rate", rate, policy.request_rate_threshold,
                           state.request_id)
-        if rate > policy.request_rate_threshold and policy.anomaly_auto_block:
+        if (rate > policy.request_rate_threshold and policy.anomaly_auto_block
+                and not self._known_key(headers)):
+            # (a client with a valid key is recorded, never auto-blocked for its rate: that
+            # is the per-key rate limit's business)
             # once blocked, the block check refuses this address first: this runs once
-            block = rt.guard.block(ip, "anomaly", ANOMALY_BLOCK_S)
-            record_block(rt, ip, block, request_id=state.request_id)
-            raise _blocked_error(block, rt.guard.clock())
+            block = rt.guard.auto_block(ip, "anomaly", ANOMALY_BLOCK_S, policy)
+            if block is not None:
+                record_block(rt, ip, block, request_id=state.request_id)
+                raise _blocked_error(block, rt.guard.clock())
         if declared is not None and declared.isdigit() and int(declared) > policy.max_body_bytes:
             self._anomaly(ip, "body_size", int(declared), policy.max_body_bytes,
                           state.request_id)
+
+    def _known_key(self, headers: dict[bytes, bytes]) -> bool:
+        """Whether the request carries a key already verified (the cache: no Argon2)."""
+        value = headers.get(b"authorization")
+        if value is None:
+            return False
+        scheme, _, token = value.partition(b" ")
+        if scheme.lower() != b"bearer" or not token or len(token) > MAX_KEY_LENGTH:
+            return False
+        presented = token.strip().decode("latin-1")
+        return self.runtime.keys.check_cached(presented)[1] is not None
 
     def _anomaly(self, ip: str, kind: str, value: float, threshold: float,
                  request_id: str) -> None:
@@ -417,18 +483,33 @@ class SecurityMiddleware:
                                                     "threshold": threshold}, request_id)
 
     async def _watch(self) -> None:
-        """Sample CPU and memory once a second (never per request)."""
+        """Sample, once a second (never per request), what FLM itself controls: how late its
+        event loop wakes up (lag) and its own resident memory; and, only when the policy sets
+        their thresholds, the host's CPU and memory use."""
         import psutil
 
+        me = psutil.Process()
         psutil.cpu_percent(None)
+        loop = asyncio.get_running_loop()
+        guard = self.runtime.guard
         while True:
+            before = loop.time()
             await asyncio.sleep(1.0)
+            lag_ms = max(0.0, (loop.time() - before - 1.0) * 1000)
             policy = self.runtime.effective
+            rss_mb = me.memory_info().rss / (1024 * 1024)
+            over = bool(policy.max_loop_lag_ms and lag_ms > policy.max_loop_lag_ms) or bool(
+                policy.max_rss_mb and rss_mb > policy.max_rss_mb)
+            # (strictly above: a threshold of 100 never trips, whatever the load)
             cpu = psutil.cpu_percent(None)
-            memory = psutil.virtual_memory().percent
-            # strictly above: a threshold of 100 never trips, whatever the load
-            self.runtime.guard.overloaded = policy.resource_enabled and (
-                cpu > policy.cpu_threshold or memory > policy.memory_threshold)
+            if policy.cpu_threshold is not None and cpu > policy.cpu_threshold:
+                over = True
+            if (policy.memory_threshold is not None
+                    and psutil.virtual_memory().percent > policy.memory_threshold):
+                over = True
+            guard.load = (lag_ms, rss_mb)
+            guard.samples += 1
+            guard.overloaded = policy.resource_enabled and over
 
 
 async def _preflight(send: Send, allowed: bytes | None) -> None:

@@ -27,7 +27,10 @@ _REQUEST_DROP = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate",
     b"proxy-authorization", b"te", b"trailer", b"transfer-encoding", b"upgrade", b"host",
     b"content-length", b"authorization", b"cookie", b"x-forwarded-for", b"x-real-ip",
-    b"x-forwarded-host", b"x-forwarded-proto", b"forwarded", b"accept-encoding"})
+    b"x-forwarded-host", b"x-forwarded-proto", b"forwarded", b"accept-encoding",
+    # (asking a server behind FLM for another method or path than the one FLM checked)
+    b"x-http-method-override", b"x-http-method", b"x-method-override", b"x-original-url",
+    b"x-rewrite-url"})
 #: Never passed back to the client: hop-by-hop headers, cookies, and every header the gateway
 #: sets itself (request id, security headers, HSTS): an engine's copy would come first and be
 #: the one clients obey. CORS headers (``access-control-*``) are the gateway's policy alone.
@@ -41,17 +44,19 @@ _RESPONSE_DROP = frozenset({
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
-def _forwardable(headers: list[tuple[bytes, bytes]],
-                 drop: frozenset[bytes]) -> list[tuple[bytes, bytes]]:
-    """``headers`` (names lower-cased) without ``drop``, ``access-control-*`` and the names
-    listed in a Connection header."""
+def _forwardable(headers: list[tuple[bytes, bytes]], drop: frozenset[bytes], *,
+                 underscores: bool = True) -> list[tuple[bytes, bytes]]:
+    """``headers`` (names lower-cased) without ``drop``, ``access-control-*``, the names
+    listed in a Connection header and, unless ``underscores``, names with an underscore
+    (which a server behind may read as the same name with a hyphen)."""
     named = {token.strip().lower() for name, value in headers
              if name.lower() in (b"connection", b"proxy-connection")
              for token in value.split(b",")}
     out = []
     for name, value in headers:
         low = name.lower()
-        if low in drop or low in named or low.startswith(b"access-control-"):
+        if (low in drop or low in named or low.startswith(b"access-control-")
+                or (not underscores and b"_" in low)):
             continue
         out.append((low, value))
     return out
@@ -101,15 +106,18 @@ async def engine_passthrough(scope: Scope, receive: Receive, send: Send,
                         f"{kind} route {path} is not reachable through FLM")
     body = await read_body(receive, scope, rt.settings.max_body_bytes)
     headers = {k.decode("latin-1"): v.decode("latin-1")
-               for k, v in _forwardable(scope["headers"], _REQUEST_DROP)}
+               for k, v in _forwardable(scope["headers"], _REQUEST_DROP, underscores=False)}
     query = scope.get("query_string", b"").decode("latin-1")
     target = path + (f"?{query}" if query else "")
     try:
         async with watch_disconnect(receive, state):
             upstream = await adapter.client.request(method, target, data=body or None,
                                                     headers=headers, check_status=False)
-    except EngineError as exc:
-        raise HttpError.from_flm(exc) from exc
+    except EngineError:
+        # (one text for every way of not getting an answer: refused, closed, garbage, timed
+        # out; the details would tell a key holder what listens on the engine's port)
+        raise HttpError(503, "engine_unavailable",
+                        f"engine {engine_id!r} did not answer") from None
     out_headers = _forwardable(upstream.headers.raw(), _RESPONSE_DROP)
     await send({"type": "http.response.start", "status": upstream.status,
                 "headers": out_headers})
