@@ -228,6 +228,8 @@ def model_id_problem(model_id: str) -> str | None:
     if not model_id.isprintable():
         return "model id holds control or unprintable characters"
     if not model_id.startswith(MODEL_SCHEME):
+        if model_id[:4].lower() == "flm:":  # (a mistyped scheme is not a plain name)
+            return "model must look like flm://<engine>/<model>"
         return None  # a plain name or an alias: the engine registry resolves it
     parts = split_model_id(model_id)
     if parts is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from flm.core.alerts import AlertSettings
@@ -72,6 +72,9 @@ class ProxyRuntime:
     usage: UsageSink | None = None
     #: Reads one active key's scope from storage (for a key created since the last reload).
     scope_loader: Any = None
+    #: Origins whose pages may call this proxy besides the policy's CORS list: the daemon's
+    #: own web UI (its chat tester calls the proxy with the user's key like any client).
+    ui_origins: tuple[str, ...] = ()
     #: The caps on this proxy's open connections, shared with its HTTP server.
     connection_limits: ConnectionLimits = field(default_factory=ConnectionLimits)
 
@@ -91,11 +94,20 @@ class ProxyRuntime:
     def apply_policy(self, document: dict[str, Any]) -> None:
         """Swap in a new policy (validated: an invalid one raises and the old one stays)."""
         effective = EffectivePolicy.build(document, exposed=not self.settings.loopback_only)
+        if self.ui_origins and "*" not in effective.allowed_origins:
+            effective = replace(effective, allowed_origins=(*effective.allowed_origins,
+                                                            *self.ui_origins))
         self.policy = document
         self.effective = effective
         if self.alerts is not None:
             self.alerts.configure(AlertSettings.from_policy(document.get("alerts")))
         self._limit_connections()
+
+    def allow_ui_origins(self, origins: tuple[str, ...]) -> None:
+        """Let the daemon's web UI (on these loopback origins) read this proxy's answers; kept
+        across policy reloads."""
+        self.ui_origins = origins
+        self.apply_policy(self.policy)
 
     def load_blocks(self, rows: list[tuple[str, str, float | None, float, int]]) -> None:
         effective = self.effective

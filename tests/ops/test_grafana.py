@@ -38,7 +38,7 @@ def test_every_dashboard_metric_is_exposed(env: Env) -> None:
     assert {"flm_requests_total", "flm_request_duration_seconds_bucket",
             "flm_time_to_first_token_seconds_bucket", "flm_tokens_total",
             "flm_engine_healthy", "flm_blocked_requests_total"} <= wanted
-    env.policy({"ip_blocklist": {"enabled": True, "max_failures": 1},
+    env.policy({"ip_blocklist": {"enabled": True, "max_failures": 1, "exempt_loopback": False},
                 "ip_rate_limit": {"enabled": True, "rpm": 1, "burst": 1}})
     assert env.chat(source="127.0.0.40")[0] == 200
     status, _h, body = env.request("POST", "/v1/chat/completions", source="127.0.0.41", body={

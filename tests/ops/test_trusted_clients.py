@@ -17,7 +17,8 @@ OTHER = "127.0.0.6"
 
 
 def test_trusted_client_is_never_blocked(env: Env, flm_home: Path) -> None:
-    env.policy({"ip_blocklist": {"enabled": True, "max_failures": 5},
+    # (127.0.0.x stand for outside clients here: loopback's own exemption is switched off)
+    env.policy({"ip_blocklist": {"enabled": True, "max_failures": 5, "exempt_loopback": False},
                 "intrusion_detection": {"enabled": True},
                 "trusted_clients": ["127.0.0.4/31"]})  # 127.0.0.4 and 127.0.0.5
     for _ in range(50):
@@ -46,7 +47,7 @@ def test_trusted_client_is_never_blocked(env: Env, flm_home: Path) -> None:
 
 
 def test_without_the_list_the_same_client_is_blocked(env: Env) -> None:
-    env.policy({"ip_blocklist": {"enabled": True, "max_failures": 5}})
+    env.policy({"ip_blocklist": {"enabled": True, "max_failures": 5, "exempt_loopback": False}})
     statuses = [env.chat(source=TRUSTED, key="flm_0000000000000000_wrong")[0] for _ in range(6)]
     assert statuses[5] == 403
 

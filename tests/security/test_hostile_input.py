@@ -69,11 +69,18 @@ def test_lone_surrogates_in_the_model_id_are_refused_and_metrics_stay_readable(
 
 
 def test_a_model_id_without_the_flm_scheme_is_refused(env: Env) -> None:
-    for model in ("eng/m:1", "flm:/eng/m:1", "FLM://eng/m:1", "flm://eng", "flm:///m:1"):
+    before = len(env.emu.requests)
+    for model in ("flm:/eng/m:1", "FLM://eng/m:1", "flm://eng", "flm:///m:1", "flm:eng/m:1"):
         status, _, body = env.request("POST", "/v1/chat/completions",
                                       body={"model": model, "messages": MESSAGES})
         assert status == 400, model
         assert json.loads(body)["error"]["code"] == "invalid_model", model
+    # without the scheme it is a plain model name: never routed to the engine "eng"
+    status, _, body = env.request("POST", "/v1/chat/completions",
+                                  body={"model": "eng/m:1", "messages": MESSAGES})
+    assert status == 404, body
+    assert json.loads(body)["error"]["code"] == "model_not_found"
+    assert not [r for r in env.emu.requests[before:] if "chat" in r[1]]
 
 
 def test_metrics_labels_are_bounded_and_escaped() -> None:
