@@ -116,6 +116,8 @@ def _post(url: str, key: str, body: dict[str, Any]) -> Any:
                            code=str(err.get("code", "HTTP_ERROR")).upper()) from None
         except (ValueError, KeyError, TypeError):
             raise FlmError(f"proxy answered HTTP {exc.code}", code="HTTP_ERROR") from None
+        finally:
+            exc.close()  # (the error holds the connection: close it now, not at collection)
     except (urllib.error.URLError, OSError) as exc:
         raise FlmError(f"cannot reach the proxy at {url}: {exc}; is it running "
                        "(`flm proxy status`)?", code="PROXY_NOT_RUNNING") from None
