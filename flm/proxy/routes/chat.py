@@ -11,6 +11,7 @@ from typing import Any, NoReturn
 
 from flm.core.errors import EngineError
 from flm.core.models import EngineKind, ModelInfo, make_model_id
+from flm.engines.base import EngineAdapter
 from flm.openai.errors import HttpError, error_body, http_status
 from flm.openai.sse import DONE, encode_event, usage_from_bytes
 from flm.openai.translate import (
@@ -76,18 +77,26 @@ def refuse_cloud_model(state: RequestState, rt: ProxyRuntime, info: ModelInfo) -
                     "\"allow_cloud_models\": true in the security policy to serve it")
 
 
-async def _prepare_chat(state: RequestState, rt: ProxyRuntime, body: Any,
-                        api_id: str = "chat_completions") -> tuple[ChatPlan, Any]:
-    named = chat_target(body)
+async def _target(state: RequestState, rt: ProxyRuntime,
+                  named: str) -> tuple[str, str, EngineAdapter, ModelInfo]:
+    """Where a request for ``named`` goes: the engine, its model name, adapter and model
+    details, after the key's model scope and the cloud-model rule. ``named`` (an flm:// id, a
+    plain name or an alias) is what replies carry; the scope applies to the flm:// id it
+    resolves to."""
     engine_id, model = await rt.engines.locate(named)
-    # (the name the client sent — an flm:// id, a plain name or an alias — which is also the
-    # one replies carry; a key's model scope applies to the flm:// id it resolves to)
     state.engine_id, state.model = engine_id, named
     if state.key is not None and state.key.models is not None:
         require_model(state, make_model_id(engine_id, model))
     adapter, info = await rt.engines.resolve(engine_id, model)
     if info.cloud and not rt.effective.allow_cloud_models:
         refuse_cloud_model(state, rt, info)
+    return engine_id, model, adapter, info
+
+
+async def _prepare_chat(state: RequestState, rt: ProxyRuntime, body: Any,
+                        api_id: str = "chat_completions") -> tuple[ChatPlan, Any]:
+    named = chat_target(body)
+    engine_id, model, adapter, info = await _target(state, rt, named)
     changed = False
     if rt.profiles:  # defaults saved for this engine + model fill what the request left out
         changed = apply_profile(body, rt.profiles.get((engine_id, model))
@@ -173,13 +182,7 @@ async def completions(scope: Scope, receive: Receive, send: Send, rt: ProxyRunti
     raw = await read_body(receive, scope, rt.settings.max_body_bytes)
     body = parse_json(raw)
     named = completion_target(body)
-    engine_id, model = await rt.engines.locate(named)
-    state.engine_id, state.model = engine_id, named
-    if state.key is not None and state.key.models is not None:
-        require_model(state, make_model_id(engine_id, model))
-    adapter, info = await rt.engines.resolve(engine_id, model)
-    if info.cloud and not rt.effective.allow_cloud_models:
-        refuse_cloud_model(state, rt, info)
+    engine_id, model, adapter, info = await _target(state, rt, named)
     changed = bool(rt.profiles) and apply_profile(
         body, rt.profiles.get((engine_id, model)) or rt.profiles.get((engine_id, info.name)))
     payload, warnings = plan_completion(body, model, rt.engines.capabilities(engine_id, info))
@@ -347,14 +350,8 @@ async def embeddings(scope: Scope, receive: Receive, send: Send, rt: ProxyRuntim
     state = state_of(scope)
     body = await _body(scope, receive, rt)
     named, payload = plan_embeddings(body)
-    engine_id, model = await rt.engines.locate(named)
+    engine_id, model, adapter, _info = await _target(state, rt, named)
     payload["model"] = model
-    state.engine_id, state.model = engine_id, named
-    if state.key is not None and state.key.models is not None:
-        require_model(state, make_model_id(engine_id, model))
-    adapter, info = await rt.engines.resolve(engine_id, model)
-    if info.cloud and not rt.effective.allow_cloud_models:
-        refuse_cloud_model(state, rt, info)
     if not adapter.capabilities().embeddings:
         raise HttpError(422, "unsupported_modalities", f"{engine_id} does not embed")
     check_embedding_input(payload, adapter.capabilities())
