@@ -45,8 +45,10 @@ import run  # noqa: E402  (the harness: processes, the mock engine, wrk's script
 def _chat_rows(home: Path) -> int:
     conn = sqlite3.connect(home / "security.db", timeout=30)
     try:
-        row = conn.execute("SELECT COUNT(*) FROM audit_logs WHERE event_type = 'request' "
-                           "AND endpoint = '/v1/chat/completions'").fetchone()
+        row = conn.execute(
+            "SELECT COUNT(*) FROM audit_logs WHERE event_type = 'request' "
+            "AND endpoint = '/v1/chat/completions'"
+        ).fetchone()
         return int(row[0])
     finally:
         conn.close()
@@ -56,8 +58,12 @@ def _audit_metrics(port: int) -> dict[str, float]:
     with contextlib.suppress(OSError):
         status, body = run.http_get(port, "/metrics", timeout=5)
         if status == 200:
-            return {m[1]: float(m[3]) for m in re.finditer(
-                r"^(flm_audit_([a-z_]+?)(?:_total)?) ([0-9.e+-]+)$", body.decode(), re.M)}
+            return {
+                m[1]: float(m[3])
+                for m in re.finditer(
+                    r"^(flm_audit_([a-z_]+?)(?:_total)?) ([0-9.e+-]+)$", body.decode(), re.M
+                )
+            }
     return {}
 
 
@@ -65,10 +71,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--duration", type=float, default=60.0)
     ap.add_argument("--concurrency", type=int, default=64)
-    ap.add_argument("--nice", type=int, default=-10, help="the gateway's niceness (root only "
-                    "below 0)")
-    ap.add_argument("--kill-at", type=float, default=None,
-                    help="seconds into the load to kill -9 (default: at its end)")
+    ap.add_argument(
+        "--nice", type=int, default=-10, help="the gateway's niceness (root only below 0)"
+    )
+    ap.add_argument(
+        "--kill-at",
+        type=float,
+        default=None,
+        help="seconds into the load to kill -9 (default: at its end)",
+    )
     ap.add_argument("--out", default=str(BENCH / "results"))
     ap.add_argument("--flm", default=str(Path(sys.executable).parent / "flm"))
     args = ap.parse_args(argv)
@@ -82,16 +93,29 @@ def main(argv: list[str] | None = None) -> int:
     logdir.mkdir()
     signal.signal(signal.SIGTERM, run._on_signal)
     mock_port = run.free_port()
-    mock = run.Managed("mock", [sys.executable, str(BENCH / "mock_engine.py"), "--port",
-                                str(mock_port)], logdir)
-    result: dict[str, Any] = {"started": datetime.now(UTC).isoformat(),
-                              "duration_s": args.duration, "concurrency": args.concurrency,
-                              "nice": args.nice, "kill_at_s": kill_at,
-                              "load_average_before": os.getloadavg()}
+    mock = run.Managed(
+        "mock", [sys.executable, str(BENCH / "mock_engine.py"), "--port", str(mock_port)], logdir
+    )
+    result: dict[str, Any] = {
+        "started": datetime.now(UTC).isoformat(),
+        "duration_s": args.duration,
+        "concurrency": args.concurrency,
+        "nice": args.nice,
+        "kill_at_s": kill_at,
+        "load_average_before": os.getloadavg(),
+    }
     try:
         run.wait_ready(mock_port, "/health", mock, 15)
-        ctx = run.Ctx(mock, mock_port, logdir, workdir, None, Path(args.flm), Path("/none"),
-                      BENCH / "policy-all-on.json")
+        ctx = run.Ctx(
+            mock,
+            mock_port,
+            logdir,
+            workdir,
+            None,
+            Path(args.flm),
+            Path("/none"),
+            BENCH / "policy-all-on.json",
+        )
         target = run.start_flm(ctx)
         home = workdir / "flm-home"
         pid = target.pid
@@ -127,14 +151,19 @@ def main(argv: list[str] | None = None) -> int:
         rows = _chat_rows(home) - before
         rate = answered / killed if killed else 0.0
         missing = answered - rows
-        result.update({
-            "rss_peak_mb": round(max(samples, default=0.0), 1),
-            "rss_samples_mb": [round(s, 1) for s in samples],
-            "wrk": wrk_out, "killed_after_s": round(killed, 2),
-            "answered": answered, "audit_rows": rows, "missing_rows": missing,
-            "missing_as_seconds_of_load": round(missing / rate, 3) if rate else None,
-            "audit_metrics_before_kill": metrics,
-        })
+        result.update(
+            {
+                "rss_peak_mb": round(max(samples, default=0.0), 1),
+                "rss_samples_mb": [round(s, 1) for s in samples],
+                "wrk": wrk_out,
+                "killed_after_s": round(killed, 2),
+                "answered": answered,
+                "audit_rows": rows,
+                "missing_rows": missing,
+                "missing_as_seconds_of_load": round(missing / rate, 3) if rate else None,
+                "audit_metrics_before_kill": metrics,
+            }
+        )
         result["rss_over_idle_mb"] = round(result["rss_peak_mb"] - result["rss_idle_mb"], 1)
         result["bars"] = {
             "rss_within_50_mb_of_idle": result["rss_over_idle_mb"] <= 50,

@@ -45,9 +45,22 @@ now = time.perf_counter
 
 
 #: ``--scoped``: the key of run.py's ``flm-scoped`` target (every per-key check on).
-SCOPED_KEY_ARGS = ("--models", "flm://mock/*", "--rpm", "100000000", "--burst", "100000000",
-                   "--tpm", "1000000000", "--daily-tokens", "1000000000000",
-                   "--daily-requests", "1000000000000", "--expires", "30d")
+SCOPED_KEY_ARGS = (
+    "--models",
+    "flm://mock/*",
+    "--rpm",
+    "100000000",
+    "--burst",
+    "100000000",
+    "--tpm",
+    "1000000000",
+    "--daily-tokens",
+    "1000000000000",
+    "--daily-requests",
+    "1000000000000",
+    "--expires",
+    "30d",
+)
 
 
 def _prepare_home(home: Path, scoped: bool = False, pool: bool = False) -> str:
@@ -57,8 +70,9 @@ def _prepare_home(home: Path, scoped: bool = False, pool: bool = False) -> str:
     env = {**os.environ, "FLM_HOME": str(home)}
 
     def run(*args: str) -> str:
-        return subprocess.run([*flm, *args], env=env, check=True, capture_output=True,
-                              text=True).stdout
+        return subprocess.run(
+            [*flm, *args], env=env, check=True, capture_output=True, text=True
+        ).stdout
 
     run("engines", "add", "--kind", "vllm", "--url", "http://127.0.0.1:9", "--id", "mock")
     if pool:
@@ -66,8 +80,9 @@ def _prepare_home(home: Path, scoped: bool = False, pool: bool = False) -> str:
         run("engines", "pool", "create", "bench", "--member", "mock", "mock2")
     import json
 
-    key: str = json.loads(run("api-keys", "create", "--label", "hotpath",
-                              *(SCOPED_KEY_ARGS if scoped else ())))["data"]["key"]
+    key: str = json.loads(
+        run("api-keys", "create", "--label", "hotpath", *(SCOPED_KEY_ARGS if scoped else ()))
+    )["data"]["key"]
     run("security", "policy", "set", "--file", str(BENCH / "policy-all-on.json"))
     return key
 
@@ -93,8 +108,11 @@ def _fake_transports(marks: _Marks) -> tuple[Any, Any]:
         def write(self, data: bytes) -> None:
             marks.t["engine_write"] = now()
             marks.segment = "engine"
-            reply = (mock_engine.RESP_MODELS if data.startswith(b"GET /v1/models")
-                     else mock_engine.RESP_CHAT)
+            reply = (
+                mock_engine.RESP_MODELS
+                if data.startswith(b"GET /v1/models")
+                else mock_engine.RESP_CHAT
+            )
             self.loop.call_later(0.0002, self.deliver, reply)
 
         def deliver(self, reply: bytes) -> None:
@@ -164,9 +182,14 @@ async def _measure(key: str, requests: int, bytecodes: bool, body: bytes = BODY)
     proto = server.HttpProtocol(state)
     down = downstream_cls()
     proto.connection_made(down)
-    request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
-               + key.encode() + b"\r\nContent-Type: application/json\r\nContent-Length: "
-               + str(len(body)).encode() + b"\r\n\r\n" + body)
+    request = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+        + key.encode()
+        + b"\r\nContent-Type: application/json\r\nContent-Length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+        + body
+    )
     a: list[float] = []
     b: list[float] = []
     counts: collections.Counter[tuple[str, str]] = collections.Counter()
@@ -204,11 +227,15 @@ async def _measure(key: str, requests: int, bytecodes: bool, body: bytes = BODY)
     sys.settrace(None)
     await runtime.close()
     if bytecodes:
-        for segment, title in (("A", "A: request in → engine request written"),
-                               ("B", "B: engine reply in → client reply written"),
-                               ("after", "after the reply")):
-            rows = sorted(((n / requests, where) for (s, where), n in counts.items()
-                           if s == segment), reverse=True)
+        for segment, title in (
+            ("A", "A: request in → engine request written"),
+            ("B", "B: engine reply in → client reply written"),
+            ("after", "after the reply"),
+        ):
+            rows = sorted(
+                ((n / requests, where) for (s, where), n in counts.items() if s == segment),
+                reverse=True,
+            )
             print(f"{title}: {sum(n for n, _ in rows):,.0f} bytecodes per request")
             for n, where in rows[:20]:
                 print(f"  {n:7.1f}  {where}")
@@ -228,12 +255,17 @@ async def _measure(key: str, requests: int, bytecodes: bool, body: bytes = BODY)
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=5000)
-    ap.add_argument("--bytecodes", action="store_true",
-                    help="count bytecodes per function instead of timing")
-    ap.add_argument("--scoped", action="store_true",
-                    help="use a key with a model scope, rpm/tpm limits, budgets and an expiry")
-    ap.add_argument("--pool", action="store_true",
-                    help="send the requests to a pool of two engines")
+    ap.add_argument(
+        "--bytecodes", action="store_true", help="count bytecodes per function instead of timing"
+    )
+    ap.add_argument(
+        "--scoped",
+        action="store_true",
+        help="use a key with a model scope, rpm/tpm limits, budgets and an expiry",
+    )
+    ap.add_argument(
+        "--pool", action="store_true", help="send the requests to a pool of two engines"
+    )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="flm-hotpath-") as tmp:
         home = Path(tmp)
@@ -242,8 +274,9 @@ def main() -> None:
         import uvloop
 
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(_measure(key, args.requests, args.bytecodes,
-                                POOL_BODY if args.pool else BODY))
+            runner.run(
+                _measure(key, args.requests, args.bytecodes, POOL_BODY if args.pool else BODY)
+            )
 
 
 if __name__ == "__main__":

@@ -53,9 +53,22 @@ HOST = "127.0.0.1"
 ALL_TARGETS = ["direct", "relay", "passthrough", "flm", "flm-scoped", "litellm"]
 #: The key of the ``flm-scoped`` target: every per-key check and the usage accounting on
 #: (a model glob, rpm/burst, tpm, daily budgets and an expiry), limits far above the load.
-SCOPED_KEY_ARGS = ("--models", "flm://mock/*", "--rpm", "100000000", "--burst", "100000000",
-                   "--tpm", "1000000000", "--daily-tokens", "1000000000000",
-                   "--daily-requests", "1000000000000", "--expires", "30d")
+SCOPED_KEY_ARGS = (
+    "--models",
+    "flm://mock/*",
+    "--rpm",
+    "100000000",
+    "--burst",
+    "100000000",
+    "--tpm",
+    "1000000000",
+    "--daily-tokens",
+    "1000000000000",
+    "--daily-requests",
+    "1000000000000",
+    "--expires",
+    "30d",
+)
 LITELLM_MASTER_KEY = "sk-bench-master-key"
 CHUNKS = 20
 HOLD_STREAMS = 100
@@ -285,8 +298,10 @@ def guest_halt_poll(ns: int | None) -> Any:
         old = HALT_POLL.read_text().strip()
         HALT_POLL.write_text(str(ns))
     except OSError as exc:
-        raise SystemExit(f"--guest-halt-poll-ns: cannot set {HALT_POLL} ({exc}); it needs "
-                         "root and a virtual machine whose cpuidle driver is haltpoll") from None
+        raise SystemExit(
+            f"--guest-halt-poll-ns: cannot set {HALT_POLL} ({exc}); it needs "
+            "root and a virtual machine whose cpuidle driver is haltpoll"
+        ) from None
     try:
         yield
     finally:
@@ -354,15 +369,21 @@ def start_passthrough(ctx: Ctx) -> Target:
     import aiohttp
     import uvicorn
 
-    return _start_script(ctx, "passthrough", "passthrough.py", f"http://{HOST}:{ctx.mock_port}",
-                         f"uvicorn {uvicorn.__version__}, aiohttp {aiohttp.__version__}")
+    return _start_script(
+        ctx,
+        "passthrough",
+        "passthrough.py",
+        f"http://{HOST}:{ctx.mock_port}",
+        f"uvicorn {uvicorn.__version__}, aiohttp {aiohttp.__version__}",
+    )
 
 
 def start_relay(ctx: Ctx) -> Target:
     import uvloop
 
-    return _start_script(ctx, "relay", "relay.py", f"{HOST}:{ctx.mock_port}",
-                         f"uvloop {uvloop.__version__}")
+    return _start_script(
+        ctx, "relay", "relay.py", f"{HOST}:{ctx.mock_port}", f"uvloop {uvloop.__version__}"
+    )
 
 
 def start_litellm(ctx: Ctx) -> Target:
@@ -521,9 +542,14 @@ def start_flm(ctx: Ctx, name: str = "flm", key_args: tuple[str, ...] = ()) -> Ta
             [str(ctx.flm_exe), "--version"], capture_output=True, text=True, timeout=30, check=False
         )
         t.version = v.stdout.strip() or None
-    t.notes.append(f"policy: {ctx.policy.name}" + (
-        " (every section enabled, limits not hit)" if ctx.policy.name == "policy-all-on.json"
-        else ""))
+    t.notes.append(
+        f"policy: {ctx.policy.name}"
+        + (
+            " (every section enabled, limits not hit)"
+            if ctx.policy.name == "policy-all-on.json"
+            else ""
+        )
+    )
     t.pre_check = flm_layers_check
     t.post_check = lambda: flm_audit_count(home)
     return t
@@ -798,8 +824,10 @@ def measure(t: Target, ctx: Ctx, args: argparse.Namespace, wrk: str | None) -> d
             plain(1, min(1.0, args.warmup))
             r = plain(1, args.duration)
         out["plain"]["c1_one_cpu"] = r
-        log(f"  c=1 one CPU {r['rps']:>9.1f} req/s  p50 {r['latency_ms']['p50']:.3f} ms  "
-            f"p99 {r['latency_ms']['p99']:.3f} ms  errors {r['errors']}")
+        log(
+            f"  c=1 one CPU {r['rps']:>9.1f} req/s  p50 {r['latency_ms']['p50']:.3f} ms  "
+            f"p99 {r['latency_ms']['p99']:.3f} ms  errors {r['errors']}"
+        )
 
     # Streams at concurrency 16, whole 20-chunk replies as fast as they come.
     raw = loadclient.build_request(
@@ -936,14 +964,18 @@ def bars(results: dict[str, Any]) -> list[dict[str, Any]]:
     hop = get(results, "relay", "data", "plain", "c1", "added_ms", "p50")
     note = ""
     if v is not None and hop is not None:
-        note = (f"hop floor (byte relay, no logic) adds {hop} ms on this machine; "
-                f"FLM above it: {v - hop:+.3f} ms")
+        note = (
+            f"hop floor (byte relay, no logic) adds {hop} ms on this machine; "
+            f"FLM above it: {v - hop:+.3f} ms"
+        )
     bar("added latency c=1 (median)", "≤ 0.3 ms", v, None if v is None else v <= 0.3, note)
     v = get(flm, "plain", "c1_one_cpu", "added_ms", "p50")
     if v is not None:
         hop = get(results, "relay", "data", "plain", "c1_one_cpu", "added_ms", "p50")
-        note = ("the same with client, FLM and engine on one CPU: no cross-CPU wake-ups, "
-                "FLM's own work and its context switches")
+        note = (
+            "the same with client, FLM and engine on one CPU: no cross-CPU wake-ups, "
+            "FLM's own work and its context switches"
+        )
         if hop is not None:
             note += f"; the byte relay adds {hop} ms there, FLM {v - hop:+.3f} ms above it"
         bar("added latency c=1, one CPU (median)", "≤ 0.3 ms", v, v <= 0.3, note)
@@ -996,15 +1028,22 @@ def bars(results: dict[str, Any]) -> list[dict[str, Any]]:
     if scoped is not None:
         s64 = get(scoped, "plain", "c64", "rps")
         ratio = None if (f64 is None or s64 is None) else s64 / f64
-        bar("scoped keys: c=64 req/s vs unscoped", "≥ 95%",
+        bar(
+            "scoped keys: c=64 req/s vs unscoped",
+            "≥ 95%",
             None if ratio is None else f"{100 * ratio:.1f}%",
             None if ratio is None else ratio >= 0.95,
-            "per-key checks and usage accounting (issue 21)")
+            "per-key checks and usage accounting (issue 21)",
+        )
         a = get(scoped, "plain", "c1", "latency_ms", "p50")
         b = get(flm, "plain", "c1", "latency_ms", "p50")
         diff = None if (a is None or b is None) else round(a - b, 4)
-        bar("scoped keys: c=1 added p50 vs unscoped", "≤ 0.02 ms", diff,
-            None if diff is None else diff <= 0.02)
+        bar(
+            "scoped keys: c=1 added p50 vs unscoped",
+            "≤ 0.02 ms",
+            diff,
+            None if diff is None else diff <= 0.02,
+        )
     errs = get(flm, "errors_total")
     bar(
         "no failed requests during the run",
@@ -1311,8 +1350,11 @@ def _run(args: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
         f"after {os.getloadavg()[0]:.1f}"
     )
     if idle:
-        log("CPU idle: " + ", ".join(f"{k} {v}" for k, v in idle.items())
-            + (" (set for this run)" if args.guest_halt_poll_ns is not None else ""))
+        log(
+            "CPU idle: "
+            + ", ".join(f"{k} {v}" for k, v in idle.items())
+            + (" (set for this run)" if args.guest_halt_poll_ns is not None else "")
+        )
     if interpreter:
         log(f"FLM ran on {interpreter.get('summary')}")
     log(f"JSON: {out_file}")
@@ -1346,16 +1388,23 @@ def flm_interpreter(flm: Path) -> dict[str, Any]:
         return {}
     python = first[2:].strip().split()[0]
     try:
-        out = subprocess.run([python, "-c", _INTERPRETER_PROBE], capture_output=True,
-                             text=True, timeout=30, check=True).stdout
+        out = subprocess.run(
+            [python, "-c", _INTERPRETER_PROBE],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
         info: dict[str, Any] = json.loads(out)
     except (OSError, subprocess.SubprocessError, ValueError):
         return {}
     yes = {True: "yes", False: "no"}
-    info["summary"] = (f"CPython {info['version']} at {info['executable']} (libpython as a "
-                       f"shared object: {yes[info['libpython_shared_object']]}; configured "
-                       f"with --enable-optimizations: {yes[info['configured_with_optimizations']]}"
-                       f"; distributions may build with PGO without that flag)")
+    info["summary"] = (
+        f"CPython {info['version']} at {info['executable']} (libpython as a "
+        f"shared object: {yes[info['libpython_shared_object']]}; configured "
+        f"with --enable-optimizations: {yes[info['configured_with_optimizations']]}"
+        f"; distributions may build with PGO without that flag)"
+    )
     return info
 
 

@@ -44,13 +44,27 @@ def fill(home: Path, rows: int, keys: int) -> None:
     audit = []
     for i in range(rows):
         age = rng.uniform(0, 3500) if i < rows * 0.06 else rng.uniform(3700, 7 * 86400)
-        audit.append((iso(now - timedelta(seconds=age)), f"{i % keys:08x}", "emu",
-                      rng.choice([200] * 17 + [401, 429, 403]), rng.uniform(5, 500)))
-    storage.security.write(lambda c: (
-        c.executemany("INSERT INTO api_keys(id, label, hash, created_at) VALUES (?,?,?,?)",
-                      key_rows),
-        c.executemany("INSERT INTO audit_logs(ts, api_key_id, engine_id, status, latency_ms) "
-                      "VALUES (?,?,?,?,?)", audit)))
+        audit.append(
+            (
+                iso(now - timedelta(seconds=age)),
+                f"{i % keys:08x}",
+                "emu",
+                rng.choice([200] * 17 + [401, 429, 403]),
+                rng.uniform(5, 500),
+            )
+        )
+    storage.security.write(
+        lambda c: (
+            c.executemany(
+                "INSERT INTO api_keys(id, label, hash, created_at) VALUES (?,?,?,?)", key_rows
+            ),
+            c.executemany(
+                "INSERT INTO audit_logs(ts, api_key_id, engine_id, status, latency_ms) "
+                "VALUES (?,?,?,?,?)",
+                audit,
+            ),
+        )
+    )
     storage.close()
 
 
@@ -79,33 +93,58 @@ def gateway(args: argparse.Namespace) -> int:
         home = Path(tmp) / "flm-home"
         home.mkdir(mode=0o700)
         env = {**os.environ, "FLM_HOME": str(home)}
-        mock = subprocess.Popen([sys.executable, str(Path(__file__).parent / "mock_engine.py"),
-                                 "--port", "0"], stdout=subprocess.PIPE, text=True)
+        mock = subprocess.Popen(
+            [sys.executable, str(Path(__file__).parent / "mock_engine.py"), "--port", "0"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         daemon_pid = None
         try:
             assert mock.stdout is not None
             mock_port = int(mock.stdout.readline().split()[1])
 
             def flm(*cmd: str) -> dict:  # type: ignore[type-arg]
-                out = subprocess.run([sys.executable, "-m", "flm", *cmd], env=env,
-                                     capture_output=True, text=True, check=True)
+                out = subprocess.run(
+                    [sys.executable, "-m", "flm", *cmd],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
                 return json.loads(out.stdout)["data"]  # type: ignore[no-any-return]
 
-            flm("engines", "add", "--kind", "vllm", "--url", f"http://127.0.0.1:{mock_port}",
-                "--id", "mock")
+            flm(
+                "engines",
+                "add",
+                "--kind",
+                "vllm",
+                "--url",
+                f"http://127.0.0.1:{mock_port}",
+                "--id",
+                "mock",
+            )
             key = flm("api-keys", "create", "--label", "bench")["key"]
             with socket_port() as port:
                 pass
             flm("proxy", "start", "--port", str(port))
             daemon_pid = json.loads((home / "run" / "proxy-daemon.json").read_text())["pid"]
-            body = json.dumps({"model": "flm://mock/bench-model", "max_tokens": 32,
-                               "messages": [{"role": "user", "content": "Say hello."}]}).encode()
-            raw = loadclient.build_request("127.0.0.1", port, "/v1/chat/completions", body,
-                                           {"Authorization": f"Bearer {key}"})
+            body = json.dumps(
+                {
+                    "model": "flm://mock/bench-model",
+                    "max_tokens": 32,
+                    "messages": [{"role": "user", "content": "Say hello."}],
+                }
+            ).encode()
+            raw = loadclient.build_request(
+                "127.0.0.1", port, "/v1/chat/completions", body, {"Authorization": f"Bearer {key}"}
+            )
 
             def load() -> float:
-                res = asyncio.run(loadclient.run_load("127.0.0.1", port, raw, args.concurrency,
-                                                      args.duration, stream=False))
+                res = asyncio.run(
+                    loadclient.run_load(
+                        "127.0.0.1", port, raw, args.concurrency, args.duration, stream=False
+                    )
+                )
                 summary = loadclient.summarize(res, stream=False)
                 assert not summary["errors"], summary
                 return float(summary["per_s"])
@@ -131,9 +170,11 @@ def gateway(args: argparse.Namespace) -> int:
             poller.join()
             after = load()
             base = (before + after) / 2
-            print(f"c={args.concurrency} rps without UI {before:.0f} / {after:.0f}, "
-                  f"with a UI polling every 1 s {during:.0f}: {during / base:.1%} "
-                  f"({len(polls)} polls, median {statistics.median(polls):.1f} ms)")
+            print(
+                f"c={args.concurrency} rps without UI {before:.0f} / {after:.0f}, "
+                f"with a UI polling every 1 s {during:.0f}: {during / base:.1%} "
+                f"({len(polls)} polls, median {statistics.median(polls):.1f} ms)"
+            )
         finally:
             if daemon_pid is not None:
                 os.kill(daemon_pid, signal.SIGTERM)
@@ -163,8 +204,11 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--keys", type=int, default=1_000)
     parser.add_argument("--requests", type=int, default=50)
-    parser.add_argument("--gateway", action="store_true",
-                        help="measure the gateway's throughput with and without a UI polling")
+    parser.add_argument(
+        "--gateway",
+        action="store_true",
+        help="measure the gateway's throughput with and without a UI polling",
+    )
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--concurrency", type=int, default=64)
     args = parser.parse_args()
@@ -175,8 +219,13 @@ def main() -> int:
         home.mkdir(mode=0o700)
         fill(home, args.rows, args.keys)
         env = {**os.environ, "FLM_HOME": str(home)}
-        out = subprocess.run([sys.executable, "-m", "flm", "ui", "--no-browser"], env=env,
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-m", "flm", "ui", "--no-browser"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         url = json.loads(out.stdout)["data"]["url"]
         parts = urlsplit(url)
         port = int(parts.port or 0)
@@ -188,8 +237,10 @@ def main() -> int:
             for path in ("/", "/data/dashboard", "/?range=day"):
                 times = timed(port, path, cookie, args.requests)
                 times.sort()
-                print(f"{path:18} median {statistics.median(times):6.1f} ms   "
-                      f"p95 {times[int(len(times) * 0.95) - 1]:6.1f} ms   (n={len(times)})")
+                print(
+                    f"{path:18} median {statistics.median(times):6.1f} ms   "
+                    f"p95 {times[int(len(times) * 0.95) - 1]:6.1f} ms   (n={len(times)})"
+                )
         finally:
             pid = json.loads((home / "run" / "proxy-daemon.json").read_text())["pid"]
             os.kill(pid, signal.SIGTERM)

@@ -17,9 +17,12 @@ from flm.cli import main as cli_main
 from flm.engines import kinds
 
 #: Each kind's address variables (from its descriptor) and the ACME ones: cleared per test.
-_ENGINE_ENV = (*(name for kind in kinds.all_kinds() for name in (kind.host_env, kind.port_env)
-                 if name),
-               "FLM_ACME_DIRECTORY", "FLM_ACME_USE_PROD", "FLM_ACME_CA_BUNDLE")
+_ENGINE_ENV = (
+    *(name for kind in kinds.all_kinds() for name in (kind.host_env, kind.port_env) if name),
+    "FLM_ACME_DIRECTORY",
+    "FLM_ACME_USE_PROD",
+    "FLM_ACME_CA_BUNDLE",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -76,13 +79,19 @@ def cli(capsys: pytest.CaptureFixture[str]) -> Any:
     return run
 
 
-def flm_subprocess(*args: str, env: dict[str, str] | None = None, timeout: float = 60,
-                   input: str | None = None) -> subprocess.CompletedProcess[str]:
+def flm_subprocess(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60, input: str | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run the real ``flm`` console entry point in a child process."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "flm", *args],
-        capture_output=True, text=True, env=full_env, timeout=timeout, input=input, check=False,
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        input=input,
+        check=False,
     )
 
 
@@ -115,8 +124,12 @@ def small_tmpfs(where: Path, size: str) -> Iterator[Path]:
     if os.geteuid() != 0:
         why = "mounting a tmpfs needs root"
     else:
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs",
-                               str(where)], capture_output=True, text=True, check=False)
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(where)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if done.returncode != 0:
             why = f"mount -t tmpfs was refused: {done.stderr.strip()}"
     if why is not None:
@@ -130,14 +143,19 @@ def small_tmpfs(where: Path, size: str) -> Iterator[Path]:
 
 
 def remount_read_only(where: Path) -> None:
-    done = subprocess.run(["mount", "-o", "remount,ro", str(where)], capture_output=True,
-                          text=True, check=False)
+    done = subprocess.run(
+        ["mount", "-o", "remount,ro", str(where)], capture_output=True, text=True, check=False
+    )
     assert done.returncode == 0, done.stderr
 
 
 #: Whole modules of integration tests (real TLS listeners, Pebble, many processes).
-_SLOW_MODULES = ("/e2e/", "/tls/test_proxy_tls.py", "/tls/test_tls_acme_pebble.py",
-                 "/cli/test_concurrency.py")
+_SLOW_MODULES = (
+    "/e2e/",
+    "/tls/test_proxy_tls.py",
+    "/tls/test_tls_acme_pebble.py",
+    "/cli/test_concurrency.py",
+)
 #: A test that calls one of these starts FLM processes or changes the machine's trust store.
 _SLOW_CALLS = frozenset({"flm_subprocess", "require_real_trust_store"})
 

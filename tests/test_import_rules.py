@@ -15,11 +15,17 @@ ROOT = Path(flm.__file__).parent
 #: Top to bottom as in docs/architecture.md; a package may import only lower layers.
 LAYERS: dict[str, int] = {
     "__main__": 7,
-    "cli": 6, "daemon": 6, "testing": 6,
-    "proxy": 5, "ui": 5,
+    "cli": 6,
+    "daemon": 6,
+    "testing": 6,
+    "proxy": 5,
+    "ui": 5,
     "services": 4,
     "engines": 3,
-    "egress": 2, "openai": 2, "storage": 2, "tls": 2,
+    "egress": 2,
+    "openai": 2,
+    "storage": 2,
+    "tls": 2,
     "http": 1,
     "core": 0,
 }
@@ -80,23 +86,27 @@ def test_nothing_imports_upward_or_across_a_forbidden_line() -> None:
     assert violations() == []
 
 
-@pytest.mark.parametrize(("package", "line", "refused"), [
-    ("http", "from flm.openai.errors import error_bytes", True),
-    ("http", "import flm.proxy.app", True),
-    ("http", "from flm.services import engines", True),
-    ("http", "from flm.cli import main", True),
-    ("core", "from flm.http import server", True),
-    ("storage", "from flm.services.keys import KeyService", True),
-    ("engines", "from flm.proxy import asgi", True),
-    ("engines", "from ..proxy import asgi", True),  # relative imports count too
-    ("services", "def f():\n    from flm.daemon import main", True),  # and function-level
-    ("http", "from flm.core.errors import EngineError", False),
-    ("engines", "from flm.http.client import EngineClient", False),
-    ("proxy", "from flm.services.context import Context", False),
-    ("core", "import json", False),
-])
-def test_the_check_finds_what_it_must(tmp_path: Path, package: str, line: str,
-                                      refused: bool) -> None:
+@pytest.mark.parametrize(
+    ("package", "line", "refused"),
+    [
+        ("http", "from flm.openai.errors import error_bytes", True),
+        ("http", "import flm.proxy.app", True),
+        ("http", "from flm.services import engines", True),
+        ("http", "from flm.cli import main", True),
+        ("core", "from flm.http import server", True),
+        ("storage", "from flm.services.keys import KeyService", True),
+        ("engines", "from flm.proxy import asgi", True),
+        ("engines", "from ..proxy import asgi", True),  # relative imports count too
+        ("services", "def f():\n    from flm.daemon import main", True),  # and function-level
+        ("http", "from flm.core.errors import EngineError", False),
+        ("engines", "from flm.http.client import EngineClient", False),
+        ("proxy", "from flm.services.context import Context", False),
+        ("core", "import json", False),
+    ],
+)
+def test_the_check_finds_what_it_must(
+    tmp_path: Path, package: str, line: str, refused: bool
+) -> None:
     root = tmp_path / "flm"
     (root / package).mkdir(parents=True)
     (root / package / "mod.py").write_text(line + "\n")

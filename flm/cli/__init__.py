@@ -57,15 +57,18 @@ class Parser(argparse.ArgumentParser):
             near = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
             if match["arg"].isupper():  # a subcommand (COMMAND, SUBCOMMAND, ACTION)
                 hint = f"; did you mean `{self.prog} {near[0]}`?" if near else ""
-                raise UsageError(f"`{self.prog} {word}` is not a command{hint} (see "
-                                 f"`{self.prog} --help`)")
+                raise UsageError(
+                    f"`{self.prog} {word}` is not a command{hint} (see `{self.prog} --help`)"
+                )
             if near:
                 message = f"{message}; did you mean {near[0]!r}?"
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
-_INVALID_CHOICE = re.compile(r"argument (?P<arg>[^:]+): invalid choice: '?(?P<word>[^'\s]*)'? "
-                             r"\(choose from (?P<choices>.*)\)")
+_INVALID_CHOICE = re.compile(
+    r"argument (?P<arg>[^:]+): invalid choice: '?(?P<word>[^'\s]*)'? "
+    r"\(choose from (?P<choices>.*)\)"
+)
 
 
 def common_options() -> argparse.ArgumentParser:
@@ -122,8 +125,11 @@ def _format_of(argv: Sequence[str]) -> str:
     ``--format``, else ``$FLM_FORMAT``, else text when standard output is a terminal and
     JSON when it is a pipe or a file."""
     for i, arg in enumerate(argv):
-        value = argv[i + 1] if arg == "--format" and i + 1 < len(argv) else (
-            arg.split("=", 1)[1] if arg.startswith("--format=") else None)
+        value = (
+            argv[i + 1]
+            if arg == "--format" and i + 1 < len(argv)
+            else (arg.split("=", 1)[1] if arg.startswith("--format=") else None)
+        )
         if value in FORMATS:  # (audit-logs export has a --format csv of its own)
             return value
     env = os.environ.get("FLM_FORMAT", "").strip().lower()
@@ -205,8 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _redact_values(message: str, argv: Sequence[str]) -> str:
     """``message`` with every command-line value (not option names) replaced by ``<hidden>``."""
-    for token in sorted({t for t in argv if t and not t.startswith("-")}, key=len,
-                        reverse=True):
+    for token in sorted({t for t in argv if t and not t.startswith("-")}, key=len, reverse=True):
         if token not in ("secrets", "dns", "add", "list", "remove"):
             message = message.replace(token, "<hidden>")
     for token in argv:
@@ -240,8 +245,10 @@ def read_text_arg(path: str | None, max_bytes: int = MAX_INPUT_BYTES) -> str:
         except OSError as exc:
             raise UsageError(f"cannot read {path}: {exc}") from None
     if len(raw) > max_bytes:
-        raise UsageError(f"{where} is larger than {max_bytes // (1024 * 1024)} MiB, the most "
-                         "a command reads; nothing was changed")
+        raise UsageError(
+            f"{where} is larger than {max_bytes // (1024 * 1024)} MiB, the most "
+            "a command reads; nothing was changed"
+        )
     if isinstance(raw, str):
         return raw
     try:

@@ -18,13 +18,19 @@ _IMAGE_TYPES = {"image/png", "image/jpeg", "image/webp"}
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("chat", help="send a prompt through a running proxy", parents=[common])
-    p.add_argument("--model", required=True,
-                   help="flm://engine/model, a plain model name, or an alias")
+    p.add_argument(
+        "--model", required=True, help="flm://engine/model, a plain model name, or an alias"
+    )
     p.add_argument("--prompt", help="the user message")
     p.add_argument("--prompt-file", help="read the user message from a file")
     p.add_argument("--stream", action="store_true", help="print tokens as they arrive")
-    p.add_argument("--image", action="append", default=[], metavar="FILE",
-                   help="attach a PNG/JPEG/WebP image (repeatable)")
+    p.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="attach a PNG/JPEG/WebP image (repeatable)",
+    )
     p.add_argument("--image-url", action="append", default=[], metavar="URL")
     p.add_argument("--audio", metavar="FILE", help="attach audio (engines with audio input)")
     p.add_argument("--json", action="store_true", help="ask for a JSON object reply")
@@ -44,8 +50,10 @@ def _proxy_url(ctx: Context, explicit: str | None) -> str:
     proxies = ProxyService(ctx.storage).status()["proxies"]  # the daemon's and --no-daemon ones
     if proxies:
         return str(proxies[0]["endpoints"][0]).rstrip("/")
-    raise ProxyError("no FLM proxy is running: start one (`flm up` or `flm proxy start`), "
-                     "or give --url", code="PROXY_NOT_RUNNING")
+    raise ProxyError(
+        "no FLM proxy is running: start one (`flm up` or `flm proxy start`), or give --url",
+        code="PROXY_NOT_RUNNING",
+    )
 
 
 def _content(args: argparse.Namespace) -> str | list[dict[str, Any]]:
@@ -78,8 +86,12 @@ def _content(args: argparse.Namespace) -> str | list[dict[str, Any]]:
             raise UsageError(f"cannot read {image}: {exc}") from None
         if len(data) > 8 * 1024 * 1024:
             raise UsageError(f"{image} is larger than 8 MB")
-        parts.append({"type": "image_url", "image_url": {
-            "url": f"data:{mime};base64,{base64.b64encode(data).decode()}"}})
+        parts.append(
+            {
+                "type": "image_url",
+                "image_url": {"url": f"data:{mime};base64,{base64.b64encode(data).decode()}"},
+            }
+        )
     for url in args.image_url:
         if not url.startswith("https://"):
             raise UsageError("--image-url must be an https:// URL")
@@ -92,8 +104,12 @@ def _content(args: argparse.Namespace) -> str | list[dict[str, Any]]:
             raw = Path(args.audio).read_bytes()
         except OSError as exc:
             raise UsageError(f"cannot read {args.audio}: {exc}") from None
-        parts.append({"type": "input_audio", "input_audio": {
-            "data": base64.b64encode(raw).decode(), "format": fmt}})
+        parts.append(
+            {
+                "type": "input_audio",
+                "input_audio": {"data": base64.b64encode(raw).decode(), "format": fmt},
+            }
+        )
     if not parts:
         return text
     return [{"type": "text", "text": text}, *parts]
@@ -104,23 +120,30 @@ def _post(url: str, key: str, body: dict[str, Any]) -> Any:
     import urllib.request
 
     request = urllib.request.Request(  # noqa: S310 - the URL is the user's proxy
-        url, data=json.dumps(body).encode(), method="POST",
-        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+        url,
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+    )
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
         return opener.open(request, timeout=300)
     except urllib.error.HTTPError as exc:
         try:
             err = json.loads(exc.read())["error"]
-            raise FlmError(f"HTTP {exc.code}: {err['message']} (request {err.get('request_id')})",
-                           code=str(err.get("code", "HTTP_ERROR")).upper()) from None
+            raise FlmError(
+                f"HTTP {exc.code}: {err['message']} (request {err.get('request_id')})",
+                code=str(err.get("code", "HTTP_ERROR")).upper(),
+            ) from None
         except (ValueError, KeyError, TypeError):
             raise FlmError(f"proxy answered HTTP {exc.code}", code="HTTP_ERROR") from None
         finally:
             exc.close()  # (the error holds the connection: close it now, not at collection)
     except (urllib.error.URLError, OSError) as exc:
-        raise FlmError(f"cannot reach the proxy at {url}: {exc}; is it running "
-                       "(`flm proxy status`)?", code="PROXY_NOT_RUNNING") from None
+        raise FlmError(
+            f"cannot reach the proxy at {url}: {exc}; is it running (`flm proxy status`)?",
+            code="PROXY_NOT_RUNNING",
+        ) from None
 
 
 def _responses_content(content: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -160,20 +183,28 @@ def _show(piece: str, args: argparse.Namespace) -> None:
         sys.stdout.flush()
 
 
-def _responses(base: str, key: str, args: argparse.Namespace,
-               content: str | list[dict[str, Any]]) -> Result:
-    body: dict[str, Any] = {"model": args.model, "input": [
-        {"role": "user", "content": _responses_content(content)}]}
+def _responses(
+    base: str, key: str, args: argparse.Namespace, content: str | list[dict[str, Any]]
+) -> Result:
+    body: dict[str, Any] = {
+        "model": args.model,
+        "input": [{"role": "user", "content": _responses_content(content)}],
+    }
     if args.json:
         body["text"] = {"format": {"type": "json_object"}}
     if not args.stream:
         resp = _post(f"{base}/v1/responses", key, body)
         with resp:
             reply = json.loads(resp.read())
-        text = "".join(c.get("text", "") for item in reply.get("output", [])
-                       for c in item.get("content", []) or [])
-        return Result({"text": text, "response": reply,
-                       "request_id": resp.headers.get("x-request-id")}, text=lambda d: d["text"])
+        text = "".join(
+            c.get("text", "")
+            for item in reply.get("output", [])
+            for c in item.get("content", []) or []
+        )
+        return Result(
+            {"text": text, "response": reply, "request_id": resp.headers.get("x-request-id")},
+            text=lambda d: d["text"],
+        )
     body["stream"] = True
     resp = _post(f"{base}/v1/responses", key, body)
     pieces: list[str] = []
@@ -186,8 +217,14 @@ def _responses(base: str, key: str, args: argparse.Namespace,
                 _show(pieces[-1], args)
             elif kind in ("response.completed", "response.incomplete"):
                 final = event.get("response")
-    return Result({"text": "".join(pieces), "response": final,
-                   "request_id": resp.headers.get("x-request-id")}, text=lambda d: "")
+    return Result(
+        {
+            "text": "".join(pieces),
+            "response": final,
+            "request_id": resp.headers.get("x-request-id"),
+        },
+        text=lambda d: "",
+    )
 
 
 def chat(ctx: Context, args: argparse.Namespace) -> Result:
@@ -197,13 +234,13 @@ def chat(ctx: Context, args: argparse.Namespace) -> Result:
     content = _content(args)
     audio_out = "audio" in args.modalities.split(",")
     if audio_out and (args.stream or args.responses):
-        raise UsageError("--save-audio works with plain chat completions (no --stream, no "
-                         "--responses)")
+        raise UsageError(
+            "--save-audio works with plain chat completions (no --stream, no --responses)"
+        )
     base = _proxy_url(ctx, args.url)
     if args.responses:
         return _responses(base, key, args, content)
-    body: dict[str, Any] = {"model": args.model,
-                            "messages": [{"role": "user", "content": content}]}
+    body: dict[str, Any] = {"model": args.model, "messages": [{"role": "user", "content": content}]}
     if args.json:
         body["response_format"] = {"type": "json_object"}
     if args.modalities != "text":
@@ -216,8 +253,11 @@ def chat(ctx: Context, args: argparse.Namespace) -> Result:
             reply = json.loads(resp.read())
         message = reply["choices"][0]["message"]
         text = message.get("content") or ""
-        result: dict[str, Any] = {"text": text, "usage": reply.get("usage"),
-                                  "request_id": resp.headers.get("x-request-id")}
+        result: dict[str, Any] = {
+            "text": text,
+            "usage": reply.get("usage"),
+            "request_id": resp.headers.get("x-request-id"),
+        }
         if audio_out:
             result["audio_file"] = _save_audio(message, args.save_audio)
             text = text or (message.get("audio") or {}).get("transcript") or ""
@@ -233,8 +273,7 @@ def chat(ctx: Context, args: argparse.Namespace) -> Result:
                 pieces.append(piece)
                 _show(piece, args)
     text = "".join(pieces)
-    return Result({"text": text, "request_id": resp.headers.get("x-request-id")},
-                  text=lambda d: "")
+    return Result({"text": text, "request_id": resp.headers.get("x-request-id")}, text=lambda d: "")
 
 
 def _save_audio(message: dict[str, Any], path: str) -> str:

@@ -26,8 +26,10 @@ def _text(data: dict[str, Any]) -> str:
         for table_name, count in (rep.get("tables") or {}).items():
             lines.append(f"    {table_name}: {count}")
     if data.get("dns_secrets", {}).get("location"):
-        lines.append(f"dns secrets: {data['dns_secrets']['profiles']} profile(s), kept in "
-                     f"{data['dns_secrets']['location']}")
+        lines.append(
+            f"dns secrets: {data['dns_secrets']['profiles']} profile(s), kept in "
+            f"{data['dns_secrets']['location']}"
+        )
     lines += [f"warning: {w}" for w in data["warnings"]]
     return "\n".join(lines)
 

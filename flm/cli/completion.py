@@ -83,8 +83,9 @@ def script(shell: str) -> str:
     return text
 
 
-def _walk(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
-          ) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+def _walk(
+    parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
     yield path, parser
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
@@ -115,25 +116,35 @@ def fish_script(parser: argparse.ArgumentParser) -> str:
                 children = [(name, helps.get(name, "")) for name in action.choices]
         cond = _fish_condition(path, [name for name, _ in children])
         for name, help_text in children:
-            lines.append(f"complete -c flm -n {_fish_quote(cond)} -a {_fish_quote(name)}"
-                         f" -d {_fish_quote(help_text)}")
+            lines.append(
+                f"complete -c flm -n {_fish_quote(cond)} -a {_fish_quote(name)}"
+                f" -d {_fish_quote(help_text)}"
+            )
         leaf = _fish_condition(path, [])
         for action in sub._actions:
             if isinstance(action, argparse._SubParsersAction) or action.help == argparse.SUPPRESS:
                 continue
             kind = DYNAMIC.get((path, action.dest))
-            values = (f"(flm completion values {kind} 2>/dev/null)" if kind
-                      else " ".join(str(c) for c in action.choices or ()))
+            values = (
+                f"(flm completion values {kind} 2>/dev/null)"
+                if kind
+                else " ".join(str(c) for c in action.choices or ())
+            )
             if not action.option_strings:
                 if values:
                     lines.append(f"complete -c flm -n {_fish_quote(leaf)} -a {_fish_quote(values)}")
                 continue
             for opt in action.option_strings:
                 flag = f"-l {opt[2:]}" if opt.startswith("--") else f"-s {opt[1:]}"
-                extra = f" -r -a {_fish_quote(values)}" if values else (
-                    " -r" if action.nargs != 0 else "")
-                lines.append(f"complete -c flm -n {_fish_quote(leaf)} {flag}{extra}"
-                             f" -d {_fish_quote(action.help or '')}")
+                extra = (
+                    f" -r -a {_fish_quote(values)}"
+                    if values
+                    else (" -r" if action.nargs != 0 else "")
+                )
+                lines.append(
+                    f"complete -c flm -n {_fish_quote(leaf)} {flag}{extra}"
+                    f" -d {_fish_quote(action.help or '')}"
+                )
     return "\n".join(lines) + "\n"
 
 

@@ -19,8 +19,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", metavar="KIND_OR_ID", help="only this kind or engine id")
     p.add_argument("--fresh", action="store_true", help="bypass the cache")
     p.set_defaults(handler=detect)
-    p = cmds.add_parser("list", help="registered engines and default endpoints",
-                        parents=[common])
+    p = cmds.add_parser("list", help="registered engines and default endpoints", parents=[common])
     p.set_defaults(handler=list_)
     p = cmds.add_parser("add", help="register an engine endpoint", parents=[common])
     p.add_argument("--kind", required=True, help=kinds.help_text())
@@ -30,16 +29,28 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p = cmds.add_parser("remove", help="unregister an engine", parents=[common])
     p.add_argument("engine_id", metavar="ID")
     p.set_defaults(handler=remove)
-    pool = cmds.add_parser("pool", help="engines serving the same models, as one",
-                           parents=[common])
+    pool = cmds.add_parser("pool", help="engines serving the same models, as one", parents=[common])
     pools = pool.add_subparsers(dest="pool_command", metavar="COMMAND")
-    p = pools.add_parser("create", help="create a pool (model id flm://pool:NAME/MODEL)",
-                         parents=[common])
+    p = pools.add_parser(
+        "create", help="create a pool (model id flm://pool:NAME/MODEL)", parents=[common]
+    )
     p.add_argument("name", metavar="NAME")
-    p.add_argument("--member", nargs="+", action="extend", required=True, metavar="ID",
-                   help="engine id (repeat or list several)")
-    p.add_argument("--weight", nargs="+", action="extend", default=[], metavar="ID=W",
-                   help="a member's relative share (default 1)")
+    p.add_argument(
+        "--member",
+        nargs="+",
+        action="extend",
+        required=True,
+        metavar="ID",
+        help="engine id (repeat or list several)",
+    )
+    p.add_argument(
+        "--weight",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="ID=W",
+        help="a member's relative share (default 1)",
+    )
     p.set_defaults(handler=pool_create)
     p = pools.add_parser("list", help="pools and their members", parents=[common])
     p.set_defaults(handler=pool_list)
@@ -52,9 +63,18 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _detect_text(data: dict[str, Any]) -> str:
-    rows = [{"id": e["id"], "kind": e["kind"], "status": e["status"],
-             "latency_ms": e["latency_ms"], "url": e["base_url"], "version": e["version"],
-             "note": e["error"]} for e in data["engines"]]
+    rows = [
+        {
+            "id": e["id"],
+            "kind": e["kind"],
+            "status": e["status"],
+            "latency_ms": e["latency_ms"],
+            "url": e["base_url"],
+            "version": e["version"],
+            "note": e["error"],
+        }
+        for e in data["engines"]
+    ]
     lines = [table(rows)]
     if data["not_found"]:
         lines.append(f"not found: {', '.join(data['not_found'])}")
@@ -69,8 +89,10 @@ def detect(ctx: Context, args: argparse.Namespace) -> Result:
 
 
 def list_(ctx: Context, args: argparse.Namespace) -> Result:
-    rows = [{"id": e.id, "kind": e.kind.value, "base_url": e.base_url, "source": e.source}
-            for e in ctx.engines.endpoints()]
+    rows = [
+        {"id": e.id, "kind": e.kind.value, "base_url": e.base_url, "source": e.source}
+        for e in ctx.engines.endpoints()
+    ]
     return Result(rows, text=table)
 
 
@@ -104,9 +126,16 @@ def _weights(items: list[str]) -> dict[str, float]:
 
 
 def _pool_text(rows: list[dict[str, Any]]) -> str:
-    return table([{"name": r["name"], "model_id": r["model_id"],
-                   "members": ", ".join(f"{m['engine_id']}(x{m['weight']:g})"
-                                        for m in r["members"])} for r in rows])
+    return table(
+        [
+            {
+                "name": r["name"],
+                "model_id": r["model_id"],
+                "members": ", ".join(f"{m['engine_id']}(x{m['weight']:g})" for m in r["members"]),
+            }
+            for r in rows
+        ]
+    )
 
 
 def pool_create(ctx: Context, args: argparse.Namespace) -> Result:

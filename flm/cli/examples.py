@@ -42,7 +42,7 @@ EXAMPLES: dict[str, str] = {
     "secrets": "flm secrets dns list",
     "secrets dns": "flm secrets dns list",
     "secrets dns add": "flm secrets dns add home --provider cloudflare --zone example.org "
-                       "--api-token-file token.txt",
+    "--api-token-file token.txt",
     "secrets dns list": "flm secrets dns list",
     "secrets dns remove": "flm secrets dns remove home",
     "usage": "flm usage --since 24h --by model",
@@ -67,7 +67,7 @@ EXAMPLES: dict[str, str] = {
     "model-profiles": "flm model-profiles list",
     "model-profiles list": "flm model-profiles list --engine ollama",
     "model-profiles save": "flm model-profiles save --engine ollama --model llama3.2:1b "
-                           "--label cool --params params.json",
+    "--label cool --params params.json",
     "model-profiles delete": "flm model-profiles delete --id 3f2a9c",
     "api": "flm api prompts list",
     "api prompts": "flm api prompts list",
@@ -77,7 +77,7 @@ EXAMPLES: dict[str, str] = {
     "api prompts set": "flm api prompts set --api-id chat_completions --file prompt.txt",
     "engines pool": "flm engines pool list",
     "engines pool create": "flm engines pool create gpus --member ollama ollama-2 "
-                           "--weight ollama-2=2",
+    "--weight ollama-2=2",
     "engines pool list": "flm engines pool list",
     "engines pool remove": "flm engines pool remove gpus",
     "security exposure": "flm security exposure",
@@ -98,8 +98,9 @@ EXAMPLES: dict[str, str] = {
 }
 
 
-def walk(parser: argparse.ArgumentParser,
-         path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+def walk(
+    parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
+) -> list[tuple[tuple[str, ...], argparse.ArgumentParser]]:
     """Every parser under ``parser`` with its command path, ``parser`` itself first."""
     out = [(path, parser)]
     for action in parser._actions:

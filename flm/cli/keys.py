@@ -18,8 +18,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--label", required=True)
     _limit_options(p, update=False)
     p.set_defaults(handler=create)
-    p = cmds.add_parser("update", help="change a key's models, limits or expiry (at once)",
-                        parents=[common])
+    p = cmds.add_parser(
+        "update", help="change a key's models, limits or expiry (at once)", parents=[common]
+    )
     p.add_argument("id")
     _limit_options(p, update=True)
     p.set_defaults(handler=update)
@@ -35,56 +36,86 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
 
 def _limit_options(p: argparse.ArgumentParser, *, update: bool) -> None:
     clear = " (0 removes the limit)" if update else ""
-    p.add_argument("--models", nargs="+", metavar="PATTERN",
-                   help="models the key may use: flm://engine/model ids or globs such as "
-                   "flm://ollama/*" + (" ('--models all' lifts the restriction)" if update
-                                       else " (default: all)"))
+    p.add_argument(
+        "--models",
+        nargs="+",
+        metavar="PATTERN",
+        help="models the key may use: flm://engine/model ids or globs such as "
+        "flm://ollama/*"
+        + (" ('--models all' lifts the restriction)" if update else " (default: all)"),
+    )
     p.add_argument("--rpm", type=int, metavar="N", help="requests per minute" + clear)
-    p.add_argument("--burst", type=int, metavar="N",
-                   help="requests allowed at once above the rpm pace (default: rpm)" + clear)
+    p.add_argument(
+        "--burst",
+        type=int,
+        metavar="N",
+        help="requests allowed at once above the rpm pace (default: rpm)" + clear,
+    )
     p.add_argument("--tpm", type=int, metavar="N", help="tokens per minute" + clear)
-    p.add_argument("--daily-tokens", type=int, metavar="N",
-                   help="tokens per UTC day" + clear)
-    p.add_argument("--daily-requests", type=int, metavar="N",
-                   help="requests per UTC day" + clear)
-    p.add_argument("--expires", metavar="WHEN",
-                   help="30d, 12h, 2w from now, or a date/ISO datetime (UTC)"
-                   + ("; 'never' removes the expiry" if update else ""))
+    p.add_argument("--daily-tokens", type=int, metavar="N", help="tokens per UTC day" + clear)
+    p.add_argument("--daily-requests", type=int, metavar="N", help="requests per UTC day" + clear)
+    p.add_argument(
+        "--expires",
+        metavar="WHEN",
+        help="30d, 12h, 2w from now, or a date/ISO datetime (UTC)"
+        + ("; 'never' removes the expiry" if update else ""),
+    )
     if update:
         ro = p.add_mutually_exclusive_group()
-        ro.add_argument("--read-only", dest="read_only", action="store_true", default=None,
-                        help="the key may only list models")
-        ro.add_argument("--read-write", dest="read_only", action="store_false",
-                        help="lift --read-only")
+        ro.add_argument(
+            "--read-only",
+            dest="read_only",
+            action="store_true",
+            default=None,
+            help="the key may only list models",
+        )
+        ro.add_argument(
+            "--read-write", dest="read_only", action="store_false", help="lift --read-only"
+        )
     else:
-        p.add_argument("--read-only", action="store_true", default=None,
-                       help="the key may only list models")
+        p.add_argument(
+            "--read-only", action="store_true", default=None, help="the key may only list models"
+        )
 
 
 def _changes(args: argparse.Namespace) -> dict[str, Any]:
     models = args.models
     if models is not None and [m.strip() for m in models] == ["all"]:
         models = []
-    return {"models": models, "rpm": args.rpm, "burst": args.burst, "tpm": args.tpm,
-            "daily_tokens": args.daily_tokens, "daily_requests": args.daily_requests,
-            "expires": args.expires, "read_only": args.read_only}
+    return {
+        "models": models,
+        "rpm": args.rpm,
+        "burst": args.burst,
+        "tpm": args.tpm,
+        "daily_tokens": args.daily_tokens,
+        "daily_requests": args.daily_requests,
+        "expires": args.expires,
+        "read_only": args.read_only,
+    }
 
 
-_LIST_COLUMNS = ["id", "label", "status", "models", "limits", "expires_at", "last_used_at",
-                 "today"]
+_LIST_COLUMNS = ["id", "label", "status", "models", "limits", "expires_at", "last_used_at", "today"]
 
 
 def _list_text(rows: list[dict[str, Any]]) -> str:
     shown = []
     for r in rows:
-        limits = ", ".join(f"{name}={r[name]}" for name in
-                           ("rpm", "burst", "tpm", "daily_tokens", "daily_requests")
-                           if r.get(name) is not None)
+        limits = ", ".join(
+            f"{name}={r[name]}"
+            for name in ("rpm", "burst", "tpm", "daily_tokens", "daily_requests")
+            if r.get(name) is not None
+        )
         if r.get("read_only"):
             limits = ", ".join(x for x in ("read-only", limits) if x)
         today = r.get("today") or {}
-        shown.append({**r, "models": r.get("models") or "all", "limits": limits or None,
-                      "today": f"{today.get('requests', 0)} req, {today.get('tokens', 0)} tok"})
+        shown.append(
+            {
+                **r,
+                "models": r.get("models") or "all",
+                "limits": limits or None,
+                "today": f"{today.get('requests', 0)} req, {today.get('tokens', 0)} tok",
+            }
+        )
     return table(shown, _LIST_COLUMNS)
 
 

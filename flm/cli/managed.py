@@ -22,8 +22,7 @@ def register(cmds: Any, common: argparse.ArgumentParser) -> None:
     p = cmds.add_parser("stop", help="stop a managed engine", parents=[common])
     p.add_argument("engine_id", metavar="ID")
     p.set_defaults(handler=stop)
-    p = cmds.add_parser("install", help="install llama-server and the demo model",
-                        parents=[common])
+    p = cmds.add_parser("install", help="install llama-server and the demo model", parents=[common])
     p.add_argument("kind", choices=("llamacpp",))
     p.set_defaults(handler=install)
 
@@ -46,7 +45,8 @@ def start(ctx: Context, args: argparse.Namespace) -> Result:
     if args.port is not None and not 0 < args.port < 65536:
         raise UsageError("--port must be 1-65535")
     result = ManagedEngines(ctx.storage, ctx.engines).start(
-        args.model, args.port, embeddings=args.embeddings, progress=_progress())
+        args.model, args.port, embeddings=args.embeddings, progress=_progress()
+    )
     notify_proxies(ctx)  # running proxies route to it at once
     return Result(result, text=pairs)
 
@@ -64,5 +64,10 @@ def install(ctx: Context, args: argparse.Namespace) -> Result:
 
     runtime.install_llamacpp(progress=_progress())
     found = runtime.find_llama_server()
-    return Result({"llama_server": str(found.path) if found else None,
-                   "demo_model": str(runtime.demo_model_path())}, text=pairs)
+    return Result(
+        {
+            "llama_server": str(found.path) if found else None,
+            "demo_model": str(runtime.demo_model_path()),
+        },
+        text=pairs,
+    )

@@ -11,24 +11,35 @@ from flm.services.context import Context
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
-    group = sub.add_parser("migrate", help="migrate data from the earlier prototype",
-                           parents=[common])
+    group = sub.add_parser(
+        "migrate", help="migrate data from the earlier prototype", parents=[common]
+    )
     cmds = group.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
-    legacy = cmds.add_parser("legacy", help="config.json + flm.db of the earlier prototype",
-                             parents=[common])
+    legacy = cmds.add_parser(
+        "legacy", help="config.json + flm.db of the earlier prototype", parents=[common]
+    )
     actions = legacy.add_subparsers(dest="action", metavar="ACTION")
     for name, help_text in (
         ("plan", "write migration-plan.json (what would change) to the tmp dir"),
         ("convert", "write the converted settings and proxy profiles as JSON to the tmp dir"),
-        ("apply", "back up both databases, apply in one transaction, check, roll back on "
-                  "failure (needs --confirm)"),
+        (
+            "apply",
+            "back up both databases, apply in one transaction, check, roll back on "
+            "failure (needs --confirm)",
+        ),
     ):
         p = actions.add_parser(name, help=help_text, parents=[common])
-        p.add_argument("--source", metavar="DIR", required=True,
-                       help="the prototype's data directory (config.json and flm.db, "
-                            "database.db or data.db)")
-        p.add_argument("--tmp", metavar="DIR",
-                       help="where plan/convert write their files (default <data dir>/migration)")
+        p.add_argument(
+            "--source",
+            metavar="DIR",
+            required=True,
+            help="the prototype's data directory (config.json and flm.db, database.db or data.db)",
+        )
+        p.add_argument(
+            "--tmp",
+            metavar="DIR",
+            help="where plan/convert write their files (default <data dir>/migration)",
+        )
         if name == "apply":
             p.add_argument("--confirm", action="store_true", help="really apply")
         p.set_defaults(handler=_HANDLERS[name])
@@ -69,8 +80,10 @@ def apply(ctx: Context, args: argparse.Namespace) -> Result:
     from flm.services import legacy
     from flm.storage import Storage
 
-    return Result(legacy.apply(Path(args.source), ctx.paths, confirm=args.confirm,
-                               storage_factory=Storage), text=_text)
+    return Result(
+        legacy.apply(Path(args.source), ctx.paths, confirm=args.confirm, storage_factory=Storage),
+        text=_text,
+    )
 
 
 _HANDLERS = {"plan": plan, "convert": convert, "apply": apply}

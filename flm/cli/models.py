@@ -17,11 +17,11 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--fresh", action="store_true", help="probe engines again first")
     p.set_defaults(handler=list_)
 
-    alias = cmds.add_parser("alias", help="names of your choosing for flm:// model ids",
-                            parents=[common])
+    alias = cmds.add_parser(
+        "alias", help="names of your choosing for flm:// model ids", parents=[common]
+    )
     acmds = alias.add_subparsers(dest="alias_command", metavar="SUBCOMMAND")
-    p = acmds.add_parser("set", help="create or change an alias (applied live)",
-                         parents=[common])
+    p = acmds.add_parser("set", help="create or change an alias (applied live)", parents=[common])
     p.add_argument("name", metavar="NAME", help="the name clients send, e.g. gpt-4o-mini")
     p.add_argument("target", metavar="MODEL_ID", help="flm://<engine>/<model>")
     p.set_defaults(handler=alias_set)
@@ -33,21 +33,30 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _text(data: dict[str, Any]) -> str:
-    rows = [{"id": m["id"], "context": m["context_length"],
-             "vision": m["capabilities"]["vision_inputs"],
-             "embeddings_only": m["capabilities"]["embeddings_only"],
-             "cloud": m.get("cloud", False)} for m in data["models"]]
+    rows = [
+        {
+            "id": m["id"],
+            "context": m["context_length"],
+            "vision": m["capabilities"]["vision_inputs"],
+            "embeddings_only": m["capabilities"]["embeddings_only"],
+            "cloud": m.get("cloud", False),
+        }
+        for m in data["models"]
+    ]
     lines = [table(rows)]
     if any(m.get("cloud") for m in data["models"]):
-        lines.append("cloud: the engine sends prompts for this model to a remote service; "
-                     "the gateway refuses it unless the policy sets allow_cloud_models")
+        lines.append(
+            "cloud: the engine sends prompts for this model to a remote service; "
+            "the gateway refuses it unless the policy sets allow_cloud_models"
+        )
     lines += [f"{engine}: {err}" for engine, err in data["errors"].items()]
     return "\n".join(lines)
 
 
 def list_(ctx: Context, args: argparse.Namespace) -> Result:
-    models, errors = run_async(ctx.engines.alist_models(args.engine, fresh=args.fresh),
-                               "listing models")
+    models, errors = run_async(
+        ctx.engines.alist_models(args.engine, fresh=args.fresh), "listing models"
+    )
     return Result({"models": [m.to_dict() for m in models], "errors": errors}, text=_text)
 
 
@@ -66,8 +75,9 @@ def alias_set(ctx: Context, args: argparse.Namespace) -> Result:
 
 
 def alias_list(ctx: Context, args: argparse.Namespace) -> Result:
-    return Result(_aliases(ctx).list(),
-                  text=lambda rows: table(rows, ["name", "target", "updated_at"]))
+    return Result(
+        _aliases(ctx).list(), text=lambda rows: table(rows, ["name", "target", "updated_at"])
+    )
 
 
 def alias_remove(ctx: Context, args: argparse.Namespace) -> Result:

@@ -46,8 +46,9 @@ def _cell(value: Any) -> str:
 TABLE_WIDTH = 100
 
 
-def table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None,
-          width: int = TABLE_WIDTH) -> str:
+def table(
+    rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None, width: int = TABLE_WIDTH
+) -> str:
     if not rows:
         return "(none)"
     cols = list(columns or rows[0].keys())
@@ -63,8 +64,10 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None,
         others = max((w for i, w in enumerate(widths) if i != widest), default=0)
         excess = sum(widths) - budget
         widths[widest] -= max(1, min(widths[widest] - max(others, floors[widest]), excess))
-    cells = [[v if len(v) <= w else v[:w - 1] + "…" for v, w in zip(row, widths, strict=True)]
-             for row in cells]
+    cells = [
+        [v if len(v) <= w else v[: w - 1] + "…" for v, w in zip(row, widths, strict=True)]
+        for row in cells
+    ]
     head = "  ".join(c.upper().ljust(w) for c, w in zip(cols, widths, strict=True))
     lines = [head, "  ".join("-" * w for w in widths)]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
@@ -80,8 +83,10 @@ def emit(result: Result, fmt: str, out: TextIO | None = None) -> None:
     out = out or sys.stdout
     if result.raw is not None:
         out.write(result.raw)
-    elif fmt == "csv" and (result.csv is not None or (
-            isinstance(result.data, list) and all(isinstance(r, dict) for r in result.data))):
+    elif fmt == "csv" and (
+        result.csv is not None
+        or (isinstance(result.data, list) and all(isinstance(r, dict) for r in result.data))
+    ):
         _emit_csv(result, out)
     elif fmt == "text":
         body = result.text(result.data) if result.text else _default_text(result.data)

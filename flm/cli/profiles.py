@@ -13,8 +13,9 @@ from flm.services.context import Context
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
-    group = sub.add_parser("model-profiles", help="default parameters per engine and model",
-                           parents=[common])
+    group = sub.add_parser(
+        "model-profiles", help="default parameters per engine and model", parents=[common]
+    )
     cmds = group.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
     p = cmds.add_parser("list", help="saved profiles", parents=[common])
     p.add_argument("--engine")
@@ -24,8 +25,12 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", required=True, help="engine id")
     p.add_argument("--model", required=True, help="the engine's model name")
     p.add_argument("--label", required=True)
-    p.add_argument("--params", required=True, metavar="F",
-                   help='JSON file (or - for stdin), e.g. {"temperature": 0.2}')
+    p.add_argument(
+        "--params",
+        required=True,
+        metavar="F",
+        help='JSON file (or - for stdin), e.g. {"temperature": 0.2}',
+    )
     p.set_defaults(handler=profiles_save)
     p = cmds.add_parser("delete", help="delete a profile", parents=[common])
     p.add_argument("--id", required=True, dest="profile_id")
@@ -33,18 +38,22 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
 
     api = sub.add_parser("api", help="per-API settings", parents=[common])
     api_cmds = api.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
-    prompts = api_cmds.add_parser("prompts", help="prompt templates applied to an API",
-                                  parents=[common])
+    prompts = api_cmds.add_parser(
+        "prompts", help="prompt templates applied to an API", parents=[common]
+    )
     pcmds = prompts.add_subparsers(dest="action", metavar="ACTION")
     p = pcmds.add_parser("list", help="templates in force", parents=[common])
     p.set_defaults(handler=prompts_list)
-    for name, handler, helptext in (("show", prompts_show, "one template"),
-                                    ("delete", prompts_delete, "remove a template")):
+    for name, handler, helptext in (
+        ("show", prompts_show, "one template"),
+        ("delete", prompts_delete, "remove a template"),
+    ):
         p = pcmds.add_parser(name, help=helptext, parents=[common])
         p.add_argument("--api-id", required=True)
         p.set_defaults(handler=handler)
-    p = pcmds.add_parser("set", help="set a template ({{user_message}} is the user's text)",
-                         parents=[common])
+    p = pcmds.add_parser(
+        "set", help="set a template ({{user_message}} is the user's text)", parents=[common]
+    )
     p.add_argument("--api-id", required=True, help="chat_completions or responses")
     p.add_argument("--file", metavar="F", help="template text (default: standard input)")
     p.set_defaults(handler=prompts_set)
@@ -57,8 +66,10 @@ def _svc(ctx: Context) -> Any:
 
 
 def profiles_list(ctx: Context, args: argparse.Namespace) -> Result:
-    return Result(_svc(ctx).profiles(args.engine, args.model), text=lambda d: table(
-        d, ["id", "engine_id", "model_id", "label", "parameters", "version"]))
+    return Result(
+        _svc(ctx).profiles(args.engine, args.model),
+        text=lambda d: table(d, ["id", "engine_id", "model_id", "label", "parameters", "version"]),
+    )
 
 
 def profiles_save(ctx: Context, args: argparse.Namespace) -> Result:
@@ -78,8 +89,10 @@ def profiles_delete(ctx: Context, args: argparse.Namespace) -> Result:
 
 
 def prompts_list(ctx: Context, args: argparse.Namespace) -> Result:
-    return Result(_svc(ctx).prompts(), text=lambda d: table(
-        d, ["api_id", "version", "updated_at", "template_text"]))
+    return Result(
+        _svc(ctx).prompts(),
+        text=lambda d: table(d, ["api_id", "version", "updated_at", "template_text"]),
+    )
 
 
 def prompts_show(ctx: Context, args: argparse.Namespace) -> Result:

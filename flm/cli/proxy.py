@@ -15,25 +15,44 @@ MODES = ("local-http", "dev-selfsigned", "packaged-ca", "https-acme")
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
     group = sub.add_parser("proxy", help="run the gateway", parents=[common])
     cmds = group.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
-    p = cmds.add_parser("start", help="start a proxy (in the background daemon)",
-                        parents=[common])
+    p = cmds.add_parser("start", help="start a proxy (in the background daemon)", parents=[common])
     p.add_argument("--mode", choices=MODES, default="local-http")
     p.add_argument("--port", type=int, help="listen port (default: config proxy.port, 8080)")
     p.add_argument("--bind", help="listen address (default: config proxy.bind, 127.0.0.1)")
     p.add_argument("--acme-email", help="https-acme: contact address for the ACME account")
-    p.add_argument("--acme-domain", action="append",
-                   help="https-acme: a name of the certificate (repeatable; http-01: its port "
-                   "80 must reach --port; dns-01: may be a wildcard like *.example.org)")
-    p.add_argument("--challenge", choices=("http-01", "dns-01"), default="http-01",
-                   help="https-acme challenge (default http-01; dns-01 needs --dns-profile)")
-    p.add_argument("--dns-profile", metavar="NAME",
-                   help="dns-01: the `flm secrets dns` profile that publishes the TXT records")
-    p.add_argument("--egress-mode", choices=("direct", "tor", "socks5"), default="direct",
-                   help="how remote engines, image URLs and ACME are reached (default direct)")
-    p.add_argument("--socks5-endpoint", metavar="HOST:PORT",
-                   help="SOCKS5 proxy (tor defaults to 127.0.0.1:9050)")
-    p.add_argument("--egress-fail-open", action="store_true",
-                   help="fall back to direct connections when the SOCKS proxy is down")
+    p.add_argument(
+        "--acme-domain",
+        action="append",
+        help="https-acme: a name of the certificate (repeatable; http-01: its port "
+        "80 must reach --port; dns-01: may be a wildcard like *.example.org)",
+    )
+    p.add_argument(
+        "--challenge",
+        choices=("http-01", "dns-01"),
+        default="http-01",
+        help="https-acme challenge (default http-01; dns-01 needs --dns-profile)",
+    )
+    p.add_argument(
+        "--dns-profile",
+        metavar="NAME",
+        help="dns-01: the `flm secrets dns` profile that publishes the TXT records",
+    )
+    p.add_argument(
+        "--egress-mode",
+        choices=("direct", "tor", "socks5"),
+        default="direct",
+        help="how remote engines, image URLs and ACME are reached (default direct)",
+    )
+    p.add_argument(
+        "--socks5-endpoint",
+        metavar="HOST:PORT",
+        help="SOCKS5 proxy (tor defaults to 127.0.0.1:9050)",
+    )
+    p.add_argument(
+        "--egress-fail-open",
+        action="store_true",
+        help="fall back to direct connections when the SOCKS proxy is down",
+    )
     p.add_argument("--no-daemon", action="store_true", help="run in the foreground")
     p.set_defaults(handler=start)
     p = cmds.add_parser("stop", help="stop proxies", parents=[common])
@@ -43,11 +62,13 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(handler=stop)
     p = cmds.add_parser("status", help="running proxies and their endpoints", parents=[common])
     p.set_defaults(handler=status)
-    p = cmds.add_parser("renew", help="renew TLS certificates now, without restart",
-                        parents=[common])
+    p = cmds.add_parser(
+        "renew", help="renew TLS certificates now, without restart", parents=[common]
+    )
     p.add_argument("--port", type=int, help="only the proxy on this port (default: all)")
-    p.add_argument("--if-due", action="store_true",
-                   help="renew only certificates within 30 days of their end")
+    p.add_argument(
+        "--if-due", action="store_true", help="renew only certificates within 30 days of their end"
+    )
     p.set_defaults(handler=renew)
     p = cmds.add_parser("reload", help="apply policy/key/engine changes now", parents=[common])
     p.add_argument("--port", type=int)
@@ -68,10 +89,17 @@ def _config(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
 
     KNOWN["proxy.bind"].parse(bind)
     config: dict[str, Any] = {
-        "mode": args.mode, "port": port, "bind": bind, "egress_mode": args.egress_mode,
-        "socks5_endpoint": args.socks5_endpoint, "egress_fail_open": args.egress_fail_open,
-        "acme_domain": args.acme_domain, "acme_email": args.acme_email,
-        "challenge": args.challenge, "dns_profile": args.dns_profile}
+        "mode": args.mode,
+        "port": port,
+        "bind": bind,
+        "egress_mode": args.egress_mode,
+        "socks5_endpoint": args.socks5_endpoint,
+        "egress_fail_open": args.egress_fail_open,
+        "acme_domain": args.acme_domain,
+        "acme_email": args.acme_email,
+        "challenge": args.challenge,
+        "dns_profile": args.dns_profile,
+    }
     if args.mode == ACME_MODE:
         config["acme_env"] = acme_env_from(os.environ)
     StartConfig.from_dict(config)  # refuse bad combinations before the daemon starts
@@ -82,8 +110,10 @@ def _audit_text(audit: dict[str, Any] | None) -> str:
     if not audit:
         return ""
     if audit.get("failing"):
-        return (f"FAILING since {audit['failing_since']}: {audit['last_error']} "
-                f"({audit['unwritten']} unwritten)")
+        return (
+            f"FAILING since {audit['failing_since']}: {audit['last_error']} "
+            f"({audit['unwritten']} unwritten)"
+        )
     return f"ok ({audit['unwritten']} unwritten)"
 
 
@@ -91,23 +121,31 @@ def _status_text(data: dict[str, Any]) -> str:
     rows = []
     for p in data.get("proxies", []):
         egress = p.get("egress") or {}
-        rows.append({"id": p["id"] + (" (no daemon)" if p.get("foreground") else ""),
-                     "mode": p["mode"], "port": p["port"],
-                     "https_port": p.get("https_port") or "", "listen": p["listen"],
-                     "endpoints": " ".join(p["endpoints"]),
-                     "egress": egress.get("mode", "direct") + (
-                         " (fell back)" if egress.get("fell_back") else ""),
-                     "cert_expiry": p.get("certificate_expiry") or "",
-                     "uptime_s": p["uptime_s"], "pid": p["pid"],
-                     "audit": _audit_text(p.get("audit")),
-                     "last_error": p.get("last_error") or ""})
+        rows.append(
+            {
+                "id": p["id"] + (" (no daemon)" if p.get("foreground") else ""),
+                "mode": p["mode"],
+                "port": p["port"],
+                "https_port": p.get("https_port") or "",
+                "listen": p["listen"],
+                "endpoints": " ".join(p["endpoints"]),
+                "egress": egress.get("mode", "direct")
+                + (" (fell back)" if egress.get("fell_back") else ""),
+                "cert_expiry": p.get("certificate_expiry") or "",
+                "uptime_s": p["uptime_s"],
+                "pid": p["pid"],
+                "audit": _audit_text(p.get("audit")),
+                "last_error": p.get("last_error") or "",
+            }
+        )
     if not rows:
         return "no proxy running"
     lines = [table(rows)]
     for p in data.get("proxies", []):
         for pool in p.get("pools") or []:
-            members = ", ".join(f"{m['engine_id']} {m['state']} in_flight={m['in_flight']}"
-                                for m in pool["members"])
+            members = ", ".join(
+                f"{m['engine_id']} {m['state']} in_flight={m['in_flight']}" for m in pool["members"]
+            )
             lines.append(f"{p['id']} pool {pool['name']}: {members}")
     return "\n".join(lines)
 
@@ -115,13 +153,16 @@ def _status_text(data: dict[str, Any]) -> str:
 def _start_text(d: dict[str, Any]) -> str:
     lines = [_status_text({"proxies": [d]})]
     if d.get("https_port"):
-        lines.append(f"port {d['port']} answers only with a redirect to HTTPS "
-                     f"(port {d['https_port']})")
+        lines.append(
+            f"port {d['port']} answers only with a redirect to HTTPS (port {d['https_port']})"
+        )
     trust = d.get("trust")
     if trust:
-        lines.append(f"trust FLM's root ({trust['fingerprint_sha256_root']}):\n"
-                     f"  {trust['trust']}\nremove it later:\n  {trust['untrust']}\n"
-                     f"or per client:\n  {trust['curl']}")
+        lines.append(
+            f"trust FLM's root ({trust['fingerprint_sha256_root']}):\n"
+            f"  {trust['trust']}\nremove it later:\n  {trust['untrust']}\n"
+            f"or per client:\n  {trust['curl']}"
+        )
     lines.extend(f"note: {n}" for n in d.get("notes") or [])
     return "\n".join(lines)
 
@@ -174,11 +215,15 @@ def start(ctx: Context, args: argparse.Namespace) -> Result:
         return Result({"stopped": True}, text=lambda d: "proxy stopped")
     what = "starting the proxy"
     if config["mode"] == "https-acme" and config["challenge"] == "dns-01":
-        what = (f"obtaining a certificate for {', '.join(config['acme_domain'])} (ACME DNS-01 "
-                f"via profile {config['dns_profile']}: TXT records, propagation, validation)")
+        what = (
+            f"obtaining a certificate for {', '.join(config['acme_domain'])} (ACME DNS-01 "
+            f"via profile {config['dns_profile']}: TXT records, propagation, validation)"
+        )
     elif config["mode"] == "https-acme":
-        what = (f"obtaining a certificate for {', '.join(config['acme_domain'])} "
-                "(ACME HTTP-01, up to 90 s)")
+        what = (
+            f"obtaining a certificate for {', '.join(config['acme_domain'])} "
+            "(ACME HTTP-01, up to 90 s)"
+        )
     elif config["egress_mode"] != "direct":
         what = f"checking the {config['egress_mode']} egress"
     with _Progress(what):
@@ -194,11 +239,18 @@ def stop(ctx: Context, args: argparse.Namespace) -> Result:
 
     if args.port is None and args.handle_id is None and not args.all_:
         raise UsageError("say which proxy: --port P, --handle-id ID or --all")
-    result = ProxyService(ctx.storage).stop(port=args.port, handle_id=args.handle_id,
-                                            all_=args.all_)
-    return Result(result, text=lambda d: "\n".join(
-        [f"stopped: {', '.join(d['stopped']) or 'none'}",
-         *(f"warning: {w}" for w in d.get("warnings") or [])]))
+    result = ProxyService(ctx.storage).stop(
+        port=args.port, handle_id=args.handle_id, all_=args.all_
+    )
+    return Result(
+        result,
+        text=lambda d: "\n".join(
+            [
+                f"stopped: {', '.join(d['stopped']) or 'none'}",
+                *(f"warning: {w}" for w in d.get("warnings") or []),
+            ]
+        ),
+    )
 
 
 def status(ctx: Context, args: argparse.Namespace) -> Result:
@@ -214,9 +266,14 @@ def renew(ctx: Context, args: argparse.Namespace) -> Result:
         result = ProxyService(ctx.storage).renew(args.port, force=not args.if_due)
 
     def text(d: dict[str, Any]) -> str:
-        return "\n".join(
-            f"{r['id']}: {'renewed' if r['renewed'] else 'not due'}, {r['fingerprint_sha256']} "
-            f"valid until {r['not_after']}" for r in d["renewed"]) or "nothing to renew"
+        return (
+            "\n".join(
+                f"{r['id']}: {'renewed' if r['renewed'] else 'not due'}, {r['fingerprint_sha256']} "
+                f"valid until {r['not_after']}"
+                for r in d["renewed"]
+            )
+            or "nothing to renew"
+        )
 
     return Result(result, text=text)
 

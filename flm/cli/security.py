@@ -46,11 +46,13 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.set_defaults(handler=exposure)
 
-    alerts = cmds.add_parser("alerts", help="alert webhooks (policy section alerts)",
-                             parents=[common])
+    alerts = cmds.add_parser(
+        "alerts", help="alert webhooks (policy section alerts)", parents=[common]
+    )
     acmds = alerts.add_subparsers(dest="action", metavar="ACTION")
-    p = acmds.add_parser("test", help="send a sample alert to every configured webhook",
-                         parents=[common])
+    p = acmds.add_parser(
+        "test", help="send a sample alert to every configured webhook", parents=[common]
+    )
     p.set_defaults(handler=alerts_test)
 
     from flm.cli import security_events
@@ -68,10 +70,13 @@ def policy_show(ctx: Context, args: argparse.Namespace) -> Result:
     data["effective"] = effective_rows(data["policy"])
 
     def text(d: dict[str, Any]) -> str:
-        rows = [{**r, "source": "(default)" if r["source"] == "default" else "set"}
-                for r in d["effective"]]
-        head = f"policy: {d['source']}" + (f", updated {d['updated_at']}"
-                                            if d["updated_at"] else "")
+        rows = [
+            {**r, "source": "(default)" if r["source"] == "default" else "set"}
+            for r in d["effective"]
+        ]
+        head = f"policy: {d['source']}" + (
+            f", updated {d['updated_at']}" if d["updated_at"] else ""
+        )
         return head + "\n" + table(rows, ["setting", "loopback", "exposed", "source"])
 
     return Result(data, text=text)
@@ -115,10 +120,18 @@ def _record_exposed(ctx: Context, reports: list[Any]) -> None:
 
     for r in reports:
         if r.status == EXPOSED:
-            record_security_event(ctx.storage, "engine_exposed", "high", {
-                "engine_id": r.engine_id, "kind": r.kind, "listen": r.listen,
-                "reachable_on": [i["address"] for i in r.reachable_on],
-                "answers_without_key": r.answers_without_key})
+            record_security_event(
+                ctx.storage,
+                "engine_exposed",
+                "high",
+                {
+                    "engine_id": r.engine_id,
+                    "kind": r.kind,
+                    "listen": r.listen,
+                    "reachable_on": [i["address"] for i in r.reachable_on],
+                    "answers_without_key": r.answers_without_key,
+                },
+            )
 
 
 def exposure_reports(ctx: Context) -> list[Any]:
@@ -182,10 +195,17 @@ def exposure_warnings(ctx: Context, *, own_ports: tuple[int, ...] = ()) -> Calla
 def _exposure_text(data: dict[str, Any]) -> str:
     from flm.cli.output import table
 
-    rows = [{"engine": r["engine_id"], "kind": r["kind"], "status": r["status"],
-             "listen": r["listen"],
-             "reachable_on": [f"{i['address']} ({i['interface']})" for i in r["reachable_on"]],
-             "keyless": r["answers_without_key"]} for r in data["engines"]]
+    rows = [
+        {
+            "engine": r["engine_id"],
+            "kind": r["kind"],
+            "status": r["status"],
+            "listen": r["listen"],
+            "reachable_on": [f"{i['address']} ({i['interface']})" for i in r["reachable_on"]],
+            "keyless": r["answers_without_key"],
+        }
+        for r in data["engines"]
+    ]
     lines = [table(rows)]
     lines += [f"fix {r['engine_id']}: {r['fix']}" for r in data["engines"] if r["fix"]]
     return "\n".join(lines)
@@ -193,8 +213,10 @@ def _exposure_text(data: dict[str, Any]) -> str:
 
 def exposure(ctx: Context, args: argparse.Namespace) -> Result:
     reports = [r.to_dict() for r in exposure_reports(ctx)]
-    data = {"engines": reports, "exposed": [r["engine_id"] for r in reports
-                                            if r["status"] == "exposed"]}
+    data = {
+        "engines": reports,
+        "exposed": [r["engine_id"] for r in reports if r["status"] == "exposed"],
+    }
     return Result(data, text=_exposure_text)
 
 
@@ -205,15 +227,22 @@ def alerts_test(ctx: Context, args: argparse.Namespace) -> Result:
 
     settings = AlertSettings.from_policy(ctx.policy.show()["policy"].get("alerts"))
     if settings is None:
-        raise UsageError("no alert webhooks configured: set alerts.webhooks in the security "
-                         "policy (`flm security policy set`)")
+        raise UsageError(
+            "no alert webhooks configured: set alerts.webhooks in the security "
+            "policy (`flm security policy set`)"
+        )
     results = send_test(settings)
     failed = [r for r in results if not r["delivered"]]
     if failed:
         raise FlmError(
             f"{len(failed)} of {len(results)} webhook(s) did not take the test alert: "
             + "; ".join(f"{r['webhook_host']}: {r['error']}" for r in failed),
-            code="ALERT_DELIVERY_FAILED", details={"webhooks": results})
-    return Result({"webhooks": results},
-                  text=lambda d: "\n".join(f"{r['webhook_host']} ({r['format']}): delivered"
-                                           for r in d["webhooks"]))
+            code="ALERT_DELIVERY_FAILED",
+            details={"webhooks": results},
+        )
+    return Result(
+        {"webhooks": results},
+        text=lambda d: "\n".join(
+            f"{r['webhook_host']} ({r['format']}): delivered" for r in d["webhooks"]
+        ),
+    )

@@ -19,8 +19,9 @@ def register(cmds: Any, common: argparse.ArgumentParser) -> None:
     p = bcmds.add_parser("unblock", help="unblock an address (IPv6: its /64)", parents=[common])
     p.add_argument("ip")
     p.set_defaults(handler=unblock)
-    p = bcmds.add_parser("clear", help="remove every temporary block (permanent ones stay)",
-                         parents=[common])
+    p = bcmds.add_parser(
+        "clear", help="remove every temporary block (permanent ones stay)", parents=[common]
+    )
     p.set_defaults(handler=clear)
 
     audit = cmds.add_parser("audit-logs", help="the audit trail", parents=[common])
@@ -35,8 +36,9 @@ def register(cmds: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--format", dest="export_format", choices=("json", "csv"), required=True)
     p.add_argument("--output", required=True)
     p.set_defaults(handler=audit_export)
-    p = acmds.add_parser("archive", help="move rows older than DATE to a JSON Lines file",
-                         parents=[common])
+    p = acmds.add_parser(
+        "archive", help="move rows older than DATE to a JSON Lines file", parents=[common]
+    )
     p.add_argument("--before", required=True, metavar="DATE")
     p.set_defaults(handler=audit_archive)
 
@@ -68,8 +70,12 @@ def _svc(ctx: Context) -> Any:
 
 
 def blocklist(ctx: Context, args: argparse.Namespace) -> Result:
-    return Result(_svc(ctx).blocklist(), text=lambda d: table(
-        d, ["ip", "reason", "failure_count", "blocked_at", "expires_at", "permanent"]))
+    return Result(
+        _svc(ctx).blocklist(),
+        text=lambda d: table(
+            d, ["ip", "reason", "failure_count", "blocked_at", "expires_at", "permanent"]
+        ),
+    )
 
 
 def unblock(ctx: Context, args: argparse.Namespace) -> Result:
@@ -85,21 +91,45 @@ def clear(ctx: Context, args: argparse.Namespace) -> Result:
 
 
 def _filter_args(args: argparse.Namespace) -> dict[str, Any]:
-    return {"event_type": args.event_type, "severity": args.severity, "ip": args.ip,
-            "since": args.since}
+    return {
+        "event_type": args.event_type,
+        "severity": args.severity,
+        "ip": args.ip,
+        "since": args.since,
+    }
 
 
 def audit_list(ctx: Context, args: argparse.Namespace) -> Result:
     rows = _svc(ctx).audit_logs(limit=args.limit, offset=args.offset, **_filter_args(args))
-    return Result(rows, text=lambda d: table(
-        d, ["ts", "event_type", "severity", "client_ip", "endpoint", "status", "api_key_id",
-            "request_id"]))
+    return Result(
+        rows,
+        text=lambda d: table(
+            d,
+            [
+                "ts",
+                "event_type",
+                "severity",
+                "client_ip",
+                "endpoint",
+                "status",
+                "api_key_id",
+                "request_id",
+            ],
+        ),
+    )
 
 
 def audit_export(ctx: Context, args: argparse.Namespace) -> Result:
-    return Result(_svc(ctx).export(args.export_format, Path(args.output), limit=args.limit,
-                                   offset=args.offset, **_filter_args(args)),
-                  text=pairs)
+    return Result(
+        _svc(ctx).export(
+            args.export_format,
+            Path(args.output),
+            limit=args.limit,
+            offset=args.offset,
+            **_filter_args(args),
+        ),
+        text=pairs,
+    )
 
 
 def audit_archive(ctx: Context, args: argparse.Namespace) -> Result:
@@ -107,12 +137,14 @@ def audit_archive(ctx: Context, args: argparse.Namespace) -> Result:
 
 
 def intrusion(ctx: Context, args: argparse.Namespace) -> Result:
-    return Result(_svc(ctx).intrusions(ip=args.ip, min_score=args.min_score, limit=args.limit),
-                  text=lambda d: table(d, ["ts", "ip", "score", "total_score", "reasons",
-                                           "path"]))
+    return Result(
+        _svc(ctx).intrusions(ip=args.ip, min_score=args.min_score, limit=args.limit),
+        text=lambda d: table(d, ["ts", "ip", "score", "total_score", "reasons", "path"]),
+    )
 
 
 def anomaly(ctx: Context, args: argparse.Namespace) -> Result:
-    return Result(_svc(ctx).anomalies(ip=args.ip, anomaly_type=args.anomaly_type,
-                                      limit=args.limit),
-                  text=lambda d: table(d, ["ts", "ip", "anomaly_type", "value", "threshold"]))
+    return Result(
+        _svc(ctx).anomalies(ip=args.ip, anomaly_type=args.anomaly_type, limit=args.limit),
+        text=lambda d: table(d, ["ts", "ip", "anomaly_type", "value", "threshold"]),
+    )

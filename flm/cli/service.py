@@ -15,26 +15,37 @@ PLATFORMS = ("linux", "macos", "windows")
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
     from flm.cli.proxy import MODES
 
-    group = sub.add_parser("service", help="run the gateway at login (systemd, launchd, "
-                           "Task Scheduler)", parents=[common])
+    group = sub.add_parser(
+        "service",
+        help="run the gateway at login (systemd, launchd, Task Scheduler)",
+        parents=[common],
+    )
     cmds = group.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
-    p = cmds.add_parser("install", help="write and enable the service (restart on failure)",
-                        parents=[common])
+    p = cmds.add_parser(
+        "install", help="write and enable the service (restart on failure)", parents=[common]
+    )
     p.add_argument("--port", type=int, help="listen port (default: config proxy.port)")
     p.add_argument("--bind", help="listen address (default: config proxy.bind, 127.0.0.1)")
-    p.add_argument("--mode", choices=[m for m in MODES if m != "https-acme"],
-                   default="local-http",
-                   help="TLS mode (https-acme needs its domain and e-mail: start it by hand)")
-    p.add_argument("--platform", choices=PLATFORMS,
-                   help="generate for another platform (shown, not installed)")
-    p.add_argument("--no-enable", action="store_true",
-                   help="write the file only; do not ask the service manager to start it")
+    p.add_argument(
+        "--mode",
+        choices=[m for m in MODES if m != "https-acme"],
+        default="local-http",
+        help="TLS mode (https-acme needs its domain and e-mail: start it by hand)",
+    )
+    p.add_argument(
+        "--platform", choices=PLATFORMS, help="generate for another platform (shown, not installed)"
+    )
+    p.add_argument(
+        "--no-enable",
+        action="store_true",
+        help="write the file only; do not ask the service manager to start it",
+    )
     p.set_defaults(handler=install)
-    p = cmds.add_parser("status", help="is the service installed, enabled, running",
-                        parents=[common])
+    p = cmds.add_parser(
+        "status", help="is the service installed, enabled, running", parents=[common]
+    )
     p.set_defaults(handler=status)
-    p = cmds.add_parser("uninstall", help="stop, disable and remove the service",
-                        parents=[common])
+    p = cmds.add_parser("uninstall", help="stop, disable and remove the service", parents=[common])
     p.set_defaults(handler=uninstall)
 
 
@@ -46,8 +57,12 @@ def _manager(ctx: Context, platform: str | None = None) -> Any:
 
 def _install_text(data: dict[str, Any]) -> str:
     state = "installed" if data["installed"] else "generated"
-    lines = [f"{state}: {data['path']} ({data['platform']})",
-             f"enabled: {'yes' if data['enabled'] else 'no'}", "", data["content"].rstrip()]
+    lines = [
+        f"{state}: {data['path']} ({data['platform']})",
+        f"enabled: {'yes' if data['enabled'] else 'no'}",
+        "",
+        data["content"].rstrip(),
+    ]
     lines += [f"note: {n}" for n in data["notes"]]
     return "\n".join(lines)
 

@@ -19,15 +19,20 @@ from flm.services.context import Context
 
 def register(cmds: Any, common: argparse.ArgumentParser) -> None:
     p = cmds.add_parser("install-ca", help="trust FLM's root CA system-wide", parents=[common])
-    p.add_argument("--cert-path", metavar="P",
-                   help="root certificate to trust (default: the packaged-ca root)")
-    p.add_argument("--fingerprint", metavar="SHA256",
-                   help="refuse unless the certificate has this SHA-256 fingerprint")
+    p.add_argument(
+        "--cert-path", metavar="P", help="root certificate to trust (default: the packaged-ca root)"
+    )
+    p.add_argument(
+        "--fingerprint",
+        metavar="SHA256",
+        help="refuse unless the certificate has this SHA-256 fingerprint",
+    )
     p.add_argument("--dry-run", action="store_true", help="show the plan, change nothing")
     p.set_defaults(handler=install_ca)
     p = cmds.add_parser("uninstall-ca", help="stop trusting FLM's root CA", parents=[common])
-    p.add_argument("--cert-path", metavar="P",
-                   help="the root to remove (default: the packaged-ca root)")
+    p.add_argument(
+        "--cert-path", metavar="P", help="the root to remove (default: the packaged-ca root)"
+    )
     p.add_argument("--dry-run", action="store_true", help="show the plan, change nothing")
     p.set_defaults(handler=uninstall_ca)
 
@@ -46,9 +51,11 @@ def _store_name(ctx: Context, cert_path: Path) -> str:
 
 def _plan_text(d: dict[str, Any]) -> str:
     verb = "installed" if d["action"] == "install" else "removed"
-    lines = [f"certificate: {d.get('subject') or '-'}",
-             f"SHA-256:     {d.get('fingerprint_sha256') or '-'}",
-             f"platform:    {d['platform']}"]
+    lines = [
+        f"certificate: {d.get('subject') or '-'}",
+        f"SHA-256:     {d.get('fingerprint_sha256') or '-'}",
+        f"platform:    {d['platform']}",
+    ]
     lines += [f"write:       {f}" for f in d["files_to_write"]]
     lines += [f"remove:      {f}" for f in d["files_to_remove"]]
     lines += [f"run:         {' '.join(c)}" for c in d["commands"]]
@@ -75,8 +82,9 @@ def install_ca(ctx: Context, args: argparse.Namespace) -> Result:
         ca = ensure_local_ca(ensure_private_dir(ctx.paths.certs_dir))
         cert = ca.cert_path
         expected = expected or ca.fingerprint_sha256
-    plan = install(cert, dry_run=args.dry_run, expected_fingerprint=expected,
-                   store_name=_store_name(ctx, cert))
+    plan = install(
+        cert, dry_run=args.dry_run, expected_fingerprint=expected, store_name=_store_name(ctx, cert)
+    )
     return Result(plan.to_dict(), text=_plan_text)
 
 
@@ -84,8 +92,12 @@ def uninstall_ca(ctx: Context, args: argparse.Namespace) -> Result:
     from flm.tls.issue import local_ca_paths
     from flm.tls.truststore import uninstall_ca as uninstall
 
-    cert = (Path(args.cert_path).expanduser() if args.cert_path
-            else local_ca_paths(ctx.paths.certs_dir)[0])
-    plan = uninstall(cert if cert.exists() else None, dry_run=args.dry_run,
-                     store_name=_store_name(ctx, cert))
+    cert = (
+        Path(args.cert_path).expanduser()
+        if args.cert_path
+        else local_ca_paths(ctx.paths.certs_dir)[0]
+    )
+    plan = uninstall(
+        cert if cert.exists() else None, dry_run=args.dry_run, store_name=_store_name(ctx, cert)
+    )
     return Result(plan.to_dict(), text=_plan_text)

@@ -10,10 +10,14 @@ from flm.services.context import Context
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("ui", help="open the web UI (prints a one-time login link)",
-                       parents=[common])
-    p.add_argument("--no-browser", action="store_true",
-                   help="only print the link (it works once, within 2 minutes)")
+    p = sub.add_parser(
+        "ui", help="open the web UI (prints a one-time login link)", parents=[common]
+    )
+    p.add_argument(
+        "--no-browser",
+        action="store_true",
+        help="only print the link (it works once, within 2 minutes)",
+    )
     p.set_defaults(handler=run)
 
 
@@ -31,7 +35,8 @@ def run(ctx: Context, args: argparse.Namespace) -> Result:
             opened = webbrowser.open(url)
         except webbrowser.Error:
             opened = False
-    return Result({"url": url, "expires_in_s": 120, "browser_opened": opened},
-                  text=lambda d: d["url"],
-                  notes=["the link works once, within 2 minutes; run `flm ui` again for a new "
-                         "one"])
+    return Result(
+        {"url": url, "expires_in_s": 120, "browser_opened": opened},
+        text=lambda d: d["url"],
+        notes=["the link works once, within 2 minutes; run `flm ui` again for a new one"],
+    )

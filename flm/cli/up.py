@@ -12,12 +12,16 @@ from flm.services.context import Context
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("up", help="detect engines, start what is missing, print URL and key",
-                       parents=[common])
+    p = sub.add_parser(
+        "up", help="detect engines, start what is missing, print URL and key", parents=[common]
+    )
     p.add_argument("--port", type=int, help="proxy port (default: config proxy.port, 8080)")
     p.add_argument("--bind", help="listen address (default 127.0.0.1)")
-    p.add_argument("--model", default="demo",
-                   help="GGUF for the managed engine when none is running (default: demo)")
+    p.add_argument(
+        "--model",
+        default="demo",
+        help="GGUF for the managed engine when none is running (default: demo)",
+    )
     p.set_defaults(handler=up)
 
 
@@ -41,21 +45,31 @@ def curl_line(url: str, model: str, key: str | None) -> str:
     import json
     import shlex
 
-    auth = (shlex.quote(f"Authorization: Bearer {key}") if key
-            else '"Authorization: Bearer $FLM_API_KEY"')
+    auth = (
+        shlex.quote(f"Authorization: Bearer {key}")
+        if key
+        else '"Authorization: Bearer $FLM_API_KEY"'
+    )
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello!"}]})
-    return (f"curl -s {shlex.quote(url + '/v1/chat/completions')} -H {auth} "
-            f"-H 'Content-Type: application/json' -d {shlex.quote(body)}")
+    return (
+        f"curl -s {shlex.quote(url + '/v1/chat/completions')} -H {auth} "
+        f"-H 'Content-Type: application/json' -d {shlex.quote(body)}"
+    )
 
 
 def _text(data: dict[str, Any]) -> str:
-    lines = [f"FLM is up: {data['url']}", f"engine: {data['engine']} ({data['engine_status']})",
-             f"model:  {data['model']}"]
+    lines = [
+        f"FLM is up: {data['url']}",
+        f"engine: {data['engine']} ({data['engine_status']})",
+        f"model:  {data['model']}",
+    ]
     if data.get("key"):
         lines += [f"API key (shown once, store it now): {data['key']}"]
     else:
-        lines += ["API key: use one you created before, as FLM_API_KEY (`flm api-keys create "
-                  "--label NAME` makes a new one)"]
+        lines += [
+            "API key: use one you created before, as FLM_API_KEY (`flm api-keys create "
+            "--label NAME` makes a new one)"
+        ]
     lines += ["try it:", f"  {data['curl']}"]
     lines += [f"note: {n}" for n in data["notes"]]
     return "\n".join(lines)
@@ -106,7 +120,15 @@ def up(ctx: Context, args: argparse.Namespace) -> Result:
         _row, key = ctx.keys.create("flm up")
     url = proxy["endpoints"][0]
     curl = curl_line(url, model, key)
-    data = {"url": url, "base_url": f"{url}/v1", "engine": engine_id,
-            "engine_status": engine_status, "model": model, "key": key, "curl": curl,
-            "proxy": proxy, "notes": notes}
+    data = {
+        "url": url,
+        "base_url": f"{url}/v1",
+        "engine": engine_id,
+        "engine_status": engine_status,
+        "model": model,
+        "key": key,
+        "curl": curl,
+        "proxy": proxy,
+        "notes": notes,
+    }
     return Result(data, text=_text)

@@ -142,8 +142,9 @@ def unregister_listener(listener: Listener) -> None:
         _listeners.remove(listener)
 
 
-def notify(event_type: str, severity: str, client_ip: str = "",
-           details: dict[str, Any] | None = None) -> None:
+def notify(
+    event_type: str, severity: str, client_ip: str = "", details: dict[str, Any] | None = None
+) -> None:
     """Offer an event recorded outside a request (egress, certificates, engines) to the most
     recently configured alerter of this process, if any (one alert, not one per proxy)."""
     if _listeners:

@@ -32,8 +32,10 @@ def check_patterns(patterns: list[str]) -> list[str]:
     for raw in patterns:
         pattern = raw.strip()
         if len(pattern) > MAX_PATTERN_LENGTH or not _PATTERN.match(pattern):
-            raise UsageError(f"--models takes flm://engine/model ids or globs such as "
-                             f"flm://ollama/*; not {raw[:80]!r}")
+            raise UsageError(
+                f"--models takes flm://engine/model ids or globs such as "
+                f"flm://ollama/*; not {raw[:80]!r}"
+            )
         if pattern not in out:
             out.append(pattern)
     if len(out) > MAX_PATTERNS:
@@ -53,12 +55,14 @@ def parse_expiry(text: str, now: datetime | None = None) -> str:
     try:
         return iso(parse_iso(text))
     except ValueError:
-        raise UsageError(f"--expires takes a duration (30d, 12h, 90m, 2w) or a date "
-                         f"(2026-12-31 or an ISO datetime); not {text[:60]!r}") from None
+        raise UsageError(
+            f"--expires takes a duration (30d, 12h, 90m, 2w) or a date "
+            f"(2026-12-31 or an ISO datetime); not {text[:60]!r}"
+        ) from None
 
 
 def _engine_of(pattern: str) -> str:
-    return pattern[len("flm://"):].split("/", 1)[0]
+    return pattern[len("flm://") :].split("/", 1)[0]
 
 
 @dataclass(eq=False)
@@ -91,8 +95,9 @@ class KeyScope:
     tpm_text: bytes = field(default=b"", init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.limits = any(v is not None for v in (self.rpm, self.tpm, self.daily_tokens,
-                                                   self.daily_requests))
+        self.limits = any(
+            v is not None for v in (self.rpm, self.tpm, self.daily_tokens, self.daily_requests)
+        )
         self.checked = self.limits or self.read_only or self.expires_at is not None
         self.rpm_text = str(self.rpm or 0).encode()
         self.tpm_text = str(self.tpm or 0).encode()
@@ -119,7 +124,8 @@ class KeyScope:
         answer = self._answers.get(model_id)
         if answer is None:
             answer = model_id in self._exact or (
-                self._glob is not None and self._glob.match(model_id) is not None)
+                self._glob is not None and self._glob.match(model_id) is not None
+            )
             remember(self._answers, model_id, answer, 1024)
         return answer
 
@@ -129,7 +135,8 @@ class KeyScope:
             return True
         answer = self._engines.get(engine_id)
         if answer is None:
-            answer = (self._whole_engines is not None
-                      and self._whole_engines.match(engine_id) is not None)
+            answer = (
+                self._whole_engines is not None and self._whole_engines.match(engine_id) is not None
+            )
             remember(self._engines, engine_id, answer, 256)
         return answer

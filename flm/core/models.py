@@ -69,8 +69,17 @@ class Capabilities:
     max_audio_bytes: int = 25 * 1024 * 1024
     #: OpenAI sampling parameters the engine understands (others are dropped with a warning).
     sampling_params: frozenset[str] = frozenset(
-        {"temperature", "top_p", "max_tokens", "stop", "seed", "presence_penalty",
-         "frequency_penalty", "logit_bias", "max_completion_tokens"}
+        {
+            "temperature",
+            "top_p",
+            "max_tokens",
+            "stop",
+            "seed",
+            "presence_penalty",
+            "frequency_penalty",
+            "logit_bias",
+            "max_completion_tokens",
+        }
     )
 
     def to_dict(self) -> dict[str, Any]:
@@ -167,8 +176,7 @@ class ModelInfo:
             "engine_id": self.engine_id,
             "name": self.name,
             "context_length": self.context_length,
-            "capabilities": {"vision_inputs": self.vision,
-                             "embeddings_only": self.embeddings_only},
+            "capabilities": {"vision_inputs": self.vision, "embeddings_only": self.embeddings_only},
             "details": self.details,
             "cloud": self.cloud,
         }
@@ -205,7 +213,7 @@ def split_model_id(model_id: str) -> tuple[str, str] | None:
     """``flm://engine/model`` → ``(engine, model)``; ``None`` when not in that form."""
     if not model_id.startswith(MODEL_SCHEME):
         return None
-    rest = model_id[len(MODEL_SCHEME):]
+    rest = model_id[len(MODEL_SCHEME) :]
     engine_id, sep, name = rest.partition("/")
     if not sep or not engine_id or not name:
         return None

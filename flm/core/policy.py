@@ -52,8 +52,9 @@ def validate_policy(document: Any) -> dict[str, Any]:
             f"$: the policy must be a JSON object, got {type(document).__name__}",
             details=[{"path": "$", "message": "not an object"}],
         )
-    errors = sorted(islice(_validator().iter_errors(document), MAX_ERRORS),
-                    key=lambda e: list(e.absolute_path))
+    errors = sorted(
+        islice(_validator().iter_errors(document), MAX_ERRORS), key=lambda e: list(e.absolute_path)
+    )
     if errors:
         details = [{"path": _clip(e.json_path), "message": _clip(e.message)} for e in errors]
         summary = "; ".join(_describe(d["path"], d["message"]) for d in details[:5])
@@ -97,7 +98,9 @@ def parse_policy_text(text: str) -> dict[str, Any]:
     if len(text) > MAX_POLICY_BYTES:
         raise PolicyInvalidError(
             f"$: the policy is {len(text)} characters long; at most {MAX_POLICY_BYTES} are "
-            "accepted", details=[{"path": "$", "message": "too long"}])
+            "accepted",
+            details=[{"path": "$", "message": "too long"}],
+        )
     try:
         document = parse_document(text)
     except json.JSONDecodeError as exc:
@@ -106,8 +109,9 @@ def parse_policy_text(text: str) -> dict[str, Any]:
             details=[{"path": "$", "message": "not valid JSON"}],
         ) from exc
     except ValueError as exc:
-        raise PolicyInvalidError(f"$: not valid JSON ({exc})",
-                                 details=[{"path": "$", "message": str(exc)}]) from exc
+        raise PolicyInvalidError(
+            f"$: not valid JSON ({exc})", details=[{"path": "$", "message": str(exc)}]
+        ) from exc
     return validate_policy(document)
 
 
@@ -224,23 +228,28 @@ class EffectivePolicy:
             max_duration_s=float(anomaly.get("max_duration_seconds", 300.0)),
             anomaly_auto_block=bool(anomaly.get("auto_block", True)),
             resource_enabled=_switch(resource, exposed),
-            cpu_threshold=(float(resource["cpu_threshold"]) if "cpu_threshold" in resource
-                           else None),
-            memory_threshold=(float(resource["memory_threshold"])
-                              if "memory_threshold" in resource else None),
+            cpu_threshold=(
+                float(resource["cpu_threshold"]) if "cpu_threshold" in resource else None
+            ),
+            memory_threshold=(
+                float(resource["memory_threshold"]) if "memory_threshold" in resource else None
+            ),
             max_loop_lag_ms=float(resource.get("max_loop_lag_ms", 500)),
             max_rss_mb=float(resource.get("max_rss_mb", 4096)),
             max_connections=max_connections,
-            max_connections_per_address=int(resource.get(
-                "max_connections_per_address", max(1, max_connections // 4))),
-            max_connections_per_key=int(resource.get(
-                "max_connections_per_key", max(1, max_connections // 4))),
+            max_connections_per_address=int(
+                resource.get("max_connections_per_address", max(1, max_connections // 4))
+            ),
+            max_connections_per_key=int(
+                resource.get("max_connections_per_key", max(1, max_connections // 4))
+            ),
             security_headers=bool(headers.get("enabled", True)),
             allow_cloud_models=bool(doc.get("allow_cloud_models", False)),
             trusted_clients=_networks(doc.get("trusted_clients")),
             connections_per_address=int(connections.get("max_per_address", 128)),
-            connections_total=(int(connections["max_total"]) if "max_total" in connections
-                               else None),
+            connections_total=(
+                int(connections["max_total"]) if "max_total" in connections else None
+            ),
         )
 
 
@@ -287,9 +296,14 @@ def effective_rows(document: dict[str, Any]) -> list[dict[str, Any]]:
         node: Any = document
         for part in path.split("."):
             node = node.get(part) if isinstance(node, dict) else None
-        rows.append({"setting": path, "loopback": _plain(getattr(loopback, name)),
-                     "exposed": _plain(getattr(exposed, name)),
-                     "source": "default" if node is None else "set"})
+        rows.append(
+            {
+                "setting": path,
+                "loopback": _plain(getattr(loopback, name)),
+                "exposed": _plain(getattr(exposed, name)),
+                "source": "default" if node is None else "set",
+            }
+        )
     return rows
 
 

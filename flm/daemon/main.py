@@ -42,8 +42,10 @@ class Daemon:
     def __init__(self, paths: Paths) -> None:
         self.paths = paths
         #: told to the CLI, which refuses a start naming other databases
-        self.databases = {"config_db": os.path.abspath(paths.config_db),
-                          "security_db": os.path.abspath(paths.security_db)}
+        self.databases = {
+            "config_db": os.path.abspath(paths.config_db),
+            "security_db": os.path.abspath(paths.security_db),
+        }
         self.ctx = Context(paths)
         self.token = secrets.token_hex(32)
         self.instances: dict[str, ProxyInstance] = {}
@@ -63,44 +65,61 @@ class Daemon:
         async with self._lock:
             mode = str(config.get("mode") or "local-http")
             if mode not in MODES:
-                raise ProxyError(f"mode {mode!r} is not available yet (supported: "
-                                 f"{', '.join(MODES)})")
+                raise ProxyError(
+                    f"mode {mode!r} is not available yet (supported: {', '.join(MODES)})"
+                )
             port = int(config.get("port") or 8080)
             bind = str(config.get("bind") or "127.0.0.1")
             for inst in self.instances.values():
                 taken = {inst.settings.port, inst.settings.https_port}
                 if port in taken or (mode != "local-http" and port + 1 in taken):
                     raise ProxyAlreadyRunningError(
-                        f"a proxy ({inst.settings.handle_id}) already runs on port {port}")
+                        f"a proxy ({inst.settings.handle_id}) already runs on port {port}"
+                    )
             handle_id = f"proxy-{port}"
             proxy = await start_instance(self.ctx, config, handle_id=handle_id)
             # (the web UI's chat tester calls the proxy from the UI's origin)
             proxy.runtime.allow_ui_origins(tuple(sorted(self.ui.origins)))
             try:
-                await asyncio.to_thread(ProxyHandlesRepo(self.ctx.storage.config).add,
-                                        ProxyHandleRow(handle_id, os.getpid(), port,
-                                                       proxy.settings.https_port, bind, mode,
-                                                       json.dumps(config), now_iso()))
+                await asyncio.to_thread(
+                    ProxyHandlesRepo(self.ctx.storage.config).add,
+                    ProxyHandleRow(
+                        handle_id,
+                        os.getpid(),
+                        port,
+                        proxy.settings.https_port,
+                        bind,
+                        mode,
+                        json.dumps(config),
+                        now_iso(),
+                    ),
+                )
             except BaseException as exc:
                 # All or nothing: a proxy whose handle is not recorded is one `status` and
                 # `stop` cannot see, so it is not left running.
                 with contextlib.suppress(Exception):
                     await proxy.close()
                 if isinstance(exc, FlmError):
-                    exc.message = ("the proxy was not started (stopped again): its handle "
-                                   f"could not be recorded in config.db: {exc.message}")
+                    exc.message = (
+                        "the proxy was not started (stopped again): its handle "
+                        f"could not be recorded in config.db: {exc.message}"
+                    )
                 raise
             self.instances[handle_id] = proxy
             log.info("proxy started", extra={"handle": handle_id, "port": port})
             return proxy.describe()
 
-    async def stop_proxies(self, *, port: int | None = None, handle_id: str | None = None,
-                           all_: bool = False) -> tuple[list[str], list[str]]:
+    async def stop_proxies(
+        self, *, port: int | None = None, handle_id: str | None = None, all_: bool = False
+    ) -> tuple[list[str], list[str]]:
         """Stop the chosen proxies; returns their ids and warnings (a stop that happened is
         reported as done even when its handle cannot be removed from config.db)."""
         async with self._lock:
-            chosen = [i for i in self.instances.values()
-                      if all_ or i.settings.port == port or i.settings.handle_id == handle_id]
+            chosen = [
+                i
+                for i in self.instances.values()
+                if all_ or i.settings.port == port or i.settings.handle_id == handle_id
+            ]
             for inst in chosen:
                 try:
                     await inst.close()
@@ -115,20 +134,21 @@ class Daemon:
             warnings: list[str] = []
             if ids:
                 try:
-                    await asyncio.to_thread(ProxyHandlesRepo(self.ctx.storage.config).remove,
-                                            ids)
+                    await asyncio.to_thread(ProxyHandlesRepo(self.ctx.storage.config).remove, ids)
                 except FlmError as exc:
                     warnings.append(
                         f"stopped, but the handles could not be removed from config.db "
-                        f"({exc.message}); `flm proxy status` removes them once it can write")
+                        f"({exc.message}); `flm proxy status` removes them once it can write"
+                    )
                     log.warning("%s", warnings[-1])
             return ids, warnings
 
     async def reload(self, *, port: int | None = None, log_level: str | None = None) -> list[str]:
         """Apply the current policy, keys, blocklist and engines to running proxies. A stored
         policy that no longer validates is refused and the one in force stays."""
-        chosen = [inst for inst in self.instances.values()
-                  if port is None or inst.settings.port == port]
+        chosen = [
+            inst for inst in self.instances.values() if port is None or inst.settings.port == port
+        ]
         return await reload_proxies(self.ctx, chosen, log_level)
 
     async def periodic_reload(self) -> None:
@@ -154,21 +174,26 @@ class Daemon:
         days = int(self.ctx.config.value("audit.retention_days"))
         result = SecurityEvents(self.ctx.storage).apply_retention(days)
         if result is not None:
-            log.info("audit retention: archived %d rows to %s", result["archived"],
-                     result["file"])
+            log.info("audit retention: archived %d rows to %s", result["archived"], result["file"])
 
     async def renew(self, *, port: int | None = None, force: bool = True) -> list[dict[str, Any]]:
         """Renew the certificates of TLS proxies now (``force``) or when due, without restart."""
-        chosen = [i for i in self.instances.values()
-                  if i.tls is not None and (port is None or i.settings.port == port)]
+        chosen = [
+            i
+            for i in self.instances.values()
+            if i.tls is not None and (port is None or i.settings.port == port)
+        ]
         if not chosen:
             raise ProxyError("no running TLS proxy" + (f" on port {port}" if port else ""))
         return [await i.renew(force=force) for i in chosen]
 
     def status(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "started_at": self.started_at,
-                "proxies": [i.describe() for i in self.instances.values()],
-                "ui_live": self.ui.live()}
+        return {
+            "pid": os.getpid(),
+            "started_at": self.started_at,
+            "proxies": [i.describe() for i in self.instances.values()],
+            "ui_live": self.ui.live(),
+        }
 
     # --- admin API -------------------------------------------------------------------------------
 
@@ -192,9 +217,15 @@ class Daemon:
         self.failures[ip] = recent
         if len(recent) == MAX_ADMIN_FAILURES:
             log.warning("admin API: blocking %s after %d bad tokens", ip, len(recent))
-            task = asyncio.get_running_loop().create_task(asyncio.to_thread(
-                record_security_event, self.ctx.storage, "admin_auth_blocked", "high",
-                {"client_ip": ip, "failures": len(recent), "block_s": ADMIN_BLOCK_S}))
+            task = asyncio.get_running_loop().create_task(
+                asyncio.to_thread(
+                    record_security_event,
+                    self.ctx.storage,
+                    "admin_auth_blocked",
+                    "high",
+                    {"client_ip": ip, "failures": len(recent), "block_s": ADMIN_BLOCK_S},
+                )
+            )
             self._background.add(task)
             task.add_done_callback(self._background.discard)
         return "bad"
@@ -208,13 +239,23 @@ class Daemon:
             return
         verdict = self._authorised(scope)
         if verdict == "blocked":
-            await send_json(send, 429, {"error": {
-                "code": "UNAUTHORIZED", "message": "too many bad admin tokens; blocked for "
-                f"{ADMIN_BLOCK_S:.0f} s"}})
+            await send_json(
+                send,
+                429,
+                {
+                    "error": {
+                        "code": "UNAUTHORIZED",
+                        "message": f"too many bad admin tokens; blocked for {ADMIN_BLOCK_S:.0f} s",
+                    }
+                },
+            )
             return
         if verdict != "ok":
-            await send_json(send, 401, {"error": {"code": "UNAUTHORIZED",
-                                                  "message": "bad or missing admin token"}})
+            await send_json(
+                send,
+                401,
+                {"error": {"code": "UNAUTHORIZED", "message": "bad or missing admin token"}},
+            )
             return
         self._in_flight += 1
         try:
@@ -227,8 +268,9 @@ class Daemon:
                 # one (a start racing a stop).
                 self.stop_event.set()
 
-    async def _admin(self, path: str, method: str, receive: Receive, scope: Scope,
-                     send: Send) -> None:
+    async def _admin(
+        self, path: str, method: str, receive: Receive, scope: Scope, send: Send
+    ) -> None:
         try:
             body: dict[str, Any] = {}
             if method == "POST":
@@ -243,25 +285,34 @@ class Daemon:
                 result = await self.start_proxy(body)
             elif path == "/admin/stop" and method == "POST":
                 stopped, warnings = await self.stop_proxies(
-                    port=body.get("port"), handle_id=body.get("handle_id"),
-                    all_=bool(body.get("all")))
+                    port=body.get("port"),
+                    handle_id=body.get("handle_id"),
+                    all_=bool(body.get("all")),
+                )
                 result = {"stopped": stopped}
                 if warnings:
                     result["warnings"] = warnings
             elif path == "/admin/renew" and method == "POST":
-                result = {"renewed": await self.renew(port=body.get("port"),
-                                                      force=bool(body.get("force", True)))}
+                result = {
+                    "renewed": await self.renew(
+                        port=body.get("port"), force=bool(body.get("force", True))
+                    )
+                }
             elif path == "/admin/ui-login" and method == "POST":
                 # a one-time web UI login link (2 minutes, single use); the daemon stays up
                 # while it is unspent or a session made from it is live
                 result = {"url": self.ui.login_url()}
             elif path == "/admin/reload" and method == "POST":
                 level = body.get("log_level")
-                result = {"reloaded": await self.reload(
-                    port=body.get("port"), log_level=level if isinstance(level, str) else None)}
+                result = {
+                    "reloaded": await self.reload(
+                        port=body.get("port"), log_level=level if isinstance(level, str) else None
+                    )
+                }
             else:
-                await send_json(send, 404, {"error": {"code": "NOT_FOUND",
-                                                      "message": "no such admin route"}})
+                await send_json(
+                    send, 404, {"error": {"code": "NOT_FOUND", "message": "no such admin route"}}
+                )
                 return
         except FlmError as exc:
             await send_json(send, 400, {"error": exc.to_dict()})
@@ -269,13 +320,19 @@ class Daemon:
         except (HttpError, ValueError, TypeError) as exc:
             # a body that is not JSON, a malformed field (e.g. a port that is text)
             message = exc.message if isinstance(exc, HttpError) else str(exc)
-            await send_json(send, 400, {"error": {"code": UsageError.code,
-                                                  "message": f"bad admin request: {message}"}})
+            await send_json(
+                send,
+                400,
+                {"error": {"code": UsageError.code, "message": f"bad admin request: {message}"}},
+            )
             return
         except Exception:
             log.exception("admin API: %s %s failed", method, path)
-            await send_json(send, 500, {"error": {"code": "INTERNAL_ERROR",
-                                                  "message": "internal error (see daemon.log)"}})
+            await send_json(
+                send,
+                500,
+                {"error": {"code": "INTERNAL_ERROR", "message": "internal error (see daemon.log)"}},
+            )
             return
         await send_json(send, 200, {"data": result})
 
@@ -304,9 +361,13 @@ class Daemon:
         admin = HttpServer(self.admin_app, admin_sock, refusal=refusal)
         await admin.start()
         self.ui.set_port(admin.port)
-        info = {"port": admin.port, "token": self.token, "pid": os.getpid(),
-                "started_at": now_iso(),
-                **self.databases}
+        info = {
+            "port": admin.port,
+            "token": self.token,
+            "pid": os.getpid(),
+            "started_at": now_iso(),
+            **self.databases,
+        }
         ensure_private_dir(self.paths.run_dir)
         write_private_file(self.paths.daemon_file, json.dumps(info).encode())
         reloader = asyncio.ensure_future(self.periodic_reload())

@@ -40,11 +40,14 @@ class _SocksConnection(HTTPConnection):
             return proxy.connect(dest_host=self.host, dest_port=self.port, timeout=timeout)
         except ProxyTimeoutError as exc:
             raise ConnectTimeoutError(
-                self, f"connection to {self.host} through the SOCKS5 proxy timed out") from exc
+                self, f"connection to {self.host} through the SOCKS5 proxy timed out"
+            ) from exc
         except (ProxyError, OSError) as exc:
             raise NewConnectionError(
-                self, f"cannot connect to {self.host} through the SOCKS5 proxy "
-                f"{options['host']}:{options['port']}: {exc}") from exc
+                self,
+                f"cannot connect to {self.host} through the SOCKS5 proxy "
+                f"{options['host']}:{options['port']}: {exc}",
+            ) from exc
 
 
 class _SocksHTTPSConnection(_SocksConnection, HTTPSConnection):
@@ -66,8 +69,10 @@ class _SocksPoolManager(PoolManager):
             raise ValueError("egress mode direct has no SOCKS endpoint")
         super().__init__(**kwargs)
         # ``_socks_options`` is one of urllib3's pool-key fields (its own SOCKS support uses it).
-        self.connection_pool_kw["_socks_options"] = {"host": endpoint.host,
-                                                     "port": str(endpoint.port)}
+        self.connection_pool_kw["_socks_options"] = {
+            "host": endpoint.host,
+            "port": str(endpoint.port),
+        }
         self.pool_classes_by_scheme = {"http": _SocksHTTPPool, "https": _SocksHTTPSPool}
 
 
@@ -78,10 +83,12 @@ class SocksAdapter(HTTPAdapter):
         self._egress = config
         super().__init__(**kwargs)
 
-    def init_poolmanager(self, connections: int, maxsize: int, block: bool = False,
-                         **pool_kwargs: Any) -> None:
-        self.poolmanager = _SocksPoolManager(self._egress, num_pools=connections,
-                                             maxsize=maxsize, block=block, **pool_kwargs)
+    def init_poolmanager(
+        self, connections: int, maxsize: int, block: bool = False, **pool_kwargs: Any
+    ) -> None:
+        self.poolmanager = _SocksPoolManager(
+            self._egress, num_pools=connections, maxsize=maxsize, block=block, **pool_kwargs
+        )
 
 
 def mount_egress(session: requests.Session, config: EgressConfig, target_url: str) -> bool:

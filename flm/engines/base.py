@@ -36,11 +36,16 @@ class EngineAdapter(ABC):
 
     capabilities_default: ClassVar[Capabilities] = Capabilities()
 
-    def __init__(self, endpoint: EngineEndpoint, timeouts: Timeouts | None = None,
-                 client: EngineClient | None = None) -> None:
+    def __init__(
+        self,
+        endpoint: EngineEndpoint,
+        timeouts: Timeouts | None = None,
+        client: EngineClient | None = None,
+    ) -> None:
         self.endpoint = endpoint
-        self.client = client or EngineClient(endpoint.base_url, timeouts,
-                                             api_key=endpoint.api_key, name=endpoint.id)
+        self.client = client or EngineClient(
+            endpoint.base_url, timeouts, api_key=endpoint.api_key, name=endpoint.id
+        )
 
     @property
     def id(self) -> str:
@@ -61,8 +66,9 @@ class EngineAdapter(ABC):
     @abstractmethod
     async def chat(self, body: dict[str, Any]) -> dict[str, Any]: ...
 
-    async def chat_bytes(self, body: dict[str, Any], public_model: str,
-                         raw_body: bytes | None = None) -> bytes:
+    async def chat_bytes(
+        self, body: dict[str, Any], public_model: str, raw_body: bytes | None = None
+    ) -> bytes:
         """The reply as compact JSON bytes with ``model`` set to ``public_model``.
         ``raw_body`` is ``body`` already serialised, when the caller has it. Engines whose
         requests and replies need no translation override this to skip a parse/serialise."""
@@ -78,14 +84,14 @@ class EngineAdapter(ABC):
     @abstractmethod
     async def embeddings(self, body: dict[str, Any]) -> dict[str, Any]: ...
 
-    async def completion_bytes(self, body: dict[str, Any], public_model: str,
-                               raw_body: bytes | None = None) -> bytes:
+    async def completion_bytes(
+        self, body: dict[str, Any], public_model: str, raw_body: bytes | None = None
+    ) -> bytes:
         """A legacy text completion (``/v1/completions``) as compact JSON bytes, ``model``
         set to ``public_model``."""
         raise NotSupportedError(f"{self.endpoint.kind} engines do not serve text completions")
 
-    def completion_stream(self, body: dict[str, Any],
-                          public_model: str) -> AsyncIterator[bytes]:
+    def completion_stream(self, body: dict[str, Any], public_model: str) -> AsyncIterator[bytes]:
         """Streamed text completion: ``text_completion`` SSE events, then ``[DONE]``."""
         raise NotSupportedError(f"{self.endpoint.kind} engines do not serve text completions")
 
@@ -129,14 +135,14 @@ def floats_to_base64(vector: Sequence[float]) -> str:
     return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
 
 
-def shape_embeddings(vectors: list[list[float]], model: str, prompt_tokens: int,
-                     encoding_format: str | None) -> dict[str, Any]:
+def shape_embeddings(
+    vectors: list[list[float]], model: str, prompt_tokens: int, encoding_format: str | None
+) -> dict[str, Any]:
     as_b64 = encoding_format == "base64"
     return {
         "object": "list",
         "data": [
-            {"object": "embedding", "index": i,
-             "embedding": floats_to_base64(v) if as_b64 else v}
+            {"object": "embedding", "index": i, "embedding": floats_to_base64(v) if as_b64 else v}
             for i, v in enumerate(vectors)
         ],
         "model": model,

@@ -19,8 +19,14 @@ from flm.engines.kinds import KindDescriptor, make_adapter
 from flm.http.client import FlmListenerError, Timeouts
 
 #: Where installers put engine executables besides PATH.
-_KNOWN_DIRS = ("/usr/local/bin", "/usr/bin", "/opt/homebrew/bin", "~/.local/bin",
-               "~/.lmstudio/bin", "~/.cache/lm-studio/bin")
+_KNOWN_DIRS = (
+    "/usr/local/bin",
+    "/usr/bin",
+    "/opt/homebrew/bin",
+    "~/.local/bin",
+    "~/.lmstudio/bin",
+    "~/.cache/lm-studio/bin",
+)
 
 
 @dataclass(frozen=True)
@@ -62,14 +68,21 @@ def _upstream_status(exc: EngineError) -> int | None:
     return None
 
 
-async def probe(adapter: EngineAdapter, settings: DetectSettings,
-                binary: str | None) -> EngineState | None:
+async def probe(
+    adapter: EngineAdapter, settings: DetectSettings, binary: str | None
+) -> EngineState | None:
     """One engine's state, or ``None`` when the endpoint turns out to be FLM itself."""
     endpoint = adapter.endpoint
-    state = EngineState(endpoint.id, endpoint.kind, endpoint.base_url,
-                        EngineStatus.ERROR_NETWORK, source=endpoint.source,
-                        binary_path=binary, checked_at=time.time(),
-                        capabilities=adapter.capabilities())
+    state = EngineState(
+        endpoint.id,
+        endpoint.kind,
+        endpoint.base_url,
+        EngineStatus.ERROR_NETWORK,
+        source=endpoint.source,
+        binary_path=binary,
+        checked_at=time.time(),
+        capabilities=adapter.capabilities(),
+    )
     failures = 0
     while True:
         try:
@@ -103,8 +116,10 @@ async def probe(adapter: EngineAdapter, settings: DetectSettings,
             state.error = health.degraded_reason
         elif health.latency_ms >= settings.threshold_ms:
             state.status = EngineStatus.RUNNING_DEGRADED
-            state.error = (f"slow: health answered in {health.latency_ms:.0f} ms "
-                           f"(threshold {settings.threshold_ms:.0f} ms)")
+            state.error = (
+                f"slow: health answered in {health.latency_ms:.0f} ms "
+                f"(threshold {settings.threshold_ms:.0f} ms)"
+            )
         else:
             state.status = EngineStatus.RUNNING_HEALTHY
         return state
@@ -112,15 +127,22 @@ async def probe(adapter: EngineAdapter, settings: DetectSettings,
     return state
 
 
-async def detect_all(endpoints: Sequence[EngineEndpoint], settings: DetectSettings,
-                     timeouts: Timeouts | None = None,
-                     env: Mapping[str, str] | None = None) -> list[EngineState | None]:
+async def detect_all(
+    endpoints: Sequence[EngineEndpoint],
+    settings: DetectSettings,
+    timeouts: Timeouts | None = None,
+    env: Mapping[str, str] | None = None,
+) -> list[EngineState | None]:
     """Probe every endpoint concurrently; results in the same order."""
     adapters = [make_adapter(e, timeouts) for e in endpoints]
     try:
-        return list(await asyncio.gather(
-            *(probe(a, settings, find_binary(kinds.get(a.endpoint.kind), env))
-              for a in adapters)
-        ))
+        return list(
+            await asyncio.gather(
+                *(
+                    probe(a, settings, find_binary(kinds.get(a.endpoint.kind), env))
+                    for a in adapters
+                )
+            )
+        )
     finally:
         await asyncio.gather(*(a.close() for a in adapters), return_exceptions=True)

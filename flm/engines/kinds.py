@@ -148,8 +148,9 @@ def help_text() -> str:
     return listed[0] if len(listed) == 1 else f"{', '.join(listed[:-1])} or {listed[-1]}"
 
 
-def make_adapter(endpoint: EngineEndpoint, timeouts: Timeouts | None = None,
-                 client: EngineClient | None = None) -> EngineAdapter:
+def make_adapter(
+    endpoint: EngineEndpoint, timeouts: Timeouts | None = None, client: EngineClient | None = None
+) -> EngineAdapter:
     """An adapter for ``endpoint``; ``client`` replaces the default direct HTTP client (the
     proxy passes one that honours the egress in force)."""
     return get(endpoint.kind).adapter_class()(endpoint, timeouts, client)
@@ -157,42 +158,80 @@ def make_adapter(endpoint: EngineEndpoint, timeouts: Timeouts | None = None,
 
 # -- the built-in kinds --------------------------------------------------------------------------
 
-OLLAMA = register(KindDescriptor(
-    name=EngineKind.OLLAMA, label="Ollama", adapter="flm.engines.ollama:OllamaAdapter",
-    default_port=11434, host_env="OLLAMA_HOST", binaries=("ollama",), binary_env="OLLAMA_BIN",
-    # Ollama's /api/ namespace is an allow-list (its inference and read routes; anything
-    # else there, present or future, is refused).
-    passthrough=PassThrough(EVERY_ROUTE, refused=re.compile(
-        r"^/api/(?!(generate|chat|embed|embeddings|tags|show|ps|version)/?$)")),
-    loopback_fix="restart Ollama with OLLAMA_HOST=127.0.0.1 (`OLLAMA_HOST=127.0.0.1 ollama "
-    "serve`, or `systemctl edit ollama` and set Environment=\"OLLAMA_HOST=127.0.0.1\")",
-    models_path="/api/tags",
-))
-VLLM = register(KindDescriptor(
-    name=EngineKind.VLLM, label="vLLM", adapter="flm.engines.vllm:VllmAdapter",
-    default_port=8000, host_env="VLLM_HOST", port_env="VLLM_PORT", binaries=("vllm",),
-    # vLLM's control routes are refused by the words their names are made of, which no
-    # inference route uses.
-    passthrough=PassThrough(EVERY_ROUTE, refused=re.compile(
-        r"^/(v1/)?[a-z0-9_]*(lora|profile|cache|sleep|wake|rpc|elastic|weight|server_info"
-        r"|pause|resume|abort|fault_tolerance)")),
-    loopback_fix="restart vLLM with --host 127.0.0.1 (`vllm serve MODEL --host 127.0.0.1`)",
-))
-LMSTUDIO = register(KindDescriptor(
-    name=EngineKind.LMSTUDIO, label="LM Studio", adapter="flm.engines.lmstudio:LmStudioAdapter",
-    default_port=1234, host_env="LMSTUDIO_API_HOST", binaries=("lms",),
-    passthrough=PassThrough(EVERY_ROUTE, refused=re.compile(
-        r"^/api/v[01]/models/(load|unload|download)(/|$)")),
-    loopback_fix="in LM Studio's Developer tab, server settings, switch off \"Serve on Local "
-    "Network\" (or start it with `lms server start` without --bind 0.0.0.0)",
-))
-LLAMACPP = register(KindDescriptor(
-    name=EngineKind.LLAMACPP, label="llama.cpp", adapter="flm.engines.llamacpp:LlamaCppAdapter",
-    default_port=8080, host_env="LLAMA_CPP_HOST", port_env="LLAMA_CPP_PORT",
-    binaries=("llama-server", "llama-cpp-server"), binary_env="LLAMA_SERVER_PATH",
-    # /props accepts POST to change server settings.
-    passthrough=PassThrough(
-        EVERY_ROUTE, refused=re.compile(r"^/(slots|lora-adapters|models/(load|unload))(/|$)"),
-        read_only=re.compile(r"^/props$")),
-    loopback_fix="restart llama-server with --host 127.0.0.1",
-))
+OLLAMA = register(
+    KindDescriptor(
+        name=EngineKind.OLLAMA,
+        label="Ollama",
+        adapter="flm.engines.ollama:OllamaAdapter",
+        default_port=11434,
+        host_env="OLLAMA_HOST",
+        binaries=("ollama",),
+        binary_env="OLLAMA_BIN",
+        # Ollama's /api/ namespace is an allow-list (its inference and read routes; anything
+        # else there, present or future, is refused).
+        passthrough=PassThrough(
+            EVERY_ROUTE,
+            refused=re.compile(
+                r"^/api/(?!(generate|chat|embed|embeddings|tags|show|ps|version)/?$)"
+            ),
+        ),
+        loopback_fix="restart Ollama with OLLAMA_HOST=127.0.0.1 (`OLLAMA_HOST=127.0.0.1 ollama "
+        'serve`, or `systemctl edit ollama` and set Environment="OLLAMA_HOST=127.0.0.1")',
+        models_path="/api/tags",
+    )
+)
+VLLM = register(
+    KindDescriptor(
+        name=EngineKind.VLLM,
+        label="vLLM",
+        adapter="flm.engines.vllm:VllmAdapter",
+        default_port=8000,
+        host_env="VLLM_HOST",
+        port_env="VLLM_PORT",
+        binaries=("vllm",),
+        # vLLM's control routes are refused by the words their names are made of, which no
+        # inference route uses.
+        passthrough=PassThrough(
+            EVERY_ROUTE,
+            refused=re.compile(
+                r"^/(v1/)?[a-z0-9_]*(lora|profile|cache|sleep|wake|rpc|elastic|weight|server_info"
+                r"|pause|resume|abort|fault_tolerance)"
+            ),
+        ),
+        loopback_fix="restart vLLM with --host 127.0.0.1 (`vllm serve MODEL --host 127.0.0.1`)",
+    )
+)
+LMSTUDIO = register(
+    KindDescriptor(
+        name=EngineKind.LMSTUDIO,
+        label="LM Studio",
+        adapter="flm.engines.lmstudio:LmStudioAdapter",
+        default_port=1234,
+        host_env="LMSTUDIO_API_HOST",
+        binaries=("lms",),
+        passthrough=PassThrough(
+            EVERY_ROUTE, refused=re.compile(r"^/api/v[01]/models/(load|unload|download)(/|$)")
+        ),
+        loopback_fix="in LM Studio's Developer tab, server settings, switch off \"Serve on Local "
+        'Network" (or start it with `lms server start` without --bind 0.0.0.0)',
+    )
+)
+LLAMACPP = register(
+    KindDescriptor(
+        name=EngineKind.LLAMACPP,
+        label="llama.cpp",
+        adapter="flm.engines.llamacpp:LlamaCppAdapter",
+        default_port=8080,
+        host_env="LLAMA_CPP_HOST",
+        port_env="LLAMA_CPP_PORT",
+        binaries=("llama-server", "llama-cpp-server"),
+        binary_env="LLAMA_SERVER_PATH",
+        # /props accepts POST to change server settings.
+        passthrough=PassThrough(
+            EVERY_ROUTE,
+            refused=re.compile(r"^/(slots|lora-adapters|models/(load|unload))(/|$)"),
+            read_only=re.compile(r"^/props$"),
+        ),
+        loopback_fix="restart llama-server with --host 127.0.0.1",
+    )
+)

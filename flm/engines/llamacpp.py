@@ -31,14 +31,23 @@ class LlamaCppAdapter(OpenAICompatAdapter):
             props = await self.client.get_json("/props", limit=4 * 1024 * 1024)
             if isinstance(props, dict):
                 settings = props.get("default_generation_settings") or {}
-                context = _int_or_none(settings.get("n_ctx") if isinstance(settings, dict)
-                                       else None) or _int_or_none(props.get("n_ctx"))
+                context = _int_or_none(
+                    settings.get("n_ctx") if isinstance(settings, dict) else None
+                ) or _int_or_none(props.get("n_ctx"))
                 modalities = props.get("modalities") or {}
                 vision = bool(isinstance(modalities, dict) and modalities.get("vision"))
         except EngineError:
             pass  # /props is optional information
-        return [ModelInfo(m.engine_id, m.name, context_length=m.context_length or context,
-                          vision=vision, details=m.details) for m in models]
+        return [
+            ModelInfo(
+                m.engine_id,
+                m.name,
+                context_length=m.context_length or context,
+                vision=vision,
+                details=m.details,
+            )
+            for m in models
+        ]
 
     def capabilities(self) -> Capabilities:
         return self.capabilities_default

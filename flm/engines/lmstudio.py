@@ -10,8 +10,9 @@ from flm.engines.openai_compat import OpenAICompatAdapter, _int_or_none
 
 
 class LmStudioAdapter(OpenAICompatAdapter):
-    capabilities_default = Capabilities(tools=True, vision_inputs=True,
-                                        max_image_bytes=4 * 1024 * 1024)
+    capabilities_default = Capabilities(
+        tools=True, vision_inputs=True, max_image_bytes=4 * 1024 * 1024
+    )
 
     async def list_models(self) -> list[ModelInfo]:
         try:
@@ -27,14 +28,18 @@ class LmStudioAdapter(OpenAICompatAdapter):
                 continue
             kind = item.get("type")
             details: dict[str, Any] = {
-                k: item[k] for k in ("type", "state", "arch", "quantization", "publisher")
+                k: item[k]
+                for k in ("type", "state", "arch", "quantization", "publisher")
                 if k in item
             }
-            models.append(ModelInfo(
-                self.id, item["id"],
-                context_length=_int_or_none(item.get("max_context_length")),
-                vision=kind == "vlm",
-                embeddings_only=kind == "embeddings",
-                details=details,
-            ))
+            models.append(
+                ModelInfo(
+                    self.id,
+                    item["id"],
+                    context_length=_int_or_none(item.get("max_context_length")),
+                    vision=kind == "vlm",
+                    embeddings_only=kind == "embeddings",
+                    details=details,
+                )
+            )
         return models

@@ -72,8 +72,12 @@ def to_ollama_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if message.get("tool_calls"):
             calls = [c for c in message["tool_calls"] if isinstance(c, dict) and "function" in c]
             item["tool_calls"] = [
-                {"function": {"name": c["function"]["name"],
-                              "arguments": _loads_or_raw(c["function"].get("arguments"))}}
+                {
+                    "function": {
+                        "name": c["function"]["name"],
+                        "arguments": _loads_or_raw(c["function"].get("arguments")),
+                    }
+                }
                 for c in calls
             ]
             names.update((str(c.get("id")), str(c["function"]["name"])) for c in calls)
@@ -153,26 +157,48 @@ def _tool_calls(message: dict[str, Any], first: int = 0) -> list[dict[str, Any]]
     for i, call in enumerate(calls, first):
         fn = call.get("function", {}) if isinstance(call, dict) else {}
         args = fn.get("arguments", {})
-        out.append({
-            "id": f"call_{secrets.token_hex(8)}", "index": i, "type": "function",
-            "function": {"name": fn.get("name", ""),
-                         "arguments": args if isinstance(args, str) else json.dumps(args)},
-        })
+        out.append(
+            {
+                "id": f"call_{secrets.token_hex(8)}",
+                "index": i,
+                "type": "function",
+                "function": {
+                    "name": fn.get("name", ""),
+                    "arguments": args if isinstance(args, str) else json.dumps(args),
+                },
+            }
+        )
     return out
 
 
 def _usage(final: dict[str, Any]) -> dict[str, int]:
     prompt = int(final.get("prompt_eval_count") or 0)
     completion = int(final.get("eval_count") or 0)
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
 
 
 class OllamaAdapter(EngineAdapter):
     capabilities_default = Capabilities(
-        tools=True, vision_inputs=True, token_inputs=False, tool_choice=False,
-        sampling_params=frozenset({"temperature", "top_p", "max_tokens", "max_completion_tokens",
-                                   "stop", "seed", "presence_penalty", "frequency_penalty"}),
+        tools=True,
+        vision_inputs=True,
+        token_inputs=False,
+        tool_choice=False,
+        sampling_params=frozenset(
+            {
+                "temperature",
+                "top_p",
+                "max_tokens",
+                "max_completion_tokens",
+                "stop",
+                "seed",
+                "presence_penalty",
+                "frequency_penalty",
+            }
+        ),
     )
 
     async def health_check(self, timeout_s: float) -> Health:
@@ -184,17 +210,22 @@ class OllamaAdapter(EngineAdapter):
 
     async def _show(self, name: str) -> dict[str, Any]:
         try:
-            data = await self.client.post_json("/api/show", {"model": name},
-                                               limit=16 * 1024 * 1024)
+            data = await self.client.post_json("/api/show", {"model": name}, limit=16 * 1024 * 1024)
         except EngineError:
             return {}
         return data if isinstance(data, dict) else {}
 
     async def list_models(self) -> list[ModelInfo]:
-        data = require_dict(await self.client.get_json("/api/tags", limit=8 * 1024 * 1024),
-                            "GET /api/tags", "models")
-        entries = [m for m in data["models"] if isinstance(m, dict)
-                   and isinstance(m.get("name") or m.get("model"), str)]
+        data = require_dict(
+            await self.client.get_json("/api/tags", limit=8 * 1024 * 1024),
+            "GET /api/tags",
+            "models",
+        )
+        entries = [
+            m
+            for m in data["models"]
+            if isinstance(m, dict) and isinstance(m.get("name") or m.get("model"), str)
+        ]
         shows = await asyncio.gather(*(self._show(m.get("name") or m["model"]) for m in entries))
         models = []
         for entry, show in zip(entries, shows, strict=True):
@@ -202,26 +233,38 @@ class OllamaAdapter(EngineAdapter):
             info = show.get("model_info") or {}
             context = None
             if isinstance(info, dict):
-                context = next((int(v) for k, v in info.items()
-                                if k.endswith(".context_length") and isinstance(v, int)), None)
+                context = next(
+                    (
+                        int(v)
+                        for k, v in info.items()
+                        if k.endswith(".context_length") and isinstance(v, int)
+                    ),
+                    None,
+                )
             caps = show.get("capabilities") or []
-            details = dict(entry.get("details") or {}) if isinstance(
-                entry.get("details"), dict) else {}
+            details = (
+                dict(entry.get("details") or {}) if isinstance(entry.get("details"), dict) else {}
+            )
             if caps:
                 details["capabilities"] = list(caps)
-            models.append(ModelInfo(
-                self.id, name, context_length=context,
-                vision="vision" in caps,
-                embeddings_only="embedding" in caps and "completion" not in caps,
-                details=details,
-                cloud=is_cloud_model(name, entry, show),
-            ))
+            models.append(
+                ModelInfo(
+                    self.id,
+                    name,
+                    context_length=context,
+                    vision="vision" in caps,
+                    embeddings_only="embedding" in caps and "completion" not in caps,
+                    details=details,
+                    cloud=is_cloud_model(name, entry, show),
+                )
+            )
         return models
 
     async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
         data = require_dict(
             await self.client.post_json("/api/chat", to_ollama_request(body, stream=False)),
-            "Ollama chat reply", "message",
+            "Ollama chat reply",
+            "message",
         )
         message = data["message"] if isinstance(data["message"], dict) else {}
         reply: dict[str, Any] = {"role": "assistant", "content": message.get("content", "")}
@@ -240,8 +283,9 @@ class OllamaAdapter(EngineAdapter):
         }
 
     async def chat_stream(self, body: dict[str, Any], public_model: str) -> AsyncIterator[bytes]:
-        resp = await self.client.request("POST", "/api/chat",
-                                         json_body=to_ollama_request(body, stream=True))
+        resp = await self.client.request(
+            "POST", "/api/chat", json_body=to_ollama_request(body, stream=True)
+        )
         chunk_id = f"chatcmpl-{secrets.token_hex(12)}"
         created = int(time.time())
         finished = False
@@ -250,13 +294,17 @@ class OllamaAdapter(EngineAdapter):
         # more chunk with no choices and the counts. Otherwise it rides on the last chunk.
         usage_chunk = isinstance(options, dict) and options.get("include_usage") is True
 
-        def event(delta: dict[str, Any] | None, finish: str | None,
-                  usage: dict[str, int] | None = None) -> bytes:
+        def event(
+            delta: dict[str, Any] | None, finish: str | None, usage: dict[str, int] | None = None
+        ) -> bytes:
             chunk: dict[str, Any] = {
-                "id": chunk_id, "object": "chat.completion.chunk", "created": created,
+                "id": chunk_id,
+                "object": "chat.completion.chunk",
+                "created": created,
                 "model": public_model,
-                "choices": [] if delta is None else [
-                    {"index": 0, "delta": delta, "finish_reason": finish}],
+                "choices": []
+                if delta is None
+                else [{"index": 0, "delta": delta, "finish_reason": finish}],
             }
             if usage is not None or usage_chunk:
                 chunk["usage"] = usage
@@ -289,8 +337,11 @@ class OllamaAdapter(EngineAdapter):
                     if item.get("done"):
                         if delta:
                             out.append(event(delta, None))
-                        finish = "tool_calls" if tools_seen else _FINISH.get(
-                            str(item.get("done_reason") or "stop"), "stop")
+                        finish = (
+                            "tool_calls"
+                            if tools_seen
+                            else _FINISH.get(str(item.get("done_reason") or "stop"), "stop")
+                        )
                         if usage_chunk:
                             out += [event({}, finish), event(None, None, _usage(item))]
                         else:
@@ -307,46 +358,62 @@ class OllamaAdapter(EngineAdapter):
         finally:
             resp.finish(finished)
 
-    async def completion_bytes(self, body: dict[str, Any], public_model: str,
-                               raw_body: bytes | None = None) -> bytes:
+    async def completion_bytes(
+        self, body: dict[str, Any], public_model: str, raw_body: bytes | None = None
+    ) -> bytes:
         data = require_dict(
             await self.client.post_json("/api/generate", to_ollama_generate(body, stream=False)),
-            "Ollama generate reply", "response")
+            "Ollama generate reply",
+            "response",
+        )
         reply = {
-            "id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion",
-            "created": int(time.time()), "model": public_model,
-            "choices": [{"text": str(data.get("response") or ""), "index": 0,
-                         "logprobs": None,
-                         "finish_reason": _FINISH.get(str(data.get("done_reason") or "stop"),
-                                                      "stop")}],
+            "id": f"cmpl-{secrets.token_hex(12)}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": public_model,
+            "choices": [
+                {
+                    "text": str(data.get("response") or ""),
+                    "index": 0,
+                    "logprobs": None,
+                    "finish_reason": _FINISH.get(str(data.get("done_reason") or "stop"), "stop"),
+                }
+            ],
             "usage": _usage(data),
         }
         return json.dumps(reply, separators=(",", ":"), ensure_ascii=False).encode()
 
-    async def completion_stream(self, body: dict[str, Any],
-                                public_model: str) -> AsyncIterator[bytes]:
+    async def completion_stream(
+        self, body: dict[str, Any], public_model: str
+    ) -> AsyncIterator[bytes]:
         """``/api/generate`` NDJSON lines (``response`` pieces, then ``done: true`` with the
         counts) as ``text_completion`` SSE events, usage as :meth:`chat_stream` places it."""
-        resp = await self.client.request("POST", "/api/generate",
-                                         json_body=to_ollama_generate(body, stream=True))
+        resp = await self.client.request(
+            "POST", "/api/generate", json_body=to_ollama_generate(body, stream=True)
+        )
         cmpl_id = f"cmpl-{secrets.token_hex(12)}"
         created = int(time.time())
         options = body.get("stream_options")
         usage_chunk = isinstance(options, dict) and options.get("include_usage") is True
         finished = False
 
-        def event(text: str | None, finish: str | None,
-                  usage: dict[str, int] | None = None) -> bytes:
+        def event(
+            text: str | None, finish: str | None, usage: dict[str, int] | None = None
+        ) -> bytes:
             chunk: dict[str, Any] = {
-                "id": cmpl_id, "object": "text_completion", "created": created,
+                "id": cmpl_id,
+                "object": "text_completion",
+                "created": created,
                 "model": public_model,
-                "choices": [] if text is None else [
-                    {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}],
+                "choices": []
+                if text is None
+                else [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}],
             }
             if usage is not None or usage_chunk:
                 chunk["usage"] = usage
-            return encode_event(json.dumps(chunk, separators=(",", ":"),
-                                           ensure_ascii=False).encode())
+            return encode_event(
+                json.dumps(chunk, separators=(",", ":"), ensure_ascii=False).encode()
+            )
 
         try:
             async for lines in iter_line_batches(resp.iter_chunks()):
@@ -379,13 +446,23 @@ class OllamaAdapter(EngineAdapter):
 
     async def embeddings(self, body: dict[str, Any]) -> dict[str, Any]:
         data = require_dict(
-            await self.client.post_json("/api/embed", {
-                "model": body["model"], "input": body.get("input"),
-                **({"dimensions": body["dimensions"]} if body.get("dimensions") else {})}),
-            "Ollama embeddings", "embeddings",
+            await self.client.post_json(
+                "/api/embed",
+                {
+                    "model": body["model"],
+                    "input": body.get("input"),
+                    **({"dimensions": body["dimensions"]} if body.get("dimensions") else {}),
+                },
+            ),
+            "Ollama embeddings",
+            "embeddings",
         )
         vectors = data["embeddings"]
         if not isinstance(vectors, list) or not all(isinstance(v, list) for v in vectors):
             raise EngineApiError("Ollama embeddings: 'embeddings' is not a list of vectors")
-        return shape_embeddings(vectors, body["model"], int(data.get("prompt_eval_count") or 0),
-                                body.get("encoding_format"))
+        return shape_embeddings(
+            vectors,
+            body["model"],
+            int(data.get("prompt_eval_count") or 0),
+            body.get("encoding_format"),
+        )

@@ -40,8 +40,12 @@ class OpenAICompatAdapter(EngineAdapter):
 
     async def list_models(self) -> list[ModelInfo]:
         return [
-            ModelInfo(self.id, m["id"], context_length=_int_or_none(m.get("max_model_len")),
-                      details={k: v for k, v in m.items() if k in ("owned_by", "created")})
+            ModelInfo(
+                self.id,
+                m["id"],
+                context_length=_int_or_none(m.get("max_model_len")),
+                details={k: v for k, v in m.items() if k in ("owned_by", "created")},
+            )
             for m in await self._openai_models()
         ]
 
@@ -50,27 +54,29 @@ class OpenAICompatAdapter(EngineAdapter):
         data = await self.client.post_json("/v1/chat/completions", payload)
         return require_dict(data, "chat completion", "choices")
 
-    async def chat_bytes(self, body: dict[str, Any], public_model: str,
-                         raw_body: bytes | None = None) -> bytes:
+    async def chat_bytes(
+        self, body: dict[str, Any], public_model: str, raw_body: bytes | None = None
+    ) -> bytes:
         return await self._reply_bytes("/v1/chat/completions", body, public_model, raw_body)
 
-    async def completion_bytes(self, body: dict[str, Any], public_model: str,
-                               raw_body: bytes | None = None) -> bytes:
+    async def completion_bytes(
+        self, body: dict[str, Any], public_model: str, raw_body: bytes | None = None
+    ) -> bytes:
         return await self._reply_bytes("/v1/completions", body, public_model, raw_body)
 
-    def completion_stream(self, body: dict[str, Any],
-                          public_model: str) -> AsyncIterator[bytes]:
+    def completion_stream(self, body: dict[str, Any], public_model: str) -> AsyncIterator[bytes]:
         return self._events("/v1/completions", body, public_model)
 
-    async def _reply_bytes(self, path: str, body: dict[str, Any], public_model: str,
-                           raw_body: bytes | None) -> bytes:
+    async def _reply_bytes(
+        self, path: str, body: dict[str, Any], public_model: str, raw_body: bytes | None
+    ) -> bytes:
         if raw_body is None or body.get("stream"):
             raw_body = json.dumps({**body, "stream": False}, separators=(",", ":")).encode()
         raw = (await self.client.fetch("POST", path, raw_body, _JSON)).strip()
         needle, replacement = _model_rewrite(str(body.get("model", "")), public_model)
         at = raw.find(needle)
         if at >= 0 and raw[:1] == b"{" and raw[-1:] == b"}" and b'"choices"' in raw:
-            return raw[:at] + replacement + raw[at + len(needle):]
+            return raw[:at] + replacement + raw[at + len(needle) :]
         try:
             reply = require_dict(json.loads(raw), f"POST {path}", "choices")
         except ValueError as exc:
@@ -81,8 +87,9 @@ class OpenAICompatAdapter(EngineAdapter):
     def chat_stream(self, body: dict[str, Any], public_model: str) -> AsyncIterator[bytes]:
         return self._events("/v1/chat/completions", body, public_model)
 
-    async def _events(self, path: str, body: dict[str, Any],
-                      public_model: str) -> AsyncIterator[bytes]:
+    async def _events(
+        self, path: str, body: dict[str, Any], public_model: str
+    ) -> AsyncIterator[bytes]:
         """Events are forwarded as bytes: the model id is rewritten with a byte replacement
         when the engine echoes the name it was asked for (compact JSON, as vLLM, llama.cpp
         and LM Studio write it), and only parsed when it does not."""
@@ -115,17 +122,23 @@ class OpenAICompatAdapter(EngineAdapter):
     async def embeddings(self, body: dict[str, Any]) -> dict[str, Any]:
         wanted = body.get("encoding_format")
         payload = {k: v for k, v in body.items() if k != "encoding_format"}
-        data = require_dict(await self.client.post_json("/v1/embeddings", payload),
-                            "embeddings", "data")
-        items = sorted((d for d in data["data"] if isinstance(d, dict)),
-                       key=lambda d: int(d.get("index", 0)))
+        data = require_dict(
+            await self.client.post_json("/v1/embeddings", payload), "embeddings", "data"
+        )
+        items = sorted(
+            (d for d in data["data"] if isinstance(d, dict)), key=lambda d: int(d.get("index", 0))
+        )
         vectors = [d.get("embedding") for d in items]
         if not all(isinstance(v, list) for v in vectors):
             raise EngineApiError("embeddings: an item has no float vector")
         usage = data.get("usage") or {}
         prompt_tokens = int(usage.get("prompt_tokens") or usage.get("total_tokens") or 0)
-        return shape_embeddings(vectors, str(data.get("model") or body.get("model")),  # type: ignore[arg-type]
-                                prompt_tokens, wanted)
+        return shape_embeddings(
+            vectors,  # type: ignore[arg-type]
+            str(data.get("model") or body.get("model")),
+            prompt_tokens,
+            wanted,
+        )
 
 
 _JSON = {"Content-Type": "application/json"}
@@ -136,15 +149,23 @@ def _model_rewrite(native: str, public: str) -> tuple[bytes, bytes]:
     """``"model":"<native>"`` and its replacement ``"model":"<public>"``, remembered."""
     pair = _REWRITES.get((native, public))
     if pair is None:
-        pair = remember(_REWRITES, (native, public), (b'"model":' + json_string(native),
-                                                       b'"model":' + json_string(public)), 1024)
+        pair = remember(
+            _REWRITES,
+            (native, public),
+            (b'"model":' + json_string(native), b'"model":' + json_string(public)),
+            1024,
+        )
     return pair
 
 
 def _rewrite_event(data: bytes, needle: bytes, replacement: bytes, public_model: str) -> bytes:
     """One chunk event with its model id made public; errors and oddities go through JSON."""
-    if (data[:1] == b"{" and data[-1:] == b"}" and needle in data
-            and not data.startswith(b'{"error"')):
+    if (
+        data[:1] == b"{"
+        and data[-1:] == b"}"
+        and needle in data
+        and not data.startswith(b'{"error"')
+    ):
         return data.replace(needle, replacement, 1)
     chunk = load_event(data, "engine")
     chunk["model"] = public_model

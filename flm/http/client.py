@@ -56,8 +56,11 @@ def _proxy_exceptions() -> tuple[type[Exception], ...]:
     when the proxy fails or refuses the connection; imported only when a connection failed."""
     import python_socks
 
-    return (python_socks.ProxyError, python_socks.ProxyConnectionError,
-            python_socks.ProxyTimeoutError)
+    return (
+        python_socks.ProxyError,
+        python_socks.ProxyConnectionError,
+        python_socks.ProxyTimeoutError,
+    )
 
 
 def _status_error(status: int, message: str) -> EngineError:
@@ -155,7 +158,8 @@ class UpstreamResponse:
                             f"engine stream exceeded {self._timeouts.max_stream_s:.0f} s"
                         ) from None
                     raise EngineTimeoutError(
-                        f"engine sent nothing for {idle:g} s (idle timeout)") from None
+                        f"engine sent nothing for {idle:g} s (idle timeout)"
+                    ) from None
         except BaseException:
             self.close()
             raise
@@ -294,8 +298,9 @@ class EngineClient:
         now = self._running_loop().time()
         idle = self._idle
         expired = 0
-        while expired < len(idle) and (idle[expired].closed
-                                       or now - idle[expired].idle_since >= KEEPALIVE_S):
+        while expired < len(idle) and (
+            idle[expired].closed or now - idle[expired].idle_since >= KEEPALIVE_S
+        ):
             idle[expired].abort()
             expired += 1
         del idle[:expired]
@@ -358,16 +363,20 @@ class EngineClient:
                 if self._opener is not None:
                     sock = await self._opener(self._host, self._port)
                     transport, conn = await loop.create_connection(
-                        Connection, sock=sock, ssl=ssl_ctx, server_hostname=server_hostname)
+                        Connection, sock=sock, ssl=ssl_ctx, server_hostname=server_hostname
+                    )
                     # uvloop may call connection_made only on the next loop iteration.
                     conn.transport = conn.transport or transport
                 else:
                     _, conn = await loop.create_connection(
-                        Connection, self._host, self._port, ssl=ssl_ctx,
-                        server_hostname=server_hostname)
+                        Connection,
+                        self._host,
+                        self._port,
+                        ssl=ssl_ctx,
+                        server_hostname=server_hostname,
+                    )
         except TimeoutError:
-            raise EngineTimeoutError(
-                f"cannot connect to {self.where} within {wait:g} s") from None
+            raise EngineTimeoutError(f"cannot connect to {self.where} within {wait:g} s") from None
         except OSError as exc:
             # (the errno's text: the exception's own text names the address)
             reason = os.strerror(exc.errno) if exc.errno else type(exc).__name__
@@ -387,8 +396,9 @@ class EngineClient:
 
     # -- requests ---------------------------------------------------------------------------
 
-    def _head(self, method: str, path: str, headers: dict[str, str] | None,
-              length: int | None) -> bytes:
+    def _head(
+        self, method: str, path: str, headers: dict[str, str] | None, length: int | None
+    ) -> bytes:
         key = (method, path, tuple(headers.items()) if headers else ())
         start = self._heads.get(key)
         if start is None:
@@ -431,14 +441,19 @@ class EngineClient:
         conn = await self._send(method, path, body, headers, first_byte_s, read)
         return await self._response(conn, check_status)
 
-    async def fetch(self, method: str, path: str, data: bytes,
-                    headers: dict[str, str] | None = None) -> bytes:
+    async def fetch(
+        self, method: str, path: str, data: bytes, headers: dict[str, str] | None = None
+    ) -> bytes:
         """A small request's whole response body, the status checked as :meth:`request`
         does, the connection pooled again. The usual reply (whole, plain, 2xx) is taken
         straight off the connection; anything else goes through :class:`UpstreamResponse`."""
         conn = await self._send(method, path, data, headers, None, True)
-        if (conn.complete and conn.status < 400 and not conn.flm_listener
-                and not conn.content_encoding):
+        if (
+            conn.complete
+            and conn.status < 400
+            and not conn.flm_listener
+            and not conn.content_encoding
+        ):
             body = conn.take()
             if len(body) > MAX_JSON_BYTES:
                 self._put_back(conn, False)
@@ -451,9 +466,15 @@ class EngineClient:
         finally:
             resp.release()
 
-    async def _send(self, method: str, path: str, body: bytes,
-                    headers: dict[str, str] | None, first_byte_s: float | None,
-                    read: bool) -> Connection:
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        body: bytes,
+        headers: dict[str, str] | None,
+        first_byte_s: float | None,
+        read: bool,
+    ) -> Connection:
         """Write the request on a pooled connection and wait for the response head (and, with
         ``read``, a body of known length up to ``HIGH_WATER``); the connection, still
         holding its pool slot."""
@@ -480,8 +501,7 @@ class EngineClient:
                     await conn.wait(loop, deadline, deadlines)
                 # (Only what fits under the connection's read pause: a larger body is read
                 # by the caller, which drains it.)
-                if read and conn.content_length is not None \
-                        and conn.content_length <= HIGH_WATER:
+                if read and conn.content_length is not None and conn.content_length <= HIGH_WATER:
                     while not conn.complete:
                         if conn.error is not None:
                             raise conn.error
@@ -494,8 +514,7 @@ class EngineClient:
                 raise
             except TimeoutError:
                 self._put_back(conn, False)
-                raise EngineTimeoutError(
-                    f"{self.where} did not answer within {wait:g} s") from None
+                raise EngineTimeoutError(f"{self.where} did not answer within {wait:g} s") from None
             except BaseException:
                 self._put_back(conn, False)
                 raise

@@ -27,8 +27,12 @@ HIGH_WATER = 256 * 1024
 
 #: The response headers the connection itself looks at (lower case).
 _CONTENT_LENGTH, _TRANSFER_ENCODING, _CONTENT_ENCODING, _FLM_PROXY = 1, 2, 3, 4
-_WATCHED = {b"content-length": _CONTENT_LENGTH, b"transfer-encoding": _TRANSFER_ENCODING,
-            b"content-encoding": _CONTENT_ENCODING, b"x-flm-proxy": _FLM_PROXY}
+_WATCHED = {
+    b"content-length": _CONTENT_LENGTH,
+    b"transfer-encoding": _TRANSFER_ENCODING,
+    b"content-encoding": _CONTENT_ENCODING,
+    b"x-flm-proxy": _FLM_PROXY,
+}
 
 
 class Headers:
@@ -132,9 +136,15 @@ class Connection(asyncio.Protocol):
 
     def reusable(self) -> bool:
         """After a complete response: may this connection carry the next request?"""
-        return (self.complete and self._keep_alive and not self.closed and not self._head_only
-                and self.error is None
-                and self.transport is not None and not self.transport.is_closing())
+        return (
+            self.complete
+            and self._keep_alive
+            and not self.closed
+            and not self._head_only
+            and self.error is None
+            and self.transport is not None
+            and not self.transport.is_closing()
+        )
 
     def finish(self) -> None:
         """The response is done with (before the connection goes back to the pool)."""
@@ -163,8 +173,9 @@ class Connection(asyncio.Protocol):
             self.transport.resume_reading()
         return data
 
-    async def wait(self, loop: asyncio.AbstractEventLoop, deadline: float,
-                   deadlines: Deadlines) -> None:
+    async def wait(
+        self, loop: asyncio.AbstractEventLoop, deadline: float, deadlines: Deadlines
+    ) -> None:
         """Until the parser reports progress or the connection ends; ``TimeoutError`` once
         ``loop.time()`` passes ``deadline`` first (checked by ``deadlines``)."""
         fut: asyncio.Future[None] = loop.create_future()
@@ -218,10 +229,12 @@ class Connection(asyncio.Protocol):
                 detail = f": {exc}" if exc else ""
                 if self.headers_done:  # it answered, then broke: a bad reply (502), not down
                     self.error = EngineApiError(
-                        f"engine closed the connection mid-response{detail}")
+                        f"engine closed the connection mid-response{detail}"
+                    )
                 else:
                     self.error = EngineNetworkError(
-                        f"engine closed the connection before answering{detail}")
+                        f"engine closed the connection before answering{detail}"
+                    )
         self._wake()
 
     # -- httptools callbacks --------------------------------------------------------------------

@@ -93,8 +93,12 @@ _NO_BODY_STATUSES = frozenset({204, 304})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 #: Response header names the server looks at (lower case); the empty name is refused.
 _LENGTH, _CONNECTION, _TRANSFER, _EMPTY = 1, 2, 3, 4
-_FRAMING = {b"content-length": _LENGTH, b"connection": _CONNECTION,
-            b"transfer-encoding": _TRANSFER, b"": _EMPTY}
+_FRAMING = {
+    b"content-length": _LENGTH,
+    b"connection": _CONNECTION,
+    b"transfer-encoding": _TRANSFER,
+    b"": _EMPTY,
+}
 
 _date_cache: tuple[int, bytes] = (0, b"")
 
@@ -111,8 +115,9 @@ class _HeadTooLarge(_BadHead):
     """A head over the size limit that arrived whole (refused with 431)."""
 
 
-def _check_host(index: dict[bytes, bytes], headers: list[tuple[bytes, bytes]],
-                version: str) -> None:
+def _check_host(
+    index: dict[bytes, bytes], headers: list[tuple[bytes, bytes]], version: str
+) -> None:
     """RFC 9112 §3.2: an HTTP/1.1 request has exactly one ``Host``, and a valid one. (A
     second or a malformed one is how requests are made to mean different things to the
     proxies along their way.)"""
@@ -152,13 +157,13 @@ def _date_line() -> bytes:
     global _date_cache
     now = int(time.time())
     if _date_cache[0] != now:
-        _date_cache = (now, b"date: " + email.utils.formatdate(now, usegmt=True).encode()
-                       + b"\r\n")
+        _date_cache = (now, b"date: " + email.utils.formatdate(now, usegmt=True).encode() + b"\r\n")
     return _date_cache[1]
 
 
-def plain_refusal(status: int, code: str, message: str) -> tuple[
-        Sequence[tuple[bytes, bytes]], bytes]:
+def plain_refusal(
+    status: int, code: str, message: str
+) -> tuple[Sequence[tuple[bytes, bytes]], bytes]:
     """The default rendering of a refusal: the message as plain text."""
     return [(b"content-type", b"text/plain; charset=utf-8")], message.encode() + b"\n"
 
@@ -167,9 +172,11 @@ def _error_response(state: _ServerState, status: int, code: str, message: str) -
     """The server's own refusal (the app never saw the request), rendered by the server's
     ``refusal`` function, with the fixed headers; the connection closes after it."""
     headers, body = state.refusal(status, code, message)
-    return (_STATUS_LINES[status] + _render_headers(headers)
-            + b"content-length: %d\r\n%sconnection: close\r\n\r\n%s"
-            % (len(body), state.fixed, body))
+    return (
+        _STATUS_LINES[status]
+        + _render_headers(headers)
+        + b"content-length: %d\r\n%sconnection: close\r\n\r\n%s" % (len(body), state.fixed, body)
+    )
 
 
 def _render_headers(headers: Sequence[tuple[bytes, bytes]]) -> bytes:
@@ -264,10 +271,15 @@ class ConnectionLimits:
 class _ServerState:
     """What one server knows about its live connections and running requests."""
 
-    def __init__(self, app: ASGIApp, scheme: str, body_timeout_s: float,
-                 headers: Sequence[tuple[bytes, bytes]] = (),
-                 refusal: Refusal = plain_refusal,
-                 limits: ConnectionLimits | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        scheme: str,
+        body_timeout_s: float,
+        headers: Sequence[tuple[bytes, bytes]] = (),
+        refusal: Refusal = plain_refusal,
+        limits: ConnectionLimits | None = None,
+    ) -> None:
         self.app = app
         self.refusal = refusal
         self.limits = limits
@@ -285,14 +297,29 @@ class _Cycle:
     """One request and its response."""
 
     __slots__ = (
-        "body", "body_size", "chunked", "complete", "disconnected", "expect_100", "failed",
+        "body",
+        "body_size",
+        "chunked",
+        "complete",
+        "disconnected",
+        "expect_100",
+        "failed",
         "head_only",
-        "keep_alive", "last_delivered", "more_body", "pending_head", "proto", "running",
-        "scope", "started", "timed_out", "waiter",
+        "keep_alive",
+        "last_delivered",
+        "more_body",
+        "pending_head",
+        "proto",
+        "running",
+        "scope",
+        "started",
+        "timed_out",
+        "waiter",
     )
 
-    def __init__(self, proto: HttpProtocol, scope: Scope, keep_alive: bool,
-                 head_only: bool) -> None:
+    def __init__(
+        self, proto: HttpProtocol, scope: Scope, keep_alive: bool, head_only: bool
+    ) -> None:
         self.proto = proto
         self.scope = scope
         self.keep_alive = keep_alive
@@ -334,8 +361,11 @@ class _Cycle:
         else:
             if not self.complete:
                 if not self.started and not self.disconnected:
-                    log.error("the app returned without a response to %s %s",
-                              self.scope["method"], self.scope["path"])
+                    log.error(
+                        "the app returned without a response to %s %s",
+                        self.scope["method"],
+                        self.scope["path"],
+                    )
                 proto.abort_cycle(self)
 
     # -- ASGI receive / send ----------------------------------------------------------------
@@ -349,17 +379,30 @@ class _Cycle:
             self.body_size = 0
             self.last_delivered = True
             proto.body_consumed()
-            return {"type": "http.request", "body": parts[0] if len(parts) == 1
-                    else b"".join(parts), "more_body": False}
+            return {
+                "type": "http.request",
+                "body": parts[0] if len(parts) == 1 else b"".join(parts),
+                "more_body": False,
+            }
         if self.expect_100 and self.more_body and not self.body:
             self.expect_100 = False
-            if not self.started and not proto.transport_closing() \
-                    and self.scope["http_version"] != "1.0" and any(
+            if (
+                not self.started
+                and not proto.transport_closing()
+                and self.scope["http_version"] != "1.0"
+                and any(
                     name == b"expect" and value.lower() == b"100-continue"
-                    for name, value in self.scope["headers"]):  # (1.0 clients: RFC 9110 §10.1.1)
+                    for name, value in self.scope["headers"]
+                )
+            ):  # (1.0 clients: RFC 9110 §10.1.1)
                 proto.write(_CONTINUE)
-        while not (self.disconnected or self.complete or self.timed_out or self.body
-                   or (not self.more_body and not self.last_delivered)):
+        while not (
+            self.disconnected
+            or self.complete
+            or self.timed_out
+            or self.body
+            or (not self.more_body and not self.last_delivered)
+        ):
             waiter = self.waiter = proto.loop.create_future()
             await waiter
         if self.timed_out and self.more_body:
@@ -435,8 +478,12 @@ class _Cycle:
         if state.fixed:
             parts.append(state.fixed)
             lines += state.fixed_lines
-        if not has_length and not self.head_only and status >= 200 \
-                and status not in _NO_BODY_STATUSES:
+        if (
+            not has_length
+            and not self.head_only
+            and status >= 200
+            and status not in _NO_BODY_STATUSES
+        ):
             self.chunked = True
             parts.append(b"transfer-encoding: chunked\r\n")
             lines += 1
@@ -458,8 +505,7 @@ class _Cycle:
     @staticmethod
     def _check_headers(headers: Any) -> None:
         for name, value in headers:
-            if b"\r" in name or b"\n" in name or b"\r" in value or b"\n" in value \
-                    or b":" in name:
+            if b"\r" in name or b"\n" in name or b"\r" in value or b"\n" in value or b":" in name:
                 raise RuntimeError("response header with CR, LF or ':' in its name or value")
 
     def _flush_head(self) -> None:
@@ -576,8 +622,11 @@ class HttpProtocol(asyncio.Protocol):
             async with asyncio.timeout(self.send_timeout_s):
                 await waiter
         except TimeoutError:
-            log.info("client %s read nothing for %g s: connection cut",
-                     self.client[0] if self.client else "?", self.send_timeout_s)
+            log.info(
+                "client %s read nothing for %g s: connection cut",
+                self.client[0] if self.client else "?",
+                self.send_timeout_s,
+            )
             self.abort()
 
     def _linger(self, transport: asyncio.Transport) -> None:
@@ -611,8 +660,11 @@ class HttpProtocol(asyncio.Protocol):
             if isinstance(bad, _HeadTooLarge):
                 self._fail(431, "headers_too_large", "request head too large")
             else:
-                self._fail(400, "invalid_request",
-                           str(bad) if isinstance(bad, _BadHead) else "invalid HTTP request")
+                self._fail(
+                    400,
+                    "invalid_request",
+                    str(bad) if isinstance(bad, _BadHead) else "invalid HTTP request",
+                )
             return
         cycle = self.starting
         if cycle is not None:  # a head parsed cleanly, with what followed it in this read
@@ -647,14 +699,18 @@ class HttpProtocol(asyncio.Protocol):
         cycle.keep_alive = False
         declares_body = any(
             name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0")
-            for name, value in cycle.scope["headers"])
+            for name, value in cycle.scope["headers"]
+        )
         if declares_body:
             if cycle is self.starting:
                 self.starting = None  # never dispatched
             else:
                 self.parsing = cycle  # refused by _fail like a request with a broken body
-            self._fail(400, "invalid_request",
-                       "a request asking for a protocol upgrade cannot carry a body here")
+            self._fail(
+                400,
+                "invalid_request",
+                "a request asking for a protocol upgrade cannot carry a body here",
+            )
             return
         if cycle is self.starting:
             self.starting = None
@@ -954,16 +1010,27 @@ class HttpServer:
 
     timeout_graceful_shutdown_s = GRACEFUL_SHUTDOWN_S
 
-    def __init__(self, app: ASGIApp, sock: socket.socket,
-                 ssl_context: ssl.SSLContext | None = None, *,
-                 body_timeout_s: float = BODY_TIMEOUT_S,
-                 headers: Sequence[tuple[bytes, bytes]] = (),
-                 refusal: Refusal = plain_refusal,
-                 limits: ConnectionLimits | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        sock: socket.socket,
+        ssl_context: ssl.SSLContext | None = None,
+        *,
+        body_timeout_s: float = BODY_TIMEOUT_S,
+        headers: Sequence[tuple[bytes, bytes]] = (),
+        refusal: Refusal = plain_refusal,
+        limits: ConnectionLimits | None = None,
+    ) -> None:
         self.sock = sock
         self.ssl_context = ssl_context
-        self.state = _ServerState(app, "https" if ssl_context is not None else "http",
-                                  body_timeout_s, headers, refusal, limits)
+        self.state = _ServerState(
+            app,
+            "https" if ssl_context is not None else "http",
+            body_timeout_s,
+            headers,
+            refusal,
+            limits,
+        )
         self._server: asyncio.base_events.Server | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._port = int(sock.getsockname()[1])
@@ -978,7 +1045,9 @@ class HttpServer:
         raise_nofile_limit()
         # (create_server listens again, with its own default backlog of 100 unless told)
         self._server = await loop.create_server(
-            lambda: HttpProtocol(state), sock=self.sock, ssl=self.ssl_context,
+            lambda: HttpProtocol(state),
+            sock=self.sock,
+            ssl=self.ssl_context,
             backlog=LISTEN_BACKLOG,
             ssl_handshake_timeout=HEADER_TIMEOUT_S if self.ssl_context is not None else None,
         )
@@ -990,8 +1059,9 @@ class HttpServer:
         now = loop.time()
         for conn in list(self.state.connections):
             conn.check_deadline(now)
-        shortest = min(HttpProtocol.head_timeout_s, HttpProtocol.keepalive_timeout_s,
-                       self.state.body_timeout_s)
+        shortest = min(
+            HttpProtocol.head_timeout_s, HttpProtocol.keepalive_timeout_s, self.state.body_timeout_s
+        )
         self._sweeper = loop.call_later(max(0.05, min(1.0, shortest / 4)), self._sweep)
 
     async def stop(self) -> None:

@@ -58,8 +58,9 @@ def http_status(error: FlmError) -> tuple[int, str]:
 class HttpError(Exception):
     """An error answered to an API client: status, stable code, message."""
 
-    def __init__(self, status: int, code: str, message: str,
-                 headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, headers: list[tuple[bytes, bytes]] | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
@@ -89,18 +90,25 @@ def error_type(status: int) -> str:
 
 
 def error_body(status: int, code: str, message: str, request_id: str) -> dict[str, Any]:
-    return {"error": {"code": code, "message": message, "type": error_type(status),
-                      "request_id": request_id}}
+    return {
+        "error": {
+            "code": code,
+            "message": message,
+            "type": error_type(status),
+            "request_id": request_id,
+        }
+    }
 
 
 def error_bytes(status: int, code: str, message: str, request_id: str) -> bytes:
-    return json.dumps(error_body(status, code, message, request_id),
-                      separators=(",", ":")).encode()
+    return json.dumps(error_body(status, code, message, request_id), separators=(",", ":")).encode()
 
 
 def refusal(status: int, code: str, message: str) -> tuple[list[tuple[bytes, bytes]], bytes]:
     """An HTTP server's own refusal (``HttpServer(refusal=)``: the app never saw the request)
     in the error contract: the JSON body and a fresh request id, like every other response."""
     rid = new_request_id()
-    return ([(b"content-type", b"application/json"), (b"x-request-id", rid.encode())],
-            error_bytes(status, code, message, rid))
+    return (
+        [(b"content-type", b"application/json"), (b"x-request-id", rid.encode())],
+        error_bytes(status, code, message, rid),
+    )

@@ -14,8 +14,10 @@ MAX_EVENT_BYTES = 1024 * 1024
 
 
 _NUMBER = re.compile(rb" *(\d+)")
-_USAGE_KEYS = (("prompt_tokens", b'"prompt_tokens":', b'"input_tokens":'),
-               ("completion_tokens", b'"completion_tokens":', b'"output_tokens":'))
+_USAGE_KEYS = (
+    ("prompt_tokens", b'"prompt_tokens":', b'"input_tokens":'),
+    ("completion_tokens", b'"completion_tokens":', b'"output_tokens":'),
+)
 
 
 def usage_from_bytes(raw: bytes) -> dict[str, int] | None:
@@ -80,8 +82,9 @@ def _data_of(event: bytes) -> bytes | None:
     ``{"error": {...}}``, which the stream readers raise as the engine's error."""
     if event.startswith(b"data: ") and b"\n" not in event:
         return event[6:]  # the common case: one data line
-    lines = [line[5:].removeprefix(b" ") for line in event.split(b"\n")
-             if line.startswith(b"data:")]
+    lines = [
+        line[5:].removeprefix(b" ") for line in event.split(b"\n") if line.startswith(b"data:")
+    ]
     if lines:
         return b"\n".join(lines)
     errors = [line[6:].strip() for line in event.split(b"\n") if line.startswith(b"error:")]

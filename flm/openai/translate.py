@@ -17,19 +17,47 @@ _IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp")
 _DATA_URI = re.compile(r"^data:([a-z0-9.+/-]+);base64,(.*)$", re.IGNORECASE | re.DOTALL)
 _KNOWN_FORMATS = {"text", "json_object", "json_schema"}
 #: Parameters every adapter understands (structure, not sampling).
-_STRUCTURAL = {"model", "messages", "stream", "stream_options", "n", "response_format", "tools",
-               "tool_choice", "user", "parallel_tool_calls", "modalities", "audio", "metadata",
-               "store", "logprobs", "top_logprobs", "reasoning_effort", "service_tier"}
+_STRUCTURAL = {
+    "model",
+    "messages",
+    "stream",
+    "stream_options",
+    "n",
+    "response_format",
+    "tools",
+    "tool_choice",
+    "user",
+    "parallel_tool_calls",
+    "modalities",
+    "audio",
+    "metadata",
+    "store",
+    "logprobs",
+    "top_logprobs",
+    "reasoning_effort",
+    "service_tier",
+}
 #: Sampling parameters dropped (with a warning) by engines that do not list them.
-_DROPPABLE = frozenset({"logit_bias", "presence_penalty", "frequency_penalty", "stop", "seed",
-                        "top_p", "max_tokens", "max_completion_tokens"})
+_DROPPABLE = frozenset(
+    {
+        "logit_bias",
+        "presence_penalty",
+        "frequency_penalty",
+        "stop",
+        "seed",
+        "top_p",
+        "max_tokens",
+        "max_completion_tokens",
+    }
+)
 #: Request fields that steer the engine itself rather than this request: a server-side
 #: template to render (vLLM and llama.cpp accept one per request) and vLLM's KV-cache transfer
 #: parameters (hosts the engine should exchange cache with). Never from an API client.
 _ENGINE_CONTROL = frozenset({"chat_template", "kv_transfer_params"})
 #: Keys :func:`plan_chat` looks at; any other key goes to the engine as it is.
-_CHECKED = frozenset({"messages", "temperature", "n", "response_format", *_DROPPABLE,
-                      *_ENGINE_CONTROL})
+_CHECKED = frozenset(
+    {"messages", "temperature", "n", "response_format", *_DROPPABLE, *_ENGINE_CONTROL}
+)
 MAX_INLINE_IMAGE = 8 * 1024 * 1024
 
 
@@ -68,8 +96,9 @@ def _inline_image_size(url: str) -> int:
         raise HttpError(400, "invalid_request", "image data URI must be base64-encoded")
     mime = match[1].lower()
     if mime not in _IMAGE_TYPES:
-        raise HttpError(422, "unsupported_modalities",
-                        f"image type {mime} not accepted (PNG, JPEG or WebP)")
+        raise HttpError(
+            422, "unsupported_modalities", f"image type {mime} not accepted (PNG, JPEG or WebP)"
+        )
     payload = match[2]
     try:
         raw = base64.b64decode(payload, validate=True)
@@ -95,13 +124,17 @@ def _normalise_parts(content: list[Any], plan: ChatPlan, max_image: int) -> list
             if url.startswith("data:"):
                 size = _inline_image_size(url)
                 if size > max_image:
-                    raise HttpError(413, "payload_too_large",
-                                    f"inline image of {size} bytes exceeds {max_image}")
+                    raise HttpError(
+                        413,
+                        "payload_too_large",
+                        f"inline image of {size} bytes exceeds {max_image}",
+                    )
             elif url.startswith("https://"):
                 plan.image_urls.append(url)
             else:
-                raise HttpError(400, "invalid_request",
-                                "image_url must be a data: URI or an https:// URL")
+                raise HttpError(
+                    400, "invalid_request", "image_url must be a data: URI or an https:// URL"
+                )
             detail = ref.get("detail") if isinstance(ref, dict) else None
             image: dict[str, Any] = {"url": url}
             if detail:
@@ -127,8 +160,7 @@ def chat_target(body: Any) -> str:
     return target
 
 
-def plan_chat(body: dict[str, Any], engine_id: str, model: str,
-              caps: Capabilities) -> ChatPlan:
+def plan_chat(body: dict[str, Any], engine_id: str, model: str, caps: Capabilities) -> ChatPlan:
     """Validate and translate an OpenAI chat request for an engine with ``caps``."""
     messages: list[Any] = body["messages"]
     stream = body.get("stream")
@@ -144,22 +176,26 @@ def plan_chat(body: dict[str, Any], engine_id: str, model: str,
         content = message.get("content")
         if isinstance(content, list):
             plan.unchanged = False
-            message = {**message,
-                       "content": _normalise_parts(content, plan, min(caps.max_image_bytes,
-                                                                      MAX_INLINE_IMAGE))}
+            message = {
+                **message,
+                "content": _normalise_parts(
+                    content, plan, min(caps.max_image_bytes, MAX_INLINE_IMAGE)
+                ),
+            }
         elif content is not None and not isinstance(content, str):
             raise HttpError(400, "invalid_request", "message content must be text or parts")
         out_messages.append(message)
     if plan.has_images and not caps.vision_inputs:
-        raise HttpError(422, "unsupported_modalities",
-                        f"{engine_id}/{model} does not accept image inputs")
+        raise HttpError(
+            422, "unsupported_modalities", f"{engine_id}/{model} does not accept image inputs"
+        )
     if plan.has_audio and not caps.audio_inputs:
-        raise HttpError(422, "unsupported_modalities",
-                        f"{engine_id}/{model} does not accept audio inputs")
+        raise HttpError(
+            422, "unsupported_modalities", f"{engine_id}/{model} does not accept audio inputs"
+        )
     modalities = body.get("modalities")
     if isinstance(modalities, list) and "audio" in modalities and not caps.audio_outputs:
-        raise HttpError(422, "unsupported_modalities",
-                        f"{engine_id}/{model} cannot produce audio")
+        raise HttpError(422, "unsupported_modalities", f"{engine_id}/{model} cannot produce audio")
 
     out: dict[str, Any] = {}
     for key, value in body.items():
@@ -189,8 +225,9 @@ def plan_chat(body: dict[str, Any], engine_id: str, model: str,
         if key == "response_format" and value is not None:
             kind = value.get("type") if isinstance(value, dict) else None
             if kind not in _KNOWN_FORMATS:
-                raise HttpError(400, "unsupported_parameter",
-                                f"response_format type {kind!r} is not supported")
+                raise HttpError(
+                    400, "unsupported_parameter", f"response_format type {kind!r} is not supported"
+                )
         if key in caps.sampling_params or key in _STRUCTURAL or key == "stream":
             out[key] = value
         elif key in _DROPPABLE:
@@ -218,29 +255,48 @@ def _map_tool_choice(body: dict[str, Any], out: dict[str, Any], plan: ChatPlan) 
     if isinstance(choice, dict):
         fn = choice.get("function")
         name = fn.get("name") if isinstance(fn, dict) else None
-        kept = [t for t in tools if isinstance(t, dict) and isinstance(t.get("function"), dict)
-                and t["function"].get("name") == name]
+        kept = [
+            t
+            for t in tools
+            if isinstance(t, dict)
+            and isinstance(t.get("function"), dict)
+            and t["function"].get("name") == name
+        ]
         if not kept:
-            raise HttpError(400, "invalid_request",
-                            f"tool_choice names {str(name)[:100]!r}, which is not in 'tools'")
+            raise HttpError(
+                400,
+                "invalid_request",
+                f"tool_choice names {str(name)[:100]!r}, which is not in 'tools'",
+            )
         out["tools"] = kept
-        plan.warnings.append(f"tool_choice: this engine cannot force a call; only {name} "
-                             "was offered to the model")
+        plan.warnings.append(
+            f"tool_choice: this engine cannot force a call; only {name} was offered to the model"
+        )
     elif choice == "required":
-        plan.warnings.append("tool_choice required is not enforced by this engine: the model "
-                             "may answer in text")
+        plan.warnings.append(
+            "tool_choice required is not enforced by this engine: the model may answer in text"
+        )
     else:
-        raise HttpError(400, "invalid_request", f"tool_choice {str(choice)[:100]!r} is not "
-                        "auto, none, required or a function")
+        raise HttpError(
+            400,
+            "invalid_request",
+            f"tool_choice {str(choice)[:100]!r} is not auto, none, required or a function",
+        )
 
 
 def check_embedding_input(body: dict[str, Any], caps: Capabilities) -> None:
     """Token-id arrays to an engine that embeds text only: a clear 422 before sending."""
     data = body.get("input")
-    if not caps.token_inputs and isinstance(data, list) and not all(
-            isinstance(x, str) for x in data):
-        raise HttpError(422, "unsupported_parameter",
-                        "input: this engine embeds text only; token-id arrays are not accepted")
+    if (
+        not caps.token_inputs
+        and isinstance(data, list)
+        and not all(isinstance(x, str) for x in data)
+    ):
+        raise HttpError(
+            422,
+            "unsupported_parameter",
+            "input: this engine embeds text only; token-id arrays are not accepted",
+        )
 
 
 _JSON_STRINGS: dict[str, bytes] = {}
@@ -279,10 +335,10 @@ def plan_embeddings(body: Any) -> tuple[str, dict[str, Any]]:
     model = parse_model(body.get("model"))
     data = body.get("input")
     ok = isinstance(data, str) or (
-        isinstance(data, list) and data and all(isinstance(x, (str, int, list)) for x in data))
+        isinstance(data, list) and data and all(isinstance(x, (str, int, list)) for x in data)
+    )
     if not ok:
-        raise HttpError(400, "invalid_request",
-                        "'input' must be a string or a non-empty array")
+        raise HttpError(400, "invalid_request", "'input' must be a string or a non-empty array")
     fmt = body.get("encoding_format")
     if fmt not in (None, "float", "base64"):
         raise HttpError(400, "unsupported_parameter", f"encoding_format {fmt!r}")
@@ -297,11 +353,21 @@ def _responses_tools(tools: Any) -> list[dict[str, Any]]:
     for tool in tools:
         if not isinstance(tool, dict) or tool.get("type") != "function":
             kind = tool.get("type") if isinstance(tool, dict) else None
-            raise HttpError(400, "unsupported_parameter",
-                            f"tool type {kind!r} is not supported (function tools only)")
-        out.append({"type": "function", "function": {
-            k: v for k, v in tool.items() if k in ("name", "description", "parameters",
-                                                   "strict")}})
+            raise HttpError(
+                400,
+                "unsupported_parameter",
+                f"tool type {kind!r} is not supported (function tools only)",
+            )
+        out.append(
+            {
+                "type": "function",
+                "function": {
+                    k: v
+                    for k, v in tool.items()
+                    if k in ("name", "description", "parameters", "strict")
+                },
+            }
+        )
     return out
 
 
@@ -317,8 +383,12 @@ def _responses_format(text: Any) -> dict[str, Any] | None:
         return {"type": "json_object"}
     if kind == "json_schema":
         assert isinstance(fmt, dict)
-        return {"type": "json_schema", "json_schema": {
-            k: v for k, v in fmt.items() if k in ("name", "schema", "strict", "description")}}
+        return {
+            "type": "json_schema",
+            "json_schema": {
+                k: v for k, v in fmt.items() if k in ("name", "schema", "strict", "description")
+            },
+        }
     raise HttpError(400, "unsupported_parameter", f"text.format type {kind!r} is not supported")
 
 
@@ -327,9 +397,14 @@ def _responses_item(item: dict[str, Any], messages: list[dict[str, Any]]) -> boo
     False when ``item`` is not one."""
     kind = item.get("type")
     if kind == "function_call":
-        call = {"id": str(item.get("call_id") or item.get("id") or ""), "type": "function",
-                "function": {"name": str(item.get("name") or ""),
-                             "arguments": str(item.get("arguments") or "")}}
+        call = {
+            "id": str(item.get("call_id") or item.get("id") or ""),
+            "type": "function",
+            "function": {
+                "name": str(item.get("name") or ""),
+                "arguments": str(item.get("arguments") or ""),
+            },
+        }
         last = messages[-1] if messages else None
         if last is not None and last.get("role") == "assistant" and last.get("tool_calls"):
             last["tool_calls"].append(call)  # parallel calls: one assistant turn
@@ -338,8 +413,13 @@ def _responses_item(item: dict[str, Any], messages: list[dict[str, Any]]) -> boo
         return True
     if kind == "function_call_output":
         output = item.get("output")
-        messages.append({"role": "tool", "tool_call_id": str(item.get("call_id") or ""),
-                         "content": output if isinstance(output, str) else json.dumps(output)})
+        messages.append(
+            {
+                "role": "tool",
+                "tool_call_id": str(item.get("call_id") or ""),
+                "content": output if isinstance(output, str) else json.dumps(output),
+            }
+        )
         return True
     if kind not in (None, "message"):
         raise HttpError(400, "unsupported_parameter", f"input item type {kind!r} is not supported")
@@ -375,21 +455,31 @@ def responses_to_chat(body: Any) -> dict[str, Any]:
                     if kind in ("input_text", "output_text", "text"):
                         parts.append({"type": "text", "text": part.get("text", "")})
                     elif kind == "input_image":
-                        parts.append({"type": "image_url",
-                                      "image_url": {"url": part.get("image_url", "")}})
+                        parts.append(
+                            {"type": "image_url", "image_url": {"url": part.get("image_url", "")}}
+                        )
                     else:
-                        raise HttpError(400, "unsupported_parameter",
-                                        f"input part type {kind!r} is not supported")
+                        raise HttpError(
+                            400,
+                            "unsupported_parameter",
+                            f"input part type {kind!r} is not supported",
+                        )
                 messages.append({"role": role, "content": parts})
             else:
                 messages.append({"role": role, "content": content})
     else:
         raise HttpError(400, "invalid_request", "'input' must be a string or an array")
-    chat: dict[str, Any] = {"model": body.get("model"), "messages": messages,
-                            "stream": body.get("stream", False)}
-    for src, dst in (("temperature", "temperature"), ("top_p", "top_p"),
-                     ("max_output_tokens", "max_tokens"), ("parallel_tool_calls",
-                                                           "parallel_tool_calls")):
+    chat: dict[str, Any] = {
+        "model": body.get("model"),
+        "messages": messages,
+        "stream": body.get("stream", False),
+    }
+    for src, dst in (
+        ("temperature", "temperature"),
+        ("top_p", "top_p"),
+        ("max_output_tokens", "max_tokens"),
+        ("parallel_tool_calls", "parallel_tool_calls"),
+    ):
         if body.get(src) is not None:
             chat[dst] = body[src]
     if body.get("tools"):
@@ -414,35 +504,50 @@ def completion_target(body: Any) -> str:
     model = parse_model(body.get("model"))
     prompt = body.get("prompt")
     ok = isinstance(prompt, str) or (
-        isinstance(prompt, list) and prompt and (
+        isinstance(prompt, list)
+        and prompt
+        and (
             all(isinstance(p, str) for p in prompt)
             or all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
-            or all(isinstance(p, list) and all(isinstance(t, int) for t in p) for p in prompt)))
+            or all(isinstance(p, list) and all(isinstance(t, int) for t in p) for p in prompt)
+        )
+    )
     if not ok:
-        raise HttpError(400, "invalid_request", "'prompt' must be a string, an array of "
-                        "strings, or token ids")
+        raise HttpError(
+            400, "invalid_request", "'prompt' must be a string, an array of strings, or token ids"
+        )
     if body.get("stream") not in (None, True, False):
         raise HttpError(400, "invalid_request", "'stream' must be a boolean")
     return model
 
 
-def plan_completion(body: dict[str, Any], model: str,
-                    caps: Capabilities) -> tuple[dict[str, Any], list[str]]:
+def plan_completion(
+    body: dict[str, Any], model: str, caps: Capabilities
+) -> tuple[dict[str, Any], list[str]]:
     """The engine body of a text completion and the warnings for what was changed. What the
     engine cannot do is refused (422 naming the field), never dropped quietly."""
     warnings: list[str] = []
     out = {k: v for k, v in body.items() if k not in _ENGINE_CONTROL}
-    warnings += [f"{k} dropped: it configures the engine, not the request"
-                 for k in body if k in _ENGINE_CONTROL]
+    warnings += [
+        f"{k} dropped: it configures the engine, not the request"
+        for k in body
+        if k in _ENGINE_CONTROL
+    ]
     if not caps.token_inputs:
         prompt = body["prompt"]
         if not (isinstance(prompt, str) or (len(prompt) == 1 and isinstance(prompt[0], str))):
-            raise HttpError(422, "unsupported_parameter",
-                            "prompt: this engine completes one text prompt; token-id arrays "
-                            "and several prompts are not accepted")
+            raise HttpError(
+                422,
+                "unsupported_parameter",
+                "prompt: this engine completes one text prompt; token-id arrays "
+                "and several prompts are not accepted",
+            )
         if body.get("echo"):
-            raise HttpError(422, "unsupported_parameter",
-                            "echo: this engine cannot repeat the prompt in its reply")
+            raise HttpError(
+                422,
+                "unsupported_parameter",
+                "echo: this engine cannot repeat the prompt in its reply",
+            )
         for key in ("n", "best_of"):
             value = body.get(key)
             if isinstance(value, int) and value > 1:

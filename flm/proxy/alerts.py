@@ -88,15 +88,17 @@ def _summary(source: str, counts: dict[str, int], severity: str, held_back: int)
 class Alerter:
     """One per process that serves proxies; reconfigured on every policy change."""
 
-    def __init__(self, recorder: Recorder | None = None,
-                 egress: EgressConfig | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        recorder: Recorder | None = None,
+        egress: EgressConfig | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._recorder = recorder
         self._egress = egress or EgressConfig()
         self._clock = clock
         self._settings: AlertSettings | None = None
-        self._inbox: deque[tuple[float, str, str, str, dict[str, Any]]] = deque(
-            maxlen=INBOX_LIMIT)
+        self._inbox: deque[tuple[float, str, str, str, dict[str, Any]]] = deque(maxlen=INBOX_LIMIT)
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         # dispatcher-thread state
@@ -124,8 +126,9 @@ class Alerter:
 
     # --- the request path ------------------------------------------------------------------
 
-    def offer(self, event_type: str, severity: str, client_ip: str,
-              details: dict[str, Any] | None = None) -> None:
+    def offer(
+        self, event_type: str, severity: str, client_ip: str, details: dict[str, Any] | None = None
+    ) -> None:
         """Queue an event if it is worth an alert (O(1), no I/O)."""
         settings = self._settings
         if settings is None or event_type.startswith("alert_"):
@@ -133,8 +136,7 @@ class Alerter:
         rank = alert_rank(event_type, severity)
         if rank < settings.min_rank:
             return
-        self._inbox.append((time.time(), event_type, SEVERITIES[rank], client_ip,
-                            details or {}))
+        self._inbox.append((time.time(), event_type, SEVERITIES[rank], client_ip, details or {}))
         if self._thread is None:
             self._start()
 
@@ -183,7 +185,8 @@ class Alerter:
                     self.stats["rate_limited"] += 1
                     continue
                 bucket = self._buckets[source] = _Bucket(
-                    source, now, wall, SEVERITIES.index(severity), sample=dict(details))
+                    source, now, wall, SEVERITIES.index(severity), sample=dict(details)
+                )
             bucket.counts[event_type] = bucket.counts.get(event_type, 0) + 1
             bucket.severity = max(bucket.severity, SEVERITIES.index(severity))
         if settings is None:
@@ -195,13 +198,13 @@ class Alerter:
                 self._dispatch(settings, bucket, now)
         if len(self._quiet_until) > MAX_SOURCES:
             self._quiet_until = {k: v for k, v in self._quiet_until.items() if v > now}
-            self._held_back = {k: v for k, v in self._held_back.items()
-                               if k in self._quiet_until}
+            self._held_back = {k: v for k, v in self._held_back.items() if k in self._quiet_until}
 
     def _take_token(self, settings: AlertSettings, now: float) -> bool:
         rate = settings.max_per_minute / 60.0
-        self._tokens = min(float(settings.max_per_minute),
-                           self._tokens + (now - self._refilled) * rate)
+        self._tokens = min(
+            float(settings.max_per_minute), self._tokens + (now - self._refilled) * rate
+        )
         self._refilled = now
         if self._tokens >= 1.0:
             self._tokens -= 1.0
@@ -216,29 +219,41 @@ class Alerter:
         self._quiet_until[bucket.source] = now + settings.dedup_seconds
         held_back = self._held_back.pop(bucket.source, 0) + self._rate_dropped
         self._rate_dropped = 0
-        alert = build_alert(bucket.source, bucket.counts, SEVERITIES[bucket.severity],
-                            bucket.first_at, bucket.sample, held_back)
+        alert = build_alert(
+            bucket.source,
+            bucket.counts,
+            SEVERITIES[bucket.severity],
+            bucket.first_at,
+            bucket.sample,
+            held_back,
+        )
         task = asyncio.ensure_future(self._deliver_all(settings, alert))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
     async def _deliver_all(self, settings: AlertSettings, alert: dict[str, Any]) -> None:
         results = await asyncio.gather(
-            *(deliver(hook, alert, settings, self._egress) for hook in settings.webhooks))
+            *(deliver(hook, alert, settings, self._egress) for hook in settings.webhooks)
+        )
         for hook, (ok, error, attempts) in zip(settings.webhooks, results, strict=True):
             if ok:
                 self.stats["sent"] += 1
                 continue
             self.stats["failed"] += 1
-            log.warning("alert to %s not delivered after %d attempts: %s", hook.host,
-                        attempts, error)
+            log.warning(
+                "alert to %s not delivered after %d attempts: %s", hook.host, attempts, error
+            )
             if self._recorder is not None:
-                details = {"webhook_host": hook.host, "attempts": attempts, "error": error,
-                           "alert": {k: alert[k] for k in ("severity", "source", "events",
-                                                             "first_at")}}
+                details = {
+                    "webhook_host": hook.host,
+                    "attempts": attempts,
+                    "error": error,
+                    "alert": {k: alert[k] for k in ("severity", "source", "events", "first_at")},
+                }
                 try:
-                    await asyncio.to_thread(self._recorder, "alert_delivery_failed",
-                                            "medium", details)
+                    await asyncio.to_thread(
+                        self._recorder, "alert_delivery_failed", "medium", details
+                    )
                 except Exception:
                     log.exception("could not record an undelivered alert")
 
@@ -253,8 +268,14 @@ class Alerter:
 _START_LOCK = threading.Lock()
 
 
-def build_alert(source: str, counts: dict[str, int], severity: str, first_at: float,
-                sample: dict[str, Any], held_back: int = 0) -> dict[str, Any]:
+def build_alert(
+    source: str,
+    counts: dict[str, int],
+    severity: str,
+    first_at: float,
+    sample: dict[str, Any],
+    held_back: int = 0,
+) -> dict[str, Any]:
     from datetime import UTC, datetime
 
     client = "" if source.startswith("event:") else source
@@ -271,8 +292,12 @@ def build_alert(source: str, counts: dict[str, int], severity: str, first_at: fl
     }
 
 
-async def deliver(hook: Webhook, alert: dict[str, Any], settings: AlertSettings,
-                  egress: EgressConfig | None = None) -> tuple[bool, str | None, int]:
+async def deliver(
+    hook: Webhook,
+    alert: dict[str, Any],
+    settings: AlertSettings,
+    egress: EgressConfig | None = None,
+) -> tuple[bool, str | None, int]:
     """POST ``alert`` to ``hook`` with retries and back-off: (delivered, last error,
     attempts)."""
     error: str | None = None
@@ -285,8 +310,9 @@ async def deliver(hook: Webhook, alert: dict[str, Any], settings: AlertSettings,
     return False, error, settings.retries
 
 
-async def _post_once(hook: Webhook, body: dict[str, Any], settings: AlertSettings,
-                     egress: EgressConfig | None) -> str | None:
+async def _post_once(
+    hook: Webhook, body: dict[str, Any], settings: AlertSettings, egress: EgressConfig | None
+) -> str | None:
     import aiohttp
 
     problem = webhook_problem(hook.url, allow_private=settings.allow_private_targets)
@@ -301,15 +327,20 @@ async def _post_once(hook: Webhook, body: dict[str, Any], settings: AlertSetting
         from flm.proxy.images import _CheckedResolver
 
         allowed: Callable[[Any], bool] = (
-            (lambda _a: True) if settings.allow_private_targets else is_public)
+            (lambda _a: True) if settings.allow_private_targets else is_public
+        )
         connector = aiohttp.TCPConnector(resolver=_CheckedResolver(allowed))
     timeout = aiohttp.ClientTimeout(total=settings.timeout_seconds)
     try:
-        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session, \
-                session.post(hook.url, data=json.dumps(body).encode(),
-                             headers={"Content-Type": "application/json",
-                                      "User-Agent": "flm-alerts"},
-                             allow_redirects=False) as resp:
+        async with (
+            aiohttp.ClientSession(timeout=timeout, connector=connector) as session,
+            session.post(
+                hook.url,
+                data=json.dumps(body).encode(),
+                headers={"Content-Type": "application/json", "User-Agent": "flm-alerts"},
+                allow_redirects=False,
+            ) as resp,
+        ):
             await resp.read()
             if 200 <= resp.status < 300:
                 return None
@@ -324,17 +355,20 @@ async def _post_once(hook: Webhook, body: dict[str, Any], settings: AlertSetting
         raise
 
 
-def send_test(settings: AlertSettings, egress: EgressConfig | None = None
-              ) -> list[dict[str, Any]]:
+def send_test(settings: AlertSettings, egress: EgressConfig | None = None) -> list[dict[str, Any]]:
     """``flm security alerts test``: one sample alert to every webhook, now (no dedup)."""
-    alert = build_alert("203.0.113.7", {"honeypot": 1}, "high", time.time(),
-                        {"sample": True, "path": "/wp-admin"})
+    alert = build_alert(
+        "203.0.113.7", {"honeypot": 1}, "high", time.time(), {"sample": True, "path": "/wp-admin"}
+    )
     alert["text"] = "FLM test alert: alerts reach this webhook. " + alert["text"]
 
     async def run() -> list[tuple[bool, str | None, int]]:
-        return list(await asyncio.gather(
-            *(deliver(h, alert, settings, egress) for h in settings.webhooks)))
+        return list(
+            await asyncio.gather(*(deliver(h, alert, settings, egress) for h in settings.webhooks))
+        )
 
     results = asyncio.run(run())
-    return [{"webhook_host": h.host, "format": h.format, "delivered": ok, "error": err,
-             "attempts": n} for h, (ok, err, n) in zip(settings.webhooks, results, strict=True)]
+    return [
+        {"webhook_host": h.host, "format": h.format, "delivered": ok, "error": err, "attempts": n}
+        for h, (ok, err, n) in zip(settings.webhooks, results, strict=True)
+    ]

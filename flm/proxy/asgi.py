@@ -104,8 +104,7 @@ async def read_body(receive: Receive, scope: Scope, limit: int) -> bytes:
     if declared is not None:
         try:
             if int(declared) > limit:
-                raise HttpError(413, "payload_too_large",
-                                f"request body exceeds {limit} bytes")
+                raise HttpError(413, "payload_too_large", f"request body exceeds {limit} bytes")
         except ValueError:
             raise HttpError(400, "invalid_request", "bad Content-Length") from None
     parts: list[bytes] = []
@@ -119,8 +118,7 @@ async def read_body(receive: Receive, scope: Scope, limit: int) -> bytes:
             if chunk:
                 size += len(chunk)
                 if size > limit:
-                    raise HttpError(413, "payload_too_large",
-                                    f"request body exceeds {limit} bytes")
+                    raise HttpError(413, "payload_too_large", f"request body exceeds {limit} bytes")
                 parts.append(chunk)
             if not message.get("more_body", False):
                 break
@@ -130,8 +128,7 @@ async def read_body(receive: Receive, scope: Scope, limit: int) -> bytes:
 
 
 #: The C scanner of a default decoder (an instance attribute the stubs do not declare).
-_scan_json: Callable[[str, int], tuple[Any, int]] = (
-    json.JSONDecoder().scan_once)  # type: ignore[attr-defined]
+_scan_json: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 
 
 def parse_json(body: bytes) -> Any:
@@ -165,16 +162,22 @@ async def read_json(receive: Receive, scope: Scope, limit: int) -> Any:
     return parse_json(await read_body(receive, scope, limit))
 
 
-async def send_bytes(send: Send, status: int, body: bytes,
-                     headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [*(headers or JSON_HEADERS),
-                            (b"content-length", str(len(body)).encode())]})
+async def send_bytes(
+    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [*(headers or JSON_HEADERS), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
-async def send_json(send: Send, status: int, data: Any,
-                    headers: list[tuple[bytes, bytes]] | None = None) -> None:
+async def send_json(
+    send: Send, status: int, data: Any, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
     body = json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
     await send_bytes(send, status, body, [*JSON_HEADERS, *(headers or [])])
 
@@ -209,8 +212,9 @@ class watch_disconnect:
         self._task = asyncio.current_task()
         self._watcher = asyncio.get_running_loop().create_task(self._watch())
 
-    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                        tb: object) -> bool:
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> bool:
         assert self._watcher is not None and self._task is not None
         self._watcher.cancel()
         if not (self._gone and kind is not None and issubclass(kind, asyncio.CancelledError)):

@@ -169,27 +169,87 @@ def _scrub(text: str) -> str:
 def _format_one(kind: str, item: tuple[Any, ...], batch: _Batch) -> tuple[Any, ...] | None:
     """The audit row of one queued record (``None``: the record went to another table)."""
     if kind == "request":
-        (ts, rid, ip, key_id, endpoint, method, engine, model, status, latency,
-         p_tok, c_tok, err) = item
+        (
+            ts,
+            rid,
+            ip,
+            key_id,
+            endpoint,
+            method,
+            engine,
+            model,
+            status,
+            latency,
+            p_tok,
+            c_tok,
+            err,
+        ) = item
         # (the model is the client's text: a key pasted there is redacted too)
-        return (iso_ts(ts), rid, ip, key_id, _scrub(endpoint)[:512], method,
-                None if engine is None else _scrub(engine)[:128],
-                None if model is None else _scrub(model)[:512], status,
-                round(latency, 3), p_tok, c_tok, err, "request", "info", None)
+        return (
+            iso_ts(ts),
+            rid,
+            ip,
+            key_id,
+            _scrub(endpoint)[:512],
+            method,
+            None if engine is None else _scrub(engine)[:128],
+            None if model is None else _scrub(model)[:512],
+            status,
+            round(latency, 3),
+            p_tok,
+            c_tok,
+            err,
+            "request",
+            "info",
+            None,
+        )
     if kind == "event":
         ts, event_type, severity, ip, details, rid, endpoint = item
-        return (iso_ts(ts), rid, ip, None, _scrub(endpoint or "")[:512] or None, None,
-                None, None, None, None, None, None, None, event_type, severity,
-                scrub(json.dumps(details, default=str)))
+        return (
+            iso_ts(ts),
+            rid,
+            ip,
+            None,
+            _scrub(endpoint or "")[:512] or None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            event_type,
+            severity,
+            scrub(json.dumps(details, default=str)),
+        )
     if kind == "block":
         ip, reason, since, until, failures, listener = item
-        batch.blocks.append((ip, listener, reason, failures, iso_ts(since),
-                             None if until is None else iso_ts(until),
-                             1 if until is None else 0))
+        batch.blocks.append(
+            (
+                ip,
+                listener,
+                reason,
+                failures,
+                iso_ts(since),
+                None if until is None else iso_ts(until),
+                1 if until is None else 0,
+            )
+        )
     elif kind == "intrusion":
         ts, ip, points, total, reasons, path, agent, rid = item
-        batch.intrusions.append((iso_ts(ts), ip, points, total, json.dumps(list(reasons)),
-                                 _scrub(path)[:512], _scrub(agent)[:256], rid))
+        batch.intrusions.append(
+            (
+                iso_ts(ts),
+                ip,
+                points,
+                total,
+                json.dumps(list(reasons)),
+                _scrub(path)[:512],
+                _scrub(agent)[:256],
+                rid,
+            )
+        )
     else:
         ts, ip, kind_name, value, threshold, rid = item
         batch.anomalies.append((iso_ts(ts), ip, kind_name, value, threshold, None, rid))
@@ -217,8 +277,13 @@ class _Batch:
 
 
 class AuditSink:
-    def __init__(self, db: Database | None, jsonl_path: Path | None,
-                 interval: float = 0.2, limit: int = QUEUE_LIMIT) -> None:
+    def __init__(
+        self,
+        db: Database | None,
+        jsonl_path: Path | None,
+        interval: float = 0.2,
+        limit: int = QUEUE_LIMIT,
+    ) -> None:
         self._db = db
         self._path = jsonl_path
         self._interval = interval
@@ -264,40 +329,96 @@ class AuditSink:
 
     # --- producers (request path: O(1), no I/O) --------------------------------------------
 
-    def request(self, ts: float, request_id: str, client_ip: str, api_key_id: str | None,
-                endpoint: str, method: str, engine_id: str | None, model: str | None,
-                status: int, latency_ms: float, prompt_tokens: int | None,
-                completion_tokens: int | None, error_type: str | None) -> None:
+    def request(
+        self,
+        ts: float,
+        request_id: str,
+        client_ip: str,
+        api_key_id: str | None,
+        endpoint: str,
+        method: str,
+        engine_id: str | None,
+        model: str | None,
+        status: int,
+        latency_ms: float,
+        prompt_tokens: int | None,
+        completion_tokens: int | None,
+        error_type: str | None,
+    ) -> None:
         if not self._items:
             self._queued_since = time.monotonic()
-        self._items.append(("request", (ts, request_id, client_ip, api_key_id, endpoint, method,
-                                        engine_id, model, status, latency_ms, prompt_tokens,
-                                        completion_tokens, error_type)))
+        self._items.append(
+            (
+                "request",
+                (
+                    ts,
+                    request_id,
+                    client_ip,
+                    api_key_id,
+                    endpoint,
+                    method,
+                    engine_id,
+                    model,
+                    status,
+                    latency_ms,
+                    prompt_tokens,
+                    completion_tokens,
+                    error_type,
+                ),
+            )
+        )
         queued = len(self._items)
         if queued > self.peak_queued:
             self.peak_queued = queued
         if queued >= MAX_BATCH:
             self._wake.set()
 
-    def event(self, event_type: str, severity: str, client_ip: str,
-              details: dict[str, Any] | None = None, request_id: str | None = None,
-              endpoint: str | None = None) -> None:
-        self._put(("event", (time.time(), event_type, severity, client_ip,
-                                      details or {}, request_id, endpoint)))
+    def event(
+        self,
+        event_type: str,
+        severity: str,
+        client_ip: str,
+        details: dict[str, Any] | None = None,
+        request_id: str | None = None,
+        endpoint: str | None = None,
+    ) -> None:
+        self._put(
+            (
+                "event",
+                (time.time(), event_type, severity, client_ip, details or {}, request_id, endpoint),
+            )
+        )
         if self.listener is not None:
             self.listener(event_type, severity, client_ip, details or {})
 
-    def block(self, ip: str, reason: str, since: float, until: float | None,
-              failures: int, listener: str = "*") -> None:
+    def block(
+        self,
+        ip: str,
+        reason: str,
+        since: float,
+        until: float | None,
+        failures: int,
+        listener: str = "*",
+    ) -> None:
         self._put(("block", (ip, reason, since, until, failures, listener)))
 
-    def intrusion(self, ip: str, points: int, total: int, reasons: tuple[str, ...],
-                  path: str, user_agent: str, request_id: str) -> None:
-        self._put(("intrusion", (time.time(), ip, points, total, reasons, path,
-                                          user_agent, request_id)))
+    def intrusion(
+        self,
+        ip: str,
+        points: int,
+        total: int,
+        reasons: tuple[str, ...],
+        path: str,
+        user_agent: str,
+        request_id: str,
+    ) -> None:
+        self._put(
+            ("intrusion", (time.time(), ip, points, total, reasons, path, user_agent, request_id))
+        )
 
-    def anomaly(self, ip: str, kind: str, value: float, threshold: float,
-                request_id: str | None) -> None:
+    def anomaly(
+        self, ip: str, kind: str, value: float, threshold: float, request_id: str | None
+    ) -> None:
         self._put(("anomaly", (time.time(), ip, kind, value, threshold, request_id)))
 
     def _put(self, item: tuple[str, tuple[Any, ...]]) -> None:
@@ -315,8 +436,9 @@ class AuditSink:
     def oldest_age(self) -> float:
         """Seconds since the oldest unwritten record was queued (0 when there is none). Kept
         records are older than the batch being written, which is older than the queue."""
-        since = self._kept_since or self._batch_since or (
-            self._queued_since if self._items else None)
+        since = (
+            self._kept_since or self._batch_since or (self._queued_since if self._items else None)
+        )
         return 0.0 if since is None else time.monotonic() - since
 
     def full(self, *, hard: bool = False) -> bool:
@@ -467,10 +589,26 @@ class AuditSink:
             except Exception as exc:  # a record this code cannot format: it costs only itself
                 self.rows_invalid += 1
                 log.error("audit record not formattable (%s): %s", exc, ascii(item)[:1000])
-                row = (iso_ts(time.time()), None, "", None, None, None, None, None, None, None,
-                       None, None, None, "audit_record_invalid", "high",
-                       json.dumps({"kind": kind, "error": str(exc)[:200],
-                                   "record": ascii(item)[:2000]}))
+                row = (
+                    iso_ts(time.time()),
+                    None,
+                    "",
+                    None,
+                    None,
+                    None,
+                    None,
+                    None,
+                    None,
+                    None,
+                    None,
+                    None,
+                    None,
+                    "audit_record_invalid",
+                    "high",
+                    json.dumps(
+                        {"kind": kind, "error": str(exc)[:200], "record": ascii(item)[:2000]}
+                    ),
+                )
                 line = _line(row)
             audit_rows.append(row)
             lines.append(line)
@@ -482,9 +620,24 @@ class AuditSink:
         if refused <= 0:
             return
         self._refused_reported += refused
-        row = (iso_ts(time.time()), None, "", None, None, None, None, None, None, None, None,
-               None, None, "audit_overload", "high",
-               json.dumps({"refused_requests": refused, "limit": self.limit}))
+        row = (
+            iso_ts(time.time()),
+            None,
+            "",
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            "audit_overload",
+            "high",
+            json.dumps({"refused_requests": refused, "limit": self.limit}),
+        )
         batch.audit_rows.append(row)
         batch.lines.append(_line(row))
 
@@ -496,17 +649,27 @@ class AuditSink:
             self.failing_since = now
         if now - self._last_log >= LOG_EVERY_S or self._stop:
             self._last_log = now
-            log.error("audit write failed (%s): %d %s; %d unwritten", self.last_error, count,
-                      what, self.unwritten())
+            log.error(
+                "audit write failed (%s): %d %s; %d unwritten",
+                self.last_error,
+                count,
+                what,
+                self.unwritten(),
+            )
 
     def _recovered(self) -> None:
         """After a write that worked: record the gap the failure left, once."""
         if self.failing_since is None:
             return
-        details = {"since": iso_ts(self.failing_since), "until": iso_ts(time.time()),
-                   "delayed_records": self.delayed, "lines_lost": self.lines_lost,
-                   "refused_requests": self.refused, "write_failures": self.write_failures,
-                   "cause": self.last_error}
+        details = {
+            "since": iso_ts(self.failing_since),
+            "until": iso_ts(time.time()),
+            "delayed_records": self.delayed,
+            "lines_lost": self.lines_lost,
+            "refused_requests": self.refused,
+            "write_failures": self.write_failures,
+            "cause": self.last_error,
+        }
         self.failing_since = None
         log.warning("audit writes work again: %s", json.dumps(details))
         self.event("audit_gap", "high", "", details)
@@ -550,8 +713,14 @@ class AuditSink:
 
     def _write_db(self, batch: _Batch) -> None:
         assert self._db is not None
-        counts = write_batch(self._db, batch.audit_rows, batch.blocks, batch.intrusions,
-                             batch.anomalies, escape=_escape_row)
+        counts = write_batch(
+            self._db,
+            batch.audit_rows,
+            batch.blocks,
+            batch.intrusions,
+            batch.anomalies,
+            escape=_escape_row,
+        )
         self.rows_escaped += counts["escaped"]
         self.rows_dropped += counts["dropped"]
 
@@ -561,8 +730,9 @@ class AuditSink:
         self._thread.join(timeout=10)
         self.flush()
         if self._kept is not None:
-            log.error("audit closed with %d records unwritten (%s)", self._kept.count,
-                      self.last_error)
+            log.error(
+                "audit closed with %d records unwritten (%s)", self._kept.count, self.last_error
+            )
         if self._file is not None:
             self._file.close()
             self._file = None

@@ -35,8 +35,12 @@ class EngineRegistry:
     """``egress``: the egress in force (SPEC §7). Remote engines get an HTTP client whose
     connections go through it; loopback engines always connect directly."""
 
-    def __init__(self, endpoints: Iterable[EngineEndpoint], timeouts: Timeouts,
-                 egress: EgressConfig | None = None) -> None:
+    def __init__(
+        self,
+        endpoints: Iterable[EngineEndpoint],
+        timeouts: Timeouts,
+        egress: EgressConfig | None = None,
+    ) -> None:
         self._timeouts = timeouts
         self._egress = egress
         self._adapters: dict[str, EngineAdapter] = {}
@@ -59,13 +63,11 @@ class EngineRegistry:
     def replace(self, endpoints: Iterable[EngineEndpoint]) -> list[EngineAdapter]:
         """Swap the endpoint set; returns adapters that went away (the caller closes them)."""
         fresh = {e.id: e for e in endpoints}
-        gone = [a for i, a in self._adapters.items()
-                if i not in fresh or a.endpoint != fresh[i]]
+        gone = [a for i, a in self._adapters.items() if i not in fresh or a.endpoint != fresh[i]]
         kept = {i: a for i, a in self._adapters.items() if a not in gone}
         for engine_id, endpoint in fresh.items():
             if engine_id not in kept:
-                kept[engine_id] = make_adapter(endpoint, self._timeouts,
-                                               self._client_for(endpoint))
+                kept[engine_id] = make_adapter(endpoint, self._timeouts, self._client_for(endpoint))
         self._adapters = kept
         self._models = {k: v for k, v in self._models.items() if k in kept}
         self._caps = {}
@@ -87,13 +89,12 @@ class EngineRegistry:
             for name in models:
                 by_name.setdefault(name, {})[engine_id] = None
                 if name.endswith(":latest"):  # Ollama's implicit tag
-                    by_name.setdefault(name[:-len(":latest")], {})[engine_id] = None
+                    by_name.setdefault(name[: -len(":latest")], {})[engine_id] = None
         self._by_name = {name: tuple(engines) for name, engines in by_name.items()}
 
     def plain_names(self) -> dict[str, str]:
         """Plain names exactly one engine serves → that engine (for ``/v1/models``)."""
-        return {name: engines[0] for name, engines in self._by_name.items()
-                if len(engines) == 1}
+        return {name: engines[0] for name, engines in self._by_name.items() if len(engines) == 1}
 
     async def locate(self, value: str) -> tuple[str, str]:
         """``(engine, model)`` for what a request names: an ``flm://`` id, an alias, or a plain
@@ -106,24 +107,34 @@ class EngineRegistry:
         if hit is not None:
             return hit
         if value.startswith(MODEL_SCHEME):
-            raise HttpError(400, "invalid_model",
-                            f"model must look like flm://<engine>/<model>, got {value[:200]!r}")
+            raise HttpError(
+                400,
+                "invalid_model",
+                f"model must look like flm://<engine>/<model>, got {value[:200]!r}",
+            )
         engines = self._by_name.get(value)
         if engines is None and time.monotonic() - self._gathered_at >= MISS_REFRESH_S:
             # a name no list holds: ask every engine again (at most once a second), so a model
             # pulled a moment ago is found and unknown names cannot cost a listing each
             self._gathered_at = time.monotonic()
-            await asyncio.gather(*(self.models_of(i, refresh=True) for i in self._adapters),
-                                 return_exceptions=True)
+            await asyncio.gather(
+                *(self.models_of(i, refresh=True) for i in self._adapters), return_exceptions=True
+            )
             engines = self._by_name.get(value)
         if not engines:
-            raise HttpError(404, "model_not_found",
-                            f"no engine serves a model named {value[:200]!r} (see /v1/models)")
+            raise HttpError(
+                404,
+                "model_not_found",
+                f"no engine serves a model named {value[:200]!r} (see /v1/models)",
+            )
         if len(engines) > 1:
             ids = ", ".join(f"{MODEL_SCHEME}{e}/{value}" for e in engines)
-            raise HttpError(400, "ambiguous_model",
-                            f"several engines serve {value[:200]!r}: use one of {ids}, or "
-                            "name one with `flm models alias set`")
+            raise HttpError(
+                400,
+                "ambiguous_model",
+                f"several engines serve {value[:200]!r}: use one of {ids}, or "
+                "name one with `flm models alias set`",
+            )
         return engines[0], value
 
     def _client_for(self, endpoint: EngineEndpoint) -> EngineClient | None:
@@ -139,8 +150,13 @@ class EngineRegistry:
         from flm.egress.connector import opener_for
 
         url = endpoint.base_url
-        return EngineClient(url, self._timeouts, opener=opener_for(egress, url),
-                            api_key=endpoint.api_key, name=endpoint.id)
+        return EngineClient(
+            url,
+            self._timeouts,
+            opener=opener_for(egress, url),
+            api_key=endpoint.api_key,
+            name=endpoint.id,
+        )
 
     def ids(self) -> list[str]:
         return list(self._adapters)
@@ -196,18 +212,21 @@ class EngineRegistry:
             models = await self.models_of(engine_id)
             listed = self._models.get(engine_id)
             if _find(models, model) is None and (
-                    listed is None or time.monotonic() - listed[0] >= MISS_REFRESH_S):
+                listed is None or time.monotonic() - listed[0] >= MISS_REFRESH_S
+            ):
                 models = await self.models_of(engine_id, refresh=True)
         except EngineError as exc:
             status, code = http_status(exc)
             if status == 404:  # (the engine has no model list: it is not usable)
                 status, code = 503, "engine_unavailable"
-            raise HttpError(status, code,
-                            f"engine {engine_id} is unavailable: {exc.message}") from exc
+            raise HttpError(
+                status, code, f"engine {engine_id} is unavailable: {exc.message}"
+            ) from exc
         info = _find(models, model)
         if info is None:
-            raise HttpError(404, "model_not_found",
-                            f"engine {engine_id} has no model {model[:200]!r}")
+            raise HttpError(
+                404, "model_not_found", f"engine {engine_id} has no model {model[:200]!r}"
+            )
         return adapter, info
 
     async def _resolve_pool(self, pool_id: str, model: str) -> tuple[EngineAdapter, ModelInfo]:
@@ -215,7 +234,7 @@ class EngineRegistry:
         (its capabilities are that member's: the members of a pool serve the same model)."""
         pool = self.pools.get(pool_id)
         if pool is None:
-            raise HttpError(404, "not_found", f"no pool {pool_id[len(POOL_PREFIX):]!r}")
+            raise HttpError(404, "not_found", f"no pool {pool_id[len(POOL_PREFIX) :]!r}")
         failure: HttpError | None = None
         for member in pool.healthy():
             if member.engine_id not in self._adapters:
@@ -258,16 +277,22 @@ class EngineRegistry:
         caps = self.adapter(engine_id).capabilities()
         if info is not None and info.vision and not caps.vision_inputs:
             caps = caps.merged(vision_inputs=True)
-        if info is not None and caps.vision_inputs and (
+        if (
+            info is not None
+            and caps.vision_inputs
+            and (
                 info.details.get("type") == "llm"
-                or ("capabilities" in info.details and not info.vision)):
+                or ("capabilities" in info.details and not info.vision)
+            )
+        ):
             # LM Studio's type and Ollama's capabilities say exactly which models see
             caps = caps.merged(vision_inputs=False)
         return caps
 
     async def all_models(self) -> list[ModelInfo]:
-        results = await asyncio.gather(*(self.models_of(i) for i in self._adapters),
-                                       return_exceptions=True)
+        results = await asyncio.gather(
+            *(self.models_of(i) for i in self._adapters), return_exceptions=True
+        )
         out: list[ModelInfo] = []
         for result in results:
             if isinstance(result, dict):
@@ -293,8 +318,7 @@ class EngineRegistry:
 
     async def close(self) -> None:
         await self.pools.close()
-        await asyncio.gather(*(a.close() for a in self._adapters.values()),
-                             return_exceptions=True)
+        await asyncio.gather(*(a.close() for a in self._adapters.values()), return_exceptions=True)
 
 
 def _find(models: dict[str, ModelInfo], model: str) -> ModelInfo | None:

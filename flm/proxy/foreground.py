@@ -20,14 +20,18 @@ log = logging.getLogger("flm.proxy")
 
 
 def _banner(described: dict[str, Any]) -> str:
-    lines = [f"FLM proxy ({described['mode']}) listening on "
-             f"{', '.join(described['endpoints'])} (Ctrl-C to stop)"]
+    lines = [
+        f"FLM proxy ({described['mode']}) listening on "
+        f"{', '.join(described['endpoints'])} (Ctrl-C to stop)"
+    ]
     if described.get("https_port"):
         lines.append(f"  port {described['port']} answers only with a redirect to HTTPS")
     cert = described.get("certificate")
     if cert:
-        lines.append(f"  certificate {cert['fingerprint_sha256']} valid until "
-                     f"{cert['not_after']} ({cert['source']})")
+        lines.append(
+            f"  certificate {cert['fingerprint_sha256']} valid until "
+            f"{cert['not_after']} ({cert['source']})"
+        )
     trust = described.get("trust")
     if trust:
         lines.append(f"  trust FLM's root:   {trust['trust']}")
@@ -57,15 +61,26 @@ def run_foreground(ctx: Any, config: dict[str, Any]) -> None:
         proxy: ProxyInstance = await start_instance(ctx, config)
         settings = proxy.settings
         try:
-            repo.add(ProxyHandleRow(settings.handle_id, os.getpid(), settings.port,
-                                    settings.https_port, settings.bind, settings.mode,
-                                    json.dumps(config), now_iso()))
+            repo.add(
+                ProxyHandleRow(
+                    settings.handle_id,
+                    os.getpid(),
+                    settings.port,
+                    settings.https_port,
+                    settings.bind,
+                    settings.mode,
+                    json.dumps(config),
+                    now_iso(),
+                )
+            )
         except BaseException as exc:  # all or nothing (see the daemon's start_proxy)
             with contextlib.suppress(Exception):
                 await proxy.close()
             if isinstance(exc, FlmError):
-                exc.message = ("the proxy was not started (stopped again): its handle could "
-                               f"not be recorded in config.db: {exc.message}")
+                exc.message = (
+                    "the proxy was not started (stopped again): its handle could "
+                    f"not be recorded in config.db: {exc.message}"
+                )
             raise
         sys.stderr.write(_banner(proxy.describe()))
         sys.stderr.flush()
@@ -89,8 +104,9 @@ def run_foreground(ctx: Any, config: dict[str, Any]) -> None:
             try:
                 repo.remove([settings.handle_id])
             except FlmError as exc:
-                log.warning("stopped, but the handle could not be removed from config.db "
-                            "(%s)", exc.message)
+                log.warning(
+                    "stopped, but the handle could not be removed from config.db (%s)", exc.message
+                )
 
     try:
         import uvloop

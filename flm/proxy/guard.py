@@ -32,8 +32,9 @@ SCORE_WINDOW_S = 3600.0
 FAILURE_WINDOW_S = 7 * 24 * 3600.0
 MAX_TRACKED = 100_000
 
-HONEYPOTS = frozenset({"/admin", "/wp-admin", "/wp-login.php", "/phpmyadmin", "/.env",
-                       "/api/v1/users"})
+HONEYPOTS = frozenset(
+    {"/admin", "/wp-admin", "/wp-login.php", "/phpmyadmin", "/.env", "/api/v1/users"}
+)
 HONEYPOT_SCORE = 75
 NOT_FOUND_SCORE = 10
 
@@ -133,8 +134,12 @@ def _score(raw_path: bytes, query: bytes, user_agent: bytes) -> Score:
     target = raw_path.decode("latin-1")
     q = query.decode("latin-1")
     decoded = unquote_plus(unquote_plus(target + "?" + q))
-    if (_TRAVERSAL_RAW.search(target) or _TRAVERSAL_RAW.search(q) or "../" in decoded
-            or "..\\" in decoded):
+    if (
+        _TRAVERSAL_RAW.search(target)
+        or _TRAVERSAL_RAW.search(q)
+        or "../" in decoded
+        or "..\\" in decoded
+    ):
         points += 60
         reasons.append("path_traversal")
     if _SQLI.search(decoded):
@@ -223,8 +228,9 @@ class GuardState:
         self.blocks[ip] = block
         return block
 
-    def auto_block(self, ip: str, reason: str, seconds: float | None,
-                   policy: EffectivePolicy) -> Block | None:
+    def auto_block(
+        self, ip: str, reason: str, seconds: float | None, policy: EffectivePolicy
+    ) -> Block | None:
         """A block made by an automatic rule: none for an exempt address."""
         if exempt_from_automatic_blocks(ip, policy):
             return None
@@ -236,8 +242,11 @@ class GuardState:
         self.failures.pop(ip, None)
         self.scores.pop(ip, None)
 
-    def load_blocks(self, rows: list[tuple[str, str, float | None, float, int]],
-                    exempt: Callable[[str], bool] | None = None) -> None:
+    def load_blocks(
+        self,
+        rows: list[tuple[str, str, float | None, float, int]],
+        exempt: Callable[[str], bool] | None = None,
+    ) -> None:
         """Make the persisted blocks authoritative: rows are (ip, reason, until, since,
         failure_count). An address blocked here but absent from the rows was unblocked by the
         owner: its block, failure count and score go. Rows of ``exempt`` addresses (made
@@ -246,8 +255,9 @@ class GuardState:
         if exempt is not None:
             rows = [row for row in rows if not exempt(row[0])]
         # (rows written before IPv6 clients were keyed by /64 name single addresses)
-        rows = [(subject(ip), reason, until, since, count)
-                for ip, reason, until, since, count in rows]
+        rows = [
+            (subject(ip), reason, until, since, count) for ip, reason, until, since, count in rows
+        ]
         persisted = {ip for ip, *_ in rows}
         # (an expired block is no longer in ``blocks`` but still in the table: unblocking it
         # there must clear its failure count too, or the next failures escalate from it)
@@ -286,8 +296,7 @@ class GuardState:
         if count == 2 * policy.max_failures:
             return count, self.auto_block(ip, "auth_failures", SECOND_STAGE_S, policy)
         if count == policy.max_failures:
-            return count, self.auto_block(ip, "auth_failures", policy.block_minutes * 60.0,
-                                          policy)
+            return count, self.auto_block(ip, "auth_failures", policy.block_minutes * 60.0, policy)
         return count, None
 
     # --- intrusion ---------------------------------------------------------------------------

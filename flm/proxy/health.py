@@ -28,8 +28,9 @@ async def probe_all(rt: ProxyRuntime, previous: dict[str, bool]) -> dict[str, bo
     async def one(engine_id: str) -> bool:
         try:
             adapter = rt.engines.adapter(engine_id)
-            health = await asyncio.wait_for(adapter.health_check(PROBE_TIMEOUT_S),
-                                            PROBE_TIMEOUT_S + 1)
+            health = await asyncio.wait_for(
+                adapter.health_check(PROBE_TIMEOUT_S), PROBE_TIMEOUT_S + 1
+            )
         except (EngineError, TimeoutError, OSError):
             return False
         except Exception:  # an adapter bug must not stop the watch

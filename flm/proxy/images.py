@@ -89,8 +89,9 @@ class _CheckedResolver(AbstractResolver):
         self._inner = aiohttp.DefaultResolver()
         self._allowed = allowed
 
-    async def resolve(self, host: str, port: int = 0,
-                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
         found = await self._inner.resolve(host, port, family)
         kept = [r for r in found if self._allowed(ipaddress.ip_address(r["host"]))]
         if not kept:
@@ -113,16 +114,21 @@ def _check_target(url: str, allowed: Callable[[Address], bool]) -> None:
         raise HttpError(400, "invalid_request", _NOT_PUBLIC)
 
 
-async def fetch_image(url: str, connector: aiohttp.BaseConnector | None = None, *,
-                      allowed: Callable[[Address], bool] = is_public,
-                      ssl_context: ssl.SSLContext | None = None) -> str:
+async def fetch_image(
+    url: str,
+    connector: aiohttp.BaseConnector | None = None,
+    *,
+    allowed: Callable[[Address], bool] = is_public,
+    ssl_context: ssl.SSLContext | None = None,
+) -> str:
     """``url`` as a data URI. ``connector``: the egress's (SOCKS) connector, if any;
     ``allowed`` and ``ssl_context`` (which addresses may be fetched from, which CAs are
     trusted) are there for embedding and tests."""
     timeout = aiohttp.ClientTimeout(total=30, connect=10)
     if connector is None:
-        connector = aiohttp.TCPConnector(resolver=_CheckedResolver(allowed),
-                                         ssl=ssl_context if ssl_context is not None else True)
+        connector = aiohttp.TCPConnector(
+            resolver=_CheckedResolver(allowed), ssl=ssl_context if ssl_context is not None else True
+        )
     try:
         async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
             for _hop in range(MAX_REDIRECTS + 1):
@@ -132,8 +138,9 @@ async def fetch_image(url: str, connector: aiohttp.BaseConnector | None = None, 
                         url = urljoin(url, resp.headers["Location"])
                         continue
                     return await _read_image(resp)
-            raise HttpError(400, "invalid_request",
-                            f"image URL redirected more than {MAX_REDIRECTS} times")
+            raise HttpError(
+                400, "invalid_request", f"image URL redirected more than {MAX_REDIRECTS} times"
+            )
     except HttpError:
         raise
     except aiohttp.ClientConnectorError as exc:
@@ -146,8 +153,9 @@ async def fetch_image(url: str, connector: aiohttp.BaseConnector | None = None, 
         from flm.egress.connector import PROXY_EXCEPTIONS
 
         if isinstance(exc, PROXY_EXCEPTIONS):
-            raise HttpError(400, "invalid_request",
-                            "cannot fetch image URL through the egress proxy") from None
+            raise HttpError(
+                400, "invalid_request", "cannot fetch image URL through the egress proxy"
+            ) from None
         raise
 
 
@@ -156,14 +164,16 @@ async def _read_image(resp: aiohttp.ClientResponse) -> str:
         raise HttpError(400, "invalid_request", f"image URL answered HTTP {resp.status}")
     mime = resp.headers.get("Content-Type", "").split(";")[0].strip().lower()
     if mime not in _TYPES:
-        raise HttpError(422, "unsupported_modalities",
-                        f"image URL content type {mime or '?'} not accepted")
+        raise HttpError(
+            422, "unsupported_modalities", f"image URL content type {mime or '?'} not accepted"
+        )
     data = bytearray()
     async for chunk in resp.content.iter_chunked(65536):
         data += chunk
         if len(data) > MAX_FETCHED_IMAGE:
-            raise HttpError(413, "payload_too_large",
-                            f"image URL body exceeds {MAX_FETCHED_IMAGE} bytes")
+            raise HttpError(
+                413, "payload_too_large", f"image URL body exceeds {MAX_FETCHED_IMAGE} bytes"
+            )
     return f"data:{mime};base64," + base64.b64encode(bytes(data)).decode("ascii")
 
 
@@ -180,10 +190,15 @@ def _egress_connector(rt: ProxyRuntime, url: str) -> aiohttp.BaseConnector | Non
 
 
 async def inline_remote_images(plan: ChatPlan, rt: ProxyRuntime) -> None:
-    fetched = dict(zip(plan.image_urls,
-                       await asyncio.gather(*(fetch_image(u, _egress_connector(rt, u))
-                                              for u in plan.image_urls)),
-                       strict=True))
+    fetched = dict(
+        zip(
+            plan.image_urls,
+            await asyncio.gather(
+                *(fetch_image(u, _egress_connector(rt, u)) for u in plan.image_urls)
+            ),
+            strict=True,
+        )
+    )
     for message in plan.body["messages"]:
         content: Any = message.get("content")
         if not isinstance(content, list):

@@ -84,9 +84,17 @@ class TlsState:
 class ProxyInstance:
     """A started proxy. ``settings`` and ``runtime`` are what reloads touch."""
 
-    def __init__(self, ctx: Context, config: StartConfig, settings: ProxySettings,
-                 runtime: ProxyRuntime, servers: list[HttpServer], egress: EffectiveEgress,
-                 tls: TlsState | None, notes: list[str]) -> None:
+    def __init__(
+        self,
+        ctx: Context,
+        config: StartConfig,
+        settings: ProxySettings,
+        runtime: ProxyRuntime,
+        servers: list[HttpServer],
+        egress: EffectiveEgress,
+        tls: TlsState | None,
+        notes: list[str],
+    ) -> None:
         self.ctx = ctx
         self.config = config
         self.settings = settings
@@ -107,26 +115,35 @@ class ProxyInstance:
         s = self.settings
         bundle = self.tls.bundle if self.tls else None
         out: dict[str, Any] = {
-            "id": s.handle_id, "mode": s.mode, "port": s.port, "https_port": s.https_port,
+            "id": s.handle_id,
+            "mode": s.mode,
+            "port": s.port,
+            "https_port": s.https_port,
             "listen": s.bind,
             "endpoints": user_endpoints(s, self.config.acme_domains or self.config.acme_domain),
             "egress": self.egress.to_dict(),
-            "uptime_s": round(time.time() - self.started_at, 1), "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "pid": os.getpid(),
             "started_at": self.started_at,
             "certificate_expiry": iso(bundle.not_after) if bundle else None,
-            "certificate": None, "last_error": self.last_error,
-            "engines": self.runtime.engines.ids(), "notes": list(self.notes),
+            "certificate": None,
+            "last_error": self.last_error,
+            "engines": self.runtime.engines.ids(),
+            "notes": list(self.notes),
             "pools": self.runtime.engines.pools.snapshot(),
             "audit": self.runtime.audit.status() if self.runtime.audit is not None else None,
         }
         if bundle is not None and self.tls is not None and s.https_port is not None:
             cert = bundle.to_dict()
-            cert.update(source=self.tls.source, renewals=self.tls.renewals,
-                        key_path=str(bundle.key_path))
+            cert.update(
+                source=self.tls.source, renewals=self.tls.renewals, key_path=str(bundle.key_path)
+            )
             if self.tls.acme is not None:
-                cert.update(challenge=self.tls.acme.challenge,
-                            names=list(self.tls.acme.all_names),
-                            dns_profile=self.tls.acme.dns_profile)
+                cert.update(
+                    challenge=self.tls.acme.challenge,
+                    names=list(self.tls.acme.all_names),
+                    dns_profile=self.tls.acme.dns_profile,
+                )
             out["certificate"] = cert
             hints = trust_hints(bundle, s.https_port)
             if hints:
@@ -155,8 +172,11 @@ class ProxyInstance:
                 failures = 0
             except FlmError as exc:
                 failures += 1
-                log.warning("certificate renewal failed: %s", exc.message,
-                            extra={"handle": self.settings.handle_id})
+                log.warning(
+                    "certificate renewal failed: %s",
+                    exc.message,
+                    extra={"handle": self.settings.handle_id},
+                )
             except Exception:  # never let the task die silently
                 failures += 1
                 log.exception("certificate renewal crashed")
@@ -168,8 +188,9 @@ class ProxyInstance:
         """
         tls = self.tls
         if tls is None:
-            raise ProxyError(f"{self.settings.handle_id} serves plain HTTP: no certificate to "
-                             "renew")
+            raise ProxyError(
+                f"{self.settings.handle_id} serves plain HTTP: no certificate to renew"
+            )
         certs = CertificateService(self.ctx.storage)
         async with self._renew_lock:
             old = tls.bundle
@@ -179,17 +200,27 @@ class ProxyInstance:
                     return self._renew_result(old, old, renewed=False)
                 assert tls.challenges is not None
                 try:
-                    fresh = await asyncio.to_thread(certs.obtain_acme, tls.acme, tls.challenges,
-                                                    self.runtime.egress)
+                    fresh = await asyncio.to_thread(
+                        certs.obtain_acme, tls.acme, tls.challenges, self.runtime.egress
+                    )
                 except FlmError as exc:
                     self.last_error = f"certificate renewal failed ({exc.code}): {exc.message}"
                     await asyncio.to_thread(
-                        record_security_event, self.ctx.storage, EVENT_RENEWAL_FAILED, "medium",
-                        {"handle": self.settings.handle_id, "domain": tls.acme.domain,
-                         "names": list(tls.acme.all_names), "challenge": tls.acme.challenge,
-                         "code": exc.code, "error": exc.message,
-                         "fallback": "the current certificate keeps serving",
-                         "certificate_expiry": iso(old.not_after)})
+                        record_security_event,
+                        self.ctx.storage,
+                        EVENT_RENEWAL_FAILED,
+                        "medium",
+                        {
+                            "handle": self.settings.handle_id,
+                            "domain": tls.acme.domain,
+                            "names": list(tls.acme.all_names),
+                            "challenge": tls.acme.challenge,
+                            "code": exc.code,
+                            "error": exc.message,
+                            "fallback": "the current certificate keeps serving",
+                            "certificate_expiry": iso(old.not_after),
+                        },
+                    )
                     raise
             else:
                 fresh = await asyncio.to_thread(certs.local, self.settings.mode)
@@ -200,20 +231,30 @@ class ProxyInstance:
                 tls.renewed_at = time.time()
                 tls.source = "issued"
                 await asyncio.to_thread(
-                    record_security_event, self.ctx.storage, EVENT_RENEWED, "info",
-                    {"handle": self.settings.handle_id, "mode": self.settings.mode,
-                     "fingerprint_sha256": fresh.fingerprint_sha256,
-                     "previous_fingerprint_sha256": old.fingerprint_sha256,
-                     "not_after": iso(fresh.not_after)})
+                    record_security_event,
+                    self.ctx.storage,
+                    EVENT_RENEWED,
+                    "info",
+                    {
+                        "handle": self.settings.handle_id,
+                        "mode": self.settings.mode,
+                        "fingerprint_sha256": fresh.fingerprint_sha256,
+                        "previous_fingerprint_sha256": old.fingerprint_sha256,
+                        "not_after": iso(fresh.not_after),
+                    },
+                )
             if self.last_error and self.last_error.startswith("certificate renewal failed"):
                 self.last_error = None
             return self._renew_result(old, fresh, renewed=renewed)
 
     def _renew_result(self, old: CertBundle, new: CertBundle, *, renewed: bool) -> dict[str, Any]:
-        return {"id": self.settings.handle_id, "renewed": renewed,
-                "fingerprint_sha256": new.fingerprint_sha256,
-                "previous_fingerprint_sha256": old.fingerprint_sha256,
-                "not_after": iso(new.not_after)}
+        return {
+            "id": self.settings.handle_id,
+            "renewed": renewed,
+            "fingerprint_sha256": new.fingerprint_sha256,
+            "previous_fingerprint_sha256": old.fingerprint_sha256,
+            "not_after": iso(new.not_after),
+        }
 
     # --- stop ------------------------------------------------------------------------------------
 
@@ -231,8 +272,9 @@ class ProxyInstance:
 # --- start ---------------------------------------------------------------------------------------
 
 
-async def start_instance(ctx: Context, raw: dict[str, Any], *,
-                         handle_id: str | None = None) -> ProxyInstance:
+async def start_instance(
+    ctx: Context, raw: dict[str, Any], *, handle_id: str | None = None
+) -> ProxyInstance:
     """Start one proxy from ``proxy start``'s options (see the module docstring)."""
     config = StartConfig.from_dict(raw)
     handle = handle_id or f"proxy-{config.port}"
@@ -249,29 +291,47 @@ async def start_instance(ctx: Context, raw: dict[str, Any], *,
             notes.append(damage)
             log.error("%s", damage)
         if egress.fell_back:
-            notes.append(f"egress {egress.requested.mode} is unreachable: using direct "
-                         "connections (--egress-fail-open)")
+            notes.append(
+                f"egress {egress.requested.mode} is unreachable: using direct "
+                "connections (--egress-fail-open)"
+            )
         settings = ProxySettings(
-            port=config.port, bind=config.bind, mode=config.mode, handle_id=handle,
+            port=config.port,
+            bind=config.bind,
+            mode=config.mode,
+            handle_id=handle,
             https_port=config.https_port,
-            max_body_bytes=int(ctx.config.value("proxy.max_body_bytes")))
+            max_body_bytes=int(ctx.config.value("proxy.max_body_bytes")),
+        )
         tls: TlsState | None = None
         if config.mode == LOCAL_HTTP:
             runtime = build_runtime(settings, ctx, egress.config)
-            servers.append(HttpServer(build_app(runtime), sockets[0],
-                                      body_timeout_s=settings.body_timeout_s,
-                                      headers=response_headers(), refusal=refusal,
-                                      limits=runtime.connection_limits))
+            servers.append(
+                HttpServer(
+                    build_app(runtime),
+                    sockets[0],
+                    body_timeout_s=settings.body_timeout_s,
+                    headers=response_headers(),
+                    refusal=refusal,
+                    limits=runtime.connection_limits,
+                )
+            )
             await servers[-1].start()
         else:
             assert config.https_port is not None
             tls = await _prepare_tls(ctx, config, sockets[0], servers, notes, egress.config)
             runtime = build_runtime(settings, ctx, egress.config)
-            servers.append(HttpServer(build_app(runtime), sockets[1],
-                                      tls.holder.context,
-                                      body_timeout_s=settings.body_timeout_s,
-                                      headers=response_headers(tls=True), refusal=refusal,
-                                      limits=runtime.connection_limits))
+            servers.append(
+                HttpServer(
+                    build_app(runtime),
+                    sockets[1],
+                    tls.holder.context,
+                    body_timeout_s=settings.body_timeout_s,
+                    headers=response_headers(tls=True),
+                    refusal=refusal,
+                    limits=runtime.connection_limits,
+                )
+            )
             await servers[-1].start()
     except BaseException:
         for server in reversed(servers):
@@ -302,13 +362,20 @@ def _quick_check(db: Any) -> str | None:
     rows = integrity_problems(db.path, quick=True, limit=5)
     if not rows:
         return None
-    return (f"security.db fails SQLite's quick_check ({'; '.join(rows)[:500]}): run "
-            "`flm check --verbose` and restore a backup (`flm security backup restore`)")
+    return (
+        f"security.db fails SQLite's quick_check ({'; '.join(rows)[:500]}): run "
+        "`flm check --verbose` and restore a backup (`flm security backup restore`)"
+    )
 
 
-async def _prepare_tls(ctx: Context, config: StartConfig, http_sock: socket.socket,
-                       servers: list[HttpServer], notes: list[str],
-                       egress: EgressConfig) -> TlsState:
+async def _prepare_tls(
+    ctx: Context,
+    config: StartConfig,
+    http_sock: socket.socket,
+    servers: list[HttpServer],
+    notes: list[str],
+    egress: EgressConfig,
+) -> TlsState:
     """Start the HTTP port (redirect/challenges) and get the certificate."""
     from flm.tls.challenge import ChallengeStore
     from flm.tls.context import ReloadableServerContext
@@ -316,41 +383,81 @@ async def _prepare_tls(ctx: Context, config: StartConfig, http_sock: socket.sock
     assert config.https_port is not None
     certs = CertificateService(ctx.storage)
     if config.mode != ACME_MODE:
-        default_host = "localhost" if config.bind in ("127.0.0.1", "::1", "0.0.0.0", "::") \
-            else config.bind  # noqa: S104
-        servers.append(HttpServer(RedirectApp(config.https_port, default_host), http_sock,
-                                  headers=response_headers(), refusal=refusal))
+        default_host = (
+            "localhost"
+            if config.bind in ("127.0.0.1", "::1", "0.0.0.0", "::")  # noqa: S104
+            else config.bind
+        )
+        servers.append(
+            HttpServer(
+                RedirectApp(config.https_port, default_host),
+                http_sock,
+                headers=response_headers(),
+                refusal=refusal,
+            )
+        )
         await servers[-1].start()
         bundle = await asyncio.to_thread(certs.local, config.mode)
         source = "issued" if bundle.issued else "stored"
         return TlsState(ReloadableServerContext(bundle), source)
     assert config.acme_domain is not None and config.acme_email is not None
-    acme = resolve_acme_settings(config.acme_domains or config.acme_domain, config.acme_email,
-                                 config.env, challenge=config.challenge,
-                                 dns_profile=config.dns_profile)
+    acme = resolve_acme_settings(
+        config.acme_domains or config.acme_domain,
+        config.acme_email,
+        config.env,
+        challenge=config.challenge,
+        dns_profile=config.dns_profile,
+    )
     await asyncio.to_thread(certs.check_dns_profile, acme)
     challenges = ChallengeStore()
     # DNS-01 needs nothing from the HTTP port: it only redirects.
-    redirect_host = next((n for n in acme.all_names if not n.startswith("*")),
-                         acme.domain.removeprefix("*."))
-    servers.append(HttpServer(
-        RedirectApp(config.https_port, redirect_host,
-                    challenges if acme.challenge == "http-01" else None),
-        http_sock, headers=response_headers(), refusal=refusal))
+    redirect_host = next(
+        (n for n in acme.all_names if not n.startswith("*")), acme.domain.removeprefix("*.")
+    )
+    servers.append(
+        HttpServer(
+            RedirectApp(
+                config.https_port,
+                redirect_host,
+                challenges if acme.challenge == "http-01" else None,
+            ),
+            http_sock,
+            headers=response_headers(),
+            refusal=refusal,
+        )
+    )
     await servers[-1].start()
-    outcome = await asyncio.to_thread(certs.acme_at_start, acme, challenges, port=config.port,
-                                      egress=egress, progress=_terminal_progress())
+    outcome = await asyncio.to_thread(
+        certs.acme_at_start,
+        acme,
+        challenges,
+        port=config.port,
+        egress=egress,
+        progress=_terminal_progress(),
+    )
     if outcome.source == "stored":
-        notes.append(f"reused the stored certificate for {acme.domain} (valid until "
-                     f"{iso(outcome.bundle.not_after)})")
+        notes.append(
+            f"reused the stored certificate for {acme.domain} (valid until "
+            f"{iso(outcome.bundle.not_after)})"
+        )
     elif outcome.source == "stored-fallback":
-        notes.append(f"certificate renewal failed: ACME failed ({outcome.error}); serving the "
-                     f"stored certificate for {acme.domain}, valid until "
-                     f"{iso(outcome.bundle.not_after)}")
+        notes.append(
+            f"certificate renewal failed: ACME failed ({outcome.error}); serving the "
+            f"stored certificate for {acme.domain}, valid until "
+            f"{iso(outcome.bundle.not_after)}"
+        )
         await asyncio.to_thread(
-            record_security_event, ctx.storage, EVENT_RENEWAL_FAILED, "medium",
-            {"domain": acme.domain, "error": outcome.error, "fallback": "stored certificate",
-             "certificate_expiry": iso(outcome.bundle.not_after)})
+            record_security_event,
+            ctx.storage,
+            EVENT_RENEWAL_FAILED,
+            "medium",
+            {
+                "domain": acme.domain,
+                "error": outcome.error,
+                "fallback": "stored certificate",
+                "certificate_expiry": iso(outcome.bundle.not_after),
+            },
+        )
     return TlsState(ReloadableServerContext(outcome.bundle), outcome.source, acme, challenges)
 
 
@@ -367,8 +474,9 @@ def _terminal_progress() -> Callable[[str], None] | None:
     return show
 
 
-async def decide_start_egress(ctx: Context, requested: EgressConfig,
-                              handle: str) -> EffectiveEgress:
+async def decide_start_egress(
+    ctx: Context, requested: EgressConfig, handle: str
+) -> EffectiveEgress:
     """Probe the egress (3 tries) and record what happened; ``ProxyError`` when fail-closed."""
     from flm.egress.policy import decide_egress
 
@@ -378,23 +486,39 @@ async def decide_start_egress(ctx: Context, requested: EgressConfig,
         details = exc.details if isinstance(exc.details, dict) else {}
         for event in details.get("events") or []:
             await asyncio.to_thread(
-                record_security_event, ctx.storage, str(event["event_type"]),
-                str(event["severity"]), {**event.get("details", {}), "handle": handle,
-                                         "message": event.get("message")})
+                record_security_event,
+                ctx.storage,
+                str(event["event_type"]),
+                str(event["severity"]),
+                {**event.get("details", {}), "handle": handle, "message": event.get("message")},
+            )
         await asyncio.to_thread(
-            record_security_event, ctx.storage, EVENT_EGRESS_REFUSED, "high",
-            {"handle": handle, "mode": requested.mode, "endpoint": requested.socks5_endpoint,
-             "action": "start_refused", "message": exc.message, "probe": details.get("probe")})
+            record_security_event,
+            ctx.storage,
+            EVENT_EGRESS_REFUSED,
+            "high",
+            {
+                "handle": handle,
+                "mode": requested.mode,
+                "endpoint": requested.socks5_endpoint,
+                "action": "start_refused",
+                "message": exc.message,
+                "probe": details.get("probe"),
+            },
+        )
         raise
     for event in effective.events:
         await asyncio.to_thread(
-            record_security_event, ctx.storage, event.event_type, event.severity,
-            {**event.details, "handle": handle, "message": event.message})
+            record_security_event,
+            ctx.storage,
+            event.event_type,
+            event.severity,
+            {**event.details, "handle": handle, "message": event.message},
+        )
     return effective
 
 
-def user_endpoints(s: ProxySettings,
-                   acme_domain: str | tuple[str, ...] | None = None) -> list[str]:
+def user_endpoints(s: ProxySettings, acme_domain: str | tuple[str, ...] | None = None) -> list[str]:
     """The URLs a user should use: localhost, or the LAN addresses when bound to all
     interfaces, or the bind address; ``https://domain`` for ACME (one per name)."""
     if s.https_port is not None and acme_domain:
@@ -439,8 +563,9 @@ def apply_log_level(ctx: Any, override: str | None = None) -> str:
     return set_level(_log_override or stored or start_level())
 
 
-async def reload_proxies(ctx: Any, instances: list[ProxyInstance],
-                         log_level: str | None = None) -> list[str]:
+async def reload_proxies(
+    ctx: Any, instances: list[ProxyInstance], log_level: str | None = None
+) -> list[str]:
     """Apply the stored policy, keys, blocklist, profiles and engines to running proxies (the
     daemon's, or a ``--no-daemon`` one). A stored policy that no longer validates is refused:
     the one in force stays, and the proxy's ``last_error`` says why until a good one comes."""
@@ -457,13 +582,17 @@ async def reload_proxies(ctx: Any, instances: list[ProxyInstance],
 
     await asyncio.to_thread(apply_log_level, ctx, log_level)
     policy = await asyncio.to_thread(lambda: ctx.policy.show()["policy"])
-    rows = [k for k in await asyncio.to_thread(KeyService(ctx.storage).list)
-            if k.revoked_at is None]
+    rows = [
+        k for k in await asyncio.to_thread(KeyService(ctx.storage).list) if k.revoked_at is None
+    ]
     active = {k.id for k in rows}
     scopes = {k.id: scope_from_row(k) for k in rows}
     endpoints = await asyncio.to_thread(ctx.engines.endpoints)
-    replaced = [problem for db in (ctx.storage.config, ctx.storage.security)
-                if (problem := db.identity_problem()) is not None]
+    replaced = [
+        problem
+        for db in (ctx.storage.config, ctx.storage.security)
+        if (problem := db.identity_problem()) is not None
+    ]
     reloaded = []
     for inst in instances:
         rt = inst.runtime

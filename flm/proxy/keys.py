@@ -45,11 +45,16 @@ class VerifyBusy(Exception):
 
 
 class KeyVerifier:
-    def __init__(self, lookup_hash: Callable[[str], str | None],
-                 verify_hash: Callable[[str, str], bool],
-                 dummy_hash: Callable[[], str] | None = None, *,
-                 workers: int = VERIFY_WORKERS, max_admitted: int = MAX_ADMITTED,
-                 per_address: int = PER_ADDRESS) -> None:
+    def __init__(
+        self,
+        lookup_hash: Callable[[str], str | None],
+        verify_hash: Callable[[str, str], bool],
+        dummy_hash: Callable[[], str] | None = None,
+        *,
+        workers: int = VERIFY_WORKERS,
+        max_admitted: int = MAX_ADMITTED,
+        per_address: int = PER_ADDRESS,
+    ) -> None:
         self._lookup = lookup_hash
         self._verify = verify_hash
         self._secret = secrets.token_bytes(32)
@@ -65,7 +70,8 @@ class KeyVerifier:
         self.admitted = 0
         self._by_address: dict[str, int] = {}
         self._dummy: Future[str] | None = (
-            self._pool.submit(dummy_hash) if dummy_hash is not None else None)
+            self._pool.submit(dummy_hash) if dummy_hash is not None else None
+        )
 
     def _digest(self, presented: str) -> bytes:
         # Keyed BLAKE2b: a MAC in one C call (the hmac module's wrapper costs more per request).
@@ -106,7 +112,8 @@ class KeyVerifier:
         self._pending[digest] = future
         try:
             ok, existed = await asyncio.get_running_loop().run_in_executor(
-                self._pool, self._check, parsed.key_id, presented)
+                self._pool, self._check, parsed.key_id, presented
+            )
             result = parsed.key_id if ok else None
             if result is None:
                 self._remember_bad(digest, None if existed else parsed.key_id)

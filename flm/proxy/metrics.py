@@ -15,8 +15,25 @@ from prometheus_client.core import (
 )
 from prometheus_client.utils import floatToGoString
 
-_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
-                    10, 30, 60, 120)
+_LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    120,
+)
 _OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05)
 #: At most this many label combinations are kept per metric (routes, statuses and engines are
 #: few; the cap only bounds memory if something unexpected makes many).
@@ -66,8 +83,9 @@ class _RequestCollector:
         self.key_tokens: dict[tuple[str, str, str], int] = {}
 
     @staticmethod
-    def observe(series: dict[str, _Histogram], label: str, bounds: tuple[float, ...],
-                value: float) -> None:
+    def observe(
+        series: dict[str, _Histogram], label: str, bounds: tuple[float, ...], value: float
+    ) -> None:
         hist = series.get(label)
         if hist is None:
             if len(series) >= MAX_SERIES:
@@ -77,8 +95,9 @@ class _RequestCollector:
         hist.sum += value
 
     @staticmethod
-    def _histogram(name: str, doc: str, label: str, series: dict[str, _Histogram],
-                   bounds: tuple[float, ...]) -> HistogramMetricFamily:
+    def _histogram(
+        name: str, doc: str, label: str, series: dict[str, _Histogram], bounds: tuple[float, ...]
+    ) -> HistogramMetricFamily:
         family = HistogramMetricFamily(name, doc, labels=[label])
         for value, hist in series.items():
             running = 0
@@ -96,33 +115,49 @@ class _RequestCollector:
         return self._families(empty=False)
 
     def _families(self, empty: bool) -> Iterator[Metric]:
-        requests = CounterMetricFamily("flm_requests_total", "Requests answered",
-                                       labels=["route", "status", "engine"])
-        tokens = CounterMetricFamily("flm_tokens_total", "Tokens reported by engines",
-                                     labels=["engine", "direction"])
-        key_tokens = CounterMetricFamily("flm_key_tokens_total",
-                                         "Tokens used, by API key label and model",
-                                         labels=["key", "model", "direction"])
+        requests = CounterMetricFamily(
+            "flm_requests_total", "Requests answered", labels=["route", "status", "engine"]
+        )
+        tokens = CounterMetricFamily(
+            "flm_tokens_total", "Tokens reported by engines", labels=["engine", "direction"]
+        )
+        key_tokens = CounterMetricFamily(
+            "flm_key_tokens_total",
+            "Tokens used, by API key label and model",
+            labels=["key", "model", "direction"],
+        )
         if empty:
             yield requests
             yield HistogramMetricFamily("flm_request_duration_seconds", "", labels=["route"])
             yield HistogramMetricFamily("flm_overhead_seconds", "", labels=["route"])
-            yield HistogramMetricFamily("flm_time_to_first_token_seconds", "",
-                                        labels=["engine"])
+            yield HistogramMetricFamily("flm_time_to_first_token_seconds", "", labels=["engine"])
             yield tokens
             yield key_tokens
             return
         for (route, status, engine), count in list(self.requests.items()):
             requests.add_metric([route, str(status), engine], count)
         yield requests
-        yield self._histogram("flm_request_duration_seconds", "Total request latency",
-                              "route", self.latency, _LATENCY_BUCKETS)
-        yield self._histogram("flm_overhead_seconds",
-                              "Time spent in FLM itself (total minus engine time)", "route",
-                              self.overhead, _OVERHEAD_BUCKETS)
-        yield self._histogram("flm_time_to_first_token_seconds",
-                              "Time from request to the first streamed chunk", "engine",
-                              self.ttft, _LATENCY_BUCKETS)
+        yield self._histogram(
+            "flm_request_duration_seconds",
+            "Total request latency",
+            "route",
+            self.latency,
+            _LATENCY_BUCKETS,
+        )
+        yield self._histogram(
+            "flm_overhead_seconds",
+            "Time spent in FLM itself (total minus engine time)",
+            "route",
+            self.overhead,
+            _OVERHEAD_BUCKETS,
+        )
+        yield self._histogram(
+            "flm_time_to_first_token_seconds",
+            "Time from request to the first streamed chunk",
+            "engine",
+            self.ttft,
+            _LATENCY_BUCKETS,
+        )
         for (engine, direction), count in list(self.tokens.items()):
             tokens.add_metric([engine, direction], count)
         yield tokens
@@ -144,11 +179,16 @@ class _PoolCollector:
         yield GaugeMetricFamily("flm_pool_member_up", "", labels=["pool", "member"])
 
     def collect(self) -> Iterator[Metric]:
-        busy = GaugeMetricFamily("flm_pool_member_in_flight",
-                                 "Requests a pool member is serving", labels=["pool", "member"])
-        up = GaugeMetricFamily("flm_pool_member_up",
-                               "1 when a pool member is in rotation, 0 while it is out",
-                               labels=["pool", "member"])
+        busy = GaugeMetricFamily(
+            "flm_pool_member_in_flight",
+            "Requests a pool member is serving",
+            labels=["pool", "member"],
+        )
+        up = GaugeMetricFamily(
+            "flm_pool_member_up",
+            "1 when a pool member is in rotation, 0 while it is out",
+            labels=["pool", "member"],
+        )
         for pool in self._source():
             for member in pool["members"]:
                 labels = [pool["name"], member["engine_id"]]
@@ -172,24 +212,42 @@ class _AuditCollector:
         if self.source is None:
             return
         st = self.source()
-        gauges = (("flm_audit_unwritten_records", "Audit records not yet written", "unwritten"),
-                  ("flm_audit_queue_limit", "Unwritten audit records at which new requests "
-                   "wait", "limit"),
-                  ("flm_audit_failing", "1 while audit writes fail (e.g. disk full)",
-                   "failing"))
+        gauges = (
+            ("flm_audit_unwritten_records", "Audit records not yet written", "unwritten"),
+            (
+                "flm_audit_queue_limit",
+                "Unwritten audit records at which new requests wait",
+                "limit",
+            ),
+            ("flm_audit_failing", "1 while audit writes fail (e.g. disk full)", "failing"),
+        )
         for name, doc, key in gauges:
             yield GaugeMetricFamily(name, doc, value=float(st[key]))
-        counters = (("flm_audit_write_failures", "Failed audit writes", "write_failures"),
-                    ("flm_audit_delayed_records", "Audit records whose write failed and was "
-                     "retried", "delayed_records"),
-                    ("flm_audit_lines_lost", "Audit records the JSON Lines file could not "
-                     "take", "lines_lost"),
-                    ("flm_audit_refused_requests", "Requests refused while the audit was full",
-                     "refused_requests"),
-                    ("flm_audit_backpressure_waits", "Requests that waited for audit room",
-                     "backpressure_waits"),
-                    ("flm_audit_rows_escaped", "Audit rows written escaped", "rows_escaped"),
-                    ("flm_audit_gaps", "audit_gap events recorded", "gaps_recorded"))
+        counters = (
+            ("flm_audit_write_failures", "Failed audit writes", "write_failures"),
+            (
+                "flm_audit_delayed_records",
+                "Audit records whose write failed and was retried",
+                "delayed_records",
+            ),
+            (
+                "flm_audit_lines_lost",
+                "Audit records the JSON Lines file could not take",
+                "lines_lost",
+            ),
+            (
+                "flm_audit_refused_requests",
+                "Requests refused while the audit was full",
+                "refused_requests",
+            ),
+            (
+                "flm_audit_backpressure_waits",
+                "Requests that waited for audit room",
+                "backpressure_waits",
+            ),
+            ("flm_audit_rows_escaped", "Audit rows written escaped", "rows_escaped"),
+            ("flm_audit_gaps", "audit_gap events recorded", "gaps_recorded"),
+        )
         for name, doc, key in counters:
             yield CounterMetricFamily(name, doc, value=float(st[key]))
 
@@ -207,20 +265,23 @@ class Metrics:
         self._audit = _AuditCollector()
         r.register(self._audit)
         self.active_streams = Gauge("flm_active_streams", "Streams in flight", registry=r)
-        self.engine_up = Gauge("flm_engine_healthy", "1 when the engine is usable", ["engine"],
-                               registry=r)
-        self.auth_failures = Counter("flm_auth_failures_total", "Rejected credentials",
-                                     registry=r)
-        self.blocks = Counter("flm_blocked_requests_total", "Requests refused by IP blocks",
-                              ["reason"], registry=r)
-        self.rate_limited = Counter("flm_rate_limited_total", "Requests refused by rate limits",
-                                    ["scope"], registry=r)
+        self.engine_up = Gauge(
+            "flm_engine_healthy", "1 when the engine is usable", ["engine"], registry=r
+        )
+        self.auth_failures = Counter("flm_auth_failures_total", "Rejected credentials", registry=r)
+        self.blocks = Counter(
+            "flm_blocked_requests_total", "Requests refused by IP blocks", ["reason"], registry=r
+        )
+        self.rate_limited = Counter(
+            "flm_rate_limited_total", "Requests refused by rate limits", ["scope"], registry=r
+        )
 
     def watch_audit(self, status: Callable[[], dict[str, Any]]) -> None:
         self._audit.source = status
 
-    def record_request(self, route: str, status: int, engine: str, elapsed: float,
-                       overhead: float | None) -> None:
+    def record_request(
+        self, route: str, status: int, engine: str, elapsed: float, overhead: float | None
+    ) -> None:
         series = self._series
         route, engine = label(route), label(engine)
         key = (route, status, engine)

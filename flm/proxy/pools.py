@@ -115,8 +115,11 @@ class Pool:
         chosen: Member | None = None
         total = 0.0
         for member in self.members:
-            if (member.up and member is not exclude
-                    and member.in_flight / member.weight == best_load):
+            if (
+                member.up
+                and member is not exclude
+                and member.in_flight / member.weight == best_load
+            ):
                 member.credit += member.weight
                 total += member.weight
                 if chosen is None or member.credit > chosen.credit:
@@ -181,11 +184,23 @@ class PoolSet:
 
     def snapshot(self) -> list[dict[str, Any]]:
         """Each pool with its members' state (``flm proxy status``, the admin API)."""
-        return [{"name": p.name, "model_id": f"flm://{p.id}/<model>",
-                 "members": [{"engine_id": m.engine_id, "weight": m.weight,
-                              "state": m.state, "in_flight": m.in_flight,
-                              "failures": m.failures} for m in p.members]}
-                for p in self.pools.values()]
+        return [
+            {
+                "name": p.name,
+                "model_id": f"flm://{p.id}/<model>",
+                "members": [
+                    {
+                        "engine_id": m.engine_id,
+                        "weight": m.weight,
+                        "state": m.state,
+                        "in_flight": m.in_flight,
+                        "failures": m.failures,
+                    }
+                    for m in p.members
+                ],
+            }
+            for p in self.pools.values()
+        ]
 
     # --- health -------------------------------------------------------------------------------
 
@@ -194,8 +209,7 @@ class PoolSet:
         member.retry_at = time.monotonic() + self.backoff.after(member.failures)
         if member.up:
             member.up = False
-            log.warning("pool member %s taken out of rotation: %s", member.engine_id,
-                        reason[:200])
+            log.warning("pool member %s taken out of rotation: %s", member.engine_id, reason[:200])
         self._ensure_probe()
 
     def _ensure_probe(self) -> None:
@@ -274,9 +288,9 @@ class PoolSet:
             finally:
                 member.in_flight -= 1
 
-    async def stream(self, pool: Pool,
-                     open_stream: Callable[[EngineAdapter], AsyncIterator[bytes]]
-                     ) -> AsyncIterator[bytes]:
+    async def stream(
+        self, pool: Pool, open_stream: Callable[[EngineAdapter], AsyncIterator[bytes]]
+    ) -> AsyncIterator[bytes]:
         """The events of ``open_stream`` on the least-busy member. A member that fails before
         its first event is replaced once; after the first event, failures propagate."""
         tried: Member | None = None
@@ -345,10 +359,12 @@ class PoolAdapter(EngineAdapter):
     async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
         return await self._pools.call(self._pool, lambda a: a.chat(body))
 
-    async def chat_bytes(self, body: dict[str, Any], public_model: str,
-                         raw_body: bytes | None = None) -> bytes:
-        return await self._pools.call(self._pool,
-                                      lambda a: a.chat_bytes(body, public_model, raw_body))
+    async def chat_bytes(
+        self, body: dict[str, Any], public_model: str, raw_body: bytes | None = None
+    ) -> bytes:
+        return await self._pools.call(
+            self._pool, lambda a: a.chat_bytes(body, public_model, raw_body)
+        )
 
     def chat_stream(self, body: dict[str, Any], public_model: str) -> AsyncIterator[bytes]:
         return self._pools.stream(self._pool, lambda a: a.chat_stream(body, public_model))

@@ -23,8 +23,12 @@ class RedirectApp:
     authorization (``text/plain``) or 404.
     """
 
-    def __init__(self, https_port: int, default_host: str = "localhost",
-                 challenges: ChallengeStore | None = None) -> None:
+    def __init__(
+        self,
+        https_port: int,
+        default_host: str = "localhost",
+        challenges: ChallengeStore | None = None,
+    ) -> None:
         self.https_port = https_port
         self.default_host = default_host
         self.challenges = challenges
@@ -42,12 +46,19 @@ class RedirectApp:
             return
         location = self.location(scope)
         body = f"moved to {location}\n".encode()
-        await send({"type": "http.response.start", "status": 301, "headers": [
-            (b"location", location.encode("latin-1")),
-            (b"content-type", b"text/plain; charset=utf-8"),
-            (b"content-length", str(len(body)).encode()),
-            (b"cache-control", b"no-store"),
-            HSTS]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 301,
+                "headers": [
+                    (b"location", location.encode("latin-1")),
+                    (b"content-type", b"text/plain; charset=utf-8"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"cache-control", b"no-store"),
+                    HSTS,
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
     def location(self, scope: Scope) -> str:
@@ -72,8 +83,15 @@ class RedirectApp:
 
     @staticmethod
     async def _plain(send: Send, status: int, body: bytes) -> None:
-        await send({"type": "http.response.start", "status": status, "headers": [
-            (b"content-type", b"text/plain"),
-            (b"content-length", str(len(body)).encode()),
-            (b"cache-control", b"no-store")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"text/plain"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"cache-control", b"no-store"),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})

@@ -48,9 +48,12 @@ class StoredResponse:
 
 
 class ResponseStore:
-    def __init__(self, retention_s: float = DEFAULT_RETENTION_S,
-                 max_per_key: int = DEFAULT_MAX_PER_KEY,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        retention_s: float = DEFAULT_RETENTION_S,
+        max_per_key: int = DEFAULT_MAX_PER_KEY,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.retention_s = retention_s
         self.max_per_key = max_per_key
         self.clock = clock
@@ -64,8 +67,13 @@ class ResponseStore:
         for key in list(self._by_key):
             self._trim(key)
 
-    def put(self, key_id: str | None, response: dict[str, Any],
-            input_items: list[dict[str, Any]], messages: list[dict[str, Any]]) -> None:
+    def put(
+        self,
+        key_id: str | None,
+        response: dict[str, Any],
+        input_items: list[dict[str, Any]],
+        messages: list[dict[str, Any]],
+    ) -> None:
         owner = key_id or ""
         size = approx_size(response) + approx_size(input_items) + approx_size(messages)
         if size > self.max_bytes_per_key:
@@ -74,8 +82,9 @@ class ResponseStore:
         resp_id = str(response["id"])
         old = items.pop(resp_id, None)
         self._bytes[owner] = self._bytes.get(owner, 0) + size - (old.size if old else 0)
-        items[resp_id] = StoredResponse(response, input_items, messages,
-                                        self.clock() + self.retention_s, size)
+        items[resp_id] = StoredResponse(
+            response, input_items, messages, self.clock() + self.retention_s, size
+        )
         self._trim(owner)
 
     def get(self, key_id: str | None, response_id: str) -> StoredResponse | None:
@@ -111,8 +120,11 @@ class ResponseStore:
         while items:
             first_id, first = next(iter(items.items()))
             # oldest first: over a bound, or expired (expired ones sit at the front)
-            if (len(items) <= self.max_per_key and first.expires > now
-                    and self._bytes[owner] <= self.max_bytes_per_key):
+            if (
+                len(items) <= self.max_per_key
+                and first.expires > now
+                and self._bytes[owner] <= self.max_bytes_per_key
+            ):
                 break
             self._drop(owner, first_id)
             if owner not in self._by_key:

@@ -95,8 +95,9 @@ class ProxyRuntime:
         """Swap in a new policy (validated: an invalid one raises and the old one stays)."""
         effective = EffectivePolicy.build(document, exposed=not self.settings.loopback_only)
         if self.ui_origins and "*" not in effective.allowed_origins:
-            effective = replace(effective, allowed_origins=(*effective.allowed_origins,
-                                                            *self.ui_origins))
+            effective = replace(
+                effective, allowed_origins=(*effective.allowed_origins, *self.ui_origins)
+            )
         self.policy = document
         self.effective = effective
         if self.alerts is not None:
@@ -153,8 +154,9 @@ def _is_self(endpoint: EngineEndpoint, settings: ProxySettings) -> bool:
         return False
 
 
-def build_runtime(settings: ProxySettings, ctx: Any,
-                  egress: EgressConfig | None = None) -> ProxyRuntime:
+def build_runtime(
+    settings: ProxySettings, ctx: Any, egress: EgressConfig | None = None
+) -> ProxyRuntime:
     """Build a runtime from a ``flm.services.context.Context``; ``egress`` is the egress in
     force (default direct)."""
     from flm.services.keys import dummy_key_hash, verify_key_hash
@@ -182,7 +184,8 @@ def build_runtime(settings: ProxySettings, ctx: Any,
     storage = ctx.storage
     runtime.alerts = Alerter(
         lambda kind, severity, details: record_security_event(storage, kind, severity, details),
-        egress=runtime.egress)
+        egress=runtime.egress,
+    )
     assert runtime.audit is not None
     runtime.audit.listener = runtime.alerts.offer
     runtime.apply_policy(json.loads(json.dumps(ctx.policy.show()["policy"])))
@@ -199,17 +202,27 @@ def scope_from_row(row: Any) -> KeyScope:
 
     lim = row.limits
     return KeyScope(
-        row.id, row.label, None if lim.models is None else tuple(lim.models), lim.rpm,
-        lim.burst, lim.tpm, lim.daily_tokens, lim.daily_requests,
-        parse_iso(lim.expires_at).timestamp() if lim.expires_at else None, lim.read_only)
+        row.id,
+        row.label,
+        None if lim.models is None else tuple(lim.models),
+        lim.rpm,
+        lim.burst,
+        lim.tpm,
+        lim.daily_tokens,
+        lim.daily_requests,
+        parse_iso(lim.expires_at).timestamp() if lim.expires_at else None,
+        lim.read_only,
+    )
 
 
 def load_scopes(ctx: Any) -> dict[str, KeyScope]:
     """Every active key's scope."""
     from flm.storage.security import ApiKeysRepo
 
-    return {row.id: scope_from_row(row)
-            for row in ApiKeysRepo(ctx.storage.security).all(include_revoked=False)}
+    return {
+        row.id: scope_from_row(row)
+        for row in ApiKeysRepo(ctx.storage.security).all(include_revoked=False)
+    }
 
 
 def load_scope(ctx: Any, key_id: str) -> KeyScope | None:
@@ -222,8 +235,10 @@ def load_scope(ctx: Any, key_id: str) -> KeyScope | None:
 def pool_defs(ctx: Any) -> tuple[list[PoolDef], Backoff]:
     """Engine pools and their back-off settings from config.db (read off the event loop;
     the loop applies them with ``runtime.engines.pools.replace``)."""
-    backoff = Backoff(float(ctx.config.value("pool.backoff_initial_s")),
-                      float(ctx.config.value("pool.backoff_max_s")))
+    backoff = Backoff(
+        float(ctx.config.value("pool.backoff_initial_s")),
+        float(ctx.config.value("pool.backoff_max_s")),
+    )
     return [PoolDef(p.name, p.members) for p in ctx.engines.pools()], backoff
 
 
@@ -236,8 +251,10 @@ def load_profiles(runtime: ProxyRuntime, ctx: Any) -> None:
     runtime.profiles = service.effective_profiles()
     runtime.prompts = service.effective_prompts()
     runtime.engines.set_aliases(AliasService(ctx.storage).effective())
-    runtime.responses.configure(float(ctx.config.value("responses.retention_s")),
-                                int(ctx.config.value("responses.max_per_key")))
+    runtime.responses.configure(
+        float(ctx.config.value("responses.retention_s")),
+        int(ctx.config.value("responses.max_per_key")),
+    )
 
 
 def load_block_rows(ctx: Any, listener: str) -> list[tuple[str, str, float | None, float, int]]:
@@ -249,8 +266,18 @@ def load_block_rows(ctx: Any, listener: str) -> list[tuple[str, str, float | Non
     rows = BlocklistRepo(ctx.storage.security).all(newest_first=False, listener=listener)
     out: list[tuple[str, str, float | None, float, int]] = []
     for r in rows:
-        until = None if r["permanent"] else (
-            parse_iso(r["expires_at"]).timestamp() if r["expires_at"] else 0.0)
-        out.append((r["ip"], r["reason"], until, parse_iso(r["blocked_at"]).timestamp(),
-                    int(r["failure_count"])))
+        until = (
+            None
+            if r["permanent"]
+            else (parse_iso(r["expires_at"]).timestamp() if r["expires_at"] else 0.0)
+        )
+        out.append(
+            (
+                r["ip"],
+                r["reason"],
+                until,
+                parse_iso(r["blocked_at"]).timestamp(),
+                int(r["failure_count"]),
+            )
+        )
     return out

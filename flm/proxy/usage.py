@@ -52,8 +52,7 @@ def _duration(seconds: float) -> bytes:
 
 
 class _KeyState:
-    __slots__ = ("day", "day_requests", "day_tokens", "req_at", "req_level", "tok_at",
-                 "tok_level")
+    __slots__ = ("day", "day_requests", "day_tokens", "req_at", "req_level", "tok_at", "tok_level")
 
     def __init__(self, now: float) -> None:
         self.day = int(now // DAY_S)
@@ -90,11 +89,13 @@ class KeyLedger:
         st = self._state(scope.key_id, now)
         if count:
             if scope.daily_requests is not None and st.day_requests >= scope.daily_requests:
-                raise _budget(now, f"the key's daily request budget ({scope.daily_requests}) "
-                              "is used up")
+                raise _budget(
+                    now, f"the key's daily request budget ({scope.daily_requests}) is used up"
+                )
             if scope.daily_tokens is not None and st.day_tokens >= scope.daily_tokens:
-                raise _budget(now, f"the key's daily token budget ({scope.daily_tokens}) "
-                              "is used up")
+                raise _budget(
+                    now, f"the key's daily token budget ({scope.daily_tokens}) is used up"
+                )
         if not scope.limited:
             if count:
                 st.day_requests += 1
@@ -117,10 +118,11 @@ class KeyLedger:
                 charged = True
             st.req_level = level
             reset = (capacity - level) / rate
-            headers += [(b"x-ratelimit-limit-requests", scope.rpm_text),
-                        (b"x-ratelimit-remaining-requests", b"%d" % level),
-                        (b"x-ratelimit-reset-requests",
-                         _duration(wait if wait > reset else reset))]
+            headers += [
+                (b"x-ratelimit-limit-requests", scope.rpm_text),
+                (b"x-ratelimit-remaining-requests", b"%d" % level),
+                (b"x-ratelimit-reset-requests", _duration(wait if wait > reset else reset)),
+            ]
         tpm = scope.tpm
         if tpm is not None:
             rate = tpm / 60.0
@@ -131,16 +133,21 @@ class KeyLedger:
                     wait = reset
             else:
                 reset = (tpm - level) / rate
-            headers += [(b"x-ratelimit-limit-tokens", scope.tpm_text),
-                        (b"x-ratelimit-remaining-tokens", b"%d" % (level if level > 0 else 0)),
-                        (b"x-ratelimit-reset-tokens", _duration(reset))]
+            headers += [
+                (b"x-ratelimit-limit-tokens", scope.tpm_text),
+                (b"x-ratelimit-remaining-tokens", b"%d" % (level if level > 0 else 0)),
+                (b"x-ratelimit-reset-tokens", _duration(reset)),
+            ]
         if wait:
             if charged:
                 st.req_level += 1.0  # refused for tokens: the request is not charged
             retry = max(1, math.ceil(wait))
-            raise HttpError(429, "rate_limited", f"the key's per-minute limit is reached; "
-                            f"retry in {retry} s", [(b"retry-after", str(retry).encode()),
-                                                   *headers])
+            raise HttpError(
+                429,
+                "rate_limited",
+                f"the key's per-minute limit is reached; retry in {retry} s",
+                [(b"retry-after", str(retry).encode()), *headers],
+            )
         if count:
             st.day_requests += 1
         return headers
@@ -188,8 +195,12 @@ class KeyLedger:
 
 def _budget(now: float, message: str) -> HttpError:
     retry = max(1, math.ceil(DAY_S - now % DAY_S))
-    return HttpError(429, "budget_exceeded", f"{message}; it renews at 00:00 UTC",
-                     [(b"retry-after", str(retry).encode())])
+    return HttpError(
+        429,
+        "budget_exceeded",
+        f"{message}; it renews at 00:00 UTC",
+        [(b"retry-after", str(retry).encode())],
+    )
 
 
 _Item = tuple[float, str, str, str, int, int, int]
@@ -209,8 +220,16 @@ class UsageSink:
         self._thread = threading.Thread(target=self._run, name="flm-usage", daemon=True)
         self._thread.start()
 
-    def record(self, ts: float, key_id: str, model: str, engine_id: str, prompt: int,
-               completion: int, estimated: bool) -> None:
+    def record(
+        self,
+        ts: float,
+        key_id: str,
+        model: str,
+        engine_id: str,
+        prompt: int,
+        completion: int,
+        estimated: bool,
+    ) -> None:
         """One finished request (request path: one append)."""
         self._items.append((ts, key_id, model, engine_id, prompt, completion, int(estimated)))
 
@@ -242,7 +261,11 @@ class UsageSink:
                     sums = table.get((int(ts // unit), key_id, model, engine))
                     if sums is None:
                         table[(int(ts // unit), key_id, model, engine)] = [
-                            1, prompt, completion, estimated]
+                            1,
+                            prompt,
+                            completion,
+                            estimated,
+                        ]
                     else:
                         sums[0] += 1
                         sums[1] += prompt
@@ -251,8 +274,7 @@ class UsageSink:
                 if ts > last_used.get(key_id, 0.0):
                     last_used[key_id] = ts
 
-            add_rollups(self._db, minutes, hours,
-                        {k: _iso(t) for k, t in last_used.items()})
+            add_rollups(self._db, minutes, hours, {k: _iso(t) for k, t in last_used.items()})
             return len(batch)
 
     def prune(self, now: float | None = None) -> None:
@@ -294,8 +316,9 @@ def account(rt: Any, state: Any, ts: float) -> None:
         # loaded with today's totals from the rollups at the reload that brings it)
         rt.ledger.charge(key.key_id, prompt + completion, key.tpm)
     if rt.usage is not None:
-        rt.usage.record(ts, key.key_id, model, state.engine_id or "", prompt, completion,
-                        state.usage_estimated)
+        rt.usage.record(
+            ts, key.key_id, model, state.engine_id or "", prompt, completion, state.usage_estimated
+        )
     if prompt or completion:
         rt.metrics.record_key_tokens(key.label, model, prompt, completion)
 
@@ -304,8 +327,9 @@ def require_model(state: Any, model_id: str) -> None:
     """403 ``model_not_allowed`` unless the request's key may use ``model_id``."""
     key: KeyScope | None = state.key
     if key is not None and not key.allows_model(model_id):
-        raise HttpError(403, "model_not_allowed",
-                        f"this API key may not use the model {model_id[:200]!r}")
+        raise HttpError(
+            403, "model_not_allowed", f"this API key may not use the model {model_id[:200]!r}"
+        )
 
 
 def require_engine(state: Any, engine_id: str) -> None:
@@ -313,5 +337,6 @@ def require_engine(state: Any, engine_id: str) -> None:
     (the native API behind ``/engine/{id}/`` reaches any of them)."""
     key: KeyScope | None = state.key
     if key is not None and not key.allows_engine(engine_id):
-        raise HttpError(403, "model_not_allowed",
-                        f"this API key may not use the engine {engine_id!r} directly")
+        raise HttpError(
+            403, "model_not_allowed", f"this API key may not use the engine {engine_id!r} directly"
+        )

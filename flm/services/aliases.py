@@ -21,15 +21,18 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/+-]{0,199}$")
 
 def check_alias_name(name: str) -> str:
     if name.startswith(MODEL_SCHEME) or not _NAME.match(name):
-        raise UsageError(f"alias {name[:100]!r}: use 1-200 letters, digits and ._:@/+- "
-                         "(starting with a letter or digit), not an flm:// id")
+        raise UsageError(
+            f"alias {name[:100]!r}: use 1-200 letters, digits and ._:@/+- "
+            "(starting with a letter or digit), not an flm:// id"
+        )
     return name
 
 
 def check_target(target: str) -> str:
     if split_model_id(target) is None:
-        raise UsageError(f"alias target must look like flm://<engine>/<model>, got "
-                         f"{target[:200]!r}")
+        raise UsageError(
+            f"alias target must look like flm://<engine>/<model>, got {target[:200]!r}"
+        )
     return target
 
 

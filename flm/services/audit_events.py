@@ -39,6 +39,10 @@ def record_security_event(
     from flm.core.alerts import notify
 
     notify(event_type, severity, "", details)
-    log.warning("security event %s (%s)", event_type, severity,
-                extra={"event_type": event_type, "severity": severity})
+    log.warning(
+        "security event %s (%s)",
+        event_type,
+        severity,
+        extra={"event_type": event_type, "severity": severity},
+    )
     return row_id

@@ -38,8 +38,11 @@ class BackupService:
         self._storage = storage
 
     def create(self, output_dir: Path | None = None) -> dict[str, Any]:
-        folder = (make_dir(output_dir) if output_dir is not None
-                  else ensure_private_dir(self._storage.paths.backups_dir))
+        folder = (
+            make_dir(output_dir)
+            if output_dir is not None
+            else ensure_private_dir(self._storage.paths.backups_dir)
+        )
         db = self._storage.security  # opens + migrates, so the file exists
         # A backup of a damaged database is no backup, and writing one would prune a good
         # generation: check first (and the copy after), and keep every generation on failure.
@@ -50,7 +53,8 @@ class BackupService:
                 "backup was written and no existing backup was removed. Restore a good one "
                 "with `flm security backup restore --file FILE` (backups are in FLM's backups "
                 "folder)",
-                details={"problems": problems[:20]})
+                details={"problems": problems[:20]},
+            )
         target = folder / f"security.db.bak.{_stamp()}"
         while target.exists():  # two backups in the same millisecond
             target = folder / f"security.db.bak.{_stamp()}"
@@ -69,7 +73,8 @@ class BackupService:
             raise DatabaseDamagedError(
                 f"the backup written to {target} failed its integrity check "
                 f"({'; '.join(problems[:3])}); it was removed and no older backup was pruned",
-                details={"problems": problems[:20]})
+                details={"problems": problems[:20]},
+            )
         removed = self._prune(folder)
         return {
             "file": str(target),
@@ -125,7 +130,8 @@ class BackupService:
         if running:  # a --no-daemon proxy has no daemon, only its handle
             raise ProxyAlreadyRunningError(
                 f"a proxy is running ({running[0].id}, pid {running[0].pid}); stop it before "
-                "restoring a backup")
+                "restoring a backup"
+            )
         if not file.is_file():
             raise UsageError(f"backup file {file} does not exist")
         # immutable: a backup is never written, so no lock, -wal or -shm file is needed (it

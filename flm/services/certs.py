@@ -72,9 +72,15 @@ class AcmeOutcome:
     error: str | None = None
 
 
-def resolve_acme_settings(domain: str | Sequence[str], email: str, env: Mapping[str, str],
-                          timeout_s: float = 90.0, *, challenge: str = "http-01",
-                          dns_profile: str | None = None) -> AcmeSettings:
+def resolve_acme_settings(
+    domain: str | Sequence[str],
+    email: str,
+    env: Mapping[str, str],
+    timeout_s: float = 90.0,
+    *,
+    challenge: str = "http-01",
+    dns_profile: str | None = None,
+) -> AcmeSettings:
     """Validate the names and the ``FLM_ACME_*`` settings (no network)."""
     from flm.tls.acmeclient import check_acme_names, resolve_acme_directory
 
@@ -82,10 +88,19 @@ def resolve_acme_settings(domain: str | Sequence[str], email: str, env: Mapping[
     if "@" not in email or email.startswith("@") or email.endswith("@"):
         raise ProxyError(f"--acme-email must be an e-mail address, got {email!r}")
     if challenge == "dns-01" and not dns_profile:
-        raise ProxyError("--challenge dns-01 needs --dns-profile NAME (create one with "
-                         "`flm secrets dns add NAME ...`)")
-    return AcmeSettings(names[0], email.strip(), resolve_acme_directory(env), timeout_s,
-                        tuple(names), challenge, dns_profile if challenge == "dns-01" else None)
+        raise ProxyError(
+            "--challenge dns-01 needs --dns-profile NAME (create one with "
+            "`flm secrets dns add NAME ...`)"
+        )
+    return AcmeSettings(
+        names[0],
+        email.strip(),
+        resolve_acme_directory(env),
+        timeout_s,
+        tuple(names),
+        challenge,
+        dns_profile if challenge == "dns-01" else None,
+    )
 
 
 class CertificateService:
@@ -142,9 +157,13 @@ class CertificateService:
         secrets = DnsSecretsService(self._storage)
         secrets.secret(secrets.get(settings.dns_profile))
 
-    def obtain_acme(self, settings: AcmeSettings, challenges: MutableMapping[str, str],
-                    egress: EgressConfig | None = None,
-                    progress: Callable[[str], None] | None = None) -> CertBundle:
+    def obtain_acme(
+        self,
+        settings: AcmeSettings,
+        challenges: MutableMapping[str, str],
+        egress: EgressConfig | None = None,
+        progress: Callable[[str], None] | None = None,
+    ) -> CertBundle:
         """One issuance (HTTP-01, or DNS-01 through the settings' DNS profile); the certificate
         is stored and recorded. ``ProxyAcmeError`` (DNS-01: one of its named subclasses).
 
@@ -190,36 +209,46 @@ class CertificateService:
                 solver.provider.close()
         else:
             chain, key = client.obtain(settings.domain, challenges)
-        bundle = store_acme_certificate(self.certs_dir, settings.domain, chain, key,
-                                        settings.all_names)
+        bundle = store_acme_certificate(
+            self.certs_dir, settings.domain, chain, key, settings.all_names
+        )
         self.record(bundle)
         return bundle
 
-    def acme_at_start(self, settings: AcmeSettings, challenges: MutableMapping[str, str], *,
-                      port: int, renew_before_days: float = RENEW_BEFORE_DAYS,
-                      egress: EgressConfig | None = None,
-                      progress: Callable[[str], None] | None = None) -> AcmeOutcome:
+    def acme_at_start(
+        self,
+        settings: AcmeSettings,
+        challenges: MutableMapping[str, str],
+        *,
+        port: int,
+        renew_before_days: float = RENEW_BEFORE_DAYS,
+        egress: EgressConfig | None = None,
+        progress: Callable[[str], None] | None = None,
+    ) -> AcmeOutcome:
         """The fallback chain of SPEC §6 (see the module docstring)."""
         stored = self.stored_acme(settings.domain, settings.all_names)
         if stored is not None and not due_for_renewal(stored, renew_before_days):
             self.record(stored)
             return AcmeOutcome(stored, "stored")
         try:
-            return AcmeOutcome(self.obtain_acme(settings, challenges, egress, progress),
-                               "issued")
+            return AcmeOutcome(self.obtain_acme(settings, challenges, egress, progress), "issued")
         except ProxyAcmeError as exc:
             if stored is not None:
                 self.record(stored)
                 return AcmeOutcome(stored, "stored-fallback", exc.message)
             raise self.no_fallback_error(settings, exc, port) from exc
 
-    def no_fallback_error(self, settings: AcmeSettings, exc: ProxyAcmeError,
-                          port: int) -> ProxyAcmeError:
+    def no_fallback_error(
+        self, settings: AcmeSettings, exc: ProxyAcmeError, port: int
+    ) -> ProxyAcmeError:
         live = self.live_dir(settings.domain)
         dev = f"flm proxy start --mode dev-selfsigned --port {port}"
         names = " ".join(f"-d '{n}'" for n in settings.all_names)
-        by_hand = (f"certbot certonly --manual --preferred-challenges dns {names}"
-                   if settings.challenge == "dns-01" else f"certbot certonly --standalone {names}")
+        by_hand = (
+            f"certbot certonly --manual --preferred-challenges dns {names}"
+            if settings.challenge == "dns-01"
+            else f"certbot certonly --standalone {names}"
+        )
         steps = [
             "fix the cause above and run the same start again (FLM retries the ACME order), or",
             f"serve HTTPS now with FLM's own certificate: `{dev}` (clients must trust FLM's "
@@ -257,8 +286,9 @@ class CertificateService:
         return CertificatesRepo(self._storage.security).all()
 
 
-def due_for_renewal(bundle: CertBundle, days: float = RENEW_BEFORE_DAYS,
-                    now: datetime | None = None) -> bool:
+def due_for_renewal(
+    bundle: CertBundle, days: float = RENEW_BEFORE_DAYS, now: datetime | None = None
+) -> bool:
     """True when ``bundle``'s leaf ends within ``days`` (or cannot be read any more)."""
     try:
         leaf = load_cert_file(bundle.cert_path)[0]

@@ -71,11 +71,16 @@ def run_check(storage: Storage, *, verbose: bool = False) -> dict[str, Any]:
                 f"port {h['port']})"
             )
 
-    warnings.extend(f"{name}: {rep['read_only']}" for name, rep in databases.items()
-                    if rep.get("read_only"))
+    warnings.extend(
+        f"{name}: {rep['read_only']}" for name, rep in databases.items() if rep.get("read_only")
+    )
     problems = [f"{name}: {p}" for name, rep in databases.items() for p in rep["problems"]]
-    report = {"ok": not problems, "databases": databases, "problems": problems,
-              "warnings": warnings}
+    report = {
+        "ok": not problems,
+        "databases": databases,
+        "problems": problems,
+        "warnings": warnings,
+    }
     if "safe_mode" in databases["security"]:
         report["dns_secrets"] = _dns_secrets(storage, warnings)
     return report

@@ -97,10 +97,12 @@ KNOWN: dict[str, KnownSetting] = {
     ),
     "audit.retention_days": KnownSetting(7, _int_in(1, 3650), "audit rows older are archived"),
     "preferred_language": KnownSetting("en", _choice("en", "ja"), "web UI language"),
-    "ui.theme": KnownSetting("system", _choice("system", "light", "dark"),
-                             "web UI theme (system follows the OS)"),
+    "ui.theme": KnownSetting(
+        "system", _choice("system", "light", "dark"), "web UI theme (system follows the OS)"
+    ),
     "log.level": KnownSetting(
-        None, _choice("debug", "info", "warning", "error", "critical"),
+        None,
+        _choice("debug", "info", "warning", "error", "critical"),
         "log level of the daemon and running proxies, applied on reload",
     ),
 }

@@ -77,8 +77,13 @@ class DnsProfile:
     def view(self) -> dict[str, Any]:
         """Safe to print: settings and where the secret lives, never the secret."""
         backend, _, _where = self.secret_ref.partition(":")
-        return {"name": self.name, "provider": self.provider, **self.settings,
-                "secret_store": backend, "created_at": self.created_at}
+        return {
+            "name": self.name,
+            "provider": self.provider,
+            **self.settings,
+            "secret_store": backend,
+            "created_at": self.created_at,
+        }
 
 
 # --- the secret store ----------------------------------------------------------------------------
@@ -99,8 +104,9 @@ def usable_keyring() -> Any | None:
         backend = keyring.get_keyring()
     except Exception:
         return None
-    candidates = list(backend.backends) if isinstance(backend, chainer.ChainerBackend) \
-        else [backend]
+    candidates = (
+        list(backend.backends) if isinstance(backend, chainer.ChainerBackend) else [backend]
+    )
     real = []
     for candidate in candidates:
         if isinstance(candidate, fail.Keyring) or type(candidate).__module__.endswith(".null"):
@@ -125,8 +131,10 @@ class SecretStore:
             raise UsageError("FLM_SECRETS_BACKEND must be file, keyring or auto")
         self._keyring = None if forced == "file" else usable_keyring()
         if forced == "keyring" and self._keyring is None:
-            raise SecretStoreError("FLM_SECRETS_BACKEND=keyring, but no usable OS keyring was "
-                                   "found (install and unlock one, or use the file store)")
+            raise SecretStoreError(
+                "FLM_SECRETS_BACKEND=keyring, but no usable OS keyring was "
+                "found (install and unlock one, or use the file store)"
+            )
 
     @property
     def backend(self) -> str:
@@ -134,8 +142,10 @@ class SecretStore:
 
     def describe(self) -> str:
         if self._keyring is not None:
-            return (f"OS keyring ({type(self._keyring).__module__}.{type(self._keyring).__name__}"
-                    f"), service {KEYRING_SERVICE!r}")
+            return (
+                f"OS keyring ({type(self._keyring).__module__}.{type(self._keyring).__name__}"
+                f"), service {KEYRING_SERVICE!r}"
+            )
         return f"files (mode 0600) in {self.dir}"
 
     def _file(self, name: str) -> Path:
@@ -146,8 +156,10 @@ class SecretStore:
             try:
                 self._keyring.set_password(KEYRING_SERVICE, name, secret)
             except Exception as exc:
-                raise SecretStoreError(f"could not store the secret of DNS profile {name!r} in "
-                                       f"the OS keyring ({type(exc).__name__})") from None
+                raise SecretStoreError(
+                    f"could not store the secret of DNS profile {name!r} in "
+                    f"the OS keyring ({type(exc).__name__})"
+                ) from None
             return f"keyring:{KEYRING_SERVICE}/{name}"
         ensure_private_dir(self.dir.parent)
         ensure_private_dir(self.dir)
@@ -165,17 +177,21 @@ class SecretStore:
                 except Exception:
                     value = None
             if value is None:
-                raise SecretStoreError(f"the secret of DNS profile {name!r} is not in the OS "
-                                       "keyring any more (or the keyring is locked): unlock it, "
-                                       f"or add the profile again (`flm secrets dns add {name} "
-                                       "...`)")
+                raise SecretStoreError(
+                    f"the secret of DNS profile {name!r} is not in the OS "
+                    "keyring any more (or the keyring is locked): unlock it, "
+                    f"or add the profile again (`flm secrets dns add {name} "
+                    "...`)"
+                )
             return str(value)
         if backend == "file":
             try:
                 return Path(where).read_text().strip()
             except OSError as exc:
-                raise SecretStoreError(f"cannot read the secret of DNS profile {name!r} from "
-                                       f"{where}: {exc.strerror}; add the profile again") from None
+                raise SecretStoreError(
+                    f"cannot read the secret of DNS profile {name!r} from "
+                    f"{where}: {exc.strerror}; add the profile again"
+                ) from None
         raise SecretStoreError(f"DNS profile {name!r} has an unknown secret reference")
 
     def delete(self, name: str, ref: str) -> None:
@@ -208,8 +224,15 @@ class DnsSecretsService:
             self._store = SecretStore(self._storage.paths.home, self._env)
         return self._store
 
-    def add(self, name: str, provider: str, settings: Mapping[str, Any], secret: str,
-            *, replace: bool = False) -> DnsProfile:
+    def add(
+        self,
+        name: str,
+        provider: str,
+        settings: Mapping[str, Any],
+        secret: str,
+        *,
+        replace: bool = False,
+    ) -> DnsProfile:
         name = check_profile_name(name)
         if provider not in PROVIDERS:
             raise UsageError(f"unknown DNS provider {provider!r}; choose {', '.join(PROVIDERS)}")
@@ -217,8 +240,9 @@ class DnsSecretsService:
         secret = check_secret(provider, secret)
         existing = self._row(name)
         if existing is not None and not replace:
-            raise UsageError(f"a DNS profile named {name!r} exists; remove it first or pass "
-                             "--replace")
+            raise UsageError(
+                f"a DNS profile named {name!r} exists; remove it first or pass --replace"
+            )
         ref = self.store.put(name, secret)
         created = now_iso()
 
@@ -241,7 +265,8 @@ class DnsSecretsService:
             known = ", ".join(p.name for p in self.list()) or "none"
             raise DnsProfileNotFoundError(
                 f"no DNS profile named {name!r} (profiles: {known}); create one with "
-                f"`flm secrets dns add {name} --provider ...`")
+                f"`flm secrets dns add {name} --provider ...`"
+            )
         return row
 
     def secret(self, profile: DnsProfile) -> str:
@@ -263,8 +288,13 @@ def _profile(row: sqlite3.Row) -> DnsProfile:
         settings = json.loads(row["settings_json"] or "{}")
     except (ValueError, IndexError):
         settings = {}
-    return DnsProfile(row["id"], row["provider"], settings if isinstance(settings, dict) else {},
-                      row["secret_ref"], row["created_at"])
+    return DnsProfile(
+        row["id"],
+        row["provider"],
+        settings if isinstance(settings, dict) else {},
+        row["secret_ref"],
+        row["created_at"],
+    )
 
 
 # --- validation ----------------------------------------------------------------------------------
@@ -272,8 +302,10 @@ def _profile(row: sqlite3.Row) -> DnsProfile:
 
 def check_profile_name(name: str) -> str:
     if not _NAME.fullmatch(name or ""):
-        raise UsageError("a DNS profile name is 1-63 letters, digits, '.', '_' or '-', starting "
-                         "with a letter or digit")
+        raise UsageError(
+            "a DNS profile name is 1-63 letters, digits, '.', '_' or '-', starting "
+            "with a letter or digit"
+        )
     return name
 
 
@@ -287,8 +319,9 @@ def _zone(text: str) -> str:
 def check_settings(provider: str, settings: Mapping[str, Any]) -> dict[str, Any]:
     """The non-secret settings, validated and normalised."""
     out: dict[str, Any] = {"zone": _zone(str(settings.get("zone") or ""))}
-    checks = [f"{h}:{p}" for h, p in (parse_server(str(s)) for s in
-                                       settings.get("check_servers") or [])]
+    checks = [
+        f"{h}:{p}" for h, p in (parse_server(str(s)) for s in settings.get("check_servers") or [])
+    ]
     if checks:
         out["check_servers"] = checks
     timeout = settings.get("propagation_timeout_s")
@@ -300,14 +333,18 @@ def check_settings(provider: str, settings: Mapping[str, Any]) -> dict[str, Any]
     if provider == "rfc2136":
         server = settings.get("server")
         if not server:
-            raise UsageError("--provider rfc2136 needs --server HOST[:PORT] (the primary DNS "
-                             "server that accepts dynamic updates)")
+            raise UsageError(
+                "--provider rfc2136 needs --server HOST[:PORT] (the primary DNS "
+                "server that accepts dynamic updates)"
+            )
         host, port = parse_server(str(server))
         out["server"] = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         tsig_name = str(settings.get("tsig_name") or "").strip().rstrip(".")
         if not tsig_name:
-            raise UsageError("--provider rfc2136 needs --tsig-name (the TSIG key's name as the "
-                             "DNS server knows it)")
+            raise UsageError(
+                "--provider rfc2136 needs --tsig-name (the TSIG key's name as the "
+                "DNS server knows it)"
+            )
         out["tsig_name"] = tsig_name
         algorithm = str(settings.get("tsig_algorithm") or "hmac-sha256").lower()
         if algorithm not in TSIG_ALGORITHMS:
@@ -319,8 +356,10 @@ def check_settings(provider: str, settings: Mapping[str, Any]) -> dict[str, Any]
         if parts.scheme not in ("https", "http") or not parts.hostname:
             raise UsageError(f"--api-base must be an http(s) URL, got {base!r}")
         if parts.scheme == "http" and not _is_loopback(parts.hostname):
-            raise UsageError("--api-base may use plain http only on loopback (the API token "
-                             "would travel in clear)")
+            raise UsageError(
+                "--api-base may use plain http only on loopback (the API token "
+                "would travel in clear)"
+            )
         out["api_base"] = base
     return out
 
@@ -344,9 +383,13 @@ def check_secret(provider: str, secret: str) -> str:
         try:
             raw = base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):
-            raise UsageError("the TSIG secret must be base64 (as in the server's `key` "
-                             "statement, e.g. from `tsig-keygen`)") from None
+            raise UsageError(
+                "the TSIG secret must be base64 (as in the server's `key` "
+                "statement, e.g. from `tsig-keygen`)"
+            ) from None
         if len(raw) < 16:
-            raise UsageError("the TSIG secret is shorter than 128 bits; generate a new key "
-                             "with `tsig-keygen -a hmac-sha256 NAME`")
+            raise UsageError(
+                "the TSIG secret is shorter than 128 bits; generate a new key "
+                "with `tsig-keygen -a hmac-sha256 NAME`"
+            )
     return value

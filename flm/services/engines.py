@@ -115,13 +115,18 @@ class DetectReport:
     flm_listeners: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"engines": [e.to_dict() for e in self.engines], "cached": self.cached,
-                "not_found": self.not_found, "flm_listeners": self.flm_listeners}
+        return {
+            "engines": [e.to_dict() for e in self.engines],
+            "cached": self.cached,
+            "not_found": self.not_found,
+            "flm_listeners": self.flm_listeners,
+        }
 
 
 class EngineService:
-    def __init__(self, storage: Storage, config: ConfigService,
-                 env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, storage: Storage, config: ConfigService, env: Mapping[str, str] | None = None
+    ) -> None:
         self._storage = storage
         self._config = config
         self._env = os.environ if env is None else env
@@ -139,9 +144,15 @@ class EngineService:
         out = [e for e in default_endpoints(self._env) if e.id not in taken]
         for row in rows:
             if row.enabled:
-                out.append(EngineEndpoint(row.id, EngineKind(row.kind), row.base_url,
-                                          "managed" if row.managed else "registered",
-                                          api_key=row.api_key))
+                out.append(
+                    EngineEndpoint(
+                        row.id,
+                        EngineKind(row.kind),
+                        row.base_url,
+                        "managed" if row.managed else "registered",
+                        api_key=row.api_key,
+                    )
+                )
         return out
 
     def endpoint(self, engine_id: str) -> EngineEndpoint:
@@ -150,20 +161,32 @@ class EngineService:
                 return e
         raise EngineNotFoundError(f"no engine with id {engine_id!r}")
 
-    def add(self, kind: str, url: str, engine_id: str | None = None, *, managed: bool = False,
-            pid: int | None = None, model_path: str | None = None,
-            api_key: str | None = None) -> EngineRow:
+    def add(
+        self,
+        kind: str,
+        url: str,
+        engine_id: str | None = None,
+        *,
+        managed: bool = False,
+        pid: int | None = None,
+        model_path: str | None = None,
+        api_key: str | None = None,
+    ) -> EngineRow:
         parsed_kind = parse_kind(kind)
         base_url = normalize_url(url, default_port=kinds.get(parsed_kind).default_port)
         registered = self.registered()
         if not managed:
-            same = next((r for r in registered
-                         if r.kind == parsed_kind.value and r.base_url == base_url), None)
+            same = next(
+                (r for r in registered if r.kind == parsed_kind.value and r.base_url == base_url),
+                None,
+            )
             if same is not None:
                 if engine_id in (None, same.id):
                     return same  # adding it again reuses it (no vllm-2 for the same server)
-                raise EngineExistsError(f"{base_url} is already registered as {same.id!r}; "
-                                        f"remove it first to register it as {engine_id!r}")
+                raise EngineExistsError(
+                    f"{base_url} is already registered as {same.id!r}; "
+                    f"remove it first to register it as {engine_id!r}"
+                )
         taken = {r.id for r in registered}
         if engine_id is None:
             engine_id = parsed_kind.value
@@ -172,18 +195,28 @@ class EngineService:
                 engine_id = f"{parsed_kind.value}-{n}"
                 n += 1
         elif not _ID.match(engine_id):
-            raise UsageError(f"engine id {engine_id!r} must be lowercase letters, digits, "
-                             "'-' or '_' (at most 64, starting with a letter or digit)")
+            raise UsageError(
+                f"engine id {engine_id!r} must be lowercase letters, digits, "
+                "'-' or '_' (at most 64, starting with a letter or digit)"
+            )
         elif engine_id in taken:
             raise EngineExistsError(f"an engine with id {engine_id!r} is already registered")
         repo = EnginesRepo(self._storage.config)
         try:
-            row = repo.add(engine_id, parsed_kind.value, base_url, managed=managed, pid=pid,
-                           model_path=model_path, api_key=api_key)
+            row = repo.add(
+                engine_id,
+                parsed_kind.value,
+                base_url,
+                managed=managed,
+                pid=pid,
+                model_path=model_path,
+                api_key=api_key,
+            )
         except FlmError as exc:
             if "UNIQUE" in exc.message:
                 raise EngineExistsError(
-                    f"an engine with id {engine_id!r} is already registered") from None
+                    f"an engine with id {engine_id!r} is already registered"
+                ) from None
             raise
         EngineCacheRepo(self._storage.config).replace({}, time.time())
         return row
@@ -200,13 +233,16 @@ class EngineService:
     def pools(self) -> list[PoolRow]:
         return PoolsRepo(self._storage.config).all()
 
-    def add_pool(self, name: str, members: list[str],
-                 weights: Mapping[str, float] | None = None) -> PoolRow:
+    def add_pool(
+        self, name: str, members: list[str], weights: Mapping[str, float] | None = None
+    ) -> PoolRow:
         """A pool of ``members`` (engine ids, each at most once, at least one); ``weights``
         scale a member's share (default 1). Requests reach it as ``flm://pool:NAME/model``."""
         if not _ID.match(name):
-            raise UsageError(f"pool name {name!r} must be lowercase letters, digits, '-' or '_' "
-                             "(at most 64, starting with a letter or digit)")
+            raise UsageError(
+                f"pool name {name!r} must be lowercase letters, digits, '-' or '_' "
+                "(at most 64, starting with a letter or digit)"
+            )
         if not members:
             raise UsageError("a pool needs at least one --member")
         if len(set(members)) != len(members):
@@ -223,7 +259,8 @@ class EngineService:
             if not 0 < weight <= 1000:
                 raise UsageError(f"weight of {engine_id} must be > 0 and <= 1000")
         row = PoolsRepo(self._storage.config).add(
-            name, [(m, float(weights.get(m, 1.0))) for m in members])
+            name, [(m, float(weights.get(m, 1.0))) for m in members]
+        )
         if row is None:
             raise PoolExistsError(f"a pool named {name!r} exists")
         return row
@@ -235,9 +272,11 @@ class EngineService:
     # --- detection ----------------------------------------------------------------------------
 
     def timeouts(self) -> Timeouts:
-        return Timeouts(connect_s=float(self._config.value("engine.connect_timeout_s")),
-                        first_byte_s=float(self._config.value("engine.first_byte_timeout_s")),
-                        idle_s=float(self._config.value("engine.idle_timeout_s")))
+        return Timeouts(
+            connect_s=float(self._config.value("engine.connect_timeout_s")),
+            first_byte_s=float(self._config.value("engine.first_byte_timeout_s")),
+            idle_s=float(self._config.value("engine.idle_timeout_s")),
+        )
 
     def _settings(self) -> Any:
         from flm.engines.detect import DetectSettings
@@ -283,35 +322,47 @@ class EngineService:
                 if data.get("status") is not None:
                     states.append(EngineState.from_dict(data))
             if hit and endpoints:
-                return self._report(states, endpoints, cached=True,
-                                    listeners=[e.id for e in endpoints
-                                               if json.loads(cached[e.id][0]).get("status")
-                                               is None])
+                return self._report(
+                    states,
+                    endpoints,
+                    cached=True,
+                    listeners=[
+                        e.id for e in endpoints if json.loads(cached[e.id][0]).get("status") is None
+                    ],
+                )
         results = await detect_all(endpoints, self._settings(), self.timeouts(), self._env)
         listeners = [e.id for e, s in zip(endpoints, results, strict=True) if s is None]
         found = [s for s in results if s is not None]
         previous = {k: v for k, v in cache.all().items() if now - v[1] <= CACHE_TTL_S}
         merged = {k: v[0] for k, v in previous.items()}
         for e, s in zip(endpoints, results, strict=True):
-            merged[e.id] = json.dumps(s.to_dict() if s else {"base_url": e.base_url,
-                                                             "status": None})
+            merged[e.id] = json.dumps(
+                s.to_dict() if s else {"base_url": e.base_url, "status": None}
+            )
         # A read-only (safe mode) database still detects; it just cannot cache.
         with contextlib.suppress(FlmError):
             cache.replace(merged, now)
         return self._report(found, endpoints, cached=False, listeners=listeners)
 
     @staticmethod
-    def _report(states: list[EngineState], endpoints: list[EngineEndpoint], *, cached: bool,
-                listeners: list[str]) -> DetectReport:
-        shown = [s for s in states
-                 if s.source != "default" or s.status != EngineStatus.ERROR_NETWORK]
+    def _report(
+        states: list[EngineState],
+        endpoints: list[EngineEndpoint],
+        *,
+        cached: bool,
+        listeners: list[str],
+    ) -> DetectReport:
+        shown = [
+            s for s in states if s.source != "default" or s.status != EngineStatus.ERROR_NETWORK
+        ]
         missing = [s.id for s in states if s not in shown]
         return DetectReport(shown, cached, not_found=missing, flm_listeners=listeners)
 
     # --- models -------------------------------------------------------------------------------
 
-    async def alist_models(self, engine_id: str | None = None,
-                           fresh: bool = False) -> tuple[list[ModelInfo], dict[str, str]]:
+    async def alist_models(
+        self, engine_id: str | None = None, fresh: bool = False
+    ) -> tuple[list[ModelInfo], dict[str, str]]:
         from flm.engines.kinds import make_adapter
 
         report = await self.adetect(engine_id, fresh=fresh)
@@ -323,14 +374,18 @@ class EngineService:
             raise EngineNotFoundError(f"engine {engine_id!r} is not usable ({reason})")
         timeouts = self.timeouts()
         endpoints = {e.id: e for e in self.endpoints()}
-        adapters = [make_adapter(endpoints.get(s.id) or EngineEndpoint(s.id, s.kind, s.base_url,
-                                                                       s.source), timeouts)
-                    for s in usable]
+        adapters = [
+            make_adapter(
+                endpoints.get(s.id) or EngineEndpoint(s.id, s.kind, s.base_url, s.source), timeouts
+            )
+            for s in usable
+        ]
         errors: dict[str, str] = {}
         models: list[ModelInfo] = []
         try:
-            results = await asyncio.gather(*(a.list_models() for a in adapters),
-                                           return_exceptions=True)
+            results = await asyncio.gather(
+                *(a.list_models() for a in adapters), return_exceptions=True
+            )
         finally:
             await asyncio.gather(*(a.close() for a in adapters), return_exceptions=True)
         for adapter, result in zip(adapters, results, strict=True):

@@ -32,8 +32,11 @@ _WILDCARDS = ("0.0.0.0", "::")  # noqa: S104 - recognising wildcard binds, not b
 def fix_for(kind: EngineKind) -> str:
     """The kind's own fix (its descriptor's ``loopback_fix``)."""
     descriptor = kinds.find(kind)
-    return descriptor.loopback_fix if descriptor is not None else \
-        "restart the engine listening on 127.0.0.1 only"
+    return (
+        descriptor.loopback_fix
+        if descriptor is not None
+        else "restart the engine listening on 127.0.0.1 only"
+    )
 
 
 @dataclass(frozen=True)
@@ -56,9 +59,15 @@ class ExposureReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "engine_id": self.engine_id, "kind": self.kind, "base_url": self.base_url,
-            "status": self.status, "listen": self.listen, "reachable_on": self.reachable_on,
-            "fix": self.fix, "answers_without_key": self.answers_without_key, "note": self.note,
+            "engine_id": self.engine_id,
+            "kind": self.kind,
+            "base_url": self.base_url,
+            "status": self.status,
+            "listen": self.listen,
+            "reachable_on": self.reachable_on,
+            "fix": self.fix,
+            "answers_without_key": self.answers_without_key,
+            "note": self.note,
         }
 
 
@@ -125,8 +134,9 @@ def _reachable(listen: Iterable[str], interfaces: list[dict[str, str]]) -> list[
     return list(unique.values())
 
 
-def answers_without_key(kind: EngineKind, port: int, loopback: str = "127.0.0.1",
-                        timeout: float = 2.0) -> tuple[bool | None, bool]:
+def answers_without_key(
+    kind: EngineKind, port: int, loopback: str = "127.0.0.1", timeout: float = 2.0
+) -> tuple[bool | None, bool]:
     """Ask the engine on ``loopback:port`` for its model list with no credentials.
 
     Returns (answers, is_flm): answers is True if it answers 200, False if it refuses, None if
@@ -150,10 +160,14 @@ def answers_without_key(kind: EngineKind, port: int, loopback: str = "127.0.0.1"
         conn.close()
 
 
-def audit(endpoints: Iterable[EngineEndpoint], *,
-          listeners: Callable[[], list[Listener]] = listening_sockets,
-          interfaces: Callable[[], list[dict[str, str]]] = interface_addresses,
-          probe: bool = True, flm_ports: Iterable[int] = ()) -> list[ExposureReport]:
+def audit(
+    endpoints: Iterable[EngineEndpoint],
+    *,
+    listeners: Callable[[], list[Listener]] = listening_sockets,
+    interfaces: Callable[[], list[dict[str, str]]] = interface_addresses,
+    probe: bool = True,
+    flm_ports: Iterable[int] = (),
+) -> list[ExposureReport]:
     """One report per engine endpoint (remote engines are reported as such, not audited).
     ``probe=False`` reads the socket table only (no traffic to any engine); ``flm_ports`` are
     ports FLM's own gateways listen on, never reported as engines."""
@@ -213,9 +227,12 @@ def summary(reports: Iterable[ExposureReport]) -> list[str]:
     for r in reports:
         if r.status != EXPOSED:
             continue
-        where = ", ".join(f"{i['address']} ({i['interface']})" for i in r.reachable_on) or \
-            ", ".join(r.listen)
+        where = ", ".join(
+            f"{i['address']} ({i['interface']})" for i in r.reachable_on
+        ) or ", ".join(r.listen)
         keyless = " and answers without a key" if r.answers_without_key else ""
-        lines.append(f"warning: engine {r.engine_id} ({r.kind}) is reachable from the network "
-                     f"behind FLM on {where}{keyless}; fix: {r.fix}")
+        lines.append(
+            f"warning: engine {r.engine_id} ({r.kind}) is reachable from the network "
+            f"behind FLM on {where}{keyless}; fix: {r.fix}"
+        )
     return lines

@@ -146,8 +146,14 @@ class KeyService:
         stamp = repo.revoke(key_id)
         if stamp is None:
             raise KeyNotFoundError(f"API key {key_id} was revoked concurrently")
-        return ApiKeyRow(current.id, current.label, current.created_at, stamp, current.limits,
-                         current.last_used_at)
+        return ApiKeyRow(
+            current.id,
+            current.label,
+            current.created_at,
+            stamp,
+            current.limits,
+            current.last_used_at,
+        )
 
     def rotate(self, key_id: str) -> tuple[ApiKeyRow, ApiKeyRow, str]:
         """A new key with the same label; the old one revoked. Returns (old, new, plaintext)."""
@@ -157,12 +163,19 @@ class KeyService:
             raise KeyNotFoundError(f"no active API key with id {key_id!r}")
         new_id, plaintext = generate_key()
         try:
-            new_row, stamp = repo.rotate(key_id, new_id, current.label, hash_key(plaintext),
-                                         current.limits)
+            new_row, stamp = repo.rotate(
+                key_id, new_id, current.label, hash_key(plaintext), current.limits
+            )
         except LookupError:
             raise KeyNotFoundError(f"API key {key_id} was revoked concurrently") from None
         except sqlite3.Error as exc:  # pragma: no cover - mapped by the writer already
             raise UsageError(str(exc)) from exc
-        old = ApiKeyRow(current.id, current.label, current.created_at, stamp, current.limits,
-                        current.last_used_at)
+        old = ApiKeyRow(
+            current.id,
+            current.label,
+            current.created_at,
+            stamp,
+            current.limits,
+            current.last_used_at,
+        )
         return old, new_row, plaintext

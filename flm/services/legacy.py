@@ -83,20 +83,29 @@ class Conversion:
                 **self.counts,
                 "settings_to_write": len(self.settings),
                 "proxy_profiles_to_write": len(self.profiles),
-                "unknown_fields_kept_in_notes": sum(len(v) for v in self.notes.values()
-                                                    if isinstance(v, dict)),
+                "unknown_fields_kept_in_notes": sum(
+                    len(v) for v in self.notes.values() if isinstance(v, dict)
+                ),
                 "api_keys_not_migrated": self.keys_not_migrated,
             },
             "settings": [{k: s[k] for k in ("key", "value", "from")} for s in self.settings],
-            "proxy_profiles": [{"id": p["id"], "port": p["config"]["port"],
-                                "from_api": p["config"]["legacy"]["id"]}
-                               for p in self.profiles],
+            "proxy_profiles": [
+                {
+                    "id": p["id"],
+                    "port": p["config"]["port"],
+                    "from_api": p["config"]["legacy"]["id"],
+                }
+                for p in self.profiles
+            ],
             "conflicts": self.conflicts,
             "warnings": self.warnings,
             "api_keys": (
                 f"{self.keys_not_migrated} legacy API key(s) are stored encrypted and cannot be "
                 "migrated: create new keys with `flm api-keys create --label NAME` and give "
-                "them to your clients" if self.keys_not_migrated else "no legacy API keys"),
+                "them to your clients"
+                if self.keys_not_migrated
+                else "no legacy API keys"
+            ),
         }
 
 
@@ -119,8 +128,7 @@ def find_database(source: Path) -> Path:
     for name in DB_NAMES:
         if (source / name).is_file():
             return source / name
-    raise LegacySourceError(
-        f"no legacy database in {source} (looked for {', '.join(DB_NAMES)})")
+    raise LegacySourceError(f"no legacy database in {source} (looked for {', '.join(DB_NAMES)})")
 
 
 def read_config_json(source: Path) -> dict[str, Any]:
@@ -133,8 +141,7 @@ def read_config_json(source: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise LegacySourceError(f"{path} is not a readable JSON document: {exc}") from None
     if not isinstance(document, dict):
-        raise LegacySourceError(f"{path}: expected a JSON object, got "
-                                f"{type(document).__name__}")
+        raise LegacySourceError(f"{path}: expected a JSON object, got {type(document).__name__}")
     return document
 
 
@@ -146,8 +153,9 @@ def read_tables(db_path: Path) -> tuple[dict[str, list[dict[str, Any]]], list[st
         tables, missing = read_legacy_tables(db_path)
     except LegacyReadError as exc:
         raise LegacySourceError(str(exc)) from None
-    warnings = [f"table {t} is missing from {db_path.name}; nothing to migrate from it"
-                for t in missing]
+    warnings = [
+        f"table {t} is missing from {db_path.name}; nothing to migrate from it" for t in missing
+    ]
     return tables, warnings
 
 
@@ -163,8 +171,14 @@ def _existing(paths: Paths) -> tuple[dict[str, str], set[str]]:
     return existing_settings_and_profiles(paths.config_db)
 
 
-def _map_setting(key: str, value: Any, origin: str, conv: Conversion,
-                 taken: dict[str, str], unknown: dict[str, Any]) -> None:
+def _map_setting(
+    key: str,
+    value: Any,
+    origin: str,
+    conv: Conversion,
+    taken: dict[str, str],
+    unknown: dict[str, Any],
+) -> None:
     from flm.services.config import KNOWN
 
     target = SETTING_MAP.get(key.strip().lower())
@@ -174,19 +188,23 @@ def _map_setting(key: str, value: Any, origin: str, conv: Conversion,
     try:
         parsed = KNOWN[target].parse(str(value).strip())
     except FlmError as exc:
-        conv.warnings.append(f"{origin} {key}={value!r} is not a valid {target} "
-                             f"({exc.message}); kept in notes")
+        conv.warnings.append(
+            f"{origin} {key}={value!r} is not a valid {target} ({exc.message}); kept in notes"
+        )
         unknown[key] = value
         return
     text = str(parsed)
     if any(s["key"] == target for s in conv.settings):
-        conv.warnings.append(f"{origin} {key} maps to {target}, already set from another "
-                             "field; kept in notes")
+        conv.warnings.append(
+            f"{origin} {key} maps to {target}, already set from another field; kept in notes"
+        )
         unknown[key] = value
         return
     if target in taken and taken[target] != text:
-        conv.conflicts.append(f"{target}: FLM already has {taken[target]!r}; the legacy value "
-                              f"{text!r} ({origin} {key}) is kept in notes, not applied")
+        conv.conflicts.append(
+            f"{target}: FLM already has {taken[target]!r}; the legacy value "
+            f"{text!r} ({origin} {key}) is kept in notes, not applied"
+        )
         unknown[key] = value
         return
     if target not in taken:
@@ -232,8 +250,9 @@ def convert_source(source: Path, paths: Paths) -> Conversion:
         except (TypeError, ValueError):
             port_number = None
         if port_number is None or not 1 <= port_number <= 65535:
-            conv.warnings.append(f"apis[{legacy_id}] ({name}) has no valid port ({port!r}); "
-                                 "the profile uses 8080")
+            conv.warnings.append(
+                f"apis[{legacy_id}] ({name}) has no valid port ({port!r}); the profile uses 8080"
+            )
             port_number = 8080
         base = f"legacy-{_slug(name)}"
         profile_id, n = base, 1
@@ -241,27 +260,52 @@ def convert_source(source: Path, paths: Paths) -> Conversion:
             n += 1
             profile_id = f"{base}-{n}"
         if profile_id != base:
-            conv.warnings.append(f"apis name {name!r} is used more than once; this one "
-                                 f"(id {legacy_id}) becomes {profile_id}")
+            conv.warnings.append(
+                f"apis name {name!r} is used more than once; this one "
+                f"(id {legacy_id}) becomes {profile_id}"
+            )
         used.add(profile_id)
-        conv.profiles.append({"id": profile_id, "config": {
-            "name": name, "mode": "local-http", "port": port_number, "bind": "127.0.0.1",
-            "model": _text(row.get("model"), f"apis[{legacy_id}].model", conv.warnings),
-            "legacy": {
-                "id": legacy_id,
-                "enable_auth": None if row.get("enable_auth") is None
-                else bool(row.get("enable_auth")),
-                "status": _text(row.get("status"), f"apis[{legacy_id}].status", conv.warnings),
-                "created_at": _text(row.get("created_at"), "apis.created_at", conv.warnings),
-                "updated_at": _text(row.get("updated_at"), "apis.updated_at", conv.warnings),
-            }}})
+        conv.profiles.append(
+            {
+                "id": profile_id,
+                "config": {
+                    "name": name,
+                    "mode": "local-http",
+                    "port": port_number,
+                    "bind": "127.0.0.1",
+                    "model": _text(row.get("model"), f"apis[{legacy_id}].model", conv.warnings),
+                    "legacy": {
+                        "id": legacy_id,
+                        "enable_auth": None
+                        if row.get("enable_auth") is None
+                        else bool(row.get("enable_auth")),
+                        "status": _text(
+                            row.get("status"), f"apis[{legacy_id}].status", conv.warnings
+                        ),
+                        "created_at": _text(
+                            row.get("created_at"), "apis.created_at", conv.warnings
+                        ),
+                        "updated_at": _text(
+                            row.get("updated_at"), "apis.updated_at", conv.warnings
+                        ),
+                    },
+                },
+            }
+        )
 
     conv.keys_not_migrated = len(tables["api_keys"])
-    conv.notes = {"source": str(source), "database": db_path.name,
-                  "config_json": config_unknown, "user_settings": user_unknown}
-    conv.counts = {"apis": len(tables["apis"]), "api_keys": len(tables["api_keys"]),
-                   "user_settings": len(tables["user_settings"]),
-                   "config_json_fields": len(config)}
+    conv.notes = {
+        "source": str(source),
+        "database": db_path.name,
+        "config_json": config_unknown,
+        "user_settings": user_unknown,
+    }
+    conv.counts = {
+        "apis": len(tables["apis"]),
+        "api_keys": len(tables["api_keys"]),
+        "user_settings": len(tables["user_settings"]),
+        "config_json_fields": len(config),
+    }
     return conv
 
 
@@ -293,8 +337,7 @@ def plan(source: Path, tmp: Path, paths: Paths) -> dict[str, Any]:
     conv = convert_source(source, paths)
     log = MigrationLog(paths, _stamp())
     document = conv.plan()
-    _write_private(tmp / "migration-plan.json", json.dumps(document, indent=2,
-                                                           ensure_ascii=False))
+    _write_private(tmp / "migration-plan.json", json.dumps(document, indent=2, ensure_ascii=False))
     log(f"plan: {source} -> {tmp / 'migration-plan.json'}: {json.dumps(document['counts'])}")
     return {**document, "plan_file": str(tmp / "migration-plan.json"), "log": str(log.path)}
 
@@ -303,14 +346,23 @@ def convert(source: Path, tmp: Path, paths: Paths) -> dict[str, Any]:
     conv = convert_source(source, paths)
     log = MigrationLog(paths, _stamp())
     document = conv.plan()
-    files = {"plan_file": tmp / "migration-plan.json", "settings_file": tmp / "settings.json",
-             "proxy_profiles_file": tmp / "proxy_profiles.json"}
+    files = {
+        "plan_file": tmp / "migration-plan.json",
+        "settings_file": tmp / "settings.json",
+        "proxy_profiles_file": tmp / "proxy_profiles.json",
+    }
     _write_private(files["plan_file"], json.dumps(document, indent=2, ensure_ascii=False))
-    _write_private(files["settings_file"], json.dumps(
-        {"settings": conv.settings, "notes": {NOTES_KEY: conv.notes}}, indent=2,
-        ensure_ascii=False))
-    _write_private(files["proxy_profiles_file"], json.dumps(conv.profiles, indent=2,
-                                                            ensure_ascii=False))
+    _write_private(
+        files["settings_file"],
+        json.dumps(
+            {"settings": conv.settings, "notes": {NOTES_KEY: conv.notes}},
+            indent=2,
+            ensure_ascii=False,
+        ),
+    )
+    _write_private(
+        files["proxy_profiles_file"], json.dumps(conv.profiles, indent=2, ensure_ascii=False)
+    )
     log(f"convert: {source} -> {tmp}")
     return {**document, **{k: str(v) for k, v in files.items()}, "log": str(log.path)}
 
@@ -333,8 +385,7 @@ def write_rows(conn: sqlite3.Connection, conv: Conversion, stamp: str) -> None:
 
     for item in conv.settings:
         insert_setting(conn, item["key"], item["value"], stamp)
-    upsert_setting_notes(conn, NOTES_KEY, stamp, stamp, json.dumps(conv.notes,
-                                                                  ensure_ascii=False))
+    upsert_setting_notes(conn, NOTES_KEY, stamp, stamp, json.dumps(conv.notes, ensure_ascii=False))
     for profile in conv.profiles:
         insert_profile(conn, profile, stamp)
 
@@ -349,8 +400,10 @@ def apply(source: Path, paths: Paths, *, confirm: bool, storage_factory: Any) ->
     """Apply a conversion (``storage_factory(paths)`` opens FLM's databases, for the check)."""
     conv = convert_source(source, paths)
     if not confirm:
-        raise UsageError("`apply` changes config.db: review `flm migrate legacy plan` first, "
-                         "then run `flm migrate legacy apply --confirm`; nothing was changed")
+        raise UsageError(
+            "`apply` changes config.db: review `flm migrate legacy plan` first, "
+            "then run `flm migrate legacy apply --confirm`; nothing was changed"
+        )
     from flm.core.timeutil import now_iso
     from flm.services.check import run_check
     from flm.services.runstate import running_daemon
@@ -358,8 +411,9 @@ def apply(source: Path, paths: Paths, *, confirm: bool, storage_factory: Any) ->
     if running_daemon(paths) is not None:
         from flm.core.errors import ProxyAlreadyRunningError
 
-        raise ProxyAlreadyRunningError("stop running proxies (`flm proxy stop --all`) before "
-                                       "applying a migration")
+        raise ProxyAlreadyRunningError(
+            "stop running proxies (`flm proxy stop --all`) before applying a migration"
+        )
     stamp = _stamp()
     log = MigrationLog(paths, stamp)
     log(f"apply: source {source} ({conv.db_file}); plan {json.dumps(conv.plan()['counts'])}")
@@ -386,7 +440,8 @@ def apply(source: Path, paths: Paths, *, confirm: bool, storage_factory: Any) ->
         log(f"failed, rolled back: {type(exc).__name__}: {exc}")
         raise MigrationFailedError(
             f"migration failed and was rolled back ({type(exc).__name__}: {exc}); both "
-            f"databases are as they were; log: {log.path}") from None
+            f"databases are as they were; log: {log.path}"
+        ) from None
     log(f"committed: {len(conv.settings)} setting(s), {len(conv.profiles)} proxy profile(s)")
 
     check_storage = storage_factory(paths)
@@ -401,7 +456,13 @@ def apply(source: Path, paths: Paths, *, confirm: bool, storage_factory: Any) ->
         log(f"check failed, databases restored from backups: {report['problems']}")
         raise MigrationFailedError(
             "the migrated databases failed `flm check`; both were restored from their backups: "
-            + "; ".join(report["problems"]), details=report)
+            + "; ".join(report["problems"]),
+            details=report,
+        )
     log("check passed")
-    return {**conv.plan(), "applied": True,
-            "backups": {db.name: str(b) for db, b in backups.items()}, "log": str(log.path)}
+    return {
+        **conv.plan(),
+        "applied": True,
+        "backups": {db.name: str(b) for db, b in backups.items()},
+        "log": str(log.path),
+    }

@@ -31,9 +31,15 @@ class ManagedEngines:
         self._storage = storage
         self._engines = engines
 
-    def start(self, model: str, port: int | None = None, *, embeddings: bool = False,
-              progress: Callable[[str], None] | None = None,
-              timeout_s: float = 180.0) -> dict[str, Any]:
+    def start(
+        self,
+        model: str,
+        port: int | None = None,
+        *,
+        embeddings: bool = False,
+        progress: Callable[[str], None] | None = None,
+        timeout_s: float = 180.0,
+    ) -> dict[str, Any]:
         from flm.engines import managed_runtime as runtime
 
         say = progress or (lambda _msg: None)
@@ -41,7 +47,8 @@ class ManagedEngines:
         if binary is None:
             raise EngineInstallError(
                 "llama-server is not installed; run `bash scripts/install-engine` or "
-                "`flm engines install llamacpp` first")
+                "`flm engines install llamacpp` first"
+            )
         if model == "demo":
             say("preparing the demo model (SmolLM2-135M-Instruct)")
             model_path = runtime.demo_model_path()
@@ -62,28 +69,47 @@ class ManagedEngines:
         engine_key = secrets.token_urlsafe(32)
         with os.fdopen(fd, "ab") as log:
             extra = ["--embeddings", "--pooling", "mean"] if embeddings else []
-            proc = runtime.spawn_llama_server(binary, model_path, "127.0.0.1", chosen, extra,
-                                              log=log, api_key=engine_key)
+            proc = runtime.spawn_llama_server(
+                binary, model_path, "127.0.0.1", chosen, extra, log=log, api_key=engine_key
+            )
         say(f"starting llama-server on 127.0.0.1:{chosen} (loading {model_path.name})")
         try:
             seconds = runtime.wait_until_healthy(proc, "127.0.0.1", chosen, timeout=timeout_s)
         except BaseException:
             runtime.stop_process(proc)
             raise EngineInstallError(
-                f"llama-server did not become healthy; see {log_path}") from None
-        row = self._engines.add("llamacpp", f"http://127.0.0.1:{chosen}", None, managed=True,
-                                pid=proc.pid, model_path=str(model_path), api_key=engine_key)
-        return {**self._describe(row, model_path), "ready_after_s": round(seconds, 2),
-                "log": str(log_path), "reused": False}
+                f"llama-server did not become healthy; see {log_path}"
+            ) from None
+        row = self._engines.add(
+            "llamacpp",
+            f"http://127.0.0.1:{chosen}",
+            None,
+            managed=True,
+            pid=proc.pid,
+            model_path=str(model_path),
+            api_key=engine_key,
+        )
+        return {
+            **self._describe(row, model_path),
+            "ready_after_s": round(seconds, 2),
+            "log": str(log_path),
+            "reused": False,
+        }
 
     @staticmethod
     def _describe(row: EngineRow, model_path: Path) -> dict[str, Any]:
-        return {"id": row.id, "base_url": row.base_url, "pid": row.pid,
-                "model": model_path.stem, "model_id": f"flm://{row.id}/{model_path.stem}",
-                "model_path": str(model_path)}
+        return {
+            "id": row.id,
+            "base_url": row.base_url,
+            "pid": row.pid,
+            "model": model_path.stem,
+            "model_id": f"flm://{row.id}/{model_path.stem}",
+            "model_path": str(model_path),
+        }
 
-    def _running_with(self, model_path: Path, port: int | None,
-                      embeddings: bool) -> EngineRow | None:
+    def _running_with(
+        self, model_path: Path, port: int | None, embeddings: bool
+    ) -> EngineRow | None:
         """A managed llama-server of this FLM home that is alive and serves ``model_path``
         (on ``port``, when one was asked for; with embeddings on exactly when asked for):
         starting the same again reuses it. The process's command line must name the model,
@@ -126,9 +152,17 @@ class ManagedEngines:
         return {"id": engine_id, "pid": row.pid, "stopped": stopped}
 
     def running(self) -> list[dict[str, Any]]:
-        return [{"id": r.id, "base_url": r.base_url, "pid": r.pid, "model_path": r.model_path,
-                 "alive": bool(r.pid and pid_alive(r.pid))}
-                for r in EnginesRepo(self._storage.config).all() if r.managed]
+        return [
+            {
+                "id": r.id,
+                "base_url": r.base_url,
+                "pid": r.pid,
+                "model_path": r.model_path,
+                "alive": bool(r.pid and pid_alive(r.pid)),
+            }
+            for r in EnginesRepo(self._storage.config).all()
+            if r.managed
+        ]
 
 
 def _signal_group(pid: int, sig: int) -> None:

@@ -35,14 +35,17 @@ def check_params(params: Any) -> dict[str, Any]:
         raise UsageError("profile parameters must be a non-empty JSON object")
     for key, value in params.items():
         if key not in PROFILE_PARAMS:
-            raise UsageError(f"unknown profile parameter {key!r} (known: "
-                             f"{', '.join(sorted(PROFILE_PARAMS))})")
+            raise UsageError(
+                f"unknown profile parameter {key!r} (known: {', '.join(sorted(PROFILE_PARAMS))})"
+            )
         kinds, low, high = PROFILE_PARAMS[key]
         if isinstance(value, bool) or not isinstance(value, kinds):
             raise UsageError(f"profile parameter {key!r} has the wrong type")
         if isinstance(value, (int, float)) and (
-                math.isnan(value) or (low is not None and value < low)
-                or (high is not None and value > high)):
+            math.isnan(value)
+            or (low is not None and value < low)
+            or (high is not None and value > high)
+        ):
             raise UsageError(f"profile parameter {key!r} must be between {low} and {high}")
         if isinstance(value, list) and not all(isinstance(v, str) for v in value):
             raise UsageError("'stop' must be a string or a list of strings")
@@ -72,11 +75,13 @@ def apply_prompt(messages: list[Any], template: str | None) -> list[Any] | None:
         return [{"role": "system", "content": template}, *messages]
     for index in range(len(messages) - 1, -1, -1):
         message = messages[index]
-        if isinstance(message, dict) and message.get("role") == "user" and isinstance(
-                message.get("content"), str):
+        if (
+            isinstance(message, dict)
+            and message.get("role") == "user"
+            and isinstance(message.get("content"), str)
+        ):
             rendered = template.replace(USER_MESSAGE, message["content"])
-            return [*messages[:index], {**message, "content": rendered},
-                    *messages[index + 1:]]
+            return [*messages[:index], {**message, "content": rendered}, *messages[index + 1 :]]
     return None
 
 
@@ -86,16 +91,18 @@ class ProfileService:
 
     # --- model profiles ----------------------------------------------------------------------
 
-    def profiles(self, engine_id: str | None = None,
-                 model_id: str | None = None) -> list[dict[str, Any]]:
+    def profiles(
+        self, engine_id: str | None = None, model_id: str | None = None
+    ) -> list[dict[str, Any]]:
         out = []
         for item in ModelProfilesRepo(self._storage.config).all(engine_id, model_id):
             item["parameters"] = json.loads(item.pop("parameters_json"))
             out.append(item)
         return out
 
-    def save_profile(self, engine_id: str, model_id: str, label: str,
-                     params: Any) -> dict[str, Any]:
+    def save_profile(
+        self, engine_id: str, model_id: str, label: str, params: Any
+    ) -> dict[str, Any]:
         if not engine_id or not model_id:
             raise UsageError("--engine and --model are required")
         if not _LABEL.match(label):
@@ -104,14 +111,23 @@ class ProfileService:
         stamp = now_iso()
         text = json.dumps(checked, sort_keys=True)
         profile_id, version = ModelProfilesRepo(self._storage.config).save(
-            engine_id, model_id, label, text, stamp)
-        return {"id": profile_id, "engine_id": engine_id, "model_id": model_id, "label": label,
-                "parameters": checked, "version": version, "updated_at": stamp}
+            engine_id, model_id, label, text, stamp
+        )
+        return {
+            "id": profile_id,
+            "engine_id": engine_id,
+            "model_id": model_id,
+            "label": label,
+            "parameters": checked,
+            "version": version,
+            "updated_at": stamp,
+        }
 
     def delete_profile(self, profile_id: str) -> dict[str, Any]:
         if not ModelProfilesRepo(self._storage.config).delete(profile_id):
-            raise NotFoundError(f"no model profile with id {profile_id!r}",
-                                code="PROFILE_NOT_FOUND")
+            raise NotFoundError(
+                f"no model profile with id {profile_id!r}", code="PROFILE_NOT_FOUND"
+            )
         return {"id": profile_id, "deleted": True}
 
     def effective_profiles(self) -> dict[tuple[str, str], dict[str, Any]]:
@@ -145,8 +161,12 @@ class ProfileService:
             raise UsageError("a prompt template must be 1 byte to 64 KB of text")
         stamp = now_iso()
         version = ApiPromptsRepo(self._storage.config).put(api_id, template, stamp)
-        return {"api_id": api_id, "template_text": template, "version": version,
-                "updated_at": stamp}
+        return {
+            "api_id": api_id,
+            "template_text": template,
+            "version": version,
+            "updated_at": stamp,
+        }
 
     def delete_prompt(self, api_id: str) -> dict[str, Any]:
         self._check_api(api_id)

@@ -53,8 +53,7 @@ class ProxyService:
         """Remove a run file whose daemon is dead and handles whose process is gone."""
         removed_file = False
         info = read_daemon_file(self.paths.daemon_file)
-        if self.paths.daemon_file.exists() and (
-                info is None or not daemon_alive(self.paths, info)):
+        if self.paths.daemon_file.exists() and (info is None or not daemon_alive(self.paths, info)):
             self.paths.daemon_file.unlink(missing_ok=True)
             removed_file = True
         repo = ProxyHandlesRepo(self._storage.config)
@@ -68,13 +67,15 @@ class ProxyService:
 
     # --- admin API -------------------------------------------------------------------------------
 
-    def call(self, info: DaemonInfo, method: str, path: str, body: Any = None,
-             timeout: float = 30.0) -> Any:
+    def call(
+        self, info: DaemonInfo, method: str, path: str, body: Any = None, timeout: float = 30.0
+    ) -> Any:
         data = json.dumps(body).encode() if body is not None else None
         request = urllib.request.Request(
-            f"http://127.0.0.1:{info.port}{path}", data=data, method=method,
-            headers={"Authorization": f"Bearer {info.token}",
-                     "Content-Type": "application/json"},
+            f"http://127.0.0.1:{info.port}{path}",
+            data=data,
+            method=method,
+            headers={"Authorization": f"Bearer {info.token}", "Content-Type": "application/json"},
         )
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         try:
@@ -86,12 +87,14 @@ class ProxyService:
             except ValueError:
                 raise InternalError(f"daemon answered HTTP {exc.code}") from None
         except (urllib.error.URLError, OSError, ValueError) as exc:
-            raise ProxyError(f"cannot reach the proxy daemon: {exc}",
-                             code="PROXY_NOT_RUNNING") from None
+            raise ProxyError(
+                f"cannot reach the proxy daemon: {exc}", code="PROXY_NOT_RUNNING"
+            ) from None
         if "error" in payload:
             err = payload["error"]
-            raise FlmError(str(err.get("message")), code=str(err.get("code")),
-                           details=err.get("details"))
+            raise FlmError(
+                str(err.get("message")), code=str(err.get("code")), details=err.get("details")
+            )
         return payload.get("data")
 
     def ensure_daemon(self) -> DaemonInfo:
@@ -100,15 +103,23 @@ class ProxyService:
             return info
         self.cleanup_stale()
         ensure_private_dir(self.paths.logs_dir)
-        env = {**os.environ, "FLM_HOME": str(self.paths.home),
-               "FLM_DB_PATH_CONFIG": str(self.paths.config_db),
-               "FLM_DB_PATH_SECURITY": str(self.paths.security_db)}
+        env = {
+            **os.environ,
+            "FLM_HOME": str(self.paths.home),
+            "FLM_DB_PATH_CONFIG": str(self.paths.config_db),
+            "FLM_DB_PATH_SECURITY": str(self.paths.security_db),
+        }
         log_path = self.paths.logs_dir / "daemon.log"
         fd = os.open(log_path, os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o600)
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "flm.daemon"], env=env, stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, stderr=fd, start_new_session=True, close_fds=True,
+                [sys.executable, "-m", "flm.daemon"],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=fd,
+                start_new_session=True,
+                close_fds=True,
             )
         finally:
             os.close(fd)
@@ -127,13 +138,13 @@ class ProxyService:
                 other = self.daemon()
                 if other is not None:  # another CLI started one at the same moment
                     return other
-                raise ProxyError(f"the proxy daemon exited at start (code {code}); "
-                                 f"see {log_path}")
+                raise ProxyError(f"the proxy daemon exited at start (code {code}); see {log_path}")
             time.sleep(delay)
             delay = min(delay * 1.5, 0.1)
         proc.kill()
-        raise ProxyError(f"the proxy daemon did not start within {START_TIMEOUT_S:.0f} s; "
-                         f"see {log_path}")
+        raise ProxyError(
+            f"the proxy daemon did not start within {START_TIMEOUT_S:.0f} s; see {log_path}"
+        )
 
     # --- commands -----------------------------------------------------------------------------
 
@@ -144,8 +155,7 @@ class ProxyService:
         info = self.ensure_daemon()
         self._same_databases(info)
         try:
-            result: dict[str, Any] = self.call(info, "POST", "/admin/start", config,
-                                               timeout=wait)
+            result: dict[str, Any] = self.call(info, "POST", "/admin/start", config, timeout=wait)
         except ProxyError as exc:
             if exc.code != "PROXY_NOT_RUNNING":
                 raise
@@ -154,15 +164,16 @@ class ProxyService:
             self._wait_exit(info)
             info = self.ensure_daemon()
             self._same_databases(info)
-            result = self.call(info, "POST", "/admin/start", config,
-                               timeout=wait)
+            result = self.call(info, "POST", "/admin/start", config, timeout=wait)
         return result
 
     def _same_databases(self, info: DaemonInfo) -> None:
         """Refuse a start whose ``--db-path-*`` differ from the running daemon's: its proxies
         would silently use the daemon's databases (keys, policy and audit of another store)."""
-        mine = {"config": os.path.abspath(self.paths.config_db),
-                "security": os.path.abspath(self.paths.security_db)}
+        mine = {
+            "config": os.path.abspath(self.paths.config_db),
+            "security": os.path.abspath(self.paths.security_db),
+        }
         theirs = {"config": info.config_db, "security": info.security_db}
         for name, path in mine.items():
             other = theirs[name]
@@ -170,17 +181,22 @@ class ProxyService:
                 raise ProxyError(
                     f"the running proxy daemon uses the {name} database {other}, not {path}; "
                     "stop its proxies first (`flm proxy stop --all`) or drop --db-path-"
-                    f"{name}", code="PROXY_INVALID_CONFIG")
+                    f"{name}",
+                    code="PROXY_INVALID_CONFIG",
+                )
 
     def renew(self, port: int | None = None, *, force: bool = True) -> dict[str, Any]:
         """Renew TLS certificates in running proxies (without restarting them)."""
         info = self.daemon()
         if info is None:
             raise ProxyError("no proxy is running", code="PROXY_NOT_RUNNING")
-        result: dict[str, Any] = self.call(info, "POST", "/admin/renew",
-                                           {"port": port, "force": force},
-                                           timeout=LONG_CALL_TIMEOUT_S
-                                           + _dns_wait_s(self._storage))
+        result: dict[str, Any] = self.call(
+            info,
+            "POST",
+            "/admin/renew",
+            {"port": port, "force": force},
+            timeout=LONG_CALL_TIMEOUT_S + _dns_wait_s(self._storage),
+        )
         return result
 
     def status(self) -> dict[str, Any]:
@@ -191,19 +207,24 @@ class ProxyService:
             cleaned = self.cleanup_stale()
             return {"daemon": None, "proxies": foreground, "cleaned": cleaned}
         data: dict[str, Any] = self.call(info, "GET", "/admin/status")
-        return {"daemon": {"pid": info.pid, "admin_port": info.port,
-                           "started_at": info.started_at},
-                "proxies": [*data["proxies"], *foreground]}
+        return {
+            "daemon": {"pid": info.pid, "admin_port": info.port, "started_at": info.started_at},
+            "proxies": [*data["proxies"], *foreground],
+        }
 
     def foreground_handles(self) -> list[ProxyHandleRow]:
         """Live ``--no-daemon`` proxies: handles of FLM processes other than the daemon."""
         info = self.daemon()
         daemon_pid = info.pid if info is not None else None
-        return [h for h in ProxyHandlesRepo(self._storage.config).all()
-                if h.pid != daemon_pid and _is_flm_process(h.pid, h.started_at)]
+        return [
+            h
+            for h in ProxyHandlesRepo(self._storage.config).all()
+            if h.pid != daemon_pid and _is_flm_process(h.pid, h.started_at)
+        ]
 
-    def stop(self, *, port: int | None = None, handle_id: str | None = None,
-             all_: bool = False) -> dict[str, Any]:
+    def stop(
+        self, *, port: int | None = None, handle_id: str | None = None, all_: bool = False
+    ) -> dict[str, Any]:
         """Stop the chosen proxies: the daemon's through its admin API, ``--no-daemon`` ones
         with SIGTERM (their graceful stop). Naming a port or handle nothing runs on is an
         error (exit 1), so a script learns that its proxy was not there."""
@@ -236,8 +257,9 @@ class ProxyService:
             result["cleaned"] = self.cleanup_stale()
         if not stopped and not all_:
             target = f"port {port}" if port is not None else f"handle {handle_id}"
-            raise ProxyError(f"no FLM proxy runs on {target} (see `flm proxy status`)",
-                             code="PROXY_NOT_RUNNING")
+            raise ProxyError(
+                f"no FLM proxy runs on {target} (see `flm proxy status`)", code="PROXY_NOT_RUNNING"
+            )
         return result
 
     @staticmethod
@@ -334,8 +356,18 @@ def _handle_row(handle: ProxyHandleRow) -> dict[str, Any]:
         uptime = round(time.time() - parse_iso(handle.started_at).timestamp(), 1)
     except ValueError:
         uptime = None
-    return {"id": handle.id, "mode": handle.mode, "port": handle.port,
-            "https_port": handle.https_port, "listen": handle.bind,
-            "endpoints": [f"{scheme}://{host}:{port}"], "egress": {},
-            "uptime_s": uptime, "pid": handle.pid, "started_at": handle.started_at,
-            "certificate_expiry": None, "last_error": None, "foreground": True}
+    return {
+        "id": handle.id,
+        "mode": handle.mode,
+        "port": handle.port,
+        "https_port": handle.https_port,
+        "listen": handle.bind,
+        "endpoints": [f"{scheme}://{host}:{port}"],
+        "egress": {},
+        "uptime_s": uptime,
+        "pid": handle.pid,
+        "started_at": handle.started_at,
+        "certificate_expiry": None,
+        "last_error": None,
+        "foreground": True,
+    }

@@ -67,12 +67,17 @@ class StartConfig:
             raise ProxyError(f"port must be a number, got {data.get('port')!r}") from None
         top = 65534 if mode in TLS_MODES else 65535
         if not 0 < port <= top:
-            raise ProxyError(f"--port must be 1-{top} (HTTPS listens on port+1), got {port}"
-                             if mode in TLS_MODES else f"--port must be 1-65535, got {port}")
+            raise ProxyError(
+                f"--port must be 1-{top} (HTTPS listens on port+1), got {port}"
+                if mode in TLS_MODES
+                else f"--port must be 1-65535, got {port}"
+            )
         bind = str(data.get("bind") or "127.0.0.1")
         egress = EgressConfig.from_options(
-            _opt(data, "egress_mode"), _opt(data, "socks5_endpoint"),
-            bool(data.get("egress_fail_open")))
+            _opt(data, "egress_mode"),
+            _opt(data, "socks5_endpoint"),
+            bool(data.get("egress_fail_open")),
+        )
         raw_domains = data.get("acme_domain")
         if isinstance(raw_domains, list | tuple):
             domains = tuple(t for t in (str(d).strip() for d in raw_domains if d) if t)
@@ -84,39 +89,61 @@ class StartConfig:
         dns_profile = _opt(data, "dns_profile")
         challenge = (_opt(data, "challenge") or "http-01").lower()
         raw_env = data.get("acme_env")
-        acme_env = ({str(k): str(v) for k, v in raw_env.items() if k in ACME_ENV_KEYS}
-                    if isinstance(raw_env, Mapping) else None)
+        acme_env = (
+            {str(k): str(v) for k, v in raw_env.items() if k in ACME_ENV_KEYS}
+            if isinstance(raw_env, Mapping)
+            else None
+        )
         if mode == ACME_MODE:
             from flm.tls.acmeclient import check_challenge_type
 
             challenge = check_challenge_type(challenge)
-            missing = [flag for flag, value in (("--acme-domain", domain),
-                                                ("--acme-email", email)) if not value]
+            missing = [
+                flag
+                for flag, value in (("--acme-domain", domain), ("--acme-email", email))
+                if not value
+            ]
             if missing:
-                what = ("the DNS name(s) of the certificate" if challenge == "dns-01" else
-                        "the public DNS name whose port 80 reaches FLM")
-                raise ProxyError(f"--mode https-acme needs {' and '.join(missing)} ({what}, "
-                                 "and the contact address for the ACME account)")
+                what = (
+                    "the DNS name(s) of the certificate"
+                    if challenge == "dns-01"
+                    else "the public DNS name whose port 80 reaches FLM"
+                )
+                raise ProxyError(
+                    f"--mode https-acme needs {' and '.join(missing)} ({what}, "
+                    "and the contact address for the ACME account)"
+                )
             if challenge == "dns-01" and not dns_profile:
-                raise ProxyError("--challenge dns-01 needs --dns-profile NAME (the DNS "
-                                 "credentials to publish the TXT records with; create them "
-                                 "with `flm secrets dns add NAME ...`)")
+                raise ProxyError(
+                    "--challenge dns-01 needs --dns-profile NAME (the DNS "
+                    "credentials to publish the TXT records with; create them "
+                    "with `flm secrets dns add NAME ...`)"
+                )
             if challenge != "dns-01" and dns_profile:
                 raise ProxyError("--dns-profile only applies to --challenge dns-01")
             wild = [d for d in domains if d.startswith("*")]
             if wild and challenge != "dns-01":
-                raise ProxyAcmeError(f"--acme-domain {wild[0]}: wildcard certificates need "
-                                     "--challenge dns-01 --dns-profile NAME")
+                raise ProxyAcmeError(
+                    f"--acme-domain {wild[0]}: wildcard certificates need "
+                    "--challenge dns-01 --dns-profile NAME"
+                )
         else:
-            given = [flag for flag, value in (("--acme-domain", domain),
-                                              ("--acme-email", email),
-                                              ("--dns-profile", dns_profile)) if value]
+            given = [
+                flag
+                for flag, value in (
+                    ("--acme-domain", domain),
+                    ("--acme-email", email),
+                    ("--dns-profile", dns_profile),
+                )
+                if value
+            ]
             if challenge != "http-01":
                 given.append("--challenge")
             if given:
                 raise ProxyError(f"{', '.join(given)} only apply to --mode https-acme")
-        return cls(mode, port, bind, egress, domain, email, challenge, acme_env, domains,
-                   dns_profile)
+        return cls(
+            mode, port, bind, egress, domain, email, challenge, acme_env, domains, dns_profile
+        )
 
 
 def _opt(data: Mapping[str, Any], key: str) -> str | None:

@@ -46,8 +46,12 @@ def read_daemon_file(path: Path) -> DaemonInfo | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         return DaemonInfo(
-            int(data["port"]), str(data["token"]), int(data["pid"]), str(data["started_at"]),
-            _opt_str(data.get("config_db")), _opt_str(data.get("security_db")),
+            int(data["port"]),
+            str(data["token"]),
+            int(data["pid"]),
+            str(data["started_at"]),
+            _opt_str(data.get("config_db")),
+            _opt_str(data.get("security_db")),
         )
     except (OSError, ValueError, KeyError, TypeError, OverflowError):
         return None

@@ -51,9 +51,14 @@ class SecurityEvents:
 
     def blocklist(self) -> list[dict[str, Any]]:
         now = now_iso()
-        return [{**dict(r), "permanent": bool(r["permanent"]),
-                 "active": bool(r["permanent"]) or (r["expires_at"] or "") > now}
-                for r in BlocklistRepo(self._db).all()]
+        return [
+            {
+                **dict(r),
+                "permanent": bool(r["permanent"]),
+                "active": bool(r["permanent"]) or (r["expires_at"] or "") > now,
+            }
+            for r in BlocklistRepo(self._db).all()
+        ]
 
     def unblock(self, ip: str) -> dict[str, Any]:
         """Unblock an address. IPv6 clients are blocked by /64: any address in it, or the
@@ -68,9 +73,16 @@ class SecurityEvents:
 
     # --- audit -----------------------------------------------------------------------------------
 
-    def audit_logs(self, *, event_type: str | None = None, severity: str | None = None,
-                   ip: str | None = None, since: str | None = None, limit: int | None = 100,
-                   offset: int = 0) -> list[dict[str, Any]]:
+    def audit_logs(
+        self,
+        *,
+        event_type: str | None = None,
+        severity: str | None = None,
+        ip: str | None = None,
+        since: str | None = None,
+        limit: int | None = 100,
+        offset: int = 0,
+    ) -> list[dict[str, Any]]:
         """Newest first; ``limit=None`` is every row (for export)."""
         if severity and severity not in SEVERITIES:
             raise UsageError(f"--severity must be one of {', '.join(SEVERITIES)}")
@@ -80,8 +92,13 @@ class SecurityEvents:
         if offset < 0:
             raise UsageError("--offset must be >= 0")
         rows = AuditRepo(self._db).query(
-            event_type=event_type, severity=severity, ip=ip,
-            since=since_iso, limit=limit, offset=offset)
+            event_type=event_type,
+            severity=severity,
+            ip=ip,
+            since=since_iso,
+            limit=limit,
+            offset=offset,
+        )
         out = []
         for r in rows:
             item = dict(r)
@@ -89,8 +106,9 @@ class SecurityEvents:
             out.append(item)
         return out
 
-    def export(self, fmt: str, output: Path, *, limit: int | None = None, offset: int = 0,
-               **filters: Any) -> dict[str, Any]:
+    def export(
+        self, fmt: str, output: Path, *, limit: int | None = None, offset: int = 0, **filters: Any
+    ) -> dict[str, Any]:
         """The trail (all of it, or ``limit`` rows from ``offset``) to a file. CSV cells that
         a spreadsheet would run as a formula are written as text (a leading ``'``): paths,
         user agents and engine names come from clients."""
@@ -103,8 +121,12 @@ class SecurityEvents:
             writer = csv.DictWriter(buf, fieldnames=columns)
             writer.writeheader()
             for row in rows:
-                writer.writerow({k: _cell(json.dumps(v) if isinstance(v, (dict, list)) else v)
-                                 for k, v in row.items()})
+                writer.writerow(
+                    {
+                        k: _cell(json.dumps(v) if isinstance(v, (dict, list)) else v)
+                        for k, v in row.items()
+                    }
+                )
             data = buf.getvalue().encode()
         else:
             raise UsageError("--format must be json or csv")
@@ -132,16 +154,25 @@ class SecurityEvents:
 
     # --- intrusion / anomaly ---------------------------------------------------------------------
 
-    def intrusions(self, *, ip: str | None = None, min_score: int = 0,
-                   limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+    def intrusions(
+        self, *, ip: str | None = None, min_score: int = 0, limit: int = 100, offset: int = 0
+    ) -> list[dict[str, Any]]:
         _check_limit(limit)
-        rows = IntrusionsRepo(self._db).query(ip=ip, min_score=min_score, limit=limit,
-                                              offset=offset)
+        rows = IntrusionsRepo(self._db).query(
+            ip=ip, min_score=min_score, limit=limit, offset=offset
+        )
         return [{**dict(r), "reasons": json.loads(r["reasons_json"])} for r in rows]
 
-    def anomalies(self, *, ip: str | None = None, anomaly_type: str | None = None,
-                  limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+    def anomalies(
+        self,
+        *,
+        ip: str | None = None,
+        anomaly_type: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[dict[str, Any]]:
         _check_limit(limit)
-        rows = AnomaliesRepo(self._db).query(ip=ip, anomaly_type=anomaly_type, limit=limit,
-                                             offset=offset)
+        rows = AnomaliesRepo(self._db).query(
+            ip=ip, anomaly_type=anomaly_type, limit=limit, offset=offset
+        )
         return [dict(r) for r in rows]

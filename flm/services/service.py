@@ -46,8 +46,7 @@ def current_platform() -> str:
 
 def run_command(argv: Sequence[str]) -> tuple[int, str]:
     try:
-        proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=30,
-                              check=False)
+        proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=30, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return 127, str(exc)
     return proc.returncode, (proc.stdout + proc.stderr).strip()
@@ -62,8 +61,20 @@ class ServiceSpec:
     python: str = sys.executable
 
     def argv(self) -> list[str]:
-        return [self.python, "-m", "flm", "proxy", "start", "--no-daemon", "--port",
-                str(self.port), "--bind", self.bind, "--mode", self.mode]
+        return [
+            self.python,
+            "-m",
+            "flm",
+            "proxy",
+            "start",
+            "--no-daemon",
+            "--port",
+            str(self.port),
+            "--bind",
+            self.bind,
+            "--mode",
+            self.mode,
+        ]
 
 
 def _systemd_quote(arg: str) -> str:
@@ -182,17 +193,25 @@ def render(platform: str, spec: ServiceSpec) -> bytes:
 def _user_bus_available(env: dict[str, str]) -> bool:
     runtime = env.get("XDG_RUNTIME_DIR")
     return bool(env.get("DBUS_SESSION_BUS_ADDRESS")) or bool(
-        runtime and Path(runtime, "bus").exists())
+        runtime and Path(runtime, "bus").exists()
+    )
 
 
 class ServiceManager:
-    def __init__(self, paths: Paths, *, platform: str | None = None,
-                 runner: Runner = run_command, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        paths: Paths,
+        *,
+        platform: str | None = None,
+        runner: Runner = run_command,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.paths = paths
         self.platform = platform or current_platform()
         if self.platform not in PLATFORMS:
-            raise UsageError(f"unknown platform {self.platform!r}; expected one of "
-                             f"{', '.join(PLATFORMS)}")
+            raise UsageError(
+                f"unknown platform {self.platform!r}; expected one of {', '.join(PLATFORMS)}"
+            )
         self.runner = runner
         self.env = dict(os.environ) if env is None else env
         self.native = self.platform == current_platform()
@@ -209,8 +228,10 @@ class ServiceManager:
             if shutil.which("systemctl") is None:
                 return "systemctl is not installed"
             if not _user_bus_available(self.env):
-                return "no systemd user session (no user bus): enable it later with " \
-                       f"`systemctl --user enable --now {UNIT_NAME}`"
+                return (
+                    "no systemd user session (no user bus): enable it later with "
+                    f"`systemctl --user enable --now {UNIT_NAME}`"
+                )
         elif self.platform == "macos" and shutil.which("launchctl") is None:
             return "launchctl is not available"
         elif self.platform == "windows" and shutil.which("schtasks") is None:
@@ -241,22 +262,30 @@ class ServiceManager:
             if why:
                 notes.append(why)
             elif self.platform == "linux":
-                enabled = (self._call(["systemctl", "--user", "daemon-reload"], notes)
-                           and self._call(["systemctl", "--user", "enable", "--now",
-                                           UNIT_NAME], notes))
+                enabled = self._call(
+                    ["systemctl", "--user", "daemon-reload"], notes
+                ) and self._call(["systemctl", "--user", "enable", "--now", UNIT_NAME], notes)
                 if enabled:
                     notes.append(f"logs: journalctl --user -u {UNIT_NAME} -f")
             elif self.platform == "macos":
-                enabled = self._call(["launchctl", "bootstrap", f"gui/{os.getuid()}",
-                                      str(path)], notes)
+                enabled = self._call(
+                    ["launchctl", "bootstrap", f"gui/{os.getuid()}", str(path)], notes
+                )
             else:
-                enabled = self._call(["schtasks", "/Create", "/F", "/TN", TASK_NAME,
-                                      "/XML", str(path)], notes)
+                enabled = self._call(
+                    ["schtasks", "/Create", "/F", "/TN", TASK_NAME, "/XML", str(path)], notes
+                )
         else:
             notes.append(f"generated for {self.platform}; not installed on this machine")
-        return {"platform": self.platform, "path": written or str(self.path),
-                "installed": written is not None, "enabled": enabled,
-                "command": spec.argv(), "content": content.decode("utf-8"), "notes": notes}
+        return {
+            "platform": self.platform,
+            "path": written or str(self.path),
+            "installed": written is not None,
+            "enabled": enabled,
+            "command": spec.argv(),
+            "content": content.decode("utf-8"),
+            "notes": notes,
+        }
 
     def uninstall(self) -> dict[str, Any]:
         if not self.native:
@@ -268,8 +297,7 @@ class ServiceManager:
             if self.platform == "linux":
                 self._call(["systemctl", "--user", "disable", "--now", UNIT_NAME], notes)
             elif self.platform == "macos":
-                self._call(["launchctl", "bootout", f"gui/{os.getuid()}/{LAUNCHD_LABEL}"],
-                           notes)
+                self._call(["launchctl", "bootout", f"gui/{os.getuid()}/{LAUNCHD_LABEL}"], notes)
             else:
                 self._call(["schtasks", "/Delete", "/F", "/TN", TASK_NAME], notes)
         existed = path.exists()
@@ -278,14 +306,18 @@ class ServiceManager:
             self._call(["systemctl", "--user", "daemon-reload"], notes)
         if not existed:
             notes.append(f"no service file at {path}")
-        return {"platform": self.platform, "path": str(path), "removed": existed,
-                "notes": notes}
+        return {"platform": self.platform, "path": str(path), "removed": existed, "notes": notes}
 
     def status(self) -> dict[str, Any]:
         path = self.path
-        data: dict[str, Any] = {"platform": self.platform, "path": str(path),
-                                "installed": path.exists(), "active": None, "enabled": None,
-                                "notes": []}
+        data: dict[str, Any] = {
+            "platform": self.platform,
+            "path": str(path),
+            "installed": path.exists(),
+            "active": None,
+            "enabled": None,
+            "notes": [],
+        }
         why = self._manager_ready()
         if why is not None:
             data["notes"].append(why)
@@ -296,8 +328,7 @@ class ServiceManager:
             code, out = self.runner(["systemctl", "--user", "is-enabled", UNIT_NAME])
             data["enabled"] = code == 0 and out.strip() == "enabled"
         elif self.platform == "macos":
-            code, _out = self.runner(["launchctl", "print",
-                                      f"gui/{os.getuid()}/{LAUNCHD_LABEL}"])
+            code, _out = self.runner(["launchctl", "print", f"gui/{os.getuid()}/{LAUNCHD_LABEL}"])
             data["active"] = code == 0
         else:
             code, _out = self.runner(["schtasks", "/Query", "/TN", TASK_NAME])

@@ -28,16 +28,23 @@ def parse_since(text: str | None, now: float | None = None) -> float:
     try:
         return parse_iso(text).timestamp()
     except ValueError:
-        raise UsageError(f"--since takes a duration (24h, 7d) or a date; not {text[:60]!r}"
-                         ) from None
+        raise UsageError(
+            f"--since takes a duration (24h, 7d) or a date; not {text[:60]!r}"
+        ) from None
 
 
 class UsageService:
     def __init__(self, storage: Storage) -> None:
         self._storage = storage
 
-    def report(self, *, key: str | None = None, model: str | None = None,
-               since: str | None = None, by: str = "key") -> dict[str, Any]:
+    def report(
+        self,
+        *,
+        key: str | None = None,
+        model: str | None = None,
+        since: str | None = None,
+        by: str = "key",
+    ) -> dict[str, Any]:
         if by not in GROUPS:
             raise UsageError(f"--by takes one of {', '.join(GROUPS)}")
         now = time.time()
@@ -48,15 +55,25 @@ class UsageService:
             item: dict[str, Any] = {}
             if by == "hour":
                 item["hour"] = datetime.fromtimestamp(int(r["grp"]) * 3600, UTC).strftime(
-                    "%Y-%m-%dT%H:00Z")
+                    "%Y-%m-%dT%H:00Z"
+                )
             else:
                 item[by] = r["grp"]
                 if by == "key":
                     item["label"] = r["label"]
             prompt, completion = int(r["prompt_tokens"]), int(r["completion_tokens"])
-            item.update(requests=int(r["requests"]), prompt_tokens=prompt,
-                        completion_tokens=completion, total_tokens=prompt + completion,
-                        estimated_requests=int(r["estimated"]))
+            item.update(
+                requests=int(r["requests"]),
+                prompt_tokens=prompt,
+                completion_tokens=completion,
+                total_tokens=prompt + completion,
+                estimated_requests=int(r["estimated"]),
+            )
             out.append(item)
-        return {"since": datetime.fromtimestamp(start, UTC).isoformat(timespec="seconds")
-                .replace("+00:00", "Z"), "by": by, "rows": out}
+        return {
+            "since": datetime.fromtimestamp(start, UTC)
+            .isoformat(timespec="seconds")
+            .replace("+00:00", "Z"),
+            "by": by,
+            "rows": out,
+        }

@@ -114,8 +114,7 @@ class EnginesRepo:
             )
 
         self.db.write(run)
-        return EngineRow(engine_id, kind, base_url, True, managed, pid, model_path, stamp,
-                         api_key)
+        return EngineRow(engine_id, kind, base_url, True, managed, pid, model_path, stamp, api_key)
 
     def remove(self, engine_id: str) -> bool:
         def run(conn: sqlite3.Connection) -> int:
@@ -205,9 +204,12 @@ class PoolRow:
     created_at: str
 
     def public(self) -> dict[str, Any]:
-        return {"name": self.name, "model_id": f"flm://pool:{self.name}/<model>",
-                "members": [{"engine_id": e, "weight": w} for e, w in self.members],
-                "created_at": self.created_at}
+        return {
+            "name": self.name,
+            "model_id": f"flm://pool:{self.name}/<model>",
+            "members": [{"engine_id": e, "weight": w} for e, w in self.members],
+            "created_at": self.created_at,
+        }
 
 
 class PoolsRepo:
@@ -218,12 +220,14 @@ class PoolsRepo:
         pools = self.db.query("SELECT name, created_at FROM engine_pools ORDER BY name")
         members = self.db.query(
             "SELECT pool_name, engine_id, weight FROM engine_pool_members "
-            "ORDER BY pool_name, position")
+            "ORDER BY pool_name, position"
+        )
         by_pool: dict[str, list[tuple[str, float]]] = {}
         for m in members:
             by_pool.setdefault(m["pool_name"], []).append((m["engine_id"], float(m["weight"])))
-        return [PoolRow(p["name"], tuple(by_pool.get(p["name"], ())), p["created_at"])
-                for p in pools]
+        return [
+            PoolRow(p["name"], tuple(by_pool.get(p["name"], ())), p["created_at"]) for p in pools
+        ]
 
     def add(self, name: str, members: list[tuple[str, float]]) -> PoolRow | None:
         """The new pool, or ``None`` when one with that name exists."""
@@ -232,12 +236,12 @@ class PoolsRepo:
         def run(conn: sqlite3.Connection) -> bool:
             if conn.execute("SELECT 1 FROM engine_pools WHERE name=?", (name,)).fetchone():
                 return False
-            conn.execute("INSERT INTO engine_pools(name, created_at) VALUES (?, ?)",
-                         (name, stamp))
+            conn.execute("INSERT INTO engine_pools(name, created_at) VALUES (?, ?)", (name, stamp))
             conn.executemany(
                 "INSERT INTO engine_pool_members(pool_name, engine_id, weight, position) "
                 "VALUES (?, ?, ?, ?)",
-                [(name, e, w, i) for i, (e, w) in enumerate(members)])
+                [(name, e, w, i) for i, (e, w) in enumerate(members)],
+            )
             return True
 
         return PoolRow(name, tuple(members), stamp) if self.db.write(run) else None
@@ -262,9 +266,12 @@ class ModelAliasesRepo:
 
     def put(self, name: str, target: str, stamp: str) -> None:
         def run(conn: sqlite3.Connection) -> None:
-            conn.execute("INSERT INTO model_aliases(name, target, updated_at) VALUES (?, ?, ?) "
-                         "ON CONFLICT(name) DO UPDATE SET target=excluded.target, "
-                         "updated_at=excluded.updated_at", (name, target, stamp))
+            conn.execute(
+                "INSERT INTO model_aliases(name, target, updated_at) VALUES (?, ?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET target=excluded.target, "
+                "updated_at=excluded.updated_at",
+                (name, target, stamp),
+            )
 
         self._db.write(run)
 

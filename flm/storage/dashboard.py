@@ -19,19 +19,30 @@ BUCKETS_SQL = (
     "sum(event_type = 'request' AND status = 401) AS unauthorized, "
     "sum(event_type = 'request' AND status = 429) AS limited, "
     "sum(event_type = 'request' AND status = 403) AS blocked "
-    "FROM audit_logs WHERE ts >= ? GROUP BY minute")
-LATENCY_SQL = ("SELECT substr(ts, 1, ?) AS minute, latency_ms FROM audit_logs "
-               "WHERE ts >= ? AND latency_ms IS NOT NULL LIMIT ?")
-TOP_KEYS_SQL = ("SELECT api_key_id AS who, count(*) AS n FROM audit_logs WHERE ts >= ? "
-                "AND event_type = 'request' AND api_key_id IS NOT NULL "
-                "GROUP BY api_key_id ORDER BY n DESC LIMIT 8")
-TOP_ENGINES_SQL = ("SELECT engine_id AS who, count(*) AS n FROM audit_logs WHERE ts >= ? "
-                   "AND event_type = 'request' AND engine_id IS NOT NULL "
-                   "GROUP BY engine_id ORDER BY n DESC LIMIT 8")
-EVENTS_SQL = ("SELECT ts, event_type, severity, client_ip FROM audit_logs "
-              "WHERE ts >= ? AND severity IN ('high', 'critical') ORDER BY ts DESC LIMIT 5")
-LAST_USED_SQL = ("SELECT api_key_id, max(ts) AS last FROM audit_logs "
-                 "WHERE ts >= ? AND api_key_id IS NOT NULL GROUP BY api_key_id")
+    "FROM audit_logs WHERE ts >= ? GROUP BY minute"
+)
+LATENCY_SQL = (
+    "SELECT substr(ts, 1, ?) AS minute, latency_ms FROM audit_logs "
+    "WHERE ts >= ? AND latency_ms IS NOT NULL LIMIT ?"
+)
+TOP_KEYS_SQL = (
+    "SELECT api_key_id AS who, count(*) AS n FROM audit_logs WHERE ts >= ? "
+    "AND event_type = 'request' AND api_key_id IS NOT NULL "
+    "GROUP BY api_key_id ORDER BY n DESC LIMIT 8"
+)
+TOP_ENGINES_SQL = (
+    "SELECT engine_id AS who, count(*) AS n FROM audit_logs WHERE ts >= ? "
+    "AND event_type = 'request' AND engine_id IS NOT NULL "
+    "GROUP BY engine_id ORDER BY n DESC LIMIT 8"
+)
+EVENTS_SQL = (
+    "SELECT ts, event_type, severity, client_ip FROM audit_logs "
+    "WHERE ts >= ? AND severity IN ('high', 'critical') ORDER BY ts DESC LIMIT 5"
+)
+LAST_USED_SQL = (
+    "SELECT api_key_id, max(ts) AS last FROM audit_logs "
+    "WHERE ts >= ? AND api_key_id IS NOT NULL GROUP BY api_key_id"
+)
 
 
 class DashboardRepo:
@@ -40,8 +51,9 @@ class DashboardRepo:
 
     def explain(self, sql: str, params: Sequence[object]) -> str:
         """SQLite's query plan of one of this module's statements (for the tests)."""
-        return " | ".join(str(r["detail"]) for r in self.db.query(
-            "EXPLAIN QUERY PLAN " + sql, list(params)))
+        return " | ".join(
+            str(r["detail"]) for r in self.db.query("EXPLAIN QUERY PLAN " + sql, list(params))
+        )
 
     def buckets(self, prefix: int, since: str) -> list[sqlite3.Row]:
         return self.db.query(BUCKETS_SQL, (prefix, since))

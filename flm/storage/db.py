@@ -64,9 +64,11 @@ class SafeMode:
 
     def message(self) -> str:
         if self.read_only:
-            return (f"{self.db_name}.db is read-only: {self.reason}. Reads work; writes are "
-                    "refused. To write again, make the file and its directory writable "
-                    "(permissions, a read-only mount, a full disk).")
+            return (
+                f"{self.db_name}.db is read-only: {self.reason}. Reads work; writes are "
+                "refused. To write again, make the file and its directory writable "
+                "(permissions, a read-only mount, a full disk)."
+            )
         return (
             f"{self.db_name}.db is in read-only safe mode: {self.reason}. Reads still work; "
             "writes are refused. To recover: (1) run `flm check --verbose` to see the state; "
@@ -208,14 +210,18 @@ class Database:
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
-            return (f"{self.path} was deleted while FLM had it open; writes are refused "
-                    "(they would be lost): restart FLM's proxies to use a new file")
+            return (
+                f"{self.path} was deleted while FLM had it open; writes are refused "
+                "(they would be lost): restart FLM's proxies to use a new file"
+            )
         except OSError as exc:
             return f"{self.path} cannot be checked: {exc}"
         if (st.st_dev, st.st_ino) != self._identity:
-            return (f"{self.path} was replaced by another file while FLM had it open; writes "
-                    "are refused (they would go to the old file): restart FLM's proxies to use "
-                    "the new one")
+            return (
+                f"{self.path} was replaced by another file while FLM had it open; writes "
+                "are refused (they would go to the old file): restart FLM's proxies to use "
+                "the new one"
+            )
         return None
 
     def _unwritable(self) -> str | None:
@@ -240,8 +246,9 @@ class Database:
             try:
                 conn = _connect(self.path, readonly=True, uri=uri)
                 try:
-                    row = conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations"
-                                       ).fetchone()
+                    row = conn.execute(
+                        "SELECT COALESCE(MAX(version), 0) FROM schema_migrations"
+                    ).fetchone()
                 finally:
                     conn.close()
             except (RepoError, sqlite3.Error) as exc:

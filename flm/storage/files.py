@@ -12,9 +12,13 @@ from flm.storage.db import Database
 
 def table_counts(db: Database) -> dict[str, int]:
     """Rows per table (SQLite's own tables left out), by table name."""
-    tables = [r[0] for r in db.query(
-        "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%' "
-        "ORDER BY name")]
+    tables = [
+        r[0]
+        for r in db.query(
+            "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%' "
+            "ORDER BY name"
+        )
+    ]
     counts = {}
     for table in tables:
         row = db.query_one(f'SELECT COUNT(*) FROM "{table}"')
@@ -35,15 +39,17 @@ def inspect_backup(file: Path) -> tuple[bool, set[str]]:
     return ok, tables
 
 
-def integrity_problems(file: Path, *, immutable: bool = False, quick: bool = False,
-                       limit: int = 100) -> list[str]:
+def integrity_problems(
+    file: Path, *, immutable: bool = False, quick: bool = False, limit: int = 100
+) -> list[str]:
     """What SQLite's ``integrity_check`` (``quick``: ``quick_check``, one pass without the
     index cross-check) finds in ``file``, opened read-only (``immutable``: a file nobody
     writes, e.g. a backup); empty when healthy, at most ``limit`` messages."""
     check = "quick_check" if quick else "integrity_check"
     try:
-        conn = sqlite3.connect(f"file:{file}?mode=ro" + ("&immutable=1" if immutable else ""),
-                               uri=True)
+        conn = sqlite3.connect(
+            f"file:{file}?mode=ro" + ("&immutable=1" if immutable else ""), uri=True
+        )
         try:
             rows = [str(r[0]) for r in conn.execute(f"PRAGMA {check}({int(limit)})")]
         finally:

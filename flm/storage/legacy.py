@@ -53,12 +53,13 @@ def read_legacy_tables(db_path: Path) -> tuple[dict[str, list[dict[str, Any]]], 
     conn.text_factory = bytes
     try:
         try:
-            names = {r[0].decode() if isinstance(r[0], bytes) else r[0] for r in conn.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+            names = {
+                r[0].decode() if isinstance(r[0], bytes) else r[0]
+                for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            }
             problems = [r[0] for r in conn.execute("PRAGMA quick_check")]
         except sqlite3.DatabaseError as exc:
-            raise LegacyReadError(f"{db_path} is not a readable SQLite database: {exc}"
-                                  ) from None
+            raise LegacyReadError(f"{db_path} is not a readable SQLite database: {exc}") from None
         if problems not in ([b"ok"], ["ok"]):
             raise LegacyReadError(f"{db_path} is damaged: {problems[:3]}")
         tables: dict[str, list[dict[str, Any]]] = {}
@@ -73,8 +74,7 @@ def read_legacy_tables(db_path: Path) -> tuple[dict[str, list[dict[str, Any]]], 
                 columns = [d[0] for d in cursor.description]
                 tables[table] = [dict(zip(columns, row, strict=True)) for row in cursor]
             except sqlite3.DatabaseError as exc:
-                raise LegacyReadError(f"{db_path}: table {table} cannot be read: {exc}"
-                                      ) from None
+                raise LegacyReadError(f"{db_path}: table {table} cannot be read: {exc}") from None
         return tables, missing
     finally:
         conn.close()
@@ -106,22 +106,29 @@ def checkpoint(db: Path) -> None:
 
 
 def insert_setting(conn: sqlite3.Connection, key: str, value: str, stamp: str) -> None:
-    conn.execute("INSERT INTO settings(key, value, updated_at) VALUES (?, ?, ?)",
-                 (key, value, stamp))
+    conn.execute(
+        "INSERT INTO settings(key, value, updated_at) VALUES (?, ?, ?)", (key, value, stamp)
+    )
 
 
-def upsert_setting_notes(conn: sqlite3.Connection, key: str, value: str, stamp: str,
-                         notes: str) -> None:
+def upsert_setting_notes(
+    conn: sqlite3.Connection, key: str, value: str, stamp: str, notes: str
+) -> None:
     conn.execute(
         "INSERT INTO settings(key, value, updated_at, notes) VALUES (?, ?, ?, ?) "
         "ON CONFLICT(key) DO UPDATE SET value=excluded.value, updated_at=excluded.updated_at, "
-        "notes=excluded.notes", (key, value, stamp, notes))
+        "notes=excluded.notes",
+        (key, value, stamp, notes),
+    )
 
 
-def insert_proxy_profile(conn: sqlite3.Connection, profile_id: str, config: dict[str, Any],
-                         stamp: str) -> None:
-    conn.execute("INSERT INTO proxy_profiles(id, config_json, created_at) VALUES (?, ?, ?)",
-                 (profile_id, json.dumps(config, ensure_ascii=False), stamp))
+def insert_proxy_profile(
+    conn: sqlite3.Connection, profile_id: str, config: dict[str, Any], stamp: str
+) -> None:
+    conn.execute(
+        "INSERT INTO proxy_profiles(id, config_json, created_at) VALUES (?, ?, ?)",
+        (profile_id, json.dumps(config, ensure_ascii=False), stamp),
+    )
 
 
 def in_one_transaction(db: Path, work: Callable[[sqlite3.Connection], None]) -> None:

@@ -19,23 +19,43 @@ from flm.storage.db import Database
 log = logging.getLogger("flm.audit")
 
 #: The columns of an ``audit_logs`` row as the audit sink builds it, in order.
-AUDIT_COLUMNS = ("ts", "request_id", "client_ip", "api_key_id", "endpoint", "method",
-                 "engine_id", "model", "status", "latency_ms", "prompt_tokens",
-                 "completion_tokens", "error_type", "event_type", "severity", "details_json")
-_INSERT_AUDIT = (f"INSERT INTO audit_logs({', '.join(AUDIT_COLUMNS)}) "
-                 f"VALUES ({', '.join('?' for _ in AUDIT_COLUMNS)})")
+AUDIT_COLUMNS = (
+    "ts",
+    "request_id",
+    "client_ip",
+    "api_key_id",
+    "endpoint",
+    "method",
+    "engine_id",
+    "model",
+    "status",
+    "latency_ms",
+    "prompt_tokens",
+    "completion_tokens",
+    "error_type",
+    "event_type",
+    "severity",
+    "details_json",
+)
+_INSERT_AUDIT = (
+    f"INSERT INTO audit_logs({', '.join(AUDIT_COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in AUDIT_COLUMNS)})"
+)
 _UPSERT_BLOCK = (
     "INSERT INTO ip_blocklist(ip, listener, reason, failure_count, blocked_at, expires_at,"
     " permanent) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(ip, listener) DO UPDATE SET "
     "reason=excluded.reason, failure_count=excluded.failure_count, "
     "blocked_at=excluded.blocked_at, expires_at=excluded.expires_at, "
-    "permanent=excluded.permanent")
+    "permanent=excluded.permanent"
+)
 _INSERT_INTRUSION = (
     "INSERT INTO intrusion_attempts(ts, ip, score, total_score, reasons_json, "
-    "path, user_agent, request_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+    "path, user_agent, request_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
 _INSERT_ANOMALY = (
     "INSERT INTO anomaly_detections(ts, ip, anomaly_type, value, threshold, "
-    "details_json, request_id) VALUES (?, ?, ?, ?, ?, ?, ?)")
+    "details_json, request_id) VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
 
 
 def and_equal(sql: str, params: list[Any], **columns: Any) -> str:
@@ -48,11 +68,14 @@ def and_equal(sql: str, params: list[Any], **columns: Any) -> str:
     return sql
 
 
-def write_batch(db: Database, audit_rows: Sequence[tuple[Any, ...]],
-                blocks: Sequence[tuple[Any, ...]], intrusions: Sequence[tuple[Any, ...]],
-                anomalies: Sequence[tuple[Any, ...]],
-                escape: Callable[[tuple[Any, ...]], tuple[Any, ...]] | None = None,
-                ) -> dict[str, int]:
+def write_batch(
+    db: Database,
+    audit_rows: Sequence[tuple[Any, ...]],
+    blocks: Sequence[tuple[Any, ...]],
+    intrusions: Sequence[tuple[Any, ...]],
+    anomalies: Sequence[tuple[Any, ...]],
+    escape: Callable[[tuple[Any, ...]], tuple[Any, ...]] | None = None,
+) -> dict[str, int]:
     """The audit sink's batch, in one transaction: audit rows (:data:`AUDIT_COLUMNS`), block
     upserts (ip, listener, reason, failure_count, blocked_at, expires_at, permanent), intrusion and
     anomaly rows. A row the database refuses costs only itself (see :func:`_insert_isolated`);
@@ -61,8 +84,12 @@ def write_batch(db: Database, audit_rows: Sequence[tuple[Any, ...]],
     counts = {"escaped": 0, "dropped": 0}
 
     def run(conn: sqlite3.Connection) -> None:
-        for sql, rows in ((_INSERT_AUDIT, audit_rows), (_UPSERT_BLOCK, blocks),
-                          (_INSERT_INTRUSION, intrusions), (_INSERT_ANOMALY, anomalies)):
+        for sql, rows in (
+            (_INSERT_AUDIT, audit_rows),
+            (_UPSERT_BLOCK, blocks),
+            (_INSERT_INTRUSION, intrusions),
+            (_INSERT_ANOMALY, anomalies),
+        ):
             if rows:
                 _insert_isolated(conn, sql, rows, counts, escape)
 
@@ -75,13 +102,28 @@ def _is_storage_error(exc: BaseException) -> bool:
     if not isinstance(exc, sqlite3.OperationalError):
         return False
     text = str(exc).lower()
-    return any(w in text for w in ("full", "disk", "i/o", "locked", "busy", "readonly",
-                                   "read-only", "unable to open"))
+    return any(
+        w in text
+        for w in (
+            "full",
+            "disk",
+            "i/o",
+            "locked",
+            "busy",
+            "readonly",
+            "read-only",
+            "unable to open",
+        )
+    )
 
 
-def _insert_isolated(conn: sqlite3.Connection, sql: str, rows: Sequence[tuple[Any, ...]],
-                     counts: dict[str, int],
-                     escape: Callable[[tuple[Any, ...]], tuple[Any, ...]] | None) -> None:
+def _insert_isolated(
+    conn: sqlite3.Connection,
+    sql: str,
+    rows: Sequence[tuple[Any, ...]],
+    counts: dict[str, int],
+    escape: Callable[[tuple[Any, ...]], tuple[Any, ...]] | None,
+) -> None:
     """Insert ``rows`` in one statement; if a row is refused, row by row, so that a bad row
     costs only itself: it is written as ``escape`` makes it if that helps, otherwise counted
     and logged."""
@@ -122,12 +164,13 @@ class BlocklistRepo:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    def all(self, *, newest_first: bool = True,
-            listener: str | None = None) -> list[sqlite3.Row]:
+    def all(self, *, newest_first: bool = True, listener: str | None = None) -> list[sqlite3.Row]:
         """Every row (ip, listener, reason, failure_count, blocked_at, expires_at, permanent),
         or with ``listener`` those that apply to it: its own and the shared ones (``'*'``)."""
-        sql = ("SELECT ip, listener, reason, failure_count, blocked_at, expires_at, permanent "
-               "FROM ip_blocklist")
+        sql = (
+            "SELECT ip, listener, reason, failure_count, blocked_at, expires_at, permanent "
+            "FROM ip_blocklist"
+        )
         params: tuple[str, ...] = ()
         if listener is not None:
             sql += " WHERE listener IN ('*', ?)"
@@ -141,8 +184,9 @@ class BlocklistRepo:
         def run(conn: sqlite3.Connection) -> int:
             if ":" not in target:
                 return conn.execute("DELETE FROM ip_blocklist WHERE ip=?", (target,)).rowcount
-            listed = [r[0] for r in conn.execute(
-                "SELECT ip FROM ip_blocklist WHERE instr(ip, ':') > 0")]
+            listed = [
+                r[0] for r in conn.execute("SELECT ip FROM ip_blocklist WHERE instr(ip, ':') > 0")
+            ]
             gone = [x for x in listed if key(x) == target]
             conn.executemany("DELETE FROM ip_blocklist WHERE ip=?", [(x,) for x in gone])
             return len(gone)
@@ -164,15 +208,24 @@ class AuditRepo:
         def run(conn: sqlite3.Connection) -> int:
             cursor = conn.execute(
                 "INSERT INTO audit_logs(ts, event_type, severity, details_json) "
-                "VALUES (?, ?, ?, ?)", (stamp, event_type, severity, details_json))
+                "VALUES (?, ?, ?, ?)",
+                (stamp, event_type, severity, details_json),
+            )
             return int(cursor.lastrowid or 0)
 
         row_id: int = self.db.write(run)
         return row_id
 
-    def query(self, *, event_type: str | None = None, severity: str | None = None,
-              ip: str | None = None, since: str | None = None, limit: int | None = 100,
-              offset: int = 0) -> list[sqlite3.Row]:
+    def query(
+        self,
+        *,
+        event_type: str | None = None,
+        severity: str | None = None,
+        ip: str | None = None,
+        since: str | None = None,
+        limit: int | None = 100,
+        offset: int = 0,
+    ) -> list[sqlite3.Row]:
         """Newest first; ``limit=None`` is every row."""
         params: list[Any] = []
         sql = "SELECT * FROM audit_logs WHERE 1=1"
@@ -192,17 +245,20 @@ class AuditRepo:
         through the archive gate, and the archive recorded — one transaction; (rows, sha256)."""
 
         def run(conn: sqlite3.Connection) -> tuple[int, str]:
-            rows = conn.execute("SELECT * FROM audit_logs WHERE ts < ? ORDER BY id",
-                                (cutoff,)).fetchall()
+            rows = conn.execute(
+                "SELECT * FROM audit_logs WHERE ts < ? ORDER BY id", (cutoff,)
+            ).fetchall()
             lines = "".join(json.dumps(dict(r), ensure_ascii=False) + "\n" for r in rows)
             write_private_file(target, lines.encode())
             digest = hashlib.sha256(lines.encode()).hexdigest()
             conn.execute("UPDATE audit_archive_gate SET open = 1 WHERE id = 1")
             deleted = conn.execute("DELETE FROM audit_logs WHERE ts < ?", (cutoff,)).rowcount
             conn.execute("UPDATE audit_archive_gate SET open = 0 WHERE id = 1")
-            conn.execute("INSERT INTO audit_archives(archived_at, before, row_count, file_path,"
-                         " sha256) VALUES (?, ?, ?, ?, ?)",
-                         (now_iso(), cutoff, deleted, str(target), digest))
+            conn.execute(
+                "INSERT INTO audit_archives(archived_at, before, row_count, file_path,"
+                " sha256) VALUES (?, ?, ?, ?, ?)",
+                (now_iso(), cutoff, deleted, str(target), digest),
+            )
             return deleted, digest
 
         result: tuple[int, str] = self.db.write(run)
@@ -213,25 +269,30 @@ class IntrusionsRepo:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    def query(self, *, ip: str | None, min_score: int, limit: int,
-              offset: int = 0) -> list[sqlite3.Row]:
+    def query(
+        self, *, ip: str | None, min_score: int, limit: int, offset: int = 0
+    ) -> list[sqlite3.Row]:
         params: list[Any] = [min_score]
         sql = and_equal("SELECT * FROM intrusion_attempts WHERE total_score >= ?", params, ip=ip)
-        return self.db.query(sql + " ORDER BY id DESC LIMIT ? OFFSET ?",
-                             [*params, limit, max(0, offset)])
+        return self.db.query(
+            sql + " ORDER BY id DESC LIMIT ? OFFSET ?", [*params, limit, max(0, offset)]
+        )
 
 
 class AnomaliesRepo:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    def query(self, *, ip: str | None, anomaly_type: str | None,
-              limit: int, offset: int = 0) -> list[sqlite3.Row]:
+    def query(
+        self, *, ip: str | None, anomaly_type: str | None, limit: int, offset: int = 0
+    ) -> list[sqlite3.Row]:
         params: list[Any] = []
-        sql = and_equal("SELECT * FROM anomaly_detections WHERE 1=1", params, ip=ip,
-                        anomaly_type=anomaly_type)
-        return self.db.query(sql + " ORDER BY id DESC LIMIT ? OFFSET ?",
-                             [*params, limit, max(0, offset)])
+        sql = and_equal(
+            "SELECT * FROM anomaly_detections WHERE 1=1", params, ip=ip, anomaly_type=anomaly_type
+        )
+        return self.db.query(
+            sql + " ORDER BY id DESC LIMIT ? OFFSET ?", [*params, limit, max(0, offset)]
+        )
 
 
 class CertificatesRepo:
@@ -242,9 +303,11 @@ class CertificatesRepo:
         """Insert or replace (by ``id``) one row; the keys are its columns."""
         columns = list(row)
         updates = ", ".join(f"{c}=excluded.{c}" for c in columns if c != "id")
-        sql = (f"INSERT INTO certificates({', '.join(columns)}) "
-               f"VALUES ({', '.join('?' for _ in columns)}) "
-               f"ON CONFLICT(id) DO UPDATE SET {updates}")
+        sql = (
+            f"INSERT INTO certificates({', '.join(columns)}) "
+            f"VALUES ({', '.join('?' for _ in columns)}) "
+            f"ON CONFLICT(id) DO UPDATE SET {updates}"
+        )
         self.db.execute(sql, [row[c] for c in columns])
 
     def all(self) -> list[dict[str, Any]]:
@@ -258,8 +321,9 @@ class DnsCredentialsRepo:
     def __init__(self, db: Database) -> None:
         self._db = db
 
-    def upsert(self, name: str, provider: str, secret_ref: str, created_at: str,
-               settings_json: str) -> None:
+    def upsert(
+        self, name: str, provider: str, secret_ref: str, created_at: str, settings_json: str
+    ) -> None:
         def run(conn: sqlite3.Connection) -> None:
             conn.execute(
                 "INSERT INTO dns_credentials(id, provider, label, secret_ref, created_at, "
@@ -267,7 +331,8 @@ class DnsCredentialsRepo:
                 "provider=excluded.provider, label=excluded.label, "
                 "secret_ref=excluded.secret_ref, created_at=excluded.created_at, "
                 "settings_json=excluded.settings_json",
-                (name, provider, name, secret_ref, created_at, settings_json))
+                (name, provider, name, secret_ref, created_at, settings_json),
+            )
 
         self._db.write(run)
 

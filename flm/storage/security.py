@@ -36,16 +36,28 @@ class ApiKeyRow:
 
 
 _LIMIT_COLUMNS = ("rpm", "burst", "tpm", "daily_tokens", "daily_requests", "expires_at")
-_KEY_COLUMNS = ("id, label, created_at, revoked_at, models_json, "
-                + ", ".join(_LIMIT_COLUMNS) + ", read_only, last_used_at")
+_KEY_COLUMNS = (
+    "id, label, created_at, revoked_at, models_json, "
+    + ", ".join(_LIMIT_COLUMNS)
+    + ", read_only, last_used_at"
+)
 
 
 def _key_row(r: sqlite3.Row) -> ApiKeyRow:
     models = json.loads(r["models_json"]) if r["models_json"] is not None else None
-    limits = KeyLimits(models, r["rpm"], r["burst"], r["tpm"], r["daily_tokens"],
-                       r["daily_requests"], r["expires_at"], bool(r["read_only"]))
-    return ApiKeyRow(r["id"], r["label"], r["created_at"], r["revoked_at"], limits,
-                     r["last_used_at"])
+    limits = KeyLimits(
+        models,
+        r["rpm"],
+        r["burst"],
+        r["tpm"],
+        r["daily_tokens"],
+        r["daily_requests"],
+        r["expires_at"],
+        bool(r["read_only"]),
+    )
+    return ApiKeyRow(
+        r["id"], r["label"], r["created_at"], r["revoked_at"], limits, r["last_used_at"]
+    )
 
 
 def _limit_values(limits: KeyLimits) -> tuple[Any, ...]:
@@ -70,11 +82,13 @@ class ApiKeysRepo:
 
     def set_limits(self, key_id: str, limits: KeyLimits) -> bool:
         """Replace an active key's limits; False when there is no such active key."""
+
         def run(conn: sqlite3.Connection) -> int:
             return conn.execute(
                 "UPDATE api_keys SET models_json=?, rpm=?, burst=?, tpm=?, daily_tokens=?, "
                 "daily_requests=?, expires_at=?, read_only=? WHERE id=? AND revoked_at IS NULL",
-                (*_limit_values(limits), key_id)).rowcount
+                (*_limit_values(limits), key_id),
+            ).rowcount
 
         return bool(self.db.write(run))
 
@@ -89,8 +103,9 @@ class ApiKeysRepo:
         row = self.db.query_one("SELECT COUNT(*) FROM api_keys WHERE revoked_at IS NULL")
         return int(row[0]) if row else 0
 
-    def insert(self, key_id: str, label: str, key_hash: str,
-               limits: KeyLimits | None = None) -> ApiKeyRow:
+    def insert(
+        self, key_id: str, label: str, key_hash: str, limits: KeyLimits | None = None
+    ) -> ApiKeyRow:
         stamp = now_iso()
         limits = limits or KeyLimits()
 
@@ -117,8 +132,9 @@ class ApiKeysRepo:
 
         return stamp if self.db.write(run) else None
 
-    def rotate(self, old_id: str, new_id: str, label: str, key_hash: str,
-               limits: KeyLimits | None = None) -> tuple[ApiKeyRow, str]:
+    def rotate(
+        self, old_id: str, new_id: str, label: str, key_hash: str, limits: KeyLimits | None = None
+    ) -> tuple[ApiKeyRow, str]:
         """Insert the new key (with the old one's limits) and revoke the old one in one
         transaction."""
         stamp = now_iso()

@@ -13,13 +13,15 @@ DAY_S = 86_400
 MINUTE_ROWS_KEPT_S = 48 * 3600
 HOUR_ROWS_KEPT_S = 90 * DAY_S
 
-_ADD = ("INSERT INTO {table}({unit}, key_id, model, engine_id, requests, prompt_tokens, "
-        "completion_tokens, estimated) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
-        "ON CONFLICT({unit}, key_id, model, engine_id) DO UPDATE SET "
-        "requests=requests+excluded.requests, "
-        "prompt_tokens=prompt_tokens+excluded.prompt_tokens, "
-        "completion_tokens=completion_tokens+excluded.completion_tokens, "
-        "estimated=estimated+excluded.estimated")
+_ADD = (
+    "INSERT INTO {table}({unit}, key_id, model, engine_id, requests, prompt_tokens, "
+    "completion_tokens, estimated) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT({unit}, key_id, model, engine_id) DO UPDATE SET "
+    "requests=requests+excluded.requests, "
+    "prompt_tokens=prompt_tokens+excluded.prompt_tokens, "
+    "completion_tokens=completion_tokens+excluded.completion_tokens, "
+    "estimated=estimated+excluded.estimated"
+)
 _ADD_MINUTE = _ADD.format(table="usage_minute", unit="minute")
 _ADD_HOUR = _ADD.format(table="usage_hour", unit="hour")
 
@@ -36,7 +38,8 @@ def add_rollups(db: Database, minutes: Sums, hours: Sums, last_used: dict[str, s
         conn.executemany(
             "UPDATE api_keys SET last_used_at=? WHERE id=? AND "
             "(last_used_at IS NULL OR last_used_at < ?)",
-            [(stamp, key_id, stamp) for key_id, stamp in last_used.items()])
+            [(stamp, key_id, stamp) for key_id, stamp in last_used.items()],
+        )
 
     db.write(run)
 
@@ -45,10 +48,12 @@ def prune_rollups(db: Database, now: float) -> None:
     """Delete minute rows past 48 hours and hour rows past 90 days."""
 
     def run(conn: sqlite3.Connection) -> None:
-        conn.execute("DELETE FROM usage_minute WHERE minute < ?",
-                     (int((now - MINUTE_ROWS_KEPT_S) // 60),))
-        conn.execute("DELETE FROM usage_hour WHERE hour < ?",
-                     (int((now - HOUR_ROWS_KEPT_S) // 3600),))
+        conn.execute(
+            "DELETE FROM usage_minute WHERE minute < ?", (int((now - MINUTE_ROWS_KEPT_S) // 60),)
+        )
+        conn.execute(
+            "DELETE FROM usage_hour WHERE hour < ?", (int((now - HOUR_ROWS_KEPT_S) // 3600),)
+        )
 
     db.write(run)
 
@@ -59,15 +64,24 @@ def today_totals(db: Database, now: float | None = None) -> dict[str, tuple[int,
     start = int((now - now % DAY_S) // 60)
     rows: list[Any] = db.query(
         "SELECT key_id, SUM(requests) AS r, SUM(prompt_tokens + completion_tokens) AS t "
-        "FROM usage_minute WHERE minute >= ? GROUP BY key_id", (start,))
+        "FROM usage_minute WHERE minute >= ? GROUP BY key_id",
+        (start,),
+    )
     return {str(r["key_id"]): (int(r["r"]), int(r["t"])) for r in rows}
 
 
 _GROUP_COLUMN = {"key": "u.key_id", "model": "u.model", "engine": "u.engine_id"}
 
 
-def usage_rows(db: Database, start: float, now: float, by: str, *, key: str | None = None,
-               model: str | None = None) -> list[Any]:
+def usage_rows(
+    db: Database,
+    start: float,
+    now: float,
+    by: str,
+    *,
+    key: str | None = None,
+    model: str | None = None,
+) -> list[Any]:
     """Sums since ``start`` grouped ``by`` key, model, engine or hour (the hour as unix
     time // 3600): rows of grp, label (the key's), requests, prompt_tokens,
     completion_tokens, estimated. Minute rows are read for the last 48 hours (exact), hour
@@ -90,5 +104,7 @@ def usage_rows(db: Database, start: float, now: float, by: str, *, key: str | No
         "SUM(u.prompt_tokens) AS prompt_tokens, "
         "SUM(u.completion_tokens) AS completion_tokens, SUM(u.estimated) AS estimated "
         f"FROM {table} u LEFT JOIN api_keys k ON k.id = u.key_id "
-        f"WHERE {' AND '.join(where)} GROUP BY grp ORDER BY grp", params)
+        f"WHERE {' AND '.join(where)} GROUP BY grp ORDER BY grp",
+        params,
+    )
     return rows

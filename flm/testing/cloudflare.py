@@ -72,10 +72,16 @@ class Zone:
 
     def view(self) -> dict[str, Any]:
         now = _now()
-        return {"id": self.id, "name": self.name, "status": "active", "paused": False,
-                "type": "full", "name_servers": [f"ada.ns.emulator.{self.name}",
-                                                  f"bob.ns.emulator.{self.name}"],
-                "created_on": now, "modified_on": now}
+        return {
+            "id": self.id,
+            "name": self.name,
+            "status": "active",
+            "paused": False,
+            "type": "full",
+            "name_servers": [f"ada.ns.emulator.{self.name}", f"bob.ns.emulator.{self.name}"],
+            "created_on": now,
+            "modified_on": now,
+        }
 
 
 def _now() -> str:
@@ -86,8 +92,9 @@ class CloudflareEmulator:
     def __init__(self, token: str, zones: Iterable[str]) -> None:
         self.token = token
         self._lock = threading.Lock()
-        self.zones = {z.rstrip(".").lower(): Zone(secrets.token_hex(16), z.rstrip(".").lower())
-                      for z in zones}
+        self.zones = {
+            z.rstrip(".").lower(): Zone(secrets.token_hex(16), z.rstrip(".").lower()) for z in zones
+        }
         #: (method, path, authorized) of every API request, in order.
         self.requests: list[tuple[str, str, bool]] = []
         #: (name, type) of every DNS question answered.
@@ -115,8 +122,10 @@ class CloudflareEmulator:
         self._udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self._udp.bind(("127.0.0.1", 0))
         self._udp.settimeout(0.2)
-        self._threads = [threading.Thread(target=self._http.serve_forever, daemon=True),
-                         threading.Thread(target=self._serve_dns, daemon=True)]
+        self._threads = [
+            threading.Thread(target=self._http.serve_forever, daemon=True),
+            threading.Thread(target=self._serve_dns, daemon=True),
+        ]
         for thread in self._threads:
             thread.start()
 
@@ -136,8 +145,9 @@ class CloudflareEmulator:
 
     # --- the API ---------------------------------------------------------------------------------
 
-    def handle(self, method: str, target: str, headers: Any,
-               body: bytes) -> tuple[int, dict[str, Any]]:
+    def handle(
+        self, method: str, target: str, headers: Any, body: bytes
+    ) -> tuple[int, dict[str, Any]]:
         parts = urlsplit(target)
         path = parts.path
         auth = headers.get("Authorization") or ""
@@ -150,13 +160,21 @@ class CloudflareEmulator:
             return 400, _fail(6003, "Invalid request headers")
         if not authorized:
             return 403, _fail(10000, "Authentication error")
-        segments = [s for s in path[len(API_PREFIX):].split("/") if s]
+        segments = [s for s in path[len(API_PREFIX) :].split("/") if s]
         if segments == ["zones"] and method == "GET":
             name = (parse_qs(parts.query).get("name") or [""])[0].rstrip(".").lower()
             with self._lock:
                 found = [z.view() for z in self.zones.values() if not name or z.name == name]
-            return 200, _ok(found, info={"page": 1, "per_page": 20, "count": len(found),
-                                         "total_count": len(found), "total_pages": 1})
+            return 200, _ok(
+                found,
+                info={
+                    "page": 1,
+                    "per_page": 20,
+                    "count": len(found),
+                    "total_count": len(found),
+                    "total_pages": 1,
+                },
+            )
         if len(segments) >= 3 and segments[0] == "zones" and segments[2] == "dns_records":
             with self._lock:
                 zone = next((z for z in self.zones.values() if z.id == segments[1]), None)
@@ -167,8 +185,16 @@ class CloudflareEmulator:
             if len(segments) == 3 and method == "GET":
                 with self._lock:
                     found = list(zone.records.values())
-                return 200, _ok(found, info={"page": 1, "per_page": 100, "count": len(found),
-                                             "total_count": len(found), "total_pages": 1})
+                return 200, _ok(
+                    found,
+                    info={
+                        "page": 1,
+                        "per_page": 100,
+                        "count": len(found),
+                        "total_count": len(found),
+                        "total_pages": 1,
+                    },
+                )
             if len(segments) == 4 and method == "DELETE":
                 with self._lock:
                     gone = zone.records.pop(segments[3], None)
@@ -198,10 +224,22 @@ class CloudflareEmulator:
             return 400, _fail(9021, "TTL must be 1 (automatic) or between 60 and 86400")
         now = _now()
         record_id = secrets.token_hex(16)
-        record: dict[str, Any] = {"id": record_id, "zone_id": zone.id, "zone_name": zone.name,
-                  "name": name, "type": rtype, "content": content, "proxiable": False,
-                  "proxied": False, "ttl": ttl, "comment": data.get("comment"), "tags": [],
-                  "meta": {}, "created_on": now, "modified_on": now}
+        record: dict[str, Any] = {
+            "id": record_id,
+            "zone_id": zone.id,
+            "zone_name": zone.name,
+            "name": name,
+            "type": rtype,
+            "content": content,
+            "proxiable": False,
+            "proxied": False,
+            "ttl": ttl,
+            "comment": data.get("comment"),
+            "tags": [],
+            "meta": {},
+            "created_on": now,
+            "modified_on": now,
+        }
         with self._lock:
             zone.records[record_id] = record
         return 200, _ok(record)
@@ -237,8 +275,10 @@ class CloudflareEmulator:
         rdtype = dns.rdatatype.to_text(question.rdtype)
         with self._lock:
             self.dns_queries.append((name, rdtype))
-            zone = next((z for z in self.zones.values()
-                         if name == z.name or name.endswith("." + z.name)), None)
+            zone = next(
+                (z for z in self.zones.values() if name == z.name or name.endswith("." + z.name)),
+                None,
+            )
             records = [dict(r) for r in zone.records.values()] if zone else []
         if zone is None:
             response.set_rcode(dns.rcode.REFUSED)
@@ -258,8 +298,10 @@ class CloudflareEmulator:
         if matching:
             rrset = dns.rrset.RRset(question.name, dns.rdataclass.IN, question.rdtype)
             for record in matching:
-                rrset.add(dns.rdata.from_text("IN", rdtype, _rdata_text(record)),
-                          300 if record["ttl"] == 1 else int(record["ttl"]))
+                rrset.add(
+                    dns.rdata.from_text("IN", rdtype, _rdata_text(record)),
+                    300 if record["ttl"] == 1 else int(record["ttl"]),
+                )
             response.answer.append(rrset)
             return response
         exists = name == zone.name or any(r["name"] == name for r in records)
@@ -279,9 +321,12 @@ def _rdata_text(record: dict[str, Any]) -> str:
 
 def _soa(origin: dns.name.Name) -> dns.rrset.RRset:
     rrset = dns.rrset.RRset(origin, dns.rdataclass.IN, dns.rdatatype.SOA)
-    rrset.add(dns.rdata.from_text(
-        "IN", "SOA", f"ada.ns.emulator.{origin} dns.emulator.{origin} 1 10000 2400 604800 60"),
-        60)
+    rrset.add(
+        dns.rdata.from_text(
+            "IN", "SOA", f"ada.ns.emulator.{origin} dns.emulator.{origin} 1 10000 2400 604800 60"
+        ),
+        60,
+    )
     return rrset
 
 
@@ -293,8 +338,12 @@ def _ok(result: Any, info: dict[str, Any] | None = None) -> dict[str, Any]:
 
 
 def _fail(code: int, message: str) -> dict[str, Any]:
-    return {"success": False, "errors": [{"code": code, "message": message}], "messages": [],
-            "result": None}
+    return {
+        "success": False,
+        "errors": [{"code": code, "message": message}],
+        "messages": [],
+        "result": None,
+    }
 
 
 def _handler(emulator: CloudflareEmulator) -> type[http.server.BaseHTTPRequestHandler]:
@@ -321,8 +370,9 @@ def _handler(emulator: CloudflareEmulator) -> type[http.server.BaseHTTPRequestHa
 
 
 @contextmanager
-def start_cloudflare(token: str, zones: Iterable[str] = ("example.org",)
-                     ) -> Iterator[CloudflareEmulator]:
+def start_cloudflare(
+    token: str, zones: Iterable[str] = ("example.org",)
+) -> Iterator[CloudflareEmulator]:
     emulator = CloudflareEmulator(token, zones)
     emulator.start()
     try:

@@ -45,8 +45,9 @@ async def _call(fn: Callable[[], Any]) -> Any:
     return result
 
 
-def start_gateway(paths: Paths | None = None, *, port: int = 0, bind: str = "127.0.0.1",
-                  **settings: Any) -> Gateway:
+def start_gateway(
+    paths: Paths | None = None, *, port: int = 0, bind: str = "127.0.0.1", **settings: Any
+) -> Gateway:
     from flm.services.context import Context
 
     ctx = Context(paths or Paths.resolve())
@@ -60,10 +61,14 @@ def start_gateway(paths: Paths | None = None, *, port: int = 0, bind: str = "127
     errors: list[BaseException] = []
 
     async def main() -> None:
-        server = HttpServer(build_app(runtime), sock,
-                            body_timeout_s=runtime.settings.body_timeout_s,
-                            headers=response_headers(), refusal=refusal,
-                            limits=runtime.connection_limits)
+        server = HttpServer(
+            build_app(runtime),
+            sock,
+            body_timeout_s=runtime.settings.body_timeout_s,
+            headers=response_headers(),
+            refusal=refusal,
+            limits=runtime.connection_limits,
+        )
         await server.start()
         stop_event = asyncio.Event()
         stopping["event"] = stop_event

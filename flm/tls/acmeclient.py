@@ -385,8 +385,9 @@ class AcmeClient:
             if status == messages.STATUS_VALID:
                 continue  # the CA reused an earlier authorization
             if status != messages.STATUS_PENDING:
-                raise ProxyAcmeError(f"the ACME authorization for {domain} is {status}, not "
-                                     "pending")
+                raise ProxyAcmeError(
+                    f"the ACME authorization for {domain} is {status}, not pending"
+                )
             for challb in authzr.body.challenges:
                 if isinstance(challb.chall, challenges.DNS01):
                     response, validation = challb.chall.response_and_validation(acme.net.key)
@@ -407,8 +408,9 @@ class AcmeClient:
             for _authzr, challb, response in answers:
                 acme.answer_challenge(challb, response)
             for authzr, _challb, _response in answers:
-                self._wait_for_authorization(acme, authzr, _identifier(authzr), deadline,
-                                             dns01=True)
+                self._wait_for_authorization(
+                    acme, authzr, _identifier(authzr), deadline, dns01=True
+                )
         finally:
             self._step = "removing the DNS-01 TXT records"
             solver.cleanup()
@@ -467,9 +469,7 @@ class AcmeClient:
                 return str(response.text)
             if body.status == messages.STATUS_INVALID:
                 reason = str(body.error.detail or body.error) if body.error else "no reason given"
-                raise AcmeCaRefusedError(
-                    f"the ACME CA refused to issue the certificate: {reason}"
-                )
+                raise AcmeCaRefusedError(f"the ACME CA refused to issue the certificate: {reason}")
             if body.status == messages.STATUS_READY:
                 order = acme.begin_finalization(order)
                 continue
@@ -532,10 +532,18 @@ class AcmeClient:
 
 
 #: ACME problem types that mean "the CA will not do this", not "try again" (RFC 8555 §6.7).
-_CA_REFUSALS = frozenset({
-    "rejectedIdentifier", "caa", "unauthorized", "rateLimited", "badCSR",
-    "unsupportedIdentifier", "dns", "incorrectResponse",
-})
+_CA_REFUSALS = frozenset(
+    {
+        "rejectedIdentifier",
+        "caa",
+        "unauthorized",
+        "rateLimited",
+        "badCSR",
+        "unsupportedIdentifier",
+        "dns",
+        "incorrectResponse",
+    }
+)
 
 _HINTS = {
     "rateLimited": " (the CA's rate limit was hit: wait, or test against the staging directory)",

@@ -67,7 +67,7 @@ def parse_server(text: str, default_port: int = 53) -> tuple[str, int]:
         end = value.find("]")
         if end < 0:
             raise UsageError(f"bad server address {text!r}")
-        host, rest = value[1:end], value[end + 1:]
+        host, rest = value[1:end], value[end + 1 :]
         if rest:
             if not rest.startswith(":"):
                 raise UsageError(f"bad server address {text!r}")
@@ -119,7 +119,8 @@ class DnsProvider:
             raise DnsZoneNotFoundError(
                 f"{fqdn} is not in zone {self.zone} of DNS profile {self.profile!r}: use a "
                 f"profile whose --zone contains the certificate's names",
-                details={"profile": self.profile, "zone": self.zone, "name": fqdn})
+                details={"profile": self.profile, "zone": self.zone, "name": fqdn},
+            )
 
     def add_txt(self, fqdn: str, value: str) -> Any:
         """Create one TXT record; returns what :meth:`delete_txt` needs to remove it."""
@@ -147,8 +148,16 @@ class DnsProvider:
 class Rfc2136Provider(DnsProvider):
     kind = "rfc2136"
 
-    def __init__(self, profile: str, zone: str, server: str, tsig_name: str, tsig_algorithm: str,
-                 secret: str, check_servers: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        profile: str,
+        zone: str,
+        server: str,
+        tsig_name: str,
+        tsig_algorithm: str,
+        secret: str,
+        check_servers: Sequence[str] = (),
+    ) -> None:
         super().__init__(profile, zone, check_servers)
         self.host, self.port = parse_server(server)
         self.tsig_name = tsig_name
@@ -180,24 +189,35 @@ class Rfc2136Provider(DnsProvider):
             raise DnsAuthError(
                 f"the DNS server {self.where} refused the TSIG signature's time while {what}: "
                 "this machine's clock and the server's differ by more than 5 minutes; fix the "
-                "clock (NTP)", details=self._details()) from None
+                "clock (NTP)",
+                details=self._details(),
+            ) from None
         except dns.tsig.PeerError as exc:
-            reason = "does not know the key name" if isinstance(exc, dns.tsig.PeerBadKey) \
+            reason = (
+                "does not know the key name"
+                if isinstance(exc, dns.tsig.PeerBadKey)
                 else "rejected the signature (wrong secret or algorithm)"
+            )
             raise DnsAuthError(
                 f"the DNS server {self.where} {reason} for TSIG key {self.tsig_name!r} while "
                 f"{what}. Check that --tsig-name, --tsig-algorithm ({self.tsig_algorithm}) and "
                 "the secret match the server's `key` statement, then store them again with "
-                f"{_fix_profile(self.profile)}", details=self._details()) from None
+                f"{_fix_profile(self.profile)}",
+                details=self._details(),
+            ) from None
         except (dns.exception.Timeout, OSError) as exc:
             raise DnsServerUnreachableError(
                 f"cannot reach the DNS server {self.where} of profile {self.profile!r} while "
                 f"{what} ({_reason(exc)}): is it running, and is --server right (TCP and UDP "
-                "port reachable)?", details=self._details()) from None
+                "port reachable)?",
+                details=self._details(),
+            ) from None
         except dns.exception.DNSException as exc:
             raise DnsUpdateRefusedError(
                 f"unexpected answer from the DNS server {self.where} while {what}: "
-                f"{type(exc).__name__}", details=self._details()) from None
+                f"{type(exc).__name__}",
+                details=self._details(),
+            ) from None
         rcode = response.rcode()
         if rcode == dns.rcode.NOERROR:
             return
@@ -207,20 +227,29 @@ class Rfc2136Provider(DnsProvider):
                 f"the DNS server {self.where} is not authoritative for zone {self.zone} "
                 f"({name}) while {what}: check --zone (the zone as the server defines it) and "
                 "--server (its primary), then update the profile with "
-                f"{_fix_profile(self.profile)}", details={**self._details(), "rcode": name})
+                f"{_fix_profile(self.profile)}",
+                details={**self._details(), "rcode": name},
+            )
         if rcode == dns.rcode.REFUSED:
             raise DnsUpdateRefusedError(
                 f"the DNS server {self.where} refused the update ({name}) while {what}: allow "
                 f"key {self.tsig_name!r} to change TXT records in {self.zone}, e.g. in BIND "
                 f"`update-policy {{ grant {self.tsig_name} zonesub TXT; }};` in the zone",
-                details={**self._details(), "rcode": name})
+                details={**self._details(), "rcode": name},
+            )
         raise DnsUpdateRefusedError(
             f"the DNS server {self.where} answered {name} while {what}; see its log",
-            details={**self._details(), "rcode": name})
+            details={**self._details(), "rcode": name},
+        )
 
     def _details(self) -> dict[str, Any]:
-        return {"profile": self.profile, "provider": self.kind, "server": self.where,
-                "zone": self.zone, "tsig_name": self.tsig_name}
+        return {
+            "profile": self.profile,
+            "provider": self.kind,
+            "server": self.where,
+            "zone": self.zone,
+            "tsig_name": self.tsig_name,
+        }
 
     def add_txt(self, fqdn: str, value: str) -> Any:
         self.check_in_zone(fqdn)
@@ -266,8 +295,9 @@ class CloudflareProvider(DnsProvider):
 
     kind = "cloudflare"
 
-    def __init__(self, profile: str, zone: str, api_base: str, token: str,
-                 check_servers: Sequence[str] = ()) -> None:
+    def __init__(
+        self, profile: str, zone: str, api_base: str, token: str, check_servers: Sequence[str] = ()
+    ) -> None:
         import requests
 
         super().__init__(profile, zone, check_servers)
@@ -281,8 +311,12 @@ class CloudflareProvider(DnsProvider):
         self._session.close()
 
     def _details(self) -> dict[str, Any]:
-        return {"profile": self.profile, "provider": self.kind, "api_base": self.api_base,
-                "zone": self.zone}
+        return {
+            "profile": self.profile,
+            "provider": self.kind,
+            "api_base": self.api_base,
+            "zone": self.zone,
+        }
 
     def _call(self, method: str, path: str, what: str, **kwargs: Any) -> Any:
         import requests
@@ -294,14 +328,19 @@ class CloudflareProvider(DnsProvider):
             raise DnsServerUnreachableError(
                 f"cannot reach the Cloudflare API at {self.api_base} while {what} "
                 f"({type(exc).__name__}): check the network (and --api-base)",
-                details=self._details()) from None
+                details=self._details(),
+            ) from None
         try:
             body = response.json()
         except ValueError:
             body = {}
         errors = body.get("errors") if isinstance(body, dict) else None
-        text = "; ".join(f"{e.get('code')}: {e.get('message')}" for e in errors or []
-                         if isinstance(e, dict)) or f"HTTP {response.status_code}"
+        text = (
+            "; ".join(
+                f"{e.get('code')}: {e.get('message')}" for e in errors or [] if isinstance(e, dict)
+            )
+            or f"HTTP {response.status_code}"
+        )
         if response.status_code in (401, 403) and not body.get("success", False):
             codes = {e.get("code") for e in errors or [] if isinstance(e, dict)}
             if response.status_code == 401 or 10000 in codes or 9109 in codes:
@@ -309,40 +348,57 @@ class CloudflareProvider(DnsProvider):
                     f"the Cloudflare API did not accept the token of DNS profile "
                     f"{self.profile!r} while {what} ({text}): create an API token with "
                     f"Zone:Read and DNS:Edit for {self.zone} and store it with "
-                    f"{_fix_profile(self.profile)}", details=self._details())
+                    f"{_fix_profile(self.profile)}",
+                    details=self._details(),
+                )
             raise DnsUpdateRefusedError(
                 f"the Cloudflare API refused {what} ({text}): the token needs the DNS:Edit "
-                f"permission on zone {self.zone}", details=self._details())
+                f"permission on zone {self.zone}",
+                details=self._details(),
+            )
         if not response.ok or not body.get("success", False):
             raise DnsUpdateRefusedError(
-                f"the Cloudflare API refused {what} ({text})", details=self._details())
+                f"the Cloudflare API refused {what} ({text})", details=self._details()
+            )
         return body.get("result")
 
     def _zone_info(self) -> dict[str, Any]:
         if self._zone is None:
-            result = self._call("GET", "/zones", f"looking up zone {self.zone}",
-                                params={"name": self.zone})
+            result = self._call(
+                "GET", "/zones", f"looking up zone {self.zone}", params={"name": self.zone}
+            )
             if not isinstance(result, list) or not result:
                 raise DnsZoneNotFoundError(
                     f"the Cloudflare account behind the token of profile {self.profile!r} has "
                     f"no zone {self.zone} (or the token may not read it): check --zone, and "
-                    "give the token Zone:Read on it", details=self._details())
+                    "give the token Zone:Read on it",
+                    details=self._details(),
+                )
             self._zone = dict(result[0])
         return self._zone
 
     def add_txt(self, fqdn: str, value: str) -> Any:
         self.check_in_zone(fqdn)
         zone_id = self._zone_info()["id"]
-        record = self._call("POST", f"/zones/{zone_id}/dns_records",
-                            f"creating the TXT record {fqdn}",
-                            json={"type": "TXT", "name": fqdn.rstrip("."), "content": value,
-                                  "ttl": TXT_TTL, "comment": "flm ACME DNS-01"})
+        record = self._call(
+            "POST",
+            f"/zones/{zone_id}/dns_records",
+            f"creating the TXT record {fqdn}",
+            json={
+                "type": "TXT",
+                "name": fqdn.rstrip("."),
+                "content": value,
+                "ttl": TXT_TTL,
+                "comment": "flm ACME DNS-01",
+            },
+        )
         return str(record["id"])
 
     def delete_txt(self, fqdn: str, value: str, handle: Any) -> None:
         zone_id = self._zone_info()["id"]
-        self._call("DELETE", f"/zones/{zone_id}/dns_records/{handle}",
-                   f"removing the TXT record {fqdn}")
+        self._call(
+            "DELETE", f"/zones/{zone_id}/dns_records/{handle}", f"removing the TXT record {fqdn}"
+        )
 
     def default_check_servers(self) -> list[Server]:
         servers: list[Server] = []
@@ -361,13 +417,13 @@ class CloudflareProvider(DnsProvider):
 # --- queries -------------------------------------------------------------------------------------
 
 
-def _query(server: Server, name: str, rdtype: dns.rdatatype.RdataType,
-           timeout: float = QUERY_TIMEOUT_S) -> dns.message.Message:
+def _query(
+    server: Server, name: str, rdtype: dns.rdatatype.RdataType, timeout: float = QUERY_TIMEOUT_S
+) -> dns.message.Message:
     """One non-recursive query over UDP (TCP when truncated)."""
     query = dns.message.make_query(name, rdtype)
     query.flags &= ~dns.flags.RD
-    response, _tcp = dns.query.udp_with_fallback(query, server[0], timeout=timeout,
-                                                 port=server[1])
+    response, _tcp = dns.query.udp_with_fallback(query, server[0], timeout=timeout, port=server[1])
     return response
 
 
@@ -378,8 +434,9 @@ def _addresses(primary: Server, host: str) -> list[str]:
             response = _query(primary, host, rdtype)
         except (dns.exception.DNSException, OSError):
             continue
-        found += [str(r.address) for rrset in response.answer for r in rrset
-                  if rrset.rdtype == rdtype]
+        found += [
+            str(r.address) for rrset in response.answer for r in rrset if rrset.rdtype == rdtype
+        ]
     if not found:
         try:
             found = [str(i[4][0]) for i in socket.getaddrinfo(host, 53, type=socket.SOCK_DGRAM)]
@@ -414,8 +471,13 @@ def _reason(exc: BaseException) -> str:
 class Dns01Solver:
     """Publish an order's TXT records, wait until they are visible, and remove them again."""
 
-    def __init__(self, provider: DnsProvider, propagation_timeout_s: float,
-                 progress: Progress | None = None, poll_interval_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        provider: DnsProvider,
+        propagation_timeout_s: float,
+        progress: Progress | None = None,
+        poll_interval_s: float = 1.0,
+    ) -> None:
         self.provider = provider
         self.propagation_timeout_s = propagation_timeout_s
         self.progress = progress
@@ -434,8 +496,9 @@ class Dns01Solver:
         for name, _value in records:
             self.provider.check_in_zone(name)
         for name, value in records:
-            self._say(f"creating TXT {name} ({self.provider.kind}, profile "
-                      f"{self.provider.profile})")
+            self._say(
+                f"creating TXT {name} ({self.provider.kind}, profile {self.provider.profile})"
+            )
             handle = self.provider.add_txt(name, value)
             self._added.append((name, value, handle))
         self.wait_visible(records, min(deadline, time.monotonic() + self.propagation_timeout_s))
@@ -445,7 +508,8 @@ class Dns01Solver:
         if not servers:
             raise DnsNotVisibleError(
                 f"no server to check zone {self.provider.zone} on: give the profile "
-                f"--check-server HOST[:PORT] ({_fix_profile(self.provider.profile)})")
+                f"--check-server HOST[:PORT] ({_fix_profile(self.provider.profile)})"
+            )
         wanted: dict[str, set[str]] = {}
         for name, value in records:
             wanted.setdefault(name, set()).add(value)
@@ -464,15 +528,19 @@ class Dns01Solver:
                     if not values <= seen:
                         missing[f"{name} @ {where}"] = "not answered yet"
             if not missing:
-                self._say(f"TXT records visible on {len(servers)} server(s) after "
-                          f"{time.monotonic() - started:.0f} s")
+                self._say(
+                    f"TXT records visible on {len(servers)} server(s) after "
+                    f"{time.monotonic() - started:.0f} s"
+                )
                 return
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            self._say(f"waiting for {len(missing)} TXT answer(s) "
-                      f"({time.monotonic() - started:.0f} s, up to "
-                      f"{self.propagation_timeout_s:.0f} s)")
+            self._say(
+                f"waiting for {len(missing)} TXT answer(s) "
+                f"({time.monotonic() - started:.0f} s, up to "
+                f"{self.propagation_timeout_s:.0f} s)"
+            )
             time.sleep(min(self.poll_interval_s, left))
         listing = "; ".join(f"{k}: {v}" for k, v in sorted(missing.items()))
         raise DnsNotVisibleError(
@@ -481,7 +549,8 @@ class Dns01Solver:
             "Check that these are the zone's authoritative servers and that the primary "
             "notifies its secondaries, or wait longer (--propagation-timeout), or name the "
             f"servers to watch (--check-server) with {_fix_profile(self.provider.profile)}",
-            details={"profile": self.provider.profile, "missing": sorted(missing)})
+            details={"profile": self.provider.profile, "missing": sorted(missing)},
+        )
 
     def cleanup(self) -> None:
         """Remove every record this solver created (errors are logged, never raised)."""
@@ -493,8 +562,11 @@ class Dns01Solver:
             except ProxyAcmeError as exc:
                 self.cleanup_errors.append((name, exc.message))
                 log.warning("could not remove the TXT record %s: %s", name, exc.message)
-        self._say("TXT records removed" if not self.cleanup_errors
-                  else f"{len(self.cleanup_errors)} TXT record(s) could not be removed")
+        self._say(
+            "TXT records removed"
+            if not self.cleanup_errors
+            else f"{len(self.cleanup_errors)} TXT record(s) could not be removed"
+        )
 
 
 def provider_for(profile: Any, secret: str) -> DnsProvider:
@@ -502,10 +574,19 @@ def provider_for(profile: Any, secret: str) -> DnsProvider:
     s = profile.settings
     checks = list(s.get("check_servers") or [])
     if profile.provider == "rfc2136":
-        return Rfc2136Provider(profile.name, s["zone"], s["server"], s["tsig_name"],
-                               s.get("tsig_algorithm", "hmac-sha256"), secret, checks)
+        return Rfc2136Provider(
+            profile.name,
+            s["zone"],
+            s["server"],
+            s["tsig_name"],
+            s.get("tsig_algorithm", "hmac-sha256"),
+            secret,
+            checks,
+        )
     if profile.provider == "cloudflare":
-        return CloudflareProvider(profile.name, s["zone"], s.get("api_base") or CLOUDFLARE_API,
-                                  secret, checks)
-    raise ProxyAcmeError(f"DNS profile {profile.name!r} has an unknown provider "
-                         f"{profile.provider!r}")
+        return CloudflareProvider(
+            profile.name, s["zone"], s.get("api_base") or CLOUDFLARE_API, secret, checks
+        )
+    raise ProxyAcmeError(
+        f"DNS profile {profile.name!r} has an unknown provider {profile.provider!r}"
+    )

@@ -46,13 +46,23 @@ log = logging.getLogger("flm.ui")
 COOKIE = "flm_ui"
 THEMES = ("system", "light", "dark")
 PAGE_SIZE = 50
-STATIC_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8",
-                ".svg": "image/svg+xml"}
+STATIC_TYPES = {
+    ".css": "text/css; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".svg": "image/svg+xml",
+}
 HEALTH_SAMPLES = 40
 STATS_TTL_S = 4.0
 HEALTH_ENGINES = 32
-NAV = (("dashboard", "/"), ("api", "/api"), ("chat", "/chat"), ("wizard", "/wizard"),
-       ("security", "/security"), ("profiles", "/profiles"), ("settings", "/settings"))
+NAV = (
+    ("dashboard", "/"),
+    ("api", "/api"),
+    ("chat", "/chat"),
+    ("wizard", "/wizard"),
+    ("security", "/security"),
+    ("profiles", "/profiles"),
+    ("settings", "/settings"),
+)
 
 
 class DaemonHooks(Protocol):
@@ -64,8 +74,9 @@ class DaemonHooks(Protocol):
 
     async def start_proxy(self, config: dict[str, Any]) -> dict[str, Any]: ...
 
-    async def stop_proxies(self, *, port: int | None = None, handle_id: str | None = None,
-                           all_: bool = False) -> tuple[list[str], list[str]]: ...
+    async def stop_proxies(
+        self, *, port: int | None = None, handle_id: str | None = None, all_: bool = False
+    ) -> tuple[list[str], list[str]]: ...
 
     async def reload(self, *, port: int | None = None) -> list[str]: ...
 
@@ -96,8 +107,11 @@ Handler = Callable[[Page], Awaitable[tuple[int, bytes, str, list[tuple[bytes, by
 
 def _static_files() -> dict[str, bytes]:
     root = resources.files("flm.ui").joinpath("static")
-    return {f"/static/{item.name}": item.read_bytes() for item in root.iterdir()
-            if item.name.endswith(tuple(STATIC_TYPES))}
+    return {
+        f"/static/{item.name}": item.read_bytes()
+        for item in root.iterdir()
+        if item.name.endswith(tuple(STATIC_TYPES))
+    }
 
 
 def loopback_url(proxy: dict[str, Any]) -> str:
@@ -127,9 +141,12 @@ class UiApp:
         #: span -> (when, buckets, busiest keys/engines): polls within STATS_TTL_S share one read
         self._stats_cache: dict[str, tuple[float, Any, Any]] = {}
         self.static = _static_files()
-        self.env = Environment(loader=PackageLoader("flm.ui", "templates"),
-                               autoescape=select_autoescape(default=True, default_for_string=True),
-                               trim_blocks=True, lstrip_blocks=True)
+        self.env = Environment(
+            loader=PackageLoader("flm.ui", "templates"),
+            autoescape=select_autoescape(default=True, default_for_string=True),
+            trim_blocks=True,
+            lstrip_blocks=True,
+        )
         self.routes: dict[tuple[str, str], Handler] = {
             ("GET", "/"): self.dashboard,
             ("GET", "/data/dashboard"): self.dashboard_data,
@@ -172,8 +189,11 @@ class UiApp:
 
     @property
     def origins(self) -> set[str]:
-        return {f"http://127.0.0.1:{self.port}", f"http://localhost:{self.port}",
-                f"http://[::1]:{self.port}"}
+        return {
+            f"http://127.0.0.1:{self.port}",
+            f"http://localhost:{self.port}",
+            f"http://[::1]:{self.port}",
+        }
 
     # --- entry ---------------------------------------------------------------------------------
 
@@ -181,15 +201,24 @@ class UiApp:
         if scope["type"] != "http":
             return
         req = Request(scope, receive)
-        if req.headers.get("host", "").lower() not in {o.split("//", 1)[1] for o in
-                                                       self.origins}:
-            await respond(send, 421, b"misdirected request: this UI answers only on loopback\n",
-                          "text/plain; charset=utf-8", self._headers())
+        if req.headers.get("host", "").lower() not in {o.split("//", 1)[1] for o in self.origins}:
+            await respond(
+                send,
+                421,
+                b"misdirected request: this UI answers only on loopback\n",
+                "text/plain; charset=utf-8",
+                self._headers(),
+            )
             return
         if req.method in ("GET", "HEAD") and req.path in self.static:
             name = req.path
-            await respond(send, 200, self.static[name],
-                          STATIC_TYPES[Path(name).suffix], self._headers(cache=True))
+            await respond(
+                send,
+                200,
+                self.static[name],
+                STATIC_TYPES[Path(name).suffix],
+                self._headers(cache=True),
+            )
             return
         session = self.sessions.get(req.cookies.get(COOKIE))
         lang, theme = await asyncio.to_thread(self._prefs, req)
@@ -213,8 +242,13 @@ class UiApp:
         except Exception:
             log.exception("UI: %s %s failed", req.method, req.path)
             status, body, kind, extra = self._refusal(page, 500, "error.internal")
-        await respond(send, status, b"" if req.method == "HEAD" else body, kind,
-                      self._headers() + extra + [(b"x-request-id", page.request_id.encode())])
+        await respond(
+            send,
+            status,
+            b"" if req.method == "HEAD" else body,
+            kind,
+            self._headers() + extra + [(b"x-request-id", page.request_id.encode())],
+        )
 
     def _check_state_change(self, req: Request, session: Session, form: dict[str, str]) -> None:
         origin = req.headers.get("origin")
@@ -226,8 +260,11 @@ class UiApp:
 
     def _prefs(self, req: Request) -> tuple[str, str]:
         lang_setting = self.ctx.config.get("preferred_language")
-        lang = (str(lang_setting["value"]) if lang_setting["source"] == "stored"
-                else from_accept_language(req.headers.get("accept-language")))
+        lang = (
+            str(lang_setting["value"])
+            if lang_setting["source"] == "stored"
+            else from_accept_language(req.headers.get("accept-language"))
+        )
         theme = str(self.ctx.config.value("ui.theme"))
         return lang, theme
 
@@ -242,31 +279,43 @@ class UiApp:
 
     def _headers(self, *, cache: bool = False) -> list[tuple[bytes, bytes]]:
         connect = " ".join(["'self'", *self._proxy_origins()])
-        csp = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-               f"connect-src {connect}; form-action 'self'; frame-ancestors 'none'; "
-               "base-uri 'none'")
-        return [(b"content-security-policy", csp.encode()),
-                (b"x-content-type-options", b"nosniff"),
-                (b"x-frame-options", b"DENY"),
-                (b"referrer-policy", b"same-origin"),
-                (b"cross-origin-opener-policy", b"same-origin"),
-                (b"cross-origin-resource-policy", b"same-origin"),
-                (b"cache-control", b"no-cache" if cache else b"no-store")]
+        csp = (
+            "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+            f"connect-src {connect}; form-action 'self'; frame-ancestors 'none'; "
+            "base-uri 'none'"
+        )
+        return [
+            (b"content-security-policy", csp.encode()),
+            (b"x-content-type-options", b"nosniff"),
+            (b"x-frame-options", b"DENY"),
+            (b"referrer-policy", b"same-origin"),
+            (b"cross-origin-opener-policy", b"same-origin"),
+            (b"cross-origin-resource-policy", b"same-origin"),
+            (b"cache-control", b"no-cache" if cache else b"no-store"),
+        ]
 
     # --- rendering -----------------------------------------------------------------------------
 
-    def render(self, page: Page, template: str, status: int = 200,
-               **values: Any) -> tuple[int, bytes, str, list[tuple[bytes, bytes]]]:
+    def render(
+        self, page: Page, template: str, status: int = 200, **values: Any
+    ) -> tuple[int, bytes, str, list[tuple[bytes, bytes]]]:
         flash = page.session.data.pop("flash", None) if page.session else None
         proxies = self.daemon.status()["proxies"]
         html = self.env.get_template(template).render(
-            t=page.t, lang=page.lang, theme=page.theme, page=page,
+            t=page.t,
+            lang=page.lang,
+            theme=page.theme,
+            page=page,
             csrf=page.session.csrf if page.session else "",
-            nav=NAV if page.session else (), current=page.req.path,
-            flash=json.loads(flash) if flash else None, gateway=proxies[0] if proxies else None,
-            gateway_url=proxies[0]["endpoints"][0] if proxies and proxies[0]["endpoints"]
-            else None, request_id=page.request_id, strings=self._js_strings(page),
-            **values)
+            nav=NAV if page.session else (),
+            current=page.req.path,
+            flash=json.loads(flash) if flash else None,
+            gateway=proxies[0] if proxies else None,
+            gateway_url=proxies[0]["endpoints"][0] if proxies and proxies[0]["endpoints"] else None,
+            request_id=page.request_id,
+            strings=self._js_strings(page),
+            **values,
+        )
         return status, html.encode(), "text/html; charset=utf-8", []
 
     @staticmethod
@@ -275,33 +324,47 @@ class UiApp:
 
         return {k: page.t(k) for k in catalog("en") if k.startswith("js.")}
 
-    def _refusal(self, page: Page, status: int,
-                 key: str) -> tuple[int, bytes, str, list[tuple[bytes, bytes]]]:
+    def _refusal(
+        self, page: Page, status: int, key: str
+    ) -> tuple[int, bytes, str, list[tuple[bytes, bytes]]]:
         if page.req.wants_json or page.req.path.startswith("/data/"):
-            body = json.dumps({"error": {"message": page.t(key), "code": key,
-                                         "request_id": page.request_id}}).encode()
+            body = json.dumps(
+                {"error": {"message": page.t(key), "code": key, "request_id": page.request_id}}
+            ).encode()
             return status, body, "application/json", []
         return self.render(page, "error.html", status, message=page.t(key), status_code=status)
 
-    def _json(self, data: Any, status: int = 200) -> tuple[int, bytes, str,
-                                                           list[tuple[bytes, bytes]]]:
+    def _json(
+        self, data: Any, status: int = 200
+    ) -> tuple[int, bytes, str, list[tuple[bytes, bytes]]]:
         return status, json.dumps(data).encode(), "application/json", []
 
-    def _done(self, page: Page, to: str, message: str, *, ok: bool = True, field: str = "",
-              data: Any = None) -> tuple[int, bytes, str, list[tuple[bytes, bytes]]]:
+    def _done(
+        self,
+        page: Page,
+        to: str,
+        message: str,
+        *,
+        ok: bool = True,
+        field: str = "",
+        data: Any = None,
+    ) -> tuple[int, bytes, str, list[tuple[bytes, bytes]]]:
         """The outcome of a form: JSON for script callers, else a redirect with a flash."""
         if page.req.wants_json:
             if ok:
                 return self._json({"ok": True, "message": message, "data": data})
-            return self._json({"error": {"message": message, "field": field,
-                                         "request_id": page.request_id}}, 400)
+            return self._json(
+                {"error": {"message": message, "field": field, "request_id": page.request_id}}, 400
+            )
         if page.session is not None:
-            page.session.data["flash"] = json.dumps({"ok": ok, "text": message, "field": field,
-                                                     "request_id": page.request_id})
+            page.session.data["flash"] = json.dumps(
+                {"ok": ok, "text": message, "field": field, "request_id": page.request_id}
+            )
         return 303, b"", "text/plain", [(b"location", to.encode())]
 
-    def _failed(self, page: Page, to: str, exc: FlmError, field: str = "") -> tuple[
-            int, bytes, str, list[tuple[bytes, bytes]]]:
+    def _failed(
+        self, page: Page, to: str, exc: FlmError, field: str = ""
+    ) -> tuple[int, bytes, str, list[tuple[bytes, bytes]]]:
         return self._done(page, to, exc.message, ok=False, field=field)
 
     # --- login / logout ------------------------------------------------------------------------
@@ -315,16 +378,24 @@ class UiApp:
         sid, _ = redeemed
         cookie = f"{COOKIE}={sid}; Path=/; HttpOnly; SameSite=Strict"
         # the token leaves the address bar at once: a redirect to a clean URL
-        await respond(send, 303, b"", "text/plain", [
-            *self._headers(), (b"set-cookie", cookie.encode()), (b"location", b"/")])
+        await respond(
+            send,
+            303,
+            b"",
+            "text/plain",
+            [*self._headers(), (b"set-cookie", cookie.encode()), (b"location", b"/")],
+        )
 
     async def logout(self, page: Page) -> tuple[int, bytes, str, list[tuple[bytes, bytes]]]:
         self.sessions.end(page.req.cookies.get(COOKIE))
         page.session = None
         status, body, kind, _ = self.render(page, "logged_out.html")
-        return status, body, kind, [(b"set-cookie",
-                                     f"{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; "
-                                     "Max-Age=0".encode())]
+        return (
+            status,
+            body,
+            kind,
+            [(b"set-cookie", f"{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0".encode())],
+        )
 
     # --- dashboard -----------------------------------------------------------------------------
 
@@ -359,61 +430,97 @@ class UiApp:
                 self._stats_cache[span] = (time.monotonic(), minutes, top)
             repo = DashboardRepo(db)
             labels = repo.key_labels([k for k, _ in top["keys"]])
-            return {"minutes": minutes, "events": stats.recent_high_events(db),
-                    "active_keys": repo.active_keys(), "blocked": repo.blocked_addresses(),
-                    "top_keys": [(labels.get(k, k), n) for k, n in top["keys"]],
-                    "top_engines": top["engines"],
-                    "policy": self.ctx.policy.show()["policy"]}
+            return {
+                "minutes": minutes,
+                "events": stats.recent_high_events(db),
+                "active_keys": repo.active_keys(),
+                "blocked": repo.blocked_addresses(),
+                "top_keys": [(labels.get(k, k), n) for k, n in top["keys"]],
+                "top_engines": top["engines"],
+                "policy": self.ctx.policy.show()["policy"],
+            }
 
         data = await asyncio.to_thread(read)
         minutes: list[stats.Minute] = data["minutes"]
         labels = [m.label for m in minutes]
         t = page.t
-        chart_requests = charts.bars(t("chart.requests"), labels, [
-            charts.Series(t("chart.requests_series"), [m.total for m in minutes])],
-            kind="requests")
-        chart_latency = charts.lines(t("chart.latency"), labels, [
-            charts.Series("p50", [m.p50 for m in minutes]),
-            charts.Series("p95", [m.p95 for m in minutes])], unit=" ms", kind="latency")
-        chart_refusals = charts.bars(t("chart.refusals"), labels, [
-            charts.Series("401", [m.unauthorized for m in minutes]),
-            charts.Series("429", [m.limited for m in minutes]),
-            charts.Series(t("chart.blocked"), [m.blocked for m in minutes])], kind="refusals")
-        chart_keys = charts.hbars(t("chart.keys"), data["top_keys"], kind="keys",
-                                  empty=t("chart.no_requests"))
-        chart_engines = charts.hbars(t("chart.engines"), data["top_engines"], kind="engines",
-                                     empty=t("chart.no_requests"))
+        chart_requests = charts.bars(
+            t("chart.requests"),
+            labels,
+            [charts.Series(t("chart.requests_series"), [m.total for m in minutes])],
+            kind="requests",
+        )
+        chart_latency = charts.lines(
+            t("chart.latency"),
+            labels,
+            [
+                charts.Series("p50", [m.p50 for m in minutes]),
+                charts.Series("p95", [m.p95 for m in minutes]),
+            ],
+            unit=" ms",
+            kind="latency",
+        )
+        chart_refusals = charts.bars(
+            t("chart.refusals"),
+            labels,
+            [
+                charts.Series("401", [m.unauthorized for m in minutes]),
+                charts.Series("429", [m.limited for m in minutes]),
+                charts.Series(t("chart.blocked"), [m.blocked for m in minutes]),
+            ],
+            kind="refusals",
+        )
+        chart_keys = charts.hbars(
+            t("chart.keys"), data["top_keys"], kind="keys", empty=t("chart.no_requests")
+        )
+        chart_engines = charts.hbars(
+            t("chart.engines"), data["top_engines"], kind="engines", empty=t("chart.no_requests")
+        )
         policy = data["policy"]
-        health = {e["id"]: charts.sparkline(list(self.health.get(e["id"], ())),
-                                            t("engine.history"))
-                  for e in engines}
-        return {"engines": engines, "proxies": proxies, "health": health, "span": span,
-                "proxy_urls": {p["id"]: loopback_url(p) for p in proxies},
-                "charts": [("requests", chart_requests), ("latency", chart_latency),
-                           ("refusals", chart_refusals), ("keys", chart_keys),
-                           ("engines", chart_engines)],
-                "minutes": [m for m in minutes if m.total or m.unauthorized or m.limited
-                            or m.blocked],
-                "totals": {"requests": sum(m.total for m in minutes),
-                           "refusals": sum(m.unauthorized + m.limited + m.blocked
-                                           for m in minutes)},
-                "summary": {"active_keys": data["active_keys"], "blocked": data["blocked"],
-                            "allow_list": list(policy.get("ip_whitelist") or []),
-                            "rate_limit": policy.get("rate_limit"),
-                            "events": data["events"]},
-                "default_port": int(self.ctx.config.value("proxy.port"))}
+        health = {
+            e["id"]: charts.sparkline(list(self.health.get(e["id"], ())), t("engine.history"))
+            for e in engines
+        }
+        return {
+            "engines": engines,
+            "proxies": proxies,
+            "health": health,
+            "span": span,
+            "proxy_urls": {p["id"]: loopback_url(p) for p in proxies},
+            "charts": [
+                ("requests", chart_requests),
+                ("latency", chart_latency),
+                ("refusals", chart_refusals),
+                ("keys", chart_keys),
+                ("engines", chart_engines),
+            ],
+            "minutes": [m for m in minutes if m.total or m.unauthorized or m.limited or m.blocked],
+            "totals": {
+                "requests": sum(m.total for m in minutes),
+                "refusals": sum(m.unauthorized + m.limited + m.blocked for m in minutes),
+            },
+            "summary": {
+                "active_keys": data["active_keys"],
+                "blocked": data["blocked"],
+                "allow_list": list(policy.get("ip_whitelist") or []),
+                "rate_limit": policy.get("rate_limit"),
+                "events": data["events"],
+            },
+            "default_port": int(self.ctx.config.value("proxy.port")),
+        }
 
     async def dashboard(self, page: Page) -> tuple[int, bytes, str, list[tuple[bytes, bytes]]]:
         return self.render(page, "dashboard.html", **await self._dashboard_values(page))
 
-    async def dashboard_data(self, page: Page) -> tuple[int, bytes, str,
-                                                        list[tuple[bytes, bytes]]]:
+    async def dashboard_data(self, page: Page) -> tuple[int, bytes, str, list[tuple[bytes, bytes]]]:
         values = await self._dashboard_values(page)
-        module = self.env.get_template("dashboard_parts.html").make_module(dict(
-            t=page.t, lang=page.lang, csrf=page.session.csrf if page.session else "",
-            **values))
-        fragments = {name: str(getattr(module, f"{name}_part")())
-                     for name in ("engines", "proxies", "summary", "charts")}
+        module = self.env.get_template("dashboard_parts.html").make_module(
+            dict(t=page.t, lang=page.lang, csrf=page.session.csrf if page.session else "", **values)
+        )
+        fragments = {
+            name: str(getattr(module, f"{name}_part")())
+            for name in ("engines", "proxies", "summary", "charts")
+        }
         return self._json({"fragments": fragments})
 
     # --- proxies -------------------------------------------------------------------------------
@@ -423,16 +530,19 @@ class UiApp:
         try:
             bind = form.get("bind") or "127.0.0.1"
             ipaddress.ip_address(bind)
-            config = {"mode": form.get("mode") or "local-http",
-                      "port": firewall.check_ports([form.get("port") or 8080])[0],
-                      "bind": bind}
+            config = {
+                "mode": form.get("mode") or "local-http",
+                "port": firewall.check_ports([form.get("port") or 8080])[0],
+                "bind": bind,
+            }
             described = await self.daemon.start_proxy(config)
         except ValueError:
             return self._done(page, "/", page.t("error.bad_bind"), ok=False, field="bind")
         except FlmError as exc:
             return self._failed(page, "/", exc)
-        return self._done(page, "/", page.t("proxy.started", port=described["port"]),
-                          data=described)
+        return self._done(
+            page, "/", page.t("proxy.started", port=described["port"]), data=described
+        )
 
     async def proxy_stop(self, page: Page) -> tuple[int, bytes, str, list[tuple[bytes, bytes]]]:
         form = await page.req.form()
@@ -441,8 +551,7 @@ class UiApp:
         # (a stop that happened is done; what could not be recorded is said beside it)
         return self._done(page, "/", " ".join([message, *warnings]))
 
-    async def proxy_reload(self, page: Page) -> tuple[int, bytes, str,
-                                                      list[tuple[bytes, bytes]]]:
+    async def proxy_reload(self, page: Page) -> tuple[int, bytes, str, list[tuple[bytes, bytes]]]:
         try:
             reloaded = await self.daemon.reload()
         except FlmError as exc:
@@ -466,47 +575,83 @@ class UiApp:
             keys = [key_view(k) | {"last_used": last.get(k.id)} for k in self.ctx.keys.list()]
             keys.sort(key=lambda k: (k["status"] != "active", k["created_at"]), reverse=False)
             profiles = ProfileService(self.ctx.storage)
-            return {"keys": keys, "policy": self.ctx.policy.show(),
-                    "profiles": {(p["engine_id"], p["model_id"]): p["label"]
-                                 for p in profiles.profiles()},
-                    "prompts": sorted(profiles.effective_prompts())}
+            return {
+                "keys": keys,
+                "policy": self.ctx.policy.show(),
+                "profiles": {
+                    (p["engine_id"], p["model_id"]): p["label"] for p in profiles.profiles()
+                },
+                "prompts": sorted(profiles.effective_prompts()),
+            }
 
         data = await asyncio.to_thread(read)
         policy = data["policy"]["policy"]
-        return self.render(page, "api.html", models=[m.to_dict() for m in models],
-                           model_errors=model_errors, keys=data["keys"],
-                           profiles=data["profiles"], prompts=data["prompts"],
-                           policy=policy, policy_text=json.dumps(policy, indent=2,
-                                                                 sort_keys=True))
+        return self.render(
+            page,
+            "api.html",
+            models=[m.to_dict() for m in models],
+            model_errors=model_errors,
+            keys=data["keys"],
+            profiles=data["profiles"],
+            prompts=data["prompts"],
+            policy=policy,
+            policy_text=json.dumps(policy, indent=2, sort_keys=True),
+        )
 
     def _snippets(self, plaintext: str) -> dict[str, str]:
         proxies = self.daemon.status()["proxies"]
-        base = (proxies[0]["endpoints"][0] if proxies and proxies[0]["endpoints"]
-                else f"http://localhost:{self.ctx.config.value('proxy.port')}")
-        return {"curl": (f"curl {base}/v1/models \\\n  -H 'Authorization: Bearer {plaintext}'"),
-                "python": ("from openai import OpenAI\n\n"
-                           f"client = OpenAI(base_url=\"{base}/v1\", api_key=\"{plaintext}\")\n"
-                           "print([m.id for m in client.models.list()])")}
+        base = (
+            proxies[0]["endpoints"][0]
+            if proxies and proxies[0]["endpoints"]
+            else f"http://localhost:{self.ctx.config.value('proxy.port')}"
+        )
+        return {
+            "curl": (f"curl {base}/v1/models \\\n  -H 'Authorization: Bearer {plaintext}'"),
+            "python": (
+                "from openai import OpenAI\n\n"
+                f'client = OpenAI(base_url="{base}/v1", api_key="{plaintext}")\n'
+                "print([m.id for m in client.models.list()])"
+            ),
+        }
 
     async def key_create(self, page: Page) -> tuple[int, bytes, str, list[tuple[bytes, bytes]]]:
         form = await page.req.form()
         try:
-            row, plaintext = await asyncio.to_thread(self.ctx.keys.create,
-                                                     form.get("label", ""))
+            row, plaintext = await asyncio.to_thread(self.ctx.keys.create, form.get("label", ""))
         except FlmError as exc:
             return self._failed(page, "/api", exc, field="label")
         await self._reload_quietly()
-        return self._key_shown(page, {"id": row.id, "label": row.label}, plaintext,
-                               page.t("key.created", label=row.label))
+        return self._key_shown(
+            page,
+            {"id": row.id, "label": row.label},
+            plaintext,
+            page.t("key.created", label=row.label),
+        )
 
-    def _key_shown(self, page: Page, key: dict[str, str], plaintext: str,
-                   message: str) -> tuple[int, bytes, str, list[tuple[bytes, bytes]]]:
+    def _key_shown(
+        self, page: Page, key: dict[str, str], plaintext: str, message: str
+    ) -> tuple[int, bytes, str, list[tuple[bytes, bytes]]]:
         # the one response that ever holds the plaintext: never cached, never stored
         if page.req.wants_json:
-            return self._json({"ok": True, "message": message, "data": {
-                "key": key, "plaintext": plaintext, "snippets": self._snippets(plaintext)}})
-        return self.render(page, "key_created.html", key=key, plaintext=plaintext,
-                           snippets=self._snippets(plaintext), message=message)
+            return self._json(
+                {
+                    "ok": True,
+                    "message": message,
+                    "data": {
+                        "key": key,
+                        "plaintext": plaintext,
+                        "snippets": self._snippets(plaintext),
+                    },
+                }
+            )
+        return self.render(
+            page,
+            "key_created.html",
+            key=key,
+            plaintext=plaintext,
+            snippets=self._snippets(plaintext),
+            message=message,
+        )
 
     async def key_revoke(self, page: Page) -> tuple[int, bytes, str, list[tuple[bytes, bytes]]]:
         form = await page.req.form()
@@ -520,13 +665,16 @@ class UiApp:
     async def key_rotate(self, page: Page) -> tuple[int, bytes, str, list[tuple[bytes, bytes]]]:
         form = await page.req.form()
         try:
-            old, new, plaintext = await asyncio.to_thread(self.ctx.keys.rotate,
-                                                          form.get("id", ""))
+            old, new, plaintext = await asyncio.to_thread(self.ctx.keys.rotate, form.get("id", ""))
         except FlmError as exc:
             return self._failed(page, "/api", exc)
         await self._reload_quietly()
-        return self._key_shown(page, {"id": new.id, "label": new.label}, plaintext,
-                               page.t("key.rotated", label=old.label))
+        return self._key_shown(
+            page,
+            {"id": new.id, "label": new.label},
+            plaintext,
+            page.t("key.rotated", label=old.label),
+        )
 
     async def _reload_quietly(self) -> None:
         """Running proxies pick up key/policy changes now (as ``flm`` does after a change)."""
@@ -539,15 +687,18 @@ class UiApp:
         form = await page.req.form()
 
         def lines(name: str) -> list[str]:
-            return [x.strip() for x in form.get(name, "").replace(",", "\n").splitlines()
-                    if x.strip()]
+            return [
+                x.strip() for x in form.get(name, "").replace(",", "\n").splitlines() if x.strip()
+            ]
 
         def update() -> None:
             policy = dict(self.ctx.policy.show()["policy"])
             policy["ip_whitelist"] = lines("ip_whitelist")
             policy["trusted_proxies"] = lines("trusted_proxies")
-            policy["cors"] = {**(policy.get("cors") or {}),
-                              "allowed_origins": lines("allowed_origins")}
+            policy["cors"] = {
+                **(policy.get("cors") or {}),
+                "allowed_origins": lines("allowed_origins"),
+            }
             rpm = form.get("rpm", "").strip()
             burst = form.get("burst", "").strip()
             if rpm:
@@ -583,9 +734,12 @@ class UiApp:
         except FlmError:
             models = []
         proxies = self.daemon.status()["proxies"]
-        return self.render(page, "chat.html",
-                           models=[m.flm_id for m in models if not m.embeddings_only],
-                           targets=[(p["id"], loopback_url(p)) for p in proxies])
+        return self.render(
+            page,
+            "chat.html",
+            models=[m.flm_id for m in models if not m.embeddings_only],
+            targets=[(p["id"], loopback_url(p)) for p in proxies],
+        )
 
     # --- wizard --------------------------------------------------------------------------------
 
@@ -598,19 +752,27 @@ class UiApp:
 
         def read() -> dict[str, Any]:
             active = [k for k in self.ctx.keys.list() if k.revoked_at is None]
-            return {"keys": len(active), "policy": self.ctx.policy.show()["policy"],
-                    "port": int(self.ctx.config.value("proxy.port"))}
+            return {
+                "keys": len(active),
+                "policy": self.ctx.policy.show()["policy"],
+                "port": int(self.ctx.config.value("proxy.port")),
+            }
 
         data = await asyncio.to_thread(read)
         allow_list = list(data["policy"].get("ip_whitelist") or [])
-        values: dict[str, Any] = {"step": step, "mode": mode, "bind": bind,
-                                  "port": q.get("port") or str(data["port"]),
-                                  "keys": data["keys"], "allow_list": allow_list,
-                                  "proxies": self.daemon.status()["proxies"],
-                                  "warnings": _policy_warnings(allow_list, bind),
-                                  "scripts": [], "error": None,
-                                  "modes": ("local-http", "dev-selfsigned", "packaged-ca",
-                                            "https-acme")}
+        values: dict[str, Any] = {
+            "step": step,
+            "mode": mode,
+            "bind": bind,
+            "port": q.get("port") or str(data["port"]),
+            "keys": data["keys"],
+            "allow_list": allow_list,
+            "proxies": self.daemon.status()["proxies"],
+            "warnings": _policy_warnings(allow_list, bind),
+            "scripts": [],
+            "error": None,
+            "modes": ("local-http", "dev-selfsigned", "packaged-ca", "https-acme"),
+        }
         if step == "4":
             try:
                 base = firewall.check_ports([values["port"]])[0]
@@ -621,24 +783,31 @@ class UiApp:
                 values["error"] = exc.message
         return self.render(page, "wizard.html", **values)
 
-    async def wizard_apply(self, page: Page) -> tuple[int, bytes, str,
-                                                      list[tuple[bytes, bytes]]]:
+    async def wizard_apply(self, page: Page) -> tuple[int, bytes, str, list[tuple[bytes, bytes]]]:
         form = await page.req.form()
         back = "/wizard?step=4"
         if form.get("confirm") != "yes":
-            return self._done(page, back, page.t("wizard.confirm_needed"), ok=False,
-                              field="confirm")
+            return self._done(
+                page, back, page.t("wizard.confirm_needed"), ok=False, field="confirm"
+            )
         try:
             allow = list(self.ctx.policy.show()["policy"].get("ip_whitelist") or [])
-            chosen = firewall.scripts(form.get("backend", ""),
-                                      form.get("ports", "").split(","), allow)
-            result = await asyncio.to_thread(firewall.apply, self.ctx.paths, chosen,
-                                             rollback=form.get("rollback") == "yes")
+            chosen = firewall.scripts(
+                form.get("backend", ""), form.get("ports", "").split(","), allow
+            )
+            result = await asyncio.to_thread(
+                firewall.apply, self.ctx.paths, chosen, rollback=form.get("rollback") == "yes"
+            )
         except FlmError as exc:
             return self._failed(page, back, exc)
         ok = result["exit_status"] == 0
-        return self._done(page, back, page.t("wizard.applied" if ok else "wizard.apply_failed",
-                                             log=result["log"]), ok=ok, data=result)
+        return self._done(
+            page,
+            back,
+            page.t("wizard.applied" if ok else "wizard.apply_failed", log=result["log"]),
+            ok=ok,
+            data=result,
+        )
 
     # --- security ------------------------------------------------------------------------------
 
@@ -647,8 +816,7 @@ class UiApp:
 
         return SecurityEvents(self.ctx.storage)
 
-    async def security_page(self, page: Page) -> tuple[int, bytes, str,
-                                                       list[tuple[bytes, bytes]]]:
+    async def security_page(self, page: Page) -> tuple[int, bytes, str, list[tuple[bytes, bytes]]]:
         q = page.req.query
         tab = q.get("tab") if q.get("tab") in ("audit", "intrusion", "anomaly") else "audit"
         try:
@@ -663,11 +831,9 @@ class UiApp:
             if tab == "audit":
                 rows = events.audit_logs(limit=PAGE_SIZE + 1, offset=offset, **filters)
             elif tab == "intrusion":
-                rows = events.intrusions(ip=filters.get("ip"), limit=PAGE_SIZE + 1,
-                                         offset=offset)
+                rows = events.intrusions(ip=filters.get("ip"), limit=PAGE_SIZE + 1, offset=offset)
             else:
-                rows = events.anomalies(ip=filters.get("ip"), limit=PAGE_SIZE + 1,
-                                        offset=offset)
+                rows = events.anomalies(ip=filters.get("ip"), limit=PAGE_SIZE + 1, offset=offset)
             return {"rows": rows, "blocklist": events.blocklist()}
 
         error = None
@@ -676,16 +842,26 @@ class UiApp:
         except FlmError as exc:
             data, error = {"rows": [], "blocklist": []}, exc.message
         rows = data["rows"]
-        return self.render(page, "security.html", tab=tab, rows=rows[:PAGE_SIZE],
-                           has_next=len(rows) > PAGE_SIZE, page_number=number, filters=filters,
-                           blocklist=data["blocklist"], error=error,
-                           query=lambda **kw: _query({"tab": tab, **filters, **kw}))
+        return self.render(
+            page,
+            "security.html",
+            tab=tab,
+            rows=rows[:PAGE_SIZE],
+            has_next=len(rows) > PAGE_SIZE,
+            page_number=number,
+            filters=filters,
+            blocklist=data["blocklist"],
+            error=error,
+            query=lambda **kw: _query({"tab": tab, **filters, **kw}),
+        )
 
-    async def security_export(self, page: Page) -> tuple[int, bytes, str,
-                                                         list[tuple[bytes, bytes]]]:
+    async def security_export(
+        self, page: Page
+    ) -> tuple[int, bytes, str, list[tuple[bytes, bytes]]]:
         fmt = "csv" if page.req.query.get("format") == "csv" else "json"
-        filters = {k: page.req.query[k] for k in ("event_type", "severity", "ip")
-                   if page.req.query.get(k)}
+        filters = {
+            k: page.req.query[k] for k in ("event_type", "severity", "ip") if page.req.query.get(k)
+        }
 
         def run() -> bytes:
             import tempfile
@@ -700,11 +876,16 @@ class UiApp:
         except FlmError as exc:
             return self._failed(page, "/security", exc)
         name = f"flm-audit.{fmt}"
-        return 200, body, "text/csv" if fmt == "csv" else "application/json", [
-            (b"content-disposition", f'attachment; filename="{name}"'.encode())]
+        return (
+            200,
+            body,
+            "text/csv" if fmt == "csv" else "application/json",
+            [(b"content-disposition", f'attachment; filename="{name}"'.encode())],
+        )
 
-    async def security_unblock(self, page: Page) -> tuple[int, bytes, str,
-                                                          list[tuple[bytes, bytes]]]:
+    async def security_unblock(
+        self, page: Page
+    ) -> tuple[int, bytes, str, list[tuple[bytes, bytes]]]:
         form = await page.req.form()
         try:
             await asyncio.to_thread(self._events().unblock, form.get("ip", ""))
@@ -713,16 +894,14 @@ class UiApp:
         await self._reload_quietly()
         return self._done(page, "/security", page.t("security.unblocked", ip=form.get("ip")))
 
-    async def security_clear(self, page: Page) -> tuple[int, bytes, str,
-                                                        list[tuple[bytes, bytes]]]:
+    async def security_clear(self, page: Page) -> tuple[int, bytes, str, list[tuple[bytes, bytes]]]:
         result = await asyncio.to_thread(self._events().clear_temporary)
         await self._reload_quietly()
         return self._done(page, "/security", page.t("security.cleared", n=result["cleared"]))
 
     # --- profiles & prompts --------------------------------------------------------------------
 
-    async def profiles_page(self, page: Page) -> tuple[int, bytes, str,
-                                                       list[tuple[bytes, bytes]]]:
+    async def profiles_page(self, page: Page) -> tuple[int, bytes, str, list[tuple[bytes, bytes]]]:
         from flm.services.profiles import PROMPT_APIS, ProfileService
 
         def read() -> dict[str, Any]:
@@ -730,64 +909,79 @@ class UiApp:
             return {"profiles": service.profiles(), "prompts": service.prompts()}
 
         data = await asyncio.to_thread(read)
-        return self.render(page, "profiles.html", profiles=data["profiles"],
-                           prompts=data["prompts"], apis=PROMPT_APIS,
-                           default_params='{"temperature": 0.7}',
-                           json_dumps=lambda v: json.dumps(v, sort_keys=True))
+        return self.render(
+            page,
+            "profiles.html",
+            profiles=data["profiles"],
+            prompts=data["prompts"],
+            apis=PROMPT_APIS,
+            default_params='{"temperature": 0.7}',
+            json_dumps=lambda v: json.dumps(v, sort_keys=True),
+        )
 
-    async def profile_save(self, page: Page) -> tuple[int, bytes, str,
-                                                      list[tuple[bytes, bytes]]]:
+    async def profile_save(self, page: Page) -> tuple[int, bytes, str, list[tuple[bytes, bytes]]]:
         from flm.services.profiles import ProfileService
 
         form = await page.req.form()
         try:
             params = json.loads(form.get("parameters") or "{}")
         except ValueError as exc:
-            return self._done(page, "/profiles", page.t("error.bad_json", detail=str(exc)),
-                              ok=False, field="parameters")
+            return self._done(
+                page,
+                "/profiles",
+                page.t("error.bad_json", detail=str(exc)),
+                ok=False,
+                field="parameters",
+            )
         try:
-            await asyncio.to_thread(ProfileService(self.ctx.storage).save_profile,
-                                    form.get("engine_id", ""), form.get("model_id", ""),
-                                    form.get("label", ""), params)
+            await asyncio.to_thread(
+                ProfileService(self.ctx.storage).save_profile,
+                form.get("engine_id", ""),
+                form.get("model_id", ""),
+                form.get("label", ""),
+                params,
+            )
         except FlmError as exc:
             return self._failed(page, "/profiles", exc)
         await self._reload_quietly()
         return self._done(page, "/profiles", page.t("profiles.saved"))
 
-    async def profile_delete(self, page: Page) -> tuple[int, bytes, str,
-                                                        list[tuple[bytes, bytes]]]:
+    async def profile_delete(self, page: Page) -> tuple[int, bytes, str, list[tuple[bytes, bytes]]]:
         from flm.services.profiles import ProfileService
 
         form = await page.req.form()
         try:
-            await asyncio.to_thread(ProfileService(self.ctx.storage).delete_profile,
-                                    form.get("id", ""))
+            await asyncio.to_thread(
+                ProfileService(self.ctx.storage).delete_profile, form.get("id", "")
+            )
         except FlmError as exc:
             return self._failed(page, "/profiles", exc)
         await self._reload_quietly()
         return self._done(page, "/profiles", page.t("profiles.deleted"))
 
-    async def prompt_save(self, page: Page) -> tuple[int, bytes, str,
-                                                     list[tuple[bytes, bytes]]]:
+    async def prompt_save(self, page: Page) -> tuple[int, bytes, str, list[tuple[bytes, bytes]]]:
         from flm.services.profiles import ProfileService
 
         form = await page.req.form()
         try:
-            await asyncio.to_thread(ProfileService(self.ctx.storage).set_prompt,
-                                    form.get("api_id", ""), form.get("template", ""))
+            await asyncio.to_thread(
+                ProfileService(self.ctx.storage).set_prompt,
+                form.get("api_id", ""),
+                form.get("template", ""),
+            )
         except FlmError as exc:
             return self._failed(page, "/profiles", exc, field="template")
         await self._reload_quietly()
         return self._done(page, "/profiles", page.t("prompts.saved"))
 
-    async def prompt_delete(self, page: Page) -> tuple[int, bytes, str,
-                                                       list[tuple[bytes, bytes]]]:
+    async def prompt_delete(self, page: Page) -> tuple[int, bytes, str, list[tuple[bytes, bytes]]]:
         from flm.services.profiles import ProfileService
 
         form = await page.req.form()
         try:
-            await asyncio.to_thread(ProfileService(self.ctx.storage).delete_prompt,
-                                    form.get("api_id", ""))
+            await asyncio.to_thread(
+                ProfileService(self.ctx.storage).delete_prompt, form.get("api_id", "")
+            )
         except FlmError as exc:
             return self._failed(page, "/profiles", exc)
         await self._reload_quietly()
@@ -795,12 +989,10 @@ class UiApp:
 
     # --- settings ------------------------------------------------------------------------------
 
-    async def settings_page(self, page: Page) -> tuple[int, bytes, str,
-                                                       list[tuple[bytes, bytes]]]:
+    async def settings_page(self, page: Page) -> tuple[int, bytes, str, list[tuple[bytes, bytes]]]:
         return self.render(page, "settings.html", languages=LANGUAGES, themes=THEMES)
 
-    async def settings_save(self, page: Page) -> tuple[int, bytes, str,
-                                                       list[tuple[bytes, bytes]]]:
+    async def settings_save(self, page: Page) -> tuple[int, bytes, str, list[tuple[bytes, bytes]]]:
         form = await page.req.form()
 
         def save() -> None:
@@ -857,4 +1049,3 @@ def _policy_warnings(allow_list: list[str], bind: str) -> list[str]:
     if nets and all(n.is_private for n in nets):
         warnings.append("wizard.warn_private_only")
     return warnings
-

@@ -24,8 +24,9 @@ class Series:
 
 def _scale(series: Sequence[Series], stacked: bool) -> float:
     if stacked:
-        top = max((sum(s.values[i] or 0 for s in series)
-                   for i in range(len(series[0].values))), default=0)
+        top = max(
+            (sum(s.values[i] or 0 for s in series) for i in range(len(series[0].values))), default=0
+        )
     else:
         top = max((v for s in series for v in s.values if v is not None), default=0)
     top = float(top or 1)
@@ -35,27 +36,35 @@ def _scale(series: Sequence[Series], stacked: bool) -> float:
 
 def _frame(title: str, labels: Sequence[str], top: float, unit: str, kind: str) -> list[str]:
     plot_h = HEIGHT - TOP - BOTTOM
-    out = [f'<svg class="chart" data-chart="{escape(kind)}" viewBox="0 0 {WIDTH} {HEIGHT}" '
-           f'role="img" aria-label="{escape(title)}" xmlns="http://www.w3.org/2000/svg">',
-           f"<title>{escape(title)}</title>"]
+    out = [
+        f'<svg class="chart" data-chart="{escape(kind)}" viewBox="0 0 {WIDTH} {HEIGHT}" '
+        f'role="img" aria-label="{escape(title)}" xmlns="http://www.w3.org/2000/svg">',
+        f"<title>{escape(title)}</title>",
+    ]
     for frac in (0.0, 0.5, 1.0):
         y = TOP + plot_h * (1 - frac)
         value = top * frac
         text = f"{value:.0f}" if value >= 10 or value == 0 else f"{value:.1f}"
-        out.append(f'<line class="grid" x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{y:.1f}" '
-                   f'y2="{y:.1f}"/>')
-        out.append(f'<text class="axis" x="{LEFT - 4}" y="{y + 4:.1f}" text-anchor="end">'
-                   f"{escape(text)}</text>")
+        out.append(
+            f'<line class="grid" x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{y:.1f}" y2="{y:.1f}"/>'
+        )
+        out.append(
+            f'<text class="axis" x="{LEFT - 4}" y="{y + 4:.1f}" text-anchor="end">'
+            f"{escape(text)}</text>"
+        )
     if labels:
         step = (WIDTH - LEFT - RIGHT) / len(labels)
         for i in range(0, len(labels), max(1, len(labels) // 4)):
-            out.append(f'<text class="axis" x="{LEFT + i * step:.1f}" y="{HEIGHT - 4}">'
-                       f"{escape(labels[i])}</text>")
+            out.append(
+                f'<text class="axis" x="{LEFT + i * step:.1f}" y="{HEIGHT - 4}">'
+                f"{escape(labels[i])}</text>"
+            )
     return out
 
 
-def bars(title: str, labels: Sequence[str], series: Sequence[Series], unit: str = "",
-         kind: str = "bars") -> Markup:
+def bars(
+    title: str, labels: Sequence[str], series: Sequence[Series], unit: str = "", kind: str = "bars"
+) -> Markup:
     """Stacked bars, one per label."""
     top = _scale(series, stacked=True)
     plot_h = HEIGHT - TOP - BOTTOM
@@ -69,18 +78,21 @@ def bars(title: str, labels: Sequence[str], series: Sequence[Series], unit: str 
                 continue
             h = plot_h * value / top
             y = TOP + plot_h - plot_h * (base + value) / top
-            out.append(f'<rect class="series-{n}" data-value="{value:g}" '
-                       f'x="{LEFT + i * step + 1:.1f}" y="{y:.1f}" '
-                       f'width="{max(1.0, step - 2):.1f}" height="{h:.1f}">'
-                       f"<title>{escape(label)} {escape(s.name)}: {value:g}{escape(unit)}"
-                       "</title></rect>")
+            out.append(
+                f'<rect class="series-{n}" data-value="{value:g}" '
+                f'x="{LEFT + i * step + 1:.1f}" y="{y:.1f}" '
+                f'width="{max(1.0, step - 2):.1f}" height="{h:.1f}">'
+                f"<title>{escape(label)} {escape(s.name)}: {value:g}{escape(unit)}"
+                "</title></rect>"
+            )
             base += value
     out.append("</svg>")
     return Markup("".join(out))  # noqa: S704 - every interpolated value is escaped above
 
 
-def lines(title: str, labels: Sequence[str], series: Sequence[Series], unit: str = "",
-          kind: str = "lines") -> Markup:
+def lines(
+    title: str, labels: Sequence[str], series: Sequence[Series], unit: str = "", kind: str = "lines"
+) -> Markup:
     """One polyline per series; gaps where a value is missing; a dot with a title per point."""
     top = _scale(series, stacked=False)
     plot_h = HEIGHT - TOP - BOTTOM
@@ -98,9 +110,11 @@ def lines(title: str, labels: Sequence[str], series: Sequence[Series], unit: str
             x = LEFT + i * step + step / 2
             y = TOP + plot_h - plot_h * value / top
             points.append(f"{x:.1f},{y:.1f}")
-            out.append(f'<circle class="series-{n}" data-value="{value:g}" cx="{x:.1f}" '
-                       f'cy="{y:.1f}" r="2.5"><title>{escape(labels[i])} {escape(s.name)}: '
-                       f"{value:.1f}{escape(unit)}</title></circle>")
+            out.append(
+                f'<circle class="series-{n}" data-value="{value:g}" cx="{x:.1f}" '
+                f'cy="{y:.1f}" r="2.5"><title>{escape(labels[i])} {escape(s.name)}: '
+                f"{value:.1f}{escape(unit)}</title></circle>"
+            )
         if points:
             segments.append(points)
         for seg in segments:
@@ -109,27 +123,34 @@ def lines(title: str, labels: Sequence[str], series: Sequence[Series], unit: str
     return Markup("".join(out))  # noqa: S704 - every interpolated value is escaped above
 
 
-def hbars(title: str, rows: Sequence[tuple[str, float]], kind: str = "hbars",
-          empty: str = "") -> Markup:
+def hbars(
+    title: str, rows: Sequence[tuple[str, float]], kind: str = "hbars", empty: str = ""
+) -> Markup:
     """Horizontal bars, one per (label, value), largest first as given; ``empty`` is written
     in the chart when there is no row."""
     row_h, label_w = 18, 130
     height = max(1, len(rows)) * row_h + 4
     top = max((v for _, v in rows), default=0) or 1
-    out = [f'<svg class="chart" data-chart="{escape(kind)}" viewBox="0 0 {WIDTH} {height}" '
-           f'role="img" aria-label="{escape(title)}" xmlns="http://www.w3.org/2000/svg">',
-           f"<title>{escape(title)}</title>"]
+    out = [
+        f'<svg class="chart" data-chart="{escape(kind)}" viewBox="0 0 {WIDTH} {height}" '
+        f'role="img" aria-label="{escape(title)}" xmlns="http://www.w3.org/2000/svg">',
+        f"<title>{escape(title)}</title>",
+    ]
     if not rows and empty:
         out.append(f'<text class="axis" x="6" y="14">{escape(empty)}</text>')
     for i, (label, value) in enumerate(rows):
         y = 2 + i * row_h
         w = (WIDTH - label_w - 40) * value / top
         short = label if len(label) <= 20 else label[:19] + "…"
-        out.append(f'<text class="axis" x="{label_w - 4}" y="{y + 12}" text-anchor="end">'
-                   f"{escape(short)}</text>")
-        out.append(f'<rect class="series-0" data-value="{value:g}" x="{label_w}" y="{y + 2}" '
-                   f'width="{max(1.0, w):.1f}" height="{row_h - 5}"><title>{escape(label)}: '
-                   f"{value:g}</title></rect>")
+        out.append(
+            f'<text class="axis" x="{label_w - 4}" y="{y + 12}" text-anchor="end">'
+            f"{escape(short)}</text>"
+        )
+        out.append(
+            f'<rect class="series-0" data-value="{value:g}" x="{label_w}" y="{y + 2}" '
+            f'width="{max(1.0, w):.1f}" height="{row_h - 5}"><title>{escape(label)}: '
+            f"{value:g}</title></rect>"
+        )
         out.append(f'<text class="axis" x="{label_w + w + 4:.1f}" y="{y + 12}">{value:g}</text>')
     out.append("</svg>")
     return Markup("".join(out))  # noqa: S704 - every interpolated value is escaped above
@@ -139,9 +160,11 @@ def sparkline(samples: Sequence[tuple[str, str, float | None]], title: str) -> M
     """An engine's recent health: one mark per detection (time, status, latency); the mark's
     shape and class tell the status (a filled dot healthy, a ring degraded, a cross down)."""
     w, h = 120, 24
-    out = [f'<svg class="spark" data-chart="health" viewBox="0 0 {w} {h}" role="img" '
-           f'aria-label="{escape(title)}" xmlns="http://www.w3.org/2000/svg">',
-           f"<title>{escape(title)}</title>"]
+    out = [
+        f'<svg class="spark" data-chart="health" viewBox="0 0 {w} {h}" role="img" '
+        f'aria-label="{escape(title)}" xmlns="http://www.w3.org/2000/svg">',
+        f"<title>{escape(title)}</title>",
+    ]
     if samples:
         top = max((s[2] or 0 for s in samples), default=0) or 1
         step = w / max(1, len(samples))
@@ -154,7 +177,8 @@ def sparkline(samples: Sequence[tuple[str, str, float | None]], title: str) -> M
             elif status == "RunningDegraded":
                 out.append(f'<circle class="warn" cx="{x:.1f}" cy="{y:.1f}" r="3">{tip}</circle>')
             else:
-                out.append(f'<path class="bad" d="M{x - 3:.1f} {h - 7} l6 6 m0 -6 l-6 6">'
-                           f"{tip}</path>")
+                out.append(
+                    f'<path class="bad" d="M{x - 3:.1f} {h - 7} l6 6 m0 -6 l-6 6">{tip}</path>'
+                )
     out.append("</svg>")
     return Markup("".join(out))  # noqa: S704 - every interpolated value is escaped above

@@ -91,8 +91,11 @@ class SessionStore:
         now = self._clock()
         for key in [k for k, exp in self._logins.items() if exp < now]:
             del self._logins[key]
-        for key in [k for k, s in self._sessions.items()
-                    if now - s.last_seen > IDLE_S or now - s.created > ABSOLUTE_S]:
+        for key in [
+            k
+            for k, s in self._sessions.items()
+            if now - s.last_seen > IDLE_S or now - s.created > ABSOLUTE_S
+        ]:
             del self._sessions[key]
 
     def live(self) -> bool:

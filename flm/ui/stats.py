@@ -17,6 +17,7 @@ MAX_LATENCY_SAMPLES = 20_000
 #: the two windows the dashboard shows: (buckets, bucket length in minutes, ISO prefix length)
 RANGES = {"hour": (60, 1, 16), "day": (24, 60, 13)}
 
+
 @dataclass
 class Minute:
     label: str  # "HH:MM" UTC
@@ -47,8 +48,12 @@ def last_hour(db: Database, span: str = "hour") -> list[Minute]:
     count, length, prefix = RANGES[span]
     since = window_start(span)
     start = datetime.fromisoformat(since.replace("Z", "+00:00"))
-    minutes = {iso(start + timedelta(minutes=i * length))[:prefix]: Minute(
-        (start + timedelta(minutes=i * length)).strftime("%H:%M")) for i in range(count)}
+    minutes = {
+        iso(start + timedelta(minutes=i * length))[:prefix]: Minute(
+            (start + timedelta(minutes=i * length)).strftime("%H:%M")
+        )
+        for i in range(count)
+    }
     for row in DashboardRepo(db).buckets(prefix, since):
         m = minutes.get(row["minute"])
         if m is not None:
@@ -71,8 +76,10 @@ def top_users(db: Database, span: str = "hour") -> dict[str, list[tuple[str, int
     """The busiest keys and engines in the window (at most 8 of each)."""
     since = window_start(span)
     repo = DashboardRepo(db)
-    return {"keys": [(r["who"], int(r["n"])) for r in repo.top_keys(since)],
-            "engines": [(r["who"], int(r["n"])) for r in repo.top_engines(since)]}
+    return {
+        "keys": [(r["who"], int(r["n"])) for r in repo.top_keys(since)],
+        "engines": [(r["who"], int(r["n"])) for r in repo.top_engines(since)],
+    }
 
 
 def recent_high_events(db: Database) -> list[dict[str, Any]]:

@@ -74,14 +74,24 @@ class Request:
             except ValueError:
                 return {}
             return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
-        parsed = parse_qs(raw.decode("utf-8", "replace"), keep_blank_values=True,
-                          max_num_fields=200)
+        parsed = parse_qs(
+            raw.decode("utf-8", "replace"), keep_blank_values=True, max_num_fields=200
+        )
         return {k: v[0] for k, v in parsed.items()}
 
 
-async def respond(send: Send, status: int, body: bytes, content_type: str,
-                  headers: list[tuple[bytes, bytes]]) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", content_type.encode()),
-                            (b"content-length", str(len(body)).encode()), *headers]})
+async def respond(
+    send: Send, status: int, body: bytes, content_type: str, headers: list[tuple[bytes, bytes]]
+) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", content_type.encode()),
+                (b"content-length", str(len(body)).encode()),
+                *headers,
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})

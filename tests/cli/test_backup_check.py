@@ -40,8 +40,9 @@ def test_restore_brings_back_keys(cli: Any, tmp_path: Path) -> None:
     assert labels == ["kept", "later"]
 
 
-def test_restore_repairs_a_database_whose_header_is_garbage(cli: Any, flm_home: Path,
-                                                            tmp_path: Path) -> None:
+def test_restore_repairs_a_database_whose_header_is_garbage(
+    cli: Any, flm_home: Path, tmp_path: Path
+) -> None:
     kept = cli("api-keys", "create", "--label", "kept").data
     folder = tmp_path / "b"
     backup = cli("security", "backup", "create", "--output", str(folder)).data["file"]
@@ -65,8 +66,9 @@ def test_restore_refused_while_daemon_runs(cli: Any, flm_home: Path) -> None:
     backup = cli("security", "backup", "create").data["file"]
     run = flm_home / "run"
     run.mkdir(mode=0o700)
-    (run / "proxy-daemon.json").write_text(json.dumps(
-        {"port": 1, "token": "t", "pid": os.getpid(), "started_at": "now"}))
+    (run / "proxy-daemon.json").write_text(
+        json.dumps({"port": 1, "token": "t", "pid": os.getpid(), "started_at": "now"})
+    )
     lock = os.open(run / "daemon.lock", os.O_CREAT | os.O_RDWR, 0o600)
     fcntl.flock(lock, fcntl.LOCK_EX)  # what a live daemon holds for its whole life
     try:
@@ -83,8 +85,11 @@ def test_restore_refused_while_daemon_runs(cli: Any, flm_home: Path) -> None:
 
     storage = Storage(Paths.resolve())
     repo = ProxyHandlesRepo(storage.config)
-    repo.add(ProxyHandleRow("proxy-9", os.getpid(), 9, None, "127.0.0.1", "local-http", "{}",
-                            "2026-01-01T00:00:00Z"))
+    repo.add(
+        ProxyHandleRow(
+            "proxy-9", os.getpid(), 9, None, "127.0.0.1", "local-http", "{}", "2026-01-01T00:00:00Z"
+        )
+    )
     refused = cli("security", "backup", "restore", "--file", backup)
     assert refused.code == 1 and refused.error["code"] == "PROXY_ALREADY_RUNNING"
     assert "proxy-9" in refused.error["message"]
@@ -112,13 +117,18 @@ def test_check_reports_invalid_stored_policy_and_orphans(cli: Any, flm_home: Pat
 
     cli("check")
     conn = sqlite3.connect(flm_home / "security.db")
-    conn.execute("INSERT INTO security_policies(id, policy_json, updated_at) "
-                 "VALUES ('default', '{\"ip_whitelist\": [\"999.0.0.1\"]}', 'x')")
+    conn.execute(
+        "INSERT INTO security_policies(id, policy_json, updated_at) "
+        "VALUES ('default', '{\"ip_whitelist\": [\"999.0.0.1\"]}', 'x')"
+    )
     conn.commit()
     conn.close()
     conn = sqlite3.connect(flm_home / "config.db")
-    conn.execute("INSERT INTO proxy_handles VALUES ('h1', ?, 8080, NULL, '127.0.0.1', "
-                 "'local-http', '{}', 'x')", (2**22 + 4242,))
+    conn.execute(
+        "INSERT INTO proxy_handles VALUES ('h1', ?, 8080, NULL, '127.0.0.1', "
+        "'local-http', '{}', 'x')",
+        (2**22 + 4242,),
+    )
     conn.commit()
     conn.close()
     bad = cli("check")
@@ -145,8 +155,9 @@ def test_check_detects_corruption(cli: Any, flm_home: Path) -> None:
     assert time.monotonic() - started < 10
 
 
-def test_directories_the_user_names_keep_their_mode(cli: Any, flm_home: Path,
-                                                    tmp_path: Path) -> None:
+def test_directories_the_user_names_keep_their_mode(
+    cli: Any, flm_home: Path, tmp_path: Path
+) -> None:
     """Files FLM writes where the user says are 0600, but the directory is the user's: a
     shared one (like /tmp, mode 1777) is never narrowed. FLM's own home is made private."""
     shared = tmp_path / "shared"
@@ -156,8 +167,18 @@ def test_directories_the_user_names_keep_their_mode(cli: Any, flm_home: Path,
     assert cli("api-keys", "create", "--label", "k").code == 0
     assert stat.S_IMODE(flm_home.stat().st_mode) == 0o700
     assert cli("security", "backup", "create", "--output", str(shared)).code == 0
-    assert cli("security", "audit-logs", "export", "--format", "csv",
-               "--output", str(shared / "audit.csv")).code == 0
+    assert (
+        cli(
+            "security",
+            "audit-logs",
+            "export",
+            "--format",
+            "csv",
+            "--output",
+            str(shared / "audit.csv"),
+        ).code
+        == 0
+    )
     assert cli("--db-path-config", str(shared / "c.db"), "config", "list").code == 0
     assert stat.S_IMODE(shared.stat().st_mode) == 0o1777
     written = [f for f in shared.iterdir() if f.is_file()]
@@ -167,15 +188,18 @@ def test_directories_the_user_names_keep_their_mode(cli: Any, flm_home: Path,
         assert stat.S_IMODE(f.stat().st_mode) & 0o077 == 0, f
 
 
-def test_backup_of_a_damaged_database_is_refused_and_prunes_nothing(cli: Any,
-                                                                    flm_home: Path) -> None:
+def test_backup_of_a_damaged_database_is_refused_and_prunes_nothing(
+    cli: Any, flm_home: Path
+) -> None:
     """Three backups of a damaged security.db once pushed out every good generation."""
     good = [cli("security", "backup", "create").data["file"] for _ in range(3)]
     path = flm_home / "security.db"
     with sqlite3.connect(path) as db:  # enough rows for several pages of one table
-        db.executemany("INSERT INTO ip_blocklist(ip, reason, failure_count, blocked_at, "
-                       "permanent) VALUES (?, 'x', 1, '2026-01-01T00:00:00Z', 1)",
-                       [(f"203.0.113.{i % 250}-{i}",) for i in range(3000)])
+        db.executemany(
+            "INSERT INTO ip_blocklist(ip, reason, failure_count, blocked_at, "
+            "permanent) VALUES (?, 'x', 1, '2026-01-01T00:00:00Z', 1)",
+            [(f"203.0.113.{i % 250}-{i}",) for i in range(3000)],
+        )
         db.commit()
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     cli("check")

@@ -29,7 +29,10 @@ def test_eight_processes_create_200_keys_without_lock_errors(flm_home: Path) -> 
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", _CREATE_MANY, "25", str(n)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for n in range(8)
     ]
     outputs = [p.communicate(timeout=240) for p in procs]
@@ -71,8 +74,9 @@ while True:
 
 def test_kill_9_during_write_burst_leaves_databases_healthy(flm_home: Path) -> None:
     for _ in range(3):
-        with subprocess.Popen([sys.executable, "-c", _BURST], stdout=subprocess.PIPE,
-                              text=True, env=os.environ.copy()) as proc:
+        with subprocess.Popen(
+            [sys.executable, "-c", _BURST], stdout=subprocess.PIPE, text=True, env=os.environ.copy()
+        ) as proc:
             assert proc.stdout is not None
             assert proc.stdout.readline().strip() == "started"
             conn = sqlite3.connect(flm_home / "security.db")

@@ -10,7 +10,11 @@ from tests.conftest import flm_subprocess
 
 def test_get_default_set_and_list(cli: Any) -> None:
     assert cli("config", "get", "proxy.port").data == {
-        "key": "proxy.port", "value": 8080, "source": "default", "updated_at": None}
+        "key": "proxy.port",
+        "value": 8080,
+        "source": "default",
+        "updated_at": None,
+    }
     assert cli("config", "set", "proxy.port", "9090").data["value"] == 9090
     assert cli("config", "get", "proxy.port").data["value"] == 9090
     listed = {r["key"]: r for r in cli("config", "list").data}
@@ -20,8 +24,12 @@ def test_get_default_set_and_list(cli: Any) -> None:
 
 
 def test_bad_values_are_user_errors(cli: Any) -> None:
-    for key, value in [("proxy.port", "70000"), ("proxy.port", "abc"),
-                       ("preferred_language", "fr"), ("proxy.bind", "not-an-ip")]:
+    for key, value in [
+        ("proxy.port", "70000"),
+        ("proxy.port", "abc"),
+        ("preferred_language", "fr"),
+        ("proxy.bind", "not-an-ip"),
+    ]:
         result = cli("config", "set", key, value)
         assert result.code == 1, (key, value)
         assert result.error["code"] == "INVALID_ARGUMENT"
@@ -57,8 +65,7 @@ def test_help_and_version() -> None:
     assert flm_subprocess("--version").stdout.startswith("flm ")
 
 
-def test_a_read_only_config_db_is_opened_for_reading_and_says_so(cli: Any,
-                                                                 tmp_path: Path) -> None:
+def test_a_read_only_config_db_is_opened_for_reading_and_says_so(cli: Any, tmp_path: Path) -> None:
     """Every command, `flm check` included, once failed with IO_ERROR: the file was opened
     for writing before it was read."""
     from tests.conftest import remount_read_only, small_tmpfs

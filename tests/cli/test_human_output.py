@@ -26,9 +26,13 @@ def _on_terminal(*args: str, env: dict[str, str] | None = None) -> str:
     """Run ``flm`` with standard output a pseudo-terminal; what it printed there."""
     leader, follower = os.openpty()
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "flm", *args], stdout=follower,
-                                stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
-                                env={**os.environ, **(env or {})})
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "flm", *args],
+            stdout=follower,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
+        )
         os.close(follower)
         chunks: list[bytes] = []
         deadline = time.monotonic() + 60
@@ -91,19 +95,22 @@ def test_every_command_help_has_an_example_that_parses() -> None:
         assert "\nexample:\n  flm" in helptext, f"`flm {' '.join(path)} --help` has no example"
         example = helptext.split("\nexample:\n  ", 1)[1].splitlines()[0]
         argv = shlex.split(example)[1:]
-        assert argv[:len(path)] == list(path), (path, example)
+        assert argv[: len(path)] == list(path), (path, example)
         if not any(isinstance(a, argparse._SubParsersAction) for a in sub._actions):
             parsed = build_parser().parse_args(argv)  # a leaf: its example is a valid call
             assert getattr(parsed, "handler", None) is not None, example
 
 
 def test_policy_show_fills_and_marks_defaults(cli: Any) -> None:
-    assert cli("security", "policy", "set",
-               stdin='{"ip_blocklist": {"max_failures": 7}}').code == 0
+    assert cli("security", "policy", "set", stdin='{"ip_blocklist": {"max_failures": 7}}').code == 0
     shown = cli("security", "policy", "show")
     rows = {r["setting"]: r for r in shown.data["effective"]}
     assert rows["ip_blocklist.max_failures"] == {
-        "setting": "ip_blocklist.max_failures", "loopback": 7, "exposed": 7, "source": "set"}
+        "setting": "ip_blocklist.max_failures",
+        "loopback": 7,
+        "exposed": 7,
+        "source": "set",
+    }
     assert rows["ip_blocklist.block_duration_minutes"]["source"] == "default"
     assert rows["ip_blocklist.block_duration_minutes"]["loopback"] == 30
     # protections default on only when the proxy is reachable from the network
@@ -111,14 +118,16 @@ def test_policy_show_fills_and_marks_defaults(cli: Any) -> None:
     assert rows["intrusion_detection.enabled"]["exposed"] is True
     text = cli("security", "policy", "show", "--format", "text").out
     assert any("max_failures" in line and "(default)" not in line for line in text.splitlines())
-    assert any("block_duration_minutes" in line and "(default)" in line
-               for line in text.splitlines())
+    assert any(
+        "block_duration_minutes" in line and "(default)" in line for line in text.splitlines()
+    )
     assert shown.data["policy"] == {"ip_blocklist": {"max_failures": 7}}
 
 
 def test_tables_fit_100_columns(cli: Any) -> None:
-    rows = [{"id": "x" * 40, "url": "http://" + "h" * 90, "status": "RunningHealthy",
-             "note": "n" * 70}]
+    rows = [
+        {"id": "x" * 40, "url": "http://" + "h" * 90, "status": "RunningHealthy", "note": "n" * 70}
+    ]
     lines = table(rows).splitlines()
     assert max(len(line) for line in lines) <= TABLE_WIDTH
     assert lines[2].split()[2] == "RunningHealthy"  # short columns are left whole

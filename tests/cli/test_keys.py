@@ -35,9 +35,23 @@ def test_create_shows_plaintext_once_and_stores_only_a_hash(flm_home: Path) -> N
     listed = flm_subprocess("api-keys", "list")
     rows = json.loads(listed.stdout)["data"]
     assert len(rows) == 1
-    assert set(rows[0]) == {"id", "label", "created_at", "revoked_at", "status", "models", "rpm",
-                            "burst", "tpm", "daily_tokens", "daily_requests", "expires_at",
-                            "read_only", "last_used_at", "today"}
+    assert set(rows[0]) == {
+        "id",
+        "label",
+        "created_at",
+        "revoked_at",
+        "status",
+        "models",
+        "rpm",
+        "burst",
+        "tpm",
+        "daily_tokens",
+        "daily_requests",
+        "expires_at",
+        "read_only",
+        "last_used_at",
+        "today",
+    }
     assert "argon2" not in listed.stdout and key not in listed.stdout
 
 

@@ -31,18 +31,29 @@ def test_second_up_prints_a_curl_line_that_works_in_bash(flm_home: Path) -> None
             assert first.returncode == 0, first.stdout + first.stderr
             key = json.loads(first.stdout)["data"]["key"]
             assert key
-            ran = subprocess.run(["bash", "-c", json.loads(first.stdout)["data"]["curl"]],
-                                 capture_output=True, text=True, timeout=60, check=False)
-            assert json.loads(ran.stdout)["choices"][0]["message"]["content"] == \
-                expected_reply("Hello!")
+            ran = subprocess.run(
+                ["bash", "-c", json.loads(first.stdout)["data"]["curl"]],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            assert json.loads(ran.stdout)["choices"][0]["message"]["content"] == expected_reply(
+                "Hello!"
+            )
             second = flm_subprocess("up", timeout=120)
             assert second.returncode == 0, second.stdout + second.stderr
             data = json.loads(second.stdout)["data"]
             assert data["key"] is None and "$FLM_API_KEY" in data["curl"]
             line = data["curl"] + " -o /dev/null -w '%{http_code}'"
-            ran = subprocess.run(["bash", "-c", line], capture_output=True, text=True,
-                                 timeout=60, check=False,
-                                 env={**os.environ, "FLM_API_KEY": key})
+            ran = subprocess.run(
+                ["bash", "-c", line],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+                env={**os.environ, "FLM_API_KEY": key},
+            )
             assert ran.stdout == "200", ran.stdout + ran.stderr
         finally:
             flm_subprocess("proxy", "stop", "--all")
@@ -52,14 +63,18 @@ def test_chat_and_status_find_a_no_daemon_proxy(flm_home: Path) -> None:
     with start_emulator("ollama", models=["m:1"]) as emu:
         flm_subprocess("engines", "add", "--kind", "ollama", "--url", emu.url, "--id", "o")
         key = json.loads(flm_subprocess("api-keys", "create", "--label", "c").stdout)["data"]
-        nothing = flm_subprocess("chat", "--model", "m:1", "--prompt", "hi",
-                                 "--api-key", key["key"])
+        nothing = flm_subprocess(
+            "chat", "--model", "m:1", "--prompt", "hi", "--api-key", key["key"]
+        )
         assert nothing.returncode != 0
         assert json.loads(nothing.stdout)["error"]["code"] == "PROXY_NOT_RUNNING"
         port = _free_port()
         proc = subprocess.Popen(
             [sys.executable, "-m", "flm", "proxy", "start", "--no-daemon", "--port", str(port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=dict(os.environ),
+        )
         try:
             deadline = time.monotonic() + 60
             proxies: list[Any] = []
@@ -70,8 +85,9 @@ def test_chat_and_status_find_a_no_daemon_proxy(flm_home: Path) -> None:
                 proxies = [p for p in status["proxies"] if p["port"] == port]
                 time.sleep(0.05)
             assert proxies[0]["foreground"] is True and proxies[0]["pid"] == proc.pid
-            reply = flm_subprocess("chat", "--model", "m:1", "--prompt", "hi there",
-                                   "--api-key", key["key"])
+            reply = flm_subprocess(
+                "chat", "--model", "m:1", "--prompt", "hi there", "--api-key", key["key"]
+            )
             assert reply.returncode == 0, reply.stdout
             assert json.loads(reply.stdout)["data"]["text"] == expected_reply("hi there")
             stopped = flm_subprocess("proxy", "stop", "--port", str(port))
@@ -88,8 +104,6 @@ def test_adding_a_registered_url_again_reuses_it(cli: Any) -> None:
     assert first.data["id"] == "vllm" and first.data["reused"] is False
     again = cli("engines", "add", "--kind", "vllm", "--url", "http://127.0.0.1:8001/")
     assert again.data["id"] == "vllm" and again.data["reused"] is True
-    assert [r["id"] for r in cli("engines", "list").data if r["source"] == "registered"] == [
-        "vllm"]
-    other = cli("engines", "add", "--kind", "vllm", "--url", "http://127.0.0.1:8001",
-                "--id", "gpu")
+    assert [r["id"] for r in cli("engines", "list").data if r["source"] == "registered"] == ["vllm"]
+    other = cli("engines", "add", "--kind", "vllm", "--url", "http://127.0.0.1:8001", "--id", "gpu")
     assert other.code != 0 and "already registered as 'vllm'" in other.error["message"]

@@ -18,9 +18,22 @@ SECRET = base64.b64encode(b"canary-" + os.urandom(25)).decode()
 
 
 def _add(cli: Any, *extra: str, name: str = "home", stdin: str | None = SECRET) -> Any:
-    return cli("secrets", "dns", "add", name, "--provider", "rfc2136", "--server",
-               "ns1.example.org:5353", "--zone", "example.org", "--tsig-name", "acme-key",
-               *extra, stdin=stdin)
+    return cli(
+        "secrets",
+        "dns",
+        "add",
+        name,
+        "--provider",
+        "rfc2136",
+        "--server",
+        "ns1.example.org:5353",
+        "--zone",
+        "example.org",
+        "--tsig-name",
+        "acme-key",
+        *extra,
+        stdin=stdin,
+    )
 
 
 def test_add_list_remove_with_the_file_store(
@@ -77,13 +90,16 @@ def test_the_secret_is_never_taken_from_the_command_line(cli: Any) -> None:
     assert cli("secrets", "dns", "list").data["profiles"] == []
 
 
-@pytest.mark.parametrize(("args", "stdin", "needle"), [
-    ((), "not-base64!", "base64"),
-    ((), "two words", "one line"),
-    ((), base64.b64encode(b"short").decode(), "128 bits"),
-    ((), "", "empty"),
-    (("--tsig-algorithm", "hmac-md5"), SECRET, "--tsig-algorithm"),
-])
+@pytest.mark.parametrize(
+    ("args", "stdin", "needle"),
+    [
+        ((), "not-base64!", "base64"),
+        ((), "two words", "one line"),
+        ((), base64.b64encode(b"short").decode(), "128 bits"),
+        ((), "", "empty"),
+        (("--tsig-algorithm", "hmac-md5"), SECRET, "--tsig-algorithm"),
+    ],
+)
 def test_bad_input_is_refused_and_nothing_is_stored(
     cli: Any, flm_home: Path, args: tuple[str, ...], stdin: str, needle: str
 ) -> None:

@@ -54,9 +54,12 @@ def _collect_library_garbage() -> Iterator[None]:
 def flm(cli: Any) -> Iterator[Flm]:
     from flm.testing.emulators import ModelSpec
 
-    with start_emulator("vllm", models=[CHAT["openai"],
-                                        ModelSpec(EMBED["openai"], embeddings=True)]) as vl, \
-            start_emulator("ollama", models=[CHAT["ollama"], EMBED["ollama"]]) as ol:
+    with (
+        start_emulator(
+            "vllm", models=[CHAT["openai"], ModelSpec(EMBED["openai"], embeddings=True)]
+        ) as vl,
+        start_emulator("ollama", models=[CHAT["ollama"], EMBED["ollama"]]) as ol,
+    ):
         assert cli("engines", "add", "--kind", "vllm", "--url", vl.url, "--id", "vl").code == 0
         assert cli("engines", "add", "--kind", "ollama", "--url", ol.url, "--id", "ol").code == 0
         assert cli("models", "alias", "set", ALIAS, "flm://vl/qwen-chat").code == 0

@@ -26,21 +26,25 @@ def get_weather(city: str) -> str:
 
 
 def _chat(flm: Flm, model: str) -> ChatOpenAI:
-    return ChatOpenAI(base_url=flm.base_url, api_key=flm.key, model=model,  # type: ignore[arg-type]
-                      max_retries=0)
+    return ChatOpenAI(
+        base_url=flm.base_url,
+        api_key=flm.key,
+        model=model,  # type: ignore[arg-type]
+        max_retries=0,
+    )
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_chat_stream_tools_and_structured(flm: Flm, kind: str) -> None:
     chat = _chat(flm, CHAT[kind])
     assert chat.invoke("hello langchain").content == expected_reply("hello langchain")
-    assert "".join(str(c.content) for c in chat.stream("stream please")) == \
-        expected_reply("stream please")
+    assert "".join(str(c.content) for c in chat.stream("stream please")) == expected_reply(
+        "stream please"
+    )
     auto = chat.bind_tools([get_weather]).invoke("call get_weather for Rome")
     assert auto.tool_calls[0]["name"] == "get_weather"  # type: ignore[attr-defined]
     assert auto.tool_calls[0]["args"] == {"city": "text"}  # type: ignore[attr-defined]
-    forced = chat.bind_tools([get_weather], tool_choice="get_weather").invoke(
-        "get_weather, Lima")
+    forced = chat.bind_tools([get_weather], tool_choice="get_weather").invoke("get_weather, Lima")
     assert forced.tool_calls[0]["name"] == "get_weather"  # type: ignore[attr-defined]
     city = chat.with_structured_output(City).invoke("the largest city in Peru")
     assert city == City(name="text", population=1)
@@ -54,11 +58,19 @@ def test_alias_and_plain_name(flm: Flm) -> None:
 @pytest.mark.parametrize("kind", KINDS)
 def test_embeddings_and_legacy_completions(flm: Flm, kind: str) -> None:
     # (check_embedding_ctx_length would tokenise with tiktoken, which downloads its tables)
-    embed = OpenAIEmbeddings(base_url=flm.base_url, api_key=flm.key,  # type: ignore[arg-type]
-                             model=EMBED[kind], check_embedding_ctx_length=False,
-                             max_retries=0)
+    embed = OpenAIEmbeddings(
+        base_url=flm.base_url,
+        api_key=flm.key,  # type: ignore[arg-type]
+        model=EMBED[kind],
+        check_embedding_ctx_length=False,
+        max_retries=0,
+    )
     vectors = embed.embed_documents(["a", "b"])
     assert [len(v) for v in vectors] == [EMBEDDING_DIM, EMBEDDING_DIM]
-    llm = OpenAI(base_url=flm.base_url, api_key=flm.key, model=CHAT[kind],  # type: ignore[arg-type]
-                 max_retries=0)
+    llm = OpenAI(
+        base_url=flm.base_url,
+        api_key=flm.key,
+        model=CHAT[kind],  # type: ignore[arg-type]
+        max_retries=0,
+    )
     assert llm.invoke("once upon") == expected_reply("once upon")

@@ -32,8 +32,9 @@ def test_agent_text_stream_tools_and_native_output(flm: Flm, kind: str) -> None:
     calls: list[str] = []
 
     async def scenario() -> None:
-        async with openai.AsyncOpenAI(base_url=flm.base_url, api_key=flm.key,
-                                      max_retries=0) as client:
+        async with openai.AsyncOpenAI(
+            base_url=flm.base_url, api_key=flm.key, max_retries=0
+        ) as client:
             agent = Agent(_model(client, CHAT[kind]))
             assert (await agent.run("hello agent")).output == expected_reply("hello agent")
             async with agent.run_stream("stream agent") as run:
@@ -60,8 +61,9 @@ def test_tool_output_by_alias(flm: Flm) -> None:
     # pydantic-ai's default structured output is a tool the model must call (tool_choice
     # required): the OpenAI-kind engine honours that
     async def scenario() -> None:
-        async with openai.AsyncOpenAI(base_url=flm.base_url, api_key=flm.key,
-                                      max_retries=0) as client:
+        async with openai.AsyncOpenAI(
+            base_url=flm.base_url, api_key=flm.key, max_retries=0
+        ) as client:
             agent = Agent(_model(client, ALIAS), output_type=City)
             assert (await agent.run("a city")).output == City(name="text", population=1)
 

@@ -52,18 +52,24 @@ def test_up_serves_the_demo_model(llama: None, clean_up: None) -> None:
     assert data["key"] and data["key"] in data["curl"]
     assert data["url"] == f"http://localhost:{port}"
     assert data["model"].startswith("flm://")
-    with openai.OpenAI(base_url=data["base_url"], api_key=data["key"], max_retries=0,
-                           timeout=120) as client:
+    with openai.OpenAI(
+        base_url=data["base_url"], api_key=data["key"], max_retries=0, timeout=120
+    ) as client:
         assert data["model"] in {m.id for m in client.models.list()}
         reply = client.chat.completions.create(
-            model=data["model"], max_tokens=24,
-            messages=[{"role": "user", "content": "Say hello in three words."}])
+            model=data["model"],
+            max_tokens=24,
+            messages=[{"role": "user", "content": "Say hello in three words."}],
+        )
         assert (reply.choices[0].message.content or "").strip()
         assert reply.usage is not None and reply.usage.completion_tokens > 0
         text = ""
         for chunk in client.chat.completions.create(
-                model=data["model"], max_tokens=24, stream=True,
-                messages=[{"role": "user", "content": "Count to five."}]):
+            model=data["model"],
+            max_tokens=24,
+            stream=True,
+            messages=[{"role": "user", "content": "Count to five."}],
+        ):
             if chunk.choices:
                 text += chunk.choices[0].delta.content or ""
         assert text.strip()
@@ -75,12 +81,14 @@ def test_up_serves_the_demo_model(llama: None, clean_up: None) -> None:
 
 @pytest.mark.engine
 def test_real_llama_embeddings_and_detection(llama: None, clean_up: None) -> None:
-    started = flm_subprocess("engines", "start", "llamacpp", "--model", "demo", "--embeddings",
-                             timeout=300)
+    started = flm_subprocess(
+        "engines", "start", "llamacpp", "--model", "demo", "--embeddings", timeout=300
+    )
     assert started.returncode == 0, started.stdout + started.stderr
     engine = json.loads(started.stdout)["data"]
-    detected = json.loads(flm_subprocess("engines", "detect", "--engine", engine["id"],
-                                         "--fresh").stdout)["data"]["engines"]
+    detected = json.loads(
+        flm_subprocess("engines", "detect", "--engine", engine["id"], "--fresh").stdout
+    )["data"]["engines"]
     assert detected[0]["status"] == "RunningHealthy"
     models = json.loads(flm_subprocess("models", "list", "--engine", engine["id"]).stdout)
     assert engine["model_id"] in {m["id"] for m in models["data"]["models"]}
@@ -97,8 +105,9 @@ def test_real_llama_embeddings_and_detection(llama: None, clean_up: None) -> Non
     key = json.loads(flm_subprocess("api-keys", "create", "--label", "e").stdout)["data"]["key"]
     port = free_port()
     assert flm_subprocess("proxy", "start", "--port", str(port)).returncode == 0
-    with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0,
-                           timeout=120) as client:
+    with openai.OpenAI(
+        base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=120
+    ) as client:
         emb = client.embeddings.create(model=engine["model_id"], input=["hello world"])
         assert len(emb.data[0].embedding) > 10
 
@@ -118,8 +127,7 @@ def test_up_takes_the_next_port_when_busy(llama: None, clean_up: None) -> None:
 
 
 @pytest.mark.engine
-def test_starting_the_same_model_twice_reuses_one_llama_server(llama: None,
-                                                               clean_up: None) -> None:
+def test_starting_the_same_model_twice_reuses_one_llama_server(llama: None, clean_up: None) -> None:
     first = flm_subprocess("engines", "start", "llamacpp", "--model", "demo", timeout=300)
     assert first.returncode == 0, first.stdout + first.stderr
     engine = json.loads(first.stdout)["data"]
@@ -129,12 +137,18 @@ def test_starting_the_same_model_twice_reuses_one_llama_server(llama: None,
     second = json.loads(again.stdout)["data"]
     assert second["reused"] is True
     assert (second["id"], second["pid"]) == (engine["id"], engine["pid"])
-    managed = [e for e in json.loads(flm_subprocess("engines", "list").stdout)["data"]
-               if e["source"] == "managed"]
+    managed = [
+        e
+        for e in json.loads(flm_subprocess("engines", "list").stdout)["data"]
+        if e["source"] == "managed"
+    ]
     assert [e["id"] for e in managed] == [engine["id"]]
     import psutil
 
-    servers = [p for p in psutil.process_iter(["cmdline"])
-               if any("llama-server" in part for part in (p.info["cmdline"] or [])[:1])
-               and engine["model_path"] in (p.info["cmdline"] or [])]
+    servers = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if any("llama-server" in part for part in (p.info["cmdline"] or [])[:1])
+        and engine["model_path"] in (p.info["cmdline"] or [])
+    ]
     assert [p.pid for p in servers] == [engine["pid"]]

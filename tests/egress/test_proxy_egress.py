@@ -53,8 +53,7 @@ def remote_name() -> tuple[str, str]:
     """This machine's host name (not a loopback literal) and the IPv4 address it resolves to."""
     name = socket.gethostname()
     try:
-        address = str(socket.getaddrinfo(name, None, socket.AF_INET,
-                                         socket.SOCK_STREAM)[0][4][0])
+        address = str(socket.getaddrinfo(name, None, socket.AF_INET, socket.SOCK_STREAM)[0][4][0])
     except OSError as exc:
         pytest.fail(f"the host name {name!r} does not resolve ({exc}); these tests need it")
     assert not is_loopback_target(name), name
@@ -171,11 +170,14 @@ def _chat(port: int, key: str, model: str, content: Any) -> tuple[int, dict[str,
 
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     try:
-        conn.request("POST", "/v1/chat/completions",
-                     body=json.dumps({"model": model, "messages": [
-                         {"role": "user", "content": content}]}).encode(),
-                     headers={"Authorization": f"Bearer {key}",
-                              "Content-Type": "application/json"})
+        conn.request(
+            "POST",
+            "/v1/chat/completions",
+            body=json.dumps(
+                {"model": model, "messages": [{"role": "user", "content": content}]}
+            ).encode(),
+            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+        )
         resp = conn.getresponse()
         return resp.status, json.loads(resp.read())
     finally:
@@ -190,14 +192,19 @@ def _reply(port: int, key: str, model: str, content: Any) -> str:
 
 def _events(flm_home: Path, event_type: str) -> list[tuple[str, dict[str, Any]]]:
     with sqlite3.connect(flm_home / "security.db") as db:
-        rows = db.execute("SELECT severity, details_json FROM audit_logs WHERE event_type=? "
-                          "ORDER BY id", (event_type,)).fetchall()
+        rows = db.execute(
+            "SELECT severity, details_json FROM audit_logs WHERE event_type=? ORDER BY id",
+            (event_type,),
+        ).fetchall()
     return [(severity, json.loads(details)) for severity, details in rows]
 
 
 def _wait_daemon_gone(flm_home: Path) -> None:
-    wait_until(lambda: not (flm_home / "run" / "proxy-daemon.json").exists(), timeout=10,
-               what="the daemon of a refused start to exit")
+    wait_until(
+        lambda: not (flm_home / "run" / "proxy-daemon.json").exists(),
+        timeout=10,
+        what="the daemon of a refused start to exit",
+    )
 
 
 def _free_port_closed(port: int) -> bool:
@@ -212,8 +219,12 @@ def _free_port_closed(port: int) -> bool:
 
 
 def test_remote_engine_and_image_urls_go_through_socks_loopback_engine_never(
-    cli: Any, proxies: None, socks: Socks, remote_name: tuple[str, str], flm_home: Path,
-    monkeypatch: pytest.MonkeyPatch
+    cli: Any,
+    proxies: None,
+    socks: Socks,
+    remote_name: tuple[str, str],
+    flm_home: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     name, address = remote_name
     remote_watch, local_watch, image_watch = Watch(), Watch(), Watch()
@@ -225,15 +236,35 @@ def test_remote_engine_and_image_urls_go_through_socks_loopback_engine_never(
     ):
         remote_port = int(remote.url.rsplit(":", 1)[1])
         local_port = int(local.url.rsplit(":", 1)[1])
-        assert cli("engines", "add", "--kind", "lmstudio", "--url",
-                   f"http://{name}:{remote_port}", "--id", "remote").code == 0
-        assert cli("engines", "add", "--kind", "vllm", "--url", local.url,
-                   "--id", "local").code == 0
+        assert (
+            cli(
+                "engines",
+                "add",
+                "--kind",
+                "lmstudio",
+                "--url",
+                f"http://{name}:{remote_port}",
+                "--id",
+                "remote",
+            ).code
+            == 0
+        )
+        assert (
+            cli("engines", "add", "--kind", "vllm", "--url", local.url, "--id", "local").code == 0
+        )
         key = cli("api-keys", "create", "--label", "egress").data["key"]
         monkeypatch.setenv("SSL_CERT_FILE", str(image_ca))  # the daemon trusts the image host
         port = free_port()
-        started = flm_subprocess("proxy", "start", "--port", str(port), "--egress-mode",
-                                 "socks5", "--socks5-endpoint", socks.endpoint)
+        started = flm_subprocess(
+            "proxy",
+            "start",
+            "--port",
+            str(port),
+            "--egress-mode",
+            "socks5",
+            "--socks5-endpoint",
+            socks.endpoint,
+        )
         assert started.returncode == 0, started.stdout + started.stderr
         egress = json.loads(started.stdout)["data"]["egress"]
         assert egress["mode"] == "socks5" and egress["socks5_endpoint"] == socks.endpoint
@@ -243,15 +274,22 @@ def test_remote_engine_and_image_urls_go_through_socks_loopback_engine_never(
             watch.pids = [socks.process.pid, daemon]
         remote_watch.only = socks.process.pid  # reachable only through the SOCKS server
 
-        assert _reply(port, key, "flm://remote/chat-model:1b", "far away") == \
-            expected_reply("far away")
+        assert _reply(port, key, "flm://remote/chat-model:1b", "far away") == expected_reply(
+            "far away"
+        )
         image_url = f"https://{name}:{image_port}/cat.png"
-        assert _reply(port, key, "flm://remote/see:v1", [
-            {"type": "text", "text": "what is this"},
-            {"type": "image_url", "image_url": {"url": image_url}}]) == \
-            expected_reply("what is this", images=1)
-        assert _reply(port, key, "flm://local/chat-model:1b", "close by") == \
-            expected_reply("close by")
+        assert _reply(
+            port,
+            key,
+            "flm://remote/see:v1",
+            [
+                {"type": "text", "text": "what is this"},
+                {"type": "image_url", "image_url": {"url": image_url}},
+            ],
+        ) == expected_reply("what is this", images=1)
+        assert _reply(port, key, "flm://local/chat-model:1b", "close by") == expected_reply(
+            "close by"
+        )
 
         status = cli("proxy", "status").data["proxies"][0]
         assert status["egress"]["mode"] == "socks5"
@@ -270,8 +308,16 @@ def test_socks_down_and_fail_closed_refuses_the_start_with_an_audit_event(
     proxies: None, flm_home: Path
 ) -> None:
     port, dead = free_port(), free_port()
-    result = flm_subprocess("proxy", "start", "--port", str(port), "--egress-mode", "socks5",
-                            "--socks5-endpoint", f"127.0.0.1:{dead}")
+    result = flm_subprocess(
+        "proxy",
+        "start",
+        "--port",
+        str(port),
+        "--egress-mode",
+        "socks5",
+        "--socks5-endpoint",
+        f"127.0.0.1:{dead}",
+    )
     assert result.returncode == 1, result.stdout + result.stderr
     error = json.loads(result.stdout)["error"]
     assert error["code"] == "PROXY_INVALID_CONFIG"
@@ -285,8 +331,16 @@ def test_socks_down_and_fail_closed_refuses_the_start_with_an_audit_event(
     assert details["probe"]["attempts"] == 3 and not details["probe"]["reachable"]
 
     # Tor down: the same refusal, and tor_unreachable recorded too.
-    result = flm_subprocess("proxy", "start", "--port", str(port), "--egress-mode", "tor",
-                            "--socks5-endpoint", f"127.0.0.1:{dead}")
+    result = flm_subprocess(
+        "proxy",
+        "start",
+        "--port",
+        str(port),
+        "--egress-mode",
+        "tor",
+        "--socks5-endpoint",
+        f"127.0.0.1:{dead}",
+    )
     assert result.returncode == 1 and "start Tor" in json.loads(result.stdout)["error"]["message"]
     _wait_daemon_gone(flm_home)
     [(severity, details)] = _events(flm_home, "tor_unreachable")
@@ -301,14 +355,33 @@ def test_socks_down_and_fail_open_goes_direct_with_an_audit_event(
     watch = Watch()
     with watched(VllmEmulator, ["chat-model:1b"], watch).start(address) as remote:
         remote_port = int(remote.url.rsplit(":", 1)[1])
-        assert cli("engines", "add", "--kind", "vllm", "--url",
-                   f"http://{name}:{remote_port}", "--id", "remote").code == 0
+        assert (
+            cli(
+                "engines",
+                "add",
+                "--kind",
+                "vllm",
+                "--url",
+                f"http://{name}:{remote_port}",
+                "--id",
+                "remote",
+            ).code
+            == 0
+        )
         key = cli("api-keys", "create", "--label", "egress").data["key"]
         port, dead = free_port(), free_port()
         started_at = time.monotonic()
-        result = flm_subprocess("proxy", "start", "--port", str(port), "--egress-mode",
-                                "socks5", "--socks5-endpoint", f"127.0.0.1:{dead}",
-                                "--egress-fail-open")
+        result = flm_subprocess(
+            "proxy",
+            "start",
+            "--port",
+            str(port),
+            "--egress-mode",
+            "socks5",
+            "--socks5-endpoint",
+            f"127.0.0.1:{dead}",
+            "--egress-fail-open",
+        )
         assert result.returncode == 0, result.stdout + result.stderr
         assert time.monotonic() - started_at < 5  # three quick probes, then direct
         data = json.loads(result.stdout)["data"]
@@ -317,8 +390,9 @@ def test_socks_down_and_fail_open_goes_direct_with_an_audit_event(
         assert any("using direct connections" in note for note in data["notes"])
         daemon = _daemon_pid(flm_home)
         watch.pids = [daemon]
-        assert _reply(port, key, "flm://remote/chat-model:1b", "direct now") == \
-            expected_reply("direct now")
+        assert _reply(port, key, "flm://remote/chat-model:1b", "direct now") == expected_reply(
+            "direct now"
+        )
         status = cli("proxy", "status").data["proxies"][0]
         assert status["egress"]["mode"] == "direct" and status["egress"]["fell_back"]
     assert watch.owners and set(watch.owners) == {daemon}
@@ -327,10 +401,14 @@ def test_socks_down_and_fail_open_goes_direct_with_an_audit_event(
     assert details["mode"] == "socks5"
 
 
-
 def test_acme_orders_go_through_the_socks_proxy(
-    cli: Any, proxies: None, socks: Socks, remote_name: tuple[str, str], flm_home: Path,
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    cli: Any,
+    proxies: None,
+    socks: Socks,
+    remote_name: tuple[str, str],
+    flm_home: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The ACME CA, reached by host name, sees FLM's requests arrive from microsocks."""
     from ..tls.support import free_port_pair, run_pebble
@@ -341,9 +419,22 @@ def test_acme_orders_go_through_the_socks_proxy(
         acme_port = int(pebble.directory_url.rsplit(":", 1)[1].split("/", 1)[0])
         monkeypatch.setenv("FLM_ACME_DIRECTORY", pebble.directory_url)
         monkeypatch.setenv("FLM_ACME_CA_BUNDLE", str(pebble.ca_bundle))
-        result = flm_subprocess("proxy", "start", "--mode", "https-acme", "--port", str(port),
-                                "--acme-domain", "localhost", "--acme-email", "a@flm.test",
-                                "--egress-mode", "socks5", "--socks5-endpoint", socks.endpoint)
+        result = flm_subprocess(
+            "proxy",
+            "start",
+            "--mode",
+            "https-acme",
+            "--port",
+            str(port),
+            "--acme-domain",
+            "localhost",
+            "--acme-email",
+            "a@flm.test",
+            "--egress-mode",
+            "socks5",
+            "--socks5-endpoint",
+            socks.endpoint,
+        )
         assert result.returncode == 0, result.stdout + result.stderr
         data = json.loads(result.stdout)["data"]
         assert data["certificate"]["source"] == "issued"

@@ -50,8 +50,10 @@ def test_detect_models_chat_stream_embeddings(cli: Any, emulator: Any) -> None:
     async def scenario() -> None:
         adapter = make_adapter(endpoint)
         try:
-            body = {"model": MODEL[emulator.kind],
-                    "messages": [{"role": "user", "content": "count the birds"}]}
+            body = {
+                "model": MODEL[emulator.kind],
+                "messages": [{"role": "user", "content": "count the birds"}],
+            }
             reply = await adapter.chat(body)
             text = reply["choices"][0]["message"]["content"]
             assert text == expected_reply("count the birds")
@@ -78,8 +80,9 @@ def test_detect_models_chat_stream_embeddings(cli: Any, emulator: Any) -> None:
             gaps = [b - a for a, b in itertools.pairwise(arrivals)]
             assert sum(1 for g in gaps if g > 0.1) >= 3
 
-            emb = await adapter.embeddings({"model": "nomic-embed-text",
-                                            "input": ["one two", "three"]})
+            emb = await adapter.embeddings(
+                {"model": "nomic-embed-text", "input": ["one two", "three"]}
+            )
             assert [d["index"] for d in emb["data"]] == [0, 1]
             assert len(emb["data"][0]["embedding"]) == 32
             assert emb["usage"]["prompt_tokens"] >= 3
@@ -123,8 +126,7 @@ def test_status_transitions(cli: Any, tmp_path: Path, monkeypatch: pytest.Monkey
     dead = status()
     assert dead["status"] == "ErrorNetwork" and dead["base_url"] == url
     # ... and InstalledOnly when the engine's executable is found
-    monkeypatch.setenv("PATH", f"{_fake_binary(tmp_path, 'vllm')}{os.pathsep}"
-                       f"{os.environ['PATH']}")
+    monkeypatch.setenv("PATH", f"{_fake_binary(tmp_path, 'vllm')}{os.pathsep}{os.environ['PATH']}")
     assert status()["status"] == "InstalledOnly"
 
 
@@ -149,10 +151,19 @@ def test_detect_with_nothing_listening_is_fast(cli: Any) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             ports.append(s.getsockname()[1])
-    for i, (kind, port) in enumerate(zip(["ollama", "vllm", "lmstudio", "llamacpp"], ports,
-                                         strict=True)):
-        cli("engines", "add", "--kind", kind, "--url", f"http://127.0.0.1:{port}",
-            "--id", f"dead{i}")
+    for i, (kind, port) in enumerate(
+        zip(["ollama", "vllm", "lmstudio", "llamacpp"], ports, strict=True)
+    ):
+        cli(
+            "engines",
+            "add",
+            "--kind",
+            kind,
+            "--url",
+            f"http://127.0.0.1:{port}",
+            "--id",
+            f"dead{i}",
+        )
     started = time.monotonic()
     result = cli("engines", "detect", "--fresh")
     elapsed = time.monotonic() - started
@@ -178,8 +189,10 @@ def test_bad_engine_input(cli: Any, args: list[str], code: str) -> None:
 
 
 def test_duplicate_id_and_distinct_ids(cli: Any) -> None:
-    assert cli("engines", "add", "--kind", "vllm", "--url", "http://127.0.0.1:9",
-               "--id", "gpu").code == 0
+    assert (
+        cli("engines", "add", "--kind", "vllm", "--url", "http://127.0.0.1:9", "--id", "gpu").code
+        == 0
+    )
     dup = cli("engines", "add", "--kind", "ollama", "--url", "http://127.0.0.1:8", "--id", "gpu")
     assert dup.code == 1 and dup.error["code"] == "ENGINE_ALREADY_REGISTERED"
     a = cli("engines", "add", "--kind", "ollama", "--url", "http://127.0.0.1:7").data["id"]

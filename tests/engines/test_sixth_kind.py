@@ -29,8 +29,14 @@ def tgi() -> Iterator[Any]:
 
 def _call(url: str, key: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={  # noqa: S310 - loopback
-        "Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    req = urllib.request.Request(  # noqa: S310 - loopback
+        url,
+        data=data,
+        headers={
+            "Authorization": f"Bearer {key}",
+            "Content-Type": "application/json",
+        },
+    )
     try:
         with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310 - loopback
             raw = resp.read()
@@ -43,8 +49,7 @@ def _call(url: str, key: str, body: dict[str, Any] | None = None) -> tuple[int, 
         return status, raw
 
 
-def test_a_kind_registered_from_one_file_is_detected_listed_and_served(
-        cli: Any, tgi: Any) -> None:
+def test_a_kind_registered_from_one_file_is_detected_listed_and_served(cli: Any, tgi: Any) -> None:
     assert kinds.help_text().endswith("llamacpp or tgi")  # `flm engines add --help`
     assert cli("engines", "add", "--kind", "tgi", "--url", tgi.url, "--id", "hf").code == 0
     detected = {e["id"]: e for e in cli("engines", "detect", "--fresh").data["engines"]}
@@ -54,8 +59,11 @@ def test_a_kind_registered_from_one_file_is_detected_listed_and_served(
     assert any(m["engine_id"] == "hf" and m["name"] == "small-chat" for m in models), models
     key = cli("api-keys", "create", "--label", "t").data["key"]
     with start_gateway() as gw:
-        status, reply = _call(f"{gw.url}/v1/chat/completions", key, {
-            "model": "flm://hf/small-chat", "messages": [{"role": "user", "content": "hi"}]})
+        status, reply = _call(
+            f"{gw.url}/v1/chat/completions",
+            key,
+            {"model": "flm://hf/small-chat", "messages": [{"role": "user", "content": "hi"}]},
+        )
         assert status == 200, reply
         assert reply["model"] == "flm://hf/small-chat" and reply["choices"][0]["message"]
         # the pass-through forwards what the descriptor lists, and nothing else
@@ -72,8 +80,11 @@ def test_a_kind_without_a_pass_through_list_forwards_nothing(cli: Any, tgi: Any)
     from tests.engines import tgi_kind
 
     kinds.unregister("tgi")
-    kinds.register(kinds.KindDescriptor(name=tgi_kind.TGI, label="TGI, no list",
-                                        adapter=tgi_kind.TgiAdapter, default_port=3000))
+    kinds.register(
+        kinds.KindDescriptor(
+            name=tgi_kind.TGI, label="TGI, no list", adapter=tgi_kind.TgiAdapter, default_port=3000
+        )
+    )
     assert cli("engines", "add", "--kind", "tgi", "--url", tgi.url, "--id", "hf").code == 0
     key = cli("api-keys", "create", "--label", "t").data["key"]
     with start_gateway() as gw:
@@ -83,22 +94,26 @@ def test_a_kind_without_a_pass_through_list_forwards_nothing(cli: Any, tgi: Any)
     assert not any(path in ("/info", "/health") for _, path in tgi.requests.snapshot())
 
 
-@pytest.mark.parametrize(("kind", "path", "method", "refusal"), [
-    ("ollama", "/api/tags", "GET", None),
-    ("ollama", "/api/pull", "POST", "admin"),
-    ("ollama", "/api/Delete", "DELETE", "admin"),
-    ("vllm", "/v1/chat/completions", "POST", None),
-    ("vllm", "/v1/load_lora_adapter", "POST", "admin"),
-    ("vllm", "/sleep", "POST", "admin"),
-    ("lmstudio", "/api/v0/models", "GET", None),
-    ("lmstudio", "/api/v1/models/load", "POST", "admin"),
-    ("llamacpp", "/props", "GET", None),
-    ("llamacpp", "/props", "POST", "read-only"),
-    ("llamacpp", "/slots/0", "POST", "admin"),
-    ("llamacpp", "/completion", "POST", None),
-])
-def test_built_in_pass_through_rules(kind: str, path: str, method: str,
-                                     refusal: str | None) -> None:
+@pytest.mark.parametrize(
+    ("kind", "path", "method", "refusal"),
+    [
+        ("ollama", "/api/tags", "GET", None),
+        ("ollama", "/api/pull", "POST", "admin"),
+        ("ollama", "/api/Delete", "DELETE", "admin"),
+        ("vllm", "/v1/chat/completions", "POST", None),
+        ("vllm", "/v1/load_lora_adapter", "POST", "admin"),
+        ("vllm", "/sleep", "POST", "admin"),
+        ("lmstudio", "/api/v0/models", "GET", None),
+        ("lmstudio", "/api/v1/models/load", "POST", "admin"),
+        ("llamacpp", "/props", "GET", None),
+        ("llamacpp", "/props", "POST", "read-only"),
+        ("llamacpp", "/slots/0", "POST", "admin"),
+        ("llamacpp", "/completion", "POST", None),
+    ],
+)
+def test_built_in_pass_through_rules(
+    kind: str, path: str, method: str, refusal: str | None
+) -> None:
     assert kinds.get(kind).passthrough_refusal(path, method) == refusal
 
 

@@ -43,11 +43,18 @@ class TgiAdapter(OpenAICompatAdapter):
         return Health(health.latency_ms, version)
 
 
-DESCRIPTOR = kinds.register(kinds.KindDescriptor(
-    name=TGI, label="Text Generation Inference", adapter=TgiAdapter, default_port=3000,
-    host_env="TGI_HOST", port_env="TGI_PORT", binaries=("text-generation-launcher",),
-    passthrough=kinds.PassThrough(re.compile(r"^/(info|health|generate|generate_stream)$")),
-))
+DESCRIPTOR = kinds.register(
+    kinds.KindDescriptor(
+        name=TGI,
+        label="Text Generation Inference",
+        adapter=TgiAdapter,
+        default_port=3000,
+        host_env="TGI_HOST",
+        port_env="TGI_PORT",
+        binaries=("text-generation-launcher",),
+        passthrough=kinds.PassThrough(re.compile(r"^/(info|health|generate|generate_stream)$")),
+    )
+)
 
 
 class TgiEmulator(EmulatorServer):
@@ -65,8 +72,12 @@ class TgiEmulator(EmulatorServer):
         return web.Response(status=200)
 
     async def info(self, request: web.Request) -> web.StreamResponse:
-        body: JSONDict = {"model_id": next(iter(self.models)), "version": VERSION,
-                          "max_input_tokens": 4095, "max_total_tokens": 4096}
+        body: JSONDict = {
+            "model_id": next(iter(self.models)),
+            "version": VERSION,
+            "max_input_tokens": 4095,
+            "max_total_tokens": 4096,
+        }
         return json_response(body)
 
     async def metrics(self, request: web.Request) -> web.StreamResponse:

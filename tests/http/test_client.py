@@ -39,8 +39,12 @@ async def _read_request(reader: asyncio.StreamReader) -> bytes | None:
 
 
 def _reply(body: bytes, *extra: bytes, status: bytes = b"200 OK") -> bytes:
-    lines = [b"HTTP/1.1 " + status, b"Content-Type: application/json",
-             b"Content-Length: " + str(len(body)).encode(), *extra]
+    lines = [
+        b"HTTP/1.1 " + status,
+        b"Content-Type: application/json",
+        b"Content-Length: " + str(len(body)).encode(),
+        *extra,
+    ]
     return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
 
@@ -89,8 +93,7 @@ def _run(coro: Awaitable[Any]) -> Any:
 
 
 def _echo_server(server: Server) -> Handler:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                      n: int) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
         while (req := await _read_request(reader)) is not None:
             server.requests.append(req)
             writer.write(_reply(json.dumps({"n": len(server.requests)}).encode()))
@@ -120,8 +123,7 @@ def test_keep_alive_connection_is_reused_and_request_head_is_right() -> None:
 
 
 def test_stale_pooled_connection_is_retried_once_on_a_fresh_one() -> None:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                      n: int) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
         await _read_request(reader)
         if n == 1:
             writer.write(_reply(b'{"first":true}'))
@@ -143,8 +145,7 @@ def test_stale_pooled_connection_is_retried_once_on_a_fresh_one() -> None:
 
 
 def test_a_connection_that_breaks_after_answering_part_is_not_retried() -> None:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                      n: int) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
         await _read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Le")
         await writer.drain()
@@ -161,12 +162,12 @@ def test_a_connection_that_breaks_after_answering_part_is_not_retried() -> None:
 
 
 def test_body_ended_by_eof_and_interim_100_response() -> None:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                      n: int) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
         await _read_request(reader)
         writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                     b"Connection: close\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n"
+        )
         for part in (b'{"a":', b'"eof"', b"}"):
             writer.write(part)
             await writer.drain()
@@ -183,8 +184,7 @@ def test_body_ended_by_eof_and_interim_100_response() -> None:
 
 
 def test_head_request_completes_without_a_body() -> None:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                      n: int) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
         await _read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n")
         await writer.drain()
@@ -206,8 +206,7 @@ def test_head_request_completes_without_a_body() -> None:
 def test_gzip_reply_is_decoded_and_headers_are_case_insensitive() -> None:
     payload = gzip.compress(b'{"zipped":[1,2,3]}')
 
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                      n: int) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
         await _read_request(reader)
         writer.write(_reply(payload, b"Content-Encoding: gzip", b"X-Custom: One"))
         await writer.drain()
@@ -229,15 +228,13 @@ def test_fetch_takes_whole_replies_and_falls_back_for_the_rest() -> None:
     replies = [
         _reply(b'{"plain":1}'),
         _reply(gzip.compress(b'{"zipped":2}'), b"Content-Encoding: gzip"),
-        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-        b'5\r\n{"c":\r\n2\r\n3}\r\n0\r\n\r\n',
+        b'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{"c":\r\n2\r\n3}\r\n0\r\n\r\n',
         _reply(b'{"error":{"message":"no such model"}}', status=b"404 Not Found"),
         _reply(b'{"plain":5}'),
         _reply(b"{}", b"X-FLM-Proxy: 1"),
     ]
 
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                      n: int) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
         while (await _read_request(reader)) is not None and replies:
             writer.write(replies.pop(0))
             await writer.drain()
@@ -260,8 +257,7 @@ def test_fetch_takes_whole_replies_and_falls_back_for_the_rest() -> None:
 
 
 def test_malformed_reply_is_an_api_error() -> None:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                      n: int) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
         await _read_request(reader)
         writer.write(b"NOT-HTTP garbage\r\n\r\n")
         await writer.drain()
@@ -277,12 +273,15 @@ def test_malformed_reply_is_an_api_error() -> None:
     _run(main())
 
 
-@pytest.mark.parametrize("headers, path", [
-    ({"X-Evil": "a\r\nX-Injected: 1"}, "/ok"),
-    ({"X-Bad\r\nName": "v"}, "/ok"),
-    ({}, "/ok HTTP/1.1\r\nX-Injected: 1\r\n\r\nGET /more"),
-    ({}, "/with space"),
-])
+@pytest.mark.parametrize(
+    "headers, path",
+    [
+        ({"X-Evil": "a\r\nX-Injected: 1"}, "/ok"),
+        ({"X-Bad\r\nName": "v"}, "/ok"),
+        ({}, "/ok HTTP/1.1\r\nX-Injected: 1\r\n\r\nGET /more"),
+        ({}, "/with space"),
+    ],
+)
 def test_header_and_target_injection_is_refused_before_sending(
     headers: dict[str, str], path: str
 ) -> None:
@@ -302,6 +301,7 @@ def test_a_remembered_request_head_never_lets_a_bad_header_through() -> None:
     """Heads are built once per (method, path, headers) and reused: a request with the same
     path as a well-formed one but an injected header is still refused, and the next good one
     is sent with its own Content-Length."""
+
     async def main() -> None:
         server = Server(lambda r, w, n: _echo_server(server)(r, w, n))
         async with server:
@@ -312,8 +312,9 @@ def test_a_remembered_request_head_never_lets_a_bad_header_through() -> None:
                 await resp.read()
                 resp.release()
             with pytest.raises(EngineApiError, match="refusing"):
-                await client.request("POST", "/v1/x", data=b"{}",
-                                     headers={"X-Trace": "1\r\nX-Injected: 1"})
+                await client.request(
+                    "POST", "/v1/x", data=b"{}", headers={"X-Trace": "1\r\nX-Injected: 1"}
+                )
             await client.close()
         assert len(server.requests) == 2
         first, second = (r.decode() for r in server.requests)
@@ -328,8 +329,9 @@ def test_connection_limit_queues_requests_and_times_out_when_nothing_frees() -> 
     async def main() -> None:
         go = asyncio.Event()
 
-        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                          n: int) -> None:
+        async def handler(
+            reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int
+        ) -> None:
             while await _read_request(reader) is not None:
                 await go.wait()
                 writer.write(_reply(b"{}"))
@@ -363,8 +365,7 @@ def test_slow_reader_pauses_the_engine_connection_and_still_gets_every_byte() ->
     size = 4 * 1024 * 1024
     blob = b"x" * size
 
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                      n: int) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
         await _read_request(reader)
         writer.write(_reply(blob, status=b"200 OK"))
         await writer.drain()
@@ -396,8 +397,9 @@ def test_stray_bytes_after_a_reply_make_the_connection_unusable(separately: bool
     async def main() -> None:
         got_first = asyncio.Event()
 
-        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                          n: int) -> None:
+        async def handler(
+            reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int
+        ) -> None:
             await _read_request(reader)
             if n > 1:
                 writer.write(_reply(b'{"n":2}'))
@@ -430,8 +432,7 @@ def test_stray_bytes_after_a_reply_make_the_connection_unusable(separately: bool
 
 
 def test_refused_connection_and_first_byte_timeout_are_engine_errors() -> None:
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                     n: int) -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
         await reader.read()
 
     async def main() -> None:
@@ -450,7 +451,8 @@ def test_refused_connection_and_first_byte_timeout_are_engine_errors() -> None:
 
 
 def test_idle_pooled_connections_are_closed_after_the_keep_alive_time(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """An engine's connections are not held until its own keep-alive ends."""
     import time
 
@@ -478,8 +480,9 @@ def test_an_engine_that_breaks_off_mid_body_is_a_bad_reply_not_unavailable() -> 
     from flm.openai.errors import http_status
 
     async def main() -> None:
-        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                          n: int) -> None:
+        async def handler(
+            reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int
+        ) -> None:
             await _read_request(reader)
             writer.write(_reply(b'{"choices": [' + b" " * 90)[:-60])  # head + part of the body
             await writer.drain()

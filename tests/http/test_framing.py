@@ -23,12 +23,28 @@ from tests.http.test_server import Running, closed_by_peer, connect, echo, read_
 SECOND = b"GET /second HTTP/1.1\r\nHost: a\r\n\r\n"
 
 #: Content-Length renderings of n, and whether a strict reader takes them as n.
-CL_FORMS = [("{n}", True), ("{n} ", True), (" {n}", True), ("+{n}", False), ("-{n}", False),
-            ("{n}, {n}", False), ("", False), ("0x{n}", False), ("{n}a", False)]
+CL_FORMS = [
+    ("{n}", True),
+    ("{n} ", True),
+    (" {n}", True),
+    ("+{n}", False),
+    ("-{n}", False),
+    ("{n}, {n}", False),
+    ("", False),
+    ("0x{n}", False),
+    ("{n}a", False),
+]
 #: Transfer-Encoding values (repeated ones make one list, RFC 9110 §5.3); framed as chunked
 #: when chunked is the last coding and appears once, else refused.
-TE_FORMS = ["chunked", "Chunked", "gzip, chunked", "chunked, gzip", "identity", "xchunked",
-            "chunked, chunked"]
+TE_FORMS = [
+    "chunked",
+    "Chunked",
+    "gzip, chunked",
+    "chunked, gzip",
+    "identity",
+    "xchunked",
+    "chunked, chunked",
+]
 
 
 @dataclass
@@ -46,23 +62,33 @@ def cases(draw: st.DrawFn) -> Case:
     if not cls and not tes:
         payload = b""  # no framing header: no body (bytes after the head are the next request)
     lines: list[tuple[bytes, bool]] = [(b"Host: a", True), (b"X-Filler: 1", True)]
-    lines += [(f"Content-Length: {form.format(n=len(payload))}".encode(), ok)
-              for form, ok in cls]
+    lines += [(f"Content-Length: {form.format(n=len(payload))}".encode(), ok) for form, ok in cls]
     lines += [(f"Transfer-Encoding: {form}".encode(), True) for form in tes]
     order = draw(st.permutations(range(len(lines))))
     lines = [lines[i] for i in order]
-    codings = [c.strip().lower() for line, _ in lines if line.startswith(b"Transfer-Encoding:")
-               for c in line.decode().partition(":")[2].split(",")]
-    refused = (len(cls) > 1 or (bool(cls) and bool(tes)) or not all(ok for _, ok in lines)
-               or (bool(tes) and (codings[-1] != "chunked" or codings.count("chunked") > 1)))
+    codings = [
+        c.strip().lower()
+        for line, _ in lines
+        if line.startswith(b"Transfer-Encoding:")
+        for c in line.decode().partition(":")[2].split(",")
+    ]
+    refused = (
+        len(cls) > 1
+        or (bool(cls) and bool(tes))
+        or not all(ok for _, ok in lines)
+        or (bool(tes) and (codings[-1] != "chunked" or codings.count("chunked") > 1))
+    )
     head = [b"POST /first HTTP/1.1"] + [line for line, _ in lines]
     # Damage one line of the head, maybe: each of these a strict reader refuses.
     damage = draw(st.sampled_from(["none", "none", "bare-lf", "obs-fold", "space-colon"]))
     if damage != "none":
         at = draw(st.integers(min_value=1, max_value=len(head) - 1))
         if damage == "bare-lf":
-            head[at] = head[at] + b"\n" + head.pop(at + 1) if at + 1 < len(head) \
+            head[at] = (
+                head[at] + b"\n" + head.pop(at + 1)
+                if at + 1 < len(head)
                 else head[at] + b"\nX-Late: 1"
+            )
         elif damage == "obs-fold":
             head.insert(at + 1, b" folded")
         else:
@@ -95,8 +121,9 @@ _STATUS = re.compile(rb"HTTP/1\.1 (\d{3}) ")
 
 
 def test_every_request_is_refused_or_framed_one_way(server: Running) -> None:
-    @settings(max_examples=300, deadline=None,
-              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @settings(
+        max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    )
     @given(cases())
     def check(case: Case) -> None:
         with connect(server.port) as sock:
@@ -112,25 +139,38 @@ def test_every_request_is_refused_or_framed_one_way(server: Running) -> None:
             assert status.group(1) == b"200", (case.wire, line, body)
             assert body == b"POST /first  " + case.body, (case.wire, body)
             line, _, body = read_response(sock, buf)
-            assert line.startswith(b"HTTP/1.1 200") and body == b"GET /second  ", \
-                (case.wire, line, body)
+            assert line.startswith(b"HTTP/1.1 200") and body == b"GET /second  ", (
+                case.wire,
+                line,
+                body,
+            )
 
     check()
 
 
-@pytest.mark.parametrize(("wire", "refused"), [
-    (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc", False),
-    (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc", True),
-    (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
-     b"3\r\nabc\r\n0\r\n\r\n", True),
-    (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
-     False),
-    (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
-     True),
-    (b"POST / HTTP/1.1\r\nHost: a\r\nX: 1\r\n folded\r\nContent-Length: 3\r\n\r\nabc", True),
-    (b"POST / HTTP/1.1\nHost: a\nContent-Length: 3\n\nabc", True),
-    (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n", True),
-])
+@pytest.mark.parametrize(
+    ("wire", "refused"),
+    [
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc", False),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc", True),
+        (
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3\r\nabc\r\n0\r\n\r\n",
+            True,
+        ),
+        (
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",  # noqa: E501
+            False,
+        ),
+        (
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",  # noqa: E501
+            True,
+        ),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nX: 1\r\n folded\r\nContent-Length: 3\r\n\r\nabc", True),
+        (b"POST / HTTP/1.1\nHost: a\nContent-Length: 3\n\nabc", True),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n", True),
+    ],
+)
 def test_known_framing_cases(server: Running, wire: bytes, refused: bool) -> None:
     """The classic smuggling shapes, named, beside the fuzzing above."""
     with connect(server.port) as sock:

@@ -20,8 +20,9 @@ from flm.openai.errors import refusal
 
 
 class Running:
-    def __init__(self, loop: asyncio.AbstractEventLoop, srv: HttpServer,
-                 thread: threading.Thread) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, srv: HttpServer, thread: threading.Thread
+    ) -> None:
         self.loop = loop
         self.server = srv
         self.thread = thread
@@ -34,8 +35,9 @@ class Running:
         self.thread.join(timeout=10)
 
 
-def serve(app: Callable[[Scope, Receive, Send], Any], host: str = "127.0.0.1",
-          **kwargs: Any) -> Running:
+def serve(
+    app: Callable[[Scope, Receive, Send], Any], host: str = "127.0.0.1", **kwargs: Any
+) -> Running:
     loop = asyncio.new_event_loop()
     sock = bind_socket(host, 0)
     kwargs.setdefault("refusal", refusal)  # the gateway's: the error contract's JSON
@@ -79,15 +81,27 @@ async def echo(scope: Scope, receive: Receive, send: Send) -> None:
             break
     text = f"{scope['method']} {scope['path']} {scope['query_string'].decode()} ".encode() + body
     if scope["path"] == "/stream":
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"text/plain")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/plain")],
+            }
+        )
         for part in (b"one,", b"two,", b"three"):
             await send({"type": "http.response.body", "body": part, "more_body": True})
         await send({"type": "http.response.body", "body": b""})
         return
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", b"text/plain"),
-                            (b"content-length", str(len(text)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [
+                (b"content-type", b"text/plain"),
+                (b"content-length", str(len(text)).encode()),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": text})
 
 
@@ -124,8 +138,8 @@ def read_response(sock: socket.socket, buf: bytearray) -> tuple[bytes, dict[byte
         size = int(line, 16)
         while len(buf) < len(line) + 2 + size + 2:
             buf += sock.recv(65536)
-        body += bytes(buf[len(line) + 2:len(line) + 2 + size])
-        del buf[:len(line) + 2 + size + 2]
+        body += bytes(buf[len(line) + 2 : len(line) + 2 + size])
+        del buf[: len(line) + 2 + size + 2]
         if size == 0:
             return lines[0], headers, body
 
@@ -146,8 +160,12 @@ def test_keep_alive_and_one_write_per_small_reply(running: Callable[..., Running
         buf = bytearray()
         for i in range(3):
             body = f"hello {i}".encode()
-            sock.sendall(b"POST /p%C3%A9?x=1 HTTP/1.1\r\nHost: a\r\nContent-Length: "
-                         + str(len(body)).encode() + b"\r\n\r\n" + body)
+            sock.sendall(
+                b"POST /p%C3%A9?x=1 HTTP/1.1\r\nHost: a\r\nContent-Length: "
+                + str(len(body)).encode()
+                + b"\r\n\r\n"
+                + body
+            )
             status, headers, reply = read_response(sock, buf)
             assert status == b"HTTP/1.1 200 OK"
             assert reply == f"POST /p\u00e9 x=1 hello {i}".encode()  # path decoded as UTF-8
@@ -176,20 +194,24 @@ def test_pipelined_requests_answer_in_order(running: Callable[..., Running]) -> 
         sock.sendall(b"".join(f"GET /{i} HTTP/1.1\r\nHost: a\r\n\r\n".encode() for i in range(5)))
         buf = bytearray()
         assert [read_response(sock, buf)[2] for _ in range(5)] == [
-            f"GET /{i}  ".encode() for i in range(5)]
+            f"GET /{i}  ".encode() for i in range(5)
+        ]
 
 
 def test_expect_100_continue_and_chunked_request(running: Callable[..., Running]) -> None:
     r = running(echo)
     with connect(r.port) as sock:
-        sock.sendall(b"POST /up HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n"
-                     b"Content-Length: 4\r\n\r\n")
+        sock.sendall(
+            b"POST /up HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n"
+        )
         assert sock.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
         sock.sendall(b"abcd")
         buf = bytearray()
         assert read_response(sock, buf)[2] == b"POST /up  abcd"
-        sock.sendall(b"POST /c HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
-                     b"3\r\nxyz\r\n2\r\n12\r\n0\r\n\r\n")
+        sock.sendall(
+            b"POST /c HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3\r\nxyz\r\n2\r\n12\r\n0\r\n\r\n"
+        )
         assert read_response(sock, buf)[2] == b"POST /c  xyz12"
 
 
@@ -207,11 +229,12 @@ def test_head_has_no_body(running: Callable[..., Running]) -> None:
         assert second.startswith(b"HTTP/1.1 200")
 
 
-def test_http10_and_connection_close_end_the_connection(
-        running: Callable[..., Running]) -> None:
+def test_http10_and_connection_close_end_the_connection(running: Callable[..., Running]) -> None:
     r = running(echo)
-    for request in (b"GET /a HTTP/1.0\r\n\r\n",
-                    b"GET /a HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"):
+    for request in (
+        b"GET /a HTTP/1.0\r\n\r\n",
+        b"GET /a HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    ):
         with connect(r.port) as sock:
             sock.sendall(request)
             _status, headers, body = read_response(sock, bytearray())
@@ -221,14 +244,16 @@ def test_http10_and_connection_close_end_the_connection(
 
 def test_reply_before_the_body_closes_the_connection(running: Callable[..., Running]) -> None:
     async def refuse(scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-length", b"0")]})
+        await send(
+            {"type": "http.response.start", "status": 413, "headers": [(b"content-length", b"0")]}
+        )
         await send({"type": "http.response.body", "body": b""})
 
     r = running(refuse)
     with connect(r.port) as sock:
-        sock.sendall(b"POST /big HTTP/1.1\r\nHost: a\r\nContent-Length: 40000000\r\n\r\n"
-                     + b"x" * 65536)
+        sock.sendall(
+            b"POST /big HTTP/1.1\r\nHost: a\r\nContent-Length: 40000000\r\n\r\n" + b"x" * 65536
+        )
         status, headers, _ = read_response(sock, bytearray())
         assert status.startswith(b"HTTP/1.1 413") and headers[b"connection"] == b"close"
         assert closed_by_peer(sock)
@@ -243,8 +268,13 @@ def test_slow_body_raises_in_receive(running: Callable[..., Running]) -> None:
                 pass
         except RequestBodyTimeout:
             seen.append("timeout")
-            await send({"type": "http.response.start", "status": 408,
-                        "headers": [(b"content-length", b"0")]})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 408,
+                    "headers": [(b"content-length", b"0")],
+                }
+            )
             await send({"type": "http.response.body", "body": b""})
 
     r = running(app, body_timeout_s=0.3)
@@ -277,8 +307,9 @@ def test_disconnect_reaches_a_waiting_receive(running: Callable[..., Running]) -
     assert got == [{"type": "http.disconnect"}]
 
 
-def test_app_errors_give_500_or_cut_the_reply(running: Callable[..., Running],
-                                              caplog: pytest.LogCaptureFixture) -> None:
+def test_app_errors_give_500_or_cut_the_reply(
+    running: Callable[..., Running], caplog: pytest.LogCaptureFixture
+) -> None:
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["path"] == "/late":
             await send({"type": "http.response.start", "status": 200, "headers": []})
@@ -306,9 +337,13 @@ def test_app_errors_give_500_or_cut_the_reply(running: Callable[..., Running],
 
 def test_bad_requests_and_header_injection(running: Callable[..., Running]) -> None:
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"x-evil", b"a\r\nset-cookie: x=1"),
-                                (b"content-length", b"0")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"x-evil", b"a\r\nset-cookie: x=1"), (b"content-length", b"0")],
+            }
+        )
         await send({"type": "http.response.body", "body": b""})
 
     r = running(app)
@@ -322,7 +357,8 @@ def test_bad_requests_and_header_injection(running: Callable[..., Running]) -> N
 
 
 def test_fixed_headers_go_on_every_response_and_bad_ones_are_refused(
-        running: Callable[..., Running]) -> None:
+    running: Callable[..., Running],
+) -> None:
     fixed = [(b"x-fixed", b"1"), (b"x-frame-options", b"DENY")]
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -353,11 +389,15 @@ def test_fixed_headers_go_on_every_response_and_bad_ones_are_refused(
 
 
 def test_framing_headers_from_the_app_are_the_servers_to_decide(
-        running: Callable[..., Running]) -> None:
+    running: Callable[..., Running],
+) -> None:
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         headers: list[tuple[bytes, bytes]] = {
-            "/close": [(b"Content-Length", b"2"), (b"Connection", b"Close"),
-                       (b"Transfer-Encoding", b"gzip")],
+            "/close": [
+                (b"Content-Length", b"2"),
+                (b"Connection", b"Close"),
+                (b"Transfer-Encoding", b"gzip"),
+            ],
             "/keep": [(b"connection", b"keep-alive"), (b"transfer-encoding", b"identity")],
             "/empty": [(b"", b"x"), (b"content-length", b"2")],
         }[scope["path"]]
@@ -383,8 +423,9 @@ def test_framing_headers_from_the_app_are_the_servers_to_decide(
         assert status.startswith(b"HTTP/1.1 500")
 
 
-def test_idle_keep_alive_connection_is_closed(running: Callable[..., Running],
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_idle_keep_alive_connection_is_closed(
+    running: Callable[..., Running], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(server.HttpProtocol, "keepalive_timeout_s", 0.3)
     r = running(echo)
     with connect(r.port) as sock:
@@ -399,8 +440,9 @@ def test_graceful_stop_lets_a_running_request_finish() -> None:
 
     async def slow(scope: Scope, receive: Receive, send: Send) -> None:
         await asyncio.get_running_loop().run_in_executor(None, release.wait, 10)
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-length", b"4")]})
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"4")]}
+        )
         await send({"type": "http.response.body", "body": b"done"})
 
     r = serve(slow)
@@ -490,17 +532,22 @@ def _refusal(sock: socket.socket, buf: bytearray, status: bytes) -> dict[str, An
 
 
 def test_upgrade_requests_are_answered_as_plain_http_and_never_smuggle(
-        running: Callable[..., Running]) -> None:
+    running: Callable[..., Running],
+) -> None:
     calls, app = _counting_echo()
     r = running(app)
     smuggled = b"GET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n"
     with connect(r.port) as sock:  # a body llhttp would not read: refused, never served
-        sock.sendall(b"POST /up HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n"
-                     b"Content-Length: %d\r\n\r\n" % len(smuggled) + smuggled)
+        sock.sendall(
+            b"POST /up HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(smuggled) + smuggled
+        )
         assert "upgrade" in _refusal(sock, bytearray(), b"400")["message"]
     with connect(r.port) as sock:  # no body: served, then the connection ends
-        sock.sendall(b"GET /up HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\n"
-                     b"Upgrade: websocket\r\n\r\n" + smuggled)
+        sock.sendall(
+            b"GET /up HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\n"
+            b"Upgrade: websocket\r\n\r\n" + smuggled
+        )
         buf = bytearray()
         line, headers, body = read_response(sock, buf)
         assert line.startswith(b"HTTP/1.1 200") and body.startswith(b"GET /up")
@@ -508,13 +555,14 @@ def test_upgrade_requests_are_answered_as_plain_http_and_never_smuggle(
     assert calls == ["GET /up"]
 
 
-def test_bad_bytes_after_good_requests_answer_those_first(
-        running: Callable[..., Running]) -> None:
+def test_bad_bytes_after_good_requests_answer_those_first(running: Callable[..., Running]) -> None:
     calls, app = _counting_echo()
     r = running(app)
     with connect(r.port) as sock:
-        sock.sendall(b"GET /one HTTP/1.1\r\nHost: a\r\n\r\nGET /two HTTP/1.1\r\nHost: a\r\n\r\n"
-                     b"garbage\r\n\r\n")
+        sock.sendall(
+            b"GET /one HTTP/1.1\r\nHost: a\r\n\r\nGET /two HTTP/1.1\r\nHost: a\r\n\r\n"
+            b"garbage\r\n\r\n"
+        )
         buf = bytearray()
         assert read_response(sock, buf)[2].startswith(b"GET /one")
         assert read_response(sock, buf)[2].startswith(b"GET /two")
@@ -522,14 +570,18 @@ def test_bad_bytes_after_good_requests_answer_those_first(
     assert calls == ["GET /one", "GET /two"]
 
 
-@pytest.mark.parametrize("request_bytes", [
-    b"GET /te HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: identity\r\n\r\n",
-    b"POST /te HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
-    b"POST /te HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
-    b"fffffffffffffffffff\r\nx\r\n",
-])
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET /te HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: identity\r\n\r\n",
+        b"POST /te HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",  # noqa: E501
+        b"POST /te HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"fffffffffffffffffff\r\nx\r\n",
+    ],
+)
 def test_a_request_with_broken_framing_is_refused_and_never_dispatched(
-        running: Callable[..., Running], request_bytes: bytes) -> None:
+    running: Callable[..., Running], request_bytes: bytes
+) -> None:
     calls, app = _counting_echo()
     r = running(app)
     with connect(r.port) as sock:
@@ -538,8 +590,7 @@ def test_a_request_with_broken_framing_is_refused_and_never_dispatched(
     assert calls == []
 
 
-def test_broken_body_of_a_running_request_gets_the_refusal(
-        running: Callable[..., Running]) -> None:
+def test_broken_body_of_a_running_request_gets_the_refusal(running: Callable[..., Running]) -> None:
     seen: list[Message] = []
     first_part = threading.Event()
 
@@ -550,13 +601,16 @@ def test_broken_body_of_a_running_request_gets_the_refusal(
 
     r = running(app)
     with connect(r.port) as sock:
-        sock.sendall(b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
-                     b"3\r\nabc\r\n")
+        sock.sendall(
+            b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n"
+        )
         assert first_part.wait(5)
         sock.sendall(b"zz\r\n")
         _refusal(sock, bytearray(), b"400")
-    assert seen == [{"type": "http.request", "body": b"abc", "more_body": True},
-                    {"type": "http.disconnect"}]
+    assert seen == [
+        {"type": "http.request", "body": b"abc", "more_body": True},
+        {"type": "http.disconnect"},
+    ]
 
 
 def test_head_limit_holds_on_keep_alive_connections(running: Callable[..., Running]) -> None:
@@ -588,8 +642,9 @@ def test_head_limit_holds_on_keep_alive_connections(running: Callable[..., Runni
     assert seen == ["/first"]
 
 
-def test_head_timeout_is_the_error_contract(running: Callable[..., Running],
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_head_timeout_is_the_error_contract(
+    running: Callable[..., Running], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(server.HttpProtocol, "head_timeout_s", 0.3)
     r = running(echo)
     with connect(r.port) as sock:
@@ -600,8 +655,9 @@ def test_head_timeout_is_the_error_contract(running: Callable[..., Running],
 def test_no_100_continue_for_http10_clients(running: Callable[..., Running]) -> None:
     r = running(echo)
     with connect(r.port) as sock:
-        sock.sendall(b"POST /e HTTP/1.0\r\nHost: a\r\nExpect: 100-continue\r\n"
-                     b"Content-Length: 5\r\n\r\n")
+        sock.sendall(
+            b"POST /e HTTP/1.0\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n"
+        )
         sock.settimeout(0.5)
         with pytest.raises(TimeoutError):
             sock.recv(65536)  # nothing: an HTTP/1.0 client is never sent "100 Continue"
@@ -611,8 +667,9 @@ def test_no_100_continue_for_http10_clients(running: Callable[..., Running]) -> 
         assert line.startswith(b"HTTP/1.1 200") and body.endswith(b"hello")
 
 
-def test_a_client_that_never_reads_is_cut(running: Callable[..., Running],
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_client_that_never_reads_is_cut(
+    running: Callable[..., Running], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(server.HttpProtocol, "send_timeout_s", 0.5)
     finished = threading.Event()
 
@@ -632,15 +689,19 @@ def test_a_client_that_never_reads_is_cut(running: Callable[..., Running],
         assert not r.server.state.connections  # the connection was cut
 
 
-@pytest.mark.parametrize(("head", "message"), [
-    (b"GET /h HTTP/1.1\r\nX-A: b\r\n\r\n", "missing Host header"),
-    (b"GET /h HTTP/1.1\r\nHost: a\r\nX-A: b\r\nhost: b\r\n\r\n", "more than one Host header"),
-    (b"GET /h HTTP/1.1\r\nHost: a b\r\n\r\n", "invalid Host header"),
-    (b"GET /h HTTP/1.1\r\nHost: evil@a\r\n\r\n", "invalid Host header"),
-    (b"GET /h HTTP/1.1\r\nHost: a/b\r\n\r\n", "invalid Host header"),
-])
-def test_host_must_be_one_and_valid(running: Callable[..., Running], head: bytes,
-                                    message: str) -> None:
+@pytest.mark.parametrize(
+    ("head", "message"),
+    [
+        (b"GET /h HTTP/1.1\r\nX-A: b\r\n\r\n", "missing Host header"),
+        (b"GET /h HTTP/1.1\r\nHost: a\r\nX-A: b\r\nhost: b\r\n\r\n", "more than one Host header"),
+        (b"GET /h HTTP/1.1\r\nHost: a b\r\n\r\n", "invalid Host header"),
+        (b"GET /h HTTP/1.1\r\nHost: evil@a\r\n\r\n", "invalid Host header"),
+        (b"GET /h HTTP/1.1\r\nHost: a/b\r\n\r\n", "invalid Host header"),
+    ],
+)
+def test_host_must_be_one_and_valid(
+    running: Callable[..., Running], head: bytes, message: str
+) -> None:
     """RFC 9112 §3.2: a request that lacks Host, repeats it or carries a malformed one is
     refused before the app sees it; the request before it on the connection is answered."""
     calls, app = _counting_echo()
@@ -653,12 +714,15 @@ def test_host_must_be_one_and_valid(running: Callable[..., Running], head: bytes
     assert calls == ["GET /first"]
 
 
-@pytest.mark.parametrize("head", [
-    b"GET /h HTTP/1.0\r\n\r\n",  # HTTP/1.0 may omit it
-    b"GET /h HTTP/1.1\r\nHost: \r\n\r\n",  # empty: allowed
-    b"GET /h HTTP/1.1\r\nHost: [::1]:8080\r\nConnection: close\r\n\r\n",
-    b"GET /h HTTP/1.1\r\nhOsT:  127.0.0.1:80 \r\nX-A: 1\r\nX-A: 2\r\n\r\n",
-])
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET /h HTTP/1.0\r\n\r\n",  # HTTP/1.0 may omit it
+        b"GET /h HTTP/1.1\r\nHost: \r\n\r\n",  # empty: allowed
+        b"GET /h HTTP/1.1\r\nHost: [::1]:8080\r\nConnection: close\r\n\r\n",
+        b"GET /h HTTP/1.1\r\nhOsT:  127.0.0.1:80 \r\nX-A: 1\r\nX-A: 2\r\n\r\n",
+    ],
+)
 def test_good_hosts_pass(running: Callable[..., Running], head: bytes) -> None:
     calls, app = _counting_echo()
     r = running(app)
@@ -670,7 +734,8 @@ def test_good_hosts_pass(running: Callable[..., Running], head: bytes) -> None:
 
 
 def test_ipv4_clients_of_a_dual_stack_socket_have_their_ipv4_address(
-        running: Callable[..., Running]) -> None:
+    running: Callable[..., Running],
+) -> None:
     """On a "::" bind an IPv4 client arrives as ::ffff:a.b.c.d; it is a.b.c.d to the apps, so
     allow-lists, blocks, rate buckets and audit rows name it the way a user writes it."""
     clients: list[Any] = []
@@ -700,8 +765,10 @@ def test_refusals_are_rendered_by_the_function_given(running: Callable[..., Runn
     assert headers[b"content-type"].startswith(b"text/plain")
 
     def teapot(status: int, code: str, message: str) -> tuple[list[tuple[bytes, bytes]], bytes]:
-        return [(b"content-type", b"text/x-test"), (b"x-code", code.encode())], b"<" + \
-            message.encode() + b">"
+        return [
+            (b"content-type", b"text/x-test"),
+            (b"x-code", code.encode()),
+        ], b"<" + message.encode() + b">"
 
     r = running(echo, refusal=teapot, headers=[(b"x-fixed", b"1")])
     with connect(r.port) as sock:

@@ -6,8 +6,10 @@ from flm.openai.sse import usage_from_bytes
 
 
 def test_usage_from_chat_and_responses_shapes() -> None:
-    chat = (b'{"id":"x","usage":{"prompt_tokens":12,"completion_tokens":9,"total_tokens":21,'
-            b'"prompt_tokens_details":{"cached_tokens":3}}}')
+    chat = (
+        b'{"id":"x","usage":{"prompt_tokens":12,"completion_tokens":9,"total_tokens":21,'
+        b'"prompt_tokens_details":{"cached_tokens":3}}}'
+    )
     assert usage_from_bytes(chat) == {"prompt_tokens": 12, "completion_tokens": 9}
     spaced = b'{"usage": {"prompt_tokens": 4, "completion_tokens": 5}}'.replace(b'": {', b'":{')
     assert usage_from_bytes(spaced) == {"prompt_tokens": 4, "completion_tokens": 5}
@@ -16,8 +18,10 @@ def test_usage_from_chat_and_responses_shapes() -> None:
 
 
 def test_usage_is_taken_from_the_last_usage_object_only() -> None:
-    raw = (b'{"choices":[{"message":{"content":"\\"prompt_tokens\\":999"}}],'
-           b'"usage":{"completion_tokens":3}}')
+    raw = (
+        b'{"choices":[{"message":{"content":"\\"prompt_tokens\\":999"}}],'
+        b'"usage":{"completion_tokens":3}}'
+    )
     assert usage_from_bytes(raw) == {"completion_tokens": 3}
     assert usage_from_bytes(b'{"choices":[]}') is None
     assert usage_from_bytes(b'{"usage":{"total_tokens":1}}') is None

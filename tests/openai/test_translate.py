@@ -38,15 +38,30 @@ def _plan(body: dict[str, Any], caps: Capabilities = PLAIN) -> Any:
         ({"logit_bias": {"1": 2}}, NARROW, {}, "logit_bias dropped", False),
         ({"stop": ["x"]}, NARROW, {}, "stop dropped", False),
         ({"top_k": 5}, PLAIN, {"top_k": 5}, None, True),
-        ({"response_format": {"type": "json_object"}}, PLAIN,
-         {"response_format": {"type": "json_object"}}, None, True),
+        (
+            {"response_format": {"type": "json_object"}},
+            PLAIN,
+            {"response_format": {"type": "json_object"}},
+            None,
+            True,
+        ),
         ({"chat_template": "{{ 7*7 }}"}, VLLM, {}, "chat_template dropped", False),
-        ({"kv_transfer_params": {"remote_host": "10.0.0.9"}}, VLLM, {},
-         "kv_transfer_params dropped", False),
+        (
+            {"kv_transfer_params": {"remote_host": "10.0.0.9"}},
+            VLLM,
+            {},
+            "kv_transfer_params dropped",
+            False,
+        ),
     ],
 )
-def test_parameter_rules(extra: dict[str, Any], caps: Capabilities, expect_body: dict[str, Any],
-                         warning: str | None, unchanged: bool) -> None:
+def test_parameter_rules(
+    extra: dict[str, Any],
+    caps: Capabilities,
+    expect_body: dict[str, Any],
+    warning: str | None,
+    unchanged: bool,
+) -> None:
     plan = _plan({"model": "flm://e/m", "messages": MSG, **extra}, caps)
     assert plan.body["model"] == "m"
     for key, value in expect_body.items():
@@ -66,20 +81,70 @@ def test_parameter_rules(extra: dict[str, Any], caps: Capabilities, expect_body:
         ({"model": 7, "messages": MSG}, 400, "invalid_model"),
         ({"model": "flm://e", "messages": MSG}, 400, "invalid_model"),
         ({"model": "flm://e/m", "messages": []}, 400, "invalid_request"),
-        ({"model": "flm://e/m", "messages": MSG, "response_format": {"type": "xml"}}, 400,
-         "unsupported_parameter"),
+        (
+            {"model": "flm://e/m", "messages": MSG, "response_format": {"type": "xml"}},
+            400,
+            "unsupported_parameter",
+        ),
         ({"model": "flm://e/m", "messages": MSG, "temperature": "hot"}, 400, "invalid_request"),
-        ({"model": "flm://e/m", "messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": PNG}}]}]}, 422, "unsupported_modalities"),
-        ({"model": "flm://e/m", "messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "http://plain/x.png"}}]}]}, 400,
-         "invalid_request"),
-        ({"model": "flm://e/m", "messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "data:image/gif;base64,R0lG"}}]}]}, 422,
-         "unsupported_modalities"),
-        ({"model": "flm://e/m", "messages": [{"role": "user", "content": [
-            {"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}]}, 422,
-         "unsupported_modalities"),
+        (
+            {
+                "model": "flm://e/m",
+                "messages": [
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": PNG}}]}
+                ],
+            },
+            422,
+            "unsupported_modalities",
+        ),
+        (
+            {
+                "model": "flm://e/m",
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image_url", "image_url": {"url": "http://plain/x.png"}}
+                        ],
+                    }
+                ],
+            },
+            400,
+            "invalid_request",
+        ),
+        (
+            {
+                "model": "flm://e/m",
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {
+                                "type": "image_url",
+                                "image_url": {"url": "data:image/gif;base64,R0lG"},
+                            }
+                        ],
+                    }
+                ],
+            },
+            422,
+            "unsupported_modalities",
+        ),
+        (
+            {
+                "model": "flm://e/m",
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}
+                        ],
+                    }
+                ],
+            },
+            422,
+            "unsupported_modalities",
+        ),
     ],
 )
 def test_refusals(body: dict[str, Any], status: int, code: str) -> None:
@@ -89,19 +154,36 @@ def test_refusals(body: dict[str, Any], status: int, code: str) -> None:
 
 
 def test_image_parts_are_normalised_for_vision_engines() -> None:
-    plan = _plan({"model": "flm://e/m", "messages": [{"role": "user", "content": [
-        {"type": "input_text", "text": "what"},
-        {"type": "input_image", "image_url": PNG}]}]}, VISION)
+    plan = _plan(
+        {
+            "model": "flm://e/m",
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "input_text", "text": "what"},
+                        {"type": "input_image", "image_url": PNG},
+                    ],
+                }
+            ],
+        },
+        VISION,
+    )
     parts = plan.body["messages"][0]["content"]
-    assert parts == [{"type": "text", "text": "what"},
-                     {"type": "image_url", "image_url": {"url": PNG}}]
+    assert parts == [
+        {"type": "text", "text": "what"},
+        {"type": "image_url", "image_url": {"url": PNG}},
+    ]
     assert plan.has_images and not plan.unchanged
 
 
 @pytest.mark.parametrize("spaced", [False, True])
 def test_raw_forwarding_replaces_only_the_model(spaced: bool) -> None:
-    body = {"model": "flm://e/m:1", "messages": [
-        {"role": "user", "content": 'quote "model":"flm://e/m:1" here'}], "temperature": 1}
+    body = {
+        "model": "flm://e/m:1",
+        "messages": [{"role": "user", "content": 'quote "model":"flm://e/m:1" here'}],
+        "temperature": 1,
+    }
     raw = json.dumps(body, separators=None if spaced else (",", ":")).encode()
     out = raw_with_model(raw, "flm://e/m:1", "m:1")
     assert out is not None

@@ -45,33 +45,65 @@ def test_cloud_model_hidden_refused_then_served_when_allowed(cli: Any, flm_home:
             # hidden as an flm:// id and as a plain name
             assert _models(env) == ["flm://eng/llama3.2:1b", "llama3.2:1b"]
             chats_before = len([r for r in emu.requests if r[1] == "/api/chat"])
-            status, _h, body = env.request("POST", "/v1/chat/completions", body={
-                "model": f"flm://eng/{CLOUD}", "messages": [{"role": "user", "content": "hi"}]})
+            status, _h, body = env.request(
+                "POST",
+                "/v1/chat/completions",
+                body={
+                    "model": f"flm://eng/{CLOUD}",
+                    "messages": [{"role": "user", "content": "hi"}],
+                },
+            )
             assert status == 403, body
             assert json.loads(body)["error"]["code"] == "cloud_model_blocked"
             assert len([r for r in emu.requests if r[1] == "/api/chat"]) == chats_before
             status, _h, _b = env.request("GET", f"/v1/models/flm://eng/{CLOUD}")
             assert status == 404
             # the plain name is refused the same way, before anything reaches the engine
-            status, _h, body = env.request("POST", "/v1/chat/completions", body={
-                "model": CLOUD, "messages": [{"role": "user", "content": "hi"}]})
+            status, _h, body = env.request(
+                "POST",
+                "/v1/chat/completions",
+                body={"model": CLOUD, "messages": [{"role": "user", "content": "hi"}]},
+            )
             assert status == 403, body
             assert json.loads(body)["error"]["code"] == "cloud_model_blocked"
             assert len([r for r in emu.requests if r[1] == "/api/chat"]) == chats_before
-            rows = audit_rows(flm_home, "SELECT severity, details_json FROM audit_logs WHERE "
-                              "event_type = 'cloud_model_blocked'", flush=gw.runtime.audit.flush)
+            rows = audit_rows(
+                flm_home,
+                "SELECT severity, details_json FROM audit_logs WHERE "
+                "event_type = 'cloud_model_blocked'",
+                flush=gw.runtime.audit.flush,
+            )
             assert rows and rows[0][0] == "medium" and CLOUD in rows[0][1]
-            refused = audit_rows(flm_home, "SELECT status FROM audit_logs WHERE error_type = "
-                                 "'cloud_model_blocked'", flush=gw.runtime.audit.flush)
+            refused = audit_rows(
+                flm_home,
+                "SELECT status FROM audit_logs WHERE error_type = 'cloud_model_blocked'",
+                flush=gw.runtime.audit.flush,
+            )
             assert refused == [(403,), (403,)]
             # local models still work
-            status, _h, body = env.request("POST", "/v1/chat/completions", body={
-                "model": "flm://eng/llama3.2:1b", "messages": [{"role": "user", "content": "x"}]})
+            status, _h, body = env.request(
+                "POST",
+                "/v1/chat/completions",
+                body={
+                    "model": "flm://eng/llama3.2:1b",
+                    "messages": [{"role": "user", "content": "x"}],
+                },
+            )
             assert status == 200, body
 
             env.policy({"allow_cloud_models": True})
-            assert _models(env) == ["flm://eng/gpt-oss:120b-cloud", "flm://eng/llama3.2:1b",
-                                    CLOUD, "llama3.2:1b"]
-            status, _h, body = env.request("POST", "/v1/chat/completions", body={
-                "model": f"flm://eng/{CLOUD}", "messages": [{"role": "user", "content": "hi"}]})
+            assert _models(env) == [
+                "flm://eng/gpt-oss:120b-cloud",
+                "flm://eng/llama3.2:1b",
+                CLOUD,
+                "llama3.2:1b",
+            ]
+            status, _h, body = env.request(
+                "POST",
+                "/v1/chat/completions",
+                body={
+                    "model": f"flm://eng/{CLOUD}",
+                    "messages": [{"role": "user", "content": "hi"}],
+                },
+            )
             assert status == 200, body

@@ -20,7 +20,7 @@ def _flm_shim(tmp_path: Path) -> Path:
     bindir = tmp_path / "bin"
     bindir.mkdir()
     shim = bindir / "flm"
-    shim.write_text(f"#!/bin/sh\nexec {sys.executable} -m flm \"$@\"\n")
+    shim.write_text(f'#!/bin/sh\nexec {sys.executable} -m flm "$@"\n')
     shim.chmod(0o755)
     return bindir
 
@@ -31,19 +31,25 @@ def _complete(script: str, words: list[str], bindir: Path) -> list[str]:
     driver = (
         'source "$1"\n'
         'fn=$(complete -p flm | sed -E "s/.*-F ([^ ]+).*/\\1/")\n'
-        'shift\n'
+        "shift\n"
         'COMP_WORDS=("$@")\n'
-        'COMP_CWORD=$(( ${#COMP_WORDS[@]} - 1 ))\n'
+        "COMP_CWORD=$(( ${#COMP_WORDS[@]} - 1 ))\n"
         'COMP_LINE="${COMP_WORDS[*]}"\n'
-        'COMP_POINT=${#COMP_LINE}\n'
+        "COMP_POINT=${#COMP_LINE}\n"
         '"$fn" flm "${COMP_WORDS[COMP_CWORD]}" "${COMP_WORDS[COMP_CWORD-1]}"\n'
         'printf "%s\\n" "${COMPREPLY[@]}"\n'
     )
     path = bindir.parent / "completion.bash"
     path.write_text(script)
     env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
-    proc = subprocess.run(["bash", "-c", driver, "drive", str(path), *words],
-                          capture_output=True, text=True, env=env, timeout=60, check=False)
+    proc = subprocess.run(
+        ["bash", "-c", driver, "drive", str(path), *words],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     return [line for line in proc.stdout.splitlines() if line]
 
@@ -58,8 +64,14 @@ def bash_script() -> str:
 def test_bash_script_loads_with_process_substitution(tmp_path: Path) -> None:
     bindir = _flm_shim(tmp_path)
     env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
-    proc = subprocess.run(["bash", "-c", "source <(flm completion bash) && complete -p flm"],
-                          capture_output=True, text=True, env=env, timeout=60, check=False)
+    proc = subprocess.run(
+        ["bash", "-c", "source <(flm completion bash) && complete -p flm"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "flm" in proc.stdout and "-F" in proc.stdout
 
@@ -70,8 +82,11 @@ def test_bash_completes_subcommands(bash_script: str, tmp_path: Path) -> None:
     assert _complete(bash_script, ["flm", "api-keys", "ro"], bindir) == ["rotate"]
     top = _complete(bash_script, ["flm", "secu"], bindir)
     assert top == ["security"]
-    assert sorted(_complete(bash_script, ["flm", "se"], bindir)) == ["secrets", "security",
-                                                                     "service"]
+    assert sorted(_complete(bash_script, ["flm", "se"], bindir)) == [
+        "secrets",
+        "security",
+        "service",
+    ]
 
 
 def test_bash_completes_key_ids_dynamically(bash_script: str, tmp_path: Path, cli: Any) -> None:
@@ -98,27 +113,37 @@ def test_zsh_and_fish_scripts(tmp_path: Path) -> None:
     assert "_flm_keys" in zsh.stdout and "revoke" in zsh.stdout
     fish = flm_subprocess("completion", "fish")
     assert fish.returncode == 0
-    assert "complete -c flm -n '__fish_seen_subcommand_from api-keys; and not " \
+    assert (
+        "complete -c flm -n '__fish_seen_subcommand_from api-keys; and not "
         "__fish_seen_subcommand_from create" in fish.stdout
+    )
     assert "revoke rotate" in fish.stdout and "-a 'revoke'" in fish.stdout
     assert "(flm completion values keys 2>/dev/null)" in fish.stdout
     if shutil.which("zsh"):
-        proc = subprocess.run(["zsh", "-n", "-c", zsh.stdout], capture_output=True, text=True,
-                              check=False, timeout=30)
+        proc = subprocess.run(
+            ["zsh", "-n", "-c", zsh.stdout], capture_output=True, text=True, check=False, timeout=30
+        )
         assert proc.returncode == 0, proc.stderr
     if shutil.which("fish"):
-        proc = subprocess.run(["fish", "--no-execute", "-c", fish.stdout], capture_output=True,
-                              text=True, check=False, timeout=30)
+        proc = subprocess.run(
+            ["fish", "--no-execute", "-c", fish.stdout],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=30,
+        )
         assert proc.returncode == 0, proc.stderr
 
 
 def test_help_stays_fast() -> None:
     """Completion support must not make `flm --help` slow (shtab is imported only when a
     script is generated)."""
-    code = ("import sys, flm.cli; flm.cli.build_parser(); "
-            "print(sorted({'shtab'} & set(sys.modules)))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          check=False, timeout=60)
+    code = (
+        "import sys, flm.cli; flm.cli.build_parser(); print(sorted({'shtab'} & set(sys.modules)))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=60
+    )
     assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr
     # CPU time, not wall time: the machine running the tests may be busy with other work
     best = min(_help_cpu_seconds() for _ in range(3))
@@ -127,8 +152,13 @@ def test_help_stays_fast() -> None:
 
 def _help_cpu_seconds() -> float:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    proc = subprocess.run([sys.executable, "-m", "flm", "--help"], capture_output=True,
-                          text=True, check=False, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "flm", "--help"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     assert proc.returncode == 0
     return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)

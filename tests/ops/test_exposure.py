@@ -21,8 +21,16 @@ def _report(cli: Any, engine_id: str) -> dict[str, Any]:
 def test_wildcard_bind_is_exposed_with_the_fix(cli: Any, flm_home: Path) -> None:
     with start_emulator("ollama", models=["m:1"], host="0.0.0.0") as emu:
         port = emu.url.rsplit(":", 1)[1]
-        cli("engines", "add", "--kind", "ollama", "--url", f"http://127.0.0.1:{port}",
-            "--id", "wide")
+        cli(
+            "engines",
+            "add",
+            "--kind",
+            "ollama",
+            "--url",
+            f"http://127.0.0.1:{port}",
+            "--id",
+            "wide",
+        )
         report = _report(cli, "wide")
         assert report["status"] == "exposed"
         assert report["listen"] == ["0.0.0.0"]
@@ -34,16 +42,25 @@ def test_wildcard_bind_is_exposed_with_the_fix(cli: Any, flm_home: Path) -> None
         text = cli("security", "exposure", "--format", "text")
         assert "OLLAMA_HOST=127.0.0.1" in text.out and "exposed" in text.out
     conn = sqlite3.connect(flm_home / "security.db")
-    rows = conn.execute("SELECT severity, details_json FROM audit_logs "
-                        "WHERE event_type = 'engine_exposed'").fetchall()
+    rows = conn.execute(
+        "SELECT severity, details_json FROM audit_logs WHERE event_type = 'engine_exposed'"
+    ).fetchall()
     conn.close()
     assert rows and rows[0][0] == "high" and '"wide"' in rows[0][1]
 
 
 def test_vllm_on_wildcard_gets_the_host_flag(cli: Any) -> None:
     with start_emulator("vllm", models=["m"], host="0.0.0.0") as emu:
-        cli("engines", "add", "--kind", "vllm", "--url", emu.url.replace("0.0.0.0", "127.0.0.1"),
-            "--id", "v")
+        cli(
+            "engines",
+            "add",
+            "--kind",
+            "vllm",
+            "--url",
+            emu.url.replace("0.0.0.0", "127.0.0.1"),
+            "--id",
+            "v",
+        )
         report = _report(cli, "v")
         assert report["status"] == "exposed"
         assert "--host 127.0.0.1" in report["fix"]
@@ -59,9 +76,11 @@ def test_loopback_bind_is_loopback_only(cli: Any, flm_home: Path) -> None:
         assert report["answers_without_key"] is True
     if (flm_home / "security.db").exists():
         conn = sqlite3.connect(flm_home / "security.db")
-        count = conn.execute("SELECT COUNT(*) FROM audit_logs "
-                             "WHERE event_type = 'engine_exposed' AND details_json LIKE "
-                             "'%tight%'").fetchone()[0]
+        count = conn.execute(
+            "SELECT COUNT(*) FROM audit_logs "
+            "WHERE event_type = 'engine_exposed' AND details_json LIKE "
+            "'%tight%'"
+        ).fetchone()[0]
         conn.close()
         assert count == 0
 
@@ -71,8 +90,16 @@ def test_proxy_start_and_up_warn(cli: Any, capsys: Any) -> None:
 
     with start_emulator("lmstudio", models=["m"], host="0.0.0.0") as emu:
         port = emu.url.rsplit(":", 1)[1]
-        cli("engines", "add", "--kind", "lmstudio", "--url", f"http://127.0.0.1:{port}",
-            "--id", "lms")
+        cli(
+            "engines",
+            "add",
+            "--kind",
+            "lmstudio",
+            "--url",
+            f"http://127.0.0.1:{port}",
+            "--id",
+            "lms",
+        )
         ctx = Context(Paths.resolve())
         try:
             lines = exposure_warnings(ctx)()
@@ -100,17 +127,34 @@ def test_proxy_start_prints_the_warning(cli: Any) -> None:
 
     with start_emulator("ollama", models=["m:1"], host="0.0.0.0") as emu:
         port = emu.url.rsplit(":", 1)[1]
-        cli("engines", "add", "--kind", "ollama", "--url", f"http://127.0.0.1:{port}",
-            "--id", "wide")
+        cli(
+            "engines",
+            "add",
+            "--kind",
+            "ollama",
+            "--url",
+            f"http://127.0.0.1:{port}",
+            "--id",
+            "wide",
+        )
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             gateway_port = s.getsockname()[1]
         # an engine registered on the gateway's own port: FLM itself, never "exposed"
-        cli("engines", "add", "--kind", "vllm", "--url", f"http://127.0.0.1:{gateway_port}",
-            "--id", "self")
+        cli(
+            "engines",
+            "add",
+            "--kind",
+            "vllm",
+            "--url",
+            f"http://127.0.0.1:{gateway_port}",
+            "--id",
+            "self",
+        )
         try:
-            started = flm_subprocess("proxy", "start", "--port", str(gateway_port),
-                                     "--bind", "0.0.0.0")
+            started = flm_subprocess(
+                "proxy", "start", "--port", str(gateway_port), "--bind", "0.0.0.0"
+            )
             assert started.returncode == 0, started.stdout + started.stderr
             notes = json.loads(started.stdout)["data"]["notes"]
             assert [n for n in notes if "engine wide (ollama)" in n and "OLLAMA_HOST" in n]

@@ -35,15 +35,31 @@ def _samples(env: Env) -> dict[str, int]:
 
 def test_every_dashboard_metric_is_exposed(env: Env) -> None:
     wanted = _queried_metrics()
-    assert {"flm_requests_total", "flm_request_duration_seconds_bucket",
-            "flm_time_to_first_token_seconds_bucket", "flm_tokens_total",
-            "flm_engine_healthy", "flm_blocked_requests_total"} <= wanted
-    env.policy({"ip_blocklist": {"enabled": True, "max_failures": 1, "exempt_loopback": False},
-                "ip_rate_limit": {"enabled": True, "rpm": 1, "burst": 1}})
+    assert {
+        "flm_requests_total",
+        "flm_request_duration_seconds_bucket",
+        "flm_time_to_first_token_seconds_bucket",
+        "flm_tokens_total",
+        "flm_engine_healthy",
+        "flm_blocked_requests_total",
+    } <= wanted
+    env.policy(
+        {
+            "ip_blocklist": {"enabled": True, "max_failures": 1, "exempt_loopback": False},
+            "ip_rate_limit": {"enabled": True, "rpm": 1, "burst": 1},
+        }
+    )
     assert env.chat(source="127.0.0.40")[0] == 200
-    status, _h, body = env.request("POST", "/v1/chat/completions", source="127.0.0.41", body={
-        "model": "flm://eng/m:1", "stream": True,
-        "messages": [{"role": "user", "content": "hi"}]})
+    status, _h, body = env.request(
+        "POST",
+        "/v1/chat/completions",
+        source="127.0.0.41",
+        body={
+            "model": "flm://eng/m:1",
+            "stream": True,
+            "messages": [{"role": "user", "content": "hi"}],
+        },
+    )
     assert status == 200 and b"[DONE]" in body
     assert env.chat(source="127.0.0.40")[0] == 429  # rate limited
     assert env.chat(source="127.0.0.42", key="flm_0000000000000000_bad")[0] == 401
@@ -70,8 +86,11 @@ def test_engine_down_is_a_gauge_and_an_event(env: Env, flm_home: Path) -> None:
     assert state["eng"] is False
     assert b'flm_engine_healthy{engine="eng"} 0.0' in env.request("GET", "/metrics")[2]
     flush = env.rt.audit.flush if env.rt.audit else None
-    rows = audit_rows(flm_home, "SELECT severity, details_json FROM audit_logs WHERE "
-                      "event_type = 'engine_down'", flush=flush)
+    rows = audit_rows(
+        flm_home,
+        "SELECT severity, details_json FROM audit_logs WHERE event_type = 'engine_down'",
+        flush=flush,
+    )
     assert [(s, json.loads(d)) for s, d in rows] == [("high", {"engine_id": "eng"})]
     env.emu.behaviour.status_override = None
     assert env.gw.call(lambda: probe_all(env.rt, state))["eng"] is True

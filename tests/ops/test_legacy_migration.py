@@ -18,33 +18,56 @@ CREATE TABLE user_settings (key TEXT PRIMARY KEY, value TEXT, updated_at TEXT);
 """
 
 
-def make_legacy(root: Path, *, db_name: str = "flm.db", skip_table: str | None = None,
-                config: dict[str, Any] | None = None) -> Path:
+def make_legacy(
+    root: Path,
+    *,
+    db_name: str = "flm.db",
+    skip_table: str | None = None,
+    config: dict[str, Any] | None = None,
+) -> Path:
     root.mkdir(parents=True, exist_ok=True)
-    (root / "config.json").write_text(json.dumps(config if config is not None else {
-        "port": 9090, "language": "ja", "theme": "dark", "telemetry": {"enabled": False}}))
+    (root / "config.json").write_text(
+        json.dumps(
+            config
+            if config is not None
+            else {"port": 9090, "language": "ja", "theme": "dark", "telemetry": {"enabled": False}}
+        )
+    )
     conn = sqlite3.connect(root / db_name)
     for statement in LEGACY_SCHEMA.split(";"):
         if statement.strip() and (skip_table is None or f"TABLE {skip_table} " not in statement):
             conn.execute(statement)
     if skip_table != "apis":
-        conn.executemany("INSERT INTO apis VALUES (?, ?, ?, ?, ?, ?, ?, ?)", [
-            ("a1", "Chat API", "llama3:8b", 8081, 1, "running", "2024-01-01", "2024-01-02"),
-            ("a2", "Chat API", "qwen2:7b", 8082, 0, "stopped", "2024-01-03", None),  # same name
-            ("a3", None, None, None, None, None, None, None),  # NULLs everywhere
-        ])
+        conn.executemany(
+            "INSERT INTO apis VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                ("a1", "Chat API", "llama3:8b", 8081, 1, "running", "2024-01-01", "2024-01-02"),
+                ("a2", "Chat API", "qwen2:7b", 8082, 0, "stopped", "2024-01-03", None),  # same name
+                ("a3", None, None, None, None, None, None, None),  # NULLs everywhere
+            ],
+        )
         # a name with bytes that are not UTF-8
-        conn.execute("INSERT INTO apis VALUES ('a4', CAST(X'4170699f' AS TEXT), 'm', 8084, "
-                     "1, 'running', NULL, NULL)")
+        conn.execute(
+            "INSERT INTO apis VALUES ('a4', CAST(X'4170699f' AS TEXT), 'm', 8084, "
+            "1, 'running', NULL, NULL)"
+        )
     if skip_table != "api_keys":
-        conn.executemany("INSERT INTO api_keys VALUES (?, ?, ?, ?, ?)", [
-            ("k1", "a1", "2024-01-01", b"\x01\x02secret-ciphertext", b"n1"),
-            ("k2", "a2", "2024-01-02", b"\x03\x04", None),
-        ])
+        conn.executemany(
+            "INSERT INTO api_keys VALUES (?, ?, ?, ?, ?)",
+            [
+                ("k1", "a1", "2024-01-01", b"\x01\x02secret-ciphertext", b"n1"),
+                ("k2", "a2", "2024-01-02", b"\x03\x04", None),
+            ],
+        )
     if skip_table != "user_settings":
-        conn.executemany("INSERT INTO user_settings VALUES (?, ?, ?)", [
-            ("log_level", "debug", "2024-01-01"), ("window_width", "1024", None),
-            ("empty", None, None)])
+        conn.executemany(
+            "INSERT INTO user_settings VALUES (?, ?, ?)",
+            [
+                ("log_level", "debug", "2024-01-01"),
+                ("window_width", "1024", None),
+                ("empty", None, None),
+            ],
+        )
     conn.commit()
     conn.close()
     return root
@@ -70,8 +93,7 @@ def test_plan_and_convert(cli: Any, tmp_path: Path, flm_home: Path) -> None:
     assert plan["counts"]["api_keys_not_migrated"] == 2
     assert "create new keys" in plan["api_keys"]
     profiles = {p["id"]: p for p in plan["proxy_profiles"]}
-    assert set(profiles) == {"legacy-chat-api", "legacy-chat-api-2", "legacy-api-a3",
-                             "legacy-api"}
+    assert set(profiles) == {"legacy-chat-api", "legacy-chat-api-2", "legacy-api-a3", "legacy-api"}
     assert any("used more than once" in w for w in plan["warnings"])
     assert any("not UTF-8" in w for w in plan["warnings"])
     assert any("no valid port" in w for w in plan["warnings"])
@@ -91,8 +113,7 @@ def test_plan_and_convert(cli: Any, tmp_path: Path, flm_home: Path) -> None:
     assert list((flm_home / "logs" / "migrations").glob("*.log"))
 
 
-def test_apply_needs_confirm_and_changes_nothing(cli: Any, tmp_path: Path,
-                                                 flm_home: Path) -> None:
+def test_apply_needs_confirm_and_changes_nothing(cli: Any, tmp_path: Path, flm_home: Path) -> None:
     before = _prepare_home(cli, flm_home)
     source = make_legacy(tmp_path / "legacy")
     result = cli("migrate", "legacy", "apply", "--source", str(source))
@@ -128,9 +149,9 @@ def test_apply_confirm(cli: Any, tmp_path: Path, flm_home: Path) -> None:
     assert again.data["conflicts"] == [] and again.data["counts"]["settings_to_write"] == 0
 
 
-def test_forced_failure_mid_apply_leaves_both_databases(cli: Any, tmp_path: Path,
-                                                        flm_home: Path,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_forced_failure_mid_apply_leaves_both_databases(
+    cli: Any, tmp_path: Path, flm_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from flm.services import legacy
 
     before = _prepare_home(cli, flm_home)
@@ -152,8 +173,9 @@ def test_forced_failure_mid_apply_leaves_both_databases(cli: Any, tmp_path: Path
     assert "rolled back" in result.error["message"]
 
 
-def test_failed_check_restores_backups(cli: Any, tmp_path: Path, flm_home: Path,
-                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_check_restores_backups(
+    cli: Any, tmp_path: Path, flm_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from flm.services import check, legacy
 
     before = _prepare_home(cli, flm_home)
@@ -172,10 +194,12 @@ def test_failed_check_restores_backups(cli: Any, tmp_path: Path, flm_home: Path,
     assert legacy  # (the module under test)
 
 
-@pytest.mark.parametrize("damage", ["no-config", "bad-json", "no-db", "not-sqlite",
-                                    "no-dir", "array-config"])
-def test_bad_sources_exit_1_and_write_nothing(cli: Any, tmp_path: Path, flm_home: Path,
-                                              damage: str) -> None:
+@pytest.mark.parametrize(
+    "damage", ["no-config", "bad-json", "no-db", "not-sqlite", "no-dir", "array-config"]
+)
+def test_bad_sources_exit_1_and_write_nothing(
+    cli: Any, tmp_path: Path, flm_home: Path, damage: str
+) -> None:
     source = make_legacy(tmp_path / "legacy")
     if damage == "no-config":
         (source / "config.json").unlink()
@@ -192,8 +216,9 @@ def test_bad_sources_exit_1_and_write_nothing(cli: Any, tmp_path: Path, flm_home
     out = tmp_path / "out"
     for action in ("plan", "convert", "apply"):
         extra = ["--confirm"] if action == "apply" else []
-        result = cli("migrate", "legacy", action, "--source", str(source), "--tmp", str(out),
-                     *extra)
+        result = cli(
+            "migrate", "legacy", action, "--source", str(source), "--tmp", str(out), *extra
+        )
         assert result.code == 1, (action, result.out)
         assert result.error["code"] == "LEGACY_SOURCE_INVALID"
     assert not out.exists()
@@ -202,8 +227,7 @@ def test_bad_sources_exit_1_and_write_nothing(cli: Any, tmp_path: Path, flm_home
 
 def test_missing_table_is_a_warning(cli: Any, tmp_path: Path) -> None:
     source = make_legacy(tmp_path / "legacy", skip_table="api_keys")
-    result = cli("migrate", "legacy", "plan", "--source", str(source), "--tmp",
-                 str(tmp_path / "o"))
+    result = cli("migrate", "legacy", "plan", "--source", str(source), "--tmp", str(tmp_path / "o"))
     assert result.code == 0
     assert any("api_keys is missing" in w for w in result.data["warnings"])
     assert result.data["counts"]["api_keys_not_migrated"] == 0

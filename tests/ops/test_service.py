@@ -76,8 +76,9 @@ def test_a_broken_unit_is_refused_by_the_verifier(tmp_path: Path) -> None:
 def test_paths_with_spaces_are_quoted(tmp_path: Path) -> None:
     from flm.services.service import systemd_unit
 
-    spec = ServiceSpec(8080, "127.0.0.1", "local-http", tmp_path / "my home",
-                       python="/opt/my python/bin/python3")
+    spec = ServiceSpec(
+        8080, "127.0.0.1", "local-http", tmp_path / "my home", python="/opt/my python/bin/python3"
+    )
     text = systemd_unit(spec)
     assert 'ExecStart="/opt/my python/bin/python3" -m flm' in text
     assert f'Environment="FLM_HOME={tmp_path}/my home"' in text
@@ -96,9 +97,19 @@ def test_launchd_plist_parses(cli: Any, flm_home: Path) -> None:
         assert data["installed"] is False
     plist = plistlib.loads(data["content"].encode())
     assert plist["Label"] == "dev.flm.gateway"
-    assert plist["ProgramArguments"][1:] == ["-m", "flm", "proxy", "start", "--no-daemon",
-                                             "--port", "9000", "--bind", "127.0.0.1",
-                                             "--mode", "local-http"]
+    assert plist["ProgramArguments"][1:] == [
+        "-m",
+        "flm",
+        "proxy",
+        "start",
+        "--no-daemon",
+        "--port",
+        "9000",
+        "--bind",
+        "127.0.0.1",
+        "--mode",
+        "local-http",
+    ]
     assert plist["KeepAlive"] == {"SuccessfulExit": False} and plist["RunAtLoad"] is True
     assert plist["EnvironmentVariables"]["FLM_HOME"] == str(flm_home)
 
@@ -111,13 +122,15 @@ def test_windows_task_xml_parses(cli: Any) -> None:
     ns = {"t": "http://schemas.microsoft.com/windows/2004/02/mit/task"}
     assert root.find("t:Triggers/t:LogonTrigger", ns) is not None
     assert root.findtext("t:Settings/t:RestartOnFailure/t:Count", namespaces=ns) == "999"
-    assert "--mode dev-selfsigned" in (root.findtext("t:Actions/t:Exec/t:Arguments",
-                                                     namespaces=ns) or "")
+    assert "--mode dev-selfsigned" in (
+        root.findtext("t:Actions/t:Exec/t:Arguments", namespaces=ns) or ""
+    )
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="systemctl is Linux's")
-def test_systemctl_calls_when_a_user_bus_exists(tmp_path: Path, xdg: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_systemctl_calls_when_a_user_bus_exists(
+    tmp_path: Path, xdg: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     if shutil.which("systemctl") is None:
         pytest.skip("systemctl (package systemd) is not installed")
     calls: list[list[str]] = []
@@ -134,8 +147,10 @@ def test_systemctl_calls_when_a_user_bus_exists(tmp_path: Path, xdg: Path,
     spec = ServiceSpec(8080, "127.0.0.1", "local-http", tmp_path)
     installed = manager.install(spec)
     assert installed["enabled"] is True
-    assert calls == [["systemctl", "--user", "daemon-reload"],
-                     ["systemctl", "--user", "enable", "--now", "flm.service"]]
+    assert calls == [
+        ["systemctl", "--user", "daemon-reload"],
+        ["systemctl", "--user", "enable", "--now", "flm.service"],
+    ]
     assert manager.status()["active"] is True
     calls.clear()
     manager.uninstall()
@@ -154,8 +169,12 @@ def test_real_unit_starts_the_gateway(tmp_path: Path, flm_home: Path) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     spec = ServiceSpec(port, "127.0.0.1", "local-http", flm_home)
-    proc = subprocess.Popen(spec.argv(), env={**os.environ, "FLM_HOME": str(flm_home)},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        spec.argv(),
+        env={**os.environ, "FLM_HOME": str(flm_home)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:

@@ -18,9 +18,13 @@ OTHER = "127.0.0.6"
 
 def test_trusted_client_is_never_blocked(env: Env, flm_home: Path) -> None:
     # (127.0.0.x stand for outside clients here: loopback's own exemption is switched off)
-    env.policy({"ip_blocklist": {"enabled": True, "max_failures": 5, "exempt_loopback": False},
-                "intrusion_detection": {"enabled": True},
-                "trusted_clients": ["127.0.0.4/31"]})  # 127.0.0.4 and 127.0.0.5
+    env.policy(
+        {
+            "ip_blocklist": {"enabled": True, "max_failures": 5, "exempt_loopback": False},
+            "intrusion_detection": {"enabled": True},
+            "trusted_clients": ["127.0.0.4/31"],
+        }
+    )  # 127.0.0.4 and 127.0.0.5
     for _ in range(50):
         status, _h, _b = env.chat(source=TRUSTED, key="flm_0000000000000000_wrong")
         assert status == 401
@@ -37,11 +41,16 @@ def test_trusted_client_is_never_blocked(env: Env, flm_home: Path) -> None:
     flush = env.rt.audit.flush if env.rt.audit else None
     blocked = audit_rows(flm_home, "SELECT ip FROM ip_blocklist", flush=flush)
     assert blocked == [(OTHER,)]
-    assert audit_rows(flm_home, f"SELECT COUNT(*) FROM intrusion_attempts WHERE ip = '{TRUSTED}'",
-                      flush=flush) == [(0,)]
+    assert audit_rows(
+        flm_home, f"SELECT COUNT(*) FROM intrusion_attempts WHERE ip = '{TRUSTED}'", flush=flush
+    ) == [(0,)]
     # the failures are still audited, they just never count towards a block
-    failures = audit_rows(flm_home, "SELECT COUNT(*) FROM audit_logs WHERE event_type = "
-                          f"'auth_failure' AND client_ip = '{TRUSTED}'", flush=flush)
+    failures = audit_rows(
+        flm_home,
+        "SELECT COUNT(*) FROM audit_logs WHERE event_type = "
+        f"'auth_failure' AND client_ip = '{TRUSTED}'",
+        flush=flush,
+    )
     assert failures == [(50,)]
     assert env.rt.guard.blocked(TRUSTED) is None
 

@@ -44,8 +44,9 @@ class Receiver:
         deadline = time.monotonic() + timeout
         while len(self.posts) < n:
             if time.monotonic() > deadline:
-                raise AssertionError(f"expected {n} POSTs within {timeout} s, got "
-                                     f"{len(self.posts)}")
+                raise AssertionError(
+                    f"expected {n} POSTs within {timeout} s, got {len(self.posts)}"
+                )
             time.sleep(0.01)
         return list(self.posts)
 

@@ -20,7 +20,8 @@ _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 def _post(stack: Stack, body: dict[str, Any], auth: bool = True) -> tuple[int, Any]:
     headers = {"Content-Type": "application/json", **(stack.auth if auth else {})}
     request = urllib.request.Request(  # noqa: S310 - loopback only
-        f"{stack.url}/v1/completions", data=json.dumps(body).encode(), headers=headers)
+        f"{stack.url}/v1/completions", data=json.dumps(body).encode(), headers=headers
+    )
     try:
         with _OPENER.open(request, timeout=20) as resp:
             return int(resp.status), json.loads(resp.read())
@@ -40,8 +41,9 @@ def test_completions_plain_and_streamed(stack: Stack) -> None:
     stack.emu.behaviour = Behaviour(stream_chunks=4)
     pieces: list[str] = []
     finish = None
-    for chunk in client.completions.create(model=model, prompt="tell a story", stream=True,
-                                           stream_options={"include_usage": True}):
+    for chunk in client.completions.create(
+        model=model, prompt="tell a story", stream=True, stream_options={"include_usage": True}
+    ):
         assert chunk.model == model
         for choice in chunk.choices:
             pieces.append(choice.text)
@@ -65,8 +67,11 @@ def ollama_stack(cli: Any) -> Iterator[Stack]:
 def test_ollama_refuses_what_generate_cannot_do(ollama_stack: Stack) -> None:
     stack = ollama_stack
     model = stack.model("chat-model:1b")
-    for body, field in (({"prompt": [1, 2, 3]}, "prompt"), ({"prompt": ["a", "b"]}, "prompt"),
-                        ({"prompt": "x", "echo": True}, "echo")):
+    for body, field in (
+        ({"prompt": [1, 2, 3]}, "prompt"),
+        ({"prompt": ["a", "b"]}, "prompt"),
+        ({"prompt": "x", "echo": True}, "echo"),
+    ):
         status, reply = _post(stack, {"model": model, **body})
         assert status == 422, reply
         assert reply["error"]["message"].startswith(f"{field}:")

@@ -29,8 +29,9 @@ from flm.testing.gateway import start_gateway
 
 
 async def _hello(scope: Any, receive: Any, send: Any) -> None:
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-length", b"2")]})
+    await send(
+        {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]}
+    )
     await send({"type": "http.response.body", "body": b"ok"})
 
 
@@ -97,8 +98,9 @@ def _wait_open(limits: ConnectionLimits, count: int) -> None:
 
 
 def test_caps_per_address_and_in_total_keep_a_reserve_for_the_owner() -> None:
-    limits = ConnectionLimits(per_address=3, total=10, reserve=2,
-                              privileged=lambda ip: ip == "127.0.0.1")
+    limits = ConnectionLimits(
+        per_address=3, total=10, reserve=2, privileged=lambda ip: ip == "127.0.0.1"
+    )
     with serve(limits) as port, ExitStack() as stack:
         first = [stack.enter_context(_open(port, "127.0.0.5")) for _ in range(4)]
         assert _refusals(first, 1) == [False, False, False, True]
@@ -120,9 +122,14 @@ def test_the_gateway_caps_connections_per_address(cli: Any) -> None:
         cli("engines", "add", "--kind", "vllm", "--url", emu.url, "--id", "eng")
         with start_gateway() as gw, ExitStack() as stack:
             # (loopback stands for outside clients here: the owner's exemption is off)
-            gw.call(lambda: gw.runtime.apply_policy(
-                {"connections": {"max_per_address": 4},
-                 "ip_blocklist": {"exempt_loopback": False}}))
+            gw.call(
+                lambda: gw.runtime.apply_policy(
+                    {
+                        "connections": {"max_per_address": 4},
+                        "ip_blocklist": {"exempt_loopback": False},
+                    }
+                )
+            )
             idle = [stack.enter_context(_open(gw.port, "127.0.0.5")) for _ in range(6)]
             assert _refusals(idle, 2) == [False] * 4 + [True] * 2
             assert _get(gw.port, "127.0.0.5").startswith(b"HTTP/1.1 503")
@@ -134,8 +141,9 @@ def test_the_gateway_caps_connections_per_address(cli: Any) -> None:
 
 
 def _backlog(port: int) -> int:
-    out = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True,
-                         check=True).stdout.split()
+    out = subprocess.run(
+        ["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True
+    ).stdout.split()
     return int(out[2])  # State Recv-Q Send-Q ...: a listener's Send-Q is its backlog
 
 

@@ -51,8 +51,9 @@ def test_unknown_models_do_not_relist_the_engine_on_every_request() -> None:
                     with pytest.raises(HttpError) as err:
                         await registry.resolve("oll", "nope:1")
                     assert err.value.status == 404
-                misses = await asyncio.gather(*(registry.resolve("oll", "nope:2")
-                                                for _ in range(20)), return_exceptions=True)
+                misses = await asyncio.gather(
+                    *(registry.resolve("oll", "nope:2") for _ in range(20)), return_exceptions=True
+                )
                 assert all(isinstance(e, HttpError) and e.status == 404 for e in misses)
                 elapsed = time.monotonic() - started
                 assert listings() - before <= 1 + elapsed / MISS_REFRESH_S  # not 40

@@ -100,25 +100,51 @@ def _only_first_loopback(address: Any) -> bool:
 
 
 def _fetch(servers: Servers, path: str, host: str = "127.0.0.1") -> str:
-    return asyncio.run(fetch_image(f"https://{host}:{servers.port}{path}",
-                                   allowed=_only_first_loopback,
-                                   ssl_context=servers.client_context()))
+    return asyncio.run(
+        fetch_image(
+            f"https://{host}:{servers.port}{path}",
+            allowed=_only_first_loopback,
+            ssl_context=servers.client_context(),
+        )
+    )
 
 
 def test_public_addresses() -> None:
     for text in ("8.8.8.8", "1.1.1.1", "2001:4860:4860::8888"):
         assert is_public(ipaddress.ip_address(text)), text
-    for text in ("127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254",
-                 "100.64.0.1", "0.0.0.0", "::1", "fd00::1", "fe80::1", "::ffff:127.0.0.1",
-                 "::ffff:10.0.0.1", "224.0.0.1"):
+    for text in (
+        "127.0.0.1",
+        "10.1.2.3",
+        "172.16.0.1",
+        "192.168.1.1",
+        "169.254.169.254",
+        "100.64.0.1",
+        "0.0.0.0",
+        "::1",
+        "fd00::1",
+        "fe80::1",
+        "::ffff:127.0.0.1",
+        "::ffff:10.0.0.1",
+        "224.0.0.1",
+    ):
         assert not is_public(ipaddress.ip_address(text)), text
 
 
 def test_ipv6_forms_that_embed_ipv4_are_judged_by_it() -> None:
-    for text in ("64:ff9b::a9fe:a9fe", "64:ff9b::7f00:1", "64:ff9b::a00:1", "::127.0.0.1",
-                 "::8.8.8.8", "2002:7f00:1::1", "2002:a9fe:a9fe::1", "2002:c0a8:101::1",
-                 "fec0::1", "feff::1", "64:ff9b:1::808:808",
-                 "2001:0:4136:e378:8000:63bf:80ff:fffe"):
+    for text in (
+        "64:ff9b::a9fe:a9fe",
+        "64:ff9b::7f00:1",
+        "64:ff9b::a00:1",
+        "::127.0.0.1",
+        "::8.8.8.8",
+        "2002:7f00:1::1",
+        "2002:a9fe:a9fe::1",
+        "2002:c0a8:101::1",
+        "fec0::1",
+        "feff::1",
+        "64:ff9b:1::808:808",
+        "2001:0:4136:e378:8000:63bf:80ff:fffe",
+    ):
         assert not is_public(ipaddress.ip_address(text)), text
     for text in ("64:ff9b::808:808", "2002:808:808::1"):
         assert is_public(ipaddress.ip_address(text)), text
@@ -146,8 +172,13 @@ def test_redirects_are_checked_hop_by_hop(servers: Servers) -> None:
 def test_names_are_checked_when_resolved(servers: Servers) -> None:
     before = len(servers.seen_tls)
     with pytest.raises(HttpError) as err:
-        asyncio.run(fetch_image(f"https://localhost:{servers.port}/cat.png",
-                                allowed=lambda _a: False, ssl_context=servers.client_context()))
+        asyncio.run(
+            fetch_image(
+                f"https://localhost:{servers.port}/cat.png",
+                allowed=lambda _a: False,
+                ssl_context=servers.client_context(),
+            )
+        )
     assert "not a public address" in err.value.message
     assert len(servers.seen_tls) == before
 
@@ -157,8 +188,9 @@ def test_connection_failures_read_alike(servers: Servers) -> None:
     messages = set()
     for url in (f"https://127.0.0.1:{servers.plain_port}/x.png", "https://127.0.0.1:9/x.png"):
         with pytest.raises(HttpError) as err:
-            asyncio.run(fetch_image(url, allowed=_only_first_loopback,
-                                    ssl_context=servers.client_context()))
+            asyncio.run(
+                fetch_image(url, allowed=_only_first_loopback, ssl_context=servers.client_context())
+            )
         messages.add(err.value.message)
     assert messages == {"cannot fetch image URL: no connection to its host"}
 
@@ -169,24 +201,67 @@ def test_gateway_refuses_image_urls_on_this_machine(cli: Any, servers: Servers) 
         key = cli("api-keys", "create", "--label", "t").data["key"]
         with start_gateway() as gw:
             for host in ("127.0.0.1", "localhost"):
-                body = json.dumps({"model": "flm://eng/see:v1", "messages": [{
-                    "role": "user", "content": [
-                        {"type": "text", "text": "what is this"},
-                        {"type": "image_url", "image_url": {
-                            "url": f"https://{host}:{servers.port}/cat.png"}}]}]}).encode()
-                status, _, raw = _request(gw.url, "POST", "/v1/chat/completions", body, {
-                    "Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+                body = json.dumps(
+                    {
+                        "model": "flm://eng/see:v1",
+                        "messages": [
+                            {
+                                "role": "user",
+                                "content": [
+                                    {"type": "text", "text": "what is this"},
+                                    {
+                                        "type": "image_url",
+                                        "image_url": {
+                                            "url": f"https://{host}:{servers.port}/cat.png"
+                                        },
+                                    },
+                                ],
+                            }
+                        ],
+                    }
+                ).encode()
+                status, _, raw = _request(
+                    gw.url,
+                    "POST",
+                    "/v1/chat/completions",
+                    body,
+                    {"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+                )
                 assert status == 400, raw
                 assert "not a public address" in json.loads(raw)["error"]["message"]
             # ... nor by an IPv6 form that carries a loopback or link-local IPv4 address
-            for host in ("[64:ff9b::7f00:1]", "[::127.0.0.1]", "[2002:7f00:1::1]",
-                         "[64:ff9b::a9fe:a9fe]", "[fec0::1]"):
-                body = json.dumps({"model": "flm://eng/see:v1", "messages": [{
-                    "role": "user", "content": [
-                        {"type": "image_url", "image_url": {
-                            "url": f"https://{host}:{servers.port}/cat.png"}}]}]}).encode()
-                status, _, raw = _request(gw.url, "POST", "/v1/chat/completions", body, {
-                    "Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+            for host in (
+                "[64:ff9b::7f00:1]",
+                "[::127.0.0.1]",
+                "[2002:7f00:1::1]",
+                "[64:ff9b::a9fe:a9fe]",
+                "[fec0::1]",
+            ):
+                body = json.dumps(
+                    {
+                        "model": "flm://eng/see:v1",
+                        "messages": [
+                            {
+                                "role": "user",
+                                "content": [
+                                    {
+                                        "type": "image_url",
+                                        "image_url": {
+                                            "url": f"https://{host}:{servers.port}/cat.png"
+                                        },
+                                    }
+                                ],
+                            }
+                        ],
+                    }
+                ).encode()
+                status, _, raw = _request(
+                    gw.url,
+                    "POST",
+                    "/v1/chat/completions",
+                    body,
+                    {"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+                )
                 assert status == 400, raw
                 assert "not a public address" in json.loads(raw)["error"]["message"], host
         assert servers.seen_tls == []

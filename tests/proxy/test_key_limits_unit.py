@@ -111,9 +111,9 @@ def test_strip_usage_drops_only_what_include_usage_added() -> None:
     batch = b"\n\n".join([content, finish, usage, b"data: [DONE]", b""])
     out = strip_usage(batch)
     assert b'"usage"' not in out
-    assert out == b"\n\n".join([content, ev({"choices": [{"delta": {},
-                                                          "finish_reason": "stop"}]}),
-                                 b"data: [DONE]", b""])
+    assert out == b"\n\n".join(
+        [content, ev({"choices": [{"delta": {}, "finish_reason": "stop"}]}), b"data: [DONE]", b""]
+    )
 
 
 def test_estimate_tokens() -> None:
@@ -132,11 +132,21 @@ def test_engine_without_usage_is_estimated_and_marked(cli: Any) -> None:
         with start_gateway() as gw:
             for stream in (False, True):
                 conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=30)
-                conn.request("POST", "/v1/chat/completions", body=json.dumps({
-                    "model": "flm://v/m", "stream": stream,
-                    "messages": [{"role": "user", "content": "x" * 400}]}).encode(),
-                    headers={"Authorization": f"Bearer {created['key']}",
-                             "Content-Type": "application/json"})
+                conn.request(
+                    "POST",
+                    "/v1/chat/completions",
+                    body=json.dumps(
+                        {
+                            "model": "flm://v/m",
+                            "stream": stream,
+                            "messages": [{"role": "user", "content": "x" * 400}],
+                        }
+                    ).encode(),
+                    headers={
+                        "Authorization": f"Bearer {created['key']}",
+                        "Content-Type": "application/json",
+                    },
+                )
                 resp = conn.getresponse()
                 assert resp.status == 200
                 resp.read()
@@ -165,15 +175,20 @@ def test_usage_sink_sums_by_minute_and_hour_and_prunes(flm_home: Any) -> None:
         sink.record(now, "k1", "flm://e/m", "e", 1, 1, True)
         assert sink.flush() == 6
         db = storage.security
-        minutes = db.query("SELECT minute, requests, prompt_tokens, completion_tokens, "
-                           "estimated FROM usage_minute ORDER BY minute")
+        minutes = db.query(
+            "SELECT minute, requests, prompt_tokens, completion_tokens, "
+            "estimated FROM usage_minute ORDER BY minute"
+        )
         assert [tuple(r) for r in minutes][-2:] == [
-            (int(now // 60), 3, 21, 11, 1), (int((now + 61) // 60), 1, 10, 5, 0)]
+            (int(now // 60), 3, 21, 11, 1),
+            (int((now + 61) // 60), 1, 10, 5, 0),
+        ]
         hours = db.query("SELECT hour, requests FROM usage_hour ORDER BY hour")
         assert [tuple(r) for r in hours][-1] == (int(now // 3600), 4)
         sink.prune(now)
-        left = db.query("SELECT COUNT(*) FROM usage_minute WHERE minute < ?",
-                        (int((now - 48 * 3600) // 60),))[0][0]
+        left = db.query(
+            "SELECT COUNT(*) FROM usage_minute WHERE minute < ?", (int((now - 48 * 3600) // 60),)
+        )[0][0]
         assert left == 0
         hour_rows = [r[0] for r in db.query("SELECT hour FROM usage_hour")]
         assert int(old // 3600) in hour_rows and int(ancient // 3600) not in hour_rows

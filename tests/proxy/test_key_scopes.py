@@ -23,8 +23,9 @@ from flm.testing.gateway import Gateway, start_gateway
 from tests.conftest import flm_subprocess
 
 
-def _request(url: str, method: str, path: str, key: str, body: Any = None
-             ) -> tuple[int, dict[str, str], bytes]:
+def _request(
+    url: str, method: str, path: str, key: str, body: Any = None
+) -> tuple[int, dict[str, str], bytes]:
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
     headers = {"Authorization": f"Bearer {key}"}
@@ -46,8 +47,10 @@ def _code(raw: bytes) -> str:
 
 @pytest.fixture
 def two_engines(cli: Any) -> Iterator[tuple[Any, Any]]:
-    with start_emulator("vllm", models=["a1", "a2"]) as a, \
-            start_emulator("vllm", models=["b1"]) as b:
+    with (
+        start_emulator("vllm", models=["a1", "a2"]) as a,
+        start_emulator("vllm", models=["b1"]) as b,
+    ):
         assert cli("engines", "add", "--kind", "vllm", "--url", a.url, "--id", "emu-a").code == 0
         assert cli("engines", "add", "--kind", "vllm", "--url", b.url, "--id", "emu-b").code == 0
         yield a, b
@@ -58,14 +61,18 @@ def test_key_scoped_to_one_engine_openai_client(cli: Any, two_engines: Any) -> N
     assert created.code == 0, created.out
     assert created.data["models"] == ["flm://emu-a/*"]
     key = created.data["key"]
-    with start_gateway() as gw, \
-            openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0) as client:
+    with (
+        start_gateway() as gw,
+        openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0) as client,
+    ):
         reply = client.chat.completions.create(
-            model="flm://emu-a/a1", messages=[{"role": "user", "content": "hi"}])
+            model="flm://emu-a/a1", messages=[{"role": "user", "content": "hi"}]
+        )
         assert reply.choices[0].message.content
         with pytest.raises(openai.PermissionDeniedError) as err:
             client.chat.completions.create(
-                model="flm://emu-b/b1", messages=[{"role": "user", "content": "hi"}])
+                model="flm://emu-b/b1", messages=[{"role": "user", "content": "hi"}]
+            )
         assert err.value.status_code == 403
         assert isinstance(err.value.body, dict) and err.value.body["code"] == "model_not_allowed"
         with pytest.raises(openai.PermissionDeniedError):
@@ -83,12 +90,21 @@ def test_key_scoped_to_one_engine_openai_client(cli: Any, two_engines: Any) -> N
     # a key limited to one model reaches that model only, and no engine directly
     narrow = cli("api-keys", "create", "--label", "one", "--models", "flm://emu-a/a2").data
     with start_gateway() as gw:
-        ok = _request(gw.url, "POST", "/v1/chat/completions", narrow["key"],
-                      {"model": "flm://emu-a/a2", "messages": [{"role": "user", "content": "x"}]})
+        ok = _request(
+            gw.url,
+            "POST",
+            "/v1/chat/completions",
+            narrow["key"],
+            {"model": "flm://emu-a/a2", "messages": [{"role": "user", "content": "x"}]},
+        )
         assert ok[0] == 200
-        refused = _request(gw.url, "POST", "/v1/chat/completions", narrow["key"],
-                           {"model": "flm://emu-a/a1",
-                            "messages": [{"role": "user", "content": "x"}]})
+        refused = _request(
+            gw.url,
+            "POST",
+            "/v1/chat/completions",
+            narrow["key"],
+            {"model": "flm://emu-a/a1", "messages": [{"role": "user", "content": "x"}]},
+        )
         assert refused[0] == 403 and _code(refused[2]) == "model_not_allowed"
         assert _request(gw.url, "GET", "/engine/emu-a/v1/models", narrow["key"])[0] == 403
 
@@ -100,9 +116,13 @@ def test_read_only_key_lists_models_only(cli: Any, two_engines: Any) -> None:
         status, _, body = _request(gw.url, "GET", "/v1/models", key)
         ids = [m["id"] for m in json.loads(body)["data"]]
         assert status == 200 and len([i for i in ids if i.startswith("flm://")]) == 3
-        status, _, body = _request(gw.url, "POST", "/v1/chat/completions", key,
-                                   {"model": "flm://emu-a/a1",
-                                    "messages": [{"role": "user", "content": "x"}]})
+        status, _, body = _request(
+            gw.url,
+            "POST",
+            "/v1/chat/completions",
+            key,
+            {"model": "flm://emu-a/a1", "messages": [{"role": "user", "content": "x"}]},
+        )
         assert status == 403 and _code(body) == "read_only_key"
         assert _request(gw.url, "GET", "/engine/emu-a/v1/models", key)[0] == 403
 
@@ -136,8 +156,9 @@ def test_expiry_and_update_apply_at_once_in_the_daemon(flm_home: Path) -> None:
     port = _free_port()
     with start_emulator("vllm", models=["m"]) as emu:
         flm_subprocess("engines", "add", "--kind", "vllm", "--url", emu.url, "--id", "v")
-        created = json.loads(flm_subprocess(
-            "api-keys", "create", "--label", "old", "--expires", "2020-01-01").stdout)["data"]
+        created = json.loads(
+            flm_subprocess("api-keys", "create", "--label", "old", "--expires", "2020-01-01").stdout
+        )["data"]
         assert created["status"] == "expired"
         assert flm_subprocess("proxy", "start", "--port", str(port)).returncode == 0
         url = f"http://127.0.0.1:{port}"
@@ -148,8 +169,7 @@ def test_expiry_and_update_apply_at_once_in_the_daemon(flm_home: Path) -> None:
             updated = flm_subprocess("api-keys", "update", created["id"], "--expires", "30d")
             assert updated.returncode == 0, updated.stdout
             assert _request(url, "GET", "/v1/models", created["key"])[0] == 200  # no wait
-            flm_subprocess("api-keys", "update", created["id"], "--expires",
-                           "2021-06-01T00:00:00Z")
+            flm_subprocess("api-keys", "update", created["id"], "--expires", "2021-06-01T00:00:00Z")
             status, _, body = _request(url, "GET", "/v1/models", created["key"])
             assert status == 401 and _code(body) == "key_expired"
         finally:
@@ -158,12 +178,17 @@ def test_expiry_and_update_apply_at_once_in_the_daemon(flm_home: Path) -> None:
 
 def test_daily_token_budget_holds_across_a_daemon_restart(flm_home: Path) -> None:
     port = _free_port()
-    body = {"model": "flm://v/m",
-            "messages": [{"role": "user", "content": "tell me about budgets please"}]}
+    body = {
+        "model": "flm://v/m",
+        "messages": [{"role": "user", "content": "tell me about budgets please"}],
+    }
     with start_emulator("vllm", models=["m"]) as emu:
         flm_subprocess("engines", "add", "--kind", "vllm", "--url", emu.url, "--id", "v")
-        created = json.loads(flm_subprocess(
-            "api-keys", "create", "--label", "budget", "--daily-tokens", "100").stdout)["data"]
+        created = json.loads(
+            flm_subprocess(
+                "api-keys", "create", "--label", "budget", "--daily-tokens", "100"
+            ).stdout
+        )["data"]
         key = created["key"]
         assert flm_subprocess("proxy", "start", "--port", str(port)).returncode == 0
         url = f"http://127.0.0.1:{port}"
@@ -205,7 +230,9 @@ def _rollup_totals(home: Path, key_id: str) -> tuple[int, int, int, int]:
     try:
         row = storage.security.query_one(
             "SELECT SUM(requests), SUM(prompt_tokens), SUM(completion_tokens), "
-            "SUM(estimated) FROM usage_minute WHERE key_id=?", (key_id,))
+            "SUM(estimated) FROM usage_minute WHERE key_id=?",
+            (key_id,),
+        )
         assert row is not None
         return int(row[0] or 0), int(row[1] or 0), int(row[2] or 0), int(row[3] or 0)
     finally:
@@ -223,13 +250,17 @@ async def _mixed_requests(gw: Gateway, key: str, total: int) -> tuple[int, int, 
     sem = asyncio.Semaphore(16)
     headers = {"Authorization": f"Bearer {key}"}
 
-    async with aiohttp.ClientSession(base_url=gw.url, headers=headers,
-                                     timeout=aiohttp.ClientTimeout(total=60)) as client:
+    async with aiohttp.ClientSession(
+        base_url=gw.url, headers=headers, timeout=aiohttp.ClientTimeout(total=60)
+    ) as client:
+
         async def one(i: int) -> None:
             nonlocal prompt_sum, completion_sum, hidden_streams
             text = prompts[i % len(prompts)]
-            body: dict[str, Any] = {"model": "flm://emu-a/a1",
-                                    "messages": [{"role": "user", "content": text}]}
+            body: dict[str, Any] = {
+                "model": "flm://emu-a/a1",
+                "messages": [{"role": "user", "content": text}],
+            }
             kind = "plain" if i < len(prompts) else ("plain", "usage", "hidden")[i % 3]
             async with sem:
                 if kind == "plain":
@@ -271,26 +302,35 @@ async def _mixed_requests(gw: Gateway, key: str, total: int) -> tuple[int, int, 
 
 
 def test_rollups_equal_the_engines_usage_over_1000_mixed_requests(
-        flm_home: Path, cli: Any, two_engines: Any) -> None:
+    flm_home: Path, cli: Any, two_engines: Any
+) -> None:
     created = cli("api-keys", "create", "--label", "counted").data
     with start_gateway() as gw:
-        prompt_sum, completion_sum, hidden = asyncio.run(
-            _mixed_requests(gw, created["key"], 1000))
+        prompt_sum, completion_sum, hidden = asyncio.run(_mixed_requests(gw, created["key"], 1000))
         assert hidden > 300
         gw.call(lambda: gw.runtime.usage.flush())  # (the flusher's work, now)
         metrics = _request(gw.url, "GET", "/metrics", created["key"])[2].decode()
     requests, prompt, completion, estimated = _rollup_totals(flm_home, created["id"])
     assert (requests, prompt, completion, estimated) == (1000, prompt_sum, completion_sum, 0)
-    assert (f'flm_key_tokens_total{{direction="out",key="counted",model="flm://emu-a/a1"}} '
-            f'{float(completion_sum)}') in metrics
+    assert (
+        f'flm_key_tokens_total{{direction="out",key="counted",model="flm://emu-a/a1"}} '
+        f"{float(completion_sum)}"
+    ) in metrics
     report = cli("usage", "--key", created["id"], "--by", "model")
     assert report.code == 0
-    assert report.data["rows"] == [{
-        "model": "flm://emu-a/a1", "requests": 1000, "prompt_tokens": prompt_sum,
-        "completion_tokens": completion_sum, "total_tokens": prompt_sum + completion_sum,
-        "estimated_requests": 0}]
+    assert report.data["rows"] == [
+        {
+            "model": "flm://emu-a/a1",
+            "requests": 1000,
+            "prompt_tokens": prompt_sum,
+            "completion_tokens": completion_sum,
+            "total_tokens": prompt_sum + completion_sum,
+            "estimated_requests": 0,
+        }
+    ]
     csv_out = cli("usage", "--by", "engine", "--format", "csv")
     assert csv_out.code == 0
     assert csv_out.out.splitlines()[:2] == [
         "engine,requests,prompt_tokens,completion_tokens,total_tokens,estimated_requests",
-        f"emu-a,1000,{prompt_sum},{completion_sum},{prompt_sum + completion_sum},0"]
+        f"emu-a,1000,{prompt_sum},{completion_sum},{prompt_sum + completion_sum},0",
+    ]

@@ -94,16 +94,18 @@ def test_run_file_naming_a_live_unrelated_pid_is_stale(flm_home: Path) -> None:
     process by now (here: this test's own): the daemon's lock says no daemon runs."""
     run = flm_home / "run"
     run.mkdir(mode=0o700, exist_ok=True)
-    (run / "proxy-daemon.json").write_text(json.dumps(
-        {"port": 1, "token": "x" * 64, "pid": os.getpid(), "started_at": "2026-01-01"}))
+    (run / "proxy-daemon.json").write_text(
+        json.dumps({"port": 1, "token": "x" * 64, "pid": os.getpid(), "started_at": "2026-01-01"})
+    )
     status = _data(flm_subprocess("proxy", "status"))
     assert status["daemon"] is None and status["cleaned"]["removed_daemon_file"] is True
     port = free_port()
     start = flm_subprocess("proxy", "start", "--port", str(port))
     assert start.returncode == 0, start.stdout + start.stderr
     assert flm_subprocess("proxy", "stop", "--all").returncode == 0
-    (run / "proxy-daemon.json").write_text('{"port": 1, "token": "x", "pid": 1e400, '
-                                           '"started_at": "x"}')
+    (run / "proxy-daemon.json").write_text(
+        '{"port": 1, "token": "x", "pid": 1e400, "started_at": "x"}'
+    )
     result = flm_subprocess("proxy", "status")
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -119,8 +121,10 @@ def test_bad_admin_tokens_block_guessers_but_never_the_owner(flm_home: Path) -> 
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
         def health(token: str) -> int:
-            request = urllib.request.Request(f"http://127.0.0.1:{info['port']}/admin/health",
-                                             headers={"Authorization": f"Bearer {token}"})
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{info['port']}/admin/health",
+                headers={"Authorization": f"Bearer {token}"},
+            )
             try:
                 with opener.open(request, timeout=10) as resp:
                     return int(resp.status)
@@ -132,8 +136,9 @@ def test_bad_admin_tokens_block_guessers_but_never_the_owner(flm_home: Path) -> 
         assert health(info["token"]) == 200  # ...but the owner is not locked out
         assert _data(flm_subprocess("proxy", "status"))["proxies"][0]["port"] == port
         [(severity, details)] = audit_rows(
-            flm_home, "SELECT severity, details_json FROM audit_logs "
-            "WHERE event_type = 'admin_auth_blocked'")
+            flm_home,
+            "SELECT severity, details_json FROM audit_logs WHERE event_type = 'admin_auth_blocked'",
+        )
         assert severity == "high" and json.loads(details)["failures"] == 5
     finally:
         if flm_subprocess("proxy", "stop", "--all").returncode != 0:  # (owner locked out)
@@ -154,19 +159,26 @@ def test_admin_api_errors_keep_the_contract_and_the_books(flm_home: Path) -> Non
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         for body in (b"not json", b'{"port": "abc"}'):
             request = urllib.request.Request(
-                f"http://127.0.0.1:{info['port']}/admin/start", data=body, method="POST",
-                headers={"Authorization": f"Bearer {info['token']}"})
+                f"http://127.0.0.1:{info['port']}/admin/start",
+                data=body,
+                method="POST",
+                headers={"Authorization": f"Bearer {info['token']}"},
+            )
             try:
                 opener.open(request, timeout=10)
                 raise AssertionError("accepted")
             except urllib.error.HTTPError as exc:
-                assert exc.code == 400 and json.loads(exc.read())["error"]["code"] \
-                    == "INVALID_ARGUMENT", body
+                assert (
+                    exc.code == 400
+                    and json.loads(exc.read())["error"]["code"] == "INVALID_ARGUMENT"
+                ), body
         conn = sqlite3.connect(flm_home / "security.db")
         with conn:
-            conn.execute("INSERT OR REPLACE INTO security_policies(id, policy_json, updated_at)"
-                         " VALUES ('default', '{\"rate_limit\": {\"rpm\": \"lots\"}}', "
-                         "'2026-01-01T00:00:00Z')")
+            conn.execute(
+                "INSERT OR REPLACE INTO security_policies(id, policy_json, updated_at)"
+                ' VALUES (\'default\', \'{"rate_limit": {"rpm": "lots"}}\', '
+                "'2026-01-01T00:00:00Z')"
+            )
         conn.close()
         assert flm_subprocess("proxy", "reload").returncode == 0
         [proxy] = _data(flm_subprocess("proxy", "status"))["proxies"]
@@ -221,10 +233,12 @@ def test_a_start_racing_the_stop_of_the_last_proxy_stays_up(flm_home: Path) -> N
     try:
         body = json.dumps({"port": second}).encode()
         with socket.create_connection(("127.0.0.1", info["port"]), timeout=30) as start:
-            start.sendall(b"POST /admin/start HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                          b"Authorization: Bearer %s\r\nContent-Type: application/json\r\n"
-                          b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n"
-                          % (info["token"].encode(), len(body)))
+            start.sendall(
+                b"POST /admin/start HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Authorization: Bearer %s\r\nContent-Type: application/json\r\n"
+                b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n"
+                % (info["token"].encode(), len(body))
+            )
             reply = b""
             while b"\r\n\r\n" not in reply:
                 data = start.recv(4096)
@@ -233,8 +247,10 @@ def test_a_start_racing_the_stop_of_the_last_proxy_stays_up(flm_home: Path) -> N
             assert reply.startswith(b"HTTP/1.1 100 "), reply
             stop = urllib.request.Request(
                 f"http://127.0.0.1:{info['port']}/admin/stop",
-                data=json.dumps({"port": first}).encode(), method="POST",
-                headers={"Authorization": f"Bearer {info['token']}"})
+                data=json.dumps({"port": first}).encode(),
+                method="POST",
+                headers={"Authorization": f"Bearer {info['token']}"},
+            )
             with opener.open(stop, timeout=30) as resp:
                 assert resp.status == 200
             start.sendall(body)
@@ -252,24 +268,32 @@ def test_a_start_racing_the_stop_of_the_last_proxy_stays_up(flm_home: Path) -> N
         flm_subprocess("proxy", "stop", "--all")
 
 
-def test_a_start_naming_other_databases_than_the_daemons_is_refused(flm_home: Path,
-                                                                     tmp_path: Path) -> None:
+def test_a_start_naming_other_databases_than_the_daemons_is_refused(
+    flm_home: Path, tmp_path: Path
+) -> None:
     port = free_port()
     assert flm_subprocess("proxy", "start", "--port", str(port)).returncode == 0
     try:
         info = json.loads((flm_home / "run" / "proxy-daemon.json").read_text())
         assert info["security_db"] == str(flm_home / "security.db")
         other = tmp_path / "other-security.db"
-        refused = flm_subprocess("proxy", "start", "--port", str(free_port()),
-                                 "--db-path-security", str(other))
+        refused = flm_subprocess(
+            "proxy", "start", "--port", str(free_port()), "--db-path-security", str(other)
+        )
         assert refused.returncode == 1, refused.stdout
         error = json.loads(refused.stdout)["error"]
         assert error["code"] == "PROXY_INVALID_CONFIG"
         assert str(other) in error["message"] and "--db-path-security" in error["message"]
         assert [p["port"] for p in _data(flm_subprocess("proxy", "status"))["proxies"]] == [port]
         # the same databases, named explicitly, are fine
-        same = flm_subprocess("proxy", "start", "--port", str(free_port()),
-                              "--db-path-security", str(flm_home / "security.db"))
+        same = flm_subprocess(
+            "proxy",
+            "start",
+            "--port",
+            str(free_port()),
+            "--db-path-security",
+            str(flm_home / "security.db"),
+        )
         assert same.returncode == 0, same.stdout
     finally:
         assert flm_subprocess("proxy", "stop", "--all").returncode == 0
@@ -286,17 +310,26 @@ def test_a_foreground_proxy_picks_up_a_revoke_at_once(flm_home: Path) -> None:
     from flm.testing.emulators import start_emulator
 
     with start_emulator("vllm", models=["m:1"]) as emu:
-        assert flm_subprocess("engines", "add", "--kind", "vllm", "--url", emu.url,
-                              "--id", "eng").returncode == 0
+        assert (
+            flm_subprocess(
+                "engines", "add", "--kind", "vllm", "--url", emu.url, "--id", "eng"
+            ).returncode
+            == 0
+        )
         key = _data(flm_subprocess("api-keys", "create", "--label", "fg"))
         port = free_port()
-        proc = subprocess.Popen([sys.executable, "-m", "flm", "proxy", "start", "--no-daemon",
-                                 "--port", str(port)], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "flm", "proxy", "start", "--no-daemon", "--port", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
+
             def status() -> int:
-                request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/models",
-                                                 headers={"Authorization": f"Bearer {key['key']}"})
+                request = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/v1/models",
+                    headers={"Authorization": f"Bearer {key['key']}"},
+                )
                 try:
                     with urllib.request.urlopen(request, timeout=5) as resp:  # noqa: S310
                         return int(resp.status)
@@ -325,8 +358,10 @@ def _refuse_handle_writes(home: Path, when: str) -> None:
     import sqlite3
 
     with sqlite3.connect(home / "config.db") as db:
-        db.execute(f"CREATE TRIGGER refuse_{when.lower()} BEFORE {when} ON proxy_handles "
-                   "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END")
+        db.execute(
+            f"CREATE TRIGGER refuse_{when.lower()} BEFORE {when} ON proxy_handles "
+            "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"
+        )
 
 
 def _listening(port: int) -> bool:
@@ -363,7 +398,8 @@ def test_a_stop_that_happened_is_reported_done_with_a_warning(flm_home: Path) ->
 
 
 def test_a_database_deleted_under_the_daemon_is_noticed_and_never_written_blindly(
-        flm_home: Path) -> None:
+    flm_home: Path,
+) -> None:
     """It once went unnoticed: the CLI made a new empty file, the daemon kept the old one."""
     import urllib.request
 
@@ -399,10 +435,12 @@ def test_a_damaged_security_db_is_reported_when_a_proxy_starts(flm_home: Path) -
     path = flm_home / "security.db"
     with sqlite3.connect(path) as db:
         # (a table a start does not read: the damage is found by the check, not by chance)
-        db.executemany("INSERT INTO intrusion_attempts(ts, ip, score, total_score, "
-                       "reasons_json, path, user_agent, request_id) VALUES "
-                       "('2026-01-01T00:00:00Z', ?, 1, 1, '[]', '/x', 'a', 'r')",
-                       [(f"198.51.100.{i % 250}",) for i in range(3000)])
+        db.executemany(
+            "INSERT INTO intrusion_attempts(ts, ip, score, total_score, "
+            "reasons_json, path, user_agent, request_id) VALUES "
+            "('2026-01-01T00:00:00Z', ?, 1, 1, '[]', '/x', 'a', 'r')",
+            [(f"198.51.100.{i % 250}",) for i in range(3000)],
+        )
         db.commit()
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     blob = bytearray(path.read_bytes())

@@ -25,7 +25,7 @@ def _exchange(gw: Gateway, data: bytes, pieces: int = 1) -> bytes:
         step = max(1, len(data) // pieces)
         for i in range(0, len(data), step):
             try:
-                sock.sendall(data[i:i + step])
+                sock.sendall(data[i : i + step])
             except (BrokenPipeError, ConnectionResetError):
                 break
         return sock.recv(4096)
@@ -66,8 +66,10 @@ def test_slow_head_after_a_kept_alive_request_is_cut(gw: Gateway) -> None:
 def test_slow_body_is_cut(gw: Gateway, cli: Any) -> None:
     key = cli("api-keys", "create", "--label", "slow").data["key"]
     with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100"
-                     b"\r\nAuthorization: Bearer " + key.encode() + b"\r\n\r\n{")
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100"
+            b"\r\nAuthorization: Bearer " + key.encode() + b"\r\n\r\n{"
+        )
         started = time.monotonic()
         reply = sock.recv(4096)  # the rest of the body never comes
     assert reply.startswith(b"HTTP/1.1 408") and time.monotonic() - started < 5

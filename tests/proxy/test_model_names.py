@@ -22,8 +22,10 @@ _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 def _call(url: str, key: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(  # noqa: S310 - loopback only
-        url, data=data, headers={"Authorization": f"Bearer {key}",
-                                 "Content-Type": "application/json"})
+        url,
+        data=data,
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+    )
     try:
         with _OPENER.open(request, timeout=20) as resp:
             return int(resp.status), json.loads(resp.read())
@@ -33,15 +35,19 @@ def _call(url: str, key: str, body: dict[str, Any] | None = None) -> tuple[int, 
 
 
 def _chat(base: str, key: str, model: str) -> tuple[int, Any]:
-    return _call(f"{base}/v1/chat/completions", key,
-                 {"model": model, "messages": [{"role": "user", "content": "hi"}]})
+    return _call(
+        f"{base}/v1/chat/completions",
+        key,
+        {"model": model, "messages": [{"role": "user", "content": "hi"}]},
+    )
 
 
 @pytest.fixture
 def two_engines(cli: Any) -> Iterator[tuple[Gateway, str]]:
-    with start_emulator("ollama", models=["llama3.2:latest", "shared:1b"]) as ol, \
-            start_emulator(
-                "vllm", models=["qwen", "shared:1b", "nomic-embed-text:v1"]) as vl:
+    with (
+        start_emulator("ollama", models=["llama3.2:latest", "shared:1b"]) as ol,
+        start_emulator("vllm", models=["qwen", "shared:1b", "nomic-embed-text:v1"]) as vl,
+    ):
         assert cli("engines", "add", "--kind", "ollama", "--url", ol.url, "--id", "ol").code == 0
         assert cli("engines", "add", "--kind", "vllm", "--url", vl.url, "--id", "vl").code == 0
         key = cli("api-keys", "create", "--label", "t").data["key"]
@@ -62,8 +68,9 @@ def test_plain_names_resolve_ambiguous_and_unknown(two_engines: tuple[Gateway, s
     assert "flm://vl/shared:1b" in body["error"]["message"]
     status, body = _chat(gw.url, key, "no-such-model")
     assert status == 404 and body["error"]["code"] == "model_not_found"
-    status, body = _call(f"{gw.url}/v1/embeddings", key,
-                         {"model": "nomic-embed-text:v1", "input": "x"})
+    status, body = _call(
+        f"{gw.url}/v1/embeddings", key, {"model": "nomic-embed-text:v1", "input": "x"}
+    )
     assert status == 200 and body["model"] == "nomic-embed-text:v1", body
     status, body = _call(f"{gw.url}/v1/models", key)
     ids = [m["id"] for m in body["data"]]

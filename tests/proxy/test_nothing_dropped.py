@@ -14,9 +14,20 @@ import pytest
 from tests.proxy.conftest import Stack, make_stack
 
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-TOOLS = [{"type": "function", "function": {"name": name, "parameters": {
-    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
-    for name in ("get_time", "get_weather")]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": name,
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    }
+    for name in ("get_time", "get_weather")
+]
 
 
 @pytest.fixture
@@ -26,8 +37,10 @@ def ollama_stack(cli: Any) -> Iterator[Stack]:
 
 def _post(stack: Stack, path: str, body: dict[str, Any]) -> tuple[int, dict[str, str], Any]:
     request = urllib.request.Request(  # noqa: S310 - loopback only
-        f"{stack.url}{path}", data=json.dumps(body).encode(),
-        headers={**stack.auth, "Content-Type": "application/json"})
+        f"{stack.url}{path}",
+        data=json.dumps(body).encode(),
+        headers={**stack.auth, "Content-Type": "application/json"},
+    )
     try:
         with _OPENER.open(request, timeout=20) as resp:
             return int(resp.status), dict(resp.headers), json.loads(resp.read())
@@ -38,8 +51,11 @@ def _post(stack: Stack, path: str, body: dict[str, Any]) -> tuple[int, dict[str,
 
 def test_forced_tool_choice_to_ollama_is_mapped_with_a_warning(ollama_stack: Stack) -> None:
     stack = ollama_stack
-    ask = {"model": stack.model("chat-model:1b"), "tools": TOOLS,
-           "messages": [{"role": "user", "content": "use get_time or get_weather"}]}
+    ask = {
+        "model": stack.model("chat-model:1b"),
+        "tools": TOOLS,
+        "messages": [{"role": "user", "content": "use get_time or get_weather"}],
+    }
     status, headers, body = _post(stack, "/v1/chat/completions", ask)
     assert status == 200 and "x-flm-warning" not in {k.lower() for k in headers}
     assert body["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "get_time"
@@ -60,10 +76,12 @@ def test_forced_tool_choice_to_ollama_is_mapped_with_a_warning(ollama_stack: Sta
 
 def test_token_id_embedding_input_to_ollama_is_a_clear_422(ollama_stack: Stack) -> None:
     stack = ollama_stack
-    status, _, body = _post(stack, "/v1/embeddings", {
-        "model": stack.model("nomic-embed-text:v1"), "input": [[1, 2, 3]]})
+    status, _, body = _post(
+        stack, "/v1/embeddings", {"model": stack.model("nomic-embed-text:v1"), "input": [[1, 2, 3]]}
+    )
     assert status == 422 and body["error"]["message"].startswith("input:")
     assert ("POST", "/api/embed") not in stack.emu.requests  # refused before sending
-    status, _, body = _post(stack, "/v1/embeddings", {
-        "model": stack.model("nomic-embed-text:v1"), "input": ["a", "b"]})
+    status, _, body = _post(
+        stack, "/v1/embeddings", {"model": stack.model("nomic-embed-text:v1"), "input": ["a", "b"]}
+    )
     assert status == 200 and len(body["data"]) == 2

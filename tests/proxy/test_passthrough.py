@@ -28,8 +28,7 @@ class _Peer(BaseHTTPRequestHandler):
     engine_like: bool
 
     def _answer(self) -> None:
-        self.seen.append((self.command, self.path, {k.lower(): v for k, v in
-                                                    self.headers.items()}))
+        self.seen.append((self.command, self.path, {k.lower(): v for k, v in self.headers.items()}))
         if self.engine_like and self.path == "/v1/models":
             body = json.dumps({"object": "list", "data": [{"id": "m", "object": "model"}]})
             headers: list[tuple[str, str]] = [("Content-Type", "application/json")]
@@ -55,11 +54,15 @@ class _Peer(BaseHTTPRequestHandler):
 
 
 class Peer:
-    def __init__(self, *, engine_like: bool, reply_headers: list[tuple[str, str]] | None = None
-                 ) -> None:
+    def __init__(
+        self, *, engine_like: bool, reply_headers: list[tuple[str, str]] | None = None
+    ) -> None:
         self.seen: list[tuple[str, str, dict[str, str]]] = []
-        handler = type("Handler", (_Peer,), {"seen": self.seen, "engine_like": engine_like,
-                                             "reply_headers": reply_headers or []})
+        handler = type(
+            "Handler",
+            (_Peer,),
+            {"seen": self.seen, "engine_like": engine_like, "reply_headers": reply_headers or []},
+        )
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.port = int(self.server.server_address[1])
         self.url = f"http://127.0.0.1:{self.port}"
@@ -87,9 +90,9 @@ def peer_factory() -> Iterator[Any]:
         peer.close()
 
 
-def _request(gw: Gateway, method: str, path: str, key: str | None,
-             headers: dict[str, str] | None = None
-             ) -> tuple[int, list[tuple[str, str]], bytes]:
+def _request(
+    gw: Gateway, method: str, path: str, key: str | None, headers: dict[str, str] | None = None
+) -> tuple[int, list[tuple[str, str]], bytes]:
     parts = urlsplit(gw.url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
     hdrs = dict(headers or {})
@@ -104,7 +107,8 @@ def _request(gw: Gateway, method: str, path: str, key: str | None,
 
 
 def test_default_endpoint_is_an_engine_only_when_detected(
-        cli: Any, monkeypatch: pytest.MonkeyPatch, peer_factory: Any) -> None:
+    cli: Any, monkeypatch: pytest.MonkeyPatch, peer_factory: Any
+) -> None:
     """A kind's default endpoint where something that is not that engine listens is not a
     forwarding target; the same endpoint with the engine on it is (SPEC §3.1)."""
     key = cli("api-keys", "create", "--label", "t").data["key"]
@@ -124,17 +128,34 @@ def test_default_endpoint_is_an_engine_only_when_detected(
 
 
 def test_admin_and_account_routes_are_refused(cli: Any) -> None:
-    with start_emulator("ollama", models=["m:1"]) as oll, \
-            start_emulator("vllm", models=["m:1"]) as vll:
+    with (
+        start_emulator("ollama", models=["m:1"]) as oll,
+        start_emulator("vllm", models=["m:1"]) as vll,
+    ):
         cli("engines", "add", "--kind", "ollama", "--url", oll.url, "--id", "oll")
         cli("engines", "add", "--kind", "vllm", "--url", vll.url, "--id", "vll")
         key = cli("api-keys", "create", "--label", "t").data["key"]
         refused = {
-            "oll": ["/api/pull", "/api/signout", "/api/me", "/api/user/keys/abc",
-                    "/api/experimental/web_fetch", "/api/pull;x=1", "/api/blobs/sha256:0"],
-            "vll": ["/init_weight_transfer_engine", "/start_weight_update", "/abort_requests",
-                    "/weight_checker", "/update_weight_version", "/fault_tolerance/apply",
-                    "/v1/load_lora_adapter", "/sleep", "/reset_prefix_cache"],
+            "oll": [
+                "/api/pull",
+                "/api/signout",
+                "/api/me",
+                "/api/user/keys/abc",
+                "/api/experimental/web_fetch",
+                "/api/pull;x=1",
+                "/api/blobs/sha256:0",
+            ],
+            "vll": [
+                "/init_weight_transfer_engine",
+                "/start_weight_update",
+                "/abort_requests",
+                "/weight_checker",
+                "/update_weight_version",
+                "/fault_tolerance/apply",
+                "/v1/load_lora_adapter",
+                "/sleep",
+                "/reset_prefix_cache",
+            ],
         }
         with start_gateway() as gw:
             for engine, paths in refused.items():
@@ -148,24 +169,44 @@ def test_admin_and_account_routes_are_refused(cli: Any) -> None:
 
 
 def test_headers_are_filtered_both_ways(cli: Any, peer_factory: Any, flm_home: Path) -> None:
-    engine = peer_factory(engine_like=True, reply_headers=[
-        ("Connection", "x-engine-secret"), ("X-Engine-Secret", "s3"),
-        ("Proxy-Authenticate", "Basic"), ("Upgrade", "h2c"), ("Trailer", "x-sum"),
-        ("X-Request-Id", "spoofed"), ("Strict-Transport-Security", "max-age=0"),
-        ("X-Frame-Options", "ALLOWALL"), ("Access-Control-Allow-Origin", "*"),
-        ("Access-Control-Allow-Credentials", "true"), ("X-Kept", "yes")])
+    engine = peer_factory(
+        engine_like=True,
+        reply_headers=[
+            ("Connection", "x-engine-secret"),
+            ("X-Engine-Secret", "s3"),
+            ("Proxy-Authenticate", "Basic"),
+            ("Upgrade", "h2c"),
+            ("Trailer", "x-sum"),
+            ("X-Request-Id", "spoofed"),
+            ("Strict-Transport-Security", "max-age=0"),
+            ("X-Frame-Options", "ALLOWALL"),
+            ("Access-Control-Allow-Origin", "*"),
+            ("Access-Control-Allow-Credentials", "true"),
+            ("X-Kept", "yes"),
+        ],
+    )
     cli("engines", "add", "--kind", "vllm", "--url", engine.url, "--id", "peer")
     key = cli("api-keys", "create", "--label", "t").data["key"]
     with start_gateway() as gw:
-        status, headers, _ = _request(gw, "GET", "/engine/peer/echo", key, {
-            "Connection": "X-Hop", "X-Hop": "1", "Proxy-Connection": "keep-alive",
-            "X-Fine": "1"})
+        status, headers, _ = _request(
+            gw,
+            "GET",
+            "/engine/peer/echo",
+            key,
+            {"Connection": "X-Hop", "X-Hop": "1", "Proxy-Connection": "keep-alive", "X-Fine": "1"},
+        )
         assert status == 200
         names = [name for name, _v in headers]
         values = dict(headers)
-        for gone in ("x-engine-secret", "proxy-authenticate", "upgrade", "trailer",
-                     "strict-transport-security", "access-control-allow-origin",
-                     "access-control-allow-credentials"):
+        for gone in (
+            "x-engine-secret",
+            "proxy-authenticate",
+            "upgrade",
+            "trailer",
+            "strict-transport-security",
+            "access-control-allow-origin",
+            "access-control-allow-credentials",
+        ):
             assert gone not in names, gone
         assert values["x-kept"] == "yes"
         assert names.count("x-request-id") == 1 and values["x-request-id"] != "spoofed"
@@ -183,9 +224,12 @@ def test_headers_are_filtered_both_ways(cli: Any, peer_factory: Any, flm_home: P
         assert len(engine.seen) == before
 
         # the audit row names the engine
-        rows = audit_rows(flm_home, "SELECT engine_id FROM audit_logs WHERE endpoint = "
-                          "'/engine/peer/echo' AND status = 200",
-                          flush=gw.runtime.audit.flush)  # type: ignore[union-attr]
+        rows = audit_rows(
+            flm_home,
+            "SELECT engine_id FROM audit_logs WHERE endpoint = "
+            "'/engine/peer/echo' AND status = 200",
+            flush=gw.runtime.audit.flush,
+        )  # type: ignore[union-attr]
         assert rows == [("peer",)]
 
 
@@ -196,8 +240,16 @@ def test_engine_failures_do_not_reveal_the_engine_address(cli: Any) -> None:
     dead_port = closed.getsockname()[1]
     closed.close()  # nothing listens there now
     with start_emulator("vllm", models=["m:1"]) as emu:
-        cli("engines", "add", "--kind", "vllm", "--url", f"http://127.0.0.1:{dead_port}",
-            "--id", "down")
+        cli(
+            "engines",
+            "add",
+            "--kind",
+            "vllm",
+            "--url",
+            f"http://127.0.0.1:{dead_port}",
+            "--id",
+            "down",
+        )
         cli("engines", "add", "--kind", "vllm", "--url", emu.url, "--id", "slow")
         cli("config", "set", "engine.first_byte_timeout_s", "0.5")
         key = cli("api-keys", "create", "--label", "t").data["key"]
@@ -206,13 +258,20 @@ def test_engine_failures_do_not_reveal_the_engine_address(cli: Any) -> None:
             emu.behaviour.delay_s = 2.0
             for engine, port in (("down", str(dead_port)), ("slow", emu_port)):
                 for path in (f"/engine/{engine}/v1/models", "/v1/chat/completions"):
-                    body = json.dumps({"model": f"flm://{engine}/m:1", "messages": [
-                        {"role": "user", "content": "hi"}]}).encode()
+                    body = json.dumps(
+                        {
+                            "model": f"flm://{engine}/m:1",
+                            "messages": [{"role": "user", "content": "hi"}],
+                        }
+                    ).encode()
                     parts = urlsplit(gw.url)
                     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
-                    conn.request("POST" if path.startswith("/v1") else "GET", path,
-                                 body=body if path.startswith("/v1") else None,
-                                 headers={"Authorization": f"Bearer {key}"})
+                    conn.request(
+                        "POST" if path.startswith("/v1") else "GET",
+                        path,
+                        body=body if path.startswith("/v1") else None,
+                        headers={"Authorization": f"Bearer {key}"},
+                    )
                     resp = conn.getresponse()
                     raw = resp.read()
                     conn.close()

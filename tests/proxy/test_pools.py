@@ -43,21 +43,19 @@ class PoolStack:
 
 
 def _body(text: str = "hello", *, stream: bool = False) -> dict[str, Any]:
-    return {"model": POOL_MODEL, "stream": stream,
-            "messages": [{"role": "user", "content": text}]}
+    return {"model": POOL_MODEL, "stream": stream, "messages": [{"role": "user", "content": text}]}
 
 
 @pytest.fixture
 def pool_stack(cli: Any) -> Iterator[PoolStack]:
     assert cli("config", "set", "pool.backoff_initial_s", "0.1").code == 0
     assert cli("config", "set", "pool.backoff_max_s", "0.4").code == 0
-    with start_emulator("vllm", models=[MODEL, EMBED],
-                        behaviour=Behaviour(reply_text="alpha")) as a, \
-            start_emulator("vllm", models=[MODEL, EMBED],
-                           behaviour=Behaviour(reply_text="bravo")) as b:
+    with (
+        start_emulator("vllm", models=[MODEL, EMBED], behaviour=Behaviour(reply_text="alpha")) as a,
+        start_emulator("vllm", models=[MODEL, EMBED], behaviour=Behaviour(reply_text="bravo")) as b,
+    ):
         for emu, name in ((a, "a"), (b, "b")):
-            assert cli("engines", "add", "--kind", "vllm", "--url", emu.url,
-                       "--id", name).code == 0
+            assert cli("engines", "add", "--kind", "vllm", "--url", emu.url, "--id", name).code == 0
         created = cli("engines", "pool", "create", "duo", "--member", "a", "b")
         assert created.code == 0, created.out
         key = cli("api-keys", "create", "--label", "t").data["key"]
@@ -77,17 +75,20 @@ def _text(raw: bytes) -> str:
     return "".join(out)
 
 
-async def _post(session: aiohttp.ClientSession, stack: PoolStack,
-                body: dict[str, Any]) -> tuple[int, bytes]:
+async def _post(
+    session: aiohttp.ClientSession, stack: PoolStack, body: dict[str, Any]
+) -> tuple[int, bytes]:
     async with session.post(stack.gateway.url + CHAT, json=body, headers=stack.auth) as resp:
         return resp.status, await resp.read()
 
 
-def _run_many(stack: PoolStack, count: int, concurrency: int,
-              stream: bool = False) -> list[tuple[int, bytes]]:
+def _run_many(
+    stack: PoolStack, count: int, concurrency: int, stream: bool = False
+) -> list[tuple[int, bytes]]:
     async def main() -> list[tuple[int, bytes]]:
         limit = asyncio.Semaphore(concurrency)
         async with aiohttp.ClientSession() as session:
+
             async def one(i: int) -> tuple[int, bytes]:
                 async with limit:
                     return await _post(session, stack, _body(f"n{i}", stream=stream))
@@ -107,14 +108,13 @@ def test_pool_commands(cli: Any) -> None:
     assert made.code == 0, made.out
     assert made.data["model_id"] == "flm://pool:gpus/<model>"
     listed = cli("engines", "pool", "list").data
-    assert [(p["name"], [(m["engine_id"], m["weight"]) for m in p["members"]])
-            for p in listed] == [("gpus", [("g1", 1.0), ("g2", 3.0)])]
-    assert cli("engines", "pool", "create", "gpus", "--member", "g1").error["code"] \
-        == "POOL_EXISTS"
+    assert [(p["name"], [(m["engine_id"], m["weight"]) for m in p["members"]]) for p in listed] == [
+        ("gpus", [("g1", 1.0), ("g2", 3.0)])
+    ]
+    assert cli("engines", "pool", "create", "gpus", "--member", "g1").error["code"] == "POOL_EXISTS"
     assert cli("engines", "pool", "create", "x", "--member", "nope").code != 0
     assert cli("engines", "pool", "create", "x", "--member", "g1", "g1").code != 0
-    assert cli("engines", "pool", "create", "x", "--member", "g1",
-               "--weight", "g2=1").code != 0
+    assert cli("engines", "pool", "create", "x", "--member", "g1", "--weight", "g2=1").code != 0
     assert cli("engines", "pool", "create", "x", "--member", "g1", "--weight", "g1=0").code != 0
     assert cli("engines", "pool", "create", "Bad:Name", "--member", "g1").code != 0
     assert cli("engines", "pool", "remove", "gpus").code == 0
@@ -128,8 +128,9 @@ def test_pool_commands(cli: Any) -> None:
 def test_pool_model_is_listed_and_answers(pool_stack: PoolStack) -> None:
     async def main() -> None:
         async with aiohttp.ClientSession() as session:
-            async with session.get(pool_stack.gateway.url + "/v1/models",
-                                   headers=pool_stack.auth) as resp:
+            async with session.get(
+                pool_stack.gateway.url + "/v1/models", headers=pool_stack.auth
+            ) as resp:
                 ids = [m["id"] for m in (await resp.json())["data"]]
             assert POOL_MODEL in ids
             status, raw = await _post(session, pool_stack, _body())
@@ -145,8 +146,7 @@ def test_pool_model_is_listed_and_answers(pool_stack: PoolStack) -> None:
     asyncio.run(main())
 
 
-def test_thousand_requests_spread_evenly_and_counters_return_to_zero(
-        pool_stack: PoolStack) -> None:
+def test_thousand_requests_spread_evenly_and_counters_return_to_zero(pool_stack: PoolStack) -> None:
     """At equal load the two members share 1,000 requests within 10% of even: with 16 in
     flight the least-busy choice decides, ties go round robin."""
     results = _run_many(pool_stack, 1000, 16)
@@ -161,8 +161,10 @@ def test_weights_set_the_share_at_equal_load(cli: Any) -> None:
     with start_emulator("vllm", models=[MODEL]) as a, start_emulator("vllm", models=[MODEL]) as b:
         for emu, name in ((a, "a"), (b, "b")):
             cli("engines", "add", "--kind", "vllm", "--url", emu.url, "--id", name)
-        assert cli("engines", "pool", "create", "duo", "--member", "a", "b",
-                   "--weight", "a=3").code == 0
+        assert (
+            cli("engines", "pool", "create", "duo", "--member", "a", "b", "--weight", "a=3").code
+            == 0
+        )
         key = cli("api-keys", "create", "--label", "t").data["key"]
         with start_gateway() as gw:
             stack = PoolStack(a, b, gw, key)
@@ -184,8 +186,9 @@ def test_retry_once_before_the_first_byte(pool_stack: PoolStack) -> None:
         assert pool_stack.chats(b) - before == 1  # tried once, then out of rotation
         assert pool_stack.members()["b"]["state"] == "down"
         b.behaviour.status_override = None
-        wait_until(lambda: pool_stack.members()["b"]["state"] == "up", timeout=5,
-                   what="b probed back in")
+        wait_until(
+            lambda: pool_stack.members()["b"]["state"] == "up", timeout=5, what="b probed back in"
+        )
 
 
 def test_retry_is_once_only(pool_stack: PoolStack) -> None:
@@ -211,8 +214,11 @@ def test_single_member_pool_passes_the_engine_error_on(pool_stack: PoolStack, cl
     assert cli("engines", "pool", "create", "solo", "--member", "b").code == 0
     ctx = Context(Paths.resolve())
     try:
-        inst = SimpleNamespace(runtime=pool_stack.gateway.runtime,
-                               settings=pool_stack.gateway.runtime.settings, last_error=None)
+        inst = SimpleNamespace(
+            runtime=pool_stack.gateway.runtime,
+            settings=pool_stack.gateway.runtime.settings,
+            last_error=None,
+        )
         pool_stack.gateway.call(lambda: reload_proxies(ctx, [inst]))  # type: ignore[list-item]
     finally:
         ctx.close()
@@ -260,9 +266,12 @@ def test_client_disconnect_releases_the_member(pool_stack: PoolStack) -> None:
         emu.behaviour.chunk_interval_s = 0.02
 
     async def main() -> None:
-        async with aiohttp.ClientSession() as session, session.post(
-                pool_stack.gateway.url + CHAT, json=_body(stream=True),
-                headers=pool_stack.auth) as resp:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                pool_stack.gateway.url + CHAT, json=_body(stream=True), headers=pool_stack.auth
+            ) as resp,
+        ):
             assert resp.status == 200
             await resp.content.readuntil(b"\n\n")
             busy = pool_stack.members()
@@ -270,8 +279,11 @@ def test_client_disconnect_releases_the_member(pool_stack: PoolStack) -> None:
         # (leaving the block closes the connection mid-stream)
 
     asyncio.run(main())
-    wait_until(lambda: all(m["in_flight"] == 0 for m in pool_stack.members().values()),
-               timeout=5, what="in-flight back to 0 after the client left")
+    wait_until(
+        lambda: all(m["in_flight"] == 0 for m in pool_stack.members().values()),
+        timeout=5,
+        what="in-flight back to 0 after the client left",
+    )
 
 
 def test_member_killed_mid_run_then_back_in_rotation(pool_stack: PoolStack) -> None:
@@ -285,15 +297,21 @@ def test_member_killed_mid_run_then_back_in_rotation(pool_stack: PoolStack) -> N
 
     async def main() -> tuple[list[bytes], list[tuple[int, bytes]]]:
         async with aiohttp.ClientSession() as session:
-            responses = [await session.post(pool_stack.gateway.url + CHAT,
-                                            json=_body(f"s{i}", stream=True),
-                                            headers=pool_stack.auth) for i in range(4)]
+            responses = [
+                await session.post(
+                    pool_stack.gateway.url + CHAT,
+                    json=_body(f"s{i}", stream=True),
+                    headers=pool_stack.auth,
+                )
+                for i in range(4)
+            ]
             firsts = [await r.content.readuntil(b"\n\n") for r in responses]
             assert all(r.status == 200 for r in responses)
             # plain requests that b holds without answering when it dies
             pool_stack.b.behaviour.delay_s = 30.0
-            held = [asyncio.ensure_future(_post(session, pool_stack, _body(f"h{i}")))
-                    for i in range(6)]
+            held = [
+                asyncio.ensure_future(_post(session, pool_stack, _body(f"h{i}"))) for i in range(6)
+            ]
             deadline = time.monotonic() + 10
             while pool_stack.chats(pool_stack.b) < 2 + 2:
                 assert time.monotonic() < deadline, "plain requests never reached b"
@@ -307,8 +325,9 @@ def test_member_killed_mid_run_then_back_in_rotation(pool_stack: PoolStack) -> N
                 r.release()
             for emu in (pool_stack.a,):
                 emu.behaviour.chunk_interval_s = 0.0
-            later = await asyncio.gather(*(_post(session, pool_stack, _body(f"n{i}"))
-                                           for i in range(40)))
+            later = await asyncio.gather(
+                *(_post(session, pool_stack, _body(f"n{i}")) for i in range(40))
+            )
             return [f + rest for f, rest in zip(firsts, rests, strict=True)], later
 
     streams, later = asyncio.run(main())
@@ -326,11 +345,15 @@ def test_member_killed_mid_run_then_back_in_rotation(pool_stack: PoolStack) -> N
     assert {_text(raw) for _, raw in later} == {"alpha"}
     assert pool_stack.members()["b"]["state"] == "down"
 
-    with start_emulator("vllm", models=[MODEL], behaviour=Behaviour(reply_text="bravo"),
-                        port=port) as back:
+    with start_emulator(
+        "vllm", models=[MODEL], behaviour=Behaviour(reply_text="bravo"), port=port
+    ) as back:
         returned = time.monotonic()
-        wait_until(lambda: pool_stack.members()["b"]["state"] == "up", timeout=0.4 + 2.0,
-                   what="b back in rotation within the back-off limit")
+        wait_until(
+            lambda: pool_stack.members()["b"]["state"] == "up",
+            timeout=0.4 + 2.0,
+            what="b back in rotation within the back-off limit",
+        )
         assert time.monotonic() - returned <= 0.4 + 2.0
         assert back.requests.snapshot() and all(p != CHAT for _m, p in back.requests)
         results = _run_many(pool_stack, 20, 1)
@@ -345,18 +368,34 @@ def test_metrics_and_status_show_members(pool_stack: PoolStack) -> None:
     assert [s for s, _ in _run_many(pool_stack, 2, 1)] == [200, 200]
 
     async def metrics() -> str:
-        async with aiohttp.ClientSession() as session, session.get(
-                pool_stack.gateway.url + "/metrics", headers=pool_stack.auth) as resp:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(pool_stack.gateway.url + "/metrics", headers=pool_stack.auth) as resp,
+        ):
             return await resp.text()
 
     text = asyncio.run(metrics())
     assert 'flm_pool_member_in_flight{member="a",pool="duo"} 0.0' in text
     assert 'flm_pool_member_up{member="a",pool="duo"} 1.0' in text
     assert 'flm_pool_member_up{member="b",pool="duo"} 0.0' in text  # (503: out, probes fail)
-    shown = _status_text({"proxies": [{
-        "id": "proxy", "mode": "local-http", "port": 1, "listen": "127.0.0.1",
-        "endpoints": [], "uptime_s": 1, "pid": 1,
-        "pools": pool_stack.gateway.call(pool_stack.gateway.runtime.engines.pools.snapshot)}]})
+    shown = _status_text(
+        {
+            "proxies": [
+                {
+                    "id": "proxy",
+                    "mode": "local-http",
+                    "port": 1,
+                    "listen": "127.0.0.1",
+                    "endpoints": [],
+                    "uptime_s": 1,
+                    "pid": 1,
+                    "pools": pool_stack.gateway.call(
+                        pool_stack.gateway.runtime.engines.pools.snapshot
+                    ),
+                }
+            ]
+        }
+    )
     assert "pool duo: a up in_flight=0, b down in_flight=0" in shown
 
 
@@ -376,8 +415,7 @@ def test_pools_reach_a_running_proxy_on_reload(pool_stack: PoolStack, cli: Any) 
     assert asyncio.run(ask())[0] == 404
     ctx = Context(Paths.resolve())
     try:
-        inst = SimpleNamespace(runtime=gw.runtime, settings=gw.runtime.settings,
-                               last_error=None)
+        inst = SimpleNamespace(runtime=gw.runtime, settings=gw.runtime.settings, last_error=None)
         gw.call(lambda: reload_proxies(ctx, [inst]))  # type: ignore[list-item]
     finally:
         ctx.close()

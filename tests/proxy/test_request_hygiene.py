@@ -37,26 +37,51 @@ def test_trailers_and_rewriting_headers_never_reach_the_engine(cli: Any, engine:
     cli("engines", "add", "--kind", "vllm", "--url", engine.url, "--id", "peer")
     key = cli("api-keys", "create", "--label", "t").data["key"]
     with start_gateway() as gw:
-        status, headers, _ = _request(gw, "GET", "/engine/peer/echo", key, {
-            "X-HTTP-Method-Override": "DELETE", "X-Original-URL": "/api/pull",
-            "X-Rewrite-URL": "/api/pull", "X-Http-Method": "DELETE",
-            "X-Method-Override": "DELETE", "Cookie": "session=client", "X_Forwarded_For": "1.2.3.4",
-            "Auth_Token": "x", "X-Fine": "1"})
+        status, headers, _ = _request(
+            gw,
+            "GET",
+            "/engine/peer/echo",
+            key,
+            {
+                "X-HTTP-Method-Override": "DELETE",
+                "X-Original-URL": "/api/pull",
+                "X-Rewrite-URL": "/api/pull",
+                "X-Http-Method": "DELETE",
+                "X-Method-Override": "DELETE",
+                "Cookie": "session=client",
+                "X_Forwarded_For": "1.2.3.4",
+                "Auth_Token": "x",
+                "X-Fine": "1",
+            },
+        )
         assert status == 200
         assert "set-cookie" not in dict(headers) and dict(headers)["x-kept"] == "yes"
         sent = engine.seen[-1][2]
         assert sent.get("x-fine") == "1"
-        for gone in ("x-http-method-override", "x-original-url", "x-rewrite-url",
-                     "x-http-method", "x-method-override", "cookie", "x_forwarded_for",
-                     "auth_token"):
+        for gone in (
+            "x-http-method-override",
+            "x-original-url",
+            "x-rewrite-url",
+            "x-http-method",
+            "x-method-override",
+            "cookie",
+            "x_forwarded_for",
+            "auth_token",
+        ):
             assert gone not in sent, gone
         # a chunked body's trailer fields are not merged into the request's headers
         body = b'{"a":1}'
-        reply = _raw(gw.url, b"POST /engine/peer/echo HTTP/1.1\r\nHost: x\r\n"
-                     b"Authorization: Bearer " + key.encode() + b"\r\n"
-                     b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
-                     b"Connection: close\r\n\r\n" + f"{len(body):x}".encode() + b"\r\n" + body
-                     + b"\r\n0\r\nX-Trailer-Evil: 1\r\nAuthorization: Bearer other\r\n\r\n")
+        reply = _raw(
+            gw.url,
+            b"POST /engine/peer/echo HTTP/1.1\r\nHost: x\r\n"
+            b"Authorization: Bearer " + key.encode() + b"\r\n"
+            b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+            b"Connection: close\r\n\r\n"
+            + f"{len(body):x}".encode()
+            + b"\r\n"
+            + body
+            + b"\r\n0\r\nX-Trailer-Evil: 1\r\nAuthorization: Bearer other\r\n\r\n",
+        )
         assert reply.startswith(b"HTTP/1.1 200"), reply[:300]
         method, path, sent = engine.seen[-1]
         assert (method, path) == ("POST", "/echo")
@@ -67,10 +92,13 @@ def test_json_nested_deeper_than_the_parser_goes_is_a_400(cli: Any) -> None:
     key = cli("api-keys", "create", "--label", "t").data["key"]
     with start_gateway() as gw:
         deep = b'{"model":"flm://e/m","messages":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
-        reply = _raw(gw.url, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
-                     b"Authorization: Bearer " + key.encode() + b"\r\n"
-                     b"Content-Type: application/json\r\nConnection: close\r\n"
-                     b"Content-Length: " + str(len(deep)).encode() + b"\r\n\r\n" + deep)
+        reply = _raw(
+            gw.url,
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            b"Authorization: Bearer " + key.encode() + b"\r\n"
+            b"Content-Type: application/json\r\nConnection: close\r\n"
+            b"Content-Length: " + str(len(deep)).encode() + b"\r\n\r\n" + deep,
+        )
         head, _, body = reply.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 400"), reply[:300]
         assert json.loads(body)["error"]["code"] == "invalid_request"
@@ -104,8 +132,9 @@ def test_pass_through_failures_read_alike_whatever_listens(cli: Any) -> None:
         threading.Thread(target=serve, daemon=True).start()
     ports = [dead, *(s.getsockname()[1] for s in listeners)]
     for i, port in enumerate(ports):
-        cli("engines", "add", "--kind", "vllm", "--url", f"http://127.0.0.1:{port}",
-            "--id", f"e{i}")
+        cli(
+            "engines", "add", "--kind", "vllm", "--url", f"http://127.0.0.1:{port}", "--id", f"e{i}"
+        )
     key = cli("api-keys", "create", "--label", "t").data["key"]
     try:
         with start_gateway() as gw:

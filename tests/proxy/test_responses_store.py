@@ -21,17 +21,17 @@ def test_conversation_state_is_per_key_and_deletable(vllm_stack: Stack, cli: Any
     model = stack.model("chat-model:1b")
     alice = _client(stack, stack.key)
     bob = _client(stack, cli("api-keys", "create", "--label", "bob").data["key"])
-    first = alice.responses.create(model=model, input="my name is Ann",
-                                   instructions="be brief")
+    first = alice.responses.create(model=model, input="my name is Ann", instructions="be brief")
     assert first.output_text == expected_reply("my name is Ann")
-    second = alice.responses.create(model=model, input="what is my name",
-                                    previous_response_id=first.id)
+    second = alice.responses.create(
+        model=model, input="what is my name", previous_response_id=first.id
+    )
     # the engine saw the whole conversation: both user turns and the first answer (the
     # emulator counts one token per word of every message it is sent)
     assert second.usage is not None
-    assert second.usage.input_tokens == (word_count("my name is Ann")
-                                         + word_count(first.output_text)
-                                         + word_count("what is my name"))
+    assert second.usage.input_tokens == (
+        word_count("my name is Ann") + word_count(first.output_text) + word_count("what is my name")
+    )
     assert second.previous_response_id == first.id
     got = alice.responses.retrieve(first.id)
     assert got.id == first.id and got.output_text == first.output_text
@@ -58,17 +58,20 @@ def test_streamed_response_is_stored(vllm_stack: Stack) -> None:
     stack = vllm_stack
     client = _client(stack, stack.key)
     final = None
-    for event in client.responses.create(model=stack.model("chat-model:1b"),
-                                         input="stream me", stream=True):
+    for event in client.responses.create(
+        model=stack.model("chat-model:1b"), input="stream me", stream=True
+    ):
         if event.type == "response.completed":
             final = event.response
     assert final is not None
     got = client.responses.retrieve(final.id)
     assert got.output_text == expected_reply("stream me")
-    follow = client.responses.create(model=stack.model("chat-model:1b"), input="again",
-                                     previous_response_id=final.id)
+    follow = client.responses.create(
+        model=stack.model("chat-model:1b"), input="again", previous_response_id=final.id
+    )
     assert follow.usage is not None and follow.usage.input_tokens == (
-        word_count("stream me") + word_count(got.output_text) + word_count("again"))
+        word_count("stream me") + word_count(got.output_text) + word_count("again")
+    )
 
 
 def test_gone_after_retention_and_bounded_per_key(vllm_stack: Stack) -> None:
@@ -83,8 +86,10 @@ def test_gone_after_retention_and_bounded_per_key(vllm_stack: Stack) -> None:
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(kept.id)
     stack.gateway.call(lambda: store.configure(store.retention_s, 2))
-    ids = [client.responses.create(model=stack.model("chat-model:1b"), input=f"n{i}").id
-           for i in range(3)]
+    ids = [
+        client.responses.create(model=stack.model("chat-model:1b"), input=f"n{i}").id
+        for i in range(3)
+    ]
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(ids[0])  # the oldest of this key's went first
     assert client.responses.retrieve(ids[2]).id == ids[2]

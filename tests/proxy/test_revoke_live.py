@@ -46,8 +46,10 @@ def test_revoke_and_rotate_apply_immediately(flm_home: Path) -> None:
 def _chat(url: str, key: str, model: str) -> int:
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}]})
     request = urllib.request.Request(  # noqa: S310
-        url, data=body.encode(), headers={"Authorization": f"Bearer {key}",
-                                          "Content-Type": "application/json"})
+        url,
+        data=body.encode(),
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+    )
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
         with opener.open(request, timeout=10) as resp:
@@ -65,8 +67,9 @@ def test_engine_registrations_reach_the_running_daemon_at_once(flm_home: Path) -
     try:
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         with start_emulator("vllm", models=["fresh"]) as emu:
-            added = flm_subprocess("engines", "add", "--kind", "vllm", "--url", emu.url,
-                                   "--id", "new")
+            added = flm_subprocess(
+                "engines", "add", "--kind", "vllm", "--url", emu.url, "--id", "new"
+            )
             assert added.returncode == 0, added.stdout
             assert _chat(url, created["key"], "flm://new/fresh") == 200  # no reload, no wait
             assert flm_subprocess("engines", "remove", "new").returncode == 0

@@ -30,12 +30,20 @@ class Env:
     def policy(self, document: dict[str, Any]) -> None:
         self.gw.call(lambda: self.rt.apply_policy(document))
 
-    def request(self, method: str, path: str, *, headers: dict[str, str] | None = None,
-                body: Any = None, source: str = "127.0.0.1",
-                key: str | None = "default") -> tuple[int, dict[str, str], bytes]:
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        headers: dict[str, str] | None = None,
+        body: Any = None,
+        source: str = "127.0.0.1",
+        key: str | None = "default",
+    ) -> tuple[int, dict[str, str], bytes]:
         parts = urlsplit(self.gw.url)
-        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30,
-                                          source_address=(source, 0))
+        conn = http.client.HTTPConnection(
+            parts.hostname, parts.port, timeout=30, source_address=(source, 0)
+        )
         hdrs = dict(headers or {})
         if key is not None:
             hdrs.setdefault("Authorization", f"Bearer {self.key if key == 'default' else key}")
@@ -51,8 +59,12 @@ class Env:
             conn.close()
 
     def chat(self, text: str = "hi", **kw: Any) -> tuple[int, dict[str, str], bytes]:
-        return self.request("POST", "/v1/chat/completions", body={
-            "model": "flm://eng/m:1", "messages": [{"role": "user", "content": text}]}, **kw)
+        return self.request(
+            "POST",
+            "/v1/chat/completions",
+            body={"model": "flm://eng/m:1", "messages": [{"role": "user", "content": text}]},
+            **kw,
+        )
 
 
 @pytest.fixture

@@ -44,18 +44,22 @@ def test_burst_of_1000_has_exactly_one_row_each(env: Env, flm_home: Path) -> Non
     async def burst() -> list[str]:
         import aiohttp
 
-        body = {"model": "flm://eng/m:1",
-                "messages": [{"role": "user", "content": SECRET_PROMPT}]}
+        body = {"model": "flm://eng/m:1", "messages": [{"role": "user", "content": SECRET_PROMPT}]}
         sem = asyncio.Semaphore(32)
         async with aiohttp.ClientSession() as session:
+
             async def one(i: int) -> str:
                 async with sem:
                     if i % 10 == 0:
-                        req = session.get(env.gw.url + "/v1/models",
-                                          headers={"Authorization": "Bearer wrong"})
+                        req = session.get(
+                            env.gw.url + "/v1/models", headers={"Authorization": "Bearer wrong"}
+                        )
                     else:
-                        req = session.post(env.gw.url + "/v1/chat/completions", json=body,
-                                           headers={"Authorization": f"Bearer {env.key}"})
+                        req = session.post(
+                            env.gw.url + "/v1/chat/completions",
+                            json=body,
+                            headers={"Authorization": f"Bearer {env.key}"},
+                        )
                     async with req as r:
                         await r.read()
                         return r.headers["X-Request-Id"]
@@ -74,15 +78,27 @@ def test_burst_of_1000_has_exactly_one_row_each(env: Env, flm_home: Path) -> Non
     assert set(by_id) == set(ids)
     assert all(len(v) == 1 for v in by_id.values())
     chat = next(r[0] for r in by_id.values() if r[0]["endpoint"] == "/v1/chat/completions")
-    for field in ("ts", "request_id", "client_ip", "api_key_id", "endpoint", "engine_id",
-                  "model", "status", "latency_ms", "prompt_tokens", "completion_tokens"):
+    for field in (
+        "ts",
+        "request_id",
+        "client_ip",
+        "api_key_id",
+        "endpoint",
+        "engine_id",
+        "model",
+        "status",
+        "latency_ms",
+        "prompt_tokens",
+        "completion_tokens",
+    ):
         assert chat[field] is not None, field
     assert chat["status"] == 200 and chat["engine_id"] == "eng"
     assert chat["model"] == "flm://eng/m:1" and chat["client_ip"] == "127.0.0.1"
     refused = [r[0] for r in by_id.values() if r[0]["status"] == 401]
     assert len(refused) == 100 and all(r["error_type"] == "invalid_api_key" for r in refused)
     events = conn.execute(
-        "SELECT COUNT(*) FROM audit_logs WHERE event_type = 'auth_failure'").fetchone()[0]
+        "SELECT COUNT(*) FROM audit_logs WHERE event_type = 'auth_failure'"
+    ).fetchone()[0]
     assert events == 100
     with pytest.raises(sqlite3.DatabaseError):
         conn.execute("UPDATE audit_logs SET status = 0")
@@ -103,8 +119,11 @@ def test_burst_of_1000_has_exactly_one_row_each(env: Env, flm_home: Path) -> Non
 
 
 def test_a_key_pasted_into_the_model_is_not_recorded(env: Env, flm_home: Path) -> None:
-    status, _, _ = env.request("POST", "/v1/chat/completions", body={
-        "model": f"flm://eng/{env.key}", "messages": [{"role": "user", "content": "hi"}]})
+    status, _, _ = env.request(
+        "POST",
+        "/v1/chat/completions",
+        body={"model": f"flm://eng/{env.key}", "messages": [{"role": "user", "content": "hi"}]},
+    )
     assert status == 404
     _flush_until(env, flm_home, 1)
     conn = sqlite3.connect(flm_home / "security.db")
@@ -112,8 +131,11 @@ def test_a_key_pasted_into_the_model_is_not_recorded(env: Env, flm_home: Path) -
     conn.close()
     assert model.startswith("flm://eng/") and "[redacted]" in model
     # ... and one pasted where the engine id goes (flm://<key>/m) is not recorded either
-    status, _, _ = env.request("POST", "/v1/chat/completions", body={
-        "model": f"flm://{env.key}/m", "messages": [{"role": "user", "content": "hi"}]})
+    status, _, _ = env.request(
+        "POST",
+        "/v1/chat/completions",
+        body={"model": f"flm://{env.key}/m", "messages": [{"role": "user", "content": "hi"}]},
+    )
     assert status in (400, 404)
     _flush_until(env, flm_home, 2)
     secret = env.key.split("_", 2)[2].encode()
@@ -137,8 +159,22 @@ def test_export_and_archive(env: Env, tmp_path: Path, flm_home: Path) -> None:
     assert len(json.loads(js.read_text())) >= 3
     # the whole trail unless --limit/--offset say otherwise
     everything = [r["id"] for r in json.loads(js.read_text())]
-    assert cli("security", "audit-logs", "export", "--format", "json", "--output", str(js),
-               "--limit", "2", "--offset", "1").data["rows"] == 2
+    assert (
+        cli(
+            "security",
+            "audit-logs",
+            "export",
+            "--format",
+            "json",
+            "--output",
+            str(js),
+            "--limit",
+            "2",
+            "--offset",
+            "1",
+        ).data["rows"]
+        == 2
+    )
     assert [r["id"] for r in json.loads(js.read_text())] == everything[1:3]
     for command in (["intrusion"], ["anomaly"], ["audit-logs"]):
         refused = cli("security", *command, "--limit", "-1")
@@ -158,8 +194,9 @@ def _get(url: str, key: str, source: str = "127.0.0.1") -> int:
     from urllib.parse import urlsplit
 
     parts = urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10,
-                                      source_address=(source, 0))
+    conn = http.client.HTTPConnection(
+        parts.hostname, parts.port, timeout=10, source_address=(source, 0)
+    )
     try:
         conn.request("GET", parts.path, headers={"Authorization": f"Bearer {key}"})
         return conn.getresponse().status
@@ -173,8 +210,11 @@ def test_blocklist_commands_reach_the_daemon(flm_home: Path, tmp_path: Path) -> 
         flm_subprocess("engines", "add", "--kind", "vllm", "--url", emu.url, "--id", "v")
         key = json.loads(flm_subprocess("api-keys", "create", "--label", "k").stdout)["data"]
         policy = tmp_path / "p.json"
-        policy.write_text(json.dumps({"ip_blocklist": {"enabled": True, "max_failures": 2,
-                                                       "exempt_loopback": False}}))
+        policy.write_text(
+            json.dumps(
+                {"ip_blocklist": {"enabled": True, "max_failures": 2, "exempt_loopback": False}}
+            )
+        )
         assert flm_subprocess("security", "policy", "set", "--file", str(policy)).returncode == 0
         assert flm_subprocess("proxy", "start", "--port", str(port)).returncode == 0
         try:
@@ -211,8 +251,21 @@ def test_json_lines_roll_over_without_losing_records(tmp_path: Path) -> None:
     sink.rotate_bytes = 4096
     try:
         for i in range(200):
-            sink.request(1.0, f"r{i}", "127.0.0.1", None, "/v1/models", "GET", None, None, 200,
-                         1.0, None, None, None)
+            sink.request(
+                1.0,
+                f"r{i}",
+                "127.0.0.1",
+                None,
+                "/v1/models",
+                "GET",
+                None,
+                None,
+                200,
+                1.0,
+                None,
+                None,
+                None,
+            )
             if i % 20 == 19:
                 sink.flush()
         sink.flush()
@@ -234,9 +287,14 @@ def test_retention_archives_old_rows_only(cli: Any, flm_home: Path) -> None:
 
     cli("check")
     conn = sqlite3.connect(flm_home / "security.db")
-    conn.executemany("INSERT INTO audit_logs(ts, endpoint, status) VALUES (?, '/x', 200)",
-                     [("2026-01-01T00:00:00.000Z",), ("2026-01-02T00:00:00.000Z",),
-                      ("2026-01-09T00:00:00.000Z",)])
+    conn.executemany(
+        "INSERT INTO audit_logs(ts, endpoint, status) VALUES (?, '/x', 200)",
+        [
+            ("2026-01-01T00:00:00.000Z",),
+            ("2026-01-02T00:00:00.000Z",),
+            ("2026-01-09T00:00:00.000Z",),
+        ],
+    )
     conn.commit()
     conn.close()
     storage = Storage(Paths.resolve())
@@ -259,8 +317,21 @@ def test_flusher_slices_keep_every_record_in_order_with_exact_timestamps(tmp_pat
     count = SLICE * 5 + 3
     try:
         for i in range(count):
-            sink.request(1_700_000_000 + i / 7, f"r{i}", "127.0.0.1", None, "/v1/models", "GET",
-                         None, None, 200, 1.0, None, None, None)
+            sink.request(
+                1_700_000_000 + i / 7,
+                f"r{i}",
+                "127.0.0.1",
+                None,
+                "/v1/models",
+                "GET",
+                None,
+                None,
+                200,
+                1.0,
+                None,
+                None,
+                None,
+            )
         assert sink.flush(pause=True) == count
     finally:
         sink.close()
@@ -268,8 +339,9 @@ def test_flusher_slices_keep_every_record_in_order_with_exact_timestamps(tmp_pat
     assert [r["request_id"] for r in records] == [f"r{i}" for i in range(count)]
     for i, r in enumerate(records):
         ts = 1_700_000_000 + i / 7
-        expected = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + \
-            f".{int(ts % 1 * 1000):03d}Z"
+        expected = (
+            time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
+        )
         assert r["ts"] == expected
 
 
@@ -285,8 +357,9 @@ def _count_pauses(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return pauses
 
 
-def test_flusher_pauses_every_slice_for_a_normal_batch(tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_flusher_pauses_every_slice_for_a_normal_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from flm.proxy.audit import SLICE, AuditSink
 
     pauses = _count_pauses(monkeypatch)
@@ -301,8 +374,9 @@ def test_flusher_pauses_every_slice_for_a_normal_batch(tmp_path: Path,
 
 
 @pytest.mark.parametrize("size", ["backlog", "above_high_water"])
-def test_flusher_keeps_up_with_a_backlog(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                         size: str) -> None:
+def test_flusher_keeps_up_with_a_backlog(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: str
+) -> None:
     """Each pause costs a GIL hand-off (up to the 5 ms switch interval on a busy loop): a
     backlog gets at most MAX_PAUSES of them, and one above HIGH_WATER none, so the queue
     cannot outgrow what the flusher writes; every record is still written, in order."""
@@ -319,20 +393,88 @@ def test_flusher_keeps_up_with_a_backlog(tmp_path: Path, monkeypatch: pytest.Mon
         sink.close()
     assert pauses[0] == (MAX_PAUSES if size == "backlog" else 0)
     lines = (tmp_path / "audit.jsonl").read_text().splitlines()
-    assert [json.loads(json.loads(line)["details_json"])["n"] for line in lines] == \
-        list(range(count))
+    assert [json.loads(json.loads(line)["details_json"])["n"] for line in lines] == list(
+        range(count)
+    )
 
 
-@pytest.mark.parametrize("row", [
-    ("2026-01-01T00:00:00.000Z", "r1", "::1", None, "/v1/\u00e9\"\\\n\x01\u2028", "POST", None,
-     "m\U0001f600", 200, 0.412, 5, None, "engine_error", "request", "info", None),
-    ("t", "r", "ip", "key", "/p", "GET", "e", "m", 599, 1e-07, 0, 2**70, None, "event", "high",
-     '{"a": [1, "x"]}'),
-    ("t", "r", "ip", "key", "/p", "GET", "e", "m", True, float("nan"), -1, 0, None, "e", "s",
-     None),
-    ("t", "r", "ip", "key", "/p", "GET", "e", "m", 200, float("inf"), 1.5, 0, None, "e", "s",
-     None),
-])
+@pytest.mark.parametrize(
+    "row",
+    [
+        (
+            "2026-01-01T00:00:00.000Z",
+            "r1",
+            "::1",
+            None,
+            '/v1/\u00e9"\\\n\x01\u2028',
+            "POST",
+            None,
+            "m\U0001f600",
+            200,
+            0.412,
+            5,
+            None,
+            "engine_error",
+            "request",
+            "info",
+            None,
+        ),
+        (
+            "t",
+            "r",
+            "ip",
+            "key",
+            "/p",
+            "GET",
+            "e",
+            "m",
+            599,
+            1e-07,
+            0,
+            2**70,
+            None,
+            "event",
+            "high",
+            '{"a": [1, "x"]}',
+        ),
+        (
+            "t",
+            "r",
+            "ip",
+            "key",
+            "/p",
+            "GET",
+            "e",
+            "m",
+            True,
+            float("nan"),
+            -1,
+            0,
+            None,
+            "e",
+            "s",
+            None,
+        ),
+        (
+            "t",
+            "r",
+            "ip",
+            "key",
+            "/p",
+            "GET",
+            "e",
+            "m",
+            200,
+            float("inf"),
+            1.5,
+            0,
+            None,
+            "e",
+            "s",
+            None,
+        ),
+    ],
+)
 def test_audit_lines_are_what_the_json_encoder_makes(row: tuple[Any, ...]) -> None:
     from flm.proxy.audit import _AUDIT_COLUMNS, _LINE, _line
 
@@ -373,8 +515,11 @@ def test_helper_threads_run_at_lower_cpu_priority_than_the_loop(tmp_path: Path) 
         deadline = time.monotonic() + 5
         nice = {}
         while time.monotonic() < deadline:
-            nice = {t.name: os.getpriority(os.PRIO_PROCESS, t.native_id or 0)
-                    for t in threading.enumerate() if t.name.startswith("flm-")}
+            nice = {
+                t.name: os.getpriority(os.PRIO_PROCESS, t.native_id or 0)
+                for t in threading.enumerate()
+                if t.name.startswith("flm-")
+            }
             if nice.get("flm-audit") == nice.get("flm-writer-security") == want:
                 break
             time.sleep(0.01)
@@ -396,8 +541,21 @@ def test_database_keeps_the_batch_when_the_json_lines_file_cannot(tmp_path: Path
     sink = AuditSink(db, blocked, interval=60)
     try:
         for i in range(3):
-            sink.request(1.0, f"r{i}", "127.0.0.1", None, "/v1/models", "GET", None, None, 200,
-                         0.1, None, None, None)
+            sink.request(
+                1.0,
+                f"r{i}",
+                "127.0.0.1",
+                None,
+                "/v1/models",
+                "GET",
+                None,
+                None,
+                200,
+                0.1,
+                None,
+                None,
+                None,
+            )
         assert sink.flush() == 3  # (the failure is reported, not raised)
         rows = db.query("SELECT request_id FROM audit_logs ORDER BY request_id")
         assert [r["request_id"] for r in rows] == ["r0", "r1", "r2"]
@@ -410,20 +568,36 @@ def test_database_keeps_the_batch_when_the_json_lines_file_cannot(tmp_path: Path
         db.close()
 
 
-def test_csv_export_never_hands_a_spreadsheet_a_formula(env: Env, tmp_path: Path,
-                                                       flm_home: Path) -> None:
+def test_csv_export_never_hands_a_spreadsheet_a_formula(
+    env: Env, tmp_path: Path, flm_home: Path
+) -> None:
     import csv
 
     for path in ("/=HYPERLINK(1)", "/+cmd", "/plain"):
         env.request("GET", "/v1/models" + path)
     # (a client can no longer put a formula in the engine part of a model id: it is refused
     # as an invalid model, so the row that carries one is handed to the sink directly)
-    status, _, _ = env.request("POST", "/v1/chat/completions", body={
-        "model": "flm://=HYPERLINK(\"x\")/m", "messages": [{"role": "user", "content": "hi"}]})
+    status, _, _ = env.request(
+        "POST",
+        "/v1/chat/completions",
+        body={"model": 'flm://=HYPERLINK("x")/m', "messages": [{"role": "user", "content": "hi"}]},
+    )
     assert status == 400
-    env.rt.audit.request(time.time(), "req_formula", "127.0.0.1", None,  # type: ignore[union-attr]
-                         "/v1/chat/completions", "POST", '=HYPERLINK("x")', "flm://x/m", 404,
-                         1.0, None, None, "model_not_found")
+    env.rt.audit.request(
+        time.time(),
+        "req_formula",
+        "127.0.0.1",
+        None,  # type: ignore[union-attr]
+        "/v1/chat/completions",
+        "POST",
+        '=HYPERLINK("x")',
+        "flm://x/m",
+        404,
+        1.0,
+        None,
+        None,
+        "model_not_found",
+    )
     _flush_until(env, flm_home, 5)
     out = tmp_path / "audit.csv"
     env.cli("security", "audit-logs", "export", "--format", "csv", "--output", str(out))

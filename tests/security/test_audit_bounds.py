@@ -24,8 +24,21 @@ from tests.support import free_port
 
 
 def _request(sink: Any, rid: str, model: str | None = "m", endpoint: str = "/v1/models") -> None:
-    sink.request(1_700_000_000.0, rid, "127.0.0.1", None, endpoint, "POST", None, model, 200,
-                 0.5, None, None, None)
+    sink.request(
+        1_700_000_000.0,
+        rid,
+        "127.0.0.1",
+        None,
+        endpoint,
+        "POST",
+        None,
+        model,
+        200,
+        0.5,
+        None,
+        None,
+        None,
+    )
 
 
 def test_a_bad_record_is_written_escaped_and_keeps_its_neighbours(tmp_path: Path) -> None:
@@ -52,15 +65,18 @@ def test_a_bad_record_is_written_escaped_and_keeps_its_neighbours(tmp_path: Path
         intrusion = db.query_one("SELECT path, user_agent FROM intrusion_attempts")
         assert intrusion is not None and intrusion["path"] == "/wp-\\ud800"
         lines = (tmp_path / "audit.jsonl").read_text(encoding="utf-8").splitlines()
-        assert [json.loads(line)["request_id"] for line in lines] == \
-            ["before", "bad-model", "bad-path", "after"]
+        assert [json.loads(line)["request_id"] for line in lines] == [
+            "before",
+            "bad-model",
+            "bad-path",
+            "after",
+        ]
     finally:
         sink.close()
         db.close()
 
 
-def test_a_record_that_cannot_be_formatted_or_stored_costs_only_itself(
-        tmp_path: Path) -> None:
+def test_a_record_that_cannot_be_formatted_or_stored_costs_only_itself(tmp_path: Path) -> None:
     """Whatever a record holds that breaks formatting or the database, its neighbours are
     written; the broken one leaves an ``audit_record_invalid`` event or a count."""
     from flm.proxy.audit import AuditSink
@@ -70,18 +86,47 @@ def test_a_record_that_cannot_be_formatted_or_stored_costs_only_itself(
     sink = AuditSink(db, None, interval=60)
     try:
         _request(sink, "one")
-        sink.request(1_700_000_000.0, "two", "127.0.0.1", None, "/x", "GET", None, None,
-                     object(), 0.5, None, None, None)  # type: ignore[arg-type]
+        sink.request(
+            1_700_000_000.0,
+            "two",
+            "127.0.0.1",
+            None,
+            "/x",
+            "GET",
+            None,
+            None,
+            object(),
+            0.5,
+            None,
+            None,
+            None,
+        )  # type: ignore[arg-type]
         # (formats, but SQLite's integers stop at 2**63)
-        sink.request(1_700_000_000.0, "huge", "127.0.0.1", None, "/x", "GET", None, None,
-                     200, 0.5, 2**70, None, None)
+        sink.request(
+            1_700_000_000.0,
+            "huge",
+            "127.0.0.1",
+            None,
+            "/x",
+            "GET",
+            None,
+            None,
+            200,
+            0.5,
+            2**70,
+            None,
+            None,
+        )
         _request(sink, "three")
         assert sink.flush() == 4
-        ids = [r["request_id"] for r in db.query(
-            "SELECT request_id FROM audit_logs WHERE event_type = 'request'")]
+        ids = [
+            r["request_id"]
+            for r in db.query("SELECT request_id FROM audit_logs WHERE event_type = 'request'")
+        ]
         assert ids == ["one", "three"]
-        invalid = db.query("SELECT details_json FROM audit_logs "
-                           "WHERE event_type = 'audit_record_invalid'")
+        invalid = db.query(
+            "SELECT details_json FROM audit_logs WHERE event_type = 'audit_record_invalid'"
+        )
         assert len(invalid) == 1 and "'two'" in json.loads(invalid[0][0])["record"]
         status = sink.status()
         assert status["rows_dropped"] == 1 and status["rows_invalid"] == 1
@@ -108,9 +153,12 @@ async def _load(url: str, key: str, total: int, concurrency: int) -> list[tuple[
     sem = asyncio.Semaphore(concurrency)
     timeout = aiohttp.ClientTimeout(total=60)
     async with aiohttp.ClientSession(timeout=timeout) as session:
+
         async def one(i: int) -> tuple[int, str, str]:
-            async with sem, session.get(url + "/v1/models",
-                                        headers={"Authorization": f"Bearer {key}"}) as r:
+            async with (
+                sem,
+                session.get(url + "/v1/models", headers={"Authorization": f"Bearer {key}"}) as r,
+            ):
                 body = await r.read()
                 code = json.loads(body)["error"]["code"] if r.status != 200 else ""
                 return r.status, r.headers["X-Request-Id"], code
@@ -128,22 +176,26 @@ def _wait_for(what: str, check: Any, timeout: float = 20) -> None:
 def _request_ids(home: Path) -> set[str]:
     conn = sqlite3.connect(home / "security.db")
     try:
-        return {r[0] for r in conn.execute(
-            "SELECT request_id FROM audit_logs WHERE event_type = 'request'")}
+        return {
+            r[0]
+            for r in conn.execute("SELECT request_id FROM audit_logs WHERE event_type = 'request'")
+        }
     finally:
         conn.close()
 
 
 def test_a_blocked_writer_brings_back_pressure_and_the_queue_stays_bounded(
-        env: Env, flm_home: Path) -> None:
+    env: Env, flm_home: Path
+) -> None:
     sink = env.rt.audit
     assert sink is not None
     sink.limit = 64
     concurrency = 16
     results: list[tuple[int, str, str]] = []
     with _writer_blocked(flm_home / "security.db"):
-        runner = threading.Thread(target=lambda: results.extend(
-            asyncio.run(_load(env.gw.url, env.key, 600, concurrency))))
+        runner = threading.Thread(
+            target=lambda: results.extend(asyncio.run(_load(env.gw.url, env.key, 600, concurrency)))
+        )
         runner.start()
         # the gateway stops taking requests: they wait for room instead of queueing records
         _wait_for("requests waiting for audit room", lambda: sink.waits > 0)
@@ -155,12 +207,15 @@ def test_a_blocked_writer_brings_back_pressure_and_the_queue_stays_bounded(
     assert [s for s, _, _ in results] == [200] * 600
     # the queue never held more than the bound plus the requests already in flight
     assert sink.peak_queued <= sink.limit + concurrency
-    _wait_for("every answered request's row", lambda: (
-        sink.flush() >= 0 and {rid for _, rid, _ in results} <= _request_ids(flm_home)))
+    _wait_for(
+        "every answered request's row",
+        lambda: sink.flush() >= 0 and {rid for _, rid, _ in results} <= _request_ids(flm_home),
+    )
 
 
 def test_a_slow_writer_makes_requests_wait_before_a_second_of_them_is_unwritten(
-        env: Env, flm_home: Path) -> None:
+    env: Env, flm_home: Path
+) -> None:
     """At a low rate the count bound is far away: the age bound (MAX_AGE_S) holds instead."""
     import http.client
 
@@ -192,8 +247,7 @@ def test_a_slow_writer_makes_requests_wait_before_a_second_of_them_is_unwritten(
     assert statuses and set(statuses) == {200}
 
 
-def test_a_request_that_waited_too_long_is_refused_and_counted(env: Env,
-                                                                flm_home: Path) -> None:
+def test_a_request_that_waited_too_long_is_refused_and_counted(env: Env, flm_home: Path) -> None:
     sink = env.rt.audit
     assert sink is not None
     sink.limit = 16
@@ -210,8 +264,9 @@ def test_a_request_that_waited_too_long_is_refused_and_counted(env: Env,
         sink.flush()
         conn = sqlite3.connect(flm_home / "security.db")
         try:
-            row = conn.execute("SELECT details_json FROM audit_logs "
-                               "WHERE event_type = 'audit_overload'").fetchall()
+            row = conn.execute(
+                "SELECT details_json FROM audit_logs WHERE event_type = 'audit_overload'"
+            ).fetchall()
         finally:
             conn.close()
         counts = sum(json.loads(r[0])["refused_requests"] for r in row)
@@ -237,11 +292,13 @@ def test_kill_9_under_load_loses_at_most_the_last_batch(flm_home: Path, cli: Any
         import aiohttp
 
         async with aiohttp.ClientSession() as session:
+
             async def client() -> None:
                 while time.monotonic() < stop_at:
                     try:
-                        async with session.get(url + "/v1/models", headers={
-                                "Authorization": f"Bearer {key}"}) as r:
+                        async with session.get(
+                            url + "/v1/models", headers={"Authorization": f"Bearer {key}"}
+                        ) as r:
                             await r.read()
                             if r.status == 200:
                                 answered.append((time.monotonic(), r.headers["X-Request-Id"]))
@@ -268,7 +325,8 @@ def test_kill_9_under_load_loses_at_most_the_last_batch(flm_home: Path, cli: Any
 
 @pytest.mark.parametrize("row_count", [3])
 def test_status_reports_a_failing_database_and_the_gap_once_it_works(
-        tmp_path: Path, row_count: int) -> None:
+    tmp_path: Path, row_count: int
+) -> None:
     """A write that fails keeps the batch (bounded, see the back-pressure tests), and once
     writes work again one ``audit_gap`` event records how many records were delayed."""
     from flm.proxy.audit import AuditSink
@@ -297,8 +355,9 @@ def test_status_reports_a_failing_database_and_the_gap_once_it_works(
         sink.flush()  # the gap event
         gap = db.query("SELECT details_json FROM audit_logs WHERE event_type = 'audit_gap'")
         assert len(gap) == 1 and json.loads(gap[0][0])["delayed_records"] == row_count
-        ids = [r[0] for r in db.query(
-            "SELECT request_id FROM audit_logs WHERE event_type = 'request'")]
+        ids = [
+            r[0] for r in db.query("SELECT request_id FROM audit_logs WHERE event_type = 'request'")
+        ]
         assert ids == [f"r{i}" for i in range(row_count)]
     finally:
         sink.close()
@@ -322,7 +381,8 @@ def _fill(path: Path) -> None:
 
 
 def test_a_full_disk_delays_records_counts_the_gap_and_loses_none(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli: Any) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli: Any
+) -> None:
     import http.client
 
     from flm.testing.emulators import start_emulator
@@ -341,15 +401,13 @@ def test_a_full_disk_delays_records_counts_the_gap_and_loses_none(
                 conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=30)
 
                 def one() -> tuple[int, str]:
-                    conn.request("GET", "/v1/models",
-                                 headers={"Authorization": f"Bearer {key}"})
+                    conn.request("GET", "/v1/models", headers={"Authorization": f"Bearer {key}"})
                     response = conn.getresponse()
                     response.read()
                     return response.status, response.headers["X-Request-Id"]
 
                 answered = [one()[1]]
-                _wait_for("the first row", lambda: sink.flush() >= 0 and bool(
-                    _request_ids(home)))
+                _wait_for("the first row", lambda: sink.flush() >= 0 and bool(_request_ids(home)))
                 filler = disk / "filler"
                 _fill(filler)
                 deadline = time.monotonic() + 60
@@ -369,8 +427,9 @@ def test_a_full_disk_delays_records_counts_the_gap_and_loses_none(
                     sink.flush()
                     db = sqlite3.connect(home / "security.db")
                     try:
-                        return db.execute("SELECT details_json FROM audit_logs "
-                                          "WHERE event_type = 'audit_gap'").fetchall()
+                        return db.execute(
+                            "SELECT details_json FROM audit_logs WHERE event_type = 'audit_gap'"
+                        ).fetchall()
                     finally:
                         db.close()
 

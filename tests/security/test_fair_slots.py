@@ -27,12 +27,17 @@ def slow_uploads(env: Env, clients: list[tuple[str, str]]) -> Iterator[list[byte
     with ExitStack() as stack:
         socks = []
         for source, key in clients:
-            sock = stack.enter_context(socket.create_connection(
-                (parts.hostname, parts.port), timeout=10, source_address=(source, 0)))
-            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
-                         b"Authorization: Bearer " + key.encode() + b"\r\n"
-                         b"Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n"
-                         b'{"model":')
+            sock = stack.enter_context(
+                socket.create_connection(
+                    (parts.hostname, parts.port), timeout=10, source_address=(source, 0)
+                )
+            )
+            sock.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                b"Authorization: Bearer " + key.encode() + b"\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n"
+                b'{"model":'
+            )
             socks.append(sock)
         replies = []
         for sock in socks:
@@ -46,8 +51,15 @@ def slow_uploads(env: Env, clients: list[tuple[str, str]]) -> Iterator[list[byte
 
 def test_one_address_cannot_take_every_slot(env: Env) -> None:
     # (the key may hold every slot here: only the address's share is at work)
-    env.policy({"resource_protection": {"enabled": True, "max_connections": 8,
-                                        "max_connections_per_key": 8}})
+    env.policy(
+        {
+            "resource_protection": {
+                "enabled": True,
+                "max_connections": 8,
+                "max_connections_per_key": 8,
+            }
+        }
+    )
     other = env.cli("api-keys", "create", "--label", "other").data["key"]
     with slow_uploads(env, [("127.0.0.5", env.key)] * 8) as replies:
         refused = [r for r in replies if r.startswith(b"HTTP/1.1 429")]
@@ -60,8 +72,15 @@ def test_one_address_cannot_take_every_slot(env: Env) -> None:
 
 
 def test_one_key_cannot_take_every_slot(env: Env) -> None:
-    env.policy({"resource_protection": {"enabled": True, "max_connections": 8,
-                                        "max_connections_per_key": 3}})
+    env.policy(
+        {
+            "resource_protection": {
+                "enabled": True,
+                "max_connections": 8,
+                "max_connections_per_key": 3,
+            }
+        }
+    )
     other = env.cli("api-keys", "create", "--label", "other").data["key"]
     assert env.request("GET", "/v1/models")[0] == 200  # (verified once, then cached)
     clients = [(f"127.0.2.{i}", env.key) for i in range(1, 9)]

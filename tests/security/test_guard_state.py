@@ -42,11 +42,11 @@ def test_rate_window_counts_per_minute_and_per_address() -> None:
 def test_remembered_scores_are_the_computed_ones() -> None:
     for _ in range(2):  # computed, then remembered
         assert score_request(b"/v1/models", b"", b"curl/8").points == 0
-        assert score_request(b"/v1/models", b"", b"sqlmap/1.7").reasons == (
-            "scanner_user_agent",)
+        assert score_request(b"/v1/models", b"", b"sqlmap/1.7").reasons == ("scanner_user_agent",)
         assert score_request(b"/a/../../etc/passwd", b"", b"").reasons == ("path_traversal",)
-        assert "sql_injection" in score_request(b"/v1/x", b"q=1%27%20or%20%271%27=%271",
-                                                b"").reasons
+        assert (
+            "sql_injection" in score_request(b"/v1/x", b"q=1%27%20or%20%271%27=%271", b"").reasons
+        )
     long_agent = b"x" * 2000  # not kept, still scored
     assert score_request(b"/", b"", long_agent + b" nikto").points == 50
 

@@ -23,8 +23,10 @@ def test_first_of_repeated_headers_counts_and_every_authorization_is_found() -> 
     scope = {"headers": HEADERS}
     index = header_index(scope)
     assert index is header_index(scope)  # made once, kept in the scope
-    assert index[b"user-agent"] == b"first-agent" and header(scope, b"user-agent") == index[
-        b"user-agent"]
+    assert (
+        index[b"user-agent"] == b"first-agent"
+        and header(scope, b"user-agent") == index[b"user-agent"]
+    )
     assert index[b"origin"] == b"https://one.example"
     assert index[b"content-length"] == b"12" and index[b"x-forwarded-for"] == b"10.0.0.1"
     assert _authorization(index, HEADERS) == [b"Bearer a", b"Bearer b"]

@@ -32,8 +32,10 @@ async def _get_all(env: Env, calls: list[tuple[str, str]]) -> list[int]:
 
     async def one(source: str, key: str) -> int:
         connector = aiohttp.TCPConnector(local_addr=(source, 0), force_close=True)
-        async with aiohttp.ClientSession(connector=connector) as session, session.get(
-                env.gw.url + "/v1/models", headers={"Authorization": f"Bearer {key}"}) as r:
+        async with (
+            aiohttp.ClientSession(connector=connector) as session,
+            session.get(env.gw.url + "/v1/models", headers={"Authorization": f"Bearer {key}"}) as r,
+        ):
             await r.read()
             return r.status
 

@@ -22,8 +22,9 @@ def test_allow_list_and_spoofed_forwarded_for(env: Env) -> None:
     status, _, body = env.chat(source="127.0.0.9")
     assert status == 403 and json.loads(body)["error"]["code"] == "ip_not_allowed"
     # claiming to be an allowed address from an untrusted peer changes nothing
-    status, _, _ = env.chat(source="127.0.0.9", headers={"X-Forwarded-For": "10.1.2.3",
-                                                          "X-Real-IP": "10.1.2.3"})
+    status, _, _ = env.chat(
+        source="127.0.0.9", headers={"X-Forwarded-For": "10.1.2.3", "X-Real-IP": "10.1.2.3"}
+    )
     assert status == 403
     assert len(env.emu.requests) == before  # the engine saw nothing
     assert env.chat(source="127.0.0.1")[0] == 200
@@ -32,17 +33,26 @@ def test_allow_list_and_spoofed_forwarded_for(env: Env) -> None:
     env.policy({"ip_rate_limit": {"enabled": True, "rpm": 60, "burst": 3}})
     fake = FakeClock()
     env.rt.guard.clock = fake
-    codes = [env.request("GET", "/v1/models", source="127.0.0.5",
-                         headers={"X-Forwarded-For": f"10.0.0.{i}"})[0] for i in range(5)]
+    codes = [
+        env.request(
+            "GET", "/v1/models", source="127.0.0.5", headers={"X-Forwarded-For": f"10.0.0.{i}"}
+        )[0]
+        for i in range(5)
+    ]
     assert codes == [200, 200, 200, 429, 429]
     # ... nor anyone's block status
     env.rt.guard.block("10.9.9.9", "test", 3600)
-    assert env.request("GET", "/v1/models", source="127.0.0.6",
-                       headers={"X-Forwarded-For": "10.9.9.9"})[0] == 200
+    assert (
+        env.request(
+            "GET", "/v1/models", source="127.0.0.6", headers={"X-Forwarded-For": "10.9.9.9"}
+        )[0]
+        == 200
+    )
     # from a trusted proxy the forwarded client is honoured
     env.policy({"trusted_proxies": ["127.0.0.7"]})
-    status, _, body = env.request("GET", "/v1/models", source="127.0.0.7",
-                                  headers={"X-Forwarded-For": "10.9.9.9"})
+    status, _, body = env.request(
+        "GET", "/v1/models", source="127.0.0.7", headers={"X-Forwarded-For": "10.9.9.9"}
+    )
     assert status == 403 and json.loads(body)["error"]["code"] == "ip_blocked"
 
 
@@ -55,9 +65,11 @@ def test_key_rate_limit_under_concurrency(env: Env) -> None:
         import aiohttp
 
         async with aiohttp.ClientSession() as session:
+
             async def one() -> tuple[int, str | None]:
-                async with session.get(env.gw.url + "/v1/models",
-                                       headers={"Authorization": f"Bearer {env.key}"}) as r:
+                async with session.get(
+                    env.gw.url + "/v1/models", headers={"Authorization": f"Bearer {env.key}"}
+                ) as r:
                     await r.read()
                     return r.status, r.headers.get("Retry-After")
 
@@ -134,8 +146,9 @@ ATTACKS = [
 
 @pytest.mark.parametrize(("path", "reason"), ATTACKS)
 def test_intrusion_scoring_blocks(env: Env, path: str, reason: str) -> None:
-    env.policy({"intrusion_detection": {"enabled": True, "score_threshold": 100},
-                "ip_blocklist": OUTSIDE})
+    env.policy(
+        {"intrusion_detection": {"enabled": True, "score_threshold": 100}, "ip_blocklist": OUTSIDE}
+    )
     status, _, _ = env.request("GET", path, source="127.0.0.8")
     assert status in (401, 404, 200)
     total, _ = env.rt.guard.scores["127.0.0.8"]
@@ -155,8 +168,12 @@ def test_only_paths_the_gateway_lacks_count_as_probing(env: Env) -> None:
     ip = "127.0.0.16"
     for _ in range(15):  # 30 scored 404s would have been 300 points: a block
         assert env.request("GET", "/engine/eng/no/such/engine/route", source=ip)[0] == 404
-        status, _, body = env.request("POST", "/v1/chat/completions", source=ip, body={
-            "model": "flm://eng/missing:1", "messages": [{"role": "user", "content": "hi"}]})
+        status, _, body = env.request(
+            "POST",
+            "/v1/chat/completions",
+            source=ip,
+            body={"model": "flm://eng/missing:1", "messages": [{"role": "user", "content": "hi"}]},
+        )
         assert status == 404, body
     assert ip not in env.rt.guard.scores and env.rt.guard.blocked(ip) is None
     assert ("GET", "/no/such/engine/route") in env.emu.requests
@@ -174,13 +191,18 @@ def test_only_paths_the_gateway_lacks_count_as_probing(env: Env) -> None:
 
 
 def test_scanner_user_agent_and_honeypots(env: Env) -> None:
-    env.policy({"intrusion_detection": {"enabled": True}, "honeypot": {"enabled": True},
-                "ip_blocklist": OUTSIDE})
-    status, _, _ = env.request("GET", "/v1/models", headers={"User-Agent": "sqlmap/1.7"},
-                               source="127.0.0.10")
+    env.policy(
+        {
+            "intrusion_detection": {"enabled": True},
+            "honeypot": {"enabled": True},
+            "ip_blocklist": OUTSIDE,
+        }
+    )
+    status, _, _ = env.request(
+        "GET", "/v1/models", headers={"User-Agent": "sqlmap/1.7"}, source="127.0.0.10"
+    )
     assert env.rt.guard.scores["127.0.0.10"][0] == 50
-    for path in ("/wp-admin", "/.env", "/phpmyadmin", "/wp-login.php", "/admin",
-                 "/api/v1/users"):
+    for path in ("/wp-admin", "/.env", "/phpmyadmin", "/wp-login.php", "/admin", "/api/v1/users"):
         status, _, body = env.request("GET", path, source="127.0.0.11", key=None)
         if status == 403:
             break
@@ -197,35 +219,54 @@ BENIGN = [
 
 
 def test_benign_requests_are_never_blocked(env: Env) -> None:
-    env.policy({"intrusion_detection": {"enabled": True}, "honeypot": {"enabled": True},
-                "anomaly_detection": {"enabled": True}, "ip_blocklist": {"enabled": True}})
+    env.policy(
+        {
+            "intrusion_detection": {"enabled": True},
+            "honeypot": {"enabled": True},
+            "anomaly_detection": {"enabled": True},
+            "ip_blocklist": {"enabled": True},
+        }
+    )
     for _ in range(5):
         for prompt in BENIGN:
             status, _, body = env.chat(prompt, source="127.0.0.12")
             assert status == 200, body
     assert "127.0.0.12" not in env.rt.guard.scores
-    status, _, _ = env.request("POST", "/v1/embeddings", source="127.0.0.12",
-                               body={"model": "flm://eng/m:1", "input": BENIGN})
+    status, _, _ = env.request(
+        "POST",
+        "/v1/embeddings",
+        source="127.0.0.12",
+        body={"model": "flm://eng/m:1", "input": BENIGN},
+    )
     assert status != 403 and ("POST", "/v1/embeddings") in env.emu.requests
 
 
 def test_anomaly_rate_and_body_size(env: Env) -> None:
     fake = FakeClock()
     env.rt.guard.clock = fake
-    env.policy({"ip_blocklist": OUTSIDE,
-                "anomaly_detection": {"enabled": True, "request_rate_threshold": 5,
-                                      "max_body_bytes": 1000, "auto_block": True}})
+    env.policy(
+        {
+            "ip_blocklist": OUTSIDE,
+            "anomaly_detection": {
+                "enabled": True,
+                "request_rate_threshold": 5,
+                "max_body_bytes": 1000,
+                "auto_block": True,
+            },
+        }
+    )
     # a health checker polling /health is not a request-rate anomaly
-    health = [env.request("GET", "/health", source="127.0.0.13", key=None)[0]
-              for _ in range(8)]
+    health = [env.request("GET", "/health", source="127.0.0.13", key=None)[0] for _ in range(8)]
     assert health == [200] * 8
     # (a client without a valid key: one with a key is never anomaly-blocked for its rate)
-    codes = [env.request("GET", "/v1/models", source="127.0.0.13", key=None)[0]
-             for _ in range(7)]
+    codes = [env.request("GET", "/v1/models", source="127.0.0.13", key=None)[0] for _ in range(7)]
     assert codes[:5] == [401] * 5 and codes[5] == 403
-    env.request("POST", "/v1/chat/completions", source="127.0.0.14",
-                body={"model": "flm://eng/m:1", "messages": [{"role": "user",
-                                                              "content": "x" * 5000}]})
+    env.request(
+        "POST",
+        "/v1/chat/completions",
+        source="127.0.0.14",
+        body={"model": "flm://eng/m:1", "messages": [{"role": "user", "content": "x" * 5000}]},
+    )
     env.rt.audit.flush()  # type: ignore[union-attr]
     kinds = {r["anomaly_type"] for r in env.cli("security", "anomaly").data}
     assert {"request_rate", "body_size"} <= kinds
@@ -239,10 +280,18 @@ def test_overload_refuses_new_requests_only(env: Env) -> None:
 
     parts = urlsplit(env.gw.url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
-    conn.request("POST", "/v1/chat/completions", body=json.dumps(
-        {"model": "flm://eng/m:1", "stream": True,
-         "messages": [{"role": "user", "content": "long story"}]}),
-        headers={"Authorization": f"Bearer {env.key}", "Content-Type": "application/json"})
+    conn.request(
+        "POST",
+        "/v1/chat/completions",
+        body=json.dumps(
+            {
+                "model": "flm://eng/m:1",
+                "stream": True,
+                "messages": [{"role": "user", "content": "long story"}],
+            }
+        ),
+        headers={"Authorization": f"Bearer {env.key}", "Content-Type": "application/json"},
+    )
     resp = conn.getresponse()
     assert resp.status == 200
     first = resp.read1(65536)
@@ -263,33 +312,46 @@ def test_cors_preflight_without_key_and_headers(env: Env) -> None:
     pre = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
     status, headers, _ = env.request("OPTIONS", "/v1/chat/completions", headers=pre, key=None)
     assert status == 204 and headers["access-control-allow-origin"] == "https://app.example"
-    status, _, _ = env.request("OPTIONS", "/v1/chat/completions", key=None, headers={
-        "Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
+    status, _, _ = env.request(
+        "OPTIONS",
+        "/v1/chat/completions",
+        key=None,
+        headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
+    )
     assert status == 403
-    status, headers, _ = env.request("GET", "/v1/models",
-                                     headers={"Origin": "https://app.example"})
+    status, headers, _ = env.request("GET", "/v1/models", headers={"Origin": "https://app.example"})
     assert status == 200 and headers["access-control-allow-origin"] == "https://app.example"
     assert headers["x-content-type-options"] == "nosniff" and headers["x-frame-options"]
     # a simple (non-preflight) request from an origin not on the list gets no CORS headers
-    status, headers, _ = env.request("GET", "/v1/models",
-                                     headers={"Origin": "https://evil.example"})
+    status, headers, _ = env.request(
+        "GET", "/v1/models", headers={"Origin": "https://evil.example"}
+    )
     assert status == 200 and "access-control-allow-origin" not in headers
     # no list, no CORS: a web page can read nothing
     env.policy({})
     _, headers, _ = env.request("GET", "/v1/models", headers={"Origin": "https://any.example"})
     assert "access-control-allow-origin" not in headers
-    status, headers, _ = env.request("OPTIONS", "/v1/models", key=None, headers={
-        "Origin": "https://any.example", "Access-Control-Request-Method": "GET"})
+    status, headers, _ = env.request(
+        "OPTIONS",
+        "/v1/models",
+        key=None,
+        headers={"Origin": "https://any.example", "Access-Control-Request-Method": "GET"},
+    )
     assert status == 403 and "access-control-allow-origin" not in headers
     # "*" only when listed, and never on /metrics
     env.policy({"cors": {"allowed_origins": ["*"]}})
     _, headers, _ = env.request("GET", "/v1/models", headers={"Origin": "https://any.example"})
     assert headers["access-control-allow-origin"] == "*"
-    status, headers, _ = env.request("GET", "/metrics", key=None,
-                                     headers={"Origin": "https://any.example"})
+    status, headers, _ = env.request(
+        "GET", "/metrics", key=None, headers={"Origin": "https://any.example"}
+    )
     assert status == 200 and "access-control-allow-origin" not in headers
-    status, headers, _ = env.request("OPTIONS", "/metrics", key=None, headers={
-        "Origin": "https://any.example", "Access-Control-Request-Method": "GET"})
+    status, headers, _ = env.request(
+        "OPTIONS",
+        "/metrics",
+        key=None,
+        headers={"Origin": "https://any.example", "Access-Control-Request-Method": "GET"},
+    )
     assert status == 403 and "access-control-allow-origin" not in headers
 
 
@@ -303,8 +365,9 @@ def test_refusals_carry_cors_headers(env: Env) -> None:
         assert headers["access-control-allow-origin"] == "https://app.example"
         assert headers["access-control-expose-headers"] == "x-request-id"
         assert headers["x-request-id"] in body.decode()
-    status, headers, _ = env.request("GET", "/v1/models", key="flm_00000000_wrong",
-                                     headers={"Origin": "https://evil.example"})
+    status, headers, _ = env.request(
+        "GET", "/v1/models", key="flm_00000000_wrong", headers={"Origin": "https://evil.example"}
+    )
     assert status == 401 and "access-control-allow-origin" not in headers
 
 
@@ -329,8 +392,9 @@ def test_retry_after_matches_refill(env: Env) -> None:
 
 
 def test_probing_missing_routes_scores(env: Env) -> None:
-    env.policy({"intrusion_detection": {"enabled": True, "score_threshold": 100},
-                "ip_blocklist": OUTSIDE})
+    env.policy(
+        {"intrusion_detection": {"enabled": True, "score_threshold": 100}, "ip_blocklist": OUTSIDE}
+    )
     for i in range(9):
         assert env.request("GET", f"/probe-{i}", source="127.0.0.15")[0] == 404
     assert env.rt.guard.scores["127.0.0.15"][0] == 90
@@ -345,22 +409,25 @@ def test_forwarded_for_lines_ports_and_mapped_addresses() -> None:
 
     trusted = (ipaddress.ip_network("127.0.0.7/32"), ipaddress.ip_network("10.0.0.0/8"))
     # the client's own line first, the proxy's below it: the proxy's line decides
-    assert forwarded_client("127.0.0.7", [b"6.6.6.6", b"203.0.113.9"], [], trusted) \
-        == "203.0.113.9"
+    assert forwarded_client("127.0.0.7", [b"6.6.6.6", b"203.0.113.9"], [], trusted) == "203.0.113.9"
     # hops with ports, bracketed IPv6 with a port, IPv4-mapped IPv6
-    assert forwarded_client("127.0.0.7", [b"203.0.113.9:4711, 10.0.0.2:80"], [], trusted) \
+    assert (
+        forwarded_client("127.0.0.7", [b"203.0.113.9:4711, 10.0.0.2:80"], [], trusted)
         == "203.0.113.9"
+    )
     assert forwarded_client("127.0.0.7", [b"[2001:db8::1]:443"], [], trusted) == "2001:db8::1"
-    assert forwarded_client("127.0.0.7", [b"::ffff:203.0.113.9"], [], trusted) \
-        == "203.0.113.9"
+    assert forwarded_client("127.0.0.7", [b"::ffff:203.0.113.9"], [], trusted) == "203.0.113.9"
     # an unparsable hop: the proxy's client is unknown (None: refused), never the proxy
     assert forwarded_client("127.0.0.7", [b"unknown"], [], trusted) is None
     assert forwarded_client("127.0.0.7", [b"203.0.113.9, unknown"], [], trusted) is None
     # X-Real-IP is read only when the policy says the proxy sets it (its last line counts)
-    assert forwarded_client("127.0.0.7", [], [b"6.6.6.6", b"203.0.113.9"], trusted) \
-        == "127.0.0.7"
-    assert forwarded_client("127.0.0.7", [b"6.6.6.6"], [b"6.6.6.6", b"203.0.113.9"], trusted,
-                            "x-real-ip") == "203.0.113.9"
+    assert forwarded_client("127.0.0.7", [], [b"6.6.6.6", b"203.0.113.9"], trusted) == "127.0.0.7"
+    assert (
+        forwarded_client(
+            "127.0.0.7", [b"6.6.6.6"], [b"6.6.6.6", b"203.0.113.9"], trusted, "x-real-ip"
+        )
+        == "203.0.113.9"
+    )
     assert forwarded_client("127.0.0.7", [], [b"nonsense"], trusted, "x-real-ip") is None
 
 
@@ -374,8 +441,9 @@ def test_a_second_forwarded_for_line_decides_who_is_blocked(env: Env) -> None:
     parts = urlsplit(env.gw.url)
 
     def bad_key(forged: str) -> int:
-        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30,
-                                          source_address=("127.0.0.7", 0))
+        conn = http.client.HTTPConnection(
+            parts.hostname, parts.port, timeout=30, source_address=("127.0.0.7", 0)
+        )
         try:
             conn.putrequest("GET", "/v1/models")
             conn.putheader("Authorization", "Bearer flm_0000000000000000_" + "b" * 43)
@@ -392,18 +460,21 @@ def test_a_second_forwarded_for_line_decides_who_is_blocked(env: Env) -> None:
     assert all(env.rt.guard.blocked(f"198.51.100.{i}") is None for i in range(6))
 
 
-@pytest.mark.parametrize(("address", "tracked_as"), [
-    ("203.0.113.9", "203.0.113.9"),
-    ("2001:db8:1:2::5", "2001:db8:1:2::/64"),
-    ("2001:0db8:0001:0002:ffff:ffff:ffff:ffff", "2001:db8:1:2::/64"),
-    ("2001:db8:1:3::5", "2001:db8:1:3::/64"),
-    ("2001:db8:1:2::/64", "2001:db8:1:2::/64"),  # the /64 as the blocklist lists it
-    ("::ffff:203.0.113.9", "203.0.113.9"),
-    ("::1", "::1"),  # this machine, its link and its unique-local network: one host each
-    ("fe80::1", "fe80::1"),
-    ("fd12:3456:789a:1::7", "fd12:3456:789a:1::7"),
-    ("unknown", "unknown"),
-])
+@pytest.mark.parametrize(
+    ("address", "tracked_as"),
+    [
+        ("203.0.113.9", "203.0.113.9"),
+        ("2001:db8:1:2::5", "2001:db8:1:2::/64"),
+        ("2001:0db8:0001:0002:ffff:ffff:ffff:ffff", "2001:db8:1:2::/64"),
+        ("2001:db8:1:3::5", "2001:db8:1:3::/64"),
+        ("2001:db8:1:2::/64", "2001:db8:1:2::/64"),  # the /64 as the blocklist lists it
+        ("::ffff:203.0.113.9", "203.0.113.9"),
+        ("::1", "::1"),  # this machine, its link and its unique-local network: one host each
+        ("fe80::1", "fe80::1"),
+        ("fd12:3456:789a:1::7", "fd12:3456:789a:1::7"),
+        ("unknown", "unknown"),
+    ],
+)
 def test_an_ipv6_client_is_its_64(address: str, tracked_as: str) -> None:
     from flm.core.clients import subject
 
@@ -418,12 +489,17 @@ def test_rotating_ipv6_addresses_share_one_limit_count_and_block(env: Env) -> No
     from flm.proxy.runtime import load_block_rows
     from flm.services.context import Context
 
-    env.policy({"trusted_proxies": ["127.0.0.7"],
-                "ip_rate_limit": {"enabled": True, "rpm": 60, "burst": 3}})
+    env.policy(
+        {
+            "trusted_proxies": ["127.0.0.7"],
+            "ip_rate_limit": {"enabled": True, "rpm": 60, "burst": 3},
+        }
+    )
 
     def via_proxy(client: str, key: str | None = "default") -> int:
-        return env.request("GET", "/v1/models", source="127.0.0.7", key=key,
-                           headers={"X-Forwarded-For": client})[0]
+        return env.request(
+            "GET", "/v1/models", source="127.0.0.7", key=key, headers={"X-Forwarded-For": client}
+        )[0]
 
     fake = FakeClock()
     env.rt.guard.clock = fake
@@ -436,8 +512,9 @@ def test_rotating_ipv6_addresses_share_one_limit_count_and_block(env: Env) -> No
     bad = "flm_0000000000000000_" + "b" * 43
     codes = [via_proxy(f"2001:db8:5:6:{i}::1", key=bad) for i in range(1, 6)]
     assert codes == [401] * 5  # five failures, five addresses: the fifth blocks the /64
-    status, _, body = env.request("GET", "/v1/models", source="127.0.0.7",
-                                  headers={"X-Forwarded-For": "2001:db8:5:6::99"})
+    status, _, body = env.request(
+        "GET", "/v1/models", source="127.0.0.7", headers={"X-Forwarded-For": "2001:db8:5:6::99"}
+    )
     assert status == 403 and json.loads(body)["error"]["code"] == "ip_blocked"
     assert via_proxy("2001:db8:5:7::1") == 200
 
@@ -445,8 +522,10 @@ def test_rotating_ipv6_addresses_share_one_limit_count_and_block(env: Env) -> No
     env.rt.audit.flush()
     listed = env.cli("security", "ip-blocklist", "list").data
     assert [b["ip"] for b in listed] == ["2001:db8:5:6::/64"]
-    assert env.cli("security", "ip-blocklist", "unblock", "2001:db8:5:6:abcd::1").data == \
-        {"ip": "2001:db8:5:6::/64", "unblocked": True}
+    assert env.cli("security", "ip-blocklist", "unblock", "2001:db8:5:6:abcd::1").data == {
+        "ip": "2001:db8:5:6::/64",
+        "unblocked": True,
+    }
     ctx = Context(Paths.resolve())
     env.gw.call(lambda: env.rt.load_blocks(load_block_rows(ctx, env.rt.settings.handle_id)))
     assert via_proxy("2001:db8:5:6::99") == 200

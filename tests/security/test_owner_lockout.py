@@ -30,8 +30,10 @@ def test_loopback_is_exempt_by_default(address: str) -> None:
     assert not exempt_from_automatic_blocks(address, EffectivePolicy(exempt_loopback=False))
 
 
-@pytest.mark.parametrize("address", ["10.0.0.1", "192.0.2.7", "2001:db8::1", "2001:db8::/64",
-                                     "::ffff:10.0.0.1", "not an address"])
+@pytest.mark.parametrize(
+    "address",
+    ["10.0.0.1", "192.0.2.7", "2001:db8::1", "2001:db8::/64", "::ffff:10.0.0.1", "not an address"],
+)
 def test_other_addresses_are_not_exempt(address: str) -> None:
     assert not exempt_from_automatic_blocks(address, EffectivePolicy())
 
@@ -40,11 +42,14 @@ def test_a_web_page_cannot_lock_the_owner_out(env: Env, flm_home: Path) -> None:
     """What any web page the owner visits can make the browser send to localhost: honeypot
     paths, attack-shaped queries, wrong keys, a burst of requests. None of it blocks
     127.0.0.1, with every automatic rule on; the attempts are still recorded."""
-    env.policy({"ip_blocklist": {"enabled": True, "max_failures": 2,
-                                 "permanent_block_threshold": 3},
-                "intrusion_detection": {"enabled": True},
-                "honeypot": {"enabled": True},
-                "anomaly_detection": {"enabled": True, "request_rate_threshold": 5}})
+    env.policy(
+        {
+            "ip_blocklist": {"enabled": True, "max_failures": 2, "permanent_block_threshold": 3},
+            "intrusion_detection": {"enabled": True},
+            "honeypot": {"enabled": True},
+            "anomaly_detection": {"enabled": True, "request_rate_threshold": 5},
+        }
+    )
     for path in ("/.env", "/.env", "/wp-admin", "/v1/models?q=1+UNION+SELECT+a+FROM+b"):
         assert env.request("GET", path, key=None)[0] in (401, 404)
     for _ in range(5):
@@ -68,8 +73,10 @@ def test_a_web_page_cannot_lock_the_owner_out(env: Env, flm_home: Path) -> None:
 def test_a_loopback_row_from_before_is_not_applied(env: Env, flm_home: Path) -> None:
     conn = sqlite3.connect(flm_home / "security.db")
     with conn:
-        conn.execute("INSERT INTO ip_blocklist(ip, reason, failure_count, blocked_at, permanent)"
-                     " VALUES ('127.0.0.1', 'auth_failures', 20, '2026-01-01T00:00:00.000Z', 1)")
+        conn.execute(
+            "INSERT INTO ip_blocklist(ip, reason, failure_count, blocked_at, permanent)"
+            " VALUES ('127.0.0.1', 'auth_failures', 20, '2026-01-01T00:00:00.000Z', 1)"
+        )
     conn.close()
     ctx = Context(Paths.resolve())
     try:
@@ -97,11 +104,15 @@ def two_listeners(env: Env) -> Iterator[tuple[Gateway, Gateway]]:
 
 def _get(gw: Gateway, key: str, client: str) -> int:
     parts = urlsplit(gw.url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30,
-                                      source_address=("127.0.0.7", 0))
+    conn = http.client.HTTPConnection(
+        parts.hostname, parts.port, timeout=30, source_address=("127.0.0.7", 0)
+    )
     try:
-        conn.request("GET", "/v1/models", headers={"Authorization": f"Bearer {key}",
-                                                   "X-Forwarded-For": client})
+        conn.request(
+            "GET",
+            "/v1/models",
+            headers={"Authorization": f"Bearer {key}", "X-Forwarded-For": client},
+        )
         resp = conn.getresponse()
         resp.read()
         return resp.status
@@ -123,10 +134,13 @@ def _reload_blocks(gw: Gateway) -> None:
 
 @pytest.mark.parametrize("shared", [False, True])
 def test_a_block_applies_to_its_own_listener_unless_shared(
-        env: Env, two_listeners: tuple[Gateway, Gateway], shared: bool) -> None:
+    env: Env, two_listeners: tuple[Gateway, Gateway], shared: bool
+) -> None:
     exposed, local = two_listeners
-    policy = {"trusted_proxies": ["127.0.0.7"],
-              "ip_blocklist": {"enabled": True, "max_failures": 2, "shared": shared}}
+    policy = {
+        "trusted_proxies": ["127.0.0.7"],
+        "ip_blocklist": {"enabled": True, "max_failures": 2, "shared": shared},
+    }
     for gw in (exposed, local):
         gw.call(lambda gw=gw: gw.runtime.apply_policy(policy))  # type: ignore[misc]
     client = "198.51.100.7"  # (a header value only: nothing is ever sent there)
@@ -138,7 +152,8 @@ def test_a_block_applies_to_its_own_listener_unless_shared(
     assert _get(local, env.key, client) == (403 if shared else 200)
     listed = env.cli("security", "ip-blocklist", "list").data
     assert [(b["ip"], b["listener"]) for b in listed] == [
-        (client, "*" if shared else exposed.runtime.settings.handle_id)]
+        (client, "*" if shared else exposed.runtime.settings.handle_id)
+    ]
     assert json.dumps(listed)  # (the listing stays plain JSON)
 
 

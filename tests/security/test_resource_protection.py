@@ -27,8 +27,10 @@ def _until(what: str, check: Callable[[], bool], timeout: float = 20.0) -> None:
 @contextmanager
 def busy_host() -> Iterator[None]:
     """Every CPU busy with other processes (as an engine generating on the same machine)."""
-    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
-             for _ in range(psutil.cpu_count() or 1)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        for _ in range(psutil.cpu_count() or 1)
+    ]
     try:
         _until("the host to be busy", lambda: psutil.cpu_percent(0.5) > 95)
         yield

@@ -31,19 +31,27 @@ for n in range(ROUNDS):  # (each round a fresh file, raced by every process agai
 
 @pytest.mark.slow
 @pytest.mark.parametrize("behind", [False, True])
-def test_processes_opening_a_database_at_once_all_get_the_schema(tmp_path: Path,
-                                                                 behind: bool) -> None:
+def test_processes_opening_a_database_at_once_all_get_the_schema(
+    tmp_path: Path, behind: bool
+) -> None:
     path, go = tmp_path / "security.db", tmp_path / "go"
     if behind:
         from flm.storage.db import Database, load_migrations
 
         for n in range(ROUNDS):
-            with Database(Path(f"{path}{n}"), "security",
-                          migrations=load_migrations("security")[:-1]):
+            with Database(
+                Path(f"{path}{n}"), "security", migrations=load_migrations("security")[:-1]
+            ):
                 pass
-    procs = [subprocess.Popen([sys.executable, "-c", CHILD, str(path), str(go)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(8)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(path), str(go)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(8)
+    ]
     go.touch()
     outcomes = [p.communicate(timeout=120) for p in procs]
     for proc, (out, err) in zip(procs, outcomes, strict=True):

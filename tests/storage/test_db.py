@@ -103,9 +103,17 @@ def test_audit_logs_refuse_update_and_delete(tmp_path: Path) -> None:
 
 def test_writer_isolates_failing_job_in_a_batch(tmp_path: Path) -> None:
     with Database(tmp_path / "config.db", "config") as db:
-        ok = [db.submit(lambda c, i=i: c.execute(
-            "INSERT INTO settings(key, value, updated_at) VALUES (?, 'v', 't')", (f"k{i}",)
-        ).rowcount) for i in range(50)]
+        ok = [
+            db.submit(
+                lambda c, i=i: (
+                    c.execute(
+                        "INSERT INTO settings(key, value, updated_at) VALUES (?, 'v', 't')",
+                        (f"k{i}",),
+                    ).rowcount
+                )
+            )
+            for i in range(50)
+        ]
         bad = db.submit(lambda c: c.execute("INSERT INTO settings(key) VALUES ('x')"))
         assert [f.result(timeout=10) for f in ok] == [1] * 50
         with pytest.raises(RepoError):
@@ -150,22 +158,29 @@ def test_engine_kinds_migration_keeps_rows_and_lets_any_kind_in(tmp_path: Path) 
     migrations = load_migrations("config")
     at = next(i for i, m in enumerate(migrations) if m.name.endswith("engine_kinds_open"))
     row = ("llamacpp", "llamacpp", "http://127.0.0.1:8080", 1, 1, 42, "/m.gguf", "t0", "secret")
-    insert = ("INSERT INTO engines(id, kind, base_url, enabled, managed, pid, model_path, "
-              "created_at, api_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
+    insert = (
+        "INSERT INTO engines(id, kind, base_url, enabled, managed, pid, model_path, "
+        "created_at, api_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    )
     with Database(path, "config", migrations=migrations[:at]) as db:
         db.execute(insert, row)
         with pytest.raises(RepoError):
             db.execute(insert, ("x", "tgi", "http://127.0.0.1:3000", 1, 0, None, None, "t", None))
     with Database(path, "config") as db:
         assert db.schema_version == db.expected_version
-        assert [tuple(r) for r in db.query(
-            "SELECT id, kind, base_url, enabled, managed, pid, model_path, created_at, api_key "
-            "FROM engines")] == [row]
+        assert [
+            tuple(r)
+            for r in db.query(
+                "SELECT id, kind, base_url, enabled, managed, pid, model_path, created_at, api_key "
+                "FROM engines"
+            )
+        ] == [row]
         db.execute(insert, ("x", "tgi", "http://127.0.0.1:3000", 1, 0, None, None, "t", None))
 
 
 def test_writes_to_a_file_deleted_or_replaced_under_an_open_database_are_refused(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     import os
 
     from flm.core.errors import RepoError

@@ -143,8 +143,13 @@ def run_pebble(
     full_env = {**os.environ, "PEBBLE_VA_NOSLEEP": "1", **(env or {})}
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [binary, "-config", str(config_file), "-strict=false",
-             *(["-dnsserver", dnsserver] if dnsserver else [])],
+            [
+                binary,
+                "-config",
+                str(config_file),
+                "-strict=false",
+                *(["-dnsserver", dnsserver] if dnsserver else []),
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=full_env,
@@ -206,8 +211,13 @@ def peer_fingerprint(sock: ssl.SSLSocket | ssl.SSLObject) -> str:
 class TlsConnection(http.client.HTTPSConnection):
     """HTTPS to ``127.0.0.1:port`` presenting ``server_name`` (SNI and host-name check)."""
 
-    def __init__(self, port: int, context: ssl.SSLContext, server_name: str = "localhost",
-                 timeout: float = 15) -> None:
+    def __init__(
+        self,
+        port: int,
+        context: ssl.SSLContext,
+        server_name: str = "localhost",
+        timeout: float = 15,
+    ) -> None:
         super().__init__(server_name, port, context=context, timeout=timeout)
         self._ctx = context
 
@@ -221,9 +231,16 @@ class TlsConnection(http.client.HTTPSConnection):
         return self.sock
 
 
-def https_call(port: int, context: ssl.SSLContext, method: str, path: str, *,
-               key: str | None = None, body: object = None,
-               server_name: str = "localhost") -> tuple[int, dict[str, str], bytes, str]:
+def https_call(
+    port: int,
+    context: ssl.SSLContext,
+    method: str,
+    path: str,
+    *,
+    key: str | None = None,
+    body: object = None,
+    server_name: str = "localhost",
+) -> tuple[int, dict[str, str], bytes, str]:
     """One request over a fresh TLS connection: (status, headers, body, peer fingerprint)."""
     conn = TlsConnection(port, context, server_name)
     headers = {"Content-Type": "application/json"}
@@ -234,8 +251,12 @@ def https_call(port: int, context: ssl.SSLContext, method: str, path: str, *,
         conn.request(method, path, body=data, headers=headers)
         resp = conn.getresponse()
         payload = resp.read()
-        return (resp.status, {k.lower(): v for k, v in resp.getheaders()}, payload,
-                peer_fingerprint(conn.tls))
+        return (
+            resp.status,
+            {k.lower(): v for k, v in resp.getheaders()},
+            payload,
+            peer_fingerprint(conn.tls),
+        )
     finally:
         conn.close()
 
@@ -288,8 +309,9 @@ class Bind:
         import dns.rdatatype
         import dns.zone
 
-        zone = dns.zone.from_xfr(dns.query.xfr("127.0.0.1", self.zone, port=self.port,
-                                               timeout=5, lifetime=10))
+        zone = dns.zone.from_xfr(
+            dns.query.xfr("127.0.0.1", self.zone, port=self.port, timeout=5, lifetime=10)
+        )
         found: dict[str, set[str]] = {}
         for name, rdataset in zone.iterate_rdatasets(dns.rdatatype.TXT):
             fqdn = name.derelativize(zone.origin).to_text(omit_final_dot=True)
@@ -298,14 +320,20 @@ class Bind:
 
 
 @contextmanager
-def run_bind(workdir: Path, *, zone: str = "flm.test", key_name: str = "flm-acme",
-             extra_keys: dict[str, str] | None = None) -> Iterator[Bind]:
+def run_bind(
+    workdir: Path,
+    *,
+    zone: str = "flm.test",
+    key_name: str = "flm-acme",
+    extra_keys: dict[str, str] | None = None,
+) -> Iterator[Bind]:
     """``named -g`` on a free loopback port with one primary zone that accepts TSIG-signed
     updates of TXT records from ``key_name`` (``extra_keys`` are known but may not update)."""
     import base64
 
-    binary = shutil.which("named") or ("/usr/sbin/named" if Path("/usr/sbin/named").exists()
-                                       else None)
+    binary = shutil.which("named") or (
+        "/usr/sbin/named" if Path("/usr/sbin/named").exists() else None
+    )
     if binary is None:
         require_tool("named", "bind9")
     assert binary is not None
@@ -313,11 +341,13 @@ def run_bind(workdir: Path, *, zone: str = "flm.test", key_name: str = "flm-acme
     secret = base64.b64encode(os.urandom(32)).decode()
     port = free_port()
     keys = {key_name: secret, **(extra_keys or {})}
-    key_text = "".join(f'key "{n}" {{ algorithm hmac-sha256; secret "{s}"; }};\n'
-                       for n, s in keys.items())
+    key_text = "".join(
+        f'key "{n}" {{ algorithm hmac-sha256; secret "{s}"; }};\n' for n, s in keys.items()
+    )
     (workdir / f"{zone}.zone").write_text(
         f"$TTL 60\n@ IN SOA ns.{zone}. admin.{zone}. 1 60 60 600 60\n"
-        f"@ IN NS ns.{zone}.\nns IN A 127.0.0.1\n@ IN A 127.0.0.1\n")
+        f"@ IN NS ns.{zone}.\nns IN A 127.0.0.1\n@ IN A 127.0.0.1\n"
+    )
     conf = workdir / "named.conf"
     conf.write_text(f"""options {{
   directory "{workdir}";
@@ -342,8 +372,12 @@ controls {{ }};
     # As root, -u would drop privileges to a user that cannot write the temporary directory;
     # the process needs none (the port is above 1024), so it runs as whoever runs the tests.
     with log_path.open("wb") as log:
-        proc = subprocess.Popen([binary, "-g", "-4", "-n", "1", "-c", str(conf)],
-                                stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
+        proc = subprocess.Popen(
+            [binary, "-g", "-4", "-n", "1", "-c", str(conf)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=workdir,
+        )
     bind = Bind(proc, port, zone, key_name, secret, log_path, workdir)
     try:
         import dns.message
@@ -353,8 +387,9 @@ controls {{ }};
             if proc.poll() is not None:
                 pytest.fail(f"named exited with {proc.returncode}:\n{bind.log()}")
             try:
-                reply = dns.query.udp(dns.message.make_query(zone, "SOA"), "127.0.0.1",
-                                      port=port, timeout=0.5)
+                reply = dns.query.udp(
+                    dns.message.make_query(zone, "SOA"), "127.0.0.1", port=port, timeout=0.5
+                )
             except Exception:
                 return False
             return bool(reply.answer)

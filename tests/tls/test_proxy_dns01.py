@@ -80,8 +80,12 @@ def dns_stack(workdir: Path) -> Iterator[DnsEnv]:
     with (
         run_bind(workdir / "bind") as bind,
         # No authorization reuse: every order (renewals too) must go through DNS-01.
-        run_pebble(workdir / "pebble", http_port=free_port(), dnsserver=bind.address,
-                   env={"PEBBLE_AUTHZREUSE": "0"}) as pebble,
+        run_pebble(
+            workdir / "pebble",
+            http_port=free_port(),
+            dnsserver=bind.address,
+            env={"PEBBLE_AUTHZREUSE": "0"},
+        ) as pebble,
     ):
         root = workdir / "pebble-root.pem"
         root.write_bytes(pebble.root_pem())
@@ -105,18 +109,43 @@ def dns_env(dns_server: DnsEnv, monkeypatch: pytest.MonkeyPatch) -> DnsEnv:
     return dns_server
 
 
-def add_bind_profile(cli: Any, bind: Bind, *, secret: str | None = None,
-                     name: str = "home") -> None:
-    result = cli("secrets", "dns", "add", name, "--provider", "rfc2136", "--server",
-                 bind.address, "--zone", bind.zone, "--tsig-name", bind.key_name,
-                 "--tsig-algorithm", "hmac-sha256", stdin=(secret or bind.secret) + "\n")
+def add_bind_profile(
+    cli: Any, bind: Bind, *, secret: str | None = None, name: str = "home"
+) -> None:
+    result = cli(
+        "secrets",
+        "dns",
+        "add",
+        name,
+        "--provider",
+        "rfc2136",
+        "--server",
+        bind.address,
+        "--zone",
+        bind.zone,
+        "--tsig-name",
+        bind.key_name,
+        "--tsig-algorithm",
+        "hmac-sha256",
+        stdin=(secret or bind.secret) + "\n",
+    )
     assert result.code == 0, result.out
     assert (secret or bind.secret) not in result.out + result.err
 
 
 def dns_args(port: int, profile: str = "home") -> list[str]:
-    args = ["--mode", "https-acme", "--port", str(port), "--challenge", "dns-01",
-            "--dns-profile", profile, "--acme-email", "admin@flm.test"]
+    args = [
+        "--mode",
+        "https-acme",
+        "--port",
+        str(port),
+        "--challenge",
+        "dns-01",
+        "--dns-profile",
+        profile,
+        "--acme-email",
+        "admin@flm.test",
+    ]
     for name in NAMES:
         args += ["--acme-domain", name]
     return args
@@ -137,8 +166,10 @@ def _status(cli: Any) -> dict[str, Any]:
 
 def _renewal_failures(home: Path) -> list[dict[str, Any]]:
     with sqlite3.connect(home / "security.db") as db:
-        rows = db.execute("SELECT details_json FROM audit_logs WHERE event_type = "
-                          "'certificate_renewal_failed' ORDER BY id").fetchall()
+        rows = db.execute(
+            "SELECT details_json FROM audit_logs WHERE event_type = "
+            "'certificate_renewal_failed' ORDER BY id"
+        ).fetchall()
     return [json.loads(r[0]) for r in rows]
 
 
@@ -165,26 +196,36 @@ def test_wildcard_and_apex_certificate_issued_through_bind_and_served(
     # and for any name under the wildcard.
     ctx = dns_env.ctx()
     for name in ("flm.test", "api.flm.test", "x1.flm.test"):
-        status, _, _, fingerprint = https_call(https_port, ctx, "GET", "/v1/models",
-                                               key=engine.key, server_name=name)
+        status, _, _, fingerprint = https_call(
+            https_port, ctx, "GET", "/v1/models", key=engine.key, server_name=name
+        )
         assert status == 200 and fingerprint == cert["fingerprint_sha256"]
     status, _, body, _ = https_call(
-        https_port, ctx, "POST", "/v1/chat/completions", key=engine.key,
+        https_port,
+        ctx,
+        "POST",
+        "/v1/chat/completions",
+        key=engine.key,
         server_name="api.flm.test",
-        body={"model": MODEL, "messages": [{"role": "user", "content": "wild"}]})
+        body={"model": MODEL, "messages": [{"role": "user", "content": "wild"}]},
+    )
     assert status == 200
     assert json.loads(body)["choices"][0]["message"]["content"] == expected_reply("wild")
 
     # The TXT records are gone from the zone; the HTTP port only redirects (no challenges).
     assert dns_env.bind.txt_records() == {}
-    status, headers, _ = http_get(port, "/.well-known/acme-challenge/" + "A" * 43,
-                                  host=f"flm.test:{port}")
+    status, headers, _ = http_get(
+        port, "/.well-known/acme-challenge/" + "A" * 43, host=f"flm.test:{port}"
+    )
     assert status == 301
-    assert headers["location"] == f"https://flm.test:{https_port}/.well-known/acme-challenge/" \
-        + "A" * 43
+    assert (
+        headers["location"]
+        == f"https://flm.test:{https_port}/.well-known/acme-challenge/" + "A" * 43
+    )
     with sqlite3.connect(flm_home / "security.db") as db:
-        row = db.execute("SELECT domain, fingerprint_sha256 FROM certificates "
-                         "WHERE id = 'https-acme:*.flm.test'").fetchone()
+        row = db.execute(
+            "SELECT domain, fingerprint_sha256 FROM certificates WHERE id = 'https-acme:*.flm.test'"
+        ).fetchone()
     assert row == ("*.flm.test", cert["fingerprint_sha256"])
 
 
@@ -199,11 +240,18 @@ def test_dns01_renewal_swaps_the_certificate_under_an_open_stream(
     ctx = dns_env.ctx()
     conn = TlsConnection(https_port, ctx, "api.flm.test")
     try:
-        conn.request("POST", "/v1/chat/completions", body=json.dumps({
-            "model": MODEL, "stream": True,
-            "messages": [{"role": "user", "content": "keep streaming"}]}).encode(),
-            headers={"Authorization": f"Bearer {engine.key}",
-                     "Content-Type": "application/json"})
+        conn.request(
+            "POST",
+            "/v1/chat/completions",
+            body=json.dumps(
+                {
+                    "model": MODEL,
+                    "stream": True,
+                    "messages": [{"role": "user", "content": "keep streaming"}],
+                }
+            ).encode(),
+            headers={"Authorization": f"Bearer {engine.key}", "Content-Type": "application/json"},
+        )
         resp = conn.getresponse()
         assert resp.status == 200 and peer_fingerprint(conn.tls) == old_fp
         assert resp.read1(65536)
@@ -213,8 +261,7 @@ def test_dns01_renewal_swaps_the_certificate_under_an_open_stream(
         new_fp = result["fingerprint_sha256"]
         assert result["renewed"] and result["previous_fingerprint_sha256"] == old_fp
         assert new_fp != old_fp
-        assert https_call(https_port, ctx, "GET", "/health", server_name="flm.test")[3] == \
-            new_fp
+        assert https_call(https_port, ctx, "GET", "/health", server_name="flm.test")[3] == new_fp
         rest = b""
         while chunk := resp.read1(65536):
             rest += chunk
@@ -274,8 +321,9 @@ def test_bind_stopped_during_renewal_keeps_the_old_certificate_serving(
         assert renewed.error["code"] == "DNS_SERVER_UNREACHABLE"
         assert "is it running" in renewed.error["message"]
         # The stored, still valid certificate keeps serving...
-        assert https_call(port + 1, env.ctx(), "GET", "/health", server_name="flm.test")[3] == \
-            old_fp
+        assert (
+            https_call(port + 1, env.ctx(), "GET", "/health", server_name="flm.test")[3] == old_fp
+        )
         # ...and the failure is in `proxy status` and in the audit log.
         status = _status(cli)
         assert status["certificate"]["fingerprint_sha256"] == old_fp
@@ -304,10 +352,23 @@ def test_canary_secret_only_in_the_secrets_store(
     cli: Any, proxies: None, dns_env: DnsEnv, flm_home: Path
 ) -> None:
     canary = dns_env.bind.secret  # the real TSIG secret, so the daemon really uses it
-    added = flm_subprocess("secrets", "dns", "add", "home", "--provider", "rfc2136",
-                           "--server", dns_env.bind.address, "--zone", "flm.test",
-                           "--tsig-name", dns_env.bind.key_name, "--tsig-secret-file", "-",
-                           input=canary + "\n")
+    added = flm_subprocess(
+        "secrets",
+        "dns",
+        "add",
+        "home",
+        "--provider",
+        "rfc2136",
+        "--server",
+        dns_env.bind.address,
+        "--zone",
+        "flm.test",
+        "--tsig-name",
+        dns_env.bind.key_name,
+        "--tsig-secret-file",
+        "-",
+        input=canary + "\n",
+    )
     assert added.returncode == 0, added.stdout + added.stderr
     listed = flm_subprocess("secrets", "dns", "list")
     port = free_port_pair()
@@ -344,15 +405,31 @@ def test_cloudflare_emulator_issues_the_same_wildcard_certificate(
     token = "cf-" + os.urandom(12).hex()
     with (
         start_cloudflare(token, zones=["flm.test"]) as cf,
-        run_pebble(tmp_path / "pebble", http_port=free_port(),
-                   dnsserver=f"127.0.0.1:{cf.dns_port}", env={"PEBBLE_AUTHZREUSE": "0"}) as pebble,
+        run_pebble(
+            tmp_path / "pebble",
+            http_port=free_port(),
+            dnsserver=f"127.0.0.1:{cf.dns_port}",
+            env={"PEBBLE_AUTHZREUSE": "0"},
+        ) as pebble,
     ):
         _use_pebble(monkeypatch, pebble)
         root = tmp_path / "root.pem"
         root.write_bytes(pebble.root_pem())
-        added = cli("secrets", "dns", "add", "cf", "--provider", "cloudflare", "--zone",
-                    "flm.test", "--api-base", cf.api_base, "--check-server",
-                    f"127.0.0.1:{cf.dns_port}", stdin=token + "\n")
+        added = cli(
+            "secrets",
+            "dns",
+            "add",
+            "cf",
+            "--provider",
+            "cloudflare",
+            "--zone",
+            "flm.test",
+            "--api-base",
+            cf.api_base,
+            "--check-server",
+            f"127.0.0.1:{cf.dns_port}",
+            stdin=token + "\n",
+        )
         assert added.code == 0, added.out
         port = free_port_pair()
         data = start_proxy(*dns_args(port, profile="cf"))
@@ -360,8 +437,9 @@ def test_cloudflare_emulator_issues_the_same_wildcard_certificate(
         assert set(cert["hosts"]) == set(NAMES)
         ctx = ssl.create_default_context(cafile=str(root))
         for name in ("flm.test", "www.flm.test"):
-            status, _, _, fingerprint = https_call(port + 1, ctx, "GET", "/v1/models",
-                                                   key=engine.key, server_name=name)
+            status, _, _, fingerprint = https_call(
+                port + 1, ctx, "GET", "/v1/models", key=engine.key, server_name=name
+            )
             assert status == 200 and fingerprint == cert["fingerprint_sha256"]
         assert cf.records("flm.test") == []
         calls = [(m, authorized) for m, _, authorized in cf.requests]
@@ -377,8 +455,9 @@ def test_ca_refusal_is_named_and_the_records_are_removed(
     with (
         run_bind(tmp_path / "bind") as bind,
         start_cloudflare("unused", zones=["flm.test"]) as elsewhere,
-        run_pebble(tmp_path / "pebble", http_port=free_port(),
-                   dnsserver=f"127.0.0.1:{elsewhere.dns_port}") as pebble,
+        run_pebble(
+            tmp_path / "pebble", http_port=free_port(), dnsserver=f"127.0.0.1:{elsewhere.dns_port}"
+        ) as pebble,
     ):
         _use_pebble(monkeypatch, pebble)
         add_bind_profile(cli, bind)
@@ -412,8 +491,10 @@ def test_a_stored_certificate_due_for_renewal_is_renewed_through_dns01(
     port = free_port_pair()
     cert = start_proxy(*dns_args(port))["certificate"]
     assert cert["source"] == "issued" and set(cert["hosts"]) == set(NAMES)
-    assert https_call(port + 1, dns_env.ctx(), "GET", "/health", server_name="a.flm.test")[3] \
+    assert (
+        https_call(port + 1, dns_env.ctx(), "GET", "/health", server_name="a.flm.test")[3]
         == cert["fingerprint_sha256"]
+    )
     if_due = cli("proxy", "renew", "--port", str(port), "--if-due")
     assert if_due.code == 0 and if_due.data["renewed"][0]["renewed"] is False
     assert dns_env.bind.txt_records() == {}
@@ -424,9 +505,23 @@ def test_a_stored_certificate_for_fewer_names_is_not_reused(
 ) -> None:
     add_bind_profile(cli, dns_env.bind)
     port = free_port_pair()
-    first = flm_subprocess("proxy", "start", "--mode", "https-acme", "--port", str(port),
-                           "--challenge", "dns-01", "--dns-profile", "home", "--acme-email",
-                           "admin@flm.test", "--acme-domain", "*.flm.test", timeout=120)
+    first = flm_subprocess(
+        "proxy",
+        "start",
+        "--mode",
+        "https-acme",
+        "--port",
+        str(port),
+        "--challenge",
+        "dns-01",
+        "--dns-profile",
+        "home",
+        "--acme-email",
+        "admin@flm.test",
+        "--acme-domain",
+        "*.flm.test",
+        timeout=120,
+    )
     assert first.returncode == 0, first.stdout
     assert json.loads(first.stdout)["data"]["certificate"]["hosts"] == ["*.flm.test"]
     cli("proxy", "stop", "--all")

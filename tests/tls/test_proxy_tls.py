@@ -95,9 +95,14 @@ def _root_ctx(path: str | Path) -> ssl.SSLContext:
 
 
 def _chat(port: int, ctx: ssl.SSLContext, key: str, text: str) -> str:
-    status, _, body, _ = https_call(port, ctx, "POST", "/v1/chat/completions", key=key,
-                                    body={"model": MODEL,
-                                          "messages": [{"role": "user", "content": text}]})
+    status, _, body, _ = https_call(
+        port,
+        ctx,
+        "POST",
+        "/v1/chat/completions",
+        key=key,
+        body={"model": MODEL, "messages": [{"role": "user", "content": text}]},
+    )
     assert status == 200, body
     return str(json.loads(body)["choices"][0]["message"]["content"])
 
@@ -143,13 +148,16 @@ def test_dev_selfsigned_https_on_port_plus_one_and_redirect(
     # A client trusting only the generated root: handshake on port+1 and a chat reply.
     ctx = _root_ctx(root)
     assert _chat(https_port, ctx, engine.key, "hello over tls") == expected_reply("hello over tls")
-    status, headers, _, fingerprint = https_call(https_port, ctx, "GET", "/v1/models",
-                                                 key=engine.key)
+    status, headers, _, fingerprint = https_call(
+        https_port, ctx, "GET", "/v1/models", key=engine.key
+    )
     assert status == 200 and fingerprint == data["certificate"]["fingerprint_sha256"]
     assert headers["strict-transport-security"].startswith("max-age=")
     # The certificate names 127.0.0.1 too.
-    assert https_call(https_port, ctx, "GET", "/v1/models", key=engine.key,
-                      server_name="127.0.0.1")[0] == 200
+    assert (
+        https_call(https_port, ctx, "GET", "/v1/models", key=engine.key, server_name="127.0.0.1")[0]
+        == 200
+    )
 
     # The HTTP port: only 301 to the same path on HTTPS, with HSTS; the API is not there.
     status, headers, _ = http_get(port, "/v1/chat/completions?x=1", host=f"localhost:{port}")
@@ -190,8 +198,11 @@ def test_tls_policy_12_and_13_only_with_aead_ciphers(
             conn.close()
 
     version, cipher = handshake(_root_ctx(root))
-    assert version == "TLSv1.3" and cipher in ("TLS_AES_256_GCM_SHA384", "TLS_AES_128_GCM_SHA256",
-                                                "TLS_CHACHA20_POLY1305_SHA256")
+    assert version == "TLSv1.3" and cipher in (
+        "TLS_AES_256_GCM_SHA384",
+        "TLS_AES_128_GCM_SHA256",
+        "TLS_CHACHA20_POLY1305_SHA256",
+    )
     tls12 = _root_ctx(root)
     tls12.maximum_version = ssl.TLSVersion.TLSv1_2
     version, cipher = handshake(tls12)
@@ -245,8 +256,9 @@ def test_packaged_ca_chains_to_local_root_reused_then_reissued_when_expired(
     assert _chat(https_port, ctx, engine.key, "local ca") == expected_reply("local ca")
     served = https_call(https_port, ctx, "GET", "/v1/models", key=engine.key)[3]
     assert served == first["certificate"]["fingerprint_sha256"]
-    assert x509.load_pem_x509_certificate(root.read_bytes()).not_valid_after_utc - \
-        datetime.now(UTC) > timedelta(days=3640)  # the 10-year root
+    assert x509.load_pem_x509_certificate(root.read_bytes()).not_valid_after_utc - datetime.now(
+        UTC
+    ) > timedelta(days=3640)  # the 10-year root
 
     # Restart: the same server certificate is served again (still valid).
     cli("proxy", "stop", "--all")
@@ -258,32 +270,66 @@ def test_packaged_ca_chains_to_local_root_reused_then_reissued_when_expired(
     # Let the certificate expire: issue one with a 1-day validity, three days ago.
     cli("proxy", "stop", "--all")
     ca = ensure_local_ca(certs)
-    expired = ensure_server_cert(ca, certs, default_server_hosts(), validity_days=1,
-                                 now=datetime.now(UTC) - timedelta(days=3))
+    expired = ensure_server_cert(
+        ca,
+        certs,
+        default_server_hosts(),
+        validity_days=1,
+        now=datetime.now(UTC) - timedelta(days=3),
+    )
     assert expired.not_after < datetime.now(UTC)
     third = _start(cli, "packaged-ca", port)
     assert third["certificate"]["source"] == "issued"
     assert third["certificate"]["fingerprint_sha256"] not in (served, expired.fingerprint_sha256)
     assert third["trust"]["fingerprint_sha256_root"] == root_fp  # the root stays
-    assert https_call(https_port, ctx, "GET", "/v1/models", key=engine.key)[3] == \
-        third["certificate"]["fingerprint_sha256"]
+    assert (
+        https_call(https_port, ctx, "GET", "/v1/models", key=engine.key)[3]
+        == third["certificate"]["fingerprint_sha256"]
+    )
     _chains_to(server, root, "localhost")
 
     with sqlite3.connect(flm_home / "security.db") as db:
-        row = db.execute("SELECT fingerprint_sha256, not_after, cert_path FROM certificates "
-                         "WHERE id='packaged-ca'").fetchone()
-    assert row == (third["certificate"]["fingerprint_sha256"], third["certificate"]["not_after"],
-                   str(server))
+        row = db.execute(
+            "SELECT fingerprint_sha256, not_after, cert_path FROM certificates "
+            "WHERE id='packaged-ca'"
+        ).fetchone()
+    assert row == (
+        third["certificate"]["fingerprint_sha256"],
+        third["certificate"]["not_after"],
+        str(server),
+    )
     _assert_private_keys(certs)
 
 
 def _curl(url: str, key: str) -> tuple[int, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("SSL_CERT_FILE", "SSL_CERT_DIR", "CURL_CA_BUNDLE", "REQUESTS_CA_BUNDLE")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("SSL_CERT_FILE", "SSL_CERT_DIR", "CURL_CA_BUNDLE", "REQUESTS_CA_BUNDLE")
+    }
     proc = subprocess.run(
-        ["curl", "--silent", "--show-error", "--max-time", "10", "--noproxy", "*",
-         "-o", "/dev/null", "-w", "%{http_code}", "-H", f"Authorization: Bearer {key}", url],
-        capture_output=True, text=True, env=env, timeout=30, check=False)
+        [
+            "curl",
+            "--silent",
+            "--show-error",
+            "--max-time",
+            "10",
+            "--noproxy",
+            "*",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-H",
+            f"Authorization: Bearer {key}",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+        check=False,
+    )
     return proc.returncode, proc.stdout + proc.stderr
 
 
@@ -310,8 +356,10 @@ def test_install_ca_makes_curl_trust_flm_and_uninstall_ca_undoes_it(
         done = cli("security", "install-ca")
         assert done.code == 0, done.out
         assert done.data["executed"] and done.data["fingerprint_sha256"] == root_fp
-        assert installed.read_bytes().strip() == \
-            (flm_home / "certs" / "packaged-ca" / "root-ca.pem").read_bytes().strip()
+        assert (
+            installed.read_bytes().strip()
+            == (flm_home / "certs" / "packaged-ca" / "root-ca.pem").read_bytes().strip()
+        )
         code, out = _curl(url, engine.key)
         assert (code, out) == (0, "200")
 
@@ -365,8 +413,16 @@ def acme(acme_server: AcmeEnv, monkeypatch: pytest.MonkeyPatch) -> AcmeEnv:
 
 
 def _acme_args(port: int) -> list[str]:
-    return ["--mode", "https-acme", "--port", str(port), "--acme-domain", "localhost",
-            "--acme-email", "admin@flm.test"]
+    return [
+        "--mode",
+        "https-acme",
+        "--port",
+        str(port),
+        "--acme-domain",
+        "localhost",
+        "--acme-email",
+        "admin@flm.test",
+    ]
 
 
 def _start_acme(cli: Any, port: int) -> dict[str, Any]:
@@ -388,8 +444,10 @@ def test_acme_certificate_obtained_through_http01_and_served(
 
     ctx = acme.ctx()
     assert _chat(https_port, ctx, engine.key, "acme hello") == expected_reply("acme hello")
-    assert https_call(https_port, ctx, "GET", "/v1/models", key=engine.key)[3] == \
-        cert["fingerprint_sha256"]
+    assert (
+        https_call(https_port, ctx, "GET", "/v1/models", key=engine.key)[3]
+        == cert["fingerprint_sha256"]
+    )
 
     # The HTTP port serves only challenge answers (none pending now) and redirects the rest.
     assert http_get(acme.port, "/.well-known/acme-challenge/" + "A" * 43)[0] == 404
@@ -397,8 +455,10 @@ def test_acme_certificate_obtained_through_http01_and_served(
     assert status == 301 and headers["location"] == f"https://localhost:{https_port}/v1/models"
 
     with sqlite3.connect(flm_home / "security.db") as db:
-        row = db.execute("SELECT mode, domain, fingerprint_sha256 FROM certificates "
-                         "WHERE id='https-acme:localhost'").fetchone()
+        row = db.execute(
+            "SELECT mode, domain, fingerprint_sha256 FROM certificates "
+            "WHERE id='https-acme:localhost'"
+        ).fetchone()
     assert row == ("https-acme", "localhost", cert["fingerprint_sha256"])
     _assert_private_keys(flm_home / "certs")
 
@@ -414,11 +474,18 @@ def test_acme_forced_renewal_swaps_the_certificate_under_a_running_stream(
 
     conn = TlsConnection(https_port, ctx)
     try:
-        conn.request("POST", "/v1/chat/completions", body=json.dumps({
-            "model": MODEL, "stream": True,
-            "messages": [{"role": "user", "content": "keep streaming"}]}).encode(),
-            headers={"Authorization": f"Bearer {engine.key}",
-                     "Content-Type": "application/json"})
+        conn.request(
+            "POST",
+            "/v1/chat/completions",
+            body=json.dumps(
+                {
+                    "model": MODEL,
+                    "stream": True,
+                    "messages": [{"role": "user", "content": "keep streaming"}],
+                }
+            ).encode(),
+            headers={"Authorization": f"Bearer {engine.key}", "Content-Type": "application/json"},
+        )
         resp = conn.getresponse()
         assert resp.status == 200
         assert peer_fingerprint(conn.tls) == old_fp
@@ -517,12 +584,18 @@ def test_acme_with_pebble_stopped_stored_certificate_or_error_with_fallback_advi
     assert "connection refused" in data["last_error"]
     other_ctx = ssl.create_default_context()
     other_ca.configure_trust(other_ctx)
-    assert https_call(https_port, other_ctx, "GET", "/health")[3] == \
-        data["certificate"]["fingerprint_sha256"]
+    assert (
+        https_call(https_port, other_ctx, "GET", "/health")[3]
+        == data["certificate"]["fingerprint_sha256"]
+    )
     cli("proxy", "stop", "--all")
     with sqlite3.connect(flm_home / "security.db") as db:
-        events = [r[0] for r in db.execute(
-            "SELECT event_type FROM audit_logs WHERE event_type LIKE 'certificate_%'")]
+        events = [
+            r[0]
+            for r in db.execute(
+                "SELECT event_type FROM audit_logs WHERE event_type LIKE 'certificate_%'"
+            )
+        ]
     assert "certificate_renewal_failed" in events
 
     # 3. Nothing stored: the start fails with PROXY_ACME_ERROR and the fallback advice, and
@@ -542,19 +615,31 @@ def test_acme_with_pebble_stopped_stored_certificate_or_error_with_fallback_advi
 
 def test_acme_options_are_checked_before_anything_starts(cli: Any, flm_home: Path) -> None:
     port = str(free_port_pair())
-    missing = cli("proxy", "start", "--mode", "https-acme", "--port", port,
-                  "--acme-domain", "localhost")
+    missing = cli(
+        "proxy", "start", "--mode", "https-acme", "--port", port, "--acme-domain", "localhost"
+    )
     assert missing.code == 1 and missing.error["code"] == "PROXY_INVALID_CONFIG"
     assert "--acme-email" in missing.error["message"]
     dns = cli("proxy", "start", *_acme_args(int(port)), "--challenge", "dns-01")
     assert dns.code == 1 and dns.error["code"] == "PROXY_INVALID_CONFIG"
     assert "--dns-profile" in dns.error["message"]
-    wild = cli("proxy", "start", "--mode", "https-acme", "--port", port, "--acme-domain",
-               "*.example.com", "--acme-email", "admin@flm.test")
+    wild = cli(
+        "proxy",
+        "start",
+        "--mode",
+        "https-acme",
+        "--port",
+        port,
+        "--acme-domain",
+        "*.example.com",
+        "--acme-email",
+        "admin@flm.test",
+    )
     assert wild.code == 1 and wild.error["code"] == "PROXY_ACME_ERROR"
     assert "--challenge dns-01" in wild.error["message"]
-    stray = cli("proxy", "start", "--mode", "dev-selfsigned", "--port", port,
-                "--acme-domain", "example.com")
+    stray = cli(
+        "proxy", "start", "--mode", "dev-selfsigned", "--port", port, "--acme-domain", "example.com"
+    )
     assert stray.code == 1 and stray.error["code"] == "PROXY_INVALID_CONFIG"
     assert not (flm_home / "run" / "proxy-daemon.json").exists()
     with socket.socket() as probe:

@@ -76,7 +76,9 @@ def test_challenge_types_and_acme_names() -> None:
     with pytest.raises(ProxyAcmeError, match="unknown ACME challenge"):
         check_challenge_type("tls-alpn-01")
     assert check_acme_names(["*.FLM.test", "flm.test", "*.flm.test."], wildcard_ok=True) == [
-        "*.flm.test", "flm.test"]
+        "*.flm.test",
+        "flm.test",
+    ]
     with pytest.raises(ProxyAcmeError, match="--challenge dns-01"):
         check_acme_names(["*.flm.test"], wildcard_ok=False)
     for bad in ("*.*.flm.test", "a.*.flm.test", "127.0.0.1", ""):

@@ -220,8 +220,9 @@ def test_gateway_server_serves_and_swaps_with_the_holder(flm_home: Path) -> None
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         assert scope["type"] == "http"
         schemes.append(scope["scheme"])
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-length", b"2")]})
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]}
+        )
         await send({"type": "http.response.body", "body": b"ok"})
 
     async def fetch(port: int, bundle: CertBundle) -> str:

@@ -32,10 +32,23 @@ def bind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bind]:
         yield b
 
 
-def _provider(bind: Bind, *, secret: str | None = None, key: str | None = None,
-              zone: str | None = None, checks: tuple[str, ...] = ()) -> Rfc2136Provider:
-    return Rfc2136Provider("home", zone or bind.zone, bind.address, key or bind.key_name,
-                           "hmac-sha256", secret or bind.secret, checks)
+def _provider(
+    bind: Bind,
+    *,
+    secret: str | None = None,
+    key: str | None = None,
+    zone: str | None = None,
+    checks: tuple[str, ...] = (),
+) -> Rfc2136Provider:
+    return Rfc2136Provider(
+        "home",
+        zone or bind.zone,
+        bind.address,
+        key or bind.key_name,
+        "hmac-sha256",
+        secret or bind.secret,
+        checks,
+    )
 
 
 def test_rfc2136_adds_waits_and_deletes(bind: Bind) -> None:
@@ -73,12 +86,12 @@ def test_zone_not_found_update_refused_and_unreachable(bind: Bind) -> None:
     with pytest.raises(DnsZoneNotFoundError, match=r"not in zone flm\.test"):
         _provider(bind).add_txt("_acme-challenge.example.org", "x")
     with pytest.raises(DnsUpdateRefusedError) as refused:
-        _provider(bind, key="no-grant", secret=OTHER_KEY).add_txt(
-            "_acme-challenge.flm.test", "x")
+        _provider(bind, key="no-grant", secret=OTHER_KEY).add_txt("_acme-challenge.flm.test", "x")
     assert refused.value.code == "DNS_UPDATE_REFUSED"
     assert "update-policy" in refused.value.message
-    closed = Rfc2136Provider("home", "flm.test", f"127.0.0.1:{free_port()}", bind.key_name,
-                             "hmac-sha256", bind.secret)
+    closed = Rfc2136Provider(
+        "home", "flm.test", f"127.0.0.1:{free_port()}", bind.key_name, "hmac-sha256", bind.secret
+    )
     with pytest.raises(DnsServerUnreachableError) as unreachable:
         closed.add_txt("_acme-challenge.flm.test", "x")
     assert unreachable.value.code == "DNS_SERVER_UNREACHABLE"
@@ -109,16 +122,17 @@ def cloudflare() -> Iterator[CloudflareEmulator]:
 
 
 def test_cloudflare_adds_waits_and_deletes(cloudflare: CloudflareEmulator) -> None:
-    provider = CloudflareProvider("cf", "flm.test", cloudflare.api_base, "cf-token-123",
-                                  [f"127.0.0.1:{cloudflare.dns_port}"])
+    provider = CloudflareProvider(
+        "cf", "flm.test", cloudflare.api_base, "cf-token-123", [f"127.0.0.1:{cloudflare.dns_port}"]
+    )
     solver = Dns01Solver(provider, 5, poll_interval_s=0.05)
-    solver.present([("_acme-challenge.flm.test", "a"), ("_acme-challenge.flm.test", "b")],
-                   time.monotonic() + 5)
+    solver.present(
+        [("_acme-challenge.flm.test", "a"), ("_acme-challenge.flm.test", "b")], time.monotonic() + 5
+    )
     records = cloudflare.records("flm.test")
     assert sorted(r["content"] for r in records) == ["a", "b"]
     assert {r["type"] for r in records} == {"TXT"} and {r["ttl"] for r in records} == {60}
-    assert txt_values(("127.0.0.1", cloudflare.dns_port), "_acme-challenge.flm.test") == \
-        {"a", "b"}
+    assert txt_values(("127.0.0.1", cloudflare.dns_port), "_acme-challenge.flm.test") == {"a", "b"}
     solver.cleanup()
     provider.close()
     assert cloudflare.records("flm.test") == []
@@ -135,8 +149,9 @@ def test_cloudflare_errors_are_named(cloudflare: CloudflareEmulator) -> None:
     missing = CloudflareProvider("cf", "nope.test", cloudflare.api_base, "cf-token-123")
     with pytest.raises(DnsZoneNotFoundError):
         missing.add_txt("_acme-challenge.nope.test", "x")
-    down = CloudflareProvider("cf", "flm.test", f"http://127.0.0.1:{free_port()}/client/v4",
-                              "cf-token-123")
+    down = CloudflareProvider(
+        "cf", "flm.test", f"http://127.0.0.1:{free_port()}/client/v4", "cf-token-123"
+    )
     with pytest.raises(DnsServerUnreachableError):
         down.add_txt("_acme-challenge.flm.test", "x")
     assert cloudflare.records("flm.test") == []
@@ -147,5 +162,6 @@ def test_bind_fixture_is_isolated(tmp_path: Path) -> None:
     with run_bind(tmp_path / "a") as one, run_bind(tmp_path / "b") as two:
         assert one.secret != two.secret and one.port != two.port
         with pytest.raises(DnsAuthError):
-            Rfc2136Provider("x", "flm.test", one.address, one.key_name, "hmac-sha256",
-                            two.secret).add_txt("_acme-challenge.flm.test", "v")
+            Rfc2136Provider(
+                "x", "flm.test", one.address, one.key_name, "hmac-sha256", two.secret
+            ).add_txt("_acme-challenge.flm.test", "v")

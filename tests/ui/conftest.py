@@ -47,8 +47,15 @@ class Ui:
     def origin(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def request(self, method: str, path: str, *, body: bytes | None = None,
-                headers: dict[str, str] | None = None, host: str | None = None) -> Reply:
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        host: str | None = None,
+    ) -> Reply:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
         try:
             conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
@@ -60,8 +67,12 @@ class Ui:
             conn.endheaders(body)
             resp = conn.getresponse()
             data = resp.read()
-            return Reply(resp.status, {k.lower(): v for k, v in resp.getheaders()}, data,
-                         resp.headers.get_all("set-cookie") or [])
+            return Reply(
+                resp.status,
+                {k.lower(): v for k, v in resp.getheaders()},
+                data,
+                resp.headers.get_all("set-cookie") or [],
+            )
         finally:
             conn.close()
 
@@ -79,7 +90,7 @@ class Ui:
         assert page.status == 200, page.text[:500]
         marker = 'data-csrf="'
         start = page.text.index(marker) + len(marker)
-        csrf = page.text[start:page.text.index('"', start)]
+        csrf = page.text[start : page.text.index('"', start)]
         return Session(self, cookie, csrf)
 
 
@@ -92,15 +103,21 @@ class Session:
     def get(self, path: str, **headers: str) -> Reply:
         return self.ui.request("GET", path, headers={"Cookie": self.cookie, **headers})
 
-    def post(self, path: str, form: dict[str, str], *, origin: str | None = "",
-             csrf: bool = True, accept_json: bool = True) -> Reply:
+    def post(
+        self,
+        path: str,
+        form: dict[str, str],
+        *,
+        origin: str | None = "",
+        csrf: bool = True,
+        accept_json: bool = True,
+    ) -> Reply:
         from urllib.parse import urlencode
 
         data = dict(form)
         if csrf:
             data["csrf"] = self.csrf
-        headers = {"Cookie": self.cookie,
-                   "Content-Type": "application/x-www-form-urlencoded"}
+        headers = {"Cookie": self.cookie, "Content-Type": "application/x-www-form-urlencoded"}
         if origin is not None:
             headers["Origin"] = origin or self.ui.origin
         if accept_json:
@@ -141,17 +158,30 @@ def emulator(flm_home: Path) -> Iterator[str]:
     """An emulated Ollama serving ``tiny:1b`` and ``small:3b`` (streaming in several chunks),
     registered as engine ``emu``."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "flm.testing.emulate", "ollama", "--model", "tiny:1b",
-         "--model", "small:3b",
-         "--stream-chunks", "4", "--chunk-interval", "0.05",
-         "--reply-text", "Hello from the emulator"],
-        stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "flm.testing.emulate",
+            "ollama",
+            "--model",
+            "tiny:1b",
+            "--model",
+            "small:3b",
+            "--stream-chunks",
+            "4",
+            "--chunk-interval",
+            "0.05",
+            "--reply-text",
+            "Hello from the emulator",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
         url = json.loads(line)["url"]
-        added = flm_subprocess("engines", "add", "--kind", "ollama", "--url", url,
-                               "--id", "emu")
+        added = flm_subprocess("engines", "add", "--kind", "ollama", "--url", url, "--id", "emu")
         assert added.returncode == 0, added.stdout + added.stderr
         yield url
     finally:

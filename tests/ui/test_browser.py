@@ -19,12 +19,26 @@ from tests.ui.conftest import Ui
 
 SHOTS = Path(__file__).parent / "screenshots"
 CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync"]
-PAGES = {"dashboard": "/", "api": "/api", "chat": "/chat", "wizard-1": "/wizard?step=1",
-         "wizard-2": "/wizard?step=2", "wizard-3": "/wizard?step=3",
-         "wizard-4": "/wizard?step=4&mode=dev-selfsigned&port=8080&bind=0.0.0.0",
-         "security": "/security", "profiles": "/profiles", "settings": "/settings"}
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+PAGES = {
+    "dashboard": "/",
+    "api": "/api",
+    "chat": "/chat",
+    "wizard-1": "/wizard?step=1",
+    "wizard-2": "/wizard?step=2",
+    "wizard-3": "/wizard?step=3",
+    "wizard-4": "/wizard?step=4&mode=dev-selfsigned&port=8080&bind=0.0.0.0",
+    "security": "/security",
+    "profiles": "/profiles",
+    "settings": "/settings",
+}
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
 
 #: WCAG 2 contrast of every visible text node, computed in the page
@@ -78,8 +92,10 @@ class Watch:
         self.urls: list[str] = []
         self.csp: list[str] = []
         page.on("request", lambda r: self.urls.append(r.url))
-        page.on("console", lambda m: self.csp.append(m.text)
-                if "Content Security Policy" in m.text else None)
+        page.on(
+            "console",
+            lambda m: self.csp.append(m.text) if "Content Security Policy" in m.text else None,
+        )
 
     def assert_loopback_only(self) -> None:
         assert self.urls
@@ -104,7 +120,8 @@ def _until(check: Any, what: str, timeout: float = 30.0) -> Any:
 
 def _chart_sum(page: Any, kind: str) -> float:
     values = page.eval_on_selector_all(
-        f'svg[data-chart="{kind}"] [data-value]', "els => els.map(e => Number(e.dataset.value))")
+        f'svg[data-chart="{kind}"] [data-value]', "els => els.map(e => Number(e.dataset.value))"
+    )
     return float(sum(values))
 
 
@@ -211,12 +228,17 @@ def test_every_page_in_both_languages_and_themes(ui: Ui, emulator: str, browser:
         page.click("tr[data-key-status=active] form[action='/api/keys/revoke'] button")
     # the keys table sorts by a column, both ways
     page.click("#keys-table thead th:first-child button.sort")
-    labels = page.eval_on_selector_all("#keys-table tbody tr td:first-child",
-                                       "els => els.map(e => e.textContent.trim())")
+    labels = page.eval_on_selector_all(
+        "#keys-table tbody tr td:first-child", "els => els.map(e => e.textContent.trim())"
+    )
     assert labels == sorted(labels)
     page.click("#keys-table thead th:first-child button.sort")
-    assert page.eval_on_selector_all("#keys-table tbody tr td:first-child",
-                                     "els => els.map(e => e.textContent.trim())") == labels[::-1]
+    assert (
+        page.eval_on_selector_all(
+            "#keys-table tbody tr td:first-child", "els => els.map(e => e.textContent.trim())"
+        )
+        == labels[::-1]
+    )
     seen: dict[str, list[str]] = {}
     for lang in ("en", "ja"):
         for theme in ("light", "dark"):
@@ -235,7 +257,8 @@ def test_every_page_in_both_languages_and_themes(ui: Ui, emulator: str, browser:
                 assert not result["bad"], (name, lang, theme, result["bad"])
                 assert not page.evaluate(LABELS_JS), (name, page.evaluate(LABELS_JS))
             seen[lang] = page.eval_on_selector_all(
-                "nav#nav a, h1, main button, label", "els => els.map(e => e.textContent.trim())")
+                "nav#nav a, h1, main button, label", "els => els.map(e => e.textContent.trim())"
+            )
     # a narrow window folds the navigation into a menu
     page.set_viewport_size({"width": 600, "height": 900})
     page.goto(ui.origin + "/")
@@ -262,8 +285,9 @@ def test_theme_follows_the_os_until_chosen(ui: Ui, browser: Any) -> None:
 
 
 def test_first_visit_follows_accept_language(ui: Ui, browser: Any) -> None:
-    context = browser.new_context(locale="ja-JP", extra_http_headers={
-        "Accept-Language": "ja-JP,ja;q=0.9,en;q=0.5"})
+    context = browser.new_context(
+        locale="ja-JP", extra_http_headers={"Accept-Language": "ja-JP,ja;q=0.9,en;q=0.5"}
+    )
     page = context.new_page()
     page.goto(ui.login_url)
     assert page.get_attribute("html", "lang") == "ja"

@@ -31,20 +31,41 @@ def busy_storage(flm_home: Path) -> Storage:
     rows = []
     for i in range(ROWS):
         recent = i < LAST_HOUR
-        age = timedelta(seconds=rng.uniform(0, 3500)) if recent else timedelta(
-            seconds=rng.uniform(3700, 7 * 86400))
+        age = (
+            timedelta(seconds=rng.uniform(0, 3500))
+            if recent
+            else timedelta(seconds=rng.uniform(3700, 7 * 86400))
+        )
         status = rng.choice([200] * 17 + [401, 429, 403])
-        rows.append((iso(now - age), f"r{i}", "192.0.2.1", f"{i % KEYS:08x}",
-                     "/v1/chat/completions", "POST", "emu", "m", status,
-                     rng.uniform(5, 500), "request", "info"))
+        rows.append(
+            (
+                iso(now - age),
+                f"r{i}",
+                "192.0.2.1",
+                f"{i % KEYS:08x}",
+                "/v1/chat/completions",
+                "POST",
+                "emu",
+                "m",
+                status,
+                rng.uniform(5, 500),
+                "request",
+                "info",
+            )
+        )
 
     def fill(conn: object) -> None:
-        conn.executemany("INSERT INTO api_keys(id, label, hash, created_at) "  # type: ignore[attr-defined]
-                         "VALUES (?, ?, ?, ?)", keys)
+        conn.executemany(
+            "INSERT INTO api_keys(id, label, hash, created_at) "  # type: ignore[attr-defined]
+            "VALUES (?, ?, ?, ?)",
+            keys,
+        )
         conn.executemany(  # type: ignore[attr-defined]
             "INSERT INTO audit_logs(ts, request_id, client_ip, api_key_id, endpoint, method, "
             "engine_id, model, status, latency_ms, event_type, severity) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
 
     db.write(fill)
     return storage
@@ -56,9 +77,12 @@ def _plan(storage: Storage, sql: str, params: tuple[object, ...]) -> str:
 
 def test_dashboard_queries_use_the_covering_index(busy_storage: Storage) -> None:
     since = iso(utc_now() - timedelta(hours=1))
-    for sql, params in ((dash.BUCKETS_SQL, (16, since)),
-                        (dash.LATENCY_SQL, (16, since, stats.MAX_LATENCY_SAMPLES)),
-                        (dash.TOP_KEYS_SQL, (since,)), (dash.TOP_ENGINES_SQL, (since,))):
+    for sql, params in (
+        (dash.BUCKETS_SQL, (16, since)),
+        (dash.LATENCY_SQL, (16, since, stats.MAX_LATENCY_SAMPLES)),
+        (dash.TOP_KEYS_SQL, (since,)),
+        (dash.TOP_ENGINES_SQL, (since,)),
+    ):
         plan = _plan(busy_storage, sql, params)
         assert "USING COVERING INDEX audit_logs_ts_cover (ts>?)" in plan, plan
     plan = _plan(busy_storage, dash.LAST_USED_SQL, (since,))
@@ -67,8 +91,7 @@ def test_dashboard_queries_use_the_covering_index(busy_storage: Storage) -> None
     assert "INDEX audit_logs_ts_cover (ts>?)" in plan and "SCAN audit_logs" not in plan, plan
 
 
-def test_last_hour_counts_every_recent_row(busy_storage: Storage,
-                                           record_property: object) -> None:
+def test_last_hour_counts_every_recent_row(busy_storage: Storage, record_property: object) -> None:
     started = time.perf_counter()
     minutes = stats.last_hour(busy_storage.security)
     elapsed_ms = (time.perf_counter() - started) * 1000

@@ -33,8 +33,9 @@ def test_shell_scripts_parse(backend: str, tmp_path: Path) -> None:
     for name, text in (("apply", s.apply), ("rollback", s.rollback)):
         path = tmp_path / f"{backend}-{name}.sh"
         path.write_text(text)
-        proc = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True,
-                              check=False)
+        proc = subprocess.run(
+            ["bash", "-n", str(path)], capture_output=True, text=True, check=False
+        )
         assert proc.returncode == 0, proc.stderr
     # both ports and both address families are covered
     for port in PORTS:
@@ -56,8 +57,9 @@ def test_nftables_ruleset_checks(tmp_path: Path) -> None:
         assert s.ruleset is not None
         path = tmp_path / "rules.nft"
         path.write_text(s.ruleset)
-        proc = subprocess.run([nft, "-c", "-f", str(path)], capture_output=True, text=True,
-                              check=False)
+        proc = subprocess.run(
+            [nft, "-c", "-f", str(path)], capture_output=True, text=True, check=False
+        )
         assert proc.returncode == 0, proc.stderr + s.ruleset
 
 
@@ -70,19 +72,27 @@ def test_bad_input_never_reaches_a_script() -> None:
         firewall.scripts("iptables-legacy", PORTS, ALLOW)
 
 
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0,
-                    reason="needs root for unshare --net")
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root for unshare --net"
+)
 def test_nftables_apply_and_rollback_in_a_namespace(tmp_path: Path) -> None:
     _need("nft")
     _need("unshare")
     s = firewall.scripts("nftables", PORTS, ALLOW)
     (tmp_path / "apply.sh").write_text(s.apply)
     (tmp_path / "rollback.sh").write_text(s.rollback)
-    driver = (f"set -e; cd {tmp_path}; nft list ruleset > before.txt; bash apply.sh; "
-              "nft list ruleset > applied.txt; bash apply.sh; nft list ruleset > again.txt; "
-              "bash rollback.sh; nft list ruleset > after.txt; bash rollback.sh")
-    proc = subprocess.run(["unshare", "--net", "bash", "-c", driver], capture_output=True,
-                          text=True, check=False, timeout=60)
+    driver = (
+        f"set -e; cd {tmp_path}; nft list ruleset > before.txt; bash apply.sh; "
+        "nft list ruleset > applied.txt; bash apply.sh; nft list ruleset > again.txt; "
+        "bash rollback.sh; nft list ruleset > after.txt; bash rollback.sh"
+    )
+    proc = subprocess.run(
+        ["unshare", "--net", "bash", "-c", driver],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     applied = (tmp_path / "applied.txt").read_text()
     assert "table inet flm" in applied and "8080" in applied and "2001:db8:42::/48" in applied
@@ -103,15 +113,22 @@ def test_apply_logs_to_the_security_log(tmp_path: Path, flm_home: Path) -> None:
     _need("nft")
     _need("unshare")
     # run the apply/rollback pair in a namespace through the same function, via a re-exec
-    code = ("import sys; from flm.core.paths import Paths; from flm.ui import firewall; "
-            "s = firewall.scripts('nftables', [8080, 8081], ['192.168.10.0/24']); "
-            "r = firewall.apply(Paths.resolve(), s); "
-            "b = firewall.apply(Paths.resolve(), s, rollback=True); "
-            "print(r['exit_status'], b['exit_status'])")
+    code = (
+        "import sys; from flm.core.paths import Paths; from flm.ui import firewall; "
+        "s = firewall.scripts('nftables', [8080, 8081], ['192.168.10.0/24']); "
+        "r = firewall.apply(Paths.resolve(), s); "
+        "b = firewall.apply(Paths.resolve(), s, rollback=True); "
+        "print(r['exit_status'], b['exit_status'])"
+    )
     import sys
 
-    proc = subprocess.run(["unshare", "--net", sys.executable, "-c", code],
-                          capture_output=True, text=True, check=False, timeout=60)
+    proc = subprocess.run(
+        ["unshare", "--net", sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["0", "0"]
     logs = sorted((flm_home / "logs" / "security").glob("firewall-*.log"))

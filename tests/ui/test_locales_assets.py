@@ -13,10 +13,10 @@ UI = Path(str(resources.files("flm.ui")))
 TEMPLATES = sorted((UI / "templates").glob("*.html"))
 #: keys built at runtime (``t("status." ~ e.status)`` and the like) and the values they take
 DYNAMIC = {
-    "status.": ["RunningHealthy", "RunningDegraded", "ErrorNetwork", "ErrorApi",
-                "InstalledOnly"],
+    "status.": ["RunningHealthy", "RunningDegraded", "ErrorNetwork", "ErrorApi", "InstalledOnly"],
     "nav.": ["dashboard", "api", "chat", "wizard", "security", "profiles", "settings"],
-    "theme.": ["system", "light", "dark"], "lang.": ["en", "ja"],
+    "theme.": ["system", "light", "dark"],
+    "lang.": ["en", "ja"],
     "chart.": ["requests", "latency", "refusals", "keys", "engines"],
     "dash.charts_": ["hour", "day"],
     "fw.": ["ufw", "firewalld", "nftables", "pf", "powershell"],
@@ -83,14 +83,22 @@ ALLOWED_WORDS = {"flm", "ui", "up", "401", "429", "p50", "p95"}
 def test_templates_hold_no_visible_text_of_their_own() -> None:
     for path in TEMPLATES:
         source = path.read_text("utf-8")
-        words = [w for w in re.findall(r"\w+", _visible_text(source))
-                 if w.lower() not in ALLOWED_WORDS and not w.isdigit()]
+        words = [
+            w
+            for w in re.findall(r"\w+", _visible_text(source))
+            if w.lower() not in ALLOWED_WORDS and not w.isdigit()
+        ]
         assert not words, (path.name, words)
-        for attr in re.findall(r'\b(?:title|aria-label|placeholder|alt|data-confirm)='
-                               r'"([^"]*)"', source):
+        for attr in re.findall(
+            r"\b(?:title|aria-label|placeholder|alt|data-confirm)="
+            r'"([^"]*)"',
+            source,
+        ):
             stripped = re.sub(r"{{.*?}}", "", attr)
             assert not any(unicodedata.category(c).startswith("L") for c in stripped), (
-                path.name, attr)
+                path.name,
+                attr,
+            )
 
 
 def test_the_visible_text_check_catches_a_stray_word() -> None:

@@ -61,11 +61,23 @@ def test_security_view_filters_and_pages(ui: Ui) -> None:
     from flm.storage import Storage
 
     storage = Storage(Paths.resolve())
-    rows = [(now_iso(), f"req-{i:03d}", f"192.0.2.{i % 3}", "auth_failure" if i % 2 else
-             "request", "medium" if i % 2 else "info") for i in range(130)]
-    storage.security.write(lambda c: c.executemany(
-        "INSERT INTO audit_logs(ts, request_id, client_ip, event_type, severity) "
-        "VALUES (?, ?, ?, ?, ?)", rows))
+    rows = [
+        (
+            now_iso(),
+            f"req-{i:03d}",
+            f"192.0.2.{i % 3}",
+            "auth_failure" if i % 2 else "request",
+            "medium" if i % 2 else "info",
+        )
+        for i in range(130)
+    ]
+    storage.security.write(
+        lambda c: c.executemany(
+            "INSERT INTO audit_logs(ts, request_id, client_ip, event_type, severity) "
+            "VALUES (?, ?, ?, ?, ?)",
+            rows,
+        )
+    )
     storage.close()
     session = ui.login()
     first = session.get("/security?tab=audit&event_type=auth_failure")
@@ -85,18 +97,27 @@ def test_security_view_filters_and_pages(ui: Ui) -> None:
 
 def test_profiles_and_prompts_editors(ui: Ui) -> None:
     session = ui.login()
-    bad = session.post("/profiles/save", {"engine_id": "emu", "model_id": "tiny:1b",
-                                          "label": "warm", "parameters": "{not json"})
+    bad = session.post(
+        "/profiles/save",
+        {"engine_id": "emu", "model_id": "tiny:1b", "label": "warm", "parameters": "{not json"},
+    )
     assert bad.status == 400
     assert bad.json["error"]["field"] == "parameters"  # type: ignore[index]
-    saved = session.post("/profiles/save", {"engine_id": "emu", "model_id": "tiny:1b",
-                                            "label": "warm", "parameters":
-                                            '{"temperature": 0.2}'})
+    saved = session.post(
+        "/profiles/save",
+        {
+            "engine_id": "emu",
+            "model_id": "tiny:1b",
+            "label": "warm",
+            "parameters": '{"temperature": 0.2}',
+        },
+    )
     assert saved.status == 200, saved.text
     page = session.get("/profiles").text
     assert "warm" in page and "0.2" in page
-    prompt = session.post("/prompts/save", {"api_id": "chat_completions",
-                                            "template": "Answer briefly."})
+    prompt = session.post(
+        "/prompts/save", {"api_id": "chat_completions", "template": "Answer briefly."}
+    )
     assert prompt.status == 200
     assert "Answer briefly." in session.get("/profiles").text
     wrong = session.post("/prompts/save", {"api_id": "nope", "template": "x"})
@@ -142,12 +163,12 @@ def test_static_assets_and_head(ui: Ui) -> None:
 
 def test_policy_form_error_shows_next_to_its_field(ui: Ui) -> None:
     session = ui.login()
-    sent = session.post("/api/policy", {"ip_whitelist": "10.0.0.0/8\nnot-an-ip"},
-                        accept_json=False)
+    sent = session.post("/api/policy", {"ip_whitelist": "10.0.0.0/8\nnot-an-ip"}, accept_json=False)
     assert sent.status == 303 and sent.headers["location"] == "/api#policy"
     page = session.get("/api").text
-    error = re.search(r'<p class="field-error" id="err-ip_whitelist" role="alert">([^<]+)</p>',
-                      page)
+    error = re.search(
+        r'<p class="field-error" id="err-ip_whitelist" role="alert">([^<]+)</p>', page
+    )
     assert error and "ip_whitelist" in error.group(1)
     assert page.index('id="p-allow"') < page.index('id="err-ip_whitelist"')
     assert 'id="err-' not in session.get("/api").text  # shown once

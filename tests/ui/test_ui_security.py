@@ -8,8 +8,17 @@ from urllib.parse import urlsplit
 from flm.ui.sessions import LOGIN_TTL_S, SessionStore
 from tests.ui.conftest import Ui
 
-PAGES = ("/", "/api", "/chat", "/wizard", "/security", "/profiles", "/settings",
-         "/data/dashboard", "/security/export")
+PAGES = (
+    "/",
+    "/api",
+    "/chat",
+    "/wizard",
+    "/security",
+    "/profiles",
+    "/settings",
+    "/data/dashboard",
+    "/security/export",
+)
 
 
 def _path(url: str) -> str:
@@ -21,8 +30,12 @@ def test_no_session_is_401_everywhere(ui: Ui) -> None:
     for path in PAGES:
         assert ui.request("GET", path).status == 401, path
     assert ui.request("GET", "/", headers={"Cookie": "flm_ui=made-up"}).status == 401
-    posted = ui.request("POST", "/api/keys", body=b"label=x", headers={
-        "Origin": ui.origin, "Content-Type": "application/x-www-form-urlencoded"})
+    posted = ui.request(
+        "POST",
+        "/api/keys",
+        body=b"label=x",
+        headers={"Origin": ui.origin, "Content-Type": "application/x-www-form-urlencoded"},
+    )
     assert posted.status == 401
     # the admin API beside it still wants its bearer token
     assert ui.request("GET", "/admin/status").status == 401
@@ -31,8 +44,13 @@ def test_no_session_is_401_everywhere(ui: Ui) -> None:
 
 def test_wrong_host_is_misdirected(ui: Ui) -> None:
     session = ui.login()
-    for host in ("evil.example", f"evil.example:{ui.port}", f"127.0.0.1:{ui.port + 1}",
-                 "localhost", f"192.168.1.5:{ui.port}"):
+    for host in (
+        "evil.example",
+        f"evil.example:{ui.port}",
+        f"127.0.0.1:{ui.port + 1}",
+        "localhost",
+        f"192.168.1.5:{ui.port}",
+    ):
         reply = ui.request("GET", "/", host=host, headers={"Cookie": session.cookie})
         assert reply.status == 421, host
         assert b"csrf" not in reply.body
@@ -40,8 +58,9 @@ def test_wrong_host_is_misdirected(ui: Ui) -> None:
     url = ui.new_login_url()
     assert ui.request("GET", _path(url), host=f"attacker.test:{ui.port}").status == 421
     for host in (f"127.0.0.1:{ui.port}", f"localhost:{ui.port}", f"[::1]:{ui.port}"):
-        assert ui.request("GET", "/", host=host,
-                          headers={"Cookie": session.cookie}).status == 200, host
+        assert (
+            ui.request("GET", "/", host=host, headers={"Cookie": session.cookie}).status == 200
+        ), host
 
 
 def test_login_token_single_use_and_cookie_flags(ui: Ui) -> None:

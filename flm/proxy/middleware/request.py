@@ -51,8 +51,7 @@ class RequestMiddleware:
             return
         # 1. request id
         client = scope.get("client")
-        state = RequestState(new_request_id(), client[0] if client else "",
-                             time.perf_counter())
+        state = RequestState(new_request_id(), client[0] if client else "", time.perf_counter())
         scope["flm"] = state
         rid = state.request_id.encode()
 
@@ -64,19 +63,30 @@ class RequestMiddleware:
                     message["headers"] += state.key_headers
                 if state.warnings:
                     message["headers"].append(
-                        (b"x-flm-warning", "; ".join(state.warnings).encode()))
+                        (b"x-flm-warning", "; ".join(state.warnings).encode())
+                    )
             await send(message)
 
         audit = self.runtime.audit
-        if audit is not None and audit.full() and not await audit.room(
-                hard=scope["path"] in _EXEMPT):
+        if (
+            audit is not None
+            and audit.full()
+            and not await audit.room(hard=scope["path"] in _EXEMPT)
+        ):
             # Back-pressure: the audit cannot take this request's record. The request is
             # refused unanswered by any engine and counted (an ``audit_overload`` event);
             # it is not queued, which would defeat the bound.
             state.status = 503
-            await _send_error(state, stamped_send, HttpError(
-                503, "audit_unavailable", "the audit trail cannot record requests right now; "
-                "retry later", headers=[(b"retry-after", b"1")]))
+            await _send_error(
+                state,
+                stamped_send,
+                HttpError(
+                    503,
+                    "audit_unavailable",
+                    "the audit trail cannot record requests right now; retry later",
+                    headers=[(b"retry-after", b"1")],
+                ),
+            )
             self.runtime.metrics.record_request(state.route, 503, "", 0.0, None)
             return
         try:
@@ -95,8 +105,9 @@ class RequestMiddleware:
                 log.exception("unhandled error in request")
                 if state.status:
                     raise
-                await _send_error(state, stamped_send,
-                                  HttpError(500, "internal_error", "internal error"))
+                await _send_error(
+                    state, stamped_send, HttpError(500, "internal_error", "internal error")
+                )
         finally:
             # 2. observe/audit
             self._record(scope, state)
@@ -105,23 +116,43 @@ class RequestMiddleware:
         rt = self.runtime
         elapsed = time.perf_counter() - state.started
         status = state.status or 500
-        rt.metrics.record_request(state.route, status, state.engine_id or "", elapsed,
-                                  state.overhead_s)
+        rt.metrics.record_request(
+            state.route, status, state.engine_id or "", elapsed, state.overhead_s
+        )
         now = time.time()
         if state.key is not None:
             account(rt, state, now)
         audit = rt.audit
         if audit is not None:
-            audit.request(now, state.request_id, state.client_ip, state.api_key_id,
-                          scope["path"], scope["method"], state.engine_id, state.model, status,
-                          elapsed * 1000, state.prompt_tokens, state.completion_tokens,
-                          state.error_code)
+            audit.request(
+                now,
+                state.request_id,
+                state.client_ip,
+                state.api_key_id,
+                scope["path"],
+                scope["method"],
+                state.engine_id,
+                state.model,
+                status,
+                elapsed * 1000,
+                state.prompt_tokens,
+                state.completion_tokens,
+                state.error_code,
+            )
 
 
 async def _send_error(state: RequestState, send: Send, exc: HttpError) -> None:
     state.error_code = exc.code
     body = error_bytes(exc.status, exc.code, exc.message, state.request_id)
-    await send({"type": "http.response.start", "status": exc.status,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode()), *exc.headers]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": exc.status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *exc.headers,
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})

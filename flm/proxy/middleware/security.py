@@ -87,7 +87,7 @@ def _hop_address(hop: str) -> str | None:
     the IPv4-mapped IPv6 form taken off), or None when it is not an address."""
     hop = hop.strip()
     if hop.startswith("["):
-        hop = hop[1:hop.find("]")] if "]" in hop else hop
+        hop = hop[1 : hop.find("]")] if "]" in hop else hop
     elif hop.count(":") == 1:  # IPv4:port
         hop = hop.split(":", 1)[0]
     try:
@@ -99,8 +99,13 @@ def _hop_address(hop: str) -> str | None:
     return str(addr)
 
 
-def forwarded_client(peer: str, forwarded: list[bytes], real_ip: list[bytes],
-                     trusted: tuple[_Net, ...], header: str = "x-forwarded-for") -> str | None:
+def forwarded_client(
+    peer: str,
+    forwarded: list[bytes],
+    real_ip: list[bytes],
+    trusted: tuple[_Net, ...],
+    header: str = "x-forwarded-for",
+) -> str | None:
     """The client behind a trusted proxy ``peer``, read from the one ``header`` the proxy
     sets (the policy's ``forwarded_header``); the other is never read, since a client can
     send it. ``None`` when the proxy's client cannot be known (an unparsable hop): the
@@ -128,8 +133,14 @@ def forwarded_client(peer: str, forwarded: list[bytes], real_ip: list[bytes],
     return _hop_address(hops[0])
 
 
-def record_block(rt: ProxyRuntime, ip: str, block: Block, *, failures: int | None = None,
-                 request_id: str | None = None) -> None:
+def record_block(
+    rt: ProxyRuntime,
+    ip: str,
+    block: Block,
+    *,
+    failures: int | None = None,
+    request_id: str | None = None,
+) -> None:
     """Persist a block (through the audit sink) and record the ``ip_blocked`` event (with
     ``failures`` when auth failures made it). The blocklist row names what is blocked: the
     address, or for IPv6 its /64."""
@@ -156,22 +167,35 @@ def _blocked_error(block: Block, now: float) -> HttpError:
 
 def _limited(seconds: float, scope_name: str) -> HttpError:
     retry = max(1, math.ceil(seconds))
-    return HttpError(429, "rate_limited", f"{scope_name} rate limit exceeded; retry in "
-                     f"{retry} s", [(b"retry-after", str(retry).encode())])
+    return HttpError(
+        429,
+        "rate_limited",
+        f"{scope_name} rate limit exceeded; retry in {retry} s",
+        [(b"retry-after", str(retry).encode())],
+    )
 
 
 def _busy(holder: str) -> HttpError:
-    return HttpError(429, "rate_limited", f"too many requests in flight for {holder}; "
-                     "retry shortly", [(b"retry-after", b"1")])
+    return HttpError(
+        429,
+        "rate_limited",
+        f"too many requests in flight for {holder}; retry shortly",
+        [(b"retry-after", b"1")],
+    )
 
 
 def _verify_busy(busy: VerifyBusy) -> HttpError:
     """Too many key verifies at once: from this address (429) or from everyone (503)."""
     if busy.per_address:
-        return HttpError(429, "rate_limited", "too many key checks from this address at "
-                         "once; retry shortly", [(b"retry-after", b"1")])
-    return HttpError(503, "overloaded", "too many key checks at once; retry shortly",
-                     [(b"retry-after", b"1")])
+        return HttpError(
+            429,
+            "rate_limited",
+            "too many key checks from this address at once; retry shortly",
+            [(b"retry-after", b"1")],
+        )
+    return HttpError(
+        503, "overloaded", "too many key checks at once; retry shortly", [(b"retry-after", b"1")]
+    )
 
 
 def _cors_origin(origin: bytes, policy: EffectivePolicy) -> bytes | None:
@@ -222,16 +246,21 @@ class SecurityMiddleware:
         if policy.trusted_proxies and self._trusted(ip, policy.trusted_proxies):
             every = scope["headers"]
             client = forwarded_client(
-                ip, [v for n, v in every if n == b"x-forwarded-for"],
-                [v for n, v in every if n == b"x-real-ip"], policy.trusted_proxies,
-                policy.forwarded_header)
+                ip,
+                [v for n, v in every if n == b"x-forwarded-for"],
+                [v for n, v in every if n == b"x-real-ip"],
+                policy.trusted_proxies,
+                policy.forwarded_header,
+            )
             if client is None:
-                raise HttpError(400, "invalid_request", "the trusted proxy's forwarded "
-                                "client address cannot be parsed")
+                raise HttpError(
+                    400,
+                    "invalid_request",
+                    "the trusted proxy's forwarded client address cannot be parsed",
+                )
             ip = state.client_ip = client
         # Trusted clients (policy ``trusted_clients``) are never blocked or scored.
-        trusted = bool(policy.trusted_clients) and self._trusted_clients(
-            ip, policy.trusted_clients)
+        trusted = bool(policy.trusted_clients) and self._trusted_clients(ip, policy.trusted_clients)
         if guard.blocks and not trusted:
             block = guard.blocked(ip)
             if block is not None:
@@ -248,8 +277,12 @@ class SecurityMiddleware:
                 self._monitor = asyncio.ensure_future(self._watch())
                 rt.tasks.append(self._monitor)
             if guard.overloaded or guard.connections >= policy.max_connections:
-                raise HttpError(503, "overloaded", "the gateway is at capacity; retry shortly",
-                                [(b"retry-after", b"5")])
+                raise HttpError(
+                    503,
+                    "overloaded",
+                    "the gateway is at capacity; retry shortly",
+                    [(b"retry-after", b"5")],
+                )
             # (a fair share: one address never holds every slot)
             who = "ip:" + subject(ip)
             if guard.in_flight.get(who, 0) >= policy.max_connections_per_address:
@@ -263,8 +296,9 @@ class SecurityMiddleware:
             raise NoSuchRoute()  # (scored once, here: it is raised before the route runs)
         intrusion = policy.intrusion_enabled and not trusted
         if intrusion:
-            score = score_request(scope.get("raw_path") or path.encode(),
-                                  scope.get("query_string", b""), agent)
+            score = score_request(
+                scope.get("raw_path") or path.encode(), scope.get("query_string", b""), agent
+            )
             if score.points:
                 block = self._score(scope, state, agent, score.points, score.reasons)
                 if block is not None:
@@ -365,8 +399,9 @@ class SecurityMiddleware:
             if anomaly:
                 elapsed = time.monotonic() - started
                 if elapsed > policy.max_duration_s:
-                    self._anomaly(ip, "duration", round(elapsed, 3), policy.max_duration_s,
-                                  state.request_id)
+                    self._anomaly(
+                        ip, "duration", round(elapsed, 3), policy.max_duration_s, state.request_id
+                    )
 
     # -- the rarer paths ----------------------------------------------------------------------
 
@@ -378,8 +413,9 @@ class SecurityMiddleware:
             raise HttpError(401, "key_expired", "this API key has expired", _CHALLENGE)
         listing = path == "/v1/models" or path.startswith("/v1/models/")
         if key.read_only and not listing:
-            raise HttpError(403, "read_only_key",
-                            "this API key may only list models (GET /v1/models)")
+            raise HttpError(
+                403, "read_only_key", "this API key may only list models (GET /v1/models)"
+            )
         if key.limits:
             try:
                 headers = rt.ledger.admit(key, count=not listing and path != "/metrics")
@@ -389,19 +425,20 @@ class SecurityMiddleware:
             if headers:
                 state.key_headers = headers
 
-    def _presented_key(self, scope: Scope, state: RequestState,
-                       headers: dict[bytes, bytes]) -> str:
+    def _presented_key(self, scope: Scope, state: RequestState, headers: dict[bytes, bytes]) -> str:
         """The key in the one ``Authorization: Bearer`` header, or a 401 to raise."""
         values = _authorization(headers, scope["headers"])
         if not values:
-            raise self._auth_failed(scope, state,
-                                    "missing API key (send Authorization: Bearer <key>)")
+            raise self._auth_failed(
+                scope, state, "missing API key (send Authorization: Bearer <key>)"
+            )
         if len(values) > 1:
             raise self._auth_failed(scope, state, "more than one Authorization header")
         scheme, _, token = values[0].partition(b" ")
         if scheme.lower() != b"bearer" or not token or len(token) > MAX_KEY_LENGTH:
             raise self._auth_failed(
-                scope, state, "malformed Authorization header (expected Bearer <key>)")
+                scope, state, "malformed Authorization header (expected Bearer <key>)"
+            )
         try:
             return token.strip().decode("ascii")
         except UnicodeDecodeError:
@@ -417,41 +454,64 @@ class SecurityMiddleware:
         else:
             count, block = rt.guard.auth_failure(ip, policy)
         if rt.audit is not None:
-            rt.audit.event("auth_failure", "medium" if block else "low", ip,
-                           {"failures": count, "reason": message}, state.request_id,
-                           scope["path"])
+            rt.audit.event(
+                "auth_failure",
+                "medium" if block else "low",
+                ip,
+                {"failures": count, "reason": message},
+                state.request_id,
+                scope["path"],
+            )
             if block is not None:
                 record_block(rt, ip, block, failures=count, request_id=state.request_id)
         return HttpError(401, "invalid_api_key", message, _CHALLENGE)
 
-    def _score(self, scope: Scope, state: RequestState, agent: bytes, points: int,
-               reasons: tuple[str, ...]) -> Block | None:
+    def _score(
+        self, scope: Scope, state: RequestState, agent: bytes, points: int, reasons: tuple[str, ...]
+    ) -> Block | None:
         rt = self.runtime
         total, block = rt.guard.add_score(state.client_ip, points, rt.effective)
         if rt.audit is not None:
-            rt.audit.intrusion(state.client_ip, points, total, reasons, scope["path"],
-                               agent.decode("latin-1"), state.request_id)
-            severity = "high" if block else (
-                "medium" if total >= rt.effective.warning_threshold else "low")
-            rt.audit.event("honeypot" if "honeypot" in reasons else "intrusion", severity,
-                           state.client_ip, {"points": points, "total": total,
-                                             "reasons": list(reasons)},
-                           state.request_id, scope["path"])
+            rt.audit.intrusion(
+                state.client_ip,
+                points,
+                total,
+                reasons,
+                scope["path"],
+                agent.decode("latin-1"),
+                state.request_id,
+            )
+            severity = (
+                "high"
+                if block
+                else ("medium" if total >= rt.effective.warning_threshold else "low")
+            )
+            rt.audit.event(
+                "honeypot" if "honeypot" in reasons else "intrusion",
+                severity,
+                state.client_ip,
+                {"points": points, "total": total, "reasons": list(reasons)},
+                state.request_id,
+                scope["path"],
+            )
             if block is not None:
                 record_block(rt, state.client_ip, block, request_id=state.request_id)
         return block
 
-    def _anomalies_before(self, state: RequestState, headers: dict[bytes, bytes],
-                          policy: EffectivePolicy) -> None:
+    def _anomalies_before(
+        self, state: RequestState, headers: dict[bytes, bytes], policy: EffectivePolicy
+    ) -> None:
         rt = self.runtime
         ip = state.client_ip
         declared = headers.get(b"content-length")
         rate = rt.guard.count_rate(ip)
         if rate == policy.request_rate_threshold + 1:
-            self._anomaly(ip, "request_rate", rate, policy.request_rate_threshold,
-                          state.request_id)
-        if (rate > policy.request_rate_threshold and policy.anomaly_auto_block
-                and not self._known_key(headers)):
+            self._anomaly(ip, "request_rate", rate, policy.request_rate_threshold, state.request_id)
+        if (
+            rate > policy.request_rate_threshold
+            and policy.anomaly_auto_block
+            and not self._known_key(headers)
+        ):
             # (a client with a valid key is recorded, never auto-blocked for its rate: that
             # is the per-key rate limit's business)
             # once blocked, the block check refuses this address first: this runs once
@@ -460,8 +520,7 @@ class SecurityMiddleware:
                 record_block(rt, ip, block, request_id=state.request_id)
                 raise _blocked_error(block, rt.guard.clock())
         if declared is not None and declared.isdigit() and int(declared) > policy.max_body_bytes:
-            self._anomaly(ip, "body_size", int(declared), policy.max_body_bytes,
-                          state.request_id)
+            self._anomaly(ip, "body_size", int(declared), policy.max_body_bytes, state.request_id)
 
     def _known_key(self, headers: dict[bytes, bytes]) -> bool:
         """Whether the request carries a key already verified (the cache: no Argon2)."""
@@ -474,13 +533,17 @@ class SecurityMiddleware:
         presented = token.strip().decode("latin-1")
         return self.runtime.keys.check_cached(presented)[1] is not None
 
-    def _anomaly(self, ip: str, kind: str, value: float, threshold: float,
-                 request_id: str) -> None:
+    def _anomaly(self, ip: str, kind: str, value: float, threshold: float, request_id: str) -> None:
         rt = self.runtime
         if rt.audit is not None:
             rt.audit.anomaly(ip, kind, value, threshold, request_id)
-            rt.audit.event("anomaly", "medium", ip, {"type": kind, "value": value,
-                                                    "threshold": threshold}, request_id)
+            rt.audit.event(
+                "anomaly",
+                "medium",
+                ip,
+                {"type": kind, "value": value, "threshold": threshold},
+                request_id,
+            )
 
     async def _watch(self) -> None:
         """Sample, once a second (never per request), what FLM itself controls: how late its
@@ -499,13 +562,16 @@ class SecurityMiddleware:
             policy = self.runtime.effective
             rss_mb = me.memory_info().rss / (1024 * 1024)
             over = bool(policy.max_loop_lag_ms and lag_ms > policy.max_loop_lag_ms) or bool(
-                policy.max_rss_mb and rss_mb > policy.max_rss_mb)
+                policy.max_rss_mb and rss_mb > policy.max_rss_mb
+            )
             # (strictly above: a threshold of 100 never trips, whatever the load)
             cpu = psutil.cpu_percent(None)
             if policy.cpu_threshold is not None and cpu > policy.cpu_threshold:
                 over = True
-            if (policy.memory_threshold is not None
-                    and psutil.virtual_memory().percent > policy.memory_threshold):
+            if (
+                policy.memory_threshold is not None
+                and psutil.virtual_memory().percent > policy.memory_threshold
+            ):
                 over = True
             guard.load = (lag_ms, rss_mb)
             guard.samples += 1
@@ -517,17 +583,22 @@ async def _preflight(send: Send, allowed: bytes | None) -> None:
     status = 403
     if allowed is not None:
         status = 204
-        headers += [(b"access-control-allow-origin", allowed),
-                    (b"access-control-allow-methods", _ALLOW_METHODS),
-                    (b"access-control-allow-headers", _ALLOW_HEADERS),
-                    (b"access-control-max-age", b"600")]
+        headers += [
+            (b"access-control-allow-origin", allowed),
+            (b"access-control-allow-methods", _ALLOW_METHODS),
+            (b"access-control-allow-headers", _ALLOW_HEADERS),
+            (b"access-control-max-age", b"600"),
+        ]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": b""})
 
 
 def _cors_headers(allowed: bytes) -> list[tuple[bytes, bytes]]:
-    return [(b"access-control-allow-origin", allowed),
-            (b"access-control-expose-headers", b"x-request-id"), (b"vary", b"origin")]
+    return [
+        (b"access-control-allow-origin", allowed),
+        (b"access-control-expose-headers", b"x-request-id"),
+        (b"vary", b"origin"),
+    ]
 
 
 def _with_cors(send: Send, allowed: bytes) -> Send:

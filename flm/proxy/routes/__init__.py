@@ -63,6 +63,10 @@ class Router:
         handler = methods.get(scope["method"])
         state.route = path
         if handler is None:
-            raise HttpError(405, "method_not_allowed", f"{scope['method']} not allowed here",
-                            [(b"allow", ", ".join(methods).encode())])
+            raise HttpError(
+                405,
+                "method_not_allowed",
+                f"{scope['method']} not allowed here",
+                [(b"allow", ", ".join(methods).encode())],
+            )
         await handler(scope, receive, send, self.runtime)

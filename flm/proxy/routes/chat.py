@@ -62,23 +62,31 @@ def _record_usage(state: RequestState, usage: Any, rt: ProxyRuntime) -> None:
         state.prompt_tokens = prompt
     if isinstance(completion, int):
         state.completion_tokens = completion
-    rt.metrics.record_tokens(state.engine_id or "", state.prompt_tokens,
-                             state.completion_tokens)
+    rt.metrics.record_tokens(state.engine_id or "", state.prompt_tokens, state.completion_tokens)
 
 
 def refuse_cloud_model(state: RequestState, rt: ProxyRuntime, info: ModelInfo) -> NoReturn:
     """403 ``cloud_model_blocked``, recorded as a security event: the engine would send the
     prompt to a service on the internet and the policy does not allow cloud models."""
     if rt.audit is not None:
-        rt.audit.event("cloud_model_blocked", "medium", state.client_ip,
-                       {"engine_id": info.engine_id, "model": info.name}, state.request_id)
-    raise HttpError(403, "cloud_model_blocked",
-                    f"{info.flm_id} runs on a remote service, not on this machine; set "
-                    "\"allow_cloud_models\": true in the security policy to serve it")
+        rt.audit.event(
+            "cloud_model_blocked",
+            "medium",
+            state.client_ip,
+            {"engine_id": info.engine_id, "model": info.name},
+            state.request_id,
+        )
+    raise HttpError(
+        403,
+        "cloud_model_blocked",
+        f"{info.flm_id} runs on a remote service, not on this machine; set "
+        '"allow_cloud_models": true in the security policy to serve it',
+    )
 
 
-async def _target(state: RequestState, rt: ProxyRuntime,
-                  named: str) -> tuple[str, str, EngineAdapter, ModelInfo]:
+async def _target(
+    state: RequestState, rt: ProxyRuntime, named: str
+) -> tuple[str, str, EngineAdapter, ModelInfo]:
     """Where a request for ``named`` goes: the engine, its model name, adapter and model
     details, after the key's model scope and the cloud-model rule. ``named`` (an flm:// id, a
     plain name or an alias) is what replies carry; the scope applies to the flm:// id it
@@ -93,14 +101,16 @@ async def _target(state: RequestState, rt: ProxyRuntime,
     return engine_id, model, adapter, info
 
 
-async def _prepare_chat(state: RequestState, rt: ProxyRuntime, body: Any,
-                        api_id: str = "chat_completions") -> tuple[ChatPlan, Any]:
+async def _prepare_chat(
+    state: RequestState, rt: ProxyRuntime, body: Any, api_id: str = "chat_completions"
+) -> tuple[ChatPlan, Any]:
     named = chat_target(body)
     engine_id, model, adapter, info = await _target(state, rt, named)
     changed = False
     if rt.profiles:  # defaults saved for this engine + model fill what the request left out
-        changed = apply_profile(body, rt.profiles.get((engine_id, model))
-                                or rt.profiles.get((engine_id, info.name)))
+        changed = apply_profile(
+            body, rt.profiles.get((engine_id, model)) or rt.profiles.get((engine_id, info.name))
+        )
     template = rt.prompts.get(api_id) if rt.prompts else None
     if template:
         messages = apply_prompt(body["messages"], template)
@@ -118,8 +128,7 @@ async def _prepare_chat(state: RequestState, rt: ProxyRuntime, body: Any,
     return plan, adapter
 
 
-async def chat_completions(scope: Scope, receive: Receive, send: Send,
-                           rt: ProxyRuntime) -> None:
+async def chat_completions(scope: Scope, receive: Receive, send: Send, rt: ProxyRuntime) -> None:
     state: RequestState = scope["flm"]
     raw = await read_body(receive, scope, rt.settings.max_body_bytes)
     body = parse_json(raw)
@@ -133,10 +142,19 @@ async def chat_completions(scope: Scope, receive: Receive, send: Send,
             options = plan.body.get("stream_options")
             if not (isinstance(options, dict) and options.get("include_usage") is True):
                 plan.body["stream_options"] = {
-                    **(options if isinstance(options, dict) else {}), "include_usage": True}
+                    **(options if isinstance(options, dict) else {}),
+                    "include_usage": True,
+                }
                 strip = True
-        await stream_events(scope, receive, send, rt, adapter.chat_stream(plan.body, public),
-                            strip_usage=strip, prompt=lambda: _messages_text(body))
+        await stream_events(
+            scope,
+            receive,
+            send,
+            rt,
+            adapter.chat_stream(plan.body, public),
+            strip_usage=strip,
+            prompt=lambda: _messages_text(body),
+        )
         return
     forward = raw_with_model(raw, public, plan.model) if plan.unchanged else None
     reply = await _engine_call(adapter.chat_bytes(plan.body, public, forward), state, receive)
@@ -157,8 +175,9 @@ def _messages_text(body: Any) -> str:
         if isinstance(content, str):
             parts.append(content)
         elif isinstance(content, list):
-            parts += [p["text"] for p in content
-                      if isinstance(p, dict) and isinstance(p.get("text"), str)]
+            parts += [
+                p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)
+            ]
     return "\n".join(parts)
 
 
@@ -166,8 +185,10 @@ def _estimate_reply(state: RequestState, body: Any, reply: bytes) -> None:
     """Token counts estimated from the text, for an engine whose reply reports none."""
     try:
         data = json.loads(reply)
-        text = "".join(str(((c or {}).get("message") or {}).get("content") or "")
-                       for c in data.get("choices") or ())
+        text = "".join(
+            str(((c or {}).get("message") or {}).get("content") or "")
+            for c in data.get("choices") or ()
+        )
     except (ValueError, AttributeError, TypeError):
         text = ""
     state.prompt_tokens = estimate_tokens(_messages_text(body))
@@ -184,18 +205,27 @@ async def completions(scope: Scope, receive: Receive, send: Send, rt: ProxyRunti
     named = completion_target(body)
     engine_id, model, adapter, info = await _target(state, rt, named)
     changed = bool(rt.profiles) and apply_profile(
-        body, rt.profiles.get((engine_id, model)) or rt.profiles.get((engine_id, info.name)))
+        body, rt.profiles.get((engine_id, model)) or rt.profiles.get((engine_id, info.name))
+    )
     payload, warnings = plan_completion(body, model, rt.engines.capabilities(engine_id, info))
     state.warnings.extend(warnings)
     if payload.get("stream") is True:
         prompt = body["prompt"]
-        await stream_events(scope, receive, send, rt, adapter.completion_stream(payload, named),
-                            prompt=lambda: prompt if isinstance(prompt, str) else "")
+        await stream_events(
+            scope,
+            receive,
+            send,
+            rt,
+            adapter.completion_stream(payload, named),
+            prompt=lambda: prompt if isinstance(prompt, str) else "",
+        )
         return
-    forward = (raw_with_model(raw, named, model)
-               if not changed and not warnings and payload.keys() == body.keys() else None)
-    reply = await _engine_call(adapter.completion_bytes(payload, named, forward), state,
-                               receive)
+    forward = (
+        raw_with_model(raw, named, model)
+        if not changed and not warnings and payload.keys() == body.keys()
+        else None
+    )
+    reply = await _engine_call(adapter.completion_bytes(payload, named, forward), state, receive)
     await send_bytes(send, 200, reply)
     usage = usage_from_bytes(reply)
     if usage is None:
@@ -219,9 +249,16 @@ async def _engine_call(coro: Any, state: RequestState, receive: Receive) -> Any:
         raise HttpError.from_flm(exc) from exc
 
 
-async def stream_events(scope: Scope, receive: Receive, send: Send, rt: ProxyRuntime,
-                        events: AsyncIterator[bytes], *, strip_usage: bool = False,
-                        prompt: Callable[[], str] | None = None) -> None:
+async def stream_events(
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    rt: ProxyRuntime,
+    events: AsyncIterator[bytes],
+    *,
+    strip_usage: bool = False,
+    prompt: Callable[[], str] | None = None,
+) -> None:
     """Forward SSE events as they arrive. Failures before the first event are ordinary HTTP
     errors; after it, one error event and ``[DONE]``. A client that goes away cancels the
     upstream request at once: a watcher waits for ``http.disconnect`` and cancels this task,
@@ -266,9 +303,13 @@ async def stream_events(scope: Scope, receive: Receive, send: Send, rt: ProxyRun
             status, code = http_status(exc)
             state.error_code = code
             failure = error_body(status, code, exc.message, state.request_id)
-            await send({"type": "http.response.body",
-                        "body": encode_event(json.dumps(failure).encode()) + DONE,
-                        "more_body": True})
+            await send(
+                {
+                    "type": "http.response.body",
+                    "body": encode_event(json.dumps(failure).encode()) + DONE,
+                    "more_body": True,
+                }
+            )
         await send({"type": "http.response.body", "body": b"", "more_body": False})
     except asyncio.CancelledError:
         if not gone:
@@ -279,8 +320,12 @@ async def stream_events(scope: Scope, receive: Receive, send: Send, rt: ProxyRun
         watcher.cancel()
         metrics.active_streams.dec()
         await tap.aclose()
-        if (not tap.usage_seen and state.key is not None and state.prompt_tokens is None
-                and state.completion_tokens is None):
+        if (
+            not tap.usage_seen
+            and state.key is not None
+            and state.prompt_tokens is None
+            and state.completion_tokens is None
+        ):
             state.prompt_tokens = estimate_tokens(prompt()) if prompt is not None else 0
             state.completion_tokens = tap.content_chunks  # (about one token a chunk)
             state.usage_estimated = True
@@ -305,8 +350,10 @@ def strip_usage(batch: bytes) -> bytes:
                 if not chunk.get("choices"):
                     continue
                 del chunk["usage"]
-                event = b"data: " + json.dumps(chunk, separators=(",", ":"),
-                                               ensure_ascii=False).encode()
+                event = (
+                    b"data: "
+                    + json.dumps(chunk, separators=(",", ":"), ensure_ascii=False).encode()
+                )
         out.append(event)
     return b"\n\n".join(out)
 
@@ -315,8 +362,13 @@ class _UsageTap:
     """Wraps an event iterator to remember the usage the stream reports (in its last data
     event, for every engine FLM supports)."""
 
-    def __init__(self, events: AsyncIterator[bytes], state: RequestState,
-                 rt: ProxyRuntime, strip: bool = False) -> None:
+    def __init__(
+        self,
+        events: AsyncIterator[bytes],
+        state: RequestState,
+        rt: ProxyRuntime,
+        strip: bool = False,
+    ) -> None:
         self._events = events
         self._state = state
         self._rt = rt
@@ -364,14 +416,22 @@ async def embeddings(scope: Scope, receive: Receive, send: Send, rt: ProxyRuntim
 def _function_call_item(call: dict[str, Any]) -> dict[str, Any]:
     """A chat tool call as a Responses ``function_call`` output item."""
     fn = call.get("function") or {}
-    return {"type": "function_call", "id": f"fc_{secrets.token_hex(12)}",
-            "call_id": str(call.get("id") or f"call_{secrets.token_hex(8)}"),
-            "name": str(fn.get("name") or ""), "arguments": str(fn.get("arguments") or ""),
-            "status": "completed"}
+    return {
+        "type": "function_call",
+        "id": f"fc_{secrets.token_hex(12)}",
+        "call_id": str(call.get("id") or f"call_{secrets.token_hex(8)}"),
+        "name": str(fn.get("name") or ""),
+        "arguments": str(fn.get("arguments") or ""),
+        "status": "completed",
+    }
 
 
-def _response_object(reply: dict[str, Any], public: str, resp_id: str | None = None,
-                     extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def _response_object(
+    reply: dict[str, Any],
+    public: str,
+    resp_id: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     choice = (reply.get("choices") or [{}])[0]
     message = choice.get("message") or {}
     text = message.get("content") or ""
@@ -382,11 +442,15 @@ def _response_object(reply: dict[str, Any], public: str, resp_id: str | None = N
     output: list[dict[str, Any]] = []
     calls = [c for c in message.get("tool_calls") or [] if isinstance(c, dict)]
     if text or not calls:
-        output.append({
-            "type": "message", "id": f"msg_{secrets.token_hex(12)}", "status": "completed",
-            "role": "assistant",
-            "content": [{"type": "output_text", "text": text, "annotations": []}],
-        })
+        output.append(
+            {
+                "type": "message",
+                "id": f"msg_{secrets.token_hex(12)}",
+                "status": "completed",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": text, "annotations": []}],
+            }
+        )
     output += [_function_call_item(c) for c in calls]
     return {
         "id": resp_id or f"resp_{secrets.token_hex(24)}",
@@ -398,35 +462,55 @@ def _response_object(reply: dict[str, Any], public: str, resp_id: str | None = N
         "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
         "error": None,
         "output": output,
-        "usage": {"input_tokens": prompt, "output_tokens": completion,
-                  "total_tokens": prompt + completion},
+        "usage": {
+            "input_tokens": prompt,
+            "output_tokens": completion,
+            "total_tokens": prompt + completion,
+        },
     }
 
 
 def _sse(kind: str, payload: dict[str, Any], seq: list[int]) -> bytes:
     seq[0] += 1
-    data = json.dumps({"type": kind, "sequence_number": seq[0], **payload},
-                      separators=(",", ":"), ensure_ascii=False)
+    data = json.dumps(
+        {"type": kind, "sequence_number": seq[0], **payload},
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
     return f"event: {kind}\ndata: {data}\n\n".encode()
 
 
-async def _response_events(chunks: AsyncIterator[bytes], public: str,
-                           resp_id: str | None = None, extra: dict[str, Any] | None = None,
-                           on_done: Callable[[dict[str, Any]], None] | None = None
-                           ) -> AsyncIterator[bytes]:
+async def _response_events(
+    chunks: AsyncIterator[bytes],
+    public: str,
+    resp_id: str | None = None,
+    extra: dict[str, Any] | None = None,
+    on_done: Callable[[dict[str, Any]], None] | None = None,
+) -> AsyncIterator[bytes]:
     """Chat chunks → the Responses API's semantic stream events: the text as it comes, and
     function calls (gathered from their deltas) as whole items before the end. Nothing is
     sent before the engine's first chunk, so an engine that fails at once is an ordinary
     HTTP error, as for chat completions."""
     response: dict[str, Any] = {
-        "id": resp_id or f"resp_{secrets.token_hex(24)}", "object": "response",
-        "created_at": int(time.time()), "model": public, **(extra or {}),
+        "id": resp_id or f"resp_{secrets.token_hex(24)}",
+        "object": "response",
+        "created_at": int(time.time()),
+        "model": public,
+        **(extra or {}),
         "status": "in_progress",
-        "error": None, "incomplete_details": None, "output": [], "usage": None,
+        "error": None,
+        "incomplete_details": None,
+        "output": [],
+        "usage": None,
     }
     item_id = f"msg_{secrets.token_hex(12)}"
-    item: dict[str, Any] = {"type": "message", "id": item_id, "status": "in_progress",
-                            "role": "assistant", "content": []}
+    item: dict[str, Any] = {
+        "type": "message",
+        "id": item_id,
+        "status": "in_progress",
+        "role": "assistant",
+        "content": [],
+    }
     where = {"item_id": item_id, "output_index": 0, "content_index": 0}
     seq = [-1]
     text: list[str] = []
@@ -434,11 +518,16 @@ async def _response_events(chunks: AsyncIterator[bytes], public: str,
     calls: dict[int, dict[str, Any]] = {}
     finish = None
     first = await anext(chunks, b"")  # (the engine's failure to start surfaces here)
-    opening = (_sse("response.created", {"response": response}, seq)
-               + _sse("response.in_progress", {"response": response}, seq)
-               + _sse("response.output_item.added", {"output_index": 0, "item": item}, seq)
-               + _sse("response.content_part.added", {**where, "part": {
-                   "type": "output_text", "text": "", "annotations": []}}, seq))
+    opening = (
+        _sse("response.created", {"response": response}, seq)
+        + _sse("response.in_progress", {"response": response}, seq)
+        + _sse("response.output_item.added", {"output_index": 0, "item": item}, seq)
+        + _sse(
+            "response.content_part.added",
+            {**where, "part": {"type": "output_text", "text": "", "annotations": []}},
+            seq,
+        )
+    )
 
     async def batches() -> AsyncIterator[bytes]:
         if first:
@@ -458,13 +547,16 @@ async def _response_events(chunks: AsyncIterator[bytes], public: str,
                     delta = (choice.get("delta") or {}).get("content")
                     if delta:
                         text.append(delta)
-                        out.append(_sse("response.output_text.delta",
-                                        {**where, "delta": delta}, seq))
+                        out.append(
+                            _sse("response.output_text.delta", {**where, "delta": delta}, seq)
+                        )
                     for tc in (choice.get("delta") or {}).get("tool_calls") or []:
                         if not isinstance(tc, dict):
                             continue
-                        call = calls.setdefault(int(tc.get("index") or 0), {
-                            "id": None, "function": {"name": "", "arguments": ""}})
+                        call = calls.setdefault(
+                            int(tc.get("index") or 0),
+                            {"id": None, "function": {"name": "", "arguments": ""}},
+                        )
                         call["id"] = call["id"] or tc.get("id")
                         fn = tc.get("function") or {}
                         call["function"]["name"] += fn.get("name") or ""
@@ -487,25 +579,45 @@ async def _response_events(chunks: AsyncIterator[bytes], public: str,
     completion = int(usage.get("completion_tokens") or 0)
     incomplete = finish == "length"
     items = [_function_call_item(calls[i]) for i in sorted(calls)]
-    final = {**response, "status": "incomplete" if incomplete else "completed",
-             "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
-             "output": [done_item, *items],
-             "usage": {"input_tokens": prompt, "output_tokens": completion,
-                       "total_tokens": prompt + completion}}
-    closing = [_sse("response.output_text.done", {**where, "text": full}, seq),
-               _sse("response.content_part.done", {**where, "part": part}, seq),
-               _sse("response.output_item.done", {"output_index": 0, "item": done_item}, seq)]
+    final = {
+        **response,
+        "status": "incomplete" if incomplete else "completed",
+        "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+        "output": [done_item, *items],
+        "usage": {
+            "input_tokens": prompt,
+            "output_tokens": completion,
+            "total_tokens": prompt + completion,
+        },
+    }
+    closing = [
+        _sse("response.output_text.done", {**where, "text": full}, seq),
+        _sse("response.content_part.done", {**where, "part": part}, seq),
+        _sse("response.output_item.done", {"output_index": 0, "item": done_item}, seq),
+    ]
     for index, fc in enumerate(items, 1):
         added = {**fc, "status": "in_progress", "arguments": ""}
         closing += [
             _sse("response.output_item.added", {"output_index": index, "item": added}, seq),
-            _sse("response.function_call_arguments.delta", {
-                "item_id": fc["id"], "output_index": index, "delta": fc["arguments"]}, seq),
-            _sse("response.function_call_arguments.done", {
-                "item_id": fc["id"], "output_index": index, "arguments": fc["arguments"]}, seq),
-            _sse("response.output_item.done", {"output_index": index, "item": fc}, seq)]
-    closing.append(_sse("response.completed" if not incomplete else "response.incomplete",
-                        {"response": final}, seq))
+            _sse(
+                "response.function_call_arguments.delta",
+                {"item_id": fc["id"], "output_index": index, "delta": fc["arguments"]},
+                seq,
+            ),
+            _sse(
+                "response.function_call_arguments.done",
+                {"item_id": fc["id"], "output_index": index, "arguments": fc["arguments"]},
+                seq,
+            ),
+            _sse("response.output_item.done", {"output_index": index, "item": fc}, seq),
+        ]
+    closing.append(
+        _sse(
+            "response.completed" if not incomplete else "response.incomplete",
+            {"response": final},
+            seq,
+        )
+    )
     if on_done is not None:
         on_done(final)
     yield b"".join(closing)
@@ -514,27 +626,39 @@ async def _response_events(chunks: AsyncIterator[bytes], public: str,
 def _input_items(value: Any) -> list[dict[str, Any]]:
     """A Responses request's ``input`` as the items ``input_items`` lists (each with an id)."""
     if isinstance(value, str):
-        value = [{"type": "message", "role": "user",
-                  "content": [{"type": "input_text", "text": value}]}]
+        value = [
+            {"type": "message", "role": "user", "content": [{"type": "input_text", "text": value}]}
+        ]
     items = []
     for item in value if isinstance(value, list) else []:
         if isinstance(item, dict):
             entry = {"type": "message", **item}
             if isinstance(entry.get("content"), str) and entry["type"] == "message":
                 entry["content"] = [{"type": "input_text", "text": entry["content"]}]
-            entry.setdefault("id", f"{'msg' if entry['type'] == 'message' else 'item'}_"
-                             f"{secrets.token_hex(12)}")
+            entry.setdefault(
+                "id", f"{'msg' if entry['type'] == 'message' else 'item'}_{secrets.token_hex(12)}"
+            )
             items.append(entry)
     return items
 
 
 def _assistant_turn(output: list[dict[str, Any]]) -> dict[str, Any]:
     """A response's output items as the chat assistant message a follow-up replays."""
-    text = "".join(part.get("text") or "" for item in output if item.get("type") == "message"
-                   for part in item.get("content") or [])
-    calls = [{"id": item["call_id"], "type": "function",
-              "function": {"name": item["name"], "arguments": item["arguments"]}}
-             for item in output if item.get("type") == "function_call"]
+    text = "".join(
+        part.get("text") or ""
+        for item in output
+        if item.get("type") == "message"
+        for part in item.get("content") or []
+    )
+    calls = [
+        {
+            "id": item["call_id"],
+            "type": "function",
+            "function": {"name": item["name"], "arguments": item["arguments"]},
+        }
+        for item in output
+        if item.get("type") == "function_call"
+    ]
     message: dict[str, Any] = {"role": "assistant", "content": text or None}
     if calls:
         message["tool_calls"] = calls
@@ -551,8 +675,11 @@ async def responses(scope: Scope, receive: Receive, send: Send, rt: ProxyRuntime
     if previous is not None:
         hit = rt.responses.get(state.api_key_id, previous) if isinstance(previous, str) else None
         if hit is None:
-            raise HttpError(400, "previous_response_not_found",
-                            f"previous_response_id: no stored response {str(previous)[:100]!r}")
+            raise HttpError(
+                400,
+                "previous_response_not_found",
+                f"previous_response_id: no stored response {str(previous)[:100]!r}",
+            )
         history = hit.messages
     lead = 1 if isinstance(body.get("instructions"), str) else 0
     turn = chat["messages"][lead:]
@@ -561,21 +688,33 @@ async def responses(scope: Scope, receive: Receive, send: Send, rt: ProxyRuntime
     plan, adapter = await _prepare_chat(state, rt, chat, "responses")
     public: str = chat["model"]
     resp_id = f"resp_{secrets.token_hex(24)}"
-    extra = {"previous_response_id": previous, "store": store,
-             "instructions": body.get("instructions")}
+    extra = {
+        "previous_response_id": previous,
+        "store": store,
+        "instructions": body.get("instructions"),
+    }
     owner = state.api_key_id
 
     def keep(response: dict[str, Any]) -> None:
         if store:
-            rt.responses.put(owner, response, _input_items(body.get("input")),
-                             [*history, *turn, _assistant_turn(response["output"])])
+            rt.responses.put(
+                owner,
+                response,
+                _input_items(body.get("input")),
+                [*history, *turn, _assistant_turn(response["output"])],
+            )
 
     if plan.stream:
         if "stream_options" not in plan.body:
             plan.body["stream_options"] = {"include_usage": True}
-        await stream_events(scope, receive, send, rt, _response_events(
-            adapter.chat_stream(plan.body, public), public, resp_id, extra, keep),
-            prompt=lambda: _messages_text(chat))
+        await stream_events(
+            scope,
+            receive,
+            send,
+            rt,
+            _response_events(adapter.chat_stream(plan.body, public), public, resp_id, extra, keep),
+            prompt=lambda: _messages_text(chat),
+        )
         return
     reply = await _engine_call(adapter.chat(plan.body), state, receive)
     if isinstance(reply.get("usage"), dict):
@@ -586,20 +725,21 @@ async def responses(scope: Scope, receive: Receive, send: Send, rt: ProxyRuntime
     keep(response)
     await send_json(send, 200, response)
 
-async def stored_response(scope: Scope, receive: Receive, send: Send,
-                          rt: ProxyRuntime) -> None:
+
+async def stored_response(scope: Scope, receive: Receive, send: Send, rt: ProxyRuntime) -> None:
     """``GET``/``DELETE /v1/responses/{id}`` and ``GET /v1/responses/{id}/input_items``:
     only the key that created a response sees it; for any other it does not exist."""
     state = state_of(scope)
-    rest = scope["path"][len("/v1/responses/"):]
+    rest = scope["path"][len("/v1/responses/") :]
     resp_id, _, sub = rest.partition("/")
     method = scope["method"]
     allowed = "GET" if sub else "GET, DELETE"
     if sub not in ("", "input_items") or "/" in sub:
         raise HttpError(404, "not_found", f"FLM does not serve {scope['path'][:100]}")
     if method not in allowed.split(", "):
-        raise HttpError(405, "method_not_allowed", f"{method} not allowed here",
-                        [(b"allow", allowed.encode())])
+        raise HttpError(
+            405, "method_not_allowed", f"{method} not allowed here", [(b"allow", allowed.encode())]
+        )
     state.route = "/v1/responses/{id}" + ("/input_items" if sub else "")
     hit = rt.responses.get(state.api_key_id, resp_id)
     if hit is None:
@@ -633,9 +773,12 @@ def _item_page(items: list[dict[str, Any]], scope: Scope) -> dict[str, Any]:
     after = query.get("after")
     if after:
         ids = [i.get("id") for i in ordered]
-        ordered = ordered[ids.index(after[0]) + 1:] if after[0] in ids else []
+        ordered = ordered[ids.index(after[0]) + 1 :] if after[0] in ids else []
     page = ordered[:limit]
-    return {"object": "list", "data": page,
-            "first_id": page[0]["id"] if page else None,
-            "last_id": page[-1]["id"] if page else None,
-            "has_more": len(ordered) > limit}
+    return {
+        "object": "list",
+        "data": page,
+        "first_id": page[0]["id"] if page else None,
+        "last_id": page[-1]["id"] if page else None,
+        "has_more": len(ordered) > limit,
+    }

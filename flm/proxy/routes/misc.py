@@ -30,13 +30,19 @@ async def _model_cards(rt: ProxyRuntime, key: KeyScope | None) -> list[dict[str,
     else:
         hidden = set()
     by_id = {m.flm_id: m for m in listed}
-    cards = [_card(m.flm_id, m.engine_id, m.context_length) for m in listed
-             if key is None or key.allows_model(m.flm_id)]
+    cards = [
+        _card(m.flm_id, m.engine_id, m.context_length)
+        for m in listed
+        if key is None or key.allows_model(m.flm_id)
+    ]
     aliases = rt.engines.aliases
     for name, engine_id in sorted(rt.engines.plain_names().items()):
         target = make_model_id(engine_id, name)
-        if name not in aliases and target not in hidden and (
-                key is None or key.allows_model(target)):
+        if (
+            name not in aliases
+            and target not in hidden
+            and (key is None or key.allows_model(target))
+        ):
             info = by_id.get(target)
             cards.append(_card(name, engine_id, info.context_length if info else None, target))
     for name, (engine_id, model) in sorted(aliases.items()):
@@ -47,10 +53,16 @@ async def _model_cards(rt: ProxyRuntime, key: KeyScope | None) -> list[dict[str,
     return cards
 
 
-def _card(model_id: str, engine_id: str, context: int | None,
-          target: str | None = None) -> dict[str, Any]:
-    card: dict[str, Any] = {"id": model_id, "object": "model", "created": 0,
-                            "owned_by": engine_id, "context_length": context}
+def _card(
+    model_id: str, engine_id: str, context: int | None, target: str | None = None
+) -> dict[str, Any]:
+    card: dict[str, Any] = {
+        "id": model_id,
+        "object": "model",
+        "created": 0,
+        "owned_by": engine_id,
+        "context_length": context,
+    }
     if target is not None:
         card["flm_id"] = target  # what a plain name or an alias stands for
     return card
@@ -63,7 +75,7 @@ async def models(scope: Scope, receive: Receive, send: Send, rt: ProxyRuntime) -
 
 async def model(scope: Scope, receive: Receive, send: Send, rt: ProxyRuntime) -> None:
     """``GET /v1/models/{id}``: one model, as OpenAI's "retrieve model" returns it."""
-    wanted = scope["path"][len("/v1/models/"):]
+    wanted = scope["path"][len("/v1/models/") :]
     for card in await _model_cards(rt, _scope_of(scope)):
         if card["id"] == wanted:
             await send_json(send, 200, card)
@@ -79,8 +91,12 @@ async def metrics(scope: Scope, receive: Receive, send: Send, rt: ProxyRuntime) 
     from flm.proxy.health import ensure_engine_watch
 
     ensure_engine_watch(rt)  # (started at proxy start too; here for embedded gateways)
-    await send_bytes(send, 200, rt.metrics.render(),
-                     [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")])
+    await send_bytes(
+        send,
+        200,
+        rt.metrics.render(),
+        [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")],
+    )
 
 
 async def transcriptions(scope: Scope, receive: Receive, send: Send, rt: ProxyRuntime) -> None:
@@ -89,11 +105,11 @@ async def transcriptions(scope: Scope, receive: Receive, send: Send, rt: ProxyRu
         if key == b"content-type":
             ctype = bytes(value)
     if not ctype.startswith(b"multipart/form-data"):
-        raise HttpError(400, "invalid_request", "send multipart/form-data with 'file' and "
-                        "'model'")
+        raise HttpError(400, "invalid_request", "send multipart/form-data with 'file' and 'model'")
     await read_body(receive, scope, MAX_AUDIO_BYTES + 64 * 1024)
-    raise HttpError(422, "unsupported_modalities",
-                    "no registered engine accepts audio input (audio_inputs)")
+    raise HttpError(
+        422, "unsupported_modalities", "no registered engine accepts audio input (audio_inputs)"
+    )
 
 
 async def images(scope: Scope, receive: Receive, send: Send, rt: ProxyRuntime) -> None:

@@ -23,40 +23,86 @@ from flm.proxy.usage import require_engine
 #: Never sent on to the engine: hop-by-hop headers (RFC 9110 §7.6.1, with the old
 #: Proxy-Connection), the client's credentials and addressing, and encodings FLM would have to
 #: undo. Headers the client names in its Connection header are dropped too.
-_REQUEST_DROP = frozenset({
-    b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate",
-    b"proxy-authorization", b"te", b"trailer", b"transfer-encoding", b"upgrade", b"host",
-    b"content-length", b"authorization", b"cookie", b"x-forwarded-for", b"x-real-ip",
-    b"x-forwarded-host", b"x-forwarded-proto", b"forwarded", b"accept-encoding",
-    # (asking a server behind FLM for another method or path than the one FLM checked)
-    b"x-http-method-override", b"x-http-method", b"x-method-override", b"x-original-url",
-    b"x-rewrite-url"})
+_REQUEST_DROP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"host",
+        b"content-length",
+        b"authorization",
+        b"cookie",
+        b"x-forwarded-for",
+        b"x-real-ip",
+        b"x-forwarded-host",
+        b"x-forwarded-proto",
+        b"forwarded",
+        b"accept-encoding",
+        # (asking a server behind FLM for another method or path than the one FLM checked)
+        b"x-http-method-override",
+        b"x-http-method",
+        b"x-method-override",
+        b"x-original-url",
+        b"x-rewrite-url",
+    }
+)
 #: Never passed back to the client: hop-by-hop headers, cookies, and every header the gateway
 #: sets itself (request id, security headers, HSTS): an engine's copy would come first and be
 #: the one clients obey. CORS headers (``access-control-*``) are the gateway's policy alone.
 #: Headers the engine names in its Connection header are dropped too.
-_RESPONSE_DROP = frozenset({
-    b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate", b"te",
-    b"trailer", b"transfer-encoding", b"upgrade", b"content-length", b"set-cookie",
-    b"server", b"date", b"x-request-id", b"x-flm-proxy", b"x-content-type-options",
-    b"x-frame-options", b"referrer-policy", b"strict-transport-security"})
+_RESPONSE_DROP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"content-length",
+        b"set-cookie",
+        b"server",
+        b"date",
+        b"x-request-id",
+        b"x-flm-proxy",
+        b"x-content-type-options",
+        b"x-frame-options",
+        b"referrer-policy",
+        b"strict-transport-security",
+    }
+)
 #: Methods the pass-through forwards (CONNECT and TRACE are not an engine API's).
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
-def _forwardable(headers: list[tuple[bytes, bytes]], drop: frozenset[bytes], *,
-                 underscores: bool = True) -> list[tuple[bytes, bytes]]:
+def _forwardable(
+    headers: list[tuple[bytes, bytes]], drop: frozenset[bytes], *, underscores: bool = True
+) -> list[tuple[bytes, bytes]]:
     """``headers`` (names lower-cased) without ``drop``, ``access-control-*``, the names
     listed in a Connection header and, unless ``underscores``, names with an underscore
     (which a server behind may read as the same name with a hyphen)."""
-    named = {token.strip().lower() for name, value in headers
-             if name.lower() in (b"connection", b"proxy-connection")
-             for token in value.split(b",")}
+    named = {
+        token.strip().lower()
+        for name, value in headers
+        if name.lower() in (b"connection", b"proxy-connection")
+        for token in value.split(b",")
+    }
     out = []
     for name, value in headers:
         low = name.lower()
-        if (low in drop or low in named or low.startswith(b"access-control-")
-                or (not underscores and b"_" in low)):
+        if (
+            low in drop
+            or low in named
+            or low.startswith(b"access-control-")
+            or (not underscores and b"_" in low)
+        ):
             continue
         out.append((low, value))
     return out
@@ -80,13 +126,16 @@ def split_target(scope: Scope) -> tuple[str, str]:
     return match[1], match[2]
 
 
-async def engine_passthrough(scope: Scope, receive: Receive, send: Send,
-                             rt: ProxyRuntime) -> None:
+async def engine_passthrough(scope: Scope, receive: Receive, send: Send, rt: ProxyRuntime) -> None:
     engine_id, path = split_target(scope)
     method: str = scope["method"]
     if method not in _METHODS:
-        raise HttpError(405, "method_not_allowed", f"{method} is not forwarded to engines",
-                        [(b"allow", ", ".join(sorted(_METHODS)).encode())])
+        raise HttpError(
+            405,
+            "method_not_allowed",
+            f"{method} is not forwarded to engines",
+            [(b"allow", ", ".join(sorted(_METHODS)).encode())],
+        )
     state: RequestState = scope["flm"]
     if state.key is not None:
         require_engine(state, engine_id)
@@ -94,33 +143,33 @@ async def engine_passthrough(scope: Scope, receive: Receive, send: Send,
     state.engine_id = engine_id
     kind = adapter.endpoint.kind
     descriptor = kinds.find(kind)
-    refusal = "not-allowed" if descriptor is None else descriptor.passthrough_refusal(path,
-                                                                                      method)
+    refusal = "not-allowed" if descriptor is None else descriptor.passthrough_refusal(path, method)
     if refusal == "admin":
-        raise HttpError(403, "route_disabled",
-                        f"{kind} admin route {path} is not reachable through FLM")
+        raise HttpError(
+            403, "route_disabled", f"{kind} admin route {path} is not reachable through FLM"
+        )
     if refusal == "read-only":
         raise HttpError(403, "route_disabled", f"{path} is read-only through FLM")
     if refusal is not None:
-        raise HttpError(403, "route_disabled",
-                        f"{kind} route {path} is not reachable through FLM")
+        raise HttpError(403, "route_disabled", f"{kind} route {path} is not reachable through FLM")
     body = await read_body(receive, scope, rt.settings.max_body_bytes)
-    headers = {k.decode("latin-1"): v.decode("latin-1")
-               for k, v in _forwardable(scope["headers"], _REQUEST_DROP, underscores=False)}
+    headers = {
+        k.decode("latin-1"): v.decode("latin-1")
+        for k, v in _forwardable(scope["headers"], _REQUEST_DROP, underscores=False)
+    }
     query = scope.get("query_string", b"").decode("latin-1")
     target = path + (f"?{query}" if query else "")
     try:
         async with watch_disconnect(receive, state):
-            upstream = await adapter.client.request(method, target, data=body or None,
-                                                    headers=headers, check_status=False)
+            upstream = await adapter.client.request(
+                method, target, data=body or None, headers=headers, check_status=False
+            )
     except EngineError:
         # (one text for every way of not getting an answer: refused, closed, garbage, timed
         # out; the details would tell a key holder what listens on the engine's port)
-        raise HttpError(503, "engine_unavailable",
-                        f"engine {engine_id!r} did not answer") from None
+        raise HttpError(503, "engine_unavailable", f"engine {engine_id!r} did not answer") from None
     out_headers = _forwardable(upstream.headers.raw(), _RESPONSE_DROP)
-    await send({"type": "http.response.start", "status": upstream.status,
-                "headers": out_headers})
+    await send({"type": "http.response.start", "status": upstream.status, "headers": out_headers})
     finished = False
     try:
         async for chunk in upstream.iter_chunks():

@@ -239,8 +239,9 @@ def sample_for(schema: object) -> Any:
         props = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
         assert isinstance(props, dict)
         wanted = schema.get("required") if isinstance(schema.get("required"), list) else None
-        return {name: sample_for(sub) for name, sub in props.items()
-                if wanted is None or name in wanted}
+        return {
+            name: sample_for(sub) for name, sub in props.items() if wanted is None or name in wanted
+        }
     if kind == "string":
         return "text"
     if kind in ("integer", "number"):
@@ -252,8 +253,9 @@ def sample_for(schema: object) -> Any:
     return None
 
 
-def tool_call_for(tools: object, choice: object, last_user: str,
-                  last_role: object = None) -> tuple[str, Any] | None:
+def tool_call_for(
+    tools: object, choice: object, last_user: str, last_role: object = None
+) -> tuple[str, Any] | None:
     """The function a model "decides" to call and its arguments, or ``None`` (see the module
     documentation). Once the conversation ends with a tool's result the model answers in
     text unless ``tool_choice`` forces a call."""
@@ -531,11 +533,13 @@ class OpenAIDialect:
         if fmt is not None:
             kind = fmt.get("type") if isinstance(fmt, dict) else None
             if kind not in self.response_formats:
-                return self.error(400, f"response_format type {kind!r} is not supported.",
-                                  param="response_format")
+                return self.error(
+                    400, f"response_format type {kind!r} is not supported.", param="response_format"
+                )
         last = messages[-1] if isinstance(messages[-1], dict) else {}
-        call = tool_call_for(body.get("tools"), body.get("tool_choice"), prompt.last_user,
-                             last.get("role"))
+        call = tool_call_for(
+            body.get("tools"), body.get("tool_choice"), prompt.last_user, last.get("role")
+        )
         if call is not None:
             return await self._tool_call_reply(request, body, spec, call, prompt.tokens)
         base = structured_reply(fmt, reply_for(behaviour, prompt))
@@ -565,15 +569,24 @@ class OpenAIDialect:
                 }
                 for i, (text, reason) in enumerate(choices)
             ],
-            **({} if behaviour.omit_usage
-               else {"usage": self.usage(prompt.tokens, completion_tokens)}),
+            **(
+                {}
+                if behaviour.omit_usage
+                else {"usage": self.usage(prompt.tokens, completion_tokens)}
+            ),
             **self.chunk_extras(spec),
             **self.response_extras(request, spec, prompt.tokens, completion_tokens, finish),
         }
         return json_response(reply)
 
-    async def _tool_call_reply(self, request: web.Request, body: JSONDict, spec: ModelSpec,
-                               call: tuple[str, Any], prompt_tokens: int) -> web.StreamResponse:
+    async def _tool_call_reply(
+        self,
+        request: web.Request,
+        body: JSONDict,
+        spec: ModelSpec,
+        call: tuple[str, Any],
+        prompt_tokens: int,
+    ) -> web.StreamResponse:
         """One function call, as the assistant's whole reply (``finish_reason: tool_calls``);
         streamed as OpenAI streams it: the call's id and name first, then its arguments."""
         name, args = call
@@ -583,28 +596,68 @@ class OpenAIDialect:
         reply_id, created = new_id("chatcmpl-"), unix_now()
         if not body.get("stream"):
             await self.server.before_plain_reply(request)
-            message = {**self.message_extras(), "role": "assistant", "content": None,
-                       "tool_calls": [{"id": call_id, "type": "function",
-                                       "function": {"name": name, "arguments": arguments}}]}
-            return json_response({
-                "id": reply_id, "object": "chat.completion", "created": created,
-                "model": spec.name,
-                "choices": [{"index": 0, "message": message, "logprobs": None,
-                             "finish_reason": "tool_calls", **self.choice_extras()}],
-                "usage": usage, **self.chunk_extras(spec)})
+            message = {
+                **self.message_extras(),
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": call_id,
+                        "type": "function",
+                        "function": {"name": name, "arguments": arguments},
+                    }
+                ],
+            }
+            return json_response(
+                {
+                    "id": reply_id,
+                    "object": "chat.completion",
+                    "created": created,
+                    "model": spec.name,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": message,
+                            "logprobs": None,
+                            "finish_reason": "tool_calls",
+                            **self.choice_extras(),
+                        }
+                    ],
+                    "usage": usage,
+                    **self.chunk_extras(spec),
+                }
+            )
         options = body.get("stream_options")
         include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
 
         def chunk(delta: JSONDict | None, finish: str | None = None, **more: Any) -> bytes:
-            return sse({"id": reply_id, "object": "chat.completion.chunk", "created": created,
-                        "model": spec.name, **self.chunk_extras(spec),
-                        "choices": [] if delta is None else [
-                            {"index": 0, "delta": delta, "logprobs": None,
-                             "finish_reason": finish}], **more})
+            return sse(
+                {
+                    "id": reply_id,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": spec.name,
+                    **self.chunk_extras(spec),
+                    "choices": []
+                    if delta is None
+                    else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+                    **more,
+                }
+            )
 
         frames = [
-            chunk({"tool_calls": [{"index": 0, "id": call_id, "type": "function",
-                                   "function": {"name": name, "arguments": ""}}]}),
+            chunk(
+                {
+                    "tool_calls": [
+                        {
+                            "index": 0,
+                            "id": call_id,
+                            "type": "function",
+                            "function": {"name": name, "arguments": ""},
+                        }
+                    ]
+                }
+            ),
             chunk({"tool_calls": [{"index": 0, "function": {"arguments": arguments}}]}),
         ]
 
@@ -615,10 +668,14 @@ class OpenAIDialect:
             return out + SSE_DONE
 
         return await self.server.stream(
-            request, content_type=self.stream_content_type,
-            preamble=chunk({"role": "assistant", "content": None}), steps=len(frames),
+            request,
+            content_type=self.stream_content_type,
+            preamble=chunk({"role": "assistant", "content": None}),
+            steps=len(frames),
             frame=lambda step: frames[step % len(frames)],
-            huge_frame=lambda content: chunk({"content": content}), epilogue=epilogue)
+            huge_frame=lambda content: chunk({"content": content}),
+            epilogue=epilogue,
+        )
 
     async def _stream_chat(
         self,

@@ -373,9 +373,13 @@ class OllamaEmulator(EmulatorServer):
         if fmt is not None:
             structured = structured_reply(fmt, reply_for(request_behaviour(), prompt))
             return await self._answer(
-                request, body, name, prompt,
+                request,
+                body,
+                name,
+                prompt,
                 lambda piece: {"message": {"role": "assistant", "content": piece}},
-                text=structured)
+                text=structured,
+            )
         return await self._answer(
             request,
             body,
@@ -384,29 +388,46 @@ class OllamaEmulator(EmulatorServer):
             lambda piece: {"message": {"role": "assistant", "content": piece}},
         )
 
-    async def _tool_call(self, request: web.Request, body: JSONDict, name: str,
-                         call: tuple[str, Any], prompt_tokens: int) -> web.StreamResponse:
+    async def _tool_call(
+        self,
+        request: web.Request,
+        body: JSONDict,
+        name: str,
+        call: tuple[str, Any],
+        prompt_tokens: int,
+    ) -> web.StreamResponse:
         """A tool call as Ollama sends it: arguments as an object, on a message of its own
         (streamed: one line with the call, then the final ``done`` line)."""
         function, args = call
-        message = {"role": "assistant", "content": "",
-                   "tool_calls": [{"function": {"name": function, "arguments": args}}]}
+        message = {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"function": {"name": function, "arguments": args}}],
+        }
         stats = self.stats(prompt_tokens, word_count(dumps(args)))
         final = {"model": name, "created_at": iso_now(), "done_reason": "stop", "done": True}
         if body.get("stream", True) is False:
             await self.before_plain_reply(request)
-            return json_response({**final, "message": message, **stats},
-                                 content_type=JSON_UTF8)
-        line = ndjson({"model": name, "created_at": iso_now(), "message": message,
-                       "done": False})
+            return json_response({**final, "message": message, **stats}, content_type=JSON_UTF8)
+        line = ndjson({"model": name, "created_at": iso_now(), "message": message, "done": False})
         return await self.stream(
-            request, content_type=NDJSON, preamble=b"", steps=1, frame=lambda _step: line,
-            huge_frame=lambda content: ndjson({"model": name, "created_at": iso_now(),
-                                               "message": {"role": "assistant",
-                                                           "content": content},
-                                               "done": False}),
-            epilogue=lambda: ndjson({**final, "message": {"role": "assistant", "content": ""},
-                                     **stats}))
+            request,
+            content_type=NDJSON,
+            preamble=b"",
+            steps=1,
+            frame=lambda _step: line,
+            huge_frame=lambda content: ndjson(
+                {
+                    "model": name,
+                    "created_at": iso_now(),
+                    "message": {"role": "assistant", "content": content},
+                    "done": False,
+                }
+            ),
+            epilogue=lambda: ndjson(
+                {**final, "message": {"role": "assistant", "content": ""}, **stats}
+            ),
+        )
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
         body = await read_json_object(request)
