@@ -53,6 +53,14 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         action="store_true",
         help="fall back to direct connections when the SOCKS proxy is down",
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="gateway processes sharing the port (Linux, SO_REUSEPORT; default 1); above 1 "
+        "needs --state-backend so that limits, blocks and revocations hold across them",
+    )
     p.add_argument("--no-daemon", action="store_true", help="run in the foreground")
     p.set_defaults(handler=start)
     p = cmds.add_parser("stop", help="stop proxies", parents=[common])
@@ -100,6 +108,10 @@ def _config(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
         "challenge": args.challenge,
         "dns_profile": args.dns_profile,
     }
+    if args.workers != 1:
+        config["workers"] = args.workers
+    if getattr(args, "state_backend", None):
+        config["state_backend"] = args.state_backend
     if args.mode == ACME_MODE:
         config["acme_env"] = acme_env_from(os.environ)
     StartConfig.from_dict(config)  # refuse bad combinations before the daemon starts
@@ -147,6 +159,17 @@ def _status_text(data: dict[str, Any]) -> str:
                 f"{m['engine_id']} {m['state']} in_flight={m['in_flight']}" for m in pool["members"]
             )
             lines.append(f"{p['id']} pool {pool['name']}: {members}")
+        workers = p.get("workers") or []
+        if workers:
+            lines.append(
+                f"{p['id']} workers: "
+                + "; ".join(
+                    f"{w['index']} pid {w['pid']} {'alive' if w['alive'] else 'DOWN'} "
+                    f"served={w['served']} restarts={w['restarts']}"
+                    + (f" last_exit={w['last_exit']}" if w.get("last_exit") else "")
+                    for w in workers
+                )
+            )
     return "\n".join(lines)
 
 

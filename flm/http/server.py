@@ -41,6 +41,7 @@ import logging
 import re
 import socket
 import ssl
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -980,10 +981,24 @@ class HttpProtocol(asyncio.Protocol):
             self.transport.close()
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
+def reuse_port_supported() -> bool:
+    """Whether listeners can share a port with the kernel spreading connections among them:
+    Linux's ``SO_REUSEPORT`` (elsewhere the option either is missing or hands every
+    connection to one socket)."""
+    return sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
+
+
+def bind_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A listening socket on ``host:port``. ``reuse_port``: joins the other listeners of this
+    user on that port (``SO_REUSEPORT``), which share its connections (``--workers``)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        if not reuse_port_supported():
+            sock.close()
+            raise ProxyError("sharing a port between processes (SO_REUSEPORT) needs Linux")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     if family == socket.AF_INET6:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if host == "::" else 1)
     try:

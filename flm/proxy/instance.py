@@ -49,6 +49,7 @@ from flm.services.proxy_config import ACME_MODE, LOCAL_HTTP, StartConfig
 if TYPE_CHECKING:
     from flm.egress.config import EgressConfig
     from flm.egress.policy import EffectiveEgress
+    from flm.proxy.supervisor import WorkerGroup
     from flm.services.context import Context
     from flm.tls.certs import CertBundle
     from flm.tls.challenge import ChallengeStore
@@ -94,6 +95,8 @@ class ProxyInstance:
         egress: EffectiveEgress,
         tls: TlsState | None,
         notes: list[str],
+        *,
+        sibling: bool = False,
     ) -> None:
         self.ctx = ctx
         self.config = config
@@ -108,6 +111,10 @@ class ProxyInstance:
         self.renew_before_days = RENEW_BEFORE_DAYS
         self._renew_lock = asyncio.Lock()
         self._renewal_task: asyncio.Task[None] | None = None
+        #: ``--workers N``: this process is worker 0 and supervises workers 1..N-1
+        self.workers: WorkerGroup | None = None
+        #: a worker started by a supervisor (serves the gateway port only; no renewal)
+        self.sibling = sibling
 
     # --- status ----------------------------------------------------------------------------------
 
@@ -132,6 +139,11 @@ class ProxyInstance:
             "notes": list(self.notes),
             "pools": self.runtime.engines.pools.snapshot(),
             "audit": self.runtime.audit.status() if self.runtime.audit is not None else None,
+            "workers": (
+                self.workers.describe(self.runtime.metrics.served, self.started_at)
+                if self.workers is not None
+                else None
+            ),
         }
         if bundle is not None and self.tls is not None and s.https_port is not None:
             cert = bundle.to_dict()
@@ -153,7 +165,7 @@ class ProxyInstance:
     # --- renewal ---------------------------------------------------------------------------------
 
     def start_renewal(self) -> None:
-        if self.tls is not None and self._renewal_task is None:
+        if self.tls is not None and self._renewal_task is None and not self.sibling:
             self._renewal_task = asyncio.ensure_future(self._renewal_loop())
 
     def _next_check_s(self, failures: int) -> float:
@@ -245,7 +257,21 @@ class ProxyInstance:
                 )
             if self.last_error and self.last_error.startswith("certificate renewal failed"):
                 self.last_error = None
-            return self._renew_result(old, fresh, renewed=renewed)
+        if renewed and self.workers is not None:
+            await self.workers.reload()  # (they load the new certificate from storage)
+        return self._renew_result(old, fresh, renewed=renewed)
+
+    async def reload_certificate(self) -> bool:
+        """A worker (``sibling``): serve the stored certificate if worker 0 renewed it."""
+        if self.tls is None or not self.sibling:
+            return False
+        fresh = await asyncio.to_thread(_stored_certificate, self.ctx, self.config)
+        if fresh.fingerprint_sha256 == self.tls.bundle.fingerprint_sha256:
+            return False
+        self.tls.holder.replace(fresh)
+        self.tls.renewals += 1
+        self.tls.renewed_at = time.time()
+        return True
 
     def _renew_result(self, old: CertBundle, new: CertBundle, *, renewed: bool) -> dict[str, Any]:
         return {
@@ -259,6 +285,8 @@ class ProxyInstance:
     # --- stop ------------------------------------------------------------------------------------
 
     async def close(self) -> None:
+        if self.workers is not None:
+            await self.workers.stop()
         if self._renewal_task is not None:
             self._renewal_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -273,17 +301,27 @@ class ProxyInstance:
 
 
 async def start_instance(
-    ctx: Context, raw: dict[str, Any], *, handle_id: str | None = None
+    ctx: Context, raw: dict[str, Any], *, handle_id: str | None = None, sibling: bool = False
 ) -> ProxyInstance:
-    """Start one proxy from ``proxy start``'s options (see the module docstring)."""
+    """Start one proxy from ``proxy start``'s options (see the module docstring); with
+    ``--workers N`` also its N-1 sibling workers (:mod:`flm.proxy.supervisor`). ``sibling``:
+    start as one of those workers."""
     config = StartConfig.from_dict(raw)
     handle = handle_id or f"proxy-{config.port}"
-    sockets = [bind_socket(config.bind, config.port)]
+    if sibling:
+        return await _start_sibling(ctx, config, handle)
+    shared = config.workers > 1
+    gateway_port = config.https_port if config.https_port is not None else config.port
+    if shared:
+        # A port another program (or another FLM proxy with workers) already holds is
+        # refused as without workers: SO_REUSEPORT would silently share it with them.
+        bind_socket(config.bind, gateway_port).close()
+    sockets = [bind_socket(config.bind, config.port, reuse_port=shared and not config.tls)]
     servers: list[HttpServer] = []
     runtime: ProxyRuntime | None = None
     try:
         if config.https_port is not None:
-            sockets.append(bind_socket(config.bind, config.https_port))
+            sockets.append(bind_socket(config.bind, config.https_port, reuse_port=shared))
         egress = await decide_start_egress(ctx, config.egress, handle)
         notes = []
         damage = await asyncio.to_thread(_quick_check, ctx.storage.security)
@@ -351,7 +389,105 @@ async def start_instance(
     if damage:
         instance.last_error = damage
     instance.start_renewal()
+    if shared:
+        await _start_workers(ctx, instance, raw)
     return instance
+
+
+async def _start_workers(ctx: Context, instance: ProxyInstance, raw: dict[str, Any]) -> None:
+    """Start workers 1..N-1 of ``instance``; if they cannot all start, nothing keeps running."""
+    from flm.proxy.supervisor import WorkerGroup
+
+    message = _worker_message(ctx, instance, raw)
+    group = WorkerGroup(ctx, instance.settings.handle_id, message, instance.config.workers)
+    try:
+        await group.start()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await instance.close()
+        raise
+    instance.workers = group
+
+
+def _worker_message(ctx: Context, instance: ProxyInstance, raw: dict[str, Any]) -> dict[str, Any]:
+    """What a worker starts from: this proxy's options, handle and databases."""
+    effective = instance.egress.config
+    return {
+        # (the workers use the egress in force, probed once here, rather than probe again)
+        "config": {
+            **raw,
+            "egress_mode": effective.mode,
+            "socks5_endpoint": effective.socks5_endpoint,
+            "egress_fail_open": False,
+        },
+        "handle_id": instance.settings.handle_id,
+        "paths": {
+            "home": str(ctx.paths.home),
+            "config_db": os.path.abspath(ctx.paths.config_db),
+            "security_db": os.path.abspath(ctx.paths.security_db),
+        },
+    }
+
+
+async def _start_sibling(ctx: Context, config: StartConfig, handle: str) -> ProxyInstance:
+    """One worker of a ``--workers N`` proxy: the gateway port only (worker 0 answers the
+    plain-HTTP port of the TLS modes and renews the certificate)."""
+    from flm.egress.policy import EffectiveEgress
+
+    port = config.https_port if config.https_port is not None else config.port
+    sock = bind_socket(config.bind, port, reuse_port=True)
+    servers: list[HttpServer] = []
+    runtime: ProxyRuntime | None = None
+    try:
+        egress = EffectiveEgress(config.egress, config.egress)
+        settings = ProxySettings(
+            port=config.port,
+            bind=config.bind,
+            mode=config.mode,
+            handle_id=handle,
+            https_port=config.https_port,
+            max_body_bytes=int(ctx.config.value("proxy.max_body_bytes")),
+        )
+        tls: TlsState | None = None
+        if config.tls:
+            from flm.tls.context import ReloadableServerContext
+
+            bundle = await asyncio.to_thread(_stored_certificate, ctx, config)
+            tls = TlsState(ReloadableServerContext(bundle), "stored")
+        runtime = build_runtime(settings, ctx, egress.config)
+        servers.append(
+            HttpServer(
+                build_app(runtime),
+                sock,
+                tls.holder.context if tls is not None else None,
+                body_timeout_s=settings.body_timeout_s,
+                headers=response_headers(tls=tls is not None),
+                refusal=refusal,
+                limits=runtime.connection_limits,
+            )
+        )
+        await servers[-1].start()
+    except BaseException:
+        for server in servers:
+            with contextlib.suppress(Exception):
+                await server.stop()
+        sock.close()
+        if runtime is not None:
+            await runtime.close()
+        raise
+    return ProxyInstance(ctx, config, settings, runtime, servers, egress, tls, [], sibling=True)
+
+
+def _stored_certificate(ctx: Context, config: StartConfig) -> CertBundle:
+    """The certificate worker 0 serves, from storage (never a new ACME order)."""
+    certs = CertificateService(ctx.storage)
+    if config.mode != ACME_MODE:
+        return certs.local(config.mode)
+    assert config.acme_domain is not None
+    bundle = certs.stored_acme(config.acme_domain, config.acme_domains)
+    if bundle is None:
+        raise ProxyError(f"no stored certificate for {config.acme_domain} to serve")
+    return bundle
 
 
 def _quick_check(db: Any) -> str | None:
@@ -627,5 +763,7 @@ async def reload_proxies(
         rt.engines.pools.replace(*await asyncio.to_thread(pool_defs, ctx))
         for adapter in gone:
             await adapter.close()
+        if inst.workers is not None:
+            await inst.workers.reload(log_level)
         reloaded.append(inst.settings.handle_id)
     return reloaded

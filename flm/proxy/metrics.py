@@ -262,6 +262,8 @@ class Metrics:
         self._series = _RequestCollector()
         r = self.registry
         r.register(self._series)
+        #: Requests answered by this process (``flm proxy status`` shows it per worker).
+        self.served = 0
         self._audit = _AuditCollector()
         r.register(self._audit)
         self.active_streams = Gauge("flm_active_streams", "Streams in flight", registry=r)
@@ -282,6 +284,7 @@ class Metrics:
     def record_request(
         self, route: str, status: int, engine: str, elapsed: float, overhead: float | None
     ) -> None:
+        self.served += 1
         series = self._series
         route, engine = label(route), label(engine)
         key = (route, status, engine)

@@ -40,6 +40,8 @@ class StartConfig:
     acme_domains: tuple[str, ...] = ()
     #: ``--dns-profile`` (``--challenge dns-01``).
     dns_profile: str | None = None
+    #: ``--workers``: gateway processes sharing the port(s) (SO_REUSEPORT); 1 is one process.
+    workers: int = 1
 
     @property
     def tls(self) -> bool:
@@ -141,9 +143,52 @@ class StartConfig:
                 given.append("--challenge")
             if given:
                 raise ProxyError(f"{', '.join(given)} only apply to --mode https-acme")
+        workers = _workers(data)
         return cls(
-            mode, port, bind, egress, domain, email, challenge, acme_env, domains, dns_profile
+            mode,
+            port,
+            bind,
+            egress,
+            domain,
+            email,
+            challenge,
+            acme_env,
+            domains,
+            dns_profile,
+            workers,
         )
+
+
+#: The most ``--workers`` one proxy may have (a typo like 100 should not fork 100 gateways).
+MAX_WORKERS = 64
+
+
+def _workers(data: Mapping[str, Any]) -> int:
+    """``--workers``, checked: 1..MAX_WORKERS; above 1 it needs Linux (``SO_REUSEPORT``) and a
+    ``--state-backend``, without which every process would keep its own rate-limit buckets,
+    failure counts and revocations (limits would multiply by the number of workers)."""
+    raw = data.get("workers")
+    try:
+        workers = 1 if raw is None else int(raw)
+    except (TypeError, ValueError):
+        raise ProxyError(f"--workers must be a number, got {raw!r}") from None
+    if not 1 <= workers <= MAX_WORKERS:
+        raise ProxyError(f"--workers must be 1-{MAX_WORKERS}, got {workers}")
+    if workers > 1:
+        from flm.http.server import reuse_port_supported
+
+        if not reuse_port_supported():
+            raise ProxyError(
+                "--workers above 1 needs Linux: the workers share the port with SO_REUSEPORT, "
+                "which this platform does not spread across processes"
+            )
+        if not _opt(data, "state_backend"):
+            raise ProxyError(
+                f"--workers {workers} needs --state-backend redis://HOST:PORT/DB: without "
+                "shared state each worker would keep its own rate limits, failure counts and "
+                "revocations, so limits would multiply by the number of workers"
+            )
+    return workers
 
 
 def _opt(data: Mapping[str, Any], key: str) -> str | None:
