@@ -988,9 +988,13 @@ def reuse_port_supported() -> bool:
     return sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
 
 
-def bind_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
-    """A listening socket on ``host:port``. ``reuse_port``: joins the other listeners of this
-    user on that port (``SO_REUSEPORT``), which share its connections (``--workers``)."""
+def bind_socket(
+    host: str, port: int, *, reuse_port: bool = False, listen: bool = True
+) -> socket.socket:
+    """A socket bound to ``host:port``, listening unless told not to (the server listens when
+    it starts). ``reuse_port``: joins the other listeners of this user on that port
+    (``SO_REUSEPORT``), which share its connections (``--workers``); such a socket gets
+    connections from the moment it listens, so a worker listens only once it serves."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -1011,7 +1015,8 @@ def bind_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.soc
                 "with --port"
             ) from None
         raise ProxyError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    sock.listen(LISTEN_BACKLOG)
+    if listen:
+        sock.listen(LISTEN_BACKLOG)
     sock.set_inheritable(False)
     return sock
 

@@ -435,7 +435,7 @@ async def _start_sibling(ctx: Context, config: StartConfig, handle: str) -> Prox
     from flm.egress.policy import EffectiveEgress
 
     port = config.https_port if config.https_port is not None else config.port
-    sock = bind_socket(config.bind, port, reuse_port=True)
+    sock = bind_socket(config.bind, port, reuse_port=True, listen=False)
     servers: list[HttpServer] = []
     runtime: ProxyRuntime | None = None
     try:

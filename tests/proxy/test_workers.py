@@ -1,0 +1,280 @@
+"""``flm proxy start --workers N``: N gateway processes on one port (SO_REUSEPORT) under one
+supervisor: both serve, reloads reach every worker, ``kill -9`` of one is noticed and it comes
+back, ``proxy stop`` stops them all."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flm.core.errors import ProxyError
+from flm.core.paths import Paths
+from flm.services.context import Context
+from flm.services.proxy import ProxyService
+from flm.services.proxy_config import StartConfig
+from flm.services.runstate import pid_alive
+from flm.testing.emulators import start_emulator
+from tests.conftest import audit_rows, flm_subprocess
+from tests.support import free_port, require_tool, wait_until
+
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _get(url: str, key: str) -> int:
+    """One request on a connection of its own (so the kernel picks a worker for each)."""
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"})  # noqa: S310
+    try:
+        with _OPENER.open(request, timeout=10) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """A real redis-server on a free loopback port (the state backend ``--workers`` needs)."""
+    binary = require_tool("redis-server", "redis-server")
+    port = free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    def answers() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    try:
+        wait_until(answers, timeout=10, what="redis-server to answer PING")
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+class Workers:
+    """A daemon-run proxy with ``--workers 2`` in front of an emulator, and a key."""
+
+    def __init__(self, service: ProxyService, port: int, key: str, key_id: str) -> None:
+        self.service = service
+        self.port = port
+        self.key = key
+        self.key_id = key_id
+        self.url = f"http://127.0.0.1:{port}/v1/models"
+
+    def workers(self) -> list[dict[str, Any]]:
+        [proxy] = self.service.status()["proxies"]
+        rows: list[dict[str, Any]] = proxy["workers"]
+        return rows
+
+
+def _start(config: dict[str, Any]) -> dict[str, Any]:
+    """``flm proxy start`` with these options (the body the CLI prints: data or error), from a
+    process of its own like the CLI (the daemon it starts outlives it)."""
+    script = (
+        "import json, sys\n"
+        "from flm.core.errors import FlmError\n"
+        "from flm.core.paths import Paths\n"
+        "from flm.services.context import Context\n"
+        "from flm.services.proxy import ProxyService\n"
+        "ctx = Context(Paths.resolve())\n"
+        "try:\n"
+        "    started = ProxyService(ctx.storage).start(json.loads(sys.argv[1]))\n"
+        "    print(json.dumps({'data': started}))\n"
+        "except FlmError as exc:\n"
+        "    print(json.dumps({'error': exc.to_dict()}))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.stdout, result.stderr
+    body: dict[str, Any] = json.loads(result.stdout)
+    return body
+
+
+@pytest.fixture
+def two_workers(flm_home: Path, redis_url: str) -> Iterator[Workers]:
+    with start_emulator("vllm", models=["m"]) as emu:
+        added = flm_subprocess("engines", "add", "--kind", "vllm", "--url", emu.url, "--id", "v")
+        assert added.returncode == 0, added.stdout
+        created = json.loads(flm_subprocess("api-keys", "create", "--label", "k").stdout)["data"]
+        ctx = Context(Paths.resolve())
+        service = ProxyService(ctx.storage)
+        port = free_port()
+        started = _start({"port": port, "workers": 2, "state_backend": redis_url})
+        assert "data" in started, started
+        described = started["data"]
+        try:
+            assert [w["index"] for w in described["workers"]] == [0, 1]
+            yield Workers(service, port, created["key"], created["id"])
+        finally:
+            service.stop(all_=True)
+            ctx.close()
+
+
+def _port_closed(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return False
+    except OSError:
+        return True
+
+
+def test_two_workers_serve_and_stop_together(two_workers: Workers, flm_home: Path) -> None:
+    """Both processes answer (their request counts in `proxy status`), each writes its own
+    audit rows into the one security.db (WAL, concurrent writers: none is lost), and
+    `proxy stop` ends both and closes the port."""
+    total = 120
+    results: list[int] = []
+
+    def client() -> None:
+        for _ in range(total // 4):
+            results.append(_get(two_workers.url, two_workers.key))
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [200] * total
+    wait_until(
+        lambda: sum(w["served"] for w in two_workers.workers()) == total,
+        timeout=10,
+        what="both workers to report their request counts",
+    )
+    workers = two_workers.workers()
+    pids = [w["pid"] for w in workers]
+    assert len(set(pids)) == 2 and all(w["alive"] for w in workers)
+    assert all(w["served"] > 0 for w in workers), workers  # both processes answered
+    assert pids[0] == two_workers.service.daemon().pid  # type: ignore[union-attr]
+    rows = audit_rows(
+        flm_home,
+        "SELECT COUNT(*) FROM audit_logs WHERE endpoint = '/v1/models' AND status = 200"
+        f" HAVING COUNT(*) >= {total}",
+    )
+    assert rows == [(total,)]
+    two_workers.service.stop(port=two_workers.port)
+    for pid in pids:
+        wait_until(lambda pid=pid: not pid_alive(pid), timeout=20, what=f"pid {pid} to exit")
+    assert _port_closed(two_workers.port)
+
+
+def test_kill_9_of_a_worker_is_noticed_and_it_is_restarted(
+    two_workers: Workers, flm_home: Path
+) -> None:
+    """While the killed worker is down the other serves every request; it comes back (a new
+    pid, restarts=1, audited) and serves again."""
+    [_, worker] = two_workers.workers()
+    os.kill(worker["pid"], signal.SIGKILL)
+    wait_until(
+        lambda: two_workers.workers()[1]["last_exit"] == "signal 9",
+        timeout=10,
+        what="the supervisor to notice the death",
+    )
+    # (noticed = reaped: every thread is gone, so its socket is closed and out of the port's
+    # group; connections it held when it died are the only ones lost) nothing is refused
+    assert [_get(two_workers.url, two_workers.key) for _ in range(40)] == [200] * 40
+
+    def restarted() -> bool:
+        row = two_workers.workers()[1]
+        return bool(row["alive"] and row["pid"] != worker["pid"] and row["restarts"] == 1)
+
+    wait_until(restarted, timeout=20, what="the supervisor to restart the killed worker")
+    again = two_workers.workers()[1]
+    assert again["last_exit"] == "signal 9"
+    [(details,)] = audit_rows(
+        flm_home, "SELECT details_json FROM audit_logs WHERE event_type = 'proxy_worker_exited'"
+    )
+    exited = json.loads(details)
+    assert exited["pid"] == worker["pid"] and exited["exit"] == "signal 9"
+    assert exited["worker"] == 1 and exited["handle"] == f"proxy-{two_workers.port}"
+    [(details,)] = audit_rows(
+        flm_home,
+        "SELECT details_json FROM audit_logs WHERE event_type = 'proxy_worker_restarted'",
+    )
+    assert json.loads(details)["pid"] == again["pid"]
+
+    def new_one_serves() -> bool:
+        assert _get(two_workers.url, two_workers.key) == 200
+        return bool(two_workers.workers()[1]["served"] > 0)
+
+    wait_until(new_one_serves, timeout=20, what="the restarted worker to answer requests")
+
+
+def test_a_revoked_key_is_refused_by_every_worker_at_once(two_workers: Workers) -> None:
+    """The key commands' reload notice reaches the siblings before the command returns."""
+    assert [_get(two_workers.url, two_workers.key) for _ in range(20)] == [200] * 20
+    revoked = flm_subprocess("api-keys", "revoke", two_workers.key_id)
+    assert revoked.returncode == 0, revoked.stdout
+    before = [w["served"] for w in two_workers.workers()]
+    assert [_get(two_workers.url, two_workers.key) for _ in range(40)] == [401] * 40
+
+    def both_refused() -> bool:
+        now = [w["served"] for w in two_workers.workers()]
+        return sum(now) - sum(before) == 40
+
+    wait_until(both_refused, timeout=10, what="the workers' counts of the refusals")
+    after = [w["served"] for w in two_workers.workers()]
+    assert all(a > b for a, b in zip(after, before, strict=True)), (before, after)
+
+
+def test_kill_9_of_the_supervisor_takes_its_workers_along(two_workers: Workers) -> None:
+    """A worker whose supervisor died (its stdin closed) stops: nothing keeps the port."""
+    daemon = two_workers.service.daemon()
+    assert daemon is not None
+    [_, worker] = two_workers.workers()
+    os.kill(daemon.pid, signal.SIGKILL)
+    wait_until(lambda: not pid_alive(worker["pid"]), timeout=20, what="the orphaned worker to go")
+    wait_until(lambda: _port_closed(two_workers.port), timeout=10, what="the port to close")
+
+
+def test_workers_above_one_need_a_state_backend(flm_home: Path) -> None:
+    port = free_port()
+    result = flm_subprocess("proxy", "start", "--port", str(port), "--workers", "2")
+    assert result.returncode == 1
+    error = json.loads(result.stdout)["error"]
+    assert error["code"] == "PROXY_INVALID_CONFIG" and "--state-backend" in error["message"]
+    assert not (flm_home / "run" / "proxy-daemon.json").exists()  # refused before the daemon
+    for bad in ("0", "65"):
+        result = flm_subprocess("proxy", "start", "--port", str(port), "--workers", bad)
+        assert result.returncode == 1 and "--workers must be 1-64" in result.stdout
+    assert StartConfig.from_dict({"port": port}).workers == 1
+
+
+def test_workers_above_one_need_linux(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "platform", "darwin")
+    with pytest.raises(ProxyError, match="needs Linux"):
+        StartConfig.from_dict({"workers": 2, "state_backend": "redis://127.0.0.1:1/0"})
+
+
+def test_a_port_held_elsewhere_is_refused_with_workers(flm_home: Path, redis_url: str) -> None:
+    """SO_REUSEPORT would share a port with another listener of this user: the start checks
+    first that nobody holds it."""
+    with socket.socket() as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind(("127.0.0.1", 0))
+        other.listen(1)
+        port = other.getsockname()[1]
+        refused = _start({"port": port, "workers": 2, "state_backend": redis_url})
+    assert refused["error"]["code"] == "PROXY_PORT_IN_USE", refused
