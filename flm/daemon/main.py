@@ -77,9 +77,10 @@ class Daemon:
                         f"a proxy ({inst.settings.handle_id}) already runs on port {port}"
                     )
             handle_id = f"proxy-{port}"
-            proxy = await start_instance(self.ctx, config, handle_id=handle_id)
-            # (the web UI's chat tester calls the proxy from the UI's origin)
-            proxy.runtime.allow_ui_origins(tuple(sorted(self.ui.origins)))
+            # (the web UI's chat tester calls the proxy, every worker of it, from the UI's origin)
+            proxy = await start_instance(
+                self.ctx, config, handle_id=handle_id, ui_origins=tuple(sorted(self.ui.origins))
+            )
             try:
                 await asyncio.to_thread(
                     ProxyHandlesRepo(self.ctx.storage.config).add,

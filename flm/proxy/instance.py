@@ -301,15 +301,24 @@ class ProxyInstance:
 
 
 async def start_instance(
-    ctx: Context, raw: dict[str, Any], *, handle_id: str | None = None, sibling: bool = False
+    ctx: Context,
+    raw: dict[str, Any],
+    *,
+    handle_id: str | None = None,
+    sibling: bool = False,
+    ui_origins: tuple[str, ...] = (),
 ) -> ProxyInstance:
     """Start one proxy from ``proxy start``'s options (see the module docstring); with
     ``--workers N`` also its N-1 sibling workers (:mod:`flm.proxy.supervisor`). ``sibling``:
-    start as one of those workers."""
+    start as one of those workers. ``ui_origins``: the daemon's web UI origins, which may call
+    the proxy (see :meth:`ProxyRuntime.allow_ui_origins`)."""
     config = StartConfig.from_dict(raw)
     handle = handle_id or f"proxy-{config.port}"
     if sibling:
-        return await _start_sibling(ctx, config, handle)
+        instance = await _start_sibling(ctx, config, handle)
+        if ui_origins:
+            instance.runtime.allow_ui_origins(ui_origins)
+        return instance
     shared = config.workers > 1
     gateway_port = config.https_port if config.https_port is not None else config.port
     if shared:
@@ -389,16 +398,20 @@ async def start_instance(
     if damage:
         instance.last_error = damage
     instance.start_renewal()
+    if ui_origins:
+        runtime.allow_ui_origins(ui_origins)
     if shared:
-        await _start_workers(ctx, instance, raw)
+        await _start_workers(ctx, instance, raw, ui_origins)
     return instance
 
 
-async def _start_workers(ctx: Context, instance: ProxyInstance, raw: dict[str, Any]) -> None:
+async def _start_workers(
+    ctx: Context, instance: ProxyInstance, raw: dict[str, Any], ui_origins: tuple[str, ...]
+) -> None:
     """Start workers 1..N-1 of ``instance``; if they cannot all start, nothing keeps running."""
     from flm.proxy.supervisor import WorkerGroup
 
-    message = _worker_message(ctx, instance, raw)
+    message = {**_worker_message(ctx, instance, raw), "ui_origins": list(ui_origins)}
     group = WorkerGroup(ctx, instance.settings.handle_id, message, instance.config.workers)
     try:
         await group.start()

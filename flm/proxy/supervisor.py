@@ -144,6 +144,8 @@ class WorkerGroup:
             stdout=asyncio.subprocess.PIPE,
             limit=LINE_LIMIT,
             close_fds=True,
+            # (a terminal's Ctrl-C reaches the supervisor alone, which stops them in order)
+            start_new_session=True,
         )
         try:
             assert proc.stdin is not None and proc.stdout is not None

@@ -3,8 +3,8 @@
 Started and supervised by :mod:`flm.proxy.supervisor` (read its docstring for the protocol on
 stdin/stdout). It serves the gateway port with ``SO_REUSEPORT`` next to the supervisor, writes
 its own audit and usage rows, and stops on ``{"cmd": "stop"}``, SIGTERM, or when its stdin
-closes (the supervisor is gone). Ctrl-C in a terminal reaches the whole process group: the
-worker ignores SIGINT and lets the supervisor stop it in order.
+closes (the supervisor is gone). It runs in a session of its own, so a terminal's Ctrl-C reaches
+only the supervisor, which stops it in order (and it ignores SIGINT besides).
 """
 
 from __future__ import annotations
@@ -40,7 +40,11 @@ async def _serve(hello: dict[str, Any]) -> int:
     ctx = Context(Paths(Path(paths["home"]), Path(paths["config_db"]), Path(paths["security_db"])))
     try:
         instance = await start_instance(
-            ctx, hello["config"], handle_id=str(hello["handle_id"]), sibling=True
+            ctx,
+            hello["config"],
+            handle_id=str(hello["handle_id"]),
+            sibling=True,
+            ui_origins=tuple(str(o) for o in hello.get("ui_origins") or ()),
         )
     except FlmError as exc:
         _emit({"error": exc.to_dict()})

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -278,3 +279,142 @@ def test_a_port_held_elsewhere_is_refused_with_workers(flm_home: Path, redis_url
         port = other.getsockname()[1]
         refused = _start({"port": port, "workers": 2, "state_backend": redis_url})
     assert refused["error"]["code"] == "PROXY_PORT_IN_USE", refused
+
+
+def test_restart_back_off_doubles_and_is_bounded_per_minute() -> None:
+    from flm.proxy.supervisor import (
+        BACKOFF_INITIAL_S,
+        BACKOFF_MAX_S,
+        MAX_RESTARTS_PER_MINUTE,
+        WorkerGroup,
+        WorkerSlot,
+    )
+
+    group = WorkerGroup(None, "proxy-1", {}, 2)  # type: ignore[arg-type]
+    slot = WorkerSlot(1)
+    delays = []
+    for failures in range(4):
+        slot.failures_in_a_row = failures
+        delays.append(group._delay(slot))
+    assert delays == [BACKOFF_INITIAL_S * 2**n for n in range(4)]
+    slot.failures_in_a_row = 30
+    assert group._delay(slot) == BACKOFF_MAX_S
+    # the restarts of the last minute are full: the next waits until the oldest is a minute old
+    slot.failures_in_a_row = 0
+    now = time.monotonic()
+    slot.recent.extend(now - 10.0 + i for i in range(MAX_RESTARTS_PER_MINUTE))
+    assert 49.0 <= group._delay(slot) <= 50.0
+    slot.recent.clear()
+    slot.recent.extend(now - 61.0 for _ in range(MAX_RESTARTS_PER_MINUTE))
+    assert group._delay(slot) == BACKOFF_INITIAL_S  # (older than a minute: forgotten)
+    assert not slot.recent
+
+
+FOREGROUND = """
+import json, sys
+from flm.core.paths import Paths
+from flm.proxy.foreground import run_foreground
+from flm.services.context import Context
+run_foreground(Context(Paths.resolve()), json.loads(sys.argv[1]))
+"""
+
+
+@pytest.mark.parametrize("how", ["proxy stop", "ctrl-c"])
+def test_no_daemon_workers_stop_with_their_supervisor(
+    how: str, flm_home: Path, redis_url: str
+) -> None:
+    """`--no-daemon --workers 2`: `flm proxy stop` (SIGTERM) and Ctrl-C (SIGINT to the whole
+    process group) both stop the two processes, and no worker is restarted on the way out."""
+    import psutil
+
+    port = free_port()
+    config = {"port": port, "workers": 2, "state_backend": redis_url}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", FOREGROUND, json.dumps(config)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+
+        def workers() -> list[int]:
+            return [
+                c.pid
+                for c in psutil.Process(proc.pid).children()
+                if "flm.proxy.worker" in " ".join(c.cmdline())
+            ]
+
+        wait_until(lambda: len(workers()) == 1, timeout=60, what="the foreground's worker")
+        [worker] = workers()
+        wait_until(lambda: not _port_closed(port), timeout=30, what="the port to open")
+        assert _get(f"http://127.0.0.1:{port}/v1/models", "nokey") == 401
+
+        def recorded() -> bool:
+            listed = json.loads(flm_subprocess("proxy", "status").stdout)["data"]["proxies"]
+            return [p["port"] for p in listed] == [port]
+
+        wait_until(recorded, timeout=30, what="the proxy's handle")
+        if how == "proxy stop":
+            stopped = flm_subprocess("proxy", "stop", "--port", str(port))
+            assert stopped.returncode == 0, stopped.stdout
+        else:
+            os.killpg(proc.pid, signal.SIGINT)
+        code = proc.wait(timeout=30)
+        assert proc.stderr is not None
+        assert code == 0, proc.stderr.read().decode()[-3000:]
+        wait_until(lambda: not pid_alive(worker), timeout=20, what="the worker to exit")
+        assert _port_closed(port)
+        assert not audit_rows(
+            flm_home,
+            "SELECT id FROM audit_logs WHERE event_type LIKE 'proxy_worker_%'",
+            timeout=0,
+        )
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        assert proc.stderr is not None
+        proc.stderr.close()
+
+
+def test_tls_workers_share_the_https_port(flm_home: Path, redis_url: str) -> None:
+    """dev-selfsigned with 2 workers: both answer on HTTPS with the one certificate; the plain
+    port (redirects) is worker 0's alone."""
+    import http.client
+    import ssl
+
+    port = free_port()
+    started = _start(
+        {"port": port, "mode": "dev-selfsigned", "workers": 2, "state_backend": redis_url}
+    )
+    assert "data" in started, started
+    ctx = Context(Paths.resolve())
+    service = ProxyService(ctx.storage)
+    try:
+        https_port = started["data"]["https_port"]
+        root = flm_home / "certs" / "dev-selfsigned" / "ca.pem"
+        tls = ssl.create_default_context(cafile=str(root))
+        for _ in range(40):
+            conn = http.client.HTTPSConnection("localhost", https_port, context=tls, timeout=10)
+            try:
+                conn.request("GET", "/v1/models")
+                assert conn.getresponse().status == 401
+            finally:
+                conn.close()
+        [proxy] = service.status()["proxies"]
+        wait_until(
+            lambda: all(w["served"] > 0 for w in service.status()["proxies"][0]["workers"]),
+            timeout=10,
+            what="both workers to have answered over HTTPS",
+        )
+        conn2 = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            conn2.request("GET", "/v1/models")
+            assert conn2.getresponse().status == 301
+        finally:
+            conn2.close()
+        assert len({w["pid"] for w in proxy["workers"]}) == 2
+    finally:
+        service.stop(all_=True)
+        ctx.close()
