@@ -30,6 +30,9 @@ from flm.testing.emulators import start_emulator
 from tests.conftest import audit_rows, flm_subprocess
 from tests.support import free_port, require_tool, wait_until
 
+#: (integration tests: they start daemons, workers and redis-server)
+pytestmark = pytest.mark.slow
+
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
@@ -418,3 +421,31 @@ def test_tls_workers_share_the_https_port(flm_home: Path, redis_url: str) -> Non
     finally:
         service.stop(all_=True)
         ctx.close()
+
+
+def test_a_worker_that_keeps_dying_waits_for_the_minute(
+    two_workers: Workers, flm_home: Path
+) -> None:
+    """Five restarts within a minute, then the sixth waits for the window (audited once as
+    `proxy_worker_restart_limit`) while worker 0 serves on."""
+    from flm.proxy.supervisor import MAX_RESTARTS_PER_MINUTE
+
+    for restarts in range(MAX_RESTARTS_PER_MINUTE + 1):
+
+        def up(restarts: int = restarts) -> bool:
+            row = two_workers.workers()[1]
+            return bool(row["alive"] and row["restarts"] == restarts)
+
+        wait_until(up, timeout=40, what=f"the worker after {restarts} restarts")
+        os.kill(two_workers.workers()[1]["pid"], signal.SIGKILL)
+    [(details,)] = audit_rows(
+        flm_home,
+        "SELECT details_json FROM audit_logs WHERE event_type = 'proxy_worker_restart_limit'",
+        timeout=20,
+    )
+    limited = json.loads(details)
+    assert limited["restarts_last_minute"] == MAX_RESTARTS_PER_MINUTE
+    assert limited["wait_s"] > 10  # (the rest of the minute, not the back-off)
+    row = two_workers.workers()[1]
+    assert not row["alive"] and row["restarts"] == MAX_RESTARTS_PER_MINUTE
+    assert [_get(two_workers.url, two_workers.key) for _ in range(10)] == [200] * 10
