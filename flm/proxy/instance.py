@@ -759,7 +759,8 @@ async def reload_proxies(
                 inst.last_error = None
         from flm.proxy.health import watch_if_alerting
 
-        watch_if_alerting(rt)
+        if not inst.sibling:  # (worker 0 alone watches the engines for alerts)
+            watch_if_alerting(rt)
         rt.keys.retain_only(active)
         rt.scopes = scopes  # (new limits, models and expiry apply from the next request)
         rt.ledger.retain_only(active)

@@ -115,6 +115,7 @@ class WorkerGroup:
         self.slots = [WorkerSlot(i) for i in range(1, count)]
         self.stopping = False
         self._seq = 0
+        self._log_level: str | None = None
         self._restarters: set[asyncio.Task[None]] = set()
 
     # --- start -----------------------------------------------------------------------------------
@@ -135,7 +136,9 @@ class WorkerGroup:
             raise ProxyError(f"worker could not start: {first}")
 
     async def _spawn(self, slot: WorkerSlot) -> None:
-        """Start the slot's process and wait for its ``ready``; raises when it does not come."""
+        """Start the slot's process and wait for its ``ready``; raises when it does not come.
+        A reload sent while it started (it may have read the state before) is sent again."""
+        reloads_before = self._seq
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -168,6 +171,8 @@ class WorkerGroup:
         slot.served = 0
         self._track(slot, self._read(slot, proc))
         self._track(slot, self._watch(slot, proc))
+        if self._seq != reloads_before:
+            self._send(proc, {"cmd": "reload", "seq": 0, "log_level": self._log_level})
 
     def _track(self, slot: WorkerSlot, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -304,8 +309,16 @@ class WorkerGroup:
 
     # --- commands --------------------------------------------------------------------------------
 
+    def _send(self, proc: asyncio.subprocess.Process, message: dict[str, Any]) -> None:
+        """Queue one command for a worker without waiting (the pipe takes small writes)."""
+        if proc.stdin is not None and proc.returncode is None:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                proc.stdin.write(json.dumps(message).encode() + b"\n")
+
     async def reload(self, log_level: str | None = None) -> None:
         """Tell every live worker to reload; returns once each acknowledged (or timed out)."""
+        if log_level:
+            self._log_level = log_level
         self._seq += 1
         seq = self._seq
         command = json.dumps({"cmd": "reload", "seq": seq, "log_level": log_level}).encode()
