@@ -155,8 +155,7 @@ class WorkerGroup:
             message = {**self.start_message, "index": slot.index}
             proc.stdin.write(json.dumps(message).encode() + b"\n")
             await proc.stdin.drain()
-            line = await asyncio.wait_for(proc.stdout.readline(), READY_TIMEOUT_S)
-            reply = json.loads(line) if line.strip() else {}
+            reply = await asyncio.wait_for(self._first_reply(proc.stdout), READY_TIMEOUT_S)
             if "ready" not in reply:
                 error = reply.get("error") or {}
                 raise FlmError(
@@ -173,6 +172,21 @@ class WorkerGroup:
         self._track(slot, self._watch(slot, proc))
         if self._seq != reloads_before:
             self._send(proc, {"cmd": "reload", "seq": 0, "log_level": self._log_level})
+
+    @staticmethod
+    async def _first_reply(stdout: asyncio.StreamReader) -> dict[str, Any]:
+        """The worker's ``ready`` or ``error`` (empty: it exited first); other lines (a
+        library that printed something) are skipped."""
+        while True:
+            line = await stdout.readline()
+            if not line:
+                return {}
+            try:
+                reply = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(reply, dict) and ("ready" in reply or "error" in reply):
+                return reply
 
     def _track(self, slot: WorkerSlot, coro: Any) -> None:
         task = asyncio.ensure_future(coro)

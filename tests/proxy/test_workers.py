@@ -449,3 +449,33 @@ def test_a_worker_that_keeps_dying_waits_for_the_minute(
     row = two_workers.workers()[1]
     assert not row["alive"] and row["restarts"] == MAX_RESTARTS_PER_MINUTE
     assert [_get(two_workers.url, two_workers.key) for _ in range(10)] == [200] * 10
+
+
+def test_status_text_lists_the_workers() -> None:
+    from flm.cli.proxy import _status_text
+
+    proxy = {
+        "id": "proxy-8080",
+        "mode": "local-http",
+        "port": 8080,
+        "listen": "127.0.0.1",
+        "endpoints": ["http://localhost:8080"],
+        "uptime_s": 3.0,
+        "pid": 10,
+        "workers": [
+            {"index": 0, "pid": 10, "alive": True, "served": 3, "restarts": 0, "last_exit": None},
+            {
+                "index": 1,
+                "pid": 11,
+                "alive": False,
+                "served": 0,
+                "restarts": 2,
+                "last_exit": "signal 9",
+            },
+        ],
+    }
+    text = _status_text({"proxies": [proxy]})
+    assert (
+        "proxy-8080 workers: 0 pid 10 alive served=3 restarts=0; "
+        "1 pid 11 DOWN served=0 restarts=2 last_exit=signal 9"
+    ) in text
