@@ -759,7 +759,9 @@ async def reload_proxies(
                 inst.last_error = None
         from flm.proxy.health import watch_if_alerting
 
-        if not inst.sibling:  # (worker 0 alone watches the engines for alerts)
+        # (worker 0 alone watches the engines for alerts; the getattr calls let a stand-in
+        # with only runtime, settings and last_error be reloaded, as the test kit does)
+        if not getattr(inst, "sibling", False):
             watch_if_alerting(rt)
         rt.keys.retain_only(active)
         rt.scopes = scopes  # (new limits, models and expiry apply from the next request)
@@ -777,7 +779,8 @@ async def reload_proxies(
         rt.engines.pools.replace(*await asyncio.to_thread(pool_defs, ctx))
         for adapter in gone:
             await adapter.close()
-        if inst.workers is not None:
-            await inst.workers.reload(log_level)
+        workers = getattr(inst, "workers", None)
+        if workers is not None:
+            await workers.reload(log_level)
         reloaded.append(inst.settings.handle_id)
     return reloaded
