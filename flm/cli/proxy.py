@@ -164,8 +164,9 @@ def _status_text(data: dict[str, Any]) -> str:
             lines.append(
                 f"{p['id']} workers: "
                 + "; ".join(
-                    f"{w['index']} pid {w['pid']} {'alive' if w['alive'] else 'DOWN'} "
-                    f"served={w['served']} restarts={w['restarts']}"
+                    f"{w['index']} pid {w['pid']} {'alive' if w['alive'] else 'DOWN'}"
+                    + (f" served={w['served']}" if w.get("served") is not None else "")
+                    + (f" restarts={w['restarts']}" if w.get("restarts") is not None else "")
                     + (f" last_exit={w['last_exit']}" if w.get("last_exit") else "")
                     for w in workers
                 )

@@ -370,4 +370,30 @@ def _handle_row(handle: ProxyHandleRow) -> dict[str, Any]:
         "certificate_expiry": None,
         "last_error": None,
         "foreground": True,
+        "workers": _foreground_workers(handle.pid),
     }
+
+
+def _foreground_workers(pid: int) -> list[dict[str, Any]] | None:
+    """A ``--no-daemon --workers N`` proxy's processes: itself and its ``flm.proxy.worker``
+    children (their request and restart counts live in that process: None here)."""
+    import psutil
+
+    try:
+        children = [
+            c.pid
+            for c in psutil.Process(pid).children()
+            if "flm.proxy.worker" in " ".join(c.cmdline())
+        ]
+    except (psutil.Error, OSError):
+        return None
+    if not children:
+        return None
+    rows = [{"index": 0, "pid": pid, "alive": True, "role": "supervisor"}]
+    rows += [
+        {"index": i, "pid": child, "alive": True, "role": "worker"}
+        for i, child in enumerate(sorted(children), start=1)
+    ]
+    for row in rows:
+        row.update(served=None, restarts=None, started_at=None, last_exit=None)
+    return rows

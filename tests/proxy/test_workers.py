@@ -390,6 +390,11 @@ def test_no_daemon_workers_stop_with_their_supervisor(
             return [p["port"] for p in listed] == [port]
 
         wait_until(recorded, timeout=30, what="the proxy's handle")
+        [listed] = json.loads(flm_subprocess("proxy", "status").stdout)["data"]["proxies"]
+        assert [(w["pid"], w["role"]) for w in listed["workers"]] == [
+            (proc.pid, "supervisor"),
+            (worker, "worker"),
+        ]
         if how == "proxy stop":
             stopped = flm_subprocess("proxy", "stop", "--port", str(port))
             assert stopped.returncode == 0, stopped.stdout
