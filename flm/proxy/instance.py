@@ -319,18 +319,18 @@ async def start_instance(
         if ui_origins:
             instance.runtime.allow_ui_origins(ui_origins)
         return instance
-    shared = config.workers > 1
+    reuse = config.workers > 1
     gateway_port = config.https_port if config.https_port is not None else config.port
-    if shared:
+    if reuse:
         # A port another program (or another FLM proxy with workers) already holds is
         # refused as without workers: SO_REUSEPORT would silently share it with them.
         bind_socket(config.bind, gateway_port).close()
-    sockets = [bind_socket(config.bind, config.port, reuse_port=shared and not config.tls)]
+    sockets = [bind_socket(config.bind, config.port, reuse_port=reuse and not config.tls)]
     servers: list[HttpServer] = []
     runtime: ProxyRuntime | None = None
     try:
         if config.https_port is not None:
-            sockets.append(bind_socket(config.bind, config.https_port, reuse_port=shared))
+            sockets.append(bind_socket(config.bind, config.https_port, reuse_port=reuse))
         egress = await decide_start_egress(ctx, config.egress, handle)
         notes = []
         damage = await asyncio.to_thread(_quick_check, ctx.storage.security)
@@ -400,7 +400,7 @@ async def start_instance(
     instance.start_renewal()
     if ui_origins:
         runtime.allow_ui_origins(ui_origins)
-    if shared:
+    if reuse:
         await _start_workers(ctx, instance, raw, ui_origins)
     return instance
 
