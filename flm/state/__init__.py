@@ -13,3 +13,7 @@ Two backends sit behind one seam:
 This package knows nothing of FLM's storage or proxy: :mod:`flm.proxy.shared` wires the Redis
 backend to a running gateway (its key table, policy and blocklist).
 """
+
+
+class BackendDown(Exception):
+    """The shared state backend is not reachable now (the caller fails closed or open)."""

@@ -26,7 +26,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from flm.state import scripts
+from flm.state import BackendDown, scripts
 from flm.state.config import StateBackendConfig
 
 log = logging.getLogger("flm.state")
@@ -46,10 +46,6 @@ BACKOFF_S = (0.2, 5.0)
 UNREACHABLE = (RedisError, OSError, asyncio.TimeoutError)
 
 Verdict = tuple[str, float, float, float, bool]
-
-
-class BackendDown(Exception):
-    """Redis is not reachable now (the caller fails closed or open)."""
 
 
 def bucket(name: str) -> str:
@@ -250,6 +246,7 @@ class RedisState:
         ip_limit: tuple[int, int],
         key_limit: tuple[int, int],
         own_limit: tuple[int, int],
+        check_block: bool = True,
     ) -> list[str]:
         """One request's shared checks (see :data:`flm.state.scripts.ADMIT`);
         :class:`BackendDown` when Redis does not answer."""
@@ -262,7 +259,15 @@ class RedisState:
                     bucket("key:" + key_id),
                     bucket("own:" + key_id),
                 ),
-                args=(self.clock(), ip, key_id, *ip_limit, *key_limit, *own_limit),
+                args=(
+                    self.clock(),
+                    ip,
+                    key_id,
+                    *ip_limit,
+                    *key_limit,
+                    *own_limit,
+                    int(check_block),
+                ),
             )
         except UNREACHABLE as exc:
             raise self.lost(exc) from None
@@ -423,8 +428,12 @@ class RedisState:
         return None
 
     async def put_policy(self, document: dict[str, Any]) -> None:
+        """Store the shared policy (the caller announces it)."""
         text = json.dumps(document, sort_keys=True, separators=(",", ":"))
-        await self.publish_after("policy", self._client.set(POLICY, text))
+        try:
+            await self._client.set(POLICY, text)
+        except UNREACHABLE as exc:
+            raise self.lost(exc) from None
 
     async def announce(self, kind: str) -> None:
         """Tell the other processes that ``kind`` (``keys``) changed."""
@@ -432,13 +441,6 @@ class RedisState:
             await self._client.publish(CHANNEL, json.dumps({"o": self.origin, "t": kind}))
         except UNREACHABLE as exc:
             raise self.lost(exc) from None
-
-    async def publish_after(self, kind: str, change: Awaitable[Any]) -> None:
-        try:
-            await change
-        except UNREACHABLE as exc:
-            raise self.lost(exc) from None
-        await self.announce(kind)
 
 
 def _block(reason: str, until: str, since: str) -> tuple[str, float | None, float] | None:

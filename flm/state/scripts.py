@@ -88,14 +88,15 @@ end
 #: bucket, the policy's per-key bucket and the key's own bucket, in that order (the first
 #: refusal stops: later buckets are not charged).
 #: KEYS: blocks, revoked, ip bucket, key bucket, own bucket.
-#: ARGV: now, ip ('' = not checked), key id ('' = none), ip rpm, ip burst, key rpm, key burst,
-#: own rpm, own burst (0 = no such limit).
+#: ARGV: now, ip, key id ('' = none), ip rpm, ip burst, key rpm, key burst,
+#: own rpm, own burst (0 = no such limit), check the address's block (0/1).
 #: Returns {'block', reason, until, since} or {'ok', ip wait, key wait, own wait, revoked}.
 ADMIT = (
     _COMMON
     + r"""
 local now = tonumber(ARGV[1])
-local block = blocked(KEYS[1], ARGV[2], now)
+local block = nil
+if ARGV[10] == '1' then block = blocked(KEYS[1], ARGV[2], now) end
 if block then return {'block', block[1], block[2], block[3]} end
 if ARGV[3] ~= '' and redis.call('SISMEMBER', KEYS[2], ARGV[3]) == 1 then
   return {'ok', '0', '0', '0', '1'}
