@@ -200,6 +200,9 @@ def build_runtime(
     load_profiles(runtime, ctx)
     runtime.engines.pools.replace(*pool_defs(ctx))
     runtime.metrics.watch_pools(runtime.engines.pools.snapshot)
+    runtime.metrics.watch_state(
+        lambda: runtime.shared.describe() if runtime.shared is not None else {"backend": "local"}
+    )
     return runtime
 
 

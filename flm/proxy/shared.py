@@ -246,6 +246,21 @@ class SharedGuard:
     ) -> list[str]:
         return await self.backend.admit(ip, key_id, ip_limit, key_limit, own_limit, check_block)
 
+    def row_of(self, key_id: str) -> Any:
+        """A key only Redis knows yet (created through another process since the last
+        sync), from a worker thread: its row, or None."""
+        record = self.backend.record_sync(key_id)
+        parsed = None if record is None else _row_from_record(key_id, record)
+        return None if parsed is None else parsed[0]
+
+    def hash_of(self, key_id: str) -> str | None:
+        """The Argon2id hash of an active key only Redis knows yet (see :meth:`row_of`)."""
+        record = self.backend.record_sync(key_id)
+        parsed = None if record is None else _row_from_record(key_id, record)
+        if parsed is None or parsed[0].revoked_at is not None:
+            return None
+        return parsed[1]
+
     def push_block(self, ip: str, reason: str, until: float | None) -> None:
         """Publish a block made on local state (an anomaly), off the request path."""
 

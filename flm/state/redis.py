@@ -88,6 +88,7 @@ class RedisState:
         self._block = self._client.register_script(scripts.BLOCK)
         self._unblock = self._client.register_script(scripts.UNBLOCK)
         self._put_key = self._client.register_script(scripts.PUT_KEY)
+        self._sync_client: Any = None
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._closed = False
@@ -108,6 +109,42 @@ class RedisState:
             retry=Retry(NoBackoff(), 0),
             max_connections=64,
         )
+
+    def record_sync(self, key_id: str) -> dict[str, Any] | None:
+        """One key's shared record, from a worker thread (the Argon2 verify pool); None when
+        there is none or Redis is down."""
+        if not self.available:
+            return None
+        if self._sync_client is None:
+            import redis as sync_redis
+            from redis.backoff import NoBackoff as SyncNoBackoff
+            from redis.retry import Retry as SyncRetry
+
+            c = self.config
+            self._sync_client = sync_redis.Redis(
+                host=_host(c.url),
+                port=_port(c.url),
+                db=c.db,
+                username=_user(c.url),
+                password=c.password(),
+                ssl=c.tls,
+                socket_timeout=CALL_TIMEOUT_S,
+                socket_connect_timeout=CONNECT_TIMEOUT_S,
+                decode_responses=True,
+                retry=SyncRetry(SyncNoBackoff(), 0),
+                max_connections=8,
+            )
+        try:
+            text = self._sync_client.hget(KEYS, key_id)
+        except UNREACHABLE:
+            return None
+        if not isinstance(text, str):
+            return None
+        try:
+            record = json.loads(text)
+        except ValueError:
+            return None
+        return record if isinstance(record, dict) else None
 
     # --- life cycle ------------------------------------------------------------------------
 
@@ -140,6 +177,9 @@ class RedisState:
             await asyncio.gather(self._task, return_exceptions=True)
         with contextlib.suppress(*UNREACHABLE):
             await self._client.aclose()
+        if self._sync_client is not None:
+            with contextlib.suppress(*UNREACHABLE):
+                self._sync_client.close()
 
     def describe(self) -> dict[str, Any]:
         return {
