@@ -78,7 +78,7 @@ class Node:
         return self.request("/v1/models", key, source)[0]
 
     def events(self, kind: str, *, at_least: int = 1, timeout: float = 15) -> list[Any]:
-        sql = f"SELECT details_json FROM audit_logs WHERE event_type = '{kind}'"  # noqa: S608
+        sql = f"SELECT details_json FROM audit_logs WHERE event_type = '{kind}'"
         deadline = time.monotonic() + timeout
         while True:
             rows = audit_rows(self.home, sql, timeout=0)
