@@ -82,6 +82,13 @@ def _row_from_record(key_id: str, record: dict[str, Any]) -> tuple[Any, str] | N
     return row, key_hash
 
 
+def _same(a: tuple[str, float | None] | None, b: tuple[str, float | None]) -> bool:
+    """Two blocks (reason, until) alike: the table keeps times to the millisecond."""
+    if a is None or a[0] != b[0] or (a[1] is None) != (b[1] is None):
+        return False
+    return a[1] is None or b[1] is None or abs(a[1] - b[1]) < 1.0
+
+
 class SharedGuard:
     def __init__(self, backend: RedisState, ctx: Any, handle_id: str) -> None:
         self.backend = backend
@@ -167,7 +174,7 @@ class SharedGuard:
                 ip = str(message["ip"])
             except (KeyError, TypeError, ValueError):
                 return
-            self._adopt(ip, block)
+            self._adopt(ip, block, persist=True)
         elif kind == "unblock":
             ip = str(message.get("ip") or "")
             if ip:
@@ -184,7 +191,12 @@ class SharedGuard:
         elif kind in ("keys", "policy"):
             self.schedule_reload()
 
-    def _adopt(self, ip: str, block: tuple[str, float | None, float]) -> None:
+    def _adopt(
+        self, ip: str, block: tuple[str, float | None, float], *, persist: bool = False
+    ) -> None:
+        """Take a shared block into this process's guard; ``persist``: a block made by
+        another process, also written to this process's blocklist table (so ``flm security
+        blocklist`` lists it here and ``flm security unblock`` here lifts it everywhere)."""
         from flm.proxy.guard import Block, exempt_from_automatic_blocks
 
         rt = self.runtime
@@ -194,6 +206,10 @@ class SharedGuard:
         current = rt.guard.blocks.get(ip)
         if current is None or not current.outlasts(until):
             rt.guard.blocks[ip] = Block(reason, until, since)
+            if persist and rt.audit is not None:
+                rt.audit.block(ip, reason, since, until, 0, self.handle_id)
+                if self._listed is not None:  # (in the table from now on, as if synced)
+                    self._listed[ip] = (reason, until)
 
     async def _forget_block(self, ip: str) -> None:
         from flm.storage.records import BlocklistRepo
@@ -229,7 +245,10 @@ class SharedGuard:
                 return
 
     async def _restored(self) -> None:
-        """Redis answers again: push what changed here meanwhile, pull the rest."""
+        """Redis answers again: push what changed here meanwhile, pull the rest. This
+        process's stored blocks are all offered again (a Redis without persistence comes
+        back empty; a longer block there is never shortened)."""
+        self._listed = None
         await self.sync()
         self.schedule_reload()
 
@@ -394,13 +413,12 @@ class SharedGuard:
         for ip, (reason, until) in local.items():
             if until is not None and until <= now:
                 continue
-            if before is None or before.get(ip) != (reason, until):
+            if before is None or not _same(before.get(ip), (reason, until)):
                 await self.backend.block(ip, reason, until)
         if before is not None:
             for ip in before.keys() - local.keys():
                 await self.backend.unblock(ip)
                 rt.guard.unblock(ip)
-        self._listed = local
         shared = await self.backend.blocks()
         effective = rt.effective
         rt.guard.listed = set(local)
@@ -409,6 +427,12 @@ class SharedGuard:
             for ip, block in shared.items()
             if not exempt_from_automatic_blocks(ip, effective)
         }
+        if rt.audit is not None:  # (made elsewhere: listed here too, see _adopt)
+            for ip, (reason, until, since) in shared.items():
+                if ip in rt.guard.blocks and not _same(local.get(ip), (reason, until)):
+                    rt.audit.block(ip, reason, since, until, 0, self.handle_id)
+                    local[ip] = (reason, until)
+        self._listed = local
 
 
 async def start_shared(ctx: Any, config: StateBackendConfig, handle_id: str) -> SharedGuard:

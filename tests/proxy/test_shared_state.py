@@ -133,6 +133,16 @@ def test_two_gateways_share_keys_limits_blocks_and_revocations(
     assert a.models(made["key"], attacker) == 403
     assert b.models(made["key"], attacker) == 403
     assert a.models(made["key"]) == 200  # (only that address)
+    # B lists the block made through A; lifting it there lifts it on both
+    wait_until(
+        lambda: any(r["ip"] == attacker for r in b.data("security", "ip-blocklist", "list")),
+        timeout=15,
+        what="B to list the shared block",
+    )
+    b.data("security", "ip-blocklist", "unblock", attacker)
+    assert b.models(made["key"], attacker) == 200
+    # (an unblock reaches the other processes by pub/sub, within milliseconds)
+    wait_until(lambda: a.models(made["key"], attacker) == 200, timeout=10, what="A to unblock")
 
     # a key revoked through B (whose database got it from Redis) is refused by A at once
     wait_until(
@@ -170,6 +180,21 @@ def test_outage_fails_closed_or_open_and_state_resumes(nodes: tuple[Node, Node, 
     assert a.models(made["key"]) == 200 and b.models(made["key"]) == 200
     status = a.data("proxy", "status")["proxies"][0]["state"]
     assert status["backend"] == "redis" and status["reachable"] is True
+    # one Redis call per request, no more
+    with redis.client() as c:
+        before = c.info("commandstats")
+        for _ in range(10):
+            assert a.models(made["key"]) == 200
+        after = c.info("commandstats")
+    calls = {
+        name: after[name]["calls"] - before.get(name, {"calls": 0})["calls"]
+        for name in after
+        if name not in ("cmdstat_ping", "cmdstat_info")  # (the supervisor's liveness check)
+    }
+    assert calls.pop("cmdstat_evalsha") == 10
+    # (commandstats counts the commands a script runs too: only those may appear)
+    inside = {"cmdstat_" + n for n in ("hget", "sismember", "hmget", "hset", "pexpire")}
+    assert {n for n, c in calls.items() if c} <= inside, calls
     assert 'flm_state_backend_up{backend="redis"} 1.0' in _metrics(a)
 
     redis.stop()
@@ -216,6 +241,30 @@ def _metrics(node: Node) -> str:
         return conn.getresponse().read().decode()
     finally:
         conn.close()
+
+
+def test_password_from_a_file_never_shown(tmp_path: Path) -> None:
+    from tests.redis_server import running_redis
+
+    secret = "pw-" + os.urandom(8).hex()
+    with ExitStack() as stack:
+        redis = stack.enter_context(running_redis(tmp_path / "redis", password=secret))
+        emu = stack.enter_context(start_emulator("vllm", models=["m"]))
+        node = Node(tmp_path / "n")
+        stack.callback(node.stop)
+        node.data("engines", "add", "--kind", "vllm", "--url", emu.url, "--id", "v")
+        password_file = tmp_path / "redis-password"
+        password_file.write_text(secret + "\n")
+        os.chmod(password_file, 0o600)
+        node.start(redis.url, "--state-password-file", str(password_file))
+        made = node.data("api-keys", "create", "--label", "k")
+        assert node.models(made["key"]) == 200
+        with redis.client() as c:
+            assert c.hexists("flm:keys", made["id"])  # (it did reach the protected Redis)
+        shown = node.flm("proxy", "status").stdout
+        assert "redis://127.0.0.1" in shown and secret not in shown
+        for log in (node.home / "logs").iterdir():
+            assert secret not in log.read_text(errors="replace")
 
 
 def test_a_password_on_the_command_line_is_refused(tmp_path: Path) -> None:
