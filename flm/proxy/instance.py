@@ -287,7 +287,7 @@ async def start_instance(
     shared = None
     try:
         if config.state is not None:
-            from flm.proxy.shared import start_shared
+            from flm.proxy.shared import attach_shared, start_shared
 
             # (before the runtime reads keys and policy: the shared ones are stored first)
             shared = await start_shared(ctx, config.state, handle)
@@ -316,7 +316,7 @@ async def start_instance(
         if config.mode == LOCAL_HTTP:
             runtime = build_runtime(settings, ctx, egress.config)
             if shared is not None:
-                await _share(shared, runtime)
+                await attach_shared(shared, runtime)
             servers.append(
                 HttpServer(
                     build_app(runtime),
@@ -333,7 +333,7 @@ async def start_instance(
             tls = await _prepare_tls(ctx, config, sockets[0], servers, notes, egress.config)
             runtime = build_runtime(settings, ctx, egress.config)
             if shared is not None:
-                await _share(shared, runtime)
+                await attach_shared(shared, runtime)
             servers.append(
                 HttpServer(
                     build_app(runtime),
@@ -374,25 +374,6 @@ async def start_instance(
         instance.last_error = damage
     instance.start_renewal()
     return instance
-
-
-async def _share(shared: Any, runtime: ProxyRuntime) -> None:
-    """Put a runtime on the shared state backend: keys unknown here are looked up there."""
-    from flm.proxy.runtime import scope_from_row
-    from flm.proxy.shared import attach_shared
-
-    await attach_shared(shared, runtime)
-    runtime.keys.fallback = shared.hash_of
-    local = runtime.scope_loader
-
-    def scope(key_id: str) -> Any:
-        found = local(key_id) if local is not None else None
-        if found is None:
-            row = shared.row_of(key_id)
-            found = None if row is None or row.revoked_at else scope_from_row(row)
-        return found
-
-    runtime.scope_loader = scope
 
 
 def _quick_check(db: Any) -> str | None:

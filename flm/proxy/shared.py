@@ -457,8 +457,22 @@ async def start_shared(ctx: Any, config: StateBackendConfig, handle_id: str) -> 
 
 
 async def attach_shared(guard: SharedGuard, runtime: Any) -> None:
-    """Hand the runtime to the guard, take Redis's blocks, start the supervisor."""
+    """Put a runtime on the shared state backend: keys this process does not know yet are
+    looked up in Redis; Redis's blocks are taken; the supervisor starts."""
+    from flm.proxy.runtime import scope_from_row
+
     guard.attach(runtime)
+    runtime.keys.fallback = guard.hash_of
+    local = runtime.scope_loader
+
+    def scope(key_id: str) -> Any:
+        found = local(key_id) if local is not None else None
+        if found is None:
+            row = guard.row_of(key_id)
+            found = None if row is None or row.revoked_at else scope_from_row(row)
+        return found
+
+    runtime.scope_loader = scope
     if guard.available:
         with contextlib.suppress(BackendDown):
             async with guard._lock:
