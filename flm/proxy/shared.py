@@ -109,6 +109,8 @@ class SharedGuard:
         self._again = False
         #: an outage was noticed while serving fail-open (one event per outage)
         self._fail_open_said = False
+        #: events from before a runtime (and its audit sink) was attached
+        self._pending: list[tuple[str, dict[str, Any]]] = []
         backend.on_message = self._on_message
         backend.on_restore = self._restored
         backend.on_event = self._event
@@ -124,6 +126,9 @@ class SharedGuard:
     def attach(self, runtime: Any) -> None:
         self.runtime = runtime
         runtime.shared = self
+        pending, self._pending = self._pending, []
+        for kind, details in pending:
+            self._event(kind, details)
 
     def describe(self) -> dict[str, Any]:
         return self.backend.describe()
@@ -140,7 +145,9 @@ class SharedGuard:
         rt = self.runtime
         if kind == "state_backend_restored":
             self._fail_open_said = False
-        if rt is not None and rt.audit is not None:
+        if rt is None:
+            self._pending = [*self._pending[-7:], (kind, details)]
+        elif rt.audit is not None:
             severity = "high" if kind == "state_backend_unavailable" else "medium"
             rt.audit.event(kind, severity, "", {**details, "listener": self.handle_id})
 
@@ -354,7 +361,14 @@ class SharedGuard:
                 for row, key_hash in imports:
                     repo.import_key(row, key_hash)
 
-            await asyncio.to_thread(store)
+            from flm.core.errors import FlmError
+
+            try:
+                await asyncio.to_thread(store)
+            except FlmError as exc:  # (a read-only database: the next sync tries again)
+                log.warning("shared keys not stored here: %s", exc)
+                for row, _ in imports:
+                    self._keys.pop(row.id, None)
         return pushed
 
     async def _sync_policy(self) -> bool:
@@ -448,6 +462,20 @@ async def start_shared(ctx: Any, config: StateBackendConfig, handle_id: str) -> 
             await guard.sync()
     elif not config.fail_open:
         await backend.close()
+        from flm.services.audit_events import record_security_event
+
+        await asyncio.to_thread(
+            record_security_event,
+            ctx.storage,
+            "state_backend_unavailable",
+            "high",
+            {
+                "backend": config.display,
+                "error": backend.last_error,
+                "listener": handle_id,
+                "action": "start_refused",
+            },
+        )
         raise ProxyError(
             f"the state backend {config.display} cannot be reached ({backend.last_error}); "
             "start Redis, or pass --state-fail-open to serve on local state meanwhile",

@@ -234,6 +234,30 @@ def test_outage_fails_closed_or_open_and_state_resumes(nodes: tuple[Node, Node, 
     assert b.models(made["key"]) == 401  # revocations are shared again
 
 
+def test_start_fails_closed_or_open_when_redis_is_unreachable(tmp_path: Path) -> None:
+    with start_emulator("vllm", models=["m"]) as emu:
+        node = Node(tmp_path / "n")
+        try:
+            node.data("engines", "add", "--kind", "vllm", "--url", emu.url, "--id", "v")
+            nowhere = f"redis://127.0.0.1:{free_port()}/0"
+            refused = node.flm(
+                "proxy", "start", "--port", str(node.port), "--state-backend", nowhere
+            )
+            assert refused.returncode != 0
+            assert "--state-fail-open" in refused.stdout + refused.stderr
+            [event] = node.events("state_backend_unavailable")
+            assert event["action"] == "start_refused"
+            node.start(nowhere, "--state-fail-open")
+            state = node.data("proxy", "status")["proxies"][0]["state"]
+            assert state["reachable"] is False and state["fail_open"] is True
+            key = node.data("api-keys", "create", "--label", "k")["key"]
+            assert node.models(key) == 200  # (served on local state)
+            assert node.events("state_backend_fail_open")
+            assert len(node.events("state_backend_unavailable", at_least=2)) == 2
+        finally:
+            node.stop()
+
+
 def _metrics(node: Node) -> str:
     conn = http.client.HTTPConnection("127.0.0.1", node.port, timeout=30)
     try:
