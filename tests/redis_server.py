@@ -15,27 +15,45 @@ from tests.support import free_port, require_tool
 
 
 class RedisServer:
-    def __init__(self, binary: str, directory: Path, password: str | None = None) -> None:
+    def __init__(
+        self, binary: str, directory: Path, password: str | None = None, tls: bool = False
+    ) -> None:
         self.binary = binary
         self.directory = directory
         self.password = password
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        #: with ``tls``: the CA that signed the server's certificate (for 127.0.0.1)
+        self.ca_file: Path | None = _certificates(directory) if tls else None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        scheme = "rediss" if self.ca_file is not None else "redis"
+        return f"{scheme}://127.0.0.1:{self.port}/0"
 
     def client(self) -> redis.Redis:
+        extra: dict[str, object] = {}
+        if self.ca_file is not None:
+            extra = {"ssl": True, "ssl_ca_certs": str(self.ca_file)}
         return redis.Redis(
-            host="127.0.0.1", port=self.port, password=self.password, decode_responses=True
+            host="127.0.0.1",
+            port=self.port,
+            password=self.password,
+            decode_responses=True,
+            **extra,  # type: ignore[arg-type]
         )
 
     def start(self) -> None:
+        if self.ca_file is not None:
+            d = self.directory
+            ports = ["--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "no"]
+            ports += ["--tls-cert-file", str(d / "server.pem"), "--tls-key-file"]
+            ports += [str(d / "server.key"), "--tls-ca-cert-file", str(self.ca_file)]
+        else:
+            ports = ["--port", str(self.port)]
         args = [
             self.binary,
-            "--port",
-            str(self.port),
+            *ports,
             "--bind",
             "127.0.0.1",
             "--save",
@@ -71,11 +89,46 @@ class RedisServer:
         self.proc = None
 
 
+def _certificates(directory: Path) -> Path:
+    """A CA and a server certificate for 127.0.0.1 signed by it, in ``directory``."""
+    from datetime import UTC, datetime, timedelta
+
+    from flm.tls.certs import (
+        build_ca_cert,
+        build_server_cert,
+        cert_to_pem,
+        generate_key,
+        key_to_pem,
+    )
+
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.now(UTC)
+    ca_key, server_key = generate_key(), generate_key()
+    ca = build_ca_cert(
+        ca_key, "test redis CA", not_before=now - timedelta(hours=1), not_after=now + timedelta(1)
+    )
+    server = build_server_cert(
+        ca_cert=ca,
+        ca_key=ca_key,
+        server_key=server_key,
+        hosts=["127.0.0.1"],
+        not_before=now - timedelta(hours=1),
+        not_after=now + timedelta(1),
+    )
+    (directory / "ca.pem").write_bytes(cert_to_pem(ca))
+    (directory / "server.pem").write_bytes(cert_to_pem(server))
+    (directory / "server.key").write_bytes(key_to_pem(server_key))
+    (directory / "server.key").chmod(0o600)
+    return directory / "ca.pem"
+
+
 @contextmanager
-def running_redis(directory: Path, password: str | None = None) -> Iterator[RedisServer]:
+def running_redis(
+    directory: Path, password: str | None = None, *, tls: bool = False
+) -> Iterator[RedisServer]:
     binary = require_tool("redis-server", "redis-server")
     directory.mkdir(parents=True, exist_ok=True)
-    server = RedisServer(binary, directory, password)
+    server = RedisServer(binary, directory, password, tls)
     server.start()
     try:
         yield server

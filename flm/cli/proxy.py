@@ -65,6 +65,11 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         help="a file (mode 0600) holding the Redis password",
     )
     p.add_argument(
+        "--state-ca-file",
+        metavar="PATH",
+        help="rediss://: the CA certificate(s) that signed Redis's (default: the system's)",
+    )
+    p.add_argument(
         "--state-fail-open",
         action="store_true",
         help="while Redis is unreachable, serve on this process's own state (audited) "
@@ -122,6 +127,7 @@ def _config(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
         if args.state_password_file
         else None,
         "state_fail_open": args.state_fail_open,
+        "state_ca_file": os.path.abspath(args.state_ca_file) if args.state_ca_file else None,
     }
     if args.mode == ACME_MODE:
         config["acme_env"] = acme_env_from(os.environ)

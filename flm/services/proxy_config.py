@@ -148,6 +148,7 @@ class StartConfig:
             _opt(data, "state_backend"),
             _opt(data, "state_password_file"),
             bool(data.get("state_fail_open")),
+            _opt(data, "state_ca_file"),
         )
         return cls(
             mode,

@@ -30,6 +30,8 @@ class StateBackendConfig:
     password_file: str | None = None
     #: keep serving on this process's local state while Redis is unreachable
     fail_open: bool = False
+    #: ``rediss://``: the CA bundle that signed Redis's certificate (default: the system's)
+    ca_file: str | None = None
 
     @property
     def tls(self) -> bool:
@@ -60,18 +62,23 @@ class StateBackendConfig:
             "url": self.url,
             "password_file": self.password_file,
             "fail_open": self.fail_open,
+            "ca_file": self.ca_file,
         }
 
     @classmethod
     def from_options(
-        cls, url: str | None, password_file: str | None, fail_open: bool
+        cls,
+        url: str | None,
+        password_file: str | None,
+        fail_open: bool,
+        ca_file: str | None = None,
     ) -> StateBackendConfig | None:
         """The checked options, or None for the local backend; ``ProxyError`` when wrong."""
         if not url:
-            if password_file or fail_open:
+            if password_file or fail_open or ca_file:
                 raise ProxyError(
-                    "--state-password-file and --state-fail-open need --state-backend "
-                    "redis://HOST:PORT/DB"
+                    "--state-password-file, --state-ca-file and --state-fail-open need "
+                    "--state-backend redis://HOST:PORT/DB"
                 )
             return None
         parts = urlsplit(url)
@@ -101,14 +108,23 @@ class StateBackendConfig:
         if password_file is not None:
             password_file = str(Path(password_file).expanduser().resolve())
             read_password_file(password_file)  # (refused now rather than at connect time)
-        return cls(url, password_file, bool(fail_open))
+        if ca_file is not None:
+            if parts.scheme != "rediss":
+                raise ProxyError("--state-ca-file applies to a rediss:// (TLS) backend only")
+            ca_file = str(Path(ca_file).expanduser().resolve())
+            if not os.path.isfile(ca_file):
+                raise ProxyError(f"--state-ca-file {ca_file} is not a file")
+        return cls(url, password_file, bool(fail_open), ca_file)
 
     @classmethod
     def from_dict(cls, data: Any) -> StateBackendConfig | None:
         if not isinstance(data, dict):
             return None
         return cls.from_options(
-            data.get("url"), data.get("password_file"), bool(data.get("fail_open"))
+            data.get("url"),
+            data.get("password_file"),
+            bool(data.get("fail_open")),
+            data.get("ca_file"),
         )
 
 

@@ -291,6 +291,29 @@ def test_password_from_a_file_never_shown(tmp_path: Path) -> None:
             assert secret not in log.read_text(errors="replace")
 
 
+def test_rediss_with_a_private_ca(tmp_path: Path) -> None:
+    from tests.redis_server import running_redis
+
+    with ExitStack() as stack:
+        redis = stack.enter_context(running_redis(tmp_path / "redis", tls=True))
+        emu = stack.enter_context(start_emulator("vllm", models=["m"]))
+        node = Node(tmp_path / "n")
+        stack.callback(node.stop)
+        node.data("engines", "add", "--kind", "vllm", "--url", emu.url, "--id", "v")
+        assert redis.url.startswith("rediss://")
+        # (Redis's certificate is not signed by a CA the system trusts: refused, fail closed)
+        untrusted = node.flm(
+            "proxy", "start", "--port", str(node.port), "--state-backend", redis.url
+        )
+        assert untrusted.returncode != 0
+        assert "cannot be reached" in untrusted.stdout + untrusted.stderr
+        node.start(redis.url, "--state-ca-file", str(redis.ca_file))
+        made = node.data("api-keys", "create", "--label", "k")
+        assert node.models(made["key"]) == 200
+        with redis.client() as c:
+            assert c.hexists("flm:keys", made["id"])
+
+
 def test_a_password_on_the_command_line_is_refused(tmp_path: Path) -> None:
     node = Node(tmp_path / "n")
     done = node.flm(
