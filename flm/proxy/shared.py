@@ -62,6 +62,13 @@ def _text(record: Any) -> str:
     return json.dumps(record, sort_keys=True, separators=(",", ":"))
 
 
+def _agree(mine: dict[str, Any], theirs: dict[str, Any]) -> bool:
+    """Two records of one key alike: the same, or both revoked (whenever: revoked is final)."""
+    if mine.get("revoked_at") is not None and theirs.get("revoked_at") is not None:
+        return True
+    return _text(mine) == _text(theirs)
+
+
 def _row_from_record(key_id: str, record: dict[str, Any]) -> tuple[Any, str] | None:
     from flm.storage.security import ApiKeyRow, KeyLimits
 
@@ -186,8 +193,6 @@ class SharedGuard:
             ip = str(message.get("ip") or "")
             if ip:
                 rt.guard.unblock(ip)
-                if self._listed is not None:
-                    self._listed.pop(ip, None)
                 self._spawn(self._forget_block(ip))
         elif kind == "revoke":
             key_id = str(message.get("id") or "")
@@ -223,6 +228,8 @@ class SharedGuard:
 
         repo = BlocklistRepo(self.ctx.storage.security)
         await asyncio.to_thread(repo.remove_matching, ip, subject)
+        if self._listed is not None:  # (after the row is gone: a sync never sees it as new)
+            self._listed.pop(ip, None)
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -319,6 +326,8 @@ class SharedGuard:
             await self.backend.announce("policy")
 
     async def _sync_keys(self) -> bool:
+        """Whether Redis's key records changed (the others are told then)."""
+        from flm.core.errors import FlmError
         from flm.storage.security import ApiKeysRepo
 
         repo = ApiKeysRepo(self.ctx.storage.security)
@@ -330,25 +339,22 @@ class SharedGuard:
             record = key_record(row, key_hash)
             text = _text(record)
             theirs = remote.get(row.id)
-            if theirs is not None and _text(theirs) == text:
-                self._keys[row.id] = text
-                continue
-            if (
-                first
-                and theirs is not None
-                and not (record["revoked_at"] and not theirs.get("revoked_at"))
-            ):
-                continue  # at start the shared copy wins (but for a revocation made here)
-            if not first and self._keys.get(row.id) == text and theirs is not None:
-                continue  # unchanged here: the shared copy is newer
-            remote[row.id] = await self.backend.put_key(row.id, record)
-            pushed = True
-        mine = {row.id: _text(key_record(row, h)) for row, h in local}
+            if theirs is not None:
+                if _agree(record, theirs):
+                    continue
+                if first and not (record["revoked_at"] and not theirs.get("revoked_at")):
+                    continue  # at start the shared copy wins (but for a revocation made here)
+                if not first and self._keys.get(row.id) == text:
+                    continue  # unchanged here since the last sync: the shared copy is newer
+            stored = await self.backend.put_key(row.id, record)
+            if theirs is None or _text(stored) != _text(theirs):
+                pushed = True
+            remote[row.id] = stored
+        mine = {row.id: key_record(row, h) for row, h in local}
         imports = []
         for key_id, record in remote.items():
-            text = _text(record)
-            self._keys[key_id] = text
-            if mine.get(key_id) == text:
+            held = mine.get(key_id)
+            if held is not None and _agree(held, record):
                 continue
             parsed = _row_from_record(key_id, record)
             if parsed is None:
@@ -357,18 +363,17 @@ class SharedGuard:
             imports.append(parsed)
         if imports:
 
-            def store() -> None:
+            def store() -> list[tuple[Any, str]]:
                 for row, key_hash in imports:
                     repo.import_key(row, key_hash)
-
-            from flm.core.errors import FlmError
+                return repo.all_with_hashes()
 
             try:
-                await asyncio.to_thread(store)
+                local = await asyncio.to_thread(store)
             except FlmError as exc:  # (a read-only database: the next sync tries again)
                 log.warning("shared keys not stored here: %s", exc)
-                for row, _ in imports:
-                    self._keys.pop(row.id, None)
+        # (what this process holds now, as agreed: a later difference is a change made here)
+        self._keys = {row.id: _text(key_record(row, h)) for row, h in local}
         return pushed
 
     async def _sync_policy(self) -> bool:

@@ -185,13 +185,14 @@ redis.call('PUBLISH', ARGV[2], cjson.encode({o = ARGV[3], t = 'unblock', ip = AR
 return had
 """
 
-#: Store a key's record. A revoked key stays revoked: a record saying it is active does not
-#: replace one saying it is revoked (key ids are never reused).
+#: Store a key's record. A revoked key's record is final: nothing replaces it (key ids are
+#: never reused, and a stale copy saying it is active must not bring it back).
 #: KEYS: keys, revoked. ARGV: key id, record (JSON), revoked (0/1), channel, origin.
 #: Returns the record in force.
 PUT_KEY = r"""
-if ARGV[3] ~= '1' and redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 1 then
-  return redis.call('HGET', KEYS[1], ARGV[1])
+if redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 1 then
+  local held = redis.call('HGET', KEYS[1], ARGV[1])
+  if held then return held end
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 if ARGV[3] == '1' then
