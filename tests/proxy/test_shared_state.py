@@ -22,6 +22,8 @@ from flm.testing.emulators import start_emulator
 from tests.conftest import audit_rows, flm_subprocess
 from tests.support import free_port, wait_until
 
+pytestmark = pytest.mark.slow  # (FLM daemons and redis-server processes)
+
 #: the per-key limit the policy sets for every key
 POLICY = {
     "rate_limit": {"rpm": 60, "burst": 10},
