@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import re
@@ -209,13 +210,15 @@ class SharedGuard:
         """Take a shared block into this process's guard; ``persist``: a block made by
         another process, also written to this process's blocklist table (so ``flm security
         blocklist`` lists it here and ``flm security unblock`` here lifts it everywhere)."""
-        from flm.proxy.guard import Block, exempt_from_automatic_blocks
+        from flm.proxy.guard import MAX_TRACKED, Block, exempt_from_automatic_blocks
 
         rt = self.runtime
         if exempt_from_automatic_blocks(ip, rt.effective):
             return
         reason, until, since = block
         current = rt.guard.blocks.get(ip)
+        if current is None and len(rt.guard.blocks) >= MAX_TRACKED:
+            return  # (bounded: Redis still refuses it on every request with a key)
         if current is None or not current.outlasts(until):
             rt.guard.blocks[ip] = Block(reason, until, since)
             if persist and rt.audit is not None:
@@ -421,7 +424,7 @@ class SharedGuard:
         """This process's stored blocks against the last sync: the owner's new blocks go to
         Redis, the ones they lifted are lifted there; then Redis's blocks become this
         process's."""
-        from flm.proxy.guard import Block, exempt_from_automatic_blocks
+        from flm.proxy.guard import MAX_TRACKED, Block, exempt_from_automatic_blocks
 
         rt = self.runtime
         now = self.backend.clock()
@@ -441,11 +444,13 @@ class SharedGuard:
         shared = await self.backend.blocks()
         effective = rt.effective
         rt.guard.listed = set(local)
-        rt.guard.blocks = {
-            ip: Block(*block)
+        held = (
+            (ip, Block(*block))
             for ip, block in shared.items()
             if not exempt_from_automatic_blocks(ip, effective)
-        }
+        )
+        # (bounded like every table of the guard; Redis refuses the rest on each keyed request)
+        rt.guard.blocks = dict(itertools.islice(held, MAX_TRACKED))
         if rt.audit is not None:  # (made elsewhere: listed here too, see _adopt)
             for ip, (reason, until, since) in shared.items():
                 if ip in rt.guard.blocks and not _same(local.get(ip), (reason, until)):
