@@ -28,6 +28,7 @@ pytestmark = pytest.mark.slow  # (FLM daemons and redis-server processes)
 POLICY = {
     "rate_limit": {"rpm": 60, "burst": 10},
     "ip_blocklist": {"enabled": True, "exempt_loopback": False},
+    "honeypot": {"enabled": True},
 }
 
 
@@ -145,6 +146,14 @@ def test_two_gateways_share_keys_limits_blocks_and_revocations(
     assert b.models(made["key"], attacker) == 200
     # (an unblock reaches the other processes by pub/sub, within milliseconds)
     wait_until(lambda: a.models(made["key"], attacker) == 200, timeout=10, what="A to unblock")
+
+    # intrusion scores add up over both: one honeypot hit on each (75 + 75 >= 100) blocks
+    prober = "127.0.0.32"
+    assert a.request("/wp-admin", None, prober)[0] == 404
+    assert b.models(made["key"], prober) == 200  # (75 points: not yet)
+    assert b.request("/.env", None, prober)[0] == 404
+    assert a.models(made["key"], prober) == 403
+    assert b.models(made["key"], prober) == 403
 
     # a key revoked through B (whose database got it from Redis) is refused by A at once
     wait_until(
