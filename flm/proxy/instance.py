@@ -144,6 +144,9 @@ class ProxyInstance:
                 if self.workers is not None
                 else None
             ),
+            "state": self.runtime.shared.describe()
+            if self.runtime.shared is not None
+            else {"backend": "local"},
         }
         if bundle is not None and self.tls is not None and s.https_port is not None:
             cert = bundle.to_dict()
@@ -328,7 +331,13 @@ async def start_instance(
     sockets = [bind_socket(config.bind, config.port, reuse_port=reuse and not config.tls)]
     servers: list[HttpServer] = []
     runtime: ProxyRuntime | None = None
+    shared = None
     try:
+        if config.state is not None:
+            from flm.proxy.shared import attach_shared, start_shared
+
+            # (before the runtime reads keys and policy: the shared ones are stored first)
+            shared = await start_shared(ctx, config.state, handle)
         if config.https_port is not None:
             sockets.append(bind_socket(config.bind, config.https_port, reuse_port=reuse))
         egress = await decide_start_egress(ctx, config.egress, handle)
@@ -353,6 +362,8 @@ async def start_instance(
         tls: TlsState | None = None
         if config.mode == LOCAL_HTTP:
             runtime = build_runtime(settings, ctx, egress.config)
+            if shared is not None:
+                await attach_shared(shared, runtime)
             servers.append(
                 HttpServer(
                     build_app(runtime),
@@ -368,6 +379,8 @@ async def start_instance(
             assert config.https_port is not None
             tls = await _prepare_tls(ctx, config, sockets[0], servers, notes, egress.config)
             runtime = build_runtime(settings, ctx, egress.config)
+            if shared is not None:
+                await attach_shared(shared, runtime)
             servers.append(
                 HttpServer(
                     build_app(runtime),
@@ -388,11 +401,20 @@ async def start_instance(
             sock.close()
         if runtime is not None:
             await runtime.close()
+        elif shared is not None:
+            await shared.close()
         raise
     from flm.proxy.health import watch_if_alerting
 
     watch_if_alerting(runtime)
     instance = ProxyInstance(ctx, config, settings, runtime, servers, egress, tls, notes)
+    if shared is not None:
+        shared.reload = lambda: reload_proxies(ctx, [instance])
+        if not shared.available:
+            notes.append(
+                f"the state backend {shared.config.display} is unreachable: serving on local "
+                "state until it answers (--state-fail-open)"
+            )
     if tls is not None and tls.source == "stored-fallback":
         instance.last_error = notes[-1] if notes else None
     if damage:
@@ -451,7 +473,12 @@ async def _start_sibling(ctx: Context, config: StartConfig, handle: str) -> Prox
     sock = bind_socket(config.bind, port, reuse_port=True, listen=False)
     servers: list[HttpServer] = []
     runtime: ProxyRuntime | None = None
+    shared = None
     try:
+        if config.state is not None:
+            from flm.proxy.shared import attach_shared, start_shared
+
+            shared = await start_shared(ctx, config.state, handle)
         egress = EffectiveEgress(config.egress, config.egress)
         settings = ProxySettings(
             port=config.port,
@@ -468,6 +495,8 @@ async def _start_sibling(ctx: Context, config: StartConfig, handle: str) -> Prox
             bundle = await asyncio.to_thread(_stored_certificate, ctx, config)
             tls = TlsState(ReloadableServerContext(bundle), "stored")
         runtime = build_runtime(settings, ctx, egress.config)
+        if shared is not None:
+            await attach_shared(shared, runtime)
         servers.append(
             HttpServer(
                 build_app(runtime),
@@ -487,8 +516,13 @@ async def _start_sibling(ctx: Context, config: StartConfig, handle: str) -> Prox
         sock.close()
         if runtime is not None:
             await runtime.close()
+        elif shared is not None:
+            await shared.close()
         raise
-    return ProxyInstance(ctx, config, settings, runtime, servers, egress, tls, [], sibling=True)
+    instance = ProxyInstance(ctx, config, settings, runtime, servers, egress, tls, [], sibling=True)
+    if shared is not None:  # (this worker hears the backend's announcements itself)
+        shared.reload = lambda: reload_proxies(ctx, [instance])
+    return instance
 
 
 def _stored_certificate(ctx: Context, config: StartConfig) -> CertBundle:
@@ -730,6 +764,13 @@ async def reload_proxies(
     from flm.storage.usage import today_totals
 
     await asyncio.to_thread(apply_log_level, ctx, log_level)
+    from flm.state import BackendDown
+
+    for inst in instances:  # (shared keys, policy and blocks first: read below)
+        shared = inst.runtime.shared
+        if shared is not None and shared.available:
+            with contextlib.suppress(BackendDown):
+                await shared.sync()
     policy = await asyncio.to_thread(lambda: ctx.policy.show()["policy"])
     rows = [
         k for k in await asyncio.to_thread(KeyService(ctx.storage).list) if k.revoked_at is None
@@ -773,7 +814,8 @@ async def reload_proxies(
             rt.ledger.load_today(await asyncio.to_thread(today_totals, ctx.storage.security))
         if rt.audit is not None:
             await asyncio.to_thread(rt.audit.flush)  # blocks made here reach the table
-        rt.load_blocks(await asyncio.to_thread(load_block_rows, ctx, inst.settings.handle_id))
+        if rt.shared is None or not rt.shared.available:  # (else synced above)
+            rt.load_blocks(await asyncio.to_thread(load_block_rows, ctx, inst.settings.handle_id))
         await asyncio.to_thread(load_profiles, rt, ctx)
         gone = rt.engines.replace(e for e in endpoints if not _is_self(e, inst.settings))
         rt.engines.pools.replace(*await asyncio.to_thread(pool_defs, ctx))

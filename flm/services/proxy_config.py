@@ -14,6 +14,7 @@ from typing import Any
 
 from flm.core.errors import ProxyAcmeError, ProxyError
 from flm.egress.config import EgressConfig
+from flm.state.config import StateBackendConfig
 
 LOCAL_HTTP = "local-http"
 DEV_MODE = "dev-selfsigned"
@@ -42,6 +43,8 @@ class StartConfig:
     dns_profile: str | None = None
     #: ``--workers``: gateway processes sharing the port(s) (SO_REUSEPORT); 1 is one process.
     workers: int = 1
+    #: ``--state-backend`` and its options (None: this process's own state).
+    state: StateBackendConfig | None = None
 
     @property
     def tls(self) -> bool:
@@ -144,6 +147,12 @@ class StartConfig:
             if given:
                 raise ProxyError(f"{', '.join(given)} only apply to --mode https-acme")
         workers = _workers(data)
+        state = StateBackendConfig.from_options(
+            _opt(data, "state_backend"),
+            _opt(data, "state_password_file"),
+            bool(data.get("state_fail_open")),
+            _opt(data, "state_ca_file"),
+        )
         return cls(
             mode,
             port,
@@ -155,7 +164,8 @@ class StartConfig:
             acme_env,
             domains,
             dns_profile,
-            workers,
+            workers=workers,
+            state=state,
         )
 
 

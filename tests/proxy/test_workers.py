@@ -28,7 +28,7 @@ from flm.services.proxy_config import StartConfig
 from flm.services.runstate import pid_alive
 from flm.testing.emulators import start_emulator
 from tests.conftest import audit_rows, flm_subprocess
-from tests.support import free_port, require_tool, wait_until
+from tests.support import free_port, wait_until
 
 #: (integration tests: they start daemons, workers and redis-server)
 pytestmark = pytest.mark.slow
@@ -46,31 +46,12 @@ def _get(url: str, key: str) -> int:
         return int(exc.code)
 
 
-@pytest.fixture
-def redis_url() -> Iterator[str]:
-    """A real redis-server on a free loopback port (the state backend ``--workers`` needs)."""
-    binary = require_tool("redis-server", "redis-server")
-    port = free_port()
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-    def answers() -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
-                sock.sendall(b"PING\r\n")
-                return sock.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    try:
-        wait_until(answers, timeout=10, what="redis-server to answer PING")
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+def _start(*args: str) -> dict[str, Any]:
+    """``flm proxy start ARGS`` (through the CLI, in a process of its own); its data."""
+    started = flm_subprocess("proxy", "start", *args)
+    assert started.returncode == 0, started.stdout + started.stderr
+    data: dict[str, Any] = json.loads(started.stdout)["data"]
+    return data
 
 
 class Workers:
@@ -89,36 +70,8 @@ class Workers:
         return rows
 
 
-def _start(config: dict[str, Any]) -> dict[str, Any]:
-    """``flm proxy start`` with these options (the body the CLI prints: data or error), from a
-    process of its own like the CLI (the daemon it starts outlives it)."""
-    script = (
-        "import json, sys\n"
-        "from flm.core.errors import FlmError\n"
-        "from flm.core.paths import Paths\n"
-        "from flm.services.context import Context\n"
-        "from flm.services.proxy import ProxyService\n"
-        "ctx = Context(Paths.resolve())\n"
-        "try:\n"
-        "    started = ProxyService(ctx.storage).start(json.loads(sys.argv[1]))\n"
-        "    print(json.dumps({'data': started}))\n"
-        "except FlmError as exc:\n"
-        "    print(json.dumps({'error': exc.to_dict()}))\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", script, json.dumps(config)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.stdout, result.stderr
-    body: dict[str, Any] = json.loads(result.stdout)
-    return body
-
-
 @pytest.fixture
-def two_workers(flm_home: Path, redis_url: str) -> Iterator[Workers]:
+def two_workers(flm_home: Path, redis_server: Any) -> Iterator[Workers]:
     with start_emulator("vllm", models=["m"]) as emu:
         added = flm_subprocess("engines", "add", "--kind", "vllm", "--url", emu.url, "--id", "v")
         assert added.returncode == 0, added.stdout
@@ -126,9 +79,9 @@ def two_workers(flm_home: Path, redis_url: str) -> Iterator[Workers]:
         ctx = Context(Paths.resolve())
         service = ProxyService(ctx.storage)
         port = free_port()
-        started = _start({"port": port, "workers": 2, "state_backend": redis_url})
-        assert "data" in started, started
-        described = started["data"]
+        described = _start(
+            "--port", str(port), "--workers", "2", "--state-backend", redis_server.url
+        )
         try:
             assert [w["index"] for w in described["workers"]] == [0, 1]
             yield Workers(service, port, created["key"], created["id"])
@@ -304,7 +257,7 @@ def test_workers_above_one_need_linux(monkeypatch: pytest.MonkeyPatch) -> None:
         StartConfig.from_dict({"workers": 2, "state_backend": "redis://127.0.0.1:1/0"})
 
 
-def test_a_port_held_elsewhere_is_refused_with_workers(flm_home: Path, redis_url: str) -> None:
+def test_a_port_held_elsewhere_is_refused_with_workers(flm_home: Path, redis_server: Any) -> None:
     """SO_REUSEPORT would share a port with another listener of this user: the start checks
     first that nobody holds it."""
     with socket.socket() as other:
@@ -312,8 +265,17 @@ def test_a_port_held_elsewhere_is_refused_with_workers(flm_home: Path, redis_url
         other.bind(("127.0.0.1", 0))
         other.listen(1)
         port = other.getsockname()[1]
-        refused = _start({"port": port, "workers": 2, "state_backend": redis_url})
-    assert refused["error"]["code"] == "PROXY_PORT_IN_USE", refused
+        refused = flm_subprocess(
+            "proxy",
+            "start",
+            "--port",
+            str(port),
+            "--workers",
+            "2",
+            "--state-backend",
+            redis_server.url,
+        )
+    assert json.loads(refused.stdout)["error"]["code"] == "PROXY_PORT_IN_USE", refused.stdout
 
 
 def test_restart_back_off_doubles_and_is_bounded_per_minute() -> None:
@@ -345,27 +307,30 @@ def test_restart_back_off_doubles_and_is_bounded_per_minute() -> None:
     assert not slot.recent
 
 
-FOREGROUND = """
-import json, sys
-from flm.core.paths import Paths
-from flm.proxy.foreground import run_foreground
-from flm.services.context import Context
-run_foreground(Context(Paths.resolve()), json.loads(sys.argv[1]))
-"""
-
-
 @pytest.mark.parametrize("how", ["proxy stop", "ctrl-c"])
 def test_no_daemon_workers_stop_with_their_supervisor(
-    how: str, flm_home: Path, redis_url: str
+    how: str, flm_home: Path, redis_server: Any
 ) -> None:
     """`--no-daemon --workers 2`: `flm proxy stop` (SIGTERM) and Ctrl-C (SIGINT to the whole
     process group) both stop the two processes, and no worker is restarted on the way out."""
     import psutil
 
     port = free_port()
-    config = {"port": port, "workers": 2, "state_backend": redis_url}
     proc = subprocess.Popen(
-        [sys.executable, "-c", FOREGROUND, json.dumps(config)],
+        [
+            sys.executable,
+            "-m",
+            "flm",
+            "proxy",
+            "start",
+            "--no-daemon",
+            "--port",
+            str(port),
+            "--workers",
+            "2",
+            "--state-backend",
+            redis_server.url,
+        ],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -418,7 +383,7 @@ def test_no_daemon_workers_stop_with_their_supervisor(
         proc.stderr.close()
 
 
-def test_tls_workers_share_the_https_port(flm_home: Path, redis_url: str) -> None:
+def test_tls_workers_share_the_https_port(flm_home: Path, redis_server: Any) -> None:
     """dev-selfsigned with 2 workers: both answer on HTTPS with the one certificate; the plain
     port (redirects) is worker 0's alone."""
     import http.client
@@ -426,13 +391,19 @@ def test_tls_workers_share_the_https_port(flm_home: Path, redis_url: str) -> Non
 
     port = free_port()
     started = _start(
-        {"port": port, "mode": "dev-selfsigned", "workers": 2, "state_backend": redis_url}
+        "--port",
+        str(port),
+        "--mode",
+        "dev-selfsigned",
+        "--workers",
+        "2",
+        "--state-backend",
+        redis_server.url,
     )
-    assert "data" in started, started
     ctx = Context(Paths.resolve())
     service = ProxyService(ctx.storage)
     try:
-        https_port = started["data"]["https_port"]
+        https_port = started["https_port"]
         root = flm_home / "certs" / "dev-selfsigned" / "ca.pem"
         tls = ssl.create_default_context(cafile=str(root))
         for _ in range(40):
@@ -516,3 +487,74 @@ def test_status_text_lists_the_workers() -> None:
         "proxy-8080 workers: 0 pid 10 alive served=3 restarts=0; "
         "1 pid 11 DOWN served=0 restarts=2 last_exit=signal 9"
     ) in text
+
+
+def _get_from(url: str, key: str, source: str) -> int:
+    """One request from the loopback address ``source`` (its own connection)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(
+        parts.hostname or "", parts.port, timeout=10, source_address=(source, 0)
+    )
+    try:
+        conn.request("GET", parts.path, headers={"Authorization": f"Bearer {key}"})
+        response = conn.getresponse()
+        response.read()
+        return int(response.status)
+    finally:
+        conn.close()
+
+
+def test_shared_limits_hold_across_workers(flm_home: Path, redis_server: Any) -> None:
+    """`--workers 2 --state-backend`: a per-key limit of 60 rpm with burst 10 holds over both
+    workers together (burst ± 1), and 5 auth failures spread over them block the address on
+    both."""
+    policy = {
+        "rate_limit": {"rpm": 60, "burst": 10},
+        "ip_blocklist": {"enabled": True, "exempt_loopback": False},
+    }
+    with start_emulator("vllm", models=["m"]) as emu:
+        added = flm_subprocess("engines", "add", "--kind", "vllm", "--url", emu.url, "--id", "v")
+        assert added.returncode == 0, added.stdout
+        done = flm_subprocess("security", "policy", "set", input=json.dumps(policy))
+        assert done.returncode == 0, done.stdout + done.stderr
+        port = free_port()
+        _start("--port", str(port), "--workers", "2", "--state-backend", redis_server.url)
+        ctx = Context(Paths.resolve())
+        service = ProxyService(ctx.storage)
+        try:
+            created = json.loads(flm_subprocess("api-keys", "create", "--label", "k").stdout)
+            key = created["data"]["key"]
+            url = f"http://127.0.0.1:{port}/v1/models"
+
+            def served() -> list[int]:
+                return [w["served"] for w in service.status()["proxies"][0]["workers"]]
+
+            before = served()
+            begun = time.monotonic()
+            statuses = [_get(url, key) for _ in range(24)]
+            elapsed = time.monotonic() - begun
+            assert set(statuses) == {200, 429}, statuses
+            ok = statuses.count(200)
+            # (one token comes back a second: a slow run may earn that many more)
+            assert 10 - 1 <= ok <= 10 + 1 + int(elapsed), (ok, elapsed, statuses)
+            wait_until(
+                lambda: sum(served()) - sum(before) == 24,
+                timeout=10,
+                what="the workers' request counts",
+            )
+            after = served()
+            assert all(a > b for a, b in zip(after, before, strict=True)), (before, after)
+
+            attacker = "127.0.0.31"
+            assert [_get_from(url, "not-a-key", attacker) for _ in range(5)] == [401] * 5
+            fresh = json.loads(flm_subprocess("api-keys", "create", "--label", "f").stdout)
+            fresh_key = fresh["data"]["key"]
+            # (20 connections: the chance that all met the same worker is 2 ** -19)
+            assert [_get_from(url, fresh_key, attacker) for _ in range(20)] == [403] * 20
+            assert _get(url, fresh_key) == 200  # (only that address)
+        finally:
+            service.stop(all_=True)
+            ctx.close()
