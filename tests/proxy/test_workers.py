@@ -213,18 +213,24 @@ def test_kill_9_of_a_worker_is_noticed_and_it_is_restarted(
 
 def test_a_revoked_key_is_refused_by_every_worker_at_once(two_workers: Workers) -> None:
     """The key commands' reload notice reaches the siblings before the command returns."""
+
+    def total(expected: int) -> list[int]:
+        # (a worker reports its count every 0.5 s: wait for this exact total to be known)
+        counts: list[int] = []
+
+        def known() -> bool:
+            counts[:] = [w["served"] for w in two_workers.workers()]
+            return sum(counts) == expected
+
+        wait_until(known, timeout=10, what=f"the workers' counts to reach {expected}")
+        return counts
+
     assert [_get(two_workers.url, two_workers.key) for _ in range(20)] == [200] * 20
+    before = total(20)
     revoked = flm_subprocess("api-keys", "revoke", two_workers.key_id)
     assert revoked.returncode == 0, revoked.stdout
-    before = [w["served"] for w in two_workers.workers()]
     assert [_get(two_workers.url, two_workers.key) for _ in range(40)] == [401] * 40
-
-    def both_refused() -> bool:
-        now = [w["served"] for w in two_workers.workers()]
-        return sum(now) - sum(before) == 40
-
-    wait_until(both_refused, timeout=10, what="the workers' counts of the refusals")
-    after = [w["served"] for w in two_workers.workers()]
+    after = total(60)
     assert all(a > b for a, b in zip(after, before, strict=True)), (before, after)
 
 
