@@ -158,7 +158,16 @@ def measure(
         per_pid = {pid: round(after[pid] - before[pid], 3) for pid in pids}
         answered = load["requests"] - load.get("non_2xx", 0)
         cpu = sum(per_pid.values())
+        refused = load["requests"] - answered
+        if load["requests"] and refused / load["requests"] > 0.01:
+            # (fast refusals would make the CPU per answered request meaningless)
+            print(
+                f"workers={workers}: {refused} of {load['requests']} responses were not 2xx: "
+                "this point is not valid (see the gateway's log in the bench folder)",
+                file=sys.stderr,
+            )
         return {
+            "valid": not (load["requests"] and refused / load["requests"] > 0.01),
             "workers": workers,
             "pids": pids,
             "cpu_s_per_process": per_pid,
@@ -236,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     base = next((p for p in result["points"] if p["workers"] == 1), None)
     for p in result["points"]:
         if base and base["cpu_ms_per_request"] and p["cpu_ms_per_request"]:
+            if not (base["valid"] and p["valid"]):
+                print(f"workers={p['workers']}: no comparison (a point had refusals)")
+                continue
             p["cpu_per_request_vs_1"] = round(
                 p["cpu_ms_per_request"] / base["cpu_ms_per_request"], 3
             )
