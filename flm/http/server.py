@@ -20,7 +20,9 @@ reply's head and body in one write, which saves the client a wake-up. What it ke
 - chunked responses when the app gives no ``Content-Length``; no body for ``HEAD``;
 - a reply cut short by an app error closes the connection; a response sent before the request
   body was read whole closes it too (the rest of the body is never read);
-- a client that goes away: ``receive()`` returns ``http.disconnect`` and later sends are dropped;
+- a client that goes away: ``receive()`` returns ``http.disconnect``, the callback an app gave
+  the scope's ``DISCONNECT_HOOK`` runs (so an app need not keep a task waiting on
+  ``receive()`` to learn of it), and later sends are dropped;
 - graceful stop: no new connections, idle ones closed, running requests get
   ``timeout_graceful_shutdown_s`` to finish;
 - connection caps (:class:`ConnectionLimits`): per client address and in total, with a
@@ -52,7 +54,7 @@ import httptools
 
 from flm.core.clients import subject
 from flm.core.errors import ProxyError, ProxyPortInUseError
-from flm.http.asgi import ASGIApp, Message, RequestBodyTimeout, Scope
+from flm.http.asgi import DISCONNECT_HOOK, ASGIApp, Message, RequestBodyTimeout, Scope
 
 log = logging.getLogger("flm.proxy")
 
@@ -304,6 +306,7 @@ class _Cycle:
         "disconnected",
         "expect_100",
         "failed",
+        "gone_callback",
         "head_only",
         "keep_alive",
         "last_delivered",
@@ -340,6 +343,31 @@ class _Cycle:
         self.chunked = False
         self.pending_head: bytes | None = None
         self.waiter: asyncio.Future[None] | None = None
+        #: Called once when the client goes away (the scope's DISCONNECT_HOOK sets it).
+        self.gone_callback: Callable[[], None] | None = None
+
+    def on_disconnect(self, callback: Callable[[], None] | None) -> None:
+        """The scope's :data:`~flm.http.asgi.DISCONNECT_HOOK`: ``callback`` is called once
+        when the client goes away (at once if it has); None withdraws it."""
+        self.gone_callback = callback
+        if callback is not None and self.disconnected:
+            self._call_gone()
+
+    def lose(self) -> None:
+        """The client went away (or its request cannot be read any further): ``receive()``
+        returns ``http.disconnect`` from now on, and the disconnect hook's callback runs."""
+        self.disconnected = True
+        self.wake()
+        if self.gone_callback is not None:
+            self._call_gone()
+
+    def _call_gone(self) -> None:
+        callback, self.gone_callback = self.gone_callback, None
+        if callback is not None:
+            try:
+                callback()
+            except Exception:  # (an app's callback never breaks the connection's cleanup)
+                log.exception("error in a disconnect callback")
 
     def wake(self) -> None:
         waiter = self.waiter
@@ -593,8 +621,7 @@ class HttpProtocol(asyncio.Protocol):
         self._disarm()
         for cycle in (self.active, self.parsing, *self.pipeline):
             if cycle is not None:
-                cycle.disconnected = True
-                cycle.wake()
+                cycle.lose()
         self.pipeline.clear()
         self._wake_drain()
         self._wake_worker()
@@ -734,11 +761,11 @@ class HttpProtocol(asyncio.Protocol):
         broken = self.parsing  # (a request read whole is no longer ``parsing``)
         self.parsing = None
         if broken is not None:
-            broken.failed = broken.disconnected = True
+            broken.failed = True
             broken.more_body = False
             if broken in self.pipeline:
                 self.pipeline.remove(broken)
-            broken.wake()
+            broken.lose()
         if self.active is None and not self.pipeline:
             self._send_refusal()
 
@@ -798,6 +825,7 @@ class HttpProtocol(asyncio.Protocol):
             if size > self.max_head_bytes:
                 raise _HeadTooLarge("request head too large")
         cycle = _Cycle(self, scope, parser.should_keep_alive(), method == "HEAD")
+        scope[DISCONNECT_HOOK] = cycle.on_disconnect
         self.parsing = cycle
         if self.active is None and self.starting is None:
             self._disarm()

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 import flm.http.server as server
-from flm.http.asgi import Message, Receive, RequestBodyTimeout, Scope, Send
+from flm.http.asgi import DISCONNECT_HOOK, Message, Receive, RequestBodyTimeout, Scope, Send
 from flm.http.server import HttpServer, bind_socket
 from flm.openai.errors import refusal
 
@@ -305,6 +305,48 @@ def test_disconnect_reaches_a_waiting_receive(running: Callable[..., Running]) -
     sock.close()
     assert done.wait(5)
     assert got == [{"type": "http.disconnect"}]
+
+
+def test_disconnect_hook_calls_back_without_a_waiting_task(
+    running: Callable[..., Running],
+) -> None:
+    """The scope's DISCONNECT_HOOK: the callback runs when the client leaves (nothing waits
+    on receive()), at once when registered after the client left, and never once withdrawn
+    or after the request ended."""
+    calls: list[str] = []
+    ended = threading.Event()
+    hooks: list[Callable[[Any], None]] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        hook = scope[DISCONNECT_HOOK]
+        hooks.append(hook)
+        path = scope["path"]
+        if path == "/withdrawn":
+            hook(lambda: calls.append("withdrawn"))
+            hook(None)
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+            return
+        gone = asyncio.Event()
+        hook(lambda: (calls.append(path), gone.set()))
+        await gone.wait()
+        hook(lambda: calls.append(path + " late"))  # the client has gone: called at once
+        ended.set()
+
+    r = running(app)
+    with connect(r.port) as sock:
+        sock.sendall(b"GET /withdrawn HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert read_response(sock, bytearray())[0].startswith(b"HTTP/1.1 200")
+    sock = connect(r.port)
+    sock.sendall(b"GET /waits HTTP/1.1\r\nHost: a\r\n\r\n")
+    deadline = time.monotonic() + 5
+    while len(hooks) < 2:
+        assert time.monotonic() < deadline, "the request never reached the app"
+        time.sleep(0.01)
+    sock.close()
+    assert ended.wait(5)
+    assert calls == ["/waits", "/waits late"]
 
 
 def test_app_errors_give_500_or_cut_the_reply(
