@@ -22,6 +22,7 @@ import math
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from flm.core.keyscope import KeyScope
@@ -217,6 +218,9 @@ class UsageSink:
         self._stop = False
         self._lock = threading.Lock()
         self._pruned_at = 0.0
+        #: :meth:`record` with its arguments as one tuple (``estimated`` as 0 or 1): the
+        #: request path's form, the queue's own ``append`` (no Python frame).
+        self.record_item: Callable[[_Item], None] = self._items.append
         self._thread = threading.Thread(target=self._run, name="flm-usage", daemon=True)
         self._thread.start()
 
@@ -315,9 +319,18 @@ def account(rt: Any, state: Any, ts: float) -> None:
         # (the ledger counts tokens only where a limit needs them: a budget set later is
         # loaded with today's totals from the rollups at the reload that brings it)
         rt.ledger.charge(key.key_id, prompt + completion, key.tpm)
-    if rt.usage is not None:
-        rt.usage.record(
-            ts, key.key_id, model, state.engine_id or "", prompt, completion, state.usage_estimated
+    usage = rt.usage
+    if usage is not None:
+        usage.record_item(
+            (
+                ts,
+                key.key_id,
+                model,
+                state.engine_id or "",
+                prompt,
+                completion,
+                1 if state.usage_estimated else 0,
+            )
         )
     if prompt or completion:
         rt.metrics.record_key_tokens(key.label, model, prompt, completion)
