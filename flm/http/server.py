@@ -488,19 +488,18 @@ class _Cycle:
         parts = [line, _date_line()]
         has_length = False
         skipped = 0
-        for name, value in headers:
-            kind = _FRAMING.get(name if name.islower() else name.lower())
-            if kind is not None:
-                if kind == _LENGTH:
-                    has_length = True
-                elif kind == _EMPTY:
-                    raise RuntimeError("response header with an empty name")
-                else:  # connection, transfer-encoding: framing is this server's choice
-                    if kind == _CONNECTION and value.lower() == b"close":
-                        self.keep_alive = False
-                    skipped += 1
-                    continue
-            parts += (name, b": ", value, b"\r\n")
+        if headers:
+            # Every header line in one pass of C code. The framing headers are found by the
+            # start of their line, in any case (a CR or LF inside a name or value, which could
+            # fake a line start, is refused below); a reply that names connection or
+            # transfer-encoding, or has an empty name, takes the header-by-header way.
+            block = b"\r\n".join(map(b": ".join, headers))
+            low = b"\n" + block.lower()
+            if b"\nconnection:" in low or b"\ntransfer-encoding:" in low or b"\n:" in low:
+                has_length, skipped = self._header_lines(headers, parts)
+            else:
+                has_length = b"\ncontent-length:" in low
+                parts += (block, b"\r\n")
         lines = 3 + len(headers) - skipped  # + status line, date, blank line
         state = self.proto.state
         if state.fixed:
@@ -529,6 +528,27 @@ class _Cycle:
         self.pending_head = head
         # Sent with the first body part, or on the next loop turn if that takes longer.
         self.proto.loop.call_soon(self._flush_head)
+
+    def _header_lines(self, headers: Any, parts: list[bytes]) -> tuple[bool, int]:
+        """The header lines of a reply that names a framing header, added to ``parts``
+        (connection and transfer-encoding are left out: framing is this server's choice);
+        returns whether it has a length, and how many headers were left out."""
+        has_length = False
+        skipped = 0
+        for name, value in headers:
+            kind = _FRAMING.get(name if name.islower() else name.lower())
+            if kind is not None:
+                if kind == _LENGTH:
+                    has_length = True
+                elif kind == _EMPTY:
+                    raise RuntimeError("response header with an empty name")
+                else:  # connection, transfer-encoding: framing is this server's choice
+                    if kind == _CONNECTION and value.lower() == b"close":
+                        self.keep_alive = False
+                    skipped += 1
+                    continue
+            parts += (name, b": ", value, b"\r\n")
+        return has_length, skipped
 
     @staticmethod
     def _check_headers(headers: Any) -> None:

@@ -442,6 +442,9 @@ def test_framing_headers_from_the_app_are_the_servers_to_decide(
             ],
             "/keep": [(b"connection", b"keep-alive"), (b"transfer-encoding", b"identity")],
             "/empty": [(b"", b"x"), (b"content-length", b"2")],
+            # a length in any case, among other headers, frames the reply (no chunking);
+            # a value that merely mentions a framing header is only a value
+            "/upper": [(b"X-A", b"connection: close"), (b"CONTENT-Length", b"2"), (b"x-b", b"")],
         }[scope["path"]]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": b"ok"})
@@ -459,6 +462,14 @@ def test_framing_headers_from_the_app_are_the_servers_to_decide(
         assert headers[b"content-length"] == b"2" and body == b"ok"
         assert b"transfer-encoding" not in headers and headers[b"connection"] == b"close"
         assert closed_by_peer(sock)
+    with connect(r.port) as sock:
+        buf = bytearray()
+        for _ in range(2):  # (kept alive)
+            sock.sendall(b"GET /upper HTTP/1.1\r\nHost: a\r\n\r\n")
+            status, headers, body = read_response(sock, buf)
+            assert headers[b"content-length"] == b"2" and body == b"ok"
+            assert headers[b"x-a"] == b"connection: close" and headers[b"x-b"] == b""
+            assert b"transfer-encoding" not in headers and b"connection" not in headers
     with connect(r.port) as sock:
         sock.sendall(b"GET /empty HTTP/1.1\r\nHost: a\r\n\r\n")
         status, _, _ = read_response(sock, bytearray())
