@@ -85,9 +85,15 @@ class KeyLedger:
     def admit(self, scope: KeyScope, *, count: bool = True) -> list[tuple[bytes, bytes]]:
         """Let one request of ``scope``'s key in, or raise the 429 to answer. Returns the
         ``x-ratelimit-*`` headers for the reply (empty for a key without per-minute limits).
-        ``count``: the request counts toward the daily request budget."""
+        ``count``: the request counts toward the daily request budget. (Runs for every
+        request of a key with limits: the key's state and its buckets are read and updated
+        inline, without a method call each.)"""
         now = self.clock()
-        st = self._state(scope.key_id, now)
+        st = self._keys.get(scope.key_id)
+        if st is None:
+            st = self._keys[scope.key_id] = _KeyState(now)
+        elif st.day != int(now // DAY_S):
+            st.day, st.day_requests, st.day_tokens = int(now // DAY_S), 0, 0
         if count:
             if scope.daily_requests is not None and st.day_requests >= scope.daily_requests:
                 raise _budget(
@@ -97,14 +103,15 @@ class KeyLedger:
                 raise _budget(
                     now, f"the key's daily token budget ({scope.daily_tokens}) is used up"
                 )
-        if not scope.limited:
+        rpm = scope.rpm
+        tpm = scope.tpm
+        if rpm is None and tpm is None:
             if count:
                 st.day_requests += 1
             return []
         headers: list[tuple[bytes, bytes]] = []
         wait = 0.0
         charged = False
-        rpm = scope.rpm
         if rpm is not None:
             capacity = float(scope.burst or rpm)
             rate = rpm / 60.0
@@ -119,26 +126,36 @@ class KeyLedger:
                 charged = True
             st.req_level = level
             reset = (capacity - level) / rate
-            headers += [
+            if wait > reset:
+                reset = wait
+            headers = [
                 (b"x-ratelimit-limit-requests", scope.rpm_text),
                 (b"x-ratelimit-remaining-requests", b"%d" % level),
-                (b"x-ratelimit-reset-requests", _duration(wait if wait > reset else reset)),
+                (
+                    b"x-ratelimit-reset-requests",
+                    b"%dms" % (reset * 1000) if 0 < reset < 1 else _duration(reset),
+                ),
             ]
-        tpm = scope.tpm
         if tpm is not None:
             rate = tpm / 60.0
-            level = self._tokens(st, tpm, now)
+            level = st.tok_level + (now - st.tok_at) * tpm / 60.0
+            if level > tpm:
+                level = float(tpm)
+            st.tok_level, st.tok_at = level, now
             if level <= 0:
                 reset = (1.0 - level) / rate
                 if reset > wait:
                     wait = reset
             else:
                 reset = (tpm - level) / rate
-            headers += [
+            headers += (
                 (b"x-ratelimit-limit-tokens", scope.tpm_text),
                 (b"x-ratelimit-remaining-tokens", b"%d" % (level if level > 0 else 0)),
-                (b"x-ratelimit-reset-tokens", _duration(reset)),
-            ]
+                (
+                    b"x-ratelimit-reset-tokens",
+                    b"%dms" % (reset * 1000) if 0 < reset < 1 else _duration(reset),
+                ),
+            )
         if wait:
             if charged:
                 st.req_level += 1.0  # refused for tokens: the request is not charged
@@ -153,23 +170,21 @@ class KeyLedger:
             st.day_requests += 1
         return headers
 
-    @staticmethod
-    def _tokens(st: _KeyState, tpm: int, now: float) -> float:
-        """The key's token bucket now (it may be below zero: a request that used more
-        tokens than were left leaves a debt the next requests wait out)."""
-        level = min(float(tpm), st.tok_level + (now - st.tok_at) * tpm / 60.0)
-        st.tok_level, st.tok_at = level, now
-        return level
-
     def charge(self, key_id: str, tokens: int, tpm: int | None) -> None:
-        """Count a finished request's tokens toward the key's day and per-minute budget."""
+        """Count a finished request's tokens toward the key's day and per-minute budget (a
+        request that used more tokens than were left leaves a debt, below zero, that the
+        next requests wait out)."""
         if not tokens:
             return
         now = self.clock()
         st = self._state(key_id, now)
         st.day_tokens += tokens
         if tpm is not None:
-            st.tok_level = self._tokens(st, tpm, now) - tokens
+            level = st.tok_level + (now - st.tok_at) * tpm / 60.0
+            if level > tpm:
+                level = float(tpm)
+            st.tok_at = now
+            st.tok_level = level - tokens
 
     def today(self, key_id: str) -> tuple[int, int]:
         """(requests, tokens) counted today for the key (this process's view)."""
