@@ -16,11 +16,12 @@ gateway answers, and the queue (memory) grew for as long as the load lasted. So 
 formatted in at most :data:`MAX_PAUSES` slices (slices grow with the batch), and a batch above
 :data:`HIGH_WATER` items, a backlog only a saturated loop builds, is formatted without pauses:
 the flusher then shares the GIL with the loop at the switch interval and catches up, which
-bounds the queue without dropping a record. The same holds from the first pause that takes a
-switch interval (:data:`BUSY_PAUSE_S`) to give the GIL back: the loop is saturated, its
-requests wait in its own queue whatever the flusher does, and each further pause would only
-cost the flusher another switch interval (64 of them, a third of a second per batch, made the
-records' age trip the back-pressure below under full load).
+bounds the queue without dropping a record. The same holds from the first pause that takes
+most of a switch interval (:data:`BUSY_PAUSE_S`) to end: the flusher got the GIL (or a CPU)
+back only when the interpreter or the system forced a switch, so the loop (or the machine) is
+busy all the time, and each further pause would only cost the flusher as much again (64 of
+them could take a third of a second per batch, long enough for the records' age to trip the
+back-pressure below).
 
 Bounded, with back-pressure. Records not yet committed (queued plus the batch being written)
 are counted; at :data:`QUEUE_LIMIT` the gateway stops taking new requests until the flusher
@@ -78,9 +79,8 @@ _PAUSE_S = 0.0001
 MAX_PAUSES = 64
 #: A batch this long is formatted without pauses (see the docstring).
 HIGH_WATER = 20_000
-#: A pause that took this long got the GIL back only at the interpreter's switch interval:
-#: the event loop had work all that time (saturated), so the rest of the batch is formatted
-#: without pauses (see the docstring).
+#: A pause that took this long got the GIL (or a CPU) back only when a switch was forced: the
+#: rest of the batch is formatted without pauses (see the docstring).
 BUSY_PAUSE_S = 0.8 * sys.getswitchinterval()
 #: At most this many records are unwritten (queued or in the batch being written) before the
 #: gateway stops taking new requests (see the docstring). Requests in flight when the bound is
