@@ -455,7 +455,13 @@ class AuditSink:
         (``hard``: twice the count, for the routes that must stay observable)."""
         if hard:
             return self.unwritten() >= 2 * self.limit
-        return self.unwritten() >= self.limit or self.oldest_age() > MAX_AGE_S
+        # (asked before every request: unwritten() and oldest_age() inline)
+        kept = self._kept
+        items = self._items
+        if len(items) + self._inflight + (kept.count if kept is not None else 0) >= self.limit:
+            return True
+        since = self._kept_since or self._batch_since or (self._queued_since if items else None)
+        return since is not None and time.monotonic() - since > MAX_AGE_S
 
     async def room(self, wait_s: float | None = None, *, hard: bool = False) -> bool:
         """Wait (on the event loop) until the audit has room; ``False`` after ``wait_s``
