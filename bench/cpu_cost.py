@@ -17,7 +17,9 @@ req/s and of wrk's p50/p99.
 
 ``--scoped`` gives every gateway a second target with a key whose every per-key setting is on
 (as run.py's ``flm-scoped``), ``NAME+scoped``: its CPU per request against ``NAME``'s is what
-the scope's checks, the ledger and the ``x-ratelimit-*`` headers cost.
+the scope's checks, the ledger and the ``x-ratelimit-*`` headers cost. (A ``--flm`` gateway
+named ``NAME+scoped`` gets only that key.) At the end, each gateway's
+``flm_audit_backpressure_waits_total``: how often the audit's bound held requests back.
 
 ``--profile DIR``: after the rounds, one more c=64 run per gateway under ``py-spy record``
 (if installed: ``pip install py-spy``; it needs ptrace rights, as root), written as
@@ -216,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     run.wait_ready(mock_port, "/health", mock, 15)
     targets: list[run.Target] = []
     for name, exe, env in variants:
+        if name.endswith("+scoped"):  # (one variant with a scoped key, named so)
+            targets.append(start(name, exe, mock, mock_port, root, target_cpus, True, env))
+            continue
         if not args.only_scoped:
             targets.append(start(name, exe, mock, mock_port, root, target_cpus, False, env))
         if args.scoped:
@@ -263,6 +268,15 @@ def main(argv: list[str] | None = None) -> int:
                 f"{med['p50_ms']:>8.3f} {med['p99_ms']:>8.3f}"
                 + (f"  errors {med['errors']}" if med["errors"] else "")
             )
+    for t in targets:  # how often the audit's back-pressure held requests back (issue 18)
+        status, body = run.http_get(t.port, "/metrics", timeout=10)
+        waits = re.search(rb"^flm_audit_backpressure_waits_total (\S+)$", body, re.MULTILINE)
+        summary.setdefault(t.name, {})["audit_backpressure_waits"] = (
+            float(waits[1]) if status == 200 and waits else None
+        )
+        print(
+            f"{t.name:>16} audit back-pressure waits: {summary[t.name]['audit_backpressure_waits']}"
+        )
     if args.profile:
         spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
         args.profile.mkdir(parents=True, exist_ok=True)
