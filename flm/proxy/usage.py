@@ -133,7 +133,7 @@ class KeyLedger:
                 (b"x-ratelimit-remaining-requests", b"%d" % level),
                 (
                     b"x-ratelimit-reset-requests",
-                    b"%dms" % (reset * 1000) if 0 < reset < 1 else _duration(reset),
+                    b"%dms" % (reset * 1000) if 0 <= reset < 1 else _duration(reset),
                 ),
             ]
         if tpm is not None:
@@ -153,7 +153,7 @@ class KeyLedger:
                 (b"x-ratelimit-remaining-tokens", b"%d" % (level if level > 0 else 0)),
                 (
                     b"x-ratelimit-reset-tokens",
-                    b"%dms" % (reset * 1000) if 0 < reset < 1 else _duration(reset),
+                    b"%dms" % (reset * 1000) if 0 <= reset < 1 else _duration(reset),
                 ),
             )
         if wait:
@@ -177,7 +177,11 @@ class KeyLedger:
         if not tokens:
             return
         now = self.clock()
-        st = self._state(key_id, now)
+        st = self._keys.get(key_id)
+        if st is None:
+            st = self._keys[key_id] = _KeyState(now)
+        elif st.day != int(now // DAY_S):
+            st.day, st.day_requests, st.day_tokens = int(now // DAY_S), 0, 0
         st.day_tokens += tokens
         if tpm is not None:
             level = st.tok_level + (now - st.tok_at) * tpm / 60.0
