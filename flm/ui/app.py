@@ -47,6 +47,8 @@ log = logging.getLogger("flm.ui")
 COOKIE = "flm_ui"
 THEMES = ("system", "light", "dark")
 PAGE_SIZE = 50
+#: API keys per page of the API page's list (a filter finds one among thousands)
+KEYS_PAGE = 50
 STATIC_TYPES = {
     ".css": "text/css; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",
@@ -204,6 +206,7 @@ class UiApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
+        started = time.perf_counter()
         req = Request(scope, receive)
         if req.headers.get("host", "").lower() not in {o.split("//", 1)[1] for o in self.origins}:
             await respond(
@@ -251,7 +254,16 @@ class UiApp:
             status,
             b"" if req.method == "HEAD" else body,
             kind,
-            self._headers() + extra + [(b"x-request-id", page.request_id.encode())],
+            [
+                *self._headers(),
+                *extra,
+                (b"x-request-id", page.request_id.encode()),
+                # the time the page took on the server (the bench reads it; loopback only)
+                (
+                    b"server-timing",
+                    f"app;dur={(time.perf_counter() - started) * 1000:.1f}".encode(),
+                ),
+            ],
         )
 
     def _check_state_change(self, req: Request, session: Session, form: dict[str, str]) -> None:
@@ -663,15 +675,27 @@ class UiApp:
         except FlmError as exc:
             models, model_errors = [], {"-": exc.message}
 
+        q = page.req.query
+        search = q.get("kq", "").strip()[:100]
+        try:
+            number = max(1, min(10_000, int(q.get("kpage") or 1)))
+        except ValueError:
+            number = 1
+
         def read() -> dict[str, Any]:
             from flm.services.keys import key_view
 
+            rows = self.ctx.keys.list()
+            if search:
+                needle = search.casefold()
+                rows = [k for k in rows if needle in k.label.casefold() or needle in k.id]
+            rows.sort(key=lambda k: (k.revoked_at is not None, k.created_at))
+            shown = rows[(number - 1) * KEYS_PAGE : number * KEYS_PAGE]
             today = self.ctx.keys.today()
-            keys = [key_view(k, today) for k in self.ctx.keys.list()]
-            keys.sort(key=lambda k: (k["status"] != "active", k["created_at"]), reverse=False)
             profiles = ProfileService(self.ctx.storage)
             return {
-                "keys": keys,
+                "keys": [key_view(k, today) for k in shown],
+                "key_total": len(rows),
                 "policy": self.ctx.policy.show(),
                 "profiles": {
                     (p["engine_id"], p["model_id"]): p["label"] for p in profiles.profiles()
@@ -687,6 +711,11 @@ class UiApp:
             models=[m.to_dict() for m in models],
             model_errors=model_errors,
             keys=data["keys"],
+            key_total=data["key_total"],
+            key_search=search,
+            key_page=number,
+            key_pages=max(1, -(-data["key_total"] // KEYS_PAGE)),
+            key_query=lambda **kw: _query({"kq": search, **kw}),
             profiles=data["profiles"],
             prompts=data["prompts"],
             policy=policy,
@@ -769,7 +798,7 @@ class UiApp:
             if row is None:
                 return None
             return {
-                "key": key_view(row, self.ctx.keys.today()),
+                "key": key_view(row, self.ctx.keys.today(key_id)),
                 "figures": self._audit_figures(span, scope),
             }
 

@@ -92,12 +92,17 @@ def top_users(
     db: Database, span: str = "hour", scope: Scope = None
 ) -> dict[str, list[tuple[str, int]]]:
     """The busiest keys and engines in the window (at most 8 of each), of all traffic or of
-    one key or engine."""
+    one key or engine (whose own list, of one, is not read)."""
     since = window_start(span)
     repo = DashboardRepo(db)
+    kind = scope[0] if scope else None
     return {
-        "keys": [(r["who"], int(r["n"])) for r in repo.top_keys(since, scope)],
-        "engines": [(r["who"], int(r["n"])) for r in repo.top_engines(since, scope)],
+        "keys": []
+        if kind == "key"
+        else [(r["who"], int(r["n"])) for r in repo.top_keys(since, scope)],
+        "engines": []
+        if kind == "engine"
+        else [(r["who"], int(r["n"])) for r in repo.top_engines(since, scope)],
     }
 
 
