@@ -288,3 +288,52 @@ def test_key_form_errors_name_their_field(ui: Ui) -> None:
     assert revoked.status == 200
     again = session.post("/api/keys/update", {"id": key_id, "rpm": "5"})
     assert again.status == 400 and _key_row(key_id).limits.rpm is None
+
+
+def test_dashboard_polls_share_one_read_per_few_seconds(ui: Ui) -> None:
+    """An open dashboard polls; the audit window is read once per STATS_TTL_S however often
+    it asks (a new request shows up after that, not on every poll)."""
+    import time
+
+    from flm.core.paths import Paths
+    from flm.core.timeutil import now_iso
+    from flm.storage import Storage
+    from flm.storage.records import AUDIT_COLUMNS, write_batch
+    from flm.ui.app import STATS_TTL_S
+
+    session = ui.login()
+
+    def requests() -> int:
+        reply = session.get("/data/dashboard", Accept="application/json")
+        summary = reply.json["fragments"]["summary"]  # type: ignore[index]
+        return int(re.search(r'data-summary="requests">(\d+)<', summary)[1])  # type: ignore[index]
+
+    def add_request() -> None:
+        row = dict.fromkeys(AUDIT_COLUMNS) | {
+            "ts": now_iso(),
+            "request_id": "poll-test",
+            "status": 200,
+            "latency_ms": 5.0,
+            "event_type": "request",
+            "severity": "info",
+        }
+        storage = Storage(Paths.resolve())
+        try:
+            write_batch(storage.security, [tuple(row[c] for c in AUDIT_COLUMNS)], [], [], [])
+        finally:
+            storage.close()
+
+    for _attempt in range(3):
+        started = time.monotonic()
+        before = requests()
+        add_request()
+        again = requests()
+        if time.monotonic() - started < STATS_TTL_S:  # (else the cache expired: try again)
+            break
+    else:
+        raise AssertionError("could not poll twice within the cache's lifetime")
+    assert again == before  # the second poll did not read the audit window again
+    deadline = time.monotonic() + STATS_TTL_S + 10
+    while requests() == before:
+        assert time.monotonic() < deadline, "the new request never showed up"
+        time.sleep(0.2)
