@@ -239,6 +239,14 @@ def test_every_page_in_both_languages_and_themes(ui: Ui, emulator: str, browser:
         )
         == labels[::-1]
     )
+    # the key page (the active key, with a scope) and one engine's view join the tour
+    active = page.get_attribute("tr[data-key-status=active]", "data-key-id")
+    page.goto(ui.origin + f"/api/key?id={active}")
+    page.fill("#kf-models", "flm://emu/*")
+    page.fill("#kf-daily_tokens", "5000")
+    with page.expect_navigation():
+        page.click("#key-save")
+    pages = {**PAGES, "key": f"/api/key?id={active}", "dashboard-engine": "/?engine=emu"}
     seen: dict[str, list[str]] = {}
     for lang in ("en", "ja"):
         for theme in ("light", "dark"):
@@ -249,7 +257,7 @@ def test_every_page_in_both_languages_and_themes(ui: Ui, emulator: str, browser:
                 page.click("main form[action='/settings'] button[type=submit]")
             assert page.get_attribute("html", "lang") == lang
             assert page.get_attribute("html", "data-theme") == theme
-            for name, path in PAGES.items():
+            for name, path in pages.items():
                 page.goto(ui.origin + path)
                 _shot(page, f"{name}-{lang}-{theme}")
                 result = page.evaluate(CONTRAST_JS)
