@@ -23,6 +23,7 @@ import ipaddress
 import json
 import logging
 import secrets
+import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -144,6 +145,7 @@ class UiApp:
         self.health: dict[str, deque[tuple[str, str, float | None]]] = {}
         #: (span, scope) -> (when, figures): polls within STATS_TTL_S share one read
         self._stats_cache: dict[tuple[str, ChartScope], tuple[float, dict[str, Any]]] = {}
+        self._stats_lock = threading.Lock()
         self.static = _static_files()
         self.env = Environment(
             loader=PackageLoader("flm.ui", "templates"),
@@ -443,7 +445,8 @@ class UiApp:
         ``STATS_TTL_S`` (a UI left open polls; the gateway writes to the same database); at
         most ``STATS_CACHED`` views are kept."""
         now = time.monotonic()
-        cached = self._stats_cache.get((span, scope))
+        with self._stats_lock:
+            cached = self._stats_cache.get((span, scope))
         if cached is not None and now - cached[0] < STATS_TTL_S:
             return cached[1]
         db = self.ctx.storage.security
@@ -456,10 +459,11 @@ class UiApp:
             "top_engines": top["engines"],
             "events": stats.recent_high_events(db),
         }
-        self._stats_cache.pop((span, scope), None)
-        while len(self._stats_cache) >= STATS_CACHED:
-            self._stats_cache.pop(next(iter(self._stats_cache)))
-        self._stats_cache[(span, scope)] = (now, figures)
+        with self._stats_lock:  # (reads run in worker threads)
+            self._stats_cache.pop((span, scope), None)
+            while len(self._stats_cache) >= STATS_CACHED:
+                self._stats_cache.pop(next(iter(self._stats_cache)))
+            self._stats_cache[(span, scope)] = (now, figures)
         return figures
 
     def _chart_values(
