@@ -34,6 +34,9 @@ from flm.storage.usage import DAY_S, add_rollups, prune_rollups
 log = logging.getLogger("flm.usage")
 
 PRUNE_INTERVAL_S = 600.0
+#: Requests kept for a retry when the rollups cannot be written (a full disk, a locked or
+#: replaced file); past this many, the oldest are dropped and counted in the log.
+MAX_PENDING = 100_000
 
 
 def estimate_tokens(text: str) -> int:
@@ -237,6 +240,8 @@ class UsageSink:
         self._stop = False
         self._lock = threading.Lock()
         self._pruned_at = 0.0
+        #: Requests whose usage could not be kept for a retry (see :meth:`_keep_for_retry`).
+        self.dropped = 0
         #: :meth:`record` with its arguments as one tuple (``estimated`` as 0 or 1): the
         #: request path's form, the queue's own ``append`` (no Python frame).
         self.record_item: Callable[[_Item], None] = self._items.append
@@ -263,10 +268,13 @@ class UsageSink:
             self._wake.clear()
             try:
                 self.flush()
+            except Exception:  # flush logged the cause and the count; retried next round
+                continue
+            try:
                 if time.monotonic() - self._pruned_at >= PRUNE_INTERVAL_S:
                     self.prune()
             except Exception:  # pragma: no cover - logged, never fatal for the proxy
-                log.exception("usage flush failed")
+                log.exception("usage rollups not pruned")
 
     def flush(self) -> int:
         """Add everything queued so far to the rollups; the number of requests written."""
@@ -297,8 +305,32 @@ class UsageSink:
                 if ts > last_used.get(key_id, 0.0):
                     last_used[key_id] = ts
 
-            add_rollups(self._db, minutes, hours, {k: _iso(t) for k, t in last_used.items()})
+            try:
+                add_rollups(self._db, minutes, hours, {k: _iso(t) for k, t in last_used.items()})
+            except Exception as exc:
+                self._keep_for_retry(batch, exc)
+                raise
+            if self.dropped:
+                log.warning("usage rollups written again; %d requests were lost", self.dropped)
+                self.dropped = 0
             return len(batch)
+
+    def _keep_for_retry(self, batch: list[_Item], exc: Exception) -> None:
+        """Put an unwritten batch back at the front of the queue (oldest first), keeping at
+        most :data:`MAX_PENDING` requests; what does not fit is counted as lost."""
+        room = MAX_PENDING - len(self._items)
+        lost = max(0, len(batch) - max(room, 0))
+        if lost:
+            self.dropped += lost
+            batch = batch[lost:]
+        self._items.extendleft(reversed(batch))
+        log.error(
+            "usage rollups not written (%s: %s); %d requests kept for a retry, %d lost so far",
+            type(exc).__name__,
+            exc,
+            len(self._items),
+            self.dropped,
+        )
 
     def prune(self, now: float | None = None) -> None:
         """Delete minute rows past 48 hours and hour rows past 90 days."""
