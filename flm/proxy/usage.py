@@ -268,7 +268,7 @@ class UsageSink:
             self._wake.clear()
             try:
                 self.flush()
-            except Exception:  # flush logged the cause and the count; retried next round
+            except Exception:  # noqa: S112 - flush logged the cause and the count; retried next round
                 continue
             try:
                 if time.monotonic() - self._pruned_at >= PRUNE_INTERVAL_S:
