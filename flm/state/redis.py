@@ -39,6 +39,8 @@ KEYS = PREFIX + "keys"
 POLICY = PREFIX + "policy"
 #: How long one call may take before Redis counts as unreachable (loopback or LAN).
 CALL_TIMEOUT_S = 0.5
+#: Redis connections per process (requests beyond it wait for one, see ``_connect``)
+POOL_SIZE = 64
 CONNECT_TIMEOUT_S = 1.0
 #: Reconnect back-off: first wait, and the longest.
 BACKOFF_S = (0.2, 5.0)
@@ -95,21 +97,28 @@ class RedisState:
 
     def _connect(self) -> aioredis.Redis:
         c = self.config
-        return aioredis.Redis(
+        tls: dict[str, Any] = (
+            {"connection_class": aioredis.SSLConnection, "ssl_ca_certs": c.ca_file} if c.tls else {}
+        )
+        # A pool that waits (up to one call's timeout) for a free connection when every one
+        # is busy: a burst of concurrent requests queues for a connection instead of being
+        # taken for an outage ("too many connections" is not "Redis is gone").
+        pool = aioredis.BlockingConnectionPool(
+            max_connections=POOL_SIZE,
+            timeout=CALL_TIMEOUT_S,
             host=_host(c.url),
             port=_port(c.url),
             db=c.db,
             username=_user(c.url),
             password=c.password(),
-            ssl=c.tls,
-            ssl_ca_certs=c.ca_file,
             socket_timeout=CALL_TIMEOUT_S,
             socket_connect_timeout=CONNECT_TIMEOUT_S,
             decode_responses=True,
             # (no retries: the request path must learn at once that Redis is gone)
             retry=Retry(NoBackoff(), 0),
-            max_connections=64,
+            **tls,
         )
+        return aioredis.Redis.from_pool(pool)
 
     def record_sync(self, key_id: str) -> dict[str, Any] | None:
         """One key's shared record, from a worker thread (the Argon2 verify pool); None when
