@@ -10,18 +10,16 @@ from pathlib import Path
 import pytest
 
 from flm.core.errors import ProxyAcmeError
-from flm.tls.acmeclient import (
+from flm.tls.acme_client import AcmeClient
+from flm.tls.acme_options import (
     LETSENCRYPT_PRODUCTION,
     LETSENCRYPT_STAGING,
-    AcmeClient,
     check_acme_names,
     check_challenge_type,
-    live_dir_name,
-    load_acme_certificate,
-    needs_renewal,
     resolve_acme_directory,
-    store_acme_certificate,
 )
+from flm.tls.acme_store import live_dir_name, load_acme_certificate, store_acme_certificate
+from flm.tls.certs import needs_renewal
 from flm.tls.challenge import ACME_CHALLENGE_PREFIX, ChallengeStore
 from flm.tls.issue import ensure_local_ca, ensure_server_cert
 
