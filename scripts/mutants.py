@@ -89,7 +89,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     M(
         "new-secret-on-stderr",
-        "flm/cli/keys.py",
+        "flm/cli/api_keys.py",
         '    data = {**key_view(row), "key": plaintext}',
         '    data = {**key_view(row), "key": plaintext}\n'
         '    print("secret:", plaintext.split("_", 2)[2], file=__import__("sys").stderr)',

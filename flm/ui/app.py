@@ -569,7 +569,7 @@ class UiApp:
             models, model_errors = [], {"-": exc.message}
 
         def read() -> dict[str, Any]:
-            from flm.services.keys import key_view
+            from flm.services.api_keys import key_view
 
             last = stats.key_last_used(self.ctx.storage.security)
             keys = [key_view(k) | {"last_used": last.get(k.id)} for k in self.ctx.keys.list()]
