@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import ssl
 import uuid
 from collections.abc import Sequence
@@ -25,7 +24,7 @@ from flm.tls.truststore import (
     plan_install,
     uninstall_ca,
 )
-from tests.support import require_real_trust_store
+from tests.support import curl_with_system_trust, require_real_trust_store
 
 
 @pytest.fixture
@@ -171,23 +170,9 @@ def test_store_names_are_clear(flm_home: Path) -> None:
 
 
 async def _curl(url: str) -> tuple[int, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("SSL_CERT_FILE", "SSL_CERT_DIR", "CURL_CA_BUNDLE", "REQUESTS_CA_BUNDLE")
-    }
+    argv, env = curl_with_system_trust(url)
     proc = await asyncio.create_subprocess_exec(
-        "curl",
-        "--silent",
-        "--show-error",
-        "--max-time",
-        "10",
-        "--noproxy",
-        "*",
-        url,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env
     )
     out, err = await proc.communicate()
     assert proc.returncode is not None
