@@ -34,11 +34,26 @@ def test_scope_matches_exact_ids_and_globs() -> None:
     assert everything.allows_model("flm://any/thing") and everything.allows_engine("any")
 
 
-def test_patterns_and_expiry_are_checked() -> None:
-    assert check_patterns([" flm://a/*", "flm://a/*"]) == ["flm://a/*"]
-    for bad in ("ollama/*", "flm://a", "flm:///m", "flm://A B/m"):
+@pytest.mark.parametrize(
+    ("patterns", "kept"),
+    [
+        ([" flm://a/*", "flm://a/*"], ["flm://a/*"]),  # trimmed, de-duplicated
+        (["flm://a/m:1", "flm://b/*"], ["flm://a/m:1", "flm://b/*"]),
+        (["ollama/*"], None),
+        (["flm://a"], None),
+        (["flm:///m"], None),
+        (["flm://A B/m"], None),
+    ],
+)
+def test_model_patterns_are_checked(patterns: list[str], kept: list[str] | None) -> None:
+    if kept is None:
         with pytest.raises(UsageError):
-            check_patterns([bad])
+            check_patterns(patterns)
+    else:
+        assert check_patterns(patterns) == kept
+
+
+def test_expiry_is_checked() -> None:
     now = datetime(2026, 1, 1, tzinfo=UTC)
     assert parse_expiry("30d", now) == "2026-01-31T00:00:00.000Z"
     assert parse_expiry("12h", now) == "2026-01-01T12:00:00.000Z"

@@ -152,8 +152,22 @@ def test_only_a_self_signed_unexpired_root_is_accepted(flm_home: Path, tmp_path:
         install_ca(tmp_path / "absent.pem", dry_run=True, platform="debian")
 
 
-def test_store_name_cannot_escape_the_directory(root: Path) -> None:
-    for name in ("../etc/passwd", "", ".hidden", "a/b"):
+@pytest.mark.parametrize(
+    ("name", "valid"),
+    [
+        ("flm-test-ca", True),
+        ("flm.ca_2", True),
+        ("../etc/passwd", False),
+        ("", False),
+        (".hidden", False),
+        ("a/b", False),
+    ],
+)
+def test_store_name_cannot_escape_the_directory(root: Path, name: str, valid: bool) -> None:
+    if valid:
+        plan = install_ca(root, dry_run=True, platform="debian", store_name=name)
+        assert plan.files_to_write == (Path(f"/usr/local/share/ca-certificates/{name}.crt"),)
+    else:
         with pytest.raises(ProxyCertError, match="invalid trust store name"):
             install_ca(root, dry_run=True, platform="debian", store_name=name)
 
