@@ -14,11 +14,15 @@ median of A and B over many requests, spaced out as at concurrency 1. With ``--b
 instead counts the Python bytecodes each function runs per request in A, B and after the
 reply (a tracing run: the count is exact, the timing of that run is not).
 
-Run: ``.venv/bin/python bench/hotpath.py [--requests 5000] [--bytecodes] [--scoped] [--pool]``
-(``--scoped``: the key has a model scope, limits, budgets and an expiry, as in run.py's
-``flm-scoped`` target; ``--pool``: the request names ``flm://pool:bench/bench-model``, a pool
-of two engines, so the difference to a run without it is the pool's cost). Pin it to a core
-(``taskset -c 0``) for steadier figures. Not part of the test suite.
+Run: ``.venv/bin/python bench/hotpath.py [--requests 5000] [--bytecodes] [--scoped] [--pool]
+[--state-backend URL|spawn]`` (``--scoped``: the key has a model scope, limits, budgets and an
+expiry, as in run.py's ``flm-scoped`` target; ``--pool``: the request names
+``flm://pool:bench/bench-model``, a pool of two engines, so the difference to a run without it
+is the pool's cost; ``--state-backend``: the gateway keeps its shared state in that Redis, or
+in a private ``redis-server`` on a free loopback port with ``spawn``: A then includes the one
+Redis round trip per request, and the difference to a run without it is the Redis backend's
+added latency). Pin it to a core (``taskset -c 0``) for steadier figures. Not part of the
+test suite.
 """
 
 from __future__ import annotations
@@ -168,7 +172,9 @@ def _fake_transports(marks: _Marks) -> tuple[Any, Any]:
     return Upstream, Downstream
 
 
-async def _measure(key: str, requests: int, bytecodes: bool, body: bytes = BODY) -> None:
+async def _measure(
+    key: str, requests: int, bytecodes: bool, body: bytes = BODY, state_backend: str | None = None
+) -> None:
     from flm.core.paths import Paths
     from flm.http import server
     from flm.proxy.app import build_app, response_headers
@@ -177,7 +183,20 @@ async def _measure(key: str, requests: int, bytecodes: bool, body: bytes = BODY)
 
     marks = _Marks()
     _, downstream_cls = _fake_transports(marks)
-    runtime = build_runtime(ProxySettings(port=18200, bind="127.0.0.1"), Context(Paths.resolve()))
+    ctx = Context(Paths.resolve())
+    shared = None
+    if state_backend:
+        from flm.proxy.shared import start_shared
+        from flm.state.config import StateBackendConfig
+
+        config = StateBackendConfig.from_options(state_backend, None, False)
+        assert config is not None
+        shared = await start_shared(ctx, config, "bench")
+    runtime = build_runtime(ProxySettings(port=18200, bind="127.0.0.1"), ctx)
+    if shared is not None:
+        from flm.proxy.shared import attach_shared
+
+        await attach_shared(shared, runtime)
     state = server._ServerState(build_app(runtime), "http", 30.0, response_headers())
     proto = server.HttpProtocol(state)
     down = downstream_cls()
@@ -246,7 +265,8 @@ async def _measure(key: str, requests: int, bytecodes: bool, body: bytes = BODY)
     def p50(xs: list[float]) -> float:
         return xs[len(xs) // 2] * 1e6
 
-    print(f"{requests} requests, every security layer on (policy-all-on.json)")
+    where = f", shared state in {state_backend}" if state_backend else ""
+    print(f"{requests} requests, every security layer on (policy-all-on.json){where}")
     print(f"A  request in → engine request written   p50 {p50(a):6.1f} µs")
     print(f"B  engine reply in → client reply written p50 {p50(b):6.1f} µs")
     print(f"A + B (FLM's own time on the critical path)  {p50(a) + p50(b):6.1f} µs")
@@ -266,17 +286,75 @@ def main() -> None:
     ap.add_argument(
         "--pool", action="store_true", help="send the requests to a pool of two engines"
     )
+    ap.add_argument(
+        "--state-backend",
+        metavar="URL",
+        help="keep the shared state in this Redis (redis://HOST:PORT/DB), or 'spawn' a "
+        "private redis-server for the run",
+    )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="flm-hotpath-") as tmp:
-        home = Path(tmp)
+        home = Path(tmp) / "home"
+        home.mkdir(mode=0o700)
         os.environ["FLM_HOME"] = str(home)
         key = _prepare_home(home, args.scoped, args.pool)
+        redis = None
+        url = args.state_backend
+        if url == "spawn":
+            redis, url = _spawn_redis(Path(tmp))
         import uvloop
 
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(
-                _measure(key, args.requests, args.bytecodes, POOL_BODY if args.pool else BODY)
-            )
+        try:
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                runner.run(
+                    _measure(
+                        key,
+                        args.requests,
+                        args.bytecodes,
+                        POOL_BODY if args.pool else BODY,
+                        url,
+                    )
+                )
+        finally:
+            if redis is not None:
+                redis.terminate()
+                redis.wait(timeout=10)
+
+
+def _spawn_redis(where: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """A private redis-server (Debian package redis-server) on a free loopback port, no
+    persistence."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(where),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise SystemExit("redis-server did not start") from None
+            time.sleep(0.05)
+    return proc, f"redis://127.0.0.1:{port}/0"
 
 
 if __name__ == "__main__":

@@ -169,3 +169,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         path = str(getattr(item, "path", ""))
         if _SLOW_CALLS.intersection(names) or any(m in path for m in _SLOW_MODULES):
             item.add_marker(slow)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[Any]:
+    """A real ``redis-server`` (Debian package redis-server) on a free loopback port."""
+    from tests.redis_server import running_redis
+
+    with running_redis(tmp_path / "redis") as server:
+        yield server

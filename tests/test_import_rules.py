@@ -25,6 +25,7 @@ LAYERS: dict[str, int] = {
     "egress": 2,
     "openai": 2,
     "storage": 2,
+    "state": 2,
     "tls": 2,
     "http": 1,
     "core": 0,

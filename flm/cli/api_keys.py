@@ -126,6 +126,7 @@ def create(ctx: Context, args: argparse.Namespace) -> Result:
     from flm.services.api_keys import build_limits, key_view
 
     row, plaintext = ctx.keys.create(args.label, build_limits(**_changes(args)))
+    notify_proxies(ctx)  # (a proxy on a shared state backend shares the key at once)
     data = {**key_view(row), "key": plaintext}
     return Result(data, text=pairs, notes=[_STORE_NOTE])
 

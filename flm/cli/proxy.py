@@ -53,6 +53,28 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         action="store_true",
         help="fall back to direct connections when the SOCKS proxy is down",
     )
+    p.add_argument(
+        "--state-backend",
+        metavar="URL",
+        help="share rate limits, blocks, keys and policy with other FLM processes through "
+        "Redis: redis://HOST:PORT/DB or rediss://HOST:PORT/DB (TLS); never a password here",
+    )
+    p.add_argument(
+        "--state-password-file",
+        metavar="PATH",
+        help="a file (mode 0600) holding the Redis password",
+    )
+    p.add_argument(
+        "--state-ca-file",
+        metavar="PATH",
+        help="rediss://: the CA certificate(s) that signed Redis's (default: the system's)",
+    )
+    p.add_argument(
+        "--state-fail-open",
+        action="store_true",
+        help="while Redis is unreachable, serve on this process's own state (audited) "
+        "instead of refusing requests with 503",
+    )
     p.add_argument("--no-daemon", action="store_true", help="run in the foreground")
     p.set_defaults(handler=start)
     p = cmds.add_parser("stop", help="stop proxies", parents=[common])
@@ -99,6 +121,13 @@ def _config(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
         "acme_email": args.acme_email,
         "challenge": args.challenge,
         "dns_profile": args.dns_profile,
+        "state_backend": args.state_backend,
+        # (the daemon runs elsewhere: the path as this shell means it)
+        "state_password_file": os.path.abspath(args.state_password_file)
+        if args.state_password_file
+        else None,
+        "state_fail_open": args.state_fail_open,
+        "state_ca_file": os.path.abspath(args.state_ca_file) if args.state_ca_file else None,
     }
     if args.mode == ACME_MODE:
         config["acme_env"] = acme_env_from(os.environ)
@@ -115,6 +144,14 @@ def _audit_text(audit: dict[str, Any] | None) -> str:
             f"({audit['unwritten']} unwritten)"
         )
     return f"ok ({audit['unwritten']} unwritten)"
+
+
+def _state_text(state: dict[str, Any] | None) -> str:
+    if not state or state.get("backend", "local") == "local":
+        return "local"
+    reach = "reachable" if state.get("reachable") else "UNREACHABLE"
+    mode = "fail-open" if state.get("fail_open") else "fail-closed"
+    return f"{state['url']} {reach} ({mode})"
 
 
 def _status_text(data: dict[str, Any]) -> str:
@@ -135,6 +172,7 @@ def _status_text(data: dict[str, Any]) -> str:
                 "uptime_s": p["uptime_s"],
                 "pid": p["pid"],
                 "audit": _audit_text(p.get("audit")),
+                "state": _state_text(p.get("state")),
                 "last_error": p.get("last_error") or "",
             }
         )

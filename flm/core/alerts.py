@@ -22,6 +22,7 @@ FLOORS = {
     "engine_exposed": "high",
     "engine_down": "high",
     "egress_fail_open_triggered": "high",
+    "state_backend_unavailable": "high",
     "egress_failure": "high",
     "tor_unreachable": "high",
     "certificate_renewal_failed": "high",

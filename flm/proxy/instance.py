@@ -132,6 +132,9 @@ class ProxyInstance:
             "notes": list(self.notes),
             "pools": self.runtime.engines.pools.snapshot(),
             "audit": self.runtime.audit.status() if self.runtime.audit is not None else None,
+            "state": self.runtime.shared.describe()
+            if self.runtime.shared is not None
+            else {"backend": "local"},
         }
         if bundle is not None and self.tls is not None and s.https_port is not None:
             cert = bundle.to_dict()
@@ -281,7 +284,13 @@ async def start_instance(
     sockets = [bind_socket(config.bind, config.port)]
     servers: list[HttpServer] = []
     runtime: ProxyRuntime | None = None
+    shared = None
     try:
+        if config.state is not None:
+            from flm.proxy.shared import attach_shared, start_shared
+
+            # (before the runtime reads keys and policy: the shared ones are stored first)
+            shared = await start_shared(ctx, config.state, handle)
         if config.https_port is not None:
             sockets.append(bind_socket(config.bind, config.https_port))
         egress = await decide_start_egress(ctx, config.egress, handle)
@@ -306,6 +315,8 @@ async def start_instance(
         tls: TlsState | None = None
         if config.mode == LOCAL_HTTP:
             runtime = build_runtime(settings, ctx, egress.config)
+            if shared is not None:
+                await attach_shared(shared, runtime)
             servers.append(
                 HttpServer(
                     build_app(runtime),
@@ -321,6 +332,8 @@ async def start_instance(
             assert config.https_port is not None
             tls = await _prepare_tls(ctx, config, sockets[0], servers, notes, egress.config)
             runtime = build_runtime(settings, ctx, egress.config)
+            if shared is not None:
+                await attach_shared(shared, runtime)
             servers.append(
                 HttpServer(
                     build_app(runtime),
@@ -341,11 +354,20 @@ async def start_instance(
             sock.close()
         if runtime is not None:
             await runtime.close()
+        elif shared is not None:
+            await shared.close()
         raise
     from flm.proxy.health import watch_if_alerting
 
     watch_if_alerting(runtime)
     instance = ProxyInstance(ctx, config, settings, runtime, servers, egress, tls, notes)
+    if shared is not None:
+        shared.reload = lambda: reload_proxies(ctx, [instance])
+        if not shared.available:
+            notes.append(
+                f"the state backend {shared.config.display} is unreachable: serving on local "
+                "state until it answers (--state-fail-open)"
+            )
     if tls is not None and tls.source == "stored-fallback":
         instance.last_error = notes[-1] if notes else None
     if damage:
@@ -581,6 +603,13 @@ async def reload_proxies(
     from flm.storage.usage import today_totals
 
     await asyncio.to_thread(apply_log_level, ctx, log_level)
+    from flm.state import BackendDown
+
+    for inst in instances:  # (shared keys, policy and blocks first: read below)
+        shared = inst.runtime.shared
+        if shared is not None and shared.available:
+            with contextlib.suppress(BackendDown):
+                await shared.sync()
     policy = await asyncio.to_thread(lambda: ctx.policy.show()["policy"])
     rows = [
         k for k in await asyncio.to_thread(KeyService(ctx.storage).list) if k.revoked_at is None
@@ -621,7 +650,8 @@ async def reload_proxies(
             rt.ledger.load_today(await asyncio.to_thread(today_totals, ctx.storage.security))
         if rt.audit is not None:
             await asyncio.to_thread(rt.audit.flush)  # blocks made here reach the table
-        rt.load_blocks(await asyncio.to_thread(load_block_rows, ctx, inst.settings.handle_id))
+        if rt.shared is None or not rt.shared.available:  # (else synced above)
+            rt.load_blocks(await asyncio.to_thread(load_block_rows, ctx, inst.settings.handle_id))
         await asyncio.to_thread(load_profiles, rt, ctx)
         gone = rt.engines.replace(e for e in endpoints if not _is_self(e, inst.settings))
         rt.engines.pools.replace(*await asyncio.to_thread(pool_defs, ctx))

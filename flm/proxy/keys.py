@@ -56,6 +56,9 @@ class KeyVerifier:
         per_address: int = PER_ADDRESS,
     ) -> None:
         self._lookup = lookup_hash
+        #: where an id unknown to ``lookup_hash`` is looked up next (the shared state
+        #: backend: a key created through another process), on the verify pool
+        self.fallback: Callable[[str], str | None] | None = None
         self._verify = verify_hash
         self._secret = secrets.token_bytes(32)
         self._valid: dict[bytes, tuple[bytes, str]] = {}
@@ -138,6 +141,8 @@ class KeyVerifier:
         """(valid, the id exists), on the verify pool. An unknown id costs one verify
         against the dummy hash, like a wrong secret for a known one."""
         stored = self._lookup(key_id)
+        if stored is None and self.fallback is not None:
+            stored = self.fallback(key_id)
         if stored is None:
             if self._dummy is not None:
                 self._verify(self._dummy.result(), presented)

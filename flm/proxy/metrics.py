@@ -166,6 +166,29 @@ class _RequestCollector:
         yield key_tokens
 
 
+class _StateCollector:
+    """Where the gateway keeps its shared state and whether it answers: one series,
+    ``backend`` is ``local`` or ``redis``."""
+
+    def __init__(self, source: Callable[[], dict[str, Any]]) -> None:
+        self._source = source
+
+    def describe(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("flm_state_backend_up", "", labels=["backend"])
+
+    def collect(self) -> Iterator[Metric]:
+        state = self._source()
+        up = GaugeMetricFamily(
+            "flm_state_backend_up",
+            "1 when the state backend answers (the local one always does), 0 while it is "
+            "unreachable",
+            labels=["backend"],
+        )
+        backend = str(state.get("backend", "local"))
+        up.add_metric([backend], 1 if backend == "local" or state.get("reachable") else 0)
+        yield up
+
+
 class _PoolCollector:
     """Per pool member: requests in flight and whether it is in rotation, read from the pools
     when ``/metrics`` is read. Labels are pool names and engine ids only (both bounded by
@@ -275,6 +298,10 @@ class Metrics:
         self.rate_limited = Counter(
             "flm_rate_limited_total", "Requests refused by rate limits", ["scope"], registry=r
         )
+
+    def watch_state(self, source: Callable[[], dict[str, Any]]) -> None:
+        """Export the state backend ``source`` describes (``SharedGuard.describe``)."""
+        self.registry.register(_StateCollector(source))
 
     def watch_audit(self, status: Callable[[], dict[str, Any]]) -> None:
         self._audit.source = status

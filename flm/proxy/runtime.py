@@ -6,7 +6,7 @@ import asyncio
 import ipaddress
 import json
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flm.core.alerts import AlertSettings
 from flm.core.keyscope import KeyScope
@@ -24,6 +24,9 @@ from flm.proxy.metrics import Metrics
 from flm.proxy.pools import Backoff, PoolDef
 from flm.proxy.responses_store import ResponseStore
 from flm.proxy.usage import KeyLedger, UsageSink
+
+if TYPE_CHECKING:
+    from flm.proxy.shared import SharedGuard
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,8 @@ class ProxyRuntime:
     ui_origins: tuple[str, ...] = ()
     #: The caps on this proxy's open connections, shared with its HTTP server.
     connection_limits: ConnectionLimits = field(default_factory=ConnectionLimits)
+    #: The shared state backend (``--state-backend``), or None: this process's own state.
+    shared: SharedGuard | None = None
 
     def __post_init__(self) -> None:
         self.connection_limits.privileged = self._privileged
@@ -119,6 +124,8 @@ class ProxyRuntime:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         await self.engines.close()
+        if self.shared is not None:
+            await self.shared.close()
         if self.alerts is not None:
             await asyncio.to_thread(self.alerts.close)
         self.keys.close()
@@ -193,6 +200,9 @@ def build_runtime(
     load_profiles(runtime, ctx)
     runtime.engines.pools.replace(*pool_defs(ctx))
     runtime.metrics.watch_pools(runtime.engines.pools.snapshot)
+    runtime.metrics.watch_state(
+        lambda: runtime.shared.describe() if runtime.shared is not None else {"backend": "local"}
+    )
     return runtime
 
 

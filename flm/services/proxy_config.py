@@ -14,6 +14,7 @@ from typing import Any
 
 from flm.core.errors import ProxyAcmeError, ProxyError
 from flm.egress.config import EgressConfig
+from flm.state.config import StateBackendConfig
 
 LOCAL_HTTP = "local-http"
 DEV_MODE = "dev-selfsigned"
@@ -40,6 +41,8 @@ class StartConfig:
     acme_domains: tuple[str, ...] = ()
     #: ``--dns-profile`` (``--challenge dns-01``).
     dns_profile: str | None = None
+    #: ``--state-backend`` and its options (None: this process's own state).
+    state: StateBackendConfig | None = None
 
     @property
     def tls(self) -> bool:
@@ -141,8 +144,24 @@ class StartConfig:
                 given.append("--challenge")
             if given:
                 raise ProxyError(f"{', '.join(given)} only apply to --mode https-acme")
+        state = StateBackendConfig.from_options(
+            _opt(data, "state_backend"),
+            _opt(data, "state_password_file"),
+            bool(data.get("state_fail_open")),
+            _opt(data, "state_ca_file"),
+        )
         return cls(
-            mode, port, bind, egress, domain, email, challenge, acme_env, domains, dns_profile
+            mode,
+            port,
+            bind,
+            egress,
+            domain,
+            email,
+            challenge,
+            acme_env,
+            domains,
+            dns_profile,
+            state,
         )
 
 

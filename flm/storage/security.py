@@ -99,6 +99,38 @@ class ApiKeysRepo:
         )
         return str(row["hash"]) if row else None
 
+    def all_with_hashes(self) -> list[tuple[ApiKeyRow, str]]:
+        """Every key with its Argon2id hash (to share through a state backend; never shown)."""
+        rows = self.db.query(f"SELECT {_KEY_COLUMNS}, hash FROM api_keys ORDER BY created_at, id")
+        return [(_key_row(r), str(r["hash"])) for r in rows]
+
+    def import_key(self, row: ApiKeyRow, key_hash: str) -> None:
+        """Store a key made by another FLM process (from the shared state backend): a new one
+        as it is; a known one takes the label and limits; a revocation is never undone."""
+
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO api_keys(id, label, hash, created_at, revoked_at, models_json, rpm,"
+                " burst, tpm, daily_tokens, daily_requests, expires_at, read_only)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT(id) DO UPDATE SET label=excluded.label,"
+                " revoked_at=COALESCE(api_keys.revoked_at, excluded.revoked_at),"
+                " models_json=excluded.models_json, rpm=excluded.rpm, burst=excluded.burst,"
+                " tpm=excluded.tpm, daily_tokens=excluded.daily_tokens,"
+                " daily_requests=excluded.daily_requests, expires_at=excluded.expires_at,"
+                " read_only=excluded.read_only",
+                (
+                    row.id,
+                    row.label,
+                    key_hash,
+                    row.created_at,
+                    row.revoked_at,
+                    *_limit_values(row.limits),
+                ),
+            )
+
+        self.db.write(run)
+
     def count_active(self) -> int:
         row = self.db.query_one("SELECT COUNT(*) FROM api_keys WHERE revoked_at IS NULL")
         return int(row[0]) if row else 0

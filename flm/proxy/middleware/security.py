@@ -15,6 +15,7 @@ import asyncio
 import ipaddress
 import math
 import time
+from typing import TYPE_CHECKING
 
 from flm.core.clients import subject
 from flm.core.keyscope import KeyScope
@@ -31,14 +32,24 @@ from flm.proxy.asgi import (
 )
 from flm.proxy.guard import (
     ANOMALY_BLOCK_S,
+    FAILURE_WINDOW_S,
     HONEYPOT_SCORE,
     HONEYPOTS,
+    INTRUSION_BLOCK_S,
+    INTRUSION_LONG_BLOCK_S,
     NOT_FOUND_SCORE,
+    SCORE_WINDOW_S,
+    SECOND_STAGE_S,
     Block,
+    exempt_from_automatic_blocks,
     score_request,
 )
 from flm.proxy.keys import VerifyBusy
 from flm.proxy.runtime import ProxyRuntime
+from flm.state import BackendDown
+
+if TYPE_CHECKING:
+    from flm.proxy.shared import SharedGuard
 
 _Net = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -175,6 +186,23 @@ def _limited(seconds: float, scope_name: str) -> HttpError:
     )
 
 
+class _AuthFailed(HttpError):
+    """A 401 whose failure is counted (toward the auto-block) where it is caught."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(401, "invalid_api_key", message, _CHALLENGE)
+        self.reason = message
+
+
+def _state_unavailable() -> HttpError:
+    return HttpError(
+        503,
+        "state_backend_unavailable",
+        "the gateway's shared state backend is unreachable; retry shortly",
+        [(b"retry-after", b"5")],
+    )
+
+
 def _busy(holder: str) -> HttpError:
     return HttpError(
         429,
@@ -267,6 +295,20 @@ class SecurityMiddleware:
                 rt.metrics.blocks.labels(block.reason).inc()
                 raise _blocked_error(block, guard.clock())
 
+        # Shared state (``--state-backend``): what guards access is checked in Redis, in one
+        # call once the key is known; while Redis is unreachable such requests are refused
+        # (fail closed) or checked on this process's state (``--state-fail-open``).
+        keyed = path != "/health" and not (path == "/metrics" and rt.settings.loopback_only)
+        shared = rt.shared
+        sharing = False
+        if shared is not None and keyed:
+            if shared.available:
+                sharing = True
+            elif shared.config.fail_open:
+                shared.serving_open()
+            else:
+                raise _state_unavailable()
+
         # 5. Resource protection: 503 while FLM is overloaded (its event-loop lag or memory;
         #    the host's CPU/memory only when the policy sets thresholds) or max_connections
         #    are in flight (counted below, once the request is let in), 429 past an address's
@@ -292,7 +334,7 @@ class SecurityMiddleware:
         #    attack-shaped paths, queries and scanner user agents score (404s score below).
         if policy.honeypot_enabled and path.rstrip("/").lower() in HONEYPOTS:
             if not trusted:
-                self._score(scope, state, agent, HONEYPOT_SCORE, ("honeypot",))
+                await self._score(scope, state, agent, HONEYPOT_SCORE, ("honeypot",))
             raise NoSuchRoute()  # (scored once, here: it is raised before the route runs)
         intrusion = policy.intrusion_enabled and not trusted
         if intrusion:
@@ -300,7 +342,7 @@ class SecurityMiddleware:
                 scope.get("raw_path") or path.encode(), scope.get("query_string", b""), agent
             )
             if score.points:
-                block = self._score(scope, state, agent, score.points, score.reasons)
+                block = await self._score(scope, state, agent, score.points, score.reasons)
                 if block is not None:
                     raise _blocked_error(block, guard.clock())
 
@@ -322,7 +364,7 @@ class SecurityMiddleware:
                 raise HttpError(403, "ip_not_allowed", "this address is not allowed")
 
             # 9. Per-IP rate limit
-            if policy.ip_rate_enabled and path != "/health":
+            if policy.ip_rate_enabled and path != "/health" and not sharing:
                 wait = guard.take("ip:" + subject(ip), policy.ip_rpm, policy.ip_burst)
                 if wait:
                     rt.metrics.rate_limited.labels("ip").inc()
@@ -343,23 +385,29 @@ class SecurityMiddleware:
 
             # 11. Authentication: Bearer API key on every route but /health (and /metrics on
             #     a loopback-only proxy); failures feed the auto-block.
-            if path != "/health" and not (path == "/metrics" and rt.settings.loopback_only):
-                presented = self._presented_key(scope, state, headers)
-                keys = rt.keys
-                # A key seen before answers from the cache without a coroutine; verify()
-                # handles the rest (unknown keys, Argon2 once, the negative cache).
-                key_id = keys.check_cached(presented)[1]
-                if key_id is None:
-                    try:
-                        key_id = await keys.verify(presented, subject(ip))
-                    except VerifyBusy as busy:
-                        raise _verify_busy(busy) from None
+            if keyed:
+                try:
+                    presented = self._presented_key(headers, scope["headers"])
+                    keys = rt.keys
+                    # A key seen before answers from the cache without a coroutine; verify()
+                    # handles the rest (unknown keys, Argon2 once, the negative cache).
+                    key_id = keys.check_cached(presented)[1]
                     if key_id is None:
-                        raise self._auth_failed(scope, state, "invalid API key")
-                state.api_key_id = key_id
-                key = rt.scopes.get(key_id) or await rt.scope_of(key_id)
-                if key is None:  # revoked since it was verified
-                    raise self._auth_failed(scope, state, "invalid API key")
+                        try:
+                            key_id = await keys.verify(presented, subject(ip))
+                        except VerifyBusy as busy:
+                            raise _verify_busy(busy) from None
+                        if key_id is None:
+                            raise _AuthFailed("invalid API key")
+                    state.api_key_id = key_id
+                    key = rt.scopes.get(key_id) or await rt.scope_of(key_id)
+                    if key is None:  # revoked since it was verified
+                        raise _AuthFailed("invalid API key")
+                    if sharing:
+                        assert shared is not None
+                        sharing = await self._admit_shared(shared, ip, key_id, key, trusted)
+                except _AuthFailed as failure:
+                    raise await self._count_failure(scope, state, failure, sharing) from None
                 if counted:  # (the key's fair share of the slots)
                     if guard.in_flight.get("key:" + key_id, 0) >= policy.max_connections_per_key:
                         raise _busy("this API key")
@@ -368,7 +416,7 @@ class SecurityMiddleware:
 
                 # 12. Per-key rate limit: the policy's, then the key's own expiry, read-only
                 #     flag, limits and budgets (a key without any costs one attribute read)
-                if policy.key_rpm > 0:
+                if policy.key_rpm > 0 and not sharing:
                     wait = guard.take("key:" + key_id, policy.key_rpm, policy.key_burst)
                     if wait:
                         rt.metrics.rate_limited.labels("key").inc()
@@ -383,7 +431,7 @@ class SecurityMiddleware:
             # probing for routes that do not exist scores too (an engine's own 404 through
             # the pass-through, or an unknown model, is an answer, not a probe)
             if intrusion and isinstance(exc, NoSuchRoute):
-                self._score(scope, state, agent, NOT_FOUND_SCORE, ("not_found_probe",))
+                await self._score(scope, state, agent, NOT_FOUND_SCORE, ("not_found_probe",))
             # a refusal from here on (401, 429, a route's error) is sent by an outer layer
             # that never saw the CORS wrapper: it carries the headers itself, so a browser
             # page (the web UI's chat tester) can read the error and its request id
@@ -425,34 +473,110 @@ class SecurityMiddleware:
             if headers:
                 state.key_headers = headers
 
-    def _presented_key(self, scope: Scope, state: RequestState, headers: dict[bytes, bytes]) -> str:
+    @staticmethod
+    def _presented_key(headers: dict[bytes, bytes], every: list[tuple[bytes, bytes]]) -> str:
         """The key in the one ``Authorization: Bearer`` header, or a 401 to raise."""
-        values = _authorization(headers, scope["headers"])
+        values = _authorization(headers, every)
         if not values:
-            raise self._auth_failed(
-                scope, state, "missing API key (send Authorization: Bearer <key>)"
-            )
+            raise _AuthFailed("missing API key (send Authorization: Bearer <key>)")
         if len(values) > 1:
-            raise self._auth_failed(scope, state, "more than one Authorization header")
+            raise _AuthFailed("more than one Authorization header")
         scheme, _, token = values[0].partition(b" ")
         if scheme.lower() != b"bearer" or not token or len(token) > MAX_KEY_LENGTH:
-            raise self._auth_failed(
-                scope, state, "malformed Authorization header (expected Bearer <key>)"
-            )
+            raise _AuthFailed("malformed Authorization header (expected Bearer <key>)")
         try:
             return token.strip().decode("ascii")
         except UnicodeDecodeError:
-            raise self._auth_failed(scope, state, "malformed API key") from None
+            raise _AuthFailed("malformed API key") from None
 
-    def _auth_failed(self, scope: Scope, state: RequestState, message: str) -> HttpError:
+    async def _admit_shared(
+        self, shared: SharedGuard, ip: str, key_id: str, key: KeyScope, trusted: bool
+    ) -> bool:
+        """The shared checks of a request with a valid key, in one call: the address's
+        block, the key's revocation, the per-address, per-key and key's own request buckets.
+        False when Redis went away meanwhile and the request goes on on local state (fail
+        open)."""
+        rt = self.runtime
+        policy = rt.effective
+        who = subject(ip)
+        try:
+            verdict = await shared.admit(
+                who,
+                key_id,
+                (policy.ip_rpm, policy.ip_burst) if policy.ip_rate_enabled else (0, 0),
+                (policy.key_rpm, policy.key_burst) if policy.key_rpm > 0 else (0, 0),
+                (key.rpm, key.burst or key.rpm) if key.rpm else (0, 0),
+                not trusted,
+            )
+        except BackendDown:
+            if not shared.config.fail_open:
+                raise _state_unavailable() from None
+            shared.serving_open()
+            if policy.ip_rate_enabled:  # (skipped above while Redis answered)
+                wait = rt.guard.take("ip:" + who, policy.ip_rpm, policy.ip_burst)
+                if wait:
+                    rt.metrics.rate_limited.labels("ip").inc()
+                    raise _limited(wait, "per-address") from None
+            return False
+        if verdict[0] == "block":
+            until = float(verdict[2]) if verdict[2] else None
+            block = shared.apply_block(who, (verdict[1], until, float(verdict[3])))
+            rt.metrics.blocks.labels(block.reason).inc()
+            raise _blocked_error(block, rt.guard.clock())
+        if verdict[4] == "1":  # revoked through another process
+            rt.keys.invalidate(key_id)
+            rt.scopes.pop(key_id, None)
+            raise _AuthFailed("invalid API key")
+        if verdict[1] != "0":
+            rt.metrics.rate_limited.labels("ip").inc()
+            raise _limited(float(verdict[1]), "per-address")
+        if verdict[2] != "0":
+            rt.metrics.rate_limited.labels("key").inc()
+            raise _limited(float(verdict[2]), "per-key")
+        if verdict[3] != "0":
+            rt.metrics.rate_limited.labels("key").inc()
+            retry = max(1, math.ceil(float(verdict[3])))
+            raise HttpError(
+                429,
+                "rate_limited",
+                f"the key's per-minute limit is reached; retry in {retry} s",
+                [(b"retry-after", str(retry).encode())],
+            )
+        return True
+
+    async def _count_failure(
+        self, scope: Scope, state: RequestState, failure: _AuthFailed, sharing: bool
+    ) -> HttpError:
+        """Count an auth failure toward the auto-block (in Redis when the state is shared)
+        and record it; the 401 to raise."""
         rt = self.runtime
         rt.metrics.auth_failures.inc()
         ip = state.client_ip
         policy = rt.effective
+        shared = rt.shared
+        block: Block | None
         if policy.trusted_clients and self._trusted_clients(ip, policy.trusted_clients):
             count, block = 0, None  # a trusted client's failures never count towards a block
+        elif sharing and shared is not None and shared.available:
+            who = subject(ip)
+            try:
+                count, found = await shared.backend.auth_failure(
+                    who,
+                    window_s=FAILURE_WINDOW_S,
+                    enabled=policy.blocklist_enabled,
+                    max_failures=policy.max_failures,
+                    first_s=policy.block_minutes * 60.0,
+                    second_s=SECOND_STAGE_S,
+                    permanent=policy.permanent_threshold,
+                    exempt=exempt_from_automatic_blocks(ip, policy),
+                )
+            except BackendDown:
+                count, block = rt.guard.auth_failure(ip, policy)
+            else:
+                block = None if found is None else shared.apply_block(who, found)
         else:
             count, block = rt.guard.auth_failure(ip, policy)
+        message = failure.reason
         if rt.audit is not None:
             rt.audit.event(
                 "auth_failure",
@@ -466,11 +590,32 @@ class SecurityMiddleware:
                 record_block(rt, ip, block, failures=count, request_id=state.request_id)
         return HttpError(401, "invalid_api_key", message, _CHALLENGE)
 
-    def _score(
+    async def _score(
         self, scope: Scope, state: RequestState, agent: bytes, points: int, reasons: tuple[str, ...]
     ) -> Block | None:
         rt = self.runtime
-        total, block = rt.guard.add_score(state.client_ip, points, rt.effective)
+        shared = rt.shared
+        total: int
+        block: Block | None
+        if shared is not None and shared.available:
+            who = subject(state.client_ip)
+            policy = rt.effective
+            try:
+                total, found = await shared.backend.add_score(
+                    who,
+                    points,
+                    window_s=SCORE_WINDOW_S,
+                    threshold=policy.score_threshold,
+                    short_s=INTRUSION_BLOCK_S,
+                    long_s=INTRUSION_LONG_BLOCK_S,
+                    exempt=exempt_from_automatic_blocks(state.client_ip, policy),
+                )
+            except BackendDown:
+                total, block = rt.guard.add_score(state.client_ip, points, rt.effective)
+            else:
+                block = None if found is None else shared.apply_block(who, found)
+        else:
+            total, block = rt.guard.add_score(state.client_ip, points, rt.effective)
         if rt.audit is not None:
             rt.audit.intrusion(
                 state.client_ip,
@@ -517,6 +662,8 @@ class SecurityMiddleware:
             # once blocked, the block check refuses this address first: this runs once
             block = rt.guard.auto_block(ip, "anomaly", ANOMALY_BLOCK_S, policy)
             if block is not None:
+                if rt.shared is not None and rt.shared.available:
+                    rt.shared.push_block(subject(ip), block.reason, block.until)
                 record_block(rt, ip, block, request_id=state.request_id)
                 raise _blocked_error(block, rt.guard.clock())
         if declared is not None and declared.isdigit() and int(declared) > policy.max_body_bytes:
