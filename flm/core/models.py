@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar
 
+from flm.core.memo import remember
+
 
 class EngineKind(str):
     """The name of an engine kind (``"ollama"``). Kinds are open: each is described once in
@@ -209,8 +211,26 @@ def make_model_id(engine_id: str, name: str) -> str:
     return f"{MODEL_SCHEME}{engine_id}/{name}"
 
 
+#: Model ids already split, and ids :func:`model_id_problem` accepted (clients repeat a few).
+_SPLIT: dict[str, tuple[str, str] | None] = {}
+_ACCEPTED: dict[str, None] = {}
+#: Only ids this short are remembered (a flood of long distinct ones is never kept).
+_MEMO_ID_MAX = 256
+
+
 def split_model_id(model_id: str) -> tuple[str, str] | None:
     """``flm://engine/model`` → ``(engine, model)``; ``None`` when not in that form."""
+    try:
+        return _SPLIT[model_id]
+    except KeyError:
+        pass
+    parts = _split(model_id)
+    if len(model_id) <= _MEMO_ID_MAX:
+        remember(_SPLIT, model_id, parts)
+    return parts
+
+
+def _split(model_id: str) -> tuple[str, str] | None:
     if not model_id.startswith(MODEL_SCHEME):
         return None
     rest = model_id[len(MODEL_SCHEME) :]
@@ -231,6 +251,15 @@ def model_id_problem(model_id: str) -> str | None:
     ``flm://`` id, an engine part that is no engine id (or ``pool:`` and a pool name). A plain
     model name or an alias passes the first two checks only. Checked before the id is used
     anywhere (routing, logs, metrics, the audit)."""
+    if model_id in _ACCEPTED:
+        return None
+    problem = _model_id_problem(model_id)
+    if problem is None and len(model_id) <= _MEMO_ID_MAX:
+        remember(_ACCEPTED, model_id, None)
+    return problem
+
+
+def _model_id_problem(model_id: str) -> str | None:
     if len(model_id) > MAX_MODEL_ID:
         return f"model id longer than {MAX_MODEL_ID} characters"
     if not model_id.isprintable():

@@ -13,6 +13,14 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
+#: Scope key of the server's disconnect hook, where the server offers one:
+#: ``scope[DISCONNECT_HOOK](callback)`` has ``callback()`` called once, on the event loop, when
+#: the client goes away while the request runs (at once if it has already gone);
+#: ``scope[DISCONNECT_HOOK](None)`` withdraws it. It tells what ``receive()`` returning
+#: ``http.disconnect`` tells, without a task waiting on ``receive()``.
+DISCONNECT_HOOK = "flm.on_disconnect"
+
+
 class RequestBodyTimeout(Exception):
     """Raised by the server's ``receive()`` when the client did not finish sending the request
     body within the server's body deadline (see :mod:`flm.http.server`)."""

@@ -20,7 +20,9 @@ reply's head and body in one write, which saves the client a wake-up. What it ke
 - chunked responses when the app gives no ``Content-Length``; no body for ``HEAD``;
 - a reply cut short by an app error closes the connection; a response sent before the request
   body was read whole closes it too (the rest of the body is never read);
-- a client that goes away: ``receive()`` returns ``http.disconnect`` and later sends are dropped;
+- a client that goes away: ``receive()`` returns ``http.disconnect``, the callback an app gave
+  the scope's ``DISCONNECT_HOOK`` runs (so an app need not keep a task waiting on
+  ``receive()`` to learn of it), and later sends are dropped;
 - graceful stop: no new connections, idle ones closed, running requests get
   ``timeout_graceful_shutdown_s`` to finish;
 - connection caps (:class:`ConnectionLimits`): per client address and in total, with a
@@ -52,7 +54,7 @@ import httptools
 
 from flm.core.clients import subject
 from flm.core.errors import ProxyError, ProxyPortInUseError
-from flm.http.asgi import ASGIApp, Message, RequestBodyTimeout, Scope
+from flm.http.asgi import DISCONNECT_HOOK, ASGIApp, Message, RequestBodyTimeout, Scope
 
 log = logging.getLogger("flm.proxy")
 
@@ -304,6 +306,7 @@ class _Cycle:
         "disconnected",
         "expect_100",
         "failed",
+        "gone_callback",
         "head_only",
         "keep_alive",
         "last_delivered",
@@ -340,6 +343,31 @@ class _Cycle:
         self.chunked = False
         self.pending_head: bytes | None = None
         self.waiter: asyncio.Future[None] | None = None
+        #: Called once when the client goes away (the scope's DISCONNECT_HOOK sets it).
+        self.gone_callback: Callable[[], None] | None = None
+
+    def on_disconnect(self, callback: Callable[[], None] | None) -> None:
+        """The scope's :data:`~flm.http.asgi.DISCONNECT_HOOK`: ``callback`` is called once
+        when the client goes away (at once if it has); None withdraws it."""
+        self.gone_callback = callback
+        if callback is not None and self.disconnected:
+            self._call_gone()
+
+    def lose(self) -> None:
+        """The client went away (or its request cannot be read any further): ``receive()``
+        returns ``http.disconnect`` from now on, and the disconnect hook's callback runs."""
+        self.disconnected = True
+        self.wake()
+        if self.gone_callback is not None:
+            self._call_gone()
+
+    def _call_gone(self) -> None:
+        callback, self.gone_callback = self.gone_callback, None
+        if callback is not None:
+            try:
+                callback()
+            except Exception:  # (an app's callback never breaks the connection's cleanup)
+                log.exception("error in a disconnect callback")
 
     def wake(self) -> None:
         waiter = self.waiter
@@ -460,19 +488,18 @@ class _Cycle:
         parts = [line, _date_line()]
         has_length = False
         skipped = 0
-        for name, value in headers:
-            kind = _FRAMING.get(name if name.islower() else name.lower())
-            if kind is not None:
-                if kind == _LENGTH:
-                    has_length = True
-                elif kind == _EMPTY:
-                    raise RuntimeError("response header with an empty name")
-                else:  # connection, transfer-encoding: framing is this server's choice
-                    if kind == _CONNECTION and value.lower() == b"close":
-                        self.keep_alive = False
-                    skipped += 1
-                    continue
-            parts += (name, b": ", value, b"\r\n")
+        if headers:
+            # Every header line in one pass of C code. The framing headers are found by the
+            # start of their line, in any case (a CR or LF inside a name or value, which could
+            # fake a line start, is refused below); a reply that names connection or
+            # transfer-encoding, or has an empty name, takes the header-by-header way.
+            block = b"\r\n".join(map(b": ".join, headers))
+            low = b"\n" + block.lower()
+            if b"\nconnection:" in low or b"\ntransfer-encoding:" in low or b"\n:" in low:
+                has_length, skipped = self._header_lines(headers, parts)
+            else:
+                has_length = b"\ncontent-length:" in low
+                parts += (block, b"\r\n")
         lines = 3 + len(headers) - skipped  # + status line, date, blank line
         state = self.proto.state
         if state.fixed:
@@ -501,6 +528,27 @@ class _Cycle:
         self.pending_head = head
         # Sent with the first body part, or on the next loop turn if that takes longer.
         self.proto.loop.call_soon(self._flush_head)
+
+    def _header_lines(self, headers: Any, parts: list[bytes]) -> tuple[bool, int]:
+        """The header lines of a reply that names a framing header, added to ``parts``
+        (connection and transfer-encoding are left out: framing is this server's choice);
+        returns whether it has a length, and how many headers were left out."""
+        has_length = False
+        skipped = 0
+        for name, value in headers:
+            kind = _FRAMING.get(name if name.islower() else name.lower())
+            if kind is not None:
+                if kind == _LENGTH:
+                    has_length = True
+                elif kind == _EMPTY:
+                    raise RuntimeError("response header with an empty name")
+                else:  # connection, transfer-encoding: framing is this server's choice
+                    if kind == _CONNECTION and value.lower() == b"close":
+                        self.keep_alive = False
+                    skipped += 1
+                    continue
+            parts += (name, b": ", value, b"\r\n")
+        return has_length, skipped
 
     @staticmethod
     def _check_headers(headers: Any) -> None:
@@ -593,8 +641,7 @@ class HttpProtocol(asyncio.Protocol):
         self._disarm()
         for cycle in (self.active, self.parsing, *self.pipeline):
             if cycle is not None:
-                cycle.disconnected = True
-                cycle.wake()
+                cycle.lose()
         self.pipeline.clear()
         self._wake_drain()
         self._wake_worker()
@@ -734,11 +781,11 @@ class HttpProtocol(asyncio.Protocol):
         broken = self.parsing  # (a request read whole is no longer ``parsing``)
         self.parsing = None
         if broken is not None:
-            broken.failed = broken.disconnected = True
+            broken.failed = True
             broken.more_body = False
             if broken in self.pipeline:
                 self.pipeline.remove(broken)
-            broken.wake()
+            broken.lose()
         if self.active is None and not self.pipeline:
             self._send_refusal()
 
@@ -798,6 +845,7 @@ class HttpProtocol(asyncio.Protocol):
             if size > self.max_head_bytes:
                 raise _HeadTooLarge("request head too large")
         cycle = _Cycle(self, scope, parser.should_keep_alive(), method == "HEAD")
+        scope[DISCONNECT_HOOK] = cycle.on_disconnect
         self.parsing = cycle
         if self.active is None and self.starting is None:
             self._disarm()

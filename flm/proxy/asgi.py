@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from flm.http.asgi import (
+    DISCONNECT_HOOK,
     ASGIApp,
     Message,
     Receive,
@@ -184,19 +185,32 @@ async def send_json(
 
 class watch_disconnect:
     """While the block runs, a client that goes away cancels it (and so the upstream request
-    it awaits: the engine connection is dropped, the engine stops). Enter it once the request
-    body has been read. On a disconnect the request ends as 499 ``client_disconnected``
-    (nobody is there to read it; the audit records it), or quietly once a response started.
+    it awaits: the engine connection is dropped, the engine stops). Enter it (``with``) once
+    the request body has been read. On a disconnect the request ends as 499
+    ``client_disconnected`` (nobody is there to read it; the audit records it), or quietly
+    once a response started.
+
+    The server's disconnect hook (:data:`~flm.http.asgi.DISCONNECT_HOOK`) tells of the client
+    leaving from the connection's own ``connection_lost``: no task per request. Under a server
+    without it, a task waits on ``receive()`` for ``http.disconnect``. ``start()`` and
+    ``stop()`` are the two halves of the block for code that handles the cancellation itself
+    (``gone`` says whether the client left).
     """
 
-    __slots__ = ("_gone", "_receive", "_state", "_task", "_watcher")
+    __slots__ = ("_hook", "_receive", "_state", "_task", "_watcher", "gone")
 
-    def __init__(self, receive: Receive, state: RequestState) -> None:
+    def __init__(self, scope: Scope, receive: Receive) -> None:
+        self._state: RequestState = scope["flm"]
+        self._hook: Callable[[Callable[[], None] | None], None] | None = scope.get(DISCONNECT_HOOK)
         self._receive = receive
-        self._state = state
-        self._gone = False
+        self.gone = False
         self._task: asyncio.Task[Any] | None = None
         self._watcher: asyncio.Task[None] | None = None
+
+    def _left(self) -> None:
+        self.gone = True
+        assert self._task is not None
+        self._task.cancel()
 
     async def _watch(self) -> None:
         try:
@@ -204,21 +218,31 @@ class watch_disconnect:
                 pass
         except Exception:  # (nothing more to learn from this request's messages)
             return
-        self._gone = True
-        assert self._task is not None
-        self._task.cancel()
+        self._left()
 
-    async def __aenter__(self) -> None:
+    def start(self) -> None:
         self._task = asyncio.current_task()
-        self._watcher = asyncio.get_running_loop().create_task(self._watch())
+        if self._hook is not None:
+            self._hook(self._left)
+        else:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch())
 
-    async def __aexit__(
+    def stop(self) -> None:
+        if self._hook is not None:
+            self._hook(None)
+        elif self._watcher is not None:
+            self._watcher.cancel()
+
+    def __enter__(self) -> None:
+        self.start()
+
+    def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
     ) -> bool:
-        assert self._watcher is not None and self._task is not None
-        self._watcher.cancel()
-        if not (self._gone and kind is not None and issubclass(kind, asyncio.CancelledError)):
+        self.stop()
+        if not (self.gone and kind is not None and issubclass(kind, asyncio.CancelledError)):
             return False
+        assert self._task is not None
         self._task.uncancel()
         self._state.error_code = "client_disconnected"
         if self._state.status:  # a response has started: it just ends

@@ -16,7 +16,12 @@ gateway answers, and the queue (memory) grew for as long as the load lasted. So 
 formatted in at most :data:`MAX_PAUSES` slices (slices grow with the batch), and a batch above
 :data:`HIGH_WATER` items, a backlog only a saturated loop builds, is formatted without pauses:
 the flusher then shares the GIL with the loop at the switch interval and catches up, which
-bounds the queue without dropping a record.
+bounds the queue without dropping a record. The same holds from the first pause that takes
+most of a switch interval (:data:`BUSY_PAUSE_S`) to end: the flusher got the GIL (or a CPU)
+back only when the interpreter or the system forced a switch, so the loop (or the machine) is
+busy all the time, and each further pause would only cost the flusher as much again (64 of
+them could take a third of a second per batch, long enough for the records' age to trip the
+back-pressure below).
 
 Bounded, with back-pressure. Records not yet committed (queued plus the batch being written)
 are counted; at :data:`QUEUE_LIMIT` the gateway stops taking new requests until the flusher
@@ -47,6 +52,7 @@ import logging
 import math
 import os
 import sqlite3
+import sys
 import threading
 import time
 from collections import deque
@@ -73,6 +79,9 @@ _PAUSE_S = 0.0001
 MAX_PAUSES = 64
 #: A batch this long is formatted without pauses (see the docstring).
 HIGH_WATER = 20_000
+#: A pause that took this long got the GIL (or a CPU) back only when a switch was forced: the
+#: rest of the batch is formatted without pauses (see the docstring).
+BUSY_PAUSE_S = 0.8 * sys.getswitchinterval()
 #: At most this many records are unwritten (queued or in the batch being written) before the
 #: gateway stops taking new requests (see the docstring). Requests in flight when the bound is
 #: reached still add their record, so the true bound is this plus the connections open.
@@ -446,7 +455,13 @@ class AuditSink:
         (``hard``: twice the count, for the routes that must stay observable)."""
         if hard:
             return self.unwritten() >= 2 * self.limit
-        return self.unwritten() >= self.limit or self.oldest_age() > MAX_AGE_S
+        # (asked before every request: unwritten() and oldest_age() inline)
+        kept = self._kept
+        items = self._items
+        if len(items) + self._inflight + (kept.count if kept is not None else 0) >= self.limit:
+            return True
+        since = self._kept_since or self._batch_since or (self._queued_since if items else None)
+        return since is not None and time.monotonic() - since > MAX_AGE_S
 
     async def room(self, wait_s: float | None = None, *, hard: bool = False) -> bool:
         """Wait (on the event loop) until the audit has room; ``False`` after ``wait_s``
@@ -578,9 +593,13 @@ class AuditSink:
         audit_rows, lines = batch.audit_rows, batch.lines
         step = max(SLICE, len(items) // MAX_PAUSES)
         pause = pause and len(items) <= HIGH_WATER
+        clock = time.perf_counter
         for n, (kind, item) in enumerate(items, 1):
             if pause and n % step == 0:
+                paused = clock()
                 _pause()
+                if clock() - paused >= BUSY_PAUSE_S:
+                    pause = False
             try:
                 row = _format_one(kind, item, batch)
                 if row is None:

@@ -310,13 +310,18 @@ class Metrics:
         self, route: str, status: int, engine: str, elapsed: float, overhead: float | None
     ) -> None:
         series = self._series
-        route, engine = label(route), label(engine)
         key = (route, status, engine)
         count = series.requests.get(key)
-        if count is not None:
+        if count is not None:  # (a known series: its route and engine are labels already)
             series.requests[key] = count + 1
-        elif len(series.requests) < MAX_SERIES:
-            series.requests[key] = 1
+        else:
+            route, engine = label(route), label(engine)
+            key = (route, status, engine)
+            count = series.requests.get(key)
+            if count is not None:
+                series.requests[key] = count + 1
+            elif len(series.requests) < MAX_SERIES:
+                series.requests[key] = 1
         series.observe(series.latency, route, _LATENCY_BUCKETS, elapsed)
         if overhead is not None:
             series.observe(series.overhead, route, _OVERHEAD_BUCKETS, max(overhead, 0.0))
@@ -336,13 +341,20 @@ class Metrics:
 
     def record_key_tokens(self, label: str, model: str, prompt: int, completion: int) -> None:
         series = self._series.key_tokens
-        for direction, count in (("in", prompt), ("out", completion)):
-            if not count:
-                continue
-            key = (label, model, direction)
-            if key not in series and len(series) >= MAX_KEY_SERIES - 2:
-                key = ("other", "other", direction)
-            series[key] = series.get(key, 0) + count
+        if prompt:
+            key = (label, model, "in")
+            total = series.get(key)
+            if total is None and len(series) >= MAX_KEY_SERIES - 2:
+                key = ("other", "other", "in")
+                total = series.get(key)
+            series[key] = (total or 0) + prompt
+        if completion:
+            key = (label, model, "out")
+            total = series.get(key)
+            if total is None and len(series) >= MAX_KEY_SERIES - 2:
+                key = ("other", "other", "out")
+                total = series.get(key)
+            series[key] = (total or 0) + completion
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -22,6 +22,7 @@ import math
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from flm.core.keyscope import KeyScope
@@ -33,6 +34,9 @@ from flm.storage.usage import DAY_S, add_rollups, prune_rollups
 log = logging.getLogger("flm.usage")
 
 PRUNE_INTERVAL_S = 600.0
+#: Requests kept for a retry when the rollups cannot be written (a full disk, a locked or
+#: replaced file); past this many, the oldest are dropped and counted in the log.
+MAX_PENDING = 100_000
 
 
 def estimate_tokens(text: str) -> int:
@@ -84,9 +88,15 @@ class KeyLedger:
     def admit(self, scope: KeyScope, *, count: bool = True) -> list[tuple[bytes, bytes]]:
         """Let one request of ``scope``'s key in, or raise the 429 to answer. Returns the
         ``x-ratelimit-*`` headers for the reply (empty for a key without per-minute limits).
-        ``count``: the request counts toward the daily request budget."""
+        ``count``: the request counts toward the daily request budget. (Runs for every
+        request of a key with limits: the key's state and its buckets are read and updated
+        inline, without a method call each.)"""
         now = self.clock()
-        st = self._state(scope.key_id, now)
+        st = self._keys.get(scope.key_id)
+        if st is None:
+            st = self._keys[scope.key_id] = _KeyState(now)
+        elif st.day != int(now // DAY_S):
+            st.day, st.day_requests, st.day_tokens = int(now // DAY_S), 0, 0
         if count:
             if scope.daily_requests is not None and st.day_requests >= scope.daily_requests:
                 raise _budget(
@@ -96,14 +106,15 @@ class KeyLedger:
                 raise _budget(
                     now, f"the key's daily token budget ({scope.daily_tokens}) is used up"
                 )
-        if not scope.limited:
+        rpm = scope.rpm
+        tpm = scope.tpm
+        if rpm is None and tpm is None:
             if count:
                 st.day_requests += 1
             return []
         headers: list[tuple[bytes, bytes]] = []
         wait = 0.0
         charged = False
-        rpm = scope.rpm
         if rpm is not None:
             capacity = float(scope.burst or rpm)
             rate = rpm / 60.0
@@ -118,26 +129,36 @@ class KeyLedger:
                 charged = True
             st.req_level = level
             reset = (capacity - level) / rate
-            headers += [
+            if wait > reset:
+                reset = wait
+            headers = [
                 (b"x-ratelimit-limit-requests", scope.rpm_text),
                 (b"x-ratelimit-remaining-requests", b"%d" % level),
-                (b"x-ratelimit-reset-requests", _duration(wait if wait > reset else reset)),
+                (
+                    b"x-ratelimit-reset-requests",
+                    b"%dms" % (reset * 1000) if 0 <= reset < 1 else _duration(reset),
+                ),
             ]
-        tpm = scope.tpm
         if tpm is not None:
             rate = tpm / 60.0
-            level = self._tokens(st, tpm, now)
+            level = st.tok_level + (now - st.tok_at) * tpm / 60.0
+            if level > tpm:
+                level = float(tpm)
+            st.tok_level, st.tok_at = level, now
             if level <= 0:
                 reset = (1.0 - level) / rate
                 if reset > wait:
                     wait = reset
             else:
                 reset = (tpm - level) / rate
-            headers += [
+            headers += (
                 (b"x-ratelimit-limit-tokens", scope.tpm_text),
                 (b"x-ratelimit-remaining-tokens", b"%d" % (level if level > 0 else 0)),
-                (b"x-ratelimit-reset-tokens", _duration(reset)),
-            ]
+                (
+                    b"x-ratelimit-reset-tokens",
+                    b"%dms" % (reset * 1000) if 0 <= reset < 1 else _duration(reset),
+                ),
+            )
         if wait:
             if charged:
                 st.req_level += 1.0  # refused for tokens: the request is not charged
@@ -152,23 +173,25 @@ class KeyLedger:
             st.day_requests += 1
         return headers
 
-    @staticmethod
-    def _tokens(st: _KeyState, tpm: int, now: float) -> float:
-        """The key's token bucket now (it may be below zero: a request that used more
-        tokens than were left leaves a debt the next requests wait out)."""
-        level = min(float(tpm), st.tok_level + (now - st.tok_at) * tpm / 60.0)
-        st.tok_level, st.tok_at = level, now
-        return level
-
     def charge(self, key_id: str, tokens: int, tpm: int | None) -> None:
-        """Count a finished request's tokens toward the key's day and per-minute budget."""
+        """Count a finished request's tokens toward the key's day and per-minute budget (a
+        request that used more tokens than were left leaves a debt, below zero, that the
+        next requests wait out)."""
         if not tokens:
             return
         now = self.clock()
-        st = self._state(key_id, now)
+        st = self._keys.get(key_id)
+        if st is None:
+            st = self._keys[key_id] = _KeyState(now)
+        elif st.day != int(now // DAY_S):
+            st.day, st.day_requests, st.day_tokens = int(now // DAY_S), 0, 0
         st.day_tokens += tokens
         if tpm is not None:
-            st.tok_level = self._tokens(st, tpm, now) - tokens
+            level = st.tok_level + (now - st.tok_at) * tpm / 60.0
+            if level > tpm:
+                level = float(tpm)
+            st.tok_at = now
+            st.tok_level = level - tokens
 
     def today(self, key_id: str) -> tuple[int, int]:
         """(requests, tokens) counted today for the key (this process's view)."""
@@ -217,6 +240,11 @@ class UsageSink:
         self._stop = False
         self._lock = threading.Lock()
         self._pruned_at = 0.0
+        #: Requests whose usage could not be kept for a retry (see :meth:`_keep_for_retry`).
+        self.dropped = 0
+        #: :meth:`record` with its arguments as one tuple (``estimated`` as 0 or 1): the
+        #: request path's form, the queue's own ``append`` (no Python frame).
+        self.record_item: Callable[[_Item], None] = self._items.append
         self._thread = threading.Thread(target=self._run, name="flm-usage", daemon=True)
         self._thread.start()
 
@@ -240,10 +268,13 @@ class UsageSink:
             self._wake.clear()
             try:
                 self.flush()
+            except Exception:  # noqa: S112 - flush logged the cause and the count; retried next round
+                continue
+            try:
                 if time.monotonic() - self._pruned_at >= PRUNE_INTERVAL_S:
                     self.prune()
             except Exception:  # pragma: no cover - logged, never fatal for the proxy
-                log.exception("usage flush failed")
+                log.exception("usage rollups not pruned")
 
     def flush(self) -> int:
         """Add everything queued so far to the rollups; the number of requests written."""
@@ -274,8 +305,32 @@ class UsageSink:
                 if ts > last_used.get(key_id, 0.0):
                     last_used[key_id] = ts
 
-            add_rollups(self._db, minutes, hours, {k: _iso(t) for k, t in last_used.items()})
+            try:
+                add_rollups(self._db, minutes, hours, {k: _iso(t) for k, t in last_used.items()})
+            except Exception as exc:
+                self._keep_for_retry(batch, exc)
+                raise
+            if self.dropped:
+                log.warning("usage rollups written again; %d requests were lost", self.dropped)
+                self.dropped = 0
             return len(batch)
+
+    def _keep_for_retry(self, batch: list[_Item], exc: Exception) -> None:
+        """Put an unwritten batch back at the front of the queue (oldest first), keeping at
+        most :data:`MAX_PENDING` requests; what does not fit is counted as lost."""
+        room = MAX_PENDING - len(self._items)
+        lost = max(0, len(batch) - max(room, 0))
+        if lost:
+            self.dropped += lost
+            batch = batch[lost:]
+        self._items.extendleft(reversed(batch))
+        log.error(
+            "usage rollups not written (%s: %s); %d requests kept for a retry, %d lost so far",
+            type(exc).__name__,
+            exc,
+            len(self._items),
+            self.dropped,
+        )
 
     def prune(self, now: float | None = None) -> None:
         """Delete minute rows past 48 hours and hour rows past 90 days."""
@@ -315,9 +370,18 @@ def account(rt: Any, state: Any, ts: float) -> None:
         # (the ledger counts tokens only where a limit needs them: a budget set later is
         # loaded with today's totals from the rollups at the reload that brings it)
         rt.ledger.charge(key.key_id, prompt + completion, key.tpm)
-    if rt.usage is not None:
-        rt.usage.record(
-            ts, key.key_id, model, state.engine_id or "", prompt, completion, state.usage_estimated
+    usage = rt.usage
+    if usage is not None:
+        usage.record_item(
+            (
+                ts,
+                key.key_id,
+                model,
+                state.engine_id or "",
+                prompt,
+                completion,
+                1 if state.usage_estimated else 0,
+            )
         )
     if prompt or completion:
         rt.metrics.record_key_tokens(key.label, model, prompt, completion)

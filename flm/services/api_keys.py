@@ -130,11 +130,12 @@ class KeyService:
         assert updated is not None
         return updated
 
-    def today(self) -> dict[str, tuple[int, int]]:
-        """(requests, tokens) per key since 00:00 UTC (as written by running proxies)."""
+    def today(self, key_id: str | None = None) -> dict[str, tuple[int, int]]:
+        """(requests, tokens) per key since 00:00 UTC (as written by running proxies); of
+        one key when ``key_id`` is given."""
         from flm.storage.usage import today_totals
 
-        return today_totals(self._storage.security)
+        return today_totals(self._storage.security, key_id=key_id)
 
     def revoke(self, key_id: str) -> ApiKeyRow:
         repo = self._repo

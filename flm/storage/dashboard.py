@@ -2,8 +2,11 @@
 
 Every audit query is a range scan of ``audit_logs`` from a start time (the last hour or day),
 answered from the covering index ``audit_logs_ts_cover`` (security migration 0004), so its cost
-follows the window's traffic, never the table's size; latency samples are capped by the
-caller. A test checks the plans (tests/ui/test_dashboard_scale.py).
+follows the window's traffic, never the table's size; latency percentiles come from a
+systematic sample (every n-th row, chosen by the caller). A chart may be narrowed to one key
+or one engine (both columns are in that index, so the narrowed scan stays covering). Token
+figures come from the usage rollups (``usage_minute``, by its primary key or its
+``(key_id, minute)`` index). A test checks the plans (tests/ui/test_dashboard_scale.py).
 """
 
 from __future__ import annotations
@@ -13,36 +16,58 @@ from collections.abc import Sequence
 
 from flm.storage.db import Database
 
+#: a chart's narrowing: ("key", key id) or ("engine", engine id), or None for all traffic
+Scope = tuple[str, str] | None
+_AUDIT_COLUMN = {"key": "api_key_id", "engine": "engine_id"}
+_USAGE_COLUMN = {"key": "key_id", "engine": "engine_id"}
+
 #: requests and refusals per bucket; the bucket is the ISO timestamp's first ``?`` characters
-BUCKETS_SQL = (
+_BUCKETS = (
     "SELECT substr(ts, 1, ?) AS minute, sum(event_type = 'request') AS total, "
     "sum(event_type = 'request' AND status = 401) AS unauthorized, "
     "sum(event_type = 'request' AND status = 429) AS limited, "
     "sum(event_type = 'request' AND status = 403) AS blocked "
-    "FROM audit_logs WHERE ts >= ? GROUP BY minute"
+    "FROM audit_logs WHERE ts >= ?{scope} GROUP BY minute"
 )
-LATENCY_SQL = (
+#: latency samples: every ``?``-th row of the window (by rowid, which the index holds), capped
+_LATENCY = (
     "SELECT substr(ts, 1, ?) AS minute, latency_ms FROM audit_logs "
-    "WHERE ts >= ? AND latency_ms IS NOT NULL LIMIT ?"
+    "WHERE ts >= ?{scope} AND latency_ms IS NOT NULL AND rowid % ? = 0 LIMIT ?"
 )
-TOP_KEYS_SQL = (
-    "SELECT api_key_id AS who, count(*) AS n FROM audit_logs WHERE ts >= ? "
+_TOP_KEYS = (
+    "SELECT api_key_id AS who, count(*) AS n FROM audit_logs WHERE ts >= ?{scope} "
     "AND event_type = 'request' AND api_key_id IS NOT NULL "
     "GROUP BY api_key_id ORDER BY n DESC LIMIT 8"
 )
-TOP_ENGINES_SQL = (
-    "SELECT engine_id AS who, count(*) AS n FROM audit_logs WHERE ts >= ? "
+_TOP_ENGINES = (
+    "SELECT engine_id AS who, count(*) AS n FROM audit_logs WHERE ts >= ?{scope} "
     "AND event_type = 'request' AND engine_id IS NOT NULL "
     "GROUP BY engine_id ORDER BY n DESC LIMIT 8"
 )
+#: prompt and completion tokens per minute (unix time // 60) from the usage rollups
+_TOKENS = (
+    "SELECT minute, sum(requests) AS requests, sum(prompt_tokens) AS prompt, "
+    "sum(completion_tokens) AS completion FROM usage_minute "
+    "WHERE minute >= ?{scope} GROUP BY minute"
+)
+BUCKETS_SQL = _BUCKETS.format(scope="")
+LATENCY_SQL = _LATENCY.format(scope="")
+TOP_KEYS_SQL = _TOP_KEYS.format(scope="")
+TOP_ENGINES_SQL = _TOP_ENGINES.format(scope="")
+TOKENS_SQL = _TOKENS.format(scope="")
 EVENTS_SQL = (
     "SELECT ts, event_type, severity, client_ip FROM audit_logs "
     "WHERE ts >= ? AND severity IN ('high', 'critical') ORDER BY ts DESC LIMIT 5"
 )
-LAST_USED_SQL = (
-    "SELECT api_key_id, max(ts) AS last FROM audit_logs "
-    "WHERE ts >= ? AND api_key_id IS NOT NULL GROUP BY api_key_id"
-)
+
+
+def scoped(template: str, scope: Scope, *, usage: bool = False) -> tuple[str, tuple[str, ...]]:
+    """A statement narrowed to ``scope`` and the extra parameter it takes (the column comes
+    from a fixed table, never from the caller's text)."""
+    if scope is None:
+        return template.format(scope=""), ()
+    column = (_USAGE_COLUMN if usage else _AUDIT_COLUMN)[scope[0]]
+    return template.format(scope=f" AND {column} = ?"), (scope[1],)
 
 
 class DashboardRepo:
@@ -55,23 +80,32 @@ class DashboardRepo:
             str(r["detail"]) for r in self.db.query("EXPLAIN QUERY PLAN " + sql, list(params))
         )
 
-    def buckets(self, prefix: int, since: str) -> list[sqlite3.Row]:
-        return self.db.query(BUCKETS_SQL, (prefix, since))
+    def buckets(self, prefix: int, since: str, scope: Scope = None) -> list[sqlite3.Row]:
+        sql, extra = scoped(_BUCKETS, scope)
+        return self.db.query(sql, (prefix, since, *extra))
 
-    def latencies(self, prefix: int, since: str, cap: int) -> list[sqlite3.Row]:
-        return self.db.query(LATENCY_SQL, (prefix, since, cap))
+    def latencies(
+        self, prefix: int, since: str, stride: int, cap: int, scope: Scope = None
+    ) -> list[sqlite3.Row]:
+        """Every ``stride``-th latency of the window (at most ``cap``): a systematic sample
+        that keeps the percentiles' cost bounded on a busy day."""
+        sql, extra = scoped(_LATENCY, scope)
+        return self.db.query(sql, (prefix, since, *extra, stride, cap))
 
-    def top_keys(self, since: str) -> list[sqlite3.Row]:
-        return self.db.query(TOP_KEYS_SQL, (since,))
+    def top_keys(self, since: str, scope: Scope = None) -> list[sqlite3.Row]:
+        sql, extra = scoped(_TOP_KEYS, scope)
+        return self.db.query(sql, (since, *extra))
 
-    def top_engines(self, since: str) -> list[sqlite3.Row]:
-        return self.db.query(TOP_ENGINES_SQL, (since,))
+    def top_engines(self, since: str, scope: Scope = None) -> list[sqlite3.Row]:
+        sql, extra = scoped(_TOP_ENGINES, scope)
+        return self.db.query(sql, (since, *extra))
+
+    def tokens(self, since_minute: int, scope: Scope = None) -> list[sqlite3.Row]:
+        sql, extra = scoped(_TOKENS, scope, usage=True)
+        return self.db.query(sql, (since_minute, *extra))
 
     def high_events(self, since: str) -> list[sqlite3.Row]:
         return self.db.query(EVENTS_SQL, (since,))
-
-    def key_last_used(self, since: str) -> dict[str, str]:
-        return {r["api_key_id"]: r["last"] for r in self.db.query(LAST_USED_SQL, (since,))}
 
     def active_keys(self) -> int:
         row = self.db.query_one("SELECT count(*) AS n FROM api_keys WHERE revoked_at IS NULL")

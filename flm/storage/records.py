@@ -5,6 +5,7 @@ sink, which adds to four of them in one transaction."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import sqlite3
@@ -117,6 +118,32 @@ def _is_storage_error(exc: BaseException) -> bool:
     )
 
 
+#: Audit rows per INSERT statement (within SQLite's limit on bound variables).
+_ROWS_PER_INSERT = 256
+_AUDIT_VALUES = f"({', '.join('?' for _ in AUDIT_COLUMNS)})"
+
+
+def _insert_many(conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
+    """Audit rows inserted a few hundred per statement: each statement is one step of
+    SQLite's, and the module gives the GIL up around each step, so ``executemany`` (a step
+    per row) made the writer wait for the GIL once per row while the event loop was busy.
+    All or nothing, as ``executemany``: the caller's savepoint takes a failure back."""
+    width = len(AUDIT_COLUMNS)
+    per = min(_ROWS_PER_INSERT, conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // width)
+    if per < 2:
+        conn.executemany(_INSERT_AUDIT, rows)
+        return
+    head = f"INSERT INTO audit_logs({', '.join(AUDIT_COLUMNS)}) VALUES "
+    for start in range(0, len(rows), per):
+        chunk = rows[start : start + per]
+        if set(map(len, chunk)) != {width}:  # (a malformed row: the caller isolates it)
+            raise sqlite3.ProgrammingError("an audit row has the wrong number of values")
+        conn.execute(
+            head + ", ".join([_AUDIT_VALUES] * len(chunk)),
+            list(itertools.chain.from_iterable(chunk)),
+        )
+
+
 def _insert_isolated(
     conn: sqlite3.Connection,
     sql: str,
@@ -129,7 +156,10 @@ def _insert_isolated(
     and logged."""
     conn.execute("SAVEPOINT audit_rows")
     try:
-        conn.executemany(sql, rows)
+        if sql is _INSERT_AUDIT and len(rows) > 1:
+            _insert_many(conn, rows)
+        else:
+            conn.executemany(sql, rows)
     except Exception as exc:
         conn.execute("ROLLBACK TO audit_rows")
         if _is_storage_error(exc):

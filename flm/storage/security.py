@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -151,6 +152,23 @@ class ApiKeysRepo:
 
         self.db.write(run)
         return ApiKeyRow(key_id, label, stamp, None, limits)
+
+    def insert_many(self, keys: Sequence[tuple[str, str, str, KeyLimits]]) -> int:
+        """Insert (id, label, hash, limits) rows in one transaction (imports, busy fixtures);
+        returns how many were written."""
+        stamp = now_iso()
+        rows = [(i, label, h, stamp, *_limit_values(lim)) for i, label, h, lim in keys]
+
+        def run(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "INSERT INTO api_keys(id, label, hash, created_at, models_json, rpm, burst, tpm,"
+                " daily_tokens, daily_requests, expires_at, read_only)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+
+        self.db.write(run)
+        return len(rows)
 
     def revoke(self, key_id: str) -> str | None:
         """Revoke an active key; the revocation time, or ``None`` if no such active key."""

@@ -58,14 +58,18 @@ def prune_rollups(db: Database, now: float) -> None:
     db.write(run)
 
 
-def today_totals(db: Database, now: float | None = None) -> dict[str, tuple[int, int]]:
-    """(requests, tokens) per key since 00:00 UTC, from the minute rollups."""
+def today_totals(
+    db: Database, now: float | None = None, key_id: str | None = None
+) -> dict[str, tuple[int, int]]:
+    """(requests, tokens) per key since 00:00 UTC, from the minute rollups (of one key when
+    ``key_id`` is given)."""
     now = time.time() if now is None else now
     start = int((now - now % DAY_S) // 60)
+    one = " AND key_id = ?" if key_id is not None else ""
     rows: list[Any] = db.query(
         "SELECT key_id, SUM(requests) AS r, SUM(prompt_tokens + completion_tokens) AS t "
-        "FROM usage_minute WHERE minute >= ? GROUP BY key_id",
-        (start,),
+        f"FROM usage_minute WHERE minute >= ?{one} GROUP BY key_id",
+        (start,) if key_id is None else (start, key_id),
     )
     return {str(r["key_id"]): (int(r["r"]), int(r["t"])) for r in rows}
 

@@ -23,6 +23,7 @@ import ipaddress
 import json
 import logging
 import secrets
+import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -36,6 +37,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from flm.core.errors import FlmError, UsageError
 from flm.services.context import Context
 from flm.storage.dashboard import DashboardRepo
+from flm.storage.dashboard import Scope as ChartScope
 from flm.ui import charts, firewall, stats
 from flm.ui.i18n import LANGUAGES, from_accept_language, translate
 from flm.ui.sessions import Session, SessionStore
@@ -46,6 +48,8 @@ log = logging.getLogger("flm.ui")
 COOKIE = "flm_ui"
 THEMES = ("system", "light", "dark")
 PAGE_SIZE = 50
+#: API keys per page of the API page's list (a filter finds one among thousands)
+KEYS_PAGE = 50
 STATIC_TYPES = {
     ".css": "text/css; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",
@@ -53,6 +57,7 @@ STATIC_TYPES = {
 }
 HEALTH_SAMPLES = 40
 STATS_TTL_S = 4.0
+STATS_CACHED = 16
 HEALTH_ENGINES = 32
 NAV = (
     ("dashboard", "/"),
@@ -138,8 +143,9 @@ class UiApp:
         self.port = 0
         #: engine id -> recent (time, status, latency) samples, one per detection seen
         self.health: dict[str, deque[tuple[str, str, float | None]]] = {}
-        #: span -> (when, buckets, busiest keys/engines): polls within STATS_TTL_S share one read
-        self._stats_cache: dict[str, tuple[float, Any, Any]] = {}
+        #: (span, scope) -> (when, figures): polls within STATS_TTL_S share one read
+        self._stats_cache: dict[tuple[str, ChartScope], tuple[float, dict[str, Any]]] = {}
+        self._stats_lock = threading.Lock()
         self.static = _static_files()
         self.env = Environment(
             loader=PackageLoader("flm.ui", "templates"),
@@ -157,6 +163,8 @@ class UiApp:
             ("POST", "/api/keys"): self.key_create,
             ("POST", "/api/keys/revoke"): self.key_revoke,
             ("POST", "/api/keys/rotate"): self.key_rotate,
+            ("GET", "/api/key"): self.key_page,
+            ("POST", "/api/keys/update"): self.key_update,
             ("POST", "/api/policy"): self.policy_form,
             ("POST", "/api/policy/json"): self.policy_json,
             ("GET", "/chat"): self.chat_page,
@@ -200,6 +208,7 @@ class UiApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
+        started = time.perf_counter()
         req = Request(scope, receive)
         if req.headers.get("host", "").lower() not in {o.split("//", 1)[1] for o in self.origins}:
             await respond(
@@ -247,7 +256,16 @@ class UiApp:
             status,
             b"" if req.method == "HEAD" else body,
             kind,
-            self._headers() + extra + [(b"x-request-id", page.request_id.encode())],
+            [
+                *self._headers(),
+                *extra,
+                (b"x-request-id", page.request_id.encode()),
+                # the time the page took on the server (the bench reads it; loopback only)
+                (
+                    b"server-timing",
+                    f"app;dur={(time.perf_counter() - started) * 1000:.1f}".encode(),
+                ),
+            ],
         )
 
     def _check_state_change(self, req: Request, session: Session, form: dict[str, str]) -> None:
@@ -413,69 +431,171 @@ class UiApp:
             if not samples or samples[-1][0] != when:
                 samples.append((when, str(e["status"]), e.get("latency_ms")))
 
+    def _scope(self, page: Page) -> ChartScope:
+        """The key or engine the charts are narrowed to (``?key=ID`` / ``?engine=ID``)."""
+        q = page.req.query
+        for kind in ("key", "engine"):
+            value = q.get(kind, "").strip()
+            if value and len(value) <= 128 and value.isprintable():
+                return (kind, value)
+        return None
+
+    def _audit_figures(self, span: str, scope: ChartScope) -> dict[str, Any]:
+        """The figures that scan the audit window, shared by every view of (span, scope) for
+        ``STATS_TTL_S`` (a UI left open polls; the gateway writes to the same database); at
+        most ``STATS_CACHED`` views are kept."""
+        now = time.monotonic()
+        with self._stats_lock:
+            cached = self._stats_cache.get((span, scope))
+        if cached is not None and now - cached[0] < STATS_TTL_S:
+            return cached[1]
+        db = self.ctx.storage.security
+        top = stats.top_users(db, span, scope)
+        repo = DashboardRepo(db)
+        labels = repo.key_labels([k for k, _ in top["keys"]])
+        figures = {
+            "minutes": stats.last_hour(db, span, scope),
+            "top_keys": [(labels.get(k, k), n, k) for k, n in top["keys"]],
+            "top_engines": top["engines"],
+            "events": stats.recent_high_events(db),
+        }
+        with self._stats_lock:  # (reads run in worker threads)
+            self._stats_cache.pop((span, scope), None)
+            while len(self._stats_cache) >= STATS_CACHED:
+                self._stats_cache.pop(next(iter(self._stats_cache)))
+            self._stats_cache[(span, scope)] = (now, figures)
+        return figures
+
+    def _chart_values(
+        self, page: Page, span: str, scope: ChartScope, figures: dict[str, Any], base: str
+    ) -> dict[str, Any]:
+        """The charts of one window and scope, as SVG, with the values table beside them.
+        ``base`` is the page's path and query without ``range`` (the range links keep it)."""
+        minutes: list[stats.Minute] = figures["minutes"]
+        labels = [m.label for m in minutes]
+        t = page.t
+        drawn = [
+            (
+                "requests",
+                charts.bars(
+                    t("chart.requests"),
+                    labels,
+                    [charts.Series(t("chart.requests_series"), [m.total for m in minutes])],
+                    kind="requests",
+                ),
+            ),
+            (
+                "latency",
+                charts.lines(
+                    t("chart.latency"),
+                    labels,
+                    [
+                        charts.Series("p50", [m.p50 for m in minutes]),
+                        charts.Series("p95", [m.p95 for m in minutes]),
+                    ],
+                    unit=" ms",
+                    kind="latency",
+                ),
+            ),
+            (
+                "refusals",
+                charts.bars(
+                    t("chart.refusals"),
+                    labels,
+                    [
+                        charts.Series("401", [m.unauthorized for m in minutes]),
+                        charts.Series("429", [m.limited for m in minutes]),
+                        charts.Series(t("chart.blocked"), [m.blocked for m in minutes]),
+                    ],
+                    kind="refusals",
+                ),
+            ),
+            (
+                "tokens",
+                charts.bars(
+                    t("chart.tokens"),
+                    labels,
+                    [
+                        charts.Series(t("chart.prompt"), [m.prompt_tokens for m in minutes]),
+                        charts.Series(
+                            t("chart.completion"), [m.completion_tokens for m in minutes]
+                        ),
+                    ],
+                    kind="tokens",
+                ),
+            ),
+        ]
+        if scope is None or scope[0] != "key":
+            drawn.append(
+                (
+                    "keys",
+                    charts.hbars(
+                        t("chart.keys"),
+                        [(label, n) for label, n, _ in figures["top_keys"]],
+                        kind="keys",
+                        empty=t("chart.no_requests"),
+                        links=["/" + _query({"key": k}) for _, _, k in figures["top_keys"]],
+                    ),
+                )
+            )
+        if scope is None or scope[0] != "engine":
+            drawn.append(
+                (
+                    "engines",
+                    charts.hbars(
+                        t("chart.engines"),
+                        figures["top_engines"],
+                        kind="engines",
+                        empty=t("chart.no_requests"),
+                        links=["/" + _query({"engine": e}) for e, _ in figures["top_engines"]],
+                    ),
+                )
+            )
+        joiner = "&" if "?" in base else "?"
+        return {
+            "span": span,
+            "scope": scope,
+            "range_links": {name: f"{base}{joiner}range={name}" for name in ("hour", "day")},
+            "charts": drawn,
+            "minutes": [
+                m
+                for m in minutes
+                if m.total or m.unauthorized or m.limited or m.blocked or m.prompt_tokens
+            ],
+            "totals": {
+                "requests": sum(m.total for m in minutes),
+                "refusals": sum(m.unauthorized + m.limited + m.blocked for m in minutes),
+                "tokens": sum(m.prompt_tokens + m.completion_tokens for m in minutes),
+            },
+        }
+
     async def _dashboard_values(self, page: Page) -> dict[str, Any]:
         report = await self.ctx.engines.adetect()
         engines = [e.to_dict() for e in report.engines]
         self._sample_health(engines)
         proxies = self.daemon.status()["proxies"]
         span = "day" if page.req.query.get("range") == "day" else "hour"
+        scope = self._scope(page)
 
         def read() -> dict[str, Any]:
             db = self.ctx.storage.security
-            cached = self._stats_cache.get(span)
-            if cached is not None and time.monotonic() - cached[0] < STATS_TTL_S:
-                minutes, top = cached[1], cached[2]
-            else:
-                minutes, top = stats.last_hour(db, span), stats.top_users(db, span)
-                self._stats_cache[span] = (time.monotonic(), minutes, top)
             repo = DashboardRepo(db)
-            labels = repo.key_labels([k for k, _ in top["keys"]])
+            figures = self._audit_figures(span, scope)
+            scope_label = None
+            if scope is not None and scope[0] == "key":
+                scope_label = repo.key_labels([scope[1]]).get(scope[1], scope[1])
             return {
-                "minutes": minutes,
-                "events": stats.recent_high_events(db),
+                "figures": figures,
+                "scope_label": scope_label,
                 "active_keys": repo.active_keys(),
                 "blocked": repo.blocked_addresses(),
-                "top_keys": [(labels.get(k, k), n) for k, n in top["keys"]],
-                "top_engines": top["engines"],
                 "policy": self.ctx.policy.show()["policy"],
             }
 
         data = await asyncio.to_thread(read)
-        minutes: list[stats.Minute] = data["minutes"]
-        labels = [m.label for m in minutes]
+        figures = data["figures"]
+        base = "/" + (_query({scope[0]: scope[1]}) if scope else "")
         t = page.t
-        chart_requests = charts.bars(
-            t("chart.requests"),
-            labels,
-            [charts.Series(t("chart.requests_series"), [m.total for m in minutes])],
-            kind="requests",
-        )
-        chart_latency = charts.lines(
-            t("chart.latency"),
-            labels,
-            [
-                charts.Series("p50", [m.p50 for m in minutes]),
-                charts.Series("p95", [m.p95 for m in minutes]),
-            ],
-            unit=" ms",
-            kind="latency",
-        )
-        chart_refusals = charts.bars(
-            t("chart.refusals"),
-            labels,
-            [
-                charts.Series("401", [m.unauthorized for m in minutes]),
-                charts.Series("429", [m.limited for m in minutes]),
-                charts.Series(t("chart.blocked"), [m.blocked for m in minutes]),
-            ],
-            kind="refusals",
-        )
-        chart_keys = charts.hbars(
-            t("chart.keys"), data["top_keys"], kind="keys", empty=t("chart.no_requests")
-        )
-        chart_engines = charts.hbars(
-            t("chart.engines"), data["top_engines"], kind="engines", empty=t("chart.no_requests")
-        )
         policy = data["policy"]
         health = {
             e["id"]: charts.sparkline(list(self.health.get(e["id"], ())), t("engine.history"))
@@ -485,26 +605,17 @@ class UiApp:
             "engines": engines,
             "proxies": proxies,
             "health": health,
-            "span": span,
             "proxy_urls": {p["id"]: loopback_url(p) for p in proxies},
-            "charts": [
-                ("requests", chart_requests),
-                ("latency", chart_latency),
-                ("refusals", chart_refusals),
-                ("keys", chart_keys),
-                ("engines", chart_engines),
-            ],
-            "minutes": [m for m in minutes if m.total or m.unauthorized or m.limited or m.blocked],
-            "totals": {
-                "requests": sum(m.total for m in minutes),
-                "refusals": sum(m.unauthorized + m.limited + m.blocked for m in minutes),
-            },
+            "poll_url": "/data/dashboard"
+            + _query({"range": span, **({scope[0]: scope[1]} if scope else {})}),
+            "scope_name": (data["scope_label"] or scope[1]) if scope else None,
+            **self._chart_values(page, span, scope, figures, base),
             "summary": {
                 "active_keys": data["active_keys"],
                 "blocked": data["blocked"],
                 "allow_list": list(policy.get("ip_whitelist") or []),
                 "rate_limit": policy.get("rate_limit"),
-                "events": data["events"],
+                "events": figures["events"],
             },
             "default_port": int(self.ctx.config.value("proxy.port")),
         }
@@ -568,15 +679,27 @@ class UiApp:
         except FlmError as exc:
             models, model_errors = [], {"-": exc.message}
 
+        q = page.req.query
+        search = q.get("kq", "").strip()[:100]
+        try:
+            number = max(1, min(10_000, int(q.get("kpage") or 1)))
+        except ValueError:
+            number = 1
+
         def read() -> dict[str, Any]:
             from flm.services.api_keys import key_view
 
-            last = stats.key_last_used(self.ctx.storage.security)
-            keys = [key_view(k) | {"last_used": last.get(k.id)} for k in self.ctx.keys.list()]
-            keys.sort(key=lambda k: (k["status"] != "active", k["created_at"]), reverse=False)
+            rows = self.ctx.keys.list()
+            if search:
+                needle = search.casefold()
+                rows = [k for k in rows if needle in k.label.casefold() or needle in k.id]
+            rows.sort(key=lambda k: (k.revoked_at is not None, k.created_at))
+            shown = rows[(number - 1) * KEYS_PAGE : number * KEYS_PAGE]
+            today = self.ctx.keys.today()
             profiles = ProfileService(self.ctx.storage)
             return {
-                "keys": keys,
+                "keys": [key_view(k, today) for k in shown],
+                "key_total": len(rows),
                 "policy": self.ctx.policy.show(),
                 "profiles": {
                     (p["engine_id"], p["model_id"]): p["label"] for p in profiles.profiles()
@@ -592,6 +715,11 @@ class UiApp:
             models=[m.to_dict() for m in models],
             model_errors=model_errors,
             keys=data["keys"],
+            key_total=data["key_total"],
+            key_search=search,
+            key_page=number,
+            key_pages=max(1, -(-data["key_total"] // KEYS_PAGE)),
+            key_query=lambda **kw: _query({"kq": search, **kw}),
             profiles=data["profiles"],
             prompts=data["prompts"],
             policy=policy,
@@ -615,11 +743,16 @@ class UiApp:
         }
 
     async def key_create(self, page: Page) -> tuple[int, bytes, str, list[tuple[bytes, bytes]]]:
+        from flm.services.keys import build_limits
+
         form = await page.req.form()
         try:
-            row, plaintext = await asyncio.to_thread(self.ctx.keys.create, form.get("label", ""))
+            limits = build_limits(**_key_changes(form, update=False))
+            row, plaintext = await asyncio.to_thread(
+                self.ctx.keys.create, form.get("label", ""), limits
+            )
         except FlmError as exc:
-            return self._failed(page, "/api", exc, field="label")
+            return self._failed(page, "/api", exc, field=_key_field(exc.message))
         await self._reload_quietly()
         return self._key_shown(
             page,
@@ -652,6 +785,52 @@ class UiApp:
             snippets=self._snippets(plaintext),
             message=message,
         )
+
+    async def key_page(self, page: Page) -> tuple[int, bytes, str, list[tuple[bytes, bytes]]]:
+        """One key: its scope and limits (with a form to change them), today's use against its
+        budgets, and its charts over the last hour or day."""
+        from flm.services.keys import key_view
+
+        key_id = page.req.query.get("id", "")
+        span = "day" if page.req.query.get("range") == "day" else "hour"
+        scope: ChartScope = ("key", key_id)
+
+        def read() -> dict[str, Any] | None:
+            from flm.storage.security import ApiKeysRepo
+
+            row = ApiKeysRepo(self.ctx.storage.security).get(key_id)
+            if row is None:
+                return None
+            return {
+                "key": key_view(row, self.ctx.keys.today(key_id)),
+                "figures": self._audit_figures(span, scope),
+            }
+
+        data = await asyncio.to_thread(read)
+        if data is None:
+            raise Refused(404, "error.no_key")
+        key = data["key"]
+        return self.render(
+            page,
+            "key.html",
+            key=key,
+            scope_name=key["label"],
+            **self._chart_values(
+                page, span, scope, data["figures"], "/api/key" + _query({"id": key_id})
+            ),
+        )
+
+    async def key_update(self, page: Page) -> tuple[int, bytes, str, list[tuple[bytes, bytes]]]:
+        form = await page.req.form()
+        key_id = form.get("id", "")
+        back = "/api/key" + _query({"id": key_id})
+        try:
+            changes = _key_changes(form, update=True)
+            row = await asyncio.to_thread(self.ctx.keys.update, key_id, **changes)
+        except FlmError as exc:
+            return self._failed(page, back, exc, field=_key_field(exc.message))
+        await self._reload_quietly()
+        return self._done(page, back, page.t("key.updated", label=row.label))
 
     async def key_revoke(self, page: Page) -> tuple[int, bytes, str, list[tuple[bytes, bytes]]]:
         form = await page.req.form()
@@ -1017,6 +1196,38 @@ def _int_field(text: str, name: str) -> int:
         return int(text)
     except ValueError:
         raise UsageError(f"{name}: expected a whole number, got {text!r}") from None
+
+
+def _key_changes(form: dict[str, str], *, update: bool) -> dict[str, Any]:
+    """A key form's settings as :func:`flm.services.keys.build_limits` takes them. On update
+    the form shows every setting, so an emptied field lifts that limit (models: all, expiry:
+    never); on creation an empty field sets nothing."""
+    from flm.services.keys import LIMIT_FIELDS
+
+    changes: dict[str, Any] = {}
+    for name in LIMIT_FIELDS:
+        text = form.get(name, "").strip()
+        if text:
+            changes[name] = _int_field(text, name)
+        elif update:
+            changes[name] = 0
+    models = [x.strip() for x in form.get("models", "").replace(",", "\n").splitlines()]
+    models = [m for m in models if m]
+    if models or update:
+        changes["models"] = models
+    expires = form.get("expires", "").strip()
+    if expires or update:
+        changes["expires"] = expires or "never"
+    changes["read_only"] = form.get("read_only") == "on"
+    return changes
+
+
+def _key_field(message: str) -> str:
+    """The key form field a validation message names (the service names the CLI option)."""
+    for name in ("daily_tokens", "daily_requests", "burst", "tpm", "rpm", "models", "expires"):
+        if name in message or name.replace("_", "-") in message:
+            return name
+    return "label" if "label" in message else ""
 
 
 def _field_of(message: str) -> str:

@@ -124,10 +124,14 @@ def lines(
 
 
 def hbars(
-    title: str, rows: Sequence[tuple[str, float]], kind: str = "hbars", empty: str = ""
+    title: str,
+    rows: Sequence[tuple[str, float]],
+    kind: str = "hbars",
+    empty: str = "",
+    links: Sequence[str] = (),
 ) -> Markup:
     """Horizontal bars, one per (label, value), largest first as given; ``empty`` is written
-    in the chart when there is no row."""
+    in the chart when there is no row; ``links[i]``, when given, is where row i leads."""
     row_h, label_w = 18, 130
     height = max(1, len(rows)) * row_h + 4
     top = max((v for _, v in rows), default=0) or 1
@@ -142,6 +146,8 @@ def hbars(
         y = 2 + i * row_h
         w = (WIDTH - label_w - 40) * value / top
         short = label if len(label) <= 20 else label[:19] + "…"
+        if i < len(links):
+            out.append(f'<a href="{escape(links[i])}" data-link="{escape(label)}">')
         out.append(
             f'<text class="axis" x="{label_w - 4}" y="{y + 12}" text-anchor="end">'
             f"{escape(short)}</text>"
@@ -152,6 +158,8 @@ def hbars(
             f"{value:g}</title></rect>"
         )
         out.append(f'<text class="axis" x="{label_w + w + 4:.1f}" y="{y + 12}">{value:g}</text>')
+        if i < len(links):
+            out.append("</a>")
     out.append("</svg>")
     return Markup("".join(out))  # noqa: S704 - every interpolated value is escaped above
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 import flm.http.server as server
-from flm.http.asgi import Message, Receive, RequestBodyTimeout, Scope, Send
+from flm.http.asgi import DISCONNECT_HOOK, Message, Receive, RequestBodyTimeout, Scope, Send
 from flm.http.server import HttpServer, bind_socket
 from flm.openai.errors import refusal
 
@@ -307,6 +307,48 @@ def test_disconnect_reaches_a_waiting_receive(running: Callable[..., Running]) -
     assert got == [{"type": "http.disconnect"}]
 
 
+def test_disconnect_hook_calls_back_without_a_waiting_task(
+    running: Callable[..., Running],
+) -> None:
+    """The scope's DISCONNECT_HOOK: the callback runs when the client leaves (nothing waits
+    on receive()), at once when registered after the client left, and never once withdrawn
+    or after the request ended."""
+    calls: list[str] = []
+    ended = threading.Event()
+    hooks: list[Callable[[Any], None]] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        hook = scope[DISCONNECT_HOOK]
+        hooks.append(hook)
+        path = scope["path"]
+        if path == "/withdrawn":
+            hook(lambda: calls.append("withdrawn"))
+            hook(None)
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+            return
+        gone = asyncio.Event()
+        hook(lambda: (calls.append(path), gone.set()))
+        await gone.wait()
+        hook(lambda: calls.append(path + " late"))  # the client has gone: called at once
+        ended.set()
+
+    r = running(app)
+    with connect(r.port) as sock:
+        sock.sendall(b"GET /withdrawn HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert read_response(sock, bytearray())[0].startswith(b"HTTP/1.1 200")
+    sock = connect(r.port)
+    sock.sendall(b"GET /waits HTTP/1.1\r\nHost: a\r\n\r\n")
+    deadline = time.monotonic() + 5
+    while len(hooks) < 2:
+        assert time.monotonic() < deadline, "the request never reached the app"
+        time.sleep(0.01)
+    sock.close()
+    assert ended.wait(5)
+    assert calls == ["/waits", "/waits late"]
+
+
 def test_app_errors_give_500_or_cut_the_reply(
     running: Callable[..., Running], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -400,6 +442,9 @@ def test_framing_headers_from_the_app_are_the_servers_to_decide(
             ],
             "/keep": [(b"connection", b"keep-alive"), (b"transfer-encoding", b"identity")],
             "/empty": [(b"", b"x"), (b"content-length", b"2")],
+            # a length in any case, among other headers, frames the reply (no chunking);
+            # a value that merely mentions a framing header is only a value
+            "/upper": [(b"X-A", b"connection: close"), (b"CONTENT-Length", b"2"), (b"x-b", b"")],
         }[scope["path"]]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": b"ok"})
@@ -417,6 +462,14 @@ def test_framing_headers_from_the_app_are_the_servers_to_decide(
         assert headers[b"content-length"] == b"2" and body == b"ok"
         assert b"transfer-encoding" not in headers and headers[b"connection"] == b"close"
         assert closed_by_peer(sock)
+    with connect(r.port) as sock:
+        buf = bytearray()
+        for _ in range(2):  # (kept alive)
+            sock.sendall(b"GET /upper HTTP/1.1\r\nHost: a\r\n\r\n")
+            status, headers, body = read_response(sock, buf)
+            assert headers[b"content-length"] == b"2" and body == b"ok"
+            assert headers[b"x-a"] == b"connection: close" and headers[b"x-b"] == b""
+            assert b"transfer-encoding" not in headers and b"connection" not in headers
     with connect(r.port) as sock:
         sock.sendall(b"GET /empty HTTP/1.1\r\nHost: a\r\n\r\n")
         status, _, _ = read_response(sock, bytearray())

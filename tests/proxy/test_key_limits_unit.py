@@ -203,3 +203,61 @@ def test_usage_sink_sums_by_minute_and_hour_and_prunes(flm_home: Any) -> None:
     finally:
         sink.close()
         storage.close()
+
+
+def test_usage_sink_keeps_a_batch_it_cannot_write_and_writes_it_later(
+    flm_home: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    from flm.core.paths import Paths
+    from flm.proxy.usage import UsageSink
+    from flm.storage import Storage
+
+    storage = Storage(Paths.resolve())
+    sink = UsageSink(storage.security, interval=3600)
+    db = storage.security
+    try:
+        # (a real SQLite failure on the write, as a full disk gives)
+        db.write(
+            lambda c: c.execute(
+                "CREATE TRIGGER refuse BEFORE INSERT ON usage_minute "
+                "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"
+            )
+        )
+        now = 1_800_000_000.0
+        for i in range(5):
+            sink.record(now + i, "k1", "flm://e/m", "e", 10, 5, False)
+        with caplog.at_level("ERROR", logger="flm.usage"), pytest.raises(Exception, match="full"):
+            sink.flush()
+        assert "5 requests kept for a retry" in caplog.text
+        assert db.query("SELECT COUNT(*) FROM usage_minute")[0][0] == 0
+        sink.record(now + 10, "k1", "flm://e/m", "e", 1, 1, False)
+        db.write(lambda c: c.execute("DROP TRIGGER refuse"))
+        assert sink.flush() == 6
+        row = db.query("SELECT SUM(requests), SUM(prompt_tokens) FROM usage_minute")[0]
+        assert tuple(row) == (6, 51)
+    finally:
+        sink.close()
+        storage.close()
+
+
+def test_usage_sink_bounds_what_it_keeps_for_a_retry(flm_home: Any) -> None:
+    from flm.core.paths import Paths
+    from flm.proxy import usage
+    from flm.storage import Storage
+
+    storage = Storage(Paths.resolve())
+    sink = usage.UsageSink(storage.security, interval=3600)
+    try:
+        items = [(float(i), "k", "m", "e", 1, 1, 0) for i in range(10)]
+        old_cap = usage.MAX_PENDING
+        usage.MAX_PENDING = 4
+        try:
+            sink._keep_for_retry(items, OSError("disk full"))
+        finally:
+            usage.MAX_PENDING = old_cap
+        assert sink.dropped == 6
+        assert [it[0] for it in sink._items] == [6.0, 7.0, 8.0, 9.0]
+    finally:
+        sink._items.clear()
+        sink.close()
+        storage.close()

@@ -373,6 +373,37 @@ def test_flusher_pauses_every_slice_for_a_normal_batch(
     assert pauses[0] == 5  # the loop never waits longer than one slice for the GIL
 
 
+def test_flusher_stops_pausing_once_a_pause_shows_a_saturated_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pause that gets the GIL back only after a switch interval means the loop is busy
+    all the time: the rest of the batch is formatted without pauses (each would cost the
+    flusher another switch interval), and every record is still written, in order."""
+    from flm.proxy import audit
+    from flm.proxy.audit import BUSY_PAUSE_S, SLICE, AuditSink
+
+    pauses = [0]
+
+    def slow_pause() -> None:  # what a pause costs when the loop holds the GIL
+        pauses[0] += 1
+        time.sleep(BUSY_PAUSE_S * 1.5)
+
+    monkeypatch.setattr(audit, "_pause", slow_pause)
+    count = SLICE * 5 + 3
+    sink = AuditSink(None, tmp_path / "audit.jsonl", interval=60)
+    try:
+        for i in range(count):
+            sink.event("intrusion", "low", "127.0.0.1", {"n": i})
+        assert sink.flush(pause=True) == count
+    finally:
+        sink.close()
+    assert pauses[0] == 1
+    lines = (tmp_path / "audit.jsonl").read_text().splitlines()
+    assert [json.loads(json.loads(line)["details_json"])["n"] for line in lines] == list(
+        range(count)
+    )
+
+
 @pytest.mark.parametrize("size", ["backlog", "above_high_water"])
 def test_flusher_keeps_up_with_a_backlog(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: str

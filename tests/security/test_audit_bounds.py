@@ -76,6 +76,32 @@ def test_a_bad_record_is_written_escaped_and_keeps_its_neighbours(tmp_path: Path
         db.close()
 
 
+def test_a_large_batch_is_written_whole_in_order_by_multi_row_inserts(tmp_path: Path) -> None:
+    """A batch longer than one multi-row INSERT (and not a multiple of it) is written whole,
+    every row in order with its values, and a bad row in its middle still costs only
+    itself."""
+    from flm.proxy.audit import AuditSink
+    from flm.storage import records
+    from flm.storage.db import Database
+
+    count = records._ROWS_PER_INSERT * 2 + 37
+    db = Database(tmp_path / "security.db", "security").open()
+    sink = AuditSink(db, tmp_path / "audit.jsonl", interval=60)
+    try:
+        for i in range(count):
+            _request(sink, f"r{i}", model="bad\ud800" if i == count // 2 else f"m{i}")
+        assert sink.flush() == count
+        rows = db.query("SELECT request_id, model, status FROM audit_logs ORDER BY id")
+        assert [r["request_id"] for r in rows] == [f"r{i}" for i in range(count)]
+        assert [r["model"] for r in rows] == [
+            "bad\\ud800" if i == count // 2 else f"m{i}" for i in range(count)
+        ]
+        assert {r["status"] for r in rows} == {200}
+    finally:
+        sink.close()
+        db.close()
+
+
 def test_a_record_that_cannot_be_formatted_or_stored_costs_only_itself(tmp_path: Path) -> None:
     """Whatever a record holds that breaks formatting or the database, its neighbours are
     written; the broken one leaves an ``audit_record_invalid`` event or a count."""

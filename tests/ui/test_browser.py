@@ -233,6 +233,14 @@ def test_every_page_in_both_languages_and_themes(ui: Ui, emulator: str, browser:
         )
         == labels[::-1]
     )
+    # the key page (the active key, with a scope) and one engine's view join the tour
+    active = page.get_attribute("tr[data-key-status=active]", "data-key-id")
+    page.goto(ui.origin + f"/api/key?id={active}")
+    page.fill("#kf-models", "flm://emu/*")
+    page.fill("#kf-daily_tokens", "5000")
+    with page.expect_navigation():
+        page.click("#key-save")
+    pages = {**PAGES, "key": f"/api/key?id={active}", "dashboard-engine": "/?engine=emu"}
     seen: dict[str, list[str]] = {}
     for lang in ("en", "ja"):
         for theme in ("light", "dark"):
@@ -243,7 +251,7 @@ def test_every_page_in_both_languages_and_themes(ui: Ui, emulator: str, browser:
                 page.click("main form[action='/settings'] button[type=submit]")
             assert page.get_attribute("html", "lang") == lang
             assert page.get_attribute("html", "data-theme") == theme
-            for name, path in PAGES.items():
+            for name, path in pages.items():
                 page.goto(ui.origin + path)
                 _shot(page, f"{name}-{lang}-{theme}")
                 result = page.evaluate(CONTRAST_JS)
@@ -311,3 +319,181 @@ def test_key_creation_with_the_keyboard_alone(ui: Ui, browser: Any) -> None:
     with page.expect_navigation():
         page.keyboard.press("Enter")
     assert page.inner_text("#keys-table").count("keyboard") == 1
+
+
+def _chat(page: Any, ui: Ui, key: str, model: str) -> str:
+    """Send one chat from the tester; the status it shows once done or refused."""
+    page.goto(ui.origin + "/chat")
+    page.select_option("#chat-model", model)
+    page.fill("#chat-key", key)
+    page.click("#chat-send")
+    page.wait_for_selector("#chat-output[data-done='1'], #chat-error:not([hidden])")
+    return str(page.inner_text('[data-meta="status"]'))
+
+
+def test_key_scope_page_and_usage_charts(ui: Ui, emulator: str, browser: Any) -> None:
+    page = browser.new_page()
+    watch = Watch(page)
+    page.on("dialog", lambda d: d.accept())
+    page.goto(ui.login_url)
+    page.fill("#start-port", str(_free_port()))
+    page.click("form[action='/proxies/start'] button")
+    page.wait_for_selector("[data-fragment=proxies] code")
+    # create a key limited to one model, with limits and an expiry
+    page.goto(ui.origin + "/api")
+    page.fill("#key-label", "scoped")
+    page.click("#key-scope summary")
+    page.fill("#kf-models", "flm://emu/tiny:1b")
+    page.fill("#kf-rpm", "30")
+    page.fill("#kf-burst", "5")
+    page.fill("#kf-daily_tokens", "100000")
+    page.fill("#kf-expires", "30d")
+    _shot(page, "api-key-scope-form")
+    page.click("#key-create")
+    page.wait_for_selector("#key-dialog[open]")
+    plaintext = page.inner_text("#key-plaintext").strip()
+    with page.expect_navigation():
+        page.click("#key-dialog-close")
+    row = "tr[data-key-status=active]"
+    assert page.inner_text(f"{row} [data-cell=models]").strip() == "flm://emu/tiny:1b"
+    assert "30 req/min (burst 5)" in page.inner_text(f"{row} [data-cell=limits]")
+    assert "100000 tokens/day" in page.inner_text(f"{row} [data-cell=limits]")
+    # the scope holds at the gateway: the other model is refused
+    assert _chat(page, ui, plaintext, "flm://emu/tiny:1b") == "200"
+    assert _chat(page, ui, plaintext, "flm://emu/small:3b") == "403"
+    assert "small:3b" in page.inner_text("#chat-error .msg")
+    # the key's page shows its settings and changes them
+    page.goto(ui.origin + "/api")
+    with page.expect_navigation():
+        page.click(f"{row} td:first-child a")
+    assert urlsplit(page.url).path == "/api/key"
+    assert page.inner_text("[data-setting=models]").strip() == "flm://emu/tiny:1b"
+    assert page.input_value("#kf-rpm") == "30"
+    page.fill("#kf-models", "")
+    page.check("#kf-read_only")
+    with page.expect_navigation():
+        page.click("#key-save")
+    assert page.inner_text(".flash.ok").strip()
+    assert page.inner_text("[data-setting=models]").strip() == "All models"
+    assert page.inner_text("[data-setting=read_only]").strip() == "Read-only"
+    key_page = page.url
+    # at once in the running proxy: a read-only key may not chat
+    assert _chat(page, ui, plaintext, "flm://emu/small:3b") == "403"
+    assert "list models" in page.inner_text("#chat-error .msg")
+    # its charts: its requests, refusals and tokens (written off the request path)
+
+    def charted() -> bool:
+        page.goto(key_page)
+        return (
+            _chart_sum(page, "requests") >= 3
+            and _chart_sum(page, "refusals") >= 2
+            and _chart_sum(page, "tokens") > 0
+        )
+
+    _until(charted, "the key's charts to show its requests")
+    assert page.query_selector('svg[data-chart="keys"]') is None  # one key: no ranking
+    assert page.inner_text("[data-scope]").startswith('Showing API key "scoped" only')
+    _shot(page, "api-key-page")
+    with page.expect_navigation():
+        page.click("nav.range a[href*='range=day']")
+    assert page.get_attribute("nav.range a[aria-current]", "href").endswith("range=day")
+    assert _chart_sum(page, "requests") >= 3
+    # the dashboard narrows to the engine from its table, and back to all traffic
+    page.goto(ui.origin + "/")
+    with page.expect_navigation():
+        page.click("[data-engine-charts=emu]")
+    assert page.get_attribute("[data-scope]", "data-scope") == "engine:emu"
+    # the served chat and the model refusal reached the engine's route; the read-only
+    # refusal came before any engine was chosen
+    assert _chart_sum(page, "requests") == 2
+    assert page.query_selector('svg[data-chart="engines"]') is None
+    assert "/data/dashboard?range=hour&engine=emu" in page.get_attribute("[data-poll]", "data-poll")
+    with page.expect_navigation():
+        page.click("[data-scope] a")
+    assert page.query_selector("[data-scope]") is None
+    watch.assert_loopback_only()
+
+
+def _column(page: Any, table: str, n: int) -> list[str]:
+    return list(
+        page.eval_on_selector_all(
+            f"#{table} tbody tr td:nth-child({n})",
+            "els => els.map(e => e.dataset.sort !== undefined ? e.dataset.sort "
+            ": e.textContent.trim())",
+        )
+    )
+
+
+def _sorts(page: Any, table: str, n: int = 1) -> None:
+    """Clicking column ``n``'s header sorts the rows by it, again reverses them."""
+    before = _column(page, table, n)
+    assert len(set(before)) >= 2, (table, before)
+    page.click(f"#{table} thead th:nth-child({n}) button.sort")
+    after = _column(page, table, n)
+    assert after == sorted(before, key=lambda v: v.casefold()) or after == sorted(before), after
+    assert page.get_attribute(f"#{table} thead th:nth-child({n})", "aria-sort") == "ascending"
+    page.click(f"#{table} thead th:nth-child({n}) button.sort")
+    assert _column(page, table, n) == after[::-1], table
+
+
+def test_every_list_sorts(ui: Ui, emulator: str, browser: Any) -> None:
+    from flm.core.paths import Paths
+    from flm.core.timeutil import now_iso
+    from flm.storage import Storage
+    from flm.storage.records import write_batch
+    from tests.conftest import flm_subprocess
+
+    # two engines, two proxies, two profiles and prompts, two blocked addresses
+    other = emulator.replace("127.0.0.1", "localhost")  # the same emulator, a second entry
+    added = flm_subprocess("engines", "add", "--kind", "ollama", "--url", other, "--id", "alt")
+    assert added.returncode == 0, added.stderr
+    storage = Storage(Paths.resolve())
+    write_batch(
+        storage.security,
+        [],
+        [
+            ("198.51.100.7", "", "honeypot", 1, now_iso(), None, 1),
+            ("192.0.2.9", "", "auth failures", 5, now_iso(), None, 1),
+        ],
+        [],
+        [],
+    )
+    storage.close()
+    page = browser.new_page()
+    page.on("dialog", lambda d: d.accept())
+    page.goto(ui.login_url)
+    for _ in range(2):
+        page.fill("#start-port", str(_free_port()))
+        with page.expect_response(lambda r: r.url.endswith("/proxies/start")):
+            page.click("form[action='/proxies/start'] button")
+    session = ui.login()
+    for engine, label in (("zeta", "zz-profile"), ("alpha", "aa-profile")):
+        saved = session.post(
+            "/profiles/save",
+            {"engine_id": engine, "model_id": "m", "label": label, "parameters": '{"top_p": 1}'},
+        )
+        assert saved.status == 200, saved.text
+    for api in ("responses", "chat_completions"):
+        assert session.post("/prompts/save", {"api_id": api, "template": "Be brief."}).status == 200
+    page.goto(ui.origin + "/")
+    page.wait_for_selector("#proxies-table tbody tr:nth-child(2)")
+    page.wait_for_selector("[data-engine=alt]")
+    _sorts(page, "engines-table")
+    order = _column(page, "engines-table", 1)
+    # the dashboard's poll redraws the table; the order chosen stays
+    polled = int(page.get_attribute("[data-poll]", "data-polled") or 0)
+    page.evaluate("document.dispatchEvent(new Event('visibilitychange'))")
+    _until(
+        lambda: int(page.get_attribute("[data-poll]", "data-polled") or 0) > polled,
+        "a dashboard poll",
+    )
+    assert _column(page, "engines-table", 1) == order
+    assert page.get_attribute("#engines-table thead th:first-child", "aria-sort") == "descending"
+    _sorts(page, "proxies-table")
+    page.goto(ui.origin + "/api")
+    _sorts(page, "models-table")
+    page.goto(ui.origin + "/profiles")
+    _sorts(page, "profiles-table", 3)
+    _sorts(page, "prompts-table")
+    page.goto(ui.origin + "/security")
+    _sorts(page, "blocklist-table")

@@ -17,12 +17,18 @@ DYNAMIC = {
     "nav.": ["dashboard", "api", "chat", "wizard", "security", "profiles", "settings"],
     "theme.": ["system", "light", "dark"],
     "lang.": ["en", "ja"],
-    "chart.": ["requests", "latency", "refusals", "keys", "engines"],
+    "chart.": ["requests", "latency", "refusals", "tokens", "keys", "engines"],
+    "chart.no_data_": ["hour", "day"],
+    "chart.scope_": ["key", "engine"],
+    "sum.requests_": ["hour", "day"],
+    "sum.refusals_": ["hour", "day"],
     "dash.charts_": ["hour", "day"],
     "fw.": ["ufw", "firewalld", "nftables", "pf", "powershell"],
     "security.tab_": ["audit", "intrusion", "anomaly"],
     "keys.status_": ["active", "revoked", "expired"],
     "wizard.step": ["1", "2", "3", "4"],
+    "keys.f_": ["rpm", "burst", "tpm", "daily_requests", "daily_tokens"],
+    "keys.usage_": ["hour", "day"],
 }
 KEY_CALL = re.compile(r"""\bt\(\s*["']([a-z0-9_.]+)["']\s*[,)~]""")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 from flm.services.runstate import pid_alive
 from tests.conftest import flm_subprocess
@@ -200,3 +201,139 @@ def test_daemon_exits_once_the_last_ui_session_ends(flm_home: Path) -> None:
             daemon.ctx.close()
 
     asyncio.run(scenario())
+
+
+def _key_row(key_id: str) -> Any:
+    from flm.core.paths import Paths
+    from flm.storage import Storage
+    from flm.storage.security import ApiKeysRepo
+
+    storage = Storage(Paths.resolve())
+    try:
+        return ApiKeysRepo(storage.security).get(key_id)
+    finally:
+        storage.close()
+
+
+def test_key_scope_is_set_on_creation_and_changed_on_update(ui: Ui) -> None:
+    session = ui.login()
+    created = session.post(
+        "/api/keys",
+        {
+            "label": "friend",
+            "models": "flm://emu/*\nflm://other/tiny:1b",
+            "rpm": "30",
+            "burst": "5",
+            "tpm": "2000",
+            "daily_tokens": "10000",
+            "daily_requests": "500",
+            "expires": "30d",
+            "read_only": "on",
+        },
+    )
+    assert created.status == 200, created.text
+    key_id = created.json["data"]["key"]["id"]  # type: ignore[index]
+    row = _key_row(key_id)
+    limits = row.limits
+    assert limits.models == ["flm://emu/*", "flm://other/tiny:1b"]
+    assert (limits.rpm, limits.burst, limits.tpm) == (30, 5, 2000)
+    assert (limits.daily_tokens, limits.daily_requests, limits.read_only) == (10000, 500, True)
+    assert limits.expires_at is not None and limits.expires_at > row.created_at
+    # the list and the key's page show every setting
+    listing = session.get("/api").text
+    assert "flm://other/tiny:1b" in listing and "30 req/min (burst 5)" in listing
+    assert "10000 tokens/day" in listing and "Read-only" in listing
+    page = session.get(f"/api/key?id={key_id}")
+    assert page.status == 200
+    for text in ("2000 tokens/min", "500 requests/day", "Read-only", 'id="kf-tpm"'):
+        assert text in page.text, text
+    assert 'value="2000"' in page.text and "checked" in page.text
+    # an update form shows every setting: what is emptied is lifted
+    updated = session.post(
+        "/api/keys/update",
+        {"id": key_id, "models": "", "rpm": "60", "burst": "", "tpm": "", "expires": ""},
+    )
+    assert updated.status == 200, updated.text
+    limits = _key_row(key_id).limits
+    assert limits.models is None and limits.rpm == 60 and limits.burst is None
+    assert limits.tpm is None and limits.daily_tokens is None and limits.expires_at is None
+    assert limits.read_only is False
+    assert "All models" in session.get(f"/api/key?id={key_id}").text
+
+
+def test_key_form_errors_name_their_field(ui: Ui) -> None:
+    session = ui.login()
+    cases = {
+        "expires": {"label": "a", "expires": "soon"},
+        "burst": {"label": "a", "burst": "5"},
+        "models": {"label": "a", "models": "http://elsewhere/model"},
+        "rpm": {"label": "a", "rpm": "many"},
+        "daily_tokens": {"label": "a", "daily_tokens": "-1"},
+        "label": {"label": " "},
+    }
+    for field, form in cases.items():
+        reply = session.post("/api/keys", form)
+        assert reply.status == 400, (field, reply.text)
+        assert reply.json["error"]["field"] == field, (field, reply.json)  # type: ignore[index]
+    assert "data-key-id" not in session.get("/api").text  # nothing was created
+    key_id = session.post("/api/keys", {"label": "b"}).json["data"]["key"]["id"]  # type: ignore[index]
+    # a plain form post comes back to the key's page with the error next to its field
+    back = session.post("/api/keys/update", {"id": key_id, "expires": "soon"}, accept_json=False)
+    assert back.status == 303 and back.headers["location"] == f"/api/key?id={key_id}"
+    page = session.get(f"/api/key?id={key_id}")
+    assert 'id="err-expires"' in page.text and "--expires" in page.text
+    assert _key_row(key_id).limits.expires_at is None
+    assert session.get("/api/key?id=nosuchkey").status == 404
+    revoked = session.post("/api/keys/revoke", {"id": key_id})
+    assert revoked.status == 200
+    again = session.post("/api/keys/update", {"id": key_id, "rpm": "5"})
+    assert again.status == 400 and _key_row(key_id).limits.rpm is None
+
+
+def test_dashboard_polls_share_one_read_per_few_seconds(ui: Ui) -> None:
+    """An open dashboard polls; the audit window is read once per STATS_TTL_S however often
+    it asks (a new request shows up after that, not on every poll)."""
+    import time
+
+    from flm.core.paths import Paths
+    from flm.core.timeutil import now_iso
+    from flm.storage import Storage
+    from flm.storage.records import AUDIT_COLUMNS, write_batch
+    from flm.ui.app import STATS_TTL_S
+
+    session = ui.login()
+
+    def requests() -> int:
+        reply = session.get("/data/dashboard", Accept="application/json")
+        summary = reply.json["fragments"]["summary"]  # type: ignore[index]
+        return int(re.search(r'data-summary="requests">(\d+)<', summary)[1])  # type: ignore[index]
+
+    def add_request() -> None:
+        row = dict.fromkeys(AUDIT_COLUMNS) | {
+            "ts": now_iso(),
+            "request_id": "poll-test",
+            "status": 200,
+            "latency_ms": 5.0,
+            "event_type": "request",
+            "severity": "info",
+        }
+        storage = Storage(Paths.resolve())
+        try:
+            write_batch(storage.security, [tuple(row[c] for c in AUDIT_COLUMNS)], [], [], [])
+        finally:
+            storage.close()
+
+    for _attempt in range(3):
+        started = time.monotonic()
+        before = requests()
+        add_request()
+        again = requests()
+        if time.monotonic() - started < STATS_TTL_S:  # (else the cache expired: try again)
+            break
+    else:
+        raise AssertionError("could not poll twice within the cache's lifetime")
+    assert again == before  # the second poll did not read the audit window again
+    deadline = time.monotonic() + STATS_TTL_S + 10
+    while requests() == before:
+        assert time.monotonic() < deadline, "the new request never showed up"
+        time.sleep(0.2)

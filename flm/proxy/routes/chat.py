@@ -157,7 +157,7 @@ async def chat_completions(scope: Scope, receive: Receive, send: Send, rt: Proxy
         )
         return
     forward = raw_with_model(raw, public, plan.model) if plan.unchanged else None
-    reply = await _engine_call(adapter.chat_bytes(plan.body, public, forward), state, receive)
+    reply = await _engine_call(adapter.chat_bytes(plan.body, public, forward), scope, receive)
     await send_bytes(send, 200, reply)
     # Token counts are read from the reply once it is on its way to the client.
     usage = usage_from_bytes(reply)
@@ -225,7 +225,7 @@ async def completions(scope: Scope, receive: Receive, send: Send, rt: ProxyRunti
         if not changed and not warnings and payload.keys() == body.keys()
         else None
     )
-    reply = await _engine_call(adapter.completion_bytes(payload, named, forward), state, receive)
+    reply = await _engine_call(adapter.completion_bytes(payload, named, forward), scope, receive)
     await send_bytes(send, 200, reply)
     usage = usage_from_bytes(reply)
     if usage is None:
@@ -237,13 +237,14 @@ async def completions(scope: Scope, receive: Receive, send: Send, rt: ProxyRunti
         _record_usage(state, usage, rt)
 
 
-async def _engine_call(coro: Any, state: RequestState, receive: Receive) -> Any:
+async def _engine_call(coro: Any, scope: Scope, receive: Receive) -> Any:
     """``coro``'s result, engine errors as HTTP errors; a client that leaves meanwhile cancels
     it (the engine stops at once, as for streams). FLM's own time (the ``overhead`` metric) is
     the time the request took to get here."""
+    state: RequestState = scope["flm"]
     state.overhead_s = time.perf_counter() - state.started
     try:
-        async with watch_disconnect(receive, state):
+        with watch_disconnect(scope, receive):
             return await coro
     except EngineError as exc:
         raise HttpError.from_flm(exc) from exc
@@ -261,8 +262,8 @@ async def stream_events(
 ) -> None:
     """Forward SSE events as they arrive. Failures before the first event are ordinary HTTP
     errors; after it, one error event and ``[DONE]``. A client that goes away cancels the
-    upstream request at once: a watcher waits for ``http.disconnect`` and cancels this task,
-    which closes the engine connection through the adapter's ``finally``.
+    upstream request at once: the server's disconnect hook (see :class:`watch_disconnect`)
+    cancels this task, which closes the engine connection through the adapter's ``finally``.
 
     ``strip_usage``: FLM asked the engine for usage the client did not ask for; the usage
     chunk is taken out of the stream. ``prompt``: the prompt's text, for an estimate when the
@@ -271,18 +272,8 @@ async def stream_events(
     state.streaming = True
     metrics = rt.metrics
     tap = _UsageTap(events, state, rt, strip_usage)
-    current = asyncio.current_task()
-    assert current is not None
-    gone = False
-
-    async def watch() -> None:
-        nonlocal gone
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        gone = True
-        current.cancel()
-
-    watcher = asyncio.ensure_future(watch())
+    watch = watch_disconnect(scope, receive)
+    watch.start()
     metrics.active_streams.inc()
     try:
         try:
@@ -312,12 +303,14 @@ async def stream_events(
             )
         await send({"type": "http.response.body", "body": b"", "more_body": False})
     except asyncio.CancelledError:
-        if not gone:
+        if not watch.gone:
             raise  # the server is shutting down
         state.error_code = "client_disconnected"
+        current = asyncio.current_task()
+        assert current is not None
         current.uncancel()
     finally:
-        watcher.cancel()
+        watch.stop()
         metrics.active_streams.dec()
         await tap.aclose()
         if (
@@ -407,7 +400,7 @@ async def embeddings(scope: Scope, receive: Receive, send: Send, rt: ProxyRuntim
     if not adapter.capabilities().embeddings:
         raise HttpError(422, "unsupported_modalities", f"{engine_id} does not embed")
     check_embedding_input(payload, adapter.capabilities())
-    reply = await _engine_call(adapter.embeddings(payload), state, receive)
+    reply = await _engine_call(adapter.embeddings(payload), scope, receive)
     reply["model"] = state.model
     _record_usage(state, reply.get("usage"), rt)
     await send_json(send, 200, reply)
@@ -716,7 +709,7 @@ async def responses(scope: Scope, receive: Receive, send: Send, rt: ProxyRuntime
             prompt=lambda: _messages_text(chat),
         )
         return
-    reply = await _engine_call(adapter.chat(plan.body), state, receive)
+    reply = await _engine_call(adapter.chat(plan.body), scope, receive)
     if isinstance(reply.get("usage"), dict):
         _record_usage(state, reply.get("usage"), rt)
     else:

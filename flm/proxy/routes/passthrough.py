@@ -160,7 +160,7 @@ async def engine_passthrough(scope: Scope, receive: Receive, send: Send, rt: Pro
     query = scope.get("query_string", b"").decode("latin-1")
     target = path + (f"?{query}" if query else "")
     try:
-        async with watch_disconnect(receive, state):
+        with watch_disconnect(scope, receive):
             upstream = await adapter.client.request(
                 method, target, data=body or None, headers=headers, check_status=False
             )

@@ -125,7 +125,7 @@
         const body = await resp.json();
         for (const [name, html] of Object.entries(body.fragments || {})) {
           const el = live.querySelector('[data-fragment="' + name + '"]');
-          if (el) { el.innerHTML = html; localTimes(el); }
+          if (el) { el.innerHTML = html; localTimes(el); sortable(el); }
         }
         live.dataset.polled = String(Number(live.dataset.polled || 0) + 1);
       }
@@ -219,32 +219,55 @@
     });
   }
 
-  // Sortable tables: a header button sorts its column (numbers as numbers), again to reverse.
-  document.querySelectorAll("table[data-sortable]").forEach((table) => {
-    table.querySelectorAll("thead th").forEach((th, column) => {
-      const button = document.createElement("button");
-      button.type = "button";
-      button.className = "sort";
-      button.textContent = th.textContent;
-      th.textContent = "";
-      th.appendChild(button);
-      button.addEventListener("click", () => {
-        const body = table.tBodies[0];
-        const up = th.getAttribute("aria-sort") !== "ascending";
-        table.querySelectorAll("thead th").forEach((h) => h.removeAttribute("aria-sort"));
-        th.setAttribute("aria-sort", up ? "ascending" : "descending");
-        const key = (row) => { const cell = row.cells[column]; const el = cell && cell.querySelector("time");
-          return el ? el.getAttribute("datetime") : (cell ? cell.textContent.trim() : ""); };
-        const rows = Array.from(body.rows);
-        rows.sort((a, b) => {
-          const x = key(a), y = key(b), nx = Number(x), ny = Number(y);
-          const order = x !== "" && y !== "" && !isNaN(nx) && !isNaN(ny) ? nx - ny : x.localeCompare(y, lang);
-          return up ? order : -order;
-        });
-        rows.forEach((row) => body.appendChild(row));
-      });
+  // Sortable tables: a header button sorts its column (numbers as numbers, times by their
+  // datetime, a cell's data-sort first), again to reverse. Tables the dashboard's poll redraws
+  // keep the order chosen (remembered by table id).
+  const sortState = {};
+  function sortRows(table, column, up) {
+    const body = table.tBodies[0];
+    if (!body) return;
+    const key = (row) => {
+      const cell = row.cells[column];
+      if (!cell) return "";
+      if (cell.dataset.sort !== undefined) return cell.dataset.sort;
+      const el = cell.querySelector("time");
+      return el ? el.getAttribute("datetime") : cell.textContent.trim();
+    };
+    const rows = Array.from(body.rows);
+    rows.sort((a, b) => {
+      const x = key(a), y = key(b), nx = Number(x), ny = Number(y);
+      const order = x !== "" && y !== "" && !isNaN(nx) && !isNaN(ny) ? nx - ny : x.localeCompare(y, lang);
+      return up ? order : -order;
     });
-  });
+    rows.forEach((row) => body.appendChild(row));
+    table.querySelectorAll("thead th").forEach((h, i) => {
+      if (i === column) h.setAttribute("aria-sort", up ? "ascending" : "descending");
+      else h.removeAttribute("aria-sort");
+    });
+  }
+  function sortable(root) {
+    root.querySelectorAll("table[data-sortable]").forEach((table) => {
+      if (table.dataset.sortReady) return;
+      table.dataset.sortReady = "1";
+      table.querySelectorAll("thead th").forEach((th, column) => {
+        if (th.hasAttribute("data-nosort")) return;
+        const button = document.createElement("button");
+        button.type = "button";
+        button.className = "sort";
+        button.textContent = th.textContent;
+        th.textContent = "";
+        th.appendChild(button);
+        button.addEventListener("click", () => {
+          const up = th.getAttribute("aria-sort") !== "ascending";
+          if (table.id) sortState[table.id] = [column, up];
+          sortRows(table, column, up);
+        });
+      });
+      const saved = table.id && sortState[table.id];
+      if (saved) sortRows(table, saved[0], saved[1]);
+    });
+  }
+  sortable(document);
 
   localTimes(document);
 })();
