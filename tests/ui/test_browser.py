@@ -336,7 +336,7 @@ def test_key_scope_page_and_usage_charts(ui: Ui, emulator: str, browser: Any) ->
     watch = Watch(page)
     page.on("dialog", lambda d: d.accept())
     page.goto(ui.login_url)
-    page.fill("#start-port", str(_free_port()))
+    page.fill("#start-port", str(free_port()))
     page.click("form[action='/proxies/start'] button")
     page.wait_for_selector("[data-fragment=proxies] code")
     # create a key limited to one model, with limits and an expiry
@@ -463,7 +463,7 @@ def test_every_list_sorts(ui: Ui, emulator: str, browser: Any) -> None:
     page.on("dialog", lambda d: d.accept())
     page.goto(ui.login_url)
     for _ in range(2):
-        page.fill("#start-port", str(_free_port()))
+        page.fill("#start-port", str(free_port()))
         with page.expect_response(lambda r: r.url.endswith("/proxies/start")):
             page.click("form[action='/proxies/start'] button")
     session = ui.login()
