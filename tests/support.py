@@ -58,6 +58,19 @@ def require_tool(binary: str, package: str) -> str:
     return path
 
 
+#: Variables that point TLS clients at another CA bundle than the machine's trust store.
+_TRUST_OVERRIDES = ("SSL_CERT_FILE", "SSL_CERT_DIR", "CURL_CA_BUNDLE", "REQUESTS_CA_BUNDLE")
+
+
+def curl_with_system_trust(url: str, *options: str) -> tuple[list[str], dict[str, str]]:
+    """The argv and environment of a curl that trusts only the machine's trust store (no
+    variable points it elsewhere), never goes through a proxy and gives up after 10 s: how a
+    test shows that a CA is (or is no longer) trusted by the system."""
+    env = {k: v for k, v in os.environ.items() if k not in _TRUST_OVERRIDES}
+    argv = ["curl", "--silent", "--show-error", "--max-time", "10", "--noproxy", "*", *options]
+    return [*argv, url], env
+
+
 def require_real_trust_store(what: str) -> None:
     """Tests that add a CA to the machine's trust store run on Linux as root, with
     update-ca-certificates and curl."""

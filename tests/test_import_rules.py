@@ -95,7 +95,7 @@ def test_nothing_imports_upward_or_across_a_forbidden_line() -> None:
         ("http", "from flm.services import engines", True),
         ("http", "from flm.cli import main", True),
         ("core", "from flm.http import server", True),
-        ("storage", "from flm.services.keys import KeyService", True),
+        ("storage", "from flm.services.api_keys import KeyService", True),
         ("engines", "from flm.proxy import asgi", True),
         ("engines", "from ..proxy import asgi", True),  # relative imports count too
         ("services", "def f():\n    from flm.daemon import main", True),  # and function-level

@@ -29,7 +29,7 @@ COMMAND_MODULES = (
     "proxy",
     "chat",
     "config",
-    "keys",
+    "api_keys",
     "security",
     "secrets",
     "profiles",

@@ -115,7 +115,7 @@ def _config(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
     if not 0 < port < 65536:
         raise UsageError(f"--port must be 1-65535, got {port}")
     bind = args.bind or str(ctx.config.value("proxy.bind"))
-    from flm.services.config import KNOWN
+    from flm.services.settings import KNOWN
 
     KNOWN["proxy.bind"].parse(bind)
     config: dict[str, Any] = {

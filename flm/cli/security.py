@@ -103,7 +103,7 @@ def backup_restore(ctx: Context, args: argparse.Namespace) -> Result:
 
 
 def _gateway_ports(ctx: Context) -> set[int]:
-    from flm.storage.config import ProxyHandlesRepo
+    from flm.storage.config_db import ProxyHandlesRepo
 
     ports = set()
     for handle in ProxyHandlesRepo(ctx.storage.config).all():

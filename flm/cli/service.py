@@ -68,8 +68,8 @@ def _install_text(data: dict[str, Any]) -> str:
 
 
 def install(ctx: Context, args: argparse.Namespace) -> Result:
-    from flm.services.config import _bind_address
     from flm.services.service import ServiceSpec
+    from flm.services.settings import _bind_address
 
     port = args.port if args.port is not None else int(ctx.config.value("proxy.port"))
     if not 1 <= port <= 65535:

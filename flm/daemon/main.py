@@ -27,7 +27,7 @@ from flm.proxy.asgi import Receive, Scope, Send, header, read_json, send_json
 from flm.proxy.instance import RELOAD_INTERVAL_S, ProxyInstance, reload_proxies, start_instance
 from flm.services.audit_events import record_security_event
 from flm.services.context import Context
-from flm.storage.config import ProxyHandleRow, ProxyHandlesRepo
+from flm.storage.config_db import ProxyHandleRow, ProxyHandlesRepo
 from flm.ui.app import UiApp
 
 log = logging.getLogger("flm.daemon")

@@ -14,7 +14,7 @@ from typing import Any
 from flm.core.errors import FlmError
 from flm.core.timeutil import now_iso
 from flm.proxy.instance import RELOAD_INTERVAL_S, ProxyInstance, reload_proxies, start_instance
-from flm.storage.config import ProxyHandleRow, ProxyHandlesRepo
+from flm.storage.config_db import ProxyHandleRow, ProxyHandlesRepo
 
 log = logging.getLogger("flm.proxy")
 

@@ -760,7 +760,7 @@ async def reload_proxies(
         pool_defs,
         scope_from_row,
     )
-    from flm.services.keys import KeyService
+    from flm.services.api_keys import KeyService
     from flm.storage.usage import today_totals
 
     await asyncio.to_thread(apply_log_level, ctx, log_level)

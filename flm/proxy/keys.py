@@ -24,7 +24,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from flm.core.keys import parse_key
+from flm.core.key_format import parse_key
 
 #: Bounded memory for keys seen to be wrong (so repeating one costs no Argon2).
 NEGATIVE_CACHE = 4096

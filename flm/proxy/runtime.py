@@ -166,7 +166,7 @@ def build_runtime(
 ) -> ProxyRuntime:
     """Build a runtime from a ``flm.services.context.Context``; ``egress`` is the egress in
     force (default direct)."""
-    from flm.services.keys import dummy_key_hash, verify_key_hash
+    from flm.services.api_keys import dummy_key_hash, verify_key_hash
     from flm.storage.security import ApiKeysRepo
     from flm.storage.usage import today_totals
 

@@ -12,7 +12,7 @@ from flm.core.errors import NotFoundError, UsageError
 from flm.core.models import MODEL_SCHEME, split_model_id
 from flm.core.timeutil import now_iso
 from flm.storage import Storage
-from flm.storage.config import ModelAliasesRepo
+from flm.storage.config_db import ModelAliasesRepo
 
 #: What an alias may look like: what OpenAI clients send as a model name (``gpt-4o-mini``,
 #: ``text-embedding-3-small``, ``llama3.2:1b``, ``org/model``), never an ``flm://`` id.

@@ -20,7 +20,7 @@ from flm.core.paths import ensure_private_dir, make_dir, touch_private_file
 from flm.core.timeutil import utc_now
 from flm.services.runstate import pid_alive, running_daemon
 from flm.storage import Storage
-from flm.storage.config import ProxyHandlesRepo
+from flm.storage.config_db import ProxyHandlesRepo
 from flm.storage.db import Database
 from flm.storage.files import copy_database, inspect_backup, integrity_problems
 

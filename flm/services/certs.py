@@ -32,7 +32,7 @@ from flm.tls.certs import CertBundle, load_cert_file, needs_renewal
 
 if TYPE_CHECKING:
     from flm.egress.config import EgressConfig
-    from flm.tls.acmeclient import AcmeDirectory
+    from flm.tls.acme_options import AcmeDirectory
 
 LOCAL_MODES = (DEV_MODE, LOCAL_CA_MODE)
 #: Certificates are renewed this many days before they end (SPEC §6).
@@ -82,7 +82,7 @@ def resolve_acme_settings(
     dns_profile: str | None = None,
 ) -> AcmeSettings:
     """Validate the names and the ``FLM_ACME_*`` settings (no network)."""
-    from flm.tls.acmeclient import check_acme_names, resolve_acme_directory
+    from flm.tls.acme_options import check_acme_names, resolve_acme_directory
 
     names = check_acme_names(domain, wildcard_ok=challenge == "dns-01")
     if "@" not in email or email.startswith("@") or email.endswith("@"):
@@ -132,7 +132,7 @@ class CertificateService:
     # --- ACME ------------------------------------------------------------------------------------
 
     def live_dir(self, domain: str) -> Path:
-        from flm.tls.acmeclient import acme_live_dir
+        from flm.tls.acme_store import acme_live_dir
 
         return acme_live_dir(self.certs_dir, domain)
 
@@ -144,7 +144,7 @@ class CertificateService:
     def stored_acme(self, domain: str, names: Sequence[str] = ()) -> CertBundle | None:
         """The stored certificate for ``domain`` if it is readable, not expired and names all
         of ``names``."""
-        from flm.tls.acmeclient import load_acme_certificate
+        from flm.tls.acme_store import load_acme_certificate
 
         return load_acme_certificate(self.certs_dir, domain, names=names)
 
@@ -170,7 +170,8 @@ class CertificateService:
         ``egress``: the egress in force; the ACME CA is reached through it unless it is on
         this machine. ``progress`` hears what DNS-01 is waiting for.
         """
-        from flm.tls.acmeclient import ACME_LIVE_DIR, AcmeClient, store_acme_certificate
+        from flm.tls.acme_client import AcmeClient
+        from flm.tls.acme_store import ACME_LIVE_DIR, store_acme_certificate
 
         hook = None
         if egress is not None and egress.uses_proxy:

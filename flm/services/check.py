@@ -9,7 +9,7 @@ from flm.core.errors import FlmError, PolicyInvalidError
 from flm.core.policy import validate_policy
 from flm.services.runstate import pid_alive
 from flm.storage import Storage
-from flm.storage.config import ProxyHandlesRepo
+from flm.storage.config_db import ProxyHandlesRepo
 from flm.storage.db import Database
 from flm.storage.files import table_counts
 from flm.storage.security import PolicyRepo

@@ -9,10 +9,10 @@ from flm.core.paths import Paths
 from flm.storage import Storage
 
 if TYPE_CHECKING:
-    from flm.services.config import ConfigService
+    from flm.services.api_keys import KeyService
     from flm.services.engines import EngineService
-    from flm.services.keys import KeyService
     from flm.services.policy import PolicyService
+    from flm.services.settings import ConfigService
 
 
 class Context:
@@ -22,13 +22,13 @@ class Context:
 
     @cached_property
     def config(self) -> ConfigService:
-        from flm.services.config import ConfigService
+        from flm.services.settings import ConfigService
 
         return ConfigService(self.storage)
 
     @cached_property
     def keys(self) -> KeyService:
-        from flm.services.keys import KeyService
+        from flm.services.api_keys import KeyService
 
         return KeyService(self.storage)
 

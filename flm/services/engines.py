@@ -30,9 +30,9 @@ from flm.core.models import (
 )
 from flm.engines import kinds
 from flm.http.client import Timeouts
-from flm.services.config import ConfigService
+from flm.services.settings import ConfigService
 from flm.storage import Storage
-from flm.storage.config import EngineCacheRepo, EngineRow, EnginesRepo, PoolRow, PoolsRepo
+from flm.storage.config_db import EngineCacheRepo, EngineRow, EnginesRepo, PoolRow, PoolsRepo
 
 CACHE_TTL_S = 300.0
 _ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")

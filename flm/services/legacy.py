@@ -179,7 +179,7 @@ def _map_setting(
     taken: dict[str, str],
     unknown: dict[str, Any],
 ) -> None:
-    from flm.services.config import KNOWN
+    from flm.services.settings import KNOWN
 
     target = SETTING_MAP.get(key.strip().lower())
     if target is None or value is None:

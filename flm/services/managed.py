@@ -17,7 +17,7 @@ from flm.core.paths import ensure_private_dir
 from flm.services.engines import EngineService
 from flm.services.runstate import pid_alive
 from flm.storage import Storage
-from flm.storage.config import EngineRow, EnginesRepo
+from flm.storage.config_db import EngineRow, EnginesRepo
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -22,7 +22,7 @@ from flm.services.runstate import (
     running_daemon,
 )
 from flm.storage import Storage
-from flm.storage.config import ProxyHandleRow, ProxyHandlesRepo
+from flm.storage.config_db import ProxyHandleRow, ProxyHandlesRepo
 
 START_TIMEOUT_S = 15.0
 #: How long ``proxy start`` and ``proxy renew`` wait for the daemon: an ACME order may take 90 s

@@ -100,7 +100,7 @@ class StartConfig:
             else None
         )
         if mode == ACME_MODE:
-            from flm.tls.acmeclient import check_challenge_type
+            from flm.tls.acme_options import check_challenge_type
 
             challenge = check_challenge_type(challenge)
             missing = [

@@ -687,7 +687,7 @@ class UiApp:
             number = 1
 
         def read() -> dict[str, Any]:
-            from flm.services.keys import key_view
+            from flm.services.api_keys import key_view
 
             rows = self.ctx.keys.list()
             if search:
@@ -743,7 +743,7 @@ class UiApp:
         }
 
     async def key_create(self, page: Page) -> tuple[int, bytes, str, list[tuple[bytes, bytes]]]:
-        from flm.services.keys import build_limits
+        from flm.services.api_keys import build_limits
 
         form = await page.req.form()
         try:
@@ -789,7 +789,7 @@ class UiApp:
     async def key_page(self, page: Page) -> tuple[int, bytes, str, list[tuple[bytes, bytes]]]:
         """One key: its scope and limits (with a form to change them), today's use against its
         budgets, and its charts over the last hour or day."""
-        from flm.services.keys import key_view
+        from flm.services.api_keys import key_view
 
         key_id = page.req.query.get("id", "")
         span = "day" if page.req.query.get("range") == "day" else "hour"
@@ -1199,10 +1199,10 @@ def _int_field(text: str, name: str) -> int:
 
 
 def _key_changes(form: dict[str, str], *, update: bool) -> dict[str, Any]:
-    """A key form's settings as :func:`flm.services.keys.build_limits` takes them. On update
+    """A key form's settings as :func:`flm.services.api_keys.build_limits` takes them. On update
     the form shows every setting, so an emptied field lifts that limit (models: all, expiry:
     never); on creation an empty field sets nothing."""
-    from flm.services.keys import LIMIT_FIELDS
+    from flm.services.api_keys import LIMIT_FIELDS
 
     changes: dict[str, Any] = {}
     for name in LIMIT_FIELDS:

@@ -81,7 +81,7 @@ def test_restore_refused_while_daemon_runs(cli: Any, flm_home: Path) -> None:
     # a --no-daemon proxy has no daemon, only a handle with its (live) pid
     from flm.core.paths import Paths
     from flm.storage import Storage
-    from flm.storage.config import ProxyHandleRow, ProxyHandlesRepo
+    from flm.storage.config_db import ProxyHandleRow, ProxyHandlesRepo
 
     storage = Storage(Paths.resolve())
     repo = ProxyHandlesRepo(storage.config)

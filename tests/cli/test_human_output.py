@@ -20,6 +20,7 @@ from flm.cli import build_parser
 from flm.cli.examples import walk
 from flm.cli.output import TABLE_WIDTH, table
 from tests.conftest import flm_subprocess
+from tests.support import free_port
 
 
 def _on_terminal(*args: str, env: dict[str, str] | None = None) -> str:
@@ -137,11 +138,8 @@ def test_tables_fit_100_columns(cli: Any) -> None:
 
 
 def test_proxy_stop_on_a_free_port_exits_1(flm_home: Path) -> None:
-    import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     result = flm_subprocess("proxy", "stop", "--port", str(port))
     assert result.returncode == 1, result.stdout
     error = json.loads(result.stdout)["error"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,18 +13,13 @@ from typing import Any
 
 from flm.testing.emulators import expected_reply, start_emulator
 from tests.conftest import flm_subprocess
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.support import free_port
 
 
 def test_second_up_prints_a_curl_line_that_works_in_bash(flm_home: Path) -> None:
     with start_emulator("vllm", models=["qwen"]) as emu:
         flm_subprocess("engines", "add", "--kind", "vllm", "--url", emu.url, "--id", "v")
-        port = _free_port()
+        port = free_port()
         try:
             first = flm_subprocess("up", "--port", str(port), timeout=120)
             assert first.returncode == 0, first.stdout + first.stderr
@@ -68,7 +62,7 @@ def test_chat_and_status_find_a_no_daemon_proxy(flm_home: Path) -> None:
         )
         assert nothing.returncode != 0
         assert json.loads(nothing.stdout)["error"]["code"] == "PROXY_NOT_RUNNING"
-        port = _free_port()
+        port = free_port()
         proc = subprocess.Popen(
             [sys.executable, "-m", "flm", "proxy", "start", "--no-daemon", "--port", str(port)],
             stdout=subprocess.DEVNULL,

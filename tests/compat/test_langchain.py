@@ -3,6 +3,9 @@ OpenAIEmbeddings and the legacy-completions ``OpenAI`` LLM."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+import httpx
 import pytest
 from langchain_core.tools import tool
 from langchain_openai import ChatOpenAI, OpenAI, OpenAIEmbeddings
@@ -25,18 +28,28 @@ def get_weather(city: str) -> str:
     return "sunny"
 
 
-def _chat(flm: Flm, model: str) -> ChatOpenAI:
+@pytest.fixture
+def http() -> Iterator[httpx.Client]:
+    """The HTTP client the langchain objects use, closed after the test (without one,
+    langchain-openai keeps a client per base URL in a module-level cache, and its pooled
+    connection stays open until the interpreter exits)."""
+    with httpx.Client() as client:
+        yield client
+
+
+def _chat(flm: Flm, model: str, http: httpx.Client) -> ChatOpenAI:
     return ChatOpenAI(
         base_url=flm.base_url,
         api_key=flm.key,
         model=model,  # type: ignore[arg-type]
         max_retries=0,
+        http_client=http,
     )
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_chat_stream_tools_and_structured(flm: Flm, kind: str) -> None:
-    chat = _chat(flm, CHAT[kind])
+def test_chat_stream_tools_and_structured(flm: Flm, kind: str, http: httpx.Client) -> None:
+    chat = _chat(flm, CHAT[kind], http)
     assert chat.invoke("hello langchain").content == expected_reply("hello langchain")
     assert "".join(str(c.content) for c in chat.stream("stream please")) == expected_reply(
         "stream please"
@@ -50,13 +63,14 @@ def test_chat_stream_tools_and_structured(flm: Flm, kind: str) -> None:
     assert city == City(name="text", population=1)
 
 
-def test_alias_and_plain_name(flm: Flm) -> None:
-    assert _chat(flm, ALIAS).invoke("via alias").content == expected_reply("via alias")
-    assert _chat(flm, flm.model("ollama")).invoke("by id").content == expected_reply("by id")
+def test_alias_and_plain_name(flm: Flm, http: httpx.Client) -> None:
+    assert _chat(flm, ALIAS, http).invoke("via alias").content == expected_reply("via alias")
+    by_id = _chat(flm, flm.model("ollama"), http).invoke("by id")
+    assert by_id.content == expected_reply("by id")
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_embeddings_and_legacy_completions(flm: Flm, kind: str) -> None:
+def test_embeddings_and_legacy_completions(flm: Flm, kind: str, http: httpx.Client) -> None:
     # (check_embedding_ctx_length would tokenise with tiktoken, which downloads its tables)
     embed = OpenAIEmbeddings(
         base_url=flm.base_url,
@@ -64,6 +78,7 @@ def test_embeddings_and_legacy_completions(flm: Flm, kind: str) -> None:
         model=EMBED[kind],
         check_embedding_ctx_length=False,
         max_retries=0,
+        http_client=http,
     )
     vectors = embed.embed_documents(["a", "b"])
     assert [len(v) for v in vectors] == [EMBEDDING_DIM, EMBEDDING_DIM]
@@ -72,5 +87,6 @@ def test_embeddings_and_legacy_completions(flm: Flm, kind: str) -> None:
         api_key=flm.key,
         model=CHAT[kind],  # type: ignore[arg-type]
         max_retries=0,
+        http_client=http,
     )
     assert llm.invoke("once upon") == expected_reply("once upon")

@@ -127,7 +127,9 @@ def test_up_takes_the_next_port_when_busy(llama: None, clean_up: None) -> None:
 
 
 @pytest.mark.engine
-def test_starting_the_same_model_twice_reuses_one_llama_server(llama: None, clean_up: None) -> None:
+def test_starting_the_same_model_twice_reuses_one_llama_server(
+    llama: None, clean_up: None, flm_home: Path
+) -> None:
     first = flm_subprocess("engines", "start", "llamacpp", "--model", "demo", timeout=300)
     assert first.returncode == 0, first.stdout + first.stderr
     engine = json.loads(first.stdout)["data"]
@@ -145,10 +147,18 @@ def test_starting_the_same_model_twice_reuses_one_llama_server(llama: None, clea
     assert [e["id"] for e in managed] == [engine["id"]]
     import psutil
 
+    def home_of(process: psutil.Process) -> str | None:
+        try:
+            return process.environ().get("FLM_HOME")
+        except (psutil.AccessDenied, psutil.NoSuchProcess):
+            return None
+
+    # (this FLM home's servers: other FLM homes on a shared machine may serve the same model)
     servers = [
         p
         for p in psutil.process_iter(["cmdline"])
         if any("llama-server" in part for part in (p.info["cmdline"] or [])[:1])
         and engine["model_path"] in (p.info["cmdline"] or [])
+        and home_of(p) == str(flm_home)
     ]
     assert [p.pid for p in servers] == [engine["pid"]]

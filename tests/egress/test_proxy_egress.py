@@ -34,12 +34,12 @@ from flm.egress.config import is_loopback_target
 from flm.testing.emulators import (
     Emulator,
     EmulatorServer,
+    Handler,
     LmStudioEmulator,
     ModelSpec,
     VllmEmulator,
     expected_reply,
 )
-from flm.testing.emulators.base import Handler
 from tests.conftest import flm_subprocess
 
 from ..tls.support import free_port, wait_until

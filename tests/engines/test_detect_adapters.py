@@ -18,6 +18,7 @@ from flm.core.models import EngineEndpoint, EngineKind
 from flm.engines.kinds import make_adapter
 from flm.http.client import Timeouts
 from flm.testing.emulators import expected_reply, start_emulator
+from tests.support import free_port
 
 KINDS = ["ollama", "vllm", "lmstudio"]
 MODEL = {"ollama": "llama3.2:1b", "vllm": "Qwen/Qwen2.5-0.5B", "lmstudio": "qwen2.5-0.5b"}
@@ -144,13 +145,8 @@ def test_cache_avoids_network_and_fresh_bypasses(cli: Any) -> None:
 
 
 def test_detect_with_nothing_listening_is_fast(cli: Any) -> None:
-    import socket
 
-    ports = []
-    for _ in range(4):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            ports.append(s.getsockname()[1])
+    ports = [free_port() for _ in range(4)]
     for i, (kind, port) in enumerate(
         zip(["ollama", "vllm", "lmstudio", "llamacpp"], ports, strict=True)
     ):

@@ -1,7 +1,7 @@
 """A sixth engine kind in one file: a server shaped like Hugging Face's Text Generation
 Inference router (OpenAI-compatible chat and ``/v1/models``, plus ``/health``, ``/info`` and
 the native ``/generate`` routes), with its adapter, its descriptor and a small emulator built
-on :mod:`flm.testing.emulators.base`.
+on :mod:`flm.testing.emulators`.
 
 Importing this module registers the kind; nothing else in FLM names it. The descriptor's
 pass-through lists the routes it forwards (``/info``, ``/generate``...): its ``/metrics`` and
@@ -20,7 +20,7 @@ from flm.core.models import Capabilities, EngineKind
 from flm.engines import kinds
 from flm.engines.base import Health
 from flm.engines.openai_compat import OpenAICompatAdapter
-from flm.testing.emulators.base import EmulatorServer, JSONDict, json_response
+from flm.testing.emulators import EmulatorServer, JSONDict, json_response
 
 TGI = EngineKind("tgi")
 VERSION = "3.3.4"

@@ -14,6 +14,7 @@ from flm.proxy.alerts import Alerter
 from tests.conftest import audit_rows
 from tests.ops.webhook import Receiver
 from tests.security.conftest import Env
+from tests.support import free_port
 
 ATTACKER = "127.0.0.20"
 OTHER = "127.0.0.21"
@@ -108,11 +109,8 @@ def test_receiver_down_retries_then_audits(env: Env, flm_home: Path) -> None:
 
 
 def test_closed_port_counts_as_down(flm_home: Path) -> None:
-    import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     recorded: list[tuple[str, str, dict[str, Any]]] = []
     alerter = Alerter(lambda k, s, d: recorded.append((k, s, d)))
     alerter.configure(

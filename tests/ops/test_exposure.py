@@ -9,6 +9,7 @@ from typing import Any
 from flm.core.paths import Paths
 from flm.services.context import Context
 from flm.testing.emulators import start_emulator
+from tests.support import free_port
 
 
 def _report(cli: Any, engine_id: str) -> dict[str, Any]:
@@ -121,7 +122,6 @@ def test_proxy_start_prints_the_warning(cli: Any) -> None:
     """The real `flm proxy start` (daemon) names the exposed engine on stderr and in its notes;
     its own listening port is never mistaken for an engine."""
     import json
-    import socket
 
     from tests.conftest import flm_subprocess
 
@@ -137,9 +137,7 @@ def test_proxy_start_prints_the_warning(cli: Any) -> None:
             "--id",
             "wide",
         )
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            gateway_port = s.getsockname()[1]
+        gateway_port = free_port()
         # an engine registered on the gateway's own port: FLM itself, never "exposed"
         cli(
             "engines",

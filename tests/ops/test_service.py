@@ -20,6 +20,7 @@ import pytest
 
 from flm.core.paths import Paths
 from flm.services.service import ServiceManager, ServiceSpec, verify_unit
+from tests.support import free_port
 
 
 @pytest.fixture
@@ -161,13 +162,10 @@ def test_systemctl_calls_when_a_user_bus_exists(
 
 def test_real_unit_starts_the_gateway(tmp_path: Path, flm_home: Path) -> None:
     """The command the unit runs really serves (started here by hand, not by systemd)."""
-    import socket
     import time
     import urllib.request
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     spec = ServiceSpec(port, "127.0.0.1", "local-http", flm_home)
     proc = subprocess.Popen(
         spec.argv(),

@@ -17,6 +17,7 @@ from flm.proxy.usage import KeyLedger, estimate_tokens
 from flm.storage.usage import DAY_S
 from flm.testing.emulators import start_emulator
 from flm.testing.gateway import start_gateway
+from tests.support import FakeClock
 
 
 def test_scope_matches_exact_ids_and_globs() -> None:
@@ -33,11 +34,26 @@ def test_scope_matches_exact_ids_and_globs() -> None:
     assert everything.allows_model("flm://any/thing") and everything.allows_engine("any")
 
 
-def test_patterns_and_expiry_are_checked() -> None:
-    assert check_patterns([" flm://a/*", "flm://a/*"]) == ["flm://a/*"]
-    for bad in ("ollama/*", "flm://a", "flm:///m", "flm://A B/m"):
+@pytest.mark.parametrize(
+    ("patterns", "kept"),
+    [
+        ([" flm://a/*", "flm://a/*"], ["flm://a/*"]),  # trimmed, de-duplicated
+        (["flm://a/m:1", "flm://b/*"], ["flm://a/m:1", "flm://b/*"]),
+        (["ollama/*"], None),
+        (["flm://a"], None),
+        (["flm:///m"], None),
+        (["flm://A B/m"], None),
+    ],
+)
+def test_model_patterns_are_checked(patterns: list[str], kept: list[str] | None) -> None:
+    if kept is None:
         with pytest.raises(UsageError):
-            check_patterns([bad])
+            check_patterns(patterns)
+    else:
+        assert check_patterns(patterns) == kept
+
+
+def test_expiry_is_checked() -> None:
     now = datetime(2026, 1, 1, tzinfo=UTC)
     assert parse_expiry("30d", now) == "2026-01-31T00:00:00.000Z"
     assert parse_expiry("12h", now) == "2026-01-01T12:00:00.000Z"
@@ -46,16 +62,8 @@ def test_patterns_and_expiry_are_checked() -> None:
         parse_expiry("soon", now)
 
 
-class _Clock:
-    def __init__(self, t: float) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-
 def test_ledger_rpm_burst_and_tpm() -> None:
-    clock = _Clock(1_000_000.0)
+    clock = FakeClock(1_000_000.0)
     ledger = KeyLedger(clock)
     scope = KeyScope("k", "l", rpm=60, burst=2, tpm=600)
     first = dict(ledger.admit(scope))
@@ -66,22 +74,22 @@ def test_ledger_rpm_burst_and_tpm() -> None:
         ledger.admit(scope)
     assert err.value.status == 429 and err.value.code == "rate_limited"
     assert dict(err.value.headers)[b"retry-after"] == b"1"
-    clock.t += 1.0  # one request a second refills
+    clock.now += 1.0  # one request a second refills
     ledger.admit(scope)
     # tokens: a request that used more than the minute's tokens leaves a debt
     ledger.charge("k", 900, 600)
-    clock.t += 5.0
+    clock.now += 5.0
     with pytest.raises(HttpError) as err:
         ledger.admit(scope)
     headers = dict(err.value.headers)
     assert headers[b"x-ratelimit-remaining-tokens"] == b"0"
     assert int(headers[b"retry-after"]) == 26  # 250 tokens owed (and one more) at 10 a second
-    clock.t += 30.0
+    clock.now += 30.0
     assert dict(ledger.admit(scope))[b"x-ratelimit-remaining-tokens"] == b"50"
 
 
 def test_ledger_daily_budgets_renew_at_midnight_utc() -> None:
-    clock = _Clock(20 * DAY_S + DAY_S - 100)
+    clock = FakeClock(20 * DAY_S + DAY_S - 100)
     ledger = KeyLedger(clock)
     scope = KeyScope("k", "l", daily_requests=2, daily_tokens=50)
     assert ledger.admit(scope) == []
@@ -92,7 +100,7 @@ def test_ledger_daily_budgets_renew_at_midnight_utc() -> None:
     assert err.value.code == "budget_exceeded"
     assert dict(err.value.headers)[b"retry-after"] == b"100"
     assert ledger.today("k") == (2, 30)
-    clock.t += 100  # a new UTC day
+    clock.now += 100  # a new UTC day
     ledger.admit(scope)
     assert ledger.today("k") == (1, 0)
     ledger.load_today({"k": (0, 50)})  # (what the rollups say at start)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ from flm.storage import Storage
 from flm.testing.emulators import start_emulator
 from flm.testing.gateway import Gateway, start_gateway
 from tests.conftest import flm_subprocess
+from tests.support import free_port
 
 
 def _request(
@@ -146,14 +146,8 @@ def test_per_key_rpm_answers_429_with_openai_rate_headers(cli: Any, two_engines:
         assert headers["x-ratelimit-reset-requests"].endswith("s")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_expiry_and_update_apply_at_once_in_the_daemon(flm_home: Path) -> None:
-    port = _free_port()
+    port = free_port()
     with start_emulator("vllm", models=["m"]) as emu:
         flm_subprocess("engines", "add", "--kind", "vllm", "--url", emu.url, "--id", "v")
         created = json.loads(
@@ -177,7 +171,7 @@ def test_expiry_and_update_apply_at_once_in_the_daemon(flm_home: Path) -> None:
 
 
 def test_daily_token_budget_holds_across_a_daemon_restart(flm_home: Path) -> None:
-    port = _free_port()
+    port = free_port()
     body = {
         "model": "flm://v/m",
         "messages": [{"role": "user", "content": "tell me about budgets please"}],

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -15,6 +14,7 @@ import pytest
 from flm.testing.emulators import start_emulator
 from flm.testing.gateway import Gateway, start_gateway
 from tests.conftest import flm_subprocess
+from tests.support import free_port
 
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -93,9 +93,7 @@ def test_alias_cli_validates_and_lists(cli: Any) -> None:
 
 
 def test_alias_applies_live_in_running_proxy(flm_home: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     with start_emulator("vllm", models=["qwen"]) as emu:
         flm_subprocess("engines", "add", "--kind", "vllm", "--url", emu.url, "--id", "v")
         key = json.loads(flm_subprocess("api-keys", "create", "--label", "k").stdout)["data"]["key"]

@@ -10,6 +10,7 @@ import pytest
 
 from flm.testing.emulators import expected_reply, word_count
 from tests.proxy.conftest import Stack
+from tests.support import FakeClock
 
 
 def _client(stack: Stack, key: str) -> openai.OpenAI:
@@ -78,11 +79,11 @@ def test_gone_after_retention_and_bounded_per_key(vllm_stack: Stack) -> None:
     stack = vllm_stack
     client = _client(stack, stack.key)
     store = stack.gateway.runtime.responses
-    now = [1000.0]
-    stack.gateway.call(lambda: setattr(store, "clock", lambda: now[0]))
+    clock = FakeClock(1000.0)
+    stack.gateway.call(lambda: setattr(store, "clock", clock))
     kept = client.responses.create(model=stack.model("chat-model:1b"), input="hello")
     assert client.responses.retrieve(kept.id).id == kept.id
-    now[0] += store.retention_s + 1
+    clock.now += store.retention_s + 1
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(kept.id)
     stack.gateway.call(lambda: store.configure(store.retention_s, 2))

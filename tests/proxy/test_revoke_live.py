@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from flm.testing.emulators import start_emulator
 from tests.conftest import flm_subprocess
+from tests.support import free_port
 
 
 def _get(url: str, key: str) -> int:
@@ -23,9 +23,7 @@ def _get(url: str, key: str) -> int:
 
 
 def test_revoke_and_rotate_apply_immediately(flm_home: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     with start_emulator("vllm", models=["m"]) as emu:
         flm_subprocess("engines", "add", "--kind", "vllm", "--url", emu.url, "--id", "v")
         created = json.loads(flm_subprocess("api-keys", "create", "--label", "k").stdout)["data"]
@@ -59,9 +57,7 @@ def _chat(url: str, key: str, model: str) -> int:
 
 
 def test_engine_registrations_reach_the_running_daemon_at_once(flm_home: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     created = json.loads(flm_subprocess("api-keys", "create", "--label", "k").stdout)["data"]
     assert flm_subprocess("proxy", "start", "--port", str(port)).returncode == 0
     try:

@@ -10,9 +10,9 @@ import time
 from collections import Counter
 from typing import Any
 
-from flm.core.keys import generate_key
+from flm.core.key_format import generate_key
 from flm.proxy.keys import KeyVerifier
-from flm.services.keys import dummy_key_hash, hash_key, verify_key_hash
+from flm.services.api_keys import dummy_key_hash, hash_key, verify_key_hash
 from tests.security.conftest import Env
 
 

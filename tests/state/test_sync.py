@@ -13,8 +13,8 @@ import pytest
 
 from flm.core.paths import Paths
 from flm.proxy.shared import SharedGuard
+from flm.services.api_keys import KeyService
 from flm.services.context import Context
-from flm.services.keys import KeyService
 from flm.services.policy import PolicyService
 from flm.state.config import StateBackendConfig
 from flm.state.redis import RedisState

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import sqlite3
@@ -36,7 +35,7 @@ from flm.testing.emulators import Behaviour, Emulator, expected_reply, start_emu
 from flm.tls.context import TLS12_CIPHERS
 from flm.tls.issue import default_server_hosts, ensure_local_ca, ensure_server_cert
 from tests.conftest import flm_subprocess
-from tests.support import require_real_trust_store
+from tests.support import curl_with_system_trust, require_real_trust_store
 
 from .support import (
     Pebble,
@@ -302,34 +301,10 @@ def test_packaged_ca_chains_to_local_root_reused_then_reissued_when_expired(
 
 
 def _curl(url: str, key: str) -> tuple[int, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("SSL_CERT_FILE", "SSL_CERT_DIR", "CURL_CA_BUNDLE", "REQUESTS_CA_BUNDLE")
-    }
-    proc = subprocess.run(
-        [
-            "curl",
-            "--silent",
-            "--show-error",
-            "--max-time",
-            "10",
-            "--noproxy",
-            "*",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "-H",
-            f"Authorization: Bearer {key}",
-            url,
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=30,
-        check=False,
+    argv, env = curl_with_system_trust(
+        url, "-o", "/dev/null", "-w", "%{http_code}", "-H", f"Authorization: Bearer {key}"
     )
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=30, check=False)
     return proc.returncode, proc.stdout + proc.stderr
 
 

@@ -15,7 +15,8 @@ from cryptography import x509
 from cryptography.x509.verification import PolicyBuilder, Store
 
 from flm.core.errors import ProxyAcmeError
-from flm.tls.acmeclient import AcmeClient, load_acme_certificate, store_acme_certificate
+from flm.tls.acme_client import AcmeClient
+from flm.tls.acme_store import load_acme_certificate, store_acme_certificate
 from flm.tls.certs import cert_hosts, load_certs_pem, load_key_pem, public_key_matches
 from flm.tls.challenge import ChallengeStore
 from flm.tls.context import server_ssl_context

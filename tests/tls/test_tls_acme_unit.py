@@ -10,18 +10,16 @@ from pathlib import Path
 import pytest
 
 from flm.core.errors import ProxyAcmeError
-from flm.tls.acmeclient import (
+from flm.tls.acme_client import AcmeClient
+from flm.tls.acme_options import (
     LETSENCRYPT_PRODUCTION,
     LETSENCRYPT_STAGING,
-    AcmeClient,
     check_acme_names,
     check_challenge_type,
-    live_dir_name,
-    load_acme_certificate,
-    needs_renewal,
     resolve_acme_directory,
-    store_acme_certificate,
 )
+from flm.tls.acme_store import live_dir_name, load_acme_certificate, store_acme_certificate
+from flm.tls.certs import needs_renewal
 from flm.tls.challenge import ACME_CHALLENGE_PREFIX, ChallengeStore
 from flm.tls.issue import ensure_local_ca, ensure_server_cert
 
@@ -75,16 +73,28 @@ def test_challenge_types_and_acme_names() -> None:
     assert check_challenge_type("DNS-01") == "dns-01"
     with pytest.raises(ProxyAcmeError, match="unknown ACME challenge"):
         check_challenge_type("tls-alpn-01")
-    assert check_acme_names(["*.FLM.test", "flm.test", "*.flm.test."], wildcard_ok=True) == [
-        "*.flm.test",
-        "flm.test",
-    ]
-    with pytest.raises(ProxyAcmeError, match="--challenge dns-01"):
-        check_acme_names(["*.flm.test"], wildcard_ok=False)
-    for bad in ("*.*.flm.test", "a.*.flm.test", "127.0.0.1", ""):
-        with pytest.raises(ProxyAcmeError):
-            check_acme_names([bad], wildcard_ok=True)
     assert live_dir_name("*.flm.test") == "_.flm.test"
+
+
+@pytest.mark.parametrize(
+    ("names", "wildcard_ok", "expected"),
+    [
+        (["*.FLM.test", "flm.test", "*.flm.test."], True, ["*.flm.test", "flm.test"]),
+        (["flm.test", "api.flm.test"], False, ["flm.test", "api.flm.test"]),
+        (["*.flm.test"], False, "--challenge dns-01"),  # a wildcard needs DNS-01
+        (["*.*.flm.test"], True, "wildcard names are not supported"),
+        (["a.*.flm.test"], True, "wildcard names are not supported"),
+        (["127.0.0.1"], True, "not an IP address"),
+        ([""], True, "empty host name"),
+        ([], True, "--acme-domain is required"),
+    ],
+)
+def test_acme_names(names: list[str], wildcard_ok: bool, expected: list[str] | str) -> None:
+    if isinstance(expected, list):
+        assert check_acme_names(names, wildcard_ok=wildcard_ok) == expected
+    else:
+        with pytest.raises(ProxyAcmeError, match=expected):
+            check_acme_names(names, wildcard_ok=wildcard_ok)
 
 
 def test_timeout_must_be_positive(tmp_path: Path) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import ssl
 import uuid
 from collections.abc import Sequence
@@ -25,7 +24,7 @@ from flm.tls.truststore import (
     plan_install,
     uninstall_ca,
 )
-from tests.support import require_real_trust_store
+from tests.support import curl_with_system_trust, require_real_trust_store
 
 
 @pytest.fixture
@@ -153,8 +152,22 @@ def test_only_a_self_signed_unexpired_root_is_accepted(flm_home: Path, tmp_path:
         install_ca(tmp_path / "absent.pem", dry_run=True, platform="debian")
 
 
-def test_store_name_cannot_escape_the_directory(root: Path) -> None:
-    for name in ("../etc/passwd", "", ".hidden", "a/b"):
+@pytest.mark.parametrize(
+    ("name", "valid"),
+    [
+        ("flm-test-ca", True),
+        ("flm.ca_2", True),
+        ("../etc/passwd", False),
+        ("", False),
+        (".hidden", False),
+        ("a/b", False),
+    ],
+)
+def test_store_name_cannot_escape_the_directory(root: Path, name: str, valid: bool) -> None:
+    if valid:
+        plan = install_ca(root, dry_run=True, platform="debian", store_name=name)
+        assert plan.files_to_write == (Path(f"/usr/local/share/ca-certificates/{name}.crt"),)
+    else:
         with pytest.raises(ProxyCertError, match="invalid trust store name"):
             install_ca(root, dry_run=True, platform="debian", store_name=name)
 
@@ -171,23 +184,9 @@ def test_store_names_are_clear(flm_home: Path) -> None:
 
 
 async def _curl(url: str) -> tuple[int, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("SSL_CERT_FILE", "SSL_CERT_DIR", "CURL_CA_BUNDLE", "REQUESTS_CA_BUNDLE")
-    }
+    argv, env = curl_with_system_trust(url)
     proc = await asyncio.create_subprocess_exec(
-        "curl",
-        "--silent",
-        "--show-error",
-        "--max-time",
-        "10",
-        "--noproxy",
-        "*",
-        url,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env
     )
     out, err = await proc.communicate()
     assert proc.returncode is not None

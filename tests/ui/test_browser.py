@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +14,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from tests.support import free_port
 from tests.ui.conftest import Ui
 
 SHOTS = Path(__file__).parent / "screenshots"
@@ -79,12 +79,6 @@ def browser() -> Iterator[Any]:
             b.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Watch:
     """Every URL the page asked for, and every CSP report in the console."""
 
@@ -139,7 +133,7 @@ def test_acceptance_flow(ui: Ui, emulator: str, browser: Any) -> None:
     # the emulator engine is healthy on the dashboard
     page.wait_for_selector('[data-engine="emu"] [data-status="RunningHealthy"]')
     # start a proxy from the dashboard
-    port = _free_port()
+    port = free_port()
     page.fill("#start-port", str(port))
     page.click("form[action='/proxies/start'] button")
     page.wait_for_selector(f"[data-fragment=proxies] >> text=http://localhost:{port}/v1")
@@ -212,7 +206,7 @@ def test_every_page_in_both_languages_and_themes(ui: Ui, emulator: str, browser:
     page.on("dialog", lambda d: d.accept())
     page.goto(ui.login_url)
     # something to show: a running proxy and two keys, one of them revoked
-    page.fill("#start-port", str(_free_port()))
+    page.fill("#start-port", str(free_port()))
     page.click("form[action='/proxies/start'] button")
     page.wait_for_selector("[data-fragment=proxies] code")
     page.goto(ui.origin + "/api")
@@ -342,7 +336,7 @@ def test_key_scope_page_and_usage_charts(ui: Ui, emulator: str, browser: Any) ->
     watch = Watch(page)
     page.on("dialog", lambda d: d.accept())
     page.goto(ui.login_url)
-    page.fill("#start-port", str(_free_port()))
+    page.fill("#start-port", str(free_port()))
     page.click("form[action='/proxies/start'] button")
     page.wait_for_selector("[data-fragment=proxies] code")
     # create a key limited to one model, with limits and an expiry
@@ -469,7 +463,7 @@ def test_every_list_sorts(ui: Ui, emulator: str, browser: Any) -> None:
     page.on("dialog", lambda d: d.accept())
     page.goto(ui.login_url)
     for _ in range(2):
-        page.fill("#start-port", str(_free_port()))
+        page.fill("#start-port", str(free_port()))
         with page.expect_response(lambda r: r.url.endswith("/proxies/start")):
             page.click("form[action='/proxies/start'] button")
     session = ui.login()

@@ -6,6 +6,7 @@ import re
 from urllib.parse import urlsplit
 
 from flm.ui.sessions import LOGIN_TTL_S, SessionStore
+from tests.support import FakeClock
 from tests.ui.conftest import Ui
 
 PAGES = (
@@ -77,17 +78,17 @@ def test_login_token_single_use_and_cookie_flags(ui: Ui) -> None:
 
 
 def test_login_token_expires() -> None:
-    now = [1000.0]
-    store = SessionStore(clock=lambda: now[0])
+    clock = FakeClock(1000.0)
+    store = SessionStore(clock=clock)
     token = store.new_login_token()
-    now[0] += LOGIN_TTL_S + 1
+    clock.now += LOGIN_TTL_S + 1
     assert store.redeem(token) is None
     fresh = store.new_login_token()
     redeemed = store.redeem(fresh)
     assert redeemed is not None
     sid, _ = redeemed
     assert store.get(sid) is not None
-    now[0] += 31 * 60  # idle past the limit
+    clock.now += 31 * 60  # idle past the limit
     assert store.get(sid) is None and not store.live()
 
 

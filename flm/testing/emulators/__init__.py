@@ -42,21 +42,35 @@ status_override     all engines, every route: that status with the engine's erro
 
 ``emu.disconnects`` records ``time.monotonic()`` whenever a client goes away before its
 response is complete (not for connections the emulator itself drops).
+
+Another engine is one module: subclass `EmulatorServer` (and `OpenAIDialect` where its
+OpenAI-compatible routes differ) with the wire helpers exported here (`json_response`, `sse`,
+`request_behaviour`, ...). The package's modules:
+
+=================== ========================================================================
+module              holds
+=================== ========================================================================
+settings            `ModelSpec` (the models served) and `Behaviour` (misbehaviour on demand)
+replies             the deterministic content: replies, token counts, tool calls, embeddings
+wire                compact JSON, JSON responses, SSE frames, timestamps, ids
+openai_dialect      `OpenAIDialect`: the OpenAI-compatible routes
+request_state       the current request's `Behaviour` snapshot and waits
+server              `EmulatorServer`: the aiohttp server, its middleware, streaming helpers
+threaded            `Emulator`: a server on its own loop in a background thread
+ollama, vllm,       the engines
+lmstudio
+=================== ========================================================================
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from flm.testing.emulators.base import (
-    EMBEDDING_DIM,
+from flm.testing.emulators.lmstudio import LmStudioEmulator
+from flm.testing.emulators.ollama import OllamaEmulator
+from flm.testing.emulators.openai_dialect import OpenAIDialect
+from flm.testing.emulators.replies import (
     REPLY_TEMPLATE,
-    Behaviour,
-    Emulator,
-    EmulatorServer,
-    ModelLike,
-    ModelSpec,
-    OpenAIDialect,
     embedding_for,
     expected_reply,
     sample_for,
@@ -65,9 +79,12 @@ from flm.testing.emulators.base import (
     tool_call_for,
     word_count,
 )
-from flm.testing.emulators.lmstudio import LmStudioEmulator
-from flm.testing.emulators.ollama import OllamaEmulator
+from flm.testing.emulators.request_state import request_behaviour
+from flm.testing.emulators.server import EmulatorServer
+from flm.testing.emulators.settings import EMBEDDING_DIM, Behaviour, ModelLike, ModelSpec
+from flm.testing.emulators.threaded import Emulator
 from flm.testing.emulators.vllm import VllmEmulator
+from flm.testing.emulators.wire import SSE_DONE, Handler, JSONDict, dumps, json_response, sse
 
 EMULATORS: dict[str, type[EmulatorServer]] = {
     "ollama": OllamaEmulator,
@@ -107,9 +124,12 @@ __all__ = [
     "EMBEDDING_DIM",
     "EMULATORS",
     "REPLY_TEMPLATE",
+    "SSE_DONE",
     "Behaviour",
     "Emulator",
     "EmulatorServer",
+    "Handler",
+    "JSONDict",
     "LmStudioEmulator",
     "ModelLike",
     "ModelSpec",
@@ -117,10 +137,14 @@ __all__ = [
     "OpenAIDialect",
     "VllmEmulator",
     "create_server",
+    "dumps",
     "embedding_for",
     "expected_reply",
+    "json_response",
+    "request_behaviour",
     "sample_for",
     "split_text",
+    "sse",
     "start_emulator",
     "structured_reply",
     "tool_call_for",

@@ -30,14 +30,11 @@ from typing import ClassVar
 
 from aiohttp import web
 
-from flm.testing.emulators.base import (
-    EmulatorServer,
-    JSONDict,
-    ModelSpec,
-    OpenAIDialect,
-    json_response,
-    request_behaviour,
-)
+from flm.testing.emulators.openai_dialect import OpenAIDialect
+from flm.testing.emulators.request_state import request_behaviour
+from flm.testing.emulators.server import EmulatorServer
+from flm.testing.emulators.settings import ModelSpec
+from flm.testing.emulators.wire import JSONDict, json_response
 
 LMSTUDIO_RUNTIME = {
     "name": "llama.cpp-linux-x86_64-avx2",

@@ -42,27 +42,22 @@ from typing import Any, ClassVar
 
 from aiohttp import web
 
-from flm.testing.emulators.base import (
-    EmulatorServer,
-    JSONDict,
-    ModelSpec,
-    OpenAIDialect,
+from flm.testing.emulators.openai_dialect import OpenAIDialect
+from flm.testing.emulators.replies import (
     Prompt,
     digest_of,
-    dumps,
     embedding_for,
-    iso_now,
-    json_response,
     limit_words,
-    read_json_object,
     reply_for,
-    request_behaviour,
-    request_load_wait_ns,
     split_text,
     structured_reply,
     tool_call_for,
     word_count,
 )
+from flm.testing.emulators.request_state import request_behaviour, request_load_wait_ns
+from flm.testing.emulators.server import EmulatorServer
+from flm.testing.emulators.settings import ModelSpec
+from flm.testing.emulators.wire import JSONDict, dumps, iso_now, json_response, read_json_object
 
 OLLAMA_VERSION = "0.12.6"
 NDJSON = "application/x-ndjson"

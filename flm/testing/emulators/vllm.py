@@ -30,15 +30,10 @@ from typing import ClassVar
 
 from aiohttp import web
 
-from flm.testing.emulators.base import (
-    EmulatorServer,
-    JSONDict,
-    ModelSpec,
-    OpenAIDialect,
-    json_response,
-    new_id,
-    unix_now,
-)
+from flm.testing.emulators.openai_dialect import OpenAIDialect
+from flm.testing.emulators.server import EmulatorServer
+from flm.testing.emulators.settings import ModelSpec
+from flm.testing.emulators.wire import JSONDict, json_response, new_id, unix_now
 
 VLLM_VERSION = "0.10.1"
 

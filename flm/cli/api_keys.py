@@ -123,7 +123,7 @@ _STORE_NOTE = "Store this key now: FLM keeps only its hash and cannot show it ag
 
 
 def create(ctx: Context, args: argparse.Namespace) -> Result:
-    from flm.services.keys import build_limits, key_view
+    from flm.services.api_keys import build_limits, key_view
 
     row, plaintext = ctx.keys.create(args.label, build_limits(**_changes(args)))
     notify_proxies(ctx)  # (a proxy on a shared state backend shares the key at once)
@@ -132,7 +132,7 @@ def create(ctx: Context, args: argparse.Namespace) -> Result:
 
 
 def update(ctx: Context, args: argparse.Namespace) -> Result:
-    from flm.services.keys import key_view
+    from flm.services.api_keys import key_view
 
     view = key_view(ctx.keys.update(args.id, **_changes(args)))
     notify_proxies(ctx)
@@ -140,7 +140,7 @@ def update(ctx: Context, args: argparse.Namespace) -> Result:
 
 
 def list_(ctx: Context, args: argparse.Namespace) -> Result:
-    from flm.services.keys import key_view
+    from flm.services.api_keys import key_view
 
     today = ctx.keys.today()
     rows = [key_view(r, today) for r in ctx.keys.list()]
@@ -148,7 +148,7 @@ def list_(ctx: Context, args: argparse.Namespace) -> Result:
 
 
 def revoke(ctx: Context, args: argparse.Namespace) -> Result:
-    from flm.services.keys import key_view
+    from flm.services.api_keys import key_view
 
     view = key_view(ctx.keys.revoke(args.id))
     notify_proxies(ctx)
@@ -158,7 +158,7 @@ def revoke(ctx: Context, args: argparse.Namespace) -> Result:
 def rotate(ctx: Context, args: argparse.Namespace) -> Result:
     old, new, plaintext = ctx.keys.rotate(args.id)
     notify_proxies(ctx)
-    from flm.services.keys import key_view
+    from flm.services.api_keys import key_view
 
     data = {
         **key_view(new),

@@ -19,14 +19,11 @@ answers FLM's HTTP port must serve at ``/.well-known/acme-challenge/{token}``.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import socket
 import ssl
 import time
-from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
-from dataclasses import dataclass
-from datetime import datetime
+from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,108 +35,21 @@ from josepy.jwk import JWK, JWKEC, JWKRSA
 
 from flm.core.errors import AcmeCaRefusedError, ProxyAcmeError, ProxyCertError
 from flm.core.paths import write_private_file
-from flm.tls._fs import dir_lock
-from flm.tls.certs import (
-    CertBundle,
-    IssuerKey,
-    bundle_from_files,
-    cert_hosts,
-    generate_key,
-    key_to_pem,
-    load_certs_pem,
-    load_key_file,
-    load_key_pem,
-    needs_renewal,
-    normalize_host,
-    public_key_matches,
-    write_pair,
-)
+from flm.tls.acme_options import check_acme_domain, check_acme_names
+from flm.tls.certs import IssuerKey, generate_key, key_to_pem, load_key_file
 from flm.tls.dns01 import challenge_name
 
 if TYPE_CHECKING:
     from flm.tls.dns01 import Dns01Solver
 
-__all__ = [
-    "ACME_MODE",
-    "DEFAULT_TIMEOUT_S",
-    "LETSENCRYPT_PRODUCTION",
-    "LETSENCRYPT_STAGING",
-    "AcmeClient",
-    "AcmeDirectory",
-    "acme_live_dir",
-    "check_challenge_type",
-    "load_acme_certificate",
-    "needs_renewal",
-    "resolve_acme_directory",
-    "store_acme_certificate",
-]
-
 log = logging.getLogger(__name__)
 
-LETSENCRYPT_STAGING = "https://acme-staging-v02.api.letsencrypt.org/directory"
-LETSENCRYPT_PRODUCTION = "https://acme-v02.api.letsencrypt.org/directory"
-ACME_MODE = "https-acme"
-ACME_LIVE_DIR = "acme-live"
 DEFAULT_TIMEOUT_S = 90.0
 
 #: Longest a single HTTP request may take (further cut to the time left before the deadline).
 _REQUEST_TIMEOUT_S = 30.0
 #: badNonce retries per request, on top of the library's own single retry.
 _MAX_NONCE_RETRIES = 25
-_TRUE = frozenset({"1", "true", "yes", "on"})
-
-
-# --- configuration -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class AcmeDirectory:
-    """Which ACME CA to talk to, and which CA bundle to trust when doing so."""
-
-    url: str
-    ca_bundle: Path | None = None
-    #: ``env`` (FLM_ACME_DIRECTORY), ``production`` (FLM_ACME_USE_PROD) or ``staging``.
-    source: str = "staging"
-
-    @property
-    def is_letsencrypt_production(self) -> bool:
-        return self.url == LETSENCRYPT_PRODUCTION
-
-
-def resolve_acme_directory(env: Mapping[str, str]) -> AcmeDirectory:
-    """``FLM_ACME_DIRECTORY`` wins, then ``FLM_ACME_USE_PROD=true``; else Let's Encrypt staging.
-
-    ``FLM_ACME_CA_BUNDLE`` names a PEM bundle to trust for the directory's HTTPS (a private CA such
-    as step-ca, or Pebble in tests).
-    """
-    bundle_text = (env.get("FLM_ACME_CA_BUNDLE") or "").strip()
-    bundle = Path(bundle_text).expanduser() if bundle_text else None
-    if bundle is not None and not bundle.is_file():
-        raise ProxyAcmeError(f"FLM_ACME_CA_BUNDLE points to {bundle}, which is not a file")
-    url = (env.get("FLM_ACME_DIRECTORY") or "").strip()
-    if url:
-        if not url.lower().startswith("https://"):
-            raise ProxyAcmeError(f"FLM_ACME_DIRECTORY must be an https:// URL, got {url!r}")
-        return AcmeDirectory(url, bundle, "env")
-    if (env.get("FLM_ACME_USE_PROD") or "").strip().lower() in _TRUE:
-        return AcmeDirectory(LETSENCRYPT_PRODUCTION, bundle, "production")
-    return AcmeDirectory(LETSENCRYPT_STAGING, bundle, "staging")
-
-
-CHALLENGES = ("http-01", "dns-01")
-
-
-def check_challenge_type(challenge: str) -> str:
-    """``http-01`` or ``dns-01``; anything else is unknown."""
-    value = challenge.strip().lower()
-    if value in CHALLENGES:
-        return value
-    raise ProxyAcmeError(
-        f"unknown ACME challenge type {challenge!r}; supported: {', '.join(CHALLENGES)}"
-    )
-
-
-# --- the client ----------------------------------------------------------------------------------
 
 
 class _DeadlineExceededError(Exception):
@@ -229,7 +139,7 @@ class AcmeClient:
 
         Raises :class:`ProxyAcmeError` on any failure, at the latest after ``timeout_s``.
         """
-        return self._obtain([_check_domain(domain)], challenge_store, None)
+        return self._obtain([check_acme_domain(domain)], challenge_store, None)
 
     def obtain_dns(self, domains: Sequence[str], solver: Dns01Solver) -> tuple[bytes, bytes]:
         """Run one DNS-01 order for ``domains`` (one certificate naming all of them; a name may
@@ -564,47 +474,6 @@ def _identifier(authzr: messages.AuthorizationResource) -> str:
     return str(authzr.body.identifier.value)
 
 
-def check_acme_names(domains: Sequence[str] | str, *, wildcard_ok: bool) -> list[str]:
-    """Normalised, de-duplicated names for one certificate, in the order given (the first one
-    names the certificate). ``*.name`` only with ``wildcard_ok`` (DNS-01)."""
-    items = [domains] if isinstance(domains, str) else list(domains)
-    if not items:
-        raise ProxyAcmeError("--acme-domain is required")
-    names: list[str] = []
-    for item in items:
-        text = item.strip()
-        if text.startswith("*."):
-            if not wildcard_ok:
-                raise ProxyAcmeError(
-                    f"--acme-domain {text}: wildcard certificates need --challenge dns-01 "
-                    "(HTTP-01 cannot prove control of every name under a domain)"
-                )
-            name = "*." + _check_domain(text[2:])
-        else:
-            name = _check_domain(text)
-        if name not in names:
-            names.append(name)
-    return names
-
-
-def live_dir_name(domain: str) -> str:
-    """The directory (under ``certs/acme-live``) for a certificate whose first name is
-    ``domain``; ``*`` becomes ``_`` (``_.example.org``), which no host name can clash with."""
-    return domain.replace("*", "_")
-
-
-def _check_domain(domain: str) -> str:
-    try:
-        name = normalize_host(domain)
-    except ProxyCertError as exc:
-        raise ProxyAcmeError(f"--acme-domain: {exc.message}") from exc
-    try:
-        ipaddress.ip_address(name)
-    except ValueError:
-        return name
-    raise ProxyAcmeError(f"--acme-domain must be a DNS name, not an IP address: {domain!r}")
-
-
 def _poll_delays(deadline: float) -> Iterator[float]:
     """0.1 s, 0.2 s, … up to 2 s between polls, until the deadline."""
     delay = 0.1
@@ -634,76 +503,3 @@ def _causes(exc: BaseException) -> Iterator[BaseException]:
         linked = [current.__cause__, current.__context__, getattr(current, "reason", None)]
         linked += [a for a in current.args if isinstance(a, BaseException)]
         stack.extend(e for e in linked if isinstance(e, BaseException))
-
-
-# --- storage -------------------------------------------------------------------------------------
-
-
-def acme_live_dir(certs_dir: Path, domain: str) -> Path:
-    name = check_acme_names([domain], wildcard_ok=True)[0]
-    return certs_dir / ACME_LIVE_DIR / live_dir_name(name)
-
-
-def _covers(hosts: Sequence[str], names: Sequence[str]) -> bool:
-    have = {h.lower() for h in hosts}
-    return all(n in have for n in names)
-
-
-def store_acme_certificate(
-    certs_dir: Path,
-    domain: str,
-    cert_pem: bytes,
-    key_pem: bytes,
-    names: Sequence[str] | None = None,
-) -> CertBundle:
-    """Check and save an issued certificate as ``certs/acme-live/<domain>/{fullchain,privkey}.pem``.
-
-    The chain must parse, the key must belong to the leaf, and the leaf must name ``domain`` (and
-    every one of ``names``, when given).
-    """
-    wanted = check_acme_names([domain, *(names or [])], wildcard_ok=True)
-    name = wanted[0]
-    try:
-        chain = load_certs_pem(cert_pem, source=f"certificate for {name}")
-        key = load_key_pem(key_pem, source=f"key for {name}")
-    except ProxyCertError as exc:
-        raise ProxyAcmeError(exc.message) from exc
-    if not public_key_matches(chain[0], key):
-        raise ProxyAcmeError(f"the issued certificate for {name} does not match its key")
-    if not _covers(cert_hosts(chain[0]), wanted):
-        raise ProxyAcmeError(f"the issued certificate does not name all of {', '.join(wanted)}")
-    directory = acme_live_dir(certs_dir, name)
-    with dir_lock(directory):
-        write_pair(directory / "fullchain.pem", cert_pem, directory / "privkey.pem", key_pem)
-        return bundle_from_files(
-            ACME_MODE,
-            directory / "fullchain.pem",
-            directory / "privkey.pem",
-            domain=name,
-            issued=True,
-        )
-
-
-def load_acme_certificate(
-    certs_dir: Path,
-    domain: str,
-    *,
-    now: datetime | None = None,
-    names: Sequence[str] | None = None,
-) -> CertBundle | None:
-    """The stored certificate for ``domain`` if it is there, readable, not expired, and names
-    every one of ``names`` (a certificate for fewer names is not reused)."""
-    wanted = check_acme_names([domain, *(names or [])], wildcard_ok=True)
-    directory = acme_live_dir(certs_dir, domain)
-    cert_path, key_path = directory / "fullchain.pem", directory / "privkey.pem"
-    if not (cert_path.exists() and key_path.exists()):
-        return None
-    try:
-        bundle = bundle_from_files(ACME_MODE, cert_path, key_path, domain=wanted[0])
-    except ProxyCertError:
-        return None
-    if not _covers(bundle.hosts, wanted):
-        return None
-    if needs_renewal(load_certs_pem(cert_path.read_bytes())[0], now, days=0):
-        return None
-    return bundle

@@ -7,7 +7,7 @@ from dataclasses import asdict
 from typing import Any
 
 from flm.core.errors import NotFoundError, UsageError
-from flm.core.keys import generate_key
+from flm.core.key_format import generate_key
 from flm.storage import Storage
 from flm.storage.security import ApiKeyRow, ApiKeysRepo, KeyLimits
 
@@ -24,7 +24,7 @@ def hash_key(plaintext: str) -> str:
 def dummy_key_hash() -> str:
     """A hash of a random key no one holds, made like every stored one: the gateway verifies
     keys with unknown ids against it, so they cost what a wrong secret costs."""
-    from flm.core.keys import generate_key
+    from flm.core.key_format import generate_key
 
     return hash_key(generate_key()[1])
 

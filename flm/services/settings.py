@@ -9,7 +9,7 @@ from typing import Any
 
 from flm.core.errors import ConfigNotSetError, UsageError
 from flm.storage import Storage
-from flm.storage.config import SettingsRepo
+from flm.storage.config_db import SettingsRepo
 
 
 def _int_in(lo: int, hi: int) -> Callable[[str], int]:
