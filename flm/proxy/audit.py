@@ -175,6 +175,29 @@ def _scrub(text: str) -> str:
     return out
 
 
+def _event_row(
+    ts: float,
+    event_type: str,
+    severity: str,
+    details_json: str,
+    ip: str = "",
+    rid: str | None = None,
+    endpoint: str | None = None,
+) -> tuple[Any, ...]:
+    """An ``audit_logs`` row for an event (no key, engine, model, status or tokens)."""
+    return (
+        iso_ts(ts),
+        rid,
+        ip,
+        None,
+        endpoint,
+        *(None,) * 8,
+        event_type,
+        severity,
+        details_json,
+    )
+
+
 def _format_one(kind: str, item: tuple[Any, ...], batch: _Batch) -> tuple[Any, ...] | None:
     """The audit row of one queued record (``None``: the record went to another table)."""
     if kind == "request":
@@ -214,23 +237,14 @@ def _format_one(kind: str, item: tuple[Any, ...], batch: _Batch) -> tuple[Any, .
         )
     if kind == "event":
         ts, event_type, severity, ip, details, rid, endpoint = item
-        return (
-            iso_ts(ts),
-            rid,
-            ip,
-            None,
-            _scrub(endpoint or "")[:512] or None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
+        return _event_row(
+            ts,
             event_type,
             severity,
             scrub(json.dumps(details, default=str)),
+            ip,
+            rid,
+            _scrub(endpoint or "")[:512] or None,
         )
     if kind == "block":
         ip, reason, since, until, failures, listener = item
@@ -608,20 +622,8 @@ class AuditSink:
             except Exception as exc:  # a record this code cannot format: it costs only itself
                 self.rows_invalid += 1
                 log.error("audit record not formattable (%s): %s", exc, ascii(item)[:1000])
-                row = (
-                    iso_ts(time.time()),
-                    None,
-                    "",
-                    None,
-                    None,
-                    None,
-                    None,
-                    None,
-                    None,
-                    None,
-                    None,
-                    None,
-                    None,
+                row = _event_row(
+                    time.time(),
                     "audit_record_invalid",
                     "high",
                     json.dumps(
@@ -639,20 +641,8 @@ class AuditSink:
         if refused <= 0:
             return
         self._refused_reported += refused
-        row = (
-            iso_ts(time.time()),
-            None,
-            "",
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
+        row = _event_row(
+            time.time(),
             "audit_overload",
             "high",
             json.dumps({"refused_requests": refused, "limit": self.limit}),
