@@ -303,6 +303,18 @@ class ProxyInstance:
 # --- start ---------------------------------------------------------------------------------------
 
 
+def _settings(config: StartConfig, ctx: Context, handle: str) -> ProxySettings:
+    """What a gateway process is started with, from its start configuration."""
+    return ProxySettings(
+        port=config.port,
+        bind=config.bind,
+        mode=config.mode,
+        handle_id=handle,
+        https_port=config.https_port,
+        max_body_bytes=int(ctx.config.value("proxy.max_body_bytes")),
+    )
+
+
 async def start_instance(
     ctx: Context,
     raw: dict[str, Any],
@@ -351,14 +363,7 @@ async def start_instance(
                 f"egress {egress.requested.mode} is unreachable: using direct "
                 "connections (--egress-fail-open)"
             )
-        settings = ProxySettings(
-            port=config.port,
-            bind=config.bind,
-            mode=config.mode,
-            handle_id=handle,
-            https_port=config.https_port,
-            max_body_bytes=int(ctx.config.value("proxy.max_body_bytes")),
-        )
+        settings = _settings(config, ctx, handle)
         tls: TlsState | None = None
         if config.mode == LOCAL_HTTP:
             runtime = build_runtime(settings, ctx, egress.config)
@@ -480,14 +485,7 @@ async def _start_sibling(ctx: Context, config: StartConfig, handle: str) -> Prox
 
             shared = await start_shared(ctx, config.state, handle)
         egress = EffectiveEgress(config.egress, config.egress)
-        settings = ProxySettings(
-            port=config.port,
-            bind=config.bind,
-            mode=config.mode,
-            handle_id=handle,
-            https_port=config.https_port,
-            max_body_bytes=int(ctx.config.value("proxy.max_body_bytes")),
-        )
+        settings = _settings(config, ctx, handle)
         tls: TlsState | None = None
         if config.tls:
             from flm.tls.context import ReloadableServerContext
