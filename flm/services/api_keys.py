@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 from flm.core.errors import NotFoundError, UsageError
@@ -147,14 +147,7 @@ class KeyService:
         stamp = repo.revoke(key_id)
         if stamp is None:
             raise KeyNotFoundError(f"API key {key_id} was revoked concurrently")
-        return ApiKeyRow(
-            current.id,
-            current.label,
-            current.created_at,
-            stamp,
-            current.limits,
-            current.last_used_at,
-        )
+        return replace(current, revoked_at=stamp)
 
     def rotate(self, key_id: str) -> tuple[ApiKeyRow, ApiKeyRow, str]:
         """A new key with the same label; the old one revoked. Returns (old, new, plaintext)."""
@@ -171,12 +164,5 @@ class KeyService:
             raise KeyNotFoundError(f"API key {key_id} was revoked concurrently") from None
         except sqlite3.Error as exc:  # pragma: no cover - mapped by the writer already
             raise UsageError(str(exc)) from exc
-        old = ApiKeyRow(
-            current.id,
-            current.label,
-            current.created_at,
-            stamp,
-            current.limits,
-            current.last_used_at,
-        )
+        old = replace(current, revoked_at=stamp)
         return old, new_row, plaintext
