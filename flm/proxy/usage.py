@@ -34,8 +34,9 @@ from flm.storage.usage import DAY_S, add_rollups, prune_rollups
 log = logging.getLogger("flm.usage")
 
 PRUNE_INTERVAL_S = 600.0
-#: Requests kept for a retry when the rollups cannot be written (a full disk, a locked or
-#: replaced file); past this many, the oldest are dropped and counted in the log.
+#: The most requests queued for the rollups: what waits for the flusher, and what is kept for
+#: a retry when the rollups cannot be written (a full disk, a locked or replaced file); past
+#: this many, the oldest are dropped (counted in the log).
 MAX_PENDING = 100_000
 
 
@@ -235,7 +236,8 @@ class UsageSink:
     def __init__(self, db: Database | None, interval: float = 1.0) -> None:
         self._db = db
         self._interval = interval
-        self._items: deque[_Item] = deque()
+        # (bounded: a flusher starved of the CPU cannot let the queue grow without end)
+        self._items: deque[_Item] = deque(maxlen=MAX_PENDING)
         self._wake = threading.Event()
         self._stop = False
         self._lock = threading.Lock()
@@ -282,6 +284,11 @@ class UsageSink:
             batch: list[_Item] = []
             while self._items:
                 batch.append(self._items.popleft())
+            if len(batch) >= MAX_PENDING:
+                log.warning(
+                    "usage queue reached its bound (%d requests): the oldest may be lost",
+                    MAX_PENDING,
+                )
             if not batch or self._db is None:
                 return len(batch)
             minutes: dict[tuple[int, str, str, str], list[int]] = {}

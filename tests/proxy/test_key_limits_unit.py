@@ -261,3 +261,17 @@ def test_usage_sink_bounds_what_it_keeps_for_a_retry(flm_home: Any) -> None:
         sink._items.clear()
         sink.close()
         storage.close()
+
+
+def test_usage_queue_is_bounded(flm_home: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flm.proxy import usage
+
+    monkeypatch.setattr(usage, "MAX_PENDING", 5)
+    sink = usage.UsageSink(None, interval=3600)
+    try:
+        for i in range(50):
+            sink.record_item((float(i), "k", "m", "e", 1, 1, 0))
+        assert len(sink._items) == 5
+        assert [it[0] for it in sink._items] == [45.0, 46.0, 47.0, 48.0, 49.0]
+    finally:
+        sink.close()
