@@ -21,7 +21,8 @@ the scope's checks, the ledger and the ``x-ratelimit-*`` headers cost. (A ``--fl
 named ``NAME+scoped`` gets only that key.) At the end, each gateway's
 ``flm_audit_backpressure_waits_total``: how often the audit's bound held requests back.
 
-``--profile DIR``: after the rounds, one more c=64 run per gateway under ``py-spy record``
+``--profile DIR``: after the rounds, one more c=64 run (and, unless ``--no-stream``, one more
+stream run, written as ``DIR/NAME-stream.txt``) per gateway under ``py-spy record``
 (if installed: ``pip install py-spy``; it needs ptrace rights, as root), written as
 ``DIR/NAME.txt`` in py-spy's "raw" (collapsed stack) format; ``bench/cpu_cost.py --top FILE``
 prints the functions with the most samples (self and total) of such a file.
@@ -280,8 +281,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
         args.profile.mkdir(parents=True, exist_ok=True)
-        for t in targets:
-            out = args.profile / f"{t.name}.txt"
+        runs = [(t, kind) for t in targets for kind in ("c64", "stream")]
+        for t, kind in runs:
+            if kind == "stream" and args.no_stream:
+                continue
+            out = args.profile / (f"{t.name}.txt" if kind == "c64" else f"{t.name}-stream.txt")
             rec = subprocess.Popen(
                 [
                     spy,
@@ -303,7 +307,10 @@ def main(argv: list[str] | None = None) -> int:
                 stderr=subprocess.DEVNULL,
             )
             time.sleep(0.5)
-            run.run_wrk(wrk, t, root, 64, args.duration)
+            if kind == "stream":
+                stream_point(t, args.duration)
+            else:
+                run.run_wrk(wrk, t, root, 64, args.duration)
             rec.wait(timeout=60)
             if out.exists():
                 print(top(out, 20))

@@ -173,7 +173,12 @@ def _fake_transports(marks: _Marks) -> tuple[Any, Any]:
 
 
 async def _measure(
-    key: str, requests: int, bytecodes: bool, body: bytes = BODY, state_backend: str | None = None
+    key: str,
+    requests: int,
+    bytecodes: bool,
+    body: bytes = BODY,
+    state_backend: str | None = None,
+    rows_shown: int = 20,
 ) -> None:
     from flm.core.paths import Paths
     from flm.http import server
@@ -256,7 +261,7 @@ async def _measure(
                 reverse=True,
             )
             print(f"{title}: {sum(n for n, _ in rows):,.0f} bytecodes per request")
-            for n, where in rows[:20]:
+            for n, where in rows[:rows_shown]:
                 print(f"  {n:7.1f}  {where}")
         return
     a.sort()
@@ -277,6 +282,9 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=5000)
     ap.add_argument(
         "--bytecodes", action="store_true", help="count bytecodes per function instead of timing"
+    )
+    ap.add_argument(
+        "--rows", type=int, default=20, help="with --bytecodes: functions shown per segment"
     )
     ap.add_argument(
         "--scoped",
@@ -313,6 +321,7 @@ def main() -> None:
                         args.bytecodes,
                         POOL_BODY if args.pool else BODY,
                         url,
+                        args.rows,
                     )
                 )
         finally:

@@ -8,6 +8,7 @@ each answer is remembered in a bounded table, so a request costs a dictionary lo
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -90,17 +91,37 @@ class KeyScope:
     #: Whether the key has anything to check after authentication (expiry, read-only,
     #: limits); the model scope is checked where the model is known.
     checked: bool = field(default=False, init=False)
-    #: The limits as the ``x-ratelimit-limit-*`` headers write them.
-    rpm_text: bytes = field(default=b"", init=False, repr=False)
-    tpm_text: bytes = field(default=b"", init=False, repr=False)
+    # What the ledger reads on every request, worked out once (the request path then does no
+    # None checks and builds no constant header):
+    #: The daily budgets, infinite when not set.
+    day_requests_cap: float = field(default=math.inf, init=False, repr=False)
+    day_tokens_cap: float = field(default=math.inf, init=False, repr=False)
+    #: The request bucket: refill per second (0: no rpm), capacity, limit header.
+    req_rate: float = field(default=0.0, init=False, repr=False)
+    req_capacity: float = field(default=0.0, init=False, repr=False)
+    rpm_header: tuple[bytes, bytes] = field(default=(b"", b""), init=False, repr=False)
+    #: The token bucket: refill per second (0: no tpm), capacity, limit header.
+    tok_rate: float = field(default=0.0, init=False, repr=False)
+    tok_capacity: float = field(default=0.0, init=False, repr=False)
+    tpm_header: tuple[bytes, bytes] = field(default=(b"", b""), init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.limits = any(
             v is not None for v in (self.rpm, self.tpm, self.daily_tokens, self.daily_requests)
         )
         self.checked = self.limits or self.read_only or self.expires_at is not None
-        self.rpm_text = str(self.rpm or 0).encode()
-        self.tpm_text = str(self.tpm or 0).encode()
+        if self.daily_requests is not None:
+            self.day_requests_cap = self.daily_requests
+        if self.daily_tokens is not None:
+            self.day_tokens_cap = self.daily_tokens
+        if self.rpm:
+            self.req_rate = self.rpm / 60.0
+            self.req_capacity = float(self.burst or self.rpm)
+            self.rpm_header = (b"x-ratelimit-limit-requests", b"%d" % self.rpm)
+        if self.tpm:
+            self.tok_rate = self.tpm / 60.0
+            self.tok_capacity = float(self.tpm)
+            self.tpm_header = (b"x-ratelimit-limit-tokens", b"%d" % self.tpm)
         if self.models is None:
             return
         globs = [p for p in self.models if _GLOB.search(p)]

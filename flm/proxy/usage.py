@@ -57,17 +57,40 @@ def _duration(seconds: float) -> bytes:
 
 
 class _KeyState:
-    __slots__ = ("day", "day_requests", "day_tokens", "req_at", "req_level", "tok_at", "tok_level")
+    __slots__ = (
+        "day_end",
+        "day_requests",
+        "day_tokens",
+        "req_at",
+        "req_level",
+        "tok_at",
+        "tok_level",
+    )
 
     def __init__(self, now: float) -> None:
-        self.day = int(now // DAY_S)
-        self.day_requests = 0
-        self.day_tokens = 0
+        self.day_end = 0.0
+        self.new_day(now)
         # (infinite: full, whatever the capacity; capped at first use)
         self.req_level = math.inf
         self.req_at = now
         self.tok_level = math.inf
         self.tok_at = now
+
+    def new_day(self, now: float) -> None:
+        """Today's totals start at zero (a new key, or the first request after 00:00 UTC)."""
+        self.day_end = (now // DAY_S + 1) * DAY_S
+        self.day_requests = 0
+        self.day_tokens = 0
+
+
+_REMAINING_REQUESTS = b"x-ratelimit-remaining-requests"
+_RESET_REQUESTS = b"x-ratelimit-reset-requests"
+_REMAINING_TOKENS = b"x-ratelimit-remaining-tokens"
+_RESET_TOKENS = b"x-ratelimit-reset-tokens"
+
+
+def _reset_text(seconds: float) -> bytes:
+    return b"%dms" % (seconds * 1000) if 0 <= seconds < 1 else _duration(seconds)
 
 
 class KeyLedger:
@@ -81,98 +104,110 @@ class KeyLedger:
         st = self._keys.get(key_id)
         if st is None:
             st = self._keys[key_id] = _KeyState(now)
-        day = int(now // DAY_S)
-        if st.day != day:
-            st.day, st.day_requests, st.day_tokens = day, 0, 0
+        elif now >= st.day_end:
+            st.new_day(now)
         return st
 
     def admit(self, scope: KeyScope, *, count: bool = True) -> list[tuple[bytes, bytes]]:
         """Let one request of ``scope``'s key in, or raise the 429 to answer. Returns the
         ``x-ratelimit-*`` headers for the reply (empty for a key without per-minute limits).
-        ``count``: the request counts toward the daily request budget. (Runs for every
-        request of a key with limits: the key's state and its buckets are read and updated
-        inline, without a method call each.)"""
+        ``count``: the request counts toward the daily request budget.
+
+        Runs for every request of a key with limits, so the usual case is written out
+        inline: the buckets are refilled and checked without a call each, against limits
+        the scope worked out when it was loaded; a refusal takes :meth:`_refuse`."""
         now = self.clock()
         st = self._keys.get(scope.key_id)
-        if st is None:
-            st = self._keys[scope.key_id] = _KeyState(now)
-        elif st.day != int(now // DAY_S):
-            st.day, st.day_requests, st.day_tokens = int(now // DAY_S), 0, 0
+        if st is None or now >= st.day_end:
+            st = self._state(scope.key_id, now)
+        if count and (
+            st.day_requests >= scope.day_requests_cap or st.day_tokens >= scope.day_tokens_cap
+        ):
+            raise self._over_budget(scope, st, now)
+        req_rate = scope.req_rate
+        tok_rate = scope.tok_rate
+        if req_rate:
+            req = st.req_level + (now - st.req_at) * req_rate
+            if req > scope.req_capacity:
+                req = scope.req_capacity
+            if req < 1.0:
+                raise self._refuse(scope, st, now)
+        if tok_rate:
+            tok = st.tok_level + (now - st.tok_at) * tok_rate
+            if tok > scope.tok_capacity:
+                tok = scope.tok_capacity
+            if tok <= 0:
+                raise self._refuse(scope, st, now)
         if count:
-            if scope.daily_requests is not None and st.day_requests >= scope.daily_requests:
-                raise _budget(
-                    now, f"the key's daily request budget ({scope.daily_requests}) is used up"
-                )
-            if scope.daily_tokens is not None and st.day_tokens >= scope.daily_tokens:
-                raise _budget(
-                    now, f"the key's daily token budget ({scope.daily_tokens}) is used up"
-                )
-        rpm = scope.rpm
-        tpm = scope.tpm
-        if rpm is None and tpm is None:
-            if count:
-                st.day_requests += 1
-            return []
+            st.day_requests += 1
+        if req_rate:
+            req -= 1.0
+            st.req_level, st.req_at = req, now
+            reset = (scope.req_capacity - req) / req_rate
+            headers = [
+                scope.rpm_header,
+                (_REMAINING_REQUESTS, b"%d" % int(req)),
+                (_RESET_REQUESTS, b"%dms" % (reset * 1000) if reset < 1 else _duration(reset)),
+            ]
+            if not tok_rate:
+                return headers
+        else:
+            headers = []
+        if tok_rate:
+            st.tok_level, st.tok_at = tok, now
+            reset = (scope.tok_capacity - tok) / tok_rate
+            headers += (
+                scope.tpm_header,
+                (_REMAINING_TOKENS, b"%d" % int(tok)),
+                (_RESET_TOKENS, b"%dms" % (reset * 1000) if reset < 1 else _duration(reset)),
+            )
+        return headers
+
+    def _refuse(self, scope: KeyScope, st: _KeyState, now: float) -> HttpError:
+        """The 429 for a key whose request or token bucket has no room, with the
+        ``x-ratelimit-*`` headers; the buckets are refilled to ``now``, nothing is charged."""
         headers: list[tuple[bytes, bytes]] = []
         wait = 0.0
-        charged = False
-        if rpm is not None:
-            capacity = float(scope.burst or rpm)
-            rate = rpm / 60.0
-            level = st.req_level + (now - st.req_at) * rate
-            if level > capacity:
-                level = capacity
-            st.req_at = now
+        if scope.req_rate:
+            rate, capacity = scope.req_rate, scope.req_capacity
+            level = min(st.req_level + (now - st.req_at) * rate, capacity)
+            st.req_level, st.req_at = level, now
             if level < 1.0:
                 wait = (1.0 - level) / rate
-            else:
-                level -= 1.0
-                charged = True
-            st.req_level = level
-            reset = (capacity - level) / rate
-            if wait > reset:
-                reset = wait
-            headers = [
-                (b"x-ratelimit-limit-requests", scope.rpm_text),
-                (b"x-ratelimit-remaining-requests", b"%d" % level),
-                (
-                    b"x-ratelimit-reset-requests",
-                    b"%dms" % (reset * 1000) if 0 <= reset < 1 else _duration(reset),
-                ),
-            ]
-        if tpm is not None:
-            rate = tpm / 60.0
-            level = st.tok_level + (now - st.tok_at) * tpm / 60.0
-            if level > tpm:
-                level = float(tpm)
+            headers += (
+                scope.rpm_header,
+                (_REMAINING_REQUESTS, b"%d" % int(level)),
+                (_RESET_REQUESTS, _reset_text(max(wait, (capacity - level) / rate))),
+            )
+        if scope.tok_rate:
+            rate, capacity = scope.tok_rate, scope.tok_capacity
+            level = min(st.tok_level + (now - st.tok_at) * rate, capacity)
             st.tok_level, st.tok_at = level, now
             if level <= 0:
                 reset = (1.0 - level) / rate
-                if reset > wait:
-                    wait = reset
+                wait = max(wait, reset)
             else:
-                reset = (tpm - level) / rate
+                reset = (capacity - level) / rate
             headers += (
-                (b"x-ratelimit-limit-tokens", scope.tpm_text),
-                (b"x-ratelimit-remaining-tokens", b"%d" % (level if level > 0 else 0)),
-                (
-                    b"x-ratelimit-reset-tokens",
-                    b"%dms" % (reset * 1000) if 0 <= reset < 1 else _duration(reset),
-                ),
+                scope.tpm_header,
+                (_REMAINING_TOKENS, b"%d" % int(level if level > 0 else 0)),
+                (_RESET_TOKENS, _reset_text(reset)),
             )
-        if wait:
-            if charged:
-                st.req_level += 1.0  # refused for tokens: the request is not charged
-            retry = max(1, math.ceil(wait))
-            raise HttpError(
-                429,
-                "rate_limited",
-                f"the key's per-minute limit is reached; retry in {retry} s",
-                [(b"retry-after", str(retry).encode()), *headers],
-            )
-        if count:
-            st.day_requests += 1
-        return headers
+        retry = max(1, math.ceil(wait))
+        return HttpError(
+            429,
+            "rate_limited",
+            f"the key's per-minute limit is reached; retry in {retry} s",
+            [(b"retry-after", str(retry).encode()), *headers],
+        )
+
+    @staticmethod
+    def _over_budget(scope: KeyScope, st: _KeyState, now: float) -> HttpError:
+        if st.day_requests >= scope.day_requests_cap:
+            what = f"the key's daily request budget ({scope.daily_requests}) is used up"
+        else:
+            what = f"the key's daily token budget ({scope.daily_tokens}) is used up"
+        return _budget(now, what)
 
     def charge(self, key_id: str, tokens: int, tpm: int | None) -> None:
         """Count a finished request's tokens toward the key's day and per-minute budget (a
@@ -182,10 +217,8 @@ class KeyLedger:
             return
         now = self.clock()
         st = self._keys.get(key_id)
-        if st is None:
-            st = self._keys[key_id] = _KeyState(now)
-        elif st.day != int(now // DAY_S):
-            st.day, st.day_requests, st.day_tokens = int(now // DAY_S), 0, 0
+        if st is None or now >= st.day_end:
+            st = self._state(key_id, now)
         st.day_tokens += tokens
         if tpm is not None:
             level = st.tok_level + (now - st.tok_at) * tpm / 60.0
@@ -197,16 +230,15 @@ class KeyLedger:
     def today(self, key_id: str) -> tuple[int, int]:
         """(requests, tokens) counted today for the key (this process's view)."""
         st = self._keys.get(key_id)
-        if st is None or st.day != int(self.clock() // DAY_S):
+        if st is None or self.clock() >= st.day_end:
             return 0, 0
         return st.day_requests, st.day_tokens
 
     def load_today(self, totals: dict[str, tuple[int, int]]) -> None:
         """Set today's (requests, tokens) per key from the stored rollups."""
         now = self.clock()
-        day = int(now // DAY_S)
         for key_id, st in self._keys.items():
-            if key_id not in totals and st.day == day:
+            if key_id not in totals and now < st.day_end:
                 st.day_requests = st.day_tokens = 0
         for key_id, (requests, tokens) in totals.items():
             st = self._state(key_id, now)

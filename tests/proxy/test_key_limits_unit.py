@@ -88,6 +88,28 @@ def test_ledger_rpm_burst_and_tpm() -> None:
     assert dict(ledger.admit(scope))[b"x-ratelimit-remaining-tokens"] == b"50"
 
 
+def test_ledger_headers_name_only_the_limits_a_key_has() -> None:
+    clock = FakeClock(1_000_000.0)
+    ledger = KeyLedger(clock)
+    rpm_only = dict(ledger.admit(KeyScope("r", "l", rpm=120, burst=3)))
+    assert rpm_only == {
+        b"x-ratelimit-limit-requests": b"120",
+        b"x-ratelimit-remaining-requests": b"2",
+        b"x-ratelimit-reset-requests": b"500ms",  # one request back at two a second
+    }
+    tpm_only = dict(ledger.admit(KeyScope("t", "l", tpm=6000)))
+    assert tpm_only == {
+        b"x-ratelimit-limit-tokens": b"6000",
+        b"x-ratelimit-remaining-tokens": b"6000",
+        b"x-ratelimit-reset-tokens": b"0ms",
+    }
+    ledger.charge("t", 3000, 6000)
+    assert dict(ledger.admit(KeyScope("t", "l", tpm=6000)))[b"x-ratelimit-reset-tokens"] == (
+        b"30s"
+    )
+    assert ledger.admit(KeyScope("b", "l", daily_requests=5)) == []
+
+
 def test_ledger_daily_budgets_renew_at_midnight_utc() -> None:
     clock = FakeClock(20 * DAY_S + DAY_S - 100)
     ledger = KeyLedger(clock)
