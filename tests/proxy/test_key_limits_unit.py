@@ -104,9 +104,7 @@ def test_ledger_headers_name_only_the_limits_a_key_has() -> None:
         b"x-ratelimit-reset-tokens": b"0ms",
     }
     ledger.charge("t", 3000, 6000)
-    assert dict(ledger.admit(KeyScope("t", "l", tpm=6000)))[b"x-ratelimit-reset-tokens"] == (
-        b"30s"
-    )
+    assert dict(ledger.admit(KeyScope("t", "l", tpm=6000)))[b"x-ratelimit-reset-tokens"] == (b"30s")
     assert ledger.admit(KeyScope("b", "l", daily_requests=5)) == []
 
 
