@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from flm.core.errors import FlmError, ProxyError
+from flm.core.heap import settle_heap
 from flm.core.timeutil import iso
 from flm.http.server import HttpServer, bind_socket
 from flm.openai.errors import refusal
@@ -326,7 +327,20 @@ async def start_instance(
     """Start one proxy from ``proxy start``'s options (see the module docstring); with
     ``--workers N`` also its N-1 sibling workers (:mod:`flm.proxy.supervisor`). ``sibling``:
     start as one of those workers. ``ui_origins``: the daemon's web UI origins, which may call
-    the proxy (see :meth:`ProxyRuntime.allow_ui_origins`)."""
+    the proxy (see :meth:`ProxyRuntime.allow_ui_origins`). Once it serves, what the start
+    built is frozen out of the garbage collector's scans (:func:`settle_heap`)."""
+    instance = await _start_instance(ctx, raw, handle_id, sibling, ui_origins)
+    settle_heap()
+    return instance
+
+
+async def _start_instance(
+    ctx: Context,
+    raw: dict[str, Any],
+    handle_id: str | None,
+    sibling: bool,
+    ui_origins: tuple[str, ...],
+) -> ProxyInstance:
     config = StartConfig.from_dict(raw)
     handle = handle_id or f"proxy-{config.port}"
     if sibling:

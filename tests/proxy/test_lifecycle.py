@@ -457,3 +457,19 @@ def test_a_damaged_security_db_is_reported_when_a_proxy_starts(flm_home: Path) -
         assert "quick_check" in (described["last_error"] or "")
     finally:
         flm_subprocess("proxy", "stop", "--all")
+
+
+def test_settle_heap_takes_what_lives_out_of_the_collectors_scans() -> None:
+    """What a proxy's start built is frozen: a full collection no longer walks it."""
+    import gc
+
+    from flm.core.heap import settle_heap
+
+    keep = [[i] for i in range(1000)]  # containers alive at the moment of the start
+    assert any(o is keep for o in gc.get_objects())
+    try:
+        settle_heap()
+        assert gc.get_freeze_count() >= 1000
+        assert not any(o is keep for o in gc.get_objects())
+    finally:
+        gc.unfreeze()
