@@ -45,6 +45,8 @@ import mock_engine  # noqa: E402
 
 BODY = b'{"model":"flm://mock/bench-model","messages":[{"role":"user","content":"hi"}]}'
 POOL_BODY = BODY.replace(b"flm://mock/", b"flm://pool:bench/")
+STREAM_BODY = BODY[:-1] + b',"stream":true}'
+
 now = time.perf_counter
 
 
@@ -112,11 +114,12 @@ def _fake_transports(marks: _Marks) -> tuple[Any, Any]:
         def write(self, data: bytes) -> None:
             marks.t["engine_write"] = now()
             marks.segment = "engine"
-            reply = (
-                mock_engine.RESP_MODELS
-                if data.startswith(b"GET /v1/models")
-                else mock_engine.RESP_CHAT
-            )
+            if data.startswith(b"GET /v1/models"):
+                reply = mock_engine.RESP_MODELS
+            elif b'"stream":true' in data:
+                reply = mock_engine.SSE_WHOLE  # (the bench's mock sends a stream in one write)
+            else:
+                reply = mock_engine.RESP_CHAT
             self.loop.call_later(0.0002, self.deliver, reply)
 
         def deliver(self, reply: bytes) -> None:
@@ -149,12 +152,14 @@ def _fake_transports(marks: _Marks) -> tuple[Any, Any]:
         def __init__(self) -> None:
             self.out: list[bytes] = []
             self.event: asyncio.Event | None = None
+            self.stream = False
 
         def write(self, data: bytes) -> None:
             marks.t["client_write"] = now()
             marks.segment = "after"
             self.out.append(data)
-            if self.event is not None:
+            # (a stream's reply is done at its last chunk)
+            if self.event is not None and (not self.stream or data.endswith(b"0\r\n\r\n")):
                 self.event.set()
 
         def is_closing(self) -> bool:
@@ -205,6 +210,7 @@ async def _measure(
     state = server._ServerState(build_app(runtime), "http", 30.0, response_headers())
     proto = server.HttpProtocol(state)
     down = downstream_cls()
+    down.stream = body == STREAM_BODY
     proto.connection_made(down)
     request = (
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
@@ -239,7 +245,8 @@ async def _measure(
 
     for _ in range(300):  # warm-up: model list, key verification, caches
         await one()
-    if not down.out[-1].startswith(b"HTTP/1.1 200"):
+    reply = b"".join(down.out[-3:]) if down.stream else down.out[-1]
+    if b"HTTP/1.1 200" not in reply or (down.stream and b"data: [DONE]" not in reply):
         raise SystemExit(f"the gateway did not answer 200: {down.out[-1][:300]!r}")
     a.clear()
     b.clear()
@@ -295,6 +302,12 @@ def main() -> None:
         "--pool", action="store_true", help="send the requests to a pool of two engines"
     )
     ap.add_argument(
+        "--stream",
+        action="store_true",
+        help="streamed requests (the engine sends its 20 chunks in one write, as the "
+        "bench's mock does); B then ends at the stream's last chunk",
+    )
+    ap.add_argument(
         "--state-backend",
         metavar="URL",
         help="keep the shared state in this Redis (redis://HOST:PORT/DB), or 'spawn' a "
@@ -319,7 +332,7 @@ def main() -> None:
                         key,
                         args.requests,
                         args.bytecodes,
-                        POOL_BODY if args.pool else BODY,
+                        STREAM_BODY if args.stream else POOL_BODY if args.pool else BODY,
                         url,
                         args.rows,
                     )

@@ -16,7 +16,7 @@ from flm.engines.base import (
     require_dict,
     shape_embeddings,
 )
-from flm.openai.sse import DONE, encode_event, iter_sse_batches
+from flm.openai.sse import DONE, encode_event, iter_sse_regions, region_data, rewrite_region
 from flm.openai.translate import json_string
 
 
@@ -71,7 +71,7 @@ class OpenAICompatAdapter(EngineAdapter):
         self, path: str, body: dict[str, Any], public_model: str, raw_body: bytes | None
     ) -> bytes:
         if raw_body is None or body.get("stream"):
-            raw_body = json.dumps({**body, "stream": False}, separators=(",", ":")).encode()
+            raw_body = _compact({**body, "stream": False}).encode()
         raw = (await self.client.fetch("POST", path, raw_body, _JSON)).strip()
         needle, replacement = _model_rewrite(str(body.get("model", "")), public_model)
         at = raw.find(needle)
@@ -82,7 +82,7 @@ class OpenAICompatAdapter(EngineAdapter):
         except ValueError as exc:
             raise EngineApiError(f"engine sent invalid JSON: {exc}") from exc
         reply["model"] = public_model
-        return json.dumps(reply, separators=(",", ":"), ensure_ascii=False).encode()
+        return _compact_utf8(reply).encode()
 
     def chat_stream(self, body: dict[str, Any], public_model: str) -> AsyncIterator[bytes]:
         return self._events("/v1/chat/completions", body, public_model)
@@ -98,9 +98,19 @@ class OpenAICompatAdapter(EngineAdapter):
         needle, replacement = _model_rewrite(str(body.get("model", "")), public_model)
         finished = False
         try:
-            async for batch in iter_sse_batches(resp.iter_chunks()):
+            async for region in iter_sse_regions(resp.iter_chunks()):
+                fast = rewrite_region(region, needle, replacement)
+                if fast is not None:  # (the usual read: every event rewritten at once)
+                    yield fast[0]
+                    if fast[1]:
+                        finished = True
+                        return
+                    continue
+                datas = region_data(region)
+                if not datas:  # (comments or keep-alives only)
+                    continue
                 out: list[bytes] = []
-                for data in batch:
+                for data in datas:
                     if data == b"[DONE]":
                         finished = True
                         out.append(DONE)
@@ -142,6 +152,9 @@ class OpenAICompatAdapter(EngineAdapter):
 
 
 _JSON = {"Content-Type": "application/json"}
+#: Compact JSON encoders, made once (``json.dumps`` with options builds one a call).
+_compact = json.JSONEncoder(separators=(",", ":")).encode
+_compact_utf8 = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 _REWRITES: dict[tuple[str, str], tuple[bytes, bytes]] = {}
 
 
@@ -169,7 +182,7 @@ def _rewrite_event(data: bytes, needle: bytes, replacement: bytes, public_model:
         return data.replace(needle, replacement, 1)
     chunk = load_event(data, "engine")
     chunk["model"] = public_model
-    return json.dumps(chunk, separators=(",", ":")).encode()
+    return _compact(chunk).encode()
 
 
 def _int_or_none(value: Any) -> int | None:

@@ -30,6 +30,8 @@ from flm.http.connection import HIGH_WATER, Connection, Deadlines, Headers, expi
 
 #: Largest non-streamed JSON body accepted from an engine.
 MAX_JSON_BYTES = 64 * 1024 * 1024
+#: Compact JSON for request bodies (one encoder: ``json.dumps`` with options builds one a call).
+_compact = json.JSONEncoder(separators=(",", ":")).encode
 #: Header FLM's own listeners always send, so detection never mistakes FLM for an engine.
 FLM_PROXY_HEADER = "X-FLM-Proxy"
 #: Idle pooled connections older than this are not reused, and are closed (a sweep runs while
@@ -435,7 +437,7 @@ class EngineClient:
         of known length (up to ``HIGH_WATER``) is read under the same deadline."""
         body = data or b""
         if json_body is not None:
-            body = json.dumps(json_body, separators=(",", ":")).encode()
+            body = _compact(json_body).encode()
             headers = dict(headers or {})
             headers["Content-Type"] = "application/json"
         conn = await self._send(method, path, body, headers, first_byte_s, read)

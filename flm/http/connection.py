@@ -215,6 +215,9 @@ class Connection(asyncio.Protocol):
             if self.error is None:
                 self.error = EngineApiError(f"engine sent a malformed HTTP response: {exc}")
             self.abort()
+        if self._buffered > HIGH_WATER and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
         self._wake()
 
     def eof_received(self) -> bool | None:
@@ -278,11 +281,10 @@ class Connection(asyncio.Protocol):
             self.complete = True
 
     def on_body(self, body: bytes) -> None:
+        # (called per chunk of a chunked body: a stream's read can hold dozens; whether to
+        # pause reading is decided once per read, in data_received)
         self._chunks.append(body)
         self._buffered += len(body)
-        if self._buffered > HIGH_WATER and not self._paused and self.transport is not None:
-            self._paused = True
-            self.transport.pause_reading()
 
     def on_message_complete(self) -> None:
         if self.headers_done:

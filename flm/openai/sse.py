@@ -43,36 +43,65 @@ def encode_event(payload: bytes) -> bytes:
     return b"data: " + payload + b"\n\n"
 
 
-async def iter_sse_batches(
+async def iter_sse_regions(
     chunks: AsyncIterator[bytes], max_event: int = MAX_EVENT_BYTES
-) -> AsyncIterator[list[bytes]]:
-    """The ``data`` payloads of the SSE events completed by each upstream read, as one list per
-    read, so a burst of events costs one downstream write. Events are split on blank lines
-    (``\\n\\n``, after normalising ``\\r\\n``); multi-line data is joined with ``\\n``."""
+) -> AsyncIterator[bytes]:
+    """The SSE events completed by each upstream read, as one piece of the stream per read
+    (line ends normalised to ``\\n``, ending with the blank line of its last event), so a
+    burst of events costs one downstream write. An event larger than ``max_event`` raises;
+    an unterminated last event is yielded with its blank line added."""
     buf = b""
     async for chunk in chunks:
         buf = buf + chunk if buf else chunk
         if b"\r" in buf:
             buf = buf.replace(b"\r\n", b"\n")
-        if b"\n\n" not in buf:
+        cut = buf.rfind(b"\n\n")
+        if cut < 0:
             if len(buf) > max_event:
                 raise EngineApiError(f"engine sent an event larger than {max_event} bytes")
             continue
-        *events, buf = buf.split(b"\n\n")
-        out: list[bytes] = []
-        for event in events:
-            if len(event) > max_event:
-                raise EngineApiError(f"engine sent an event larger than {max_event} bytes")
-            data = _data_of(event)
-            if data is not None:
-                out.append(data)
-        if out:
-            yield out
+        region, buf = buf[: cut + 2], buf[cut + 2 :]
+        if len(region) > max_event and any(len(e) > max_event for e in region.split(b"\n\n")):
+            raise EngineApiError(f"engine sent an event larger than {max_event} bytes")
+        yield region
         if len(buf) > max_event:
             raise EngineApiError(f"engine sent an event larger than {max_event} bytes")
-    last = _data_of(buf) if buf.strip() else None
-    if last is not None:
-        yield [last]
+    if buf.strip():
+        yield buf + b"\n\n"
+
+
+def region_data(region: bytes) -> list[bytes]:
+    """The ``data`` payloads of the events of a piece :func:`iter_sse_regions` yielded
+    (multi-line data joined with ``\\n``; events without data left out)."""
+    out: list[bytes] = []
+    for event in region.split(b"\n\n"):
+        data = _data_of(event) if event else None
+        if data is not None:
+            out.append(data)
+    return out
+
+
+def rewrite_region(region: bytes, needle: bytes, replacement: bytes) -> tuple[bytes, bool] | None:
+    """A piece of an OpenAI-style stream with ``needle`` replaced by ``replacement`` once in
+    each event, and whether it ends the stream, when it is the usual shape: one-line
+    ``data: {...}`` events, each naming ``needle`` once, none an error, optionally closed by
+    ``data: [DONE]``. ``None`` otherwise (the caller then goes event by event). Equal, byte
+    for byte, to rewriting and re-framing each event alone; a stream's whole read costs a
+    few scans of C code instead of a Python turn per event."""
+    finished = region.endswith(DONE)
+    body = region[: -len(DONE)] if finished else region
+    events = body.count(b"\n\n")
+    if (
+        not events
+        or not body.startswith(b"data: {")
+        or body.count(b"\n") != 2 * events  # (no multi-line data, comments or fields)
+        or body.count(b"\n\ndata: {") != events - 1
+        or body.count(b"}\n\n") != events
+        or body.count(needle) != events
+        or b'data: {"error"' in body
+    ):
+        return None
+    return body.replace(needle, replacement) + (DONE if finished else b""), finished
 
 
 def _data_of(event: bytes) -> bytes | None:

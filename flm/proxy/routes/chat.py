@@ -328,27 +328,46 @@ def _note_stream_usage(batch: bytes, state: RequestState, rt: ProxyRuntime) -> N
     _record_usage(state, usage_from_bytes(batch), rt)
 
 
+#: Compact JSON with non-ASCII kept, the way engines write their chunks (one encoder: each
+#: ``json.dumps`` call with options builds a new one).
+_COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
 def strip_usage(batch: bytes) -> bytes:
     """``batch`` without what FLM's ``include_usage`` added: the usage-only chunk (no
-    choices) is dropped, and a ``usage`` member on other chunks removed."""
+    choices) is dropped, and a ``usage`` member on other chunks removed. Only the events that
+    name ``usage`` are looked at (a read can hold a whole stream)."""
+    at = batch.find(b'"usage":')
+    if at < 0:
+        return batch
     out: list[bytes] = []
-    for event in batch.split(b"\n\n"):
-        if b'"usage":' in event and event.startswith(b"data: {"):
+    copied = 0  # (what of the batch is in ``out`` already)
+    while at >= 0:
+        begin = batch.rfind(b"\n\n", 0, at)
+        begin = 0 if begin < 0 else begin + 2
+        end = batch.find(b"\n\n", at)
+        end = len(batch) if end < 0 else end
+        event = batch[begin:end]
+        after = end  # (where the copy resumes: the event's separator stays)
+        if event.startswith(b"data: {"):
             try:
                 chunk = json.loads(event[6:])
             except ValueError:
-                out.append(event)
-                continue
+                chunk = None
             if isinstance(chunk, dict) and "usage" in chunk:
-                if not chunk.get("choices"):
-                    continue
-                del chunk["usage"]
-                event = (
-                    b"data: "
-                    + json.dumps(chunk, separators=(",", ":"), ensure_ascii=False).encode()
-                )
-        out.append(event)
-    return b"\n\n".join(out)
+                if chunk.get("choices"):
+                    out.append(batch[copied:begin])
+                    del chunk["usage"]
+                    out.append(b"data: " + _COMPACT(chunk).encode())
+                elif end < len(batch):  # the usage-only chunk goes, with its separator
+                    out.append(batch[copied:begin])
+                    after = end + 2
+                else:  # (the last event, unterminated: the separator before it goes)
+                    out.append(batch[copied : max(copied, begin - 2)])
+                copied = after
+        at = batch.find(b'"usage":', end)
+    out.append(batch[copied:])
+    return b"".join(out)
 
 
 class _UsageTap:
