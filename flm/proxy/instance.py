@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from flm.core.errors import FlmError, ProxyError
-from flm.core.heap import settle_heap
+from flm.core.heap import release_heap, settle_heap
 from flm.core.timeutil import iso
 from flm.http.server import HttpServer, bind_socket
 from flm.openai.errors import refusal
@@ -299,6 +299,9 @@ class ProxyInstance:
         for server in reversed(self.servers):
             await server.stop()
         await self.runtime.close()
+        # What the start froze goes back to the collector, so what this proxy leaves behind
+        # can be freed (a daemon may start and stop proxies for a long time).
+        release_heap()
 
 
 # --- start ---------------------------------------------------------------------------------------

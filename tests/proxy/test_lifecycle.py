@@ -463,7 +463,7 @@ def test_settle_heap_takes_what_lives_out_of_the_collectors_scans() -> None:
     """What a proxy's start built is frozen: a full collection no longer walks it."""
     import gc
 
-    from flm.core.heap import settle_heap
+    from flm.core.heap import release_heap, settle_heap
 
     keep = [[i] for i in range(1000)]  # containers alive at the moment of the start
     assert any(o is keep for o in gc.get_objects())
@@ -471,5 +471,8 @@ def test_settle_heap_takes_what_lives_out_of_the_collectors_scans() -> None:
         settle_heap()
         assert gc.get_freeze_count() >= 1000
         assert not any(o is keep for o in gc.get_objects())
+        release_heap()  # (a proxy stopped: what it left can be collected again)
+        assert gc.get_freeze_count() == 0
+        assert any(o is keep for o in gc.get_objects())
     finally:
         gc.unfreeze()
