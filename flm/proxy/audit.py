@@ -144,6 +144,73 @@ def _line(row: tuple[Any, ...]) -> str:
     return "{" + ", ".join(parts) + "}"
 
 
+def _text(value: str | None) -> str:
+    if value is None:
+        return "null"
+    if type(value) is not str:
+        raise TypeError(value)
+    return _quote(value)
+
+
+def _count(value: int | None) -> str:
+    if value is None:
+        return "null"
+    if type(value) is not int:  # (a bool among them: the general way writes true/false)
+        raise TypeError(value)
+    return int.__repr__(value)
+
+
+def _request_line(row: tuple[Any, ...]) -> str:
+    """:func:`_line` of a request's row (one per request: its columns' types are known, so
+    the line is one format instead of a loop over the columns). Anything unexpected takes
+    :func:`_line`."""
+    ts, rid, ip, key, endpoint, method, engine, model, status, latency, p, c, err = row[:13]
+    if (
+        type(status) is not int
+        or type(latency) is not float
+        or not math.isfinite(latency)
+        or row[13:] != ("request", "info", None)
+        or type(ts) is not str
+        or type(rid) is not str
+        or type(ip) is not str
+        or type(endpoint) is not str
+        or type(method) is not str
+    ):
+        return _line(row)
+    try:
+        return _request_text(
+            ts, rid, ip, key, endpoint, method, engine, model, status, latency, p, c, err
+        )
+    except TypeError:
+        return _line(row)
+
+
+def _request_text(
+    ts: str,
+    rid: str,
+    ip: str,
+    key: str | None,
+    endpoint: str,
+    method: str,
+    engine: str | None,
+    model: str | None,
+    status: int,
+    latency: float,
+    p: int | None,
+    c: int | None,
+    err: str | None,
+) -> str:
+    return (
+        f'{{"ts": {_quote(ts)}, "request_id": {_quote(rid)}, "client_ip": {_quote(ip)}, '
+        f'"api_key_id": {_text(key)}, "endpoint": {_quote(endpoint)}, '
+        f'"method": {_quote(method)}, "engine_id": {_text(engine)}, "model": {_text(model)}, '
+        f'"status": {int.__repr__(status)}, "latency_ms": {float.__repr__(latency)}, '
+        f'"prompt_tokens": {_count(p)}, "completion_tokens": {_count(c)}, '
+        f'"error_type": {_text(err)}, "event_type": "request", "severity": "info", '
+        f'"details_json": null}}'
+    )
+
+
 #: Texts :func:`scrub` left unchanged (paths, engine ids and model names repeat from request
 #: to request; a text that held a secret is never kept here). Short texts only, so the memo
 #: stays under a megabyte whatever clients send.
@@ -618,7 +685,7 @@ class AuditSink:
                 row = _format_one(kind, item, batch)
                 if row is None:
                     continue
-                line = _line(row)
+                line = _request_line(row) if kind == "request" else _line(row)
             except Exception as exc:  # a record this code cannot format: it costs only itself
                 self.rows_invalid += 1
                 log.error("audit record not formattable (%s): %s", exc, ascii(item)[:1000])

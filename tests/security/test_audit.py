@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import sqlite3
 import sys
 import threading
@@ -654,3 +655,35 @@ def test_csv_export_never_hands_a_spreadsheet_a_formula(
         cells = [cell for row in csv.reader(fh) for cell in row]
     assert any(cell.startswith("'=HYPERLINK") for cell in cells)
     assert not any(cell[:1] in ("=", "+", "@") for cell in cells)
+
+
+def test_a_request_line_is_written_as_the_general_way_writes_it() -> None:
+    """The request's JSON line, built by one format, equals the general line of its row for
+    every kind of value (texts needing escapes, None, odd floats; unexpected types take the
+    general way)."""
+    from flm.proxy import audit
+
+    rng = random.Random(5)
+    texts = ["", "é", 'a"b', "\\", "\u2028", "日本", "x" * 300, "\ud800"]
+    batch = audit._Batch()
+    for _ in range(5000):
+        item = (
+            time.time() + rng.random() * 1e6,
+            rng.choice(texts),
+            rng.choice(texts),
+            rng.choice([None, "0123456789abcdef", 5]),
+            rng.choice(texts),
+            rng.choice(["GET", "POST"]),
+            rng.choice([None, *texts]),
+            rng.choice([None, *texts]),
+            rng.choice([200, 401, 500]),
+            rng.choice([0.0, 1e-7, 12.3456, 1e20, float("inf"), float("nan")]),
+            rng.choice([None, 0, 5, 10**15, True]),
+            rng.choice([None, 3]),
+            rng.choice([None, "engine_error"]),
+        )
+        row = audit._format_one("request", item, batch)
+        assert row is not None
+        line = audit._request_line(row)
+        assert line == audit._line(row)
+        assert json.loads(line)["event_type"] == "request"
