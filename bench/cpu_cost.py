@@ -281,10 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
         args.profile.mkdir(parents=True, exist_ok=True)
-        runs = [(t, kind) for t in targets for kind in ("c64", "stream")]
-        for t, kind in runs:
-            if kind == "stream" and args.no_stream:
-                continue
+        kinds = ("c64",) if args.no_stream else ("c64", "stream")
+        for t, kind in [(t, kind) for t in targets for kind in kinds]:
             out = args.profile / (f"{t.name}.txt" if kind == "c64" else f"{t.name}-stream.txt")
             rec = subprocess.Popen(
                 [

@@ -134,11 +134,6 @@ class KeyScope:
         if whole:
             self._whole_engines = re.compile("|".join(f"(?:{translate(e)})" for e in whole))
 
-    @property
-    def limited(self) -> bool:
-        """Whether the key has a per-minute limit (its replies carry x-ratelimit headers)."""
-        return self.rpm is not None or self.tpm is not None
-
     def allows_model(self, model_id: str) -> bool:
         if self.models is None:
             return True

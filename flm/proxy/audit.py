@@ -145,11 +145,7 @@ def _line(row: tuple[Any, ...]) -> str:
 
 
 def _text(value: str | None) -> str:
-    if value is None:
-        return "null"
-    if type(value) is not str:
-        raise TypeError(value)
-    return _quote(value)
+    return "null" if value is None else _quote(value)  # (not a text: TypeError)
 
 
 def _count(value: int | None) -> str:
@@ -164,51 +160,26 @@ def _request_line(row: tuple[Any, ...]) -> str:
     """:func:`_line` of a request's row (one per request: its columns' types are known, so
     the line is one format instead of a loop over the columns). Anything unexpected takes
     :func:`_line`."""
-    ts, rid, ip, key, endpoint, method, engine, model, status, latency, p, c, err = row[:13]
+    ts, rid, ip, key, endpoint, method, engine, model, status, latency, p, c, err, *rest = row
     if (
-        type(status) is not int
+        rest != ["request", "info", None]
+        or type(status) is not int
         or type(latency) is not float
         or not math.isfinite(latency)
-        or row[13:] != ("request", "info", None)
-        or type(ts) is not str
-        or type(rid) is not str
-        or type(ip) is not str
-        or type(endpoint) is not str
-        or type(method) is not str
     ):
         return _line(row)
     try:
-        return _request_text(
-            ts, rid, ip, key, endpoint, method, engine, model, status, latency, p, c, err
+        return (
+            f'{{"ts": {_quote(ts)}, "request_id": {_quote(rid)}, "client_ip": {_quote(ip)}, '
+            f'"api_key_id": {_text(key)}, "endpoint": {_quote(endpoint)}, '
+            f'"method": {_quote(method)}, "engine_id": {_text(engine)}, "model": {_text(model)}, '
+            f'"status": {int.__repr__(status)}, "latency_ms": {float.__repr__(latency)}, '
+            f'"prompt_tokens": {_count(p)}, "completion_tokens": {_count(c)}, '
+            f'"error_type": {_text(err)}, "event_type": "request", "severity": "info", '
+            f'"details_json": null}}'
         )
-    except TypeError:
+    except TypeError:  # (a value of another type than its column's)
         return _line(row)
-
-
-def _request_text(
-    ts: str,
-    rid: str,
-    ip: str,
-    key: str | None,
-    endpoint: str,
-    method: str,
-    engine: str | None,
-    model: str | None,
-    status: int,
-    latency: float,
-    p: int | None,
-    c: int | None,
-    err: str | None,
-) -> str:
-    return (
-        f'{{"ts": {_quote(ts)}, "request_id": {_quote(rid)}, "client_ip": {_quote(ip)}, '
-        f'"api_key_id": {_text(key)}, "endpoint": {_quote(endpoint)}, '
-        f'"method": {_quote(method)}, "engine_id": {_text(engine)}, "model": {_text(model)}, '
-        f'"status": {int.__repr__(status)}, "latency_ms": {float.__repr__(latency)}, '
-        f'"prompt_tokens": {_count(p)}, "completion_tokens": {_count(c)}, '
-        f'"error_type": {_text(err)}, "event_type": "request", "severity": "info", '
-        f'"details_json": null}}'
-    )
 
 
 #: Texts :func:`scrub` left unchanged (paths, engine ids and model names repeat from request

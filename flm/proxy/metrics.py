@@ -343,21 +343,19 @@ class Metrics:
             tokens[(engine, "out")] = tokens.get((engine, "out"), 0) + completion
 
     def record_key_tokens(self, label: str, model: str, prompt: int, completion: int) -> None:
-        series = self._series.key_tokens
         if prompt:
-            key = (label, model, "in")
-            total = series.get(key)
-            if total is None and len(series) >= MAX_KEY_SERIES - 2:
-                key = ("other", "other", "in")
-                total = series.get(key)
-            series[key] = (total or 0) + prompt
+            self._add_key_tokens(label, model, "in", prompt)
         if completion:
-            key = (label, model, "out")
+            self._add_key_tokens(label, model, "out", completion)
+
+    def _add_key_tokens(self, label: str, model: str, direction: str, tokens: int) -> None:
+        series = self._series.key_tokens
+        key = (label, model, direction)
+        total = series.get(key)
+        if total is None and len(series) >= MAX_KEY_SERIES - 2:
+            key = ("other", "other", direction)  # (the series are bounded)
             total = series.get(key)
-            if total is None and len(series) >= MAX_KEY_SERIES - 2:
-                key = ("other", "other", "out")
-                total = series.get(key)
-            series[key] = (total or 0) + completion
+        series[key] = (total or 0) + tokens
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -5,37 +5,34 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from flm.core.errors import ConfigNotSetError, UsageError
 from flm.storage import Storage
 from flm.storage.config_db import SettingsRepo
 
+T = TypeVar("T", int, float)
 
-def _int_in(lo: int, hi: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
+
+def _in_range(convert: Callable[[str], T], noun: str, lo: T, hi: T) -> Callable[[str], T]:
+    def parse(text: str) -> T:
         try:
-            value = int(text)
+            value = convert(text)
         except ValueError:
-            raise UsageError(f"expected an integer, got {text!r}") from None
+            raise UsageError(f"expected {noun}, got {text!r}") from None
         if not lo <= value <= hi:
-            raise UsageError(f"expected an integer between {lo} and {hi}, got {value}")
+            raise UsageError(f"expected {noun} between {lo} and {hi}, got {value}")
         return value
 
     return parse
+
+
+def _int_in(lo: int, hi: int) -> Callable[[str], int]:
+    return _in_range(int, "an integer", lo, hi)
 
 
 def _float_in(lo: float, hi: float) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise UsageError(f"expected a number, got {text!r}") from None
-        if not lo <= value <= hi:
-            raise UsageError(f"expected a number between {lo} and {hi}, got {value}")
-        return value
-
-    return parse
+    return _in_range(float, "a number", lo, hi)
 
 
 def _choice(*options: str) -> Callable[[str], str]:

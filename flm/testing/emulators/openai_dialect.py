@@ -128,6 +128,18 @@ class OpenAIDialect:
 
     # -- shared request handling
 
+    async def body_and_model(
+        self, request: web.Request
+    ) -> tuple[JSONDict, ModelSpec] | web.Response:
+        """The request's JSON object and the model it names, or the error to answer."""
+        body = await read_json_object(request)
+        if body is None:
+            return self.bad_json()
+        resolved = self.resolve(body)
+        if isinstance(resolved, web.Response):
+            return resolved
+        return body, resolved
+
     def resolve(self, body: JSONDict) -> ModelSpec | web.Response:
         name = body.get("model")
         if name is None or name == "":
@@ -412,13 +424,10 @@ class OpenAIDialect:
         )
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        body = await read_json_object(request)
-        if body is None:
-            return self.bad_json()
-        resolved = self.resolve(body)
-        if isinstance(resolved, web.Response):
-            return resolved
-        spec = resolved
+        read = await self.body_and_model(request)
+        if isinstance(read, web.Response):
+            return read
+        body, spec = read
         if spec.embeddings:
             return self.chat_not_supported(spec)
         raw_prompt = body.get("prompt", "")
@@ -490,13 +499,10 @@ class OpenAIDialect:
         )
 
     async def embeddings(self, request: web.Request) -> web.StreamResponse:
-        body = await read_json_object(request)
-        if body is None:
-            return self.bad_json()
-        resolved = self.resolve(body)
-        if isinstance(resolved, web.Response):
-            return resolved
-        spec = resolved
+        read = await self.body_and_model(request)
+        if isinstance(read, web.Response):
+            return read
+        body, spec = read
         refused = self.embeddings_not_supported(spec)
         if refused is not None:
             return refused
