@@ -413,9 +413,6 @@ def run() -> int:
                 log.error("another FLM daemon holds %s", lock_path)
                 return 3
             time.sleep(0.01)
-    from flm.core.threads import prefer_idle_helpers
-
-    prefer_idle_helpers()
     try:
         try:
             import uvloop

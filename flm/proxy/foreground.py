@@ -12,7 +12,6 @@ import sys
 from typing import Any
 
 from flm.core.errors import FlmError
-from flm.core.threads import prefer_idle_helpers
 from flm.core.timeutil import now_iso
 from flm.proxy.instance import RELOAD_INTERVAL_S, ProxyInstance, reload_proxies, start_instance
 from flm.storage.config_db import ProxyHandleRow, ProxyHandlesRepo
@@ -48,7 +47,6 @@ def run_foreground(ctx: Any, config: dict[str, Any]) -> None:
     """Serve one proxy until SIGINT/SIGTERM. Like the daemon's proxies it picks up key,
     policy, blocklist and engine changes: at once on SIGHUP (which the CLI sends after such a
     change, and ``flm proxy reload``), and every ``RELOAD_INTERVAL_S`` otherwise."""
-    prefer_idle_helpers()
     repo = ProxyHandlesRepo(ctx.storage.config)
 
     async def main() -> None:

@@ -114,9 +114,6 @@ def _first_line() -> bytes:
 
 def main() -> int:
     from flm.core.jsonlog import setup_logging
-    from flm.core.threads import prefer_idle_helpers
-
-    prefer_idle_helpers()
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     setup_logging(os.environ.get("FLM_LOG_LEVEL") or "INFO")

@@ -532,51 +532,33 @@ def test_scrub_memo_keeps_clean_texts_only(monkeypatch: pytest.MonkeyPatch) -> N
 
 @pytest.mark.skipif(sys.platform != "linux", reason="per-thread priority is Linux only")
 def test_helper_threads_run_at_lower_cpu_priority_than_the_loop(tmp_path: Path) -> None:
-    from flm.core.threads import BACKGROUND_NICE, background_thread, prefer_idle_helpers
+    from flm.core.threads import BACKGROUND_NICE
     from flm.proxy.audit import AuditSink
     from flm.storage.db import Database
 
-    # Outside a gateway process (the CLI) a helper is only niced: its few writes should not
-    # wait for a busy machine to go idle.
-    seen: dict[str, int] = {}
-
-    def helper() -> None:
-        background_thread()
-        tid = threading.get_native_id()
-        seen["policy"] = os.sched_getscheduler(tid)
-        seen["nice"] = os.getpriority(os.PRIO_PROCESS, tid)
-
     base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    t = threading.Thread(target=helper)
-    t.start()
-    t.join(10)
-    assert seen["policy"] != os.SCHED_IDLE
-    assert seen["nice"] == min(19, base + BACKGROUND_NICE)
-
-    own = os.sched_getscheduler(threading.get_native_id())
-    prefer_idle_helpers()  # (what a gateway process does first)
+    if base >= 19:
+        pytest.skip("the test runs at the lowest CPU priority already (nice 19)")
+    want = min(19, base + BACKGROUND_NICE)  # niceness stops at 19
     db = Database(tmp_path / "t.db", "security").open()
     sink = AuditSink(db, None, interval=60)
     try:
         db.write(lambda conn: None)  # starts the writer thread
         deadline = time.monotonic() + 5
-        policy = {}
+        nice = {}
         while time.monotonic() < deadline:
-            policy = {
-                t.name: os.sched_getscheduler(t.native_id or 0)
+            nice = {
+                t.name: os.getpriority(os.PRIO_PROCESS, t.native_id or 0)
                 for t in threading.enumerate()
                 if t.name.startswith("flm-")
             }
-            if policy.get("flm-audit") == policy.get("flm-writer-security") == os.SCHED_IDLE:
+            if nice.get("flm-audit") == nice.get("flm-writer-security") == want:
                 break
             time.sleep(0.01)
-        # (the helpers run only when the loop leaves the CPU free; the caller is unchanged)
-        assert policy.get("flm-audit") == os.SCHED_IDLE, policy
-        assert policy.get("flm-writer-security") == os.SCHED_IDLE, policy
-        assert own != os.SCHED_IDLE
-        assert os.sched_getscheduler(threading.get_native_id()) == own
+        assert want > base and nice.get("flm-audit") == want, nice
+        assert nice.get("flm-writer-security") == want, nice
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base
     finally:
-        prefer_idle_helpers(False)
         sink.close()
         db.close()
 
