@@ -66,6 +66,14 @@ def _engine_of(pattern: str) -> str:
     return pattern[len("flm://") :].split("/", 1)[0]
 
 
+def _limit_lines(what: bytes, limit: int) -> tuple[bytes, bytes]:
+    """The templates of one bucket's ``x-ratelimit-*`` header lines (OpenAI's names), for
+    ``template % (left, reset)``: the reset in milliseconds, and the reset as text."""
+    head = b"x-ratelimit-limit-%b: %d\r\nx-ratelimit-remaining-%b: %%d\r\n" % (what, limit, what)
+    reset = b"x-ratelimit-reset-%b: " % what
+    return head + reset + b"%dms\r\n", head + reset + b"%b\r\n"
+
+
 @dataclass(eq=False)
 class KeyScope:
     """One key's settings, compiled for the request path."""
@@ -100,10 +108,16 @@ class KeyScope:
     req_rate: float = field(default=0.0, init=False, repr=False)
     req_capacity: float = field(default=0.0, init=False, repr=False)
     rpm_header: tuple[bytes, bytes] = field(default=(b"", b""), init=False, repr=False)
+    #: The request bucket's three ``x-ratelimit-*`` header lines, to be filled in with the
+    #: requests left and the time to a full bucket (in ms; or as text, ``%b``).
+    req_lines_ms: bytes = field(default=b"", init=False, repr=False)
+    req_lines: bytes = field(default=b"", init=False, repr=False)
     #: The token bucket: refill per second (0: no tpm), capacity, limit header.
     tok_rate: float = field(default=0.0, init=False, repr=False)
     tok_capacity: float = field(default=0.0, init=False, repr=False)
     tpm_header: tuple[bytes, bytes] = field(default=(b"", b""), init=False, repr=False)
+    tok_lines_ms: bytes = field(default=b"", init=False, repr=False)
+    tok_lines: bytes = field(default=b"", init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.limits = any(
@@ -118,10 +132,12 @@ class KeyScope:
             self.req_rate = self.rpm / 60.0
             self.req_capacity = float(self.burst or self.rpm)
             self.rpm_header = (b"x-ratelimit-limit-requests", b"%d" % self.rpm)
+            self.req_lines_ms, self.req_lines = _limit_lines(b"requests", self.rpm)
         if self.tpm:
             self.tok_rate = self.tpm / 60.0
             self.tok_capacity = float(self.tpm)
             self.tpm_header = (b"x-ratelimit-limit-tokens", b"%d" % self.tpm)
+            self.tok_lines_ms, self.tok_lines = _limit_lines(b"tokens", self.tpm)
         if self.models is None:
             return
         globs = [p for p in self.models if _GLOB.search(p)]

@@ -21,6 +21,26 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 DISCONNECT_HOOK = "flm.on_disconnect"
 
 
+#: Scope key set (to True) by a server that takes ready-made header lines: an
+#: ``http.response.start`` message may then carry, under the same key, ``bytes`` of complete
+#: ``name: value\r\n`` lines that are sent after the message's ``headers`` as they are. The
+#: app vouches for them (no CR or LF inside a name or value, no framing header:
+#: content-length, transfer-encoding, connection); the server does not look into them. It
+#: saves the per-header work for headers the app renders itself every time.
+HEADER_LINES = "flm.header_lines"
+
+
+def header_pairs(lines: bytes) -> list[tuple[bytes, bytes]]:
+    """Ready-made header lines (see :data:`HEADER_LINES`) as ``(name, value)`` pairs, for a
+    server that does not take them."""
+    pairs = []
+    for line in lines.split(b"\r\n"):
+        if line:
+            name, _, value = line.partition(b": ")
+            pairs.append((name, value))
+    return pairs
+
+
 class RequestBodyTimeout(Exception):
     """Raised by the server's ``receive()`` when the client did not finish sending the request
     body within the server's body deadline (see :mod:`flm.http.server`)."""

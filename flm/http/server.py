@@ -55,7 +55,7 @@ import httptools
 
 from flm.core.clients import subject
 from flm.core.errors import ProxyError, ProxyPortInUseError
-from flm.http.asgi import DISCONNECT_HOOK, ASGIApp, Message, RequestBodyTimeout, Scope
+from flm.http.asgi import DISCONNECT_HOOK, HEADER_LINES, ASGIApp, Message, RequestBodyTimeout, Scope
 
 log = logging.getLogger("flm.proxy")
 
@@ -290,7 +290,6 @@ class _ServerState:
         self.body_timeout_s = body_timeout_s
         #: The lines of the headers every response carries, rendered once.
         self.fixed = _render_headers(headers)
-        self.fixed_lines = len(headers)
         self.connections: set[HttpProtocol] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.stopping = False
@@ -462,7 +461,7 @@ class _Cycle:
         if not self.started:
             if kind != "http.response.start":
                 raise RuntimeError(f"expected http.response.start, got {kind!r}")
-            self._start(message["status"], message.get("headers") or ())
+            self._start(message["status"], message.get("headers"), message.get(HEADER_LINES))
             self.started = True
             return
         if kind != "http.response.body" or self.complete:
@@ -489,13 +488,12 @@ class _Cycle:
             self.complete = True
             proto.response_complete(self)
 
-    def _start(self, status: int, headers: Any) -> None:
+    def _start(self, status: int, headers: Any, ready: bytes | None) -> None:
         line = _STATUS_LINES.get(status)
         if line is None:
             line = b"HTTP/1.1 %d \r\n" % status
         parts = [line, _date_line()]
         has_length = False
-        skipped = 0
         if headers:
             # Every header line in one pass of C code. The framing headers are found by the
             # start of their line, in any case (a CR or LF inside a name or value, which could
@@ -504,15 +502,19 @@ class _Cycle:
             block = b"\r\n".join(map(b": ".join, headers))
             low = b"\n" + block.lower()
             if b"\nconnection:" in low or b"\ntransfer-encoding:" in low or b"\n:" in low:
-                has_length, skipped = self._header_lines(headers, parts)
+                has_length = self._header_lines(headers, parts)
             else:
                 has_length = b"\ncontent-length:" in low
+                # One line per header: a CR or LF inside a name or value would add one.
+                joins = len(headers) - 1
+                if block.count(b"\n") != joins or block.count(b"\r") != joins:
+                    self._check_headers(headers)
                 parts += (block, b"\r\n")
-        lines = 3 + len(headers) - skipped  # + status line, date, blank line
+        if ready:
+            parts.append(ready)  # (the app's own header lines: see flm.http.asgi.HEADER_LINES)
         state = self.proto.state
         if state.fixed:
             parts.append(state.fixed)
-            lines += state.fixed_lines
         if (
             not has_length
             and not self.head_only
@@ -521,28 +523,22 @@ class _Cycle:
         ):
             self.chunked = True
             parts.append(b"transfer-encoding: chunked\r\n")
-            lines += 1
         if not self.keep_alive or state.stopping or self.more_body:
             # (A reply that starts before the request body was read whole ends the
             # connection: the rest of that body is never read.)
             self.keep_alive = False
             parts.append(b"connection: close\r\n")
-            lines += 1
         parts.append(b"\r\n")
-        head = b"".join(parts)
-        # One line per header: a CR or LF inside a name or value would add one.
-        if head.count(b"\n") != lines or head.count(b"\r") != lines:
-            self._check_headers(headers)
-        self.pending_head = head
+        self.pending_head = b"".join(parts)
         # Sent with the first body part, or on the next loop turn if that takes longer.
         self.proto.loop.call_soon(self._flush_head)
 
-    def _header_lines(self, headers: Any, parts: list[bytes]) -> tuple[bool, int]:
+    def _header_lines(self, headers: Any, parts: list[bytes]) -> bool:
         """The header lines of a reply that names a framing header, added to ``parts``
         (connection and transfer-encoding are left out: framing is this server's choice);
-        returns whether it has a length, and how many headers were left out."""
+        returns whether it has a length."""
         has_length = False
-        skipped = 0
+        start = len(parts)
         for name, value in headers:
             kind = _FRAMING.get(name if name.islower() else name.lower())
             if kind is not None:
@@ -553,10 +549,13 @@ class _Cycle:
                 else:  # connection, transfer-encoding: framing is this server's choice
                     if kind == _CONNECTION and value.lower() == b"close":
                         self.keep_alive = False
-                    skipped += 1
                     continue
             parts += (name, b": ", value, b"\r\n")
-        return has_length, skipped
+        added = b"".join(parts[start:])
+        lines = (len(parts) - start) // 4
+        if added.count(b"\n") != lines or added.count(b"\r") != lines:
+            self._check_headers(headers)
+        return has_length
 
     @staticmethod
     def _check_headers(headers: Any) -> None:
@@ -845,6 +844,7 @@ class HttpProtocol(asyncio.Protocol):
             "query_string": query,
             "headers": headers,
             "flm.headers": index,
+            HEADER_LINES: True,
         }
         if self.head_bytes + self.chunk_size > self.max_head_bytes:
             # Possibly too large (a head that came in one piece is not cut while reading it):

@@ -56,7 +56,7 @@ class RequestState:
         "error_code",
         "first_byte_at",
         "key",
-        "key_headers",
+        "key_lines",
         "model",
         "overhead_s",
         "prompt_tokens",
@@ -77,8 +77,9 @@ class RequestState:
         #: The key's scope (a ``flm.core.keyscope.KeyScope``) once it is admitted; its usage
         #: is accounted when the request ends.
         self.key: Any = None
-        #: Headers the key's limits add to the reply (``x-ratelimit-*``), if any.
-        self.key_headers: list[tuple[bytes, bytes]] | None = None
+        #: The header lines the key's limits add to the reply (``x-ratelimit-*``, rendered
+        #: ``name: value\r\n`` lines), if any.
+        self.key_lines = b""
         self.usage_estimated = False
         self.route = "unmatched"
         self.engine_id: str | None = None

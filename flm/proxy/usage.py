@@ -108,9 +108,10 @@ class KeyLedger:
             st.new_day(now)
         return st
 
-    def admit(self, scope: KeyScope, *, count: bool = True) -> list[tuple[bytes, bytes]]:
+    def admit(self, scope: KeyScope, *, count: bool = True) -> bytes:
         """Let one request of ``scope``'s key in, or raise the 429 to answer. Returns the
-        ``x-ratelimit-*`` headers for the reply (empty for a key without per-minute limits).
+        ``x-ratelimit-*`` header lines for the reply (``name: value\r\n`` each; empty for a
+        key without per-minute limits).
         ``count``: the request counts toward the daily request budget.
 
         Runs for every request of a key with limits, so the usual case is written out
@@ -140,28 +141,27 @@ class KeyLedger:
                 raise self._refuse(scope, st, now)
         if count:
             st.day_requests += 1
+        # (``%d`` of a float truncates, as int() does.)
         if req_rate:
             req -= 1.0
             st.req_level, st.req_at = req, now
             reset = (scope.req_capacity - req) / req_rate
-            headers = [
-                scope.rpm_header,
-                (_REMAINING_REQUESTS, b"%d" % int(req)),
-                (_RESET_REQUESTS, b"%dms" % (reset * 1000) if reset < 1 else _duration(reset)),
-            ]
+            if reset < 1:
+                lines = scope.req_lines_ms % (req, reset * 1000)
+            else:
+                lines = scope.req_lines % (req, _duration(reset))
             if not tok_rate:
-                return headers
+                return lines
         else:
-            headers = []
+            lines = b""
         if tok_rate:
             st.tok_level, st.tok_at = tok, now
             reset = (scope.tok_capacity - tok) / tok_rate
-            headers += (
-                scope.tpm_header,
-                (_REMAINING_TOKENS, b"%d" % int(tok)),
-                (_RESET_TOKENS, b"%dms" % (reset * 1000) if reset < 1 else _duration(reset)),
-            )
-        return headers
+            if reset < 1:
+                lines += scope.tok_lines_ms % (tok, reset * 1000)
+            else:
+                lines += scope.tok_lines % (tok, _duration(reset))
+        return lines
 
     def _refuse(self, scope: KeyScope, st: _KeyState, now: float) -> HttpError:
         """The 429 for a key whose request or token bucket has no room, with the

@@ -16,7 +16,15 @@ from typing import Any
 import pytest
 
 import flm.http.server as server
-from flm.http.asgi import DISCONNECT_HOOK, Message, Receive, RequestBodyTimeout, Scope, Send
+from flm.http.asgi import (
+    DISCONNECT_HOOK,
+    HEADER_LINES,
+    Message,
+    Receive,
+    RequestBodyTimeout,
+    Scope,
+    Send,
+)
 from flm.http.server import HttpServer, bind_socket
 from flm.openai.errors import refusal
 
@@ -430,6 +438,58 @@ def test_bad_requests_and_header_injection(running: Callable[..., Running]) -> N
         sock.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
         status, headers, _ = read_response(sock, bytearray())
         assert status.startswith(b"HTTP/1.1 500") and b"set-cookie" not in headers
+
+
+def test_injection_is_refused_on_the_header_by_header_way_too(
+    running: Callable[..., Running],
+) -> None:
+    """A reply naming a framing header takes the other way through the server; a CR or LF
+    inside a name or value is refused there as well."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        bad = {"/value": (b"x-evil", b"a\r\nset-cookie: x=1"), "/name": (b"x-\nevil", b"a")}
+        headers = [(b"transfer-encoding", b"chunked"), bad[scope["path"]]]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    r = running(app)
+    for path in (b"/value", b"/name"):
+        with connect(r.port) as sock:
+            sock.sendall(b"GET " + path + b" HTTP/1.1\r\nHost: a\r\n\r\n")
+            status, headers, _ = read_response(sock, bytearray())
+            assert status.startswith(b"HTTP/1.1 500") and b"set-cookie" not in headers
+
+
+def test_ready_made_header_lines_are_sent_as_given(running: Callable[..., Running]) -> None:
+    """The server offers ``HEADER_LINES`` in the scope and sends the lines an app renders
+    itself after the app's headers, on either way through the server."""
+    offered: list[Any] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        offered.append(scope.get(HEADER_LINES))
+        headers = [(b"content-length", b"2")]
+        if scope["path"] == "/framing":
+            headers.append((b"connection", b"keep-alive"))
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": headers,
+                HEADER_LINES: b"x-one: 1\r\nx-two: 2\r\n",
+            }
+        )
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    r = running(app)
+    with connect(r.port) as sock:
+        buf = bytearray()
+        for path in (b"/", b"/framing"):
+            sock.sendall(b"GET " + path + b" HTTP/1.1\r\nHost: a\r\n\r\n")
+            status, headers, body = read_response(sock, buf)
+            assert status.startswith(b"HTTP/1.1 200") and body == b"ok"
+            assert headers[b"x-one"] == b"1" and headers[b"x-two"] == b"2"
+            assert b"transfer-encoding" not in headers
+    assert offered == [True, True]
 
 
 def test_fixed_headers_go_on_every_response_and_bad_ones_are_refused(

@@ -11,6 +11,7 @@ import pytest
 
 from flm.core.errors import UsageError
 from flm.core.keyscope import KeyScope, check_patterns, parse_expiry
+from flm.http.asgi import header_pairs
 from flm.openai.errors import HttpError
 from flm.proxy.routes.chat import strip_usage
 from flm.proxy.usage import KeyLedger, estimate_tokens
@@ -18,6 +19,12 @@ from flm.storage.usage import DAY_S
 from flm.testing.emulators import start_emulator
 from flm.testing.gateway import start_gateway
 from tests.support import FakeClock
+
+
+def _pairs(lines: bytes) -> dict[bytes, bytes]:
+    """The header lines the ledger rendered, by name; each is one well-formed line."""
+    assert lines.endswith(b"\r\n") and lines.count(b"\r\n") == len(header_pairs(lines))
+    return dict(header_pairs(lines))
 
 
 def test_scope_matches_exact_ids_and_globs() -> None:
@@ -66,7 +73,7 @@ def test_ledger_rpm_burst_and_tpm() -> None:
     clock = FakeClock(1_000_000.0)
     ledger = KeyLedger(clock)
     scope = KeyScope("k", "l", rpm=60, burst=2, tpm=600)
-    first = dict(ledger.admit(scope))
+    first = _pairs(ledger.admit(scope))
     assert first[b"x-ratelimit-remaining-requests"] == b"1"
     assert first[b"x-ratelimit-limit-tokens"] == b"600"
     ledger.admit(scope)
@@ -85,34 +92,36 @@ def test_ledger_rpm_burst_and_tpm() -> None:
     assert headers[b"x-ratelimit-remaining-tokens"] == b"0"
     assert int(headers[b"retry-after"]) == 26  # 250 tokens owed (and one more) at 10 a second
     clock.now += 30.0
-    assert dict(ledger.admit(scope))[b"x-ratelimit-remaining-tokens"] == b"50"
+    assert _pairs(ledger.admit(scope))[b"x-ratelimit-remaining-tokens"] == b"50"
 
 
 def test_ledger_headers_name_only_the_limits_a_key_has() -> None:
     clock = FakeClock(1_000_000.0)
     ledger = KeyLedger(clock)
-    rpm_only = dict(ledger.admit(KeyScope("r", "l", rpm=120, burst=3)))
+    rpm_only = _pairs(ledger.admit(KeyScope("r", "l", rpm=120, burst=3)))
     assert rpm_only == {
         b"x-ratelimit-limit-requests": b"120",
         b"x-ratelimit-remaining-requests": b"2",
         b"x-ratelimit-reset-requests": b"500ms",  # one request back at two a second
     }
-    tpm_only = dict(ledger.admit(KeyScope("t", "l", tpm=6000)))
+    tpm_only = _pairs(ledger.admit(KeyScope("t", "l", tpm=6000)))
     assert tpm_only == {
         b"x-ratelimit-limit-tokens": b"6000",
         b"x-ratelimit-remaining-tokens": b"6000",
         b"x-ratelimit-reset-tokens": b"0ms",
     }
     ledger.charge("t", 3000, 6000)
-    assert dict(ledger.admit(KeyScope("t", "l", tpm=6000)))[b"x-ratelimit-reset-tokens"] == (b"30s")
-    assert ledger.admit(KeyScope("b", "l", daily_requests=5)) == []
+    assert _pairs(ledger.admit(KeyScope("t", "l", tpm=6000)))[b"x-ratelimit-reset-tokens"] == (
+        b"30s"
+    )
+    assert ledger.admit(KeyScope("b", "l", daily_requests=5)) == b""
 
 
 def test_ledger_daily_budgets_renew_at_midnight_utc() -> None:
     clock = FakeClock(20 * DAY_S + DAY_S - 100)
     ledger = KeyLedger(clock)
     scope = KeyScope("k", "l", daily_requests=2, daily_tokens=50)
-    assert ledger.admit(scope) == []
+    assert ledger.admit(scope) == b""
     ledger.charge("k", 30, None)
     ledger.admit(scope)
     with pytest.raises(HttpError) as err:

@@ -16,6 +16,8 @@ import openai
 import pytest
 
 from flm.core.paths import Paths
+from flm.http.asgi import HEADER_LINES
+from flm.proxy.app import build_app
 from flm.storage import Storage
 from flm.testing.emulators import start_emulator
 from flm.testing.gateway import Gateway, start_gateway
@@ -127,12 +129,35 @@ def test_read_only_key_lists_models_only(cli: Any, two_engines: Any) -> None:
         assert _request(gw.url, "GET", "/engine/emu-a/v1/models", key)[0] == 403
 
 
-def test_per_key_rpm_answers_429_with_openai_rate_headers(cli: Any, two_engines: Any) -> None:
+@pytest.mark.parametrize("lines", [True, False], ids=["ready-lines", "header-pairs"])
+def test_per_key_rpm_answers_429_with_openai_rate_headers(
+    cli: Any, two_engines: Any, lines: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rate headers reach the client whether the server takes ready-made header lines
+    (FLM's own) or only ``(name, value)`` pairs (any other ASGI server)."""
+    if not lines:
+        import flm.testing.gateway as gateway
+
+        def pairs_only(runtime: Any) -> Any:
+            app = build_app(runtime)
+
+            async def without_lines(scope: Any, receive: Any, send: Any) -> None:
+                scope.pop(HEADER_LINES, None)
+
+                async def checked(message: Any) -> None:
+                    assert HEADER_LINES not in message
+                    await send(message)
+
+                await app(scope, receive, checked)
+
+            return without_lines
+
+        monkeypatch.setattr(gateway, "build_app", pairs_only)
     key = cli("api-keys", "create", "--label", "slow", "--rpm", "2", "--tpm", "100000").data["key"]
     body = {"model": "flm://emu-a/a1", "messages": [{"role": "user", "content": "x"}]}
     with start_gateway() as gw:
         first = _request(gw.url, "POST", "/v1/chat/completions", key, body)
-        assert first[0] == 200
+        assert first[0] == 200 and first[1]["x-request-id"]
         assert first[1]["x-ratelimit-limit-requests"] == "2"
         assert first[1]["x-ratelimit-remaining-requests"] == "1"
         assert first[1]["x-ratelimit-limit-tokens"] == "100000"

@@ -7,6 +7,7 @@ import time
 
 from flm.core.errors import FlmError
 from flm.core.ids import new_request_id
+from flm.http.asgi import HEADER_LINES, header_pairs
 from flm.openai.errors import HttpError, error_bytes
 from flm.proxy.asgi import ASGIApp, Message, Receive, RequestState, Scope, Send
 from flm.proxy.runtime import ProxyRuntime
@@ -54,17 +55,24 @@ class RequestMiddleware:
         state = RequestState(new_request_id(), client[0] if client else "", time.perf_counter())
         scope["flm"] = state
         rid = state.request_id.encode()
+        ready = scope.get(HEADER_LINES, False)
 
         async def stamped_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 state.status = message["status"]
-                message["headers"] = [*message.get("headers", ()), (b"x-request-id", rid)]
-                if state.key_headers:
-                    message["headers"] += state.key_headers
+                if ready:  # the server takes FLM's own header lines as they are
+                    message[HEADER_LINES] = b"x-request-id: %b\r\n%b" % (rid, state.key_lines)
+                else:
+                    message["headers"] = [
+                        *message.get("headers", ()),
+                        (b"x-request-id", rid),
+                        *header_pairs(state.key_lines),
+                    ]
                 if state.warnings:
-                    message["headers"].append(
-                        (b"x-flm-warning", "; ".join(state.warnings).encode())
-                    )
+                    message["headers"] = [
+                        *message.get("headers", ()),
+                        (b"x-flm-warning", "; ".join(state.warnings).encode()),
+                    ]
             await send(message)
 
         audit = self.runtime.audit

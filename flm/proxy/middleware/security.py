@@ -455,7 +455,7 @@ class SecurityMiddleware:
 
     def _check_key(self, key: KeyScope, path: str, state: RequestState) -> None:
         """A key's expiry, read-only flag, per-minute limits and daily budgets: the
-        refusal to raise, else the ``x-ratelimit-*`` headers for the reply in ``state``."""
+        refusal to raise, else the ``x-ratelimit-*`` header lines for the reply in ``state``."""
         rt = self.runtime
         if key.expires_at is not None and rt.guard.clock() >= key.expires_at:
             raise HttpError(401, "key_expired", "this API key has expired", _CHALLENGE)
@@ -466,12 +466,10 @@ class SecurityMiddleware:
             )
         if key.limits:
             try:
-                headers = rt.ledger.admit(key, count=not listing and path != "/metrics")
+                state.key_lines = rt.ledger.admit(key, count=not listing and path != "/metrics")
             except HttpError:
                 rt.metrics.rate_limited.labels("key").inc()
                 raise
-            if headers:
-                state.key_headers = headers
 
     @staticmethod
     def _presented_key(headers: dict[bytes, bytes], every: list[tuple[bytes, bytes]]) -> str:
