@@ -17,11 +17,19 @@ formatted in at most :data:`MAX_PAUSES` slices (slices grow with the batch), and
 :data:`HIGH_WATER` items, a backlog only a saturated loop builds, is formatted without pauses:
 the flusher then shares the GIL with the loop at the switch interval and catches up, which
 bounds the queue without dropping a record. The same holds from the first pause that takes
-most of a switch interval (:data:`BUSY_PAUSE_S`) to end: the flusher got the GIL (or a CPU)
-back only when the interpreter or the system forced a switch, so the loop (or the machine) is
-busy all the time, and each further pause would only cost the flusher as much again (64 of
-them could take a third of a second per batch, long enough for the records' age to trip the
-back-pressure below).
+most of a switch interval (:func:`flm.core.threads.pause` says so) to end: the flusher got the
+GIL (or a CPU) back only when the interpreter or the system forced a switch, so the loop (or
+the machine) is busy all the time, and each further pause would only cost the flusher as
+much again (64 of them could take a third of a second per batch, long enough for the
+records' age to trip the back-pressure below).
+
+Writing the batch costs the CPU more than formatting it (SQLite's work on a few hundred rows
+is a millisecond or more), and the GIL is no help there: the module gives it up around each
+statement, but where the loop and the writer share one CPU the loop still waits until the
+system preempts the writer. A batch formatted with pauses is therefore also written with
+them: a few dozen rows a statement, a pause between statements (at most
+:data:`flm.storage.records.MAX_PACED_STATEMENTS` of them), until a pause finds the loop busy.
+At c=1 this took the p99 latency from about 2 ms to under 1 ms (``bench/run.py``).
 
 Bounded, with back-pressure. Records not yet committed (queued plus the batch being written)
 are counted; at :data:`QUEUE_LIMIT` the gateway stops taking new requests until the flusher
@@ -52,7 +60,6 @@ import logging
 import math
 import os
 import sqlite3
-import sys
 import threading
 import time
 from collections import deque
@@ -61,6 +68,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flm.core import threads
 from flm.core.errors import RepoError
 from flm.core.jsonlog import scrub
 from flm.core.memo import remember
@@ -73,15 +81,10 @@ log = logging.getLogger("flm.audit")
 MAX_BATCH = 1024
 #: Items formatted between two pauses of the flusher thread (see the module docstring).
 SLICE = 16
-#: The pause: long enough that the event loop, if it waits for the GIL, surely gets it.
-_PAUSE_S = 0.0001
 #: At most this many pauses per batch (a backlog gets longer slices, see the docstring).
 MAX_PAUSES = 64
 #: A batch this long is formatted without pauses (see the docstring).
 HIGH_WATER = 20_000
-#: A pause that took this long got the GIL (or a CPU) back only when a switch was forced: the
-#: rest of the batch is formatted without pauses (see the docstring).
-BUSY_PAUSE_S = 0.8 * sys.getswitchinterval()
 #: At most this many records are unwritten (queued or in the batch being written) before the
 #: gateway stops taking new requests (see the docstring). Requests in flight when the bound is
 #: reached still add their record, so the true bound is this plus the connections open.
@@ -97,8 +100,9 @@ RETRY_S = 1.0
 LOG_EVERY_S = 10.0
 
 
-def _pause() -> None:
-    time.sleep(_PAUSE_S)
+#: A pause between two slices of the flusher's work; False when it found the loop saturated
+#: (see the module docstring).
+_pause = threads.pause
 
 
 _AUDIT_COLUMNS = AUDIT_COLUMNS
@@ -327,6 +331,8 @@ class _Batch:
     blocks: list[tuple[Any, ...]] = field(default_factory=list)
     intrusions: list[tuple[Any, ...]] = field(default_factory=list)
     anomalies: list[tuple[Any, ...]] = field(default_factory=list)
+    #: The batch is written with pauses too (formatting it did not find the loop saturated).
+    paced: bool = False
 
     def extend(self, other: _Batch) -> None:
         self.count += other.count
@@ -645,13 +651,9 @@ class AuditSink:
         audit_rows, lines = batch.audit_rows, batch.lines
         step = max(SLICE, len(items) // MAX_PAUSES)
         pause = pause and len(items) <= HIGH_WATER
-        clock = time.perf_counter
         for n, (kind, item) in enumerate(items, 1):
             if pause and n % step == 0:
-                paused = clock()
-                _pause()
-                if clock() - paused >= BUSY_PAUSE_S:
-                    pause = False
+                pause = _pause()
             try:
                 row = _format_one(kind, item, batch)
                 if row is None:
@@ -671,6 +673,7 @@ class AuditSink:
                 line = _line(row)
             audit_rows.append(row)
             lines.append(line)
+        batch.paced = pause
         return batch
 
     def _note_refusals(self, batch: _Batch) -> None:
@@ -767,6 +770,7 @@ class AuditSink:
             batch.intrusions,
             batch.anomalies,
             escape=_escape_row,
+            pause=_pause if batch.paced else None,
         )
         self.rows_escaped += counts["escaped"]
         self.rows_dropped += counts["dropped"]

@@ -76,12 +76,17 @@ def write_batch(
     intrusions: Sequence[tuple[Any, ...]],
     anomalies: Sequence[tuple[Any, ...]],
     escape: Callable[[tuple[Any, ...]], tuple[Any, ...]] | None = None,
+    pause: Callable[[], bool] | None = None,
 ) -> dict[str, int]:
     """The audit sink's batch, in one transaction: audit rows (:data:`AUDIT_COLUMNS`), block
     upserts (ip, listener, reason, failure_count, blocked_at, expires_at, permanent), intrusion and
     anomaly rows. A row the database refuses costs only itself (see :func:`_insert_isolated`);
     returns how many rows were written ``escaped`` and how many ``dropped``. A failure of the
-    disk or the lock raises (``RepoError``): the caller keeps the batch for a retry."""
+    disk or the lock raises (``RepoError``): the caller keeps the batch for a retry.
+
+    ``pause``: called between two statements of audit rows, which are then short (see
+    :data:`PACED_ROWS`), so that another thread gets the CPU in between; the pauses stop
+    once it returns False."""
     counts = {"escaped": 0, "dropped": 0}
 
     def run(conn: sqlite3.Connection) -> None:
@@ -92,7 +97,7 @@ def write_batch(
             (_INSERT_ANOMALY, anomalies),
         ):
             if rows:
-                _insert_isolated(conn, sql, rows, counts, escape)
+                _insert_isolated(conn, sql, rows, counts, escape, pause)
 
     db.write(run)
     return counts
@@ -120,16 +125,27 @@ def _is_storage_error(exc: BaseException) -> bool:
 
 #: Audit rows per INSERT statement (within SQLite's limit on bound variables).
 _ROWS_PER_INSERT = 256
+#: With pauses between statements: audit rows per statement (a fraction of a millisecond of
+#: SQLite's work), and at most this many statements (and pauses) per batch.
+PACED_ROWS = 32
+MAX_PACED_STATEMENTS = 32
 _AUDIT_VALUES = f"({', '.join('?' for _ in AUDIT_COLUMNS)})"
 
 
-def _insert_many(conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
+def _insert_many(
+    conn: sqlite3.Connection,
+    rows: Sequence[tuple[Any, ...]],
+    pause: Callable[[], bool] | None = None,
+) -> None:
     """Audit rows inserted a few hundred per statement: each statement is one step of
     SQLite's, and the module gives the GIL up around each step, so ``executemany`` (a step
     per row) made the writer wait for the GIL once per row while the event loop was busy.
     All or nothing, as ``executemany``: the caller's savepoint takes a failure back."""
     width = len(AUDIT_COLUMNS)
-    per = min(_ROWS_PER_INSERT, conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // width)
+    most = _ROWS_PER_INSERT
+    if pause is not None:
+        most = max(PACED_ROWS, -(-len(rows) // MAX_PACED_STATEMENTS))
+    per = min(most, conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // width)
     if per < 2:
         conn.executemany(_INSERT_AUDIT, rows)
         return
@@ -138,6 +154,8 @@ def _insert_many(conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> N
         chunk = rows[start : start + per]
         if set(map(len, chunk)) != {width}:  # (a malformed row: the caller isolates it)
             raise sqlite3.ProgrammingError("an audit row has the wrong number of values")
+        if start and pause is not None and not pause():
+            pause = None
         conn.execute(
             head + ", ".join([_AUDIT_VALUES] * len(chunk)),
             list(itertools.chain.from_iterable(chunk)),
@@ -150,6 +168,7 @@ def _insert_isolated(
     rows: Sequence[tuple[Any, ...]],
     counts: dict[str, int],
     escape: Callable[[tuple[Any, ...]], tuple[Any, ...]] | None,
+    pause: Callable[[], bool] | None = None,
 ) -> None:
     """Insert ``rows`` in one statement; if a row is refused, row by row, so that a bad row
     costs only itself: it is written as ``escape`` makes it if that helps, otherwise counted
@@ -157,7 +176,7 @@ def _insert_isolated(
     conn.execute("SAVEPOINT audit_rows")
     try:
         if sql is _INSERT_AUDIT and len(rows) > 1:
-            _insert_many(conn, rows)
+            _insert_many(conn, rows, pause)
         else:
             conn.executemany(sql, rows)
     except Exception as exc:

@@ -234,6 +234,55 @@ def test_usage_sink_sums_by_minute_and_hour_and_prunes(flm_home: Any) -> None:
         storage.close()
 
 
+@pytest.mark.parametrize("verdict", [True, False], ids=["idle-loop", "saturated-loop"])
+def test_usage_is_summed_in_slices_with_pauses_and_sums_the_same(
+    monkeypatch: pytest.MonkeyPatch, verdict: bool
+) -> None:
+    """The flusher sums a busy second's queue in slices with a pause between them (the loop
+    would otherwise wait milliseconds for the GIL), until a pause reports a saturated loop;
+    the minute and hour sums are those of the queue summed at once."""
+    import random
+
+    from flm.core import threads
+    from flm.proxy import usage
+
+    pauses = [0]
+
+    def pause() -> bool:
+        pauses[0] += 1
+        return verdict
+
+    monkeypatch.setattr(threads, "pause", pause)
+    rng = random.Random(7)
+    start = 1_800_000_000.0
+    batch = [
+        (
+            start + i * 1.3,
+            f"k{rng.randrange(3)}",
+            f"m{rng.randrange(2)}",
+            "e",
+            rng.randrange(50),
+            rng.randrange(50),
+            rng.randrange(2),
+        )
+        for i in range(usage.SLICE * 5 + 7)
+    ]
+    minutes, hours, last_used = usage._sums(batch, pause=True)
+    assert pauses[0] == (5 if verdict else 1)
+    for unit, sums in ((60, minutes), (3600, hours)):
+        expected: dict[tuple[int, str, str, str], list[int]] = {}
+        for ts, key, model, engine, prompt, completion, estimated in batch:
+            row = expected.setdefault((int(ts // unit), key, model, engine), [0, 0, 0, 0])
+            for i, value in enumerate((1, prompt, completion, estimated)):
+                row[i] += value
+        assert sums == expected
+    assert last_used == {k: max(ts for ts, key, *_ in batch if key == k) for k in last_used}
+    assert len(last_used) == 3
+    pauses[0] = 0
+    usage._sums(batch, pause=False)
+    assert pauses[0] == 0
+
+
 def test_usage_sink_keeps_a_batch_it_cannot_write_and_writes_it_later(
     flm_home: Any, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -351,8 +351,9 @@ def _count_pauses(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     pauses = [0]
 
-    def pause() -> None:
+    def pause() -> bool:
         pauses[0] += 1
+        return True
 
     monkeypatch.setattr(audit, "_pause", pause)
     return pauses
@@ -374,6 +375,48 @@ def test_flusher_pauses_every_slice_for_a_normal_batch(
     assert pauses[0] == 5  # the loop never waits longer than one slice for the GIL
 
 
+@pytest.mark.parametrize("verdict", [True, False], ids=["idle-loop", "saturated-loop"])
+def test_a_paced_batch_is_written_in_short_statements_with_pauses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, verdict: bool
+) -> None:
+    """SQLite's work on a batch is milliseconds of CPU: a batch formatted with pauses is
+    written a few dozen rows a statement with a pause between statements, until a pause
+    reports a saturated loop; every row is written, in order, either way."""
+    from flm.proxy import audit
+    from flm.proxy.audit import SLICE, AuditSink
+    from flm.storage.db import Database
+    from flm.storage.records import MAX_PACED_STATEMENTS, PACED_ROWS
+
+    calls: list[str] = []
+
+    def pause() -> bool:
+        calls.append("pause")
+        return verdict
+
+    monkeypatch.setattr(audit, "_pause", pause)
+    db = Database(tmp_path / "security.db", "security").open()
+    count = PACED_ROWS * 4 + 5
+    sink = AuditSink(db, tmp_path / "audit.jsonl", interval=60)
+    try:
+        for i in range(count):
+            sink.event("intrusion", "low", "127.0.0.1", {"n": i})
+        assert sink.flush(pause=True) == count
+        formatting = count // SLICE if verdict else 1
+        writing = (-(-count // PACED_ROWS) - 1) if verdict else 0
+        assert len(calls) == formatting + writing
+        assert -(-count // PACED_ROWS) <= MAX_PACED_STATEMENTS
+        rows = db.query("SELECT details_json FROM audit_logs ORDER BY id")
+        assert [json.loads(r[0])["n"] for r in rows] == list(range(count))
+        calls.clear()
+        for i in range(count):
+            sink.event("intrusion", "low", "127.0.0.1", {"n": i})
+        assert sink.flush() == count  # (not the flusher thread: no pauses at all)
+        assert calls == []
+    finally:
+        sink.close()
+        db.close()
+
+
 def test_flusher_stops_pausing_once_a_pause_shows_a_saturated_loop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -381,13 +424,13 @@ def test_flusher_stops_pausing_once_a_pause_shows_a_saturated_loop(
     all the time: the rest of the batch is formatted without pauses (each would cost the
     flusher another switch interval), and every record is still written, in order."""
     from flm.proxy import audit
-    from flm.proxy.audit import BUSY_PAUSE_S, SLICE, AuditSink
+    from flm.proxy.audit import SLICE, AuditSink
 
     pauses = [0]
 
-    def slow_pause() -> None:  # what a pause costs when the loop holds the GIL
+    def slow_pause() -> bool:  # what a pause reports when the loop holds the GIL
         pauses[0] += 1
-        time.sleep(BUSY_PAUSE_S * 1.5)
+        return False
 
     monkeypatch.setattr(audit, "_pause", slow_pause)
     count = SLICE * 5 + 3
@@ -528,6 +571,30 @@ def test_scrub_memo_keeps_clean_texts_only(monkeypatch: pytest.MonkeyPatch) -> N
     for i in range(audit._CLEAN_MAX + 100):
         audit._scrub(f"/p{i}")
     assert len(audit._clean) <= audit._CLEAN_MAX
+
+
+def test_a_pause_reports_a_loop_that_keeps_the_gil() -> None:
+    """A helper's pause while another thread runs Python without a break gets the GIL back
+    only when the interpreter forces a switch: the pause says so (False), and the helper
+    then works on without pauses."""
+    from flm.core import threads
+
+    started = threading.Event()
+    stop = threading.Event()
+
+    def busy_loop() -> None:
+        started.set()
+        while not stop.is_set():
+            sum(range(100))  # Python work that never gives the GIL up of itself
+
+    spinner = threading.Thread(target=busy_loop, daemon=True)
+    spinner.start()
+    try:
+        assert started.wait(5)
+        assert threads.pause() is False
+    finally:
+        stop.set()
+        spinner.join(5)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="per-thread priority is Linux only")
