@@ -183,6 +183,8 @@ def build_runtime(
     )
     if runtime.audit is not None:
         runtime.metrics.watch_audit(runtime.audit.status)
+    if runtime.usage is not None:
+        runtime.usage.on_tokens = runtime.metrics.record_key_tokens
     runtime.scope_loader = lambda key_id: load_scope(ctx, key_id)
     runtime.scopes = load_scopes(ctx)
     runtime.ledger.load_today(today_totals(ctx.storage.security))

@@ -8,7 +8,9 @@ arithmetic operations on one object; nothing here touches SQLite on the request 
 tuple to a deque, and a background thread sums the queue by minute and by hour per key ×
 model × engine and adds the sums to ``usage_minute`` and ``usage_hour`` in one transaction
 (every ``interval`` seconds). The same thread deletes minute rows older than 48 hours and
-hour rows older than 90 days, now and then.
+hour rows older than 90 days, now and then, and adds each written batch's tokens to the
+per-key token metrics (``flm_key_tokens_total``: up to date within ``interval``; counting
+them per request on the event loop cost more than the rest of the accounting).
 
 Budgets survive a restart: at start (and at each reload, after this process's own rollups
 are written) the proxy loads today's totals per key from ``usage_minute``. Several proxies
@@ -262,15 +264,24 @@ def _budget(now: float, message: str) -> HttpError:
     )
 
 
-_Item = tuple[float, str, str, str, int, int, int]
+#: (ts, key id, model, engine id, prompt tokens, completion tokens, estimated 0/1, key label)
+_Item = tuple[float, str, str, str, int, int, int, str]
 
 
 class UsageSink:
     """Usage rollups written by a background thread (see the module docstring)."""
 
-    def __init__(self, db: Database | None, interval: float = 1.0) -> None:
+    def __init__(
+        self,
+        db: Database | None,
+        interval: float = 1.0,
+        on_tokens: Callable[[str, str, int, int], None] | None = None,
+    ) -> None:
         self._db = db
         self._interval = interval
+        #: Called by the flusher with (key label, model, prompt, completion) sums once a
+        #: batch is written (the per-key token metrics: kept off the request path).
+        self.on_tokens = on_tokens
         # (bounded: a flusher starved of the CPU cannot let the queue grow without end)
         self._items: deque[_Item] = deque(maxlen=MAX_PENDING)
         self._wake = threading.Event()
@@ -294,9 +305,12 @@ class UsageSink:
         prompt: int,
         completion: int,
         estimated: bool,
+        label: str = "",
     ) -> None:
         """One finished request (request path: one append)."""
-        self._items.append((ts, key_id, model, engine_id, prompt, completion, int(estimated)))
+        self._items.append(
+            (ts, key_id, model, engine_id, prompt, completion, int(estimated), label)
+        )
 
     def _run(self) -> None:
         background_thread()
@@ -325,14 +339,21 @@ class UsageSink:
                     "usage queue reached its bound (%d requests): the oldest may be lost",
                     MAX_PENDING,
                 )
-            if not batch or self._db is None:
-                return len(batch)
-            minutes, hours, last_used = _sums(batch, pause)
-            try:
-                add_rollups(self._db, minutes, hours, {k: _iso(t) for k, t in last_used.items()})
-            except Exception as exc:
-                self._keep_for_retry(batch, exc)
-                raise
+            if not batch:
+                return 0
+            minutes, hours, last_used, tokens = _sums(batch, pause)
+            if self._db is not None:
+                try:
+                    add_rollups(
+                        self._db, minutes, hours, {k: _iso(t) for k, t in last_used.items()}
+                    )
+                except Exception as exc:
+                    self._keep_for_retry(batch, exc)  # (summed again, and reported, once written)
+                    raise
+            on_tokens = self.on_tokens
+            if on_tokens is not None:
+                for (label, model), (prompt, completion) in tokens.items():
+                    on_tokens(label, model, prompt, completion)
             if self.dropped:
                 log.warning("usage rollups written again; %d requests were lost", self.dropped)
                 self.dropped = 0
@@ -372,18 +393,23 @@ class UsageSink:
 _Sums = dict[tuple[int, str, str, str], list[int]]
 
 
-def _sums(batch: list[_Item], pause: bool) -> tuple[_Sums, _Sums, dict[str, float]]:
-    """The queue summed per minute and per hour × key × model × engine, and each key's last
-    use. Summing a second of a busy gateway's requests is milliseconds of Python holding the
-    GIL, which the loop would wait out (the p99 latency): with ``pause`` it is done in slices
-    of :data:`SLICE` requests with a pause between them (until a pause finds the loop
-    saturated). The hours are summed from the minutes."""
+def _sums(
+    batch: list[_Item], pause: bool
+) -> tuple[_Sums, _Sums, dict[str, float], dict[tuple[str, str], list[int]]]:
+    """The queue summed per minute and per hour × key × model × engine, each key's last
+    use, and the (prompt, completion) tokens per key label × model.
+
+    Summing a second of a busy gateway's requests is milliseconds of Python holding the GIL,
+    which the loop would wait out (the p99 latency): with ``pause`` it is done in slices of
+    :data:`SLICE` requests with a pause between them (until a pause finds the loop
+    saturated). The hours and the tokens are summed from the minutes."""
     minutes: _Sums = {}
     last_used: dict[str, float] = {}
+    labels: dict[str, str] = {}
     for start in range(0, len(batch), SLICE):
         if start and pause:
             pause = threads.pause()
-        for ts, key_id, model, engine, prompt, completion, estimated in batch[
+        for ts, key_id, model, engine, prompt, completion, estimated, label in batch[
             start : start + SLICE
         ]:
             at = (int(ts // 60), key_id, model, engine)
@@ -397,7 +423,9 @@ def _sums(batch: list[_Item], pause: bool) -> tuple[_Sums, _Sums, dict[str, floa
                 sums[3] += estimated
             if ts > last_used.get(key_id, 0.0):
                 last_used[key_id] = ts
+                labels[key_id] = label
     hours: _Sums = {}
+    tokens: dict[tuple[str, str], list[int]] = {}
     for (minute, key_id, model, engine), sums in minutes.items():
         at = (minute // 60, key_id, model, engine)
         total = hours.get(at)
@@ -406,7 +434,11 @@ def _sums(batch: list[_Item], pause: bool) -> tuple[_Sums, _Sums, dict[str, floa
         else:
             for i, value in enumerate(sums):
                 total[i] += value
-    return minutes, hours, last_used
+        if sums[1] or sums[2]:
+            pair = tokens.setdefault((labels[key_id], model), [0, 0])
+            pair[0] += sums[1]
+            pair[1] += sums[2]
+    return minutes, hours, last_used, tokens
 
 
 def _iso(ts: float) -> str:
@@ -434,7 +466,7 @@ def account(rt: Any, state: Any, ts: float) -> None:
         # loaded with today's totals from the rollups at the reload that brings it)
         rt.ledger.charge(key.key_id, prompt + completion, key.tpm)
     usage = rt.usage
-    if usage is not None:
+    if usage is not None:  # (its flusher adds the tokens to the per-key metrics)
         usage.record_item(
             (
                 ts,
@@ -444,9 +476,10 @@ def account(rt: Any, state: Any, ts: float) -> None:
                 prompt,
                 completion,
                 1 if state.usage_estimated else 0,
+                key.label,
             )
         )
-    if prompt or completion:
+    elif prompt or completion:
         rt.metrics.record_key_tokens(key.label, model, prompt, completion)
 
 

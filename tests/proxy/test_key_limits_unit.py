@@ -258,26 +258,39 @@ def test_usage_is_summed_in_slices_with_pauses_and_sums_the_same(
     batch = [
         (
             start + i * 1.3,
-            f"k{rng.randrange(3)}",
+            f"k{key}",
             f"m{rng.randrange(2)}",
             "e",
             rng.randrange(50),
             rng.randrange(50),
             rng.randrange(2),
+            f"label-{key}",
         )
         for i in range(usage.SLICE * 5 + 7)
+        for key in [rng.randrange(3)]
     ]
-    minutes, hours, last_used = usage._sums(batch, pause=True)
+    minutes, hours, last_used, tokens = usage._sums(batch, pause=True)
     assert pauses[0] == (5 if verdict else 1)
     for unit, sums in ((60, minutes), (3600, hours)):
         expected: dict[tuple[int, str, str, str], list[int]] = {}
-        for ts, key, model, engine, prompt, completion, estimated in batch:
+        for ts, key, model, engine, prompt, completion, estimated, _ in batch:
             row = expected.setdefault((int(ts // unit), key, model, engine), [0, 0, 0, 0])
             for i, value in enumerate((1, prompt, completion, estimated)):
                 row[i] += value
         assert sums == expected
     assert last_used == {k: max(ts for ts, key, *_ in batch if key == k) for k in last_used}
     assert len(last_used) == 3
+    by_label: dict[tuple[str, str], list[int]] = {}
+    for _, key, model, _, prompt, completion, _, label in batch:
+        if prompt or completion:
+            pair = by_label.setdefault((label, model), [0, 0])
+            pair[0] += prompt
+            pair[1] += completion
+    assert tokens == by_label and {label for label, _ in tokens} == {
+        "label-0",
+        "label-1",
+        "label-2",
+    }
     pauses[0] = 0
     usage._sums(batch, pause=False)
     assert pauses[0] == 0
@@ -291,7 +304,8 @@ def test_usage_sink_keeps_a_batch_it_cannot_write_and_writes_it_later(
     from flm.storage import Storage
 
     storage = Storage(Paths.resolve())
-    sink = UsageSink(storage.security, interval=3600)
+    reported: list[tuple[str, str, int, int]] = []
+    sink = UsageSink(storage.security, interval=3600, on_tokens=lambda *sums: reported.append(sums))
     db = storage.security
     try:
         # (a real SQLite failure on the write, as a full disk gives)
@@ -303,14 +317,16 @@ def test_usage_sink_keeps_a_batch_it_cannot_write_and_writes_it_later(
         )
         now = 1_800_000_000.0
         for i in range(5):
-            sink.record(now + i, "k1", "flm://e/m", "e", 10, 5, False)
+            sink.record(now + i, "k1", "flm://e/m", "e", 10, 5, False, "friend")
         with caplog.at_level("ERROR", logger="flm.usage"), pytest.raises(Exception, match="full"):
             sink.flush()
         assert "5 requests kept for a retry" in caplog.text
+        assert reported == []  # (the metrics count what is written, once)
         assert db.query("SELECT COUNT(*) FROM usage_minute")[0][0] == 0
-        sink.record(now + 10, "k1", "flm://e/m", "e", 1, 1, False)
+        sink.record(now + 10, "k1", "flm://e/m", "e", 1, 1, False, "friend")
         db.write(lambda c: c.execute("DROP TRIGGER refuse"))
         assert sink.flush() == 6
+        assert reported == [("friend", "flm://e/m", 51, 26)]
         row = db.query("SELECT SUM(requests), SUM(prompt_tokens) FROM usage_minute")[0]
         assert tuple(row) == (6, 51)
     finally:
@@ -326,7 +342,7 @@ def test_usage_sink_bounds_what_it_keeps_for_a_retry(flm_home: Any) -> None:
     storage = Storage(Paths.resolve())
     sink = usage.UsageSink(storage.security, interval=3600)
     try:
-        items = [(float(i), "k", "m", "e", 1, 1, 0) for i in range(10)]
+        items = [(float(i), "k", "m", "e", 1, 1, 0, "l") for i in range(10)]
         old_cap = usage.MAX_PENDING
         usage.MAX_PENDING = 4
         try:
