@@ -14,28 +14,33 @@ MAX_EVENT_BYTES = 1024 * 1024
 
 
 _NUMBER = re.compile(rb" *(\d+)")
-_USAGE_KEYS = (
-    ("prompt_tokens", b'"prompt_tokens":', b'"input_tokens":'),
-    ("completion_tokens", b'"completion_tokens":', b'"output_tokens":'),
-)
+_PROMPT, _INPUT = b'"prompt_tokens":', b'"input_tokens":'
+_COMPLETION, _OUTPUT = b'"completion_tokens":', b'"output_tokens":'
 
 
 def usage_from_bytes(raw: bytes) -> dict[str, int] | None:
     """Token counts of a JSON reply or chunk without parsing it: they sit in its last
     ``usage`` object (the same keys inside a string would be escaped, so cannot match). The
-    chat names win over the Responses API's (``input_tokens``/``output_tokens``)."""
+    chat names win over the Responses API's (``input_tokens``/``output_tokens``). (Written
+    out: it runs after every reply.)"""
     at = raw.rfind(b'"usage":{')
     if at < 0:
         return None
     found: dict[str, int] = {}
-    for key, name, alias in _USAGE_KEYS:
-        for needle in (name, alias):
-            pos = raw.find(needle, at)
-            if pos >= 0:
-                match = _NUMBER.match(raw, pos + len(needle))
-                if match is not None:
-                    found[key] = int(match[1])
-                    break
+    pos = raw.find(_PROMPT, at)
+    match = _NUMBER.match(raw, pos + len(_PROMPT)) if pos >= 0 else None
+    if match is None:
+        pos = raw.find(_INPUT, at)
+        match = _NUMBER.match(raw, pos + len(_INPUT)) if pos >= 0 else None
+    if match is not None:
+        found["prompt_tokens"] = int(match[1])
+    pos = raw.find(_COMPLETION, at)
+    match = _NUMBER.match(raw, pos + len(_COMPLETION)) if pos >= 0 else None
+    if match is None:
+        pos = raw.find(_OUTPUT, at)
+        match = _NUMBER.match(raw, pos + len(_OUTPUT)) if pos >= 0 else None
+    if match is not None:
+        found["completion_tokens"] = int(match[1])
     return found or None
 
 

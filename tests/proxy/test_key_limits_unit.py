@@ -281,7 +281,7 @@ def test_usage_is_summed_in_slices_with_pauses_and_sums_the_same(
     assert last_used == {k: max(ts for ts, key, *_ in batch if key == k) for k in last_used}
     assert len(last_used) == 3
     by_label: dict[tuple[str, str], list[int]] = {}
-    for _, key, model, _, prompt, completion, _, label in batch:
+    for _, _key, model, _, prompt, completion, _, label in batch:
         if prompt or completion:
             pair = by_label.setdefault((label, model), [0, 0])
             pair[0] += prompt
