@@ -104,18 +104,16 @@ class KeyScope:
     #: The daily budgets, infinite when not set.
     day_requests_cap: float = field(default=math.inf, init=False, repr=False)
     day_tokens_cap: float = field(default=math.inf, init=False, repr=False)
-    #: The request bucket: refill per second (0: no rpm), capacity, limit header.
+    #: The request bucket: refill per second (0: no rpm), capacity.
     req_rate: float = field(default=0.0, init=False, repr=False)
     req_capacity: float = field(default=0.0, init=False, repr=False)
-    rpm_header: tuple[bytes, bytes] = field(default=(b"", b""), init=False, repr=False)
     #: The request bucket's three ``x-ratelimit-*`` header lines, to be filled in with the
     #: requests left and the time to a full bucket (in ms; or as text, ``%b``).
     req_lines_ms: bytes = field(default=b"", init=False, repr=False)
     req_lines: bytes = field(default=b"", init=False, repr=False)
-    #: The token bucket: refill per second (0: no tpm), capacity, limit header.
+    #: The token bucket: refill per second (0: no tpm), capacity, header-line templates.
     tok_rate: float = field(default=0.0, init=False, repr=False)
     tok_capacity: float = field(default=0.0, init=False, repr=False)
-    tpm_header: tuple[bytes, bytes] = field(default=(b"", b""), init=False, repr=False)
     tok_lines_ms: bytes = field(default=b"", init=False, repr=False)
     tok_lines: bytes = field(default=b"", init=False, repr=False)
 
@@ -131,12 +129,10 @@ class KeyScope:
         if self.rpm:
             self.req_rate = self.rpm / 60.0
             self.req_capacity = float(self.burst or self.rpm)
-            self.rpm_header = (b"x-ratelimit-limit-requests", b"%d" % self.rpm)
             self.req_lines_ms, self.req_lines = _limit_lines(b"requests", self.rpm)
         if self.tpm:
             self.tok_rate = self.tpm / 60.0
             self.tok_capacity = float(self.tpm)
-            self.tpm_header = (b"x-ratelimit-limit-tokens", b"%d" % self.tpm)
             self.tok_lines_ms, self.tok_lines = _limit_lines(b"tokens", self.tpm)
         if self.models is None:
             return

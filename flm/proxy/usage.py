@@ -30,6 +30,7 @@ from typing import Any
 from flm.core import threads
 from flm.core.keyscope import KeyScope
 from flm.core.threads import background_thread
+from flm.http.asgi import header_pairs
 from flm.openai.errors import HttpError
 from flm.storage.db import Database
 from flm.storage.usage import DAY_S, add_rollups, prune_rollups
@@ -88,14 +89,11 @@ class _KeyState:
         self.day_tokens = 0
 
 
-_REMAINING_REQUESTS = b"x-ratelimit-remaining-requests"
-_RESET_REQUESTS = b"x-ratelimit-reset-requests"
-_REMAINING_TOKENS = b"x-ratelimit-remaining-tokens"
-_RESET_TOKENS = b"x-ratelimit-reset-tokens"
-
-
-def _reset_text(seconds: float) -> bytes:
-    return b"%dms" % (seconds * 1000) if 0 <= seconds < 1 else _duration(seconds)
+def _filled(ms: bytes, text: bytes, left: float, reset: float) -> bytes:
+    """One bucket's ``x-ratelimit-*`` lines from its templates (:class:`KeyScope`'s
+    ``req_lines_ms``/``req_lines`` or the token ones): ``left`` truncated, ``reset`` in
+    seconds (:meth:`KeyLedger.admit` writes the same out inline)."""
+    return ms % (left, reset * 1000) if reset < 1 else text % (left, _duration(reset))
 
 
 class KeyLedger:
@@ -171,7 +169,7 @@ class KeyLedger:
     def _refuse(self, scope: KeyScope, st: _KeyState, now: float) -> HttpError:
         """The 429 for a key whose request or token bucket has no room, with the
         ``x-ratelimit-*`` headers; the buckets are refilled to ``now``, nothing is charged."""
-        headers: list[tuple[bytes, bytes]] = []
+        lines = b""
         wait = 0.0
         if scope.req_rate:
             rate, capacity = scope.req_rate, scope.req_capacity
@@ -179,11 +177,8 @@ class KeyLedger:
             st.req_level, st.req_at = level, now
             if level < 1.0:
                 wait = (1.0 - level) / rate
-            headers += (
-                scope.rpm_header,
-                (_REMAINING_REQUESTS, b"%d" % int(level)),
-                (_RESET_REQUESTS, _reset_text(max(wait, (capacity - level) / rate))),
-            )
+            reset = max(wait, (capacity - level) / rate)
+            lines += _filled(scope.req_lines_ms, scope.req_lines, level, reset)
         if scope.tok_rate:
             rate, capacity = scope.tok_rate, scope.tok_capacity
             level = min(st.tok_level + (now - st.tok_at) * rate, capacity)
@@ -193,17 +188,13 @@ class KeyLedger:
                 wait = max(wait, reset)
             else:
                 reset = (capacity - level) / rate
-            headers += (
-                scope.tpm_header,
-                (_REMAINING_TOKENS, b"%d" % int(level if level > 0 else 0)),
-                (_RESET_TOKENS, _reset_text(reset)),
-            )
+            lines += _filled(scope.tok_lines_ms, scope.tok_lines, max(level, 0.0), reset)
         retry = max(1, math.ceil(wait))
         return HttpError(
             429,
             "rate_limited",
             f"the key's per-minute limit is reached; retry in {retry} s",
-            [(b"retry-after", str(retry).encode()), *headers],
+            [(b"retry-after", str(retry).encode()), *header_pairs(lines)],
         )
 
     @staticmethod
