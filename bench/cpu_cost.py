@@ -275,8 +275,13 @@ def main(argv: list[str] | None = None) -> int:
         summary.setdefault(t.name, {})["audit_backpressure_waits"] = (
             float(waits[1]) if status == 200 and waits else None
         )
+        promoted = re.search(rb"^flm_audit_idle_promotions_total (\S+)$", body, re.MULTILINE)
+        summary[t.name]["audit_idle_promotions"] = (
+            float(promoted[1]) if status == 200 and promoted else None
+        )
         print(
             f"{t.name:>16} audit back-pressure waits: {summary[t.name]['audit_backpressure_waits']}"
+            f"; helpers put back from the idle class: {summary[t.name]['audit_idle_promotions']}"
         )
     if args.profile:
         spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))

@@ -45,3 +45,98 @@ def pause() -> bool:
     paused = time.perf_counter()
     time.sleep(PAUSE_S)
     return time.perf_counter() - paused < BUSY_PAUSE_S
+
+
+def _probe_idle() -> bool:
+    """Whether a thread of this process can enter the idle scheduling class and leave it
+    again (leaving it needs CAP_SYS_NICE or an ``RLIMIT_NICE`` allowing the helpers' nice
+    value; a container may deny either). Tried for real, in a thread made for the purpose:
+    a thread that could not leave would stay there."""
+    if sys.platform != "linux" or not hasattr(os, "SCHED_IDLE"):
+        return False
+    result: list[bool] = []
+
+    def probe() -> None:
+        tid = threading.get_native_id()
+        try:
+            os.setpriority(
+                os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + BACKGROUND_NICE
+            )
+            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+            os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+        except OSError:
+            result.append(False)
+        else:
+            result.append(True)
+
+    thread = threading.Thread(target=probe, name="flm-idle-probe", daemon=True)
+    thread.start()
+    thread.join()
+    return bool(result and result[0])
+
+
+_may_idle: bool | None = None
+
+
+def may_idle() -> bool:
+    """:func:`_probe_idle`, once per process."""
+    global _may_idle
+    if _may_idle is None:
+        _may_idle = _probe_idle()
+    return _may_idle
+
+
+class Idling:
+    """A helper thread's scheduling class, switched between *idle* and normal.
+
+    A helper at normal priority (even niced) that has the CPU keeps it for a while when a
+    request arrives: the kernel lets a running task finish its time slice, and on a gateway
+    pinned to one core that wait is the event loop's latency tail. A thread in the idle
+    class (``SCHED_IDLE``) gives the CPU up at once to any other thread that wakes. But it
+    runs only when the CPU has nothing else to do, so on a saturated core it would starve,
+    and the audit with it; the thread is therefore idle only while the loop leaves CPU to
+    spare, and put back at normal priority (:meth:`normal`, from any thread) once it falls
+    behind.
+
+    Only where the process may bring a thread back (:func:`may_idle`); elsewhere every call
+    is a no-op and the helper keeps its normal (niced) priority."""
+
+    def __init__(self) -> None:
+        self.tid: int | None = None
+        #: The thread is in the idle class now.
+        self.idle = False
+        #: How often it was put back at normal priority while idle (it fell behind).
+        self.promotions = 0
+        self._lock = threading.Lock()
+
+    def bind(self) -> None:
+        """Called by the helper thread itself, once, before it switches."""
+        self.tid = threading.get_native_id()
+
+    def enter(self) -> None:
+        """(The helper) run in the idle class from now on."""
+        if not self.idle and self.tid is not None and may_idle():
+            self._switch(True)
+
+    def leave(self) -> None:
+        """(The helper) run at its normal priority again."""
+        if self.idle:
+            self._switch(False)
+
+    def normal(self) -> None:
+        """(Any thread) the helper fell behind: back to its normal priority."""
+        if self.idle:
+            self._switch(False, promoted=True)
+
+    def _switch(self, idle: bool, *, promoted: bool = False) -> None:
+        with self._lock:
+            if self.idle == idle or self.tid is None:
+                return
+            policy = os.SCHED_IDLE if idle else os.SCHED_OTHER
+            try:
+                os.sched_setscheduler(self.tid, policy, os.sched_param(0))
+            except OSError:  # (the thread has ended, or the right was taken away)
+                return
+            self.idle = idle
+            if promoted:
+                self.promotions += 1

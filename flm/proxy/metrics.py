@@ -270,6 +270,12 @@ class _AuditCollector:
             ),
             ("flm_audit_rows_escaped", "Audit rows written escaped", "rows_escaped"),
             ("flm_audit_gaps", "audit_gap events recorded", "gaps_recorded"),
+            (
+                "flm_audit_idle_promotions",
+                "Times the audit's helpers, starved in the idle scheduling class, were put "
+                "back at normal priority",
+                "idle_promotions",
+            ),
         )
         for name, doc, key in counters:
             yield CounterMetricFamily(name, doc, value=float(st[key]))

@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 
 from flm.core.errors import MigrationFailedError, RepoError
 from flm.core.paths import make_dir, touch_private_file
-from flm.core.threads import background_thread
+from flm.core.threads import Idling, background_thread
 
 T = TypeVar("T")
 
@@ -171,6 +171,9 @@ class Database:
         self._queue: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self._writer_lock = threading.Lock()
+        #: The writer thread's scheduling class: a job may run in the idle class
+        #: (:func:`flm.storage.records.write_batch` does for the audit's paced batches).
+        self.idling = Idling()
         self._opened = False
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -428,6 +431,7 @@ class Database:
 
     def _writer_loop(self) -> None:
         background_thread()
+        self.idling.bind()
         conn = _connect(self.path)
         try:
             while True:
@@ -447,7 +451,10 @@ class Database:
                         break
                     assert isinstance(more, _Job)
                     batch.append(more)
-                self._run_batch(conn, batch)
+                try:
+                    self._run_batch(conn, batch)
+                finally:
+                    self.idling.leave()  # (a job may have entered the idle class)
                 if stop_after:
                     return
         finally:

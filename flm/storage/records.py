@@ -90,6 +90,11 @@ def write_batch(
     counts = {"escaped": 0, "dropped": 0}
 
     def run(conn: sqlite3.Connection) -> None:
+        # (a paced batch is written, and committed, in the idle scheduling class: see
+        # flm.core.threads.Idling; the writer leaves it after the commit, and the audit's
+        # loop side puts it back at normal priority sooner if it falls behind)
+        if pause is not None:
+            db.idling.enter()
         for sql, rows in (
             (_INSERT_AUDIT, audit_rows),
             (_UPSERT_BLOCK, blocks),

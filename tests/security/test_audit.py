@@ -382,6 +382,7 @@ def test_a_paced_batch_is_written_in_short_statements_with_pauses(
     """SQLite's work on a batch is milliseconds of CPU: a batch formatted with pauses is
     written a few dozen rows a statement with a pause between statements, until a pause
     reports a saturated loop; every row is written, in order, either way."""
+    from flm.core import threads
     from flm.proxy import audit
     from flm.proxy.audit import SLICE, AuditSink
     from flm.storage.db import Database
@@ -394,6 +395,9 @@ def test_a_paced_batch_is_written_in_short_statements_with_pauses(
         return verdict
 
     monkeypatch.setattr(audit, "_pause", pause)
+    # (the writer at its normal priority: in the idle class it hands the GIL over without a
+    # pause, see test_a_calm_batch_is_written_in_the_idle_class)
+    monkeypatch.setattr(threads, "_may_idle", False)
     db = Database(tmp_path / "security.db", "security").open()
     count = PACED_ROWS * 4 + 5
     sink = AuditSink(db, tmp_path / "audit.jsonl", interval=60)
@@ -737,3 +741,132 @@ def test_a_request_line_is_written_as_the_general_way_writes_it() -> None:
         line = audit._request_line(row)
         assert line == audit._line(row)
         assert json.loads(line)["event_type"] == "request"
+
+
+def _policy(tid: int) -> int:
+    return os.sched_getscheduler(tid)
+
+
+needs_idle_class = pytest.mark.skipif(
+    not __import__("flm.core.threads", fromlist=["may_idle"]).may_idle(),
+    reason="this process may not move a thread out of the idle scheduling class "
+    "(Linux with CAP_SYS_NICE or RLIMIT_NICE >= 15 needed)",
+)
+
+
+@needs_idle_class
+def test_a_calm_batch_is_written_in_the_idle_class(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A paced batch is written, and committed, by a database writer in the idle class (the
+    loop gets the CPU the moment it wakes); the writer is back at its normal priority, nice
+    value kept, for the jobs after it, and every row is there."""
+    from flm.core.threads import BACKGROUND_NICE
+    from flm.proxy.audit import AuditSink
+    from flm.storage import records
+    from flm.storage.db import Database
+
+    seen: list[int] = []
+    insert = records._insert_isolated
+
+    def watched(*args: Any, **kwargs: Any) -> None:
+        seen.append(os.sched_getscheduler(0))
+        insert(*args, **kwargs)
+
+    monkeypatch.setattr(records, "_insert_isolated", watched)
+    db = Database(tmp_path / "security.db", "security").open()
+    sink = AuditSink(db, tmp_path / "audit.jsonl", interval=60)
+    try:
+        for i in range(100):
+            sink.event("intrusion", "low", "127.0.0.1", {"n": i})
+        assert sink.flush(pause=True) == 100
+        assert seen == [os.SCHED_IDLE]
+        after = db.write(
+            lambda conn: (os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0))
+        )
+        assert after[0] == os.SCHED_OTHER
+        assert after[1] >= BACKGROUND_NICE
+        assert db.idling.idle is False
+        seen.clear()
+        for i in range(100):
+            sink.event("intrusion", "low", "127.0.0.1", {"n": 100 + i})
+        assert sink.flush() == 100  # (no pauses asked: the writer stays at normal priority)
+        assert seen == [os.SCHED_OTHER]
+        assert db.query("SELECT COUNT(*) FROM audit_logs")[0][0] == 200
+    finally:
+        sink.close()
+        db.close()
+
+
+@needs_idle_class
+def test_the_loop_puts_a_starved_writer_back_at_normal_priority(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A saturated loop would starve a writer in the idle class, and the audit with it: the
+    loop's room check (before every request) puts the writer back at normal priority once
+    the batch under way has shown no progress for STARVED_S. Every row is written."""
+    from flm.proxy.audit import STARVED_S, AuditSink
+    from flm.storage import records
+    from flm.storage.db import Database
+
+    inside = threading.Event()
+    go_on = threading.Event()
+    insert = records._insert_isolated
+
+    def held(*args: Any, **kwargs: Any) -> None:
+        inside.set()
+        assert go_on.wait(10)
+        insert(*args, **kwargs)
+
+    db = Database(tmp_path / "security.db", "security").open()
+    sink = AuditSink(db, tmp_path / "audit.jsonl", interval=60)
+    monkeypatch.setattr(records, "_insert_isolated", held)
+    try:
+        for i in range(50):
+            sink.event("intrusion", "low", "127.0.0.1", {"n": i})
+        flusher = threading.Thread(target=lambda: sink.flush(pause=True), daemon=True)
+        flusher.start()
+        assert inside.wait(10)
+        assert db.idling.tid is not None
+        assert os.sched_getscheduler(db.idling.tid) == os.SCHED_IDLE
+        sink.event("intrusion", "low", "127.0.0.1", {"n": 50})
+        assert sink.full() is False  # (progress a moment ago: left as it is)
+        assert db.idling.idle is True
+        sink._beat = time.monotonic() - 2 * STARVED_S
+        assert sink.full() is False
+        assert db.idling.idle is False
+        assert os.sched_getscheduler(db.idling.tid) == os.SCHED_OTHER
+        assert db.idling.promotions == 1
+        assert sink.status()["idle_promotions"] == 1
+        go_on.set()
+        flusher.join(10)
+        assert sink.flush() == 1
+        rows = db.query("SELECT details_json FROM audit_logs ORDER BY id")
+        assert [json.loads(r[0])["n"] for r in rows] == list(range(51))
+    finally:
+        go_on.set()
+        sink.close()
+        db.close()
+
+
+def test_no_idle_class_where_a_thread_could_not_leave_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Leaving the idle class needs a right the process may not have (CAP_SYS_NICE, or an
+    RLIMIT_NICE allowing it): where the probe finds it missing, the helpers never enter it
+    and keep their niced normal priority."""
+    from flm.core import threads
+
+    real = os.sched_setscheduler
+
+    def no_way_back(tid: int, policy: int, param: Any) -> None:
+        if policy != os.SCHED_IDLE:
+            raise PermissionError(1, "Operation not permitted")
+        real(tid, policy, param)
+
+    monkeypatch.setattr(os, "sched_setscheduler", no_way_back)
+    assert threads._probe_idle() is False
+    monkeypatch.setattr(threads, "_may_idle", False)
+    idling = threads.Idling()
+    idling.bind()
+    idling.enter()
+    assert idling.idle is False
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
