@@ -42,8 +42,9 @@ only on a CPU with nothing else to do, so a loop that becomes saturated would st
 flusher and the writer note their progress at every pause, and the loop's room check puts
 the writer back at normal priority once a batch has shown none for :data:`STARVED_S`.
 Only where the process may bring a thread back from the idle class (CAP_SYS_NICE, or an
-``RLIMIT_NICE`` that allows it); elsewhere the writer keeps its niced normal priority. At
-c=1, 20 rounds of ``bench/cpu_cost.py``: p99 0.597 -> 0.525 ms, nothing else changed.
+``RLIMIT_NICE`` that allows it); elsewhere the writer keeps its niced normal priority.
+``bench/cpu_cost.py`` at c=1, three sessions of 20 rounds: p99 0.597 -> 0.525, 0.618 -> 0.629
+and 0.655 -> 0.593 ms; the other points unchanged within noise.
 
 Bounded, with back-pressure. Records not yet committed (queued plus the batch being written)
 are counted; at :data:`QUEUE_LIMIT` the gateway stops taking new requests until the flusher
