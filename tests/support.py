@@ -4,58 +4,22 @@ tools from Debian packages, and the gate for tests that change the machine's tru
 from __future__ import annotations
 
 import os
-import random
 import shutil
-import socket
 import sys
 import time
 from collections.abc import Callable
 
 import pytest
 
-
-def _ports_outside_the_ephemeral_range() -> range:
-    """Ports the kernel never hands out on its own: those below the range it picks the local
-    end of outgoing connections (and ``bind(port=0)``) from. A port taken from that range could
-    be taken again by any connection opened before the caller binds it."""
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            low, high = (int(part) for part in f.read().split())
-    except (OSError, ValueError):
-        return range(0)
-    if low >= 12_000:
-        return range(max(10_000, low - 20_000), low - 2)  # a pair P, P + 1 stays below too
-    if high <= 50_000:
-        return range(high + 1, 65_000)
-    return range(0)
-
-
-_OUTSIDE = _ports_outside_the_ephemeral_range()
-_HANDED_OUT: set[int] = set()
+from flm.core import ports
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on ``host`` right now (the caller binds it soon after).
-
-    Taken outside the kernel's ephemeral range when there is one, so no outgoing connection
-    made in between (an engine client, an ACME client, a resolver) can take it; never the same
-    port twice in one run, so two ports asked for before either is bound differ."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    if _OUTSIDE:
-        for _ in range(200):
-            port = random.choice(_OUTSIDE)
-            if port in _HANDED_OUT:
-                continue
-            with socket.socket(family, socket.SOCK_STREAM) as sock:
-                try:
-                    sock.bind((host, port))
-                except OSError:
-                    continue
-            _HANDED_OUT.add(port)
-            return port
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A TCP port free on ``host`` right now (the caller binds it soon after): FLM's own
+    :func:`flm.core.ports.free_port`, taken outside the kernel's ephemeral range so no outgoing
+    connection made in between (an engine client, an ACME client, a resolver) can take it, and
+    never the same port twice in one run."""
+    return ports.free_port(host)
 
 
 class FakeClock:

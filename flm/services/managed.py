@@ -6,7 +6,6 @@ import contextlib
 import os
 import secrets
 import signal
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,16 +13,11 @@ from typing import Any
 
 from flm.core.errors import EngineInstallError, EngineNotFoundError, UsageError
 from flm.core.paths import ensure_private_dir
+from flm.core.ports import free_port
 from flm.services.engines import EngineService
 from flm.services.runstate import pid_alive
 from flm.storage import Storage
 from flm.storage.config_db import EngineRow, EnginesRepo
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 class ManagedEngines:

@@ -8,6 +8,7 @@ import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import openai
 import pytest
@@ -86,6 +87,12 @@ def test_real_llama_embeddings_and_detection(llama: None, clean_up: None) -> Non
     )
     assert started.returncode == 0, started.stdout + started.stderr
     engine = json.loads(started.stdout)["data"]
+    # (its port was chosen outside the kernel's ephemeral range: no outgoing connection could
+    # take it before llama-server bound it)
+    from flm.core.ports import outside_ephemeral_range
+
+    outside = outside_ephemeral_range()
+    assert not outside or urlsplit(engine["base_url"]).port in outside
     detected = json.loads(
         flm_subprocess("engines", "detect", "--engine", engine["id"], "--fresh").stdout
     )["data"]["engines"]
