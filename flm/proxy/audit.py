@@ -40,7 +40,10 @@ formatting holds the GIL throughout a slice, so there the idle class would only 
 hand-off: the flusher stays at its niced normal priority.) A thread in the idle class runs
 only on a CPU with nothing else to do, so a loop that becomes saturated would starve it: the
 flusher and the writer note their progress at every pause, and the loop's room check puts
-the writer back at normal priority once a batch has shown none for :data:`STARVED_S`.
+the writer back at normal priority once a batch has shown none for :data:`STARVED_S`. (So
+does the flusher, waiting for the writer, every
+:data:`flm.storage.records.WATCH_S`: a CPU may also be kept busy by another process, an
+engine generating on every core, while no request comes in to make the loop look.)
 Only where the process may bring a thread back from the idle class (CAP_SYS_NICE, or an
 ``RLIMIT_NICE`` that allows it); elsewhere the writer keeps its niced normal priority.
 ``bench/cpu_cost.py`` at c=1, three sessions of 20 rounds: p99 0.597 -> 0.525, 0.618 -> 0.629
@@ -725,6 +728,13 @@ class AuditSink:
             idling is not None and idling.idle and idling.tid == threading.get_native_id()
         )
 
+    def _watch_writer(self) -> None:
+        """(The flusher, waiting for the writer) the loop's check of :meth:`full`, for when
+        no request comes in to make it: the CPU may be kept busy by another process."""
+        beat = self._beat
+        if beat and time.monotonic() - beat > STARVED_S:
+            self._behind()
+
     def _writer_pause(self) -> bool:
         assert self._db is not None
         return self._pause(self._db.idling)
@@ -824,6 +834,7 @@ class AuditSink:
             batch.anomalies,
             escape=_escape_row,
             pause=self._writer_pause if batch.paced else None,
+            watch=self._watch_writer,
         )
         self.rows_escaped += counts["escaped"]
         self.rows_dropped += counts["dropped"]

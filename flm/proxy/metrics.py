@@ -272,8 +272,8 @@ class _AuditCollector:
             ("flm_audit_gaps", "audit_gap events recorded", "gaps_recorded"),
             (
                 "flm_audit_idle_promotions",
-                "Times the audit's helpers, starved in the idle scheduling class, were put "
-                "back at normal priority",
+                "Times the audit's database writer, starved in the idle scheduling class, "
+                "was put back at normal priority",
                 "idle_promotions",
             ),
         )

@@ -4,6 +4,7 @@ sink, which adds to four of them in one transaction."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import itertools
 import json
@@ -77,6 +78,7 @@ def write_batch(
     anomalies: Sequence[tuple[Any, ...]],
     escape: Callable[[tuple[Any, ...]], tuple[Any, ...]] | None = None,
     pause: Callable[[], bool] | None = None,
+    watch: Callable[[], None] | None = None,
 ) -> dict[str, int]:
     """The audit sink's batch, in one transaction: audit rows (:data:`AUDIT_COLUMNS`), block
     upserts (ip, listener, reason, failure_count, blocked_at, expires_at, permanent), intrusion and
@@ -86,7 +88,9 @@ def write_batch(
 
     ``pause``: called between two statements of audit rows, which are then short (see
     :data:`PACED_ROWS`), so that another thread gets the CPU in between; the pauses stop
-    once it returns False."""
+    once it returns False. Such a batch is written in the idle scheduling class;
+    ``watch`` is then called every :data:`WATCH_S` until the write is done (the caller puts
+    the writer back at normal priority if it finds it starved)."""
     counts = {"escaped": 0, "dropped": 0}
 
     def run(conn: sqlite3.Connection) -> None:
@@ -104,8 +108,18 @@ def write_batch(
             if rows:
                 _insert_isolated(conn, sql, rows, counts, escape, pause)
 
-    db.write(run)
+    future = db.submit(run)
+    if pause is not None and watch is not None:
+        while not concurrent.futures.wait((future,), timeout=WATCH_S).done:
+            watch()
+    future.result()
     return counts
+
+
+#: How often the caller of a paced :func:`write_batch` looks at the writer while it waits. The
+#: event loop looks sooner, before each request; this is for a CPU kept busy by something else
+#: (an engine generating on every core) while no request comes in to look.
+WATCH_S = 0.25
 
 
 def _is_storage_error(exc: BaseException) -> bool:

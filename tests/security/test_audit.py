@@ -19,7 +19,7 @@ import pytest
 from flm.testing.emulators import start_emulator
 from tests.conftest import flm_subprocess
 from tests.security.conftest import Env
-from tests.support import free_port
+from tests.support import free_port, wait_until
 
 SECRET_PROMPT = "the-secret-prompt-text-7f3a9"
 
@@ -762,6 +762,7 @@ def test_a_calm_batch_is_written_in_the_idle_class(
     loop gets the CPU the moment it wakes); the writer is back at its normal priority, nice
     value kept, for the jobs after it, and every row is there."""
     from flm.core.threads import BACKGROUND_NICE
+    from flm.proxy import audit
     from flm.proxy.audit import AuditSink
     from flm.storage import records
     from flm.storage.db import Database
@@ -774,6 +775,8 @@ def test_a_calm_batch_is_written_in_the_idle_class(
         insert(*args, **kwargs)
 
     monkeypatch.setattr(records, "_insert_isolated", watched)
+    # (a calm loop, whatever else this machine runs: the batch is paced)
+    monkeypatch.setattr(audit, "_pause", lambda: True)
     db = Database(tmp_path / "security.db", "security").open()
     sink = AuditSink(db, tmp_path / "audit.jsonl", interval=60)
     try:
@@ -805,6 +808,7 @@ def test_the_loop_puts_a_starved_writer_back_at_normal_priority(
     """A saturated loop would starve a writer in the idle class, and the audit with it: the
     loop's room check (before every request) puts the writer back at normal priority once
     the batch under way has shown no progress for STARVED_S. Every row is written."""
+    from flm.proxy import audit
     from flm.proxy.audit import STARVED_S, AuditSink
     from flm.storage import records
     from flm.storage.db import Database
@@ -818,9 +822,12 @@ def test_the_loop_puts_a_starved_writer_back_at_normal_priority(
         assert go_on.wait(10)
         insert(*args, **kwargs)
 
+    # (a calm loop, whatever else this machine runs: the batch is paced)
+    monkeypatch.setattr(audit, "_pause", lambda: True)
     db = Database(tmp_path / "security.db", "security").open()
     sink = AuditSink(db, tmp_path / "audit.jsonl", interval=60)
     monkeypatch.setattr(records, "_insert_isolated", held)
+    monkeypatch.setattr(records, "WATCH_S", 60.0)  # (the flusher's own look: the next test)
     try:
         for i in range(50):
             sink.event("intrusion", "low", "127.0.0.1", {"n": i})
@@ -870,3 +877,53 @@ def test_no_idle_class_where_a_thread_could_not_leave_it(monkeypatch: pytest.Mon
     idling.enter()
     assert idling.idle is False
     assert os.sched_getscheduler(0) == os.SCHED_OTHER
+
+
+@needs_idle_class
+def test_a_writer_starved_while_no_request_comes_in_is_put_back_by_the_flusher(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process may keep the CPU busy (an engine generating on every core) while no
+    request comes in to run the loop's check: the flusher, waiting for the writer, looks
+    every WATCH_S and puts a writer that has shown no progress for STARVED_S back at normal
+    priority itself."""
+    from flm.proxy import audit
+    from flm.proxy.audit import AuditSink
+    from flm.storage import records
+    from flm.storage.db import Database
+
+    inside = threading.Event()
+    go_on = threading.Event()
+    insert = records._insert_isolated
+
+    def held(*args: Any, **kwargs: Any) -> None:
+        inside.set()
+        assert go_on.wait(10)
+        insert(*args, **kwargs)
+
+    monkeypatch.setattr(records, "_insert_isolated", held)
+    monkeypatch.setattr(records, "WATCH_S", 0.02)
+    # (a calm loop, whatever else this machine runs: the batch is paced)
+    monkeypatch.setattr(audit, "_pause", lambda: True)
+    db = Database(tmp_path / "security.db", "security").open()
+    sink = AuditSink(db, tmp_path / "audit.jsonl", interval=60)
+    try:
+        for i in range(50):
+            sink.event("intrusion", "low", "127.0.0.1", {"n": i})
+        flusher = threading.Thread(target=lambda: sink.flush(pause=True), daemon=True)
+        flusher.start()
+        assert inside.wait(10)
+        assert db.idling.tid is not None
+        wait_until(
+            lambda: not db.idling.idle, timeout=10, what="the flusher to put the writer back"
+        )
+        assert os.sched_getscheduler(db.idling.tid) == os.SCHED_OTHER
+        assert db.idling.promotions == 1
+        go_on.set()
+        flusher.join(10)
+        rows = db.query("SELECT details_json FROM audit_logs ORDER BY id")
+        assert [json.loads(r[0])["n"] for r in rows] == list(range(50))
+    finally:
+        go_on.set()
+        sink.close()
+        db.close()
