@@ -70,6 +70,12 @@ def and_equal(sql: str, params: list[Any], **columns: Any) -> str:
     return sql
 
 
+#: How often the caller of a paced :func:`write_batch` looks at the writer while it waits. The
+#: event loop looks sooner, before each request; this is for a CPU kept busy by something else
+#: (an engine generating on every core) while no request comes in to look.
+WATCH_S = 0.25
+
+
 def write_batch(
     db: Database,
     audit_rows: Sequence[tuple[Any, ...]],
@@ -114,12 +120,6 @@ def write_batch(
             watch()
     future.result()
     return counts
-
-
-#: How often the caller of a paced :func:`write_batch` looks at the writer while it waits. The
-#: event loop looks sooner, before each request; this is for a CPU kept busy by something else
-#: (an engine generating on every core) while no request comes in to look.
-WATCH_S = 0.25
 
 
 def _is_storage_error(exc: BaseException) -> bool:

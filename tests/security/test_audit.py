@@ -4,6 +4,7 @@ changes reach a running daemon without a restart."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -11,6 +12,7 @@ import sqlite3
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -804,15 +806,15 @@ def test_a_calm_batch_is_written_in_the_idle_class(
         db.close()
 
 
-@needs_idle_class
-def test_the_loop_puts_a_starved_writer_back_at_normal_priority(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A saturated loop would starve a writer in the idle class, and the audit with it: the
-    loop's room check (before every request) puts the writer back at normal priority once
-    the batch under way has shown no progress for STARVED_S. Every row is written."""
+@contextlib.contextmanager
+def _writer_held_mid_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, watch_s: float
+) -> Iterator[tuple[Any, Any, threading.Event]]:
+    """A paced batch of 50 records (a calm loop, whatever else this machine runs) whose
+    writer, in the idle class, is held inside its first insert until the yielded event is
+    set: (sink, db, go_on). The flusher looks at the writer every ``watch_s``."""
     from flm.proxy import audit
-    from flm.proxy.audit import STARVED_S, AuditSink
+    from flm.proxy.audit import AuditSink
     from flm.storage import records
     from flm.storage.db import Database
 
@@ -825,19 +827,44 @@ def test_the_loop_puts_a_starved_writer_back_at_normal_priority(
         assert go_on.wait(10)
         insert(*args, **kwargs)
 
-    # (a calm loop, whatever else this machine runs: the batch is paced)
+    monkeypatch.setattr(records, "_insert_isolated", held)
+    monkeypatch.setattr(records, "WATCH_S", watch_s)
     monkeypatch.setattr(audit, "_pause", lambda: True)
     db = Database(tmp_path / "security.db", "security").open()
     sink = AuditSink(db, tmp_path / "audit.jsonl", interval=60)
-    monkeypatch.setattr(records, "_insert_isolated", held)
-    monkeypatch.setattr(records, "WATCH_S", 60.0)  # (the flusher's own look: the next test)
+    flusher = threading.Thread(target=lambda: sink.flush(pause=True), daemon=True)
     try:
         for i in range(50):
             sink.event("intrusion", "low", "127.0.0.1", {"n": i})
-        flusher = threading.Thread(target=lambda: sink.flush(pause=True), daemon=True)
         flusher.start()
         assert inside.wait(10)
         assert db.idling.tid is not None
+        yield sink, db, go_on
+    finally:
+        go_on.set()
+        if flusher.is_alive():
+            flusher.join(10)
+        sink.close()
+        db.close()
+
+
+def _written(db: Any) -> list[int]:
+    return [
+        json.loads(r[0])["n"] for r in db.query("SELECT details_json FROM audit_logs ORDER BY id")
+    ]
+
+
+@needs_idle_class
+def test_the_loop_puts_a_starved_writer_back_at_normal_priority(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A saturated loop would starve a writer in the idle class, and the audit with it: the
+    loop's room check (before every request) puts the writer back at normal priority once
+    the batch under way has shown no progress for STARVED_S. Every row is written."""
+    from flm.proxy.audit import STARVED_S
+
+    # (the flusher's own look is the next test's)
+    with _writer_held_mid_batch(tmp_path, monkeypatch, watch_s=60.0) as (sink, db, go_on):
         assert os.sched_getscheduler(db.idling.tid) == os.SCHED_IDLE
         sink.event("intrusion", "low", "127.0.0.1", {"n": 50})
         assert sink.full() is False  # (progress a moment ago: left as it is)
@@ -849,14 +876,28 @@ def test_the_loop_puts_a_starved_writer_back_at_normal_priority(
         assert db.idling.promotions == 1
         assert sink.status()["idle_promotions"] == 1
         go_on.set()
-        flusher.join(10)
+        wait_until(lambda: len(_written(db)) == 50, timeout=10, what="the held batch")
         assert sink.flush() == 1
-        rows = db.query("SELECT details_json FROM audit_logs ORDER BY id")
-        assert [json.loads(r[0])["n"] for r in rows] == list(range(51))
-    finally:
+        assert _written(db) == list(range(51))
+
+
+@needs_idle_class
+def test_a_writer_starved_while_no_request_comes_in_is_put_back_by_the_flusher(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process may keep the CPU busy (an engine generating on every core) while no
+    request comes in to run the loop's check: the flusher, waiting for the writer, looks
+    every WATCH_S and puts a writer that has shown no progress for STARVED_S back at normal
+    priority itself."""
+    with _writer_held_mid_batch(tmp_path, monkeypatch, watch_s=0.02) as (_sink, db, go_on):
+        wait_until(
+            lambda: not db.idling.idle, timeout=10, what="the flusher to put the writer back"
+        )
+        assert os.sched_getscheduler(db.idling.tid) == os.SCHED_OTHER
+        assert db.idling.promotions == 1
         go_on.set()
-        sink.close()
-        db.close()
+        wait_until(lambda: len(_written(db)) == 50, timeout=10, what="the held batch")
+        assert _written(db) == list(range(50))
 
 
 def test_no_idle_class_where_a_thread_could_not_leave_it(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -880,53 +921,3 @@ def test_no_idle_class_where_a_thread_could_not_leave_it(monkeypatch: pytest.Mon
     idling.enter()
     assert idling.idle is False
     assert os.sched_getscheduler(0) == os.SCHED_OTHER
-
-
-@needs_idle_class
-def test_a_writer_starved_while_no_request_comes_in_is_put_back_by_the_flusher(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Another process may keep the CPU busy (an engine generating on every core) while no
-    request comes in to run the loop's check: the flusher, waiting for the writer, looks
-    every WATCH_S and puts a writer that has shown no progress for STARVED_S back at normal
-    priority itself."""
-    from flm.proxy import audit
-    from flm.proxy.audit import AuditSink
-    from flm.storage import records
-    from flm.storage.db import Database
-
-    inside = threading.Event()
-    go_on = threading.Event()
-    insert = records._insert_isolated
-
-    def held(*args: Any, **kwargs: Any) -> None:
-        inside.set()
-        assert go_on.wait(10)
-        insert(*args, **kwargs)
-
-    monkeypatch.setattr(records, "_insert_isolated", held)
-    monkeypatch.setattr(records, "WATCH_S", 0.02)
-    # (a calm loop, whatever else this machine runs: the batch is paced)
-    monkeypatch.setattr(audit, "_pause", lambda: True)
-    db = Database(tmp_path / "security.db", "security").open()
-    sink = AuditSink(db, tmp_path / "audit.jsonl", interval=60)
-    try:
-        for i in range(50):
-            sink.event("intrusion", "low", "127.0.0.1", {"n": i})
-        flusher = threading.Thread(target=lambda: sink.flush(pause=True), daemon=True)
-        flusher.start()
-        assert inside.wait(10)
-        assert db.idling.tid is not None
-        wait_until(
-            lambda: not db.idling.idle, timeout=10, what="the flusher to put the writer back"
-        )
-        assert os.sched_getscheduler(db.idling.tid) == os.SCHED_OTHER
-        assert db.idling.promotions == 1
-        go_on.set()
-        flusher.join(10)
-        rows = db.query("SELECT details_json FROM audit_logs ORDER BY id")
-        assert [json.loads(r[0])["n"] for r in rows] == list(range(50))
-    finally:
-        go_on.set()
-        sink.close()
-        db.close()
