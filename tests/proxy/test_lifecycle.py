@@ -9,6 +9,8 @@ import socket
 import time
 from pathlib import Path
 
+import pytest
+
 from flm.services.runstate import pid_alive
 from tests.conftest import audit_rows, flm_subprocess
 from tests.support import free_port
@@ -476,3 +478,34 @@ def test_settle_heap_takes_what_lives_out_of_the_collectors_scans() -> None:
         assert any(o is keep for o in gc.get_objects())
     finally:
         gc.unfreeze()
+
+
+def test_serving_raises_the_young_generations_threshold_until_the_last_proxy_stops(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While a proxy serves, a young collection waits for YOUNG_THRESHOLD net allocations
+    (not CPython's 700, which the requests in flight at c=64 alone exceed); with two proxies
+    in one process, the first to stop leaves it raised; the last restores what it found."""
+    import gc
+
+    from flm.core import heap
+    from flm.core.heap import YOUNG_THRESHOLD, release_heap, settle_heap
+
+    monkeypatch.setattr(heap, "_serving", 0)  # (no proxy of another test counted)
+    monkeypatch.setattr(heap, "_found", None)
+    found = gc.get_threshold()
+    gc.set_threshold(700, found[1], found[2])
+    try:
+        settle_heap()
+        assert gc.get_threshold() == (YOUNG_THRESHOLD, found[1], found[2])
+        assert YOUNG_THRESHOLD > 700
+        settle_heap()  # a second proxy in the same process
+        release_heap()
+        assert gc.get_threshold()[0] == YOUNG_THRESHOLD
+        release_heap()
+        assert gc.get_threshold() == (700, found[1], found[2])
+        release_heap()  # (one stop too many changes nothing)
+        assert gc.get_threshold() == (700, found[1], found[2])
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*found)
