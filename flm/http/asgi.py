@@ -3,6 +3,7 @@ request (the gateway's helpers on top of them are in :mod:`flm.proxy.asgi`)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -17,8 +18,13 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 #: ``scope[DISCONNECT_HOOK](callback)`` has ``callback()`` called once, on the event loop, when
 #: the client goes away while the request runs (at once if it has already gone);
 #: ``scope[DISCONNECT_HOOK](None)`` withdraws it. It tells what ``receive()`` returning
-#: ``http.disconnect`` tells, without a task waiting on ``receive()``.
+#: ``http.disconnect`` tells, without a task waiting on ``receive()``. It returns the task
+#: that runs the app for this request (the one to cancel when the client has gone), so that
+#: the app need not ask asyncio for it (``asyncio.current_task()`` makes a ``getpid()``
+#: system call on Python 3.11).
 DISCONNECT_HOOK = "flm.on_disconnect"
+#: The hook's type: ``(callback or None) -> the task running the app``.
+DisconnectHook = Callable[[Callable[[], None] | None], asyncio.Task[Any] | None]
 
 
 #: Scope key set (to True) by a server that takes ready-made header lines: an

@@ -346,12 +346,14 @@ class _Cycle:
         #: Called once when the client goes away (the scope's DISCONNECT_HOOK sets it).
         self.gone_callback: Callable[[], None] | None = None
 
-    def on_disconnect(self, callback: Callable[[], None] | None) -> None:
+    def on_disconnect(self, callback: Callable[[], None] | None) -> asyncio.Task[None] | None:
         """The scope's :data:`~flm.http.asgi.DISCONNECT_HOOK`: ``callback`` is called once
-        when the client goes away (at once if it has); None withdraws it."""
+        when the client goes away (at once if it has); None withdraws it. Returns the task
+        that runs the app (the connection's worker)."""
         self.gone_callback = callback
         if callback is not None and self.disconnected:
             self._call_gone()
+        return self.proto.worker
 
     def lose(self) -> None:
         """The client went away (or its request cannot be read any further): ``receive()``

@@ -11,6 +11,7 @@ from typing import Any
 from flm.http.asgi import (
     DISCONNECT_HOOK,
     ASGIApp,
+    DisconnectHook,
     Message,
     Receive,
     RequestBodyTimeout,
@@ -202,7 +203,7 @@ class watch_disconnect:
 
     def __init__(self, scope: Scope, receive: Receive) -> None:
         self._state: RequestState = scope["flm"]
-        self._hook: Callable[[Callable[[], None] | None], None] | None = scope.get(DISCONNECT_HOOK)
+        self._hook: DisconnectHook | None = scope.get(DISCONNECT_HOOK)
         self._receive = receive
         self.gone = False
         self._task: asyncio.Task[Any] | None = None
@@ -210,8 +211,9 @@ class watch_disconnect:
 
     def _left(self) -> None:
         self.gone = True
-        assert self._task is not None
-        self._task.cancel()
+        task = self._task
+        if task is not None:  # (else start() cancels it, once it knows the task)
+            task.cancel()
 
     async def _watch(self) -> None:
         try:
@@ -222,10 +224,15 @@ class watch_disconnect:
         self._left()
 
     def start(self) -> None:
-        self._task = asyncio.current_task()
-        if self._hook is not None:
-            self._hook(self._left)
+        hook = self._hook
+        if hook is not None:
+            # (the hook names the task running the request: no asyncio.current_task(),
+            # which makes a getpid() system call per request on Python 3.11)
+            task = self._task = hook(self._left) or asyncio.current_task()
+            if self.gone and task is not None:  # the client had gone already
+                task.cancel()
         else:
+            self._task = asyncio.current_task()
             self._watcher = asyncio.get_running_loop().create_task(self._watch())
 
     def stop(self) -> None:

@@ -314,6 +314,7 @@ class SecurityMiddleware:
         #    are in flight (counted below, once the request is let in), 429 past an address's
         #    or a key's fair share; running requests carry on.
         counted = policy.resource_enabled and path != "/health"
+        who = ""  # ("ip:<subject>", the address's key in the guard's tables, once needed)
         if counted:
             if self._monitor is None:
                 self._monitor = asyncio.ensure_future(self._watch())
@@ -365,7 +366,7 @@ class SecurityMiddleware:
 
             # 9. Per-IP rate limit
             if policy.ip_rate_enabled and path != "/health" and not sharing:
-                wait = guard.take("ip:" + subject(ip), policy.ip_rpm, policy.ip_burst)
+                wait = guard.take(who or "ip:" + subject(ip), policy.ip_rpm, policy.ip_burst)
                 if wait:
                     rt.metrics.rate_limited.labels("ip").inc()
                     raise _limited(wait, "per-address")
@@ -408,16 +409,17 @@ class SecurityMiddleware:
                         sharing = await self._admit_shared(shared, ip, key_id, key, trusted)
                 except _AuthFailed as failure:
                     raise await self._count_failure(scope, state, failure, sharing) from None
+                holder = "key:" + key_id
                 if counted:  # (the key's fair share of the slots)
-                    if guard.in_flight.get("key:" + key_id, 0) >= policy.max_connections_per_key:
+                    if guard.in_flight.get(holder, 0) >= policy.max_connections_per_key:
                         raise _busy("this API key")
-                    key_slot = "key:" + key_id
-                    guard.enter(key_slot)
+                    key_slot = holder
+                    guard.enter(holder)
 
                 # 12. Per-key rate limit: the policy's, then the key's own expiry, read-only
                 #     flag, limits and budgets (a key without any costs one attribute read)
                 if policy.key_rpm > 0 and not sharing:
-                    wait = guard.take("key:" + key_id, policy.key_rpm, policy.key_burst)
+                    wait = guard.take(holder, policy.key_rpm, policy.key_burst)
                     if wait:
                         rt.metrics.rate_limited.labels("key").inc()
                         raise _limited(wait, "per-key")
