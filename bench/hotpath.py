@@ -208,6 +208,11 @@ async def _measure(
 
         await attach_shared(shared, runtime)
     state = server._ServerState(build_app(runtime), "http", 30.0, response_headers())
+    # (what a serving proxy does once started: start-up objects frozen, the young GC threshold
+    # raised; see flm/core/heap.py)
+    from flm.core.heap import settle_heap
+
+    settle_heap()
     proto = server.HttpProtocol(state)
     down = downstream_cls()
     down.stream = body == STREAM_BODY

@@ -11,7 +11,7 @@ by tens of percent.
 ``--scoped``: the key has every per-key setting on (see hotpath.py); the difference to a run
 without it is what the key's checks, the ledger and the ``x-ratelimit-*`` headers cost.
 ``--pythonpath DIR``: run another tree's ``flm`` package (e.g. an older commit's
-``git archive`` output) with this tree's harness. Several ``--variant`` runs go in parallel.
+``git archive`` output) with this tree's harness. The two runs (N1 and N2 requests) go in parallel.
 
 Run: ``.venv/bin/python bench/instructions.py [--scoped] [--requests 200,1200]``. Needs the
 Debian package valgrind. Not part of the test suite. (Wall time: a few minutes; valgrind runs
