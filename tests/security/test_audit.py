@@ -748,10 +748,6 @@ def test_a_request_line_is_written_as_the_general_way_writes_it() -> None:
         assert json.loads(line)["event_type"] == "request"
 
 
-def _policy(tid: int) -> int:
-    return os.sched_getscheduler(tid)
-
-
 needs_idle_class = pytest.mark.skipif(
     not __import__("flm.core.threads", fromlist=["may_idle"]).may_idle(),
     reason="this process may not move a thread out of the idle scheduling class "
