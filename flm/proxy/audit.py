@@ -40,10 +40,16 @@ formatting holds the GIL throughout a slice, so there the idle class would only 
 hand-off: the flusher stays at its niced normal priority.) A thread in the idle class runs
 only on a CPU with nothing else to do, so a loop that becomes saturated would starve it: the
 flusher and the writer note their progress at every pause, and the loop's room check puts
-the writer back at normal priority once a batch has shown none for :data:`STARVED_S`. (So
-does the flusher, waiting for the writer, every
+the writer back at normal priority once a batch has shown none for :data:`STARVED_S`, or
+once the oldest unwritten record is :data:`BEHIND_S` old. The second rule is for a loop
+that leaves the CPU only brief gaps (a machine fast enough that one client keeps its core
+busy): the writer progresses there, but slowly, and without the rule the age bound below
+held requests back every second or so (``bench/run.py --guest-halt-poll-ns 200000`` at c=1:
+p99 1.1-5 ms). (The flusher, waiting for the writer, applies both rules too, every
 :data:`flm.storage.records.WATCH_S`: a CPU may also be kept busy by another process, an
-engine generating on every core, while no request comes in to make the loop look.)
+engine generating on every core, while no request comes in to make the loop look.) The
+flusher starts a batch an interval after the start of the last one, not after its end, so
+that a normal batch's oldest record is committed well before :data:`BEHIND_S`.
 Only where the process may bring a thread back from the idle class (CAP_SYS_NICE, or an
 ``RLIMIT_NICE`` that allows it); elsewhere the writer keeps its niced normal priority.
 ``bench/cpu_cost.py`` at c=1, three sessions of 20 rounds: p99 0.597 -> 0.525, 0.618 -> 0.629
@@ -110,12 +116,18 @@ QUEUE_LIMIT = 4096
 #: A request waits at most this long for room in the audit before it is refused with 503.
 ROOM_WAIT_S = 5.0
 #: New requests also wait while the oldest unwritten record is older than this, so that at
-#: any rate at most about a second of requests is unwritten (the flusher writes every 0.2 s).
+#: any rate at most about a second of requests is unwritten (the flusher starts a batch every
+#: 0.2 s).
 MAX_AGE_S = 0.5
 #: The database writer writes a paced batch in the idle scheduling class (see the module
 #: docstring); once the batch has shown no progress for this long, the loop has starved the
 #: writer, and it is put back at normal priority.
 STARVED_S = 0.05
+#: The writer is also put back at normal priority once the oldest unwritten record is this
+#: old, well before :data:`MAX_AGE_S` holds requests back: a loop that leaves the CPU only
+#: brief gaps (a fast machine at c=1) does not starve the writer, but slows it until the
+#: age bound stops the gateway for milliseconds at a time.
+BEHIND_S = 0.35
 #: A failing write is retried after this long (the flusher keeps the batch meanwhile).
 RETRY_S = 1.0
 #: A failing write is logged at most once per this many seconds (with the count).
@@ -548,14 +560,14 @@ class AuditSink:
             return False
         now = time.monotonic()
         beat = self._beat
-        if beat and now - beat > STARVED_S:
+        if beat and (now - beat > STARVED_S or now - since > BEHIND_S):
             self._behind()
         return now - since > MAX_AGE_S
 
     def _behind(self) -> None:
-        """(On the loop) a batch under way has shown no progress for :data:`STARVED_S`: if
-        the database writer is writing it in the idle class, put it back at normal
-        priority."""
+        """(On the loop) a batch under way has shown no progress for :data:`STARVED_S`, or
+        the oldest record waiting for it is :data:`BEHIND_S` old: if the database writer is
+        writing it in the idle class, put it back at normal priority."""
         if self._db is not None:
             self._db.idling.normal()
 
@@ -622,16 +634,26 @@ class AuditSink:
 
     def _run(self) -> None:
         background_thread()
+        started = time.monotonic()
         while not self._stop:
-            wait = self._interval if self.failing_since is None else RETRY_S
-            self._wake.wait(wait)
+            self._wake.wait(self._until_next(started))
             self._wake.clear()
+            started = time.monotonic()
             try:
                 self.flush(pause=True)
             except Exception:  # pragma: no cover - logged, never fatal for the proxy
                 log.exception("audit flush failed")
             finally:
                 self._notify()
+
+    def _until_next(self, started: float) -> float:
+        """Seconds until the next flush: an interval from the start of the last one (which
+        began at ``started``), so that a record waits at most about one interval for its
+        batch to begin however long the last batch took to write; :data:`RETRY_S` after a
+        failed write."""
+        if self.failing_since is not None:
+            return RETRY_S
+        return max(0.0, started + self._interval - time.monotonic())
 
     def flush(self, *, pause: bool = False) -> int:
         """Write everything queued so far (and any batch kept from a failed write); returns
@@ -732,7 +754,7 @@ class AuditSink:
         """(The flusher, waiting for the writer) the loop's check of :meth:`full`, for when
         no request comes in to make it: the CPU may be kept busy by another process."""
         beat = self._beat
-        if beat and time.monotonic() - beat > STARVED_S:
+        if beat and (time.monotonic() - beat > STARVED_S or self.oldest_age() > BEHIND_S):
             self._behind()
 
     def _writer_pause(self) -> bool:

@@ -896,6 +896,71 @@ def test_a_writer_starved_while_no_request_comes_in_is_put_back_by_the_flusher(
         assert _written(db) == list(range(50))
 
 
+@needs_idle_class
+def test_the_loop_puts_a_writer_that_falls_behind_back_at_normal_priority(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A loop that leaves the CPU only brief gaps does not starve the writer, it slows it:
+    the batch keeps showing progress while its records age towards MAX_AGE_S, where every
+    request would wait. The room check puts the writer back at normal priority once the
+    oldest record is BEHIND_S old, while no request has been held back yet."""
+    from flm.proxy.audit import BEHIND_S, MAX_AGE_S
+
+    assert BEHIND_S < MAX_AGE_S
+    with _writer_held_mid_batch(tmp_path, monkeypatch, watch_s=60.0) as (sink, db, go_on):
+        sink._beat = time.monotonic()  # (progress a moment ago)
+        assert sink.full() is False
+        assert db.idling.idle is True  # (a young batch: left in the idle class)
+        sink._batch_since = time.monotonic() - (BEHIND_S + MAX_AGE_S) / 2
+        sink._beat = time.monotonic()
+        assert sink.full() is False  # (no request is held back for it)
+        assert db.idling.idle is False
+        assert os.sched_getscheduler(db.idling.tid) == os.SCHED_OTHER
+        assert sink.status()["idle_promotions"] == 1
+        go_on.set()
+        wait_until(lambda: len(_written(db)) == 50, timeout=10, what="the held batch")
+        assert _written(db) == list(range(50))
+
+
+@needs_idle_class
+def test_the_flusher_puts_a_writer_that_falls_behind_back_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The flusher's own look (no request coming in) applies the age rule as well: here the
+    writer never looks starved (STARVED_S is out of reach), only its batch grows old."""
+    from flm.proxy import audit
+
+    monkeypatch.setattr(audit, "STARVED_S", 3600.0)
+    with _writer_held_mid_batch(tmp_path, monkeypatch, watch_s=0.02) as (sink, db, go_on):
+        assert db.idling.idle is True
+        sink._batch_since = time.monotonic() - audit.BEHIND_S
+        wait_until(
+            lambda: not db.idling.idle, timeout=10, what="the flusher to put the writer back"
+        )
+        assert db.idling.promotions == 1
+        go_on.set()
+        wait_until(lambda: len(_written(db)) == 50, timeout=10, what="the held batch")
+
+
+def test_the_flusher_keeps_its_cadence_after_a_slow_batch(tmp_path: Path) -> None:
+    """The next batch is due an interval after the start of the last one, not after its end:
+    a batch that took most of an interval to write leaves only the rest to wait, and one
+    that took longer is followed at once. After a failed write, RETRY_S."""
+    from flm.proxy.audit import RETRY_S, AuditSink
+
+    sink = AuditSink(None, None, interval=0.2)
+    try:
+        now = time.monotonic()
+        assert 0.15 < sink._until_next(now) <= 0.2
+        assert sink._until_next(now - 0.15) <= 0.05
+        assert sink._until_next(now - 0.5) == 0.0
+        sink.failing_since = time.time()
+        assert sink._until_next(now - 0.5) == RETRY_S
+    finally:
+        sink.failing_since = None
+        sink.close()
+
+
 def test_no_idle_class_where_a_thread_could_not_leave_it(monkeypatch: pytest.MonkeyPatch) -> None:
     """Leaving the idle class needs a right the process may not have (CAP_SYS_NICE, or an
     RLIMIT_NICE allowing it): where the probe finds it missing, the helpers never enter it
