@@ -16,6 +16,7 @@ from fnmatch import translate
 
 from flm.core.errors import UsageError
 from flm.core.memo import remember
+from flm.core.models import make_model_id
 from flm.core.timeutil import iso, parse_iso
 
 MAX_PATTERNS = 64
@@ -93,6 +94,7 @@ class KeyScope:
     _glob: re.Pattern[str] | None = field(default=None, repr=False)
     _whole_engines: re.Pattern[str] | None = field(default=None, repr=False)
     _answers: dict[str, bool] = field(default_factory=dict, repr=False)
+    _pairs: dict[tuple[str, str], bool] = field(default_factory=dict, repr=False)
     _engines: dict[str, bool] = field(default_factory=dict, repr=False)
     #: Whether the key has per-minute limits or daily budgets (the ledger admits it).
     limits: bool = field(default=False, init=False)
@@ -116,6 +118,8 @@ class KeyScope:
     tok_capacity: float = field(default=0.0, init=False, repr=False)
     tok_lines_ms: bytes = field(default=b"", init=False, repr=False)
     tok_lines: bytes = field(default=b"", init=False, repr=False)
+    #: Both buckets' lines when both resets are under a second (one ``%`` for the six).
+    both_lines_ms: bytes = field(default=b"", init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.limits = any(
@@ -134,6 +138,7 @@ class KeyScope:
             self.tok_rate = self.tpm / 60.0
             self.tok_capacity = float(self.tpm)
             self.tok_lines_ms, self.tok_lines = _limit_lines(b"tokens", self.tpm)
+        self.both_lines_ms = self.req_lines_ms + self.tok_lines_ms
         if self.models is None:
             return
         globs = [p for p in self.models if _GLOB.search(p)]
@@ -155,6 +160,15 @@ class KeyScope:
                 self._glob is not None and self._glob.match(model_id) is not None
             )
             remember(self._answers, model_id, answer, 1024)
+        return answer
+
+    def allows(self, engine_id: str, model: str) -> bool:
+        """:meth:`allows_model` for ``flm://engine_id/model``, remembered by the pair (the
+        request path knows the two parts; no id is built for a known pair)."""
+        answer = self._pairs.get((engine_id, model))
+        if answer is None:
+            answer = self.allows_model(make_model_id(engine_id, model))
+            remember(self._pairs, (engine_id, model), answer, 1024)
         return answer
 
     def allows_engine(self, engine_id: str) -> bool:

@@ -29,6 +29,7 @@ from typing import Any
 
 from flm.core import threads
 from flm.core.keyscope import KeyScope
+from flm.core.models import make_model_id
 from flm.core.threads import background_thread
 from flm.http.asgi import header_pairs
 from flm.openai.errors import HttpError
@@ -149,22 +150,21 @@ class KeyLedger:
             req -= 1.0
             st.req_level, st.req_at = req, now
             reset = (scope.req_capacity - req) / req_rate
-            if reset < 1:
-                lines = scope.req_lines_ms % (req, reset * 1000)
-            else:
-                lines = scope.req_lines % (req, _duration(reset))
             if not tok_rate:
-                return lines
-        else:
-            lines = b""
-        if tok_rate:
-            st.tok_level, st.tok_at = tok, now
-            reset = (scope.tok_capacity - tok) / tok_rate
-            if reset < 1:
-                lines += scope.tok_lines_ms % (tok, reset * 1000)
-            else:
-                lines += scope.tok_lines % (tok, _duration(reset))
-        return lines
+                if reset < 1:
+                    return scope.req_lines_ms % (req, reset * 1000)
+                return scope.req_lines % (req, _duration(reset))
+        elif not tok_rate:
+            return b""
+        st.tok_level, st.tok_at = tok, now
+        tok_reset = (scope.tok_capacity - tok) / tok_rate
+        if not req_rate:
+            return _filled(scope.tok_lines_ms, scope.tok_lines, tok, tok_reset)
+        if reset < 1 and tok_reset < 1:
+            return scope.both_lines_ms % (req, reset * 1000, tok, tok_reset * 1000)
+        return _filled(scope.req_lines_ms, scope.req_lines, req, reset) + _filled(
+            scope.tok_lines_ms, scope.tok_lines, tok, tok_reset
+        )
 
     def _refuse(self, scope: KeyScope, st: _KeyState, now: float) -> HttpError:
         """The 429 for a key whose request or token bucket has no room, with the
@@ -474,13 +474,12 @@ def account(rt: Any, state: Any, ts: float) -> None:
         rt.metrics.record_key_tokens(key.label, model, prompt, completion)
 
 
-def require_model(state: Any, model_id: str) -> None:
-    """403 ``model_not_allowed`` unless the request's key may use ``model_id``."""
-    key: KeyScope | None = state.key
-    if key is not None and not key.allows_model(model_id):
-        raise HttpError(
-            403, "model_not_allowed", f"this API key may not use the model {model_id[:200]!r}"
-        )
+def model_not_allowed(engine_id: str, model: str) -> HttpError:
+    """The 403 for a key whose scope leaves out ``flm://engine_id/model``."""
+    model_id = make_model_id(engine_id, model)
+    return HttpError(
+        403, "model_not_allowed", f"this API key may not use the model {model_id[:200]!r}"
+    )
 
 
 def require_engine(state: Any, engine_id: str) -> None:

@@ -39,6 +39,14 @@ def test_scope_matches_exact_ids_and_globs() -> None:
     assert not scope.allows_engine("lm")  # one model of an engine is not the engine
     everything = KeyScope("k", "l")
     assert everything.allows_model("flm://any/thing") and everything.allows_engine("any")
+    # The request path asks by (engine, model), remembered per pair: the same answers.
+    for _ in range(2):
+        assert scope.allows("ollama", "llama3:8b") and scope.allows("vllm", "qwen-7b")
+        assert not scope.allows("vllm", "qwen-14b") and not scope.allows("lm", "exact2")
+        assert not scope.allows("ollamax", "m") and scope.allows("lm", "exact")
+    slash = KeyScope("k", "l", ("flm://a/b/c",))  # (a model name may hold a slash)
+    assert slash.allows("a", "b/c") and not slash.allows("a", "b")
+    assert everything.allows("any", "thing")
 
 
 @pytest.mark.parametrize(
@@ -115,6 +123,44 @@ def test_ledger_headers_name_only_the_limits_a_key_has() -> None:
         b"30s"
     )
     assert ledger.admit(KeyScope("b", "l", daily_requests=5)) == b""
+
+
+def test_ledger_headers_of_both_buckets_in_every_form() -> None:
+    """A key with both buckets gets all six lines, each reset in milliseconds or as text on
+    its own (one template when both are under a second, two otherwise)."""
+    clock = FakeClock(1_000_000.0)
+    ledger = KeyLedger(clock)
+    fast = KeyScope("f", "l", rpm=600_000, burst=10, tpm=60_000)
+    assert _pairs(ledger.admit(fast)) == {
+        b"x-ratelimit-limit-requests": b"600000",
+        b"x-ratelimit-remaining-requests": b"9",
+        b"x-ratelimit-reset-requests": b"0ms",  # (one request back in 0.1 ms)
+        b"x-ratelimit-limit-tokens": b"60000",
+        b"x-ratelimit-remaining-tokens": b"60000",
+        b"x-ratelimit-reset-tokens": b"0ms",
+    }
+    ledger.charge("f", 600, 60_000)  # 600 tokens back in 0.6 s
+    both_ms = _pairs(ledger.admit(fast))
+    assert both_ms[b"x-ratelimit-reset-requests"] == b"0ms"
+    assert both_ms[b"x-ratelimit-remaining-tokens"] == b"59400"
+    assert both_ms[b"x-ratelimit-reset-tokens"] == b"600ms"
+    slow = KeyScope("s", "l", rpm=60, burst=5, tpm=600)
+    requests_text = _pairs(ledger.admit(slow))
+    assert requests_text[b"x-ratelimit-remaining-requests"] == b"4"
+    assert requests_text[b"x-ratelimit-reset-requests"] == b"1s"
+    assert requests_text[b"x-ratelimit-reset-tokens"] == b"0ms"
+    ledger.charge("s", 300, 600)
+    both_text = _pairs(ledger.admit(slow))
+    assert both_text[b"x-ratelimit-reset-requests"] == b"2s"
+    assert both_text[b"x-ratelimit-remaining-tokens"] == b"300"
+    assert both_text[b"x-ratelimit-reset-tokens"] == b"30s"
+    wide = KeyScope("w", "l", rpm=600_000, tpm=600)
+    ledger.admit(wide)
+    ledger.charge("w", 60, 600)
+    tokens_text = _pairs(ledger.admit(wide))
+    assert tokens_text[b"x-ratelimit-reset-requests"].endswith(b"ms")
+    assert tokens_text[b"x-ratelimit-reset-tokens"] == b"6s"
+    assert len(tokens_text) == 6
 
 
 def test_ledger_daily_budgets_renew_at_midnight_utc() -> None:

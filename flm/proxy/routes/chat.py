@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, NoReturn
 
 from flm.core.errors import EngineError
-from flm.core.models import EngineKind, ModelInfo, make_model_id
+from flm.core.models import EngineKind, ModelInfo
 from flm.engines.base import EngineAdapter
 from flm.openai.errors import HttpError, error_body, http_status
 from flm.openai.sse import DONE, encode_event, usage_from_bytes
@@ -39,7 +39,7 @@ from flm.proxy.asgi import (
     watch_disconnect,
 )
 from flm.proxy.runtime import ProxyRuntime
-from flm.proxy.usage import estimate_tokens, require_model
+from flm.proxy.usage import estimate_tokens, model_not_allowed
 from flm.services.profiles import apply_profile, apply_prompt
 
 SSE_HEADERS = [
@@ -93,8 +93,9 @@ async def _target(
     resolves to."""
     engine_id, model = await rt.engines.locate(named)
     state.engine_id, state.model = engine_id, named
-    if state.key is not None and state.key.models is not None:
-        require_model(state, make_model_id(engine_id, model))
+    key = state.key
+    if key is not None and key.models is not None and not key.allows(engine_id, model):
+        raise model_not_allowed(engine_id, model)
     adapter, info = await rt.engines.resolve(engine_id, model)
     if info.cloud and not rt.effective.allow_cloud_models:
         refuse_cloud_model(state, rt, info)
