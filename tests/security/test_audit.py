@@ -850,6 +850,16 @@ def _written(db: Any) -> list[int]:
     ]
 
 
+def _promoted_then_written(db: Any, go_on: threading.Event) -> None:
+    """The held writer is back at normal priority (one promotion); released, it writes the
+    whole batch."""
+    assert os.sched_getscheduler(db.idling.tid) == os.SCHED_OTHER
+    assert db.idling.promotions == 1
+    go_on.set()
+    wait_until(lambda: len(_written(db)) == 50, timeout=10, what="the held batch")
+    assert _written(db) == list(range(50))
+
+
 @needs_idle_class
 def test_the_loop_puts_a_starved_writer_back_at_normal_priority(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -889,11 +899,7 @@ def test_a_writer_starved_while_no_request_comes_in_is_put_back_by_the_flusher(
         wait_until(
             lambda: not db.idling.idle, timeout=10, what="the flusher to put the writer back"
         )
-        assert os.sched_getscheduler(db.idling.tid) == os.SCHED_OTHER
-        assert db.idling.promotions == 1
-        go_on.set()
-        wait_until(lambda: len(_written(db)) == 50, timeout=10, what="the held batch")
-        assert _written(db) == list(range(50))
+        _promoted_then_written(db, go_on)
 
 
 @needs_idle_class
@@ -915,11 +921,8 @@ def test_the_loop_puts_a_writer_that_falls_behind_back_at_normal_priority(
         sink._beat = time.monotonic()
         assert sink.full() is False  # (no request is held back for it)
         assert db.idling.idle is False
-        assert os.sched_getscheduler(db.idling.tid) == os.SCHED_OTHER
         assert sink.status()["idle_promotions"] == 1
-        go_on.set()
-        wait_until(lambda: len(_written(db)) == 50, timeout=10, what="the held batch")
-        assert _written(db) == list(range(50))
+        _promoted_then_written(db, go_on)
 
 
 @needs_idle_class
@@ -937,9 +940,7 @@ def test_the_flusher_puts_a_writer_that_falls_behind_back_too(
         wait_until(
             lambda: not db.idling.idle, timeout=10, what="the flusher to put the writer back"
         )
-        assert db.idling.promotions == 1
-        go_on.set()
-        wait_until(lambda: len(_written(db)) == 50, timeout=10, what="the held batch")
+        _promoted_then_written(db, go_on)
 
 
 def test_the_flusher_keeps_its_cadence_after_a_slow_batch(tmp_path: Path) -> None:
