@@ -112,7 +112,7 @@ class KeyLedger:
             st.new_day(now)
         return st
 
-    def admit(self, scope: KeyScope, *, count: bool = True) -> bytes:
+    def admit(self, scope: KeyScope, count: bool = True) -> bytes:
         """Let one request of ``scope``'s key in, or raise the 429 to answer. Returns the
         ``x-ratelimit-*`` header lines for the reply (``name: value\r\n`` each; empty for a
         key without per-minute limits).
@@ -141,7 +141,7 @@ class KeyLedger:
             tok = st.tok_level + (now - st.tok_at) * tok_rate
             if tok > scope.tok_capacity:
                 tok = scope.tok_capacity
-            if tok <= 0:
+            if tok <= 0.0:
                 raise self._refuse(scope, st, now)
         if count:
             st.day_requests += 1
@@ -151,8 +151,8 @@ class KeyLedger:
             st.req_level, st.req_at = req, now
             reset = (scope.req_capacity - req) / req_rate
             if not tok_rate:
-                if reset < 1:
-                    return scope.req_lines_ms % (req, reset * 1000)
+                if reset < 1.0:
+                    return scope.req_lines_ms % (req, reset * 1000.0)
                 return scope.req_lines % (req, _duration(reset))
         elif not tok_rate:
             return b""
@@ -160,8 +160,8 @@ class KeyLedger:
         tok_reset = (scope.tok_capacity - tok) / tok_rate
         if not req_rate:
             return _filled(scope.tok_lines_ms, scope.tok_lines, tok, tok_reset)
-        if reset < 1 and tok_reset < 1:
-            return scope.both_lines_ms % (req, reset * 1000, tok, tok_reset * 1000)
+        if reset < 1.0 and tok_reset < 1.0:
+            return scope.both_lines_ms % (req, reset * 1000.0, tok, tok_reset * 1000.0)
         return _filled(scope.req_lines_ms, scope.req_lines, req, reset) + _filled(
             scope.tok_lines_ms, scope.tok_lines, tok, tok_reset
         )

@@ -129,6 +129,24 @@ def test_read_only_key_lists_models_only(cli: Any, two_engines: Any) -> None:
         assert _request(gw.url, "GET", "/engine/emu-a/v1/models", key)[0] == 403
 
 
+def test_listing_models_does_not_use_the_daily_request_budget(cli: Any, two_engines: Any) -> None:
+    """A key's daily request budget counts the requests that reach a model: listing the
+    models (``/v1/models``, ``/v1/models/{id}``) and scraping ``/metrics`` cost nothing."""
+    with start_gateway() as gw:
+        key = cli("api-keys", "create", "--label", "two", "--daily-requests", "2").data["key"]
+        for _ in range(3):
+            assert _request(gw.url, "GET", "/v1/models", key)[0] == 200
+            assert _request(gw.url, "GET", "/v1/models/flm://emu-a/a1", key)[0] == 200
+            _request(gw.url, "GET", "/metrics", key)
+        chat = {"model": "flm://emu-a/a1", "messages": [{"role": "user", "content": "x"}]}
+        for _ in range(2):
+            assert _request(gw.url, "POST", "/v1/chat/completions", key, chat)[0] == 200
+        status, headers, body = _request(gw.url, "POST", "/v1/chat/completions", key, chat)
+        assert status == 429 and _code(body) == "budget_exceeded"
+        assert int(headers["retry-after"]) >= 1
+        assert _request(gw.url, "GET", "/v1/models", key)[0] == 200  # (still listed)
+
+
 @pytest.mark.parametrize("lines", [True, False], ids=["ready-lines", "header-pairs"])
 def test_per_key_rpm_answers_429_with_openai_rate_headers(
     cli: Any, two_engines: Any, lines: bool, monkeypatch: pytest.MonkeyPatch

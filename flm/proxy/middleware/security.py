@@ -54,6 +54,8 @@ if TYPE_CHECKING:
 _Net = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _CHALLENGE = [(b"www-authenticate", b'Bearer realm="flm"')]
+#: Paths whose requests a key's daily request budget does not count (with /v1/models/{id}).
+_UNCOUNTED = frozenset({"/v1/models", "/metrics"})
 MAX_KEY_LENGTH = 256
 _ALLOW_HEADERS = b"authorization, content-type, x-request-id"
 _ALLOW_METHODS = b"GET, POST, OPTIONS"
@@ -461,14 +463,15 @@ class SecurityMiddleware:
         rt = self.runtime
         if key.expires_at is not None and rt.guard.clock() >= key.expires_at:
             raise HttpError(401, "key_expired", "this API key has expired", _CHALLENGE)
-        listing = path == "/v1/models" or path.startswith("/v1/models/")
-        if key.read_only and not listing:
+        if key.read_only and not (path == "/v1/models" or path.startswith("/v1/models/")):
             raise HttpError(
                 403, "read_only_key", "this API key may only list models (GET /v1/models)"
             )
         if key.limits:
-            try:
-                state.key_lines = rt.ledger.admit(key, count=not listing and path != "/metrics")
+            try:  # (listing models and /metrics do not count toward the daily requests)
+                state.key_lines = rt.ledger.admit(
+                    key, path not in _UNCOUNTED and not path.startswith("/v1/models/")
+                )
             except HttpError:
                 rt.metrics.rate_limited.labels("key").inc()
                 raise
