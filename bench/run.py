@@ -730,6 +730,15 @@ def run_wrk(wrk: str, t: Target, workdir: Path, conc: int, duration: float) -> d
     }
 
 
+def run_plain(
+    wrk: str | None, t: Target, workdir: Path, conc: int, duration: float
+) -> dict[str, Any]:
+    """Plain requests at ``conc`` for ``duration`` s: with wrk, else the built-in client."""
+    if wrk:
+        return run_wrk(wrk, t, workdir, conc, duration)
+    return run_builtin_plain(t, conc, duration)
+
+
 def run_builtin_plain(t: Target, conc: int, duration: float) -> dict[str, Any]:
     raw = loadclient.build_request(
         HOST, t.port, "/v1/chat/completions", chat_body(t.model, False), t.headers
@@ -798,9 +807,7 @@ def measure(t: Target, ctx: Ctx, args: argparse.Namespace, wrk: str | None) -> d
         log(f"  pre-check: {json.dumps(out['pre_check'])}")
 
     def plain(conc: int, duration: float) -> dict[str, Any]:
-        if wrk:
-            return run_wrk(wrk, t, ctx.workdir, conc, duration)
-        return run_builtin_plain(t, conc, duration)
+        return run_plain(wrk, t, ctx.workdir, conc, duration)
 
     log(f"  warm-up ({args.warmup:g} s)")
     plain(8, args.warmup)
@@ -893,7 +900,7 @@ def scoped_pair(ctx: Ctx, args: argparse.Namespace, wrk: str | None) -> dict[str
     and one with :data:`SCOPED_KEY_ARGS`, started together and loaded in turns, c=64 then
     c=1, for :data:`PAIR_ROUNDS` rounds, the order swapped every round. The ``flm`` and
     ``flm-scoped`` columns of the table are measured minutes apart, and on a shared VM that
-    drift alone moved their ratio by ten percent; here each round's two runs are seconds
+    drift alone moved their ratio by up to thirty percent; here each round's two runs are seconds
     apart, and the bars take the median of the rounds' ratios (c=64 req/s) and differences
     (c=1 p50)."""
     duration = min(args.duration, 3.0)
@@ -902,22 +909,16 @@ def scoped_pair(ctx: Ctx, args: argparse.Namespace, wrk: str | None) -> dict[str
         start_flm(ctx, name="pair-flm-scoped", key_args=SCOPED_KEY_ARGS),
     ]
     rows: dict[str, list[dict[str, Any]]] = {"c64": [], "c1": []}
-
-    def plain(t: Target, conc: int, seconds: float) -> dict[str, Any]:
-        if wrk:
-            return run_wrk(wrk, t, ctx.workdir, conc, seconds)
-        return run_builtin_plain(t, conc, seconds)
-
     try:
         for t in pair:
             smoke_check(t)
-            plain(t, 8, args.warmup)
+            run_plain(wrk, t, ctx.workdir, 8, args.warmup)
         for rnd in range(PAIR_ROUNDS):
             order = pair if rnd % 2 == 0 else pair[::-1]
             for conc in (64, 1):
                 got = {}
                 for t in order:
-                    r = plain(t, conc, duration)
+                    r = run_plain(wrk, t, ctx.workdir, conc, duration)
                     got[t.name] = {
                         "rps": r["rps"],
                         "p50_ms": r["latency_ms"]["p50"],
@@ -1110,8 +1111,7 @@ def bars(results: dict[str, Any], pair: dict[str, Any] | None = None) -> list[di
         a = get(scoped, "plain", "c1", "latency_ms", "p50")
         b = get(flm, "plain", "c1", "latency_ms", "p50")
         diff = None if (a is None or b is None) else round(a - b, 4)
-        if pair and pair.get("c1_p50_diff_ms_median") is not None:
-            diff = pair["c1_p50_diff_ms_median"]
+        diff = get(pair, "c1_p50_diff_ms_median") if pair else diff
         bar(
             "scoped keys: c=1 added p50 vs unscoped",
             "≤ 0.02 ms",
