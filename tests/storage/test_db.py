@@ -30,6 +30,14 @@ def test_open_creates_private_files_in_wal_mode(tmp_path: Path) -> None:
         assert db.query_one("PRAGMA journal_mode")[0] == "wal"  # type: ignore[index]
 
 
+def test_the_writer_syncs_every_commit(tmp_path: Path) -> None:
+    """Writes are durable once acknowledged: the writer's connection keeps SQLite's FULL
+    synchronous setting (NORMAL would sync the WAL only at checkpoints, so a commit could
+    be lost to a power cut after the caller was told it was done)."""
+    with Database(tmp_path / "security.db", "security") as db:
+        assert db.write(lambda conn: conn.execute("PRAGMA synchronous").fetchone()[0]) == 2
+
+
 def test_migrations_are_applied_once(tmp_path: Path) -> None:
     path = tmp_path / "config.db"
     Database(path, "config").open().close()
