@@ -8,17 +8,27 @@ taking the CPU delays the gateway but does not make its work cost more. (Cache a
 effects remain, which is why the variants are measured in turns.)
 
 Several gateways (``--flm NAME=PATH``, e.g. an older checkout's ``.venv/bin/flm`` against this
-one's) are started at once, each in its own ``FLM_HOME`` in front of one mock engine, with the
-bench's ``policy-all-on.json``; then for ``--rounds`` rounds each point (plain requests with
-wrk at the given concurrencies, and 20-chunk streams at c=16 with the load client) is run
-against each gateway in turn, the order rotating every round. Only one gateway is loaded at a
-time. Reported per gateway and point: the median over the rounds of CPU µs per request, of
-req/s and of wrk's p50/p99.
+one's) each get their own ``FLM_HOME`` in front of one mock engine, with the bench's
+``policy-all-on.json``; then for ``--rounds`` rounds each point (plain requests with wrk at
+the given concurrencies, and 20-chunk streams at c=16 with the load client) is run against
+each gateway in turn, the order rotating every round. Only one gateway is loaded at a time.
+Reported per gateway and point: the median over the rounds of CPU µs per request, of req/s and
+of wrk's p50/p99.
 
-``--scoped`` gives every gateway a second target with a key whose every per-key setting is on
-(as run.py's ``flm-scoped``), ``NAME+scoped``: its CPU per request against ``NAME``'s is what
-the scope's checks, the ledger and the ``x-ratelimit-*`` headers cost. (A ``--flm`` gateway
-named ``NAME+scoped`` gets only that key.) At the end, each gateway's
+Every round starts the gateways anew (and warms each up for a second at c=64). One process of
+the very same code may cost a few percent more or less CPU per request than another for as
+long as it lives: four identical gateways kept for eight rounds stayed apart by up to 7 %
+(with ``PYTHONHASHSEED`` fixed, still 3.6 %: memory layout as well as hash seeds). Fresh
+processes each round turn that into noise that the median over the rounds evens out, instead
+of a bias that looks like a difference between variants. ``--keep-processes`` starts each
+gateway once, as this tool did before (faster; only for differences well above 5 %).
+
+``--scoped`` gives every gateway a second key whose every per-key setting is on (as run.py's
+``flm-scoped``), measured as the target ``NAME+scoped``: the same process as ``NAME``, called
+with the other key, so its CPU per request against ``NAME``'s is what the scope's checks, the
+ledger and the ``x-ratelimit-*`` headers cost, without the difference between two processes
+(``--only-scoped``: only that target). A ``--flm`` gateway named ``NAME+scoped`` gets only
+the scoped key, in a process of its own. At the end, each gateway's
 ``flm_audit_backpressure_waits_total``: how often the audit's bound held requests back.
 
 ``--profile DIR``: after the rounds, one more c=64 run (and, unless ``--no-stream``, one more
@@ -76,7 +86,7 @@ def loop_cpu_seconds(pid: int) -> float:
     return _stat_cpu(f"/proc/{pid}/task/{pid}/stat")
 
 
-def start(
+def prepare(
     name: str,
     exe: Path,
     mock: run.Managed,
@@ -85,7 +95,8 @@ def start(
     cpus: Any,
     scoped: bool,
     env: dict[str, str] | None = None,
-) -> run.Target:
+) -> tuple[run.Ctx, run.FlmSetup]:
+    """A home for the gateway ``name`` (its engine, key and policy), ready to launch."""
     work = root / name
     (work / "logs").mkdir(parents=True)
     ctx = run.Ctx(
@@ -93,13 +104,32 @@ def start(
     )
     saved = dict(os.environ)
     os.environ.update(env or {})
-    try:
-        t = run.start_flm(ctx, name=name, key_args=run.SCOPED_KEY_ARGS if scoped else ())
+    try:  # (the setup keeps this environment for every launch)
+        setup = run.prepare_flm(ctx, name=name, key_args=run.SCOPED_KEY_ARGS if scoped else ())
     finally:
         os.environ.clear()
         os.environ.update(saved)
+    return ctx, setup
+
+
+def launch(ctx: run.Ctx, setup: run.FlmSetup, wrk: str) -> run.Target:
+    """A fresh gateway from ``setup``, checked and warmed up (caches, the first connections,
+    the flushers' first batches)."""
+    t = run.launch_flm(ctx, setup)
     run.smoke_check(t)
+    run.run_wrk(wrk, t, ctx.workdir, 64, 1)
     return t
+
+
+def audit_counters(t: run.Target) -> tuple[float | None, float | None]:
+    """The gateway's ``flm_audit_backpressure_waits_total`` and
+    ``flm_audit_idle_promotions_total`` (issue 18), None where not found."""
+    status, body = run.http_get(t.port, "/metrics", timeout=10)
+    found = []
+    for name in (rb"flm_audit_backpressure_waits_total", rb"flm_audit_idle_promotions_total"):
+        m = re.search(rb"^" + name + rb" (\S+)$", body, re.MULTILINE)
+        found.append(float(m[1]) if status == 200 and m else None)
+    return found[0], found[1]
 
 
 def parse_variant(text: str) -> tuple[str, Path, dict[str, str]]:
@@ -188,6 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scoped", action="store_true")
     ap.add_argument("--only-scoped", action="store_true", help="with --scoped: no unscoped target")
     ap.add_argument("--no-pin", action="store_true")
+    ap.add_argument(
+        "--keep-processes",
+        action="store_true",
+        help="start each gateway once, not anew every round (see above)",
+    )
     ap.add_argument("--profile", type=Path, default=None, metavar="DIR")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--top", type=Path, default=None, metavar="FILE")
@@ -217,26 +252,43 @@ def main(argv: list[str] | None = None) -> int:
         root / "logs",
     )
     run.wait_ready(mock_port, "/health", mock, 15)
-    targets: list[run.Target] = []
+    # (one gateway process per spec; its targets: NAME and, with --scoped, NAME+scoped)
+    specs: list[tuple[run.Ctx, run.FlmSetup, str | None]] = []
     for name, exe, env in variants:
-        if name.endswith("+scoped"):  # (one variant with a scoped key, named so)
-            targets.append(start(name, exe, mock, mock_port, root, target_cpus, True, env))
-            continue
-        if not args.only_scoped:
-            targets.append(start(name, exe, mock, mock_port, root, target_cpus, False, env))
-        if args.scoped:
-            targets.append(
-                start(name + "+scoped", exe, mock, mock_port, root, target_cpus, True, env)
-            )
+        scoped_only = name.endswith("+scoped")  # (one variant with a scoped key, named so)
+        ctx, setup = prepare(name, exe, mock, mock_port, root, target_cpus, scoped_only, env)
+        second = run.add_scoped_key(ctx, setup) if args.scoped and not scoped_only else None
+        specs.append((ctx, setup, second))
     points = [f"c{c}" for c in concs] + ([] if args.no_stream else ["stream_c16"])
+
+    def targets_of(gateway: run.Target, second: str | None) -> list[run.Target]:
+        out = [] if second is not None and args.only_scoped else [gateway]
+        if second is not None:
+            out.append(run.with_key(gateway, gateway.name + "+scoped", second))
+        return out
+
+    names = [t.name for _, setup, second in specs for t in targets_of(_named(setup), second)]
     results: dict[str, dict[str, list[dict[str, Any]]]] = {
-        t.name: {p: [] for p in points} for t in targets
+        n: {p: [] for p in points} for n in names
     }
-    for t in targets:  # warm-up: caches, the first connections, the flushers' first batches
-        run.run_wrk(wrk, t, root, 64, 1)
+    counters: dict[str, list[float | None]] = {setup.name: [0.0, 0.0] for _, setup, _ in specs}
+    kept: list[run.Target] = []
+    if args.keep_processes:
+        kept = [launch(ctx, setup, wrk) for ctx, setup, _ in specs]
     load0 = os.getloadavg()[0]
     for rnd in range(args.rounds):
-        order = targets[rnd % len(targets) :] + targets[: rnd % len(targets)]
+        gateways = kept or [launch(ctx, setup, wrk) for ctx, setup, _ in specs]
+        every = [
+            t
+            for g, (_, _, second) in zip(gateways, specs, strict=True)
+            for t in targets_of(g, second)
+        ]
+        for t in every:  # (the second key: its first verify, and a warm-up, before measuring)
+            if t.proc is None and (rnd == 0 or not kept):
+                run.smoke_check(t)
+                run.run_wrk(wrk, t, root, 64, 1)
+        turn = rnd % len(every)
+        order = every[turn:] + every[:turn]
         for point in points:
             for t in order:
                 if point == "stream_c16":
@@ -245,10 +297,17 @@ def main(argv: list[str] | None = None) -> int:
                     r = plain_point(wrk, t, root, int(point[1:]), args.duration)
                 results[t.name][point].append(r)
                 print(f"round {rnd + 1} {t.name:>16} {point:>10}: {json.dumps(r)}", flush=True)
+        if not kept:
+            for g in gateways:
+                _add_counters(counters[g.name], audit_counters(g))
+                g.stop()
+    for g in kept:
+        _add_counters(counters[g.name], audit_counters(g))
     summary: dict[str, Any] = {}
     print(
         f"\nmedians over {args.rounds} rounds ({args.duration:g} s each; load average "
-        f"{load0:.1f} -> {os.getloadavg()[0]:.1f} on {len(cpus)} CPUs)"
+        f"{load0:.1f} -> {os.getloadavg()[0]:.1f} on {len(cpus)} CPUs; "
+        + ("the same processes throughout)" if kept else "fresh processes each round)")
     )
     print(
         f"{'target':>16} {'point':>10} {'CPU us/req':>11} {'loop us':>8} {'req/s':>9} "
@@ -269,25 +328,19 @@ def main(argv: list[str] | None = None) -> int:
                 f"{med['p50_ms']:>8.3f} {med['p99_ms']:>8.3f}"
                 + (f"  errors {med['errors']}" if med["errors"] else "")
             )
-    for t in targets:  # how often the audit's back-pressure held requests back (issue 18)
-        status, body = run.http_get(t.port, "/metrics", timeout=10)
-        waits = re.search(rb"^flm_audit_backpressure_waits_total (\S+)$", body, re.MULTILINE)
-        summary.setdefault(t.name, {})["audit_backpressure_waits"] = (
-            float(waits[1]) if status == 200 and waits else None
-        )
-        promoted = re.search(rb"^flm_audit_idle_promotions_total (\S+)$", body, re.MULTILINE)
-        summary[t.name]["audit_idle_promotions"] = (
-            float(promoted[1]) if status == 200 and promoted else None
-        )
+    for name, (waits, promoted) in counters.items():  # (how often the audit's bound held
+        summary.setdefault(name, {})["audit_backpressure_waits"] = waits  # requests back)
+        summary[name]["audit_idle_promotions"] = promoted
         print(
-            f"{t.name:>16} audit back-pressure waits: {summary[t.name]['audit_backpressure_waits']}"
-            f"; helpers put back from the idle class: {summary[t.name]['audit_idle_promotions']}"
+            f"{name:>16} audit back-pressure waits: {waits}; "
+            f"helpers put back from the idle class: {promoted}"
         )
     if args.profile:
         spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
         args.profile.mkdir(parents=True, exist_ok=True)
         kinds = ("c64",) if args.no_stream else ("c64", "stream")
-        for t, kind in [(t, kind) for t in targets for kind in kinds]:
+        gateways = kept or [launch(ctx, setup, wrk) for ctx, setup, _ in specs]
+        for t, kind in [(t, kind) for t in gateways for kind in kinds]:
             out = args.profile / (f"{t.name}.txt" if kind == "c64" else f"{t.name}-stream.txt")
             rec = subprocess.Popen(
                 [
@@ -319,9 +372,20 @@ def main(argv: list[str] | None = None) -> int:
                 print(top(out, 20))
     if args.out:
         args.out.write_text(json.dumps({"summary": summary, "rounds": results}, indent=1))
-    for t in targets:
-        t.stop()
+    run.Managed.stop_all()
     return 0
+
+
+def _named(setup: run.FlmSetup) -> run.Target:
+    """A stand-in target with only ``setup``'s name (to list target names before a launch)."""
+    return run.Target(setup.name, 0, "", {}, 0)
+
+
+def _add_counters(into: list[float | None], got: tuple[float | None, float | None]) -> None:
+    """Sum one process's audit counters into a gateway's totals (None once one is missing)."""
+    for i, value in enumerate(got):
+        current = into[i]
+        into[i] = None if value is None or current is None else current + value
 
 
 if __name__ == "__main__":
