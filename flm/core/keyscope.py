@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from fnmatch import translate
+from typing import Any
 
 from flm.core.errors import UsageError
 from flm.core.memo import remember
@@ -75,6 +76,23 @@ def _limit_lines(what: bytes, limit: int) -> tuple[bytes, bytes]:
     return head + reset + b"%dms\r\n", head + reset + b"%b\r\n"
 
 
+def reset_text(seconds: float) -> bytes:
+    """A reset time as OpenAI writes it: ``20ms``, ``1.5s``, ``6m0s``."""
+    if seconds < 1:
+        return b"%dms" % (seconds * 1000 if seconds > 0 else 0)
+    if seconds < 60:
+        return b"%.3gs" % seconds
+    minutes, rest = divmod(math.ceil(seconds), 60)
+    return b"%dm%ds" % (minutes, rest)
+
+
+def filled(ms: bytes, text: bytes, left: float, reset: float) -> bytes:
+    """One bucket's ``x-ratelimit-*`` lines from its templates (:class:`KeyScope`'s
+    ``req_lines_ms``/``req_lines`` or the token ones): ``left`` truncated, ``reset`` in
+    seconds (:meth:`flm.proxy.usage.KeyLedger.admit` writes the same out inline)."""
+    return ms % (left, reset * 1000) if reset < 1 else text % (left, reset_text(reset))
+
+
 @dataclass(eq=False)
 class KeyScope:
     """One key's settings, compiled for the request path."""
@@ -120,12 +138,27 @@ class KeyScope:
     tok_lines: bytes = field(default=b"", init=False, repr=False)
     #: Both buckets' lines when both resets are under a second (one ``%`` for the six).
     both_lines_ms: bytes = field(default=b"", init=False, repr=False)
+    #: The lines of a request let in while every bucket the key has was full (a key used
+    #: below its limits: the usual case), rendered once: the same bytes the ledger would
+    #: render for that request, without the arithmetic and the formatting.
+    full_lines: bytes = field(default=b"", init=False, repr=False)
+    #: :attr:`expires_at`, infinite when not set (one comparison on the request path).
+    expires_cap: float = field(default=math.inf, init=False, repr=False)
+    #: The ledger's live counters of this key (:class:`flm.proxy.usage.KeyLedger` attaches
+    #: them at the key's first request, so that the request path needs no lookup by id).
+    ledger: Any = field(default=None, init=False, repr=False)
+    #: Whether the ledger's :meth:`~flm.proxy.usage.KeyLedger.admit` is all there is to
+    #: check (limits, and no read-only flag): its expiry is checked there too.
+    admit_only: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.limits = any(
             v is not None for v in (self.rpm, self.tpm, self.daily_tokens, self.daily_requests)
         )
         self.checked = self.limits or self.read_only or self.expires_at is not None
+        self.admit_only = self.limits and not self.read_only
+        if self.expires_at is not None:
+            self.expires_cap = self.expires_at
         if self.daily_requests is not None:
             self.day_requests_cap = self.daily_requests
         if self.daily_tokens is not None:
@@ -139,6 +172,15 @@ class KeyScope:
             self.tok_capacity = float(self.tpm)
             self.tok_lines_ms, self.tok_lines = _limit_lines(b"tokens", self.tpm)
         self.both_lines_ms = self.req_lines_ms + self.tok_lines_ms
+        # (a full request bucket keeps all but one request, back in 1/rate seconds; a full
+        # token bucket is charged only when the request ends)
+        if self.req_rate:
+            left = self.req_capacity - 1.0
+            self.full_lines = filled(
+                self.req_lines_ms, self.req_lines, left, (self.req_capacity - left) / self.req_rate
+            )
+        if self.tok_rate:
+            self.full_lines += filled(self.tok_lines_ms, self.tok_lines, self.tok_capacity, 0.0)
         if self.models is None:
             return
         globs = [p for p in self.models if _GLOB.search(p)]

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from flm.core import threads
-from flm.core.keyscope import KeyScope
+from flm.core.keyscope import KeyScope, filled, reset_text
 from flm.core.models import make_model_id
 from flm.core.threads import background_thread
 from flm.http.asgi import header_pairs
@@ -51,16 +51,6 @@ def estimate_tokens(text: str) -> int:
     """A rough token count of ``text`` (about four characters a token), for engines that
     report no usage."""
     return (len(text) + 3) // 4
-
-
-def _duration(seconds: float) -> bytes:
-    """A reset time as OpenAI writes it: ``20ms``, ``1.5s``, ``6m0s``."""
-    if seconds < 1:
-        return b"%dms" % (seconds * 1000 if seconds > 0 else 0)
-    if seconds < 60:
-        return b"%.3gs" % seconds
-    minutes, rest = divmod(math.ceil(seconds), 60)
-    return b"%dm%ds" % (minutes, rest)
 
 
 class _KeyState:
@@ -90,13 +80,6 @@ class _KeyState:
         self.day_tokens = 0
 
 
-def _filled(ms: bytes, text: bytes, left: float, reset: float) -> bytes:
-    """One bucket's ``x-ratelimit-*`` lines from its templates (:class:`KeyScope`'s
-    ``req_lines_ms``/``req_lines`` or the token ones): ``left`` truncated, ``reset`` in
-    seconds (:meth:`KeyLedger.admit` writes the same out inline)."""
-    return ms % (left, reset * 1000) if reset < 1 else text % (left, _duration(reset))
-
-
 class KeyLedger:
     """The live counters behind each key's limits (one per proxy runtime)."""
 
@@ -112,59 +95,108 @@ class KeyLedger:
             st.new_day(now)
         return st
 
-    def admit(self, scope: KeyScope, count: bool = True) -> bytes:
-        """Let one request of ``scope``'s key in, or raise the 429 to answer. Returns the
+    def admit(self, scope: KeyScope, path: str = "") -> bytes:
+        """Let one request of ``scope``'s key (to ``path``) in, or raise the 401 or 429 to
+        answer: the key's expiry, daily budgets and per-minute buckets. Returns the
         ``x-ratelimit-*`` header lines for the reply (``name: value\r\n`` each; empty for a
         key without per-minute limits).
-        ``count``: the request counts toward the daily request budget.
 
         Runs for every request of a key with limits, so the usual case is written out
         inline: the buckets are refilled and checked without a call each, against limits
-        the scope worked out when it was loaded; a refusal takes :meth:`_refuse`."""
+        the scope worked out when it was loaded; a refusal takes :meth:`_refuse`. Every
+        request is counted toward the daily request budget here, when it is let in (so that
+        requests in flight count too); the few that do not count (listing models, reading
+        metrics) are taken back by :meth:`uncount` when they end, and an exhausted budget
+        does not refuse them."""
         now = self.clock()
-        st = self._keys.get(scope.key_id)
+        st = scope.ledger
         if st is None or now >= st.day_end:
-            st = self._state(scope.key_id, now)
-        if count and (
+            st = scope.ledger = self._state(scope.key_id, now)
+        if now >= scope.expires_cap:
+            raise key_expired()
+        if (
             st.day_requests >= scope.day_requests_cap or st.day_tokens >= scope.day_tokens_cap
-        ):
+        ) and counted(path):
             raise self._over_budget(scope, st, now)
         req_rate = scope.req_rate
-        tok_rate = scope.tok_rate
         if req_rate:
             req = st.req_level + (now - st.req_at) * req_rate
-            if req > scope.req_capacity:
+            full = req >= scope.req_capacity
+            if full:
                 req = scope.req_capacity
-            if req < 1.0:
+            elif req < 1.0:
                 raise self._refuse(scope, st, now)
-        if tok_rate:
-            tok = st.tok_level + (now - st.tok_at) * tok_rate
-            if tok > scope.tok_capacity:
-                tok = scope.tok_capacity
-            if tok <= 0.0:
-                raise self._refuse(scope, st, now)
-        if count:
+            tok_rate = scope.tok_rate
+            if tok_rate:
+                tok = st.tok_level + (now - st.tok_at) * tok_rate
+                if tok >= scope.tok_capacity:
+                    tok = scope.tok_capacity
+                else:
+                    full = False
+                    if tok <= 0.0:
+                        raise self._refuse(scope, st, now)
+                st.tok_level = tok
+                st.tok_at = now
             st.day_requests += 1
-        # (``%d`` of a float truncates, as int() does.)
-        if req_rate:
+            if full:  # (every bucket was full: the lines rendered when the key was loaded)
+                st.req_level = req - 1.0
+                st.req_at = now
+                return scope.full_lines
+            # (``%d`` of a float truncates, as int() does.)
             req -= 1.0
-            st.req_level, st.req_at = req, now
+            st.req_level = req
+            st.req_at = now
             reset = (scope.req_capacity - req) / req_rate
             if not tok_rate:
                 if reset < 1.0:
                     return scope.req_lines_ms % (req, reset * 1000.0)
-                return scope.req_lines % (req, _duration(reset))
-        elif not tok_rate:
+                return scope.req_lines % (req, reset_text(reset))
+            tok_reset = (scope.tok_capacity - tok) / tok_rate
+            if reset < 1.0 and tok_reset < 1.0:
+                return scope.both_lines_ms % (req, reset * 1000.0, tok, tok_reset * 1000.0)
+            return filled(scope.req_lines_ms, scope.req_lines, req, reset) + filled(
+                scope.tok_lines_ms, scope.tok_lines, tok, tok_reset
+            )
+        tok_rate = scope.tok_rate
+        if not tok_rate:
+            st.day_requests += 1
             return b""
-        st.tok_level, st.tok_at = tok, now
-        tok_reset = (scope.tok_capacity - tok) / tok_rate
-        if not req_rate:
-            return _filled(scope.tok_lines_ms, scope.tok_lines, tok, tok_reset)
-        if reset < 1.0 and tok_reset < 1.0:
-            return scope.both_lines_ms % (req, reset * 1000.0, tok, tok_reset * 1000.0)
-        return _filled(scope.req_lines_ms, scope.req_lines, req, reset) + _filled(
-            scope.tok_lines_ms, scope.tok_lines, tok, tok_reset
+        tok = st.tok_level + (now - st.tok_at) * tok_rate
+        if tok > scope.tok_capacity:
+            tok = scope.tok_capacity
+        if tok <= 0.0:
+            raise self._refuse(scope, st, now)
+        st.day_requests += 1
+        st.tok_level = tok
+        st.tok_at = now
+        return filled(
+            scope.tok_lines_ms, scope.tok_lines, tok, (scope.tok_capacity - tok) / tok_rate
         )
+
+    @staticmethod
+    def uncount(scope: KeyScope) -> None:
+        """Take back a request :meth:`admit` counted that does not count toward the daily
+        request budget (see there)."""
+        st = scope.ledger
+        if st is not None and st.day_requests > 0:
+            st.day_requests -= 1
+
+    def spend(self, scope: KeyScope, tokens: int) -> None:
+        """Count a finished request's tokens for a key that :meth:`admit` let in: toward the
+        daily tokens of the day it was let in, and off the token bucket as the bucket was
+        last read (every :meth:`admit` reads it), without reading the clock again. The bucket
+        refills linearly between two readings, so taking the tokens off at the last reading
+        is exact unless the bucket filled up to its capacity since; then the request is
+        charged as if it had been made when the bucket was read (at the latest, when it was
+        let in), and the refill of the time it ran counts toward it. A key never let in
+        (its counters not attached) is charged by :meth:`charge`."""
+        st = scope.ledger
+        if st is None:
+            self.charge(scope.key_id, tokens, scope.tpm)
+            return
+        st.day_tokens += tokens
+        if scope.tok_rate:
+            st.tok_level -= tokens
 
     def _refuse(self, scope: KeyScope, st: _KeyState, now: float) -> HttpError:
         """The 429 for a key whose request or token bucket has no room, with the
@@ -178,7 +210,7 @@ class KeyLedger:
             if level < 1.0:
                 wait = (1.0 - level) / rate
             reset = max(wait, (capacity - level) / rate)
-            lines += _filled(scope.req_lines_ms, scope.req_lines, level, reset)
+            lines += filled(scope.req_lines_ms, scope.req_lines, level, reset)
         if scope.tok_rate:
             rate, capacity = scope.tok_rate, scope.tok_capacity
             level = min(st.tok_level + (now - st.tok_at) * rate, capacity)
@@ -188,7 +220,7 @@ class KeyLedger:
                 wait = max(wait, reset)
             else:
                 reset = (capacity - level) / rate
-            lines += _filled(scope.tok_lines_ms, scope.tok_lines, max(level, 0.0), reset)
+            lines += filled(scope.tok_lines_ms, scope.tok_lines, max(level, 0.0), reset)
         retry = max(1, math.ceil(wait))
         return HttpError(
             429,
@@ -243,6 +275,20 @@ class KeyLedger:
     def retain_only(self, key_ids: set[str]) -> None:
         for key_id in [k for k in self._keys if k not in key_ids]:
             del self._keys[key_id]
+
+
+#: Paths that do not count toward a key's daily request budget (with ``/v1/models/{id}``).
+_UNCOUNTED_PATHS = frozenset({"/v1/models", "/metrics"})
+_CHALLENGE = [(b"www-authenticate", b'Bearer realm="flm"')]
+
+
+def counted(path: str) -> bool:
+    """Whether a request to ``path`` counts toward the key's daily request budget."""
+    return path not in _UNCOUNTED_PATHS and not path.startswith("/v1/models/")
+
+
+def key_expired() -> HttpError:
+    return HttpError(401, "key_expired", "this API key has expired", _CHALLENGE)
 
 
 def _budget(now: float, message: str) -> HttpError:
@@ -446,16 +492,20 @@ def account(rt: Any, state: Any, ts: float) -> None:
     """Charge a finished request to its key: the ledger (budgets, tpm), the rollups (queued
     for the flusher) and the per-key token metrics. Runs in the request's ``finally``."""
     key: KeyScope | None = state.key
-    if key is None or state.route in UNCOUNTED_ROUTES:
+    if key is None:
+        return
+    if state.route in UNCOUNTED_ROUTES:
+        if key.limits:  # (admit counted it toward the daily requests)
+            KeyLedger.uncount(key)
         return
     prompt = state.prompt_tokens or 0
     completion = state.completion_tokens or 0
     # (a refused request names no model: a client cannot fill the rollups with made-up ones)
     model = (state.model or "")[:200] if prompt or completion or state.status < 400 else ""
-    if key.tpm is not None or key.daily_tokens is not None:
-        # (the ledger counts tokens only where a limit needs them: a budget set later is
-        # loaded with today's totals from the rollups at the reload that brings it)
-        rt.ledger.charge(key.key_id, prompt + completion, key.tpm)
+    # (the ledger counts tokens only where a limit needs them: a budget set later is loaded
+    # with today's totals from the rollups at the reload that brings it)
+    if key.limits and (prompt or completion):
+        rt.ledger.spend(key, prompt + completion)
     usage = rt.usage
     if usage is not None:  # (its flusher adds the tokens to the per-key metrics)
         usage.record_item(

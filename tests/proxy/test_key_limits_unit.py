@@ -415,3 +415,104 @@ def test_usage_queue_is_bounded(flm_home: Any, monkeypatch: pytest.MonkeyPatch) 
         assert [it[0] for it in sink._items] == [45.0, 46.0, 47.0, 48.0, 49.0]
     finally:
         sink.close()
+
+
+def test_ledger_admit_counts_every_request_and_takes_back_the_uncounted() -> None:
+    """admit counts each request it lets in toward the daily requests (in flight included);
+    an exhausted budget still lets model listings and /metrics through, and uncount takes
+    such a request back when it ends."""
+    clock = FakeClock(1_000_000.0)
+    ledger = KeyLedger(clock)
+    scope = KeyScope("k", "l", daily_requests=2)
+    ledger.admit(scope, "/v1/chat/completions")
+    ledger.admit(scope, "/v1/models")
+    assert ledger.today("k") == (2, 0)
+    for path in ("/v1/models", "/v1/models/flm://e/m", "/metrics"):
+        ledger.admit(scope, path)
+        KeyLedger.uncount(scope)
+    with pytest.raises(HttpError) as err:
+        ledger.admit(scope, "/v1/chat/completions")
+    assert err.value.code == "budget_exceeded"
+    KeyLedger.uncount(scope)  # (the listing above ends)
+    ledger.admit(scope, "/v1/chat/completions")
+    assert ledger.today("k") == (2, 0)
+
+
+def test_ledger_admit_refuses_an_expired_key_with_limits() -> None:
+    clock = FakeClock(1_000_000.0)
+    ledger = KeyLedger(clock)
+    scope = KeyScope("k", "l", rpm=60, expires_at=1_000_010.0)
+    assert scope.admit_only
+    ledger.admit(scope, "/v1/chat/completions")
+    clock.now += 10.0
+    with pytest.raises(HttpError) as err:
+        ledger.admit(scope, "/v1/chat/completions")
+    assert (err.value.status, err.value.code) == (401, "key_expired")
+    assert ledger.today("k") == (1, 0)  # (a refused request is not counted)
+    assert not KeyScope("r", "l", rpm=60, read_only=True).admit_only
+
+
+def test_ledger_spend_charges_the_bucket_as_it_was_last_read() -> None:
+    """spend takes a finished request's tokens off the token bucket as admit last read it:
+    exact while the bucket refills below its capacity; a request that ran while the bucket
+    was full is charged as of its admission. A key never let in is charged by charge."""
+    clock = FakeClock(1_000_000.0)
+    ledger = KeyLedger(clock)
+    scope = KeyScope("k", "l", tpm=600, daily_tokens=10_000)  # 10 tokens a second
+    ledger.admit(scope)  # (full: 600)
+    ledger.spend(scope, 400)  # (ends at once: 200 left)
+    clock.now += 2.0
+    lines = _pairs(ledger.admit(scope))  # (read again: 220)
+    assert lines[b"x-ratelimit-remaining-tokens"] == b"220"
+    clock.now += 2.0
+    ledger.spend(scope, 300)  # (-80 as of the last reading, 2 s ago: -60 now)
+    assert ledger.today("k") == (2, 700)
+    with pytest.raises(HttpError) as err:
+        ledger.admit(scope)
+    assert dict(err.value.headers)[b"retry-after"] == b"7"  # (61 tokens at 10 a second)
+    clock.now += 70.0
+    assert ledger.admit(scope) == scope.full_lines  # (full again)
+    clock.now += 31.0
+    ledger.spend(scope, 900)  # (a request of 31 s: charged as of its admission)
+    lines = _pairs(ledger.admit(scope))
+    assert lines[b"x-ratelimit-remaining-tokens"] == b"10"  # (600 - 900 + 310)
+    unattached = KeyScope("u", "l", tpm=600)
+    ledger.spend(unattached, 10)  # (never let in: charged by id)
+    assert ledger.today("u") == (0, 10)
+
+
+@pytest.mark.parametrize(
+    ("rpm", "burst", "tpm", "expected"),
+    [
+        (120, 3, None, {b"remaining-requests": b"2", b"reset-requests": b"500ms"}),
+        (60, 5, 600, {b"remaining-requests": b"4", b"reset-requests": b"1s"}),
+        (30, None, 900, {b"remaining-requests": b"29", b"reset-requests": b"2s"}),
+        (1, None, None, {b"remaining-requests": b"0", b"reset-requests": b"1m0s"}),
+        (600_000, 10, 60_000, {b"remaining-requests": b"9", b"reset-requests": b"0ms"}),
+    ],
+)
+def test_a_request_into_full_buckets_gets_the_lines_rendered_at_load(
+    rpm: int, burst: int | None, tpm: int | None, expected: dict[bytes, bytes]
+) -> None:
+    """A key's first request finds its buckets full and takes the lines its scope rendered
+    when it was loaded; they say what the arithmetic would: one request used, back in
+    1/rate seconds, every token left. The next request at the same instant (a bucket no
+    longer full) is rendered from the counters, one request fewer."""
+    clock = FakeClock(1_000_000.0)
+    ledger = KeyLedger(clock)
+    scope = KeyScope("k", "l", rpm=rpm, burst=burst, tpm=tpm)
+    first = ledger.admit(scope, "/v1/chat/completions")
+    assert first == scope.full_lines
+    got = {name.removeprefix(b"x-ratelimit-"): value for name, value in _pairs(first).items()}
+    want = {b"limit-requests": str(rpm).encode(), **expected}
+    if tpm is not None:
+        want |= {
+            b"limit-tokens": str(tpm).encode(),
+            b"remaining-tokens": str(tpm).encode(),
+            b"reset-tokens": b"0ms",
+        }
+    assert got == want
+    if (burst or rpm) > 1:
+        second = _pairs(ledger.admit(scope, "/v1/chat/completions"))
+        left = int(expected[b"remaining-requests"]) - 1
+        assert second[b"x-ratelimit-remaining-requests"] == str(left).encode()

@@ -46,6 +46,7 @@ from flm.proxy.guard import (
 )
 from flm.proxy.keys import VerifyBusy
 from flm.proxy.runtime import ProxyRuntime
+from flm.proxy.usage import key_expired
 from flm.state import BackendDown
 
 if TYPE_CHECKING:
@@ -55,7 +56,6 @@ _Net = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _CHALLENGE = [(b"www-authenticate", b'Bearer realm="flm"')]
 #: Paths whose requests a key's daily request budget does not count (with /v1/models/{id}).
-_UNCOUNTED = frozenset({"/v1/models", "/metrics"})
 MAX_KEY_LENGTH = 256
 _ALLOW_HEADERS = b"authorization, content-type, x-request-id"
 _ALLOW_METHODS = b"GET, POST, OPTIONS"
@@ -425,7 +425,14 @@ class SecurityMiddleware:
                     if wait:
                         rt.metrics.rate_limited.labels("key").inc()
                         raise _limited(wait, "per-key")
-                if key.checked:
+                if key.admit_only:  # (limits: the ledger checks the expiry as well)
+                    try:
+                        state.key_lines = rt.ledger.admit(key, path)
+                    except HttpError as refused:
+                        if refused.status == 429:
+                            rt.metrics.rate_limited.labels("key").inc()
+                        raise
+                elif key.checked:
                     self._check_key(key, path, state)
                 state.key = key
 
@@ -462,18 +469,17 @@ class SecurityMiddleware:
         refusal to raise, else the ``x-ratelimit-*`` header lines for the reply in ``state``."""
         rt = self.runtime
         if key.expires_at is not None and rt.guard.clock() >= key.expires_at:
-            raise HttpError(401, "key_expired", "this API key has expired", _CHALLENGE)
+            raise key_expired()
         if key.read_only and not (path == "/v1/models" or path.startswith("/v1/models/")):
             raise HttpError(
                 403, "read_only_key", "this API key may only list models (GET /v1/models)"
             )
         if key.limits:
-            try:  # (listing models and /metrics do not count toward the daily requests)
-                state.key_lines = rt.ledger.admit(
-                    key, path not in _UNCOUNTED and not path.startswith("/v1/models/")
-                )
-            except HttpError:
-                rt.metrics.rate_limited.labels("key").inc()
+            try:
+                state.key_lines = rt.ledger.admit(key, path)
+            except HttpError as refused:
+                if refused.status == 429:
+                    rt.metrics.rate_limited.labels("key").inc()
                 raise
 
     @staticmethod
