@@ -89,7 +89,7 @@ def reset_text(seconds: float) -> bytes:
 def filled(ms: bytes, text: bytes, left: float, reset: float) -> bytes:
     """One bucket's ``x-ratelimit-*`` lines from its templates (:class:`KeyScope`'s
     ``req_lines_ms``/``req_lines`` or the token ones): ``left`` truncated, ``reset`` in
-    seconds (:meth:`flm.proxy.usage.KeyLedger.admit` writes the same out inline)."""
+    seconds."""
     return ms % (left, reset * 1000) if reset < 1 else text % (left, reset_text(reset))
 
 
@@ -136,14 +136,25 @@ class KeyScope:
     tok_capacity: float = field(default=0.0, init=False, repr=False)
     tok_lines_ms: bytes = field(default=b"", init=False, repr=False)
     tok_lines: bytes = field(default=b"", init=False, repr=False)
-    #: Both buckets' lines when both resets are under a second (one ``%`` for the six).
-    both_lines_ms: bytes = field(default=b"", init=False, repr=False)
     #: The lines of a request let in while every bucket the key has was full (a key used
     #: below its limits: the usual case), rendered once: the same bytes the ledger would
     #: render for that request, without the arithmetic and the formatting.
     full_lines: bytes = field(default=b"", init=False, repr=False)
-    #: :attr:`expires_at`, infinite when not set (one comparison on the request path).
+    #: The level from which the ledger takes a bucket for full: its capacity, or for a
+    #: bucket the key does not have, any level (its counters may keep a level from before
+    #: the limit was taken away).
+    req_full_from: float = field(default=-math.inf, init=False, repr=False)
+    tok_full_from: float = field(default=-math.inf, init=False, repr=False)
+    #: What the ledger sets a full bucket to when it lets a request in: all but one
+    #: request (infinite: no rpm), every token (infinite: no tpm).
+    req_left_full: float = field(default=math.inf, init=False, repr=False)
+    tok_level_full: float = field(default=math.inf, init=False, repr=False)
+    #: :attr:`expires_at`, infinite when not set.
     expires_cap: float = field(default=math.inf, init=False, repr=False)
+    #: When the ledger must look at the key again before it lets a request in: the end of
+    #: its counters' UTC day, or the expiry if sooner (one comparison on the request path;
+    #: before the key's first request, at once).
+    until: float = field(default=-math.inf, init=False, repr=False)
     #: The ledger's live counters of this key (:class:`flm.proxy.usage.KeyLedger` attaches
     #: them at the key's first request, so that the request path needs no lookup by id).
     ledger: Any = field(default=None, init=False, repr=False)
@@ -171,15 +182,16 @@ class KeyScope:
             self.tok_rate = self.tpm / 60.0
             self.tok_capacity = float(self.tpm)
             self.tok_lines_ms, self.tok_lines = _limit_lines(b"tokens", self.tpm)
-        self.both_lines_ms = self.req_lines_ms + self.tok_lines_ms
         # (a full request bucket keeps all but one request, back in 1/rate seconds; a full
         # token bucket is charged only when the request ends)
         if self.req_rate:
-            left = self.req_capacity - 1.0
+            self.req_full_from = self.req_capacity
+            left = self.req_left_full = self.req_capacity - 1.0
             self.full_lines = filled(
                 self.req_lines_ms, self.req_lines, left, (self.req_capacity - left) / self.req_rate
             )
         if self.tok_rate:
+            self.tok_level_full = self.tok_full_from = self.tok_capacity
             self.full_lines += filled(self.tok_lines_ms, self.tok_lines, self.tok_capacity, 0.0)
         if self.models is None:
             return

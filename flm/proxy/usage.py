@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from flm.core import threads
-from flm.core.keyscope import KeyScope, filled, reset_text
+from flm.core.keyscope import KeyScope, filled
 from flm.core.models import make_model_id
 from flm.core.threads import background_thread
 from flm.http.asgi import header_pairs
@@ -54,24 +54,16 @@ def estimate_tokens(text: str) -> int:
 
 
 class _KeyState:
-    __slots__ = (
-        "day_end",
-        "day_requests",
-        "day_tokens",
-        "req_at",
-        "req_level",
-        "tok_at",
-        "tok_level",
-    )
+    __slots__ = ("at", "day_end", "day_requests", "day_tokens", "req_level", "tok_level")
 
     def __init__(self, now: float) -> None:
         self.day_end = 0.0
         self.new_day(now)
-        # (infinite: full, whatever the capacity; capped at first use)
+        # The buckets' levels as of ``at`` (both read together); infinite: full, whatever
+        # the capacity (capped at the first reading).
         self.req_level = math.inf
-        self.req_at = now
         self.tok_level = math.inf
-        self.tok_at = now
+        self.at = now
 
     def new_day(self, now: float) -> None:
         """Today's totals start at zero (a new key, or the first request after 00:00 UTC)."""
@@ -102,76 +94,73 @@ class KeyLedger:
         key without per-minute limits).
 
         Runs for every request of a key with limits, so the usual case is written out
-        inline: the buckets are refilled and checked without a call each, against limits
-        the scope worked out when it was loaded; a refusal takes :meth:`_refuse`. Every
-        request is counted toward the daily request budget here, when it is let in (so that
-        requests in flight count too); the few that do not count (listing models, reading
-        metrics) are taken back by :meth:`uncount` when they end, and an exhausted budget
-        does not refuse them."""
+        inline, against limits the scope worked out when it was loaded: the day's end and
+        the expiry in one comparison (:attr:`KeyScope.until`), then both buckets refilled to
+        now at once (a bucket the key does not have stays infinite and full), and a request
+        that finds them full takes the lines its scope rendered when it was loaded
+        (:attr:`KeyScope.full_lines`; the same bytes the arithmetic would render). Anything
+        else (a bucket not full, a refusal) takes :meth:`_admit_partial`.
+
+        Every request is counted toward the daily request budget here, when it is let in
+        (so that requests in flight count too); the few that do not count (listing models,
+        reading metrics) are taken back by :meth:`uncount` when they end, and an exhausted
+        budget does not refuse them."""
         now = self.clock()
+        if now >= scope.until:
+            self._renew(scope, now)
         st = scope.ledger
-        if st is None or now >= st.day_end:
-            st = scope.ledger = self._state(scope.key_id, now)
-        if now >= scope.expires_cap:
-            raise key_expired()
         if (
             st.day_requests >= scope.day_requests_cap or st.day_tokens >= scope.day_tokens_cap
         ) and counted(path):
             raise self._over_budget(scope, st, now)
+        elapsed = now - st.at
+        req = st.req_level + elapsed * scope.req_rate
+        tok = st.tok_level + elapsed * scope.tok_rate
+        st.at = now
+        if req >= scope.req_full_from and tok >= scope.tok_full_from:
+            st.req_level = scope.req_left_full
+            st.tok_level = scope.tok_level_full
+            st.day_requests += 1
+            return scope.full_lines
+        return self._admit_partial(scope, st, req, tok)
+
+    def _renew(self, scope: KeyScope, now: float) -> None:
+        """(:meth:`admit`) the scope's first request, a new UTC day, or an expired key:
+        attach the key's counters to the scope (a new day starts them at zero) and work out
+        when to look again; raise the 401 of an expired key."""
+        if now >= scope.expires_cap:
+            raise key_expired()
+        st = scope.ledger = self._state(scope.key_id, now)
+        scope.until = min(st.day_end, scope.expires_cap)
+
+    def _admit_partial(self, scope: KeyScope, st: _KeyState, req: float, tok: float) -> bytes:
+        """:meth:`admit` for a key with a bucket that is not full: ``req`` and ``tok`` are
+        the buckets' levels refilled to now (``st.at``), not yet capped."""
         req_rate = scope.req_rate
-        if req_rate:
-            req = st.req_level + (now - st.req_at) * req_rate
-            full = req >= scope.req_capacity
-            if full:
-                req = scope.req_capacity
-            elif req < 1.0:
-                raise self._refuse(scope, st, now)
-            tok_rate = scope.tok_rate
-            if tok_rate:
-                tok = st.tok_level + (now - st.tok_at) * tok_rate
-                if tok >= scope.tok_capacity:
-                    tok = scope.tok_capacity
-                else:
-                    full = False
-                    if tok <= 0.0:
-                        raise self._refuse(scope, st, now)
-                st.tok_level = tok
-                st.tok_at = now
-            st.day_requests += 1
-            if full:  # (every bucket was full: the lines rendered when the key was loaded)
-                st.req_level = req - 1.0
-                st.req_at = now
-                return scope.full_lines
-            # (``%d`` of a float truncates, as int() does.)
-            req -= 1.0
-            st.req_level = req
-            st.req_at = now
-            reset = (scope.req_capacity - req) / req_rate
-            if not tok_rate:
-                if reset < 1.0:
-                    return scope.req_lines_ms % (req, reset * 1000.0)
-                return scope.req_lines % (req, reset_text(reset))
-            tok_reset = (scope.tok_capacity - tok) / tok_rate
-            if reset < 1.0 and tok_reset < 1.0:
-                return scope.both_lines_ms % (req, reset * 1000.0, tok, tok_reset * 1000.0)
-            return filled(scope.req_lines_ms, scope.req_lines, req, reset) + filled(
-                scope.tok_lines_ms, scope.tok_lines, tok, tok_reset
-            )
         tok_rate = scope.tok_rate
-        if not tok_rate:
-            st.day_requests += 1
-            return b""
-        tok = st.tok_level + (now - st.tok_at) * tok_rate
-        if tok > scope.tok_capacity:
+        if req_rate and req > scope.req_capacity:
+            req = scope.req_capacity
+        if tok_rate and tok > scope.tok_capacity:
             tok = scope.tok_capacity
-        if tok <= 0.0:
-            raise self._refuse(scope, st, now)
+        if (req_rate and req < 1.0) or (tok_rate and tok <= 0.0):
+            st.req_level = req
+            st.tok_level = tok
+            raise self._refuse(scope, req, tok)
         st.day_requests += 1
+        # (``%d`` of a float truncates, as int() does.)
+        lines = b""
+        if req_rate:
+            req -= 1.0
+            lines = filled(
+                scope.req_lines_ms, scope.req_lines, req, (scope.req_capacity - req) / req_rate
+            )
+        if tok_rate:
+            lines += filled(
+                scope.tok_lines_ms, scope.tok_lines, tok, (scope.tok_capacity - tok) / tok_rate
+            )
+        st.req_level = req
         st.tok_level = tok
-        st.tok_at = now
-        return filled(
-            scope.tok_lines_ms, scope.tok_lines, tok, (scope.tok_capacity - tok) / tok_rate
-        )
+        return lines
 
     @staticmethod
     def uncount(scope: KeyScope) -> None:
@@ -198,29 +187,26 @@ class KeyLedger:
         if scope.tok_rate:
             st.tok_level -= tokens
 
-    def _refuse(self, scope: KeyScope, st: _KeyState, now: float) -> HttpError:
+    def _refuse(self, scope: KeyScope, req: float, tok: float) -> HttpError:
         """The 429 for a key whose request or token bucket has no room, with the
-        ``x-ratelimit-*`` headers; the buckets are refilled to ``now``, nothing is charged."""
+        ``x-ratelimit-*`` headers; ``req`` and ``tok`` are the levels now (capped), nothing
+        is charged."""
         lines = b""
         wait = 0.0
         if scope.req_rate:
             rate, capacity = scope.req_rate, scope.req_capacity
-            level = min(st.req_level + (now - st.req_at) * rate, capacity)
-            st.req_level, st.req_at = level, now
-            if level < 1.0:
-                wait = (1.0 - level) / rate
-            reset = max(wait, (capacity - level) / rate)
-            lines += filled(scope.req_lines_ms, scope.req_lines, level, reset)
+            if req < 1.0:
+                wait = (1.0 - req) / rate
+            reset = max(wait, (capacity - req) / rate)
+            lines += filled(scope.req_lines_ms, scope.req_lines, req, reset)
         if scope.tok_rate:
             rate, capacity = scope.tok_rate, scope.tok_capacity
-            level = min(st.tok_level + (now - st.tok_at) * rate, capacity)
-            st.tok_level, st.tok_at = level, now
-            if level <= 0:
-                reset = (1.0 - level) / rate
+            if tok <= 0:
+                reset = (1.0 - tok) / rate
                 wait = max(wait, reset)
             else:
-                reset = (capacity - level) / rate
-            lines += filled(scope.tok_lines_ms, scope.tok_lines, max(level, 0.0), reset)
+                reset = (capacity - tok) / rate
+            lines += filled(scope.tok_lines_ms, scope.tok_lines, max(tok, 0.0), reset)
         retry = max(1, math.ceil(wait))
         return HttpError(
             429,
@@ -238,22 +224,17 @@ class KeyLedger:
         return _budget(now, what)
 
     def charge(self, key_id: str, tokens: int, tpm: int | None) -> None:
-        """Count a finished request's tokens toward the key's day and per-minute budget (a
-        request that used more tokens than were left leaves a debt, below zero, that the
-        next requests wait out)."""
+        """Count a finished request's tokens toward the key's day and, with a ``tpm``, its
+        token bucket, as :meth:`spend` does, by key id (a request that used more tokens than
+        were left leaves a debt, below zero, that the next requests wait out)."""
         if not tokens:
             return
-        now = self.clock()
-        st = self._keys.get(key_id)
-        if st is None or now >= st.day_end:
-            st = self._state(key_id, now)
+        st = self._state(key_id, self.clock())
         st.day_tokens += tokens
         if tpm is not None:
-            level = st.tok_level + (now - st.tok_at) * tpm / 60.0
-            if level > tpm:
-                level = float(tpm)
-            st.tok_at = now
-            st.tok_level = level - tokens
+            if st.tok_level > tpm:  # (never read yet, or the limit was lowered)
+                st.tok_level = float(tpm)
+            st.tok_level -= tokens
 
     def today(self, key_id: str) -> tuple[int, int]:
         """(requests, tokens) counted today for the key (this process's view)."""

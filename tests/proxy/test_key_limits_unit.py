@@ -516,3 +516,26 @@ def test_a_request_into_full_buckets_gets_the_lines_rendered_at_load(
         second = _pairs(ledger.admit(scope, "/v1/chat/completions"))
         left = int(expected[b"remaining-requests"]) - 1
         assert second[b"x-ratelimit-remaining-requests"] == str(left).encode()
+
+
+def test_a_limit_taken_away_leaves_no_bucket_behind() -> None:
+    """The counters outlive a reload's scopes: a key whose tpm is taken away while it owes
+    tokens, and which gets an rpm instead, is judged by its new scope alone (the old debt
+    neither refuses it nor keeps it off the rendered lines), and a tpm given back starts
+    full."""
+    clock = FakeClock(1_000_000.0)
+    ledger = KeyLedger(clock)
+    before = KeyScope("k", "l", tpm=600)
+    ledger.admit(before)
+    ledger.spend(before, 5_000)  # (a debt of 4,400 tokens)
+    with pytest.raises(HttpError):
+        ledger.admit(before)
+    after = KeyScope("k", "l", rpm=60, burst=2)  # (what the next reload builds)
+    assert ledger.admit(after) == after.full_lines
+    lines = _pairs(ledger.admit(after))
+    assert lines[b"x-ratelimit-remaining-requests"] == b"0"
+    assert b"x-ratelimit-remaining-tokens" not in lines
+    again = KeyScope("k", "l", tpm=900)
+    clock.now += 1.0
+    assert ledger.admit(again) == again.full_lines
+    assert ledger.today("k") == (4, 5_000)
