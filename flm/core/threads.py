@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
+import platform
 import sys
 import threading
 import time
@@ -140,3 +142,61 @@ class Idling:
             self.idle = idle
             if promoted:
                 self.promotions += 1
+
+
+#: The event loop thread's time slice under Linux's EEVDF scheduler (the shortest the kernel
+#: accepts): see :func:`latency_slice`.
+LOOP_SLICE_NS = 100_000
+#: ``SCHED_FLAG_RESET_ON_FORK``: threads and processes the loop thread starts later (executor
+#: threads, engines) get the default slice, not the loop's (and a negative nice back to 0).
+_RESET_ON_FORK = 0x01
+#: ``sched_setattr``'s system call number by machine (no C library wraps it).
+_SCHED_SETATTR = {"x86_64": 314, "aarch64": 274}
+
+
+class _SchedAttr(ctypes.Structure):
+    _fields_ = [  # (struct sched_attr, first version with the utilization clamps: 56 bytes)
+        ("size", ctypes.c_uint32),
+        ("sched_policy", ctypes.c_uint32),
+        ("sched_flags", ctypes.c_uint64),
+        ("sched_nice", ctypes.c_int32),
+        ("sched_priority", ctypes.c_uint32),
+        ("sched_runtime", ctypes.c_uint64),
+        ("sched_deadline", ctypes.c_uint64),
+        ("sched_period", ctypes.c_uint64),
+        ("sched_util_min", ctypes.c_uint32),
+        ("sched_util_max", ctypes.c_uint32),
+    ]
+
+
+def latency_slice(ns: int = LOOP_SLICE_NS) -> bool:
+    """Ask the kernel for a short time slice for the calling thread (Linux 6.12 and later:
+    a normal thread's ``sched_runtime`` is its EEVDF slice; earlier kernels ignore it).
+
+    Called by the event loop thread of a serving proxy. A thread with a shorter slice than
+    the one running gets the CPU as soon as it wakes: a request arriving while a helper
+    thread (the audit's formatting, the usage sums) runs on the gateway's core no longer
+    waits for the helper's slice (1.4 ms by default here) to run out. Measured with
+    ``bench/cpu_cost.py`` at c=1, in turns, in two sessions of 12 rounds: p99 −0.053 and
+    −0.049 ms, CPU per request and c=64 unchanged. Needs no privilege (a thread may shorten
+    its own slice); the thread keeps its policy and nice value, and what it starts later
+    does not inherit the slice. False where it did not take (another system, another
+    machine, a refusal)."""
+    number = _SCHED_SETATTR.get(platform.machine())
+    if sys.platform != "linux" or number is None:
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        tid = threading.get_native_id()
+        attr = _SchedAttr(
+            size=ctypes.sizeof(_SchedAttr),
+            sched_policy=os.SCHED_OTHER,
+            sched_flags=_RESET_ON_FORK,
+            sched_nice=os.getpriority(os.PRIO_PROCESS, tid),
+            sched_runtime=ns,
+        )
+        if os.sched_getscheduler(0) != os.SCHED_OTHER:
+            return False  # (a real-time or idle thread: not ours to change)
+        return int(libc.syscall(number, 0, ctypes.byref(attr), 0)) == 0
+    except (OSError, AttributeError):
+        return False

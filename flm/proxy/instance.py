@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from flm.core.errors import FlmError, ProxyError
 from flm.core.heap import release_heap, settle_heap
+from flm.core.threads import latency_slice
 from flm.core.timeutil import iso
 from flm.http.server import HttpServer, bind_socket
 from flm.openai.errors import refusal
@@ -331,9 +332,11 @@ async def start_instance(
     ``--workers N`` also its N-1 sibling workers (:mod:`flm.proxy.supervisor`). ``sibling``:
     start as one of those workers. ``ui_origins``: the daemon's web UI origins, which may call
     the proxy (see :meth:`ProxyRuntime.allow_ui_origins`). Once it serves, what the start
-    built is frozen out of the garbage collector's scans (:func:`settle_heap`)."""
+    built is frozen out of the garbage collector's scans (:func:`settle_heap`), and the
+    event loop's thread asks the kernel for a short time slice (:func:`latency_slice`)."""
     instance = await _start_instance(ctx, raw, handle_id, sibling, ui_origins)
     settle_heap()
+    latency_slice()
     return instance
 
 
