@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -20,6 +21,16 @@ def free_port(host: str = "127.0.0.1") -> int:
     connection made in between (an engine client, an ACME client, a resolver) can take it, and
     never the same port twice in one run."""
     return ports.free_port(host)
+
+
+def foreground_proxy(port: int) -> subprocess.Popen[bytes]:
+    """``flm proxy start --no-daemon`` on ``port``, in the current ``FLM_HOME``, its output
+    discarded (the caller waits for it to answer and stops it)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "flm", "proxy", "start", "--no-daemon", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 class FakeClock:

@@ -187,6 +187,7 @@ def build_runtime(
         runtime.usage.on_tokens = runtime.metrics.record_key_tokens
     runtime.scope_loader = lambda key_id: load_scope(ctx, key_id)
     runtime.scopes = load_scopes(ctx)
+    runtime.ledger.on_refusal = runtime.metrics.rate_limited.labels("key").inc
     runtime.ledger.load_today(today_totals(ctx.storage.security))
     from flm.services.audit_events import record_security_event
 

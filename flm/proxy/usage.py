@@ -78,6 +78,9 @@ class KeyLedger:
     def __init__(self, clock: Any = time.time) -> None:
         self.clock = clock
         self._keys: dict[str, _KeyState] = {}
+        #: Called at each 429 the ledger answers (the runtime counts them in
+        #: ``flm_rate_limited_total{scope="key"}``).
+        self.on_refusal: Callable[[], object] = _nothing
 
     def _state(self, key_id: str, now: float) -> _KeyState:
         st = self._keys.get(key_id)
@@ -112,6 +115,7 @@ class KeyLedger:
         if (
             st.day_requests >= scope.day_requests_cap or st.day_tokens >= scope.day_tokens_cap
         ) and counted(path):
+            self.on_refusal()
             raise self._over_budget(scope, st, now)
         elapsed = now - st.at
         req = st.req_level + elapsed * scope.req_rate
@@ -145,6 +149,7 @@ class KeyLedger:
         if (req_rate and req < 1.0) or (tok_rate and tok <= 0.0):
             st.req_level = req
             st.tok_level = tok
+            self.on_refusal()
             raise self._refuse(scope, req, tok)
         st.day_requests += 1
         # (``%d`` of a float truncates, as int() does.)
@@ -256,6 +261,10 @@ class KeyLedger:
     def retain_only(self, key_ids: set[str]) -> None:
         for key_id in [k for k in self._keys if k not in key_ids]:
             del self._keys[key_id]
+
+
+def _nothing() -> None:
+    return None
 
 
 #: Paths that do not count toward a key's daily request budget (with ``/v1/models/{id}``).

@@ -539,3 +539,25 @@ def test_a_limit_taken_away_leaves_no_bucket_behind() -> None:
     clock.now += 1.0
     assert ledger.admit(again) == again.full_lines
     assert ledger.today("k") == (4, 5_000)
+
+
+def test_the_ledger_reports_each_429_it_answers_and_no_401() -> None:
+    """``on_refusal`` (the runtime's ``flm_rate_limited_total{scope="key"}``) hears of every
+    rate or budget refusal, and not of an expired key."""
+    clock = FakeClock(1_000_000.0)
+    ledger = KeyLedger(clock)
+    refusals: list[int] = []
+    ledger.on_refusal = lambda: refusals.append(1)
+    rate = KeyScope("r", "l", rpm=60, burst=1)
+    ledger.admit(rate)
+    with pytest.raises(HttpError):
+        ledger.admit(rate)
+    budget = KeyScope("b", "l", daily_requests=1)
+    ledger.admit(budget)
+    with pytest.raises(HttpError):
+        ledger.admit(budget)
+    assert len(refusals) == 2
+    expired = KeyScope("e", "l", rpm=60, expires_at=clock.now - 1)
+    with pytest.raises(HttpError) as err:
+        ledger.admit(expired)
+    assert err.value.code == "key_expired" and len(refusals) == 2

@@ -13,7 +13,7 @@ import pytest
 
 from flm.services.runstate import pid_alive
 from tests.conftest import audit_rows, flm_subprocess
-from tests.support import free_port
+from tests.support import foreground_proxy, free_port
 
 
 def _data(proc: object) -> dict:  # type: ignore[type-arg]
@@ -304,8 +304,6 @@ def test_a_start_naming_other_databases_than_the_daemons_is_refused(
 def test_a_foreground_proxy_picks_up_a_revoke_at_once(flm_home: Path) -> None:
     """`--no-daemon` proxies reload like the daemon's: the CLI signals them after a key,
     policy or blocklist change, and `flm proxy reload` names them."""
-    import subprocess
-    import sys
     import urllib.error
     import urllib.request
 
@@ -320,11 +318,7 @@ def test_a_foreground_proxy_picks_up_a_revoke_at_once(flm_home: Path) -> None:
         )
         key = _data(flm_subprocess("api-keys", "create", "--label", "fg"))
         port = free_port()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "flm", "proxy", "start", "--no-daemon", "--port", str(port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        proc = foreground_proxy(port)
         try:
 
             def status() -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import platform
-import subprocess
 import sys
 import threading
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from flm.core.threads import LOOP_SLICE_NS, latency_slice
-from tests.support import free_port
+from tests.support import foreground_proxy, free_port
 
 LINUX = sys.platform == "linux" and platform.machine() in ("x86_64", "aarch64")
 
@@ -65,11 +64,7 @@ def test_a_thread_gets_the_short_slice_it_asks_for() -> None:
 @pytest.mark.skipif(not LINUX, reason="Linux on x86_64 or aarch64 only")
 def test_a_serving_proxy_runs_its_event_loop_on_the_short_slice(flm_home: Path) -> None:
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "flm", "proxy", "start", "--no-daemon", "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = foreground_proxy(port)
     try:
         deadline = time.monotonic() + 20
         while True:
@@ -79,16 +74,23 @@ def test_a_serving_proxy_runs_its_event_loop_on_the_short_slice(flm_home: Path) 
             except OSError:
                 assert time.monotonic() < deadline and proc.poll() is None
                 time.sleep(0.05)
-        main_thread = _slice_of(proc.pid, proc.pid)  # (the loop runs on the main thread)
-        helpers = [
-            _slice_of(proc.pid, int(tid))
-            for tid in os.listdir(f"/proc/{proc.pid}/task")
-            if int(tid) != proc.pid
-        ]
+        # (the loop runs on the main thread; the slice is asked for once the start is done,
+        # which may be just after /health first answers)
         if _kernel_has_custom_slices():
-            assert main_thread == LOOP_SLICE_NS
+            deadline = time.monotonic() + 10
+            while _slice_of(proc.pid, proc.pid) != LOOP_SLICE_NS:
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.05)
+            helpers = []
+            for tid in os.listdir(f"/proc/{proc.pid}/task"):
+                if int(tid) != proc.pid:
+                    try:
+                        helpers.append(_slice_of(proc.pid, int(tid)))
+                    except FileNotFoundError:  # (a thread that ended meanwhile)
+                        continue
             assert helpers and all(s != LOOP_SLICE_NS for s in helpers)
         else:
+            main_thread = _slice_of(proc.pid, proc.pid)
             assert main_thread is None or main_thread > 0
     finally:
         proc.terminate()

@@ -426,12 +426,7 @@ class SecurityMiddleware:
                         rt.metrics.rate_limited.labels("key").inc()
                         raise _limited(wait, "per-key")
                 if key.admit_only:  # (limits: the ledger checks the expiry as well)
-                    try:
-                        state.key_lines = rt.ledger.admit(key, path)
-                    except HttpError as refused:
-                        if refused.status == 429:
-                            rt.metrics.rate_limited.labels("key").inc()
-                        raise
+                    state.key_lines = rt.ledger.admit(key, path)
                 elif key.checked:
                     self._check_key(key, path, state)
                 state.key = key
@@ -475,12 +470,7 @@ class SecurityMiddleware:
                 403, "read_only_key", "this API key may only list models (GET /v1/models)"
             )
         if key.limits:
-            try:
-                state.key_lines = rt.ledger.admit(key, path)
-            except HttpError as refused:
-                if refused.status == 429:
-                    rt.metrics.rate_limited.labels("key").inc()
-                raise
+            state.key_lines = rt.ledger.admit(key, path)
 
     @staticmethod
     def _presented_key(headers: dict[bytes, bytes], every: list[tuple[bytes, bytes]]) -> str:
