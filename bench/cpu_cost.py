@@ -267,10 +267,8 @@ def main(argv: list[str] | None = None) -> int:
             out.append(run.with_key(gateway, gateway.name + "+scoped", second))
         return out
 
-    names = [t.name for _, setup, second in specs for t in targets_of(_named(setup), second)]
-    results: dict[str, dict[str, list[dict[str, Any]]]] = {
-        n: {p: [] for p in points} for n in names
-    }
+    # (by target, in the order of the first round)
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {}
     counters: dict[str, list[float | None]] = {setup.name: [0.0, 0.0] for _, setup, _ in specs}
     kept: list[run.Target] = []
     if args.keep_processes:
@@ -295,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
                     r = stream_point(t, args.duration)
                 else:
                     r = plain_point(wrk, t, root, int(point[1:]), args.duration)
-                results[t.name][point].append(r)
+                results.setdefault(t.name, {p: [] for p in points})[point].append(r)
                 print(f"round {rnd + 1} {t.name:>16} {point:>10}: {json.dumps(r)}", flush=True)
         if not kept:
             for g in gateways:
@@ -374,11 +372,6 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(json.dumps({"summary": summary, "rounds": results}, indent=1))
     run.Managed.stop_all()
     return 0
-
-
-def _named(setup: run.FlmSetup) -> run.Target:
-    """A stand-in target with only ``setup``'s name (to list target names before a launch)."""
-    return run.Target(setup.name, 0, "", {}, 0)
 
 
 def _add_counters(into: list[float | None], got: tuple[float | None, float | None]) -> None:

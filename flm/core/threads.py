@@ -186,6 +186,8 @@ def latency_slice(ns: int = LOOP_SLICE_NS) -> bool:
     if sys.platform != "linux" or number is None:
         return False
     try:
+        if os.sched_getscheduler(0) != os.SCHED_OTHER:
+            return False  # (a real-time or idle thread: not ours to change)
         libc = ctypes.CDLL(None, use_errno=True)
         tid = threading.get_native_id()
         attr = _SchedAttr(
@@ -195,8 +197,6 @@ def latency_slice(ns: int = LOOP_SLICE_NS) -> bool:
             sched_nice=os.getpriority(os.PRIO_PROCESS, tid),
             sched_runtime=ns,
         )
-        if os.sched_getscheduler(0) != os.SCHED_OTHER:
-            return False  # (a real-time or idle thread: not ours to change)
         return int(libc.syscall(number, 0, ctypes.byref(attr), 0)) == 0
     except (OSError, AttributeError):
         return False

@@ -269,7 +269,8 @@ def _nothing() -> None:
 
 #: Paths that do not count toward a key's daily request budget (with ``/v1/models/{id}``).
 _UNCOUNTED_PATHS = frozenset({"/v1/models", "/metrics"})
-_CHALLENGE = [(b"www-authenticate", b'Bearer realm="flm"')]
+#: The ``WWW-Authenticate`` header of every 401 about a key (RFC 6750).
+BEARER_CHALLENGE = [(b"www-authenticate", b'Bearer realm="flm"')]
 
 
 def counted(path: str) -> bool:
@@ -278,7 +279,7 @@ def counted(path: str) -> bool:
 
 
 def key_expired() -> HttpError:
-    return HttpError(401, "key_expired", "this API key has expired", _CHALLENGE)
+    return HttpError(401, "key_expired", "this API key has expired", BEARER_CHALLENGE)
 
 
 def _budget(now: float, message: str) -> HttpError:

@@ -46,7 +46,7 @@ from flm.proxy.guard import (
 )
 from flm.proxy.keys import VerifyBusy
 from flm.proxy.runtime import ProxyRuntime
-from flm.proxy.usage import key_expired
+from flm.proxy.usage import BEARER_CHALLENGE, key_expired
 from flm.state import BackendDown
 
 if TYPE_CHECKING:
@@ -54,8 +54,6 @@ if TYPE_CHECKING:
 
 _Net = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-_CHALLENGE = [(b"www-authenticate", b'Bearer realm="flm"')]
-#: Paths whose requests a key's daily request budget does not count (with /v1/models/{id}).
 MAX_KEY_LENGTH = 256
 _ALLOW_HEADERS = b"authorization, content-type, x-request-id"
 _ALLOW_METHODS = b"GET, POST, OPTIONS"
@@ -192,7 +190,7 @@ class _AuthFailed(HttpError):
     """A 401 whose failure is counted (toward the auto-block) where it is caught."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(401, "invalid_api_key", message, _CHALLENGE)
+        super().__init__(401, "invalid_api_key", message, BEARER_CHALLENGE)
         self.reason = message
 
 
@@ -463,7 +461,7 @@ class SecurityMiddleware:
         """A key's expiry, read-only flag, per-minute limits and daily budgets: the
         refusal to raise, else the ``x-ratelimit-*`` header lines for the reply in ``state``."""
         rt = self.runtime
-        if key.expires_at is not None and rt.guard.clock() >= key.expires_at:
+        if rt.guard.clock() >= key.expires_cap:
             raise key_expired()
         if key.read_only and not (path == "/v1/models" or path.startswith("/v1/models/")):
             raise HttpError(
@@ -587,7 +585,7 @@ class SecurityMiddleware:
             )
             if block is not None:
                 record_block(rt, ip, block, failures=count, request_id=state.request_id)
-        return HttpError(401, "invalid_api_key", message, _CHALLENGE)
+        return HttpError(401, "invalid_api_key", message, BEARER_CHALLENGE)
 
     async def _score(
         self, scope: Scope, state: RequestState, agent: bytes, points: int, reasons: tuple[str, ...]
