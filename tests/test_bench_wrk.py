@@ -85,16 +85,22 @@ class _Server:
         self.sock.close()
 
 
-def test_recorded_latencies_leave_out_wrks_omission_samples(tmp_path: Path) -> None:
+def _load(tmp_path: Path, conc: int, seconds: int) -> tuple[dict[str, Any], _Server]:
+    """bench/run.py's wrk point against a fresh :class:`_Server`."""
     wrk = require_tool("wrk", "wrk")
     run = _bench_run()
     server = _Server()
     try:
         target = SimpleNamespace(name="t", port=server.port, model="m", headers={})
-        r = run.run_wrk(wrk, target, tmp_path, 1, 2)
+        r = run.run_wrk(wrk, target, tmp_path, conc, seconds)
     finally:
         server.close()
     assert r["errors"] == 0
+    return r, server
+
+
+def test_recorded_latencies_leave_out_wrks_omission_samples(tmp_path: Path) -> None:
+    r, server = _load(tmp_path, 1, 2)
     assert server.stalled >= 2, "the run was too short to see a stall"
     rec = r["latency_recorded_ms"]  # (present only when it accounts for every request)
     # wrk's own p99 counts samples for requests a stalled client never sent: with a stall
@@ -108,13 +114,5 @@ def test_recorded_latencies_leave_out_wrks_omission_samples(tmp_path: Path) -> N
 
 
 def test_no_recorded_figures_above_one_connection(tmp_path: Path) -> None:
-    wrk = require_tool("wrk", "wrk")
-    run = _bench_run()
-    server = _Server()
-    try:
-        target = SimpleNamespace(name="t", port=server.port, model="m", headers={})
-        r = run.run_wrk(wrk, target, tmp_path, 2, 1)
-    finally:
-        server.close()
-    assert r["errors"] == 0
+    r, _ = _load(tmp_path, 2, 1)
     assert "latency_recorded_ms" not in r
