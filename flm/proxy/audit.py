@@ -55,6 +55,19 @@ Only where the process may bring a thread back from the idle class (CAP_SYS_NICE
 ``bench/cpu_cost.py`` at c=1, three sessions of 20 rounds: p99 0.597 -> 0.525, 0.618 -> 0.629
 and 0.655 -> 0.593 ms; the other points unchanged within noise.
 
+A request's record is best not left to the flusher at all when the loop has time to spare:
+its formatting is a few microseconds of the loop's CPU, while in the flusher it costs the
+loop a GIL hand-off and a cold cache whenever a slice is under way as a request arrives.
+So the outermost middleware tells :meth:`AuditSink.request` whether the request was the only
+one in flight (``spare``); then the record is formatted on the loop at once, after the
+response was sent and while the client reads it, and queued formatted: the flusher only
+collects it. With other requests in flight (a loaded loop, where the flusher's batches are
+the cheaper way, their caches warm) the record is queued as it is, as before. Measured with
+``bench/cpu_cost.py``, 12 rounds in turns: at c=1 the recorded p99 −0.073 ms (lower in 11
+rounds), p50 −0.029 ms, CPU per request −6.6 %; at c=64 CPU per request and req/s unchanged
+(+0.6 %, −0.4 %). A batch of records formatted already still asks one pause, the probe that
+decides whether it is written paced (a saturated loop).
+
 Bounded, with back-pressure. Records not yet committed (queued plus the batch being written)
 are counted; at :data:`QUEUE_LIMIT` the gateway stops taking new requests until the flusher
 has written a batch (:meth:`AuditSink.room`, awaited by the outermost middleware before a
@@ -377,6 +390,10 @@ class _Batch:
         self.anomalies += other.anomalies
 
 
+#: (a request's record goes to no other table: :func:`_format_one` never adds to this)
+_NO_BATCH = _Batch()
+
+
 class AuditSink:
     def __init__(
         self,
@@ -448,29 +465,36 @@ class AuditSink:
         prompt_tokens: int | None,
         completion_tokens: int | None,
         error_type: str | None,
+        spare: bool = False,
     ) -> None:
+        """One finished request. ``spare``: it was the only request in flight, so the loop
+        formats its record now (see the module docstring); else the flusher does."""
         if not self._items:
             self._queued_since = time.monotonic()
-        self._items.append(
-            (
-                "request",
-                (
-                    ts,
-                    request_id,
-                    client_ip,
-                    api_key_id,
-                    endpoint,
-                    method,
-                    engine_id,
-                    model,
-                    status,
-                    latency_ms,
-                    prompt_tokens,
-                    completion_tokens,
-                    error_type,
-                ),
-            )
+        record = (
+            ts,
+            request_id,
+            client_ip,
+            api_key_id,
+            endpoint,
+            method,
+            engine_id,
+            model,
+            status,
+            latency_ms,
+            prompt_tokens,
+            completion_tokens,
+            error_type,
         )
+        item: tuple[str, tuple[Any, ...]] = ("request", record)
+        if spare:
+            try:
+                row = _format_one("request", record, _NO_BATCH)
+                if row is not None:
+                    item = ("row", (row, _request_line(row)))
+            except Exception:  # noqa: S110 - the flusher formats it again and reports the fault
+                pass
+        self._items.append(item)
         queued = len(self._items)
         if queued > self.peak_queued:
             self.peak_queued = queued
@@ -715,9 +739,15 @@ class AuditSink:
         audit_rows, lines = batch.audit_rows, batch.lines
         step = max(SLICE, len(items) // MAX_PAUSES)
         pause = pause and len(items) <= HIGH_WATER
+        paused = False
         for n, (kind, item) in enumerate(items, 1):
+            if kind == "row":  # (formatted on the loop already)
+                audit_rows.append(item[0])
+                lines.append(item[1])
+                continue
             if pause and n % step == 0:
                 pause = self._pause()
+                paused = True
             try:
                 row = _format_one(kind, item, batch)
                 if row is None:
@@ -737,6 +767,10 @@ class AuditSink:
                 line = _line(row)
             audit_rows.append(row)
             lines.append(line)
+        if pause and not paused and len(items) >= step:
+            # (a batch formatted on the loop already: one pause still tells a calm loop, where
+            # the batch is written paced, from a saturated one)
+            pause = self._pause()
         batch.paced = pause
         return batch
 

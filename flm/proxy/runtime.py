@@ -82,6 +82,9 @@ class ProxyRuntime:
     connection_limits: ConnectionLimits = field(default_factory=ConnectionLimits)
     #: The shared state backend (``--state-backend``), or None: this process's own state.
     shared: SharedGuard | None = None
+    #: Requests being handled now, on every listener (the audit formats a request's record
+    #: on the loop when it was the only one: see :mod:`flm.proxy.audit`).
+    in_flight: int = 0
 
     def __post_init__(self) -> None:
         self.connection_limits.privileged = self._privileged

@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import random
+import socket
 import sqlite3
 import sys
 import threading
@@ -983,3 +984,169 @@ def test_no_idle_class_where_a_thread_could_not_leave_it(monkeypatch: pytest.Mon
     idling.enter()
     assert idling.idle is False
     assert os.sched_getscheduler(0) == os.SCHED_OTHER
+
+
+def _request_args(i: int, rng: random.Random) -> tuple[Any, ...]:
+    texts = ["", "é", 'a"b', "\\", "\u2028", "日本", "x" * 600, "\ud800", "flm_0123456789abcdef_" + "A" * 40]
+    return (
+        1_700_000_000 + i / 7,
+        f"r{i}",
+        "127.0.0.1",
+        rng.choice([None, "0123456789abcdef"]),
+        "/v1/chat/" + rng.choice(texts),
+        rng.choice(["GET", "POST"]),
+        rng.choice([None, *texts]),
+        rng.choice([None, *texts]),
+        rng.choice([200, 401, 500]),
+        rng.choice([0.0, 12.34567, float("inf")]),
+        rng.choice([None, 0, 7]),
+        rng.choice([None, 3]),
+        rng.choice([None, "engine_error"]),
+    )
+
+
+def test_a_record_formatted_on_the_loop_is_the_one_the_flusher_writes(tmp_path: Path) -> None:
+    """``spare`` (the request was the only one in flight): the record is formatted at once,
+    on the calling thread, and queued formatted; the JSON line and the table row written for
+    it are the very ones the flusher writes for the same request (secrets redacted, long
+    texts cut, lone surrogates escaped)."""
+    from flm.proxy.audit import AuditSink
+    from flm.storage.db import Database
+
+    written: dict[bool, tuple[str, list[Any]]] = {}
+    for spare in (False, True):
+        rng = random.Random(11)
+        home = tmp_path / str(spare)
+        home.mkdir()
+        db = Database(home / "security.db", "security").open()
+        sink = AuditSink(db, home / "audit.jsonl", interval=60)
+        try:
+            for i in range(300):
+                sink.request(*_request_args(i, rng), spare=spare)
+            kinds = {kind for kind, _ in sink._items}
+            assert kinds == ({"row"} if spare else {"request"})
+            assert sink.flush(pause=True) == 300
+            rows = db.query("SELECT * FROM audit_logs ORDER BY id")
+        finally:
+            sink.close()
+            db.close()
+        written[spare] = ((home / "audit.jsonl").read_text(), [tuple(r) for r in rows])
+    assert written[True] == written[False]
+    text, rows = written[True]
+    assert "[redacted]" in text and "AAAA" not in text and len(rows) == 300
+
+
+def test_a_record_the_loop_cannot_format_is_left_to_the_flusher(tmp_path: Path) -> None:
+    """A record whose formatting fails on the loop costs the request nothing: it is queued
+    as it came, and the flusher reports it as it reports any record it cannot format."""
+    from flm.proxy.audit import AuditSink
+
+    sink = AuditSink(None, tmp_path / "audit.jsonl", interval=60)
+    try:
+        args = list(_request_args(0, random.Random(1)))
+        args[9] = "not a number"  # (the latency)
+        sink.request(*args, spare=True)
+        sink.request(*_request_args(1, random.Random(1)), spare=True)
+        assert [kind for kind, _ in sink._items] == ["request", "row"]
+        assert sink.flush() == 2
+        assert sink.rows_invalid == 1
+    finally:
+        sink.close()
+    lines = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert [line["event_type"] for line in lines] == ["audit_record_invalid", "request"]
+
+
+def test_a_batch_formatted_on_the_loop_still_probes_the_loop_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Records formatted on the loop need no slices, but one pause still decides whether
+    the batch is written paced (a calm loop) or at once (a saturated one)."""
+    from flm.proxy import audit
+    from flm.proxy.audit import SLICE, AuditSink
+
+    pauses = _count_pauses(monkeypatch)
+    sink = AuditSink(None, tmp_path / "audit.jsonl", interval=60)
+    try:
+        rng = random.Random(3)
+        for i in range(SLICE * 5):
+            sink.request(*_request_args(i, rng), spare=True)
+        items = list(sink._items)
+        sink._items.clear()
+        batch = sink._format(items, True)
+        assert pauses[0] == 1 and batch.paced and len(batch.lines) == SLICE * 5
+        monkeypatch.setattr(audit, "_pause", lambda: False)  # a saturated loop
+        assert not sink._format(items, True).paced
+        assert sink._format(items[: SLICE - 1], True).paced  # (too few to ask)
+    finally:
+        sink.close()
+
+
+def test_the_gateway_formats_a_record_on_the_loop_only_when_nothing_else_is_in_flight(
+    cli: Any, flm_home: Path
+) -> None:
+    """A request that was the only one in flight has its record formatted by the loop; one
+    that finished while another was still being handled leaves it to the flusher. Both
+    records are written either way."""
+    from flm.testing.gateway import start_gateway
+    from tests.conftest import audit_rows
+
+    key = cli("api-keys", "create", "--label", "t").data["key"]
+    with start_gateway() as gw:
+        audit = gw.runtime.audit
+        assert audit is not None
+        seen: list[tuple[str, bool]] = []
+        record = audit.request
+
+        def spy(*args: Any, spare: bool = False) -> None:
+            seen.append((args[4], spare))
+            record(*args, spare=spare)
+
+        audit.request = spy  # type: ignore[method-assign]
+        port = gw.port
+
+        def get(path: str) -> int:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                sock.sendall(
+                    f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+                    "Connection: close\r\n\r\n".encode()
+                )
+                reply = b""
+                while chunk := sock.recv(65536):
+                    reply += chunk
+            return int(reply.split(b" ", 2)[1])
+
+        assert get("/v1/models") == 200
+        # a request held in flight: its body never comes
+        held = socket.create_connection(("127.0.0.1", port), timeout=10)
+        try:
+            held.sendall(
+                f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}"
+                "\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{".encode()
+            )
+            wait_until(lambda: gw.runtime.in_flight == 1, timeout=10, what="the held request")
+            assert get("/v1/models") == 200
+        finally:
+            held.close()
+        wait_until(lambda: gw.runtime.in_flight == 0, timeout=10, what="the held request's end")
+        assert seen[0] == ("/v1/models", True)
+        assert seen[1] == ("/v1/models", False)
+        wait_until(
+            lambda: (
+                len(
+                    audit_rows(
+                        flm_home,
+                        "SELECT id FROM audit_logs WHERE event_type = 'request'",
+                        flush=audit.flush,
+                    )
+                )
+                >= 3
+            ),
+            timeout=10,
+            what="three request rows",
+        )
+        rows = audit_rows(
+            flm_home,
+            "SELECT endpoint, method FROM audit_logs WHERE event_type = 'request' ORDER BY id",
+        )
+        assert rows[:2] == [("/v1/models", "GET"), ("/v1/models", "GET")]
+        assert ("/v1/chat/completions", "POST") in rows

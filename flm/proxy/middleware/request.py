@@ -97,6 +97,8 @@ class RequestMiddleware:
             )
             self.runtime.metrics.record_request(state.route, 503, "", 0.0, None)
             return
+        rt = self.runtime
+        rt.in_flight += 1
         try:
             # 3. errors (the outcome recorded below is the status each error became)
             try:
@@ -118,6 +120,7 @@ class RequestMiddleware:
                 )
         finally:
             # 2. observe/audit
+            rt.in_flight -= 1
             self._record(scope, state)
 
     def _record(self, scope: Scope, state: RequestState) -> None:
@@ -146,6 +149,7 @@ class RequestMiddleware:
                 state.prompt_tokens,
                 state.completion_tokens,
                 state.error_code,
+                spare=rt.in_flight == 0,  # (the loop has time to spare: formatted now)
             )
 
 
