@@ -83,7 +83,7 @@ class ProxyRuntime:
     #: The shared state backend (``--state-backend``), or None: this process's own state.
     shared: SharedGuard | None = None
     #: Requests being handled now, on every listener (the audit formats a request's record
-    #: on the loop when it was the only one: see :mod:`flm.proxy.audit`).
+    #: on the loop when it was the only one from start to end: see :mod:`flm.proxy.audit`).
     in_flight: int = 0
 
     def __post_init__(self) -> None:

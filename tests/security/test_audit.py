@@ -987,7 +987,17 @@ def test_no_idle_class_where_a_thread_could_not_leave_it(monkeypatch: pytest.Mon
 
 
 def _request_args(i: int, rng: random.Random) -> tuple[Any, ...]:
-    texts = ["", "é", 'a"b', "\\", "\u2028", "日本", "x" * 600, "\ud800", "flm_0123456789abcdef_" + "A" * 40]
+    texts = [
+        "",
+        "é",
+        'a"b',
+        "\\",
+        "\u2028",
+        "日本",
+        "x" * 600,
+        "\ud800",
+        "flm_0123456789abcdef_" + "A" * 40,
+    ]
     return (
         1_700_000_000 + i / 7,
         f"r{i}",
@@ -1081,12 +1091,12 @@ def test_a_batch_formatted_on_the_loop_still_probes_the_loop_once(
         sink.close()
 
 
-def test_the_gateway_formats_a_record_on_the_loop_only_when_nothing_else_is_in_flight(
+def test_the_gateway_formats_a_record_on_the_loop_only_for_a_request_alone_in_flight(
     cli: Any, flm_home: Path
 ) -> None:
-    """A request that was the only one in flight has its record formatted by the loop; one
-    that finished while another was still being handled leaves it to the flusher. Both
-    records are written either way."""
+    """A request that was the only one in flight from start to end has its record formatted
+    by the loop; one that met another request in flight, at its start or at its end, leaves
+    it to the flusher. Every record is written either way."""
     from flm.testing.gateway import start_gateway
     from tests.conftest import audit_rows
 
@@ -1104,10 +1114,10 @@ def test_the_gateway_formats_a_record_on_the_loop_only_when_nothing_else_is_in_f
         audit.request = spy  # type: ignore[method-assign]
         port = gw.port
 
-        def get(path: str) -> int:
+        def get() -> int:
             with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
                 sock.sendall(
-                    f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+                    f"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
                     "Connection: close\r\n\r\n".encode()
                 )
                 reply = b""
@@ -1115,21 +1125,37 @@ def test_the_gateway_formats_a_record_on_the_loop_only_when_nothing_else_is_in_f
                     reply += chunk
             return int(reply.split(b" ", 2)[1])
 
-        assert get("/v1/models") == 200
-        # a request held in flight: its body never comes
-        held = socket.create_connection(("127.0.0.1", port), timeout=10)
-        try:
-            held.sendall(
+        def hold() -> socket.socket:
+            """A request kept in flight: its body never comes."""
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            sock.sendall(
                 f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}"
                 "\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{".encode()
             )
-            wait_until(lambda: gw.runtime.in_flight == 1, timeout=10, what="the held request")
-            assert get("/v1/models") == 200
-        finally:
-            held.close()
-        wait_until(lambda: gw.runtime.in_flight == 0, timeout=10, what="the held request's end")
-        assert seen[0] == ("/v1/models", True)
-        assert seen[1] == ("/v1/models", False)
+            return sock
+
+        def in_flight(n: int) -> None:
+            wait_until(lambda: gw.runtime.in_flight == n, timeout=10, what=f"{n} in flight")
+
+        chat = "/v1/chat/completions"
+        assert get() == 200  # alone
+        first = hold()
+        in_flight(1)
+        assert get() == 200  # beside the first
+        second = hold()
+        in_flight(2)
+        first.close()  # it began alone, and ends beside the second
+        in_flight(1)
+        second.close()  # it ends alone, and began beside the first
+        in_flight(0)
+        assert get() == 200  # alone again
+        assert seen == [
+            ("/v1/models", True),
+            ("/v1/models", False),
+            (chat, False),
+            (chat, False),
+            ("/v1/models", True),
+        ]
         wait_until(
             lambda: (
                 len(
@@ -1139,14 +1165,13 @@ def test_the_gateway_formats_a_record_on_the_loop_only_when_nothing_else_is_in_f
                         flush=audit.flush,
                     )
                 )
-                >= 3
+                >= 5
             ),
             timeout=10,
-            what="three request rows",
+            what="five request rows",
         )
         rows = audit_rows(
             flm_home,
-            "SELECT endpoint, method FROM audit_logs WHERE event_type = 'request' ORDER BY id",
+            "SELECT endpoint FROM audit_logs WHERE event_type = 'request' ORDER BY id",
         )
-        assert rows[:2] == [("/v1/models", "GET"), ("/v1/models", "GET")]
-        assert ("/v1/chat/completions", "POST") in rows
+        assert [r[0] for r in rows] == [e for e, _ in seen]

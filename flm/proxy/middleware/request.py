@@ -98,6 +98,8 @@ class RequestMiddleware:
             self.runtime.metrics.record_request(state.route, 503, "", 0.0, None)
             return
         rt = self.runtime
+        # (alone from start to end: the loop has time to spare for the request's record)
+        alone = rt.in_flight == 0
         rt.in_flight += 1
         try:
             # 3. errors (the outcome recorded below is the status each error became)
@@ -121,9 +123,9 @@ class RequestMiddleware:
         finally:
             # 2. observe/audit
             rt.in_flight -= 1
-            self._record(scope, state)
+            self._record(scope, state, alone and rt.in_flight == 0)
 
-    def _record(self, scope: Scope, state: RequestState) -> None:
+    def _record(self, scope: Scope, state: RequestState, spare: bool = False) -> None:
         rt = self.runtime
         elapsed = time.perf_counter() - state.started
         status = state.status or 500
@@ -149,7 +151,7 @@ class RequestMiddleware:
                 state.prompt_tokens,
                 state.completion_tokens,
                 state.error_code,
-                spare=rt.in_flight == 0,  # (the loop has time to spare: formatted now)
+                spare=spare,
             )
 
 
