@@ -64,10 +64,10 @@ at once, after the response was sent and while the client reads it, and queued f
 flusher only collects it. A request that met another in flight (a loaded loop, where the
 flusher's batches are the cheaper way, their caches warm) has its record queued as it is, as
 before. Measured with
-``bench/cpu_cost.py``, 12 rounds in turns: at c=1 the recorded p99 −0.073 ms (lower in 11
-rounds), p50 −0.029 ms, CPU per request −6.6 %; at c=64 CPU per request and req/s unchanged
-(+0.6 %, −0.4 %). A batch of records formatted already still asks one pause, the probe that
-decides whether it is written paced (a saturated loop).
+``bench/cpu_cost.py`` in four sessions: at c=1 the recorded p99 −0.04 to −0.10 ms, CPU per
+request −1 to −7 %; at c=8 and c=64 unchanged within noise (``docs/architecture.md``). A batch
+of records formatted already still asks one pause, the probe that decides whether it is
+written paced (a saturated loop).
 
 Bounded, with back-pressure. Records not yet committed (queued plus the batch being written)
 are counted; at :data:`QUEUE_LIMIT` the gateway stops taking new requests until the flusher
