@@ -63,11 +63,10 @@ one in flight from its start to its end (``spare``); then the record is formatte
 at once, after the response was sent and while the client reads it, and queued formatted: the
 flusher only collects it. A request that met another in flight (a loaded loop, where the
 flusher's batches are the cheaper way, their caches warm) has its record queued as it is, as
-before. Measured with
-``bench/cpu_cost.py`` in four sessions: at c=1 the recorded p99 −0.04 to −0.10 ms, CPU per
-request −1 to −7 %; at c=8 and c=64 unchanged within noise (``docs/architecture.md``). A batch
-of records formatted already still asks one pause, the probe that decides whether it is
-written paced (a saturated loop).
+before. Measured with ``bench/cpu_cost.py`` in four sessions: at c=1 the recorded p99 −0.04
+to −0.10 ms, CPU per request −1 to −7 %; at c=8 and c=64 unchanged within noise
+(``docs/architecture.md``). A batch of records formatted already still asks one pause, the
+probe that decides whether it is written paced (a saturated loop).
 
 Bounded, with back-pressure. Records not yet committed (queued plus the batch being written)
 are counted; at :data:`QUEUE_LIMIT` the gateway stops taking new requests until the flusher
@@ -288,43 +287,48 @@ def _event_row(
     )
 
 
+def _request_row(item: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The ``audit_logs`` row of a request's queued record."""
+    (
+        ts,
+        rid,
+        ip,
+        key_id,
+        endpoint,
+        method,
+        engine,
+        model,
+        status,
+        latency,
+        p_tok,
+        c_tok,
+        err,
+    ) = item
+    # (the model is the client's text: a key pasted there is redacted too)
+    return (
+        iso_ts(ts),
+        rid,
+        ip,
+        key_id,
+        _scrub(endpoint)[:512],
+        method,
+        None if engine is None else _scrub(engine)[:128],
+        None if model is None else _scrub(model)[:512],
+        status,
+        round(latency, 3),
+        p_tok,
+        c_tok,
+        err,
+        "request",
+        "info",
+        None,
+    )
+
+
 def _format_one(kind: str, item: tuple[Any, ...], batch: _Batch) -> tuple[Any, ...] | None:
     """The audit row of one queued record (``None``: the record went to another table)."""
     if kind == "request":
-        (
-            ts,
-            rid,
-            ip,
-            key_id,
-            endpoint,
-            method,
-            engine,
-            model,
-            status,
-            latency,
-            p_tok,
-            c_tok,
-            err,
-        ) = item
-        # (the model is the client's text: a key pasted there is redacted too)
-        return (
-            iso_ts(ts),
-            rid,
-            ip,
-            key_id,
-            _scrub(endpoint)[:512],
-            method,
-            None if engine is None else _scrub(engine)[:128],
-            None if model is None else _scrub(model)[:512],
-            status,
-            round(latency, 3),
-            p_tok,
-            c_tok,
-            err,
-            "request",
-            "info",
-            None,
-        )
+        return _request_row(item)
     if kind == "event":
         ts, event_type, severity, ip, details, rid, endpoint = item
         return _event_row(
@@ -389,10 +393,6 @@ class _Batch:
         self.blocks += other.blocks
         self.intrusions += other.intrusions
         self.anomalies += other.anomalies
-
-
-#: (a request's record goes to no other table: :func:`_format_one` never adds to this)
-_NO_BATCH = _Batch()
 
 
 class AuditSink:
@@ -491,9 +491,8 @@ class AuditSink:
         item: tuple[str, tuple[Any, ...]] = ("request", record)
         if spare:
             try:
-                row = _format_one("request", record, _NO_BATCH)
-                if row is not None:
-                    item = ("row", (row, _request_line(row)))
+                row = _request_row(record)
+                item = ("row", (row, _request_line(row)))
             except Exception:  # noqa: S110 - the flusher formats it again and reports the fault
                 pass
         self._items.append(item)

@@ -125,7 +125,7 @@ class RequestMiddleware:
             rt.in_flight -= 1
             self._record(scope, state, alone and rt.in_flight == 0)
 
-    def _record(self, scope: Scope, state: RequestState, spare: bool = False) -> None:
+    def _record(self, scope: Scope, state: RequestState, spare: bool) -> None:
         rt = self.runtime
         elapsed = time.perf_counter() - state.started
         status = state.status or 500
